@@ -1,0 +1,317 @@
+//! The catalogue of services and methods.
+//!
+//! One table names every method a node serves: its numeric ids on the iroh
+//! wire, its name in the `.proto` schemas (and so its gRPC path), its default
+//! priority class, and whether it is *idempotent*: whether delivering the
+//! same request twice has the same effect as delivering it once. The dual
+//! router falls back from iroh to gRPC after a transport error only when the
+//! request provably did not arrive or the method is idempotent; 0-RTT data,
+//! which an attacker can replay, is used only for idempotent methods.
+//!
+//! A test checks this table against the compiled schemas, so a method added
+//! to a `.proto` file without an entry here fails the build's tests.
+
+use crate::frame::Priority;
+
+/// A service, by its wire id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[repr(u16)]
+pub enum ServiceId {
+    /// Not a service: connection-level frames (ping, pong).
+    Connection = 0,
+    /// Liveness and readiness.
+    Health = 1,
+    /// Node and cluster status.
+    Status = 2,
+    /// MicroVM lifecycle.
+    Vm = 3,
+    /// Metrics.
+    Monitoring = 4,
+    /// Membership: join, leave, members.
+    Cluster = 5,
+    /// Raft RPCs between members.
+    Raft = 6,
+}
+
+impl ServiceId {
+    /// Every real service (not [`ServiceId::Connection`]).
+    pub const SERVICES: [ServiceId; 6] = [
+        ServiceId::Health,
+        ServiceId::Status,
+        ServiceId::Vm,
+        ServiceId::Monitoring,
+        ServiceId::Cluster,
+        ServiceId::Raft,
+    ];
+
+    /// The service with this wire id, including the connection pseudo-service.
+    pub fn from_u16(value: u16) -> Option<ServiceId> {
+        if value == 0 {
+            return Some(ServiceId::Connection);
+        }
+        ServiceId::SERVICES.into_iter().find(|s| *s as u16 == value)
+    }
+
+    /// The name used in configuration (`prefer_iroh`) and metric labels.
+    pub fn name(self) -> &'static str {
+        match self {
+            ServiceId::Connection => "connection",
+            ServiceId::Health => "health",
+            ServiceId::Status => "status",
+            ServiceId::Vm => "vm",
+            ServiceId::Monitoring => "monitoring",
+            ServiceId::Cluster => "cluster",
+            ServiceId::Raft => "raft",
+        }
+    }
+
+    /// The service with this configuration name. `vm_ops` is accepted as
+    /// the rollout plan's name for `vm`.
+    pub fn from_name(name: &str) -> Option<ServiceId> {
+        match name {
+            "vm_ops" => Some(ServiceId::Vm),
+            _ => ServiceId::SERVICES.into_iter().find(|s| s.name() == name),
+        }
+    }
+
+    /// The service's name in the `.proto` schemas (without package).
+    pub fn proto_name(self) -> &'static str {
+        match self {
+            ServiceId::Connection => "",
+            ServiceId::Health => "Health",
+            ServiceId::Status => "Status",
+            ServiceId::Vm => "Vm",
+            ServiceId::Monitoring => "Monitoring",
+            ServiceId::Cluster => "Cluster",
+            ServiceId::Raft => "Raft",
+        }
+    }
+
+    /// The methods of this service.
+    pub fn methods(self) -> impl Iterator<Item = &'static Method> {
+        METHODS.iter().filter(move |m| m.service == self)
+    }
+
+    /// The method with this id in this service, if any.
+    pub fn method(self, id: u16) -> Option<&'static Method> {
+        self.methods().find(|m| m.id == id)
+    }
+}
+
+impl std::fmt::Display for ServiceId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The protobuf package of every schema.
+pub const PROTO_PACKAGE: &str = "tern.v1";
+
+/// One method of one service.
+#[derive(Debug, PartialEq, Eq, Hash)]
+pub struct Method {
+    /// The service it belongs to.
+    pub service: ServiceId,
+    /// Its id within the service on the iroh wire.
+    pub id: u16,
+    /// Its name in the `.proto` schema.
+    pub name: &'static str,
+    /// Delivering the request twice has the effect of delivering it once.
+    pub idempotent: bool,
+    /// The priority class callers use unless they choose another.
+    pub priority: Priority,
+}
+
+impl Method {
+    /// The gRPC path, e.g. `/tern.v1.Vm/Create`.
+    pub fn grpc_path(&self) -> String {
+        format!(
+            "/{PROTO_PACKAGE}.{}/{}",
+            self.service.proto_name(),
+            self.name
+        )
+    }
+
+    /// `service/method` in lower case, as used in metric labels.
+    pub fn label(&self) -> String {
+        format!("{}/{}", self.service.name(), self.name.to_ascii_lowercase())
+    }
+
+    /// Finds a method by its gRPC path.
+    pub fn by_grpc_path(path: &str) -> Option<&'static Method> {
+        let rest = path
+            .strip_prefix('/')?
+            .strip_prefix(PROTO_PACKAGE)?
+            .strip_prefix('.')?;
+        let (service, method) = rest.split_once('/')?;
+        METHODS
+            .iter()
+            .find(|m| m.service.proto_name() == service && m.name == method)
+    }
+}
+
+const fn m(
+    service: ServiceId,
+    id: u16,
+    name: &'static str,
+    idempotent: bool,
+    priority: Priority,
+) -> Method {
+    Method {
+        service,
+        id,
+        name,
+        idempotent,
+        priority,
+    }
+}
+
+use Priority::{Bulk, Control, Normal, Replication};
+use ServiceId::{Cluster, Health, Monitoring, Raft, Status, Vm};
+
+/// Every method of every service.
+///
+/// Idempotency notes: reads are idempotent; VM writes carry a client request
+/// id that the state machine deduplicates; Raft RPCs are idempotent by
+/// Raft's design (a repeated vote or append is answered from the log); a
+/// join by the same endpoint id returns the existing membership; a leave of
+/// a node already gone is a no-op.
+pub const METHODS: &[Method] = &[
+    m(Health, 1, "Check", true, Normal),
+    m(Status, 1, "Get", true, Normal),
+    m(Vm, 1, "Create", true, Normal),
+    m(Vm, 2, "Start", true, Normal),
+    m(Vm, 3, "Stop", true, Normal),
+    m(Vm, 4, "Delete", true, Normal),
+    m(Vm, 5, "List", true, Normal),
+    m(Vm, 6, "Get", true, Normal),
+    m(Vm, 7, "Migrate", true, Normal),
+    m(Monitoring, 1, "Metrics", true, Normal),
+    m(Cluster, 1, "Join", true, Normal),
+    m(Cluster, 2, "Leave", true, Normal),
+    m(Cluster, 3, "Members", true, Normal),
+    m(Raft, 1, "Vote", true, Control),
+    m(Raft, 2, "AppendEntries", true, Replication),
+    m(Raft, 3, "Snapshot", true, Bulk),
+];
+
+/// Well-known methods, for callers that name one directly.
+pub mod methods {
+    use super::{METHODS, Method};
+
+    /// `Health/Check`.
+    pub const HEALTH_CHECK: &Method = &METHODS[0];
+    /// `Status/Get`.
+    pub const STATUS_GET: &Method = &METHODS[1];
+    /// `Vm/Create`.
+    pub const VM_CREATE: &Method = &METHODS[2];
+    /// `Vm/Start`.
+    pub const VM_START: &Method = &METHODS[3];
+    /// `Vm/Stop`.
+    pub const VM_STOP: &Method = &METHODS[4];
+    /// `Vm/Delete`.
+    pub const VM_DELETE: &Method = &METHODS[5];
+    /// `Vm/List`.
+    pub const VM_LIST: &Method = &METHODS[6];
+    /// `Vm/Get`.
+    pub const VM_GET: &Method = &METHODS[7];
+    /// `Vm/Migrate`.
+    pub const VM_MIGRATE: &Method = &METHODS[8];
+    /// `Monitoring/Metrics`.
+    pub const MONITORING_METRICS: &Method = &METHODS[9];
+    /// `Cluster/Join`.
+    pub const CLUSTER_JOIN: &Method = &METHODS[10];
+    /// `Cluster/Leave`.
+    pub const CLUSTER_LEAVE: &Method = &METHODS[11];
+    /// `Cluster/Members`.
+    pub const CLUSTER_MEMBERS: &Method = &METHODS[12];
+    /// `Raft/Vote`.
+    pub const RAFT_VOTE: &Method = &METHODS[13];
+    /// `Raft/AppendEntries`.
+    pub const RAFT_APPEND_ENTRIES: &Method = &METHODS[14];
+    /// `Raft/Snapshot`.
+    pub const RAFT_SNAPSHOT: &Method = &METHODS[15];
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prost::Message;
+    use std::collections::BTreeSet;
+
+    #[test]
+    fn catalogue_matches_the_compiled_schemas() {
+        let fds = prost_types_lite::FileDescriptorSet::decode(crate::pb::FILE_DESCRIPTOR_SET)
+            .expect("descriptor set decodes");
+        let mut from_schema = BTreeSet::new();
+        for file in fds.file {
+            for service in file.service {
+                for method in service.method {
+                    from_schema.insert(format!(
+                        "/{}.{}/{}",
+                        file.package.clone().unwrap_or_default(),
+                        service.name.clone().unwrap_or_default(),
+                        method.name.unwrap_or_default()
+                    ));
+                }
+            }
+        }
+        let from_catalogue: BTreeSet<String> = METHODS.iter().map(Method::grpc_path).collect();
+        assert_eq!(from_schema, from_catalogue);
+    }
+
+    #[test]
+    fn ids_are_unique_and_lookups_agree() {
+        let mut seen = BTreeSet::new();
+        for method in METHODS {
+            assert!(method.id != 0, "method id 0 is reserved");
+            assert!(
+                seen.insert((method.service, method.id)),
+                "duplicate {method:?}"
+            );
+            assert_eq!(method.service.method(method.id), Some(method));
+            assert_eq!(Method::by_grpc_path(&method.grpc_path()), Some(method));
+        }
+        for service in ServiceId::SERVICES {
+            assert_eq!(ServiceId::from_u16(service as u16), Some(service));
+            assert_eq!(ServiceId::from_name(service.name()), Some(service));
+            assert!(service.methods().next().is_some(), "{service} has methods");
+        }
+        assert_eq!(ServiceId::from_u16(7), None);
+        assert_eq!(ServiceId::from_name("vm_ops"), Some(ServiceId::Vm));
+        assert_eq!(ServiceId::from_name("nope"), None);
+        assert_eq!(Method::by_grpc_path("/tern.v1.Vm/Nope"), None);
+        assert_eq!(Method::by_grpc_path("garbage"), None);
+        assert_eq!(methods::RAFT_SNAPSHOT.name, "Snapshot");
+        assert_eq!(methods::VM_MIGRATE.name, "Migrate");
+    }
+
+    /// The few descriptor messages the test needs, declared by hand so the
+    /// crate does not depend on `prost-types` only for a test.
+    mod prost_types_lite {
+        #[derive(Clone, PartialEq, prost::Message)]
+        pub(super) struct FileDescriptorSet {
+            #[prost(message, repeated, tag = "1")]
+            pub(super) file: Vec<FileDescriptorProto>,
+        }
+        #[derive(Clone, PartialEq, prost::Message)]
+        pub(super) struct FileDescriptorProto {
+            #[prost(string, optional, tag = "2")]
+            pub(super) package: Option<String>,
+            #[prost(message, repeated, tag = "6")]
+            pub(super) service: Vec<ServiceDescriptorProto>,
+        }
+        #[derive(Clone, PartialEq, prost::Message)]
+        pub(super) struct ServiceDescriptorProto {
+            #[prost(string, optional, tag = "1")]
+            pub(super) name: Option<String>,
+            #[prost(message, repeated, tag = "2")]
+            pub(super) method: Vec<MethodDescriptorProto>,
+        }
+        #[derive(Clone, PartialEq, prost::Message)]
+        pub(super) struct MethodDescriptorProto {
+            #[prost(string, optional, tag = "1")]
+            pub(super) name: Option<String>,
+        }
+    }
+}
