@@ -4,6 +4,8 @@
 //! chains the header with the payload's `Bytes`, and decoding splits the
 //! payload off the receive buffer.
 
+#![allow(missing_docs)] // reason: criterion_group! generates undocumented public items.
+
 use std::hint::black_box;
 
 use bytes::{Buf, Bytes, BytesMut};

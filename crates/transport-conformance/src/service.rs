@@ -1,0 +1,164 @@
+//! The handler every conformance check serves.
+//!
+//! It answers with real protobuf messages of the schemas (the gRPC transport
+//! is typed and would refuse anything else):
+//!
+//! | method              | behaviour                                            |
+//! |---------------------|------------------------------------------------------|
+//! | `Raft/AppendEntries`| echoes `RaftPayload.data`                            |
+//! | `Raft/Vote`         | answers the caller's authenticated id as `data`      |
+//! | `Raft/Snapshot`     | answers the chunk's length (u64 LE) as `data`        |
+//! | `Vm/Get`            | `vm_id` `"sleep:MS"` sleeps, `"fail:CODE"` fails     |
+//! | `Status/Get`        | a fixed `NodeStatus`                                 |
+//! | anything else       | not registered: the dispatcher's `Unimplemented`     |
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use prost::Message;
+use tern_protocol::catalog::Method;
+use tern_protocol::{BoxFuture, Code, Dispatcher, Handler, RequestContext, ServiceId, Status, pb};
+
+/// Node id the fixed `Status/Get` answer carries.
+pub const STATUS_NODE_ID: u64 = 4242;
+
+/// Counters a check reads to see what reached the service.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Calls whose handler started.
+    pub started: AtomicU64,
+    /// Calls whose handler is running now.
+    pub in_flight: AtomicU64,
+    /// Calls whose handler ran to the end.
+    pub completed: AtomicU64,
+    /// Handler futures dropped before the end (cancelled).
+    pub cancelled: AtomicU64,
+    /// Bulk bytes received through `Raft/Snapshot`.
+    pub bulk_bytes: AtomicU64,
+}
+
+impl Counters {
+    /// Reads a counter.
+    pub fn get(counter: &AtomicU64) -> u64 {
+        counter.load(Ordering::SeqCst)
+    }
+}
+
+/// The conformance handler; see the module docs.
+#[derive(Debug, Clone, Default)]
+pub struct TestService {
+    /// What it has seen so far.
+    pub counters: Arc<Counters>,
+}
+
+impl TestService {
+    /// A dispatcher serving this handler for the Raft, Vm and Status
+    /// services (and nothing else, so Health is `Unimplemented`).
+    pub fn dispatcher(&self) -> Arc<dyn Handler> {
+        let me: Arc<dyn Handler> = Arc::new(self.clone());
+        Arc::new(
+            Dispatcher::new()
+                .register(ServiceId::Raft, me.clone())
+                .register(ServiceId::Vm, me.clone())
+                .register(ServiceId::Status, me),
+        )
+    }
+}
+
+/// Marks a handler as finished or cancelled when dropped.
+struct InFlight {
+    counters: Arc<Counters>,
+    done: bool,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.counters.in_flight.fetch_sub(1, Ordering::SeqCst);
+        if self.done {
+            self.counters.completed.fetch_add(1, Ordering::SeqCst);
+        } else {
+            self.counters.cancelled.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+}
+
+fn bad_request(e: prost::DecodeError) -> Status {
+    Status::invalid_argument(format!("undecodable request: {e}"))
+}
+
+impl Handler for TestService {
+    fn handle(
+        &self,
+        ctx: RequestContext,
+        method: &'static Method,
+        payload: Bytes,
+    ) -> BoxFuture<'static, Result<Bytes, Status>> {
+        let counters = self.counters.clone();
+        Box::pin(async move {
+            counters.started.fetch_add(1, Ordering::SeqCst);
+            counters.in_flight.fetch_add(1, Ordering::SeqCst);
+            let mut guard = InFlight {
+                counters: counters.clone(),
+                done: false,
+            };
+            let result = serve(&counters, ctx, method, payload).await;
+            guard.done = true;
+            result
+        })
+    }
+}
+
+async fn serve(
+    counters: &Counters,
+    ctx: RequestContext,
+    method: &'static Method,
+    payload: Bytes,
+) -> Result<Bytes, Status> {
+    let answer = |data: Bytes| Ok(Bytes::from(pb::RaftPayload { data }.encode_to_vec()));
+    match (method.service, method.name) {
+        (ServiceId::Raft, "AppendEntries") => {
+            let req = pb::RaftPayload::decode(payload).map_err(bad_request)?;
+            answer(req.data)
+        }
+        (ServiceId::Raft, "Vote") => answer(Bytes::copy_from_slice(ctx.peer.as_bytes())),
+        (ServiceId::Raft, "Snapshot") => {
+            let chunk = pb::SnapshotChunk::decode(payload).map_err(bad_request)?;
+            let len = chunk.data.len() as u64;
+            counters.bulk_bytes.fetch_add(len, Ordering::SeqCst);
+            answer(Bytes::copy_from_slice(&len.to_le_bytes()))
+        }
+        (ServiceId::Vm, "Get") => {
+            let req = pb::GetVmRequest::decode(payload).map_err(bad_request)?;
+            if let Some(ms) = req.vm_id.strip_prefix("sleep:") {
+                let ms: u64 = ms
+                    .parse()
+                    .map_err(|_| Status::invalid_argument("sleep:MS"))?;
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+            } else if let Some(code) = req.vm_id.strip_prefix("fail:") {
+                let code: u32 = code
+                    .parse()
+                    .map_err(|_| Status::invalid_argument("fail:CODE"))?;
+                return Err(Status::new(Code::from_u32(code), "requested failure"));
+            }
+            Ok(pb::VmRecord {
+                id: req.vm_id,
+                ..Default::default()
+            }
+            .encode_to_vec()
+            .into())
+        }
+        (ServiceId::Status, "Get") => Ok(pb::NodeStatus {
+            node_id: STATUS_NODE_ID,
+            version: "conformance".into(),
+            ..Default::default()
+        }
+        .encode_to_vec()
+        .into()),
+        _ => Err(Status::unimplemented(format!(
+            "the test service does not serve {}",
+            method.label()
+        ))),
+    }
+}
