@@ -1,2 +1,74 @@
-//! xtask placeholder
-fn main() {}
+//! Project chores, run as `cargo xtask <command>` (an alias in
+//! `.cargo/config.toml`).
+//!
+//! # Layout
+//!
+//! - `test`: installs what the tests need, then tests every crate on its own.
+//! - `bench`: runs the criterion benches and prints one comparison table.
+//! - `prereqs`: finds and installs system packages and the Python
+//!   environment the tests use.
+//!
+//! xtask has few dependencies on purpose: it must build fast on a fresh
+//! machine before anything else.
+
+#![allow(missing_docs)] // reason: a binary; its items are private plumbing.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+mod bench;
+mod prereqs;
+mod test;
+
+const USAGE: &str = "\
+usage: cargo xtask <command> [options]
+
+commands:
+  test [--no-install]    install test prerequisites, then `cargo test -p NAME`
+                         for every workspace crate, each on its own
+  bench [--quick]        run every criterion bench and print the comparison
+                         table (also written to target/bench-report/)
+  prereqs                only install the test prerequisites
+";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("test") => test::run(&args[1..]),
+        Some("bench") => bench::run(&args[1..]),
+        Some("prereqs") => prereqs::install().map(|_| ()),
+        Some("-h" | "--help" | "help") | None => {
+            print!("{USAGE}");
+            Ok(())
+        }
+        Some(other) => Err(anyhow::anyhow!("unknown command {other:?}\n\n{USAGE}")),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The workspace root (xtask lives one level below it).
+fn root() -> PathBuf {
+    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    manifest.parent().map(PathBuf::from).unwrap_or(manifest)
+}
+
+/// `cargo` as cargo invoked us (respects rustup's choice).
+fn cargo() -> std::process::Command {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+    let mut cmd = std::process::Command::new(cargo);
+    cmd.current_dir(root());
+    cmd
+}
+
+/// The target directory in use.
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("target"))
+}
