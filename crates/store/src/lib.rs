@@ -1,3 +1,51 @@
-//! openraft log storage and state machine on sled.
+//! openraft log storage and state machine on sled, and the Raft type
+//! configuration of the whole project.
 //!
-//! Not built yet: the Raft issue fills this crate. It exports nothing.
+//! # Layout
+//!
+//! - [`types`]: [`TypeConfig`] (declared once for every crate that speaks
+//!   Raft), the node record [`Member`] openraft replicates in its
+//!   membership, and aliases for openraft's generic types.
+//! - [`state`]: the replicated [`ClusterState`] (members, node-id
+//!   allocation, VM records, the request-id deduplication table), the
+//!   [`Command`]s that change it and the [`Response`]s they return; a pure
+//!   `apply`, tested without disk.
+//! - [`log_store`]: [`LogStore`], openraft's `RaftLogStorage` on sled;
+//!   every write is flushed before it is acknowledged.
+//! - [`state_machine`]: [`StateMachineStore`], openraft's
+//!   `RaftStateMachine`: the state in memory, snapshots on disk.
+//! - [`snapshot`]: the snapshot file format and [`SnapshotFile`], the
+//!   snapshot data openraft moves between nodes.
+//! - [`error`]: [`StoreError`]; corrupt data is an error naming the key or
+//!   file, never a panic.
+//!
+//! [`open`] opens both halves in a node's data directory.
+
+pub mod error;
+pub mod log_store;
+pub mod snapshot;
+pub mod state;
+pub mod state_machine;
+pub mod types;
+
+use std::path::Path;
+
+pub use error::StoreError;
+pub use log_store::{LogReader, LogStore};
+pub use snapshot::SnapshotFile;
+pub use state::{ClusterState, Command, Rejection, RequestId, Response, VmRecord, VmSpec, VmState};
+pub use state_machine::{StateMachineStore, StoreSnapshot};
+pub use types::{Capacity, Entry, LogId, Member, NodeId, TypeConfig};
+
+/// Subdirectory of the data directory holding the sled log database.
+pub const LOG_DIR: &str = "raft-log";
+/// Subdirectory of the data directory holding snapshot files.
+pub const SNAPSHOT_DIR: &str = "raft-snapshots";
+
+/// Opens the Raft log and the state machine under `data_dir`
+/// (`raft-log/` and `raft-snapshots/`), creating them if absent.
+pub fn open(data_dir: &Path) -> Result<(LogStore, StateMachineStore), StoreError> {
+    let log = LogStore::open(&data_dir.join(LOG_DIR))?;
+    let sm = StateMachineStore::open(&data_dir.join(SNAPSHOT_DIR))?;
+    Ok((log, sm))
+}

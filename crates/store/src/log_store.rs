@@ -1,0 +1,358 @@
+//! The Raft log and vote on sled.
+//!
+//! One sled database holds two trees: `log` maps a log index (8 bytes,
+//! big-endian, so sled's order is log order) to a postcard-encoded entry,
+//! and `meta` holds the vote, the committed log id, the last purged log id
+//! and the on-disk format version.
+//!
+//! Durability: sled flushes on its own only every 500 ms, so every append,
+//! vote save, truncation and purge ends with an explicit
+//! [`sled::Tree::flush_async`], awaited before the write is acknowledged
+//! (the append callback is called only after it). Appends, truncations and
+//! purges each go in one atomic sled batch, so a crash never leaves a hole
+//! in the log. The committed log id is saved without a flush: it is a hint
+//! that openraft recomputes from the cluster if the last value is lost.
+
+use std::fmt::Debug;
+use std::io;
+use std::ops::{Bound, RangeBounds};
+use std::path::Path;
+
+use openraft::OptionalSend;
+use openraft::entry::RaftEntry;
+use openraft::storage::{IOFlushed, LogState, RaftLogReader, RaftLogStorage};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::error::StoreError;
+use crate::types::{Entry, LogId, TypeConfig, Vote};
+
+/// Name of the tree holding log entries.
+const LOG_TREE: &str = "log";
+/// Name of the tree holding the vote and log pointers.
+const META_TREE: &str = "meta";
+const KEY_VOTE: &str = "vote";
+const KEY_COMMITTED: &str = "committed";
+const KEY_PURGED: &str = "last_purged";
+const KEY_FORMAT: &str = "format";
+
+/// On-disk format version of the log database. Bumped by any change to
+/// keys or encodings; a database of another version is refused at open
+/// rather than misread.
+pub const LOG_FORMAT_VERSION: u32 = 1;
+
+/// sled's page cache size. The log is read mostly near its tail (followers
+/// catching up), so a small cache suffices; sled's default of 1 GiB would
+/// be most of a small node's memory.
+pub const SLED_CACHE_BYTES: u64 = 64 * 1024 * 1024;
+
+/// Most entries one read returns. openraft asks for bounded ranges already;
+/// this caps what a single call can make us hold if it does not.
+pub const MAX_ENTRIES_PER_READ: usize = 4096;
+
+/// The Raft log and vote, on sled. Cheap to clone: clones share the
+/// database.
+#[derive(Clone)]
+pub struct LogStore {
+    db: sled::Db,
+    reader: LogReader,
+}
+
+/// Reads log entries and the vote; handed to openraft's replication tasks.
+#[derive(Clone)]
+pub struct LogReader {
+    log: sled::Tree,
+    meta: sled::Tree,
+}
+
+impl std::fmt::Debug for LogStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LogStore")
+            .field("entries", &self.reader.log.len())
+            .finish()
+    }
+}
+
+fn index_key(index: u64) -> [u8; 8] {
+    index.to_be_bytes()
+}
+
+fn key_text(key: &[u8]) -> String {
+    match <[u8; 8]>::try_from(key) {
+        Ok(bytes) => format!("index {}", u64::from_be_bytes(bytes)),
+        Err(_) => format!("{:?}", String::from_utf8_lossy(key)),
+    }
+}
+
+fn corrupt(tree: &'static str, key: &[u8], reason: impl ToString) -> StoreError {
+    StoreError::Corrupt {
+        tree,
+        key: key_text(key),
+        reason: reason.to_string(),
+    }
+}
+
+fn encode<T: Serialize>(what: &'static str, value: &T) -> Result<Vec<u8>, StoreError> {
+    postcard::to_stdvec(value).map_err(StoreError::encode(what))
+}
+
+impl LogReader {
+    fn meta_get<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, StoreError> {
+        let Some(bytes) = self.meta.get(key).map_err(StoreError::sled("read meta"))? else {
+            return Ok(None);
+        };
+        postcard::from_bytes(&bytes)
+            .map(Some)
+            .map_err(|e| corrupt(META_TREE, key.as_bytes(), e))
+    }
+
+    /// Decodes one log record, checking it against its key.
+    fn decode_entry(key: &[u8], value: &[u8]) -> Result<Entry, StoreError> {
+        let entry: Entry = postcard::from_bytes(value).map_err(|e| corrupt(LOG_TREE, key, e))?;
+        if key != index_key(entry.index()) {
+            return Err(corrupt(
+                LOG_TREE,
+                key,
+                format!("holds the entry for index {}", entry.index()),
+            ));
+        }
+        Ok(entry)
+    }
+
+    /// The log id of the last entry present, without decoding its payload:
+    /// an entry's encoding starts with its log id.
+    fn last_log_id(&self) -> Result<Option<LogId>, StoreError> {
+        let Some((key, value)) = self.log.last().map_err(StoreError::sled("read log"))? else {
+            return Ok(None);
+        };
+        let (log_id, _): (LogId, _) =
+            postcard::take_from_bytes(&value).map_err(|e| corrupt(LOG_TREE, &key, e))?;
+        if key.as_ref() != index_key(log_id.index) {
+            return Err(corrupt(
+                LOG_TREE,
+                &key,
+                format!("holds the entry for index {}", log_id.index),
+            ));
+        }
+        Ok(Some(log_id))
+    }
+
+    fn entries<RB: RangeBounds<u64>>(&self, range: RB) -> Result<Vec<Entry>, StoreError> {
+        let start = match range.start_bound() {
+            Bound::Included(i) => Bound::Included(index_key(*i)),
+            Bound::Excluded(i) => Bound::Excluded(index_key(*i)),
+            Bound::Unbounded => Bound::Unbounded,
+        };
+        let end = match range.end_bound() {
+            Bound::Included(i) => Bound::Included(index_key(*i)),
+            Bound::Excluded(i) => Bound::Excluded(index_key(*i)),
+            Bound::Unbounded => Bound::Unbounded,
+        };
+        let mut out = Vec::new();
+        for item in self.log.range((start, end)).take(MAX_ENTRIES_PER_READ) {
+            let (key, value) = item.map_err(StoreError::sled("read log"))?;
+            out.push(Self::decode_entry(&key, &value)?);
+        }
+        Ok(out)
+    }
+}
+
+impl RaftLogReader<TypeConfig> for LogReader {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<Entry>, io::Error> {
+        Ok(self.entries(range)?)
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<Vote>, io::Error> {
+        Ok(self.meta_get(KEY_VOTE)?)
+    }
+}
+
+impl LogStore {
+    /// Opens (creating if absent) the log database in `dir`.
+    pub fn open(dir: &Path) -> Result<LogStore, StoreError> {
+        std::fs::create_dir_all(dir).map_err(StoreError::io("create directory", dir))?;
+        let db = sled::Config::new()
+            .path(dir)
+            .cache_capacity(SLED_CACHE_BYTES)
+            .open()
+            .map_err(StoreError::sled("open"))?;
+        let log = db
+            .open_tree(LOG_TREE)
+            .map_err(StoreError::sled("open tree"))?;
+        let meta = db
+            .open_tree(META_TREE)
+            .map_err(StoreError::sled("open tree"))?;
+        let store = LogStore {
+            db,
+            reader: LogReader { log, meta },
+        };
+        match store.reader.meta_get::<u32>(KEY_FORMAT)? {
+            Some(LOG_FORMAT_VERSION) => {}
+            Some(found) => {
+                return Err(StoreError::Format {
+                    found,
+                    expected: LOG_FORMAT_VERSION,
+                });
+            }
+            None => {
+                store.meta_put(KEY_FORMAT, &LOG_FORMAT_VERSION)?;
+                store.db.flush().map_err(StoreError::sled("flush"))?;
+            }
+        }
+        tracing::debug!(dir = %dir.display(), entries = store.reader.log.len(), "log store opened");
+        Ok(store)
+    }
+
+    fn meta_put<T: Serialize>(&self, key: &'static str, value: &T) -> Result<(), StoreError> {
+        let bytes = encode(key, value)?;
+        self.reader
+            .meta
+            .insert(key, bytes)
+            .map_err(StoreError::sled("write meta"))?;
+        Ok(())
+    }
+
+    /// Waits until everything written so far is on disk.
+    async fn flush(&self) -> Result<(), StoreError> {
+        self.db
+            .flush_async()
+            .await
+            .map_err(StoreError::sled("flush"))?;
+        Ok(())
+    }
+
+    /// A reader sharing this store's database.
+    pub fn reader(&self) -> LogReader {
+        self.reader.clone()
+    }
+
+    /// The last purged log id and the last log id, as openraft defines
+    /// them.
+    pub fn log_state(&self) -> Result<LogState<TypeConfig>, StoreError> {
+        let last_purged_log_id: Option<LogId> = self.reader.meta_get(KEY_PURGED)?;
+        let last_log_id = self.reader.last_log_id()?.or(last_purged_log_id);
+        Ok(LogState {
+            last_purged_log_id,
+            last_log_id,
+        })
+    }
+
+    /// Entries with indexes in `range`, at most [`MAX_ENTRIES_PER_READ`].
+    pub fn entries<RB: RangeBounds<u64>>(&self, range: RB) -> Result<Vec<Entry>, StoreError> {
+        self.reader.entries(range)
+    }
+
+    async fn append_entries<I>(&self, entries: I) -> Result<(), StoreError>
+    where
+        I: IntoIterator<Item = Entry>,
+    {
+        let mut batch = sled::Batch::default();
+        let mut count = 0usize;
+        for entry in entries {
+            batch.insert(&index_key(entry.index()), encode("log entry", &entry)?);
+            count += 1;
+        }
+        self.reader
+            .log
+            .apply_batch(batch)
+            .map_err(StoreError::sled("append"))?;
+        self.flush().await?;
+        tracing::trace!(count, "log entries appended and flushed");
+        Ok(())
+    }
+
+    async fn truncate(&self, after: Option<LogId>) -> Result<(), StoreError> {
+        let from = after.map_or(0, |id| id.index.saturating_add(1));
+        let mut batch = sled::Batch::default();
+        for key in self.reader.log.range(index_key(from)..).keys() {
+            batch.remove(key.map_err(StoreError::sled("read log"))?);
+        }
+        self.reader
+            .log
+            .apply_batch(batch)
+            .map_err(StoreError::sled("truncate"))?;
+        self.flush().await
+    }
+
+    async fn purge_upto(&self, upto: LogId) -> Result<(), StoreError> {
+        // The pointer first: after a crash between the two writes, entries
+        // at or below it may linger but are never read (openraft reads
+        // above the purged id only).
+        self.meta_put(KEY_PURGED, &upto)?;
+        let mut batch = sled::Batch::default();
+        for key in self.reader.log.range(..=index_key(upto.index)).keys() {
+            batch.remove(key.map_err(StoreError::sled("read log"))?);
+        }
+        self.reader
+            .log
+            .apply_batch(batch)
+            .map_err(StoreError::sled("purge"))?;
+        self.flush().await
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for LogStore {
+    type LogReader = LogReader;
+
+    async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, io::Error> {
+        Ok(self.log_state()?)
+    }
+
+    async fn get_log_reader(&mut self) -> LogReader {
+        self.reader.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote) -> Result<(), io::Error> {
+        self.meta_put(KEY_VOTE, vote)?;
+        self.flush().await?;
+        Ok(())
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), io::Error> {
+        self.meta_put(KEY_COMMITTED, &committed)?;
+        Ok(())
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<LogId>, io::Error> {
+        Ok(self
+            .reader
+            .meta_get::<Option<LogId>>(KEY_COMMITTED)?
+            .flatten())
+    }
+
+    async fn append<I>(
+        &mut self,
+        entries: I,
+        callback: IOFlushed<TypeConfig>,
+    ) -> Result<(), io::Error>
+    where
+        I: IntoIterator<Item = Entry> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        match self.append_entries(entries).await {
+            Ok(()) => {
+                callback.io_completed(Ok(()));
+                Ok(())
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "log append failed");
+                let msg = e.to_string();
+                callback.io_completed(Err(io::Error::other(msg)));
+                Err(e.into())
+            }
+        }
+    }
+
+    async fn truncate_after(&mut self, last_log_id: Option<LogId>) -> Result<(), io::Error> {
+        tracing::debug!(?last_log_id, "truncating log");
+        Ok(self.truncate(last_log_id).await?)
+    }
+
+    async fn purge(&mut self, log_id: LogId) -> Result<(), io::Error> {
+        tracing::debug!(%log_id, "purging log");
+        Ok(self.purge_upto(log_id).await?)
+    }
+}

@@ -1,0 +1,449 @@
+//! Snapshot files: the state machine written to disk.
+//!
+//! A snapshot is one file in the snapshot directory:
+//!
+//! ```text
+//!  0        8          12          16              16+m
+//!  +--------+----------+-----------+---------------+------------------+-------+
+//!  | magic  | version  | meta len m| meta (postcard)| state (postcard) | crc32 |
+//!  +--------+----------+-----------+---------------+------------------+-------+
+//! ```
+//!
+//! integers little-endian; the trailing CRC-32 covers every byte before it.
+//! The current snapshot is `current.snap`. A new one (built here or received
+//! from the leader) is written to a `*.tmp` file in the same directory,
+//! `fsync`ed, then renamed over `current.snap` and the directory `fsync`ed,
+//! so a crash leaves either the old snapshot or the new one, never a mix.
+//!
+//! Memory: the state is encoded straight from the live state into a
+//! buffered file writer, and decoded straight from a buffered reader, so
+//! neither direction builds a second in-memory copy of the state. The
+//! checksum is verified in a streaming pass before decoding.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, BufReader, BufWriter, Read, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::error::StoreError;
+use crate::state::ClusterState;
+use crate::types::SnapshotMeta;
+
+/// First bytes of every snapshot file.
+const MAGIC: &[u8; 8] = b"TERNSNAP";
+/// Snapshot format version; a file of another version is refused.
+pub const SNAPSHOT_FORMAT_VERSION: u32 = 1;
+/// Bytes before the metadata.
+const PREFIX_LEN: u64 = 16;
+/// Bytes of the trailing checksum.
+const TRAILER_LEN: u64 = 4;
+
+/// Largest encoded snapshot metadata. Metadata is a log id and a membership
+/// of a few dozen nodes; anything larger is corruption.
+pub const MAX_META_LEN: u32 = 1024 * 1024;
+
+/// Largest snapshot file accepted from a leader: 1 GiB. The cluster state
+/// (members and VM records) is far smaller; the limit stops a confused or
+/// hostile sender from filling the disk.
+pub const MAX_SNAPSHOT_BYTES: u64 = 1024 * 1024 * 1024;
+
+/// Largest single string or byte field in an encoded state; the decoder's
+/// scratch buffer is this big.
+pub const MAX_FIELD_LEN: usize = 1024 * 1024;
+
+/// I/O buffer size for writing and reading snapshot files.
+const IO_BUFFER: usize = 64 * 1024;
+
+const _: () = assert!((MAX_META_LEN as u64) < MAX_SNAPSHOT_BYTES);
+
+/// File name of the current snapshot within the snapshot directory.
+pub(crate) const CURRENT: &str = "current.snap";
+/// Suffix of files still being written.
+const TMP_SUFFIX: &str = ".tmp";
+
+/// Distinguishes temporary files made by one process.
+static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// Where a [`SnapshotFile`] came from, which decides how it is installed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Origin {
+    /// A store's current snapshot, opened for reading.
+    Current,
+    /// A temporary file being received, to be renamed into place.
+    Incoming,
+}
+
+/// A snapshot's bytes on disk: openraft's `SnapshotData` for this store.
+///
+/// The sender reads it in chunks ([`SnapshotFile::read_at`]); the receiver
+/// gets an empty one from
+/// [`StateMachineStore::begin_receiving_snapshot`](crate::StateMachineStore::begin_receiving_snapshot),
+/// writes the chunks into it ([`SnapshotFile::write_at`]) and hands it to
+/// openraft, which installs it. The open file handle is the snapshot: it
+/// stays readable even after a newer snapshot replaces the file name.
+#[derive(Debug)]
+pub struct SnapshotFile {
+    path: PathBuf,
+    file: File,
+    origin: Origin,
+}
+
+impl SnapshotFile {
+    /// The file's path when it was opened or created.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The file's current length in bytes.
+    pub fn len(&self) -> Result<u64, StoreError> {
+        Ok(self
+            .file
+            .metadata()
+            .map_err(StoreError::io("stat", &self.path))?
+            .len())
+    }
+
+    /// Whether the file is empty.
+    pub fn is_empty(&self) -> Result<bool, StoreError> {
+        Ok(self.len()? == 0)
+    }
+
+    /// Reads up to `buf.len()` bytes at `offset`; returns how many were
+    /// read, 0 at the end. Blocking file I/O: call it from a blocking
+    /// context for large chunks.
+    pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<usize, StoreError> {
+        self.file
+            .read_at(buf, offset)
+            .map_err(StoreError::io("read snapshot", &self.path))
+    }
+
+    /// Writes a received chunk at `offset`. Refuses chunks that would take
+    /// the file past [`MAX_SNAPSHOT_BYTES`]. Blocking file I/O.
+    pub fn write_at(&self, offset: u64, data: &[u8]) -> Result<(), StoreError> {
+        let end = offset.saturating_add(data.len() as u64);
+        if end > MAX_SNAPSHOT_BYTES {
+            return Err(StoreError::SnapshotTooLarge {
+                len: end,
+                max: MAX_SNAPSHOT_BYTES,
+            });
+        }
+        self.file
+            .write_all_at(data, offset)
+            .map_err(StoreError::io("write snapshot", &self.path))
+    }
+
+    /// Reads the metadata from the file's header.
+    pub fn meta(&self) -> Result<SnapshotMeta, StoreError> {
+        let mut reader = BufReader::new(PositionedReader::new(&self.file, 0));
+        read_header(&mut reader, &self.path)
+    }
+
+    pub(crate) fn is_incoming_in(&self, dir: &Path) -> bool {
+        self.origin == Origin::Incoming && self.path.parent() == Some(dir)
+    }
+}
+
+/// Reads a file from an offset without moving a shared cursor.
+struct PositionedReader<'a> {
+    file: &'a File,
+    offset: u64,
+}
+
+impl<'a> PositionedReader<'a> {
+    fn new(file: &'a File, offset: u64) -> Self {
+        PositionedReader { file, offset }
+    }
+}
+
+impl Read for PositionedReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.file.read_at(buf, self.offset)?;
+        self.offset += n as u64;
+        Ok(n)
+    }
+}
+
+/// A writer that keeps a running CRC-32 of what passes through it.
+struct CrcWriter<W> {
+    inner: W,
+    crc: crc32fast::Hasher,
+}
+
+impl<W: Write> Write for CrcWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.crc.update(&buf[..n]);
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+fn corrupt(path: &Path, reason: impl ToString) -> StoreError {
+    StoreError::CorruptSnapshot {
+        path: path.to_owned(),
+        reason: reason.to_string(),
+    }
+}
+
+/// Reads and checks the prefix and metadata; leaves `reader` at the state.
+fn read_header<R: Read>(reader: &mut R, path: &Path) -> Result<SnapshotMeta, StoreError> {
+    let mut prefix = [0u8; PREFIX_LEN as usize];
+    reader
+        .read_exact(&mut prefix)
+        .map_err(|e| corrupt(path, format!("reading header: {e}")))?;
+    if &prefix[..8] != MAGIC {
+        return Err(corrupt(path, "not a snapshot file (bad magic)"));
+    }
+    let version = u32::from_le_bytes([prefix[8], prefix[9], prefix[10], prefix[11]]);
+    if version != SNAPSHOT_FORMAT_VERSION {
+        return Err(corrupt(
+            path,
+            format!("format version {version}, this build reads {SNAPSHOT_FORMAT_VERSION}"),
+        ));
+    }
+    let meta_len = u32::from_le_bytes([prefix[12], prefix[13], prefix[14], prefix[15]]);
+    if meta_len > MAX_META_LEN {
+        return Err(corrupt(
+            path,
+            format!("metadata of {meta_len} bytes exceeds {MAX_META_LEN}"),
+        ));
+    }
+    let mut meta = vec![0u8; meta_len as usize];
+    reader
+        .read_exact(&mut meta)
+        .map_err(|e| corrupt(path, format!("reading metadata: {e}")))?;
+    postcard::from_bytes(&meta).map_err(|e| corrupt(path, format!("metadata: {e}")))
+}
+
+/// Checks the trailing CRC-32 in one streaming pass.
+fn verify(file: &File, path: &Path) -> Result<(), StoreError> {
+    let len = file.metadata().map_err(StoreError::io("stat", path))?.len();
+    if len < PREFIX_LEN + TRAILER_LEN {
+        return Err(corrupt(path, format!("only {len} bytes")));
+    }
+    let body = len - TRAILER_LEN;
+    let mut reader = BufReader::with_capacity(IO_BUFFER, PositionedReader::new(file, 0)).take(body);
+    let mut crc = crc32fast::Hasher::new();
+    let mut buf = vec![0u8; IO_BUFFER];
+    loop {
+        let n = reader
+            .read(&mut buf)
+            .map_err(StoreError::io("read snapshot", path))?;
+        if n == 0 {
+            break;
+        }
+        crc.update(&buf[..n]);
+    }
+    let mut trailer = [0u8; TRAILER_LEN as usize];
+    file.read_exact_at(&mut trailer, body)
+        .map_err(StoreError::io("read snapshot", path))?;
+    let (want, got) = (u32::from_le_bytes(trailer), crc.finalize());
+    if want != got {
+        return Err(corrupt(
+            path,
+            format!("checksum mismatch: file says {want:#010x}, content is {got:#010x}"),
+        ));
+    }
+    Ok(())
+}
+
+/// Syncs a directory so that a rename in it is durable.
+fn sync_dir(dir: &Path) -> Result<(), StoreError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(StoreError::io("sync directory", dir))
+}
+
+/// The directory holding one store's snapshots.
+#[derive(Debug, Clone)]
+pub(crate) struct SnapshotDir {
+    dir: PathBuf,
+}
+
+impl SnapshotDir {
+    /// Opens the directory, creating it, and removes temporary files left
+    /// by a crash.
+    pub(crate) fn open(dir: &Path) -> Result<SnapshotDir, StoreError> {
+        std::fs::create_dir_all(dir).map_err(StoreError::io("create directory", dir))?;
+        let entries = std::fs::read_dir(dir).map_err(StoreError::io("list directory", dir))?;
+        for entry in entries {
+            let entry = entry.map_err(StoreError::io("list directory", dir))?;
+            let name = entry.file_name();
+            if name.to_string_lossy().ends_with(TMP_SUFFIX) {
+                tracing::info!(file = ?entry.path(), "removing unfinished snapshot file");
+                std::fs::remove_file(entry.path())
+                    .map_err(StoreError::io("remove", entry.path()))?;
+            }
+        }
+        Ok(SnapshotDir {
+            dir: dir.to_owned(),
+        })
+    }
+
+    pub(crate) fn path(&self) -> &Path {
+        &self.dir
+    }
+
+    fn current_path(&self) -> PathBuf {
+        self.dir.join(CURRENT)
+    }
+
+    fn tmp_path(&self, what: &str) -> PathBuf {
+        let n = TMP_COUNTER.fetch_add(1, Ordering::Relaxed);
+        self.dir
+            .join(format!("{what}-{}-{n}{TMP_SUFFIX}", std::process::id()))
+    }
+
+    /// A new empty file to receive a snapshot into.
+    pub(crate) fn create_incoming(&self) -> Result<SnapshotFile, StoreError> {
+        let path = self.tmp_path("incoming");
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(StoreError::io("create", &path))?;
+        Ok(SnapshotFile {
+            path,
+            file,
+            origin: Origin::Incoming,
+        })
+    }
+
+    /// The current snapshot, if there is one.
+    pub(crate) fn open_current(&self) -> Result<Option<SnapshotFile>, StoreError> {
+        let path = self.current_path();
+        match File::open(&path) {
+            Ok(file) => Ok(Some(SnapshotFile {
+                path,
+                file,
+                origin: Origin::Current,
+            })),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(StoreError::io("open", path)(e)),
+        }
+    }
+
+    /// Writes `state` with `meta` as the new current snapshot, atomically.
+    /// Returns the new snapshot, open for reading.
+    pub(crate) fn write_current(
+        &self,
+        meta: &SnapshotMeta,
+        state: &ClusterState,
+    ) -> Result<SnapshotFile, StoreError> {
+        let tmp = self.tmp_path("building");
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&tmp)
+            .map_err(StoreError::io("create", &tmp))?;
+        let result =
+            write_snapshot(&file, &tmp, meta, state).and_then(|()| self.replace_current(&tmp));
+        if let Err(e) = result {
+            // Best effort: the file is removed at the next open otherwise.
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
+        Ok(SnapshotFile {
+            path: self.current_path(),
+            file,
+            origin: Origin::Current,
+        })
+    }
+
+    /// Makes a fully written and synced file the current snapshot.
+    fn replace_current(&self, from: &Path) -> Result<(), StoreError> {
+        let to = self.current_path();
+        std::fs::rename(from, &to).map_err(StoreError::io("rename", from))?;
+        sync_dir(&self.dir)
+    }
+
+    /// Makes `snapshot` the current snapshot: renames it into place if it
+    /// is a file received into this directory, copies it otherwise. Leaves
+    /// the current snapshot alone if `snapshot` already is it. Checks the
+    /// checksum first.
+    pub(crate) fn install(&self, snapshot: &SnapshotFile) -> Result<(), StoreError> {
+        verify(&snapshot.file, &snapshot.path)?;
+        if snapshot.origin == Origin::Current && snapshot.path == self.current_path() {
+            return Ok(());
+        }
+        if snapshot.is_incoming_in(&self.dir) {
+            snapshot
+                .file
+                .sync_all()
+                .map_err(StoreError::io("sync", &snapshot.path))?;
+            return self.replace_current(&snapshot.path);
+        }
+        let tmp = self.tmp_path("copy");
+        let result = (|| {
+            let mut out = File::create(&tmp).map_err(StoreError::io("create", &tmp))?;
+            let mut reader =
+                BufReader::with_capacity(IO_BUFFER, PositionedReader::new(&snapshot.file, 0));
+            io::copy(&mut reader, &mut out).map_err(StoreError::io("copy snapshot", &tmp))?;
+            out.sync_all().map_err(StoreError::io("sync", &tmp))?;
+            self.replace_current(&tmp)
+        })();
+        if result.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        result
+    }
+}
+
+/// Encodes a snapshot into `file` and syncs it.
+fn write_snapshot(
+    file: &File,
+    path: &Path,
+    meta: &SnapshotMeta,
+    state: &ClusterState,
+) -> Result<(), StoreError> {
+    let meta_bytes = postcard::to_stdvec(meta).map_err(StoreError::encode("snapshot meta"))?;
+    let meta_len = u32::try_from(meta_bytes.len())
+        .ok()
+        .filter(|n| *n <= MAX_META_LEN)
+        .ok_or_else(|| corrupt(path, "metadata too large to write"))?;
+    let mut out = CrcWriter {
+        inner: BufWriter::with_capacity(IO_BUFFER, file),
+        crc: crc32fast::Hasher::new(),
+    };
+    let io_err = StoreError::io("write snapshot", path);
+    let header = (|| {
+        out.write_all(MAGIC)?;
+        out.write_all(&SNAPSHOT_FORMAT_VERSION.to_le_bytes())?;
+        out.write_all(&meta_len.to_le_bytes())?;
+        out.write_all(&meta_bytes)
+    })();
+    header.map_err(io_err)?;
+    let out = postcard::to_io(state, out).map_err(StoreError::encode("cluster state"))?;
+    let CrcWriter { mut inner, crc } = out;
+    let crc = crc.finalize();
+    let done = (|| {
+        inner.write_all(&crc.to_le_bytes())?;
+        inner.flush()?;
+        inner.get_ref().sync_all()
+    })();
+    done.map_err(StoreError::io("write snapshot", path))?;
+    Ok(())
+}
+
+/// Verifies and decodes a snapshot file. The state is decoded straight
+/// from the file.
+pub(crate) fn read_snapshot(
+    snapshot: &SnapshotFile,
+) -> Result<(SnapshotMeta, ClusterState), StoreError> {
+    let path = &snapshot.path;
+    verify(&snapshot.file, path)?;
+    let len = snapshot.len()?;
+    let body = PositionedReader::new(&snapshot.file, 0).take(len.saturating_sub(TRAILER_LEN));
+    let mut reader = BufReader::with_capacity(IO_BUFFER, body);
+    let meta = read_header(&mut reader, path)?;
+    let mut scratch = vec![0u8; MAX_FIELD_LEN];
+    let (state, _) = postcard::from_io::<ClusterState, _>((reader, &mut scratch))
+        .map_err(|e| corrupt(path, format!("state: {e}")))?;
+    Ok((meta, state))
+}
