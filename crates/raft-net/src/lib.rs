@@ -1,3 +1,15 @@
-//! openraft's network traits over Tern's transport-neutral client, and the one Raft codec.
+//! openraft's network traits over Tern's transport-neutral client, and the
+//! one Raft codec.
 //!
-//! Not built yet: the Raft issue fills this crate. It exports nothing.
+//! # Layout
+//!
+//! - [`codec`]: the only place openraft types are encoded for the wire
+//!   (postcard), with size limits and typed errors.
+//!
+//! The network factory (`RaftNetworkFactory` / `RaftNetworkV2` over
+//! `tern_protocol::RpcClient`) comes with the transports; until then this
+//! crate holds only the codec.
+
+pub mod codec;
+
+pub use codec::{CodecError, MAX_MESSAGE_LEN, decode, encode, encode_into};

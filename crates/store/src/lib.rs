@@ -35,7 +35,10 @@ pub use log_store::{LogReader, LogStore};
 pub use snapshot::SnapshotFile;
 pub use state::{ClusterState, Command, Rejection, RequestId, Response, VmRecord, VmSpec, VmState};
 pub use state_machine::{StateMachineStore, StoreSnapshot};
-pub use types::{Capacity, Entry, LogId, Member, NodeId, TypeConfig};
+pub use types::{
+    Capacity, Entry, LogId, Member, Membership, NodeId, SnapshotMeta, StoredMembership, TypeConfig,
+    Vote,
+};
 
 /// Subdirectory of the data directory holding the sled log database.
 pub const LOG_DIR: &str = "raft-log";
