@@ -1,0 +1,639 @@
+//! The calling side: [`GrpcClient`] implements [`RpcClient`] over pooled
+//! tonic channels.
+//!
+//! - **Pooling.** One channel (one HTTP/2 connection) per peer and lane,
+//!   created on the first call and shared by every later call; tonic
+//!   re-establishes a lost connection on the next call. A peer whose dial
+//!   failed is not dialled again before a bounded backoff has passed.
+//! - **Lanes.** [`Priority::Bulk`] calls use their own connection, so a
+//!   snapshot never fills the HTTP/2 connection window that Raft votes and
+//!   heartbeats depend on.
+//! - **Deadlines.** `call.timeout` is sent as `grpc-timeout` and also bounds
+//!   the call locally, dial included.
+//! - **Identity.** Each request is signed for the peer it means (see
+//!   [`crate::auth`]), and each answer must carry that peer's signature over
+//!   the request's nonce, or the call fails as `WrongPeer`.
+//! - **Errors.** tonic and transport errors are mapped into the shared
+//!   taxonomy ([`classify`]); a failure before the request was sent is
+//!   `NotDelivered`, after it `MayHaveBeenDelivered`.
+
+use std::collections::HashMap;
+use std::error::Error as StdError;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::uri::PathAndQuery;
+use prost::Message;
+use tern_protocol::frame::{DEFAULT_MAX_PAYLOAD, MAX_PAYLOAD_CEILING};
+use tern_protocol::{
+    BoxFuture, Call, CallError, Code, Delivery, Method, PeerAddr, PeerId, Priority, RpcClient,
+    Status, TransportError, TransportErrorKind, TransportKind,
+};
+use tonic::transport::{Channel, Endpoint};
+
+use crate::auth::{self, Identity, NONCE_LEN, ResponseIdentity};
+use crate::codec::RawCodec;
+use crate::io::Connector;
+use crate::metrics::{self, Direction};
+use crate::server::{KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, PRIORITY_KEY, SHUTTING_DOWN_KEY};
+
+/// First wait before dialling a peer again after a failed dial.
+pub const DIAL_BACKOFF_MIN: Duration = Duration::from_millis(50);
+
+/// Longest wait between dials of an unreachable peer: a peer that comes
+/// back is reached again within this long.
+pub const DIAL_BACKOFF_MAX: Duration = Duration::from_secs(2);
+
+/// HTTP/2 stream window of the bulk lane: large, so one snapshot chunk
+/// streams without waiting for window updates on a fast link.
+const BULK_STREAM_WINDOW: u32 = 8 << 20;
+/// HTTP/2 connection window of the bulk lane.
+const BULK_CONNECTION_WINDOW: u32 = 32 << 20;
+
+/// The gRPC path of the standard health check, used by [`RpcClient::ping`].
+const HEALTH_CHECK_PATH: &str = "/grpc.health.v1.Health/Check";
+
+/// Configuration of a gRPC client.
+#[derive(Clone)]
+pub struct ClientConfig {
+    /// The node's Ed25519 secret key; requests are signed with it.
+    pub secret_key: [u8; 32],
+    /// Largest request payload sent, in bytes; larger calls are refused
+    /// locally (not delivered). Responses may be up to
+    /// [`MAX_PAYLOAD_CEILING`].
+    pub max_message_size: usize,
+}
+
+impl std::fmt::Debug for ClientConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientConfig")
+            .field("max_message_size", &self.max_message_size)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ClientConfig {
+    /// A configuration with the protocol's default message limit.
+    pub fn new(secret_key: [u8; 32]) -> ClientConfig {
+        ClientConfig {
+            secret_key,
+            max_message_size: DEFAULT_MAX_PAYLOAD as usize,
+        }
+    }
+}
+
+/// Which connection a call uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Lane {
+    /// Control, replication and normal calls.
+    Interactive,
+    /// Bulk transfers.
+    Bulk,
+}
+
+impl Lane {
+    fn of(priority: Priority) -> Lane {
+        match priority {
+            Priority::Bulk => Lane::Bulk,
+            Priority::Control | Priority::Replication | Priority::Normal => Lane::Interactive,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct PoolKey {
+    peer: PeerId,
+    url: String,
+    lane: Lane,
+}
+
+/// One pooled channel and its dial state.
+#[derive(Debug, Default)]
+struct PoolEntry {
+    channel: Mutex<Option<Channel>>,
+    dial: tokio::sync::Mutex<DialState>,
+}
+
+#[derive(Debug, Default)]
+struct DialState {
+    failures: u32,
+    retry_at: Option<Instant>,
+    last_error: String,
+    ever_connected: bool,
+}
+
+/// A gRPC client shared by all callers of a node.
+pub struct GrpcClient {
+    identity: Identity,
+    max_message_size: usize,
+    pool: Mutex<HashMap<PoolKey, Arc<PoolEntry>>>,
+    closed: AtomicBool,
+}
+
+impl std::fmt::Debug for GrpcClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GrpcClient")
+            .field("id", &self.identity.id())
+            .finish_non_exhaustive()
+    }
+}
+
+fn err(kind: TransportErrorKind, delivery: Delivery, detail: impl Into<String>) -> CallError {
+    CallError::Transport(TransportError::new(
+        TransportKind::Grpc,
+        kind,
+        delivery,
+        detail,
+    ))
+}
+
+/// What a request needs to be sent and its answer checked.
+struct Outgoing<'a> {
+    peer: &'a PeerAddr,
+    path: &'a str,
+    payload: Bytes,
+    timeout: Duration,
+    priority: Priority,
+}
+
+impl GrpcClient {
+    /// A client calling as the node with `config.secret_key`.
+    pub fn new(config: ClientConfig) -> GrpcClient {
+        GrpcClient {
+            identity: Identity::from_secret(&config.secret_key),
+            max_message_size: config.max_message_size,
+            pool: Mutex::new(HashMap::new()),
+            closed: AtomicBool::new(false),
+        }
+    }
+
+    /// The id it calls as.
+    pub fn id(&self) -> PeerId {
+        self.identity.id()
+    }
+
+    /// Refuses every later call (`LocalShutdown`) and drops the pooled
+    /// connections. Calls in flight finish or fail on their own.
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+        if let Ok(mut pool) = self.pool.lock() {
+            pool.clear();
+        }
+    }
+
+    /// Connections pooled now (one per peer and lane).
+    pub fn pooled_channels(&self) -> usize {
+        self.pool
+            .lock()
+            .map(|p| {
+                p.values()
+                    .filter(|e| e.channel.lock().map(|c| c.is_some()).unwrap_or(false))
+                    .count()
+            })
+            .unwrap_or(0)
+    }
+
+    fn entry(&self, key: PoolKey) -> Result<Arc<PoolEntry>, CallError> {
+        let mut pool = self.pool.lock().map_err(|_| {
+            err(
+                TransportErrorKind::LocalShutdown,
+                Delivery::NotDelivered,
+                "client pool poisoned",
+            )
+        })?;
+        Ok(pool.entry(key).or_default().clone())
+    }
+
+    /// The pooled channel to `peer` on `lane`, dialling it if needed.
+    async fn channel(&self, peer: &PeerAddr, url: &str, lane: Lane) -> Result<Channel, CallError> {
+        let entry = self.entry(PoolKey {
+            peer: peer.id,
+            url: url.to_owned(),
+            lane,
+        })?;
+        if let Some(channel) = entry.channel.lock().ok().and_then(|c| c.clone()) {
+            return Ok(channel);
+        }
+        let mut dial = entry.dial.lock().await;
+        // Another caller may have dialled while this one waited.
+        if let Some(channel) = entry.channel.lock().ok().and_then(|c| c.clone()) {
+            return Ok(channel);
+        }
+        if let Some(retry_at) = dial.retry_at
+            && Instant::now() < retry_at
+        {
+            return Err(err(
+                TransportErrorKind::Unreachable,
+                Delivery::NotDelivered,
+                format!(
+                    "{} at {url} is backing off after {} failed dials: {}",
+                    peer.id.short(),
+                    dial.failures,
+                    dial.last_error
+                ),
+            ));
+        }
+        if dial.failures > 0 || dial.ever_connected {
+            metrics::redial();
+        }
+        match dial_channel(url, lane).await {
+            Ok(channel) => {
+                tracing::debug!(peer = %peer.id.short(), %url, ?lane, "gRPC channel connected");
+                *dial = DialState {
+                    ever_connected: true,
+                    ..DialState::default()
+                };
+                if let Ok(mut slot) = entry.channel.lock() {
+                    *slot = Some(channel.clone());
+                }
+                Ok(channel)
+            }
+            Err(detail) => {
+                dial.failures = dial.failures.saturating_add(1);
+                let backoff = DIAL_BACKOFF_MIN
+                    .saturating_mul(1u32 << dial.failures.saturating_sub(1).min(16))
+                    .min(DIAL_BACKOFF_MAX);
+                dial.retry_at = Some(Instant::now() + backoff);
+                dial.last_error.clone_from(&detail);
+                tracing::debug!(peer = %peer.id.short(), %url, %detail, ?backoff, "gRPC dial failed");
+                Err(err(
+                    TransportErrorKind::Unreachable,
+                    Delivery::NotDelivered,
+                    format!("dialling {} at {url}: {detail}", peer.id.short()),
+                ))
+            }
+        }
+    }
+
+    /// Forgets the channel so that the next call dials again (with backoff).
+    fn forget(&self, peer: &PeerAddr, url: &str, lane: Lane) {
+        let key = PoolKey {
+            peer: peer.id,
+            url: url.to_owned(),
+            lane,
+        };
+        if let Ok(pool) = self.pool.lock()
+            && let Some(entry) = pool.get(&key)
+            && let Ok(mut slot) = entry.channel.lock()
+        {
+            *slot = None;
+        }
+    }
+
+    /// Sends one request and checks the answer; the whole of it bounded by
+    /// `out.timeout`.
+    async fn send(&self, out: Outgoing<'_>) -> Result<Bytes, CallError> {
+        if self.closed.load(Ordering::SeqCst) {
+            return Err(err(
+                TransportErrorKind::LocalShutdown,
+                Delivery::NotDelivered,
+                "the gRPC transport is shut down",
+            ));
+        }
+        let Some(url) = out.peer.grpc.as_deref() else {
+            return Err(err(
+                TransportErrorKind::NotServed,
+                Delivery::NotDelivered,
+                format!("{} has no gRPC address", out.peer.id.short()),
+            ));
+        };
+        if out.payload.len() > self.max_message_size {
+            return Err(err(
+                TransportErrorKind::Overloaded,
+                Delivery::NotDelivered,
+                format!(
+                    "request of {} bytes is over the {} byte message limit; send it in chunks",
+                    out.payload.len(),
+                    self.max_message_size
+                ),
+            ));
+        }
+        let sent = AtomicBool::new(false);
+        let timeout = out.timeout;
+        match tokio::time::timeout(timeout, self.send_inner(url, &out, &sent)).await {
+            Ok(result) => result,
+            Err(_) => {
+                let delivery = if sent.load(Ordering::SeqCst) {
+                    Delivery::MayHaveBeenDelivered
+                } else {
+                    Delivery::NotDelivered
+                };
+                Err(err(
+                    TransportErrorKind::TimedOut,
+                    delivery,
+                    format!("{} on {} after {timeout:?}", out.path, out.peer.id.short()),
+                ))
+            }
+        }
+    }
+
+    async fn send_inner(
+        &self,
+        url: &str,
+        out: &Outgoing<'_>,
+        sent: &AtomicBool,
+    ) -> Result<Bytes, CallError> {
+        let lane = Lane::of(out.priority);
+        let channel = self.channel(out.peer, url, lane).await?;
+        let path = PathAndQuery::from_maybe_shared(out.path.to_owned()).map_err(|e| {
+            err(
+                TransportErrorKind::Protocol,
+                Delivery::NotDelivered,
+                format!("invalid gRPC path {}: {e}", out.path),
+            )
+        })?;
+        let nonce: [u8; NONCE_LEN] = rand::random();
+        let proof =
+            self.identity
+                .sign_request(out.peer.id, out.path, auth::unix_now_ms(), nonce);
+        let mut request = tonic::Request::new(out.payload.clone());
+        request.set_timeout(out.timeout);
+        proof.write(request.metadata_mut().as_mut());
+        request
+            .metadata_mut()
+            .insert(PRIORITY_KEY, u32::from(out.priority as u8).into());
+
+        let mut grpc = tonic::client::Grpc::new(channel)
+            .max_decoding_message_size(MAX_PAYLOAD_CEILING as usize)
+            .max_encoding_message_size(self.max_message_size);
+        if let Err(e) = grpc.ready().await {
+            self.forget(out.peer, url, lane);
+            return Err(err(
+                TransportErrorKind::Unreachable,
+                Delivery::NotDelivered,
+                format!("channel to {} not ready: {e}", out.peer.id.short()),
+            ));
+        }
+        sent.store(true, Ordering::SeqCst);
+        metrics::message(Direction::Sent, out.payload.len());
+        let answer = grpc.unary(request, path, RawCodec).await;
+        let ctx = Verify {
+            expected: out.peer.id,
+            nonce: &nonce,
+            caller: self.identity.id(),
+            path: out.path,
+        };
+        match answer {
+            Ok(response) => {
+                match ctx.check(response.metadata().as_ref()) {
+                    ResponseIdentity::Verified => {}
+                    other => return Err(ctx.wrong_peer(other, Delivery::MayHaveBeenDelivered)),
+                }
+                let body = response.into_inner();
+                metrics::message(Direction::Received, body.len());
+                Ok(body)
+            }
+            Err(status) => {
+                let error = classify(&status, &ctx);
+                if matches!(
+                    error.as_transport().map(|e| e.kind),
+                    Some(TransportErrorKind::Unreachable)
+                ) {
+                    self.forget(out.peer, url, lane);
+                }
+                Err(error)
+            }
+        }
+    }
+}
+
+async fn dial_channel(url: &str, lane: Lane) -> Result<Channel, String> {
+    let endpoint = Endpoint::from_shared(url.to_owned()).map_err(|e| format!("bad URL: {e}"))?;
+    let authority = endpoint
+        .uri()
+        .authority()
+        .ok_or_else(|| "the URL names no host".to_owned())?;
+    let target = match authority.port_u16() {
+        Some(_) => authority.as_str().to_owned(),
+        None => format!("{}:80", authority.host()),
+    };
+    let mut endpoint = endpoint
+        .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+        .keep_alive_while_idle(true)
+        .tcp_nodelay(true);
+    endpoint = match lane {
+        Lane::Interactive => endpoint.http2_adaptive_window(true),
+        Lane::Bulk => endpoint
+            .initial_stream_window_size(BULK_STREAM_WINDOW)
+            .initial_connection_window_size(BULK_CONNECTION_WINDOW),
+    };
+    let connector = Connector {
+        target: target.into(),
+    };
+    endpoint
+        .connect_with_connector(connector)
+        .await
+        .map_err(|e| error_chain(&e))
+}
+
+/// `error: cause: cause`, for details.
+fn error_chain(error: &(dyn StdError + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let next = cause.to_string();
+        if !text.contains(&next) {
+            text.push_str(": ");
+            text.push_str(&next);
+        }
+        source = cause.source();
+    }
+    text
+}
+
+/// What the caller expects of an answer.
+struct Verify<'a> {
+    expected: PeerId,
+    nonce: &'a [u8; NONCE_LEN],
+    caller: PeerId,
+    path: &'a str,
+}
+
+impl Verify<'_> {
+    fn check(&self, headers: &http::HeaderMap) -> ResponseIdentity {
+        auth::verify_response(headers, self.expected, self.nonce, self.caller, self.path)
+    }
+
+    fn wrong_peer(&self, identity: ResponseIdentity, delivery: Delivery) -> CallError {
+        let detail = match identity {
+            ResponseIdentity::OtherNode(other) => format!(
+                "{} was answered by node {}, not by {}",
+                self.path,
+                other.short(),
+                self.expected.short()
+            ),
+            ResponseIdentity::Unproven(why) => format!(
+                "{} answered without proving it is {}: {why}",
+                self.path,
+                self.expected.short()
+            ),
+            ResponseIdentity::Verified => format!("{} verified", self.path),
+        };
+        err(TransportErrorKind::WrongPeer, delivery, detail)
+    }
+}
+
+/// Maps a failed tonic call to the shared taxonomy.
+///
+/// A status with a source was made locally from a transport error; one
+/// without came from the peer, and counts only if the peer proved its
+/// identity in it.
+fn classify(status: &tonic::Status, ctx: &Verify<'_>) -> CallError {
+    if let Some(source) = status.source() {
+        return classify_transport(status, source);
+    }
+    let headers = status.metadata().as_ref();
+    match ctx.check(headers) {
+        ResponseIdentity::Verified => {
+            if headers.contains_key(SHUTTING_DOWN_KEY) {
+                return err(
+                    TransportErrorKind::PeerShuttingDown,
+                    Delivery::NotDelivered,
+                    format!("{} refused {}: shutting down", ctx.expected.short(), ctx.path),
+                );
+            }
+            CallError::Application(Status::new(
+                Code::from_u32(status.code() as u32),
+                status.message(),
+            ))
+        }
+        // A node that is not the expected one refuses any request signed
+        // for another callee before dispatch.
+        other @ ResponseIdentity::OtherNode(_) => ctx.wrong_peer(other, Delivery::NotDelivered),
+        // tonic's own deadline enforcement answers before any service
+        // can sign: a timeout, not an impostor.
+        ResponseIdentity::Unproven(_)
+            if matches!(
+                status.code(),
+                tonic::Code::DeadlineExceeded | tonic::Code::Cancelled
+            ) =>
+        {
+            err(
+                TransportErrorKind::TimedOut,
+                Delivery::MayHaveBeenDelivered,
+                format!("{} on {}: {}", ctx.path, ctx.expected.short(), status.message()),
+            )
+        }
+        other => ctx.wrong_peer(other, Delivery::MayHaveBeenDelivered),
+    }
+}
+
+fn classify_transport(status: &tonic::Status, source: &(dyn StdError + 'static)) -> CallError {
+    let detail = error_chain(source);
+    let mut cause: Option<&(dyn StdError + 'static)> = Some(source);
+    while let Some(e) = cause {
+        if e.is::<tonic::ConnectError>() {
+            return err(TransportErrorKind::Unreachable, Delivery::NotDelivered, detail);
+        }
+        if e.is::<tonic::TimeoutExpired>() {
+            return err(
+                TransportErrorKind::TimedOut,
+                Delivery::MayHaveBeenDelivered,
+                detail,
+            );
+        }
+        if let Some(h2) = e.downcast_ref::<h2::Error>() {
+            // Streams refused or above a GOAWAY's last stream id were never
+            // processed (RFC 9113 §8.7).
+            if h2.reason() == Some(h2::Reason::REFUSED_STREAM)
+                || (h2.is_go_away() && h2.is_remote() && h2.reason() == Some(h2::Reason::NO_ERROR))
+            {
+                return err(
+                    TransportErrorKind::PeerShuttingDown,
+                    Delivery::NotDelivered,
+                    detail,
+                );
+            }
+            return err(
+                TransportErrorKind::ConnectionLost,
+                Delivery::MayHaveBeenDelivered,
+                detail,
+            );
+        }
+        cause = e.source();
+    }
+    let kind = match status.code() {
+        tonic::Code::DeadlineExceeded => TransportErrorKind::TimedOut,
+        _ => TransportErrorKind::ConnectionLost,
+    };
+    err(kind, Delivery::MayHaveBeenDelivered, detail)
+}
+
+impl RpcClient for GrpcClient {
+    fn transport(&self) -> TransportKind {
+        TransportKind::Grpc
+    }
+
+    fn call<'a>(
+        &'a self,
+        peer: &'a PeerAddr,
+        call: Call,
+    ) -> BoxFuture<'a, Result<Bytes, CallError>> {
+        Box::pin(async move {
+            let method: &'static Method = call.method;
+            let started = Instant::now();
+            let path = method.grpc_path();
+            let result = self
+                .send(Outgoing {
+                    peer,
+                    path: &path,
+                    payload: call.payload,
+                    timeout: call.timeout,
+                    priority: call.priority,
+                })
+                .await;
+            match &result {
+                Ok(_) | Err(CallError::Application(_)) => {
+                    metrics::call_latency(method, "client", started.elapsed());
+                }
+                Err(CallError::Transport(e)) => {
+                    metrics::call_failure(method, e.kind);
+                    tracing::debug!(method = %method.label(), peer = %peer.id.short(), error = %e, "gRPC call failed");
+                }
+            }
+            result
+        })
+    }
+
+    fn ping<'a>(
+        &'a self,
+        peer: &'a PeerAddr,
+        timeout: Duration,
+    ) -> BoxFuture<'a, Result<Duration, CallError>> {
+        Box::pin(async move {
+            let request = tonic_health::pb::HealthCheckRequest {
+                service: String::new(),
+            };
+            let started = Instant::now();
+            let bytes = self
+                .send(Outgoing {
+                    peer,
+                    path: HEALTH_CHECK_PATH,
+                    payload: request.encode_to_vec().into(),
+                    timeout,
+                    priority: Priority::Control,
+                })
+                .await?;
+            let rtt = started.elapsed();
+            let answer = tonic_health::pb::HealthCheckResponse::decode(bytes).map_err(|e| {
+                err(
+                    TransportErrorKind::Protocol,
+                    Delivery::MayHaveBeenDelivered,
+                    format!("undecodable health answer: {e}"),
+                )
+            })?;
+            use tonic_health::pb::health_check_response::ServingStatus as S;
+            match answer.status() {
+                S::Serving => Ok(rtt),
+                other => Err(err(
+                    TransportErrorKind::PeerShuttingDown,
+                    Delivery::NotDelivered,
+                    format!("{} reports {}", peer.id.short(), other.as_str_name()),
+                )),
+            }
+        })
+    }
+}

@@ -1,0 +1,647 @@
+//! The serving side: typed tonic services that dispatch into one
+//! [`Handler`], the standard health and reflection services, caller
+//! authentication, and graceful shutdown.
+//!
+//! Every request passes through [`AuthLayer`] first. A request that carries
+//! a caller proof (see [`crate::auth`]) is verified before anything else
+//! runs; a bad proof is answered `Unauthenticated` and never reaches a
+//! service. A request without any proof (a stock gRPC tool) passes on, and
+//! only the standard services (health, reflection) will serve it: the Tern
+//! services answer `Unauthenticated`, because a handler is promised an
+//! authenticated caller. Every answer to a request with a proof carries the
+//! node's own proof of identity, which the calling client checks.
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::HeaderValue;
+use prost::Message;
+use tern_protocol::frame::DEFAULT_MAX_PAYLOAD;
+use tern_protocol::{
+    Handler, Method, PeerId, Priority, RequestContext, ServiceId, Status, TransportKind, pb,
+};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tonic::transport::Server;
+use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
+
+use crate::auth::{self, AuthError, Identity, ReplayCache, RequestProof};
+use crate::io::{KillSwitch, ServerConn};
+use crate::metrics::{self, Direction};
+use crate::services::{
+    cluster_server, health_server, monitoring_server, raft_server, status_server, vm_server,
+};
+
+/// Metadata key: the caller's priority class (`0`..`3`, see
+/// [`Priority`]), so the serving side can report it to the handler.
+pub const PRIORITY_KEY: &str = "tern-priority";
+
+/// Response metadata key set (to `1`) when the node refused a call because
+/// it is shutting down; the client reports `PeerShuttingDown`.
+pub const SHUTTING_DOWN_KEY: &str = "tern-shutting-down";
+
+/// Interval of HTTP/2 keep-alive pings on idle connections, so that a peer
+/// that vanished without closing is noticed within seconds, not at the next
+/// call's deadline.
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+
+/// How long a keep-alive ping may go unanswered before the connection is
+/// closed.
+pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Most concurrent streams one connection may open. Bounds the work one
+/// peer can start at once; well above the callers of one node (the
+/// conformance suite keeps 256 in flight, which the client then queues).
+pub const MAX_CONCURRENT_STREAMS: u32 = 1024;
+
+/// After the drain deadline the remaining connections are aborted; this
+/// bounds how long shutdown then waits for the server task to notice.
+const ABORT_GRACE: Duration = Duration::from_secs(2);
+
+/// The health-service name of each transport, for the standard
+/// `grpc.health.v1.Health` service (node health is the empty name).
+pub fn transport_health_name(kind: TransportKind) -> &'static str {
+    match kind {
+        TransportKind::Grpc => "tern.transport.grpc",
+        TransportKind::Iroh => "tern.transport.iroh",
+    }
+}
+
+/// The health-service name of a Tern service, its full gRPC name.
+pub fn service_health_name(service: ServiceId) -> String {
+    format!(
+        "{}.{}",
+        tern_protocol::catalog::PROTO_PACKAGE,
+        service.proto_name()
+    )
+}
+
+/// Configuration of a gRPC server.
+#[derive(Clone)]
+pub struct ServerConfig {
+    /// The node's Ed25519 secret key; its public key is the node's id.
+    pub secret_key: [u8; 32],
+    /// Where to listen. Port 0 picks a free port.
+    pub listen: SocketAddr,
+    /// Largest request or response message accepted, in bytes.
+    pub max_message_size: usize,
+}
+
+impl std::fmt::Debug for ServerConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerConfig")
+            .field("listen", &self.listen)
+            .field("max_message_size", &self.max_message_size)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ServerConfig {
+    /// A configuration with the protocol's default message limit.
+    pub fn new(secret_key: [u8; 32], listen: SocketAddr) -> ServerConfig {
+        ServerConfig {
+            secret_key,
+            listen,
+            max_message_size: DEFAULT_MAX_PAYLOAD as usize,
+        }
+    }
+}
+
+/// Sets what the standard `grpc.health.v1.Health` service reports.
+///
+/// Names: `""` is the node; [`transport_health_name`] names each transport
+/// (`tern.transport.grpc`, `tern.transport.iroh`); [`service_health_name`]
+/// names each Tern service (`tern.v1.Vm`...). Watchers see every change.
+#[derive(Clone)]
+pub struct HealthHandle {
+    reporter: HealthReporter,
+}
+
+impl std::fmt::Debug for HealthHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HealthHandle").finish_non_exhaustive()
+    }
+}
+
+fn serving(up: bool) -> ServingStatus {
+    if up {
+        ServingStatus::Serving
+    } else {
+        ServingStatus::NotServing
+    }
+}
+
+impl HealthHandle {
+    /// Sets the node's overall health (the empty service name).
+    pub async fn set_node(&self, up: bool) {
+        self.reporter.set_service_status("", serving(up)).await;
+    }
+
+    /// Sets one transport's health.
+    pub async fn set_transport(&self, kind: TransportKind, up: bool) {
+        self.reporter
+            .set_service_status(transport_health_name(kind), serving(up))
+            .await;
+    }
+
+    /// Sets one Tern service's health.
+    pub async fn set_service(&self, service: ServiceId, up: bool) {
+        self.reporter
+            .set_service_status(service_health_name(service), serving(up))
+            .await;
+    }
+
+    /// Sets an arbitrary name's status.
+    pub async fn set(&self, name: &str, status: ServingStatus) {
+        self.reporter.set_service_status(name, status).await;
+    }
+
+    async fn set_all(&self, up: bool) {
+        self.set_node(up).await;
+        self.set_transport(TransportKind::Grpc, up).await;
+        for service in ServiceId::SERVICES {
+            self.set_service(service, up).await;
+        }
+    }
+}
+
+/// What the middleware and the services share.
+struct ServerState {
+    identity: Identity,
+    handler: Arc<dyn Handler>,
+    replay: Mutex<ReplayCache>,
+    draining: AtomicBool,
+}
+
+/// The authenticated caller, put in request extensions by [`AuthLayer`].
+#[derive(Debug, Clone, Copy)]
+struct Caller(PeerId);
+
+/// A running gRPC server.
+pub struct GrpcServer {
+    id: PeerId,
+    local_addr: SocketAddr,
+    health: HealthHandle,
+    state: Arc<ServerState>,
+    kill: Arc<KillSwitch>,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<Result<(), tonic::transport::Error>>,
+}
+
+impl std::fmt::Debug for GrpcServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GrpcServer")
+            .field("id", &self.id)
+            .field("local_addr", &self.local_addr)
+            .finish_non_exhaustive()
+    }
+}
+
+impl GrpcServer {
+    /// Binds `config.listen` and serves `handler` (typically a
+    /// [`tern_protocol::Dispatcher`]) until [`GrpcServer::shutdown`].
+    pub async fn start(
+        config: ServerConfig,
+        handler: Arc<dyn Handler>,
+    ) -> std::io::Result<GrpcServer> {
+        let identity = Identity::from_secret(&config.secret_key);
+        let id = identity.id();
+        let listener = TcpListener::bind(config.listen).await?;
+        let local_addr = listener.local_addr()?;
+        let state = Arc::new(ServerState {
+            identity,
+            handler,
+            replay: Mutex::new(ReplayCache::default()),
+            draining: AtomicBool::new(false),
+        });
+        let (reporter, health_service) = tonic_health::server::health_reporter();
+        let health = HealthHandle { reporter };
+        health.set_all(true).await;
+
+        let reflection_v1 = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .map_err(std::io::Error::other)?;
+        let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1alpha()
+            .map_err(std::io::Error::other)?;
+
+        let services = Arc::new(Services {
+            state: state.clone(),
+        });
+        let max = config.max_message_size;
+        let router = Server::builder()
+            .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+            .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+            .max_concurrent_streams(Some(MAX_CONCURRENT_STREAMS))
+            .http2_adaptive_window(Some(true))
+            .tcp_nodelay(true)
+            .layer(AuthLayer {
+                state: state.clone(),
+            })
+            .add_service(
+                health_server::HealthServer::from_arc(services.clone())
+                    .max_decoding_message_size(max)
+                    .max_encoding_message_size(max),
+            )
+            .add_service(
+                status_server::StatusServer::from_arc(services.clone())
+                    .max_decoding_message_size(max)
+                    .max_encoding_message_size(max),
+            )
+            .add_service(
+                vm_server::VmServer::from_arc(services.clone())
+                    .max_decoding_message_size(max)
+                    .max_encoding_message_size(max),
+            )
+            .add_service(
+                monitoring_server::MonitoringServer::from_arc(services.clone())
+                    .max_decoding_message_size(max)
+                    .max_encoding_message_size(max),
+            )
+            .add_service(
+                cluster_server::ClusterServer::from_arc(services.clone())
+                    .max_decoding_message_size(max)
+                    .max_encoding_message_size(max),
+            )
+            .add_service(
+                raft_server::RaftServer::from_arc(services)
+                    .max_decoding_message_size(max)
+                    .max_encoding_message_size(max),
+            )
+            .add_service(health_service)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha);
+
+        let kill = Arc::new(KillSwitch::default());
+        let incoming = {
+            let kill = kill.clone();
+            futures::stream::unfold(listener, move |listener| {
+                let kill = kill.clone();
+                async move {
+                    let next = listener
+                        .accept()
+                        .await
+                        .map(|(stream, _)| ServerConn::new(stream, &kill));
+                    Some((next, listener))
+                }
+            })
+        };
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async move {
+            // A dropped sender (the server value dropped) also stops serving.
+            let _ = stopped.await;
+        }));
+        tracing::info!(node = %id.short(), %local_addr, "gRPC transport serving");
+        Ok(GrpcServer {
+            id,
+            local_addr,
+            health,
+            state,
+            kill,
+            stop: Some(stop),
+            task,
+        })
+    }
+
+    /// The node's id (its public key).
+    pub fn id(&self) -> PeerId {
+        self.id
+    }
+
+    /// The socket address it listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Its URL, as put in [`tern_protocol::PeerAddr::grpc`].
+    pub fn url(&self) -> String {
+        format!("http://{}", self.local_addr)
+    }
+
+    /// Sets what the standard health service reports.
+    pub fn health(&self) -> &HealthHandle {
+        &self.health
+    }
+
+    /// Graceful shutdown: reports `NOT_SERVING`, refuses new calls (callers
+    /// see `PeerShuttingDown`), stops accepting connections, lets calls in
+    /// flight finish within `drain`, then aborts the connections left.
+    /// Resolves when the server has stopped.
+    pub async fn shutdown(mut self, drain: Duration) {
+        self.state.draining.store(true, Ordering::SeqCst);
+        self.health.set_all(false).await;
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let started = Instant::now();
+        match tokio::time::timeout(drain, &mut self.task).await {
+            Ok(Ok(Ok(()))) => {
+                tracing::info!(node = %self.id.short(), elapsed = ?started.elapsed(), "gRPC transport drained and stopped");
+            }
+            Ok(Ok(Err(e))) => {
+                tracing::warn!(node = %self.id.short(), error = %e, "gRPC server stopped with an error");
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(node = %self.id.short(), error = %e, "gRPC server task failed");
+            }
+            Err(_) => {
+                tracing::warn!(node = %self.id.short(), ?drain, "drain deadline passed; aborting the connections left");
+                self.kill.kill_all();
+                if tokio::time::timeout(ABORT_GRACE, &mut self.task)
+                    .await
+                    .is_err()
+                {
+                    self.task.abort();
+                }
+            }
+        }
+        // Connections accepted while the listener was closing are aborted too.
+        self.kill.kill_all();
+    }
+}
+
+impl Drop for GrpcServer {
+    fn drop(&mut self) {
+        if self.stop.is_some() {
+            // Dropped without a graceful shutdown: stop at once.
+            self.kill.kill_all();
+            self.task.abort();
+        }
+    }
+}
+
+/// The six typed services, all dispatching into the one handler.
+pub(crate) struct Services {
+    state: Arc<ServerState>,
+}
+
+/// Reads a `grpc-timeout` value (`<digits><unit>`, at most 8 digits).
+fn parse_grpc_timeout(value: &HeaderValue) -> Option<Duration> {
+    let text = value.to_str().ok()?;
+    if text.len() < 2 || text.len() > 9 {
+        return None;
+    }
+    let (digits, unit) = text.split_at(text.len() - 1);
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.saturating_mul(3600)),
+        "M" => Duration::from_secs(n.saturating_mul(60)),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+fn parse_priority(value: Option<&HeaderValue>) -> Option<Priority> {
+    let n: u8 = value?.to_str().ok()?.parse().ok()?;
+    Priority::ALL.into_iter().find(|p| *p as u8 == n)
+}
+
+/// The application status as a gRPC status, code and message unchanged.
+pub(crate) fn to_tonic(status: Status) -> tonic::Status {
+    tonic::Status::new(tonic::Code::from(status.code as i32), status.message)
+}
+
+impl Services {
+    async fn dispatch<Req, Resp>(
+        &self,
+        request: tonic::Request<Req>,
+        method: &'static Method,
+    ) -> Result<tonic::Response<Resp>, tonic::Status>
+    where
+        Req: Message,
+        Resp: Message + Default,
+    {
+        let started = Instant::now();
+        let Some(Caller(peer)) = request.extensions().get::<Caller>().copied() else {
+            return Err(tonic::Status::unauthenticated(
+                "Tern services need a signed caller identity (tern-caller-bin and \
+                 tern-signature-bin metadata); only grpc.health.v1 and reflection \
+                 serve anonymous callers",
+            ));
+        };
+        let headers = request.metadata().as_ref();
+        let priority = parse_priority(headers.get(PRIORITY_KEY)).unwrap_or(method.priority);
+        let deadline = headers
+            .get("grpc-timeout")
+            .and_then(parse_grpc_timeout)
+            .and_then(|t| started.checked_add(t));
+        let payload = Bytes::from(request.into_inner().encode_to_vec());
+        metrics::message(Direction::Received, payload.len());
+        let ctx = RequestContext {
+            peer,
+            transport: TransportKind::Grpc,
+            priority,
+            deadline,
+        };
+        let result = self.state.handler.handle(ctx, method, payload).await;
+        metrics::call_latency(method, "server", started.elapsed());
+        match result {
+            Ok(bytes) => {
+                metrics::message(Direction::Sent, bytes.len());
+                Resp::decode(bytes).map(tonic::Response::new).map_err(|e| {
+                    tracing::error!(method = %method.label(), error = %e, "a service answered with bytes that are not its response type");
+                    tonic::Status::internal(format!(
+                        "the {} service answered with an undecodable response: {e}",
+                        method.label()
+                    ))
+                })
+            }
+            Err(status) => Err(to_tonic(status)),
+        }
+    }
+}
+
+/// Implements one generated service trait by dispatching each method.
+macro_rules! serve {
+    ($service:ident :: $trait:ident { $( $fn:ident ( $req:ident ) -> $resp:ident = $method:ident ; )* }) => {
+        #[tonic::async_trait]
+        impl $service::$trait for Services {
+            $(
+                async fn $fn(
+                    &self,
+                    request: tonic::Request<pb::$req>,
+                ) -> Result<tonic::Response<pb::$resp>, tonic::Status> {
+                    self.dispatch(request, tern_protocol::catalog::methods::$method).await
+                }
+            )*
+        }
+    };
+}
+
+serve!(health_server::Health {
+    check(HealthCheckRequest) -> HealthCheckResponse = HEALTH_CHECK;
+});
+serve!(status_server::Status {
+    get(StatusRequest) -> NodeStatus = STATUS_GET;
+});
+serve!(vm_server::Vm {
+    create(CreateVmRequest) -> VmRecord = VM_CREATE;
+    start(VmActionRequest) -> VmRecord = VM_START;
+    stop(VmActionRequest) -> VmRecord = VM_STOP;
+    delete(VmActionRequest) -> VmRecord = VM_DELETE;
+    list(ListVmsRequest) -> ListVmsResponse = VM_LIST;
+    get(GetVmRequest) -> VmRecord = VM_GET;
+    migrate(MigrateVmRequest) -> VmRecord = VM_MIGRATE;
+});
+serve!(monitoring_server::Monitoring {
+    metrics(MetricsRequest) -> MetricsResponse = MONITORING_METRICS;
+});
+serve!(cluster_server::Cluster {
+    join(JoinRequest) -> JoinResponse = CLUSTER_JOIN;
+    leave(LeaveRequest) -> LeaveResponse = CLUSTER_LEAVE;
+    members(MembersRequest) -> MembersResponse = CLUSTER_MEMBERS;
+});
+serve!(raft_server::Raft {
+    vote(RaftPayload) -> RaftPayload = RAFT_VOTE;
+    append_entries(RaftPayload) -> RaftPayload = RAFT_APPEND_ENTRIES;
+    snapshot(SnapshotChunk) -> RaftPayload = RAFT_SNAPSHOT;
+});
+
+/// Tower layer that authenticates callers and proves this node's identity
+/// in every answer; see the module docs.
+#[derive(Clone)]
+struct AuthLayer {
+    state: Arc<ServerState>,
+}
+
+impl<S> tower::Layer<S> for AuthLayer {
+    type Service = AuthService<S>;
+
+    fn layer(&self, inner: S) -> AuthService<S> {
+        AuthService {
+            inner,
+            state: self.state.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+struct AuthService<S> {
+    inner: S,
+    state: Arc<ServerState>,
+}
+
+type ResponseFuture<R, E> = Pin<Box<dyn Future<Output = Result<R, E>> + Send>>;
+
+impl<S, B, R> tower::Service<http::Request<B>> for AuthService<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<R>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    R: Default + Send + 'static,
+    B: Send + 'static,
+{
+    type Response = http::Response<R>;
+    type Error = S::Error;
+    type Future = ResponseFuture<http::Response<R>, S::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
+        let proof = match RequestProof::read(req.headers()) {
+            Ok(None) => return Box::pin(self.inner.call(req)),
+            Ok(Some(proof)) => proof,
+            Err(e) => {
+                metrics::auth_failed();
+                tracing::debug!(error = %e, "refused a request with a malformed caller proof");
+                let status = tonic::Status::unauthenticated(e.to_string());
+                return Box::pin(std::future::ready(Ok(status.into_http())));
+            }
+        };
+        let path = req.uri().path().to_owned();
+        let state = self.state.clone();
+        let this = state.identity.id();
+        let now = auth::unix_now_ms();
+        let verified = proof.verify(this, &path, now).and_then(|caller| {
+            let mut cache = state
+                .replay
+                .lock()
+                .map_err(|_| AuthError::Malformed("replay cache poisoned"))?;
+            cache.check_and_insert(proof.nonce, proof.unix_ms, now)?;
+            Ok(caller)
+        });
+        let sign = move |headers: &mut http::HeaderMap| {
+            let signature = state
+                .identity
+                .sign_response(&proof.nonce, proof.caller, &path);
+            auth::write_response_proof(headers, this, &signature);
+        };
+        match verified {
+            Err(e) => {
+                metrics::auth_failed();
+                tracing::debug!(error = %e, "refused a request whose caller proof failed");
+                let mut response = tonic::Status::unauthenticated(e.to_string()).into_http();
+                sign(response.headers_mut());
+                Box::pin(std::future::ready(Ok(response)))
+            }
+            Ok(_) if self.state.draining.load(Ordering::SeqCst) => {
+                let mut response =
+                    tonic::Status::unavailable("the node is shutting down").into_http();
+                response
+                    .headers_mut()
+                    .insert(SHUTTING_DOWN_KEY, HeaderValue::from_static("1"));
+                sign(response.headers_mut());
+                Box::pin(std::future::ready(Ok(response)))
+            }
+            Ok(caller) => {
+                req.extensions_mut().insert(Caller(caller));
+                let fut = self.inner.call(req);
+                Box::pin(async move {
+                    let mut response = fut.await?;
+                    sign(response.headers_mut());
+                    Ok(response)
+                })
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeouts_and_priorities_parse() {
+        let t = |s: &'static str| parse_grpc_timeout(&HeaderValue::from_static(s));
+        assert_eq!(t("500m"), Some(Duration::from_millis(500)));
+        assert_eq!(t("2S"), Some(Duration::from_secs(2)));
+        assert_eq!(t("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(t("7u"), Some(Duration::from_micros(7)));
+        assert_eq!(t("m"), None);
+        assert_eq!(t("123456789S"), None);
+        assert_eq!(t("12x"), None);
+        let p = |s: &'static str| parse_priority(Some(&HeaderValue::from_static(s)));
+        assert_eq!(p("0"), Some(Priority::Control));
+        assert_eq!(p("3"), Some(Priority::Bulk));
+        assert_eq!(p("4"), None);
+        assert_eq!(p("x"), None);
+        assert_eq!(parse_priority(None), None);
+    }
+
+    #[test]
+    fn statuses_keep_code_and_message() {
+        let s = to_tonic(Status::new(tern_protocol::Code::NotFound, "no vm"));
+        assert_eq!(s.code(), tonic::Code::NotFound);
+        assert_eq!(s.message(), "no vm");
+        assert_eq!(
+            service_health_name(ServiceId::Raft),
+            "tern.v1.Raft".to_owned()
+        );
+    }
+}
