@@ -1,0 +1,881 @@
+//! [`DualRouter`]: an [`RpcClient`] over both transports, driven by the
+//! [`Policy`] in force.
+//!
+//! For each call:
+//! 1. The policy names the preferred transport for the call's service (for
+//!    Raft under `adaptive`, the per-peer [`Adaptive`] chooser does).
+//! 2. A peer that does not serve the preferred transport (a node not yet
+//!    migrated) is reached over the other; so is any peer when this node has
+//!    no client for the preferred one. Counted as a reroute.
+//! 3. A call preferring iroh, with `fallback_to_grpc` on and gRPC available,
+//!    gets part of its time budget on iroh and keeps [`FALLBACK_RESERVE`]
+//!    for gRPC. On a transport error that [`CallError::is_safe_to_retry`]
+//!    allows, it is sent again over gRPC; the fallback is counted per
+//!    service and logged. Application errors are answers and never retried.
+//! 4. After an iroh failure the peer's [`Breaker`] sends calls straight to
+//!    gRPC for a cool-down, so a blocked path costs one timeout, not one per
+//!    call.
+//!
+//! The policy is swapped atomically ([`DualRouter::set_policy`]): a call
+//! reads it once when it starts, so calls in flight finish under the policy
+//! they started with and none fails because of the change.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tern_protocol::{
+    BoxFuture, Call, CallError, Delivery, PeerAddr, PeerId, RpcClient, ServiceId, TransportError,
+    TransportErrorKind, TransportKind,
+};
+
+use crate::adaptive::Adaptive;
+use crate::breaker::{Admit, Breaker};
+use crate::policy::{Mode, Policy, Preference, RaftTransport};
+
+/// Most of a call's time kept back for the gRPC fallback when the first
+/// attempt goes over iroh (half the timeout if that is less).
+pub const FALLBACK_RESERVE: Duration = Duration::from_secs(3);
+/// A fallback is not attempted with less time left than this.
+pub const MIN_FALLBACK_TIME: Duration = Duration::from_millis(20);
+/// How often idle adaptive paths are pinged.
+pub const PROBE_INTERVAL: Duration = Duration::from_millis(500);
+/// Timeout of one probe ping.
+pub const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+/// A peer with no Raft call for this long is no longer probed.
+pub const PROBE_FORGET: Duration = Duration::from_secs(60);
+
+/// What the router keeps per peer.
+#[derive(Debug)]
+struct PeerState {
+    addr: PeerAddr,
+    breaker: Breaker,
+    adaptive: Adaptive,
+    last_raft_call: Option<Instant>,
+}
+
+struct Inner {
+    grpc: Option<Arc<dyn RpcClient>>,
+    iroh: Option<Arc<dyn RpcClient>>,
+    policy: RwLock<Arc<Policy>>,
+    peers: Mutex<HashMap<PeerId, PeerState>>,
+}
+
+/// The router. Cheap to clone; clones share state.
+#[derive(Clone)]
+pub struct DualRouter {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for DualRouter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DualRouter")
+            .field("grpc", &self.inner.grpc.is_some())
+            .field("iroh", &self.inner.iroh.is_some())
+            .field("policy", &self.policy())
+            .finish()
+    }
+}
+
+/// How one call was routed, for the caller's logs and tests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Route {
+    /// The transport tried first.
+    pub first: TransportKind,
+    /// Whether the call fell back to gRPC.
+    pub fell_back: bool,
+}
+
+fn label(kind: TransportKind) -> &'static str {
+    kind.as_str()
+}
+
+impl DualRouter {
+    /// A router over the clients this node has (at least one).
+    pub fn new(
+        grpc: Option<Arc<dyn RpcClient>>,
+        iroh: Option<Arc<dyn RpcClient>>,
+        policy: Policy,
+    ) -> DualRouter {
+        DualRouter {
+            inner: Arc::new(Inner {
+                grpc,
+                iroh,
+                policy: RwLock::new(Arc::new(policy)),
+                peers: Mutex::new(HashMap::new()),
+            }),
+        }
+    }
+
+    /// The policy in force.
+    pub fn policy(&self) -> Arc<Policy> {
+        match self.inner.policy.read() {
+            Ok(p) => p.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Replaces the policy atomically and returns the previous one. Calls
+    /// in flight finish under the policy they started with.
+    pub fn set_policy(&self, policy: Policy) -> Arc<Policy> {
+        let new = Arc::new(policy);
+        let old = {
+            let mut guard = match self.inner.policy.write() {
+                Ok(g) => g,
+                Err(poisoned) => poisoned.into_inner(),
+            };
+            std::mem::replace(&mut *guard, new.clone())
+        };
+        if *old != *new {
+            metrics::counter!("tern_router_policy_changes_total").increment(1);
+            tracing::info!(old = ?old.to_config(), new = ?new.to_config(), "transport policy changed");
+        }
+        old
+    }
+
+    /// Which transport Raft uses to `peer` now (for status displays).
+    pub fn raft_transport_to(&self, peer: &PeerId) -> Option<TransportKind> {
+        let policy = self.policy();
+        match policy.preference(ServiceId::Raft) {
+            Preference::Fixed(kind) => Some(kind),
+            Preference::Adaptive => {
+                self.with_peers(|peers| peers.get(peer).map(|p| p.adaptive.current()))
+            }
+        }
+    }
+
+    fn client(&self, kind: TransportKind) -> Option<&Arc<dyn RpcClient>> {
+        match kind {
+            TransportKind::Grpc => self.inner.grpc.as_ref(),
+            TransportKind::Iroh => self.inner.iroh.as_ref(),
+        }
+    }
+
+    fn available(&self, kind: TransportKind, peer: &PeerAddr) -> bool {
+        self.client(kind).is_some() && peer.transports().contains(kind)
+    }
+
+    fn with_peers<T>(&self, f: impl FnOnce(&mut HashMap<PeerId, PeerState>) -> T) -> T {
+        let mut guard = match self.inner.peers.lock() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        f(&mut guard)
+    }
+
+    fn with_peer<T>(&self, peer: &PeerAddr, f: impl FnOnce(&mut PeerState) -> T) -> T {
+        self.with_peers(|peers| {
+            let state = peers.entry(peer.id).or_insert_with(|| PeerState {
+                addr: peer.clone(),
+                breaker: Breaker::default(),
+                adaptive: Adaptive::default(),
+                last_raft_call: None,
+            });
+            if state.addr != *peer {
+                state.addr = peer.clone();
+            }
+            f(state)
+        })
+    }
+
+    /// Calls `call` on `peer` and says how it was routed.
+    pub async fn call_routed(
+        &self,
+        peer: &PeerAddr,
+        call: Call,
+    ) -> (Result<Bytes, CallError>, Option<Route>) {
+        let policy = self.policy();
+        let method = call.method;
+        let service = method.service;
+        let started = crate::now();
+        let deadline = started + call.timeout;
+
+        let preferred = match policy.preference(service) {
+            Preference::Fixed(kind) => kind,
+            Preference::Adaptive => self.with_peer(peer, |p| {
+                p.last_raft_call = Some(started);
+                p.adaptive.current()
+            }),
+        };
+        let first = if self.available(preferred, peer) {
+            preferred
+        } else {
+            let other = match preferred {
+                TransportKind::Grpc => TransportKind::Iroh,
+                TransportKind::Iroh => TransportKind::Grpc,
+            };
+            if !self.available(other, peer) {
+                let err = TransportError::new(
+                    preferred,
+                    TransportErrorKind::NotServed,
+                    Delivery::NotDelivered,
+                    format!(
+                        "peer {} serves {:?} but this node has clients for grpc={} iroh={}",
+                        peer.id.short(),
+                        peer.transports(),
+                        self.inner.grpc.is_some(),
+                        self.inner.iroh.is_some()
+                    ),
+                );
+                return (Err(err.into()), None);
+            }
+            let reason = if self.client(preferred).is_none() {
+                "no_local_client"
+            } else {
+                "peer_does_not_serve"
+            };
+            metrics::counter!("tern_router_reroutes_total", "service" => service.name(), "reason" => reason)
+                .increment(1);
+            other
+        };
+
+        let can_fall_back = first == TransportKind::Iroh
+            && policy.fallback_to_grpc
+            && self.available(TransportKind::Grpc, peer);
+
+        if can_fall_back
+            && let Admit::Open { .. } = self.with_peer(peer, |p| p.breaker.admit(started))
+        {
+            metrics::counter!("tern_router_fallbacks_total", "service" => service.name(), "method" => method.name, "reason" => "breaker_open")
+                .increment(1);
+            let result = self.attempt(TransportKind::Grpc, peer, call).await;
+            return (
+                result,
+                Some(Route {
+                    first: TransportKind::Grpc,
+                    fell_back: true,
+                }),
+            );
+        }
+
+        let budget = if can_fall_back {
+            call.timeout
+                .saturating_sub(FALLBACK_RESERVE.min(call.timeout / 2))
+        } else {
+            call.timeout
+        };
+        let result = self
+            .attempt(first, peer, call.clone().with_timeout(budget))
+            .await;
+        if first == TransportKind::Iroh && can_fall_back {
+            match &result {
+                Ok(_) => self.with_peer(peer, |p| p.breaker.on_success()),
+                Err(CallError::Application(_)) => self.with_peer(peer, |p| p.breaker.on_neutral()),
+                Err(CallError::Transport(_)) => {
+                    self.with_peer(peer, |p| p.breaker.on_failure(crate::now()))
+                }
+            }
+        }
+        let Err(err) = &result else {
+            return (
+                result,
+                Some(Route {
+                    first,
+                    fell_back: false,
+                }),
+            );
+        };
+        let Some(transport_err) = err.as_transport() else {
+            return (
+                result,
+                Some(Route {
+                    first,
+                    fell_back: false,
+                }),
+            );
+        };
+        if !can_fall_back || !err.is_safe_to_retry(method) {
+            return (
+                result,
+                Some(Route {
+                    first,
+                    fell_back: false,
+                }),
+            );
+        }
+        let remaining = deadline.saturating_duration_since(crate::now());
+        if remaining < MIN_FALLBACK_TIME {
+            return (
+                result,
+                Some(Route {
+                    first,
+                    fell_back: false,
+                }),
+            );
+        }
+        metrics::counter!("tern_router_fallbacks_total", "service" => service.name(), "method" => method.name, "reason" => transport_err.kind.as_str())
+            .increment(1);
+        tracing::warn!(
+            peer = %peer.id.short(),
+            method = %method.label(),
+            error = %transport_err,
+            "iroh call failed at the transport level; retrying over gRPC"
+        );
+        let retried = self
+            .attempt(TransportKind::Grpc, peer, call.with_timeout(remaining))
+            .await;
+        (
+            retried,
+            Some(Route {
+                first,
+                fell_back: true,
+            }),
+        )
+    }
+
+    async fn attempt(
+        &self,
+        kind: TransportKind,
+        peer: &PeerAddr,
+        call: Call,
+    ) -> Result<Bytes, CallError> {
+        let Some(client) = self.client(kind) else {
+            return Err(TransportError::new(
+                kind,
+                TransportErrorKind::NotServed,
+                Delivery::NotDelivered,
+                "no client",
+            )
+            .into());
+        };
+        let service = call.method.service;
+        metrics::counter!("tern_router_calls_total", "service" => service.name(), "transport" => label(kind)).increment(1);
+        let result = client.call(peer, call).await;
+        if service == ServiceId::Raft
+            && let Err(CallError::Transport(_)) = &result
+        {
+            let switch = self.with_peer(peer, |p| p.adaptive.record_error(kind, crate::now()));
+            self.note_switch(peer, switch);
+        }
+        result
+    }
+
+    fn note_switch(&self, peer: &PeerAddr, switch: Option<crate::adaptive::Switch>) {
+        if let Some(s) = switch {
+            metrics::counter!("tern_router_adaptive_switches_total", "from" => label(s.from), "to" => label(s.to))
+                .increment(1);
+            metrics::gauge!("tern_router_adaptive_iroh", "peer" => peer.id.short()).set(
+                if s.to == TransportKind::Iroh {
+                    1.0
+                } else {
+                    0.0
+                },
+            );
+            tracing::info!(peer = %peer.id.short(), from = %s.from, to = %s.to, reason = %s.reason, "adaptive Raft transport switched");
+        }
+    }
+
+    /// Starts the task that pings both paths of peers under adaptive Raft,
+    /// so the chooser has fresh, comparable round trips (pings measure the
+    /// path alone; Raft calls include disk flushes and would bias it). The
+    /// task ends when the last clone of the router is dropped.
+    pub fn start_probing(&self) -> tokio::task::JoinHandle<()> {
+        let weak: Weak<Inner> = Arc::downgrade(&self.inner);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(PROBE_INTERVAL);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(inner) = weak.upgrade() else { return };
+                let router = DualRouter { inner };
+                router.probe_once().await;
+            }
+        })
+    }
+
+    /// One round of probes (public for tests and benchmarks).
+    pub async fn probe_once(&self) {
+        let policy = self.policy();
+        if policy.mode != Mode::Dual || policy.raft_transport != RaftTransport::Adaptive {
+            return;
+        }
+        let now = crate::now();
+        let due: Vec<(PeerAddr, TransportKind)> = self.with_peers(|peers| {
+            peers.retain(|_, p| {
+                p.last_raft_call
+                    .is_none_or(|t| now.saturating_duration_since(t) < PROBE_FORGET)
+            });
+            peers
+                .values()
+                .filter(|p| p.last_raft_call.is_some())
+                .flat_map(|p| {
+                    [TransportKind::Grpc, TransportKind::Iroh]
+                        .into_iter()
+                        .filter(|k| p.adaptive.stats(*k).is_stale(now))
+                        .map(|k| (p.addr.clone(), k))
+                        .collect::<Vec<_>>()
+                })
+                .filter(|(addr, k)| self.available(*k, addr))
+                .collect()
+        });
+        for (addr, kind) in due {
+            let Some(client) = self.client(kind) else {
+                continue;
+            };
+            let result = client.ping(&addr, PROBE_TIMEOUT).await;
+            let now = crate::now();
+            let switch = self.with_peer(&addr, |p| match &result {
+                Ok(rtt) => p.adaptive.record_ok(kind, *rtt, now),
+                Err(_) => p.adaptive.record_error(kind, now),
+            });
+            self.note_switch(&addr, switch);
+        }
+    }
+}
+
+impl RpcClient for DualRouter {
+    fn transport(&self) -> TransportKind {
+        match self.policy().mode {
+            Mode::Iroh => TransportKind::Iroh,
+            Mode::Grpc | Mode::Dual => TransportKind::Grpc,
+        }
+    }
+
+    fn call<'a>(
+        &'a self,
+        peer: &'a PeerAddr,
+        call: Call,
+    ) -> BoxFuture<'a, Result<Bytes, CallError>> {
+        Box::pin(async move { self.call_routed(peer, call).await.0 })
+    }
+
+    fn ping<'a>(
+        &'a self,
+        peer: &'a PeerAddr,
+        timeout: Duration,
+    ) -> BoxFuture<'a, Result<Duration, CallError>> {
+        Box::pin(async move {
+            let kind = match self.policy().preference(ServiceId::Health) {
+                Preference::Fixed(kind) => kind,
+                Preference::Adaptive => TransportKind::Grpc,
+            };
+            let kind = if self.available(kind, peer) {
+                kind
+            } else if kind == TransportKind::Iroh {
+                TransportKind::Grpc
+            } else {
+                TransportKind::Iroh
+            };
+            match self.client(kind) {
+                Some(client) if peer.transports().contains(kind) => {
+                    client.ping(peer, timeout).await
+                }
+                _ => Err(TransportError::new(
+                    kind,
+                    TransportErrorKind::NotServed,
+                    Delivery::NotDelivered,
+                    "no common transport",
+                )
+                .into()),
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The router's logic against scripted clients. The real transports are
+    //! exercised by the node's integration tests; here a fake is the point:
+    //! it lets each test say exactly how a path fails.
+
+    use super::*;
+    use crate::policy::{IrohServices, Mode};
+    use std::collections::VecDeque;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use tern_protocol::catalog::{Method, methods};
+    use tern_protocol::{Priority, Status};
+
+    type Scripted = Result<Bytes, CallError>;
+
+    /// A client whose answers are scripted; it answers `Ok(kind name)` when
+    /// the script is empty.
+    struct Fake {
+        kind: TransportKind,
+        script: Mutex<VecDeque<Scripted>>,
+        calls: AtomicU64,
+        delay: Duration,
+        ping: Duration,
+    }
+
+    impl Fake {
+        fn new(kind: TransportKind) -> Arc<Fake> {
+            Arc::new(Fake {
+                kind,
+                script: Mutex::new(VecDeque::new()),
+                calls: AtomicU64::new(0),
+                delay: Duration::ZERO,
+                ping: Duration::from_millis(1),
+            })
+        }
+        fn with(kind: TransportKind, delay: Duration, ping: Duration) -> Arc<Fake> {
+            Arc::new(Fake {
+                kind,
+                script: Mutex::new(VecDeque::new()),
+                calls: AtomicU64::new(0),
+                delay,
+                ping,
+            })
+        }
+        fn push(&self, r: Scripted) {
+            self.script.lock().unwrap().push_back(r);
+        }
+        fn calls(&self) -> u64 {
+            self.calls.load(Ordering::SeqCst)
+        }
+    }
+
+    impl RpcClient for Fake {
+        fn transport(&self) -> TransportKind {
+            self.kind
+        }
+        fn call<'a>(
+            &'a self,
+            _peer: &'a PeerAddr,
+            _call: Call,
+        ) -> BoxFuture<'a, Result<Bytes, CallError>> {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            let next = self.script.lock().unwrap().pop_front();
+            Box::pin(async move {
+                tokio::time::sleep(self.delay).await;
+                next.unwrap_or_else(|| Ok(Bytes::from(self.kind.as_str())))
+            })
+        }
+        fn ping<'a>(
+            &'a self,
+            _peer: &'a PeerAddr,
+            _timeout: Duration,
+        ) -> BoxFuture<'a, Result<Duration, CallError>> {
+            Box::pin(async move {
+                tokio::time::sleep(self.ping).await;
+                Ok(self.ping)
+            })
+        }
+    }
+
+    fn peer(iroh: bool, grpc: bool) -> PeerAddr {
+        PeerAddr {
+            id: PeerId::from_bytes([9; 32]),
+            iroh: iroh.then(tern_protocol::peer::IrohAddr::default),
+            grpc: grpc.then(|| "http://127.0.0.1:1".to_owned()),
+        }
+    }
+
+    fn lost(delivery: Delivery) -> Scripted {
+        Err(TransportError::new(
+            TransportKind::Iroh,
+            TransportErrorKind::ConnectionLost,
+            delivery,
+            "scripted",
+        )
+        .into())
+    }
+
+    fn dual(services: &[ServiceId]) -> Policy {
+        Policy {
+            mode: Mode::Dual,
+            prefer_iroh: IrohServices::Some(services.iter().copied().collect()),
+            raft_transport: RaftTransport::Grpc,
+            fallback_to_grpc: true,
+        }
+    }
+
+    fn router(policy: Policy) -> (DualRouter, Arc<Fake>, Arc<Fake>) {
+        let (g, i) = (
+            Fake::new(TransportKind::Grpc),
+            Fake::new(TransportKind::Iroh),
+        );
+        (
+            DualRouter::new(Some(g.clone()), Some(i.clone()), policy),
+            g,
+            i,
+        )
+    }
+
+    fn call(method: &'static Method) -> Call {
+        Call::new(method, Bytes::new()).with_timeout(Duration::from_secs(10))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn services_follow_the_policy() {
+        let (r, g, i) = router(dual(&[ServiceId::Health, ServiceId::Status]));
+        let p = peer(true, true);
+        assert_eq!(
+            r.call(&p, call(methods::HEALTH_CHECK)).await.unwrap(),
+            "iroh"
+        );
+        assert_eq!(r.call(&p, call(methods::STATUS_GET)).await.unwrap(), "iroh");
+        assert_eq!(r.call(&p, call(methods::VM_CREATE)).await.unwrap(), "grpc");
+        assert_eq!(r.call(&p, call(methods::RAFT_VOTE)).await.unwrap(), "grpc");
+        assert_eq!((g.calls(), i.calls()), (2, 2));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_grpc_only_peer_is_reached_over_grpc_whatever_the_policy() {
+        let (r, g, i) = router(Policy {
+            mode: Mode::Iroh,
+            ..dual(&[])
+        });
+        assert_eq!(
+            r.call(&peer(false, true), call(methods::HEALTH_CHECK))
+                .await
+                .unwrap(),
+            "grpc"
+        );
+        assert_eq!(
+            r.call(&peer(true, false), call(methods::HEALTH_CHECK))
+                .await
+                .unwrap(),
+            "iroh"
+        );
+        assert_eq!((g.calls(), i.calls()), (1, 1));
+        // A node without an iroh client reaches everyone over gRPC.
+        let g2 = Fake::new(TransportKind::Grpc);
+        let grpc_only = DualRouter::new(
+            Some(g2.clone()),
+            None,
+            Policy {
+                mode: Mode::Iroh,
+                ..dual(&[])
+            },
+        );
+        assert_eq!(
+            grpc_only
+                .call(&peer(true, true), call(methods::VM_LIST))
+                .await
+                .unwrap(),
+            "grpc"
+        );
+        let err = grpc_only
+            .call(&peer(true, false), call(methods::VM_LIST))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err.as_transport().map(|t| t.kind),
+            Some(TransportErrorKind::NotServed)
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn transport_failures_fall_back_to_grpc_when_safe() {
+        let (r, g, i) = router(dual(&[ServiceId::Vm]));
+        let p = peer(true, true);
+        i.push(lost(Delivery::MayHaveBeenDelivered));
+        let (result, route) = r.call_routed(&p, call(methods::VM_CREATE)).await;
+        assert_eq!(result.unwrap(), "grpc", "idempotent create retried on gRPC");
+        assert_eq!(
+            route,
+            Some(Route {
+                first: TransportKind::Iroh,
+                fell_back: true
+            })
+        );
+        assert_eq!((g.calls(), i.calls()), (1, 1));
+    }
+
+    static NOT_IDEMPOTENT: Method = Method {
+        service: ServiceId::Vm,
+        id: 99,
+        name: "Imaginary",
+        idempotent: false,
+        priority: Priority::Normal,
+    };
+
+    #[tokio::test(start_paused = true)]
+    async fn a_mutation_that_may_have_arrived_is_never_sent_twice() {
+        let (r, g, i) = router(dual(&[ServiceId::Vm]));
+        let p = peer(true, true);
+        i.push(lost(Delivery::MayHaveBeenDelivered));
+        let err = r.call(&p, call(&NOT_IDEMPOTENT)).await.unwrap_err();
+        assert!(err.may_have_been_delivered());
+        assert_eq!(g.calls(), 0, "not retried on gRPC");
+        // ...but one that provably did not arrive is.
+        tokio::time::advance(Duration::from_secs(60)).await; // let the breaker close
+        i.push(lost(Delivery::NotDelivered));
+        assert_eq!(r.call(&p, call(&NOT_IDEMPOTENT)).await.unwrap(), "grpc");
+        assert_eq!(i.calls(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn application_errors_are_answers_not_failures() {
+        let (r, g, i) = router(dual(&[ServiceId::Vm]));
+        i.push(Err(CallError::Application(Status::not_found("no such vm"))));
+        let err = r
+            .call(&peer(true, true), call(methods::VM_GET))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Some(tern_protocol::Code::NotFound));
+        assert_eq!(g.calls(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn no_fallback_when_the_operator_turned_it_off() {
+        let (r, g, i) = router(Policy {
+            fallback_to_grpc: false,
+            ..dual(&[ServiceId::Vm])
+        });
+        i.push(lost(Delivery::NotDelivered));
+        assert!(
+            r.call(&peer(true, true), call(methods::VM_GET))
+                .await
+                .is_err()
+        );
+        assert_eq!(g.calls(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_broken_path_is_skipped_until_its_cooldown_ends() {
+        let (r, g, i) = router(dual(&[ServiceId::Status]));
+        let p = peer(true, true);
+        i.push(lost(Delivery::NotDelivered));
+        assert_eq!(r.call(&p, call(methods::STATUS_GET)).await.unwrap(), "grpc");
+        for _ in 0..5 {
+            assert_eq!(r.call(&p, call(methods::STATUS_GET)).await.unwrap(), "grpc");
+        }
+        assert_eq!(i.calls(), 1, "iroh not retried during the cool-down");
+        tokio::time::advance(crate::breaker::BASE_COOLDOWN).await;
+        assert_eq!(
+            r.call(&p, call(methods::STATUS_GET)).await.unwrap(),
+            "iroh",
+            "trial after cool-down"
+        );
+        assert_eq!(r.call(&p, call(methods::STATUS_GET)).await.unwrap(), "iroh");
+        assert_eq!(g.calls(), 6);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_iroh_attempt_leaves_time_for_the_fallback() {
+        let g = Fake::new(TransportKind::Grpc);
+        // iroh hangs past any budget: the fake times out only when dropped,
+        // so the router's budget must cut it.
+        let i = Fake::with(
+            TransportKind::Iroh,
+            Duration::from_secs(3600),
+            Duration::from_millis(1),
+        );
+        struct Budgeted(Arc<Fake>);
+        impl RpcClient for Budgeted {
+            fn transport(&self) -> TransportKind {
+                TransportKind::Iroh
+            }
+            fn call<'a>(
+                &'a self,
+                peer: &'a PeerAddr,
+                call: Call,
+            ) -> BoxFuture<'a, Result<Bytes, CallError>> {
+                Box::pin(async move {
+                    let timeout = call.timeout;
+                    match tokio::time::timeout(timeout, self.0.call(peer, call)).await {
+                        Ok(r) => r,
+                        Err(_) => Err(TransportError::new(
+                            TransportKind::Iroh,
+                            TransportErrorKind::TimedOut,
+                            Delivery::MayHaveBeenDelivered,
+                            "budget",
+                        )
+                        .into()),
+                    }
+                })
+            }
+            fn ping<'a>(
+                &'a self,
+                peer: &'a PeerAddr,
+                timeout: Duration,
+            ) -> BoxFuture<'a, Result<Duration, CallError>> {
+                self.0.ping(peer, timeout)
+            }
+        }
+        let r = DualRouter::new(
+            Some(g.clone()),
+            Some(Arc::new(Budgeted(i))),
+            dual(&[ServiceId::Vm]),
+        );
+        let started = tokio::time::Instant::now();
+        let out = r
+            .call(&peer(true, true), call(methods::VM_LIST))
+            .await
+            .unwrap();
+        assert_eq!(out, "grpc");
+        assert_eq!(
+            started.elapsed(),
+            Duration::from_secs(10) - FALLBACK_RESERVE,
+            "iroh got the budget, gRPC the reserve"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_policy_change_does_not_disturb_calls_in_flight() {
+        let g = Fake::new(TransportKind::Grpc);
+        let i = Fake::with(
+            TransportKind::Iroh,
+            Duration::from_millis(500),
+            Duration::from_millis(1),
+        );
+        let r = DualRouter::new(Some(g.clone()), Some(i.clone()), dual(&[ServiceId::Status]));
+        let p = peer(true, true);
+        let in_flight = {
+            let (r, p) = (r.clone(), p.clone());
+            tokio::spawn(async move { r.call(&p, call(methods::STATUS_GET)).await })
+        };
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let old = r.set_policy(Policy {
+            mode: Mode::Grpc,
+            ..dual(&[])
+        });
+        assert_eq!(old.mode, Mode::Dual);
+        assert_eq!(
+            in_flight.await.unwrap().unwrap(),
+            "iroh",
+            "finished under the old policy"
+        );
+        assert_eq!(r.call(&p, call(methods::STATUS_GET)).await.unwrap(), "grpc");
+        // Rollback is the same action with the old policy.
+        r.set_policy((*old).clone());
+        assert_eq!(r.call(&p, call(methods::STATUS_GET)).await.unwrap(), "iroh");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn adaptive_raft_moves_to_the_faster_path_from_probes() {
+        let g = Fake::with(
+            TransportKind::Grpc,
+            Duration::ZERO,
+            Duration::from_millis(4),
+        );
+        let i = Fake::with(
+            TransportKind::Iroh,
+            Duration::ZERO,
+            Duration::from_millis(1),
+        );
+        let policy = Policy {
+            raft_transport: RaftTransport::Adaptive,
+            ..dual(&[])
+        };
+        let r = DualRouter::new(Some(g.clone()), Some(i.clone()), policy);
+        let p = peer(true, true);
+        assert_eq!(
+            r.call(&p, call(methods::RAFT_APPEND_ENTRIES))
+                .await
+                .unwrap(),
+            "grpc",
+            "starts on gRPC"
+        );
+        assert_eq!(r.raft_transport_to(&p.id), Some(TransportKind::Grpc));
+        let mut now = tokio::time::Instant::now();
+        let until = now + crate::adaptive::SWITCH_DWELL + Duration::from_secs(3);
+        while now < until {
+            r.call(&p, call(methods::RAFT_APPEND_ENTRIES))
+                .await
+                .unwrap();
+            r.probe_once().await;
+            tokio::time::advance(Duration::from_millis(500)).await;
+            now = tokio::time::Instant::now();
+        }
+        assert_eq!(r.raft_transport_to(&p.id), Some(TransportKind::Iroh));
+        assert_eq!(
+            r.call(&p, call(methods::RAFT_APPEND_ENTRIES))
+                .await
+                .unwrap(),
+            "iroh"
+        );
+    }
+}
