@@ -1,0 +1,3 @@
+//! Test support shared by the gRPC integration tests.
+
+pub(crate) mod python;
