@@ -15,6 +15,8 @@
 //!   can hold an iroh address and a gRPC URL.
 //! - [`rpc`]: the client and handler traits both transports implement, the
 //!   error taxonomy, and [`rpc::Dispatcher`] which routes calls to services.
+//! - [`metric_names`]: the name, kind and help of every exported metric,
+//!   shared so both transports report under the same names.
 //! - [`status`]: application status codes carried in error frames and gRPC
 //!   statuses alike.
 //! - [`pb`]: prost types generated from `proto/tern/v1/*.proto`, the only
@@ -22,6 +24,7 @@
 
 pub mod catalog;
 pub mod frame;
+pub mod metric_names;
 pub mod peer;
 pub mod rpc;
 pub mod status;

@@ -104,20 +104,31 @@ fn arb_frame() -> impl Strategy<Value = Frame> {
         any::<u32>(),
         prop::collection::vec(any::<u8>(), 0..512),
     )
-        .prop_map(|(kind, priority, idempotent, service, method, request_id, deadline, payload)| {
-            let connection = kind.is_connection_level();
-            let header = Header {
-                kind,
-                priority,
-                idempotent,
-                service: if connection { ServiceId::Connection } else { service },
-                method: if connection { 0 } else { method },
-                request_id,
-                payload_len: 0,
-                deadline_ms: if kind == FrameKind::Request { deadline } else { 0 },
-            };
-            Frame::new(header, Bytes::from(payload), Limits::default()).expect("small payload fits")
-        })
+        .prop_map(
+            |(kind, priority, idempotent, service, method, request_id, deadline, payload)| {
+                let connection = kind.is_connection_level();
+                let header = Header {
+                    kind,
+                    priority,
+                    idempotent,
+                    service: if connection {
+                        ServiceId::Connection
+                    } else {
+                        service
+                    },
+                    method: if connection { 0 } else { method },
+                    request_id,
+                    payload_len: 0,
+                    deadline_ms: if kind == FrameKind::Request {
+                        deadline
+                    } else {
+                        0
+                    },
+                };
+                Frame::new(header, Bytes::from(payload), Limits::default())
+                    .expect("small payload fits")
+            },
+        )
 }
 
 fn to_wire(frame: &Frame) -> Vec<u8> {

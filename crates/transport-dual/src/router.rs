@@ -25,6 +25,7 @@ use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use tern_protocol::metric_names as names;
 use tern_protocol::{
     BoxFuture, Call, CallError, Delivery, PeerAddr, PeerId, RpcClient, ServiceId, TransportError,
     TransportErrorKind, TransportKind,
@@ -128,7 +129,7 @@ impl DualRouter {
             std::mem::replace(&mut *guard, new.clone())
         };
         if *old != *new {
-            metrics::counter!("tern_router_policy_changes_total").increment(1);
+            metrics::counter!(names::ROUTER_POLICY_CHANGES).increment(1);
             tracing::info!(old = ?old.to_config(), new = ?new.to_config(), "transport policy changed");
         }
         old
@@ -225,7 +226,7 @@ impl DualRouter {
             } else {
                 "peer_does_not_serve"
             };
-            metrics::counter!("tern_router_reroutes_total", "service" => service.name(), "reason" => reason)
+            metrics::counter!(names::ROUTER_REROUTES, "service" => service.name(), "reason" => reason)
                 .increment(1);
             other
         };
@@ -237,7 +238,7 @@ impl DualRouter {
         if can_fall_back
             && let Admit::Open { .. } = self.with_peer(peer, |p| p.breaker.admit(started))
         {
-            metrics::counter!("tern_router_fallbacks_total", "service" => service.name(), "method" => method.name, "reason" => "breaker_open")
+            metrics::counter!(names::ROUTER_FALLBACKS, "service" => service.name(), "method" => method.name, "reason" => "breaker_open")
                 .increment(1);
             let result = self.attempt(TransportKind::Grpc, peer, call).await;
             return (
@@ -304,7 +305,7 @@ impl DualRouter {
                 }),
             );
         }
-        metrics::counter!("tern_router_fallbacks_total", "service" => service.name(), "method" => method.name, "reason" => transport_err.kind.as_str())
+        metrics::counter!(names::ROUTER_FALLBACKS, "service" => service.name(), "method" => method.name, "reason" => transport_err.kind.as_str())
             .increment(1);
         tracing::warn!(
             peer = %peer.id.short(),
@@ -340,7 +341,7 @@ impl DualRouter {
             .into());
         };
         let service = call.method.service;
-        metrics::counter!("tern_router_calls_total", "service" => service.name(), "transport" => label(kind)).increment(1);
+        metrics::counter!(names::ROUTER_CALLS, "service" => service.name(), "transport" => label(kind)).increment(1);
         let result = client.call(peer, call).await;
         if service == ServiceId::Raft
             && let Err(CallError::Transport(_)) = &result
@@ -353,9 +354,9 @@ impl DualRouter {
 
     fn note_switch(&self, peer: &PeerAddr, switch: Option<crate::adaptive::Switch>) {
         if let Some(s) = switch {
-            metrics::counter!("tern_router_adaptive_switches_total", "from" => label(s.from), "to" => label(s.to))
+            metrics::counter!(names::ROUTER_ADAPTIVE_SWITCHES, "from" => label(s.from), "to" => label(s.to))
                 .increment(1);
-            metrics::gauge!("tern_router_adaptive_iroh", "peer" => peer.id.short()).set(
+            metrics::gauge!(names::ROUTER_ADAPTIVE_IROH, "peer" => peer.id.short()).set(
                 if s.to == TransportKind::Iroh {
                     1.0
                 } else {

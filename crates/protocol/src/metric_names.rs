@@ -1,0 +1,166 @@
+//! The names of every metric Tern exports, with their kind and help text.
+//!
+//! One list, shared by the transports, the router, Raft and the Monitoring
+//! service, so that gRPC and iroh report under the same names (told apart by
+//! the `transport` label) and the Prometheus exposition describes each
+//! metric once. Names follow Prometheus conventions: `_total` for counters,
+//! base units (`_seconds`, `_bytes`).
+
+/// A metric's kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MetricKind {
+    /// Only goes up.
+    Counter,
+    /// Goes up and down.
+    Gauge,
+    /// A distribution of observations.
+    Histogram,
+}
+
+/// One metric: name, kind, help text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MetricDef {
+    /// Prometheus name.
+    pub name: &'static str,
+    /// Its kind.
+    pub kind: MetricKind,
+    /// The HELP line.
+    pub help: &'static str,
+}
+
+macro_rules! metrics {
+    ($( $(#[$doc:meta])* $const:ident = $name:literal, $kind:ident, $help:literal; )*) => {
+        $( $(#[$doc])* pub const $const: &str = $name; )*
+        /// Every metric, for describing them all at start-up.
+        pub const ALL: &[MetricDef] = &[
+            $( MetricDef { name: $name, kind: MetricKind::$kind, help: $help }, )*
+        ];
+    };
+}
+
+metrics! {
+    /// Connection establishment time; labels `transport`.
+    CONNECT_SECONDS = "tern_transport_connect_seconds", Histogram,
+        "Time to establish a connection to a peer, by transport.";
+    /// Open connections; labels `transport`.
+    CONNECTIONS_ACTIVE = "tern_transport_connections_active", Gauge,
+        "Connections currently open to or from peers, by transport.";
+    /// Failed connection attempts; labels `transport`.
+    CONNECT_FAILURES = "tern_transport_connect_failures_total", Counter,
+        "Connection attempts that failed, by transport.";
+    /// Re-dials after a lost connection; labels `transport`.
+    CONNECT_RETRIES = "tern_transport_connect_retries_total", Counter,
+        "Re-dials after a lost or failed connection, by transport.";
+    /// NAT traversal outcome; labels `transport`, `path` (`direct`|`relayed`).
+    CONNECTION_PATHS = "tern_transport_connection_paths_total", Counter,
+        "Connections by the path they settled on (direct or relayed).";
+    /// Call latency; labels `transport`, `service`, `method`, `side`.
+    CALL_SECONDS = "tern_transport_call_seconds", Histogram,
+        "Latency of calls by transport, service and method, seen by the client or the server.";
+    /// Calls; labels `transport`, `service`, `method`, `side`, `outcome`.
+    CALLS = "tern_transport_calls_total", Counter,
+        "Calls by transport, service, method and outcome (ok, app_error, transport_error).";
+    /// Transport-level call failures; labels `transport`, `kind`.
+    CALL_FAILURES = "tern_transport_call_failures_total", Counter,
+        "Calls that failed at the transport level, by transport and error kind.";
+    /// Messages; labels `transport`, `direction` (`sent`|`received`).
+    MESSAGES = "tern_transport_messages_total", Counter,
+        "Messages sent and received, by transport.";
+    /// Bytes; labels `transport`, `direction`.
+    BYTES = "tern_transport_bytes_total", Counter,
+        "Payload bytes sent and received, by transport.";
+    /// Queue depth; labels `transport`, `lane`.
+    QUEUE_DEPTH = "tern_transport_queue_depth", Gauge,
+        "Calls waiting for a slot, by transport and priority lane.";
+    /// In-flight calls; labels `transport`, `side`.
+    IN_FLIGHT = "tern_transport_in_flight", Gauge,
+        "Calls in flight, by transport and side.";
+    /// Authentication failures; labels `transport`.
+    AUTH_FAILURES = "tern_transport_auth_failures_total", Counter,
+        "Calls refused because the caller's identity could not be verified.";
+    /// Calls sent by the router; labels `service`, `transport`.
+    ROUTER_CALLS = "tern_router_calls_total", Counter,
+        "Call attempts the dual router made, by service and transport.";
+    /// Fallbacks to gRPC; labels `service`, `method`, `reason`.
+    ROUTER_FALLBACKS = "tern_router_fallbacks_total", Counter,
+        "Calls the dual router sent over gRPC after iroh failed or was cooling down.";
+    /// Reroutes for capability; labels `service`, `reason`.
+    ROUTER_REROUTES = "tern_router_reroutes_total", Counter,
+        "Calls sent over the non-preferred transport because the peer or this node lacks the preferred one.";
+    /// Adaptive switches; labels `from`, `to`.
+    ROUTER_ADAPTIVE_SWITCHES = "tern_router_adaptive_switches_total", Counter,
+        "Adaptive Raft transport switches, by direction.";
+    /// Adaptive choice per peer; labels `peer`.
+    ROUTER_ADAPTIVE_IROH = "tern_router_adaptive_iroh", Gauge,
+        "1 when adaptive Raft traffic to the peer uses iroh, 0 for gRPC.";
+    /// Policy changes.
+    ROUTER_POLICY_CHANGES = "tern_router_policy_changes_total", Counter,
+        "Transport policy changes applied on this node.";
+    /// Elections started.
+    RAFT_ELECTIONS = "tern_raft_elections_total", Counter,
+        "Raft elections this node started or took part in as candidate.";
+    /// Leader changes.
+    RAFT_LEADER_CHANGES = "tern_raft_leader_changes_total", Counter,
+        "Times this node saw the Raft leader change.";
+    /// Heartbeat latency; labels `transport`.
+    RAFT_HEARTBEAT_SECONDS = "tern_raft_heartbeat_seconds", Histogram,
+        "Round trip of Raft heartbeats from the leader.";
+    /// Replication lag; labels `peer`.
+    RAFT_REPLICATION_LAG = "tern_raft_replication_lag_entries", Gauge,
+        "Log entries a follower is behind the leader (on the leader).";
+    /// Current term.
+    RAFT_TERM = "tern_raft_term", Gauge,
+        "Current Raft term.";
+    /// Applied index.
+    RAFT_APPLIED_INDEX = "tern_raft_applied_index", Gauge,
+        "Last log index applied to the state machine.";
+    /// Whether this node leads.
+    RAFT_IS_LEADER = "tern_raft_is_leader", Gauge,
+        "1 when this node is the Raft leader.";
+    /// Process CPU time.
+    PROCESS_CPU_SECONDS = "process_cpu_seconds_total", Counter,
+        "User and system CPU time spent by the process.";
+    /// Resident memory.
+    PROCESS_RESIDENT_MEMORY = "process_resident_memory_bytes", Gauge,
+        "Resident memory of the process.";
+    /// Virtual memory.
+    PROCESS_VIRTUAL_MEMORY = "process_virtual_memory_bytes", Gauge,
+        "Virtual memory of the process.";
+    /// Open file descriptors.
+    PROCESS_OPEN_FDS = "process_open_fds", Gauge,
+        "Open file descriptors of the process.";
+    /// File descriptor limit.
+    PROCESS_MAX_FDS = "process_max_fds", Gauge,
+        "Limit on open file descriptors of the process.";
+    /// Threads.
+    PROCESS_THREADS = "process_threads", Gauge,
+        "Threads of the process.";
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_unique_and_conventional() {
+        let mut names: Vec<&str> = ALL.iter().map(|m| m.name).collect();
+        names.sort_unstable();
+        let before = names.len();
+        names.dedup();
+        assert_eq!(before, names.len(), "duplicate metric name");
+        for m in ALL {
+            assert!(
+                m.name.chars().all(|c| c.is_ascii_lowercase() || c == '_'),
+                "{}",
+                m.name
+            );
+            assert_eq!(
+                m.kind == MetricKind::Counter,
+                m.name.ends_with("_total"),
+                "{}",
+                m.name
+            );
+            assert!(!m.help.is_empty());
+        }
+    }
+}
