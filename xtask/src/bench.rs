@@ -85,7 +85,9 @@ impl Measured {
 fn read_measurement(dir: &Path) -> anyhow::Result<Measured> {
     let estimates: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("new/estimates.json"))?)?;
-    let ns = estimates["median"]["point_estimate"].as_f64().context("median estimate")?;
+    let ns = estimates["median"]["point_estimate"]
+        .as_f64()
+        .context("median estimate")?;
     let benchmark: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("new/benchmark.json"))?)?;
     let per_iter = benchmark["throughput"]
@@ -102,16 +104,21 @@ fn collect(criterion: &Path) -> anyhow::Result<Vec<(String, Measured)>> {
     let mut found = Vec::new();
     let mut stack = vec![criterion.to_path_buf()];
     while let Some(dir) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&dir) else { continue };
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
         for entry in entries.flatten() {
             let path = entry.path();
             if path.is_dir() {
                 if path.file_name().is_some_and(|n| n == "new") {
-                    let Some(bench_dir) = path.parent() else { continue };
-                    let meta: serde_json::Value = match std::fs::read_to_string(path.join("benchmark.json")) {
-                        Ok(text) => serde_json::from_str(&text)?,
-                        Err(_) => continue,
+                    let Some(bench_dir) = path.parent() else {
+                        continue;
                     };
+                    let meta: serde_json::Value =
+                        match std::fs::read_to_string(path.join("benchmark.json")) {
+                            Ok(text) => serde_json::from_str(&text)?,
+                            Err(_) => continue,
+                        };
                     let id = meta["full_id"].as_str().unwrap_or_default().to_owned();
                     found.push((id, read_measurement(bench_dir)?));
                 } else {
@@ -144,9 +151,15 @@ fn advantage(ours: f64, other: f64, kind: Kind) -> f64 {
 fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned()))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
+        })
         .unwrap_or_else(|| "unknown CPU".into());
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     format!("{cores} cores, {cpu}, Linux {}", kernel.trim())
 }
@@ -156,7 +169,10 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
     if let Some(other) = args.iter().find(|a| *a != "--quick") {
         bail!("unknown bench option {other:?} (expected --quick)");
     }
-    println!("xtask: running every criterion bench{}", if quick { " (--quick)" } else { "" });
+    println!(
+        "xtask: running every criterion bench{}",
+        if quick { " (--quick)" } else { "" }
+    );
     let mut cmd = crate::cargo();
     cmd.args(["bench", "--workspace", "--benches", "--"]);
     if quick {
@@ -175,14 +191,25 @@ fn report(target: &Path, quick: bool) -> anyhow::Result<()> {
 
     let mut md = String::new();
     writeln!(md, "# Tern benchmark report\n")?;
-    writeln!(md, "Machine: {}. Mode: {}.\n", machine(), if quick { "quick" } else { "full" })?;
-    writeln!(md, "| figure | ours | raw baseline (same run) | ours vs baseline | seed | ours vs seed | target |")?;
+    writeln!(
+        md,
+        "Machine: {}. Mode: {}.\n",
+        machine(),
+        if quick { "quick" } else { "full" }
+    )?;
+    writeln!(
+        md,
+        "| figure | ours | raw baseline (same run) | ours vs baseline | seed | ours vs seed | target |"
+    )?;
     writeln!(md, "|---|---|---|---|---|---|---|")?;
     let mut json_rows = Vec::new();
     for row in ROWS {
         let ours = get(row.id).and_then(|m| m.value(row.kind));
         let base = row.baseline.and_then(get).and_then(|m| m.value(row.kind));
-        let cell = |v: Option<f64>| v.map(|v| human(v, row.kind)).unwrap_or_else(|| "not run".into());
+        let cell = |v: Option<f64>| {
+            v.map(|v| human(v, row.kind))
+                .unwrap_or_else(|| "not run".into())
+        };
         let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
             (Some(a), Some(b)) => format!("{:.2}×", advantage(a, b, row.kind)),
             _ => "".into(),
@@ -192,7 +219,11 @@ fn report(target: &Path, quick: bool) -> anyhow::Result<()> {
             "| {} | {} | {} | {} | {} | {} | {} |",
             row.figure,
             cell(ours),
-            if row.baseline.is_some() { cell(base) } else { String::new() },
+            if row.baseline.is_some() {
+                cell(base)
+            } else {
+                String::new()
+            },
             ratio(ours, base),
             row.seed.map(|s| human(s, row.kind)).unwrap_or_default(),
             ratio(ours, row.seed),
@@ -203,8 +234,14 @@ fn report(target: &Path, quick: bool) -> anyhow::Result<()> {
             "unit": match row.kind { Kind::Time => "ns", Kind::Bytes => "bytes/s" },
         }));
     }
-    writeln!(md, "\n\"ours vs …\" is how many times better ours is (above 1× = ours is better).")?;
-    writeln!(md, "Criterion's HTML reports: target/criterion/report/index.html")?;
+    writeln!(
+        md,
+        "\n\"ours vs …\" is how many times better ours is (above 1× = ours is better)."
+    )?;
+    writeln!(
+        md,
+        "Criterion's HTML reports: target/criterion/report/index.html"
+    )?;
 
     let out = target.join("bench-report");
     std::fs::create_dir_all(&out)?;
@@ -215,10 +252,15 @@ fn report(target: &Path, quick: bool) -> anyhow::Result<()> {
         .collect();
     std::fs::write(
         out.join("report.json"),
-        serde_json::to_string_pretty(&serde_json::json!({"machine": machine(), "quick": quick, "rows": json_rows, "all": all}))?,
+        serde_json::to_string_pretty(
+            &serde_json::json!({"machine": machine(), "quick": quick, "rows": json_rows, "all": all}),
+        )?,
     )?;
     println!("\n{md}");
-    println!("xtask: report written to {}", display(&out.join("report.md")));
+    println!(
+        "xtask: report written to {}",
+        display(&out.join("report.md"))
+    );
     Ok(())
 }
 

@@ -16,11 +16,18 @@ struct Tool {
 }
 
 /// What the test suites need from the system.
-const TOOLS: &[Tool] = &[Tool {
-    command: "python3",
-    package: "python3-venv",
-    why: "the gRPC interop test drives a node with Python's stock grpcio client",
-}];
+const TOOLS: &[Tool] = &[
+    Tool {
+        command: "python3",
+        package: "python3-venv",
+        why: "the gRPC interop test drives a node with Python's stock grpcio client",
+    },
+    Tool {
+        command: "promtool",
+        package: "prometheus",
+        why: "the monitoring test validates the exposition with `promtool check metrics`",
+    },
+];
 
 /// Python packages for the gRPC interoperability test.
 const PY_PACKAGES: &[&str] = &["grpcio", "grpcio-health-checking", "grpcio-reflection"];
@@ -51,7 +58,10 @@ fn apt_install(packages: &[&str]) -> anyhow::Result<()> {
             .status()
             .with_context(|| format!("running {}", argv.join(" ")))?;
         if !status.success() {
-            bail!("`{}` failed ({status}); install the packages by hand and re-run", argv.join(" "));
+            bail!(
+                "`{}` failed ({status}); install the packages by hand and re-run",
+                argv.join(" ")
+            );
         }
         Ok(())
     };
@@ -93,7 +103,10 @@ fn python_env() -> anyhow::Result<PathBuf> {
     if std::fs::read_to_string(&stamp).ok().as_deref() == Some(wanted.as_str()) && python.exists() {
         return Ok(python);
     }
-    println!("xtask: creating Python virtualenv {} ({wanted})", venv.display());
+    println!(
+        "xtask: creating Python virtualenv {} ({wanted})",
+        venv.display()
+    );
     let ok = Command::new("python3")
         .args(["-m", "venv"])
         .arg(&venv)
@@ -103,13 +116,22 @@ fn python_env() -> anyhow::Result<PathBuf> {
     if !ok {
         // Debian splits venv out of python3.
         apt_install(&["python3-venv"])?;
-        let status = Command::new("python3").args(["-m", "venv"]).arg(&venv).status()?;
+        let status = Command::new("python3")
+            .args(["-m", "venv"])
+            .arg(&venv)
+            .status()?;
         if !status.success() {
             bail!("python3 -m venv {} failed ({status})", venv.display());
         }
     }
     let status = Command::new(&python)
-        .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check"])
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+        ])
         .args(PY_PACKAGES)
         .status()
         .context("running pip in the virtualenv")?;

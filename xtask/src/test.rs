@@ -27,15 +27,27 @@ fn packages() -> anyhow::Result<Vec<(String, bool)>> {
         .output()
         .context("running cargo metadata")?;
     if !out.status.success() {
-        bail!("cargo metadata failed: {}", String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "cargo metadata failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     let meta: serde_json::Value = serde_json::from_slice(&out.stdout)?;
     let mut list = Vec::new();
-    for package in meta["packages"].as_array().context("metadata has packages")? {
+    for package in meta["packages"]
+        .as_array()
+        .context("metadata has packages")?
+    {
         let name = package["name"].as_str().context("package name")?.to_owned();
         let has_lib = package["targets"]
             .as_array()
-            .map(|ts| ts.iter().any(|t| t["kind"].as_array().is_some_and(|k| k.iter().any(|k| k == "lib"))))
+            .map(|ts| {
+                ts.iter().any(|t| {
+                    t["kind"]
+                        .as_array()
+                        .is_some_and(|k| k.iter().any(|k| k == "lib"))
+                })
+            })
             .unwrap_or(false);
         list.push((name, has_lib));
     }
@@ -70,7 +82,12 @@ fn cargo_test(args: &[&str], python: &std::path::Path) -> anyhow::Result<(u64, u
 fn count(summary: &str, word: &str) -> u64 {
     summary
         .split(';')
-        .find_map(|part| part.trim().trim_start_matches("ok. ").trim_start_matches("FAILED. ").strip_suffix(word.trim_start()))
+        .find_map(|part| {
+            part.trim()
+                .trim_start_matches("ok. ")
+                .trim_start_matches("FAILED. ")
+                .strip_suffix(word.trim_start())
+        })
         .and_then(|n| n.trim().parse().ok())
         .unwrap_or(0)
 }
@@ -85,9 +102,14 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
     let packages = packages()?;
     let mut outcomes = Vec::new();
     for (i, (package, has_lib)) in packages.iter().enumerate() {
-        println!("\nxtask: [{}/{}] testing {package} on its own", i + 1, packages.len());
+        println!(
+            "\nxtask: [{}/{}] testing {package} on its own",
+            i + 1,
+            packages.len()
+        );
         let start = Instant::now();
-        let (mut passed, mut failed, mut ok) = cargo_test(&["-p", package, "--all-targets"], &python)?;
+        let (mut passed, mut failed, mut ok) =
+            cargo_test(&["-p", package, "--all-targets"], &python)?;
         if *has_lib {
             let (p, f, o) = cargo_test(&["-p", package, "--doc"], &python)?;
             passed += p;
@@ -103,15 +125,25 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
         });
     }
     println!("\nxtask: per-crate results");
-    println!("{:<32} {:>7} {:>7} {:>8}", "crate", "passed", "failed", "seconds");
+    println!(
+        "{:<32} {:>7} {:>7} {:>8}",
+        "crate", "passed", "failed", "seconds"
+    );
     for o in &outcomes {
         let mark = if o.ok { "" } else { "  <- FAILED" };
-        println!("{:<32} {:>7} {:>7} {:>8.1}{mark}", o.package, o.passed, o.failed, o.secs);
+        println!(
+            "{:<32} {:>7} {:>7} {:>8.1}{mark}",
+            o.package, o.passed, o.failed, o.secs
+        );
     }
     let passed: u64 = outcomes.iter().map(|o| o.passed).sum();
     let failed: u64 = outcomes.iter().map(|o| o.failed).sum();
     println!("\ntotal: {passed} passed, {failed} failed");
-    let broken: Vec<&str> = outcomes.iter().filter(|o| !o.ok).map(|o| o.package.as_str()).collect();
+    let broken: Vec<&str> = outcomes
+        .iter()
+        .filter(|o| !o.ok)
+        .map(|o| o.package.as_str())
+        .collect();
     if !broken.is_empty() {
         bail!(
             "tests failed in {}; re-run one with `cargo test -p NAME` to see it alone",
@@ -127,7 +159,8 @@ mod tests {
 
     #[test]
     fn reads_cargo_summaries() {
-        let ok = "ok. 15 passed; 0 failed; 1 ignored; 0 measured; 0 filtered out; finished in 0.00s";
+        let ok =
+            "ok. 15 passed; 0 failed; 1 ignored; 0 measured; 0 filtered out; finished in 0.00s";
         assert_eq!((count(ok, " passed"), count(ok, " failed")), (15, 0));
         let bad = "FAILED. 3 passed; 2 failed; 0 ignored; 0 measured; 0 filtered out";
         assert_eq!((count(bad, " passed"), count(bad, " failed")), (3, 2));
