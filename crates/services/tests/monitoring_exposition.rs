@@ -2,6 +2,8 @@
 //! tool: `promtool check metrics` must pass with no lint complaint, for
 //! every metric Tern defines, served over real HTTP and over the RPC.
 
+#![allow(clippy::unwrap_used)] // reason: a test fails loudly on any unexpected error.
+
 use std::process::Stdio;
 use std::time::Duration;
 
