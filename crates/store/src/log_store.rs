@@ -356,3 +356,116 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         Ok(self.purge_upto(log_id).await?)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use openraft::entry::RaftEntry;
+    use openraft::storage::RaftLogStorageExt;
+    use openraft::testing::{blank_ent, log_id};
+
+    use super::*;
+
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
+    #[test]
+    fn a_corrupt_entry_is_an_error_naming_its_key() {
+        let dir = tempfile::tempdir().unwrap();
+        runtime().block_on(async {
+            let mut store = LogStore::open(dir.path()).unwrap();
+            store
+                .blocking_append((1..=5).map(|i| blank_ent::<TypeConfig>(1, 1, i)))
+                .await
+                .unwrap();
+            // Garbage at index 3, and index 4 holding index 2's entry.
+            store.reader.log.insert(index_key(3), &[0xff; 3]).unwrap();
+            let two = encode("test", &blank_ent::<TypeConfig>(1, 1, 2)).unwrap();
+            store.reader.log.insert(index_key(4), two).unwrap();
+
+            let mut reader = store.get_log_reader().await;
+            let err = reader.try_get_log_entries(1..=5).await.unwrap_err();
+            assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+            assert!(err.to_string().contains("index 3"), "{err}");
+            let err = reader.try_get_log_entries(4..5).await.unwrap_err();
+            assert!(err.to_string().contains("index 4"), "{err}");
+            assert!(err.to_string().contains("index 2"), "{err}");
+            // The entries around them still read.
+            assert_eq!(reader.try_get_log_entries(1..3).await.unwrap().len(), 2);
+
+            // A corrupt tail is an error from the log state, not a panic.
+            store.reader.log.insert(index_key(6), &[1u8][..]).unwrap();
+            let err = store.get_log_state().await.unwrap_err();
+            assert!(err.to_string().contains("index 6"), "{err}");
+
+            store
+                .reader
+                .meta
+                .insert(KEY_VOTE, &[0xff, 0xff][..])
+                .unwrap();
+            let err = reader.read_vote().await.unwrap_err();
+            assert!(err.to_string().contains("\"vote\""), "{err}");
+        });
+    }
+
+    #[test]
+    fn writes_survive_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        runtime().block_on(async {
+            let mut store = LogStore::open(dir.path()).unwrap();
+            let vote = Vote::new_committed(3, 1);
+            store.save_vote(&vote).await.unwrap();
+            store
+                .blocking_append((1..=10).map(|i| blank_ent::<TypeConfig>(3, 1, i)))
+                .await
+                .unwrap();
+            store.purge(log_id::<TypeConfig>(3, 1, 4)).await.unwrap();
+            store
+                .truncate_after(Some(log_id::<TypeConfig>(3, 1, 8)))
+                .await
+                .unwrap();
+            store
+                .save_committed(Some(log_id::<TypeConfig>(3, 1, 7)))
+                .await
+                .unwrap();
+            drop(store);
+
+            let mut store = LogStore::open(dir.path()).unwrap();
+            let state = store.get_log_state().await.unwrap();
+            assert_eq!(
+                state.last_purged_log_id,
+                Some(log_id::<TypeConfig>(3, 1, 4))
+            );
+            assert_eq!(state.last_log_id, Some(log_id::<TypeConfig>(3, 1, 8)));
+            assert_eq!(
+                store.get_log_reader().await.read_vote().await.unwrap(),
+                Some(vote)
+            );
+            assert_eq!(
+                store.read_committed().await.unwrap(),
+                Some(log_id::<TypeConfig>(3, 1, 7))
+            );
+            let entries = store.entries(..).unwrap();
+            let indexes: Vec<u64> = entries.iter().map(|e| e.index()).collect();
+            assert_eq!(indexes, vec![5, 6, 7, 8]);
+        });
+    }
+
+    #[test]
+    fn another_format_version_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LogStore::open(dir.path()).unwrap();
+        store
+            .meta_put(KEY_FORMAT, &(LOG_FORMAT_VERSION + 1))
+            .unwrap();
+        store.db.flush().unwrap();
+        drop(store);
+        assert!(matches!(
+            LogStore::open(dir.path()),
+            Err(StoreError::Format { found, .. }) if found == LOG_FORMAT_VERSION + 1
+        ));
+    }
+}

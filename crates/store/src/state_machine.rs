@@ -266,3 +266,157 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         Ok(self.current_snapshot().await?)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeMap, BTreeSet};
+
+    use futures::stream;
+    use openraft::testing::log_id;
+    use tern_protocol::{PeerAddr, PeerId};
+
+    use super::*;
+    use crate::state::{Command, VmRecord};
+    use crate::types::{Capacity, Entry, Member, Membership};
+
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
+    fn entries() -> Vec<Entry> {
+        let mut addr = PeerAddr::new(PeerId::from_bytes([1; 32]));
+        addr.grpc = Some("http://127.0.0.1:7001".into());
+        let member = Member::new(
+            addr,
+            Capacity {
+                vcpus: 2,
+                memory_mib: 1024,
+            },
+        );
+        let membership =
+            Membership::new(vec![BTreeSet::from([1])], BTreeMap::from([(1, member)])).unwrap();
+        let mut out = vec![Entry {
+            log_id: log_id::<TypeConfig>(1, 1, 1),
+            payload: EntryPayload::Membership(membership),
+        }];
+        for i in 2..=40u64 {
+            out.push(Entry {
+                log_id: log_id::<TypeConfig>(1, 1, i),
+                payload: EntryPayload::Normal(Command::PutVm {
+                    request_id: format!("r{i}"),
+                    vm: Box::new(VmRecord {
+                        id: format!("vm-{i}"),
+                        spec: crate::state::VmSpec {
+                            name: format!("name-{i}"),
+                            ..Default::default()
+                        },
+                        ..Default::default()
+                    }),
+                }),
+            });
+        }
+        out
+    }
+
+    async fn apply_all(sm: &mut StateMachineStore, entries: Vec<Entry>) {
+        sm.apply(stream::iter(entries.into_iter().map(|e| Ok((e, None)))))
+            .await
+            .unwrap();
+    }
+
+    #[test]
+    fn a_snapshot_restores_the_state_on_open_and_on_install() {
+        let leader_dir = tempfile::tempdir().unwrap();
+        let follower_dir = tempfile::tempdir().unwrap();
+        runtime().block_on(async {
+            let mut sm = StateMachineStore::open(leader_dir.path()).unwrap();
+            apply_all(&mut sm, entries()).await;
+            let before = sm.read(|s| s.clone()).unwrap();
+            let snap = sm.build_snapshot().await.unwrap();
+            assert_eq!(snap.meta.last_log_id, Some(log_id::<TypeConfig>(1, 1, 40)));
+            drop(sm);
+
+            // Reopening restores it.
+            let mut sm = StateMachineStore::open(leader_dir.path()).unwrap();
+            assert_eq!(sm.read(|s| s.clone()).unwrap(), before);
+            assert_eq!(sm.applied_state().await.unwrap().0, snap.meta.last_log_id);
+
+            // A follower receives it chunk by chunk and installs it.
+            let follower = StateMachineStore::open(follower_dir.path()).unwrap();
+            let incoming = follower.begin_receiving_snapshot().unwrap();
+            let mut offset = 0;
+            let mut chunk = [0u8; 100];
+            loop {
+                let n = snap.snapshot.read_at(offset, &mut chunk).unwrap();
+                if n == 0 {
+                    break;
+                }
+                incoming.write_at(offset, &chunk[..n]).unwrap();
+                offset += n as u64;
+            }
+            follower.install(snap.meta.clone(), incoming).await.unwrap();
+            assert_eq!(follower.read(|s| s.clone()).unwrap(), before);
+            let current = follower.current_snapshot().await.unwrap().unwrap();
+            assert_eq!(current.meta, snap.meta);
+            let leftovers: Vec<_> = std::fs::read_dir(follower_dir.path())
+                .unwrap()
+                .map(|e| e.unwrap().file_name())
+                .collect();
+            assert_eq!(
+                leftovers,
+                vec![std::ffi::OsString::from(crate::snapshot::CURRENT)]
+            );
+        });
+    }
+
+    #[test]
+    fn a_corrupt_snapshot_is_refused_with_its_path() {
+        let dir = tempfile::tempdir().unwrap();
+        runtime().block_on(async {
+            let mut sm = StateMachineStore::open(dir.path()).unwrap();
+            apply_all(&mut sm, entries()).await;
+            let snap = sm.build_snapshot().await.unwrap();
+
+            // A received snapshot with a flipped byte is not installed.
+            let other = tempfile::tempdir().unwrap();
+            let follower = StateMachineStore::open(other.path()).unwrap();
+            let incoming = follower.begin_receiving_snapshot().unwrap();
+            let len = snap.snapshot.len().unwrap();
+            let mut bytes = vec![0u8; len as usize];
+            snap.snapshot.read_at(0, &mut bytes).unwrap();
+            bytes[len as usize / 2] ^= 0x40;
+            incoming.write_at(0, &bytes).unwrap();
+            let err = follower
+                .install(snap.meta.clone(), incoming)
+                .await
+                .unwrap_err();
+            assert!(matches!(err, StoreError::CorruptSnapshot { .. }), "{err}");
+            assert!(follower.current_snapshot().await.unwrap().is_none());
+
+            // A damaged current snapshot fails the open, naming the file.
+            drop(sm);
+            let path = dir.path().join(crate::snapshot::CURRENT);
+            std::fs::write(&path, &bytes).unwrap();
+            let err = StateMachineStore::open(dir.path()).unwrap_err();
+            assert!(err.to_string().contains("current.snap"), "{err}");
+            assert!(err.to_string().contains("checksum"), "{err}");
+            std::fs::write(&path, b"short").unwrap();
+            assert!(StateMachineStore::open(dir.path()).is_err());
+        });
+    }
+
+    #[test]
+    fn oversized_incoming_chunks_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let sm = StateMachineStore::open(dir.path()).unwrap();
+        let incoming = sm.begin_receiving_snapshot().unwrap();
+        let err = incoming
+            .write_at(crate::snapshot::MAX_SNAPSHOT_BYTES, b"x")
+            .unwrap_err();
+        assert!(matches!(err, StoreError::SnapshotTooLarge { .. }));
+    }
+}

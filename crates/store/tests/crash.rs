@@ -25,10 +25,14 @@ use tern_store::{Command, Entry, TypeConfig, VmRecord, VmSpec};
 
 /// Environment variable that turns the `crash_child` test into the child.
 const CHILD_ENV: &str = "TERN_STORE_CRASH_CHILD_DIR";
-/// Kill rounds.
+/// Kill rounds in a normal test run.
 const ROUNDS: usize = 20;
-/// Seed of the kill points; change it to explore other schedules.
+/// Seed of the kill points in a normal test run.
 const SEED: u64 = 0x7e4e_c4a5;
+/// Overrides [`ROUNDS`], for a longer campaign hunting sled recovery bugs.
+const ROUNDS_ENV: &str = "TERN_STORE_CRASH_ROUNDS";
+/// Overrides [`SEED`], to explore other kill schedules.
+const SEED_ENV: &str = "TERN_STORE_CRASH_SEED";
 /// A round kills the child after between 1 and this many acknowledgements.
 const MAX_ACKS_BEFORE_KILL: u32 = 120;
 /// Upper bound of the extra delay before the kill, so it lands at varied
@@ -242,13 +246,18 @@ fn check_and_extend(dir: &Path, acked: &mut Acked, round: usize) {
 #[test]
 fn acknowledged_writes_survive_sigkill() {
     let dir = tempfile::tempdir().expect("temporary directory");
-    let mut rng = StdRng::seed_from_u64(SEED);
+    let env = |name: &str| std::env::var(name).ok().and_then(|v| v.parse::<u64>().ok());
+    let rounds = env(ROUNDS_ENV).map_or(ROUNDS, |n| n as usize);
+    let seed = env(SEED_ENV).unwrap_or(SEED);
+    let mut rng = StdRng::seed_from_u64(seed);
     let mut acked = Acked::default();
-    for round in 0..ROUNDS {
+    for round in 0..rounds {
         let kill_after = rng.random_range(1..=MAX_ACKS_BEFORE_KILL);
         let delay = Duration::from_micros(rng.random_range(0..=MAX_KILL_DELAY_MICROS));
         run_child_until_kill(dir.path(), kill_after, delay, &mut acked);
         check_and_extend(dir.path(), &mut acked, round);
-        eprintln!("round {round}: killed after {kill_after} acks (+{delay:?}); {acked:?}");
+        eprintln!(
+            "seed {seed:#x} round {round}: killed after {kill_after} acks (+{delay:?}); {acked:?}"
+        );
     }
 }
