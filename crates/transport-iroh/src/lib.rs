@@ -1,3 +1,51 @@
 //! The Tern protocol over iroh QUIC streams.
 //!
-//! Not built yet: the iroh transport issue fills this crate. It exports nothing, so nothing can mistake it for a working transport.
+//! One iroh [`Endpoint`](iroh::Endpoint) per node, dialled by its Ed25519
+//! public key. Every call is one bidirectional QUIC stream carrying one
+//! request frame ([`tern_protocol::frame`]) and answered by one response or
+//! error frame; pings are answered by pongs the same way. The endpoint is
+//! offline by default: no public relay, no DNS or pkarr address lookup, no
+//! port mapping. Peers are reached by id plus the direct addresses (and
+//! optionally the relay) their [`PeerAddr`](tern_protocol::PeerAddr) names.
+//!
+//! # Layout
+//!
+//! - [`config`]: [`IrohConfig`], the named [`TransportLimits`] and the
+//!   persistent identity helper [`load_or_create_secret_key`].
+//! - [`transport`]: [`IrohTransport`], which binds the endpoint, serves a
+//!   [`Handler`](tern_protocol::Handler) and owns graceful shutdown.
+//! - [`server`]: the [`ProtocolHandler`](iroh::protocol::ProtocolHandler)
+//!   for [`ALPN`]: per-stream dispatch, limits, malformed input, draining.
+//! - [`client`]: [`IrohClient`], the [`RpcClient`](tern_protocol::RpcClient)
+//!   with one pooled connection per peer, re-dial with backoff, priority
+//!   lanes, deadlines and cancellation.
+//! - [`backoff`]: the re-dial schedule, pure (time and randomness passed in).
+//! - [`wire`]: reading and writing frames on QUIC streams, stream and
+//!   connection error codes.
+//! - [`metrics`]: metric names and the helpers that record them through the
+//!   `metrics` facade.
+//!
+//! # Invariants
+//!
+//! - The caller a service sees is the connection's authenticated
+//!   `remote_id()`, never a value from a frame.
+//! - Nothing a peer sends can panic this crate or close a connection:
+//!   a bad stream is answered with an error frame or reset, alone.
+//! - Every limit is a named constant in [`config`] or [`wire`] saying why.
+
+pub mod backoff;
+pub mod client;
+pub mod config;
+pub mod metrics;
+pub mod server;
+pub mod transport;
+pub mod wire;
+
+pub use client::IrohClient;
+pub use config::{IrohConfig, TransportLimits, load_or_create_secret_key};
+pub use transport::{BindError, IrohTransport};
+
+/// The one ALPN of the Tern RPC protocol over iroh. The trailing number is
+/// the protocol version: an incompatible change gets a new ALPN, served
+/// side by side with the old one during a rollout.
+pub const ALPN: &[u8] = b"tern/rpc/1";

@@ -1,0 +1,679 @@
+//! The calling side: [`IrohClient`], the iroh [`RpcClient`].
+//!
+//! - **Pooling.** One connection per peer, shared by every caller. It is
+//!   dialled lazily by the first call (by `EndpointId` plus the direct
+//!   addresses and relay in [`PeerAddr::iroh`]); concurrent first calls
+//!   wait for that one dial. A connection found closed is dropped and the
+//!   next call dials again.
+//! - **Backoff.** After a failed dial the next one waits
+//!   [`crate::backoff::delay`] (exponential, jittered, capped); callers wait
+//!   within their own deadline.
+//! - **Lanes.** Each peer has one bounded lane per priority class: a
+//!   semaphore of in-flight calls and a bounded count of waiting ones. A
+//!   lane's calls never wait for another lane's slots, and their streams
+//!   carry the lane's QUIC send priority, so control data is sent before
+//!   bulk data buffered on the same connection.
+//! - **Deadlines.** `call.timeout` bounds the whole call, dial included.
+//! - **Delivery.** Every failure before the first byte of the request is
+//!   written is `NotDelivered`; after, `MayHaveBeenDelivered`, unless the
+//!   peer proved otherwise (a stream reset with "shutting down", "malformed"
+//!   or "too large" means the request did not run).
+//! - **Cancellation.** Dropping a call resets its stream and stops reading
+//!   it; the server drops the service's work.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use iroh::endpoint::{
+    ConnectError, ConnectWithOptsError, ConnectingError, Connection, ConnectionError, ReadError,
+    RecvStream, SendStream, VarInt, WriteError,
+};
+use iroh::{Endpoint, EndpointAddr, PublicKey, RelayUrl};
+use tern_protocol::catalog::ServiceId;
+use tern_protocol::frame::Limits;
+use tern_protocol::{
+    BoxFuture, Call, CallError, Delivery, Frame, FrameKind, Header, PeerAddr, PeerId, Priority,
+    RpcClient, Status, TransportError, TransportErrorKind, TransportKind,
+};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tracing::debug;
+
+use crate::backoff;
+use crate::config::TransportLimits;
+use crate::metrics::{self, Side};
+use crate::transport::{Tracker, TrackerGuard};
+use crate::wire::{
+    self, CLOSE_SHUTTING_DOWN, ReadFrameError, STREAM_CANCELLED, STREAM_MALFORMED,
+    STREAM_SHUTTING_DOWN, STREAM_TOO_LARGE,
+};
+
+/// Size of a ping's payload: the request id, echoed by the pong.
+const PING_PAYLOAD: usize = 8;
+
+fn error(
+    kind: TransportErrorKind,
+    delivery: Delivery,
+    detail: impl Into<String>,
+) -> TransportError {
+    TransportError::new(TransportKind::Iroh, kind, delivery, detail)
+}
+
+/// The iroh [`RpcClient`]; see the module docs for what it guarantees.
+#[derive(Debug)]
+pub struct IrohClient {
+    endpoint: RwLock<Option<Endpoint>>,
+    frame_limits: Limits,
+    limits: TransportLimits,
+    peers: Mutex<HashMap<PeerId, Arc<Peer>>>,
+    closed: AtomicBool,
+    calls: Arc<Tracker>,
+    next_request_id: AtomicU64,
+}
+
+/// What the client keeps per peer.
+#[derive(Debug)]
+struct Peer {
+    lanes: [Lane; 4],
+    slot: tokio::sync::Mutex<Slot>,
+}
+
+/// The pooled connection to a peer and its dial history.
+#[derive(Debug, Default)]
+struct Slot {
+    conn: Option<Connection>,
+    /// Consecutive failed dials.
+    failures: u32,
+    /// No dial before this instant (backoff).
+    retry_at: Option<tokio::time::Instant>,
+    /// A connection existed before: the next dial is a re-dial.
+    had_connection: bool,
+}
+
+/// One priority lane to one peer.
+#[derive(Debug)]
+struct Lane {
+    priority: Priority,
+    permits: Arc<Semaphore>,
+    waiting: AtomicUsize,
+}
+
+impl Lane {
+    async fn acquire(&self, max_waiting: usize) -> Result<OwnedSemaphorePermit, TransportError> {
+        if let Ok(permit) = self.permits.clone().try_acquire_owned() {
+            return Ok(permit);
+        }
+        if self.waiting.fetch_add(1, Ordering::SeqCst) >= max_waiting {
+            self.waiting.fetch_sub(1, Ordering::SeqCst);
+            return Err(error(
+                TransportErrorKind::Overloaded,
+                Delivery::NotDelivered,
+                format!(
+                    "{} lane to this peer has {max_waiting} calls waiting already",
+                    self.priority.as_str()
+                ),
+            ));
+        }
+        metrics::queue_depth(self.priority.as_str(), 1.0);
+        let _waiting = Waiting(self);
+        self.permits.clone().acquire_owned().await.map_err(|_| {
+            error(
+                TransportErrorKind::LocalShutdown,
+                Delivery::NotDelivered,
+                "client closed",
+            )
+        })
+    }
+}
+
+/// Counts a caller waiting for a lane slot, however the wait ends.
+struct Waiting<'a>(&'a Lane);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.waiting.fetch_sub(1, Ordering::SeqCst);
+        metrics::queue_depth(self.0.priority.as_str(), -1.0);
+    }
+}
+
+/// A call's streams: dropped before the call finished (cancelled, timed
+/// out), it resets the request side and stops the response side, which
+/// the server sees as "the caller abandoned the call".
+struct CallStreams {
+    send: SendStream,
+    recv: RecvStream,
+    done: bool,
+}
+
+impl Drop for CallStreams {
+    fn drop(&mut self) {
+        if !self.done {
+            let _ = self.send.reset(STREAM_CANCELLED);
+            let _ = self.recv.stop(STREAM_CANCELLED);
+        }
+    }
+}
+
+impl IrohClient {
+    pub(crate) fn new(endpoint: Endpoint, frame_limits: Limits, limits: TransportLimits) -> Self {
+        IrohClient {
+            endpoint: RwLock::new(Some(endpoint)),
+            frame_limits,
+            limits,
+            peers: Mutex::new(HashMap::new()),
+            closed: AtomicBool::new(false),
+            calls: Arc::new(Tracker::default()),
+            next_request_id: AtomicU64::new(1),
+        }
+    }
+
+    /// New calls fail with `LocalShutdown` from now on.
+    pub(crate) fn begin_shutdown(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+    }
+
+    /// Resolves when no call is in flight.
+    pub(crate) async fn wait_idle(&self) {
+        self.calls.wait_idle().await;
+    }
+
+    /// Closes every pooled connection with the shutdown code and lets go of
+    /// the endpoint.
+    pub(crate) fn close_connections(&self) {
+        let peers: Vec<Arc<Peer>> = match self.peers.lock() {
+            Ok(mut map) => map.drain().map(|(_, p)| p).collect(),
+            Err(poisoned) => poisoned.into_inner().drain().map(|(_, p)| p).collect(),
+        };
+        for peer in peers {
+            for lane in &peer.lanes {
+                lane.permits.close();
+            }
+            if let Ok(mut slot) = peer.slot.try_lock()
+                && let Some(conn) = slot.conn.take()
+            {
+                conn.close(CLOSE_SHUTTING_DOWN, b"peer shutting down");
+            }
+        }
+        if let Ok(mut endpoint) = self.endpoint.write() {
+            *endpoint = None;
+        }
+    }
+
+    fn local_shutdown() -> TransportError {
+        error(
+            TransportErrorKind::LocalShutdown,
+            Delivery::NotDelivered,
+            "this node's iroh transport is shutting down",
+        )
+    }
+
+    fn enter(&self) -> Result<TrackerGuard, TransportError> {
+        let guard = self.calls.enter();
+        if self.closed.load(Ordering::SeqCst) {
+            return Err(Self::local_shutdown());
+        }
+        Ok(guard)
+    }
+
+    fn peer(&self, id: PeerId) -> Result<Arc<Peer>, TransportError> {
+        let mut peers = self.peers.lock().map_err(|_| Self::local_shutdown())?;
+        if let Some(peer) = peers.get(&id) {
+            return Ok(peer.clone());
+        }
+        if peers.len() >= self.limits.max_peers {
+            return Err(error(
+                TransportErrorKind::Overloaded,
+                Delivery::NotDelivered,
+                format!("client already tracks {} peers", self.limits.max_peers),
+            ));
+        }
+        let lane = |priority: Priority| Lane {
+            priority,
+            permits: Arc::new(Semaphore::new(self.limits.lane(priority))),
+            waiting: AtomicUsize::new(0),
+        };
+        let peer = Arc::new(Peer {
+            lanes: Priority::ALL.map(lane),
+            slot: tokio::sync::Mutex::new(Slot::default()),
+        });
+        peers.insert(id, peer.clone());
+        Ok(peer)
+    }
+
+    /// The pooled connection to `addr`, dialled if there is none.
+    async fn connection(&self, peer: &Peer, addr: &PeerAddr) -> Result<Connection, TransportError> {
+        let mut slot = peer.slot.lock().await;
+        if let Some(conn) = &slot.conn {
+            match conn.close_reason() {
+                None => return Ok(conn.clone()),
+                Some(reason) => {
+                    debug!(peer = %addr.id.short(), "pooled connection is closed ({reason}); re-dialling");
+                    slot.conn = None;
+                }
+            }
+        }
+        if let Some(at) = slot.retry_at
+            && at > tokio::time::Instant::now()
+        {
+            // Wait out the backoff; the caller's deadline bounds the wait.
+            tokio::time::sleep_until(at).await;
+        }
+        if slot.failures > 0 || slot.had_connection {
+            metrics::connect_retried();
+        }
+        match self.dial(addr).await {
+            Ok(conn) => {
+                slot.failures = 0;
+                slot.retry_at = None;
+                slot.had_connection = true;
+                slot.conn = Some(conn.clone());
+                Ok(conn)
+            }
+            Err(e) => {
+                metrics::connect_failed(e.kind.as_str());
+                slot.failures = slot.failures.saturating_add(1);
+                let delay = backoff::delay(slot.failures, rand::random::<f64>());
+                slot.retry_at = Some(tokio::time::Instant::now() + delay);
+                debug!(peer = %addr.id.short(), failures = slot.failures, ?delay, "dial failed: {e}");
+                Err(e)
+            }
+        }
+    }
+
+    async fn dial(&self, addr: &PeerAddr) -> Result<Connection, TransportError> {
+        let endpoint = self
+            .endpoint
+            .read()
+            .ok()
+            .and_then(|e| e.clone())
+            .ok_or_else(Self::local_shutdown)?;
+        let Some(iroh_addr) = &addr.iroh else {
+            return Err(error(
+                TransportErrorKind::NotServed,
+                Delivery::NotDelivered,
+                format!("peer {} has no iroh address", addr.id.short()),
+            ));
+        };
+        let key = PublicKey::from_bytes(addr.id.as_bytes()).map_err(|e| {
+            error(
+                TransportErrorKind::WrongPeer,
+                Delivery::NotDelivered,
+                format!(
+                    "peer id {} is not an Ed25519 public key: {e}",
+                    addr.id.short()
+                ),
+            )
+        })?;
+        let mut target = EndpointAddr::new(key);
+        for direct in &iroh_addr.direct {
+            target = target.with_ip_addr(*direct);
+        }
+        if let Some(url) = &iroh_addr.relay_url {
+            let url: RelayUrl = url.parse().map_err(|e| {
+                error(
+                    TransportErrorKind::Unreachable,
+                    Delivery::NotDelivered,
+                    format!("peer's relay url {url:?}: {e}"),
+                )
+            })?;
+            target = target.with_relay_url(url);
+        }
+        let started = Instant::now();
+        let conn = endpoint
+            .connect(target, crate::ALPN)
+            .await
+            .map_err(map_connect_error)?;
+        if conn.remote_id() != key {
+            // iroh's TLS already ties the connection to the key we dialled;
+            // this check keeps the contract explicit.
+            conn.close(VarInt::from_u32(0), b"wrong peer");
+            return Err(error(
+                TransportErrorKind::WrongPeer,
+                Delivery::NotDelivered,
+                "the endpoint at that address has another key",
+            ));
+        }
+        let relayed = conn
+            .paths()
+            .iter()
+            .find(|p| p.is_selected())
+            .is_some_and(|p| p.is_relay());
+        metrics::connected(started.elapsed(), relayed);
+        metrics::connection_opened(Side::Client);
+        let closed = conn.weak_handle().closed();
+        tokio::spawn(async move {
+            closed.await;
+            metrics::connection_closed(Side::Client);
+        });
+        debug!(peer = %addr.id.short(), elapsed = ?started.elapsed(), relayed, "connected");
+        Ok(conn)
+    }
+
+    /// Sends one frame on a new stream in `priority`'s lane and reads the
+    /// answer. `sent` becomes true once any byte of the request may have
+    /// left, which decides delivery if the caller's deadline cuts the call.
+    async fn round_trip(
+        &self,
+        addr: &PeerAddr,
+        mut frame: Frame,
+        sent: &AtomicBool,
+    ) -> Result<Frame, TransportError> {
+        let priority = frame.header.priority;
+        let peer = self.peer(addr.id)?;
+        let _permit = peer.lanes[priority as usize]
+            .acquire(self.limits.lane_queue)
+            .await?;
+        let conn = self.connection(&peer, addr).await?;
+        let (send, recv) = conn
+            .open_bi()
+            .await
+            .map_err(|e| map_connection_error(&e, Delivery::NotDelivered, &self.closed))?;
+        let mut streams = CallStreams {
+            send,
+            recv,
+            done: false,
+        };
+        let _ = streams.send.set_priority(wire::quic_priority(priority));
+        frame.header.request_id = self.next_request_id.fetch_add(1, Ordering::Relaxed);
+        sent.store(true, Ordering::SeqCst);
+        let written = match wire::write_frame(&mut streams.send, &frame).await {
+            Ok(()) => {
+                let _ = streams.send.finish();
+                Ok(())
+            }
+            Err(e) => Err(e),
+        };
+        let answer = wire::read_frame(&mut streams.recv, self.frame_limits).await;
+        let answer = match (written, answer) {
+            // The peer may have answered (e.g. "too large") and stopped our
+            // request side: the answer wins over the write error.
+            (_, Ok(answer)) => answer,
+            (Err(write), Err(_)) => return Err(map_write_error(&write, &self.closed)),
+            (Ok(()), Err(read)) => return Err(map_read_error(&read, &self.closed)),
+        };
+        streams.done = true;
+        if answer.header.request_id != frame.header.request_id {
+            return Err(error(
+                TransportErrorKind::Protocol,
+                Delivery::MayHaveBeenDelivered,
+                format!(
+                    "answer for request {} on the stream of request {}",
+                    answer.header.request_id, frame.header.request_id
+                ),
+            ));
+        }
+        Ok(answer)
+    }
+
+    async fn call_inner(
+        &self,
+        addr: &PeerAddr,
+        call: Call,
+        sent: &AtomicBool,
+    ) -> Result<Bytes, CallError> {
+        let header = Header {
+            kind: FrameKind::Request,
+            priority: call.priority,
+            idempotent: call.method.idempotent,
+            service: call.method.service,
+            method: call.method.id,
+            request_id: 0,
+            payload_len: 0,
+            deadline_ms: call.timeout_ms(),
+        };
+        let frame = Frame::new(header, call.payload, self.frame_limits).map_err(|e| {
+            error(
+                TransportErrorKind::Protocol,
+                Delivery::NotDelivered,
+                format!("request refused before sending: {e}"),
+            )
+        })?;
+        let answer = self.round_trip(addr, frame, sent).await?;
+        match answer.header.kind {
+            FrameKind::Response => Ok(answer.payload),
+            FrameKind::Error => Err(CallError::Application(Status::decode(&answer.payload))),
+            other => Err(error(
+                TransportErrorKind::Protocol,
+                Delivery::MayHaveBeenDelivered,
+                format!("a {other:?} frame answered a request"),
+            )
+            .into()),
+        }
+    }
+
+    async fn ping_inner(&self, addr: &PeerAddr, sent: &AtomicBool) -> Result<Duration, CallError> {
+        let nonce: u64 = rand::random();
+        let header = Header {
+            kind: FrameKind::Ping,
+            priority: Priority::Control,
+            idempotent: true,
+            service: ServiceId::Connection,
+            method: 0,
+            request_id: 0,
+            payload_len: 0,
+            deadline_ms: 0,
+        };
+        let payload = Bytes::copy_from_slice(&nonce.to_le_bytes());
+        debug_assert_eq!(payload.len(), PING_PAYLOAD);
+        let frame = Frame::new(header, payload.clone(), self.frame_limits).map_err(|e| {
+            error(
+                TransportErrorKind::Protocol,
+                Delivery::NotDelivered,
+                e.to_string(),
+            )
+        })?;
+        // Dial first so the round trip measures the network, not set-up.
+        let peer = self.peer(addr.id)?;
+        self.connection(&peer, addr).await?;
+        let started = Instant::now();
+        let answer = self.round_trip(addr, frame, sent).await?;
+        let rtt = started.elapsed();
+        if answer.header.kind != FrameKind::Pong || answer.payload != payload {
+            return Err(error(
+                TransportErrorKind::Protocol,
+                Delivery::MayHaveBeenDelivered,
+                format!("ping answered by a {:?} frame", answer.header.kind),
+            )
+            .into());
+        }
+        Ok(rtt.max(Duration::from_nanos(1)))
+    }
+}
+
+fn timed_out(timeout: Duration, sent: &AtomicBool) -> CallError {
+    let delivery = if sent.load(Ordering::SeqCst) {
+        Delivery::MayHaveBeenDelivered
+    } else {
+        Delivery::NotDelivered
+    };
+    error(
+        TransportErrorKind::TimedOut,
+        delivery,
+        format!("no answer within {timeout:?}"),
+    )
+    .into()
+}
+
+impl RpcClient for IrohClient {
+    fn transport(&self) -> TransportKind {
+        TransportKind::Iroh
+    }
+
+    fn call<'a>(
+        &'a self,
+        peer: &'a PeerAddr,
+        call: Call,
+    ) -> BoxFuture<'a, Result<Bytes, CallError>> {
+        Box::pin(async move {
+            let _guard = self.enter()?;
+            let timeout = call.timeout;
+            let label = call.method.label();
+            let started = Instant::now();
+            let sent = AtomicBool::new(false);
+            metrics::in_flight(Side::Client, 1.0);
+            let result = tokio::time::timeout(timeout, self.call_inner(peer, call, &sent))
+                .await
+                .unwrap_or_else(|_| Err(timed_out(timeout, &sent)));
+            metrics::in_flight(Side::Client, -1.0);
+            let outcome = match &result {
+                Ok(_) => "ok",
+                Err(CallError::Application(_)) => "error",
+                Err(CallError::Transport(e)) => e.kind.as_str(),
+            };
+            metrics::call_finished(Side::Client, label, outcome, started.elapsed());
+            result
+        })
+    }
+
+    fn ping<'a>(
+        &'a self,
+        peer: &'a PeerAddr,
+        timeout: Duration,
+    ) -> BoxFuture<'a, Result<Duration, CallError>> {
+        Box::pin(async move {
+            let _guard = self.enter()?;
+            let sent = AtomicBool::new(false);
+            tokio::time::timeout(timeout, self.ping_inner(peer, &sent))
+                .await
+                .unwrap_or_else(|_| Err(timed_out(timeout, &sent)))
+        })
+    }
+}
+
+/// What a stream error code from the peer says about the request.
+fn map_stream_code(code: VarInt, what: &str) -> TransportError {
+    if code == STREAM_SHUTTING_DOWN {
+        error(
+            TransportErrorKind::PeerShuttingDown,
+            Delivery::NotDelivered,
+            format!("peer is shutting down and did not run the request ({what})"),
+        )
+    } else if code == STREAM_MALFORMED || code == STREAM_TOO_LARGE {
+        error(
+            TransportErrorKind::Protocol,
+            Delivery::NotDelivered,
+            format!("peer refused the request frame with code {code} ({what})"),
+        )
+    } else {
+        error(
+            TransportErrorKind::ConnectionLost,
+            Delivery::MayHaveBeenDelivered,
+            format!("peer abandoned the call with code {code} ({what})"),
+        )
+    }
+}
+
+fn map_connection_error(
+    e: &ConnectionError,
+    delivery: Delivery,
+    closed: &AtomicBool,
+) -> TransportError {
+    match e {
+        ConnectionError::ApplicationClosed(close) if close.error_code == CLOSE_SHUTTING_DOWN => {
+            error(
+                TransportErrorKind::PeerShuttingDown,
+                delivery,
+                format!("peer closed the connection: {e}"),
+            )
+        }
+        ConnectionError::LocallyClosed if closed.load(Ordering::SeqCst) => error(
+            TransportErrorKind::LocalShutdown,
+            delivery,
+            "this node's iroh transport is shutting down",
+        ),
+        other => error(
+            TransportErrorKind::ConnectionLost,
+            delivery,
+            format!("connection lost: {other}"),
+        ),
+    }
+}
+
+fn map_write_error(e: &WriteError, closed: &AtomicBool) -> TransportError {
+    match e {
+        WriteError::Stopped(code) => map_stream_code(*code, "request side stopped"),
+        WriteError::ConnectionLost(ce) => {
+            map_connection_error(ce, Delivery::MayHaveBeenDelivered, closed)
+        }
+        WriteError::ClosedStream => error(
+            TransportErrorKind::ConnectionLost,
+            Delivery::MayHaveBeenDelivered,
+            "request stream closed while writing",
+        ),
+        WriteError::ZeroRttRejected => error(
+            TransportErrorKind::ConnectionLost,
+            Delivery::NotDelivered,
+            "0-RTT data rejected by the peer",
+        ),
+    }
+}
+
+fn map_read_error(e: &ReadFrameError, closed: &AtomicBool) -> TransportError {
+    match e {
+        ReadFrameError::Read(ReadError::Reset(code)) => map_stream_code(*code, "answer reset"),
+        ReadFrameError::Read(ReadError::ConnectionLost(ce)) => {
+            map_connection_error(ce, Delivery::MayHaveBeenDelivered, closed)
+        }
+        ReadFrameError::Read(ReadError::ZeroRttRejected) => error(
+            TransportErrorKind::ConnectionLost,
+            Delivery::NotDelivered,
+            "0-RTT data rejected by the peer",
+        ),
+        ReadFrameError::Read(ReadError::ClosedStream) => error(
+            TransportErrorKind::Protocol,
+            Delivery::MayHaveBeenDelivered,
+            "answer stream already closed",
+        ),
+        ReadFrameError::Eof { got } => error(
+            TransportErrorKind::Protocol,
+            Delivery::MayHaveBeenDelivered,
+            format!("answer stream ended after {got} bytes, without a whole frame"),
+        ),
+        ReadFrameError::Frame(fe) => error(
+            TransportErrorKind::Protocol,
+            Delivery::MayHaveBeenDelivered,
+            format!("malformed answer: {fe}"),
+        ),
+    }
+}
+
+fn map_connect_error(e: ConnectError) -> TransportError {
+    let not = Delivery::NotDelivered;
+    let from_connection = |ce: &ConnectionError| match ce {
+        ConnectionError::TransportError(te) if te.crypto.is_some() => error(
+            TransportErrorKind::WrongPeer,
+            not,
+            format!("handshake failed; the endpoint at that address is not this peer: {te}"),
+        ),
+        ConnectionError::ApplicationClosed(close) if close.error_code == CLOSE_SHUTTING_DOWN => {
+            error(
+                TransportErrorKind::PeerShuttingDown,
+                not,
+                format!("peer closed the connection: {ce}"),
+            )
+        }
+        other => error(
+            TransportErrorKind::Unreachable,
+            not,
+            format!("connecting: {other}"),
+        ),
+    };
+    match &e {
+        ConnectError::Connect {
+            source: ConnectWithOptsError::EndpointClosed { .. },
+            ..
+        } => IrohClient::local_shutdown(),
+        ConnectError::Connecting {
+            source: ConnectingError::ConnectionError { source, .. },
+            ..
+        } => from_connection(source),
+        ConnectError::Connection { source, .. } => from_connection(source),
+        other => error(
+            TransportErrorKind::Unreachable,
+            not,
+            format!("connecting: {other}"),
+        ),
+    }
+}

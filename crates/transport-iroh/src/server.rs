@@ -1,0 +1,450 @@
+//! The serving side: the iroh [`ProtocolHandler`] for [`crate::ALPN`].
+//!
+//! Each accepted connection runs an accept loop for bidirectional streams;
+//! each stream is one call, served by its own task:
+//!
+//! 1. read one frame (bounded by the frame limit, checked before the
+//!    payload is read, and by a read timeout);
+//! 2. a ping is answered with a pong; a request is resolved against the
+//!    catalogue (unknown service or method: an `Unimplemented` error frame)
+//!    and run by the [`Handler`] with the connection's authenticated peer;
+//! 3. the answer (response or error frame) is written and the stream
+//!    finished; the task waits, bounded, for the peer's acknowledgement so a
+//!    drained shutdown loses no answer.
+//!
+//! Oversize frames get a `ResourceExhausted` error frame and the request
+//! side is stopped; malformed frames reset the stream. Neither touches the
+//! connection. A caller that stops reading (it dropped the call) or a
+//! passed deadline drops the handler's future: the service's work is
+//! cancelled.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use bytes::Bytes;
+use iroh::endpoint::{Connection, RecvStream, SendStream, VarInt};
+use iroh::protocol::{AcceptError, ProtocolHandler};
+use tern_protocol::catalog::ServiceId;
+use tern_protocol::frame::{HEADER_LEN, Limits};
+use tern_protocol::{
+    Code, Dispatcher, Frame, FrameError, FrameKind, Handler, Header, PeerId, Priority,
+    RequestContext, Status, TransportKind,
+};
+use tokio::sync::Semaphore;
+use tracing::{Instrument, debug, warn};
+
+use crate::config::TransportLimits;
+use crate::metrics::{self, Side};
+use crate::transport::Tracker;
+use crate::wire::{
+    self, CLOSE_SHUTTING_DOWN, CLOSE_TOO_MANY_CONNECTIONS, ReadFrameError, STREAM_MALFORMED,
+    STREAM_SHUTTING_DOWN, STREAM_TOO_LARGE,
+};
+
+/// Shared state of the server: what it serves, its limits, its open
+/// connections and its in-flight calls.
+pub(crate) struct ServerState {
+    handler: Arc<dyn Handler>,
+    frame_limits: Limits,
+    limits: TransportLimits,
+    draining: AtomicBool,
+    pub(crate) calls: Arc<Tracker>,
+    connections: Mutex<HashMap<usize, Connection>>,
+}
+
+impl std::fmt::Debug for ServerState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerState")
+            .field("draining", &self.draining.load(Ordering::SeqCst))
+            .field("calls", &self.calls.count())
+            .finish_non_exhaustive()
+    }
+}
+
+impl ServerState {
+    pub(crate) fn new(
+        handler: Arc<dyn Handler>,
+        frame_limits: Limits,
+        limits: TransportLimits,
+    ) -> Arc<ServerState> {
+        Arc::new(ServerState {
+            handler,
+            frame_limits,
+            limits,
+            draining: AtomicBool::new(false),
+            calls: Arc::new(Tracker::default()),
+            connections: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// From now on, new streams are reset with [`STREAM_SHUTTING_DOWN`]
+    /// (not run); calls already accepted run to the end.
+    pub(crate) fn begin_drain(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+    }
+
+    /// Closes every served connection with [`CLOSE_SHUTTING_DOWN`].
+    pub(crate) fn close_connections(&self) {
+        let connections: Vec<Connection> = match self.connections.lock() {
+            Ok(mut map) => map.drain().map(|(_, c)| c).collect(),
+            Err(poisoned) => poisoned.into_inner().drain().map(|(_, c)| c).collect(),
+        };
+        for conn in connections {
+            conn.close(CLOSE_SHUTTING_DOWN, b"peer shutting down");
+        }
+    }
+
+    fn register(&self, conn: &Connection) -> bool {
+        let Ok(mut map) = self.connections.lock() else {
+            return false;
+        };
+        if map.len() >= self.limits.max_connections {
+            return false;
+        }
+        map.insert(conn.stable_id(), conn.clone());
+        true
+    }
+
+    fn unregister(&self, id: usize) {
+        if let Ok(mut map) = self.connections.lock() {
+            map.remove(&id);
+        }
+    }
+}
+
+/// The [`ProtocolHandler`] serving [`crate::ALPN`].
+#[derive(Debug, Clone)]
+pub struct RpcProtocol {
+    state: Arc<ServerState>,
+}
+
+impl RpcProtocol {
+    pub(crate) fn new(state: Arc<ServerState>) -> RpcProtocol {
+        RpcProtocol { state }
+    }
+}
+
+impl ProtocolHandler for RpcProtocol {
+    async fn accept(&self, conn: Connection) -> Result<(), AcceptError> {
+        serve_connection(self.state.clone(), conn).await;
+        Ok(())
+    }
+
+    async fn shutdown(&self) {
+        // The transport drained before shutting the router down; whatever
+        // is still open is closed with the shutdown code, so callers see
+        // "peer shutting down" rather than a bare close.
+        self.state.begin_drain();
+        self.state.close_connections();
+    }
+}
+
+/// Unregisters a connection however its accept loop ends (including when
+/// the router cancels it).
+struct Registered {
+    state: Arc<ServerState>,
+    id: usize,
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        self.state.unregister(self.id);
+        metrics::connection_closed(Side::Server);
+    }
+}
+
+async fn serve_connection(state: Arc<ServerState>, conn: Connection) {
+    let peer = PeerId::from_bytes(*conn.remote_id().as_bytes());
+    if !state.register(&conn) {
+        warn!(peer = %peer.short(), "refusing a connection: too many connections");
+        conn.close(CLOSE_TOO_MANY_CONNECTIONS, b"too many connections");
+        return;
+    }
+    metrics::connection_opened(Side::Server);
+    let _registered = Registered {
+        state: state.clone(),
+        id: conn.stable_id(),
+    };
+    debug!(peer = %peer.short(), "serving a connection");
+    let per_connection = Arc::new(Semaphore::new(state.limits.max_in_flight_per_connection));
+    loop {
+        match conn.accept_bi().await {
+            Ok((send, recv)) => {
+                let guard = state.calls.enter();
+                let span = tracing::debug_span!("stream", peer = %peer.short(), id = %send.id());
+                tokio::spawn(
+                    serve_stream(
+                        state.clone(),
+                        peer,
+                        send,
+                        recv,
+                        per_connection.clone(),
+                        guard,
+                    )
+                    .instrument(span),
+                );
+            }
+            Err(e) => {
+                debug!(peer = %peer.short(), "connection ended: {e}");
+                return;
+            }
+        }
+    }
+}
+
+fn reset(send: &mut SendStream, recv: &mut RecvStream, code: VarInt) {
+    // Errors mean the stream is already closed, which is what we want.
+    let _ = recv.stop(code);
+    let _ = send.reset(code);
+}
+
+async fn serve_stream(
+    state: Arc<ServerState>,
+    peer: PeerId,
+    mut send: SendStream,
+    mut recv: RecvStream,
+    per_connection: Arc<Semaphore>,
+    _call: crate::transport::TrackerGuard,
+) {
+    if state.draining.load(Ordering::SeqCst) {
+        reset(&mut send, &mut recv, STREAM_SHUTTING_DOWN);
+        return;
+    }
+    let limits = state.frame_limits;
+    let read = tokio::time::timeout(
+        state.limits.request_read_timeout,
+        read_request(&mut recv, limits),
+    )
+    .await;
+    let frame = match read {
+        Err(_) => {
+            debug!("no whole request within the read timeout; resetting the stream");
+            reset(&mut send, &mut recv, STREAM_MALFORMED);
+            return;
+        }
+        Ok(Ok(frame)) => frame,
+        Ok(Err(RequestError::Frame { raw, error })) => {
+            match error {
+                FrameError::Oversize { len, max, .. } => {
+                    debug!(len, max, "oversize request refused");
+                    let status = Status::new(
+                        Code::ResourceExhausted,
+                        format!(
+                            "request payload of {len} bytes exceeds this node's limit of {max} bytes"
+                        ),
+                    );
+                    answer_raw(&mut send, &state, &raw, &status).await;
+                    let _ = recv.stop(STREAM_TOO_LARGE);
+                }
+                FrameError::UnknownService { service, .. } => {
+                    debug!(service, "request for an unknown service");
+                    let status = Status::unimplemented(format!(
+                        "service id {service} is unknown to this node"
+                    ));
+                    answer_raw(&mut send, &state, &raw, &status).await;
+                    let _ = recv.stop(STREAM_MALFORMED);
+                }
+                other => {
+                    warn!("malformed frame; resetting the stream: {other}");
+                    reset(&mut send, &mut recv, STREAM_MALFORMED);
+                }
+            }
+            return;
+        }
+        Ok(Err(RequestError::Read(e))) => {
+            debug!("request not read: {e}");
+            reset(&mut send, &mut recv, STREAM_MALFORMED);
+            return;
+        }
+    };
+    let header = frame.header;
+    match header.kind {
+        FrameKind::Ping => {
+            let pong = Header {
+                kind: FrameKind::Pong,
+                priority: Priority::Control,
+                idempotent: false,
+                service: ServiceId::Connection,
+                method: 0,
+                request_id: header.request_id,
+                payload_len: 0,
+                deadline_ms: 0,
+            };
+            let _ = send.set_priority(wire::quic_priority(Priority::Control));
+            if let Ok(pong) = Frame::new(pong, frame.payload, limits) {
+                finish_answer(&mut send, &state, &pong).await;
+            }
+            return;
+        }
+        FrameKind::Request => {}
+        other => {
+            warn!("a {other:?} frame cannot open a call; resetting the stream");
+            reset(&mut send, &mut recv, STREAM_MALFORMED);
+            return;
+        }
+    }
+    let _ = send.set_priority(wire::quic_priority(header.priority));
+    let method = match Dispatcher::resolve(header.service, header.method) {
+        Ok(method) => method,
+        Err(status) => {
+            answer(&mut send, &state, &header, Err(status)).await;
+            return;
+        }
+    };
+    let Ok(_permit) = per_connection.try_acquire_owned() else {
+        let status = Status::new(
+            Code::ResourceExhausted,
+            format!(
+                "too many calls in flight on this connection (limit {})",
+                state.limits.max_in_flight_per_connection
+            ),
+        );
+        answer(&mut send, &state, &header, Err(status)).await;
+        return;
+    };
+    let started = Instant::now();
+    let deadline = (header.deadline_ms > 0)
+        .then(|| started + std::time::Duration::from_millis(u64::from(header.deadline_ms)));
+    let ctx = RequestContext {
+        peer,
+        transport: TransportKind::Iroh,
+        priority: header.priority,
+        deadline,
+    };
+    metrics::in_flight(Side::Server, 1.0);
+    let work = state.handler.handle(ctx, method, frame.payload);
+    let stopped = send.stopped();
+    let expiry = async {
+        match deadline {
+            Some(d) => tokio::time::sleep_until(d.into()).await,
+            None => std::future::pending().await,
+        }
+    };
+    let outcome = tokio::select! {
+        result = work => Some(result),
+        reason = stopped => {
+            debug!(method = %method.label(), "caller abandoned the call ({reason:?}); cancelling it");
+            None
+        }
+        () = expiry => Some(Err(Status::new(Code::DeadlineExceeded, "the caller's deadline passed"))),
+    };
+    metrics::in_flight(Side::Server, -1.0);
+    let label = match &outcome {
+        None => "cancelled",
+        Some(Ok(_)) => "ok",
+        Some(Err(_)) => "error",
+    };
+    metrics::call_finished(Side::Server, method.label(), label, started.elapsed());
+    if let Some(result) = outcome {
+        answer(&mut send, &state, &header, result).await;
+    }
+}
+
+enum RequestError {
+    Frame {
+        raw: [u8; HEADER_LEN],
+        error: FrameError,
+    },
+    Read(ReadFrameError),
+}
+
+/// Reads the request frame, keeping the raw header of a bad one so that
+/// the error frame can echo its request id, service and method.
+async fn read_request(recv: &mut RecvStream, limits: Limits) -> Result<Frame, RequestError> {
+    let mut raw = [0u8; HEADER_LEN];
+    let mut have = 0;
+    while have < HEADER_LEN {
+        match recv.read(&mut raw[have..]).await {
+            Ok(Some(n)) => have += n,
+            Ok(None) => return Err(RequestError::Read(ReadFrameError::Eof { got: have })),
+            Err(e) => return Err(RequestError::Read(e.into())),
+        }
+    }
+    let header =
+        Header::decode(&raw, limits).map_err(|error| RequestError::Frame { raw, error })?;
+    wire::read_payload_after(recv, header)
+        .await
+        .map_err(RequestError::Read)
+}
+
+/// Writes the answer to a decoded request.
+async fn answer(
+    send: &mut SendStream,
+    state: &ServerState,
+    request: &Header,
+    result: Result<Bytes, Status>,
+) {
+    let mut header = Header {
+        kind: FrameKind::Response,
+        priority: request.priority,
+        idempotent: false,
+        service: request.service,
+        method: request.method,
+        request_id: request.request_id,
+        payload_len: 0,
+        deadline_ms: 0,
+    };
+    let payload = match result {
+        Ok(bytes) => bytes,
+        Err(status) => {
+            header.kind = FrameKind::Error;
+            status.encode()
+        }
+    };
+    let frame = match Frame::new(header, payload, state.frame_limits) {
+        Ok(frame) => frame,
+        Err(too_large) => {
+            warn!("response too large to send: {too_large}");
+            header.kind = FrameKind::Error;
+            let status = Status::new(
+                Code::ResourceExhausted,
+                format!("the response does not fit in one frame: {too_large}"),
+            );
+            match Frame::new(header, status.encode(), state.frame_limits) {
+                Ok(frame) => frame,
+                Err(_) => {
+                    let _ = send.reset(STREAM_TOO_LARGE);
+                    return;
+                }
+            }
+        }
+    };
+    finish_answer(send, state, &frame).await;
+}
+
+/// Answers a request whose header did not decode: an error frame echoing
+/// the raw request's id, service, method and priority bits (the caller
+/// knows that service even when we do not).
+async fn answer_raw(
+    send: &mut SendStream,
+    state: &ServerState,
+    raw: &[u8; HEADER_LEN],
+    status: &Status,
+) {
+    let payload = status.encode();
+    let Ok(payload_len) = u32::try_from(payload.len()) else {
+        let _ = send.reset(STREAM_MALFORMED);
+        return;
+    };
+    let header = wire::error_header_for_raw(raw, payload_len);
+    let mut chunks = [Bytes::copy_from_slice(&header), payload];
+    if send.write_all_chunks(&mut chunks).await.is_ok() {
+        metrics::frame_sent(HEADER_LEN + payload_len as usize);
+        let _ = send.finish();
+        let _ = tokio::time::timeout(state.limits.response_ack_timeout, send.stopped()).await;
+    }
+}
+
+async fn finish_answer(send: &mut SendStream, state: &ServerState, frame: &Frame) {
+    match wire::write_frame(send, frame).await {
+        Ok(()) => {
+            let _ = send.finish();
+            // Wait until the caller has the answer (bounded), so that a
+            // drained shutdown never closes the connection under it.
+            let _ = tokio::time::timeout(state.limits.response_ack_timeout, send.stopped()).await;
+        }
+        Err(e) => debug!("answer not delivered: {e}"),
+    }
+}
