@@ -116,12 +116,7 @@ impl Identity {
     }
 
     /// Signs the answer to a request with this nonce from `caller` on `path`.
-    pub fn sign_response(
-        &self,
-        nonce: &[u8; NONCE_LEN],
-        caller: PeerId,
-        path: &str,
-    ) -> [u8; 64] {
+    pub fn sign_response(&self, nonce: &[u8; NONCE_LEN], caller: PeerId, path: &str) -> [u8; 64] {
         self.key
             .sign(&response_message(nonce, &caller, path))
             .to_bytes()

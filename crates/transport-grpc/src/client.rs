@@ -36,7 +36,7 @@ use tonic::transport::{Channel, Endpoint};
 use crate::auth::{self, Identity, NONCE_LEN, ResponseIdentity};
 use crate::codec::RawCodec;
 use crate::io::Connector;
-use crate::metrics::{self, Direction};
+use crate::metrics::{self, Direction, InFlight, Outcome, Side};
 use crate::server::{KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, PRIORITY_KEY, SHUTTING_DOWN_KEY};
 
 /// First wait before dialling a peer again after a failed dial.
@@ -337,7 +337,7 @@ impl GrpcClient {
     ) -> Result<Bytes, CallError> {
         let lane = Lane::of(out.priority);
         let channel = self.channel(out.peer, url, lane).await?;
-        let path = PathAndQuery::from_maybe_shared(out.path.to_owned()).map_err(|e| {
+        let path = PathAndQuery::try_from(out.path).map_err(|e| {
             err(
                 TransportErrorKind::Protocol,
                 Delivery::NotDelivered,
@@ -345,9 +345,9 @@ impl GrpcClient {
             )
         })?;
         let nonce: [u8; NONCE_LEN] = rand::random();
-        let proof =
-            self.identity
-                .sign_request(out.peer.id, out.path, auth::unix_now_ms(), nonce);
+        let proof = self
+            .identity
+            .sign_request(out.peer.id, out.path, auth::unix_now_ms(), nonce);
         let mut request = tonic::Request::new(out.payload.clone());
         request.set_timeout(out.timeout);
         proof.write(request.metadata_mut().as_mut());
@@ -492,7 +492,11 @@ fn classify(status: &tonic::Status, ctx: &Verify<'_>) -> CallError {
                 return err(
                     TransportErrorKind::PeerShuttingDown,
                     Delivery::NotDelivered,
-                    format!("{} refused {}: shutting down", ctx.expected.short(), ctx.path),
+                    format!(
+                        "{} refused {}: shutting down",
+                        ctx.expected.short(),
+                        ctx.path
+                    ),
                 );
             }
             CallError::Application(Status::new(
@@ -514,7 +518,12 @@ fn classify(status: &tonic::Status, ctx: &Verify<'_>) -> CallError {
             err(
                 TransportErrorKind::TimedOut,
                 Delivery::MayHaveBeenDelivered,
-                format!("{} on {}: {}", ctx.path, ctx.expected.short(), status.message()),
+                format!(
+                    "{} on {}: {}",
+                    ctx.path,
+                    ctx.expected.short(),
+                    status.message()
+                ),
             )
         }
         other => ctx.wrong_peer(other, Delivery::MayHaveBeenDelivered),
@@ -526,12 +535,27 @@ fn classify_transport(status: &tonic::Status, source: &(dyn StdError + 'static))
     let mut cause: Option<&(dyn StdError + 'static)> = Some(source);
     while let Some(e) = cause {
         if e.is::<tonic::ConnectError>() {
-            return err(TransportErrorKind::Unreachable, Delivery::NotDelivered, detail);
+            return err(
+                TransportErrorKind::Unreachable,
+                Delivery::NotDelivered,
+                detail,
+            );
         }
         if e.is::<tonic::TimeoutExpired>() {
             return err(
                 TransportErrorKind::TimedOut,
                 Delivery::MayHaveBeenDelivered,
+                detail,
+            );
+        }
+        // hyper cancels a request it never handed to the connection (the
+        // connection closed first, or was not ready): not sent.
+        if let Some(hyper) = e.downcast_ref::<hyper::Error>()
+            && hyper.is_canceled()
+        {
+            return err(
+                TransportErrorKind::ConnectionLost,
+                Delivery::NotDelivered,
                 detail,
             );
         }
@@ -575,6 +599,7 @@ impl RpcClient for GrpcClient {
         Box::pin(async move {
             let method: &'static Method = call.method;
             let started = Instant::now();
+            let _in_flight = InFlight::start(Side::Client);
             let path = method.grpc_path();
             let result = self
                 .send(Outgoing {
@@ -585,12 +610,15 @@ impl RpcClient for GrpcClient {
                     priority: call.priority,
                 })
                 .await;
+            let elapsed = started.elapsed();
             match &result {
-                Ok(_) | Err(CallError::Application(_)) => {
-                    metrics::call_latency(method, "client", started.elapsed());
+                Ok(_) => metrics::call(method, Side::Client, Outcome::Ok, elapsed),
+                Err(CallError::Application(_)) => {
+                    metrics::call(method, Side::Client, Outcome::AppError, elapsed);
                 }
                 Err(CallError::Transport(e)) => {
-                    metrics::call_failure(method, e.kind);
+                    metrics::call(method, Side::Client, Outcome::TransportError, elapsed);
+                    metrics::call_failure(e.kind);
                     tracing::debug!(method = %method.label(), peer = %peer.id.short(), error = %e, "gRPC call failed");
                 }
             }

@@ -89,7 +89,7 @@ impl ServerConn {
         ServerConn {
             stream,
             kill: switch.register(),
-            _gauge: ConnectionGauge::open("inbound"),
+            _gauge: ConnectionGauge::open(),
         }
     }
 }
@@ -230,7 +230,7 @@ impl tower::Service<http::Uri> for Connector {
                     }
                     Ok(TokioIo::new(ClientConn {
                         stream,
-                        _gauge: ConnectionGauge::open("outbound"),
+                        _gauge: ConnectionGauge::open(),
                     }))
                 }
                 Err(e) => {

@@ -34,7 +34,8 @@
 //!   bulk lane, deadlines, identity checks and error mapping.
 //! - [`auth`]: the signed request and response metadata, pure and tested
 //!   without sockets.
-//! - [`metrics`]: metric names shared with the iroh transport.
+//! - [`metrics`]: recording under the names shared with the iroh transport
+//!   ([`tern_protocol::metric_names`]), labelled `transport="grpc"`.
 //! - `codec`: a pass-through codec for already-encoded messages.
 //! - `io`: counted TCP connections, and the switch that aborts them when a
 //!   drain deadline passes.

@@ -34,7 +34,7 @@ use tonic_health::server::HealthReporter;
 
 use crate::auth::{self, AuthError, Identity, ReplayCache, RequestProof};
 use crate::io::{KillSwitch, ServerConn};
-use crate::metrics::{self, Direction};
+use crate::metrics::{self, Direction, InFlight, Outcome, Side};
 use crate::services::{
     cluster_server, health_server, monitoring_server, raft_server, status_server, vm_server,
 };
@@ -433,6 +433,7 @@ impl Services {
         Resp: Message + Default,
     {
         let started = Instant::now();
+        let _in_flight = InFlight::start(Side::Server);
         let Some(Caller(peer)) = request.extensions().get::<Caller>().copied() else {
             return Err(tonic::Status::unauthenticated(
                 "Tern services need a signed caller identity (tern-caller-bin and \
@@ -455,7 +456,11 @@ impl Services {
             deadline,
         };
         let result = self.state.handler.handle(ctx, method, payload).await;
-        metrics::call_latency(method, "server", started.elapsed());
+        let outcome = match &result {
+            Ok(_) => Outcome::Ok,
+            Err(_) => Outcome::AppError,
+        };
+        metrics::call(method, Side::Server, outcome, started.elapsed());
         match result {
             Ok(bytes) => {
                 metrics::message(Direction::Sent, bytes.len());

@@ -5,6 +5,8 @@
 //!
 //! Fails, never skips, when `python3` or its `venv` module is missing.
 
+#![allow(clippy::unwrap_used)] // reason: test code; a failed unwrap is a failed test.
+
 mod support;
 
 use std::net::SocketAddr;

@@ -26,12 +26,20 @@ pub(crate) fn venv(root: &Path) -> Result<PathBuf, String> {
         return Ok(python);
     }
     run(
-        Command::new("python3").args(["-m", "venv", "--clear"]).arg(&dir),
+        Command::new("python3")
+            .args(["-m", "venv", "--clear"])
+            .arg(&dir),
         "python3 -m venv (install python3 and python3-venv)",
     )?;
     run(
         Command::new(&python)
-            .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check"])
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+            ])
             .args(REQUIREMENTS),
         "pip install of the stock gRPC packages",
     )?;
