@@ -43,7 +43,7 @@ use tracing::debug;
 
 use crate::backoff;
 use crate::config::TransportLimits;
-use crate::metrics::{self, Side};
+use crate::metrics::{self, Outcome, Side};
 use crate::transport::{Tracker, TrackerGuard};
 use crate::wire::{
     self, CLOSE_SHUTTING_DOWN, ReadFrameError, STREAM_CANCELLED, STREAM_MALFORMED,
@@ -272,7 +272,7 @@ impl IrohClient {
                 Ok(conn)
             }
             Err(e) => {
-                metrics::connect_failed(e.kind.as_str());
+                metrics::connect_failed();
                 slot.failures = slot.failures.saturating_add(1);
                 let delay = backoff::delay(slot.failures, rand::random::<f64>());
                 slot.retry_at = Some(tokio::time::Instant::now() + delay);
@@ -341,11 +341,11 @@ impl IrohClient {
             .find(|p| p.is_selected())
             .is_some_and(|p| p.is_relay());
         metrics::connected(started.elapsed(), relayed);
-        metrics::connection_opened(Side::Client);
+        metrics::connection_opened();
         let closed = conn.weak_handle().closed();
         tokio::spawn(async move {
             closed.await;
-            metrics::connection_closed(Side::Client);
+            metrics::connection_closed();
         });
         debug!(peer = %addr.id.short(), elapsed = ?started.elapsed(), relayed, "connected");
         Ok(conn)
@@ -509,7 +509,7 @@ impl RpcClient for IrohClient {
         Box::pin(async move {
             let _guard = self.enter()?;
             let timeout = call.timeout;
-            let label = call.method.label();
+            let method = call.method;
             let started = Instant::now();
             let sent = AtomicBool::new(false);
             metrics::in_flight(Side::Client, 1.0);
@@ -518,11 +518,14 @@ impl RpcClient for IrohClient {
                 .unwrap_or_else(|_| Err(timed_out(timeout, &sent)));
             metrics::in_flight(Side::Client, -1.0);
             let outcome = match &result {
-                Ok(_) => "ok",
-                Err(CallError::Application(_)) => "error",
-                Err(CallError::Transport(e)) => e.kind.as_str(),
+                Ok(_) => Outcome::Ok,
+                Err(CallError::Application(_)) => Outcome::AppError,
+                Err(CallError::Transport(e)) => {
+                    metrics::call_failure(e.kind);
+                    Outcome::TransportError
+                }
             };
-            metrics::call_finished(Side::Client, label, outcome, started.elapsed());
+            metrics::call_finished(method, Side::Client, outcome, started.elapsed());
             result
         })
     }

@@ -1,56 +1,33 @@
-//! Metrics, recorded through the `metrics` facade the node exports.
+//! Metrics, recorded through the `metrics` facade the node exports, under
+//! the shared names of [`tern_protocol::metric_names`].
 //!
-//! Every name starts with `tern_transport_` and every series carries
-//! `transport="iroh"`, so the gRPC transport's series of the same names
-//! compare directly on one dashboard.
+//! Every series carries `transport="iroh"` (the gRPC transport records the
+//! same names with `transport="grpc"`), so one dashboard compares both on
+//! the same node. Services and methods are labelled as everywhere else
+//! (`service="raft"`, `method="AppendEntries"`). Recorded here:
 //!
-//! | name | kind | labels | meaning |
-//! |---|---|---|---|
-//! | `tern_transport_connect_seconds` | histogram | | time to establish a connection (dial to handshake done) |
-//! | `tern_transport_active_connections` | gauge | `direction` | open connections (`outbound` dialled, `inbound` accepted) |
-//! | `tern_transport_connect_failures_total` | counter | `kind` | failed dials, by error kind |
-//! | `tern_transport_connect_retries_total` | counter | | dials made after an earlier failure or loss |
-//! | `tern_transport_connection_paths_total` | counter | `path` | new connections by selected path: `direct` or `relayed` |
-//! | `tern_transport_call_seconds` | histogram | `method`, `side` | call latency (`client`: whole call; `server`: handler) |
-//! | `tern_transport_calls_total` | counter | `method`, `side`, `outcome` | finished calls by outcome |
-//! | `tern_transport_messages_total` | counter | `direction` | frames sent and received |
-//! | `tern_transport_bytes_total` | counter | `direction` | frame bytes (header and payload) sent and received |
-//! | `tern_transport_queue_depth` | gauge | `lane` | calls waiting for an in-flight slot, all peers |
-//! | `tern_transport_in_flight` | gauge | `side` | calls in flight |
+//! - connection establishment time, open connections, failed dials,
+//!   re-dials, and the path a new connection uses (`direct`/`relayed`,
+//!   from `Connection::paths()` at handshake time);
+//! - per-method latency and outcome (`ok`, `app_error`,
+//!   `transport_error`) on both sides, and transport failures by kind;
+//! - frames and payload bytes sent and received;
+//! - calls waiting for a lane slot (`lane` label) and calls in flight.
+//!
+//! Nothing is recorded unless the node installs a recorder.
 
 use std::time::Duration;
 
 use metrics::{counter, gauge, histogram};
+use tern_protocol::metric_names as names;
+use tern_protocol::{Method, TransportErrorKind};
 
 /// The `transport` label value of every series.
 pub const TRANSPORT: &str = "iroh";
 
-/// Time to establish a connection.
-pub const CONNECT_SECONDS: &str = "tern_transport_connect_seconds";
-/// Open connections.
-pub const ACTIVE_CONNECTIONS: &str = "tern_transport_active_connections";
-/// Failed dials.
-pub const CONNECT_FAILURES: &str = "tern_transport_connect_failures_total";
-/// Dials after an earlier failure or a lost connection.
-pub const CONNECT_RETRIES: &str = "tern_transport_connect_retries_total";
-/// New connections by path.
-pub const CONNECTION_PATHS: &str = "tern_transport_connection_paths_total";
-/// Call latency.
-pub const CALL_SECONDS: &str = "tern_transport_call_seconds";
-/// Finished calls.
-pub const CALLS: &str = "tern_transport_calls_total";
-/// Frames.
-pub const MESSAGES: &str = "tern_transport_messages_total";
-/// Frame bytes.
-pub const BYTES: &str = "tern_transport_bytes_total";
-/// Calls waiting for a lane slot.
-pub const QUEUE_DEPTH: &str = "tern_transport_queue_depth";
-/// Calls in flight.
-pub const IN_FLIGHT: &str = "tern_transport_in_flight";
-
-/// Which end of a connection or call.
+/// Which end of a connection or call records.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Side {
+pub(crate) enum Side {
     /// We dialled / we called.
     Client,
     /// We accepted / we served.
@@ -58,66 +35,100 @@ pub enum Side {
 }
 
 impl Side {
-    fn call_label(self) -> &'static str {
+    fn as_str(self) -> &'static str {
         match self {
             Side::Client => "client",
             Side::Server => "server",
         }
     }
+}
 
-    fn direction_label(self) -> &'static str {
+/// How a call ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Outcome {
+    /// Answered with a response.
+    Ok,
+    /// Answered with an application error.
+    AppError,
+    /// Failed below the application (or was cancelled).
+    TransportError,
+}
+
+impl Outcome {
+    fn as_str(self) -> &'static str {
         match self {
-            Side::Client => "outbound",
-            Side::Server => "inbound",
+            Outcome::Ok => "ok",
+            Outcome::AppError => "app_error",
+            Outcome::TransportError => "transport_error",
         }
     }
 }
 
 pub(crate) fn connected(elapsed: Duration, relayed: bool) {
-    histogram!(CONNECT_SECONDS, "transport" => TRANSPORT).record(elapsed.as_secs_f64());
+    histogram!(names::CONNECT_SECONDS, "transport" => TRANSPORT).record(elapsed.as_secs_f64());
     let path = if relayed { "relayed" } else { "direct" };
-    counter!(CONNECTION_PATHS, "transport" => TRANSPORT, "path" => path).increment(1);
+    counter!(names::CONNECTION_PATHS, "transport" => TRANSPORT, "path" => path).increment(1);
 }
 
-pub(crate) fn connection_opened(side: Side) {
-    gauge!(ACTIVE_CONNECTIONS, "transport" => TRANSPORT, "direction" => side.direction_label())
-        .increment(1.0);
+pub(crate) fn connection_opened() {
+    gauge!(names::CONNECTIONS_ACTIVE, "transport" => TRANSPORT).increment(1.0);
 }
 
-pub(crate) fn connection_closed(side: Side) {
-    gauge!(ACTIVE_CONNECTIONS, "transport" => TRANSPORT, "direction" => side.direction_label())
-        .decrement(1.0);
+pub(crate) fn connection_closed() {
+    gauge!(names::CONNECTIONS_ACTIVE, "transport" => TRANSPORT).decrement(1.0);
 }
 
-pub(crate) fn connect_failed(kind: &'static str) {
-    counter!(CONNECT_FAILURES, "transport" => TRANSPORT, "kind" => kind).increment(1);
+pub(crate) fn connect_failed() {
+    counter!(names::CONNECT_FAILURES, "transport" => TRANSPORT).increment(1);
 }
 
 pub(crate) fn connect_retried() {
-    counter!(CONNECT_RETRIES, "transport" => TRANSPORT).increment(1);
+    counter!(names::CONNECT_RETRIES, "transport" => TRANSPORT).increment(1);
 }
 
-pub(crate) fn call_finished(side: Side, method: String, outcome: &'static str, elapsed: Duration) {
-    histogram!(CALL_SECONDS, "transport" => TRANSPORT, "method" => method.clone(), "side" => side.call_label())
-        .record(elapsed.as_secs_f64());
-    counter!(CALLS, "transport" => TRANSPORT, "method" => method, "side" => side.call_label(), "outcome" => outcome)
-        .increment(1);
+/// Records a finished call: its latency (unless the transport failed) and
+/// its outcome.
+pub(crate) fn call_finished(method: &Method, side: Side, outcome: Outcome, elapsed: Duration) {
+    let labels = [
+        ("transport", TRANSPORT),
+        ("service", method.service.name()),
+        ("method", method.name),
+        ("side", side.as_str()),
+    ];
+    if outcome != Outcome::TransportError {
+        histogram!(names::CALL_SECONDS, &labels).record(elapsed.as_secs_f64());
+    }
+    counter!(
+        names::CALLS,
+        "transport" => TRANSPORT,
+        "service" => method.service.name(),
+        "method" => method.name,
+        "side" => side.as_str(),
+        "outcome" => outcome.as_str(),
+    )
+    .increment(1);
 }
 
-pub(crate) fn frame_sent(bytes: usize) {
-    counter!(MESSAGES, "transport" => TRANSPORT, "direction" => "sent").increment(1);
-    counter!(BYTES, "transport" => TRANSPORT, "direction" => "sent").increment(bytes as u64);
+pub(crate) fn call_failure(kind: TransportErrorKind) {
+    counter!(names::CALL_FAILURES, "transport" => TRANSPORT, "kind" => kind.as_str()).increment(1);
 }
 
-pub(crate) fn frame_received(bytes: usize) {
-    counter!(MESSAGES, "transport" => TRANSPORT, "direction" => "received").increment(1);
-    counter!(BYTES, "transport" => TRANSPORT, "direction" => "received").increment(bytes as u64);
+pub(crate) fn frame_sent(payload: usize) {
+    counter!(names::MESSAGES, "transport" => TRANSPORT, "direction" => "sent").increment(1);
+    counter!(names::BYTES, "transport" => TRANSPORT, "direction" => "sent")
+        .increment(payload as u64);
+}
+
+pub(crate) fn frame_received(payload: usize) {
+    counter!(names::MESSAGES, "transport" => TRANSPORT, "direction" => "received").increment(1);
+    counter!(names::BYTES, "transport" => TRANSPORT, "direction" => "received")
+        .increment(payload as u64);
 }
 
 pub(crate) fn queue_depth(lane: &'static str, delta: f64) {
-    gauge!(QUEUE_DEPTH, "transport" => TRANSPORT, "lane" => lane).increment(delta);
+    gauge!(names::QUEUE_DEPTH, "transport" => TRANSPORT, "lane" => lane).increment(delta);
 }
 
 pub(crate) fn in_flight(side: Side, delta: f64) {
-    gauge!(IN_FLIGHT, "transport" => TRANSPORT, "side" => side.call_label()).increment(delta);
+    gauge!(names::IN_FLIGHT, "transport" => TRANSPORT, "side" => side.as_str()).increment(delta);
 }

@@ -36,7 +36,7 @@ use tokio::sync::Semaphore;
 use tracing::{Instrument, debug, warn};
 
 use crate::config::TransportLimits;
-use crate::metrics::{self, Side};
+use crate::metrics::{self, Outcome, Side};
 use crate::transport::Tracker;
 use crate::wire::{
     self, CLOSE_SHUTTING_DOWN, CLOSE_TOO_MANY_CONNECTIONS, ReadFrameError, STREAM_MALFORMED,
@@ -151,7 +151,7 @@ struct Registered {
 impl Drop for Registered {
     fn drop(&mut self) {
         self.state.unregister(self.id);
-        metrics::connection_closed(Side::Server);
+        metrics::connection_closed();
     }
 }
 
@@ -162,7 +162,7 @@ async fn serve_connection(state: Arc<ServerState>, conn: Connection) {
         conn.close(CLOSE_TOO_MANY_CONNECTIONS, b"too many connections");
         return;
     }
-    metrics::connection_opened(Side::Server);
+    metrics::connection_opened();
     let _registered = Registered {
         state: state.clone(),
         id: conn.stable_id(),
@@ -293,7 +293,7 @@ async fn serve_stream(
             return;
         }
     };
-    let Ok(_permit) = per_connection.try_acquire_owned() else {
+    let Ok(permit) = per_connection.try_acquire_owned() else {
         let status = Status::new(
             Code::ResourceExhausted,
             format!(
@@ -330,13 +330,16 @@ async fn serve_stream(
         }
         () = expiry => Some(Err(Status::new(Code::DeadlineExceeded, "the caller's deadline passed"))),
     };
+    // The slot is free once the service is done, before the answer is sent:
+    // a caller holding the answer may call again at once.
+    drop(permit);
     metrics::in_flight(Side::Server, -1.0);
     let label = match &outcome {
-        None => "cancelled",
-        Some(Ok(_)) => "ok",
-        Some(Err(_)) => "error",
+        None => Outcome::TransportError,
+        Some(Ok(_)) => Outcome::Ok,
+        Some(Err(_)) => Outcome::AppError,
     };
-    metrics::call_finished(Side::Server, method.label(), label, started.elapsed());
+    metrics::call_finished(method, Side::Server, label, started.elapsed());
     if let Some(result) = outcome {
         answer(&mut send, &state, &header, result).await;
     }
@@ -431,7 +434,7 @@ async fn answer_raw(
     let header = wire::error_header_for_raw(raw, payload_len);
     let mut chunks = [Bytes::copy_from_slice(&header), payload];
     if send.write_all_chunks(&mut chunks).await.is_ok() {
-        metrics::frame_sent(HEADER_LEN + payload_len as usize);
+        metrics::frame_sent(payload_len as usize);
         let _ = send.finish();
         let _ = tokio::time::timeout(state.limits.response_ack_timeout, send.stopped()).await;
     }

@@ -93,7 +93,7 @@ pub async fn read_payload_after(
         },
         other => other,
     })?;
-    metrics::frame_received(HEADER_LEN + len);
+    metrics::frame_received(len);
     Ok(Frame { header, payload })
 }
 
@@ -148,7 +148,7 @@ pub async fn write_frame(send: &mut SendStream, frame: &Frame) -> Result<(), Wri
     let header = Bytes::copy_from_slice(&frame.header.encode());
     let mut chunks = [header, frame.payload.clone()];
     send.write_all_chunks(&mut chunks).await?;
-    metrics::frame_sent(frame.encoded_len());
+    metrics::frame_sent(frame.payload.len());
     Ok(())
 }
 
