@@ -5,9 +5,11 @@
 //!   created on the first call and shared by every later call; tonic
 //!   re-establishes a lost connection on the next call. A peer whose dial
 //!   failed is not dialled again before a bounded backoff has passed.
-//! - **Lanes.** [`Priority::Bulk`] calls use their own connection, so a
-//!   snapshot never fills the HTTP/2 connection window that Raft votes and
-//!   heartbeats depend on.
+//! - **Lanes.** Each priority class has its own connection to a peer
+//!   (opened only when the class is used), so a snapshot never fills the
+//!   HTTP/2 connection window that Raft votes and heartbeats depend on, and
+//!   no call waits in a channel's queue behind a less urgent one. The bulk
+//!   lane has larger flow-control windows.
 //! - **Deadlines.** `call.timeout` is sent as `grpc-timeout` and also bounds
 //!   the call locally, dial included.
 //! - **Identity.** Each request is signed for the peer it means (see
@@ -84,21 +86,19 @@ impl ClientConfig {
     }
 }
 
-/// Which connection a call uses.
+/// Which connection a call uses: one per priority class, created when the
+/// class is first used, so that no call waits in a queue (tonic's channel
+/// buffer, the HTTP/2 connection window) behind a less urgent one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-enum Lane {
-    /// Control, replication and normal calls.
-    Interactive,
-    /// Bulk transfers.
-    Bulk,
-}
+struct Lane(Priority);
 
 impl Lane {
     fn of(priority: Priority) -> Lane {
-        match priority {
-            Priority::Bulk => Lane::Bulk,
-            Priority::Control | Priority::Replication | Priority::Normal => Lane::Interactive,
-        }
+        Lane(priority)
+    }
+
+    fn is_bulk(self) -> bool {
+        self.0 == Priority::Bulk
     }
 }
 
@@ -414,11 +414,12 @@ async fn dial_channel(url: &str, lane: Lane) -> Result<Channel, String> {
         .keep_alive_timeout(KEEPALIVE_TIMEOUT)
         .keep_alive_while_idle(true)
         .tcp_nodelay(true);
-    endpoint = match lane {
-        Lane::Interactive => endpoint.http2_adaptive_window(true),
-        Lane::Bulk => endpoint
+    endpoint = if lane.is_bulk() {
+        endpoint
             .initial_stream_window_size(BULK_STREAM_WINDOW)
-            .initial_connection_window_size(BULK_CONNECTION_WINDOW),
+            .initial_connection_window_size(BULK_CONNECTION_WINDOW)
+    } else {
+        endpoint.http2_adaptive_window(true)
     };
     let connector = Connector {
         target: target.into(),

@@ -167,7 +167,7 @@ async fn a_different_node_at_the_address_is_a_wrong_peer() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn channels_are_pooled_per_peer_with_a_separate_bulk_lane() {
+async fn channels_are_pooled_per_peer_and_priority_lane() {
     with_timeout(async {
         let server = node([6; 32], &TestService::default()).await;
         let caller = node([7; 32], &TestService::default()).await;
@@ -181,7 +181,11 @@ async fn channels_are_pooled_per_peer_with_a_separate_bulk_lane() {
                 .with_timeout(Duration::from_secs(10));
             client.call(&server.addr(), call).await.unwrap();
         }
-        assert_eq!(client.pooled_channels(), 1, "ten calls, one connection");
+        assert_eq!(
+            client.pooled_channels(),
+            1,
+            "ten replication calls, one connection"
+        );
         let bulk = Call::new(methods::RAFT_APPEND_ENTRIES, payload)
             .with_timeout(Duration::from_secs(10))
             .with_priority(Priority::Bulk);
@@ -192,10 +196,14 @@ async fn channels_are_pooled_per_peer_with_a_separate_bulk_lane() {
             .await
             .unwrap();
         assert!(rtt > Duration::ZERO);
+        assert_eq!(client.pooled_channels(), 3, "ping uses the control lane");
+        let vote =
+            Call::new(methods::RAFT_VOTE, Bytes::new()).with_timeout(Duration::from_secs(10));
+        client.call(&server.addr(), vote).await.unwrap();
         assert_eq!(
             client.pooled_channels(),
-            2,
-            "ping reuses the control connection"
+            3,
+            "a vote shares the control lane"
         );
         let addr = server.addr();
         caller.shutdown(DRAIN).await;
