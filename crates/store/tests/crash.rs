@@ -51,7 +51,7 @@ const LARGE_ENTRY_BYTES: usize = 160 * 1024;
 
 fn entry(index: u64) -> Entry {
     let mut command = vec!["sleep".to_owned(), index.to_string()];
-    if index % LARGE_EVERY == 0 {
+    if index.is_multiple_of(LARGE_EVERY) {
         command.push("x".repeat(LARGE_ENTRY_BYTES));
     }
     let cmd = Command::PutVm {
@@ -125,7 +125,7 @@ fn crash_child() {
             sm.apply(stream::iter([Ok((e, None))]))
                 .await
                 .expect("apply");
-            if next % PURGE_EVERY == 0 {
+            if next.is_multiple_of(PURGE_EVERY) {
                 let upto = next - PURGE_KEEP;
                 // Snapshot first: a purged entry must be in a snapshot.
                 let snap = sm.build_snapshot().await.expect("snapshot");
@@ -135,7 +135,7 @@ fn crash_child() {
                     .await
                     .expect("purge");
                 say(&mut out, &format!("PURGED {upto}"));
-            } else if next % SNAPSHOT_EVERY == 0 {
+            } else if next.is_multiple_of(SNAPSHOT_EVERY) {
                 let snap = sm.build_snapshot().await.expect("snapshot");
                 let covered = snap.meta.last_log_id.map_or(0, |id| id.index);
                 say(&mut out, &format!("SNAP {covered}"));
