@@ -12,9 +12,9 @@
 //!   lane has larger flow-control windows.
 //! - **Deadlines.** `call.timeout` is sent as `grpc-timeout` and also bounds
 //!   the call locally, dial included.
-//! - **Identity.** Each request is signed for the peer it means (see
-//!   [`crate::auth`]), and each answer must carry that peer's signature over
-//!   the request's nonce, or the call fails as `WrongPeer`.
+//! - **Identity.** Each request is authenticated for the peer it means
+//!   (see [`crate::auth`]), and each answer must carry that peer's proof
+//!   over the request's nonce, or the call fails as `WrongPeer`.
 //! - **Errors.** tonic and transport errors are mapped into the shared
 //!   taxonomy ([`classify`]); a failure before the request was sent is
 //!   `NotDelivered`, after it `MayHaveBeenDelivered`.
@@ -60,7 +60,7 @@ const HEALTH_CHECK_PATH: &str = "/grpc.health.v1.Health/Check";
 /// Configuration of a gRPC client.
 #[derive(Clone)]
 pub struct ClientConfig {
-    /// The node's Ed25519 secret key; requests are signed with it.
+    /// The node's Ed25519 secret key; requests are authenticated with it.
     pub secret_key: [u8; 32],
     /// Largest request payload sent, in bytes; larger calls are refused
     /// locally (not delivered). Responses may be up to
@@ -347,7 +347,14 @@ impl GrpcClient {
         let nonce: [u8; NONCE_LEN] = rand::random();
         let proof = self
             .identity
-            .sign_request(out.peer.id, out.path, auth::unix_now_ms(), nonce);
+            .sign_request(out.peer.id, out.path, auth::unix_now_ms(), nonce)
+            .map_err(|e| {
+                err(
+                    TransportErrorKind::WrongPeer,
+                    Delivery::NotDelivered,
+                    format!("cannot authenticate to {}: {e}", out.peer.id.short()),
+                )
+            })?;
         let mut request = tonic::Request::new(out.payload.clone());
         request.set_timeout(out.timeout);
         proof.write(request.metadata_mut().as_mut());
@@ -370,9 +377,9 @@ impl GrpcClient {
         metrics::message(Direction::Sent, out.payload.len());
         let answer = grpc.unary(request, path, RawCodec).await;
         let ctx = Verify {
+            identity: &self.identity,
             expected: out.peer.id,
             nonce: &nonce,
-            caller: self.identity.id(),
             path: out.path,
         };
         match answer {
@@ -447,15 +454,16 @@ fn error_chain(error: &(dyn StdError + 'static)) -> String {
 
 /// What the caller expects of an answer.
 struct Verify<'a> {
+    identity: &'a Identity,
     expected: PeerId,
     nonce: &'a [u8; NONCE_LEN],
-    caller: PeerId,
     path: &'a str,
 }
 
 impl Verify<'_> {
     fn check(&self, headers: &http::HeaderMap) -> ResponseIdentity {
-        auth::verify_response(headers, self.expected, self.nonce, self.caller, self.path)
+        self.identity
+            .verify_response(headers, self.expected, self.nonce, self.path)
     }
 
     fn wrong_peer(&self, identity: ResponseIdentity, delivery: Delivery) -> CallError {
@@ -505,11 +513,11 @@ fn classify(status: &tonic::Status, ctx: &Verify<'_>) -> CallError {
                 status.message(),
             ))
         }
-        // A node that is not the expected one refuses any request signed
+        // A node that is not the expected one refuses any request meant
         // for another callee before dispatch.
         other @ ResponseIdentity::OtherNode(_) => ctx.wrong_peer(other, Delivery::NotDelivered),
         // tonic's own deadline enforcement answers before any service
-        // can sign: a timeout, not an impostor.
+        // can prove the node's identity: a timeout, not an impostor.
         ResponseIdentity::Unproven(_)
             if matches!(
                 status.code(),

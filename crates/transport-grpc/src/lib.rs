@@ -14,16 +14,17 @@
 //!
 //! # Identity
 //!
-//! gRPC has no key-based identity, so every Tern call carries a signature by
-//! the caller's Ed25519 node key over a timestamp, a nonce, the callee's id
-//! and the method's path, and every answer carries the callee's signature
-//! over the nonce (see [`auth`]). A node cannot claim another's id, a
-//! captured request cannot be replayed to another node, method or (within
-//! the skew window) to the same one, and a different node at a peer's old
-//! address is refused as `WrongPeer`. Calls are not encrypted, and message
-//! bodies are not covered by the signatures: deploy the gRPC transport on a
-//! private network (or behind TLS) as before the migration; iroh, which
-//! encrypts, is where the fleet is going.
+//! gRPC has no key-based identity, so every Tern call carries a MAC over a
+//! timestamp, a nonce, both nodes' ids and the method's path, under a key
+//! only the caller and the callee can compute (X25519 of their Ed25519 node
+//! keys), and every answer carries the callee's MAC over the nonce (see
+//! [`auth`]). A node cannot claim another's id, a captured request cannot
+//! be replayed to another node, method or (within the skew window) to the
+//! same one, and a different node at a peer's old address is refused as
+//! `WrongPeer`. Calls are not encrypted, and message bodies are not covered
+//! by the MACs: deploy the gRPC transport on a private network (or behind
+//! TLS) as before the migration; iroh, which encrypts, is where the fleet
+//! is going.
 //!
 //! # Layout
 //!
@@ -32,7 +33,7 @@
 //!   graceful shutdown.
 //! - [`client`]: [`GrpcClient`], pooled channels per peer with a separate
 //!   bulk lane, deadlines, identity checks and error mapping.
-//! - [`auth`]: the signed request and response metadata, pure and tested
+//! - [`auth`]: the authenticated request and response metadata, tested
 //!   without sockets.
 //! - [`metrics`]: recording under the names shared with the iroh transport
 //!   ([`tern_protocol::metric_names`]), labelled `transport="grpc"`.

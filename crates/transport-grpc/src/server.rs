@@ -436,8 +436,8 @@ impl Services {
         let _in_flight = InFlight::start(Side::Server);
         let Some(Caller(peer)) = request.extensions().get::<Caller>().copied() else {
             return Err(tonic::Status::unauthenticated(
-                "Tern services need a signed caller identity (tern-caller-bin and \
-                 tern-signature-bin metadata); only grpc.health.v1 and reflection \
+                "Tern services need an authenticated caller (tern-caller-bin and \
+                 tern-mac-bin metadata); only grpc.health.v1 and reflection \
                  serve anonymous callers",
             ));
         };
@@ -580,19 +580,24 @@ where
         let state = self.state.clone();
         let this = state.identity.id();
         let now = auth::unix_now_ms();
-        let verified = proof.verify(this, &path, now).and_then(|caller| {
-            let mut cache = state
-                .replay
-                .lock()
-                .map_err(|_| AuthError::Malformed("replay cache poisoned"))?;
-            cache.check_and_insert(proof.nonce, proof.unix_ms, now)?;
-            Ok(caller)
-        });
+        let verified = state
+            .identity
+            .verify_request(&proof, &path, now)
+            .and_then(|caller| {
+                let mut cache = state
+                    .replay
+                    .lock()
+                    .map_err(|_| AuthError::Malformed("replay cache poisoned"))?;
+                cache.check_and_insert(proof.nonce, proof.unix_ms, now)?;
+                Ok(caller)
+            });
         let sign = move |headers: &mut http::HeaderMap| {
-            let signature = state
+            if let Some(mac) = state
                 .identity
-                .sign_response(&proof.nonce, proof.caller, &path);
-            auth::write_response_proof(headers, this, &signature);
+                .response_mac(&proof.nonce, proof.caller, &path)
+            {
+                auth::write_response_proof(headers, this, &mac);
+            }
         };
         match verified {
             Err(e) => {

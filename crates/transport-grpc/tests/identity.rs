@@ -38,7 +38,7 @@ async fn raw_client(node: &GrpcTransport) -> RaftClient<Channel> {
     RaftClient::connect(node.server().url()).await.unwrap()
 }
 
-fn signed(proof: &auth::RequestProof) -> tonic::Request<pb::RaftPayload> {
+fn with_proof(proof: &auth::RequestProof) -> tonic::Request<pb::RaftPayload> {
     let mut request = tonic::Request::new(pb::RaftPayload::default());
     proof.write(request.metadata_mut().as_mut());
     request
@@ -76,30 +76,39 @@ async fn forged_stale_replayed_and_anonymous_calls_are_refused() {
         let now = auth::unix_now_ms();
 
         // A valid request first: the service sees A.
-        let proof = a.sign_request(server.id(), VOTE, now, fresh_nonce());
-        let answer = raw.vote(signed(&proof)).await.unwrap();
+        let proof = a
+            .sign_request(server.id(), VOTE, now, fresh_nonce())
+            .unwrap();
+        let answer = raw.vote(with_proof(&proof)).await.unwrap();
         assert_eq!(answer.get_ref().data.as_ref(), a.id().as_bytes());
         assert_eq!(Counters::get(&service.counters.started), 1);
 
         // The same request again (a replay to the same node and method).
-        expect_unauthenticated(raw.vote(signed(&proof)).await, "exact replay");
+        expect_unauthenticated(raw.vote(with_proof(&proof)).await, "exact replay");
 
-        // Signed by A, claiming to be B.
-        let mut forged = a.sign_request(server.id(), VOTE, now, fresh_nonce());
+        // Made by A, claiming to be B.
+        let mut forged = a
+            .sign_request(server.id(), VOTE, now, fresh_nonce())
+            .unwrap();
         forged.caller = b.id();
-        let status = expect_unauthenticated(raw.vote(signed(&forged)).await, "forged caller");
-        assert!(status.message().contains("bad signature"), "{status:?}");
+        let status = expect_unauthenticated(raw.vote(with_proof(&forged)).await, "forged caller");
+        assert!(status.message().contains("does not verify"), "{status:?}");
 
         // Stale and future timestamps.
         let skew = u64::try_from(MAX_CLOCK_SKEW.as_millis()).unwrap();
         for ts in [now - 2 * skew, now + 2 * skew] {
-            let stale = a.sign_request(server.id(), VOTE, ts, fresh_nonce());
-            let status = expect_unauthenticated(raw.vote(signed(&stale)).await, "stale timestamp");
+            let stale = a
+                .sign_request(server.id(), VOTE, ts, fresh_nonce())
+                .unwrap();
+            let status =
+                expect_unauthenticated(raw.vote(with_proof(&stale)).await, "stale timestamp");
             assert!(status.message().contains("timestamp"), "{status:?}");
         }
 
-        // Signed for Vote, sent to AppendEntries.
-        let vote_proof = a.sign_request(server.id(), VOTE, now, fresh_nonce());
+        // Made for Vote, sent to AppendEntries.
+        let vote_proof = a
+            .sign_request(server.id(), VOTE, now, fresh_nonce())
+            .unwrap();
         let mut request = tonic::Request::new(pb::RaftPayload::default());
         vote_proof.write(request.metadata_mut().as_mut());
         expect_unauthenticated(
@@ -107,16 +116,16 @@ async fn forged_stale_replayed_and_anonymous_calls_are_refused() {
             "replay to another method",
         );
 
-        // Signed for `other`, sent to `server`: refused, and the refusal is
-        // signed by `server`, so a client learns it reached another node.
+        // Made for `other`, sent to `server`: refused, and the refusal is
+        // proven by `server`, so a client learns it reached another node.
         let nonce = fresh_nonce();
-        let misdirected = a.sign_request(other.id(), VOTE, now, nonce);
+        let misdirected = a.sign_request(other.id(), VOTE, now, nonce).unwrap();
         let status = expect_unauthenticated(
-            raw.vote(signed(&misdirected)).await,
+            raw.vote(with_proof(&misdirected)).await,
             "replay to another node",
         );
         assert_eq!(
-            auth::verify_response(status.metadata().as_ref(), other.id(), &nonce, a.id(), VOTE),
+            a.verify_response(status.metadata().as_ref(), other.id(), &nonce, VOTE),
             ResponseIdentity::OtherNode(server.id())
         );
 
