@@ -7,6 +7,13 @@
 //!   one call at once; throughput in calls.
 //! - `grpc/bulk/64mib`: 64 MiB as 1 MiB `Raft/Snapshot` chunks, 4 in
 //!   flight, on the bulk lane; throughput in bytes.
+//! - `grpc/control_during_bulk/vote`: a `Raft/Vote` round trip while 64 MiB
+//!   bulk transfers run without pause on the same pair of nodes.
+//!
+//! Each of the first three has a `raw_baseline` beside it: the same calls
+//! with tonic's generated client against a bare tonic server (no caller
+//! proofs, no handler, no pool), so the transport's own overhead is a ratio
+//! measured in the same run. `grpc/unary` also prints p50/p99 of both.
 //!
 //! Real servers on 127.0.0.1, the conformance suite's test service.
 
@@ -15,6 +22,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -24,7 +32,10 @@ use prost::Message;
 use tern_protocol::catalog::methods;
 use tern_protocol::{Call, PeerAddr, Priority, RpcClient, pb};
 use tern_transport_conformance::service::TestService;
+use tern_transport_grpc::services::raft_client::RaftClient;
+use tern_transport_grpc::services::raft_server::{Raft, RaftServer};
 use tern_transport_grpc::{GrpcClient, GrpcTransport, ServerConfig};
+use tonic::transport::Channel;
 
 /// Callers in the concurrency bench.
 const CALLERS: usize = 64;
@@ -36,6 +47,75 @@ const BULK_CHUNKS: usize = 64;
 const BULK_PARALLEL: usize = 4;
 /// Timeout of every bench call: generous, never expected to hit.
 const TIMEOUT: Duration = Duration::from_secs(60);
+/// Calls timed one by one for the p50/p99 printout.
+const PERCENTILE_SAMPLE: usize = 2000;
+/// Largest message the raw baseline server accepts (a bulk chunk and its
+/// framing).
+const RAW_MAX: usize = 2 * BULK_CHUNK;
+
+/// The raw baseline: tonic's generated Raft service, answering directly.
+struct RawRaft;
+
+#[tonic::async_trait]
+impl Raft for RawRaft {
+    async fn vote(
+        &self,
+        _request: tonic::Request<pb::RaftPayload>,
+    ) -> Result<tonic::Response<pb::RaftPayload>, tonic::Status> {
+        Ok(tonic::Response::new(pb::RaftPayload::default()))
+    }
+
+    async fn append_entries(
+        &self,
+        request: tonic::Request<pb::RaftPayload>,
+    ) -> Result<tonic::Response<pb::RaftPayload>, tonic::Status> {
+        Ok(tonic::Response::new(request.into_inner()))
+    }
+
+    async fn snapshot(
+        &self,
+        request: tonic::Request<pb::SnapshotChunk>,
+    ) -> Result<tonic::Response<pb::RaftPayload>, tonic::Status> {
+        let len = request.into_inner().data.len() as u64;
+        Ok(tonic::Response::new(pb::RaftPayload {
+            data: Bytes::copy_from_slice(&len.to_le_bytes()),
+        }))
+    }
+}
+
+/// Starts a bare tonic server with [`RawRaft`] and returns a client to it.
+async fn raw_baseline() -> RaftClient<Channel> {
+    let listener = tokio::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0)))
+        .await
+        .unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let incoming = futures::stream::unfold(listener, |l| async move {
+        let next = l.accept().await.map(|(stream, _)| {
+            stream.set_nodelay(true).unwrap();
+            stream
+        });
+        Some((next, l))
+    });
+    let service = RaftServer::new(RawRaft)
+        .max_decoding_message_size(RAW_MAX)
+        .max_encoding_message_size(RAW_MAX);
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming(incoming),
+    );
+    RaftClient::connect(url)
+        .await
+        .unwrap()
+        .max_decoding_message_size(RAW_MAX)
+        .max_encoding_message_size(RAW_MAX)
+}
+
+fn percentiles(mut samples: Vec<Duration>) -> (Duration, Duration) {
+    samples.sort_unstable();
+    let at = |q: f64| samples[((samples.len() as f64 * q) as usize).min(samples.len() - 1)];
+    (at(0.50), at(0.99))
+}
 
 struct Setup {
     rt: tokio::runtime::Runtime,
@@ -43,6 +123,7 @@ struct Setup {
     caller: Option<GrpcTransport>,
     client: Arc<GrpcClient>,
     addr: PeerAddr,
+    raw: RaftClient<Channel>,
 }
 
 impl Setup {
@@ -52,7 +133,7 @@ impl Setup {
             .enable_all()
             .build()
             .unwrap();
-        let (server, caller) = rt.block_on(async {
+        let (server, caller, raw) = rt.block_on(async {
             let any = SocketAddr::from(([127, 0, 0, 1], 0));
             let server = GrpcTransport::start(
                 ServerConfig::new([1; 32], any),
@@ -66,7 +147,7 @@ impl Setup {
             )
             .await
             .unwrap();
-            (server, caller)
+            (server, caller, raw_baseline().await)
         });
         let client = caller.client();
         let addr = server.addr();
@@ -76,6 +157,7 @@ impl Setup {
             caller: Some(caller),
             client,
             addr,
+            raw,
         }
     }
 }
@@ -103,6 +185,36 @@ fn echo_call(data: Bytes, priority: Priority) -> Call {
     .with_priority(priority)
 }
 
+fn snapshot_chunk(i: usize, data: Bytes) -> pb::SnapshotChunk {
+    pb::SnapshotChunk {
+        snapshot_id: "bench".into(),
+        offset: (i * BULK_CHUNK) as u64,
+        data,
+        ..Default::default()
+    }
+}
+
+/// Sends 64 MiB as bulk snapshot chunks through the Tern client.
+async fn tern_bulk(client: Arc<dyn RpcClient>, addr: PeerAddr, chunk: Bytes) {
+    let sem = Arc::new(tokio::sync::Semaphore::new(BULK_PARALLEL));
+    let sends = (0..BULK_CHUNKS).map(|i| {
+        let (client, addr, chunk, sem) = (client.clone(), addr.clone(), chunk.clone(), sem.clone());
+        tokio::spawn(async move {
+            let _permit = sem.acquire().await.unwrap();
+            let payload = snapshot_chunk(i, chunk).encode_to_vec().into();
+            client
+                .call(
+                    &addr,
+                    Call::new(methods::RAFT_SNAPSHOT, payload).with_timeout(TIMEOUT),
+                )
+                .await
+        })
+    });
+    for r in join_all(sends).await {
+        r.unwrap().unwrap();
+    }
+}
+
 fn unary(c: &mut Criterion) {
     let s = Setup::new();
     let data = Bytes::from_static(b"0123456789abcdef");
@@ -127,7 +239,45 @@ fn unary(c: &mut Criterion) {
             })
         });
     });
+    group.bench_function("raw_baseline", |b| {
+        b.iter_custom(|iters| {
+            s.rt.block_on(async {
+                let mut raw = s.raw.clone();
+                let started = Instant::now();
+                for _ in 0..iters {
+                    raw.append_entries(pb::RaftPayload { data: data.clone() })
+                        .await
+                        .unwrap();
+                }
+                started.elapsed()
+            })
+        });
+    });
     group.finish();
+    let (ours, raw) = s.rt.block_on(async {
+        let mut raw_client = s.raw.clone();
+        let mut ours = Vec::with_capacity(PERCENTILE_SAMPLE);
+        let mut raw = Vec::with_capacity(PERCENTILE_SAMPLE);
+        for _ in 0..PERCENTILE_SAMPLE {
+            let t = Instant::now();
+            s.client
+                .call(&s.addr, echo_call(data.clone(), Priority::Normal))
+                .await
+                .unwrap();
+            ours.push(t.elapsed());
+            let t = Instant::now();
+            raw_client
+                .append_entries(pb::RaftPayload { data: data.clone() })
+                .await
+                .unwrap();
+            raw.push(t.elapsed());
+        }
+        (percentiles(ours), percentiles(raw))
+    });
+    println!(
+        "grpc/unary p50/p99 over {PERCENTILE_SAMPLE} calls: tern {:?}/{:?}, raw {:?}/{:?}",
+        ours.0, ours.1, raw.0, raw.1
+    );
 }
 
 fn concurrent(c: &mut Criterion) {
@@ -155,6 +305,25 @@ fn concurrent(c: &mut Criterion) {
             })
         });
     });
+    group.bench_function("raw_baseline", |b| {
+        b.iter_custom(|iters| {
+            s.rt.block_on(async {
+                let started = Instant::now();
+                for _ in 0..iters {
+                    let calls = (0..CALLERS).map(|_| {
+                        let (mut raw, data) = (s.raw.clone(), data.clone());
+                        tokio::spawn(
+                            async move { raw.append_entries(pb::RaftPayload { data }).await },
+                        )
+                    });
+                    for r in join_all(calls).await {
+                        r.unwrap().unwrap();
+                    }
+                }
+                started.elapsed()
+            })
+        });
+    });
     group.finish();
 }
 
@@ -170,27 +339,23 @@ fn bulk(c: &mut Criterion) {
             s.rt.block_on(async {
                 let started = Instant::now();
                 for _ in 0..iters {
+                    tern_bulk(client.clone(), s.addr.clone(), chunk.clone()).await;
+                }
+                started.elapsed()
+            })
+        });
+    });
+    group.bench_function("raw_baseline", |b| {
+        b.iter_custom(|iters| {
+            s.rt.block_on(async {
+                let started = Instant::now();
+                for _ in 0..iters {
                     let sem = Arc::new(tokio::sync::Semaphore::new(BULK_PARALLEL));
                     let sends = (0..BULK_CHUNKS).map(|i| {
-                        let (client, addr, chunk, sem) =
-                            (client.clone(), s.addr.clone(), chunk.clone(), sem.clone());
+                        let (mut raw, chunk, sem) = (s.raw.clone(), chunk.clone(), sem.clone());
                         tokio::spawn(async move {
                             let _permit = sem.acquire().await.unwrap();
-                            let payload = pb::SnapshotChunk {
-                                snapshot_id: "bench".into(),
-                                offset: (i * BULK_CHUNK) as u64,
-                                data: chunk,
-                                ..Default::default()
-                            }
-                            .encode_to_vec()
-                            .into();
-                            client
-                                .call(
-                                    &addr,
-                                    Call::new(methods::RAFT_SNAPSHOT, payload)
-                                        .with_timeout(TIMEOUT),
-                                )
-                                .await
+                            raw.snapshot(snapshot_chunk(i, chunk)).await
                         })
                     });
                     for r in join_all(sends).await {
@@ -204,5 +369,37 @@ fn bulk(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, unary, concurrent, bulk);
+fn control_during_bulk(c: &mut Criterion) {
+    let s = Setup::new();
+    let chunk = Bytes::from(vec![0x42u8; BULK_CHUNK]);
+    let client: Arc<dyn RpcClient> = s.client.clone();
+    let stop = Arc::new(AtomicBool::new(false));
+    let background = {
+        let (client, addr, chunk, stop) = (client.clone(), s.addr.clone(), chunk, stop.clone());
+        s.rt.spawn(async move {
+            while !stop.load(Ordering::SeqCst) {
+                tern_bulk(client.clone(), addr.clone(), chunk.clone()).await;
+            }
+        })
+    };
+    let mut group = c.benchmark_group("grpc/control_during_bulk");
+    group.sample_size(20);
+    group.bench_function("vote", |b| {
+        b.iter_custom(|iters| {
+            s.rt.block_on(async {
+                let started = Instant::now();
+                for _ in 0..iters {
+                    let call = Call::new(methods::RAFT_VOTE, Bytes::new()).with_timeout(TIMEOUT);
+                    client.call(&s.addr, call).await.unwrap();
+                }
+                started.elapsed()
+            })
+        });
+    });
+    group.finish();
+    stop.store(true, Ordering::SeqCst);
+    s.rt.block_on(background).unwrap();
+}
+
+criterion_group!(benches, unary, concurrent, bulk, control_during_bulk);
 criterion_main!(benches);
