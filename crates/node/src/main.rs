@@ -29,10 +29,39 @@ struct Cli {
 enum Command {
     /// Show the wire protocol at work (the local cluster demo comes with the node).
     Demo,
+    /// Check a node configuration file and print the policy it sets.
+    CheckConfig {
+        /// The file to check.
+        #[arg(long, short)]
+        config: std::path::PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
     match Cli::parse().command {
+        Command::CheckConfig { config } => match tern_node::config::Config::load(&config) {
+            Ok(checked) => {
+                println!("{}: ok", config.display());
+                let c = &checked.config;
+                let show = |l: tern_node::config::Listen| {
+                    l.addr()
+                        .map(|a| a.to_string())
+                        .unwrap_or_else(|| "off".into())
+                };
+                println!("  data_dir  {}", c.data_dir.display());
+                println!("  grpc      {}", show(c.listen.grpc));
+                println!("  iroh      {}", show(c.listen.iroh));
+                println!("  metrics   {}", show(c.listen.metrics));
+                println!("  runtime   {:?}", c.vm.runtime);
+                println!("  join via  {} member(s)", checked.seeds.len());
+                println!("  policy    {:?}", checked.policy.to_config());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(2)
+            }
+        },
         Command::Demo => match demo() {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

@@ -1,0 +1,548 @@
+//! The node's configuration file (`tern run --config node.toml`).
+//!
+//! ```toml
+//! data_dir = "./tern-data"             # identity key, Raft log, snapshots, VM state
+//!
+//! [listen]
+//! grpc = "127.0.0.1:7400"              # "off" to serve no gRPC
+//! iroh = "127.0.0.1:7401"              # UDP; "off" to serve no iroh
+//! metrics = "127.0.0.1:9400"           # Prometheus /metrics; "off" to disable
+//!
+//! [iroh]
+//! relay_url = "https://relay.example:3340"   # optional; none = no relay at all
+//! relay_ca_cert = "/etc/tern/relay-ca.pem"   # optional, for a private relay
+//!
+//! [cluster]
+//! join_token = "s3cret"                # required to join, and to let others join
+//! # Members to ask to join through; none = start a new cluster.
+//! join = [{ id = "<64 hex digits>", grpc = "http://10.0.0.1:7400", iroh = ["10.0.0.1:7401"] }]
+//!
+//! [capacity]
+//! vcpus = 8
+//! memory_mib = 16384
+//!
+//! [vm]
+//! runtime = "auto"                     # "auto" | "process" | "microvm"
+//!
+//! [transport]                          # the migration policy, see transport-dual
+//! mode = "grpc"
+//! ```
+//!
+//! Every value is checked when the file is read; an error names the key and
+//! says why, and the node does not start.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Deserializer};
+use tern_protocol::PeerId;
+use tern_transport_dual::{Policy, TransportConfig};
+
+/// Default gRPC listen address.
+pub const DEFAULT_GRPC: &str = "127.0.0.1:7400";
+/// Default iroh (UDP) listen address.
+pub const DEFAULT_IROH: &str = "127.0.0.1:7401";
+/// Default Prometheus listen address.
+pub const DEFAULT_METRICS: &str = "127.0.0.1:9400";
+/// Default data directory, relative to the working directory.
+pub const DEFAULT_DATA_DIR: &str = "./tern-data";
+/// Longest join token accepted; tokens are secrets, not documents.
+pub const MAX_JOIN_TOKEN: usize = 1024;
+
+/// A listen address, or `"off"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Listen {
+    /// Not served.
+    Off,
+    /// Served on this address (port 0 picks a free port).
+    On(SocketAddr),
+}
+
+impl Listen {
+    /// The address, when served.
+    pub fn addr(self) -> Option<SocketAddr> {
+        match self {
+            Listen::Off => None,
+            Listen::On(a) => Some(a),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Listen {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Listen, D::Error> {
+        let text = String::deserialize(d)?;
+        if text.eq_ignore_ascii_case("off") {
+            return Ok(Listen::Off);
+        }
+        text.parse().map(Listen::On).map_err(|e| {
+            serde::de::Error::custom(format!(
+                "{text:?} is not an address like \"127.0.0.1:7400\" or \"off\": {e}"
+            ))
+        })
+    }
+}
+
+fn default_listen(addr: &str) -> Listen {
+    addr.parse().map(Listen::On).unwrap_or(Listen::Off)
+}
+
+/// `[listen]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenConfig {
+    /// gRPC (TCP).
+    #[serde(default = "listen_grpc")]
+    pub grpc: Listen,
+    /// iroh (UDP).
+    #[serde(default = "listen_iroh")]
+    pub iroh: Listen,
+    /// Prometheus `/metrics` (TCP).
+    #[serde(default = "listen_metrics")]
+    pub metrics: Listen,
+}
+
+fn listen_grpc() -> Listen {
+    default_listen(DEFAULT_GRPC)
+}
+fn listen_iroh() -> Listen {
+    default_listen(DEFAULT_IROH)
+}
+fn listen_metrics() -> Listen {
+    default_listen(DEFAULT_METRICS)
+}
+
+impl Default for ListenConfig {
+    fn default() -> Self {
+        ListenConfig {
+            grpc: listen_grpc(),
+            iroh: listen_iroh(),
+            metrics: listen_metrics(),
+        }
+    }
+}
+
+/// `[iroh]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IrohConfig {
+    /// A relay to use for relaying and hole punching. None: no relay is
+    /// contacted at all.
+    pub relay_url: Option<String>,
+    /// PEM file of the CA that signed a private relay's certificate.
+    pub relay_ca_cert: Option<PathBuf>,
+}
+
+/// One member to join through.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SeedConfig {
+    /// The member's identity (64 hex digits).
+    pub id: String,
+    /// Its gRPC URL.
+    pub grpc: Option<String>,
+    /// Its iroh direct addresses.
+    #[serde(default)]
+    pub iroh: Vec<SocketAddr>,
+}
+
+/// `[cluster]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// The shared secret a node presents to join (and checks when others
+    /// join through it).
+    pub join_token: Option<String>,
+    /// Members to join through; empty to start a new cluster.
+    #[serde(default)]
+    pub join: Vec<SeedConfig>,
+}
+
+/// `[capacity]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CapacityConfig {
+    /// vCPUs offered to VMs.
+    #[serde(default = "default_vcpus")]
+    pub vcpus: u32,
+    /// Memory offered to VMs, MiB.
+    #[serde(default = "default_memory")]
+    pub memory_mib: u64,
+}
+
+fn default_vcpus() -> u32 {
+    std::thread::available_parallelism()
+        .map(|n| u32::try_from(n.get()).unwrap_or(u32::MAX))
+        .unwrap_or(1)
+}
+
+fn default_memory() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|v| v.split_whitespace().next())
+                .and_then(|kib| kib.parse::<u64>().ok())
+        })
+        .map(|kib| kib / 1024)
+        .unwrap_or(1024)
+}
+
+impl Default for CapacityConfig {
+    fn default() -> Self {
+        CapacityConfig {
+            vcpus: default_vcpus(),
+            memory_mib: default_memory(),
+        }
+    }
+}
+
+/// `[vm].runtime`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum RuntimeChoice {
+    /// microvm where QEMU is installed, process otherwise.
+    #[default]
+    Auto,
+    /// Workloads as supervised processes.
+    Process,
+    /// QEMU microVMs.
+    Microvm,
+}
+
+/// `[vm]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmConfig {
+    /// Which runtime runs the VMs placed on this node.
+    #[serde(default)]
+    pub runtime: RuntimeChoice,
+}
+
+/// The whole file as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Where the node keeps its identity, Raft state and VM state.
+    #[serde(default = "default_data_dir")]
+    pub data_dir: PathBuf,
+    /// `[listen]`.
+    #[serde(default)]
+    pub listen: ListenConfig,
+    /// `[iroh]`.
+    #[serde(default)]
+    pub iroh: IrohConfig,
+    /// `[cluster]`.
+    #[serde(default)]
+    pub cluster: ClusterConfig,
+    /// `[capacity]`.
+    #[serde(default)]
+    pub capacity: CapacityConfig,
+    /// `[vm]`.
+    #[serde(default)]
+    pub vm: VmConfig,
+    /// `[transport]`.
+    #[serde(default)]
+    pub transport: TransportConfig,
+}
+
+fn default_data_dir() -> PathBuf {
+    PathBuf::from(DEFAULT_DATA_DIR)
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            data_dir: default_data_dir(),
+            listen: ListenConfig::default(),
+            iroh: IrohConfig::default(),
+            cluster: ClusterConfig::default(),
+            capacity: CapacityConfig::default(),
+            vm: VmConfig::default(),
+            transport: TransportConfig::default(),
+        }
+    }
+}
+
+/// A configuration the node refuses, naming the key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// The file, when read from one.
+    pub file: Option<PathBuf>,
+    /// The key, e.g. `transport.mode` (empty when the file as a whole is
+    /// at fault).
+    pub key: String,
+    /// Why, and what would be accepted.
+    pub reason: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(file) = &self.file {
+            write!(f, "{}: ", file.display())?;
+        }
+        if self.key.is_empty() {
+            write!(f, "{}", self.reason)
+        } else {
+            write!(f, "{}: {}", self.key, self.reason)
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+fn err(key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+    ConfigError {
+        file: None,
+        key: key.into(),
+        reason: reason.into(),
+    }
+}
+
+/// A checked configuration: the file plus the values derived from it.
+#[derive(Debug, Clone)]
+pub struct Checked {
+    /// The file as written.
+    pub config: Config,
+    /// The validated transport policy.
+    pub policy: Policy,
+    /// The join seeds, parsed.
+    pub seeds: Vec<(PeerId, SeedConfig)>,
+}
+
+impl Config {
+    /// Reads and checks a file.
+    pub fn load(path: &Path) -> Result<Checked, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: Some(path.to_owned()),
+            key: String::new(),
+            reason: format!("cannot read the config file: {e}"),
+        })?;
+        Config::parse(&text).map_err(|mut e| {
+            e.file = Some(path.to_owned());
+            e
+        })
+    }
+
+    /// Parses and checks a file's text.
+    pub fn parse(text: &str) -> Result<Checked, ConfigError> {
+        // toml's message names the line and shows the key in context.
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError {
+            file: None,
+            key: String::new(),
+            reason: e.to_string().trim_end().to_owned(),
+        })?;
+        config.check()
+    }
+
+    /// Checks values that the file's syntax cannot.
+    pub fn check(self) -> Result<Checked, ConfigError> {
+        let policy = Policy::from_config(&self.transport).map_err(|e| err(e.key, e.reason))?;
+        if self.listen.grpc == Listen::Off && self.listen.iroh == Listen::Off {
+            return Err(err(
+                "listen",
+                "both listen.grpc and listen.iroh are \"off\": a node must serve at least one transport",
+            ));
+        }
+        if policy.uses_iroh() && self.listen.iroh == Listen::Off {
+            return Err(err(
+                "transport.mode",
+                format!(
+                    "the policy sends traffic over iroh (mode = {:?}) but listen.iroh is \"off\"; set listen.iroh to an address",
+                    policy.mode.as_str()
+                ),
+            ));
+        }
+        if self.capacity.vcpus == 0 {
+            return Err(err("capacity.vcpus", "must be at least 1"));
+        }
+        if self.capacity.memory_mib < 16 {
+            return Err(err("capacity.memory_mib", "must be at least 16 (MiB)"));
+        }
+        if let Some(token) = &self.cluster.join_token
+            && (token.is_empty() || token.len() > MAX_JOIN_TOKEN)
+        {
+            return Err(err(
+                "cluster.join_token",
+                format!("must be 1 to {MAX_JOIN_TOKEN} characters"),
+            ));
+        }
+        if !self.cluster.join.is_empty() && self.cluster.join_token.is_none() {
+            return Err(err(
+                "cluster.join_token",
+                "joining through cluster.join needs the cluster's join token",
+            ));
+        }
+        let mut seeds = Vec::new();
+        for (i, seed) in self.cluster.join.iter().enumerate() {
+            let key = format!("cluster.join[{i}]");
+            let id: PeerId = seed
+                .id
+                .parse()
+                .map_err(|e| err(format!("{key}.id"), format!("{e}")))?;
+            if seed.grpc.is_none() && seed.iroh.is_empty() {
+                return Err(err(
+                    key,
+                    "give the member's grpc URL, its iroh addresses, or both",
+                ));
+            }
+            if let Some(url) = &seed.grpc
+                && !(url.starts_with("http://") || url.starts_with("https://"))
+            {
+                return Err(err(
+                    format!("{key}.grpc"),
+                    format!("{url:?} is not an http:// or https:// URL"),
+                ));
+            }
+            seeds.push((id, seed.clone()));
+        }
+        if let Some(url) = &self.iroh.relay_url
+            && !(url.starts_with("https://") || url.starts_with("http://"))
+        {
+            return Err(err(
+                "iroh.relay_url",
+                format!("{url:?} is not an http(s):// URL"),
+            ));
+        }
+        if let Some(ca) = &self.iroh.relay_ca_cert
+            && !ca.is_file()
+        {
+            return Err(err(
+                "iroh.relay_ca_cert",
+                format!("{} is not a readable file", ca.display()),
+            ));
+        }
+        Ok(Checked {
+            config: self,
+            policy,
+            seeds,
+        })
+    }
+}
+
+/// Makes sure the data directory exists and is writable, saying which key
+/// to change when it is not.
+pub fn prepare_data_dir(dir: &Path) -> Result<(), ConfigError> {
+    std::fs::create_dir_all(dir).map_err(|e| {
+        err(
+            "data_dir",
+            format!(
+                "cannot create {}: {e}; choose a directory this user may write",
+                dir.display()
+            ),
+        )
+    })?;
+    let probe = dir.join(".tern-write-probe");
+    std::fs::write(&probe, b"ok").map_err(|e| {
+        err(
+            "data_dir",
+            format!(
+                "cannot write in {}: {e}; fix its permissions or choose another directory",
+                dir.display()
+            ),
+        )
+    })?;
+    let _ = std::fs::remove_file(probe);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_file_means_a_single_loopback_node() {
+        let checked = Config::parse("").unwrap();
+        let c = &checked.config;
+        assert_eq!(c.data_dir, PathBuf::from(DEFAULT_DATA_DIR));
+        assert_eq!(c.listen.grpc.addr().unwrap().to_string(), DEFAULT_GRPC);
+        assert_eq!(c.listen.iroh.addr().unwrap().to_string(), DEFAULT_IROH);
+        assert!(c.cluster.join.is_empty());
+        assert!(!checked.policy.uses_iroh(), "the fleet starts on gRPC");
+        assert!(c.capacity.vcpus >= 1);
+    }
+
+    #[test]
+    fn a_full_file_parses() {
+        let id = "ab".repeat(32);
+        let checked = Config::parse(&format!(
+            r#"
+            data_dir = "/var/lib/tern"
+            [listen]
+            grpc = "0.0.0.0:7400"
+            iroh = "0.0.0.0:7401"
+            metrics = "off"
+            [cluster]
+            join_token = "t0ken"
+            join = [{{ id = "{id}", grpc = "http://10.0.0.1:7400", iroh = ["10.0.0.1:7401"] }}]
+            [capacity]
+            vcpus = 8
+            memory_mib = 16384
+            [vm]
+            runtime = "process"
+            [transport]
+            mode = "dual"
+            [transport.migration]
+            prefer_iroh = ["health", "status"]
+            raft_transport = "adaptive"
+            "#
+        ))
+        .unwrap();
+        assert_eq!(checked.config.listen.metrics, Listen::Off);
+        assert_eq!(checked.seeds.len(), 1);
+        assert_eq!(checked.seeds[0].0.to_string(), id);
+        assert_eq!(checked.config.vm.runtime, RuntimeChoice::Process);
+    }
+
+    fn error_of(text: &str) -> String {
+        Config::parse(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn errors_name_the_key_and_say_why() {
+        let e = error_of("[transport]\nmode = \"quic\"\n");
+        assert!(e.contains("mode") && e.contains("quic"), "{e}");
+        let e = error_of(
+            "[transport]\nmode = \"dual\"\n[transport.migration]\nprefer_iroh = [\"helth\"]\n",
+        );
+        assert!(
+            e.contains("transport.migration.prefer_iroh[0]") && e.contains("helth"),
+            "{e}"
+        );
+        let e = error_of("[listen]\ngrpc = \"localhost\"\n");
+        assert!(e.contains("grpc") && e.contains("localhost"), "{e}");
+        let e = error_of("[listen]\ngrpc = \"off\"\niroh = \"off\"\n");
+        assert!(e.contains("at least one transport"), "{e}");
+        let e = error_of("[listen]\niroh = \"off\"\n[transport]\nmode = \"iroh\"\n");
+        assert!(e.starts_with("transport.mode"), "{e}");
+        let e = error_of(
+            "[cluster]\njoin = [{ id = \"abc\", grpc = \"http://x:1\" }]\njoin_token = \"t\"\n",
+        );
+        assert!(e.contains("cluster.join[0].id"), "{e}");
+        let e = error_of(&format!(
+            "[cluster]\njoin = [{{ id = \"{}\", grpc = \"http://x:1\" }}]\n",
+            "00".repeat(32)
+        ));
+        assert!(e.contains("cluster.join_token"), "{e}");
+        let e = error_of("[capacity]\nvcpus = 0\n");
+        assert!(e.contains("capacity.vcpus"), "{e}");
+        let e = error_of("datadir = \"/x\"\n");
+        assert!(e.contains("datadir"), "{e}");
+        let e = error_of("[vm]\nruntime = \"docker\"\n");
+        assert!(e.contains("runtime") && e.contains("docker"), "{e}");
+    }
+
+    #[test]
+    fn an_unwritable_data_dir_is_refused_with_the_key() {
+        let dir = std::env::temp_dir().join(format!("tern-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("not-a-dir");
+        std::fs::write(&file, b"x").unwrap();
+        let e = prepare_data_dir(&file.join("sub")).unwrap_err();
+        assert_eq!(e.key, "data_dir");
+        assert!(e.reason.contains("cannot create"), "{e}");
+        prepare_data_dir(&dir.join("ok")).unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
