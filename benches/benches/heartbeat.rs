@@ -5,7 +5,9 @@
 //! every heartbeat.
 //!
 //! The seed measured 382 ns for serialising the request alone; the target
-//! is at most 40 ns for the whole round trip.
+//! is at most 40 ns for the whole round trip. `raft-net`'s typed
+//! AppendEntries functions take a hand-written path for entry-less
+//! requests that writes and reads exactly postcard's bytes.
 
 use std::hint::black_box;
 
@@ -33,7 +35,7 @@ fn heartbeat() -> AppendEntriesRequest<TypeConfig> {
 fn encode(header: &mut Header, req: &AppendEntriesRequest<TypeConfig>, buf: &mut Vec<u8>) {
     buf.clear();
     buf.extend_from_slice(&[0u8; HEADER_LEN]);
-    let len = codec::encode_into(req, buf).expect("a heartbeat encodes");
+    let len = codec::encode_append_entries_into(req, buf).expect("a heartbeat encodes");
     header.payload_len = u32::try_from(len).expect("a heartbeat is small");
     buf[..HEADER_LEN].copy_from_slice(&header.encode());
 }
@@ -44,7 +46,7 @@ fn decode(buf: &[u8], limits: Limits) -> (Header, AppendEntriesRequest<TypeConfi
     let head: &[u8; HEADER_LEN] = head.try_into().expect("header bytes");
     let header = Header::decode(head, limits).expect("valid header");
     let payload = &payload[..header.payload_len as usize];
-    let req = codec::decode(payload).expect("valid request");
+    let req = codec::decode_append_entries(payload).expect("valid request");
     (header, req)
 }
 

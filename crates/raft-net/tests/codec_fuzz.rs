@@ -23,6 +23,7 @@ fn all_decoders(bytes: &[u8]) {
     let _ = decode::<Entry>(bytes);
     let _ = decode::<SnapshotMeta>(bytes);
     let _ = decode::<Vec<Entry>>(bytes);
+    let _ = tern_raft_net::codec::decode_append_entries(bytes);
 }
 
 proptest! {

@@ -14,7 +14,12 @@
 //!
 //! [`encode_into`] appends to a caller's buffer through a postcard flavor
 //! that writes straight into the `Vec`, so a reused buffer makes encoding
-//! allocation-free.
+//! allocation-free. [`append`] adds typed functions for AppendEntries with a
+//! hand-written fast path for heartbeats that produces the same bytes.
+
+pub mod append;
+
+pub use append::{AppendEntriesRequest, decode_append_entries, encode_append_entries_into};
 
 use bytes::Bytes;
 use serde::Serialize;
