@@ -1,0 +1,248 @@
+//! The assets a real microVM boot test needs, prepared from Debian
+//! packages: QEMU, a guest kernel and a busybox initramfs.
+//!
+//! [`prepare`] is the one entry point (also meant for `cargo xtask test`).
+//! It runs, as root, only what is missing:
+//!
+//! 1. `apt-get update` and `apt-get install -y --no-install-recommends
+//!    qemu-system-x86` when `qemu-system-x86_64` is not on `PATH`;
+//! 2. the same for `busybox-static` when `/bin/busybox` is not a static
+//!    binary;
+//! 3. `apt-cache depends linux-image-cloud-amd64` to find the versioned
+//!    kernel package, `apt-get download` of it into the cache dir and
+//!    `dpkg-deb -x` to extract (never install) its `/boot/vmlinuz-*`;
+//! 4. an initramfs (a `newc` cpio archive written here, no `cpio` tool)
+//!    holding the static busybox and an `/init` that prints
+//!    [`BOOT_MARKER`] on the serial console and then waits.
+//!
+//! Everything lands in the cache dir and is reused by later runs. Any
+//! failure is returned as an error naming the command that failed.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// The line the guest's `/init` prints once userspace runs.
+pub(crate) const BOOT_MARKER: &str = "TERN-MICROVM-GUEST-BOOTED";
+
+/// The Debian metapackage that depends on the current cloud kernel.
+pub(crate) const KERNEL_METAPACKAGE: &str = "linux-image-cloud-amd64";
+
+/// Where the static busybox comes from.
+const BUSYBOX: &str = "/bin/busybox";
+
+/// What a microVM boot test needs.
+#[derive(Debug, Clone)]
+pub(crate) struct MicrovmAssets {
+    /// The guest kernel (a bzImage).
+    pub(crate) kernel: PathBuf,
+    /// The busybox initramfs.
+    pub(crate) initrd: PathBuf,
+}
+
+/// Prepares the assets under `cache_dir`, installing system packages when
+/// missing. See the module docs for the exact commands.
+pub(crate) fn prepare(cache_dir: &Path) -> Result<MicrovmAssets, String> {
+    std::fs::create_dir_all(cache_dir).map_err(|e| format!("cannot create {cache_dir:?}: {e}"))?;
+    let mut updated = false;
+    if !on_path("qemu-system-x86_64") {
+        apt_install("qemu-system-x86", &mut updated)?;
+        if !on_path("qemu-system-x86_64") {
+            return Err("qemu-system-x86 installed but qemu-system-x86_64 is not on PATH".into());
+        }
+    }
+    if !is_static_busybox(Path::new(BUSYBOX)) {
+        apt_install("busybox-static", &mut updated)?;
+        if !is_static_busybox(Path::new(BUSYBOX)) {
+            return Err(format!(
+                "busybox-static installed but {BUSYBOX} is not a static binary"
+            ));
+        }
+    }
+    let kernel = ensure_kernel(cache_dir, &mut updated)?;
+    let initrd = cache_dir.join("initramfs.cpio");
+    let busybox = std::fs::read(BUSYBOX).map_err(|e| format!("cannot read {BUSYBOX}: {e}"))?;
+    let archive = initramfs(&busybox);
+    let tmp = cache_dir.join("initramfs.cpio.tmp");
+    std::fs::write(&tmp, archive).map_err(|e| format!("cannot write {tmp:?}: {e}"))?;
+    std::fs::rename(&tmp, &initrd).map_err(|e| format!("cannot rename {tmp:?}: {e}"))?;
+    Ok(MicrovmAssets { kernel, initrd })
+}
+
+fn on_path(program: &str) -> bool {
+    std::env::var_os("PATH")
+        .map(|paths| std::env::split_paths(&paths).any(|dir| dir.join(program).is_file()))
+        .unwrap_or(false)
+}
+
+/// Whether `path` is an ELF executable without a program interpreter
+/// (`PT_INTERP`), i.e. statically linked: it must run alone in the guest.
+fn is_static_busybox(path: &Path) -> bool {
+    let Ok(bytes) = std::fs::read(path) else {
+        return false;
+    };
+    // ELF64 little-endian: e_phoff at 0x20, e_phentsize at 0x36, e_phnum at 0x38.
+    if bytes.len() < 0x40 || &bytes[..4] != b"\x7fELF" || bytes[4] != 2 {
+        return false;
+    }
+    let u16_at = |at: usize| u16::from_le_bytes([bytes[at], bytes[at + 1]]) as usize;
+    let phoff = u64::from_le_bytes(bytes[0x20..0x28].try_into().expect("8 bytes")) as usize;
+    let (phentsize, phnum) = (u16_at(0x36), u16_at(0x38));
+    (0..phnum).all(|i| {
+        let at = phoff + i * phentsize;
+        // p_type 3 is PT_INTERP.
+        bytes
+            .get(at..at + 4)
+            .is_some_and(|t| u32::from_le_bytes(t.try_into().expect("4 bytes")) != 3)
+    })
+}
+
+fn run(command: &mut Command) -> Result<String, String> {
+    let shown = format!("{command:?}");
+    let output = command
+        .output()
+        .map_err(|e| format!("cannot run {shown}: {e}"))?;
+    if !output.status.success() {
+        return Err(format!(
+            "{shown} failed ({}):\n{}{}",
+            output.status,
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        ));
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+fn apt_update(updated: &mut bool) -> Result<(), String> {
+    if !*updated {
+        run(Command::new("apt-get").args(["update", "-q"]))?;
+        *updated = true;
+    }
+    Ok(())
+}
+
+fn apt_install(package: &str, updated: &mut bool) -> Result<(), String> {
+    apt_update(updated)?;
+    run(Command::new("apt-get")
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .args(["install", "-y", "-q", "--no-install-recommends", package]))?;
+    Ok(())
+}
+
+/// The versioned kernel package the metapackage depends on.
+fn kernel_package(updated: &mut bool) -> Result<String, String> {
+    let depends = |_: ()| run(Command::new("apt-cache").args(["depends", KERNEL_METAPACKAGE]));
+    let text = match depends(()) {
+        Ok(text) => text,
+        Err(_) => {
+            apt_update(updated)?;
+            depends(())?
+        }
+    };
+    text.lines()
+        .filter_map(|l| l.trim().strip_prefix("Depends:"))
+        .map(str::trim)
+        .find(|p| p.starts_with("linux-image-") && p != &KERNEL_METAPACKAGE)
+        .map(str::to_owned)
+        .ok_or_else(|| {
+            format!("`apt-cache depends {KERNEL_METAPACKAGE}` names no kernel package:\n{text}")
+        })
+}
+
+fn ensure_kernel(cache_dir: &Path, updated: &mut bool) -> Result<PathBuf, String> {
+    let kernel = cache_dir.join("vmlinuz");
+    if kernel.is_file() {
+        return Ok(kernel);
+    }
+    let package = kernel_package(updated)?;
+    let download_dir = cache_dir.join("deb");
+    let _ = std::fs::remove_dir_all(&download_dir);
+    std::fs::create_dir_all(&download_dir)
+        .map_err(|e| format!("cannot create {download_dir:?}: {e}"))?;
+    run(Command::new("apt-get")
+        .args(["download", "-q", &package])
+        .current_dir(&download_dir))?;
+    let deb = std::fs::read_dir(&download_dir)
+        .map_err(|e| format!("cannot list {download_dir:?}: {e}"))?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "deb"))
+        .ok_or_else(|| format!("`apt-get download {package}` left no .deb in {download_dir:?}"))?;
+    let extract = download_dir.join("x");
+    run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&extract))?;
+    let boot = extract.join("boot");
+    let vmlinuz = std::fs::read_dir(&boot)
+        .map_err(|e| format!("{package} has no /boot ({e})"))?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("vmlinuz-"))
+        })
+        .ok_or_else(|| format!("{package} has no /boot/vmlinuz-*"))?;
+    std::fs::copy(&vmlinuz, &kernel).map_err(|e| format!("cannot copy {vmlinuz:?}: {e}"))?;
+    let _ = std::fs::remove_dir_all(&download_dir);
+    Ok(kernel)
+}
+
+/// The guest's `/init`: mount `/proc`, print the marker, then wait for
+/// ever (the test stops the VM from outside).
+fn init_script() -> String {
+    format!(
+        "#!/bin/busybox sh\n\
+         /bin/busybox mount -t proc proc /proc\n\
+         /bin/busybox echo \"{BOOT_MARKER} uptime=$(/bin/busybox cut -d' ' -f1 /proc/uptime)\"\n\
+         while :; do /bin/busybox sleep 3600; done\n"
+    )
+}
+
+/// A `newc` cpio archive: `/bin/busybox`, `/init`, `/proc`, `/dev/console`.
+pub(crate) fn initramfs(busybox: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut ino = 1;
+    let mut entry = |out: &mut Vec<u8>, name: &str, mode: u32, rdev: (u32, u32), data: &[u8]| {
+        let name_len = name.len() + 1;
+        let fields = [
+            ino,
+            mode,
+            0, // uid
+            0, // gid
+            1, // nlink
+            0, // mtime
+            data.len() as u32,
+            0, // devmajor
+            0, // devminor
+            rdev.0,
+            rdev.1,
+            name_len as u32,
+            0, // check
+        ];
+        ino += 1;
+        out.extend_from_slice(b"070701");
+        for field in fields {
+            out.extend_from_slice(format!("{field:08x}").as_bytes());
+        }
+        out.extend_from_slice(name.as_bytes());
+        out.push(0);
+        pad4(out);
+        out.extend_from_slice(data);
+        pad4(out);
+    };
+    const DIR: u32 = 0o040_755;
+    const EXEC: u32 = 0o100_755;
+    const CONSOLE: u32 = 0o020_600;
+    entry(&mut out, "bin", DIR, (0, 0), &[]);
+    entry(&mut out, "dev", DIR, (0, 0), &[]);
+    entry(&mut out, "proc", DIR, (0, 0), &[]);
+    entry(&mut out, "dev/console", CONSOLE, (5, 1), &[]);
+    entry(&mut out, "bin/busybox", EXEC, (0, 0), busybox);
+    entry(&mut out, "init", EXEC, (0, 0), init_script().as_bytes());
+    entry(&mut out, "TRAILER!!!", 0, (0, 0), &[]);
+    out
+}
+
+fn pad4(out: &mut Vec<u8>) {
+    while !out.len().is_multiple_of(4) {
+        out.push(0);
+    }
+}
