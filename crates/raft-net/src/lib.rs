@@ -5,6 +5,8 @@
 //!
 //! - [`codec`]: the only place openraft types are encoded for the wire
 //!   (postcard), with size limits and typed errors.
+//! - [`codec::append`]: typed AppendEntries encode/decode with a
+//!   hand-written heartbeat path that produces postcard's exact bytes.
 //!
 //! The network factory (`RaftNetworkFactory` / `RaftNetworkV2` over
 //! `tern_protocol::RpcClient`) comes with the transports; until then this

@@ -10,7 +10,8 @@
 //! [`sled::Tree::flush_async`], awaited before the write is acknowledged
 //! (the append callback is called only after it). Appends, truncations and
 //! purges each go in one atomic sled batch, so a crash never leaves a hole
-//! in the log. The committed log id is saved without a flush: it is a hint
+//! in the log; a purge records its new purge point before removing the
+//! entries, so a crash between the two leaves only unread entries behind. The committed log id is saved without a flush: it is a hint
 //! that openraft recomputes from the cluster if the last value is lost.
 
 use std::fmt::Debug;
