@@ -271,8 +271,32 @@ impl LogStore {
                 store.db.flush().map_err(StoreError::sled("flush"))?;
             }
         }
+        store.finish_interrupted_purge()?;
         tracing::debug!(dir = %dir.display(), entries = store.reader.log.len(), "log store opened");
         Ok(store)
+    }
+
+    /// Removes entries at or below the purge point, left behind by a crash
+    /// between a purge's two writes.
+    fn finish_interrupted_purge(&self) -> Result<(), StoreError> {
+        let Some(purged) = self.reader.meta_get::<LogId>(KEY_PURGED)? else {
+            return Ok(());
+        };
+        let mut batch = sled::Batch::default();
+        let mut lingering = 0usize;
+        for key in self.reader.log.range(..=index_key(purged.index)).keys() {
+            batch.remove(key.map_err(StoreError::sled("read log"))?);
+            lingering += 1;
+        }
+        if lingering > 0 {
+            tracing::info!(lingering, %purged, "finishing a purge interrupted by a crash");
+            self.reader
+                .log
+                .apply_batch(batch)
+                .map_err(StoreError::sled("purge"))?;
+            self.db.flush().map_err(StoreError::sled("flush"))?;
+        }
+        Ok(())
     }
 
     fn meta_put<T: Serialize>(&self, key: &'static str, value: &T) -> Result<(), StoreError> {
@@ -302,7 +326,8 @@ impl LogStore {
     /// them.
     pub fn log_state(&self) -> Result<LogState<TypeConfig>, StoreError> {
         let last_purged_log_id: Option<LogId> = self.reader.meta_get(KEY_PURGED)?;
-        let last_log_id = self.reader.last_log_id()?.or(last_purged_log_id);
+        // The later of the two: the log may be empty past the purge point.
+        let last_log_id = self.reader.last_log_id()?.max(last_purged_log_id);
         Ok(LogState {
             last_purged_log_id,
             last_log_id,
@@ -597,6 +622,29 @@ mod tests {
             }
             let store = LogStore::open(dir.path()).unwrap();
             assert_eq!(store.entries(..).unwrap().len(), 10);
+        });
+    }
+
+    #[test]
+    fn an_interrupted_purge_is_finished_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        runtime().block_on(async {
+            let mut store = LogStore::open(dir.path()).unwrap();
+            store
+                .blocking_append((1..=6).map(|i| blank_ent::<TypeConfig>(1, 1, i)))
+                .await
+                .unwrap();
+            // The pointer written, the removal lost to a crash.
+            store
+                .meta_put(KEY_PURGED, &log_id::<TypeConfig>(1, 1, 6))
+                .unwrap();
+            store.flush().await.unwrap();
+            drop(store);
+            let mut store = LogStore::open(dir.path()).unwrap();
+            assert!(store.entries(..).unwrap().is_empty());
+            let state = store.get_log_state().await.unwrap();
+            assert_eq!(state.last_log_id, Some(log_id::<TypeConfig>(1, 1, 6)));
+            assert_eq!(state.last_purged_log_id, state.last_log_id);
         });
     }
 
