@@ -2,7 +2,7 @@
 //! [`Handler`], the standard health and reflection services, caller
 //! authentication, and graceful shutdown.
 //!
-//! Every request passes through [`AuthLayer`] first. A request that carries
+//! Every request passes through `AuthLayer` first. A request that carries
 //! a caller proof (see [`crate::auth`]) is verified before anything else
 //! runs; a bad proof is answered `Unauthenticated` and never reaches a
 //! service. A request without any proof (a stock gRPC tool) passes on, and
