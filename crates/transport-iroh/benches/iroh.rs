@@ -131,9 +131,11 @@ impl Setup {
             .await
             .unwrap();
             let raw_server = raw_endpoint().await;
-            let raw_addr = EndpointAddr::new(raw_server.id())
-                .with_ip_addr(raw_server.bound_sockets()[0]);
-            let raw_router = Router::builder(raw_server).accept(RAW_ALPN, RawEcho).spawn();
+            let raw_addr =
+                EndpointAddr::new(raw_server.id()).with_ip_addr(raw_server.bound_sockets()[0]);
+            let raw_router = Router::builder(raw_server)
+                .accept(RAW_ALPN, RawEcho)
+                .spawn();
             let raw_client = raw_endpoint().await;
             let raw_conn = raw_client.connect(raw_addr, RAW_ALPN).await.unwrap();
             (server, caller, raw_router, raw_client, raw_conn)

@@ -32,6 +32,20 @@
 //! - Nothing a peer sends can panic this crate or close a connection:
 //!   a bad stream is answered with an error frame or reset, alone.
 //! - Every limit is a named constant in [`config`] or [`wire`] saying why.
+//!
+//! # Deliberately absent
+//!
+//! - **0-RTT.** Connections are pooled, so a handshake is paid once per
+//!   peer and (re)connection, not per call. And 0-RTT data arrives before
+//!   the caller's key is proven (the client's TLS Finished comes one round
+//!   trip later): serving it early would break the invariant above, and
+//!   waiting for the proof gives the answer no sooner than a 1-RTT
+//!   handshake does. So every call waits for the full handshake.
+//! - **Dead-connection probing.** A pooled connection whose peer vanished
+//!   silently is noticed by the QUIC idle timeout
+//!   ([`config::DEFAULT_IDLE_TIMEOUT`], with keep-alives at a third of it);
+//!   until then calls on it end at their own deadline, as
+//!   `TimedOut`/`MayHaveBeenDelivered`.
 
 pub mod backoff;
 pub mod client;

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use iroh::endpoint::{IdleTimeout, QuicTransportConfig, VarInt, presets};
+use iroh::endpoint::{IdleTimeout, PortmapperConfig, QuicTransportConfig, VarInt, presets};
 use iroh::protocol::Router;
 use iroh::{Endpoint, RelayMode, RelayUrl, SecretKey};
 use tern_protocol::peer::IrohAddr;
@@ -125,7 +125,10 @@ impl IrohTransport {
             .secret_key(SecretKey::from_bytes(&config.secret_key))
             .alpns(vec![ALPN.to_vec()])
             .transport_config(quic)
+            // Offline by default, whatever features other crates enable on
+            // iroh: no DNS/pkarr lookup, no UPnP/PCP/NAT-PMP probing.
             .clear_address_lookup()
+            .portmapper_config(PortmapperConfig::Disabled)
             .clear_ip_transports()
             .bind_addr(config.bind_addr)
             .map_err(|e| BindError::Bind {

@@ -467,3 +467,38 @@ fn local_shutdown_refuses_new_calls() {
         server.shutdown(DRAIN).await;
     });
 }
+
+#[test]
+fn another_key_at_the_address_is_wrong_peer_and_not_delivered() {
+    run(async {
+        let impostor_service = TestService::default();
+        let impostor = node(&impostor_service).await;
+        let caller = node(&TestService::default()).await;
+        // The impostor's address under another node's id.
+        let mut addr = impostor.peer_addr();
+        addr.id = tern_protocol::PeerId::from_bytes(
+            *iroh::SecretKey::from_bytes(&rand::random())
+                .public()
+                .as_bytes(),
+        );
+        let err = caller
+            .client()
+            .call(&addr, vm_get("x", Duration::from_secs(5)))
+            .await
+            .expect_err("an impostor must not answer");
+        let t = err.as_transport().expect("a transport error");
+        assert!(
+            matches!(
+                t.kind,
+                TransportErrorKind::WrongPeer
+                    | TransportErrorKind::Unreachable
+                    | TransportErrorKind::TimedOut
+            ),
+            "{err}"
+        );
+        assert_eq!(t.delivery, Delivery::NotDelivered, "{err}");
+        assert_eq!(Counters::get(&impostor_service.counters.started), 0);
+        caller.shutdown(DRAIN).await;
+        impostor.shutdown(DRAIN).await;
+    });
+}
