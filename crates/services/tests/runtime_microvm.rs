@@ -9,10 +9,12 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use support::microvm_assets::{self, BOOT_MARKER};
+use rustix::process::Signal;
+use support::microvm_assets::{self, BOOT_MARKER, POWER_OFF_MARKER};
 use support::{KillOnDrop, wait_for};
+use tern_services::runtime::pidfile::ProcessIdentity;
 use tern_services::runtime::{
-    MicrovmRuntime, RunState, Runtime, RuntimeError, Started, VmSpec, pidfile,
+    ExitStatus, MicrovmRuntime, RunState, Runtime, RuntimeError, Started, VmSpec, pidfile,
 };
 
 /// Bound on preparing the assets: installing QEMU from Debian packages on a
@@ -27,9 +29,9 @@ const BOOT_BOUND: Duration = Duration::from_secs(120);
 /// Bound on the rest of the test (QMP calls and the stop).
 const STOP_BOUND: Duration = Duration::from_secs(60);
 
-/// Grace for the ACPI power button. The busybox guest has no power button
-/// handler, so the runtime falls through to QMP `quit` after it.
-const GRACE: Duration = Duration::from_secs(2);
+/// Grace for the ACPI power button: the guest's `/init` powers off as soon
+/// as the button is pressed, in well under a second.
+const GRACE: Duration = Duration::from_secs(30);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn boots_a_real_guest_and_stops_it() {
@@ -112,14 +114,45 @@ async fn boots_a_real_guest_and_stops_it() {
         );
         assert_eq!(pidfile::live_workloads(dir.path()).len(), 1);
 
+        // QEMU dies under the guest: the supervisor starts it again and
+        // the guest boots a second time (the serial log is appended).
+        ProcessIdentity::of_pid(pid)
+            .expect("QEMU runs")
+            .signal(Signal::KILL)
+            .unwrap();
+        let restarted = wait_for(BOOT_BOUND, "QEMU to be restarted", || async {
+            let o = rt.status("mvm-1").await.unwrap();
+            (o.restarts == 1 && o.state == RunState::Running).then_some(o)
+        })
+        .await;
+        assert_eq!(restarted.exit_status, Some(ExitStatus::Signal(9)));
+        let new_pid = restarted.pid.expect("restarted QEMU has a pid");
+        assert_ne!(new_pid, pid);
+        wait_for(BOOT_BOUND, "the guest to boot again", || async {
+            let text = tokio::fs::read_to_string(&serial).await.ok()?;
+            (text.matches(BOOT_MARKER).count() == 2).then_some(())
+        })
+        .await;
+        let qmp = rt.query_status("mvm-1").await.unwrap();
+        assert!(qmp.running, "query-status after restart: {qmp:?}");
+
+        // Stop: the ACPI power button, which the guest honours by
+        // powering off; QEMU then exits on its own with status 0.
         let stopped = rt.stop("mvm-1", GRACE).await.unwrap();
         assert_eq!(stopped.state, RunState::Stopped, "{stopped:?}");
-        assert!(stopped.exit_status.is_some(), "{stopped:?}");
+        assert_eq!(
+            stopped.exit_status,
+            Some(ExitStatus::Code(0)),
+            "{stopped:?}"
+        );
+        let console = std::fs::read_to_string(&serial).unwrap();
+        assert!(
+            console.contains(POWER_OFF_MARKER) && console.contains("reboot: Power down"),
+            "the guest powered itself off on system_powerdown; serial log:\n{console}"
+        );
         assert!(pidfile::live_workloads(dir.path()).is_empty());
         wait_for(Duration::from_secs(10), "QEMU to exit", || async {
-            tern_services::runtime::pidfile::ProcessIdentity::of_pid(pid)
-                .is_none()
-                .then_some(())
+            ProcessIdentity::of_pid(new_pid).is_none().then_some(())
         })
         .await;
         assert!(matches!(

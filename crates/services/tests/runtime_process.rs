@@ -171,6 +171,7 @@ async fn failing_workload_is_restarted_then_failed() {
         };
         assert!(reason.contains("exit code 1"), "{reason}");
         assert!(reason.contains("gave up after 3 restarts"), "{reason}");
+        assert!(reason.contains("last output: run"), "{reason}");
         let log = std::fs::read_to_string(&observed.log_path).unwrap();
         assert_eq!(
             log.lines().filter(|l| *l == "run").count(),

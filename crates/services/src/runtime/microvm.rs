@@ -42,7 +42,7 @@ use tokio::sync::OnceCell;
 use super::pidfile::ProcessIdentity;
 use super::qmp::{QmpClient, QmpError, RunStatus};
 use super::spec::RuntimeKind;
-use super::supervisor::{RestartPolicy, Supervisor, Workload};
+use super::supervisor::{RestartPolicy, Supervisor, Workload, last_line};
 use super::{Observed, Recovered, RunState, Runtime, RuntimeError, Started, VmSpec};
 
 /// The QEMU binary used unless configured otherwise (looked up in `PATH`).
@@ -456,6 +456,16 @@ impl Workload for MicrovmWorkload {
                 .stderr(qemu_err);
             Ok(command)
         })
+    }
+
+    fn prepare<'a>(&'a self, spec: &'a VmSpec) -> BoxFuture<'a, ()> {
+        Box::pin(async move {
+            self.accel_for(&spec.kernel).await;
+        })
+    }
+
+    fn failure_detail(&self, vm_dir: &Path) -> Option<String> {
+        last_line(&vm_dir.join(QEMU_LOG_NAME)).map(|line| format!("QEMU said: {line}"))
     }
 
     fn request_stop<'a>(

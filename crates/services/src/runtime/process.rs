@@ -20,7 +20,7 @@ use tokio::process::Command;
 
 use super::pidfile::ProcessIdentity;
 use super::spec::RuntimeKind;
-use super::supervisor::{RestartPolicy, Supervisor, Workload};
+use super::supervisor::{RestartPolicy, Supervisor, Workload, last_line};
 use super::{Observed, Recovered, Runtime, RuntimeError, Started, VmSpec};
 
 /// Name of the workload's log file in its VM directory.
@@ -93,6 +93,14 @@ impl Workload for ProcessWorkload {
                 .stderr(log_err);
             Ok(command)
         })
+    }
+
+    fn prepare<'a>(&'a self, _spec: &'a VmSpec) -> BoxFuture<'a, ()> {
+        Box::pin(async {})
+    }
+
+    fn failure_detail(&self, vm_dir: &Path) -> Option<String> {
+        last_line(&self.log_path(vm_dir)).map(|line| format!("last output: {line}"))
     }
 
     fn request_stop<'a>(

@@ -118,6 +118,14 @@ pub(crate) trait Workload: Send + Sync + 'static {
         spec: &'a VmSpec,
     ) -> BoxFuture<'a, Result<Command, RuntimeError>>;
 
+    /// Slow work to do before a start takes the VM table (so that status
+    /// calls are not held up), e.g. probing KVM.
+    fn prepare<'a>(&'a self, spec: &'a VmSpec) -> BoxFuture<'a, ()>;
+
+    /// A short hint for an operator when the VM is given up on, e.g. the
+    /// last line the workload (or QEMU) wrote.
+    fn failure_detail(&self, vm_dir: &Path) -> Option<String>;
+
     /// Politely asks the workload to end. Must return promptly (bounded).
     fn request_stop<'a>(&'a self, vm_dir: &'a Path, process: ProcessIdentity) -> BoxFuture<'a, ()>;
 
@@ -251,6 +259,7 @@ impl<W: Workload> Supervisor<W> {
             });
         }
         let spec_bytes = spec.encode_to_vec();
+        self.workload.prepare(spec).await;
         let mut vms = self.vms.lock().await;
         if let Some(slot) = vms.get(vm_id)
             && slot.is_active()
@@ -582,11 +591,15 @@ impl<W: Workload> Task<W> {
                 return;
             };
             if failures_in_a_row > self.policy.max_restarts {
-                let reason = format!(
+                let mut reason = format!(
                     "workload failed ({status}) {failures_in_a_row} times in a row; \
                      gave up after {} restarts",
                     self.policy.max_restarts
                 );
+                if let Some(detail) = self.workload.failure_detail(&self.dir) {
+                    reason.push_str("; ");
+                    reason.push_str(&detail);
+                }
                 tracing::warn!(vm_id, reason, "VM failed");
                 self.finish(RunState::Failed { reason }, Some(status));
                 return;
@@ -673,6 +686,27 @@ impl<W: Workload> Task<W> {
             }
         }
     }
+}
+
+/// How much of a log's end [`last_line`] reads: one line of context.
+const LAST_LINE_WINDOW: u64 = 4096;
+
+/// Longest hint [`last_line`] returns, so a failure reason stays a line.
+const MAX_DETAIL_CHARS: usize = 200;
+
+/// The last non-empty line of the log at `path`, shortened to
+/// [`MAX_DETAIL_CHARS`], for failure reasons.
+pub(crate) fn last_line(path: &Path) -> Option<String> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut file = std::fs::File::open(path).ok()?;
+    let len = file.metadata().ok()?.len();
+    file.seek(SeekFrom::Start(len.saturating_sub(LAST_LINE_WINDOW)))
+        .ok()?;
+    let mut tail = Vec::new();
+    file.read_to_end(&mut tail).ok()?;
+    let text = String::from_utf8_lossy(&tail);
+    let line = text.lines().rev().map(str::trim).find(|l| !l.is_empty())?;
+    Some(line.chars().take(MAX_DETAIL_CHARS).collect())
 }
 
 /// Resolves with the grace once a stop is requested; never if the runtime

@@ -10,10 +10,13 @@
 //!    binary;
 //! 3. `apt-cache depends linux-image-cloud-amd64` to find the versioned
 //!    kernel package, `apt-get download` of it into the cache dir and
-//!    `dpkg-deb -x` to extract (never install) its `/boot/vmlinuz-*`;
+//!    `dpkg-deb -x` to extract (never install) its `/boot/vmlinuz-*`,
+//!    together with the `evdev` and ACPI `button` modules;
 //! 4. an initramfs (a `newc` cpio archive written here, no `cpio` tool)
-//!    holding the static busybox and an `/init` that prints
-//!    [`BOOT_MARKER`] on the serial console and then waits.
+//!    holding the static busybox, those modules and an `/init` that prints
+//!    [`BOOT_MARKER`] on the serial console, then waits, and powers off
+//!    (printing [`POWER_OFF_MARKER`]) when the ACPI power button is
+//!    pressed.
 //!
 //! Everything lands in the cache dir and is reused by later runs. Any
 //! failure is returned as an error naming the command that failed.
@@ -23,6 +26,10 @@ use std::process::Command;
 
 /// The line the guest's `/init` prints once userspace runs.
 pub(crate) const BOOT_MARKER: &str = "TERN-MICROVM-GUEST-BOOTED";
+
+/// The line the guest prints when its power button is pressed, just
+/// before it powers off.
+pub(crate) const POWER_OFF_MARKER: &str = "TERN-MICROVM-GUEST-POWERING-OFF";
 
 /// The Debian metapackage that depends on the current cloud kernel.
 pub(crate) const KERNEL_METAPACKAGE: &str = "linux-image-cloud-amd64";
@@ -61,7 +68,13 @@ pub(crate) fn prepare(cache_dir: &Path) -> Result<MicrovmAssets, String> {
     let kernel = ensure_kernel(cache_dir, &mut updated)?;
     let initrd = cache_dir.join("initramfs.cpio");
     let busybox = std::fs::read(BUSYBOX).map_err(|e| format!("cannot read {BUSYBOX}: {e}"))?;
-    let archive = initramfs(&busybox);
+    let mut modules = Vec::new();
+    for module in GUEST_MODULES {
+        let path = cache_dir.join(module);
+        let bytes = std::fs::read(&path).map_err(|e| format!("cannot read {path:?}: {e}"))?;
+        modules.push((module, bytes));
+    }
+    let archive = initramfs(&busybox, &modules);
     let tmp = cache_dir.join("initramfs.cpio.tmp");
     std::fs::write(&tmp, archive).map_err(|e| format!("cannot write {tmp:?}: {e}"))?;
     std::fs::rename(&tmp, &initrd).map_err(|e| format!("cannot rename {tmp:?}: {e}"))?;
@@ -150,7 +163,7 @@ fn kernel_package(updated: &mut bool) -> Result<String, String> {
 
 fn ensure_kernel(cache_dir: &Path, updated: &mut bool) -> Result<PathBuf, String> {
     let kernel = cache_dir.join("vmlinuz");
-    if kernel.is_file() {
+    if kernel.is_file() && GUEST_MODULES.iter().all(|m| cache_dir.join(m).is_file()) {
         return Ok(kernel);
     }
     let package = kernel_package(updated)?;
@@ -180,24 +193,65 @@ fn ensure_kernel(cache_dir: &Path, updated: &mut bool) -> Result<PathBuf, String
                 .is_some_and(|n| n.starts_with("vmlinuz-"))
         })
         .ok_or_else(|| format!("{package} has no /boot/vmlinuz-*"))?;
+    for module in GUEST_MODULES {
+        let found = find_file(&extract.join("lib/modules"), module)
+            .ok_or_else(|| format!("{package} has no {module}"))?;
+        std::fs::copy(&found, cache_dir.join(module))
+            .map_err(|e| format!("cannot copy {found:?}: {e}"))?;
+    }
     std::fs::copy(&vmlinuz, &kernel).map_err(|e| format!("cannot copy {vmlinuz:?}: {e}"))?;
     let _ = std::fs::remove_dir_all(&download_dir);
     Ok(kernel)
 }
 
-/// The guest's `/init`: mount `/proc`, print the marker, then wait for
-/// ever (the test stops the VM from outside).
+/// Kernel modules the guest loads so that QMP `system_powerdown` reaches
+/// it: the ACPI power button driver and the event device it reports
+/// through (both modules in Debian's cloud kernel, without dependencies).
+pub(crate) const GUEST_MODULES: [&str; 2] = ["evdev.ko", "button.ko"];
+
+/// Finds a file named `name` anywhere under `dir`.
+fn find_file(dir: &Path, name: &str) -> Option<PathBuf> {
+    for entry in std::fs::read_dir(dir).ok()?.flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            if let Some(found) = find_file(&path, name) {
+                return Some(found);
+            }
+        } else if path.file_name().is_some_and(|n| n == name) {
+            return Some(path);
+        }
+    }
+    None
+}
+
+/// The guest's `/init`: mount `/proc`, `/sys` and `/dev`, load the power
+/// button driver and power off when it is pressed, print the marker, then
+/// wait (the test stops the VM from outside).
 fn init_script() -> String {
     format!(
-        "#!/bin/busybox sh\n\
-         /bin/busybox mount -t proc proc /proc\n\
-         /bin/busybox echo \"{BOOT_MARKER} uptime=$(/bin/busybox cut -d' ' -f1 /proc/uptime)\"\n\
-         while :; do /bin/busybox sleep 3600; done\n"
+        r#"#!/bin/busybox sh
+bb=/bin/busybox
+$bb mount -t proc proc /proc
+$bb mount -t sysfs sys /sys
+$bb mount -t devtmpfs dev /dev
+$bb insmod /lib/modules/evdev.ko
+$bb insmod /lib/modules/button.ko
+for d in /sys/class/input/event*; do
+  if $bb grep -q "Power Button" $d/device/name 2>/dev/null; then ev=${{d##*/}}; fi
+done
+$bb echo "power button: ${{ev:-none}}"
+if [ -n "$ev" ]; then
+  ( $bb head -c 1 /dev/input/$ev >/dev/null; $bb echo "{POWER_OFF_MARKER}"; $bb poweroff -f ) &
+fi
+$bb echo "{BOOT_MARKER} uptime=$($bb cut -d' ' -f1 /proc/uptime)"
+while :; do $bb sleep 3600; done
+"#
     )
 }
 
-/// A `newc` cpio archive: `/bin/busybox`, `/init`, `/proc`, `/dev/console`.
-pub(crate) fn initramfs(busybox: &[u8]) -> Vec<u8> {
+/// A `newc` cpio archive: `/bin/busybox`, `/init`, the [`GUEST_MODULES`]
+/// under `/lib/modules`, mount points and `/dev/console`.
+pub(crate) fn initramfs(busybox: &[u8], modules: &[(&str, Vec<u8>)]) -> Vec<u8> {
     let mut out = Vec::new();
     let mut ino = 1;
     let mut entry = |out: &mut Vec<u8>, name: &str, mode: u32, rdev: (u32, u32), data: &[u8]| {
@@ -230,12 +284,22 @@ pub(crate) fn initramfs(busybox: &[u8]) -> Vec<u8> {
     };
     const DIR: u32 = 0o040_755;
     const EXEC: u32 = 0o100_755;
+    const FILE: u32 = 0o100_644;
     const CONSOLE: u32 = 0o020_600;
-    entry(&mut out, "bin", DIR, (0, 0), &[]);
-    entry(&mut out, "dev", DIR, (0, 0), &[]);
-    entry(&mut out, "proc", DIR, (0, 0), &[]);
+    for dir in ["bin", "dev", "proc", "sys", "lib", "lib/modules"] {
+        entry(&mut out, dir, DIR, (0, 0), &[]);
+    }
     entry(&mut out, "dev/console", CONSOLE, (5, 1), &[]);
     entry(&mut out, "bin/busybox", EXEC, (0, 0), busybox);
+    for (name, bytes) in modules {
+        entry(
+            &mut out,
+            &format!("lib/modules/{name}"),
+            FILE,
+            (0, 0),
+            bytes,
+        );
+    }
     entry(&mut out, "init", EXEC, (0, 0), init_script().as_bytes());
     entry(&mut out, "TRAILER!!!", 0, (0, 0), &[]);
     out
