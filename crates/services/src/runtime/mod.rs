@@ -258,9 +258,12 @@ pub enum RuntimeError {
 ///   [`RunState::Stopped`] and is not restarted.
 /// - [`stop`](Runtime::stop) asks the workload to end (SIGTERM to its
 ///   process group; ACPI power-down for a microVM), kills it when `grace`
-///   has passed, and returns once it has gone. Stopping a VM that is not
-///   running is not an error. The VM stays known, so its exit status can
-///   still be read.
+///   has passed, and returns once it has gone. Stopping a VM that is known
+///   but not running is not an error; a VM this runtime has never seen,
+///   and whose state directory records no live workload, is
+///   [`RuntimeError::UnknownVm`] (which a reconciler may treat as
+///   stopped). The VM stays known, so its exit status can still be read.
+///   A `start` that races a `stop` waits for the stop, then starts afresh.
 /// - [`status`](Runtime::status) never blocks on the workload for longer
 ///   than a QMP timeout; an unknown VM is [`RuntimeError::UnknownVm`].
 /// - [`recover`](Runtime::recover) is called once after the node starts:

@@ -260,7 +260,22 @@ impl<W: Workload> Supervisor<W> {
         }
         let spec_bytes = spec.encode_to_vec();
         self.workload.prepare(spec).await;
-        let mut vms = self.vms.lock().await;
+        // A start racing a stop waits for the stop to finish, then starts
+        // afresh (rather than reporting the stopping VM as running).
+        let mut vms = loop {
+            let vms = self.vms.lock().await;
+            let stopping = vms
+                .get(vm_id)
+                .filter(|slot| slot.is_active() && slot.stop_tx.borrow().is_some())
+                .map(|slot| slot.done_rx.clone());
+            match stopping {
+                Some(mut done_rx) => {
+                    drop(vms);
+                    let _ = done_rx.wait_for(|done| *done).await;
+                }
+                None => break vms,
+            }
+        };
         if let Some(slot) = vms.get(vm_id)
             && slot.is_active()
         {
