@@ -664,4 +664,50 @@ mod tests {
         assert_eq!(cache.check_and_insert([3; NONCE_LEN], later, later), Ok(()));
         assert_eq!(cache.len(), 1);
     }
+
+    mod fuzz {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// A header value of printable ASCII, or absent; sometimes a valid
+        /// base64 encoding of random bytes, so parsing gets past base64.
+        fn value() -> impl Strategy<Value = Option<String>> {
+            prop_oneof![
+                Just(None),
+                "[ -~]{0,120}".prop_map(Some),
+                proptest::collection::vec(any::<u8>(), 0..80)
+                    .prop_map(|b| Some(base64::Engine::encode(&BIN, b))),
+            ]
+        }
+
+        proptest! {
+            #[test]
+            fn arbitrary_proof_headers_never_panic(
+                caller in value(), callee in value(), nonce in value(),
+                mac in value(), ts in value(), node in value(), node_mac in value(),
+            ) {
+                let (a, b, _) = ids();
+                let mut headers = HeaderMap::new();
+                for (key, v) in [
+                    (CALLER_KEY, caller), (CALLEE_KEY, callee), (NONCE_KEY, nonce),
+                    (MAC_KEY, mac), (TIMESTAMP_KEY, ts), (NODE_KEY, node),
+                    (NODE_MAC_KEY, node_mac),
+                ] {
+                    if let Some(v) = v
+                        && let Ok(v) = http::HeaderValue::from_str(&v)
+                    {
+                        headers.insert(http::HeaderName::from_static(key), v);
+                    }
+                }
+                if let Ok(Some(proof)) = RequestProof::read(&headers) {
+                    // Random bytes never verify.
+                    prop_assert!(b.verify_request(&proof, PATH, NOW).is_err());
+                }
+                prop_assert_ne!(
+                    a.verify_response(&headers, b.id(), &[0; NONCE_LEN], PATH),
+                    ResponseIdentity::Verified
+                );
+            }
+        }
+    }
 }
