@@ -104,7 +104,7 @@ async fn boots_a_real_guest_and_stops_it() {
         began.elapsed()
     );
 
-    tokio::time::timeout(STOP_BOUND, async {
+    let new_pid = tokio::time::timeout(BOOT_BOUND, async {
         let qmp = rt.query_status("mvm-1").await.unwrap();
         assert!(qmp.running, "query-status: {qmp:?}");
         assert_eq!(qmp.status, "running");
@@ -135,20 +135,44 @@ async fn boots_a_real_guest_and_stops_it() {
         .await;
         let qmp = rt.query_status("mvm-1").await.unwrap();
         assert!(qmp.running, "query-status after restart: {qmp:?}");
+        new_pid
+    })
+    .await
+    .expect("the restart exceeded its bound");
 
-        // Stop: the ACPI power button, which the guest honours by
-        // powering off; QEMU then exits on its own with status 0.
+    // The node restarts: a new runtime over the same state dir adopts the
+    // running QEMU instead of booting a second one (and needs no KVM probe).
+    drop(rt);
+    let rt = MicrovmRuntime::new(dir.path());
+    tokio::time::timeout(STOP_BOUND, async {
+        assert_eq!(
+            rt.start("mvm-1", &spec).await.unwrap(),
+            Started::Adopted { pid: new_pid }
+        );
+        assert_eq!(rt.accel(), None, "adoption probes nothing");
+        assert_eq!(pidfile::live_workloads(dir.path()).len(), 1);
+        let qmp = rt.query_status("mvm-1").await.unwrap();
+        assert!(qmp.running, "query-status after adoption: {qmp:?}");
+
+        // Stop: the ACPI power button, which the guest honours by powering
+        // off; QEMU then exits on its own. (Its exit status went to the
+        // earlier runtime, QEMU's parent.)
         let stopped = rt.stop("mvm-1", GRACE).await.unwrap();
         assert_eq!(stopped.state, RunState::Stopped, "{stopped:?}");
         assert_eq!(
             stopped.exit_status,
-            Some(ExitStatus::Code(0)),
+            Some(ExitStatus::Unknown),
             "{stopped:?}"
         );
         let console = std::fs::read_to_string(&serial).unwrap();
         assert!(
             console.contains(POWER_OFF_MARKER) && console.contains("reboot: Power down"),
             "the guest powered itself off on system_powerdown; serial log:\n{console}"
+        );
+        assert_eq!(
+            console.matches(BOOT_MARKER).count(),
+            2,
+            "adoption booted nothing"
         );
         assert!(pidfile::live_workloads(dir.path()).is_empty());
         wait_for(Duration::from_secs(10), "QEMU to exit", || async {

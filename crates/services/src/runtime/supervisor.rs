@@ -259,34 +259,45 @@ impl<W: Workload> Supervisor<W> {
             });
         }
         let spec_bytes = spec.encode_to_vec();
-        self.workload.prepare(spec).await;
-        // A start racing a stop waits for the stop to finish, then starts
-        // afresh (rather than reporting the stopping VM as running).
+        let mut prepared = false;
         let mut vms = loop {
             let vms = self.vms.lock().await;
+            // A start racing a stop waits for the stop to finish, then
+            // starts afresh (rather than reporting the stopping VM as
+            // running).
             let stopping = vms
                 .get(vm_id)
                 .filter(|slot| slot.is_active() && slot.stop_tx.borrow().is_some())
                 .map(|slot| slot.done_rx.clone());
-            match stopping {
-                Some(mut done_rx) => {
-                    drop(vms);
-                    let _ = done_rx.wait_for(|done| *done).await;
+            if let Some(mut done_rx) = stopping {
+                drop(vms);
+                let _ = done_rx.wait_for(|done| *done).await;
+                continue;
+            }
+            if let Some(slot) = vms.get(vm_id)
+                && slot.is_active()
+            {
+                if slot.spec_bytes != spec_bytes {
+                    return Err(RuntimeError::SpecChanged {
+                        vm_id: vm_id.to_owned(),
+                    });
                 }
-                None => break vms,
+                let pid = snapshot(&slot.shared).pid;
+                return Ok(Started::AlreadyRunning { pid });
             }
+            if !prepared {
+                // Only a spawn needs the (possibly slow) preparation; it
+                // runs without the table so status calls are not held up,
+                // and the table is checked again afterwards.
+                if self.live_pidfile(&dir)?.is_none() {
+                    drop(vms);
+                    self.workload.prepare(spec).await;
+                    prepared = true;
+                    continue;
+                }
+            }
+            break vms;
         };
-        if let Some(slot) = vms.get(vm_id)
-            && slot.is_active()
-        {
-            if slot.spec_bytes != spec_bytes {
-                return Err(RuntimeError::SpecChanged {
-                    vm_id: vm_id.to_owned(),
-                });
-            }
-            let pid = snapshot(&slot.shared).pid;
-            return Ok(Started::AlreadyRunning { pid });
-        }
         std::fs::create_dir_all(&dir).map_err(|source| RuntimeError::State {
             path: dir.clone(),
             source,
@@ -306,6 +317,18 @@ impl<W: Workload> Supervisor<W> {
                 });
             }
             return Ok(Started::Adopted { pid: identity.pid });
+        }
+        if !prepared {
+            // The adoptable workload vanished while we looked; prepare now.
+            drop(vms);
+            self.workload.prepare(spec).await;
+            vms = self.vms.lock().await;
+            if vms.get(vm_id).is_some_and(Slot::is_active) {
+                return Err(RuntimeError::Spawn {
+                    vm_id: vm_id.to_owned(),
+                    reason: "another start of this VM raced this one".into(),
+                });
+            }
         }
         let spec_path = dir.join(SPEC_FILE_NAME);
         std::fs::write(&spec_path, &spec_bytes).map_err(|source| RuntimeError::State {
