@@ -135,13 +135,13 @@ impl Setup {
             .unwrap();
         let (server, caller, raw) = rt.block_on(async {
             let any = SocketAddr::from(([127, 0, 0, 1], 0));
-            let server = GrpcTransport::start(
+            let server = GrpcTransport::bind(
                 ServerConfig::new([1; 32], any),
                 TestService::default().dispatcher(),
             )
             .await
             .unwrap();
-            let caller = GrpcTransport::start(
+            let caller = GrpcTransport::bind(
                 ServerConfig::new([2; 32], any),
                 TestService::default().dispatcher(),
             )
@@ -150,7 +150,7 @@ impl Setup {
             (server, caller, raw_baseline().await)
         });
         let client = caller.client();
-        let addr = server.addr();
+        let addr = server.peer_addr();
         Setup {
             rt,
             server: Some(server),

@@ -44,6 +44,30 @@
 //!   typed clients), using `tern_protocol::pb`'s message types.
 //! - [`GrpcTransport`]: a server and a client with one identity, shut down
 //!   together.
+//!
+//! # Invariants
+//!
+//! - The caller a service sees is the one whose proof verified, never a
+//!   value a request merely declared; a request with a bad proof reaches no
+//!   service.
+//! - An answer counts only if the peer the caller meant proved it; anything
+//!   else is a transport error (`WrongPeer`, `TimedOut`...).
+//! - Nothing a peer sends can panic this crate: malformed metadata,
+//!   messages and statuses are typed errors.
+//! - Every limit is a named constant saying why (message size, clock skew,
+//!   replay window, streams per connection, keep-alive, backoff).
+//!
+//! # Deliberately absent
+//!
+//! - **TLS.** The transport being migrated from ran on private networks;
+//!   identity is proven by the MACs above, but bodies are neither encrypted
+//!   nor integrity-protected against an on-path attacker. iroh, the target
+//!   of the migration, encrypts.
+//! - **Client retries.** A failed call is reported, classified, and never
+//!   retried here: whether a retry is safe is the router's decision
+//!   ([`tern_protocol::CallError::is_safe_to_retry`]).
+//! - **Streaming RPCs.** Every method of the schemas is unary; bulk data
+//!   moves as chunks on the bulk lane.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -80,9 +104,9 @@ pub struct GrpcTransport {
 }
 
 impl GrpcTransport {
-    /// Starts serving `handler` as configured, with a client that calls
+    /// Binds `config.listen` and serves `handler`, with a client that calls
     /// as the same node.
-    pub async fn start(
+    pub async fn bind(
         config: ServerConfig,
         handler: Arc<dyn Handler>,
     ) -> std::io::Result<GrpcTransport> {
@@ -109,8 +133,13 @@ impl GrpcTransport {
         self.client.clone()
     }
 
+    /// The socket address the server listens on.
+    pub fn local_addr(&self) -> std::net::SocketAddr {
+        self.server.local_addr()
+    }
+
     /// This node's address with its gRPC URL filled in.
-    pub fn addr(&self) -> PeerAddr {
+    pub fn peer_addr(&self) -> PeerAddr {
         PeerAddr {
             grpc: Some(self.server.url()),
             ..PeerAddr::new(self.id())

@@ -30,7 +30,7 @@ impl Harness for GrpcHarness {
                 .listen
                 .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0)));
             let config = ServerConfig::new(spec.secret_key, listen);
-            let transport = GrpcTransport::start(config, spec.handler).await?;
+            let transport = GrpcTransport::bind(config, spec.handler).await?;
             Ok(GrpcNode { transport })
         })
     }
@@ -42,11 +42,11 @@ impl TestNode for GrpcNode {
     }
 
     fn addr(&self) -> PeerAddr {
-        self.transport.addr()
+        self.transport.peer_addr()
     }
 
     fn listen_addr(&self) -> SocketAddr {
-        self.transport.server().local_addr()
+        self.transport.local_addr()
     }
 
     fn client(&self) -> Arc<dyn RpcClient> {

@@ -26,7 +26,7 @@ const DRAIN: Duration = Duration::from_secs(5);
 const VOTE: &str = "/tern.v1.Raft/Vote";
 
 async fn node(secret: [u8; 32], service: &TestService) -> GrpcTransport {
-    GrpcTransport::start(
+    GrpcTransport::bind(
         ServerConfig::new(secret, SocketAddr::from(([127, 0, 0, 1], 0))),
         service.dispatcher(),
     )
@@ -188,7 +188,7 @@ async fn channels_are_pooled_per_peer_and_priority_lane() {
         for _ in 0..10 {
             let call = Call::new(methods::RAFT_APPEND_ENTRIES, payload.clone())
                 .with_timeout(Duration::from_secs(10));
-            client.call(&server.addr(), call).await.unwrap();
+            client.call(&server.peer_addr(), call).await.unwrap();
         }
         assert_eq!(
             client.pooled_channels(),
@@ -198,23 +198,23 @@ async fn channels_are_pooled_per_peer_and_priority_lane() {
         let bulk = Call::new(methods::RAFT_APPEND_ENTRIES, payload)
             .with_timeout(Duration::from_secs(10))
             .with_priority(Priority::Bulk);
-        client.call(&server.addr(), bulk).await.unwrap();
+        client.call(&server.peer_addr(), bulk).await.unwrap();
         assert_eq!(client.pooled_channels(), 2, "bulk has its own connection");
         let rtt = client
-            .ping(&server.addr(), Duration::from_secs(10))
+            .ping(&server.peer_addr(), Duration::from_secs(10))
             .await
             .unwrap();
         assert!(rtt > Duration::ZERO);
         assert_eq!(client.pooled_channels(), 3, "ping uses the control lane");
         let vote =
             Call::new(methods::RAFT_VOTE, Bytes::new()).with_timeout(Duration::from_secs(10));
-        client.call(&server.addr(), vote).await.unwrap();
+        client.call(&server.peer_addr(), vote).await.unwrap();
         assert_eq!(
             client.pooled_channels(),
             3,
             "a vote shares the control lane"
         );
-        let addr = server.addr();
+        let addr = server.peer_addr();
         caller.shutdown(DRAIN).await;
         server.shutdown(DRAIN).await;
         let after = Call::new(methods::RAFT_VOTE, Bytes::new());
@@ -235,7 +235,7 @@ async fn a_draining_node_refuses_new_calls_as_shutting_down() {
         let server = node([8; 32], &service).await;
         let caller = node([9; 32], &TestService::default()).await;
         let client: Arc<dyn RpcClient> = caller.client();
-        let addr = server.addr();
+        let addr = server.peer_addr();
         // A long call holds the drain open while a new call arrives.
         let slow = {
             let (client, addr) = (client.clone(), addr.clone());

@@ -24,13 +24,13 @@ async fn calls_connections_and_failures_are_recorded_under_the_shared_names() {
         .unwrap();
     tokio::time::timeout(Duration::from_secs(60), async {
         let any = SocketAddr::from(([127, 0, 0, 1], 0));
-        let server = GrpcTransport::start(
+        let server = GrpcTransport::bind(
             ServerConfig::new([1; 32], any),
             TestService::default().dispatcher(),
         )
         .await
         .unwrap();
-        let caller = GrpcTransport::start(
+        let caller = GrpcTransport::bind(
             ServerConfig::new([2; 32], any),
             TestService::default().dispatcher(),
         )
@@ -45,16 +45,16 @@ async fn calls_connections_and_failures_are_recorded_under_the_shared_names() {
         for _ in 0..3 {
             let call = Call::new(methods::RAFT_APPEND_ENTRIES, payload.clone())
                 .with_timeout(Duration::from_secs(10));
-            client.call(&server.addr(), call).await.unwrap();
+            client.call(&server.peer_addr(), call).await.unwrap();
         }
         // A refused dial and a refused proof (another node's address).
-        let stopped = GrpcTransport::start(
+        let stopped = GrpcTransport::bind(
             ServerConfig::new([3; 32], any),
             TestService::default().dispatcher(),
         )
         .await
         .unwrap();
-        let stopped_addr = stopped.addr();
+        let stopped_addr = stopped.peer_addr();
         stopped.shutdown(Duration::from_secs(5)).await;
         let call = Call::new(methods::RAFT_VOTE, Bytes::new()).with_timeout(Duration::from_secs(5));
         client.call(&stopped_addr, call).await.unwrap_err();

@@ -39,7 +39,7 @@ fn stock_python_client_checks_health_and_lists_services() {
 }
 
 async fn run(python: &Path) {
-    let node = GrpcTransport::start(
+    let node = GrpcTransport::bind(
         ServerConfig::new([7; 32], SocketAddr::from(([127, 0, 0, 1], 0))),
         std::sync::Arc::new(Dispatcher::new()),
     )
