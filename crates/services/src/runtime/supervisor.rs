@@ -261,7 +261,7 @@ impl<W: Workload> Supervisor<W> {
         let spec_bytes = spec.encode_to_vec();
         let mut prepared = false;
         let mut vms = loop {
-            let vms = self.vms.lock().await;
+            let mut vms = self.vms.lock().await;
             // A start racing a stop waits for the stop to finish, then
             // starts afresh (rather than reporting the stopping VM as
             // running).
@@ -285,51 +285,39 @@ impl<W: Workload> Supervisor<W> {
                 let pid = snapshot(&slot.shared).pid;
                 return Ok(Started::AlreadyRunning { pid });
             }
-            if !prepared {
-                // Only a spawn needs the (possibly slow) preparation; it
-                // runs without the table so status calls are not held up,
-                // and the table is checked again afterwards.
-                if self.live_pidfile(&dir)?.is_none() {
-                    drop(vms);
-                    self.workload.prepare(spec).await;
-                    prepared = true;
-                    continue;
+            std::fs::create_dir_all(&dir).map_err(|source| RuntimeError::State {
+                path: dir.clone(),
+                source,
+            })?;
+            if let Some(identity) = self.live_pidfile(&dir)? {
+                // Left running by an earlier node process: supervise it
+                // again, never start it twice.
+                let (slot, recorded) = self.adopt(vm_id, &dir, identity);
+                let same = recorded == spec_bytes;
+                vms.insert(vm_id.to_owned(), slot);
+                if !same {
+                    tracing::warn!(
+                        vm_id,
+                        pid = identity.pid,
+                        "adopted workload runs another spec"
+                    );
+                    return Err(RuntimeError::SpecChanged {
+                        vm_id: vm_id.to_owned(),
+                    });
                 }
+                return Ok(Started::Adopted { pid: identity.pid });
+            }
+            if !prepared {
+                // Only a spawn needs the (possibly slow) preparation. It
+                // runs without the table, so status calls are not held up,
+                // and everything above is checked again afterwards.
+                drop(vms);
+                self.workload.prepare(spec).await;
+                prepared = true;
+                continue;
             }
             break vms;
         };
-        std::fs::create_dir_all(&dir).map_err(|source| RuntimeError::State {
-            path: dir.clone(),
-            source,
-        })?;
-        if let Some(identity) = self.live_pidfile(&dir)? {
-            let (slot, recorded) = self.adopt(vm_id, &dir, identity);
-            let same = recorded == spec_bytes;
-            vms.insert(vm_id.to_owned(), slot);
-            if !same {
-                tracing::warn!(
-                    vm_id,
-                    pid = identity.pid,
-                    "adopted workload runs another spec"
-                );
-                return Err(RuntimeError::SpecChanged {
-                    vm_id: vm_id.to_owned(),
-                });
-            }
-            return Ok(Started::Adopted { pid: identity.pid });
-        }
-        if !prepared {
-            // The adoptable workload vanished while we looked; prepare now.
-            drop(vms);
-            self.workload.prepare(spec).await;
-            vms = self.vms.lock().await;
-            if vms.get(vm_id).is_some_and(Slot::is_active) {
-                return Err(RuntimeError::Spawn {
-                    vm_id: vm_id.to_owned(),
-                    reason: "another start of this VM raced this one".into(),
-                });
-            }
-        }
         let spec_path = dir.join(SPEC_FILE_NAME);
         std::fs::write(&spec_path, &spec_bytes).map_err(|source| RuntimeError::State {
             path: spec_path,
