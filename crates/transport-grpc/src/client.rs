@@ -38,7 +38,7 @@ use tonic::transport::{Channel, Endpoint};
 use crate::auth::{self, Identity, NONCE_LEN, ResponseIdentity};
 use crate::codec::RawCodec;
 use crate::io::Connector;
-use crate::metrics::{self, Direction, InFlight, Outcome, Side};
+use crate::metrics::{self, Direction, InFlight, Outcome, Queued, Side};
 use crate::server::{KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, PRIORITY_KEY, SHUTTING_DOWN_KEY};
 
 /// First wait before dialling a peer again after a failed dial.
@@ -367,7 +367,10 @@ impl GrpcClient {
         let mut grpc = tonic::client::Grpc::new(channel)
             .max_decoding_message_size(MAX_PAYLOAD_CEILING as usize)
             .max_encoding_message_size(self.max_message_size);
-        if let Err(e) = grpc.ready().await {
+        let queued = Queued::start(out.priority.as_str());
+        let ready = grpc.ready().await;
+        drop(queued);
+        if let Err(e) = ready {
             self.forget(out.peer, url, lane);
             return Err(err(
                 TransportErrorKind::Unreachable,

@@ -154,3 +154,23 @@ impl Drop for InFlight {
             .decrement(1.0);
     }
 }
+
+/// Counts one call waiting for its lane's connection to take it, while it
+/// waits (the channel's queue and the connection's stream limit).
+#[derive(Debug)]
+pub(crate) struct Queued(&'static str);
+
+impl Queued {
+    pub(crate) fn start(lane: &'static str) -> Queued {
+        metrics::gauge!(names::QUEUE_DEPTH, "transport" => TRANSPORT_LABEL, "lane" => lane)
+            .increment(1.0);
+        Queued(lane)
+    }
+}
+
+impl Drop for Queued {
+    fn drop(&mut self) {
+        metrics::gauge!(names::QUEUE_DEPTH, "transport" => TRANSPORT_LABEL, "lane" => self.0)
+            .decrement(1.0);
+    }
+}

@@ -77,6 +77,7 @@ async fn calls_connections_and_failures_are_recorded_under_the_shared_names() {
             names::BYTES,
             names::AUTH_FAILURES,
             names::IN_FLIGHT,
+            names::QUEUE_DEPTH,
         ] {
             let line = text
                 .lines()
