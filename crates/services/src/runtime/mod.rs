@@ -55,7 +55,7 @@ pub use process::ProcessRuntime;
 pub use spec::{RuntimeKind, SpecError, SpecField, validate};
 pub use supervisor::{
     ADOPTED_POLL_INTERVAL, DEFAULT_INITIAL_BACKOFF, DEFAULT_MAX_BACKOFF, DEFAULT_MAX_RESTARTS,
-    DEFAULT_STABLE_RUN, FORCE_EXIT_WAIT, KILL_WAIT, RestartPolicy, SPEC_FILE_NAME,
+    DEFAULT_STABLE_RUN, FORCE_EXIT_WAIT, KILL_WAIT, RestartPolicy, SPEC_FILE_NAME, STOP_STEP_BOUND,
 };
 
 /// The grace a reconciler gives a workload to stop on its own before it is

@@ -57,6 +57,15 @@ pub const FORCE_EXIT_WAIT: Duration = Duration::from_secs(3);
 /// stuck in uninterruptible sleep (e.g. on a dead NFS mount).
 pub const KILL_WAIT: Duration = Duration::from_secs(5);
 
+/// Bound on each polite stop step a runtime takes (a QMP connection and
+/// command for a microVM), so a wedged QEMU cannot delay the SIGKILL that
+/// follows: QEMU answers QMP within milliseconds when it is healthy.
+pub const STOP_STEP_BOUND: Duration = Duration::from_secs(5);
+
+/// Slack on top of a stop sequence's own bounds before `stop` gives up
+/// waiting for the supervisor task (which then still finishes the stop).
+const STOP_SLACK: Duration = Duration::from_secs(1);
+
 /// How often an adopted workload (not our child, so it cannot be waited
 /// on) is checked for liveness through `/proc`.
 pub const ADOPTED_POLL_INTERVAL: Duration = Duration::from_millis(200);
@@ -448,7 +457,8 @@ impl<W: Workload> Supervisor<W> {
             let _ = slot.stop_tx.send(Some(grace));
             (slot.shared.clone(), slot.done_rx.clone())
         };
-        let bound = grace + FORCE_EXIT_WAIT + KILL_WAIT + super::qmp::QMP_TIMEOUT * 2;
+        // The task's whole stop sequence, plus slack for scheduling.
+        let bound = grace + STOP_STEP_BOUND * 2 + FORCE_EXIT_WAIT + KILL_WAIT + STOP_SLACK;
         if tokio::time::timeout(bound, done_rx.wait_for(|done| *done))
             .await
             .is_err()
@@ -683,7 +693,15 @@ impl<W: Workload> Task<W> {
     /// it, the runtime's firmer step, then SIGKILL to the process group.
     async fn terminate(&self, live: &mut Live, grace: Duration) -> ExitStatus {
         let identity = live.identity();
-        self.workload.request_stop(&self.dir, identity).await;
+        if tokio::time::timeout(
+            STOP_STEP_BOUND,
+            self.workload.request_stop(&self.dir, identity),
+        )
+        .await
+        .is_err()
+        {
+            tracing::warn!(vm_id = self.vm_id, "the stop request timed out");
+        }
         if let Ok(status) = tokio::time::timeout(grace, live.wait()).await {
             return status;
         }
@@ -692,9 +710,13 @@ impl<W: Workload> Task<W> {
             ?grace,
             "grace expired; forcing the workload to stop"
         );
-        if self.workload.before_kill(&self.dir, identity).await
-            && let Ok(status) = tokio::time::timeout(FORCE_EXIT_WAIT, live.wait()).await
-        {
+        let forced = tokio::time::timeout(
+            STOP_STEP_BOUND,
+            self.workload.before_kill(&self.dir, identity),
+        )
+        .await
+        .unwrap_or(false);
+        if forced && let Ok(status) = tokio::time::timeout(FORCE_EXIT_WAIT, live.wait()).await {
             return status;
         }
         if let Err(e) = identity.signal_group(Signal::KILL) {
