@@ -64,6 +64,18 @@ pub use supervisor::{
 /// hold a migration for long.
 pub const DEFAULT_STOP_GRACE: Duration = Duration::from_secs(10);
 
+/// The runtime for a VM whose spec leaves `runtime` empty: `microvm` where
+/// QEMU ([`microvm::DEFAULT_QEMU`]) is installed, `process` otherwise. The
+/// VM service fills the spec in with it before validating, so the choice
+/// is recorded in the cluster state rather than made again on each node.
+pub fn default_kind() -> RuntimeKind {
+    if microvm::qemu_available(std::path::Path::new(microvm::DEFAULT_QEMU)) {
+        RuntimeKind::Microvm
+    } else {
+        RuntimeKind::Process
+    }
+}
+
 /// What a runtime observes of one VM.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RunState {
