@@ -13,6 +13,7 @@ use futures::task::AtomicWaker;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+use tokio::sync::OwnedSemaphorePermit;
 use tonic::transport::server::{Connected, TcpConnectInfo};
 
 use crate::metrics::{self, ConnectionGauge};
@@ -79,10 +80,16 @@ pub(crate) struct ServerConn {
     stream: TcpStream,
     kill: Arc<ConnKill>,
     _gauge: ConnectionGauge,
+    /// Its place under the server's connection limit, freed on close.
+    _slot: OwnedSemaphorePermit,
 }
 
 impl ServerConn {
-    pub(crate) fn new(stream: TcpStream, switch: &KillSwitch) -> ServerConn {
+    pub(crate) fn new(
+        stream: TcpStream,
+        switch: &KillSwitch,
+        slot: OwnedSemaphorePermit,
+    ) -> ServerConn {
         if let Err(e) = stream.set_nodelay(true) {
             tracing::debug!(error = %e, "could not set TCP_NODELAY on an accepted connection");
         }
@@ -90,6 +97,7 @@ impl ServerConn {
             stream,
             kill: switch.register(),
             _gauge: ConnectionGauge::open(),
+            _slot: slot,
         }
     }
 }

@@ -61,6 +61,12 @@ pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 /// conformance suite keeps 256 in flight, which the client then queues).
 pub const MAX_CONCURRENT_STREAMS: u32 = 1024;
 
+/// Most inbound connections served at once. A cluster node needs a few per
+/// peer (one per priority lane in use) plus operators' tools; past this,
+/// new connections are closed at once, so a flood of idle connections
+/// cannot exhaust file descriptors.
+pub const MAX_INBOUND_CONNECTIONS: usize = 4096;
+
 /// After the drain deadline the remaining connections are aborted; this
 /// bounds how long shutdown then waits for the server task to notice.
 const ABORT_GRACE: Duration = Duration::from_secs(2);
@@ -293,14 +299,25 @@ impl GrpcServer {
         let kill = Arc::new(KillSwitch::default());
         let incoming = {
             let kill = kill.clone();
+            let slots = Arc::new(tokio::sync::Semaphore::new(MAX_INBOUND_CONNECTIONS));
             futures::stream::unfold(listener, move |listener| {
-                let kill = kill.clone();
+                let (kill, slots) = (kill.clone(), slots.clone());
                 async move {
-                    let next = listener
-                        .accept()
-                        .await
-                        .map(|(stream, _)| ServerConn::new(stream, &kill));
-                    Some((next, listener))
+                    loop {
+                        let (stream, remote) = match listener.accept().await {
+                            Ok(accepted) => accepted,
+                            Err(e) => return Some((Err(e), listener)),
+                        };
+                        match slots.clone().try_acquire_owned() {
+                            Ok(slot) => {
+                                return Some((Ok(ServerConn::new(stream, &kill, slot)), listener));
+                            }
+                            Err(_) => {
+                                tracing::warn!(%remote, limit = MAX_INBOUND_CONNECTIONS, "refused a connection: too many open");
+                                drop(stream);
+                            }
+                        }
+                    }
                 }
             })
         };
