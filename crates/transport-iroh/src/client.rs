@@ -46,8 +46,8 @@ use crate::config::TransportLimits;
 use crate::metrics::{self, Outcome, Side};
 use crate::transport::{Tracker, TrackerGuard};
 use crate::wire::{
-    self, CLOSE_SHUTTING_DOWN, ReadFrameError, STREAM_CANCELLED, STREAM_MALFORMED,
-    STREAM_SHUTTING_DOWN, STREAM_TOO_LARGE,
+    self, CLOSE_SHUTTING_DOWN, ReadFrameError, STREAM_CANCELLED, STREAM_DEADLINE_EXCEEDED,
+    STREAM_MALFORMED, STREAM_SHUTTING_DOWN, STREAM_TOO_LARGE,
 };
 
 /// Size of a ping's payload: the request id, echoed by the pong.
@@ -77,7 +77,27 @@ pub struct IrohClient {
 #[derive(Debug)]
 struct Peer {
     lanes: [Lane; 4],
+    /// The pooled connection, read by every call without waiting (the
+    /// fast path); written only under `slot`.
+    current: Mutex<Option<Connection>>,
+    /// Serialises dials: concurrent first calls wait for one dial.
     slot: tokio::sync::Mutex<Slot>,
+}
+
+impl Peer {
+    fn open_connection(&self) -> Option<Connection> {
+        let current = self.current.lock().ok()?;
+        current
+            .as_ref()
+            .filter(|conn| conn.close_reason().is_none())
+            .cloned()
+    }
+
+    fn set_current(&self, conn: Option<Connection>) {
+        if let Ok(mut current) = self.current.lock() {
+            *current = conn;
+        }
+    }
 }
 
 /// The pooled connection to a peer and its dial history.
@@ -190,10 +210,11 @@ impl IrohClient {
             for lane in &peer.lanes {
                 lane.permits.close();
             }
-            if let Ok(mut slot) = peer.slot.try_lock()
-                && let Some(conn) = slot.conn.take()
-            {
+            if let Some(conn) = peer.current.lock().ok().and_then(|mut c| c.take()) {
                 conn.close(CLOSE_SHUTTING_DOWN, b"peer shutting down");
+            }
+            if let Ok(mut slot) = peer.slot.try_lock() {
+                slot.conn = None;
             }
         }
         if let Ok(mut endpoint) = self.endpoint.write() {
@@ -236,6 +257,7 @@ impl IrohClient {
         };
         let peer = Arc::new(Peer {
             lanes: Priority::ALL.map(lane),
+            current: Mutex::new(None),
             slot: tokio::sync::Mutex::new(Slot::default()),
         });
         peers.insert(id, peer.clone());
@@ -244,6 +266,9 @@ impl IrohClient {
 
     /// The pooled connection to `addr`, dialled if there is none.
     async fn connection(&self, peer: &Peer, addr: &PeerAddr) -> Result<Connection, TransportError> {
+        if let Some(conn) = peer.open_connection() {
+            return Ok(conn);
+        }
         let mut slot = peer.slot.lock().await;
         if let Some(conn) = &slot.conn {
             match conn.close_reason() {
@@ -251,6 +276,7 @@ impl IrohClient {
                 Some(reason) => {
                     debug!(peer = %addr.id.short(), "pooled connection is closed ({reason}); re-dialling");
                     slot.conn = None;
+                    peer.set_current(None);
                 }
             }
         }
@@ -269,6 +295,7 @@ impl IrohClient {
                 slot.retry_at = None;
                 slot.had_connection = true;
                 slot.conn = Some(conn.clone());
+                peer.set_current(Some(conn.clone()));
                 Ok(conn)
             }
             Err(e) => {
@@ -552,6 +579,12 @@ fn map_stream_code(code: VarInt, what: &str) -> TransportError {
             TransportErrorKind::PeerShuttingDown,
             Delivery::NotDelivered,
             format!("peer is shutting down and did not run the request ({what})"),
+        )
+    } else if code == STREAM_DEADLINE_EXCEEDED {
+        error(
+            TransportErrorKind::TimedOut,
+            Delivery::MayHaveBeenDelivered,
+            format!("the deadline passed while the peer worked on the request ({what})"),
         )
     } else if code == STREAM_MALFORMED || code == STREAM_TOO_LARGE {
         error(

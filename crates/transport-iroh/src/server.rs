@@ -16,7 +16,9 @@
 //! side is stopped; malformed frames reset the stream. Neither touches the
 //! connection. A caller that stops reading (it dropped the call) or a
 //! passed deadline drops the handler's future: the service's work is
-//! cancelled.
+//! cancelled (on a deadline the stream is reset with
+//! [`STREAM_DEADLINE_EXCEEDED`], never answered, so the caller's own timer
+//! and ours agree on `TimedOut`).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -39,8 +41,8 @@ use crate::config::TransportLimits;
 use crate::metrics::{self, Outcome, Side};
 use crate::transport::Tracker;
 use crate::wire::{
-    self, CLOSE_SHUTTING_DOWN, CLOSE_TOO_MANY_CONNECTIONS, ReadFrameError, STREAM_MALFORMED,
-    STREAM_SHUTTING_DOWN, STREAM_TOO_LARGE,
+    self, CLOSE_SHUTTING_DOWN, CLOSE_TOO_MANY_CONNECTIONS, ReadFrameError,
+    STREAM_DEADLINE_EXCEEDED, STREAM_MALFORMED, STREAM_SHUTTING_DOWN, STREAM_TOO_LARGE,
 };
 
 /// Shared state of the server: what it serves, its limits, its open
@@ -235,16 +237,18 @@ async fn serve_stream(
                             "request payload of {len} bytes exceeds this node's limit of {max} bytes"
                         ),
                     );
-                    answer_raw(&mut send, &state, &raw, &status).await;
+                    // Stop the request side first: the caller's blocked
+                    // write fails at once and it reads the answer.
                     let _ = recv.stop(STREAM_TOO_LARGE);
+                    answer_raw(&mut send, &state, &raw, &status).await;
                 }
                 FrameError::UnknownService { service, .. } => {
                     debug!(service, "request for an unknown service");
                     let status = Status::unimplemented(format!(
                         "service id {service} is unknown to this node"
                     ));
-                    answer_raw(&mut send, &state, &raw, &status).await;
                     let _ = recv.stop(STREAM_MALFORMED);
+                    answer_raw(&mut send, &state, &raw, &status).await;
                 }
                 other => {
                     warn!("malformed frame; resetting the stream: {other}");
@@ -328,7 +332,11 @@ async fn serve_stream(
             debug!(method = %method.label(), "caller abandoned the call ({reason:?}); cancelling it");
             None
         }
-        () = expiry => Some(Err(Status::new(Code::DeadlineExceeded, "the caller's deadline passed"))),
+        () = expiry => {
+            debug!(method = %method.label(), "the caller's deadline passed; dropping the work");
+            let _ = send.reset(STREAM_DEADLINE_EXCEEDED);
+            None
+        }
     };
     // The slot is free once the service is done, before the answer is sent:
     // a caller holding the answer may call again at once.

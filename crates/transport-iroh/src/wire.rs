@@ -25,6 +25,11 @@ pub const STREAM_MALFORMED: VarInt = VarInt::from_u32(3);
 /// frame saying so precedes it where the request id was known); not run.
 pub const STREAM_TOO_LARGE: VarInt = VarInt::from_u32(4);
 
+/// Stream code: the caller's deadline passed while the service worked; the
+/// work was dropped. Callers map it to `TimedOut` (the request ran, in
+/// part at least).
+pub const STREAM_DEADLINE_EXCEEDED: VarInt = VarInt::from_u32(5);
+
 /// Connection close code: the node is shutting down after draining its
 /// calls. Callers map it to `PeerShuttingDown`.
 pub const CLOSE_SHUTTING_DOWN: VarInt = VarInt::from_u32(1);
