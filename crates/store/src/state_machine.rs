@@ -28,7 +28,7 @@ use openraft::storage::{EntryResponder, RaftSnapshotBuilder, RaftStateMachine, S
 use openraft::{EntryPayload, OptionalSend};
 
 use crate::error::StoreError;
-use crate::snapshot::{SnapshotDir, SnapshotFile, read_snapshot};
+use crate::snapshot::{SnapshotDir, SnapshotFile, Verify, read_snapshot};
 use crate::state::{ClusterState, Response};
 use crate::types::{LogId, SnapshotMeta, StoredMembership, TypeConfig};
 
@@ -84,7 +84,7 @@ impl StateMachineStore {
         let snapshots = SnapshotDir::open(dir)?;
         let mut applied = Applied::default();
         if let Some(current) = snapshots.open_current()? {
-            let (meta, state) = read_snapshot(&current)?;
+            let (meta, state) = read_snapshot(&current, Verify::Checksum)?;
             tracing::info!(
                 last_log_id = ?meta.last_log_id,
                 members = state.members().len(),
@@ -171,20 +171,25 @@ impl StateMachineStore {
     ) -> Result<(), StoreError> {
         let sm = self.clone();
         blocking(move || {
+            // The file must be the snapshot openraft means: refuse before
+            // anything is replaced.
+            let file_meta = snapshot.meta()?;
+            if file_meta != meta {
+                return Err(StoreError::CorruptSnapshot {
+                    path: snapshot.path().to_owned(),
+                    reason: format!(
+                        "file holds the snapshot of {:?}, expected {:?}",
+                        file_meta.last_log_id, meta.last_log_id
+                    ),
+                });
+            }
             let mut applied = lock(&sm.applied)?;
             sm.snapshots.install(&snapshot)?;
             // Drop the old state before decoding the new one, so the two are
-            // never in memory together; the new file's checksum has been
+            // never in memory together; the file's checksum has just been
             // verified, so decoding it fails only if the disk fails.
             *applied = Applied::default();
-            let (file_meta, state) = read_snapshot(&snapshot)?;
-            if file_meta != meta {
-                tracing::warn!(
-                    ?meta,
-                    ?file_meta,
-                    "installed snapshot's metadata differs from the file's; the file wins"
-                );
-            }
+            let (file_meta, state) = read_snapshot(&snapshot, Verify::Skip)?;
             *applied = Applied {
                 state,
                 last_applied: file_meta.last_log_id,
@@ -406,6 +411,23 @@ mod tests {
             assert!(err.to_string().contains("checksum"), "{err}");
             std::fs::write(&path, b"short").unwrap();
             assert!(StateMachineStore::open(dir.path()).is_err());
+        });
+    }
+
+    #[test]
+    fn a_snapshot_whose_file_is_not_the_announced_one_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        runtime().block_on(async {
+            let mut sm = StateMachineStore::open(dir.path()).unwrap();
+            apply_all(&mut sm, entries()).await;
+            let snap = sm.build_snapshot().await.unwrap();
+            let other = tempfile::tempdir().unwrap();
+            let follower = StateMachineStore::open(other.path()).unwrap();
+            let mut wrong = snap.meta.clone();
+            wrong.last_log_id = Some(log_id::<TypeConfig>(1, 1, 41));
+            let err = follower.install(wrong, snap.snapshot).await.unwrap_err();
+            assert!(err.to_string().contains("expected"), "{err}");
+            assert!(follower.current_snapshot().await.unwrap().is_none());
         });
     }
 
