@@ -420,6 +420,7 @@ impl IrohClient {
             (Err(write), Err(_)) => return Err(map_write_error(&write, &self.closed)),
             (Ok(()), Err(read)) => return Err(map_read_error(&read, &self.closed)),
         };
+        wire::consume_end(&mut streams.recv);
         streams.done = true;
         if answer.header.request_id != frame.header.request_id {
             return Err(error(

@@ -263,6 +263,7 @@ async fn serve_stream(
             return;
         }
     };
+    wire::consume_end(&mut recv);
     let header = frame.header;
     match header.kind {
         FrameKind::Ping => {

@@ -7,6 +7,8 @@
 //! the `STREAM_*` codes below, which tell the caller whether its request
 //! reached the service.
 
+use std::future::Future;
+
 use bytes::{Bytes, BytesMut};
 use iroh::endpoint::{ReadError, RecvStream, SendStream, VarInt, WriteError};
 use tern_protocol::frame::{HEADER_LEN, Limits};
@@ -146,6 +148,21 @@ async fn read_payload(recv: &mut RecvStream, len: usize) -> Result<Bytes, ReadFr
         }
     }
     Ok(buf.freeze())
+}
+
+/// Consumes the end of a stream whose one frame was read, if the peer's
+/// FIN is already here (it usually travels with the frame's last bytes).
+/// Without this, dropping the stream would send STOP_SENDING and make the
+/// peer answer with RESET_STREAM: two needless frames per call. Never
+/// waits; returns whether the stream was seen to end cleanly.
+pub fn consume_end(recv: &mut RecvStream) -> bool {
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    let read = recv.read_chunk(1);
+    let mut read = std::pin::pin!(read);
+    matches!(
+        read.as_mut().poll(&mut cx),
+        std::task::Poll::Ready(Ok(None))
+    )
 }
 
 /// Writes one frame without copying its payload.
