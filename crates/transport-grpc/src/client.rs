@@ -104,16 +104,17 @@ impl Lane {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 struct PoolKey {
     peer: PeerId,
-    url: String,
     lane: Lane,
 }
 
-/// One pooled channel and its dial state.
+/// One pooled channel to one URL of a peer, and its dial state. A peer
+/// whose URL changes gets a fresh entry.
 #[derive(Debug, Default)]
 struct PoolEntry {
+    url: String,
     channel: Mutex<Option<Channel>>,
     dial: tokio::sync::Mutex<DialState>,
 }
@@ -197,7 +198,7 @@ impl GrpcClient {
             .unwrap_or(0)
     }
 
-    fn entry(&self, key: PoolKey) -> Result<Arc<PoolEntry>, CallError> {
+    fn entry(&self, key: PoolKey, url: &str) -> Result<Arc<PoolEntry>, CallError> {
         let mut pool = self.pool.lock().map_err(|_| {
             err(
                 TransportErrorKind::LocalShutdown,
@@ -205,16 +206,28 @@ impl GrpcClient {
                 "client pool poisoned",
             )
         })?;
-        Ok(pool.entry(key).or_default().clone())
+        if let Some(entry) = pool.get(&key)
+            && entry.url == url
+        {
+            return Ok(entry.clone());
+        }
+        let entry = Arc::new(PoolEntry {
+            url: url.to_owned(),
+            ..PoolEntry::default()
+        });
+        pool.insert(key, entry.clone());
+        Ok(entry)
     }
 
     /// The pooled channel to `peer` on `lane`, dialling it if needed.
     async fn channel(&self, peer: &PeerAddr, url: &str, lane: Lane) -> Result<Channel, CallError> {
-        let entry = self.entry(PoolKey {
-            peer: peer.id,
-            url: url.to_owned(),
-            lane,
-        })?;
+        let entry = self.entry(
+            PoolKey {
+                peer: peer.id,
+                lane,
+            },
+            url,
+        )?;
         if let Some(channel) = entry.channel.lock().ok().and_then(|c| c.clone()) {
             return Ok(channel);
         }
@@ -273,11 +286,11 @@ impl GrpcClient {
     fn forget(&self, peer: &PeerAddr, url: &str, lane: Lane) {
         let key = PoolKey {
             peer: peer.id,
-            url: url.to_owned(),
             lane,
         };
         if let Ok(pool) = self.pool.lock()
             && let Some(entry) = pool.get(&key)
+            && entry.url == url
             && let Ok(mut slot) = entry.channel.lock()
         {
             *slot = None;
