@@ -327,7 +327,8 @@ impl GrpcClient {
         }
         let sent = AtomicBool::new(false);
         let timeout = out.timeout;
-        match tokio::time::timeout(timeout, self.send_inner(url, &out, &sent)).await {
+        let deadline = Instant::now() + timeout;
+        match tokio::time::timeout(timeout, self.send_inner(url, &out, deadline, &sent)).await {
             Ok(result) => result,
             Err(_) => {
                 let delivery = if sent.load(Ordering::SeqCst) {
@@ -348,6 +349,7 @@ impl GrpcClient {
         &self,
         url: &str,
         out: &Outgoing<'_>,
+        deadline: Instant,
         sent: &AtomicBool,
     ) -> Result<Bytes, CallError> {
         let lane = Lane::of(out.priority);
@@ -371,7 +373,12 @@ impl GrpcClient {
                 )
             })?;
         let mut request = tonic::Request::new(out.payload.clone());
-        request.set_timeout(out.timeout);
+        // What is left after the dial; never zero, which would read as "no
+        // deadline" to some servers.
+        let remaining = deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_millis(1));
+        request.set_timeout(remaining);
         proof.write(request.metadata_mut().as_mut());
         request
             .metadata_mut()
