@@ -67,6 +67,10 @@ pub const MAX_CONCURRENT_STREAMS: u32 = 1024;
 /// cannot exhaust file descriptors.
 pub const MAX_INBOUND_CONNECTIONS: usize = 4096;
 
+/// Pause after a failed `accept` (e.g. out of file descriptors) before
+/// trying again, so the accept loop does not spin.
+const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(100);
+
 /// After the drain deadline the remaining connections are aborted; this
 /// bounds how long shutdown then waits for the server task to notice.
 const ABORT_GRACE: Duration = Duration::from_secs(2);
@@ -306,11 +310,20 @@ impl GrpcServer {
                     loop {
                         let (stream, remote) = match listener.accept().await {
                             Ok(accepted) => accepted,
-                            Err(e) => return Some((Err(e), listener)),
+                            Err(e) => {
+                                // Out of file descriptors, typically: wait
+                                // instead of spinning on the error.
+                                tracing::warn!(error = %e, "accepting a connection failed");
+                                tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
+                                continue;
+                            }
                         };
                         match slots.clone().try_acquire_owned() {
                             Ok(slot) => {
-                                return Some((Ok(ServerConn::new(stream, &kill, slot)), listener));
+                                return Some((
+                                    Ok::<_, std::io::Error>(ServerConn::new(stream, &kill, slot)),
+                                    listener,
+                                ));
                             }
                             Err(_) => {
                                 tracing::warn!(%remote, limit = MAX_INBOUND_CONNECTIONS, "refused a connection: too many open");
