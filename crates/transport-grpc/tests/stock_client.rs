@@ -25,7 +25,7 @@ const TEST_TIMEOUT: Duration = Duration::from_secs(600);
 #[test]
 fn stock_python_client_checks_health_and_lists_services() {
     let root = Path::new(env!("CARGO_TARGET_TMPDIR"));
-    let python = support::python::venv(root).unwrap_or_else(|e| panic!("{e}"));
+    let python = support::python::python(root).unwrap_or_else(|e| panic!("{e}"));
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -15,6 +15,31 @@ pub(crate) const REQUIREMENTS: &[&str] = &[
     "grpcio-reflection==1.85.1",
 ];
 
+/// Environment variable through which `cargo xtask test` passes the Python
+/// of the virtualenv it prepared.
+pub(crate) const PYTHON_ENV: &str = "TERN_PYTHON";
+
+/// The modules the stock-client script imports.
+const IMPORT_CHECK: &str = "import grpc, grpc_health.v1, grpc_reflection.v1alpha";
+
+/// A Python interpreter with the stock gRPC packages: the one in
+/// `$TERN_PYTHON` if it has them, else one of a virtualenv created (once)
+/// under `root` with [`REQUIREMENTS`].
+pub(crate) fn python(root: &Path) -> Result<PathBuf, String> {
+    if let Some(given) = std::env::var_os(PYTHON_ENV) {
+        let given = PathBuf::from(given);
+        if run(
+            Command::new(&given).args(["-c", IMPORT_CHECK]),
+            "import check",
+        )
+        .is_ok()
+        {
+            return Ok(given);
+        }
+    }
+    venv(root)
+}
+
 /// Creates (once) a virtualenv under `root` with [`REQUIREMENTS`] and
 /// returns the path of its Python interpreter.
 pub(crate) fn venv(root: &Path) -> Result<PathBuf, String> {
