@@ -502,3 +502,28 @@ fn another_key_at_the_address_is_wrong_peer_and_not_delivered() {
         impostor.shutdown(DRAIN).await;
     });
 }
+
+#[test]
+fn a_node_bound_to_all_interfaces_is_reachable_at_its_advertised_address() {
+    run(async {
+        let config = IrohConfig::new(rand::random()).with_bind_addr("0.0.0.0:0".parse().unwrap());
+        let server = node_with(&TestService::default(), config).await;
+        let addr = server.peer_addr();
+        let direct = &addr.iroh.as_ref().unwrap().direct;
+        assert!(!direct.is_empty(), "advertises at least one address");
+        assert!(
+            direct
+                .iter()
+                .all(|a| !a.ip().is_unspecified() && a.port() == server.local_addr().port()),
+            "{direct:?}"
+        );
+        let caller = node(&TestService::default()).await;
+        caller
+            .client()
+            .call(&addr, vm_get("x", CALL_TIMEOUT))
+            .await
+            .expect("reachable at the advertised address");
+        caller.shutdown(DRAIN).await;
+        server.shutdown(DRAIN).await;
+    });
+}
