@@ -7,7 +7,8 @@
 //!   Raft), the node record [`Member`] openraft replicates in its
 //!   membership, and aliases for openraft's generic types.
 //! - [`state`]: the replicated [`ClusterState`] (members, node-id
-//!   allocation, VM records, the request-id deduplication table), the
+//!   allocation, VM records with their placement, desired and observed
+//!   states and migration steps, the request-id deduplication table), the
 //!   [`Command`]s that change it and the [`Response`]s they return; a pure
 //!   `apply`, tested without disk.
 //! - [`log_store`]: [`LogStore`], openraft's `RaftLogStorage` on sled;
@@ -33,7 +34,9 @@ use std::path::Path;
 pub use error::StoreError;
 pub use log_store::{LogReader, LogStore};
 pub use snapshot::SnapshotFile;
-pub use state::{ClusterState, Command, Rejection, RequestId, Response, VmRecord, VmSpec, VmState};
+pub use state::{
+    ClusterState, Command, Rejection, RequestId, Response, VmRecord, VmReport, VmSpec, VmState,
+};
 pub use state_machine::{StateMachineStore, StoreSnapshot};
 pub use types::{
     Capacity, Entry, LogId, Member, Membership, NodeId, SnapshotMeta, StoredMembership, TypeConfig,

@@ -19,7 +19,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use tern_protocol::PeerId;
 
-use crate::types::{Member, Membership, NodeId};
+use crate::types::{Capacity, Member, Membership, NodeId};
 
 /// Longest client request id accepted, in bytes. Ids are UUIDs or similar;
 /// the bound keeps the deduplication table's memory predictable.
@@ -66,6 +66,62 @@ pub enum Command {
         /// The VM to remove.
         vm_id: String,
     },
+    /// Create a VM: give it the next id (`vm-<n>`), place it (see
+    /// [`ClusterState::place`]) and want it running. The spec was validated
+    /// by the VM service before it was proposed.
+    CreateVm {
+        /// Deduplication id: a retried create answers the first VM.
+        request_id: RequestId,
+        /// What to run (boxed: a spec is large next to other commands).
+        spec: Box<VmSpec>,
+    },
+    /// Change the state an operator wants a VM in: `Running` (start),
+    /// `Stopped` (stop) or `Deleted` (delete; the record goes once the
+    /// node reports the VM removed). Starting a VM observed stopped or
+    /// failed makes it pending again: a fresh attempt.
+    SetVmDesired {
+        /// Deduplication id.
+        request_id: RequestId,
+        /// The VM.
+        vm_id: String,
+        /// `Running`, `Stopped` or `Deleted`.
+        desired: VmState,
+    },
+    /// What a node's reconciler observes of a VM placed on it.
+    ReportVm {
+        /// Deduplication id (reconcilers make a fresh one per report).
+        request_id: RequestId,
+        /// The observation.
+        report: VmReport,
+    },
+    /// Move a VM to `target`: the source stops it, its report of the stop
+    /// moves the record to the target, whose reconciler starts it. A
+    /// `target` equal to the VM's current node cancels a migration that
+    /// has not handed over yet (the rollback).
+    MigrateVm {
+        /// Deduplication id.
+        request_id: RequestId,
+        /// The VM.
+        vm_id: String,
+        /// The node to move it to.
+        target: NodeId,
+    },
+}
+
+/// A reconciler's observation of one VM, the payload of
+/// [`Command::ReportVm`].
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct VmReport {
+    /// The VM.
+    pub vm_id: String,
+    /// The reporting node; must be the node the VM is placed on.
+    pub node_id: NodeId,
+    /// `Running`, `Stopped`, `Failed` or (after a delete) `Deleted`.
+    pub observed: VmState,
+    /// Why it failed, when it did.
+    pub reason: String,
+    /// The workload log or serial console on the node.
+    pub log_path: String,
 }
 
 impl Command {
@@ -75,7 +131,11 @@ impl Command {
         match self {
             Command::AllocateNodeId { request_id, .. }
             | Command::PutVm { request_id, .. }
-            | Command::DeleteVm { request_id, .. } => Some(request_id),
+            | Command::DeleteVm { request_id, .. }
+            | Command::CreateVm { request_id, .. }
+            | Command::SetVmDesired { request_id, .. }
+            | Command::ReportVm { request_id, .. }
+            | Command::MigrateVm { request_id, .. } => Some(request_id),
         }
     }
 }
@@ -91,6 +151,24 @@ impl std::fmt::Display for Command {
             Command::DeleteVm { request_id, vm_id } => {
                 write!(f, "delete-vm {vm_id} req={request_id}")
             }
+            Command::CreateVm { request_id, spec } => {
+                write!(f, "create-vm name={} req={request_id}", spec.name)
+            }
+            Command::SetVmDesired {
+                request_id,
+                vm_id,
+                desired,
+            } => write!(f, "set-vm-desired {vm_id} {desired:?} req={request_id}"),
+            Command::ReportVm { request_id, report } => write!(
+                f,
+                "report-vm {} node={} {:?} req={request_id}",
+                report.vm_id, report.node_id, report.observed
+            ),
+            Command::MigrateVm {
+                request_id,
+                vm_id,
+                target,
+            } => write!(f, "migrate-vm {vm_id} to={target} req={request_id}"),
         }
     }
 }
@@ -136,6 +214,94 @@ pub enum Rejection {
     /// Node ids are exhausted (after 2^64 joins).
     #[error("no node ids left")]
     NodeIdsExhausted,
+    /// VM ids are exhausted (after 2^64 creates).
+    #[error("no VM ids left")]
+    VmIdsExhausted,
+    /// No member has room for the VM.
+    #[error(
+        "no node has {vcpus} free vCPUs and {memory_mib} MiB free memory \
+         ({members} members; capacity is what each node declares when it joins)"
+    )]
+    NoCapacity {
+        /// vCPUs asked for.
+        vcpus: u32,
+        /// Memory asked for, in MiB.
+        memory_mib: u64,
+        /// How many members were considered.
+        members: usize,
+    },
+    /// The node named (a pin or a migration target) is not a member.
+    #[error("node {node_id} is not a member of the cluster")]
+    UnknownNode {
+        /// The node asked for.
+        node_id: NodeId,
+    },
+    /// The node named (a pin or a migration target) lacks room for the VM.
+    #[error(
+        "node {node_id} has {free_vcpus} free vCPUs and {free_memory_mib} MiB free memory; \
+         the VM needs {vcpus} vCPUs and {memory_mib} MiB"
+    )]
+    NodeFull {
+        /// The node asked for.
+        node_id: NodeId,
+        /// Its free vCPUs.
+        free_vcpus: u32,
+        /// Its free memory in MiB.
+        free_memory_mib: u64,
+        /// vCPUs asked for.
+        vcpus: u32,
+        /// Memory asked for, in MiB.
+        memory_mib: u64,
+    },
+    /// A desired state an operator cannot ask for.
+    #[error("{state:?} cannot be requested: use Running, Stopped or Deleted")]
+    InvalidDesiredState {
+        /// The state asked for.
+        state: VmState,
+    },
+    /// The VM is being deleted; nothing but the deletion can happen to it.
+    #[error("VM {vm_id:?} is being deleted")]
+    VmDeleting {
+        /// The VM.
+        vm_id: String,
+    },
+    /// A node reported on a VM placed elsewhere (a stale reconciler).
+    #[error("node {node_id} reported on VM {vm_id:?}, which is placed on node {placed_on}")]
+    NotPlacedHere {
+        /// The VM.
+        vm_id: String,
+        /// The reporting node.
+        node_id: NodeId,
+        /// Where the VM is placed.
+        placed_on: NodeId,
+    },
+    /// A report carried a state a node cannot observe then.
+    #[error("a node cannot report VM {vm_id:?} as {observed:?} now")]
+    InvalidReport {
+        /// The VM.
+        vm_id: String,
+        /// The state reported.
+        observed: VmState,
+    },
+    /// The VM is already moving to another node.
+    #[error(
+        "VM {vm_id:?} is already migrating to node {target}; \
+         migrate it to its current node to cancel"
+    )]
+    MigrationInProgress {
+        /// The VM.
+        vm_id: String,
+        /// Where it is going.
+        target: NodeId,
+    },
+    /// The VM is already on the node asked for.
+    #[error("VM {vm_id:?} is already on node {node_id}")]
+    AlreadyOnNode {
+        /// The VM.
+        vm_id: String,
+        /// Its node.
+        node_id: NodeId,
+    },
 }
 
 /// Lifecycle state of a VM, desired or observed.
@@ -202,6 +368,16 @@ pub struct VmRecord {
     pub log_path: String,
     /// Bumped by every write of the record.
     pub generation: u64,
+    /// While migrating: the node it is moving to (0 = not migrating). The
+    /// VM stays placed on `node_id` until that node reports it stopped.
+    pub migrate_to: NodeId,
+}
+
+impl VmRecord {
+    /// Whether a migration has been asked for and not handed over yet.
+    pub fn is_migrating(&self) -> bool {
+        self.migrate_to != 0
+    }
 }
 
 /// One remembered request: when it was applied and what it answered.
@@ -258,6 +434,8 @@ pub struct ClusterState {
     vms: BTreeMap<String, VmRecord>,
     /// Recent client request ids.
     dedup: DedupTable,
+    /// The number in the next VM id [`Command::CreateVm`] hands out.
+    next_vm_number: u64,
 }
 
 impl Default for ClusterState {
@@ -268,6 +446,7 @@ impl Default for ClusterState {
             next_node_id: FIRST_NODE_ID,
             vms: BTreeMap::new(),
             dedup: DedupTable::default(),
+            next_vm_number: 1,
         }
     }
 }
@@ -301,6 +480,10 @@ impl ClusterState {
                 Some(vm) => Response::Vm(Box::new(vm)),
                 None => Response::Rejected(Rejection::UnknownVm { vm_id }),
             },
+            Command::CreateVm { spec, .. } => self.create_vm(*spec),
+            Command::SetVmDesired { vm_id, desired, .. } => self.set_vm_desired(vm_id, desired),
+            Command::ReportVm { report, .. } => self.report_vm(report),
+            Command::MigrateVm { vm_id, target, .. } => self.migrate_vm(vm_id, target),
         }
     }
 
@@ -331,6 +514,260 @@ impl ClusterState {
         vm.generation = self.vms.get(&vm.id).map_or(0, |v| v.generation) + 1;
         self.vms.insert(vm.id.clone(), (*vm).clone());
         Response::Vm(vm)
+    }
+
+    /// What `node` has left for VMs: its declared capacity minus what the
+    /// VMs placed on it, or migrating to it, reserve. Every VM reserves its
+    /// vCPUs and memory whatever its state (a stopped VM can be started
+    /// again without a new placement), until its record is removed. `None`
+    /// if `node` is not a member.
+    pub fn free_capacity(&self, node: NodeId) -> Option<Capacity> {
+        let member = self.members.get(&node)?;
+        let mut free = member.capacity;
+        for vm in self.vms.values() {
+            if vm.node_id == node || vm.migrate_to == node {
+                free.vcpus = free.vcpus.saturating_sub(vm.spec.vcpus);
+                free.memory_mib = free.memory_mib.saturating_sub(vm.spec.memory_mib);
+            }
+        }
+        Some(free)
+    }
+
+    /// Where a VM with `spec` goes: its pinned node if it has room, else
+    /// the member with the most free memory after placement, then the most
+    /// free vCPUs, then the lowest id. Deterministic: it reads only the
+    /// replicated state.
+    pub fn place(&self, spec: &VmSpec) -> Result<NodeId, Rejection> {
+        let fits = |free: Capacity| free.vcpus >= spec.vcpus && free.memory_mib >= spec.memory_mib;
+        if spec.pin_node != 0 {
+            return self.check_room(spec.pin_node, spec).map(|()| spec.pin_node);
+        }
+        self.members
+            .keys()
+            .filter_map(|id| self.free_capacity(*id).map(|free| (*id, free)))
+            .filter(|(_, free)| fits(*free))
+            .max_by_key(|(id, free)| (free.memory_mib, free.vcpus, std::cmp::Reverse(*id)))
+            .map(|(id, _)| id)
+            .ok_or(Rejection::NoCapacity {
+                vcpus: spec.vcpus,
+                memory_mib: spec.memory_mib,
+                members: self.members.len(),
+            })
+    }
+
+    /// Whether `node` is a member with room for `spec`.
+    fn check_room(&self, node: NodeId, spec: &VmSpec) -> Result<(), Rejection> {
+        let free = self
+            .free_capacity(node)
+            .ok_or(Rejection::UnknownNode { node_id: node })?;
+        if free.vcpus >= spec.vcpus && free.memory_mib >= spec.memory_mib {
+            Ok(())
+        } else {
+            Err(Rejection::NodeFull {
+                node_id: node,
+                free_vcpus: free.vcpus,
+                free_memory_mib: free.memory_mib,
+                vcpus: spec.vcpus,
+                memory_mib: spec.memory_mib,
+            })
+        }
+    }
+
+    fn create_vm(&mut self, spec: VmSpec) -> Response {
+        if let Some((existing, _)) = self.vms.iter().find(|(_, v)| v.spec.name == spec.name) {
+            return Response::Rejected(Rejection::NameTaken {
+                name: spec.name,
+                existing: existing.clone(),
+            });
+        }
+        let node_id = match self.place(&spec) {
+            Ok(node) => node,
+            Err(why) => return Response::Rejected(why),
+        };
+        // Skip ids taken by records written with `PutVm`.
+        let id = loop {
+            let n = self.next_vm_number;
+            let Some(next) = n.checked_add(1) else {
+                return Response::Rejected(Rejection::VmIdsExhausted);
+            };
+            self.next_vm_number = next;
+            let id = format!("vm-{n}");
+            if !self.vms.contains_key(&id) {
+                break id;
+            }
+        };
+        let vm = VmRecord {
+            id: id.clone(),
+            spec,
+            node_id,
+            desired: VmState::Running,
+            observed: VmState::Pending,
+            generation: 1,
+            ..VmRecord::default()
+        };
+        self.vms.insert(id, vm.clone());
+        Response::Vm(Box::new(vm))
+    }
+
+    /// Applies `change` to an existing record and bumps its generation.
+    fn update_vm(
+        &mut self,
+        vm_id: String,
+        change: impl FnOnce(&mut VmRecord) -> Result<(), Rejection>,
+    ) -> Response {
+        let Some(vm) = self.vms.get_mut(&vm_id) else {
+            return Response::Rejected(Rejection::UnknownVm { vm_id });
+        };
+        let mut updated = vm.clone();
+        if let Err(why) = change(&mut updated) {
+            return Response::Rejected(why);
+        }
+        updated.generation = updated.generation.saturating_add(1);
+        *vm = updated.clone();
+        Response::Vm(Box::new(updated))
+    }
+
+    fn set_vm_desired(&mut self, vm_id: String, desired: VmState) -> Response {
+        if !matches!(
+            desired,
+            VmState::Running | VmState::Stopped | VmState::Deleted
+        ) {
+            return Response::Rejected(Rejection::InvalidDesiredState { state: desired });
+        }
+        match self.vms.get(&vm_id) {
+            None => return Response::Rejected(Rejection::UnknownVm { vm_id }),
+            // Deleting twice answers the record as it stands.
+            Some(vm) if vm.desired == VmState::Deleted && desired == VmState::Deleted => {
+                return Response::Vm(Box::new(vm.clone()));
+            }
+            // A VM on a node that left the cluster has no reconciler to
+            // remove it: the record goes at once.
+            Some(vm) if desired == VmState::Deleted && !self.members.contains_key(&vm.node_id) => {
+                return match self.vms.remove(&vm_id) {
+                    Some(mut vm) => {
+                        vm.desired = VmState::Deleted;
+                        vm.observed = VmState::Deleted;
+                        Response::Vm(Box::new(vm))
+                    }
+                    None => Response::Rejected(Rejection::UnknownVm { vm_id }),
+                };
+            }
+            Some(_) => {}
+        }
+        let id = vm_id.clone();
+        self.update_vm(vm_id, |vm| {
+            if vm.desired == VmState::Deleted {
+                return Err(Rejection::VmDeleting { vm_id: id });
+            }
+            if desired == VmState::Deleted {
+                // A deletion ends any migration: the source removes the VM.
+                vm.migrate_to = 0;
+            }
+            if desired == VmState::Running
+                && matches!(vm.observed, VmState::Failed | VmState::Stopped)
+            {
+                // An explicit start of a VM that ended (stopped, exited or
+                // failed) is a fresh attempt: reconcilers start a VM wanted
+                // running only while it is observed pending or running.
+                vm.observed = VmState::Pending;
+                vm.reason.clear();
+            }
+            vm.desired = desired;
+            Ok(())
+        })
+    }
+
+    fn report_vm(&mut self, report: VmReport) -> Response {
+        let VmReport {
+            vm_id,
+            node_id,
+            observed,
+            reason,
+            log_path,
+        } = report;
+        let Some(vm) = self.vms.get(&vm_id) else {
+            return Response::Rejected(Rejection::UnknownVm { vm_id });
+        };
+        if vm.node_id != node_id {
+            return Response::Rejected(Rejection::NotPlacedHere {
+                placed_on: vm.node_id,
+                vm_id,
+                node_id,
+            });
+        }
+        let removed = vm.desired == VmState::Deleted;
+        let valid = match observed {
+            VmState::Running | VmState::Stopped | VmState::Failed => true,
+            VmState::Deleted => removed,
+            _ => false,
+        };
+        if !valid {
+            return Response::Rejected(Rejection::InvalidReport { vm_id, observed });
+        }
+        if observed == VmState::Deleted {
+            return match self.vms.remove(&vm_id) {
+                Some(mut vm) => {
+                    vm.observed = VmState::Deleted;
+                    vm.generation = vm.generation.saturating_add(1);
+                    Response::Vm(Box::new(vm))
+                }
+                None => Response::Rejected(Rejection::UnknownVm { vm_id }),
+            };
+        }
+        self.update_vm(vm_id, |vm| {
+            if vm.is_migrating() && matches!(observed, VmState::Stopped | VmState::Failed) {
+                // The source has stopped it: hand over to the target, whose
+                // reconciler starts it if it is wanted running.
+                vm.node_id = vm.migrate_to;
+                vm.migrate_to = 0;
+                vm.observed = VmState::Pending;
+                vm.reason.clear();
+                vm.log_path.clear();
+            } else {
+                vm.observed = observed;
+                vm.reason = reason;
+                vm.log_path = log_path;
+            }
+            Ok(())
+        })
+    }
+
+    fn migrate_vm(&mut self, vm_id: String, target: NodeId) -> Response {
+        let Some(vm) = self.vms.get(&vm_id) else {
+            return Response::Rejected(Rejection::UnknownVm { vm_id });
+        };
+        if vm.desired == VmState::Deleted {
+            return Response::Rejected(Rejection::VmDeleting { vm_id });
+        }
+        if target == vm.node_id {
+            if !vm.is_migrating() {
+                return Response::Rejected(Rejection::AlreadyOnNode {
+                    vm_id,
+                    node_id: target,
+                });
+            }
+            // Rollback: the source keeps (and restarts, if wanted) the VM.
+            return self.update_vm(vm_id, |vm| {
+                vm.migrate_to = 0;
+                Ok(())
+            });
+        }
+        if vm.is_migrating() {
+            if vm.migrate_to == target {
+                return Response::Vm(Box::new(vm.clone()));
+            }
+            return Response::Rejected(Rejection::MigrationInProgress {
+                target: vm.migrate_to,
+                vm_id,
+            });
+        }
+        if let Err(why) = self.check_room(target, &vm.spec) {
+            return Response::Rejected(why);
+        }
+        self.update_vm(vm_id, |vm| {
+            vm.migrate_to = target;
+            Ok(())
+        })
     }
 
     /// Records a newly applied membership: its nodes become the members.
@@ -563,6 +1000,39 @@ mod tests {
                 request_id: r,
                 vm_id: format!("vm-{id}"),
             }),
+            (req, 0u8..3, 0u64..3).prop_map(|(r, name, pin)| Command::CreateVm {
+                request_id: r,
+                spec: Box::new(VmSpec {
+                    pin_node: pin,
+                    ..vm("x", &format!("n{name}")).spec
+                }),
+            }),
+            (req, 0u8..5, 0u8..4).prop_map(|(r, id, s)| Command::SetVmDesired {
+                request_id: r,
+                vm_id: format!("vm-{id}"),
+                desired: [
+                    VmState::Running,
+                    VmState::Stopped,
+                    VmState::Deleted,
+                    VmState::Pending
+                ][usize::from(s)],
+            }),
+            (req, 0u8..5, 1u64..3, 0u8..3).prop_map(|(r, id, node, s)| Command::ReportVm {
+                request_id: r,
+                report: VmReport {
+                    vm_id: format!("vm-{id}"),
+                    node_id: node,
+                    observed: [VmState::Running, VmState::Stopped, VmState::Deleted]
+                        [usize::from(s)],
+                    reason: String::new(),
+                    log_path: String::new(),
+                },
+            }),
+            (req, 0u8..5, 1u64..3).prop_map(|(r, id, target)| Command::MigrateVm {
+                request_id: r,
+                vm_id: format!("vm-{id}"),
+                target,
+            }),
         ]
     }
 
@@ -574,6 +1044,8 @@ mod tests {
             cmds in proptest::collection::vec(arb_command(), 0..40)
         ) {
             let (mut a, mut b) = (ClusterState::default(), ClusterState::default());
+            a.apply_membership(&membership(&[(1, 1), (2, 2)]));
+            b.apply_membership(&membership(&[(1, 1), (2, 2)]));
             for cmd in cmds {
                 proptest::prop_assert_eq!(a.apply(cmd.clone()), b.apply(cmd));
             }
@@ -582,6 +1054,278 @@ mod tests {
             let back: ClusterState = postcard::from_bytes(&bytes).unwrap();
             proptest::prop_assert_eq!(back, a);
         }
+    }
+
+    fn cap(vcpus: u32, memory_mib: u64) -> Capacity {
+        Capacity { vcpus, memory_mib }
+    }
+
+    /// A cluster of members 1..=n with the given capacities.
+    fn cluster(caps: &[Capacity]) -> ClusterState {
+        let mut state = ClusterState::default();
+        let nodes: BTreeMap<NodeId, Member> = caps
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                let n = u8::try_from(i + 1).unwrap();
+                (NodeId::from(n), Member::new(PeerAddr::new(peer(n)), *c))
+            })
+            .collect();
+        let voters: BTreeSet<NodeId> = nodes.keys().copied().collect();
+        state.apply_membership(&Membership::new(vec![voters], nodes).unwrap());
+        state
+    }
+
+    fn spec(name: &str, vcpus: u32, memory_mib: u64) -> Box<VmSpec> {
+        Box::new(VmSpec {
+            name: name.into(),
+            vcpus,
+            memory_mib,
+            runtime: "process".into(),
+            command: vec!["sleep".into(), "600".into()],
+            ..VmSpec::default()
+        })
+    }
+
+    fn create(state: &mut ClusterState, req: &str, spec: Box<VmSpec>) -> Response {
+        state.apply(Command::CreateVm {
+            request_id: req.into(),
+            spec,
+        })
+    }
+
+    fn created(r: Response) -> VmRecord {
+        match r {
+            Response::Vm(vm) => *vm,
+            other => panic!("expected a VM, got {other:?}"),
+        }
+    }
+
+    fn report(state: &mut ClusterState, req: &str, vm: &str, node: NodeId, s: VmState) -> Response {
+        state.apply(Command::ReportVm {
+            request_id: req.into(),
+            report: VmReport {
+                vm_id: vm.into(),
+                node_id: node,
+                observed: s,
+                reason: String::new(),
+                log_path: format!("/logs/{vm}"),
+            },
+        })
+    }
+
+    fn desire(state: &mut ClusterState, req: &str, vm: &str, s: VmState) -> Response {
+        state.apply(Command::SetVmDesired {
+            request_id: req.into(),
+            vm_id: vm.into(),
+            desired: s,
+        })
+    }
+
+    #[test]
+    fn placement_picks_the_freest_node_and_reserves_capacity() {
+        let mut state = cluster(&[cap(4, 1024), cap(4, 4096), cap(1, 8192)]);
+        let a = created(create(&mut state, "a", spec("a", 2, 1024)));
+        // Node 3 has the most memory but one vCPU: node 2 is the freest fit.
+        assert_eq!(a.node_id, 2);
+        assert_eq!(
+            (a.id.as_str(), a.desired, a.observed),
+            ("vm-1", VmState::Running, VmState::Pending)
+        );
+        assert_eq!(state.free_capacity(2), Some(cap(2, 3072)));
+        let b = created(create(&mut state, "b", spec("b", 1, 4000)));
+        assert_eq!(b.node_id, 3);
+        let c = created(create(&mut state, "c", spec("c", 2, 1024)));
+        // Nodes 1 and 2 both fit; node 2 keeps more memory afterwards.
+        assert_eq!(c.node_id, 2);
+        let none = create(&mut state, "d", spec("d", 3, 2048));
+        assert!(
+            matches!(
+                none,
+                Response::Rejected(Rejection::NoCapacity {
+                    vcpus: 3,
+                    members: 3,
+                    ..
+                })
+            ),
+            "{none:?}"
+        );
+        let text = match none {
+            Response::Rejected(r) => r.to_string(),
+            _ => unreachable!(),
+        };
+        assert!(text.contains("3 free vCPUs"), "{text}");
+    }
+
+    #[test]
+    fn pins_are_honoured_or_refused_with_the_reason() {
+        let mut state = cluster(&[cap(4, 4096), cap(2, 512)]);
+        let mut pinned = spec("p", 1, 256);
+        pinned.pin_node = 2;
+        assert_eq!(created(create(&mut state, "p", pinned)).node_id, 2);
+        let mut full = spec("q", 1, 512);
+        full.pin_node = 2;
+        assert!(matches!(
+            create(&mut state, "q", full),
+            Response::Rejected(Rejection::NodeFull {
+                node_id: 2,
+                free_memory_mib: 256,
+                ..
+            })
+        ));
+        let mut nowhere = spec("r", 1, 64);
+        nowhere.pin_node = 9;
+        assert_eq!(
+            create(&mut state, "r", nowhere),
+            Response::Rejected(Rejection::UnknownNode { node_id: 9 })
+        );
+        // No members at all: no capacity.
+        let mut empty = ClusterState::default();
+        assert!(matches!(
+            create(&mut empty, "s", spec("s", 1, 64)),
+            Response::Rejected(Rejection::NoCapacity { members: 0, .. })
+        ));
+    }
+
+    #[test]
+    fn a_retried_create_makes_one_vm() {
+        let mut state = cluster(&[cap(4, 4096)]);
+        let first = create(&mut state, "same", spec("web", 1, 64));
+        let again = create(&mut state, "same", spec("web", 1, 64));
+        assert_eq!(first, again);
+        assert_eq!(state.vms().len(), 1);
+        // The same name under a new request id is refused.
+        assert!(matches!(
+            create(&mut state, "other", spec("web", 1, 64)),
+            Response::Rejected(Rejection::NameTaken { .. })
+        ));
+    }
+
+    #[test]
+    fn desired_and_observed_states_follow_commands_and_reports() {
+        let mut state = cluster(&[cap(4, 4096), cap(4, 4096)]);
+        let vm = created(create(&mut state, "c", spec("web", 1, 64)));
+        let (id, node) = (vm.id.clone(), vm.node_id);
+        let other = 3 - node;
+        let running = created(report(&mut state, "r1", &id, node, VmState::Running));
+        assert_eq!(running.observed, VmState::Running);
+        assert_eq!(running.log_path, format!("/logs/{id}"));
+        assert!(running.generation > vm.generation);
+        assert!(matches!(
+            report(&mut state, "r2", &id, other, VmState::Stopped),
+            Response::Rejected(Rejection::NotPlacedHere { .. })
+        ));
+        assert!(matches!(
+            report(&mut state, "r3", &id, node, VmState::Deleted),
+            Response::Rejected(Rejection::InvalidReport { .. })
+        ));
+        assert!(matches!(
+            desire(&mut state, "d0", &id, VmState::Migrating),
+            Response::Rejected(Rejection::InvalidDesiredState { .. })
+        ));
+        assert_eq!(
+            created(desire(&mut state, "d1", &id, VmState::Stopped)).desired,
+            VmState::Stopped
+        );
+        report(&mut state, "r4", &id, node, VmState::Failed);
+        // Start after a failure is a fresh attempt.
+        let restarted = created(desire(&mut state, "d2", &id, VmState::Running));
+        assert_eq!(
+            (restarted.desired, restarted.observed),
+            (VmState::Running, VmState::Pending)
+        );
+        // Delete: wanted gone; removed once the node reports it removed.
+        assert_eq!(
+            created(desire(&mut state, "d3", &id, VmState::Deleted)).desired,
+            VmState::Deleted
+        );
+        assert_eq!(
+            desire(&mut state, "d4", &id, VmState::Running),
+            Response::Rejected(Rejection::VmDeleting { vm_id: id.clone() })
+        );
+        assert_eq!(
+            created(desire(&mut state, "d5", &id, VmState::Deleted)).desired,
+            VmState::Deleted
+        );
+        assert_eq!(state.free_capacity(node), Some(cap(3, 4032)));
+        let gone = created(report(&mut state, "r5", &id, node, VmState::Deleted));
+        assert_eq!(gone.observed, VmState::Deleted);
+        assert!(state.vm(&id).is_none());
+        assert_eq!(state.free_capacity(node), Some(cap(4, 4096)));
+        assert!(matches!(
+            desire(&mut state, "d6", &id, VmState::Stopped),
+            Response::Rejected(Rejection::UnknownVm { .. })
+        ));
+    }
+
+    #[test]
+    fn deleting_a_vm_whose_node_left_removes_it_at_once() {
+        let mut state = cluster(&[cap(4, 4096), cap(4, 64)]);
+        let mut s = spec("web", 1, 64);
+        s.pin_node = 2;
+        let vm = created(create(&mut state, "c", s));
+        state.apply_membership(&membership(&[(1, 1)]));
+        let gone = created(desire(&mut state, "d", &vm.id, VmState::Deleted));
+        assert_eq!(gone.observed, VmState::Deleted);
+        assert!(state.vms().is_empty());
+    }
+
+    #[test]
+    fn migration_hands_over_only_after_the_source_reports_it_stopped() {
+        let mut state = cluster(&[cap(4, 4096), cap(4, 4096), cap(1, 32)]);
+        let mut s = spec("web", 1, 64);
+        s.pin_node = 1;
+        let id = created(create(&mut state, "c", s)).id;
+        report(&mut state, "r1", &id, 1, VmState::Running);
+        let migrate = |state: &mut ClusterState, req: &str, target| {
+            state.apply(Command::MigrateVm {
+                request_id: req.into(),
+                vm_id: id.clone(),
+                target,
+            })
+        };
+        assert!(matches!(
+            migrate(&mut state, "m0", 1),
+            Response::Rejected(Rejection::AlreadyOnNode { node_id: 1, .. })
+        ));
+        assert!(matches!(
+            migrate(&mut state, "m1", 3),
+            Response::Rejected(Rejection::NodeFull { node_id: 3, .. })
+        ));
+        assert!(matches!(
+            migrate(&mut state, "m2", 7),
+            Response::Rejected(Rejection::UnknownNode { node_id: 7 })
+        ));
+        let moving = created(migrate(&mut state, "m3", 2));
+        assert_eq!((moving.node_id, moving.migrate_to), (1, 2));
+        // The target reserves room while the VM moves.
+        assert_eq!(state.free_capacity(2), Some(cap(3, 4032)));
+        assert!(matches!(
+            migrate(&mut state, "m4", 3),
+            Response::Rejected(Rejection::MigrationInProgress { target: 2, .. })
+        ));
+        // Still running on the source: nothing moves.
+        let still = created(report(&mut state, "r2", &id, 1, VmState::Running));
+        assert_eq!((still.node_id, still.migrate_to), (1, 2));
+        // The source stopped it: the record moves to the target.
+        let moved = created(report(&mut state, "r3", &id, 1, VmState::Stopped));
+        assert_eq!((moved.node_id, moved.migrate_to), (2, 0));
+        assert_eq!(
+            (moved.desired, moved.observed),
+            (VmState::Running, VmState::Pending)
+        );
+        assert_eq!(state.free_capacity(1), Some(cap(4, 4096)));
+        // The old source's late reports are refused.
+        assert!(matches!(
+            report(&mut state, "r4", &id, 1, VmState::Stopped),
+            Response::Rejected(Rejection::NotPlacedHere { placed_on: 2, .. })
+        ));
+        // Rollback: a migration back to the current node before the
+        // hand-over cancels it.
+        created(migrate(&mut state, "m5", 1));
+        let cancelled = created(migrate(&mut state, "m6", 2));
+        assert_eq!((cancelled.node_id, cancelled.migrate_to), (2, 0));
+        assert_eq!(state.free_capacity(1), Some(cap(4, 4096)));
     }
 
     #[test]
