@@ -367,11 +367,12 @@ impl IrohClient {
             .iter()
             .find(|p| p.is_selected())
             .is_some_and(|p| p.is_relay());
-        metrics::connected(started.elapsed(), relayed);
+        metrics::connected(started.elapsed());
         metrics::connection_opened();
         let closed = conn.weak_handle().closed();
+        let events = conn.path_events();
         tokio::spawn(async move {
-            closed.await;
+            tokio::join!(closed, settle_path(relayed, events));
             metrics::connection_closed();
         });
         debug!(peer = %addr.id.short(), elapsed = ?started.elapsed(), relayed, "connected");
@@ -508,6 +509,38 @@ impl IrohClient {
         }
         Ok(rtt.max(Duration::from_nanos(1)))
     }
+}
+
+/// How long a connection that starts on a relay may take to switch to a
+/// direct path (hole punching) before its NAT traversal counts as
+/// "relayed". Hole punching on iroh takes a few round trips; 10 s covers
+/// slow paths while still reporting an outcome for long-lived connections.
+pub const NAT_SETTLE_TIME: Duration = Duration::from_secs(10);
+
+/// Records the path a new connection settles on: direct at once, direct
+/// once a direct path is selected within [`NAT_SETTLE_TIME`], relayed
+/// otherwise (or if the connection ends first).
+async fn settle_path(relayed: bool, mut events: iroh::endpoint::PathEventStream) {
+    use futures::StreamExt;
+    use iroh::endpoint::PathEvent;
+    if !relayed {
+        metrics::connection_path(false);
+        return;
+    }
+    let went_direct = async {
+        while let Some(event) = events.next().await {
+            if let PathEvent::Selected { remote_addr, .. } = event
+                && remote_addr.is_ip()
+            {
+                return true;
+            }
+        }
+        false
+    };
+    let direct = tokio::time::timeout(NAT_SETTLE_TIME, went_direct)
+        .await
+        .unwrap_or(false);
+    metrics::connection_path(!direct);
 }
 
 fn timed_out(timeout: Duration, sent: &AtomicBool) -> CallError {

@@ -7,8 +7,10 @@
 //! (`service="raft"`, `method="AppendEntries"`). Recorded here:
 //!
 //! - connection establishment time, open connections, failed dials,
-//!   re-dials, and the path a new connection uses (`direct`/`relayed`,
-//!   from `Connection::paths()` at handshake time);
+//!   re-dials, and the path a new outbound connection settles on
+//!   (`direct`/`relayed`: the NAT traversal outcome, from
+//!   `Connection::paths()` and its path events, see
+//!   [`crate::client::NAT_SETTLE_TIME`]);
 //! - per-method latency and outcome (`ok`, `app_error`,
 //!   `transport_error`) on both sides, and transport failures by kind;
 //! - frames and payload bytes sent and received;
@@ -64,8 +66,12 @@ impl Outcome {
     }
 }
 
-pub(crate) fn connected(elapsed: Duration, relayed: bool) {
+pub(crate) fn connected(elapsed: Duration) {
     histogram!(names::CONNECT_SECONDS, "transport" => TRANSPORT).record(elapsed.as_secs_f64());
+}
+
+/// The NAT traversal outcome of a new connection: the path it settled on.
+pub(crate) fn connection_path(relayed: bool) {
     let path = if relayed { "relayed" } else { "direct" };
     counter!(names::CONNECTION_PATHS, "transport" => TRANSPORT, "path" => path).increment(1);
 }
