@@ -14,6 +14,9 @@
 //!   short on a shared machine, and the rate is per byte anyway).
 //!   `iroh/bulk/64mib_preencoded` sends the same chunks encoded once
 //!   before the measurement, separating transport cost from protobuf cost.
+//! - `iroh/handshake/raw_connect_and_call` vs `.../raw_warm_call`: what a
+//!   handshake adds to the first call of a connection, the most 0-RTT
+//!   could save (see the crate docs on why calls do not use 0-RTT).
 //! - `iroh/control_during_bulk/vote`: a control-lane call while bulk chunks
 //!   stream on the same connection (the latency the lanes protect).
 //!
@@ -110,6 +113,7 @@ struct Setup {
     raw_router: Option<Router>,
     raw_client: Endpoint,
     raw_conn: Connection,
+    raw_addr: EndpointAddr,
 }
 
 impl Setup {
@@ -119,7 +123,7 @@ impl Setup {
             .enable_all()
             .build()
             .unwrap();
-        let (server, caller, raw_router, raw_client, raw_conn) = rt.block_on(async {
+        let (server, caller, raw_router, raw_client, raw_conn, raw_addr) = rt.block_on(async {
             let server = IrohTransport::bind(
                 IrohConfig::new(rand::random()),
                 TestService::default().dispatcher(),
@@ -139,8 +143,11 @@ impl Setup {
                 .accept(RAW_ALPN, RawEcho)
                 .spawn();
             let raw_client = raw_endpoint().await;
-            let raw_conn = raw_client.connect(raw_addr, RAW_ALPN).await.unwrap();
-            (server, caller, raw_router, raw_client, raw_conn)
+            let raw_conn = raw_client
+                .connect(raw_addr.clone(), RAW_ALPN)
+                .await
+                .unwrap();
+            (server, caller, raw_router, raw_client, raw_conn, raw_addr)
         });
         let client = caller.client();
         let addr = server.peer_addr();
@@ -153,6 +160,7 @@ impl Setup {
             raw_router: Some(raw_router),
             raw_client,
             raw_conn,
+            raw_addr,
         }
     }
 }
@@ -499,9 +507,53 @@ fn control_during_bulk(c: &mut Criterion) {
     s.rt.block_on(background).unwrap();
 }
 
+/// What a connection's handshake costs: a fresh raw connection and one
+/// echo, beside a call on a warm connection. The difference bounds what
+/// 0-RTT could save, once per (re)connection (calls reuse the pooled
+/// connection).
+fn handshake(c: &mut Criterion) {
+    let s = Setup::new();
+    let data = Bytes::from_static(b"0123456789abcdef");
+    let raw_target = s.raw_addr.clone();
+    let mut group = c.benchmark_group("iroh/handshake");
+    group.sample_size(20);
+    group.bench_function("raw_connect_and_call", |b| {
+        b.iter_custom(|iters| {
+            s.rt.block_on(async {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    let started = Instant::now();
+                    let conn = s
+                        .raw_client
+                        .connect(raw_target.clone(), RAW_ALPN)
+                        .await
+                        .unwrap();
+                    raw_call(&conn, data.clone()).await;
+                    total += started.elapsed();
+                    conn.close(0u32.into(), b"");
+                }
+                total
+            })
+        });
+    });
+    group.bench_function("raw_warm_call", |b| {
+        b.iter_custom(|iters| {
+            s.rt.block_on(async {
+                let started = Instant::now();
+                for _ in 0..iters {
+                    raw_call(&s.raw_conn, data.clone()).await;
+                }
+                started.elapsed()
+            })
+        });
+    });
+    group.finish();
+}
+
 criterion_group!(
     benches,
     endpoint,
+    handshake,
     unary,
     concurrent,
     bulk,
