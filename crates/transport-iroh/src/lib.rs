@@ -40,7 +40,10 @@
 //!   the caller's key is proven (the client's TLS Finished comes one round
 //!   trip later): serving it early would break the invariant above, and
 //!   waiting for the proof gives the answer no sooner than a 1-RTT
-//!   handshake does. So every call waits for the full handshake.
+//!   handshake does. So every call waits for the full handshake. Measured
+//!   (`iroh/handshake` bench, loopback): a fresh connection adds ~1.2 ms to
+//!   its first call, almost all of it handshake CPU that 0-RTT would not
+//!   save; the round trip it could save is tens of microseconds there.
 //! - **Dead-connection probing.** A pooled connection whose peer vanished
 //!   silently is noticed by the QUIC idle timeout
 //!   ([`config::DEFAULT_IDLE_TIMEOUT`], with keep-alives at a third of it);
