@@ -1,17 +1,39 @@
-//! openraft's network traits over Tern's transport-neutral client, and the
-//! one Raft codec.
+//! openraft's network traits over Tern's transport-neutral client, the one
+//! Raft codec, and the Raft and Cluster services.
+//!
+//! Everything here runs over any [`tern_protocol::RpcClient`] (the iroh
+//! transport, the gRPC transport or the dual router) and serves through
+//! any transport as [`tern_protocol::Handler`]s; this crate names neither
+//! iroh nor tonic.
 //!
 //! # Layout
 //!
 //! - [`codec`]: the only place openraft types are encoded for the wire
-//!   (postcard), with size limits and typed errors.
-//! - [`codec::append`]: typed AppendEntries encode/decode with a
-//!   hand-written heartbeat path that produces postcard's exact bytes.
-//!
-//! The network factory (`RaftNetworkFactory` / `RaftNetworkV2` over
-//! `tern_protocol::RpcClient`) comes with the transports; until then this
-//! crate holds only the codec.
+//!   (postcard), with size limits and typed errors; [`codec::append`]
+//!   adds the AppendEntries fast path for heartbeats.
+//! - [`wire`]: how codec bytes ride in the `Raft` service's protobuf
+//!   envelopes, and the control and snapshot-ack messages.
+//! - [`network`]: [`NetworkFactory`] and [`PeerNetwork`], openraft's
+//!   `RaftNetworkFactory` / `RaftNetworkV2`: lanes, deadlines, error
+//!   mapping, chunked snapshots, partial success for oversized batches.
+//! - [`gate`]: per-peer bounded lanes, so a slow peer never stalls others.
+//! - [`service`]: [`RaftServices`], the Raft and Cluster handlers with
+//!   their access rules (members only; join token), join, leave, members.
+//! - [`node`]: [`RaftNode`], the composition a node binary uses (start,
+//!   initialise, join, shutdown with leadership handoff), and the openraft
+//!   settings as named constants.
 
 pub mod codec;
+pub mod gate;
+pub mod network;
+pub mod node;
+pub mod service;
+pub mod wire;
 
 pub use codec::{CodecError, MAX_MESSAGE_LEN, decode, encode, encode_into};
+pub use network::{NetworkFactory, PeerNetwork, SNAPSHOT_CHUNK_SIZE};
+pub use node::{
+    FIRST_NODE_ID, JoinAnswer, RaftNode, RaftNodeError, RaftOptions, read_node_id, request_join,
+    write_node_id,
+};
+pub use service::{JoinToken, RaftInstance, RaftServices};

@@ -1,0 +1,629 @@
+//! openraft's network (`RaftNetworkFactory` / `RaftNetworkV2`) over any
+//! [`RpcClient`]: the iroh transport, the gRPC transport or the dual
+//! router, unchanged.
+//!
+//! - **Cheap clients.** [`NetworkFactory::new_client`] only copies the
+//!   target's address out of the [`Member`] record openraft passes; the
+//!   transport dials (and pools) on the first call.
+//! - **Lanes.** Votes, pre-votes, leadership transfers and heartbeats (the
+//!   client openraft asks for with `new_heartbeat_client`) travel on
+//!   [`Priority::Control`]; append entries on [`Priority::Replication`];
+//!   snapshot chunks on [`Priority::Bulk`].
+//! - **Deadlines.** Every call gets `RPCOption::soft_ttl()` as its whole
+//!   budget, waiting for admission included, so it fails before openraft's
+//!   hard limit. A snapshot is streamed in [`SNAPSHOT_CHUNK_SIZE`] chunks,
+//!   each with its own `soft_ttl()`: a large snapshot on a slow link never
+//!   hits a whole-transfer timeout, while a stalled one fails within one
+//!   chunk's budget.
+//! - **Errors** map onto openraft's retry classes ([`map_call_error`]):
+//!   a peer that cannot be reached or refuses us is `Unreachable` (openraft
+//!   backs off), a deadline is `Timeout`, a connection lost mid-call or a
+//!   garbled answer is `Network` (retried at once).
+//! - **Isolation.** Each peer has its own bounded lanes ([`crate::gate`]).
+//! - **Oversized batches.** An append batch whose encoding exceeds the
+//!   frame payload limit is cut to the longest prefix that fits; when the
+//!   follower accepts it, openraft is answered `PartialSuccess` up to the
+//!   prefix's last entry and sends the rest next.
+
+use std::future::Future;
+use std::pin::pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use openraft::errors::{
+    NetworkError, RPCError, ReplicationClosed, StreamingError, Timeout, Unreachable,
+};
+use openraft::network::{RPCOption, RaftNetworkFactory, RaftNetworkV2};
+use openraft::raft::AppendEntriesResponse;
+use openraft::{OptionalSend, RPCTypes, Snapshot};
+use prost::Message;
+use tern_protocol::catalog::methods;
+use tern_protocol::{
+    Call, CallError, Code, Method, PeerAddr, Priority, RpcClient, TransportErrorKind, pb,
+};
+use tern_store::{Member, NodeId, SnapshotFile, StoreSnapshot, TypeConfig, Vote};
+
+use crate::codec::{self, AppendEntriesRequest, CodecError};
+use crate::gate::{Gates, PeerGate, Refused};
+use crate::wire::{
+    self, ControlRequest, ControlResponse, SnapshotAck, SnapshotResponse, TransferLeaderRequest,
+    TransferLeaderResponse, VoteRequest, VoteResponse,
+};
+
+/// Bytes of snapshot data per `Raft/Snapshot` call: large enough that the
+/// per-call overhead is negligible, small enough that one chunk crosses a
+/// slow link well within a chunk's deadline and never nears the frame
+/// payload limit.
+pub const SNAPSHOT_CHUNK_SIZE: usize = 1024 * 1024;
+
+const _: () = assert!(
+    SNAPSHOT_CHUNK_SIZE + 4096 < tern_protocol::frame::DEFAULT_MAX_PAYLOAD as usize,
+    "a chunk and its envelope fit one frame"
+);
+
+/// openraft's error for this configuration.
+type RpcErr = RPCError<TypeConfig>;
+
+/// Creates one [`PeerNetwork`] per target for openraft. Cloning is cheap.
+#[derive(Clone)]
+pub struct NetworkFactory {
+    client: Arc<dyn RpcClient>,
+    local: NodeId,
+    gates: Arc<Gates>,
+}
+
+impl std::fmt::Debug for NetworkFactory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NetworkFactory")
+            .field("local", &self.local)
+            .field("transport", &self.client.transport())
+            .finish_non_exhaustive()
+    }
+}
+
+impl NetworkFactory {
+    /// A factory for node `local` calling through `client`.
+    pub fn new(client: Arc<dyn RpcClient>, local: NodeId) -> NetworkFactory {
+        NetworkFactory {
+            client,
+            local,
+            gates: Arc::new(Gates::default()),
+        }
+    }
+
+    fn peer(&self, target: NodeId, node: &Member, append_lane: Priority) -> PeerNetwork {
+        PeerNetwork {
+            client: self.client.clone(),
+            local: self.local,
+            target,
+            addr: node.addr.clone(),
+            append_lane,
+            gate: self.gates.get(target, node.peer_id()),
+        }
+    }
+}
+
+impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
+    type Network = PeerNetwork;
+
+    async fn new_client(&mut self, target: NodeId, node: &Member) -> PeerNetwork {
+        self.peer(target, node, Priority::Replication)
+    }
+
+    async fn new_heartbeat_client(&mut self, target: NodeId, node: &Member) -> PeerNetwork {
+        self.peer(target, node, Priority::Control)
+    }
+
+    async fn new_snapshot_client(&mut self, target: NodeId, node: &Member) -> PeerNetwork {
+        self.peer(target, node, Priority::Replication)
+    }
+}
+
+/// openraft's connection to one target node.
+pub struct PeerNetwork {
+    client: Arc<dyn RpcClient>,
+    local: NodeId,
+    target: NodeId,
+    addr: PeerAddr,
+    /// Lane of append entries: replication, or control for the heartbeat
+    /// client.
+    append_lane: Priority,
+    gate: Arc<PeerGate>,
+}
+
+impl std::fmt::Debug for PeerNetwork {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PeerNetwork")
+            .field("local", &self.local)
+            .field("target", &self.target)
+            .field("peer", &self.addr.id)
+            .field("append_lane", &self.append_lane)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Maps a failed call onto openraft's retry classes.
+///
+/// - `Timeout`: the deadline passed (locally or as the peer reported it).
+/// - `Unreachable` (openraft backs off): no connection, the peer is not
+///   serving, is shutting down, is not who its address says, is
+///   overloaded, or refuses Raft traffic from us for now (not started, does
+///   not know us as a member yet, busy).
+/// - `Network` (retried at once): a connection lost mid-call, a garbled
+///   answer, or any other application error.
+pub fn map_call_error(
+    error: &CallError,
+    action: RPCTypes,
+    local: NodeId,
+    target: NodeId,
+    timeout: Duration,
+) -> RpcErr {
+    let timeout_err = || {
+        RPCError::Timeout(Timeout {
+            action,
+            id: local,
+            target,
+            timeout,
+        })
+    };
+    match error {
+        CallError::Transport(t) => match t.kind {
+            TransportErrorKind::TimedOut => timeout_err(),
+            TransportErrorKind::ConnectionLost | TransportErrorKind::Protocol => {
+                RPCError::Network(NetworkError::new(error))
+            }
+            TransportErrorKind::Unreachable
+            | TransportErrorKind::PeerShuttingDown
+            | TransportErrorKind::LocalShutdown
+            | TransportErrorKind::Overloaded
+            | TransportErrorKind::WrongPeer
+            | TransportErrorKind::NotServed => RPCError::Unreachable(Unreachable::new(error)),
+        },
+        CallError::Application(status) => match status.code {
+            Code::DeadlineExceeded => timeout_err(),
+            Code::PermissionDenied
+            | Code::Unavailable
+            | Code::FailedPrecondition
+            | Code::ResourceExhausted
+            | Code::Unimplemented => RPCError::Unreachable(Unreachable::new(error)),
+            _ => RPCError::Network(NetworkError::new(error)),
+        },
+    }
+}
+
+fn to_streaming(e: RpcErr) -> StreamingError<TypeConfig> {
+    match e {
+        RPCError::Timeout(t) => StreamingError::Timeout(t),
+        RPCError::Unreachable(u) => StreamingError::Unreachable(u),
+        RPCError::Network(n) => StreamingError::Network(n),
+        RPCError::RemoteError(r) => StreamingError::Network(NetworkError::new(&r)),
+    }
+}
+
+fn garbled(what: &str, e: impl std::fmt::Display) -> RpcErr {
+    RPCError::Network(NetworkError::from_string(format!(
+        "undecodable {what} answer: {e}"
+    )))
+}
+
+/// Distinguishes snapshot transfers started by this process.
+static TRANSFER_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+impl PeerNetwork {
+    /// One call with `budget` for everything: admission, connection, answer.
+    async fn call(
+        &self,
+        method: &'static Method,
+        payload: Bytes,
+        lane: Priority,
+        budget: Duration,
+        action: RPCTypes,
+    ) -> Result<Bytes, RpcErr> {
+        let started = Instant::now();
+        let _permit = match self.gate.admit(lane, budget).await {
+            Ok(permit) => permit,
+            Err(Refused::QueueFull) => {
+                return Err(RPCError::Unreachable(Unreachable::from_string(format!(
+                    "too many {} calls queued for node {}",
+                    lane.as_str(),
+                    self.target
+                ))));
+            }
+            Err(Refused::TimedOut) => {
+                return Err(RPCError::Timeout(Timeout {
+                    action,
+                    id: self.local,
+                    target: self.target,
+                    timeout: budget,
+                }));
+            }
+        };
+        let remaining = budget.saturating_sub(started.elapsed());
+        let timeout_err = || {
+            RPCError::Timeout(Timeout {
+                action: action.clone(),
+                id: self.local,
+                target: self.target,
+                timeout: budget,
+            })
+        };
+        if remaining.is_zero() {
+            return Err(timeout_err());
+        }
+        let call = Call::new(method, payload)
+            .with_timeout(remaining)
+            .with_priority(lane);
+        // The transport enforces the timeout; this outer bound only makes
+        // sure the budget holds whatever the transport does.
+        match tokio::time::timeout(remaining, self.client.call(&self.addr, call)).await {
+            Ok(Ok(bytes)) => Ok(bytes),
+            Ok(Err(e)) => {
+                tracing::debug!(target = self.target, method = %method.label(), error = %e, "raft call failed");
+                Err(map_call_error(
+                    &e,
+                    action.clone(),
+                    self.local,
+                    self.target,
+                    budget,
+                ))
+            }
+            Err(_) => Err(timeout_err()),
+        }
+    }
+
+    async fn control(
+        &self,
+        req: &ControlRequest,
+        option: &RPCOption,
+        action: RPCTypes,
+    ) -> Result<ControlResponse, RpcErr> {
+        let payload = wire::wrap(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let bytes = self
+            .call(
+                methods::RAFT_VOTE,
+                payload,
+                Priority::Control,
+                option.soft_ttl(),
+                action,
+            )
+            .await?;
+        wire::unwrap(bytes).map_err(|e| garbled("control", e))
+    }
+
+    async fn send_chunk(
+        &self,
+        chunk: pb::SnapshotChunk,
+        budget: Duration,
+    ) -> Result<SnapshotAck, RpcErr> {
+        let bytes = self
+            .call(
+                methods::RAFT_SNAPSHOT,
+                chunk.encode_to_vec().into(),
+                Priority::Bulk,
+                budget,
+                RPCTypes::InstallSnapshot,
+            )
+            .await?;
+        wire::unwrap(bytes).map_err(|e| garbled("snapshot", e))
+    }
+}
+
+/// An encoded append request, and how many of its entries it carries when
+/// the whole batch did not fit.
+struct EncodedAppend {
+    payload: Bytes,
+    /// `Some(n)`: only the first `n` entries were encoded.
+    prefix: Option<usize>,
+}
+
+fn encode_append(rpc: &AppendEntriesRequest) -> Result<EncodedAppend, CodecError> {
+    match wire::wrap_with(|buf| codec::encode_append_entries_into(rpc, buf)) {
+        Ok(payload) => {
+            return Ok(EncodedAppend {
+                payload,
+                prefix: None,
+            });
+        }
+        Err(CodecError::TooLarge { .. }) => {}
+        Err(e) => return Err(e),
+    }
+    // Binary search for the longest prefix that fits: O(log n) encodings,
+    // on a path taken only by batches of very large entries.
+    let encode_prefix = |n: usize| {
+        let req = AppendEntriesRequest {
+            vote: rpc.vote.clone(),
+            prev_log_id: rpc.prev_log_id.clone(),
+            entries: rpc.entries[..n].to_vec(),
+            leader_commit: rpc.leader_commit.clone(),
+        };
+        wire::wrap(&req)
+    };
+    let (mut fits, mut too_big) = (0usize, rpc.entries.len());
+    let mut best = None;
+    while too_big - fits > 1 {
+        let mid = fits + (too_big - fits) / 2;
+        match encode_prefix(mid) {
+            Ok(payload) => {
+                fits = mid;
+                best = Some(payload);
+            }
+            Err(CodecError::TooLarge { .. }) => too_big = mid,
+            Err(e) => return Err(e),
+        }
+    }
+    match best {
+        Some(payload) if fits > 0 => Ok(EncodedAppend {
+            payload,
+            prefix: Some(fits),
+        }),
+        _ => Err(CodecError::TooLarge {
+            max: wire::MAX_WRAPPED_MESSAGE,
+        }),
+    }
+}
+
+impl RaftNetworkV2<TypeConfig> for PeerNetwork {
+    type SnapshotData = SnapshotFile;
+
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<TypeConfig>, RpcErr> {
+        let encoded = encode_append(&rpc).map_err(|e| {
+            tracing::error!(target = self.target, error = %e, "an append batch cannot be encoded, even one entry alone");
+            RPCError::Network(NetworkError::new(&e))
+        })?;
+        if let Some(n) = encoded.prefix {
+            tracing::info!(
+                target = self.target,
+                sent = n,
+                batch = rpc.entries.len(),
+                "append batch over the payload limit; sending a prefix"
+            );
+        }
+        let bytes = self
+            .call(
+                methods::RAFT_APPEND_ENTRIES,
+                encoded.payload,
+                self.append_lane,
+                option.soft_ttl(),
+                RPCTypes::AppendEntries,
+            )
+            .await?;
+        let resp: wire::AppendEntriesResponse =
+            wire::unwrap(bytes).map_err(|e| garbled("append-entries", e))?;
+        Ok(match (resp, encoded.prefix) {
+            (AppendEntriesResponse::Success, Some(n)) => AppendEntriesResponse::PartialSuccess(
+                rpc.entries.get(n - 1).map(|e| e.log_id.clone()),
+            ),
+            (resp, _) => resp,
+        })
+    }
+
+    async fn vote(&mut self, rpc: VoteRequest, option: RPCOption) -> Result<VoteResponse, RpcErr> {
+        match self
+            .control(&ControlRequest::Vote(rpc), &option, RPCTypes::Vote)
+            .await?
+        {
+            ControlResponse::Vote(v) => Ok(v),
+            other => Err(garbled("vote", format!("{other:?}"))),
+        }
+    }
+
+    async fn pre_vote(
+        &mut self,
+        rpc: VoteRequest,
+        option: RPCOption,
+    ) -> Result<VoteResponse, RpcErr> {
+        match self
+            .control(&ControlRequest::PreVote(rpc), &option, RPCTypes::Vote)
+            .await?
+        {
+            ControlResponse::Vote(v) => Ok(v),
+            other => Err(garbled("pre-vote", format!("{other:?}"))),
+        }
+    }
+
+    async fn transfer_leader(
+        &mut self,
+        req: TransferLeaderRequest,
+        option: RPCOption,
+    ) -> Result<TransferLeaderResponse, RpcErr> {
+        match self
+            .control(
+                &ControlRequest::TransferLeader(req),
+                &option,
+                RPCTypes::TransferLeader,
+            )
+            .await?
+        {
+            ControlResponse::TransferLeader(r) => Ok(r),
+            other => Err(garbled("transfer-leader", format!("{other:?}"))),
+        }
+    }
+
+    async fn full_snapshot(
+        &mut self,
+        vote: Vote,
+        snapshot: StoreSnapshot,
+        cancel: impl Future<Output = ReplicationClosed> + OptionalSend + 'static,
+        option: RPCOption,
+    ) -> Result<SnapshotResponse, StreamingError<TypeConfig>> {
+        let Snapshot { meta, snapshot } = snapshot;
+        let encode_err = |e: CodecError| StreamingError::Network(NetworkError::new(&e));
+        let vote_bytes = codec::encode(&vote).map_err(encode_err)?;
+        let meta_bytes = codec::encode(&meta).map_err(encode_err)?;
+        let snapshot_id = format!(
+            "{}-{}-{}",
+            self.local,
+            meta.last_log_id.as_ref().map_or(0, |l| l.index),
+            TRANSFER_COUNTER.fetch_add(1, Ordering::Relaxed)
+        );
+        let file = Arc::new(snapshot);
+        let total = file
+            .len()
+            .map_err(|e| StreamingError::Network(NetworkError::new(&e)))?;
+        let budget = option.soft_ttl();
+        tracing::info!(target = self.target, %snapshot_id, bytes = total, "sending snapshot");
+        let mut cancel = pin!(cancel);
+        let mut offset = 0u64;
+        loop {
+            let data = read_chunk(file.clone(), offset)
+                .await
+                .map_err(|e| StreamingError::Network(NetworkError::from_string(e)))?;
+            let done = offset + data.len() as u64 >= total;
+            let sent = data.len() as u64;
+            let chunk = pb::SnapshotChunk {
+                vote: vote_bytes.clone(),
+                meta: meta_bytes.clone(),
+                snapshot_id: snapshot_id.clone(),
+                offset,
+                data,
+                done,
+            };
+            let ack = tokio::select! {
+                closed = &mut cancel => return Err(StreamingError::Closed(closed)),
+                ack = self.send_chunk(chunk, budget) => ack.map_err(to_streaming)?,
+            };
+            match ack {
+                SnapshotAck::Done(resp) => {
+                    tracing::info!(target = self.target, %snapshot_id, "snapshot transfer finished");
+                    return Ok(resp);
+                }
+                SnapshotAck::Continue { next_offset } if !done && next_offset == offset + sent => {
+                    offset = next_offset;
+                }
+                SnapshotAck::Continue { next_offset } => {
+                    return Err(StreamingError::Network(NetworkError::from_string(format!(
+                        "snapshot receiver expects offset {next_offset} after {} bytes (done={done})",
+                        offset + sent
+                    ))));
+                }
+            }
+        }
+    }
+}
+
+/// Reads up to [`SNAPSHOT_CHUNK_SIZE`] bytes at `offset` on a blocking
+/// thread.
+async fn read_chunk(file: Arc<SnapshotFile>, offset: u64) -> Result<Bytes, String> {
+    tokio::task::spawn_blocking(move || {
+        let mut buf = vec![0u8; SNAPSHOT_CHUNK_SIZE];
+        let mut filled = 0;
+        while filled < buf.len() {
+            let n = file
+                .read_at(offset + filled as u64, &mut buf[filled..])
+                .map_err(|e| e.to_string())?;
+            if n == 0 {
+                break;
+            }
+            filled += n;
+        }
+        buf.truncate(filled);
+        Ok(Bytes::from(buf))
+    })
+    .await
+    .map_err(|e| format!("snapshot read task: {e}"))?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use openraft::EntryPayload;
+    use openraft::testing::log_id;
+    use tern_protocol::{Delivery, Status, TransportError, TransportKind};
+    use tern_store::{Command, Entry};
+
+    fn err(kind: TransportErrorKind) -> CallError {
+        CallError::Transport(TransportError::new(
+            TransportKind::Iroh,
+            kind,
+            Delivery::NotDelivered,
+            "x",
+        ))
+    }
+
+    #[test]
+    fn errors_map_to_openraft_retry_classes() {
+        let map = |e: CallError| map_call_error(&e, RPCTypes::Vote, 1, 2, Duration::from_secs(1));
+        assert!(matches!(
+            map(err(TransportErrorKind::TimedOut)),
+            RPCError::Timeout(_)
+        ));
+        assert!(matches!(
+            map(err(TransportErrorKind::Unreachable)),
+            RPCError::Unreachable(_)
+        ));
+        assert!(matches!(
+            map(err(TransportErrorKind::PeerShuttingDown)),
+            RPCError::Unreachable(_)
+        ));
+        assert!(matches!(
+            map(err(TransportErrorKind::ConnectionLost)),
+            RPCError::Network(_)
+        ));
+        assert!(matches!(
+            map(CallError::Application(Status::new(
+                Code::PermissionDenied,
+                "not a member"
+            ))),
+            RPCError::Unreachable(_)
+        ));
+        assert!(matches!(
+            map(CallError::Application(Status::new(
+                Code::DeadlineExceeded,
+                "late"
+            ))),
+            RPCError::Timeout(_)
+        ));
+        assert!(matches!(
+            map(CallError::Application(Status::new(Code::Internal, "bug"))),
+            RPCError::Network(_)
+        ));
+    }
+
+    fn big_entry(index: u64, len: usize) -> Entry {
+        Entry {
+            log_id: log_id::<TypeConfig>(1, 1, index),
+            payload: EntryPayload::Normal(Command::DeleteVm {
+                request_id: format!("r{index}"),
+                vm_id: "x".repeat(len),
+            }),
+        }
+    }
+
+    #[test]
+    fn oversized_batches_are_cut_to_the_longest_prefix_that_fits() {
+        let four_mib = 4 * 1024 * 1024;
+        let req = AppendEntriesRequest {
+            vote: Vote::new_committed(1, 1),
+            prev_log_id: None,
+            entries: (1..=6).map(|i| big_entry(i, four_mib)).collect(),
+            leader_commit: None,
+        };
+        let encoded = encode_append(&req).unwrap();
+        assert_eq!(encoded.prefix, Some(3), "three 4 MiB entries fit 16 MiB");
+        assert!(encoded.payload.len() <= tern_protocol::frame::DEFAULT_MAX_PAYLOAD as usize);
+        let back: AppendEntriesRequest =
+            codec::decode(&wire::unwrap_bytes(encoded.payload).unwrap()).unwrap();
+        assert_eq!(back.entries.len(), 3);
+
+        let small = AppendEntriesRequest {
+            entries: vec![big_entry(1, 10)],
+            ..req.clone()
+        };
+        assert_eq!(encode_append(&small).unwrap().prefix, None);
+
+        let hopeless = AppendEntriesRequest {
+            entries: vec![big_entry(1, 17 * 1024 * 1024)],
+            ..req
+        };
+        assert!(matches!(
+            encode_append(&hopeless),
+            Err(CodecError::TooLarge { .. })
+        ));
+    }
+}

@@ -1,0 +1,877 @@
+//! The serving side: the `Raft` service (votes, append entries, snapshot
+//! chunks) and the `Cluster` service (join, leave, members), as
+//! [`Handler`]s any transport serves.
+//!
+//! [`RaftServices`] exists before the Raft instance does, so that a node
+//! can hand its handlers to the transports, take the transports' client,
+//! and only then start Raft over that client. Until [`RaftServices`] is
+//! attached to a running node (by [`crate::RaftNode::start`]), and after it
+//! is detached at shutdown, every call is answered `Unavailable`.
+//!
+//! # Who may call
+//!
+//! Identity is always `RequestContext::peer`, the key the transport
+//! authenticated; nothing a caller writes in a message identifies it.
+//!
+//! - **Raft methods:** only nodes in this node's current membership (voters
+//!   and learners, joint configurations included). A node whose membership
+//!   is still empty (it is joining) trusts exactly the members named in
+//!   the join answer it got from the cluster, until the first membership
+//!   reaches it. Everyone else gets `PermissionDenied` ("not a member") and
+//!   a warning in the log.
+//! - **Cluster/Join:** a member, or a caller presenting the join token
+//!   (compared in constant time). A node joins only as itself: the address
+//!   in the request must carry the caller's own id.
+//! - **Cluster/Leave:** members only.
+//! - **Cluster/Members:** any authenticated caller (read-only; the same
+//!   facts the Status service shows); a joiner uses it to find the leader.
+//!
+//! # Join and leave
+//!
+//! Join and Leave are served by the leader; a follower answers
+//! `FailedPrecondition` naming the leader, and the caller retries there
+//! (`Cluster/Members` gives the leader's id and address;
+//! [`crate::request_join`] does this). The leader allocates the node id
+//! with [`Command::AllocateNodeId`] (the same peer always gets the id it
+//! holds; an id once released is never handed out again), adds the node
+//! as a learner, answers with the id at once (the joiner cannot start its
+//! Raft before it knows its id), and promotes the learner to voter in the
+//! background once it has caught up. Leave removes the node from the
+//! voters, then from the cluster; a leader asked to remove itself hands
+//! leadership over first and asks the caller to retry at the new leader.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use openraft::async_runtime::WatchReceiver;
+use openraft::errors::{ClientWriteError, RaftError};
+use openraft::{ChangeMembers, ServerState, Snapshot};
+use prost::Message;
+use tern_protocol::catalog::methods;
+use tern_protocol::{
+    BoxFuture, Code, Dispatcher, Handler, Method, PeerAddr, PeerId, RequestContext, ServiceId,
+    Status, pb,
+};
+use tern_store::{
+    Capacity, Command, Member, Membership, NodeId, Response, SnapshotFile, SnapshotMeta,
+    StateMachineStore, TypeConfig, Vote,
+};
+
+use crate::codec;
+use crate::wire::{self, ControlRequest, ControlResponse, SnapshotAck};
+
+/// The Raft instance type of a Tern node.
+pub type RaftInstance = openraft::Raft<TypeConfig, StateMachineStore>;
+
+/// How long a learner has to catch up before the leader gives up
+/// promoting it (the joiner then fails its wait and may join again, which
+/// restarts the promotion). Generous: a learner far behind first receives
+/// a snapshot.
+pub const PROMOTION_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// A learner this many entries behind the leader's last log counts as
+/// caught up: close enough that its first rounds as a voter do not stall
+/// commits, loose enough to be reached under a steady write load.
+pub const PROMOTION_MAX_LAG: u64 = 64;
+
+/// A snapshot transfer with no chunk for this long is abandoned and its
+/// temporary file removed; the leader restarts the transfer anyway after
+/// its per-chunk deadline passes.
+pub const SNAPSHOT_IDLE_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Snapshot transfers received at once (one per sending leader; more than
+/// a couple means leaders churned and old transfers are stale).
+pub const MAX_INCOMING_SNAPSHOTS: usize = 4;
+
+/// The shared secret a new node presents to join. Compared in constant
+/// time; never printed.
+#[derive(Clone)]
+pub struct JoinToken(Arc<str>);
+
+impl JoinToken {
+    /// A token. An empty token is refused (it would let anyone join).
+    pub fn new(token: impl Into<String>) -> Option<JoinToken> {
+        let token: String = token.into();
+        (!token.is_empty()).then(|| JoinToken(token.into()))
+    }
+
+    /// Constant-time comparison (in the length of the longer input).
+    pub fn matches(&self, presented: &str) -> bool {
+        let (a, b) = (self.0.as_bytes(), presented.as_bytes());
+        let mut diff = (a.len() != b.len()) as u8;
+        for i in 0..a.len().max(b.len()) {
+            let x = a.get(i).copied().unwrap_or(0);
+            let y = b.get(i).copied().unwrap_or(0);
+            diff |= x ^ y;
+        }
+        std::hint::black_box(diff) == 0
+    }
+}
+
+impl std::fmt::Debug for JoinToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("JoinToken(<redacted>)")
+    }
+}
+
+/// The running node the handlers serve.
+pub(crate) struct Attached {
+    pub(crate) raft: RaftInstance,
+    pub(crate) sm: StateMachineStore,
+    pub(crate) id: NodeId,
+}
+
+/// A snapshot being received from one sender.
+struct Incoming {
+    snapshot_id: String,
+    file: SnapshotFile,
+    next_offset: u64,
+    touched: Instant,
+}
+
+impl Incoming {
+    fn discard(self) {
+        if let Err(e) = std::fs::remove_file(self.file.path()) {
+            tracing::debug!(file = ?self.file.path(), error = %e, "removing abandoned snapshot file");
+        }
+    }
+}
+
+struct Shared {
+    attached: RwLock<Option<Arc<Attached>>>,
+    join_token: Option<JoinToken>,
+    /// Peers trusted for Raft calls while this node's membership is empty.
+    bootstrap: RwLock<BTreeSet<PeerId>>,
+    incoming: Mutex<HashMap<PeerId, Incoming>>,
+    promoting: Mutex<BTreeSet<NodeId>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(poisoned) => poisoned.into_inner(),
+    }
+}
+
+/// The Raft and Cluster services of one node; see the module docs.
+/// Cloning is cheap and clones share everything.
+#[derive(Clone)]
+pub struct RaftServices {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for RaftServices {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RaftServices")
+            .field("attached", &self.attached().map(|a| a.id))
+            .field("join_token", &self.shared.join_token.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl RaftServices {
+    /// Services that accept joins with `join_token` (`None`: only members
+    /// may call Join, e.g. to update their own address).
+    pub fn new(join_token: Option<JoinToken>) -> RaftServices {
+        RaftServices {
+            shared: Arc::new(Shared {
+                attached: RwLock::new(None),
+                join_token,
+                bootstrap: RwLock::new(BTreeSet::new()),
+                incoming: Mutex::new(HashMap::new()),
+                promoting: Mutex::new(BTreeSet::new()),
+            }),
+        }
+    }
+
+    /// The handler of [`ServiceId::Raft`].
+    pub fn raft_handler(&self) -> Arc<dyn Handler> {
+        Arc::new(RaftHandler {
+            shared: self.shared.clone(),
+        })
+    }
+
+    /// The handler of [`ServiceId::Cluster`].
+    pub fn cluster_handler(&self) -> Arc<dyn Handler> {
+        Arc::new(ClusterHandler {
+            shared: self.shared.clone(),
+        })
+    }
+
+    /// `dispatcher` with both services registered.
+    pub fn register(&self, dispatcher: Dispatcher) -> Dispatcher {
+        dispatcher
+            .register(ServiceId::Raft, self.raft_handler())
+            .register(ServiceId::Cluster, self.cluster_handler())
+    }
+
+    pub(crate) fn attach(&self, attached: Arc<Attached>) {
+        *self
+            .shared
+            .attached
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = Some(attached);
+    }
+
+    pub(crate) fn detach(&self) {
+        *self
+            .shared
+            .attached
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = None;
+        for (_, incoming) in lock(&self.shared.incoming).drain() {
+            incoming.discard();
+        }
+    }
+
+    fn attached(&self) -> Option<Arc<Attached>> {
+        self.shared.attached()
+    }
+
+    /// Trusts `peers` for Raft calls until this node's membership is no
+    /// longer empty: the members a join answer named, so that the leader
+    /// can replicate to a joiner that does not know the membership yet.
+    pub fn trust_until_first_membership(&self, peers: impl IntoIterator<Item = PeerId>) {
+        self.shared
+            .bootstrap
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend(peers);
+    }
+}
+
+impl Shared {
+    fn attached(&self) -> Option<Arc<Attached>> {
+        self.attached
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn node(&self) -> Result<Arc<Attached>, Status> {
+        self.attached().ok_or_else(|| {
+            Status::unavailable("Raft is not running on this node (starting or stopped)")
+        })
+    }
+
+    /// Whether `peer` may call Raft methods (see the module docs).
+    fn may_call_raft(&self, node: &Attached, peer: &PeerId) -> bool {
+        let membership = node
+            .raft
+            .metrics()
+            .borrow_watched()
+            .membership_config
+            .clone();
+        let membership = membership.membership();
+        let mut empty = true;
+        for (_, member) in membership.nodes() {
+            empty = false;
+            if member.peer_id() == *peer {
+                return true;
+            }
+        }
+        empty
+            && self
+                .bootstrap
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains(peer)
+    }
+
+    fn is_member(node: &Attached, peer: &PeerId) -> bool {
+        let membership = node
+            .raft
+            .metrics()
+            .borrow_watched()
+            .membership_config
+            .clone();
+        membership
+            .membership()
+            .nodes()
+            .any(|(_, m)| m.peer_id() == *peer)
+    }
+}
+
+fn not_a_member(peer: &PeerId, method: &Method, why: &str) -> Status {
+    tracing::warn!(caller = %peer.short(), method = %method.label(), "refused: {why}");
+    Status::permission_denied(format!(
+        "not a member of this cluster: node {} may not call {} ({why})",
+        peer.short(),
+        method.label()
+    ))
+}
+
+fn failed_precondition(message: impl Into<String>) -> Status {
+    Status::new(Code::FailedPrecondition, message)
+}
+
+fn resource_exhausted(message: impl Into<String>) -> Status {
+    Status::new(Code::ResourceExhausted, message)
+}
+
+fn deadline_exceeded(message: impl Into<String>) -> Status {
+    Status::new(Code::DeadlineExceeded, message)
+}
+
+fn raft_stopped(e: impl std::fmt::Display) -> Status {
+    Status::unavailable(format!("Raft stopped on this node: {e}"))
+}
+
+fn encode_answer<T: serde::Serialize>(value: &T) -> Result<Bytes, Status> {
+    wire::wrap(value).map_err(|e| Status::internal(format!("cannot encode Raft answer: {e}")))
+}
+
+/// Runs `work` until the caller's deadline, if it set one.
+async fn within_deadline<T>(
+    ctx: &RequestContext,
+    work: impl std::future::Future<Output = Result<T, Status>>,
+) -> Result<T, Status> {
+    match ctx.deadline {
+        Some(deadline) => tokio::time::timeout_at(deadline.into(), work)
+            .await
+            .unwrap_or_else(|_| Err(deadline_exceeded("the caller's deadline passed"))),
+        None => work.await,
+    }
+}
+
+struct RaftHandler {
+    shared: Arc<Shared>,
+}
+
+impl Handler for RaftHandler {
+    fn handle(
+        &self,
+        ctx: RequestContext,
+        method: &'static Method,
+        payload: Bytes,
+    ) -> BoxFuture<'static, Result<Bytes, Status>> {
+        let shared = self.shared.clone();
+        Box::pin(async move {
+            let node = shared.node()?;
+            if !shared.may_call_raft(&node, &ctx.peer) {
+                return Err(not_a_member(
+                    &ctx.peer,
+                    method,
+                    "Raft methods are for current members",
+                ));
+            }
+            within_deadline(&ctx, serve_raft(&shared, &node, &ctx, method, payload)).await
+        })
+    }
+}
+
+async fn serve_raft(
+    shared: &Shared,
+    node: &Attached,
+    ctx: &RequestContext,
+    method: &'static Method,
+    payload: Bytes,
+) -> Result<Bytes, Status> {
+    let bad = |e: wire::EnvelopeError| Status::invalid_argument(format!("{}: {e}", method.label()));
+    if method == methods::RAFT_APPEND_ENTRIES {
+        let data = wire::unwrap_bytes(payload).map_err(bad)?;
+        let req =
+            codec::decode_append_entries(&data).map_err(|e| bad(wire::EnvelopeError::Codec(e)))?;
+        let resp = node.raft.append_entries(req).await.map_err(raft_stopped)?;
+        encode_answer(&resp)
+    } else if method == methods::RAFT_VOTE {
+        let answer = match wire::unwrap::<ControlRequest>(payload).map_err(bad)? {
+            ControlRequest::Vote(req) => {
+                ControlResponse::Vote(node.raft.vote(req).await.map_err(raft_stopped)?)
+            }
+            ControlRequest::PreVote(req) => {
+                ControlResponse::Vote(node.raft.pre_vote(req).await.map_err(raft_stopped)?)
+            }
+            ControlRequest::TransferLeader(req) => ControlResponse::TransferLeader(
+                node.raft
+                    .handle_transfer_leader(req)
+                    .await
+                    .map_err(raft_stopped)?,
+            ),
+        };
+        encode_answer(&answer)
+    } else if method == methods::RAFT_SNAPSHOT {
+        let chunk = pb::SnapshotChunk::decode(payload)
+            .map_err(|e| Status::invalid_argument(format!("raft/snapshot: {e}")))?;
+        receive_chunk(shared, node, ctx.peer, chunk).await
+    } else {
+        Err(Status::unimplemented(format!(
+            "{} is not served by the Raft service",
+            method.label()
+        )))
+    }
+}
+
+/// Stores one chunk; installs the snapshot after the last one.
+async fn receive_chunk(
+    shared: &Shared,
+    node: &Attached,
+    peer: PeerId,
+    chunk: pb::SnapshotChunk,
+) -> Result<Bytes, Status> {
+    let vote: Vote = codec::decode(&chunk.vote)
+        .map_err(|e| Status::invalid_argument(format!("snapshot vote: {e}")))?;
+    // Take this sender's transfer out of the table while its chunk is
+    // written (chunks of one transfer arrive one at a time).
+    let incoming = {
+        let mut table = lock(&shared.incoming);
+        let now = Instant::now();
+        let stale: Vec<PeerId> = table
+            .iter()
+            .filter(|(_, t)| now.duration_since(t.touched) > SNAPSHOT_IDLE_TIMEOUT)
+            .map(|(p, _)| *p)
+            .collect();
+        for p in stale {
+            if let Some(t) = table.remove(&p) {
+                tracing::info!(sender = %p.short(), id = %t.snapshot_id, "abandoning idle snapshot transfer");
+                t.discard();
+            }
+        }
+        match table.remove(&peer) {
+            Some(t) if t.snapshot_id == chunk.snapshot_id => t,
+            previous => {
+                if let Some(old) = previous {
+                    old.discard();
+                }
+                if chunk.offset != 0 {
+                    return Err(failed_precondition(format!(
+                        "no snapshot transfer {:?} in progress; start again at offset 0",
+                        chunk.snapshot_id
+                    )));
+                }
+                if table.len() >= MAX_INCOMING_SNAPSHOTS {
+                    return Err(resource_exhausted(
+                        "too many snapshot transfers in progress",
+                    ));
+                }
+                let file = node
+                    .sm
+                    .begin_receiving_snapshot()
+                    .map_err(|e| Status::internal(format!("cannot create a snapshot file: {e}")))?;
+                tracing::info!(sender = %peer.short(), id = %chunk.snapshot_id, "receiving snapshot");
+                Incoming {
+                    snapshot_id: chunk.snapshot_id.clone(),
+                    file,
+                    next_offset: 0,
+                    touched: now,
+                }
+            }
+        }
+    };
+    if chunk.offset != incoming.next_offset {
+        let expected = incoming.next_offset;
+        incoming.discard();
+        return Err(failed_precondition(format!(
+            "snapshot chunk at offset {} but {} bytes were received; start again",
+            chunk.offset, expected
+        )));
+    }
+    let data = chunk.data;
+    let offset = chunk.offset;
+    let written = tokio::task::spawn_blocking(move || {
+        let result = incoming.file.write_at(offset, &data);
+        (incoming, result.map(|()| data.len() as u64))
+    })
+    .await
+    .map_err(|e| Status::internal(format!("snapshot write task: {e}")))?;
+    let (mut incoming, result) = written;
+    let len = match result {
+        Ok(len) => len,
+        Err(e) => {
+            incoming.discard();
+            return Err(resource_exhausted(format!(
+                "cannot store snapshot chunk: {e}"
+            )));
+        }
+    };
+    incoming.next_offset += len;
+    incoming.touched = Instant::now();
+    if !chunk.done {
+        let next_offset = incoming.next_offset;
+        lock(&shared.incoming).insert(peer, incoming);
+        return encode_answer(&SnapshotAck::Continue { next_offset });
+    }
+    let meta: SnapshotMeta = match codec::decode(&chunk.meta) {
+        Ok(meta) => meta,
+        Err(e) => {
+            incoming.discard();
+            return Err(Status::invalid_argument(format!("snapshot meta: {e}")));
+        }
+    };
+    tracing::info!(sender = %peer.short(), id = %incoming.snapshot_id, bytes = incoming.next_offset, "installing received snapshot");
+    let snapshot = Snapshot {
+        meta,
+        snapshot: incoming.file,
+    };
+    let resp = node
+        .raft
+        .install_full_snapshot(vote, snapshot)
+        .await
+        .map_err(raft_stopped)?;
+    encode_answer(&SnapshotAck::Done(resp))
+}
+
+struct ClusterHandler {
+    shared: Arc<Shared>,
+}
+
+impl Handler for ClusterHandler {
+    fn handle(
+        &self,
+        ctx: RequestContext,
+        method: &'static Method,
+        payload: Bytes,
+    ) -> BoxFuture<'static, Result<Bytes, Status>> {
+        let shared = self.shared.clone();
+        Box::pin(async move {
+            let node = shared.node()?;
+            within_deadline(&ctx, async {
+                if method == methods::CLUSTER_JOIN {
+                    join(&shared, &node, &ctx, payload).await
+                } else if method == methods::CLUSTER_LEAVE {
+                    leave(&node, &ctx, payload).await
+                } else if method == methods::CLUSTER_MEMBERS {
+                    Ok(members_response(&node).encode_to_vec().into())
+                } else {
+                    Err(Status::unimplemented(format!(
+                        "{} is not served by the Cluster service",
+                        method.label()
+                    )))
+                }
+            })
+            .await
+        })
+    }
+}
+
+/// Converts a membership to the protobuf list, voters flagged.
+pub(crate) fn members_pb(membership: &Membership) -> Vec<pb::Member> {
+    let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+    membership
+        .nodes()
+        .map(|(id, m)| pb::Member {
+            node_id: *id,
+            address: Some(pb::PeerAddress::from(&m.addr)),
+            voter: voters.contains(id),
+            capacity: Some(pb::Capacity {
+                vcpus: m.capacity.vcpus,
+                memory_mib: m.capacity.memory_mib,
+            }),
+        })
+        .collect()
+}
+
+fn members_response(node: &Attached) -> pb::MembersResponse {
+    let metrics = node.raft.metrics().borrow_watched().clone();
+    pb::MembersResponse {
+        members: members_pb(metrics.membership_config.membership()),
+        leader_id: metrics.current_leader.unwrap_or(0),
+    }
+}
+
+/// `FailedPrecondition` naming the leader, when this node is not it.
+fn ensure_leader(node: &Attached) -> Result<(), Status> {
+    let metrics = node.raft.metrics().borrow_watched().clone();
+    if metrics.state == ServerState::Leader {
+        return Ok(());
+    }
+    Err(match metrics.current_leader {
+        Some(leader) => {
+            let who = metrics
+                .membership_config
+                .membership()
+                .get_node(&leader)
+                .map(|m| m.peer_id().short())
+                .unwrap_or_default();
+            failed_precondition(format!(
+                "not the leader; node {leader} ({who}) is: call it (Cluster/Members gives its address)"
+            ))
+        }
+        None => Status::unavailable("no leader is known right now; retry shortly"),
+    })
+}
+
+fn write_error(e: RaftError<TypeConfig, ClientWriteError<TypeConfig>>) -> Status {
+    match e {
+        RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => failed_precondition(format!(
+            "not the leader (leader: {:?}); retry at the leader",
+            f.leader_id
+        )),
+        RaftError::APIError(e) => failed_precondition(e.to_string()),
+        RaftError::Fatal(e) => raft_stopped(e),
+    }
+}
+
+async fn join(
+    shared: &Arc<Shared>,
+    node: &Arc<Attached>,
+    ctx: &RequestContext,
+    payload: Bytes,
+) -> Result<Bytes, Status> {
+    let method = methods::CLUSTER_JOIN;
+    let req = pb::JoinRequest::decode(payload)
+        .map_err(|e| Status::invalid_argument(format!("cluster/join: {e}")))?;
+    let addr = req
+        .address
+        .as_ref()
+        .ok_or_else(|| Status::invalid_argument("cluster/join: address is required"))?;
+    let addr = PeerAddr::try_from(addr)
+        .map_err(|e| Status::invalid_argument(format!("cluster/join: address: {e}")))?;
+    let member = Shared::is_member(node, &ctx.peer);
+    let token_ok = shared
+        .join_token
+        .as_ref()
+        .is_some_and(|t| t.matches(&req.token));
+    if !member && !token_ok {
+        return Err(not_a_member(
+            &ctx.peer,
+            method,
+            "the join token does not match",
+        ));
+    }
+    if addr.id != ctx.peer {
+        tracing::warn!(caller = %ctx.peer.short(), named = %addr.id.short(), "refused a join for another node");
+        return Err(Status::permission_denied(format!(
+            "a node joins as itself: the address names {} but the caller is {}",
+            addr.id.short(),
+            ctx.peer.short()
+        )));
+    }
+    ensure_leader(node)?;
+    let capacity = req
+        .capacity
+        .map(|c| Capacity {
+            vcpus: c.vcpus,
+            memory_mib: c.memory_mib,
+        })
+        .unwrap_or_default();
+    let record = Member::new(addr, capacity);
+
+    let membership = node
+        .raft
+        .metrics()
+        .borrow_watched()
+        .membership_config
+        .clone();
+    // Unique per peer and membership: a retry within one membership is
+    // answered from the deduplication table; a rejoin after a leave (a new
+    // membership) is a new request, so it can never get the old id back.
+    let request_id = format!(
+        "join-{}-{}",
+        ctx.peer,
+        membership.log_id().as_ref().map_or(0, |l| l.index)
+    );
+    let written = node
+        .raft
+        .client_write(Command::AllocateNodeId {
+            request_id,
+            peer: ctx.peer,
+        })
+        .await
+        .map_err(write_error)?;
+    let id = match written.data {
+        Response::NodeId(id) => id,
+        Response::Rejected(r) => return Err(failed_precondition(r.to_string())),
+        other => {
+            return Err(Status::internal(format!(
+                "node id allocation answered {other:?}"
+            )));
+        }
+    };
+
+    let membership = node
+        .raft
+        .metrics()
+        .borrow_watched()
+        .membership_config
+        .clone();
+    let membership = membership.membership();
+    match membership.get_node(&id) {
+        None => {
+            tracing::info!(node = id, peer = %ctx.peer.short(), "adding learner");
+            node.raft
+                .add_learner(id, record, false)
+                .await
+                .map_err(write_error)?;
+        }
+        Some(existing) if *existing != record => {
+            tracing::info!(node = id, "updating a member's address and capacity");
+            node.raft
+                .change_membership(
+                    ChangeMembers::SetNodes(BTreeMap::from([(id, record)])),
+                    true,
+                )
+                .await
+                .map_err(write_error)?;
+        }
+        Some(_) => {}
+    }
+    let membership = node
+        .raft
+        .metrics()
+        .borrow_watched()
+        .membership_config
+        .clone();
+    if !membership.membership().voter_ids().any(|v| v == id) {
+        spawn_promotion(shared.clone(), node.clone(), id);
+    }
+    Ok(pb::JoinResponse {
+        node_id: id,
+        members: members_pb(membership.membership()),
+    }
+    .encode_to_vec()
+    .into())
+}
+
+/// Promotes learner `id` to voter once it has caught up, unless a
+/// promotion of it is already under way.
+fn spawn_promotion(shared: Arc<Shared>, node: Arc<Attached>, id: NodeId) {
+    if !lock(&shared.promoting).insert(id) {
+        return;
+    }
+    tokio::spawn(async move {
+        let waited = node
+            .raft
+            .wait(Some(PROMOTION_TIMEOUT))
+            .metrics(
+                |m| {
+                    if m.state != ServerState::Leader
+                        || m.membership_config.membership().get_node(&id).is_none()
+                    {
+                        return true; // nothing left to do; checked below
+                    }
+                    let matched = m
+                        .replication
+                        .as_ref()
+                        .and_then(|r| r.get(&id))
+                        .and_then(|l| l.as_ref())
+                        .map(|l| l.index);
+                    match (matched, m.last_log_index) {
+                        (Some(matched), Some(last)) => {
+                            last.saturating_sub(matched) <= PROMOTION_MAX_LAG
+                        }
+                        _ => false,
+                    }
+                },
+                "learner caught up",
+            )
+            .await;
+        match waited {
+            Err(e) => {
+                tracing::warn!(node = id, error = %e, "learner did not catch up; not promoted")
+            }
+            Ok(m)
+                if m.state == ServerState::Leader
+                    && m.membership_config.membership().get_node(&id).is_some() =>
+            {
+                match node
+                    .raft
+                    .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), true)
+                    .await
+                {
+                    Ok(_) => tracing::info!(node = id, "learner promoted to voter"),
+                    Err(e) => tracing::warn!(node = id, error = %e, "promotion to voter failed"),
+                }
+            }
+            Ok(_) => tracing::info!(
+                node = id,
+                "promotion abandoned: no longer leader or node removed"
+            ),
+        }
+        lock(&shared.promoting).remove(&id);
+    });
+}
+
+async fn leave(
+    node: &Arc<Attached>,
+    ctx: &RequestContext,
+    payload: Bytes,
+) -> Result<Bytes, Status> {
+    let method = methods::CLUSTER_LEAVE;
+    if !Shared::is_member(node, &ctx.peer) {
+        return Err(not_a_member(
+            &ctx.peer,
+            method,
+            "only members may remove nodes",
+        ));
+    }
+    let req = pb::LeaveRequest::decode(payload)
+        .map_err(|e| Status::invalid_argument(format!("cluster/leave: {e}")))?;
+    let id = req.node_id;
+    ensure_leader(node)?;
+    let membership = node
+        .raft
+        .metrics()
+        .borrow_watched()
+        .membership_config
+        .clone();
+    let membership = membership.membership().clone();
+    if membership.get_node(&id).is_none() {
+        return Ok(members_reply(&membership));
+    }
+    let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+    if id == node.id {
+        let Some(successor) = voters.iter().copied().find(|v| *v != id) else {
+            return Err(failed_precondition(
+                "the last voter cannot leave the cluster",
+            ));
+        };
+        tracing::info!(
+            successor,
+            "asked to remove myself: handing leadership over first"
+        );
+        node.raft
+            .trigger()
+            .transfer_leader(successor)
+            .await
+            .map_err(raft_stopped)?;
+        return Err(Status::unavailable(format!(
+            "leadership is moving to node {successor}; call Leave again at the new leader"
+        )));
+    }
+    if voters.contains(&id) {
+        tracing::info!(node = id, "removing voter");
+        node.raft
+            .change_membership(ChangeMembers::RemoveVoters(BTreeSet::from([id])), true)
+            .await
+            .map_err(write_error)?;
+    }
+    tracing::info!(node = id, "removing node from the cluster");
+    let written = node
+        .raft
+        .change_membership(ChangeMembers::RemoveNodes(BTreeSet::from([id])), false)
+        .await
+        .map_err(write_error)?;
+    let membership = written
+        .membership()
+        .clone()
+        .unwrap_or_else(|| membership.clone());
+    Ok(members_reply(&membership))
+}
+
+fn members_reply(membership: &Membership) -> Bytes {
+    pb::LeaveResponse {
+        members: members_pb(membership),
+    }
+    .encode_to_vec()
+    .into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn join_tokens_compare_whole_values() {
+        let t = JoinToken::new("s3cret").unwrap();
+        assert!(t.matches("s3cret"));
+        assert!(!t.matches("s3cre"));
+        assert!(!t.matches("s3cret!"));
+        assert!(!t.matches(""));
+        assert!(!t.matches("S3cret"));
+        assert!(JoinToken::new("").is_none());
+        assert_eq!(format!("{t:?}"), "JoinToken(<redacted>)");
+    }
+}

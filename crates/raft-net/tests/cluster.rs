@@ -1,0 +1,273 @@
+//! Three real nodes in one process over real transports on loopback (iroh
+//! and gRPC: each scenario is written once, generic over the transport,
+//! and run for both), with sled stores in temporary directories.
+//!
+//! Every wait is bounded ([`support::WAIT`]); nothing asserts on speed.
+
+#![allow(clippy::unwrap_used)] // reason: test code; a failed unwrap is a failed test
+
+mod support;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use openraft::Vote;
+use openraft::async_runtime::WatchReceiver;
+use openraft::raft::AppendEntriesRequest;
+use prost::Message;
+use support::{Cluster, Grpc, Iroh, TOKEN, TestNode, TransportFactory, WAIT, loopback};
+use tern_protocol::catalog::methods;
+use tern_protocol::{Call, CallError, Code, PeerAddr, RpcClient, pb};
+use tern_raft_net::{RaftOptions, wire};
+use tern_store::TypeConfig;
+
+/// Snapshots every 40 entries, 5 kept behind: a node stopped for a hundred
+/// writes can only catch up by snapshot.
+fn small_snapshots() -> RaftOptions {
+    RaftOptions {
+        snapshot_logs_since_last: 40,
+        logs_to_keep_after_snapshot: 5,
+        ..RaftOptions::default()
+    }
+}
+
+async fn replication_failover_restart_and_snapshot<F: TransportFactory>(factory: F) {
+    support::init_logs();
+    let mut c = Cluster::start(factory, 3, small_snapshots()).await;
+
+    // Elects a leader and replicates.
+    let leader = c.leader().await;
+    c.write_vms(0, 20).await;
+    for n in &c.nodes {
+        n.wait_vms(20).await;
+    }
+
+    // The leader stops: a new one is elected and writes continue.
+    let old_leader = leader;
+    let old_id = c.nodes[old_leader].raft().id();
+    c.nodes[old_leader].stop().await;
+    let new_leader = c.leader().await;
+    assert_ne!(new_leader, old_leader);
+    assert_ne!(c.nodes[new_leader].raft().id(), old_id);
+    c.write_vms(20, 40).await;
+    for n in c.nodes.iter().filter(|n| n.is_up()) {
+        n.wait_vms(40).await;
+    }
+
+    // The old leader restarts from its sled state (same directory, key
+    // and port) and catches up.
+    let (factory, options) = (&c.factory, c.options.clone());
+    c.nodes[old_leader].restart(factory, &options).await;
+    assert_eq!(c.nodes[old_leader].raft().id(), old_id);
+    c.nodes[old_leader].wait_vms(40).await;
+
+    // A follower stops, falls far behind, and catches up by snapshot:
+    // the leader's log is purged past the follower's last entry.
+    let leader = c.leader().await;
+    let behind = (0..3).find(|i| *i != leader).unwrap();
+    let behind_last = c.nodes[behind]
+        .raft()
+        .raft()
+        .metrics()
+        .borrow_watched()
+        .last_log_index
+        .unwrap();
+    c.nodes[behind].stop().await;
+    c.write_vms(40, 160).await;
+    let leader = c.leader().await;
+    let purged = c.nodes[leader]
+        .raft()
+        .raft()
+        .wait(Some(WAIT))
+        .metrics(
+            |m| m.purged.as_ref().is_some_and(|p| p.index > behind_last),
+            "leader purged past the stopped follower",
+        )
+        .await
+        .unwrap()
+        .purged
+        .unwrap();
+    assert!(purged.index > behind_last);
+    let (factory, options) = (&c.factory, c.options.clone());
+    c.nodes[behind].restart(factory, &options).await;
+    c.nodes[behind].wait_vms(160).await;
+    let snap = c.nodes[behind]
+        .raft()
+        .raft()
+        .wait(Some(WAIT))
+        .metrics(
+            |m| m.snapshot.as_ref().is_some_and(|s| s.index > behind_last),
+            "follower holds a snapshot past where it stopped",
+        )
+        .await;
+    assert!(snap.is_ok());
+    c.stop_all().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn iroh_cluster_replicates_fails_over_restarts_and_snapshots() {
+    replication_failover_restart_and_snapshot(Iroh).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn grpc_cluster_replicates_fails_over_restarts_and_snapshots() {
+    replication_failover_restart_and_snapshot(Grpc).await;
+}
+
+fn heartbeat_payload() -> Bytes {
+    let req = AppendEntriesRequest::<TypeConfig> {
+        vote: Vote::new_committed(1000, 1),
+        prev_log_id: None,
+        entries: vec![],
+        leader_commit: None,
+    };
+    wire::wrap(&req).unwrap()
+}
+
+async fn call(
+    client: &dyn RpcClient,
+    peer: &PeerAddr,
+    method: &'static tern_protocol::Method,
+    payload: Bytes,
+) -> Result<Bytes, CallError> {
+    client
+        .call(
+            peer,
+            Call::new(method, payload).with_timeout(Duration::from_secs(20)),
+        )
+        .await
+}
+
+async fn access_rules_and_node_ids<F: TransportFactory>(factory: F) {
+    support::init_logs();
+    let mut c = Cluster::start(factory, 2, RaftOptions::default()).await;
+    let leader = c.leader().await;
+    let leader_addr = c.nodes[leader].addr.clone();
+    let dir = tempfile::tempdir().unwrap();
+
+    // An outsider: a real node with its own key, not in the cluster.
+    let mut outsider = TestNode::boot(&c.factory, &dir.path().join("outsider"), loopback()).await;
+    let client = outsider.client();
+    for node in &c.nodes {
+        let err = call(
+            client.as_ref(),
+            &node.addr,
+            methods::RAFT_APPEND_ENTRIES,
+            heartbeat_payload(),
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(err.code(), Some(Code::PermissionDenied), "{err}");
+        assert!(err.to_string().contains("not a member"), "{err}");
+    }
+    let leave = pb::LeaveRequest { node_id: 1 }.encode_to_vec().into();
+    let err = call(client.as_ref(), &leader_addr, methods::CLUSTER_LEAVE, leave)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(Code::PermissionDenied), "{err}");
+
+    // Join with a wrong token is refused, on the leader and a follower.
+    for node in &c.nodes {
+        let join = pb::JoinRequest {
+            token: "wrong".into(),
+            address: Some(pb::PeerAddress::from(&outsider.addr)),
+            capacity: None,
+        };
+        let err = call(
+            client.as_ref(),
+            &node.addr,
+            methods::CLUSTER_JOIN,
+            join.encode_to_vec().into(),
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(err.code(), Some(Code::PermissionDenied), "{err}");
+    }
+    // The right token for someone else's address is refused too.
+    let join = pb::JoinRequest {
+        token: TOKEN.into(),
+        address: Some(pb::PeerAddress::from(&c.nodes[0].addr)),
+        capacity: None,
+    };
+    let err = call(
+        client.as_ref(),
+        &leader_addr,
+        methods::CLUSTER_JOIN,
+        join.encode_to_vec().into(),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.code(), Some(Code::PermissionDenied), "{err}");
+
+    // The outsider joins with the right token (through the follower: it
+    // is redirected to the leader), then leaves, then rejoins with a
+    // fresh data directory and the same key: it gets a new node id.
+    let follower = (0..2).find(|i| *i != leader).unwrap();
+    let seed = c.nodes[follower].addr.clone();
+    outsider.join(&c.options, &seed).await;
+    let first_id = outsider.raft().id();
+    assert!(first_id > 2, "ids 1 and 2 are taken: {first_id}");
+    let leave = pb::LeaveRequest { node_id: first_id }
+        .encode_to_vec()
+        .into();
+    let leader = c.leader().await;
+    let resp = call(
+        client.as_ref(),
+        &c.nodes[leader].addr,
+        methods::CLUSTER_LEAVE,
+        leave,
+    )
+    .await
+    .unwrap();
+    let resp = pb::LeaveResponse::decode(resp).unwrap();
+    assert!(resp.members.iter().all(|m| m.node_id != first_id));
+    // Once gone, it is no longer allowed to call Raft methods.
+    let err = call(
+        client.as_ref(),
+        &c.nodes[leader].addr,
+        methods::RAFT_APPEND_ENTRIES,
+        heartbeat_payload(),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.code(), Some(Code::PermissionDenied), "{err}");
+
+    outsider.stop().await;
+    let key = std::fs::read(
+        outsider
+            .dir
+            .join(tern_transport_iroh::config::SECRET_KEY_FILE),
+    )
+    .unwrap();
+    let fresh = dir.path().join("outsider-again");
+    std::fs::create_dir_all(&fresh).unwrap();
+    std::fs::write(
+        fresh.join(tern_transport_iroh::config::SECRET_KEY_FILE),
+        key,
+    )
+    .unwrap();
+    let mut again = TestNode::boot(&c.factory, &fresh, loopback()).await;
+    assert_eq!(again.addr.id, outsider.addr.id, "same key, same identity");
+    again.join(&c.options, &leader_addr_of(&c).await).await;
+    let second_id = again.raft().id();
+    assert!(
+        second_id > first_id,
+        "node ids are never reused: {first_id} then {second_id}"
+    );
+    again.stop().await;
+    c.stop_all().await;
+}
+
+async fn leader_addr_of<F: TransportFactory>(c: &Cluster<F>) -> PeerAddr {
+    c.nodes[c.leader().await].addr.clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn iroh_access_rules_and_node_ids() {
+    access_rules_and_node_ids(Iroh).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn grpc_access_rules_and_node_ids() {
+    access_rules_and_node_ids(Grpc).await;
+}
