@@ -21,6 +21,8 @@ enum Kind {
     /// Bytes per second from the bench's declared throughput; larger is
     /// better.
     Bytes,
+    /// Elements (calls) per second from the bench's declared throughput.
+    Elements,
 }
 
 /// A row of the report.
@@ -62,6 +64,78 @@ const ROWS: &[Row] = &[
         seed: Some(12.5e9),
         target: "no copy of the payload",
     },
+    Row {
+        figure: "iroh endpoint create+bind",
+        id: "iroh/endpoint/create_bind",
+        kind: Kind::Time,
+        baseline: Some("iroh/endpoint/raw_create_bind"),
+        seed: Some(2.3e6),
+        target: "",
+    },
+    Row {
+        figure: "unary call, small payload — iroh",
+        id: "iroh/unary/small_payload",
+        kind: Kind::Time,
+        baseline: Some("iroh/unary/raw_baseline"),
+        seed: None,
+        target: "within 10% of raw iroh",
+    },
+    Row {
+        figure: "unary call, small payload — gRPC",
+        id: "grpc/unary/small_payload",
+        kind: Kind::Time,
+        baseline: Some("grpc/unary/raw_baseline"),
+        seed: None,
+        target: "",
+    },
+    Row {
+        figure: "64 concurrent callers — iroh",
+        id: "iroh/concurrent/64_callers",
+        kind: Kind::Elements,
+        baseline: Some("iroh/concurrent/raw_baseline"),
+        seed: None,
+        target: "within 10% of raw iroh",
+    },
+    Row {
+        figure: "64 concurrent callers — gRPC",
+        id: "grpc/concurrent/64_callers",
+        kind: Kind::Elements,
+        baseline: Some("grpc/concurrent/raw_baseline"),
+        seed: None,
+        target: "",
+    },
+    Row {
+        figure: "bulk 64 MiB — iroh",
+        id: "iroh/bulk/64mib",
+        kind: Kind::Bytes,
+        baseline: Some("iroh/bulk/raw_baseline"),
+        seed: None,
+        target: "within 10% of raw iroh",
+    },
+    Row {
+        figure: "bulk 64 MiB — gRPC",
+        id: "grpc/bulk/64mib",
+        kind: Kind::Bytes,
+        baseline: Some("grpc/bulk/raw_baseline"),
+        seed: None,
+        target: "",
+    },
+    Row {
+        figure: "control call during a bulk transfer — iroh",
+        id: "iroh/control_during_bulk/vote",
+        kind: Kind::Time,
+        baseline: None,
+        seed: None,
+        target: "",
+    },
+    Row {
+        figure: "control call during a bulk transfer — gRPC",
+        id: "grpc/control_during_bulk/vote",
+        kind: Kind::Time,
+        baseline: None,
+        seed: None,
+        target: "",
+    },
 ];
 
 /// One measured figure.
@@ -77,7 +151,7 @@ impl Measured {
     fn value(&self, kind: Kind) -> Option<f64> {
         match kind {
             Kind::Time => Some(self.ns),
-            Kind::Bytes => self.per_iter.map(|n| n / (self.ns * 1e-9)),
+            Kind::Bytes | Kind::Elements => self.per_iter.map(|n| n / (self.ns * 1e-9)),
         }
     }
 }
@@ -137,6 +211,7 @@ fn human(value: f64, kind: Kind) -> String {
         Kind::Time => format!("{value:.1} ns"),
         Kind::Bytes if value >= 1e9 => format!("{:.2} GB/s", value / 1e9),
         Kind::Bytes => format!("{:.1} MB/s", value / 1e6),
+        Kind::Elements => format!("{value:.0} calls/s"),
     }
 }
 
@@ -144,7 +219,7 @@ fn human(value: f64, kind: Kind) -> String {
 fn advantage(ours: f64, other: f64, kind: Kind) -> f64 {
     match kind {
         Kind::Time => other / ours,
-        Kind::Bytes => ours / other,
+        Kind::Bytes | Kind::Elements => ours / other,
     }
 }
 
@@ -231,7 +306,7 @@ fn report(target: &Path, quick: bool) -> anyhow::Result<()> {
         )?;
         json_rows.push(serde_json::json!({
             "figure": row.figure, "id": row.id, "ours": ours, "baseline": base, "seed": row.seed,
-            "unit": match row.kind { Kind::Time => "ns", Kind::Bytes => "bytes/s" },
+            "unit": match row.kind { Kind::Time => "ns", Kind::Bytes => "bytes/s", Kind::Elements => "calls/s" },
         }));
     }
     writeln!(
