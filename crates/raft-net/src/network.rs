@@ -243,7 +243,7 @@ impl PeerNetwork {
         let remaining = budget.saturating_sub(started.elapsed());
         let timeout_err = || {
             RPCError::Timeout(Timeout {
-                action: action.clone(),
+                action,
                 id: self.local,
                 target: self.target,
                 timeout: budget,
@@ -261,13 +261,7 @@ impl PeerNetwork {
             Ok(Ok(bytes)) => Ok(bytes),
             Ok(Err(e)) => {
                 tracing::debug!(target = self.target, method = %method.label(), error = %e, "raft call failed");
-                Err(map_call_error(
-                    &e,
-                    action.clone(),
-                    self.local,
-                    self.target,
-                    budget,
-                ))
+                Err(map_call_error(&e, action, self.local, self.target, budget))
             }
             Err(_) => Err(timeout_err()),
         }
@@ -333,10 +327,10 @@ fn encode_append(rpc: &AppendEntriesRequest) -> Result<EncodedAppend, CodecError
     // on a path taken only by batches of very large entries.
     let encode_prefix = |n: usize| {
         let req = AppendEntriesRequest {
-            vote: rpc.vote.clone(),
-            prev_log_id: rpc.prev_log_id.clone(),
+            vote: rpc.vote,
+            prev_log_id: rpc.prev_log_id,
             entries: rpc.entries[..n].to_vec(),
-            leader_commit: rpc.leader_commit.clone(),
+            leader_commit: rpc.leader_commit,
         };
         wire::wrap(&req)
     };
@@ -396,9 +390,9 @@ impl RaftNetworkV2<TypeConfig> for PeerNetwork {
         let resp: wire::AppendEntriesResponse =
             wire::unwrap(bytes).map_err(|e| garbled("append-entries", e))?;
         Ok(match (resp, encoded.prefix) {
-            (AppendEntriesResponse::Success, Some(n)) => AppendEntriesResponse::PartialSuccess(
-                rpc.entries.get(n - 1).map(|e| e.log_id.clone()),
-            ),
+            (AppendEntriesResponse::Success, Some(n)) => {
+                AppendEntriesResponse::PartialSuccess(rpc.entries.get(n - 1).map(|e| e.log_id))
+            }
             (resp, _) => resp,
         })
     }

@@ -366,7 +366,8 @@ impl RaftNode {
             .map_err(|e| RaftNodeError::Raft(e.to_string()))
     }
 
-    /// Waits at most `timeout` until this node is a voter.
+    /// Waits at most `timeout` until this node is a voter in a committed,
+    /// non-joint membership.
     pub async fn wait_until_voter(&self, timeout: Duration) -> Result<(), RaftNodeError> {
         let id = self.attached.id;
         self.attached
@@ -374,10 +375,9 @@ impl RaftNode {
             .wait(Some(timeout))
             .metrics(
                 |m| {
-                    m.membership_config
-                        .membership()
-                        .voter_ids()
-                        .any(|v| v == id)
+                    let committed = m.committed_membership_config.membership();
+                    committed.get_joint_config().len() == 1
+                        && committed.voter_ids().any(|v| v == id)
                 },
                 "promoted to voter",
             )

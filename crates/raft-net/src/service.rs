@@ -46,7 +46,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use openraft::async_runtime::WatchReceiver;
-use openraft::errors::{ClientWriteError, RaftError};
+use openraft::errors::{ChangeMembershipError, ClientWriteError, RaftError};
+use openraft::raft::ClientWriteResponse;
 use openraft::{ChangeMembers, ServerState, Snapshot};
 use prost::Message;
 use tern_protocol::catalog::methods;
@@ -75,6 +76,14 @@ pub const PROMOTION_TIMEOUT: Duration = Duration::from_secs(120);
 /// caught up: close enough that its first rounds as a voter do not stall
 /// commits, loose enough to be reached under a steady write load.
 pub const PROMOTION_MAX_LAG: u64 = 64;
+
+/// How long a membership change waits for the previous one to be
+/// committed (a joint configuration to become uniform) before it gives
+/// up: a few rounds of replication.
+pub const MEMBERSHIP_SETTLE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Attempts of one membership change that finds another in progress.
+pub const MEMBERSHIP_CHANGE_ATTEMPTS: usize = 5;
 
 /// A snapshot transfer with no chunk for this long is abandoned and its
 /// temporary file removed; the leader restarts the transfer anyway after
@@ -604,6 +613,44 @@ fn write_error(e: RaftError<TypeConfig, ClientWriteError<TypeConfig>>) -> Status
     }
 }
 
+/// Waits (bounded) until the effective membership is committed and not
+/// joint, so that the next change is not refused as in progress.
+async fn membership_settled(raft: &RaftInstance) -> Result<(), Status> {
+    raft.wait(Some(MEMBERSHIP_SETTLE_TIMEOUT))
+        .metrics(
+            |m| {
+                m.membership_config.log_id() == m.committed_membership_config.log_id()
+                    && m.membership_config.membership().get_joint_config().len() == 1
+            },
+            "membership settled",
+        )
+        .await
+        .map(|_| ())
+        .map_err(|e| Status::unavailable(format!("a membership change is still in progress: {e}")))
+}
+
+/// Applies `changes` once the previous change has settled, retrying when
+/// another change slipped in first.
+async fn change_membership(
+    raft: &RaftInstance,
+    changes: ChangeMembers<NodeId, Member>,
+    retain: bool,
+) -> Result<ClientWriteResponse<TypeConfig>, Status> {
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        membership_settled(raft).await?;
+        match raft.change_membership(changes.clone(), retain).await {
+            Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(
+                ChangeMembershipError::InProgress(e),
+            ))) if attempt < MEMBERSHIP_CHANGE_ATTEMPTS => {
+                tracing::debug!(error = %e, "membership change in progress; retrying");
+            }
+            other => return other.map_err(write_error),
+        }
+    }
+}
+
 async fn join(
     shared: &Arc<Shared>,
     node: &Arc<Attached>,
@@ -681,53 +728,55 @@ async fn join(
         }
     };
 
-    let membership = node
+    let stored = node
         .raft
         .metrics()
         .borrow_watched()
         .membership_config
         .clone();
-    let membership = membership.membership();
-    match membership.get_node(&id) {
+    let change = match stored.membership().get_node(&id) {
         None => {
             tracing::info!(node = id, peer = %ctx.peer.short(), "adding learner");
-            node.raft
-                .add_learner(id, record, false)
-                .await
-                .map_err(write_error)?;
+            Some(ChangeMembers::AddNodes(BTreeMap::from([(id, record)])))
         }
         Some(existing) if *existing != record => {
             tracing::info!(node = id, "updating a member's address and capacity");
-            node.raft
-                .change_membership(
-                    ChangeMembers::SetNodes(BTreeMap::from([(id, record)])),
-                    true,
-                )
-                .await
-                .map_err(write_error)?;
+            Some(ChangeMembers::SetNodes(BTreeMap::from([(id, record)])))
         }
-        Some(_) => {}
-    }
-    let membership = node
-        .raft
-        .metrics()
-        .borrow_watched()
-        .membership_config
-        .clone();
-    if !membership.membership().voter_ids().any(|v| v == id) {
-        spawn_promotion(shared.clone(), node.clone(), id);
+        Some(_) => None,
+    };
+    // The membership to answer with and the log id it took effect at
+    // (metrics may not show a change the moment it commits).
+    let (membership, since) = match change {
+        Some(change) => {
+            let written = change_membership(&node.raft, change, true).await?;
+            let membership = written
+                .membership()
+                .clone()
+                .unwrap_or_else(|| stored.membership().clone());
+            (membership, Some(written.log_id))
+        }
+        None => (stored.membership().clone(), *stored.log_id()),
+    };
+    if !membership.voter_ids().any(|v| v == id) {
+        spawn_promotion(shared.clone(), node.clone(), id, since);
     }
     Ok(pb::JoinResponse {
         node_id: id,
-        members: members_pb(membership.membership()),
+        members: members_pb(&membership),
     }
     .encode_to_vec()
     .into())
 }
 
-/// Promotes learner `id` to voter once it has caught up, unless a
-/// promotion of it is already under way.
-fn spawn_promotion(shared: Arc<Shared>, node: Arc<Attached>, id: NodeId) {
+/// Promotes learner `id` (added by the membership at `since`) to voter
+/// once it has caught up, unless a promotion of it is already under way.
+fn spawn_promotion(
+    shared: Arc<Shared>,
+    node: Arc<Attached>,
+    id: NodeId,
+    since: Option<tern_store::LogId>,
+) {
     if !lock(&shared.promoting).insert(id) {
         return;
     }
@@ -737,10 +786,14 @@ fn spawn_promotion(shared: Arc<Shared>, node: Arc<Attached>, id: NodeId) {
             .wait(Some(PROMOTION_TIMEOUT))
             .metrics(
                 |m| {
-                    if m.state != ServerState::Leader
-                        || m.membership_config.membership().get_node(&id).is_none()
-                    {
+                    if m.state != ServerState::Leader {
                         return true; // nothing left to do; checked below
+                    }
+                    if *m.membership_config.log_id() < since {
+                        return false; // metrics do not show the learner yet
+                    }
+                    if m.membership_config.membership().get_node(&id).is_none() {
+                        return true; // removed meanwhile
                     }
                     let matched = m
                         .replication
@@ -766,10 +819,12 @@ fn spawn_promotion(shared: Arc<Shared>, node: Arc<Attached>, id: NodeId) {
                 if m.state == ServerState::Leader
                     && m.membership_config.membership().get_node(&id).is_some() =>
             {
-                match node
-                    .raft
-                    .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), true)
-                    .await
+                match change_membership(
+                    &node.raft,
+                    ChangeMembers::AddVoterIds(BTreeSet::from([id])),
+                    true,
+                )
+                .await
                 {
                     Ok(_) => tracing::info!(node = id, "learner promoted to voter"),
                     Err(e) => tracing::warn!(node = id, error = %e, "promotion to voter failed"),
@@ -833,17 +888,20 @@ async fn leave(
     }
     if voters.contains(&id) {
         tracing::info!(node = id, "removing voter");
-        node.raft
-            .change_membership(ChangeMembers::RemoveVoters(BTreeSet::from([id])), true)
-            .await
-            .map_err(write_error)?;
+        change_membership(
+            &node.raft,
+            ChangeMembers::RemoveVoters(BTreeSet::from([id])),
+            true,
+        )
+        .await?;
     }
     tracing::info!(node = id, "removing node from the cluster");
-    let written = node
-        .raft
-        .change_membership(ChangeMembers::RemoveNodes(BTreeSet::from([id])), false)
-        .await
-        .map_err(write_error)?;
+    let written = change_membership(
+        &node.raft,
+        ChangeMembers::RemoveNodes(BTreeSet::from([id])),
+        false,
+    )
+    .await?;
     let membership = written
         .membership()
         .clone()

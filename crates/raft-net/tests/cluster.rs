@@ -241,11 +241,12 @@ async fn access_rules_and_node_ids<F: TransportFactory>(factory: F) {
     .unwrap();
     let fresh = dir.path().join("outsider-again");
     std::fs::create_dir_all(&fresh).unwrap();
-    std::fs::write(
-        fresh.join(tern_transport_iroh::config::SECRET_KEY_FILE),
-        key,
-    )
-    .unwrap();
+    let key_file = fresh.join(tern_transport_iroh::config::SECRET_KEY_FILE);
+    std::fs::write(&key_file, key).unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
     let mut again = TestNode::boot(&c.factory, &fresh, loopback()).await;
     assert_eq!(again.addr.id, outsider.addr.id, "same key, same identity");
     again.join(&c.options, &leader_addr_of(&c).await).await;
