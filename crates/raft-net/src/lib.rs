@@ -34,6 +34,6 @@ pub use codec::{CodecError, MAX_MESSAGE_LEN, decode, encode, encode_into};
 pub use network::{NetworkFactory, PeerNetwork, SNAPSHOT_CHUNK_SIZE};
 pub use node::{
     FIRST_NODE_ID, JoinAnswer, RaftNode, RaftNodeError, RaftOptions, read_node_id, request_join,
-    write_node_id,
+    request_leave, write_node_id,
 };
 pub use service::{JoinToken, RaftInstance, RaftServices};

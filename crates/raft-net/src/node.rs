@@ -256,6 +256,47 @@ pub async fn request_join(
     )))
 }
 
+/// Asks the cluster, through `seed`, to remove node `node_id`: calls
+/// Leave at the seed and follows redirects to the leader (a leader asked
+/// to remove itself hands leadership over first, so this may take a
+/// redirect more). `client` must call as a member. Returns the members
+/// left.
+pub async fn request_leave(
+    client: &dyn RpcClient,
+    seed: &PeerAddr,
+    node_id: NodeId,
+) -> Result<Vec<(NodeId, PeerAddr)>, RaftNodeError> {
+    let req = pb::LeaveRequest { node_id };
+    let mut target = seed.clone();
+    for _ in 0..=MAX_JOIN_REDIRECTS {
+        let call = Call::new(methods::CLUSTER_LEAVE, req.encode_to_vec().into())
+            .with_timeout(CLUSTER_CALL_TIMEOUT);
+        match client.call(&target, call).await {
+            Ok(bytes) => {
+                let resp = pb::LeaveResponse::decode(bytes)
+                    .map_err(|e| RaftNodeError::Answer(format!("leave response: {e}")))?;
+                return Ok(parse_members(&resp.members));
+            }
+            Err(CallError::Application(s))
+                if matches!(s.code, Code::FailedPrecondition | Code::Unavailable) =>
+            {
+                tracing::info!(peer = %target.id.short(), reason = %s.message, "leave redirected");
+                tokio::time::sleep(HEARTBEAT_INTERVAL).await;
+                target = find_leader(client, &target).await?;
+            }
+            Err(error) => {
+                return Err(RaftNodeError::Call {
+                    peer: target.id.short(),
+                    error,
+                });
+            }
+        }
+    }
+    Err(RaftNodeError::TimedOut(format!(
+        "no leader removed node {node_id} after {MAX_JOIN_REDIRECTS} redirects"
+    )))
+}
+
 /// The leader's address as `peer` knows it (waits briefly during an
 /// election).
 async fn find_leader(client: &dyn RpcClient, peer: &PeerAddr) -> Result<PeerAddr, RaftNodeError> {
@@ -293,6 +334,7 @@ async fn find_leader(client: &dyn RpcClient, peer: &PeerAddr) -> Result<PeerAddr
 pub struct RaftNode {
     attached: Arc<Attached>,
     services: RaftServices,
+    client: Arc<dyn RpcClient>,
 }
 
 impl std::fmt::Debug for RaftNode {
@@ -316,7 +358,7 @@ impl RaftNode {
         options: &RaftOptions,
     ) -> Result<RaftNode, RaftNodeError> {
         let config = Arc::new(options.to_config()?);
-        let network = NetworkFactory::new(client, id);
+        let network = NetworkFactory::new(client.clone(), id);
         let raft = RaftInstance::new(id, config, network, log, sm.clone())
             .await
             .map_err(|e| RaftNodeError::Raft(e.to_string()))?;
@@ -326,6 +368,7 @@ impl RaftNode {
         Ok(RaftNode {
             attached,
             services: services.clone(),
+            client,
         })
     }
 
@@ -418,6 +461,62 @@ impl RaftNode {
         m.membership().get_node(&id).map(Member::peer_id)
     }
 
+    /// If this node leads, hands leadership to the most up-to-date other
+    /// voter and waits (at most [`LEADERSHIP_HANDOFF_TIMEOUT`]) until
+    /// another node leads. Nothing to do for a follower or a lone voter.
+    pub async fn hand_over_leadership(&self) -> Result<(), RaftNodeError> {
+        let raft = &self.attached.raft;
+        let id = self.attached.id;
+        let metrics = raft.metrics().borrow_watched().clone();
+        if metrics.state != ServerState::Leader {
+            return Ok(());
+        }
+        let successor = metrics
+            .membership_config
+            .membership()
+            .voter_ids()
+            .filter(|v| *v != id)
+            .max_by_key(|v| {
+                metrics
+                    .replication
+                    .as_ref()
+                    .and_then(|r| r.get(v).cloned().flatten())
+                    .map(|l| l.index)
+            });
+        let Some(to) = successor else {
+            return Ok(());
+        };
+        tracing::info!(node = id, to, "handing leadership over");
+        raft.trigger()
+            .transfer_leader(to)
+            .await
+            .map_err(|e| RaftNodeError::Raft(e.to_string()))?;
+        raft.wait(Some(LEADERSHIP_HANDOFF_TIMEOUT))
+            .metrics(
+                |m| m.current_leader.is_some_and(|l| l != id),
+                "leadership handed over",
+            )
+            .await
+            .map(|_| ())
+            .map_err(|e| RaftNodeError::TimedOut(e.to_string()))
+    }
+
+    /// Removes this node from the cluster (from the voters, then from the
+    /// membership), through the leader it knows, then stops it. A leader
+    /// hands leadership over first.
+    pub async fn leave(self) -> Result<(), RaftNodeError> {
+        // Never call ourselves: a leader steps aside first.
+        self.hand_over_leadership().await?;
+        let metrics = self.attached.raft.metrics().borrow_watched().clone();
+        let seed = metrics
+            .current_leader
+            .and_then(|l| metrics.membership_config.membership().get_node(&l).cloned())
+            .ok_or_else(|| RaftNodeError::Raft("no leader known to leave through".into()))?;
+        request_leave(self.client.as_ref(), &seed.addr, self.attached.id).await?;
+        tracing::info!(node = self.attached.id, "left the cluster");
+        self.shutdown().await
+    }
+
     /// Stops Raft. A leader first hands leadership to another voter and
     /// waits (at most [`LEADERSHIP_HANDOFF_TIMEOUT`]) for it to take over,
     /// so the cluster does not sit through an election timeout. The
@@ -425,35 +524,8 @@ impl RaftNode {
     pub async fn shutdown(self) -> Result<(), RaftNodeError> {
         let raft = &self.attached.raft;
         let id = self.attached.id;
-        let metrics = raft.metrics().borrow_watched().clone();
-        if metrics.state == ServerState::Leader {
-            let successor = metrics
-                .membership_config
-                .membership()
-                .voter_ids()
-                .filter(|v| *v != id)
-                .max_by_key(|v| {
-                    metrics
-                        .replication
-                        .as_ref()
-                        .and_then(|r| r.get(v).cloned().flatten())
-                        .map(|l| l.index)
-                });
-            if let Some(to) = successor {
-                tracing::info!(node = id, to, "handing leadership over before shutdown");
-                if raft.trigger().transfer_leader(to).await.is_ok() {
-                    let handed = raft
-                        .wait(Some(LEADERSHIP_HANDOFF_TIMEOUT))
-                        .metrics(
-                            |m| m.current_leader.is_some_and(|l| l != id),
-                            "leadership handed over",
-                        )
-                        .await;
-                    if let Err(e) = handed {
-                        tracing::warn!(error = %e, "leadership handoff did not finish; stopping anyway");
-                    }
-                }
-            }
+        if let Err(e) = self.hand_over_leadership().await {
+            tracing::warn!(error = %e, "leadership handoff did not finish; stopping anyway");
         }
         self.services.detach();
         raft.shutdown()

@@ -255,7 +255,25 @@ async fn access_rules_and_node_ids<F: TransportFactory>(factory: F) {
         second_id > first_id,
         "node ids are never reused: {first_id} then {second_id}"
     );
-    again.stop().await;
+
+    // The leader leaves on its own (it hands leadership over first, then
+    // asks the new leader to remove it); writes continue without it.
+    c.nodes.push(again);
+    let leader = c.leader().await;
+    let leaving = c.nodes[leader].raft().id();
+    c.nodes[leader].raft.take().unwrap().leave().await.unwrap();
+    c.nodes[leader].stop().await;
+    c.write_vms(0, 5).await;
+    let leader = c.leader().await;
+    let membership = c.nodes[leader]
+        .raft()
+        .raft()
+        .metrics()
+        .borrow_watched()
+        .membership_config
+        .clone();
+    assert!(membership.membership().get_node(&leaving).is_none());
+    assert_eq!(membership.membership().voter_ids().count(), 2);
     c.stop_all().await;
 }
 
