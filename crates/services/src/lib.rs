@@ -14,8 +14,38 @@
 //!   supervised command) and the `microvm` runtime (QEMU's `microvm` machine
 //!   controlled over QMP).
 //!
-//! Not built yet: Health, Status and VM (the services issue adds them; the
-//! VM service's reconciler will drive [`runtime`]).
+//! - [`consensus`]: the [`consensus::Consensus`] trait the node implements
+//!   over Raft (writes, the applied state, a watch of the Raft status), so
+//!   that no service names openraft.
+//! - [`node_info`]: [`node_info::NodeInfo`], the node's addresses, transport
+//!   policy, transport health, version and start time.
+//! - [`health`]: the Health service (liveness, readiness, transports) and
+//!   the reports the node copies into `grpc.health.v1`.
+//! - [`status`]: the Status service.
+//! - [`vm`]: the VM service: validation, Raft writes deduplicated by
+//!   request id, forwarding to the leader, conversions to `tern.v1` types.
+//! - [`reconciler`]: each node's loop that makes its runtimes match the
+//!   desired state of the VMs placed on it and reports what it observes.
 
+//!
+//! # Wiring (what the node does)
+//!
+//! 1. Implement [`consensus::Consensus`] over the Raft instance and
+//!    [`node_info::NodeInfo`] over the transports and router.
+//! 2. Build [`health::HealthService`], [`status::StatusService`],
+//!    [`vm::VmService`] and register their `handler()`s, with Monitoring's,
+//!    in the `Dispatcher` both transports serve.
+//! 3. Once the router exists, [`vm::VmService::set_forward`] it, so that a
+//!    follower forwards VM writes to the leader.
+//! 4. Spawn [`reconciler::Reconciler::run`] with the node's runtimes, and
+//!    copy [`health::HealthService::publish`]'s reports into the gRPC
+//!    transport's `grpc.health.v1` service.
+
+pub mod consensus;
+pub mod health;
 pub mod monitoring;
+pub mod node_info;
+pub mod reconciler;
 pub mod runtime;
+pub mod status;
+pub mod vm;

@@ -5,7 +5,9 @@
 
 #![allow(dead_code)] // reason: each test binary uses a different part of the shared support.
 
+pub(crate) mod consensus;
 pub(crate) mod microvm_assets;
+pub(crate) mod net;
 
 use std::future::Future;
 use std::path::{Path, PathBuf};

@@ -1,0 +1,378 @@
+//! The VM service: create, start, stop, delete, list, get and migrate, as
+//! in `vm.proto`.
+//!
+//! Every change is a Raft write ([`Command`]) carrying the client's request
+//! id, which the state deduplicates: a retried create answers the first
+//! VM and never makes a second. Placement, desired-state transitions and
+//! migration steps happen in the state's pure `apply`, so every node
+//! agrees on them (see `tern_store::state`); each node's
+//! [`crate::reconciler`] then makes its runtime match.
+//!
+//! - **Specs** are validated here with [`runtime::validate`] before
+//!   anything is written; errors name the field (`InvalidArgument`). An
+//!   empty `runtime` is filled in with the node's default runtime first,
+//!   so the choice is recorded. A `microvm` spec's paths are checked on the
+//!   node that receives the call.
+//! - **Reads** (List, Get) are served from the state applied on this node,
+//!   which may trail the leader by a few entries.
+//! - **Writes on a follower.** When [`Consensus::write`] answers
+//!   [`ConsensusError::NotLeader`], the service forwards the call,
+//!   unchanged (same method, same request id, so the forward is as safe to
+//!   retry as the call), to the leader through the transport-neutral
+//!   client given to [`VmService::set_forward`] (the node's router, which
+//!   calls as the node itself). It forwards once: a call whose
+//!   caller is itself a cluster member (a forward already) is not forwarded
+//!   again but answered `FailedPrecondition` naming the leader, as is any
+//!   call when no client was given or no leader is known.
+//! - **Migration** shows as `desired = MIGRATING` with the target and the
+//!   state wanted after the move in `reason`, until the source reports the
+//!   VM stopped and the record moves to the target.
+
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use prost::Message;
+use tern_protocol::catalog::Method;
+use tern_protocol::{
+    BoxFuture, Call, CallError, Code, Handler, PeerAddr, RequestContext, RpcClient, Status, pb,
+};
+use tern_store::{Command, Rejection, Response, VmRecord, VmSpec, VmState};
+
+use crate::consensus::{Consensus, ConsensusError, write_bounded};
+use crate::runtime::{self, RuntimeKind};
+
+/// How long a forwarded call may take at most: the leader's own write
+/// bound plus a round trip. The caller's own deadline, when shorter, wins.
+pub const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The VM service.
+#[derive(Clone)]
+pub struct VmService {
+    consensus: Arc<dyn Consensus>,
+    forward: Arc<OnceLock<Arc<dyn RpcClient>>>,
+    default_runtime: RuntimeKind,
+}
+
+impl VmService {
+    /// The VM service over this node's Raft. `default_runtime` fills in
+    /// specs that name none (the node passes [`runtime::default_kind`]).
+    /// Until [`VmService::set_forward`] is called, a follower answers
+    /// writes with `FailedPrecondition` naming the leader.
+    pub fn new(consensus: Arc<dyn Consensus>, default_runtime: RuntimeKind) -> Arc<VmService> {
+        Arc::new(VmService {
+            consensus,
+            forward: Arc::new(OnceLock::new()),
+            default_runtime,
+        })
+    }
+
+    /// Gives the service the client it forwards writes to the leader with
+    /// (the node's router, built once the transports that serve this
+    /// handler exist). Returns false, changing nothing, if one was set.
+    pub fn set_forward(&self, client: Arc<dyn RpcClient>) -> bool {
+        self.forward.set(client).is_ok()
+    }
+
+    /// The `Vm` service handler.
+    pub fn handler(self: &Arc<Self>) -> Arc<dyn Handler> {
+        self.clone()
+    }
+
+    async fn serve(
+        self: Arc<Self>,
+        ctx: RequestContext,
+        method: &'static Method,
+        payload: Bytes,
+    ) -> Result<Bytes, Status> {
+        let command = match method.name {
+            "List" => {
+                let req: pb::ListVmsRequest = decode(&payload)?;
+                let vms = self
+                    .consensus
+                    .query(|state| {
+                        state
+                            .vms()
+                            .values()
+                            .filter(|vm| req.node_id == 0 || vm.node_id == req.node_id)
+                            .map(to_pb)
+                            .collect::<Vec<_>>()
+                    })
+                    .map_err(unavailable)?;
+                return Ok(pb::ListVmsResponse { vms }.encode_to_vec().into());
+            }
+            "Get" => {
+                let req: pb::GetVmRequest = decode(&payload)?;
+                let vm = self
+                    .consensus
+                    .query(|state| state.vm(&req.vm_id).map(to_pb))
+                    .map_err(unavailable)?
+                    .ok_or_else(|| Status::not_found(format!("no VM with id {:?}", req.vm_id)))?;
+                return Ok(vm.encode_to_vec().into());
+            }
+            "Create" => {
+                let req: pb::CreateVmRequest = decode(&payload)?;
+                check_request_id(&req.request_id)?;
+                let mut spec = req.spec.ok_or_else(|| {
+                    Status::invalid_argument("invalid VM spec: field `spec`: missing")
+                })?;
+                if spec.runtime.is_empty() {
+                    spec.runtime = self.default_runtime.as_str().to_owned();
+                }
+                runtime::validate(&spec).map_err(|e| Status::invalid_argument(e.to_string()))?;
+                Command::CreateVm {
+                    request_id: req.request_id,
+                    spec: Box::new(from_pb_spec(spec)),
+                }
+            }
+            "Start" | "Stop" | "Delete" => {
+                let req: pb::VmActionRequest = decode(&payload)?;
+                check_request_id(&req.request_id)?;
+                check_vm_id(&req.vm_id)?;
+                let desired = match method.name {
+                    "Start" => VmState::Running,
+                    "Stop" => VmState::Stopped,
+                    _ => VmState::Deleted,
+                };
+                Command::SetVmDesired {
+                    request_id: req.request_id,
+                    vm_id: req.vm_id,
+                    desired,
+                }
+            }
+            "Migrate" => {
+                let req: pb::MigrateVmRequest = decode(&payload)?;
+                check_request_id(&req.request_id)?;
+                check_vm_id(&req.vm_id)?;
+                if req.target_node == 0 {
+                    return Err(Status::invalid_argument(
+                        "field `target_node`: 0 names no node; give the node id to move the VM to",
+                    ));
+                }
+                Command::MigrateVm {
+                    request_id: req.request_id,
+                    vm_id: req.vm_id,
+                    target: req.target_node,
+                }
+            }
+            other => return Err(Status::unimplemented(format!("Vm has no method {other}"))),
+        };
+        tracing::debug!(%command, caller = %ctx.peer.short(), "VM write");
+        match write_bounded(&*self.consensus, command).await {
+            Ok(response) => answer(response),
+            Err(ConsensusError::NotLeader { leader }) => {
+                self.forward(&ctx, method, payload, leader).await
+            }
+            Err(e @ ConsensusError::Unavailable { .. }) => Err(Status::unavailable(e.to_string())),
+        }
+    }
+
+    /// Passes a write this node cannot apply to the leader (see the module
+    /// docs for when it does).
+    async fn forward(
+        &self,
+        ctx: &RequestContext,
+        method: &'static Method,
+        payload: Bytes,
+        leader: Option<u64>,
+    ) -> Result<Bytes, Status> {
+        let not_leader = |why: &str| {
+            Status::new(
+                Code::FailedPrecondition,
+                match leader {
+                    Some(id) => format!(
+                        "this node is not the Raft leader; the leader is node {id}: call it there{why}"
+                    ),
+                    None => format!(
+                        "this node is not the Raft leader and no leader is known; retry shortly{why}"
+                    ),
+                },
+            )
+        };
+        let Some(client) = self.forward.get() else {
+            return Err(not_leader(""));
+        };
+        let Some(leader) = leader else {
+            return Err(not_leader(""));
+        };
+        let (leader_addr, caller_is_member): (Option<PeerAddr>, bool) = self
+            .consensus
+            .query(|state| {
+                (
+                    state.members().get(&leader).map(|m| m.addr.clone()),
+                    state
+                        .node_id_of(&ctx.peer)
+                        .is_some_and(|id| state.members().contains_key(&id)),
+                )
+            })
+            .map_err(unavailable)?;
+        if caller_is_member {
+            return Err(not_leader(
+                " (a call forwarded by a member is not forwarded again)",
+            ));
+        }
+        let Some(addr) = leader_addr else {
+            return Err(not_leader(
+                " (its address is not in the applied membership yet)",
+            ));
+        };
+        let timeout = ctx
+            .remaining(Instant::now())
+            .map_or(FORWARD_TIMEOUT, |left| left.min(FORWARD_TIMEOUT));
+        tracing::debug!(method = %method.label(), leader, "forwarding a VM write to the leader");
+        let call = Call::new(method, payload).with_timeout(timeout);
+        client.call(&addr, call).await.map_err(|e| match e {
+            CallError::Application(status) => status,
+            CallError::Transport(t) => Status::unavailable(format!(
+                "forwarding to the leader (node {leader}) failed: {t}; retry with the same request id"
+            )),
+        })
+    }
+}
+
+impl Handler for VmService {
+    fn handle(
+        &self,
+        ctx: RequestContext,
+        method: &'static Method,
+        payload: Bytes,
+    ) -> BoxFuture<'static, Result<Bytes, Status>> {
+        // The future must own what it uses: two `Arc`s and a kind.
+        Box::pin(Arc::new(self.clone()).serve(ctx, method, payload))
+    }
+}
+
+fn decode<M: Message + Default>(payload: &Bytes) -> Result<M, Status> {
+    M::decode(payload.as_ref()).map_err(|e| {
+        Status::invalid_argument(format!(
+            "undecodable {}: {e}",
+            std::any::type_name::<M>()
+                .rsplit("::")
+                .next()
+                .unwrap_or("request")
+        ))
+    })
+}
+
+fn check_request_id(id: &str) -> Result<(), Status> {
+    if id.is_empty() || id.len() > tern_store::state::MAX_REQUEST_ID_LEN {
+        return Err(Status::invalid_argument(format!(
+            "field `request_id`: {} bytes; a request id is 1 to {} bytes, chosen by the client so that retries are safe",
+            id.len(),
+            tern_store::state::MAX_REQUEST_ID_LEN
+        )));
+    }
+    Ok(())
+}
+
+fn check_vm_id(id: &str) -> Result<(), Status> {
+    runtime::spec::check_vm_id(id)
+        .map_err(|why| Status::invalid_argument(format!("field `vm_id`: {id:?} {why}")))
+}
+
+fn unavailable(e: ConsensusError) -> Status {
+    Status::unavailable(e.to_string())
+}
+
+/// The state's answer as the RPC's.
+fn answer(response: Response) -> Result<Bytes, Status> {
+    match response {
+        Response::Vm(vm) => Ok(to_pb(&vm).encode_to_vec().into()),
+        Response::Rejected(why) => Err(rejection_status(&why)),
+        other => Err(Status::internal(format!(
+            "the state answered a VM write with {other:?}"
+        ))),
+    }
+}
+
+/// The status a refusal by the state is answered with.
+pub fn rejection_status(why: &Rejection) -> Status {
+    let code = match why {
+        Rejection::UnknownVm { .. } => Code::NotFound,
+        Rejection::NameTaken { .. } => Code::AlreadyExists,
+        Rejection::InvalidRequestId { .. } | Rejection::UnknownNode { .. } => Code::InvalidArgument,
+        Rejection::NoCapacity { .. }
+        | Rejection::NodeFull { .. }
+        | Rejection::NodeIdsExhausted
+        | Rejection::VmIdsExhausted => Code::ResourceExhausted,
+        Rejection::VmDeleting { .. }
+        | Rejection::MigrationInProgress { .. }
+        | Rejection::AlreadyOnNode { .. } => Code::FailedPrecondition,
+        Rejection::InvalidDesiredState { .. }
+        | Rejection::NotPlacedHere { .. }
+        | Rejection::InvalidReport { .. } => Code::Internal,
+    };
+    Status::new(code, why.to_string())
+}
+
+/// A state as `tern.v1.VmState`.
+pub fn pb_state(state: VmState) -> pb::VmState {
+    match state {
+        VmState::Unspecified => pb::VmState::Unspecified,
+        VmState::Pending => pb::VmState::Pending,
+        VmState::Running => pb::VmState::Running,
+        VmState::Stopped => pb::VmState::Stopped,
+        VmState::Failed => pb::VmState::Failed,
+        VmState::Migrating => pb::VmState::Migrating,
+        VmState::Deleted => pb::VmState::Deleted,
+    }
+}
+
+/// A record as `tern.v1.VmRecord`.
+pub fn to_pb(vm: &VmRecord) -> pb::VmRecord {
+    let (desired, reason) = if vm.is_migrating() {
+        (
+            pb::VmState::Migrating,
+            format!(
+                "migrating from node {} to node {} (then {:?}); {}",
+                vm.node_id, vm.migrate_to, vm.desired, vm.reason
+            )
+            .trim_end_matches("; ")
+            .to_owned(),
+        )
+    } else {
+        (pb_state(vm.desired), vm.reason.clone())
+    };
+    pb::VmRecord {
+        id: vm.id.clone(),
+        spec: Some(to_pb_spec(&vm.spec)),
+        node_id: vm.node_id,
+        desired: desired as i32,
+        observed: pb_state(vm.observed) as i32,
+        reason,
+        log_path: vm.log_path.clone(),
+        generation: vm.generation,
+    }
+}
+
+/// A `tern.v1.VmSpec` as the state's spec.
+pub fn from_pb_spec(s: pb::VmSpec) -> VmSpec {
+    VmSpec {
+        name: s.name,
+        vcpus: s.vcpus,
+        memory_mib: s.memory_mib,
+        runtime: s.runtime,
+        kernel: s.kernel,
+        initrd: s.initrd,
+        image: s.image,
+        kernel_cmdline: s.kernel_cmdline,
+        command: s.command,
+        pin_node: s.pin_node,
+    }
+}
+
+/// The state's spec as `tern.v1.VmSpec` (what runtimes take).
+pub fn to_pb_spec(s: &VmSpec) -> pb::VmSpec {
+    pb::VmSpec {
+        name: s.name.clone(),
+        vcpus: s.vcpus,
+        memory_mib: s.memory_mib,
+        runtime: s.runtime.clone(),
+        kernel: s.kernel.clone(),
+        initrd: s.initrd.clone(),
+        image: s.image.clone(),
+        kernel_cmdline: s.kernel_cmdline.clone(),
+        command: s.command.clone(),
+        pin_node: s.pin_node,
+    }
+}
