@@ -6,10 +6,11 @@
 //!
 //! A pass runs on every Raft status change (new entries applied) and every
 //! [`RECONCILE_INTERVAL`] (to notice workloads that changed on their own).
-//! It acts only while the node is caught up
-//! ([`RaftStatus::is_caught_up`] within [`MAX_APPLY_LAG`]): a node
-//! replaying its log must not stop or remove VMs on the strength of an old
-//! state. For each VM placed on this node:
+//! It acts only while the node is caught up (a leader is known and the
+//! applied index is within [`MAX_APPLY_LAG`] of the commit index, see
+//! [`RaftStatus::is_caught_up`](crate::consensus::RaftStatus::is_caught_up)):
+//! a node replaying its log must not stop or remove VMs on the strength of
+//! an old state. For each VM placed on this node:
 //!
 //! - **desired `Deleted`**: remove it from its runtime (stop, delete its
 //!   directory), report `Deleted`; the state then drops the record.
