@@ -27,6 +27,10 @@
 //! - **Migration** shows as `desired = MIGRATING` with the target and the
 //!   state wanted after the move in `reason`, until the source reports the
 //!   VM stopped and the record moves to the target.
+//! - **A node that is down** keeps its VMs' records: a stop, start or
+//!   migration is recorded at once and carried out by the node's
+//!   reconciler when it returns. A delete of a VM whose node has left the
+//!   cluster removes the record at once (no reconciler will report it).
 
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
@@ -374,5 +378,87 @@ pub fn to_pb_spec(s: &VmSpec) -> pb::VmSpec {
         kernel_cmdline: s.kernel_cmdline.clone(),
         command: s.command.clone(),
         pin_node: s.pin_node,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refusals_map_to_codes_a_client_can_act_on() {
+        let code = |r: Rejection| rejection_status(&r).code;
+        assert_eq!(
+            code(Rejection::UnknownVm { vm_id: "x".into() }),
+            Code::NotFound
+        );
+        assert_eq!(
+            code(Rejection::NameTaken {
+                name: "a".into(),
+                existing: "vm-1".into()
+            }),
+            Code::AlreadyExists
+        );
+        assert_eq!(
+            code(Rejection::NoCapacity {
+                vcpus: 1,
+                memory_mib: 1,
+                members: 0
+            }),
+            Code::ResourceExhausted
+        );
+        assert_eq!(
+            code(Rejection::UnknownNode { node_id: 3 }),
+            Code::InvalidArgument
+        );
+        assert_eq!(
+            code(Rejection::MigrationInProgress {
+                vm_id: "x".into(),
+                target: 2
+            }),
+            Code::FailedPrecondition
+        );
+        let status = rejection_status(&Rejection::UnknownNode { node_id: 3 });
+        assert!(status.message.contains("node 3"), "{status}");
+    }
+
+    #[test]
+    fn a_migrating_record_shows_where_it_goes_and_what_then() {
+        let vm = VmRecord {
+            id: "vm-1".into(),
+            node_id: 1,
+            migrate_to: 2,
+            desired: VmState::Running,
+            observed: VmState::Running,
+            ..VmRecord::default()
+        };
+        let pb = to_pb(&vm);
+        assert_eq!(pb.desired, pb::VmState::Migrating as i32);
+        assert_eq!(pb.observed, pb::VmState::Running as i32);
+        assert_eq!(pb.reason, "migrating from node 1 to node 2 (then Running)");
+        let settled = to_pb(&VmRecord {
+            migrate_to: 0,
+            reason: "why".into(),
+            ..vm
+        });
+        assert_eq!(settled.desired, pb::VmState::Running as i32);
+        assert_eq!(settled.reason, "why");
+    }
+
+    #[test]
+    fn specs_round_trip_between_schema_and_state() {
+        let spec = pb::VmSpec {
+            name: "web".into(),
+            vcpus: 2,
+            memory_mib: 128,
+            runtime: "microvm".into(),
+            kernel: "/k".into(),
+            initrd: "/i".into(),
+            image: "/img".into(),
+            kernel_cmdline: "console=ttyS0".into(),
+            command: vec!["a".into()],
+            pin_node: 3,
+        };
+        assert_eq!(to_pb_spec(&from_pb_spec(spec.clone())), spec);
     }
 }

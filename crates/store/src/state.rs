@@ -1054,6 +1054,87 @@ mod tests {
             let back: ClusterState = postcard::from_bytes(&bytes).unwrap();
             proptest::prop_assert_eq!(back, a);
         }
+
+        /// Whatever VM commands arrive, in any order, no node is promised
+        /// more than it declared: the VMs placed on it or moving to it fit
+        /// its capacity, and every VM is placed on a member.
+        #[test]
+        fn placement_never_overcommits_a_node(
+            cmds in proptest::collection::vec(arb_vm_command(), 0..60)
+        ) {
+            let mut state = ClusterState::default();
+            state.apply_membership(&membership(&[(1, 1), (2, 2)]));
+            for cmd in cmds {
+                state.apply(cmd);
+                for (id, member) in state.members() {
+                    let (vcpus, memory) = state
+                        .vms()
+                        .values()
+                        .filter(|vm| vm.node_id == *id || vm.migrate_to == *id)
+                        .fold((0u64, 0u64), |(v, m), vm| {
+                            (v + u64::from(vm.spec.vcpus), m + vm.spec.memory_mib)
+                        });
+                    proptest::prop_assert!(vcpus <= u64::from(member.capacity.vcpus));
+                    proptest::prop_assert!(memory <= member.capacity.memory_mib);
+                }
+                for vm in state.vms().values() {
+                    proptest::prop_assert!(state.members().contains_key(&vm.node_id));
+                }
+            }
+        }
+    }
+
+    /// VM commands only (no `PutVm`, which bypasses placement), with sizes
+    /// that fill the two 4-vCPU, 8 GiB test members quickly.
+    fn arb_vm_command() -> impl proptest::strategy::Strategy<Value = Command> {
+        use proptest::prelude::*;
+        let req = "[a-z]{1,3}";
+        let state = prop_oneof![
+            Just(VmState::Running),
+            Just(VmState::Stopped),
+            Just(VmState::Failed),
+            Just(VmState::Deleted),
+        ];
+        prop_oneof![
+            (
+                req,
+                0u8..6,
+                1u32..4,
+                prop_oneof![Just(256u64), Just(2048), Just(4096)],
+                0u64..3
+            )
+                .prop_map(|(r, name, vcpus, memory_mib, pin)| Command::CreateVm {
+                    request_id: r,
+                    spec: Box::new(VmSpec {
+                        name: format!("n{name}"),
+                        vcpus,
+                        memory_mib,
+                        runtime: "process".into(),
+                        pin_node: pin,
+                        ..VmSpec::default()
+                    }),
+                }),
+            (req, 1u8..7, state.clone()).prop_map(|(r, id, desired)| Command::SetVmDesired {
+                request_id: r,
+                vm_id: format!("vm-{id}"),
+                desired,
+            }),
+            (req, 1u8..7, 1u64..3, state).prop_map(|(r, id, node, observed)| Command::ReportVm {
+                request_id: r,
+                report: VmReport {
+                    vm_id: format!("vm-{id}"),
+                    node_id: node,
+                    observed,
+                    reason: String::new(),
+                    log_path: String::new(),
+                },
+            }),
+            (req, 1u8..7, 1u64..4).prop_map(|(r, id, target)| Command::MigrateVm {
+                request_id: r,
+                vm_id: format!("vm-{id}"),
+                target,
+            }),
+        ]
     }
 
     fn cap(vcpus: u32, memory_mib: u64) -> Capacity {
