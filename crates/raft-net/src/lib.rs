@@ -17,6 +17,8 @@
 //!   `RaftNetworkFactory` / `RaftNetworkV2`: lanes, deadlines, error
 //!   mapping, chunked snapshots, partial success for oversized batches.
 //! - [`gate`]: per-peer bounded lanes, so a slow peer never stalls others.
+//! - [`metrics`]: Raft metrics under the shared names (heartbeat round
+//!   trips, term, leadership, elections, replication lag).
 //! - [`service`]: [`RaftServices`], the Raft and Cluster handlers with
 //!   their access rules (members only; join token), join, leave, members.
 //! - [`node`]: [`RaftNode`], the composition a node binary uses (start,
@@ -25,6 +27,7 @@
 
 pub mod codec;
 pub mod gate;
+pub mod metrics;
 pub mod network;
 pub mod node;
 pub mod service;

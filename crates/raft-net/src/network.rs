@@ -378,6 +378,7 @@ impl RaftNetworkV2<TypeConfig> for PeerNetwork {
                 "append batch over the payload limit; sending a prefix"
             );
         }
+        let heartbeat = (self.append_lane == Priority::Control).then(Instant::now);
         let bytes = self
             .call(
                 methods::RAFT_APPEND_ENTRIES,
@@ -387,6 +388,9 @@ impl RaftNetworkV2<TypeConfig> for PeerNetwork {
                 RPCTypes::AppendEntries,
             )
             .await?;
+        if let Some(sent) = heartbeat {
+            crate::metrics::heartbeat(self.client.transport(), sent.elapsed());
+        }
         let resp: wire::AppendEntriesResponse =
             wire::unwrap(bytes).map_err(|e| garbled("append-entries", e))?;
         Ok(match (resp, encoded.prefix) {

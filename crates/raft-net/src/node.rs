@@ -362,6 +362,7 @@ impl RaftNode {
         let raft = RaftInstance::new(id, config, network, log, sm.clone())
             .await
             .map_err(|e| RaftNodeError::Raft(e.to_string()))?;
+        crate::metrics::spawn_watcher(&raft);
         let attached = Arc::new(Attached { raft, sm, id });
         services.attach(attached.clone());
         tracing::info!(node = id, "raft started");

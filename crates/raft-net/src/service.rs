@@ -26,6 +26,11 @@
 //! - **Cluster/Members:** any authenticated caller (read-only; the same
 //!   facts the Status service shows); a joiner uses it to find the leader.
 //!
+//! Known limit: a member that missed the entry adding a node refuses that
+//! node's Raft calls until another leader brings it up to date (if the new
+//! node is the leader meanwhile, the lagging member stays behind until
+//! leadership moves).
+//!
 //! # Join and leave
 //!
 //! Join and Leave are served by the leader; a follower answers
