@@ -169,11 +169,15 @@ async fn services_over_real_raft(kind: Kind) {
             .await
         }
     };
-    wait_observed(pb::VmState::Running).await;
-    assert!(
-        c.current_status().applied_index > applied_before,
-        "the report was a Raft entry"
-    );
+    let running = wait_observed(pb::VmState::Running).await;
+    // The reconciler's report went through Raft: a committed write of the
+    // record (its generation moved on), now applied here.
+    assert!(running.generation > vm.generation, "{running:?}");
+    let mut status = c.status();
+    tokio::time::timeout(WAIT, status.wait_for(|s| s.applied_index > applied_before))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(pidfile::live_workloads(&runtime_dir).len(), 1);
 
     let action = |req: &str| {
