@@ -13,6 +13,10 @@
 //!    [`RaftNode::initialize`] (the first node of a new cluster), or
 //!    [`RaftNode::join`] with a seed's address and the join token.
 //!    Both write the id with [`write_node_id`] before Raft starts.
+//!    A restarted member whose addresses changed (new ports) calls
+//!    [`request_join`] with its new address once Raft runs: as a member it
+//!    needs no token, and the leader replaces its record in the
+//!    membership so that the others reach it again.
 //! 4. At exit, [`RaftNode::shutdown`] (a leader hands leadership over
 //!    first), then shut the transports down.
 

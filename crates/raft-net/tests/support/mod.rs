@@ -273,12 +273,19 @@ impl<F: TransportFactory> TestNode<F> {
 
 /// A VM record command with a unique id and name.
 pub fn put_vm(i: u64) -> Command {
+    put_vm_in_slot(i, i)
+}
+
+/// Write `i` (a unique request id) of the record of VM `slot`: many writes
+/// to few records keep the state small, so a bench measures Raft rather
+/// than a growing state machine.
+pub fn put_vm_in_slot(i: u64, slot: u64) -> Command {
     Command::PutVm {
         request_id: format!("req-{i}"),
         vm: Box::new(VmRecord {
-            id: format!("vm-{i}"),
+            id: format!("vm-{slot}"),
             spec: VmSpec {
-                name: format!("vm-{i}"),
+                name: format!("vm-{slot}"),
                 vcpus: 1,
                 memory_mib: 64,
                 runtime: "process".into(),
