@@ -18,7 +18,7 @@ use prost::Message;
 use support::{Cluster, Grpc, Iroh, TOKEN, TestNode, TransportFactory, WAIT, loopback};
 use tern_protocol::catalog::methods;
 use tern_protocol::{Call, CallError, Code, PeerAddr, RpcClient, pb};
-use tern_raft_net::{RaftOptions, wire};
+use tern_raft_net::{RaftOptions, SNAPSHOT_CHUNK_SIZE, wire};
 use tern_store::TypeConfig;
 
 /// Snapshots every 40 entries, 5 kept behind: a node stopped for a hundred
@@ -73,7 +73,8 @@ async fn replication_failover_restart_and_snapshot<F: TransportFactory>(factory:
         .last_log_index
         .unwrap();
     c.nodes[behind].stop().await;
-    c.write_vms(40, 160).await;
+    // Records of 40 KiB: the snapshot spans several chunks.
+    c.write_padded_vms(40, 160, 40 * 1024).await;
     let leader = c.leader().await;
     let purged = c.nodes[leader]
         .raft()
@@ -101,6 +102,15 @@ async fn replication_failover_restart_and_snapshot<F: TransportFactory>(factory:
         )
         .await;
     assert!(snap.is_ok());
+    let snapshot_file = c.nodes[behind]
+        .dir
+        .join(tern_store::SNAPSHOT_DIR)
+        .join("current.snap");
+    let len = std::fs::metadata(&snapshot_file).unwrap().len();
+    assert!(
+        len > 2 * SNAPSHOT_CHUNK_SIZE as u64,
+        "the snapshot ({len} bytes) took several chunks"
+    );
     c.stop_all().await;
 }
 

@@ -360,8 +360,17 @@ impl<F: TransportFactory> Cluster<F> {
 
     /// Writes VMs `from..to`.
     pub async fn write_vms(&self, from: u64, to: u64) {
+        self.write_padded_vms(from, to, 0).await;
+    }
+
+    /// Writes VMs `from..to`, each record carrying `pad` extra bytes.
+    pub async fn write_padded_vms(&self, from: u64, to: u64, pad: usize) {
         for i in from..to {
-            let resp = self.write(put_vm(i)).await;
+            let mut cmd = put_vm(i);
+            if let Command::PutVm { vm, .. } = &mut cmd {
+                vm.spec.kernel_cmdline = "x".repeat(pad);
+            }
+            let resp = self.write(cmd).await;
             assert!(matches!(resp, Response::Vm(_)), "{resp:?}");
         }
     }
