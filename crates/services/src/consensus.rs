@@ -140,7 +140,10 @@ pub enum ConsensusError {
 ///   node: possibly behind the leader by [`RaftStatus::apply_lag`]. It must
 ///   not block on the network.
 /// - [`status`](Consensus::status) is a watch that changes whenever the
-///   role, term, leader, membership, commit or applied index changes.
+///   role, term, leader, membership, commit or applied index changes. Over
+///   openraft's metrics it may trail the state machine's last apply until
+///   the next Raft event (seen in tests), which [`MAX_APPLY_LAG`] absorbs;
+///   code that needs the newest state reads it with `read`.
 pub trait Consensus: Send + Sync + 'static {
     /// Proposes a command; answers once it is applied here.
     fn write(&self, command: Command) -> BoxFuture<'_, Result<Response, ConsensusError>>;
