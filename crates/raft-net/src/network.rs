@@ -4,7 +4,11 @@
 //!
 //! - **Cheap clients.** [`NetworkFactory::new_client`] only copies the
 //!   target's address out of the [`Member`] record openraft passes; the
-//!   transport dials (and pools) on the first call.
+//!   transport dials (and pools) on the first call. openraft keeps a
+//!   client for as long as a replication stream lives, so each call looks
+//!   the target up in the [`AddressBook`] first, which follows the latest
+//!   membership: a member that rejoined from a new address is reached there
+//!   at once (only ever under the same identity).
 //! - **Lanes.** Votes, pre-votes, leadership transfers and heartbeats (the
 //!   client openraft asks for with `new_heartbeat_client`) travel on
 //!   [`Priority::Control`]; append entries on [`Priority::Replication`];
@@ -25,10 +29,11 @@
 //!   follower accepts it, openraft is answered `PartialSuccess` up to the
 //!   prefix's last entry and sends the rest next.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::pin::pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -41,9 +46,9 @@ use openraft::{OptionalSend, RPCTypes, Snapshot};
 use prost::Message;
 use tern_protocol::catalog::methods;
 use tern_protocol::{
-    Call, CallError, Code, Method, PeerAddr, Priority, RpcClient, TransportErrorKind, pb,
+    Call, CallError, Code, Method, PeerAddr, PeerId, Priority, RpcClient, TransportErrorKind, pb,
 };
-use tern_store::{Member, NodeId, SnapshotFile, StoreSnapshot, TypeConfig, Vote};
+use tern_store::{Member, Membership, NodeId, SnapshotFile, StoreSnapshot, TypeConfig, Vote};
 
 use crate::codec::{self, AppendEntriesRequest, CodecError};
 use crate::gate::{Gates, PeerGate, Refused};
@@ -66,12 +71,42 @@ const _: () = assert!(
 /// openraft's error for this configuration.
 type RpcErr = RPCError<TypeConfig>;
 
+/// The latest known address of every member, by node id, refreshed from
+/// the membership ([`AddressBook::update`]). Shared by a node's network
+/// clients.
+#[derive(Debug, Default)]
+pub struct AddressBook {
+    addrs: RwLock<HashMap<NodeId, Arc<PeerAddr>>>,
+}
+
+impl AddressBook {
+    /// Replaces the book with the members of `membership`.
+    pub fn update(&self, membership: &Membership) {
+        let addrs = membership
+            .nodes()
+            .map(|(id, m)| (*id, Arc::new(m.addr.clone())))
+            .collect();
+        *self.addrs.write().unwrap_or_else(|p| p.into_inner()) = addrs;
+    }
+
+    /// The latest address of `node`, if the book has one for `peer`.
+    fn get(&self, node: NodeId, peer: &PeerId) -> Option<Arc<PeerAddr>> {
+        self.addrs
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&node)
+            .filter(|a| a.id == *peer)
+            .cloned()
+    }
+}
+
 /// Creates one [`PeerNetwork`] per target for openraft. Cloning is cheap.
 #[derive(Clone)]
 pub struct NetworkFactory {
     client: Arc<dyn RpcClient>,
     local: NodeId,
     gates: Arc<Gates>,
+    book: Arc<AddressBook>,
 }
 
 impl std::fmt::Debug for NetworkFactory {
@@ -90,7 +125,14 @@ impl NetworkFactory {
             client,
             local,
             gates: Arc::new(Gates::default()),
+            book: Arc::new(AddressBook::default()),
         }
+    }
+
+    /// The address book the clients consult; keep it updated with
+    /// [`AddressBook::update`] as the membership changes.
+    pub fn address_book(&self) -> Arc<AddressBook> {
+        self.book.clone()
     }
 
     fn peer(&self, target: NodeId, node: &Member, append_lane: Priority) -> PeerNetwork {
@@ -98,7 +140,8 @@ impl NetworkFactory {
             client: self.client.clone(),
             local: self.local,
             target,
-            addr: node.addr.clone(),
+            addr: Arc::new(node.addr.clone()),
+            book: self.book.clone(),
             append_lane,
             gate: self.gates.get(target, node.peer_id()),
         }
@@ -126,7 +169,9 @@ pub struct PeerNetwork {
     client: Arc<dyn RpcClient>,
     local: NodeId,
     target: NodeId,
-    addr: PeerAddr,
+    /// The address openraft's node record gave.
+    addr: Arc<PeerAddr>,
+    book: Arc<AddressBook>,
     /// Lane of append entries: replication, or control for the heartbeat
     /// client.
     append_lane: Priority,
@@ -257,7 +302,11 @@ impl PeerNetwork {
             .with_priority(lane);
         // The transport enforces the timeout; this outer bound only makes
         // sure the budget holds whatever the transport does.
-        match tokio::time::timeout(remaining, self.client.call(&self.addr, call)).await {
+        let addr = self
+            .book
+            .get(self.target, &self.addr.id)
+            .unwrap_or_else(|| self.addr.clone());
+        match tokio::time::timeout(remaining, self.client.call(&addr, call)).await {
             Ok(Ok(bytes)) => Ok(bytes),
             Ok(Err(e)) => {
                 tracing::debug!(target = self.target, method = %method.label(), error = %e, "raft call failed");

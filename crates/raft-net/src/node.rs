@@ -32,7 +32,7 @@ use tern_protocol::catalog::methods;
 use tern_protocol::{Call, CallError, Code, PeerAddr, PeerId, RpcClient, pb};
 use tern_store::{LogStore, Member, NodeId, StateMachineStore};
 
-use crate::network::{NetworkFactory, SNAPSHOT_CHUNK_SIZE};
+use crate::network::{AddressBook, NetworkFactory, SNAPSHOT_CHUNK_SIZE};
 use crate::service::{Attached, RaftInstance, RaftServices};
 
 pub use tern_store::state::FIRST_NODE_ID;
@@ -333,6 +333,24 @@ async fn find_leader(client: &dyn RpcClient, peer: &PeerAddr) -> Result<PeerAddr
     )))
 }
 
+/// Keeps `book` equal to the latest membership until Raft stops.
+fn spawn_address_book_updater(raft: &RaftInstance, book: Arc<AddressBook>) {
+    let mut rx = raft.metrics();
+    tokio::spawn(async move {
+        let mut seen = None;
+        loop {
+            let membership = rx.borrow_watched().membership_config.clone();
+            if seen.as_ref() != Some(membership.log_id()) {
+                book.update(membership.membership());
+                seen = Some(*membership.log_id());
+            }
+            if rx.changed().await.is_err() {
+                return;
+            }
+        }
+    });
+}
+
 /// A running Raft node: openraft over the store and the client, with the
 /// Raft and Cluster services attached.
 pub struct RaftNode {
@@ -363,10 +381,12 @@ impl RaftNode {
     ) -> Result<RaftNode, RaftNodeError> {
         let config = Arc::new(options.to_config()?);
         let network = NetworkFactory::new(client.clone(), id);
+        let book = network.address_book();
         let raft = RaftInstance::new(id, config, network, log, sm.clone())
             .await
             .map_err(|e| RaftNodeError::Raft(e.to_string()))?;
         crate::metrics::spawn_watcher(&raft);
+        spawn_address_book_updater(&raft, book);
         let attached = Arc::new(Attached { raft, sm, id });
         services.attach(attached.clone());
         tracing::info!(node = id, "raft started");

@@ -300,3 +300,40 @@ async fn iroh_access_rules_and_node_ids() {
 async fn grpc_access_rules_and_node_ids() {
     access_rules_and_node_ids(Grpc).await;
 }
+
+async fn a_member_moves_to_a_new_address<F: TransportFactory>(factory: F) {
+    support::init_logs();
+    let mut c = Cluster::start(factory, 3, RaftOptions::default()).await;
+    c.write_vms(0, 10).await;
+    let leader = c.leader().await;
+    let mover = (0..3).find(|i| *i != leader).unwrap();
+    let old_addr = c.nodes[mover].addr.clone();
+    let (factory, options) = (&c.factory, c.options.clone());
+    c.nodes[mover].restart_elsewhere(factory, &options).await;
+    assert_ne!(c.nodes[mover].addr, old_addr, "a new port");
+    assert_eq!(c.nodes[mover].addr.id, old_addr.id, "the same identity");
+    // As a member it needs no token to update its record.
+    let leader_addr = c.nodes[c.leader().await].addr.clone();
+    let answer = tern_raft_net::request_join(
+        c.nodes[mover].client().as_ref(),
+        &leader_addr,
+        "",
+        &c.nodes[mover].member(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(answer.node_id, c.nodes[mover].raft().id(), "same node id");
+    c.write_vms(10, 20).await;
+    c.nodes[mover].wait_vms(20).await;
+    c.stop_all().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn iroh_member_moves_to_a_new_address() {
+    a_member_moves_to_a_new_address(Iroh).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn grpc_member_moves_to_a_new_address() {
+    a_member_moves_to_a_new_address(Grpc).await;
+}

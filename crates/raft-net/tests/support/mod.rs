@@ -250,6 +250,15 @@ impl<F: TransportFactory> TestNode<F> {
         self.resume(options).await;
     }
 
+    /// Stops, then boots again on the same directory and key but a new
+    /// port, and resumes Raft.
+    pub async fn restart_elsewhere(&mut self, factory: &F, options: &RaftOptions) {
+        self.stop().await;
+        let fresh = TestNode::<F>::boot(factory, &self.dir, loopback()).await;
+        *self = fresh;
+        self.resume(options).await;
+    }
+
     /// Number of VM records in this node's state machine.
     pub fn vm_count(&self) -> usize {
         self.raft().state().read(|s| s.vms().len()).unwrap()
