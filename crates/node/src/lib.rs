@@ -1,12 +1,26 @@
-//! The Tern node: configuration and composition of every crate. The `tern`
-//! binary (`src/main.rs`) is a thin command line over this library.
+//! The Tern node: configuration, composition of every crate, and the CLI.
+//! The `tern` binary (`src/main.rs`) is a thin command line over this
+//! library.
 //!
 //! # Layout
 //!
 //! - [`config`]: the node's TOML file, defaults, and checks whose errors
 //!   name the key at fault.
-//!
-//! Not built yet: the composition of transports, router, Raft and services
-//! into a running node, and the CLI that talks to nodes (the node issue).
+//! - [`node`]: [`node::Node`], every crate composed into a running node
+//!   (transports, router, Raft, services, reconciler, `/metrics`), and its
+//!   graceful shutdown.
+//! - [`consensus`]: the services' `Consensus` trait over the running Raft.
+//! - [`run`]: `tern run`: signals (SIGTERM/Ctrl-C shut down, SIGHUP
+//!   reloads the transport policy) and logging.
+//! - [`client`]: how the CLI reaches a node (address, transport, identity).
+//! - [`cli`]: the commands that talk to a node, as tables or JSON.
+//! - [`demo`]: `tern demo`, a local 3-node cluster of child processes with
+//!   a live view.
 
+pub mod cli;
+pub mod client;
 pub mod config;
+pub mod consensus;
+pub mod demo;
+pub mod node;
+pub mod run;

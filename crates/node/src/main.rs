@@ -1,15 +1,22 @@
-//! The `tern` binary.
+//! The `tern` binary: a thin command line over the `tern_node` library.
 //!
-//! Until the node itself exists (the dual router and node issue), `tern demo`
-//! walks through the wire protocol: it builds a request, shows its 24-byte
-//! header field by field, decodes it back and shows how malformed input is
-//! refused. It starts no cluster and says so.
+//! - `tern run [--config FILE]`: run a node (see `tern_node::run`).
+//! - `tern demo [--duration SECS]`: a local 3-node cluster (see
+//!   `tern_node::demo`).
+//! - `tern status`, `tern vm ...`, `tern cluster ...`, `tern transport ...`:
+//!   talk to a running node over gRPC or iroh (see `tern_node::client`).
+//! - `tern check-config --config FILE`: check a config file.
+//! - `tern wire`: the wire protocol shown frame by frame.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 use prost::Message;
+use tern_node::cli::{self, Out, PolicyEdit, VmCmd};
+use tern_node::client::{Conn, Target};
 use tern_protocol::catalog::methods;
 use tern_protocol::frame::{self, Decoded, Header, Limits};
 use tern_protocol::{FrameKind, Priority, pb};
@@ -25,56 +32,376 @@ struct Cli {
     command: Command,
 }
 
+/// Which node to talk to, and how.
+#[derive(Args, Clone, Debug)]
+struct Connect {
+    /// The node as ID@URL: its 64-hex-digit id and its gRPC URL
+    /// (http://HOST:PORT) and/or iroh address (IP:PORT), comma-separated.
+    #[arg(long, global = true)]
+    node: Option<String>,
+    /// A node's data directory: its addresses come from DIR/node.json and
+    /// the CLI calls with the node's own key (local admin).
+    #[arg(long, global = true)]
+    data_dir: Option<PathBuf>,
+    /// A node's config file (for its data directory).
+    #[arg(long, short, global = true)]
+    config: Option<PathBuf>,
+    /// The transport to call over.
+    #[arg(long, global = true, value_parser = ["grpc", "iroh"], default_value = "grpc")]
+    transport: String,
+    /// Print JSON instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+}
+
+impl Connect {
+    fn target(&self) -> Target {
+        Target {
+            node: self.node.clone(),
+            data_dir: self.data_dir.clone(),
+            config: self.config.clone(),
+            transport: Some(self.transport.clone()),
+        }
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
-    /// Show the wire protocol at work (the local cluster demo comes with the node).
-    Demo,
+    /// Run a node (no config: a single-node cluster in ./tern-data on loopback).
+    Run {
+        /// The node's config file.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Start a local 3-node cluster, run a VM and show live status until Ctrl-C.
+    Demo {
+        /// Stop after this many seconds (for scripts and CI).
+        #[arg(long)]
+        duration: Option<u64>,
+    },
+    /// A node's status: role, term, leader, members, transport policy.
+    Status {
+        #[command(flatten)]
+        connect: Connect,
+    },
+    /// MicroVMs.
+    Vm {
+        #[command(subcommand)]
+        command: VmCommand,
+        #[command(flatten)]
+        connect: Connect,
+    },
+    /// Cluster membership.
+    Cluster {
+        #[command(subcommand)]
+        command: ClusterCommand,
+        #[command(flatten)]
+        connect: Connect,
+    },
+    /// The transport policy.
+    Transport {
+        #[command(subcommand)]
+        command: TransportCommand,
+        #[command(flatten)]
+        connect: Connect,
+    },
     /// Check a node configuration file and print the policy it sets.
     CheckConfig {
         /// The file to check.
         #[arg(long, short)]
-        config: std::path::PathBuf,
+        config: PathBuf,
+    },
+    /// Show the wire protocol: one request's frame, field by field.
+    Wire,
+}
+
+#[derive(Subcommand)]
+enum VmCommand {
+    /// Create a VM: `tern vm create NAME -- COMMAND ARGS...` (process runtime).
+    Create {
+        /// Its name, unique in the cluster.
+        name: String,
+        /// vCPUs.
+        #[arg(long, default_value_t = 1)]
+        vcpus: u32,
+        /// Memory, MiB.
+        #[arg(long, default_value_t = 128)]
+        memory_mib: u64,
+        /// "process" or "microvm" (empty: the node's default).
+        #[arg(long, default_value = "")]
+        runtime: String,
+        /// microvm: guest kernel path on the node.
+        #[arg(long, default_value = "")]
+        kernel: String,
+        /// microvm: initrd path on the node.
+        #[arg(long, default_value = "")]
+        initrd: String,
+        /// microvm: root image path on the node.
+        #[arg(long, default_value = "")]
+        image: String,
+        /// microvm: kernel command line.
+        #[arg(long, default_value = "")]
+        cmdline: String,
+        /// Pin it to this node id (0: placement chooses).
+        #[arg(long, default_value_t = 0)]
+        pin_node: u64,
+        /// process runtime: the workload's argv.
+        #[arg(last = true)]
+        command: Vec<String>,
+    },
+    /// Start a stopped VM.
+    Start { vm_id: String },
+    /// Stop a VM.
+    Stop { vm_id: String },
+    /// Delete a VM.
+    Delete { vm_id: String },
+    /// List VMs.
+    List {
+        /// Only VMs on this node id.
+        #[arg(long, default_value_t = 0)]
+        on_node: u64,
+    },
+    /// One VM's desired and observed state.
+    Status { vm_id: String },
+    /// Move a VM to another node.
+    Migrate {
+        vm_id: String,
+        /// The target node id.
+        #[arg(long)]
+        to: u64,
     },
 }
 
+#[derive(Subcommand)]
+enum ClusterCommand {
+    /// Print the config lines a new node needs to join through this node.
+    Join,
+    /// Remove a node from the cluster (default: the node talked to). Needs
+    /// a member's key: use --data-dir.
+    Leave {
+        /// The node id to remove.
+        node_id: Option<u64>,
+    },
+    /// The members and the leader.
+    Members,
+}
+
+#[derive(Subcommand)]
+enum TransportCommand {
+    /// The policy in force on the node.
+    Show,
+    /// Change the policy: rewrites [transport] in the node's config file
+    /// (--config), checks it, and sends the node SIGHUP.
+    Set {
+        /// "grpc" | "iroh" | "dual".
+        #[arg(long)]
+        mode: Option<String>,
+        /// Services preferring iroh, comma-separated, or "all_except_raft"
+        /// ("" for none).
+        #[arg(long)]
+        prefer_iroh: Option<String>,
+        /// "grpc" | "iroh" | "adaptive".
+        #[arg(long)]
+        raft: Option<String>,
+        /// Whether a failed iroh call may fall back to gRPC.
+        #[arg(long)]
+        fallback_to_grpc: Option<bool>,
+    },
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, String> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the async runtime: {e}"))
+}
+
+async fn with_conn<F, Fut>(connect: &Connect, f: F) -> Result<(), String>
+where
+    F: FnOnce(Conn, Out) -> Fut,
+    Fut: std::future::Future<Output = (Conn, Result<(), String>)>,
+{
+    let conn = Conn::open(&connect.target()).await?;
+    let (conn, result) = f(conn, Out { json: connect.json }).await;
+    conn.close().await;
+    result
+}
+
+fn fail(e: String) -> ExitCode {
+    eprintln!("error: {e}");
+    ExitCode::FAILURE
+}
+
 fn main() -> ExitCode {
-    match Cli::parse().command {
-        Command::CheckConfig { config } => match tern_node::config::Config::load(&config) {
-            Ok(checked) => {
-                println!("{}: ok", config.display());
-                let c = &checked.config;
-                let show = |l: tern_node::config::Listen| {
-                    l.addr()
-                        .map(|a| a.to_string())
-                        .unwrap_or_else(|| "off".into())
-                };
-                println!("  data_dir  {}", c.data_dir.display());
-                println!("  grpc      {}", show(c.listen.grpc));
-                println!("  iroh      {}", show(c.listen.iroh));
-                println!("  metrics   {}", show(c.listen.metrics));
-                println!("  runtime   {:?}", c.vm.runtime);
-                println!("  join via  {} member(s)", checked.seeds.len());
-                println!("  policy    {:?}", checked.policy.to_config());
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("error: {e}");
-                ExitCode::from(2)
-            }
-        },
-        Command::Demo => match demo() {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::CheckConfig { config } => check_config(&config),
+        Command::Wire => match wire() {
             Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("error: {e:#}");
-                ExitCode::FAILURE
-            }
+            Err(e) => fail(format!("{e:#}")),
         },
+        Command::Run { config } => {
+            tern_node::run::init_logs();
+            // Check the file before starting anything: a config error is
+            // reported alone, with its key, and exit code 2.
+            if let Err(e) = tern_node::run::load(config.as_deref()) {
+                eprintln!("error: {e}");
+                return ExitCode::from(2);
+            }
+            let rt = match runtime() {
+                Ok(rt) => rt,
+                Err(e) => return fail(e),
+            };
+            match rt.block_on(tern_node::run::run(config)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(tern_node::node::StartError::Config(e)) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(2)
+                }
+                Err(e) => fail(e.to_string()),
+            }
+        }
+        Command::Demo { duration } => {
+            if std::env::var_os("RUST_LOG").is_some() {
+                tern_node::run::init_logs();
+            }
+            let rt = match runtime() {
+                Ok(rt) => rt,
+                Err(e) => return fail(e),
+            };
+            match rt.block_on(tern_node::demo::demo(duration.map(Duration::from_secs))) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(e),
+            }
+        }
+        Command::Status { connect } => client_cmd(&connect, |conn, out| async move {
+            let r = cli::status(&conn, out).await;
+            (conn, r)
+        }),
+        Command::Vm { command, connect } => {
+            let cmd = match command {
+                VmCommand::Create {
+                    name,
+                    vcpus,
+                    memory_mib,
+                    runtime,
+                    kernel,
+                    initrd,
+                    image,
+                    cmdline,
+                    pin_node,
+                    command,
+                } => VmCmd::Create(pb::VmSpec {
+                    name,
+                    vcpus,
+                    memory_mib,
+                    runtime,
+                    kernel,
+                    initrd,
+                    image,
+                    kernel_cmdline: cmdline,
+                    command,
+                    pin_node,
+                }),
+                VmCommand::Start { vm_id } => VmCmd::Start(vm_id),
+                VmCommand::Stop { vm_id } => VmCmd::Stop(vm_id),
+                VmCommand::Delete { vm_id } => VmCmd::Delete(vm_id),
+                VmCommand::List { on_node } => VmCmd::List(on_node),
+                VmCommand::Status { vm_id } => VmCmd::Status(vm_id),
+                VmCommand::Migrate { vm_id, to } => VmCmd::Migrate(vm_id, to),
+            };
+            client_cmd(&connect, |conn, out| async move {
+                let r = cli::vm(&conn, cmd, out).await;
+                (conn, r)
+            })
+        }
+        Command::Cluster { command, connect } => client_cmd(&connect, |conn, out| async move {
+            let r = match command {
+                ClusterCommand::Join => cli::join_info(&conn, out).await,
+                ClusterCommand::Leave { node_id } => cli::leave(&conn, node_id, out).await,
+                ClusterCommand::Members => cli::members(&conn, out).await,
+            };
+            (conn, r)
+        }),
+        Command::Transport { command, connect } => {
+            let config = connect.config.clone();
+            client_cmd(&connect, |conn, out| async move {
+                let r = match command {
+                    TransportCommand::Show => cli::transport_show(&conn, out).await,
+                    TransportCommand::Set {
+                        mode,
+                        prefer_iroh,
+                        raft,
+                        fallback_to_grpc,
+                    } => match &config {
+                        None => Err("`tern transport set` edits the node's config file and sends it SIGHUP: give --config FILE (the file the node runs with)".into()),
+                        Some(path) => {
+                            let edit = PolicyEdit {
+                                mode,
+                                prefer_iroh: prefer_iroh.map(|p| {
+                                    p.split(',')
+                                        .map(str::trim)
+                                        .filter(|s| !s.is_empty())
+                                        .map(str::to_owned)
+                                        .collect()
+                                }),
+                                raft_transport: raft,
+                                fallback_to_grpc,
+                            };
+                            cli::transport_set(&conn, path, &edit, out).await
+                        }
+                    },
+                };
+                (conn, r)
+            })
+        }
     }
 }
 
-fn demo() -> anyhow::Result<()> {
+fn client_cmd<F, Fut>(connect: &Connect, f: F) -> ExitCode
+where
+    F: FnOnce(Conn, Out) -> Fut,
+    Fut: std::future::Future<Output = (Conn, Result<(), String>)>,
+{
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(e) => return fail(e),
+    };
+    match rt.block_on(with_conn(connect, f)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(e),
+    }
+}
+
+fn check_config(config: &std::path::Path) -> ExitCode {
+    match tern_node::config::Config::load(config) {
+        Ok(checked) => {
+            println!("{}: ok", config.display());
+            let c = &checked.config;
+            let show = |l: tern_node::config::Listen| {
+                l.addr()
+                    .map(|a| a.to_string())
+                    .unwrap_or_else(|| "off".into())
+            };
+            println!("  data_dir  {}", c.data_dir.display());
+            println!("  grpc      {}", show(c.listen.grpc));
+            println!("  iroh      {}", show(c.listen.iroh));
+            println!("  metrics   {}", show(c.listen.metrics));
+            println!("  runtime   {:?}", c.vm.runtime);
+            println!("  join via  {} member(s)", checked.seeds.len());
+            println!("  policy    {:?}", checked.policy.to_config());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn wire() -> anyhow::Result<()> {
     println!("tern {}: wire protocol demo", env!("CARGO_PKG_VERSION"));
-    println!("(the node is not built yet: this shows the frame format every iroh call uses)\n");
+    println!("(the frame format every iroh call uses)\n");
 
     let request = pb::CreateVmRequest {
         request_id: "demo-1".into(),

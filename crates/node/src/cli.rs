@@ -1,0 +1,554 @@
+//! The commands that talk to a running node: `tern status`, `tern vm ...`,
+//! `tern cluster ...`, `tern transport ...`. Each prints a table for
+//! humans, or JSON with `--json`. Connection and identity: see
+//! [`crate::client`].
+//!
+//! `tern transport set` has no RPC to call (the catalogue has no admin
+//! service): it rewrites the `[transport]` section of the node's config
+//! file, checks the whole file, and sends the node SIGHUP, which applies
+//! the new policy atomically; it then reads the policy back through
+//! Status. Editing the file by hand and sending SIGHUP does the same.
+
+use std::path::Path;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tern_protocol::catalog::methods;
+use tern_protocol::pb;
+
+use crate::client::{Conn, request_id};
+use crate::config::Config;
+use crate::node::NodeFile;
+
+/// How long `tern transport set` waits for the node to show the new
+/// policy after SIGHUP.
+pub const POLICY_APPLY_WAIT: Duration = Duration::from_secs(10);
+
+/// What to print.
+#[derive(Debug, Clone, Copy)]
+pub struct Out {
+    /// JSON instead of tables.
+    pub json: bool,
+}
+
+fn role_name(role: i32) -> &'static str {
+    match pb::RaftRole::try_from(role) {
+        Ok(pb::RaftRole::Leader) => "leader",
+        Ok(pb::RaftRole::Follower) => "follower",
+        Ok(pb::RaftRole::Candidate) => "candidate",
+        Ok(pb::RaftRole::Learner) => "learner",
+        Ok(pb::RaftRole::Shutdown) => "shutdown",
+        _ => "unknown",
+    }
+}
+
+/// A VM state's name.
+pub fn state_name(state: i32) -> &'static str {
+    match pb::VmState::try_from(state) {
+        Ok(pb::VmState::Pending) => "pending",
+        Ok(pb::VmState::Running) => "running",
+        Ok(pb::VmState::Stopped) => "stopped",
+        Ok(pb::VmState::Failed) => "failed",
+        Ok(pb::VmState::Migrating) => "migrating",
+        Ok(pb::VmState::Deleted) => "deleted",
+        _ => "-",
+    }
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// A member as JSON.
+pub fn member_json(m: &pb::Member) -> Value {
+    let a = m.address.clone().unwrap_or_default();
+    json!({
+        "node_id": m.node_id,
+        "id": hex(&a.endpoint_id),
+        "voter": m.voter,
+        "grpc": a.grpc_url,
+        "iroh": a.iroh_direct_addrs,
+        "serves_iroh": a.serves_iroh,
+        "vcpus": m.capacity.map(|c| c.vcpus),
+        "memory_mib": m.capacity.map(|c| c.memory_mib),
+    })
+}
+
+/// A policy as JSON.
+pub fn policy_json(p: &pb::TransportPolicy) -> Value {
+    json!({
+        "mode": p.mode,
+        "prefer_iroh": p.prefer_iroh,
+        "raft_transport": p.raft_transport,
+        "fallback_to_grpc": p.fallback_to_grpc,
+    })
+}
+
+/// A policy on one line.
+pub fn policy_line(p: &pb::TransportPolicy) -> String {
+    format!(
+        "mode={} prefer_iroh=[{}] raft={} fallback_to_grpc={}",
+        p.mode,
+        p.prefer_iroh.join(","),
+        p.raft_transport,
+        p.fallback_to_grpc
+    )
+}
+
+/// A node status as JSON.
+pub fn status_json(s: &pb::NodeStatus) -> Value {
+    let a = s.address.clone().unwrap_or_default();
+    json!({
+        "node_id": s.node_id,
+        "id": hex(&a.endpoint_id),
+        "grpc": a.grpc_url,
+        "iroh": a.iroh_direct_addrs,
+        "role": role_name(s.role),
+        "term": s.term,
+        "leader_id": s.leader_id,
+        "applied_index": s.applied_index,
+        "commit_index": s.commit_index,
+        "policy": s.policy.as_ref().map(policy_json),
+        "version": s.version,
+        "uptime_ms": s.uptime_ms,
+        "members": s.members.iter().map(member_json).collect::<Vec<_>>(),
+    })
+}
+
+fn print_table(header: &[&str], rows: &[Vec<String>]) {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in rows {
+        for (i, c) in r.iter().enumerate() {
+            if let Some(w) = widths.get_mut(i) {
+                *w = (*w).max(c.chars().count());
+            }
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let mut s = String::new();
+        for (i, c) in cells.iter().enumerate() {
+            let w = widths.get(i).copied().unwrap_or(0);
+            s.push_str(&format!("{c:<w$}  "));
+        }
+        println!("{}", s.trim_end());
+    };
+    line(header.iter().map(|h| h.to_uppercase()).collect());
+    for r in rows {
+        line(r.clone());
+    }
+}
+
+fn members_rows(members: &[pb::Member], leader: u64) -> Vec<Vec<String>> {
+    members
+        .iter()
+        .map(|m| {
+            let a = m.address.clone().unwrap_or_default();
+            let id = hex(&a.endpoint_id);
+            vec![
+                m.node_id.to_string(),
+                id.get(..10).unwrap_or(&id).to_owned(),
+                if m.node_id == leader {
+                    "leader".into()
+                } else if m.voter {
+                    "voter".into()
+                } else {
+                    "learner".into()
+                },
+                if a.grpc_url.is_empty() {
+                    "-".into()
+                } else {
+                    a.grpc_url.clone()
+                },
+                if a.serves_iroh || !a.iroh_direct_addrs.is_empty() {
+                    a.iroh_direct_addrs.join(",")
+                } else {
+                    "-".into()
+                },
+                m.capacity
+                    .map(|c| format!("{} vcpu / {} MiB", c.vcpus, c.memory_mib))
+                    .unwrap_or_default(),
+            ]
+        })
+        .collect()
+}
+
+/// `tern status`.
+pub async fn status(conn: &Conn, out: Out) -> Result<(), String> {
+    let s: pb::NodeStatus = conn
+        .call(methods::STATUS_GET, &pb::StatusRequest {})
+        .await?;
+    if out.json {
+        println!("{}", status_json(&s));
+        return Ok(());
+    }
+    let a = s.address.clone().unwrap_or_default();
+    println!("node       {} ({})", s.node_id, hex(&a.endpoint_id));
+    println!(
+        "role       {} (term {}, leader {})",
+        role_name(s.role),
+        s.term,
+        if s.leader_id == 0 {
+            "unknown".to_owned()
+        } else {
+            s.leader_id.to_string()
+        }
+    );
+    println!("applied    {} / commit {}", s.applied_index, s.commit_index);
+    println!(
+        "grpc       {}",
+        if a.grpc_url.is_empty() {
+            "off".into()
+        } else {
+            a.grpc_url.clone()
+        }
+    );
+    println!(
+        "iroh       {}",
+        if a.iroh_direct_addrs.is_empty() {
+            "off".into()
+        } else {
+            a.iroh_direct_addrs.join(", ")
+        }
+    );
+    if let Some(p) = &s.policy {
+        println!("policy     {}", policy_line(p));
+    }
+    println!("version    {} (up {} s)\n", s.version, s.uptime_ms / 1000);
+    print_table(
+        &["node", "id", "role", "grpc", "iroh", "capacity"],
+        &members_rows(&s.members, s.leader_id),
+    );
+    Ok(())
+}
+
+/// A VM record as JSON.
+pub fn vm_json(v: &pb::VmRecord) -> Value {
+    let spec = v.spec.clone().unwrap_or_default();
+    json!({
+        "id": v.id,
+        "name": spec.name,
+        "node_id": v.node_id,
+        "desired": state_name(v.desired),
+        "observed": state_name(v.observed),
+        "runtime": spec.runtime,
+        "vcpus": spec.vcpus,
+        "memory_mib": spec.memory_mib,
+        "command": spec.command,
+        "reason": v.reason,
+        "log_path": v.log_path,
+        "generation": v.generation,
+    })
+}
+
+fn vm_rows(vms: &[pb::VmRecord]) -> Vec<Vec<String>> {
+    vms.iter()
+        .map(|v| {
+            let spec = v.spec.clone().unwrap_or_default();
+            vec![
+                v.id.clone(),
+                spec.name,
+                v.node_id.to_string(),
+                state_name(v.desired).into(),
+                state_name(v.observed).into(),
+                spec.runtime,
+                format!("{} / {} MiB", spec.vcpus, spec.memory_mib),
+                v.reason.clone(),
+            ]
+        })
+        .collect()
+}
+
+const VM_HEADER: [&str; 8] = [
+    "id", "name", "node", "desired", "observed", "runtime", "size", "reason",
+];
+
+/// Prints one VM.
+pub fn print_vm(v: &pb::VmRecord, out: Out) {
+    if out.json {
+        println!("{}", vm_json(v));
+    } else {
+        print_table(&VM_HEADER, &vm_rows(std::slice::from_ref(v)));
+    }
+}
+
+/// The VM subcommands.
+#[derive(Debug, Clone)]
+pub enum VmCmd {
+    /// Create.
+    Create(pb::VmSpec),
+    /// Start.
+    Start(String),
+    /// Stop.
+    Stop(String),
+    /// Delete.
+    Delete(String),
+    /// List (0 = all nodes).
+    List(u64),
+    /// Status of one VM.
+    Status(String),
+    /// Migrate to a node.
+    Migrate(String, u64),
+}
+
+/// `tern vm ...`.
+pub async fn vm(conn: &Conn, cmd: VmCmd, out: Out) -> Result<(), String> {
+    let action = |vm_id: String| pb::VmActionRequest {
+        request_id: request_id(),
+        vm_id,
+    };
+    let record: pb::VmRecord = match cmd {
+        VmCmd::Create(spec) => {
+            conn.call(
+                methods::VM_CREATE,
+                &pb::CreateVmRequest {
+                    request_id: request_id(),
+                    spec: Some(spec),
+                },
+            )
+            .await?
+        }
+        VmCmd::Start(id) => conn.call(methods::VM_START, &action(id)).await?,
+        VmCmd::Stop(id) => conn.call(methods::VM_STOP, &action(id)).await?,
+        VmCmd::Delete(id) => conn.call(methods::VM_DELETE, &action(id)).await?,
+        VmCmd::Status(vm_id) => {
+            conn.call(methods::VM_GET, &pb::GetVmRequest { vm_id })
+                .await?
+        }
+        VmCmd::Migrate(vm_id, target_node) => {
+            conn.call(
+                methods::VM_MIGRATE,
+                &pb::MigrateVmRequest {
+                    request_id: request_id(),
+                    vm_id,
+                    target_node,
+                },
+            )
+            .await?
+        }
+        VmCmd::List(node_id) => {
+            let list: pb::ListVmsResponse = conn
+                .call(methods::VM_LIST, &pb::ListVmsRequest { node_id })
+                .await?;
+            if out.json {
+                println!("{}", Value::Array(list.vms.iter().map(vm_json).collect()));
+            } else if list.vms.is_empty() {
+                println!("no VMs (create one with `tern vm create NAME -- COMMAND...`)");
+            } else {
+                print_table(&VM_HEADER, &vm_rows(&list.vms));
+            }
+            return Ok(());
+        }
+    };
+    print_vm(&record, out);
+    Ok(())
+}
+
+/// `tern cluster members`.
+pub async fn members(conn: &Conn, out: Out) -> Result<(), String> {
+    let m: pb::MembersResponse = conn
+        .call(methods::CLUSTER_MEMBERS, &pb::MembersRequest {})
+        .await?;
+    if out.json {
+        println!(
+            "{}",
+            json!({
+                "leader_id": m.leader_id,
+                "members": m.members.iter().map(member_json).collect::<Vec<_>>(),
+            })
+        );
+    } else {
+        print_table(
+            &["node", "id", "role", "grpc", "iroh", "capacity"],
+            &members_rows(&m.members, m.leader_id),
+        );
+    }
+    Ok(())
+}
+
+/// `tern cluster leave [NODE_ID]`: removes a node (by default the one the
+/// CLI talks to) from the cluster. Needs a member's key (`--data-dir`).
+pub async fn leave(conn: &Conn, node_id: Option<u64>, out: Out) -> Result<(), String> {
+    let node_id = match node_id {
+        Some(id) => id,
+        None => {
+            let s: pb::NodeStatus = conn
+                .call(methods::STATUS_GET, &pb::StatusRequest {})
+                .await?;
+            s.node_id
+        }
+    };
+    let r: pb::LeaveResponse = conn
+        .call(methods::CLUSTER_LEAVE, &pb::LeaveRequest { node_id })
+        .await?;
+    if out.json {
+        println!(
+            "{}",
+            json!({"left": node_id, "members": r.members.iter().map(member_json).collect::<Vec<_>>()})
+        );
+    } else {
+        println!("node {node_id} left the cluster; members now:");
+        print_table(
+            &["node", "id", "role", "grpc", "iroh", "capacity"],
+            &members_rows(&r.members, 0),
+        );
+        println!("\nstop its `tern run` process; its data directory can be removed.");
+    }
+    Ok(())
+}
+
+/// `tern cluster join`: a node joins by configuration, at start. This
+/// prints the `[cluster]` lines that make a new node join through the
+/// node the CLI talks to.
+pub async fn join_info(conn: &Conn, out: Out) -> Result<(), String> {
+    let s: pb::NodeStatus = conn
+        .call(methods::STATUS_GET, &pb::StatusRequest {})
+        .await?;
+    let a = s.address.clone().unwrap_or_default();
+    let id = hex(&a.endpoint_id);
+    let iroh = a
+        .iroh_direct_addrs
+        .iter()
+        .map(|x| format!("{x:?}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    if out.json {
+        println!(
+            "{}",
+            json!({"id": id, "grpc": a.grpc_url, "iroh": a.iroh_direct_addrs})
+        );
+        return Ok(());
+    }
+    println!("# A node joins when it starts. In the new node's config file:");
+    println!("[cluster]");
+    println!("join_token = \"<the cluster's join token>\"");
+    let mut seed = format!("join = [{{ id = \"{id}\"");
+    if !a.grpc_url.is_empty() {
+        seed.push_str(&format!(", grpc = \"{}\"", a.grpc_url));
+    }
+    if !iroh.is_empty() {
+        seed.push_str(&format!(", iroh = [{iroh}]"));
+    }
+    seed.push_str(" }]");
+    println!("{seed}");
+    println!("# then: tern run --config NEW_NODE.toml");
+    Ok(())
+}
+
+/// `tern transport show`.
+pub async fn transport_show(conn: &Conn, out: Out) -> Result<(), String> {
+    let s: pb::NodeStatus = conn
+        .call(methods::STATUS_GET, &pb::StatusRequest {})
+        .await?;
+    let p = s.policy.unwrap_or_default();
+    if out.json {
+        println!("{}", policy_json(&p));
+    } else {
+        println!("[transport]");
+        println!("mode = {:?}", p.mode);
+        println!("[transport.migration]");
+        println!("prefer_iroh = {:?}", p.prefer_iroh);
+        println!("raft_transport = {:?}", p.raft_transport);
+        println!("fallback_to_grpc = {}", p.fallback_to_grpc);
+    }
+    Ok(())
+}
+
+/// The changes `tern transport set` makes.
+#[derive(Debug, Clone, Default)]
+pub struct PolicyEdit {
+    /// `transport.mode`.
+    pub mode: Option<String>,
+    /// `transport.migration.prefer_iroh`.
+    pub prefer_iroh: Option<Vec<String>>,
+    /// `transport.migration.raft_transport`.
+    pub raft_transport: Option<String>,
+    /// `transport.migration.fallback_to_grpc`.
+    pub fallback_to_grpc: Option<bool>,
+}
+
+/// Rewrites the `[transport]` section of the config file at `path` with
+/// `edit` and returns the new text, checked. Other sections are kept
+/// (comments are not).
+pub fn edit_config(path: &Path, edit: &PolicyEdit) -> Result<String, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let mut doc: toml::Table =
+        toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+    let transport = doc
+        .entry("transport")
+        .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+    let transport = transport
+        .as_table_mut()
+        .ok_or_else(|| format!("{}: transport: is not a table", path.display()))?;
+    if let Some(m) = &edit.mode {
+        transport.insert("mode".into(), toml::Value::String(m.clone()));
+    }
+    let migration = transport
+        .entry("migration")
+        .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+        .as_table_mut()
+        .ok_or_else(|| format!("{}: transport.migration: is not a table", path.display()))?;
+    if let Some(p) = &edit.prefer_iroh {
+        migration.insert(
+            "prefer_iroh".into(),
+            toml::Value::Array(p.iter().cloned().map(toml::Value::String).collect()),
+        );
+    }
+    if let Some(r) = &edit.raft_transport {
+        migration.insert("raft_transport".into(), toml::Value::String(r.clone()));
+    }
+    if let Some(f) = edit.fallback_to_grpc {
+        migration.insert("fallback_to_grpc".into(), toml::Value::Boolean(f));
+    }
+    let new = toml::to_string(&doc).map_err(|e| format!("writing the config: {e}"))?;
+    Config::parse(&new)
+        .map_err(|e| format!("{}: {e}; the file was not changed", path.display()))?;
+    Ok(new)
+}
+
+/// `tern transport set`: edit the config file, check it, SIGHUP the node,
+/// and wait until Status shows the new policy.
+pub async fn transport_set(
+    conn: &Conn,
+    config_path: &Path,
+    edit: &PolicyEdit,
+    out: Out,
+) -> Result<(), String> {
+    let new_text = edit_config(config_path, edit)?;
+    let checked = Config::parse(&new_text).map_err(|e| e.to_string())?;
+    let file = NodeFile::read(&checked.config.data_dir)?;
+    let tmp = config_path.with_extension("toml.tmp");
+    std::fs::write(&tmp, &new_text).map_err(|e| format!("cannot write {}: {e}", tmp.display()))?;
+    std::fs::rename(&tmp, config_path)
+        .map_err(|e| format!("cannot replace {}: {e}", config_path.display()))?;
+    let pid = rustix::process::Pid::from_raw(i32::try_from(file.pid).unwrap_or(0))
+        .ok_or("the node file names no process")?;
+    rustix::process::kill_process(pid, rustix::process::Signal::HUP).map_err(|e| {
+        format!(
+            "the config file was updated, but signalling the node (pid {}) failed: {e}; send it SIGHUP yourself",
+            file.pid
+        )
+    })?;
+    let want = crate::node::policy_to_pb(&checked.policy);
+    let deadline = tokio::time::Instant::now() + POLICY_APPLY_WAIT;
+    loop {
+        let s: pb::NodeStatus = conn
+            .call(methods::STATUS_GET, &pb::StatusRequest {})
+            .await?;
+        if s.policy.as_ref() == Some(&want) {
+            if out.json {
+                println!("{}", policy_json(&want));
+            } else {
+                println!("applied: {}", policy_line(&want));
+            }
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(format!(
+                "the node still runs {} after {POLICY_APPLY_WAIT:?}; see its log for the reload error",
+                s.policy.as_ref().map(policy_line).unwrap_or_default()
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

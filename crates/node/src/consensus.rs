@@ -1,0 +1,111 @@
+//! [`RaftConsensus`]: the services' [`Consensus`] trait over a running
+//! [`RaftNode`], so that no service names openraft.
+//!
+//! Writes go to openraft's `client_write`; on a follower they answer
+//! [`ConsensusError::NotLeader`] (the VM service then forwards the client's
+//! call to the leader itself). The status watch is fed from openraft's
+//! metrics watch by a task that ends when Raft stops.
+
+use std::sync::Arc;
+
+use openraft::ServerState;
+use openraft::async_runtime::WatchReceiver;
+use openraft::errors::{ClientWriteError, RaftError};
+use tern_protocol::BoxFuture;
+use tern_raft_net::RaftNode;
+use tern_services::consensus::{Consensus, ConsensusError, MemberStatus, RaftRole, RaftStatus};
+use tern_store::{ClusterState, Command, Response};
+use tokio::sync::watch;
+
+/// openraft behind the [`Consensus`] trait.
+pub struct RaftConsensus {
+    node: Arc<RaftNode>,
+    status: watch::Receiver<RaftStatus>,
+}
+
+impl std::fmt::Debug for RaftConsensus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RaftConsensus")
+            .field("node", &self.node.id())
+            .finish_non_exhaustive()
+    }
+}
+
+type Metrics = openraft::RaftMetrics<tern_store::TypeConfig>;
+
+/// Raft's metrics as the services' [`RaftStatus`].
+pub fn to_status(m: &Metrics) -> RaftStatus {
+    let membership = m.membership_config.membership();
+    let voters: Vec<u64> = membership.voter_ids().collect();
+    RaftStatus {
+        node_id: m.id,
+        role: match m.state {
+            ServerState::Leader => RaftRole::Leader,
+            ServerState::Follower => RaftRole::Follower,
+            ServerState::Candidate => RaftRole::Candidate,
+            ServerState::Learner => RaftRole::Learner,
+            ServerState::Shutdown => RaftRole::Shutdown,
+        },
+        term: m.current_term,
+        leader_id: m.current_leader,
+        members: membership
+            .nodes()
+            .map(|(id, member)| MemberStatus {
+                node_id: *id,
+                member: member.clone(),
+                voter: voters.contains(id),
+            })
+            .collect(),
+        commit_index: m.local_committed.as_ref().map_or(0, |l| l.index),
+        applied_index: m.last_applied.as_ref().map_or(0, |l| l.index),
+    }
+}
+
+impl RaftConsensus {
+    /// The adapter over `node`; spawns the task that mirrors Raft's
+    /// metrics into the status watch.
+    pub fn new(node: Arc<RaftNode>) -> Arc<RaftConsensus> {
+        let mut metrics = node.raft().metrics();
+        let (tx, status) = watch::channel(to_status(&metrics.borrow_watched()));
+        tokio::spawn(async move {
+            while metrics.changed().await.is_ok() {
+                let s = to_status(&metrics.borrow_watched());
+                if tx.send(s).is_err() {
+                    return;
+                }
+            }
+        });
+        Arc::new(RaftConsensus { node, status })
+    }
+}
+
+impl Consensus for RaftConsensus {
+    fn write(&self, command: Command) -> BoxFuture<'_, Result<Response, ConsensusError>> {
+        Box::pin(async move {
+            match self.node.raft().client_write(command).await {
+                Ok(written) => Ok(written.data),
+                Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+                    Err(ConsensusError::NotLeader {
+                        leader: f.leader_id,
+                    })
+                }
+                Err(e) => Err(ConsensusError::Unavailable {
+                    reason: e.to_string(),
+                }),
+            }
+        })
+    }
+
+    fn read(&self, read: &mut dyn FnMut(&ClusterState)) -> Result<(), ConsensusError> {
+        self.node
+            .state()
+            .read(|s| read(s))
+            .map_err(|e| ConsensusError::Unavailable {
+                reason: e.to_string(),
+            })
+    }
+
+    fn status(&self) -> watch::Receiver<RaftStatus> {
+        self.status.clone()
+    }
+}

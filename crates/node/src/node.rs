@@ -1,0 +1,723 @@
+//! [`Node`]: every crate composed into a running Tern node.
+//!
+//! [`Node::start`] takes a checked configuration and, in order:
+//!
+//! 1. prepares the data directory and loads (or creates) the node's
+//!    Ed25519 key, one identity for both transports;
+//! 2. installs the metrics registry and serves `/metrics`;
+//! 3. builds one [`Dispatcher`] with every service (Health, Status, Vm,
+//!    Monitoring, Cluster, Raft) and binds the transports `[listen]` names;
+//!    Health, Status and Vm answer `Unavailable` until Raft runs;
+//! 4. builds the [`DualRouter`] over the transports' clients with the
+//!    configured policy, and starts its probes;
+//! 5. starts Raft: resumes when the data directory has a node id,
+//!    initialises a new single-node cluster when `cluster.join` is empty,
+//!    otherwise joins through the seeds with the join token (retrying with
+//!    capped backoff, logging each attempt);
+//! 6. starts the reconciler with the configured runtime, and copies the
+//!    Health service's reports into the gRPC transport's
+//!    `grpc.health.v1`;
+//! 7. writes [`NODE_INFO_FILE`] in the data directory, so that the CLI
+//!    and the demo find the node's addresses from its data directory.
+//!
+//! [`Node::shutdown`] hands Raft leadership over (a leader), stops the
+//! reconciler, then drains in-flight calls and closes both transports
+//! within the deadline.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use tern_protocol::peer::IrohAddr;
+use tern_protocol::{
+    BoxFuture, Dispatcher, Handler, Method, PeerAddr, PeerId, RequestContext, RpcClient, ServiceId,
+    Status, TransportKind, pb,
+};
+use tern_raft_net::{FIRST_NODE_ID, JoinToken, RaftNode, RaftOptions, RaftServices};
+use tern_services::health::HealthService;
+use tern_services::monitoring::Monitoring;
+use tern_services::node_info::NodeInfo;
+use tern_services::reconciler::{Reconciler, ReconcilerConfig};
+use tern_services::runtime::microvm::{DEFAULT_QEMU, MicrovmRuntime, qemu_available};
+use tern_services::runtime::process::ProcessRuntime;
+use tern_services::runtime::{Runtime, RuntimeKind};
+use tern_services::status::StatusService;
+use tern_services::vm::VmService;
+use tern_store::{Capacity, Member};
+use tern_transport_dual::{DualRouter, Policy};
+use tern_transport_grpc::{GrpcTransport, ServerConfig};
+use tern_transport_iroh::{IrohConfig, IrohTransport, load_or_create_secret_key};
+use tokio::sync::watch;
+
+use crate::config::{Checked, ConfigError, RuntimeChoice, prepare_data_dir};
+use crate::consensus::RaftConsensus;
+
+/// The file in the data directory where a running node writes its
+/// identity and addresses ([`NodeFile`], JSON).
+pub const NODE_INFO_FILE: &str = "node.json";
+
+/// Sub-directory of the data directory holding the Raft log and state.
+pub const RAFT_DIR: &str = "raft";
+
+/// Sub-directory of the data directory holding the VM runtimes' state.
+pub const VMS_DIR: &str = "vms";
+
+/// First delay between join attempts; doubled per failed attempt.
+pub const JOIN_BACKOFF_MIN: Duration = Duration::from_millis(500);
+
+/// Longest delay between join attempts: a seed that is restarting is
+/// retried often enough to join soon after it is back.
+pub const JOIN_BACKOFF_MAX: Duration = Duration::from_secs(10);
+
+/// How long a joining node gives up after: long enough for a seed to be
+/// restarted by its supervisor, short enough that a wrong seed or token
+/// is reported rather than retried forever.
+pub const JOIN_GIVE_UP: Duration = Duration::from_secs(300);
+
+/// How long a joiner waits to be promoted to voter once it is a learner
+/// (a learner far behind first receives a snapshot).
+pub const PROMOTION_WAIT: Duration = Duration::from_secs(120);
+
+/// How long the first node of a new cluster waits to elect itself.
+pub const SELF_ELECTION_WAIT: Duration = Duration::from_secs(30);
+
+/// Default deadline of [`Node::shutdown`] as `tern run` uses it: a
+/// leadership handoff (a few heartbeats) plus a drain of calls in flight.
+pub const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(10);
+
+/// Why a node could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The configuration cannot work (names the key).
+    #[error("{0}")]
+    Config(#[from] ConfigError),
+    /// Something failed while starting (says what).
+    #[error("{0}")]
+    Failed(String),
+}
+
+fn failed(what: &str, e: impl std::fmt::Display) -> StartError {
+    StartError::Failed(format!("{what}: {e}"))
+}
+
+/// What a running node writes to [`NODE_INFO_FILE`].
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct NodeFile {
+    /// The node's identity (64 hex digits).
+    pub id: String,
+    /// Its gRPC URL, when it serves gRPC.
+    pub grpc: Option<String>,
+    /// Its iroh direct addresses, when it serves iroh.
+    pub iroh: Option<Vec<SocketAddr>>,
+    /// Its `/metrics` address, when served.
+    pub metrics: Option<SocketAddr>,
+    /// The process id of the node.
+    pub pid: u32,
+}
+
+impl NodeFile {
+    /// The node's address for the CLI.
+    pub fn peer_addr(&self) -> Result<PeerAddr, String> {
+        let id: PeerId = self
+            .id
+            .parse()
+            .map_err(|e| format!("{NODE_INFO_FILE}: id: {e}"))?;
+        Ok(PeerAddr {
+            id,
+            iroh: self.iroh.clone().map(|direct| IrohAddr {
+                direct,
+                relay_url: None,
+            }),
+            grpc: self.grpc.clone(),
+        })
+    }
+
+    /// Reads the file a node wrote in `data_dir`.
+    pub fn read(data_dir: &Path) -> Result<NodeFile, String> {
+        let path = data_dir.join(NODE_INFO_FILE);
+        let text = std::fs::read_to_string(&path).map_err(|e| {
+            format!(
+                "cannot read {}: {e}; is a node running with this data directory (`tern run`)?",
+                path.display()
+            )
+        })?;
+        serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
+    }
+
+    fn write(&self, data_dir: &Path) -> std::io::Result<()> {
+        let path = data_dir.join(NODE_INFO_FILE);
+        let tmp = data_dir.join(format!("{NODE_INFO_FILE}.tmp"));
+        let text = serde_json::to_string_pretty(self).map_err(std::io::Error::other)?;
+        std::fs::write(&tmp, text)?;
+        std::fs::rename(tmp, path)
+    }
+}
+
+/// A handler set once Raft runs; until then every call is `Unavailable`.
+#[derive(Default)]
+struct Late {
+    inner: OnceLock<Arc<dyn Handler>>,
+}
+
+impl Handler for Late {
+    fn handle(
+        &self,
+        ctx: RequestContext,
+        method: &'static Method,
+        payload: Bytes,
+    ) -> BoxFuture<'static, Result<Bytes, Status>> {
+        match self.inner.get() {
+            Some(h) => h.handle(ctx, method, payload),
+            None => Box::pin(std::future::ready(Err(Status::unavailable(
+                "the node is starting (Raft is not running yet); retry shortly",
+            )))),
+        }
+    }
+}
+
+/// The node's facts for Health and Status.
+struct Facts {
+    address: PeerAddr,
+    router: DualRouter,
+    started: Instant,
+}
+
+impl NodeInfo for Facts {
+    fn address(&self) -> pb::PeerAddress {
+        pb::PeerAddress::from(&self.address)
+    }
+
+    fn policy(&self) -> pb::TransportPolicy {
+        policy_to_pb(&self.router.policy())
+    }
+
+    fn transports(&self) -> Vec<pb::TransportHealth> {
+        let mut out = Vec::new();
+        if self.address.grpc.is_some() {
+            out.push(pb::TransportHealth {
+                transport: pb::Transport::Grpc as i32,
+                state: pb::ServingState::Serving as i32,
+                detail: String::new(),
+            });
+        }
+        if self.address.iroh.is_some() {
+            out.push(pb::TransportHealth {
+                transport: pb::Transport::Iroh as i32,
+                state: pb::ServingState::Serving as i32,
+                detail: String::new(),
+            });
+        }
+        out
+    }
+
+    fn version(&self) -> String {
+        env!("CARGO_PKG_VERSION").to_owned()
+    }
+
+    fn started(&self) -> Instant {
+        self.started
+    }
+}
+
+/// A policy as `tern.v1.TransportPolicy`.
+pub fn policy_to_pb(policy: &Policy) -> pb::TransportPolicy {
+    let c = policy.to_config();
+    pb::TransportPolicy {
+        mode: c.mode.as_str().to_owned(),
+        prefer_iroh: c.migration.prefer_iroh,
+        raft_transport: c.migration.raft_transport.as_str().to_owned(),
+        fallback_to_grpc: c.migration.fallback_to_grpc,
+    }
+}
+
+/// A running node.
+pub struct Node {
+    data_dir: PathBuf,
+    address: PeerAddr,
+    metrics_addr: Option<SocketAddr>,
+    router: DualRouter,
+    raft: Arc<RaftNode>,
+    consensus: Arc<RaftConsensus>,
+    grpc: Option<GrpcTransport>,
+    iroh: Option<IrohTransport>,
+    stop: watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Node")
+            .field("id", &self.address.id.short())
+            .field("raft", &self.raft.id())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Resolves when `stop` turns true (or its sender is gone).
+async fn stopped(mut stop: watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
+fn runtimes(choice: RuntimeChoice, vms: &Path) -> (RuntimeKind, Vec<Arc<dyn Runtime>>) {
+    let process: Arc<dyn Runtime> = Arc::new(ProcessRuntime::new(vms.join("process")));
+    let microvm = || -> Arc<dyn Runtime> { Arc::new(MicrovmRuntime::new(vms.join("microvm"))) };
+    match choice {
+        RuntimeChoice::Process => (RuntimeKind::Process, vec![process]),
+        RuntimeChoice::Microvm => (RuntimeKind::Microvm, vec![microvm(), process]),
+        RuntimeChoice::Auto if qemu_available(Path::new(DEFAULT_QEMU)) => {
+            (RuntimeKind::Microvm, vec![microvm(), process])
+        }
+        RuntimeChoice::Auto => (RuntimeKind::Process, vec![process]),
+    }
+}
+
+impl Node {
+    /// Starts a node as the module docs describe.
+    pub async fn start(checked: Checked) -> Result<Node, StartError> {
+        let started = Instant::now();
+        let Checked {
+            config,
+            policy,
+            seeds,
+        } = checked;
+        let data_dir = config.data_dir.clone();
+        prepare_data_dir(&data_dir)?;
+        let key = load_or_create_secret_key(&data_dir).map_err(|e| {
+            StartError::Config(ConfigError {
+                file: None,
+                key: "data_dir".into(),
+                reason: format!("cannot load or create the node key: {e}"),
+            })
+        })?;
+
+        let monitoring = Monitoring::install().map_err(|e| failed("metrics registry", e))?;
+        let (stop, stop_rx) = watch::channel(false);
+        let mut tasks = Vec::new();
+        let mut metrics_addr = None;
+        if let Some(addr) = config.listen.metrics.addr() {
+            let listener = Monitoring::bind(addr).await.map_err(|e| {
+                StartError::Config(ConfigError {
+                    file: None,
+                    key: "listen.metrics".into(),
+                    reason: e.to_string(),
+                })
+            })?;
+            metrics_addr = listener.local_addr().ok();
+            let m = monitoring.clone();
+            tasks.push(tokio::spawn(
+                m.serve_http(listener, stopped(stop_rx.clone())),
+            ));
+        }
+
+        let token = config.cluster.join_token.clone().and_then(JoinToken::new);
+        let raft_services = RaftServices::new(token);
+        let health = Arc::new(Late::default());
+        let status = Arc::new(Late::default());
+        let vm = Arc::new(Late::default());
+        let dispatcher = raft_services.register(
+            Dispatcher::new()
+                .register(ServiceId::Health, health.clone())
+                .register(ServiceId::Status, status.clone())
+                .register(ServiceId::Vm, vm.clone())
+                .register(ServiceId::Monitoring, monitoring.handler()),
+        );
+        let handler: Arc<dyn Handler> = Arc::new(dispatcher);
+
+        let mut address = PeerAddr::new(PeerId::from_bytes([0; 32]));
+        let grpc = match config.listen.grpc.addr() {
+            Some(listen) => {
+                let t = GrpcTransport::bind(ServerConfig::new(key, listen), handler.clone())
+                    .await
+                    .map_err(|e| {
+                        StartError::Config(ConfigError {
+                            file: None,
+                            key: "listen.grpc".into(),
+                            reason: format!("cannot listen on {listen}: {e}"),
+                        })
+                    })?;
+                address.id = t.id();
+                address.grpc = t.peer_addr().grpc;
+                Some(t)
+            }
+            None => None,
+        };
+        let iroh = match config.listen.iroh.addr() {
+            Some(listen) => {
+                let mut ic = IrohConfig::new(key).with_bind_addr(listen);
+                ic.relay_url = config.iroh.relay_url.clone();
+                if let Some(pem) = &config.iroh.relay_ca_cert {
+                    ic.relay_ca_der = Some(read_pem_cert(pem)?);
+                }
+                let t = IrohTransport::bind(ic, handler.clone())
+                    .await
+                    .map_err(|e| {
+                        StartError::Config(ConfigError {
+                            file: None,
+                            key: "listen.iroh".into(),
+                            reason: e.to_string(),
+                        })
+                    })?;
+                address.id = t.id();
+                address.iroh = t.peer_addr().iroh;
+                Some(t)
+            }
+            None => None,
+        };
+        tracing::info!(id = %address.id, grpc = ?address.grpc, iroh = ?address.iroh.as_ref().map(|i| &i.direct), "transports bound");
+
+        let router = DualRouter::new(
+            grpc.as_ref().map(|t| t.client() as Arc<dyn RpcClient>),
+            iroh.as_ref().map(|t| t.client() as Arc<dyn RpcClient>),
+            policy,
+        );
+        tasks.push(router.start_probing());
+        let client: Arc<dyn RpcClient> = Arc::new(router.clone());
+
+        let capacity = Capacity {
+            vcpus: config.capacity.vcpus,
+            memory_mib: config.capacity.memory_mib,
+        };
+        let me = Member::new(address.clone(), capacity);
+        let (log, sm) = tern_store::open(&data_dir.join(RAFT_DIR))
+            .map_err(|e| failed("opening the Raft store", e))?;
+        let options = RaftOptions::default();
+        let existing =
+            tern_raft_net::read_node_id(&data_dir).map_err(|e| failed("reading the node id", e))?;
+        let raft = match existing {
+            Some(id) => {
+                tracing::info!(node = id, "resuming Raft from the data directory");
+                RaftNode::start(&raft_services, id, log, sm, client.clone(), &options)
+                    .await
+                    .map_err(|e| failed("starting Raft", e))?
+            }
+            None if seeds.is_empty() => {
+                tern_raft_net::write_node_id(&data_dir, FIRST_NODE_ID)
+                    .map_err(|e| failed("writing the node id", e))?;
+                let node = RaftNode::start(
+                    &raft_services,
+                    FIRST_NODE_ID,
+                    log,
+                    sm,
+                    client.clone(),
+                    &options,
+                )
+                .await
+                .map_err(|e| failed("starting Raft", e))?;
+                node.initialize(me.clone())
+                    .await
+                    .map_err(|e| failed("initialising a new cluster", e))?;
+                tracing::info!(
+                    node = FIRST_NODE_ID,
+                    "initialised a new single-node cluster"
+                );
+                node
+            }
+            None => {
+                let token = config.cluster.join_token.clone().unwrap_or_default();
+                let answer = join_with_retries(client.as_ref(), &seeds, &token, &me).await?;
+                tern_raft_net::write_node_id(&data_dir, answer.node_id)
+                    .map_err(|e| failed("writing the node id", e))?;
+                raft_services
+                    .trust_until_first_membership(answer.members.iter().map(|(_, a)| a.id));
+                let node = RaftNode::start(
+                    &raft_services,
+                    answer.node_id,
+                    log,
+                    sm,
+                    client.clone(),
+                    &options,
+                )
+                .await
+                .map_err(|e| failed("starting Raft", e))?;
+                tracing::info!(
+                    node = answer.node_id,
+                    "joined as learner; waiting for promotion"
+                );
+                node.wait_until_voter(PROMOTION_WAIT)
+                    .await
+                    .map_err(|e| failed("waiting to become a voter", e))?;
+                tracing::info!(node = answer.node_id, "promoted to voter");
+                node
+            }
+        };
+        let raft = Arc::new(raft);
+        let consensus = RaftConsensus::new(raft.clone());
+        let consensus_dyn: Arc<dyn tern_services::consensus::Consensus> = consensus.clone();
+
+        let facts: Arc<dyn NodeInfo> = Arc::new(Facts {
+            address: address.clone(),
+            router: router.clone(),
+            started,
+        });
+        let (default_kind, runtimes) = runtimes(config.vm.runtime, &data_dir.join(VMS_DIR));
+        let health_service = HealthService::new(consensus_dyn.clone(), facts.clone());
+        let status_service = StatusService::new(consensus_dyn.clone(), facts.clone());
+        let vm_service = VmService::new(consensus_dyn.clone(), default_kind);
+        vm_service.set_forward(client.clone());
+        let _ = health.inner.set(health_service.handler());
+        let _ = status.inner.set(status_service.handler());
+        let _ = vm.inner.set(vm_service.handler());
+
+        if let Some(g) = &grpc {
+            let mut reports = health_service.publish(stopped(stop_rx.clone()));
+            let handle = g.server().health().clone();
+            tasks.push(tokio::spawn(async move {
+                loop {
+                    let report = reports.borrow_and_update().clone();
+                    handle.set_node(report.ready).await;
+                    for (kind, up) in report.transports {
+                        handle.set_transport(kind, up).await;
+                    }
+                    if reports.changed().await.is_err() {
+                        return;
+                    }
+                }
+            }));
+        }
+
+        let reconciler = Reconciler::new(
+            raft.id(),
+            consensus_dyn.clone(),
+            runtimes,
+            ReconcilerConfig::default(),
+        );
+        tasks.push(tokio::spawn(reconciler.run(stopped(stop_rx.clone()))));
+
+        if existing.is_none() && seeds.is_empty() {
+            let mut s = consensus_dyn.status();
+            let _ = tokio::time::timeout(SELF_ELECTION_WAIT, s.wait_for(|s| s.leader_id.is_some()))
+                .await;
+        }
+
+        let file = NodeFile {
+            id: address.id.to_string(),
+            grpc: address.grpc.clone(),
+            iroh: address.iroh.as_ref().map(|i| i.direct.clone()),
+            metrics: metrics_addr,
+            pid: std::process::id(),
+        };
+        file.write(&data_dir)
+            .map_err(|e| failed("writing the node file", e))?;
+        tracing::info!(node = raft.id(), id = %address.id, metrics = ?metrics_addr, "node running");
+        Ok(Node {
+            data_dir,
+            address,
+            metrics_addr,
+            router,
+            raft,
+            consensus,
+            grpc,
+            iroh,
+            stop,
+            tasks,
+        })
+    }
+
+    /// The node's identity and addresses.
+    pub fn address(&self) -> &PeerAddr {
+        &self.address
+    }
+
+    /// Where `/metrics` is served, if it is.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
+    }
+
+    /// The router (its policy can be changed while the node runs).
+    pub fn router(&self) -> &DualRouter {
+        &self.router
+    }
+
+    /// The node's Raft id.
+    pub fn raft_id(&self) -> u64 {
+        self.raft.id()
+    }
+
+    /// The node's data directory.
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+
+    /// Replaces the transport policy atomically, logging old and new.
+    pub fn set_policy(&self, policy: Policy) {
+        let old = self.router.policy();
+        if *old == policy {
+            tracing::info!(policy = ?policy.to_config(), "transport policy unchanged");
+            return;
+        }
+        let new = policy.to_config();
+        self.router.set_policy(policy);
+        tracing::info!(old = ?old.to_config(), new = ?new, "transport policy applied");
+    }
+
+    /// Graceful shutdown within `deadline`: a leader hands leadership over
+    /// first; then the reconciler and health publisher stop, and both
+    /// transports drain their calls in flight and close.
+    pub async fn shutdown(self, deadline: Duration) {
+        let start = Instant::now();
+        tracing::info!(node = self.raft.id(), "shutting down");
+        let Node {
+            raft,
+            consensus,
+            grpc,
+            iroh,
+            stop,
+            tasks,
+            ..
+        } = self;
+        // Raft first, while the transports still carry the handoff.
+        if let Err(e) = raft.hand_over_leadership().await {
+            tracing::warn!(error = %e, "leadership handoff did not finish; stopping anyway");
+        }
+        // The reconciler, health publisher and /metrics stop; workloads
+        // keep running and are adopted when the node starts again.
+        let _ = stop.send(true);
+        drop(consensus);
+        let raft_left = deadline.saturating_sub(start.elapsed()) / 2;
+        match tokio::time::timeout(raft_left, raft.raft().shutdown()).await {
+            Ok(Ok(())) => tracing::info!(node = raft.id(), "raft stopped"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "Raft shutdown"),
+            Err(_) => tracing::warn!("Raft shutdown passed its deadline"),
+        }
+        let drain = deadline
+            .saturating_sub(start.elapsed())
+            .max(Duration::from_millis(100));
+        let g = async {
+            if let Some(g) = grpc {
+                g.shutdown(drain).await;
+            }
+        };
+        let i = async {
+            if let Some(i) = iroh {
+                i.shutdown(drain).await;
+            }
+        };
+        tokio::join!(g, i);
+        for t in tasks {
+            t.abort();
+        }
+        tracing::info!(elapsed = ?start.elapsed(), "node stopped");
+    }
+}
+
+/// Joins through `seeds` in turn, retrying with capped exponential
+/// backoff until [`JOIN_GIVE_UP`]; a refused token is not retried.
+async fn join_with_retries(
+    client: &dyn RpcClient,
+    seeds: &[(PeerId, crate::config::SeedConfig)],
+    token: &str,
+    me: &Member,
+) -> Result<tern_raft_net::JoinAnswer, StartError> {
+    let give_up = Instant::now() + JOIN_GIVE_UP;
+    let mut backoff = JOIN_BACKOFF_MIN;
+    let mut attempt = 0u32;
+    loop {
+        for (id, seed) in seeds {
+            attempt += 1;
+            let addr = PeerAddr {
+                id: *id,
+                grpc: seed.grpc.clone(),
+                iroh: (!seed.iroh.is_empty()).then(|| IrohAddr {
+                    direct: seed.iroh.clone(),
+                    relay_url: None,
+                }),
+            };
+            tracing::info!(attempt, seed = %id.short(), "asking to join the cluster");
+            match tern_raft_net::request_join(client, &addr, token, me).await {
+                Ok(answer) => return Ok(answer),
+                Err(tern_raft_net::RaftNodeError::Call {
+                    error: tern_protocol::CallError::Application(s),
+                    ..
+                }) if s.code == tern_protocol::Code::PermissionDenied => {
+                    return Err(StartError::Config(ConfigError {
+                        file: None,
+                        key: "cluster.join_token".into(),
+                        reason: format!("the cluster refused the join: {}", s.message),
+                    }));
+                }
+                Err(e) => {
+                    tracing::warn!(attempt, seed = %id.short(), error = %e, retry_in = ?backoff, "join failed")
+                }
+            }
+        }
+        if Instant::now() + backoff > give_up {
+            return Err(StartError::Failed(format!(
+                "no seed in cluster.join accepted the join within {JOIN_GIVE_UP:?} ({attempt} attempts); check that the seeds run and are reachable"
+            )));
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(JOIN_BACKOFF_MAX);
+    }
+}
+
+/// The first certificate of a PEM file, as DER.
+fn read_pem_cert(path: &Path) -> Result<Vec<u8>, StartError> {
+    let bad = |why: String| {
+        StartError::Config(ConfigError {
+            file: None,
+            key: "iroh.relay_ca_cert".into(),
+            reason: why,
+        })
+    };
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| bad(format!("cannot read {}: {e}", path.display())))?;
+    let body: String = text
+        .lines()
+        .skip_while(|l| !l.starts_with("-----BEGIN CERTIFICATE-----"))
+        .skip(1)
+        .take_while(|l| !l.starts_with("-----END"))
+        .collect();
+    if body.is_empty() {
+        return Err(bad(format!("{} holds no PEM certificate", path.display())));
+    }
+    base64_decode(&body).ok_or_else(|| bad(format!("{} is not valid PEM", path.display())))
+}
+
+/// Standard base64 (with padding), enough for a PEM body.
+fn base64_decode(text: &str) -> Option<Vec<u8>> {
+    let mut out = Vec::with_capacity(text.len() * 3 / 4);
+    let mut acc = 0u32;
+    let mut bits = 0u32;
+    for c in text.bytes() {
+        let v = match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' => 62,
+            b'/' => 63,
+            b'=' | b'\r' | b'\n' | b' ' => continue,
+            _ => return None,
+        };
+        acc = (acc << 6) | u32::from(v);
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push(((acc >> bits) & 0xff) as u8);
+        }
+    }
+    Some(out)
+}
+
+/// The data directory's runtime state, for tools that must find the
+/// workloads a node left (the demo's clean-up).
+pub fn runtime_dirs(data_dir: &Path) -> Vec<PathBuf> {
+    vec![
+        data_dir.join(VMS_DIR).join("process"),
+        data_dir.join(VMS_DIR).join("microvm"),
+    ]
+}
+
+/// Which transports a node file says the node serves.
+pub fn served(file: &NodeFile) -> Vec<TransportKind> {
+    let mut v = Vec::new();
+    if file.grpc.is_some() {
+        v.push(TransportKind::Grpc);
+    }
+    if file.iroh.is_some() {
+        v.push(TransportKind::Iroh);
+    }
+    v
+}

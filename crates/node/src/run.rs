@@ -1,0 +1,102 @@
+//! `tern run`: start a [`Node`] and serve until a signal.
+//!
+//! - **SIGTERM / Ctrl-C (SIGINT):** graceful shutdown within
+//!   [`SHUTDOWN_DEADLINE`] ([`Node::shutdown`]).
+//! - **SIGHUP:** re-read the config file and apply its `[transport]`
+//!   section atomically ([`Node::set_policy`]), logging the old and new
+//!   policy. A file that does not check is logged with the key at fault
+//!   and the old policy stays. Other sections need a restart; a change to
+//!   them is logged and ignored.
+
+use std::path::{Path, PathBuf};
+
+use tokio::signal::unix::{SignalKind, signal};
+
+use crate::config::{Checked, Config, ConfigError};
+use crate::node::{Node, SHUTDOWN_DEADLINE, StartError};
+
+/// Installs the log subscriber: `RUST_LOG` filter, `info` by default, to
+/// stderr.
+pub fn init_logs() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+/// Loads the configuration `tern run` uses: the file, or the defaults
+/// (a single-node cluster in `./tern-data` on loopback) without one.
+pub fn load(config: Option<&Path>) -> Result<Checked, ConfigError> {
+    match config {
+        Some(path) => Config::load(path),
+        None => Config::default().check(),
+    }
+}
+
+/// Re-reads `path` and applies its `[transport]` section to `node`.
+pub fn reload(node: &Node, path: &Path, running: &Checked) {
+    match Config::load(path) {
+        Ok(new) => {
+            let (a, b) = (&running.config, &new.config);
+            if a.data_dir != b.data_dir
+                || a.listen.grpc != b.listen.grpc
+                || a.listen.iroh != b.listen.iroh
+                || a.listen.metrics != b.listen.metrics
+                || a.cluster.join_token != b.cluster.join_token
+            {
+                tracing::warn!(
+                    "config reload: only [transport] is applied on SIGHUP; restart the node for changes to data_dir, [listen] or [cluster]"
+                );
+            }
+            if new.policy.uses_iroh() && node.address().iroh.is_none() {
+                tracing::error!(
+                    key = "transport.mode",
+                    "config reload refused: the new policy sends traffic over iroh but this node does not serve iroh (listen.iroh was off at start); the old policy stays"
+                );
+                return;
+            }
+            node.set_policy(new.policy);
+        }
+        Err(e) => {
+            tracing::error!(key = %e.key, error = %e, "config reload refused; the old transport policy stays");
+        }
+    }
+}
+
+/// Runs a node until SIGTERM or Ctrl-C, reloading on SIGHUP.
+pub async fn run(config_path: Option<PathBuf>) -> Result<(), StartError> {
+    let checked = load(config_path.as_deref())?;
+    let mut running = checked.clone();
+    let mut term = signal(SignalKind::terminate())
+        .map_err(|e| StartError::Failed(format!("installing the SIGTERM handler: {e}")))?;
+    let mut hup = signal(SignalKind::hangup())
+        .map_err(|e| StartError::Failed(format!("installing the SIGHUP handler: {e}")))?;
+    let mut int = signal(SignalKind::interrupt())
+        .map_err(|e| StartError::Failed(format!("installing the SIGINT handler: {e}")))?;
+    // A signal during start-up stops the start (e.g. a join retrying).
+    let node = tokio::select! {
+        node = Node::start(checked) => node?,
+        _ = term.recv() => return Err(StartError::Failed("stopped by SIGTERM while starting".into())),
+        _ = int.recv() => return Err(StartError::Failed("stopped by Ctrl-C while starting".into())),
+    };
+    loop {
+        tokio::select! {
+            _ = term.recv() => { tracing::info!("SIGTERM"); break; }
+            _ = int.recv() => { tracing::info!("interrupted"); break; }
+            _ = hup.recv() => match &config_path {
+                Some(path) => {
+                    tracing::info!(file = %path.display(), "SIGHUP: reloading [transport]");
+                    reload(&node, path, &running);
+                    if let Ok(new) = Config::load(path) {
+                        running.policy = new.policy;
+                    }
+                }
+                None => tracing::warn!("SIGHUP: no config file to reload (start with --config FILE)"),
+            },
+        }
+    }
+    node.shutdown(SHUTDOWN_DEADLINE).await;
+    Ok(())
+}

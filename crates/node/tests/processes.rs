@@ -1,0 +1,377 @@
+//! Integration tests with real `tern` processes on loopback: a 3-node
+//! cluster that forms and serves status and VM calls over both
+//! transports, config errors that exit non-zero naming the key, a live
+//! policy change by SIGHUP, and `tern demo --duration`.
+//!
+//! Every wait is bounded; every child is killed by a guard if a test
+//! fails (and so is every workload left in its data directories).
+#![allow(clippy::unwrap_used)] // reason: tests; a failure should fail the test loudly.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// Bound on a node's start (a joiner included).
+const START_BOUND: Duration = Duration::from_secs(120);
+/// Bound on a node's graceful stop after SIGTERM.
+const STOP_BOUND: Duration = Duration::from_secs(30);
+/// Bound on a state the cluster converges to (a VM running, a policy).
+const CONVERGE_BOUND: Duration = Duration::from_secs(60);
+/// Bound on one CLI run.
+const CLI_BOUND: Duration = Duration::from_secs(60);
+
+fn tern() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_tern"))
+}
+
+/// A running `tern run`, killed (with its workloads) on drop.
+struct NodeProc {
+    child: Child,
+    dir: PathBuf,
+    config: PathBuf,
+    log: PathBuf,
+}
+
+impl NodeProc {
+    fn start(base: &Path, name: &str, extra: &str) -> NodeProc {
+        let dir = base.join(name);
+        let config = base.join(format!("{name}.toml"));
+        let log = base.join(format!("{name}.log"));
+        let text = format!("data_dir = {:?}\n{extra}\n", dir.display().to_string());
+        std::fs::write(&config, text).unwrap();
+        let out = std::fs::File::create(&log).unwrap();
+        let child = tern()
+            .args(["run", "--config"])
+            .arg(&config)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .unwrap();
+        NodeProc {
+            child,
+            dir,
+            config,
+            log,
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until the node wrote its node file; returns it.
+    fn wait_up(&mut self) -> Value {
+        let deadline = Instant::now() + START_BOUND;
+        loop {
+            if let Ok(text) = std::fs::read_to_string(self.dir.join("node.json"))
+                && let Ok(v) = serde_json::from_str::<Value>(&text)
+                && v["pid"].as_u64() == Some(u64::from(self.child.id()))
+            {
+                return v;
+            }
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!("node exited while starting ({status}):\n{}", self.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "node did not start within {START_BOUND:?}:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn signal(&self, sig: rustix::process::Signal) {
+        let pid = rustix::process::Pid::from_raw(self.child.id() as i32).unwrap();
+        rustix::process::kill_process(pid, sig).unwrap();
+    }
+
+    /// SIGTERM and wait (bounded) for a clean exit.
+    fn stop(&mut self) -> std::process::ExitStatus {
+        self.signal(rustix::process::Signal::TERM);
+        let deadline = Instant::now() + STOP_BOUND;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "node did not stop within {STOP_BOUND:?}:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for NodeProc {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        for rt in tern_node::node::runtime_dirs(&self.dir) {
+            for (_, identity) in tern_services::runtime::pidfile::live_workloads(&rt) {
+                let _ = identity.signal_group(rustix::process::Signal::KILL);
+            }
+        }
+    }
+}
+
+/// Runs the CLI (bounded); returns its output.
+fn cli(args: &[&str]) -> Output {
+    let mut child = tern()
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + CLI_BOUND;
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!(
+                "`tern {}` did not finish within {CLI_BOUND:?}",
+                args.join(" ")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child.wait_with_output().unwrap()
+}
+
+/// Runs the CLI with `--json`, expecting success; parses stdout.
+fn cli_json(args: &[&str]) -> Value {
+    // Before any `--`: what follows it is a workload's argv.
+    let mut all = args.to_vec();
+    all.insert(1, "--json");
+    let out = cli(&all);
+    assert!(
+        out.status.success(),
+        "`tern {}` failed: {}",
+        all.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "`tern {}` printed no JSON ({e}): {}",
+            all.join(" "),
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
+}
+
+/// Polls `check` every 200 ms until it is `Some`, bounded.
+fn converge<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + CONVERGE_BOUND;
+    loop {
+        if let Some(v) = check() {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {CONVERGE_BOUND:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+const LOOPBACK: &str = r#"
+[listen]
+grpc = "127.0.0.1:0"
+iroh = "127.0.0.1:0"
+metrics = "127.0.0.1:0"
+[vm]
+runtime = "process"
+[capacity]
+vcpus = 4
+memory_mib = 4096
+"#;
+
+fn cluster_section(seed: Option<&Value>) -> String {
+    let mut s = "[cluster]\njoin_token = \"test-token\"\n".to_owned();
+    if let Some(seed) = seed {
+        let iroh: Vec<String> = seed["iroh"]
+            .as_array()
+            .map(|a| a.iter().map(|x| format!("{x}")).collect())
+            .unwrap_or_default();
+        s.push_str(&format!(
+            "join = [{{ id = {}, grpc = {}, iroh = [{}] }}]\n",
+            seed["id"],
+            seed["grpc"],
+            iroh.join(", ")
+        ));
+    }
+    s
+}
+
+#[test]
+fn a_three_node_cluster_forms_and_serves_status_and_vms() {
+    let base = tempfile::tempdir().unwrap();
+    let dual = "[transport]\nmode = \"dual\"\n[transport.migration]\nprefer_iroh = [\"health\", \"status\"]\n";
+    let mut n1 = NodeProc::start(
+        base.path(),
+        "n1",
+        &format!("{LOOPBACK}{}{dual}", cluster_section(None)),
+    );
+    let seed = n1.wait_up();
+    let mut n2 = NodeProc::start(
+        base.path(),
+        "n2",
+        &format!("{LOOPBACK}{}{dual}", cluster_section(Some(&seed))),
+    );
+    n2.wait_up();
+    let mut n3 = NodeProc::start(
+        base.path(),
+        "n3",
+        &format!("{LOOPBACK}{}{dual}", cluster_section(Some(&seed))),
+    );
+    n3.wait_up();
+    let d1 = n1.dir.display().to_string();
+    let d2 = n2.dir.display().to_string();
+    let d3 = n3.dir.display().to_string();
+
+    let status = converge("three voters and a leader", || {
+        let s = cli_json(&["status", "--data-dir", &d3]);
+        let voters = s["members"]
+            .as_array()?
+            .iter()
+            .filter(|m| m["voter"] == Value::Bool(true))
+            .count();
+        (voters == 3 && s["leader_id"].as_u64()? != 0).then_some(s)
+    });
+    assert_eq!(status["policy"]["mode"], "dual");
+    let leader = status["leader_id"].as_u64().unwrap();
+
+    // The same over iroh.
+    let over_iroh = cli_json(&["status", "--data-dir", &d2, "--transport", "iroh"]);
+    assert_eq!(over_iroh["members"].as_array().unwrap().len(), 3);
+
+    // A VM created through a follower's CLI, pinned to the leader.
+    let follower_dir = if leader == 1 { &d2 } else { &d1 };
+    let pin = leader.to_string();
+    let vm = cli_json(&[
+        "vm",
+        "create",
+        "web",
+        "--runtime",
+        "process",
+        "--memory-mib",
+        "64",
+        "--pin-node",
+        &pin,
+        "--data-dir",
+        follower_dir,
+        "--",
+        "sleep",
+        "600",
+    ]);
+    let vm_id = vm["id"].as_str().unwrap().to_owned();
+    assert_eq!(vm["node_id"].as_u64(), Some(leader));
+    converge("the VM running", || {
+        let v = cli_json(&["vm", "status", &vm_id, "--data-dir", &d3]);
+        (v["observed"] == "running").then_some(())
+    });
+    let list = cli_json(&["vm", "list", "--data-dir", &d1, "--transport", "iroh"]);
+    assert_eq!(list.as_array().unwrap().len(), 1);
+    cli_json(&["vm", "delete", &vm_id, "--data-dir", &d2]);
+    converge("the VM gone", || {
+        let out = cli(&["vm", "status", &vm_id, "--data-dir", &d1]);
+        (!out.status.success()).then_some(())
+    });
+    let members = cli_json(&["cluster", "members", "--data-dir", &d1]);
+    assert_eq!(members["members"].as_array().unwrap().len(), 3);
+
+    // A live policy change by SIGHUP; a broken file keeps the old policy.
+    let path = n1.config.clone();
+    let text = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(
+        &path,
+        text.replace(
+            "[\"health\", \"status\"]",
+            "[\"all_except_raft\"]\nraft_transport = \"adaptive\"",
+        ),
+    )
+    .unwrap();
+    n1.signal(rustix::process::Signal::HUP);
+    converge("the new policy in force", || {
+        let p = cli_json(&["transport", "show", "--data-dir", &d1]);
+        (p["prefer_iroh"][0] == "all_except_raft" && p["raft_transport"] == "adaptive")
+            .then_some(())
+    });
+    std::fs::write(&path, "[transport]\nmode = \"quic\"\n").unwrap();
+    n1.signal(rustix::process::Signal::HUP);
+    converge("the reload error in the log", || {
+        n1.log().contains("config reload refused").then_some(())
+    });
+    let p = cli_json(&["transport", "show", "--data-dir", &d1]);
+    assert_eq!(
+        p["prefer_iroh"][0], "all_except_raft",
+        "the old policy stays"
+    );
+
+    for n in [&mut n3, &mut n2, &mut n1] {
+        let status = n.stop();
+        assert!(status.success(), "clean exit: {status}\n{}", n.log());
+    }
+}
+
+fn config_error(extra: &str) -> String {
+    let base = tempfile::tempdir().unwrap();
+    let config = base.path().join("bad.toml");
+    let dir = base.path().join("data");
+    std::fs::write(
+        &config,
+        format!("data_dir = {:?}\n{extra}", dir.display().to_string()),
+    )
+    .unwrap();
+    let out = cli(&["run", "--config", config.to_str().unwrap()]);
+    assert!(!out.status.success(), "a bad config must not start a node");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn config_errors_exit_non_zero_naming_the_key() {
+    let e = config_error("[transport]\nmode = \"quic\"\n");
+    assert!(e.contains("mode") && e.contains("quic"), "{e}");
+    let e = config_error(
+        "[transport]\nmode = \"dual\"\n[transport.migration]\nprefer_iroh = [\"helth\"]\n",
+    );
+    assert!(e.contains("transport.migration.prefer_iroh[0]"), "{e}");
+
+    // A data dir that cannot be created (its parent is a file).
+    let base = tempfile::tempdir().unwrap();
+    let file = base.path().join("a-file");
+    std::fs::write(&file, b"x").unwrap();
+    let config = base.path().join("node.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "data_dir = {:?}\n{LOOPBACK}",
+            file.join("data").display().to_string()
+        ),
+    )
+    .unwrap();
+    let out = cli(&["run", "--config", config.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(e.contains("data_dir"), "{e}");
+}
+
+#[test]
+fn the_demo_runs_and_exits_cleanly() {
+    let out = cli(&["demo", "--duration", "10"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "demo failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("cluster formed: 3 members"), "{stdout}");
+    assert!(stdout.contains("all nodes stopped cleanly"), "{stdout}");
+}
