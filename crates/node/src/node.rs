@@ -10,8 +10,9 @@
 //!    Health, Status and Vm answer `Unavailable` until Raft runs;
 //! 4. builds the [`DualRouter`] over the transports' clients with the
 //!    configured policy, and starts its probes;
-//! 5. starts Raft: resumes when the data directory has a node id,
-//!    initialises a new single-node cluster when `cluster.join` is empty,
+//! 5. starts Raft: resumes when the data directory has a node id (and,
+//!    if its addresses changed since, asks the leader to record the new
+//!    ones), initialises a new single-node cluster when `cluster.join` is empty,
 //!    otherwise joins through the seeds with the join token (retrying with
 //!    capped backoff, logging each attempt);
 //! 6. starts the reconciler with the configured runtime, and copies the
@@ -478,6 +479,16 @@ impl Node {
             }));
         }
 
+        if existing.is_some() {
+            tasks.push(tokio::spawn(announce_address(
+                consensus_dyn.clone(),
+                client.clone(),
+                me.clone(),
+                config.cluster.join_token.clone().unwrap_or_default(),
+                stopped(stop_rx.clone()),
+            )));
+        }
+
         let reconciler = Reconciler::new(
             raft.id(),
             consensus_dyn.clone(),
@@ -600,6 +611,75 @@ impl Node {
             t.abort();
         }
         tracing::info!(elapsed = ?start.elapsed(), "node stopped");
+    }
+}
+
+/// Attempts a restarted member makes to get its new addresses recorded.
+pub const ANNOUNCE_ATTEMPTS: u32 = 10;
+
+/// A restarted member whose addresses changed (other ports) asks the
+/// leader to record its new ones: a Join by a member needs no token and
+/// replaces its record, so that the others reach it again. Nothing to do
+/// when the record already matches.
+async fn announce_address(
+    consensus: Arc<dyn tern_services::consensus::Consensus>,
+    client: Arc<dyn RpcClient>,
+    me: Member,
+    token: String,
+    stop: impl std::future::Future<Output = ()>,
+) {
+    let work = async {
+        let mut status = consensus.status();
+        let mut backoff = JOIN_BACKOFF_MIN;
+        for attempt in 1..=ANNOUNCE_ATTEMPTS {
+            let known = tokio::time::timeout(
+                SELF_ELECTION_WAIT,
+                status.wait_for(|s| s.leader_id.is_some()),
+            )
+            .await
+            .is_ok_and(|r| r.is_ok());
+            let snapshot = status.borrow().clone();
+            if !known {
+                tracing::warn!(
+                    attempt,
+                    "no leader known yet; cannot check this node's recorded address"
+                );
+                continue;
+            }
+            let mine = snapshot
+                .members
+                .iter()
+                .find(|m| m.node_id == snapshot.node_id)
+                .map(|m| m.member.addr.clone());
+            if mine.as_ref() == Some(&me.addr) {
+                return;
+            }
+            let leader = snapshot
+                .leader_id
+                .and_then(|l| snapshot.members.iter().find(|m| m.node_id == l))
+                .map(|m| m.member.addr.clone());
+            let Some(leader) = leader else {
+                tokio::time::sleep(backoff).await;
+                continue;
+            };
+            tracing::info!(
+                attempt,
+                "this node's addresses changed; asking the leader to record the new ones"
+            );
+            match tern_raft_net::request_join(client.as_ref(), &leader, &token, &me).await {
+                Ok(_) => {
+                    tracing::info!("new addresses recorded");
+                    return;
+                }
+                Err(e) => tracing::warn!(attempt, error = %e, "recording the new addresses failed"),
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(JOIN_BACKOFF_MAX);
+        }
+    };
+    tokio::select! {
+        _ = work => {}
+        _ = stop => {}
     }
 }
 

@@ -375,3 +375,323 @@ fn the_demo_runs_and_exits_cleanly() {
     assert!(stdout.contains("cluster formed: 3 members"), "{stdout}");
     assert!(stdout.contains("all nodes stopped cleanly"), "{stdout}");
 }
+
+/// Continuous client traffic from the test process: status from every
+/// node, VM reads and stop/start writes through the followers (which the
+/// VM service forwards to the leader through the node's router). Every
+/// call outcome is counted; failures are kept with their message.
+struct Traffic {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    calls: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    failures: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Traffic {
+    /// Starts traffic to `nodes` (their node files) about `vm_id`.
+    fn start(nodes: Vec<Value>, vm_id: String) -> Traffic {
+        use std::sync::atomic::Ordering;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let calls = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let failures = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (s, c, f) = (stop.clone(), calls.clone(), failures.clone());
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                use tern_protocol::catalog::methods;
+                use tern_protocol::pb;
+                let mut conns = Vec::new();
+                for n in &nodes {
+                    // A throw-away key: an ordinary client, whose VM writes
+                    // a follower forwards to the leader.
+                    let target = tern_node::client::Target {
+                        node: Some(format!(
+                            "{}@{}",
+                            n["id"].as_str().unwrap(),
+                            n["grpc"].as_str().unwrap()
+                        )),
+                        ..Default::default()
+                    };
+                    conns.push(tern_node::client::Conn::open(&target).await.unwrap());
+                }
+                let mut round = 0u64;
+                while !s.load(Ordering::SeqCst) {
+                    for conn in &conns {
+                        let record = |r: Result<(), String>| {
+                            c.fetch_add(1, Ordering::SeqCst);
+                            if let Err(e) = r {
+                                f.lock().unwrap().push(e);
+                            }
+                        };
+                        record(
+                            conn.call::<_, pb::NodeStatus>(
+                                methods::STATUS_GET,
+                                &pb::StatusRequest {},
+                            )
+                            .await
+                            .map(|_| ()),
+                        );
+                        record(
+                            conn.call::<_, pb::HealthCheckResponse>(
+                                methods::HEALTH_CHECK,
+                                &pb::HealthCheckRequest {},
+                            )
+                            .await
+                            .map(|_| ()),
+                        );
+                        record(
+                            conn.call::<_, pb::VmRecord>(
+                                methods::VM_GET,
+                                &pb::GetVmRequest {
+                                    vm_id: vm_id.clone(),
+                                },
+                            )
+                            .await
+                            .map(|_| ()),
+                        );
+                        let method = if round.is_multiple_of(2) {
+                            methods::VM_STOP
+                        } else {
+                            methods::VM_START
+                        };
+                        record(
+                            conn.call::<_, pb::VmRecord>(
+                                method,
+                                &pb::VmActionRequest {
+                                    request_id: tern_node::client::request_id(),
+                                    vm_id: vm_id.clone(),
+                                },
+                            )
+                            .await
+                            .map(|_| ()),
+                        );
+                    }
+                    round += 1;
+                }
+                for conn in conns {
+                    conn.close().await;
+                }
+            });
+        });
+        Traffic {
+            stop,
+            calls,
+            failures,
+            thread: Some(thread),
+        }
+    }
+
+    fn calls(&self) -> u64 {
+        self.calls.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Waits (bounded) until `n` more calls have completed.
+    fn wait_calls(&self, n: u64) {
+        let target = self.calls() + n;
+        converge("client traffic to advance", || {
+            (self.calls() >= target).then_some(())
+        });
+    }
+
+    fn finish(mut self) -> (u64, Vec<String>) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            t.join().unwrap();
+        }
+        (self.calls(), self.failures.lock().unwrap().clone())
+    }
+}
+
+impl Drop for Traffic {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// Starts three nodes with `sections[i]` (beyond data_dir and cluster)
+/// and waits until all three are voters. Returns the nodes and their
+/// node files.
+fn three_nodes(base: &Path, sections: [&str; 3]) -> (Vec<NodeProc>, Vec<Value>) {
+    // [cluster] first: a rollout stage rewrites the file from [transport] on.
+    let mut n1 = NodeProc::start(
+        base,
+        "n1",
+        &format!("{}{}", cluster_section(None), sections[0]),
+    );
+    let seed = n1.wait_up();
+    let mut nodes = vec![n1];
+    let mut files = vec![seed.clone()];
+    for (i, section) in sections.iter().enumerate().skip(1) {
+        let mut n = NodeProc::start(
+            base,
+            &format!("n{}", i + 1),
+            &format!("{}{section}", cluster_section(Some(&seed))),
+        );
+        files.push(n.wait_up());
+        nodes.push(n);
+    }
+    let d = nodes[0].dir.display().to_string();
+    converge("three voters and a leader", || {
+        let s = cli_json(&["status", "--data-dir", &d]);
+        let voters = s["members"]
+            .as_array()?
+            .iter()
+            .filter(|m| m["voter"] == Value::Bool(true))
+            .count();
+        (voters == 3 && s["leader_id"].as_u64()? != 0).then_some(())
+    });
+    (nodes, files)
+}
+
+/// Client calls made over iroh by the node whose metrics are at `file`.
+fn iroh_client_calls(file: &Value) -> f64 {
+    let addr: std::net::SocketAddr = file["metrics"].as_str().unwrap().parse().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let text = rt.block_on(tern_node::demo::scrape(addr)).unwrap();
+    tern_node::demo::sum(
+        &text,
+        tern_protocol::metric_names::CALLS,
+        &[("transport", "iroh"), ("side", "client")],
+    )
+}
+
+#[test]
+fn the_rollout_walks_to_iroh_and_back_with_no_failed_call() {
+    let base = tempfile::tempdir().unwrap();
+    let grpc = format!("{LOOPBACK}[transport]\nmode = \"grpc\"\n");
+    let (mut nodes, files) = three_nodes(base.path(), [&grpc, &grpc, &grpc]);
+    let d1 = nodes[0].dir.display().to_string();
+    let leader = cli_json(&["status", "--data-dir", &d1])["leader_id"]
+        .as_u64()
+        .unwrap()
+        .to_string();
+    let vm = cli_json(&[
+        "vm",
+        "create",
+        "walker",
+        "--runtime",
+        "process",
+        "--memory-mib",
+        "64",
+        "--pin-node",
+        &leader,
+        "--data-dir",
+        &d1,
+        "--",
+        "sleep",
+        "600",
+    ]);
+    let vm_id = vm["id"].as_str().unwrap().to_owned();
+    let traffic = Traffic::start(files.clone(), vm_id.clone());
+    traffic.wait_calls(20);
+
+    let stages: [(&str, &str); 5] = [
+        (
+            "mode = \"dual\"\n[transport.migration]\nprefer_iroh = [\"health\", \"status\"]\n",
+            "dual",
+        ),
+        (
+            "mode = \"dual\"\n[transport.migration]\nprefer_iroh = [\"health\", \"status\", \"monitoring\", \"vm_ops\"]\n",
+            "dual",
+        ),
+        (
+            "mode = \"dual\"\n[transport.migration]\nprefer_iroh = [\"all_except_raft\"]\nraft_transport = \"adaptive\"\n",
+            "dual",
+        ),
+        ("mode = \"iroh\"\n", "iroh"),
+        ("mode = \"grpc\"\n", "grpc"),
+    ];
+    for (section, mode) in stages {
+        for n in &nodes {
+            let text = std::fs::read_to_string(&n.config).unwrap();
+            let head = text.split("[transport]").next().unwrap().to_owned();
+            std::fs::write(&n.config, format!("{head}[transport]\n{section}")).unwrap();
+            n.signal(rustix::process::Signal::HUP);
+        }
+        for n in &nodes {
+            let d = n.dir.display().to_string();
+            converge("the stage's policy on every node", || {
+                let p = cli_json(&["transport", "show", "--data-dir", &d]);
+                (p["mode"] == mode).then_some(())
+            });
+        }
+        traffic.wait_calls(40);
+        if mode == "iroh" {
+            let over_iroh: f64 = files.iter().map(iroh_client_calls).sum();
+            assert!(over_iroh > 0.0, "mode = \"iroh\" carries calls over iroh");
+        }
+    }
+    let (calls, failures) = traffic.finish();
+    assert!(calls > 0);
+    assert!(
+        failures.is_empty(),
+        "{} of {calls} client calls failed during the rollout: {failures:#?}",
+        failures.len()
+    );
+    cli_json(&["vm", "delete", &vm_id, "--data-dir", &d1]);
+    for n in nodes.iter_mut().rev() {
+        let status = n.stop();
+        assert!(status.success(), "clean exit: {status}\n{}", n.log());
+    }
+}
+
+#[test]
+fn a_mixed_cluster_of_one_dual_and_two_grpc_only_nodes_forms_and_serves() {
+    let base = tempfile::tempdir().unwrap();
+    let dual = format!(
+        "{LOOPBACK}[transport]\nmode = \"dual\"\n[transport.migration]\nprefer_iroh = [\"all_except_raft\"]\nraft_transport = \"iroh\"\n"
+    );
+    let grpc_only = LOOPBACK.replace("iroh = \"127.0.0.1:0\"", "iroh = \"off\"")
+        + "[transport]\nmode = \"grpc\"\n";
+    let (mut nodes, _files) = three_nodes(base.path(), [&dual, &grpc_only, &grpc_only]);
+    let d1 = nodes[0].dir.display().to_string();
+    let d2 = nodes[1].dir.display().to_string();
+    let d3 = nodes[2].dir.display().to_string();
+    let s = cli_json(&["status", "--data-dir", &d2]);
+    let serving_iroh = s["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m["serves_iroh"] == Value::Bool(true))
+        .count();
+    assert_eq!(serving_iroh, 1, "only the dual node serves iroh: {s}");
+    let leader = s["leader_id"].as_u64().unwrap().to_string();
+    // Written through the dual node, replicated to the gRPC-only ones.
+    let vm = cli_json(&[
+        "vm",
+        "create",
+        "mixed",
+        "--runtime",
+        "process",
+        "--memory-mib",
+        "64",
+        "--pin-node",
+        &leader,
+        "--data-dir",
+        &d1,
+        "--",
+        "sleep",
+        "600",
+    ]);
+    let vm_id = vm["id"].as_str().unwrap().to_owned();
+    for d in [&d2, &d3] {
+        converge("the VM replicated to a gRPC-only node", || {
+            let list = cli_json(&["vm", "list", "--data-dir", d]);
+            list.as_array()?
+                .iter()
+                .any(|v| v["id"] == vm_id.as_str())
+                .then_some(())
+        });
+    }
+    cli_json(&["vm", "delete", &vm_id, "--data-dir", &d3]);
+    for n in nodes.iter_mut().rev() {
+        let status = n.stop();
+        assert!(status.success(), "clean exit: {status}\n{}", n.log());
+    }
+}
