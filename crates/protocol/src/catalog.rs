@@ -193,6 +193,7 @@ pub const METHODS: &[Method] = &[
     m(Raft, 1, "Vote", true, Control),
     m(Raft, 2, "AppendEntries", true, Replication),
     m(Raft, 3, "Snapshot", true, Bulk),
+    m(Raft, 4, "Propose", true, Normal),
 ];
 
 /// Well-known methods, for callers that name one directly.
@@ -231,6 +232,8 @@ pub mod methods {
     pub const RAFT_APPEND_ENTRIES: &Method = &METHODS[14];
     /// `Raft/Snapshot`.
     pub const RAFT_SNAPSHOT: &Method = &METHODS[15];
+    /// `Raft/Propose`.
+    pub const RAFT_PROPOSE: &Method = &METHODS[16];
 }
 
 #[cfg(test)]
@@ -284,6 +287,7 @@ mod tests {
         assert_eq!(Method::by_grpc_path("garbage"), None);
         assert_eq!(methods::RAFT_SNAPSHOT.name, "Snapshot");
         assert_eq!(methods::VM_MIGRATE.name, "Migrate");
+        assert_eq!(methods::RAFT_PROPOSE.name, "Propose");
     }
 
     /// The few descriptor messages the test needs, declared by hand so the

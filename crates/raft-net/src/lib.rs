@@ -36,7 +36,7 @@ pub mod wire;
 pub use codec::{CodecError, MAX_MESSAGE_LEN, decode, encode, encode_into};
 pub use network::{AddressBook, NetworkFactory, PeerNetwork, SNAPSHOT_CHUNK_SIZE};
 pub use node::{
-    FIRST_NODE_ID, JoinAnswer, RaftNode, RaftNodeError, RaftOptions, read_node_id, request_join,
-    request_leave, write_node_id,
+    FIRST_NODE_ID, JoinAnswer, RaftNode, RaftNodeError, RaftOptions, propose, read_node_id,
+    request_join, request_leave, write_node_id,
 };
 pub use service::{JoinToken, RaftInstance, RaftServices};

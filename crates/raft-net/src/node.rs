@@ -30,7 +30,7 @@ use openraft::{Config, ServerState, SnapshotPolicy};
 use prost::Message;
 use tern_protocol::catalog::methods;
 use tern_protocol::{Call, CallError, Code, PeerAddr, PeerId, RpcClient, pb};
-use tern_store::{LogStore, Member, NodeId, StateMachineStore};
+use tern_store::{Command, LogStore, Member, NodeId, Response, StateMachineStore};
 
 use crate::network::{AddressBook, NetworkFactory, SNAPSHOT_CHUNK_SIZE};
 use crate::service::{Attached, RaftInstance, RaftServices};
@@ -209,6 +209,32 @@ fn parse_members(members: &[pb::Member]) -> Vec<(NodeId, PeerAddr)> {
             Some((m.node_id, addr))
         })
         .collect()
+}
+
+/// Asks `leader` to commit `command` on this member's behalf
+/// (`Raft/Propose`), and returns the state machine's response. For a
+/// follower's writes: its reconciler's reports and forwarded VM writes. The
+/// caller must be a member; a node that is not the leader answers
+/// `FailedPrecondition` naming the leader. Safe to retry: every command
+/// carries a request id the state machine deduplicates.
+pub async fn propose(
+    client: &dyn RpcClient,
+    leader: &PeerAddr,
+    command: &Command,
+    timeout: Duration,
+) -> Result<Response, RaftNodeError> {
+    let payload = crate::wire::wrap(command)
+        .map_err(|e| RaftNodeError::Answer(format!("cannot encode the command: {e}")))?;
+    let call = Call::new(methods::RAFT_PROPOSE, payload).with_timeout(timeout);
+    let bytes = client
+        .call(leader, call)
+        .await
+        .map_err(|error| RaftNodeError::Call {
+            peer: leader.id.short(),
+            error,
+        })?;
+    crate::wire::unwrap::<Response>(bytes)
+        .map_err(|e| RaftNodeError::Answer(format!("propose response: {e}")))
 }
 
 /// Asks the cluster, through `seed`, to let `me` join: calls Join at the

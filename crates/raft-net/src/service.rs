@@ -410,6 +410,12 @@ async fn serve_raft(
         let chunk = pb::SnapshotChunk::decode(payload)
             .map_err(|e| Status::invalid_argument(format!("raft/snapshot: {e}")))?;
         receive_chunk(shared, node, ctx.peer, chunk).await
+    } else if method == methods::RAFT_PROPOSE {
+        // A member's write, committed here on its behalf. Only a leader
+        // commits; a follower answers FailedPrecondition naming the leader.
+        let command: Command = wire::unwrap(payload).map_err(bad)?;
+        let written = node.raft.client_write(command).await.map_err(write_error)?;
+        encode_answer(&written.data)
     } else {
         Err(Status::unimplemented(format!(
             "{} is not served by the Raft service",

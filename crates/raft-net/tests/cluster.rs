@@ -337,3 +337,79 @@ async fn iroh_member_moves_to_a_new_address() {
 async fn grpc_member_moves_to_a_new_address() {
     a_member_moves_to_a_new_address(Grpc).await;
 }
+
+/// A follower's write goes to the leader through `Raft/Propose`: committed
+/// once even when retried; refused at a follower (naming the leader) and
+/// for a non-member.
+async fn members_propose_through_the_leader<F: TransportFactory>(factory: F) {
+    support::init_logs();
+    let mut c = Cluster::start(factory, 3, RaftOptions::default()).await;
+    let leader = c.leader().await;
+    let follower = (0..3).find(|i| *i != leader).unwrap();
+    let bystander = (0..3).find(|i| *i != leader && *i != follower).unwrap();
+    let leader_addr = c.nodes[leader].addr.clone();
+    let client = c.nodes[follower].client();
+
+    let command = support::put_vm(7);
+    let first = tern_raft_net::propose(client.as_ref(), &leader_addr, &command, WAIT)
+        .await
+        .unwrap();
+    assert!(matches!(first, tern_store::Response::Vm(_)), "{first:?}");
+    let retried = tern_raft_net::propose(client.as_ref(), &leader_addr, &command, WAIT)
+        .await
+        .unwrap();
+    assert_eq!(
+        retried, first,
+        "a retry is answered from the deduplication table"
+    );
+    c.nodes[follower].wait_vms(1).await;
+    assert_eq!(c.nodes[leader].vm_count(), 1, "committed once");
+
+    let at_follower = tern_raft_net::propose(
+        client.as_ref(),
+        &c.nodes[bystander].addr,
+        &support::put_vm(8),
+        WAIT,
+    )
+    .await
+    .unwrap_err();
+    match at_follower {
+        tern_raft_net::RaftNodeError::Call {
+            error: CallError::Application(s),
+            ..
+        } => {
+            assert_eq!(s.code, Code::FailedPrecondition, "{s}");
+            assert!(s.message.contains("leader"), "{s}");
+        }
+        other => panic!("expected FailedPrecondition, got {other}"),
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let outsider = TestNode::boot(&c.factory, &dir.path().join("outsider"), loopback()).await;
+    let refused = tern_raft_net::propose(
+        outsider.client().as_ref(),
+        &leader_addr,
+        &support::put_vm(9),
+        WAIT,
+    )
+    .await
+    .unwrap_err();
+    match refused {
+        tern_raft_net::RaftNodeError::Call {
+            error: CallError::Application(s),
+            ..
+        } => assert_eq!(s.code, Code::PermissionDenied, "{s}"),
+        other => panic!("expected PermissionDenied, got {other}"),
+    }
+    c.stop_all().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn iroh_members_propose_through_the_leader() {
+    members_propose_through_the_leader(Iroh).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn grpc_members_propose_through_the_leader() {
+    members_propose_through_the_leader(Grpc).await;
+}

@@ -81,6 +81,13 @@ impl Raft for RawRaft {
             data: Bytes::copy_from_slice(&len.to_le_bytes()),
         }))
     }
+
+    async fn propose(
+        &self,
+        request: tonic::Request<pb::RaftPayload>,
+    ) -> Result<tonic::Response<pb::RaftPayload>, tonic::Status> {
+        Ok(tonic::Response::new(request.into_inner()))
+    }
 }
 
 /// Starts a bare tonic server with [`RawRaft`] and returns a client to it.

@@ -551,6 +551,7 @@ serve!(raft_server::Raft {
     vote(RaftPayload) -> RaftPayload = RAFT_VOTE;
     append_entries(RaftPayload) -> RaftPayload = RAFT_APPEND_ENTRIES;
     snapshot(SnapshotChunk) -> RaftPayload = RAFT_SNAPSHOT;
+    propose(RaftPayload) -> RaftPayload = RAFT_PROPOSE;
 });
 
 /// Tower layer that authenticates callers and proves this node's identity
