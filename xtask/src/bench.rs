@@ -249,7 +249,10 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
         if quick { " (--quick)" } else { "" }
     );
     let mut cmd = crate::cargo();
-    cmd.args(["bench", "--workspace", "--benches", "--"]);
+    // `--bench '*'`: the criterion bench targets only. `--benches` would
+    // also run every library's libtest harness, which refuses criterion's
+    // options such as `--quick`.
+    cmd.args(["bench", "--workspace", "--bench", "*", "--"]);
     if quick {
         cmd.arg("--quick");
     }
