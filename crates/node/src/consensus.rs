@@ -1,25 +1,33 @@
 //! [`RaftConsensus`]: the services' [`Consensus`] trait over a running
 //! [`RaftNode`], so that no service names openraft.
 //!
-//! Writes go to openraft's `client_write`; on a follower they answer
-//! [`ConsensusError::NotLeader`] (the VM service then forwards the client's
-//! call to the leader itself). The status watch is fed from openraft's
-//! metrics watch by a task that ends when Raft stops.
+//! Writes go to openraft's `client_write`. On a follower they are sent to
+//! the leader with `Raft/Propose` (through the node's router), so a
+//! follower's reconciler reports and a member's VM writes land wherever they
+//! start; a command carries a request id, so a retried forward is applied
+//! once. With no leader known, or when the leader changed mid-way, the
+//! write answers [`ConsensusError::NotLeader`]. The status watch is fed
+//! from openraft's metrics watch by a task that ends when Raft stops.
 
 use std::sync::Arc;
 
 use openraft::ServerState;
 use openraft::async_runtime::WatchReceiver;
 use openraft::errors::{ClientWriteError, RaftError};
-use tern_protocol::BoxFuture;
-use tern_raft_net::RaftNode;
+use tern_protocol::{BoxFuture, CallError, Code, RpcClient};
+use tern_raft_net::{RaftNode, RaftNodeError};
 use tern_services::consensus::{Consensus, ConsensusError, MemberStatus, RaftRole, RaftStatus};
 use tern_store::{ClusterState, Command, Response};
 use tokio::sync::watch;
 
+/// Bound on one forward to the leader; the services bound the whole write
+/// by `WRITE_TIMEOUT` as well.
+pub const PROPOSE_TIMEOUT: std::time::Duration = tern_services::consensus::WRITE_TIMEOUT;
+
 /// openraft behind the [`Consensus`] trait.
 pub struct RaftConsensus {
     node: Arc<RaftNode>,
+    client: Arc<dyn RpcClient>,
     status: watch::Receiver<RaftStatus>,
 }
 
@@ -62,9 +70,10 @@ pub fn to_status(m: &Metrics) -> RaftStatus {
 }
 
 impl RaftConsensus {
-    /// The adapter over `node`; spawns the task that mirrors Raft's
-    /// metrics into the status watch.
-    pub fn new(node: Arc<RaftNode>) -> Arc<RaftConsensus> {
+    /// The adapter over `node`, forwarding a follower's writes through
+    /// `client` (the node's router, calling as the node); spawns the task
+    /// that mirrors Raft's metrics into the status watch.
+    pub fn new(node: Arc<RaftNode>, client: Arc<dyn RpcClient>) -> Arc<RaftConsensus> {
         let mut metrics = node.raft().metrics();
         let (tx, status) = watch::channel(to_status(&metrics.borrow_watched()));
         tokio::spawn(async move {
@@ -75,19 +84,46 @@ impl RaftConsensus {
                 }
             }
         });
-        Arc::new(RaftConsensus { node, status })
+        Arc::new(RaftConsensus {
+            node,
+            client,
+            status,
+        })
     }
 }
 
 impl Consensus for RaftConsensus {
     fn write(&self, command: Command) -> BoxFuture<'_, Result<Response, ConsensusError>> {
         Box::pin(async move {
+            let command_copy = command.clone();
             match self.node.raft().client_write(command).await {
                 Ok(written) => Ok(written.data),
                 Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
-                    Err(ConsensusError::NotLeader {
-                        leader: f.leader_id,
-                    })
+                    let Some(leader) = &f.leader_node else {
+                        return Err(ConsensusError::NotLeader {
+                            leader: f.leader_id,
+                        });
+                    };
+                    match tern_raft_net::propose(
+                        self.client.as_ref(),
+                        &leader.addr,
+                        &command_copy,
+                        PROPOSE_TIMEOUT,
+                    )
+                    .await
+                    {
+                        Ok(response) => Ok(response),
+                        Err(RaftNodeError::Call {
+                            error: CallError::Application(s),
+                            ..
+                        }) if s.code == Code::FailedPrecondition => {
+                            // Leadership moved while the write travelled.
+                            Err(ConsensusError::NotLeader { leader: None })
+                        }
+                        Err(e) => Err(ConsensusError::Unavailable {
+                            reason: format!("forwarding to leader {:?}: {e}", f.leader_id),
+                        }),
+                    }
                 }
                 Err(e) => Err(ConsensusError::Unavailable {
                     reason: e.to_string(),

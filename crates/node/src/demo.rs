@@ -9,8 +9,8 @@
 //!    `node.json`, then starts nodes 2 and 3 joining through it. Each child
 //!    runs in its own process group, so Ctrl-C reaches the demo alone and
 //!    the demo shuts the children down in order.
-//! 3. Creates a VM running `sleep` on the process runtime, pinned to the
-//!    leader.
+//! 3. Creates a VM running `sleep` on the process runtime, wherever
+//!    placement puts it (a follower reports its state through the leader).
 //! 4. Every [`REFRESH`] shows each node's role, term, applied index, and
 //!    from its `/metrics`: calls, mean latency and bytes per transport, and
 //!    router fallbacks; until Ctrl-C, SIGTERM or `--duration` seconds.
@@ -390,14 +390,12 @@ async fn live(
         status.members.len(),
         status.leader_id
     );
-    let leader_id = status.leader_id;
     let spec = pb::VmSpec {
         name: "demo-sleeper".into(),
         vcpus: 1,
         memory_mib: 64,
         runtime: "process".into(),
         command: vec!["sleep".into(), "3600".into()],
-        pin_node: leader_id,
         ..Default::default()
     };
     let vm: pb::VmRecord = first

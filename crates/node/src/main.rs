@@ -127,7 +127,8 @@ enum VmCommand {
         /// Memory, MiB.
         #[arg(long, default_value_t = 128)]
         memory_mib: u64,
-        /// "process" or "microvm" (empty: the node's default).
+        /// "process" or "microvm" (empty: "process" when a command is
+        /// given, else the node's default).
         #[arg(long, default_value = "")]
         runtime: String,
         /// microvm: guest kernel path on the node.
@@ -295,7 +296,13 @@ fn main() -> ExitCode {
                     name,
                     vcpus,
                     memory_mib,
-                    runtime,
+                    // A command and no runtime: the process runtime (the
+                    // node's default may be microvm, which needs a kernel).
+                    runtime: if runtime.is_empty() && !command.is_empty() {
+                        "process".into()
+                    } else {
+                        runtime
+                    },
                     kernel,
                     initrd,
                     image,

@@ -445,7 +445,7 @@ impl Node {
             }
         };
         let raft = Arc::new(raft);
-        let consensus = RaftConsensus::new(raft.clone());
+        let consensus = RaftConsensus::new(raft.clone(), client.clone());
         let consensus_dyn: Arc<dyn tern_services::consensus::Consensus> = consensus.clone();
 
         let facts: Arc<dyn NodeInfo> = Arc::new(Facts {

@@ -252,9 +252,14 @@ fn a_three_node_cluster_forms_and_serves_status_and_vms() {
     let over_iroh = cli_json(&["status", "--data-dir", &d2, "--transport", "iroh"]);
     assert_eq!(over_iroh["members"].as_array().unwrap().len(), 3);
 
-    // A VM created through a follower's CLI, pinned to the leader.
+    // A VM created through a follower's CLI and placed on that follower:
+    // the write and the follower's reports reach Raft through the leader.
     let follower_dir = if leader == 1 { &d2 } else { &d1 };
-    let pin = leader.to_string();
+    let follower = cli_json(&["status", "--data-dir", follower_dir])["node_id"]
+        .as_u64()
+        .unwrap();
+    assert_ne!(follower, leader);
+    let pin = follower.to_string();
     let vm = cli_json(&[
         "vm",
         "create",
@@ -272,7 +277,7 @@ fn a_three_node_cluster_forms_and_serves_status_and_vms() {
         "600",
     ]);
     let vm_id = vm["id"].as_str().unwrap().to_owned();
-    assert_eq!(vm["node_id"].as_u64(), Some(leader));
+    assert_eq!(vm["node_id"].as_u64(), Some(follower));
     converge("the VM running", || {
         let v = cli_json(&["vm", "status", &vm_id, "--data-dir", &d3]);
         (v["observed"] == "running").then_some(())
