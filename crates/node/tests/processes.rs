@@ -292,6 +292,35 @@ fn a_three_node_cluster_forms_and_serves_status_and_vms() {
     let members = cli_json(&["cluster", "members", "--data-dir", &d1]);
     assert_eq!(members["members"].as_array().unwrap().len(), 3);
 
+    // `tern transport set`: edits the file, checks it, SIGHUPs the node and
+    // waits until the node reports the new policy.
+    let set = cli_json(&[
+        "transport",
+        "set",
+        "--config",
+        n2.config.to_str().unwrap(),
+        "--prefer-iroh",
+        "health,status,vm_ops",
+    ]);
+    assert_eq!(set["mode"], "dual");
+    assert_eq!(
+        set["prefer_iroh"],
+        serde_json::json!(["health", "status", "vm"])
+    );
+    let shown = cli_json(&["transport", "show", "--data-dir", &d2]);
+    assert_eq!(shown, set);
+    let refused = cli(&[
+        "transport",
+        "set",
+        "--config",
+        n2.config.to_str().unwrap(),
+        "--mode",
+        "quic",
+    ]);
+    assert!(!refused.status.success(), "a bad policy is refused");
+    let e = String::from_utf8_lossy(&refused.stderr);
+    assert!(e.contains("mode") && e.contains("not changed"), "{e}");
+
     // A live policy change by SIGHUP; a broken file keeps the old policy.
     let path = n1.config.clone();
     let text = std::fs::read_to_string(&path).unwrap();
