@@ -20,6 +20,15 @@ use crate::client::{Conn, request_id};
 use crate::config::Config;
 use crate::node::NodeFile;
 
+/// Prints a line to stdout, ignoring a closed pipe (`tern vm list | head`
+/// must not panic).
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
 /// How long `tern transport set` waits for the node to show the new
 /// policy after SIGHUP.
 pub const POLICY_APPLY_WAIT: Duration = Duration::from_secs(10);
@@ -130,7 +139,7 @@ fn print_table(header: &[&str], rows: &[Vec<String>]) {
             let w = widths.get(i).copied().unwrap_or(0);
             s.push_str(&format!("{c:<w$}  "));
         }
-        println!("{}", s.trim_end());
+        out!("{}", s.trim_end());
     };
     line(header.iter().map(|h| h.to_uppercase()).collect());
     for r in rows {
@@ -178,12 +187,12 @@ pub async fn status(conn: &Conn, out: Out) -> Result<(), String> {
         .call(methods::STATUS_GET, &pb::StatusRequest {})
         .await?;
     if out.json {
-        println!("{}", status_json(&s));
+        out!("{}", status_json(&s));
         return Ok(());
     }
     let a = s.address.clone().unwrap_or_default();
-    println!("node       {} ({})", s.node_id, hex(&a.endpoint_id));
-    println!(
+    out!("node       {} ({})", s.node_id, hex(&a.endpoint_id));
+    out!(
         "role       {} (term {}, leader {})",
         role_name(s.role),
         s.term,
@@ -193,8 +202,8 @@ pub async fn status(conn: &Conn, out: Out) -> Result<(), String> {
             s.leader_id.to_string()
         }
     );
-    println!("applied    {} / commit {}", s.applied_index, s.commit_index);
-    println!(
+    out!("applied    {} / commit {}", s.applied_index, s.commit_index);
+    out!(
         "grpc       {}",
         if a.grpc_url.is_empty() {
             "off".into()
@@ -202,7 +211,7 @@ pub async fn status(conn: &Conn, out: Out) -> Result<(), String> {
             a.grpc_url.clone()
         }
     );
-    println!(
+    out!(
         "iroh       {}",
         if a.iroh_direct_addrs.is_empty() {
             "off".into()
@@ -211,9 +220,9 @@ pub async fn status(conn: &Conn, out: Out) -> Result<(), String> {
         }
     );
     if let Some(p) = &s.policy {
-        println!("policy     {}", policy_line(p));
+        out!("policy     {}", policy_line(p));
     }
-    println!("version    {} (up {} s)\n", s.version, s.uptime_ms / 1000);
+    out!("version    {} (up {} s)\n", s.version, s.uptime_ms / 1000);
     print_table(
         &["node", "id", "role", "grpc", "iroh", "capacity"],
         &members_rows(&s.members, s.leader_id),
@@ -265,7 +274,7 @@ const VM_HEADER: [&str; 8] = [
 /// Prints one VM.
 pub fn print_vm(v: &pb::VmRecord, out: Out) {
     if out.json {
-        println!("{}", vm_json(v));
+        out!("{}", vm_json(v));
     } else {
         print_table(&VM_HEADER, &vm_rows(std::slice::from_ref(v)));
     }
@@ -330,9 +339,9 @@ pub async fn vm(conn: &Conn, cmd: VmCmd, out: Out) -> Result<(), String> {
                 .call(methods::VM_LIST, &pb::ListVmsRequest { node_id })
                 .await?;
             if out.json {
-                println!("{}", Value::Array(list.vms.iter().map(vm_json).collect()));
+                out!("{}", Value::Array(list.vms.iter().map(vm_json).collect()));
             } else if list.vms.is_empty() {
-                println!("no VMs (create one with `tern vm create NAME -- COMMAND...`)");
+                out!("no VMs (create one with `tern vm create NAME -- COMMAND...`)");
             } else {
                 print_table(&VM_HEADER, &vm_rows(&list.vms));
             }
@@ -349,7 +358,7 @@ pub async fn members(conn: &Conn, out: Out) -> Result<(), String> {
         .call(methods::CLUSTER_MEMBERS, &pb::MembersRequest {})
         .await?;
     if out.json {
-        println!(
+        out!(
             "{}",
             json!({
                 "leader_id": m.leader_id,
@@ -381,17 +390,17 @@ pub async fn leave(conn: &Conn, node_id: Option<u64>, out: Out) -> Result<(), St
         .call(methods::CLUSTER_LEAVE, &pb::LeaveRequest { node_id })
         .await?;
     if out.json {
-        println!(
+        out!(
             "{}",
             json!({"left": node_id, "members": r.members.iter().map(member_json).collect::<Vec<_>>()})
         );
     } else {
-        println!("node {node_id} left the cluster; members now:");
+        out!("node {node_id} left the cluster; members now:");
         print_table(
             &["node", "id", "role", "grpc", "iroh", "capacity"],
             &members_rows(&r.members, 0),
         );
-        println!("\nstop its `tern run` process; its data directory can be removed.");
+        out!("\nstop its `tern run` process; its data directory can be removed.");
     }
     Ok(())
 }
@@ -412,15 +421,15 @@ pub async fn join_info(conn: &Conn, out: Out) -> Result<(), String> {
         .collect::<Vec<_>>()
         .join(", ");
     if out.json {
-        println!(
+        out!(
             "{}",
             json!({"id": id, "grpc": a.grpc_url, "iroh": a.iroh_direct_addrs})
         );
         return Ok(());
     }
-    println!("# A node joins when it starts. In the new node's config file:");
-    println!("[cluster]");
-    println!("join_token = \"<the cluster's join token>\"");
+    out!("# A node joins when it starts. In the new node's config file:");
+    out!("[cluster]");
+    out!("join_token = \"<the cluster's join token>\"");
     let mut seed = format!("join = [{{ id = \"{id}\"");
     if !a.grpc_url.is_empty() {
         seed.push_str(&format!(", grpc = \"{}\"", a.grpc_url));
@@ -429,8 +438,8 @@ pub async fn join_info(conn: &Conn, out: Out) -> Result<(), String> {
         seed.push_str(&format!(", iroh = [{iroh}]"));
     }
     seed.push_str(" }]");
-    println!("{seed}");
-    println!("# then: tern run --config NEW_NODE.toml");
+    out!("{seed}");
+    out!("# then: tern run --config NEW_NODE.toml");
     Ok(())
 }
 
@@ -441,14 +450,14 @@ pub async fn transport_show(conn: &Conn, out: Out) -> Result<(), String> {
         .await?;
     let p = s.policy.unwrap_or_default();
     if out.json {
-        println!("{}", policy_json(&p));
+        out!("{}", policy_json(&p));
     } else {
-        println!("[transport]");
-        println!("mode = {:?}", p.mode);
-        println!("[transport.migration]");
-        println!("prefer_iroh = {:?}", p.prefer_iroh);
-        println!("raft_transport = {:?}", p.raft_transport);
-        println!("fallback_to_grpc = {}", p.fallback_to_grpc);
+        out!("[transport]");
+        out!("mode = {:?}", p.mode);
+        out!("[transport.migration]");
+        out!("prefer_iroh = {:?}", p.prefer_iroh);
+        out!("raft_transport = {:?}", p.raft_transport);
+        out!("fallback_to_grpc = {}", p.fallback_to_grpc);
     }
     Ok(())
 }
@@ -537,9 +546,9 @@ pub async fn transport_set(
             .await?;
         if s.policy.as_ref() == Some(&want) {
             if out.json {
-                println!("{}", policy_json(&want));
+                out!("{}", policy_json(&want));
             } else {
-                println!("applied: {}", policy_line(&want));
+                out!("applied: {}", policy_line(&want));
             }
             return Ok(());
         }
