@@ -561,3 +561,46 @@ pub async fn transport_set(
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transport_set_rewrites_only_the_policy_and_checks_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.toml");
+        std::fs::write(
+            &path,
+            "data_dir = \"/var/lib/tern\"\n[listen]\ngrpc = \"127.0.0.1:7400\"\n[transport]\nmode = \"grpc\"\n",
+        )
+        .unwrap();
+        let edit = PolicyEdit {
+            mode: Some("dual".into()),
+            prefer_iroh: Some(vec!["health".into(), "status".into()]),
+            raft_transport: Some("adaptive".into()),
+            fallback_to_grpc: None,
+        };
+        let text = edit_config(&path, &edit).unwrap();
+        let checked = Config::parse(&text).unwrap();
+        assert_eq!(
+            checked.config.data_dir,
+            std::path::PathBuf::from("/var/lib/tern")
+        );
+        let p = checked.policy.to_config();
+        assert_eq!(p.mode.as_str(), "dual");
+        assert_eq!(p.migration.prefer_iroh, vec!["health", "status"]);
+        assert_eq!(p.migration.raft_transport.as_str(), "adaptive");
+        assert!(p.migration.fallback_to_grpc);
+
+        let bad = PolicyEdit {
+            prefer_iroh: Some(vec!["helth".into()]),
+            ..PolicyEdit::default()
+        };
+        let e = edit_config(&path, &bad).unwrap_err();
+        assert!(
+            e.contains("prefer_iroh[0]") && e.contains("not changed"),
+            "{e}"
+        );
+    }
+}

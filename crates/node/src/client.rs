@@ -346,3 +346,39 @@ pub fn explain(method: &Method, e: &CallError) -> String {
         ),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_addresses_parse_with_either_or_both_transports() {
+        let id = "ab".repeat(32);
+        let p = parse_node(&format!("{id}@http://127.0.0.1:7400")).unwrap();
+        assert_eq!(p.grpc.as_deref(), Some("http://127.0.0.1:7400"));
+        assert!(p.iroh.is_none());
+        let p = parse_node(&format!("{id}@http://127.0.0.1:7400,127.0.0.1:7401")).unwrap();
+        assert_eq!(
+            p.iroh.unwrap().direct,
+            vec!["127.0.0.1:7401".parse::<std::net::SocketAddr>().unwrap()]
+        );
+        assert!(parse_node("no-at-sign").unwrap_err().contains("ID@URL"));
+        assert!(parse_node("abc@http://x:1").unwrap_err().contains("id"));
+        assert!(
+            parse_node(&format!("{id}@"))
+                .unwrap_err()
+                .contains("no address")
+        );
+        assert!(
+            parse_node(&format!("{id}@localhost"))
+                .unwrap_err()
+                .contains("neither")
+        );
+    }
+
+    #[test]
+    fn request_ids_differ() {
+        assert_ne!(request_id(), request_id());
+        assert!(request_id().starts_with("cli-"));
+    }
+}

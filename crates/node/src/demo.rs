@@ -590,3 +590,29 @@ async fn frame(
     out.push('\n');
     print!("{out}");
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn traffic_is_read_per_transport_from_the_exposition() {
+        let text = r#"# TYPE tern_transport_calls_total counter
+tern_transport_calls_total{transport="grpc",service="raft",method="Vote",side="client",outcome="ok"} 5
+tern_transport_calls_total{transport="grpc",service="vm",method="Get",side="client",outcome="ok"} 2
+tern_transport_calls_total{transport="grpc",service="vm",method="Get",side="server",outcome="ok"} 9
+tern_transport_calls_total{transport="iroh",service="status",method="Get",side="client",outcome="ok"} 3
+tern_transport_call_seconds_sum{transport="iroh",service="status",method="Get",side="client"} 0.006
+tern_transport_call_seconds_count{transport="iroh",service="status",method="Get",side="client"} 3
+tern_router_fallbacks_total{service="vm",method="Get",reason="timed_out"} 1
+"#;
+        let t = traffic(text);
+        assert_eq!(t.calls["grpc"], 7.0);
+        assert_eq!(t.calls["iroh"], 3.0);
+        assert!((t.mean_ms["iroh"] - 2.0).abs() < 1e-9);
+        assert_eq!(t.mean_ms["grpc"], 0.0);
+        assert_eq!(t.fallbacks, 1.0);
+        assert_eq!(whole(-0.0), 0);
+        assert_eq!(whole(2.6), 3);
+    }
+}

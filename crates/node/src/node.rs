@@ -801,3 +801,46 @@ pub fn served(file: &NodeFile) -> Vec<TransportKind> {
     }
     v
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pem_bodies_decode() {
+        assert_eq!(base64_decode("aGVsbG8=").unwrap(), b"hello");
+        assert_eq!(base64_decode("aGVs\nbG8h").unwrap(), b"hello!");
+        assert!(base64_decode("a*b").is_none());
+        let dir = tempfile::tempdir().unwrap();
+        let pem = dir.path().join("ca.pem");
+        std::fs::write(
+            &pem,
+            "-----BEGIN CERTIFICATE-----\naGVsbG8=\n-----END CERTIFICATE-----\n",
+        )
+        .unwrap();
+        assert_eq!(read_pem_cert(&pem).unwrap(), b"hello");
+        std::fs::write(&pem, "not a pem").unwrap();
+        let e = read_pem_cert(&pem).unwrap_err().to_string();
+        assert!(e.contains("iroh.relay_ca_cert"), "{e}");
+    }
+
+    #[test]
+    fn a_node_file_names_the_node() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = NodeFile {
+            id: "cd".repeat(32),
+            grpc: Some("http://127.0.0.1:1".into()),
+            iroh: Some(vec!["127.0.0.1:2".parse().unwrap()]),
+            metrics: None,
+            pid: 42,
+        };
+        file.write(dir.path()).unwrap();
+        let back = NodeFile::read(dir.path()).unwrap();
+        assert_eq!(back, file);
+        let addr = back.peer_addr().unwrap();
+        assert!(addr.transports().grpc && addr.transports().iroh);
+        assert_eq!(served(&back).len(), 2);
+        let e = NodeFile::read(&dir.path().join("none")).unwrap_err();
+        assert!(e.contains("tern run"), "{e}");
+    }
+}
