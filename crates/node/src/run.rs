@@ -36,7 +36,9 @@ pub fn load(config: Option<&Path>) -> Result<Checked, ConfigError> {
 }
 
 /// Re-reads `path` and applies its `[transport]` section to `node`.
-pub fn reload(node: &Node, path: &Path, running: &Checked) {
+/// Returns the file as applied, or `None` when it was refused (logged
+/// with the key; the old policy stays).
+pub fn reload(node: &Node, path: &Path, running: &Checked) -> Option<Checked> {
     match Config::load(path) {
         Ok(new) => {
             let (a, b) = (&running.config, &new.config);
@@ -55,12 +57,14 @@ pub fn reload(node: &Node, path: &Path, running: &Checked) {
                     key = "transport.mode",
                     "config reload refused: the new policy sends traffic over iroh but this node does not serve iroh (listen.iroh was off at start); the old policy stays"
                 );
-                return;
+                return None;
             }
-            node.set_policy(new.policy);
+            node.set_policy(new.policy.clone());
+            Some(new)
         }
         Err(e) => {
             tracing::error!(key = %e.key, error = %e, "config reload refused; the old transport policy stays");
+            None
         }
     }
 }
@@ -88,9 +92,11 @@ pub async fn run(config_path: Option<PathBuf>) -> Result<(), StartError> {
             _ = hup.recv() => match &config_path {
                 Some(path) => {
                     tracing::info!(file = %path.display(), "SIGHUP: reloading [transport]");
-                    reload(&node, path, &running);
-                    if let Ok(new) = Config::load(path) {
+                    if let Some(new) = reload(&node, path, &running) {
+                        // Sections that need a restart keep their values
+                        // at start, so a later reload warns again.
                         running.policy = new.policy;
+                        running.config.transport = new.config.transport;
                     }
                 }
                 None => tracing::warn!("SIGHUP: no config file to reload (start with --config FILE)"),
