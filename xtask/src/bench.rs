@@ -136,6 +136,38 @@ const ROWS: &[Row] = &[
         seed: None,
         target: "",
     },
+    Row {
+        figure: "Raft commits, 3 nodes, 1 writer — iroh (seed: openraft, no network/disk)",
+        id: "raft/commit_1_writer/iroh",
+        kind: Kind::Elements,
+        baseline: None,
+        seed: Some(33e3),
+        target: "",
+    },
+    Row {
+        figure: "Raft commits, 3 nodes, 1 writer — gRPC (seed: openraft, no network/disk)",
+        id: "raft/commit_1_writer/grpc",
+        kind: Kind::Elements,
+        baseline: None,
+        seed: Some(33e3),
+        target: "",
+    },
+    Row {
+        figure: "Raft commits, 3 nodes, 64 writers — iroh (seed: openraft, no network/disk)",
+        id: "raft/commit_64_writers/iroh",
+        kind: Kind::Elements,
+        baseline: None,
+        seed: Some(912e3),
+        target: "",
+    },
+    Row {
+        figure: "Raft commits, 3 nodes, 64 writers — gRPC (seed: openraft, no network/disk)",
+        id: "raft/commit_64_writers/grpc",
+        kind: Kind::Elements,
+        baseline: None,
+        seed: Some(912e3),
+        target: "",
+    },
 ];
 
 /// One measured figure.
@@ -211,7 +243,7 @@ fn human(value: f64, kind: Kind) -> String {
         Kind::Time => format!("{value:.1} ns"),
         Kind::Bytes if value >= 1e9 => format!("{:.2} GB/s", value / 1e9),
         Kind::Bytes => format!("{:.1} MB/s", value / 1e6),
-        Kind::Elements => format!("{value:.0} calls/s"),
+        Kind::Elements => format!("{value:.0} /s"),
     }
 }
 
@@ -309,7 +341,7 @@ fn report(target: &Path, quick: bool) -> anyhow::Result<()> {
         )?;
         json_rows.push(serde_json::json!({
             "figure": row.figure, "id": row.id, "ours": ours, "baseline": base, "seed": row.seed,
-            "unit": match row.kind { Kind::Time => "ns", Kind::Bytes => "bytes/s", Kind::Elements => "calls/s" },
+            "unit": match row.kind { Kind::Time => "ns", Kind::Bytes => "bytes/s", Kind::Elements => "per second" },
         }));
     }
     writeln!(
