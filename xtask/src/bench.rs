@@ -273,8 +273,16 @@ fn machine() -> String {
 
 pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
     let quick = args.iter().any(|a| a == "--quick");
-    if let Some(other) = args.iter().find(|a| *a != "--quick") {
-        bail!("unknown bench option {other:?} (expected --quick)");
+    let report_only = args.iter().any(|a| a == "--report-only");
+    if let Some(other) = args
+        .iter()
+        .find(|a| *a != "--quick" && *a != "--report-only")
+    {
+        bail!("unknown bench option {other:?} (expected --quick or --report-only)");
+    }
+    if report_only {
+        // Re-tabulate the figures of the last run without measuring again.
+        return report(&crate::target_dir(), quick);
     }
     println!(
         "xtask: running every criterion bench{}",

@@ -28,6 +28,7 @@ commands:
                          for every workspace crate, each on its own
   bench [--quick]        run every criterion bench and print the comparison
                          table (also written to target/bench-report/)
+  bench --report-only    print the table again from the last run's figures
   prereqs                only install the test prerequisites
 ";
 
