@@ -1,7 +1,11 @@
 //! Integration tests with real `tern` processes on loopback: a 3-node
 //! cluster that forms and serves status and VM calls over both
-//! transports, config errors that exit non-zero naming the key, a live
-//! policy change by SIGHUP, and `tern demo --duration`.
+//! transports (a VM on a follower included), config errors that exit
+//! non-zero naming the key, live policy changes by SIGHUP and by
+//! `tern transport set`, the rollout walk to iroh and back under client
+//! traffic with no failed call, a mixed cluster (one dual node, two
+//! gRPC-only) that replicates and lets a member leave, and
+//! `tern demo --duration`.
 //!
 //! Every wait is bounded; every child is killed by a guard if a test
 //! fails (and so is every workload left in its data directories).
@@ -724,6 +728,23 @@ fn a_mixed_cluster_of_one_dual_and_two_grpc_only_nodes_forms_and_serves() {
         });
     }
     cli_json(&["vm", "delete", &vm_id, "--data-dir", &d3]);
+
+    // A follower leaves with its own key (`--data-dir`).
+    let s3 = cli_json(&["status", "--data-dir", &d3]);
+    let (leaver, leaver_dir) = if s3["role"] == "leader" {
+        (
+            cli_json(&["status", "--data-dir", &d2])["node_id"].clone(),
+            &d2,
+        )
+    } else {
+        (s3["node_id"].clone(), &d3)
+    };
+    let left = cli_json(&["cluster", "leave", "--data-dir", leaver_dir]);
+    assert_eq!(left["left"], leaver);
+    converge("two members left", || {
+        let m = cli_json(&["cluster", "members", "--data-dir", &d1]);
+        (m["members"].as_array()?.len() == 2).then_some(())
+    });
     for n in nodes.iter_mut().rev() {
         let status = n.stop();
         assert!(status.success(), "clean exit: {status}\n{}", n.log());
