@@ -27,6 +27,16 @@ const TOOLS: &[Tool] = &[
         package: "prometheus",
         why: "the monitoring test validates the exposition with `promtool check metrics`",
     },
+    Tool {
+        command: "qemu-system-x86_64",
+        package: "qemu-system-x86",
+        why: "the microvm runtime test boots a real guest under QEMU",
+    },
+    Tool {
+        command: "busybox",
+        package: "busybox-static",
+        why: "the microvm runtime test builds its guest's initramfs from busybox",
+    },
 ];
 
 /// Python packages for the gRPC interoperability test.
