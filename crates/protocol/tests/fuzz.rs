@@ -69,6 +69,11 @@ fn largest_allocation(f: impl FnOnce()) -> usize {
     LARGEST.with(|l| l.get())
 }
 
+/// The one small allocation `bytes` makes when it first splits a
+/// `Vec`-backed `BytesMut` (its shared-storage header), whatever the
+/// payload's size; the payload itself is never copied by `decode`.
+const BYTES_BOOKKEEPING: usize = 64;
+
 fn cases() -> u32 {
     if cfg!(feature = "fuzz") {
         std::env::var("TERN_FUZZ_CASES")
@@ -192,7 +197,7 @@ proptest! {
         // (the buffer is the caller's).
         let mut buf = BytesMut::from(&input[..]);
         let largest = largest_allocation(|| { let _ = frame::decode(&mut buf, limits); });
-        prop_assert!(largest <= max as usize);
+        prop_assert!(largest <= max as usize + BYTES_BOOKKEEPING, "allocated {} bytes with a limit of {}", largest, max);
     }
 
     #[test]
