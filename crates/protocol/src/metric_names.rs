@@ -137,6 +137,55 @@ metrics! {
         "Threads of the process.";
 }
 
+/// Label values shared by both transports, so their series compare on one
+/// dashboard. Defined once here, like the names.
+macro_rules! label_values {
+    ($( $(#[$doc:meta])* $name:ident { $( $(#[$vdoc:meta])* $variant:ident = $value:literal, )* } )*) => {
+        $(
+            $(#[$doc])*
+            #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+            pub enum $name {
+                $( $(#[$vdoc])* $variant, )*
+            }
+
+            impl $name {
+                /// The label value.
+                pub fn as_str(self) -> &'static str {
+                    match self {
+                        $( $name::$variant => $value, )*
+                    }
+                }
+            }
+        )*
+    };
+}
+
+label_values! {
+    /// The `side` label: which end of a call or connection records.
+    Side {
+        /// We dialled / we called.
+        Client = "client",
+        /// We accepted / we served.
+        Server = "server",
+    }
+    /// The `outcome` label of [`CALLS`].
+    Outcome {
+        /// Answered with a response.
+        Ok = "ok",
+        /// Answered with an application error.
+        AppError = "app_error",
+        /// Failed below the application (or was cancelled).
+        TransportError = "transport_error",
+    }
+    /// The `direction` label of [`MESSAGES`] and [`BYTES`].
+    Direction {
+        /// Sent by this node.
+        Sent = "sent",
+        /// Received by this node.
+        Received = "received",
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -15,55 +15,7 @@ use tern_protocol::{Method, TransportErrorKind};
 /// Label value of every series this crate records.
 pub const TRANSPORT_LABEL: &str = "grpc";
 
-/// Direction of a message, for the message and byte counters.
-#[derive(Debug, Clone, Copy)]
-pub(crate) enum Direction {
-    Sent,
-    Received,
-}
-
-impl Direction {
-    fn as_str(self) -> &'static str {
-        match self {
-            Direction::Sent => "sent",
-            Direction::Received => "received",
-        }
-    }
-}
-
-/// Which end of a call records.
-#[derive(Debug, Clone, Copy)]
-pub(crate) enum Side {
-    Client,
-    Server,
-}
-
-impl Side {
-    fn as_str(self) -> &'static str {
-        match self {
-            Side::Client => "client",
-            Side::Server => "server",
-        }
-    }
-}
-
-/// How a call ended, for the calls counter.
-#[derive(Debug, Clone, Copy)]
-pub(crate) enum Outcome {
-    Ok,
-    AppError,
-    TransportError,
-}
-
-impl Outcome {
-    fn as_str(self) -> &'static str {
-        match self {
-            Outcome::Ok => "ok",
-            Outcome::AppError => "app_error",
-            Outcome::TransportError => "transport_error",
-        }
-    }
-}
+pub(crate) use tern_protocol::metric_names::{Direction, Outcome, Side};
 
 pub(crate) fn message(direction: Direction, bytes: usize) {
     let labels = [

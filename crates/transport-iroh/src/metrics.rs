@@ -27,44 +27,7 @@ use tern_protocol::{Method, TransportErrorKind};
 /// The `transport` label value of every series.
 pub const TRANSPORT: &str = "iroh";
 
-/// Which end of a connection or call records.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Side {
-    /// We dialled / we called.
-    Client,
-    /// We accepted / we served.
-    Server,
-}
-
-impl Side {
-    fn as_str(self) -> &'static str {
-        match self {
-            Side::Client => "client",
-            Side::Server => "server",
-        }
-    }
-}
-
-/// How a call ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Outcome {
-    /// Answered with a response.
-    Ok,
-    /// Answered with an application error.
-    AppError,
-    /// Failed below the application (or was cancelled).
-    TransportError,
-}
-
-impl Outcome {
-    fn as_str(self) -> &'static str {
-        match self {
-            Outcome::Ok => "ok",
-            Outcome::AppError => "app_error",
-            Outcome::TransportError => "transport_error",
-        }
-    }
-}
+pub(crate) use tern_protocol::metric_names::{Direction, Outcome, Side};
 
 pub(crate) fn connected(elapsed: Duration) {
     histogram!(names::CONNECT_SECONDS, "transport" => TRANSPORT).record(elapsed.as_secs_f64());
@@ -120,14 +83,15 @@ pub(crate) fn call_failure(kind: TransportErrorKind) {
 }
 
 pub(crate) fn frame_sent(payload: usize) {
-    counter!(names::MESSAGES, "transport" => TRANSPORT, "direction" => "sent").increment(1);
-    counter!(names::BYTES, "transport" => TRANSPORT, "direction" => "sent")
+    counter!(names::MESSAGES, "transport" => TRANSPORT, "direction" => Direction::Sent.as_str())
+        .increment(1);
+    counter!(names::BYTES, "transport" => TRANSPORT, "direction" => Direction::Sent.as_str())
         .increment(payload as u64);
 }
 
 pub(crate) fn frame_received(payload: usize) {
-    counter!(names::MESSAGES, "transport" => TRANSPORT, "direction" => "received").increment(1);
-    counter!(names::BYTES, "transport" => TRANSPORT, "direction" => "received")
+    counter!(names::MESSAGES, "transport" => TRANSPORT, "direction" => Direction::Received.as_str()).increment(1);
+    counter!(names::BYTES, "transport" => TRANSPORT, "direction" => Direction::Received.as_str())
         .increment(payload as u64);
 }
 
