@@ -45,6 +45,9 @@ const USER_HZ: f64 = 100.0;
 /// server is for scrapers, not uploads.
 pub const MAX_HTTP_HEADER_BYTES: usize = 16 * 1024;
 
+// hyper refuses (panics on) a read buffer smaller than 8 KiB.
+const _: () = assert!(MAX_HTTP_HEADER_BYTES >= 8192);
+
 /// Why monitoring could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum MonitoringError {
@@ -150,7 +153,7 @@ impl Monitoring {
                     async move { Ok::<_, Infallible>(me.respond(&req)) }
                 });
                 let conn = hyper::server::conn::http1::Builder::new()
-                    .max_buf_size(MAX_HTTP_HEADER_BYTES.max(8192))
+                    .max_buf_size(MAX_HTTP_HEADER_BYTES)
                     .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
                 if let Err(e) = conn.await {
                     tracing::debug!(error = %e, "/metrics connection ended with an error");
