@@ -326,6 +326,12 @@ pub async fn stopped_peer_is_not_delivered<H: Harness>(h: Arc<H>) -> anyhow::Res
     Ok(())
 }
 
+/// Transport failures a caller may meet right after a peer restarts (its
+/// pooled connection to the old process is dead) before it must recover.
+const RESTART_FAILURES_ALLOWED: usize = 3;
+/// Pause between those attempts.
+const RESTART_RETRY_PAUSE: Duration = Duration::from_millis(200);
+
 /// A peer that restarts with the same key at the same address is reached
 /// again by the same client without any step from the caller.
 pub async fn peer_restart_with_same_key_recovers<H: Harness>(h: Arc<H>) -> anyhow::Result<()> {
@@ -373,9 +379,9 @@ pub async fn peer_restart_with_same_key_recovers<H: Harness>(h: Arc<H>) -> anyho
                 );
                 break;
             }
-            Err(CallError::Transport(e)) if failures.len() < 3 => {
+            Err(CallError::Transport(e)) if failures.len() < RESTART_FAILURES_ALLOWED => {
                 failures.push(e);
-                tokio::time::sleep(Duration::from_millis(200)).await;
+                tokio::time::sleep(RESTART_RETRY_PAUSE).await;
             }
             Err(e) => bail!("no recovery after restart: {e}; earlier failures: {failures:?}"),
         }
