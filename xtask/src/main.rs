@@ -4,7 +4,9 @@
 //! # Layout
 //!
 //! - `test`: installs what the tests need, then tests every crate on its own.
-//! - `bench`: runs the criterion benches and prints one comparison table.
+//! - `bench`: builds once, runs the bench producers (`tern-bench`,
+//!   `tern-lab bench-cluster`) and the criterion benches, and writes one
+//!   report (Markdown, JSON, SVG charts) to `target/bench-report/`.
 //! - `prereqs`: finds and installs system packages and the Python
 //!   environment the tests use.
 //!
@@ -26,9 +28,13 @@ usage: cargo xtask <command> [options]
 commands:
   test [--no-install]    install test prerequisites, then `cargo test -p NAME`
                          for every workspace crate, each on its own
-  bench [--quick]        run every criterion bench and print the comparison
-                         table (also written to target/bench-report/)
-  bench --report-only    print the table again from the last run's figures
+  bench [--quick] [--profile NAME] [--only criterion|transport|cluster]
+                         build once (profile `bench` by default), run the
+                         two-process transport bench, the 3-node cluster
+                         bench and every criterion bench, then write one
+                         report to target/bench-report/ (report.md,
+                         report.json, *.svg); --quick takes a few minutes
+  bench --report-only    render the report again from the last run's files
   prereqs                only install the test prerequisites
 ";
 
