@@ -405,6 +405,85 @@ pub async fn leave(conn: &Conn, node_id: Option<u64>, out: Out) -> Result<(), St
     Ok(())
 }
 
+/// `tern cluster meta set KEY VALUE`: a put to the metadata register
+/// (through Raft; a follower forwards it to the leader). Prints the log
+/// index it committed at. A retry with the same `--request-id` is applied
+/// once.
+pub async fn meta_set(
+    conn: &Conn,
+    key: String,
+    value: String,
+    request_id: Option<String>,
+    out: Out,
+) -> Result<(), String> {
+    let request_id = request_id.unwrap_or_else(crate::client::request_id);
+    let r: pb::MetaPutResponse = conn
+        .call(
+            methods::CLUSTER_META_PUT,
+            &pb::MetaPutRequest {
+                request_id: request_id.clone(),
+                key: key.clone(),
+                value,
+                forwarded: false,
+            },
+        )
+        .await?;
+    if out.json {
+        out!(
+            "{}",
+            json!({"key": key, "index": r.index, "leader_id": r.leader_id, "request_id": request_id})
+        );
+    } else {
+        out!(
+            "{key} set at index {} (leader node {})",
+            r.index,
+            r.leader_id
+        );
+    }
+    Ok(())
+}
+
+/// `tern cluster meta get KEY`: a linearizable read of the metadata
+/// register (the leader confirms its leadership with a quorum first; a
+/// node without a quorum fails instead of answering a stale value).
+pub async fn meta_get(conn: &Conn, key: String, out: Out) -> Result<(), String> {
+    let r: pb::MetaGetResponse = conn
+        .call(
+            methods::CLUSTER_META_GET,
+            &pb::MetaGetRequest {
+                key: key.clone(),
+                forwarded: false,
+            },
+        )
+        .await?;
+    if out.json {
+        out!(
+            "{}",
+            json!({
+                "key": key,
+                "found": r.found,
+                "value": r.found.then_some(&r.value),
+                "write_index": r.found.then_some(r.write_index),
+                "read_index": r.read_index,
+                "leader_id": r.leader_id,
+            })
+        );
+    } else if r.found {
+        out!("{}", r.value);
+        eprintln!(
+            "(written at index {}, read at index {} by leader node {})",
+            r.write_index, r.read_index, r.leader_id
+        );
+    } else {
+        out!(
+            "{key} is not set (read at index {} by leader node {})",
+            r.read_index,
+            r.leader_id
+        );
+    }
+    Ok(())
+}
+
 /// `tern cluster join`: a node joins by configuration, at start. This
 /// prints the `[cluster]` lines that make a new node join through the
 /// node the CLI talks to.

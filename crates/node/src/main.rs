@@ -185,6 +185,31 @@ enum ClusterCommand {
     },
     /// The members and the leader.
     Members,
+    /// The metadata register: a small replicated key-value map (labels,
+    /// operator metadata), written through Raft and read linearizably.
+    Meta {
+        #[command(subcommand)]
+        command: MetaCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum MetaCommand {
+    /// Set KEY to VALUE; prints the log index the write committed at.
+    Set {
+        /// 1 to 256 bytes, no control characters.
+        key: String,
+        /// At most 4096 bytes.
+        value: String,
+        /// Request id that makes a retry safe (default: a fresh one).
+        #[arg(long)]
+        request_id: Option<String>,
+    },
+    /// Read KEY linearizably; prints its value and the index read at.
+    Get {
+        /// The key.
+        key: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -327,6 +352,17 @@ fn main() -> ExitCode {
                 ClusterCommand::Join => cli::join_info(&conn, out).await,
                 ClusterCommand::Leave { node_id } => cli::leave(&conn, node_id, out).await,
                 ClusterCommand::Members => cli::members(&conn, out).await,
+                ClusterCommand::Meta {
+                    command:
+                        MetaCommand::Set {
+                            key,
+                            value,
+                            request_id,
+                        },
+                } => cli::meta_set(&conn, key, value, request_id, out).await,
+                ClusterCommand::Meta {
+                    command: MetaCommand::Get { key },
+                } => cli::meta_get(&conn, key, out).await,
             };
             (conn, r)
         }),

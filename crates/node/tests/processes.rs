@@ -750,3 +750,94 @@ fn a_mixed_cluster_of_one_dual_and_two_grpc_only_nodes_forms_and_serves() {
         assert!(status.success(), "clean exit: {status}\n{}", n.log());
     }
 }
+
+/// `tern cluster meta`: a put through a follower (the CLI with a
+/// throw-away key, over gRPC) commits at the leader; every node reads it
+/// back linearizably over gRPC and over iroh, at a read index at or after
+/// the write; a retry with the same request id commits once.
+#[test]
+fn the_metadata_register_reads_your_write_on_every_node_over_both_transports() {
+    let base = tempfile::tempdir().unwrap();
+    let dual = "[transport]\nmode = \"dual\"\n";
+    let (nodes, files) = three_nodes(
+        base.path(),
+        [
+            &format!("{LOOPBACK}{dual}"),
+            &format!("{LOOPBACK}{dual}"),
+            &format!("{LOOPBACK}{dual}"),
+        ],
+    );
+    let d1 = nodes[0].dir.display().to_string();
+    let leader = cli_json(&["status", "--data-dir", &d1])["leader_id"]
+        .as_u64()
+        .unwrap();
+    let follower = nodes
+        .iter()
+        .position(|n| {
+            let d = n.dir.display().to_string();
+            cli_json(&["status", "--data-dir", &d])["node_id"].as_u64() != Some(leader)
+        })
+        .map(|i| files[i].clone())
+        .unwrap();
+    let target = format!(
+        "{}@{}",
+        follower["id"].as_str().unwrap(),
+        follower["grpc"].as_str().unwrap()
+    );
+    let put = cli_json(&[
+        "cluster",
+        "meta",
+        "set",
+        "zone",
+        "eu-west",
+        "--node",
+        &target,
+        "--request-id",
+        "t-1",
+    ]);
+    let index = put["index"].as_u64().unwrap();
+    assert!(index > 0, "{put}");
+    assert_eq!(put["leader_id"].as_u64(), Some(leader), "{put}");
+    let again = cli_json(&[
+        "cluster",
+        "meta",
+        "set",
+        "zone",
+        "eu-west",
+        "--node",
+        &target,
+        "--request-id",
+        "t-1",
+    ]);
+    assert_eq!(again["index"].as_u64(), Some(index), "a retry commits once");
+
+    for node in &nodes {
+        let d = node.dir.display().to_string();
+        for transport in ["grpc", "iroh"] {
+            let got = cli_json(&[
+                "cluster",
+                "meta",
+                "get",
+                "zone",
+                "--data-dir",
+                &d,
+                "--transport",
+                transport,
+            ]);
+            assert_eq!(got["found"], Value::Bool(true), "{got}");
+            assert_eq!(got["value"], "eu-west", "{got}");
+            assert_eq!(got["write_index"].as_u64(), Some(index), "{got}");
+            assert!(got["read_index"].as_u64().unwrap() >= index, "{got}");
+        }
+    }
+    let missing = cli_json(&["cluster", "meta", "get", "nope", "--data-dir", &d1]);
+    assert_eq!(missing["found"], Value::Bool(false), "{missing}");
+    let bad = cli(&["cluster", "meta", "set", "", "v", "--data-dir", &d1]);
+    assert!(!bad.status.success());
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("metadata key"),
+        "{}",
+        String::from_utf8_lossy(&bad.stderr)
+    );
+    drop(nodes);
+}

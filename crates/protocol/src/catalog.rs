@@ -175,7 +175,8 @@ use ServiceId::{Cluster, Health, Monitoring, Raft, Status, Vm};
 /// id that the state machine deduplicates; Raft RPCs are idempotent by
 /// Raft's design (a repeated vote or append is answered from the log); a
 /// join by the same endpoint id returns the existing membership; a leave of
-/// a node already gone is a no-op.
+/// a node already gone is a no-op; a metadata put carries a request id the
+/// state deduplicates.
 pub const METHODS: &[Method] = &[
     m(Health, 1, "Check", true, Normal),
     m(Status, 1, "Get", true, Normal),
@@ -194,6 +195,8 @@ pub const METHODS: &[Method] = &[
     m(Raft, 2, "AppendEntries", true, Replication),
     m(Raft, 3, "Snapshot", true, Bulk),
     m(Raft, 4, "Propose", true, Normal),
+    m(Cluster, 4, "MetaPut", true, Normal),
+    m(Cluster, 5, "MetaGet", true, Normal),
 ];
 
 /// Well-known methods, for callers that name one directly.
@@ -234,6 +237,10 @@ pub mod methods {
     pub const RAFT_SNAPSHOT: &Method = &METHODS[15];
     /// `Raft/Propose`.
     pub const RAFT_PROPOSE: &Method = &METHODS[16];
+    /// `Cluster/MetaPut`.
+    pub const CLUSTER_META_PUT: &Method = &METHODS[17];
+    /// `Cluster/MetaGet`.
+    pub const CLUSTER_META_GET: &Method = &METHODS[18];
 }
 
 #[cfg(test)]
@@ -288,6 +295,8 @@ mod tests {
         assert_eq!(methods::RAFT_SNAPSHOT.name, "Snapshot");
         assert_eq!(methods::VM_MIGRATE.name, "Migrate");
         assert_eq!(methods::RAFT_PROPOSE.name, "Propose");
+        assert_eq!(methods::CLUSTER_META_PUT.name, "MetaPut");
+        assert_eq!(methods::CLUSTER_META_GET.name, "MetaGet");
     }
 
     /// The few descriptor messages the test needs, declared by hand so the

@@ -21,12 +21,15 @@
 //!   trips, term, leadership, elections, replication lag).
 //! - [`service`]: [`RaftServices`], the Raft and Cluster handlers with
 //!   their access rules (members only; join token), join, leave, members.
+//! - [`meta`]: the metadata register's `Cluster/MetaPut` and linearizable
+//!   `Cluster/MetaGet`, and typed client calls ([`meta_put`], [`meta_get`]).
 //! - [`node`]: [`RaftNode`], the composition a node binary uses (start,
 //!   initialise, join, shutdown with leadership handoff), and the openraft
 //!   settings as named constants.
 
 pub mod codec;
 pub mod gate;
+pub mod meta;
 pub mod metrics;
 pub mod network;
 pub mod node;
@@ -34,6 +37,7 @@ pub mod service;
 pub mod wire;
 
 pub use codec::{CodecError, MAX_MESSAGE_LEN, decode, encode, encode_into};
+pub use meta::{MetaError, MetaPut, MetaRead, meta_get, meta_put};
 pub use network::{AddressBook, NetworkFactory, PeerNetwork, SNAPSHOT_CHUNK_SIZE};
 pub use node::{
     FIRST_NODE_ID, JoinAnswer, RaftNode, RaftNodeError, RaftOptions, propose, read_node_id,

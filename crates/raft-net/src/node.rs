@@ -413,7 +413,12 @@ impl RaftNode {
             .map_err(|e| RaftNodeError::Raft(e.to_string()))?;
         crate::metrics::spawn_watcher(&raft);
         spawn_address_book_updater(&raft, book);
-        let attached = Arc::new(Attached { raft, sm, id });
+        let attached = Arc::new(Attached {
+            raft,
+            sm,
+            id,
+            client: client.clone(),
+        });
         services.attach(attached.clone());
         tracing::info!(node = id, "raft started");
         Ok(RaftNode {

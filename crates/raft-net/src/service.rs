@@ -25,6 +25,8 @@
 //! - **Cluster/Leave:** members only.
 //! - **Cluster/Members:** any authenticated caller (read-only; the same
 //!   facts the Status service shows); a joiner uses it to find the leader.
+//! - **Cluster/MetaPut, Cluster/MetaGet:** any authenticated caller, as for
+//!   the VM service (see [`crate::meta`]: linearizable reads, forwarding).
 //!
 //! Known limit: a member that missed the entry adding a node refuses that
 //! node's Raft calls until another leader brings it up to date (if the new
@@ -135,6 +137,8 @@ pub(crate) struct Attached {
     pub(crate) raft: RaftInstance,
     pub(crate) sm: StateMachineStore,
     pub(crate) id: NodeId,
+    /// The node's client, for calls a handler forwards to the leader.
+    pub(crate) client: Arc<dyn tern_protocol::RpcClient>,
 }
 
 /// A snapshot being received from one sender.
@@ -554,6 +558,10 @@ impl Handler for ClusterHandler {
                     leave(&node, &ctx, payload).await
                 } else if method == methods::CLUSTER_MEMBERS {
                     Ok(members_response(&node).encode_to_vec().into())
+                } else if method == methods::CLUSTER_META_PUT {
+                    crate::meta::serve_put(&node, &ctx, payload).await
+                } else if method == methods::CLUSTER_META_GET {
+                    crate::meta::serve_get(&node, &ctx, payload).await
                 } else {
                     Err(Status::unimplemented(format!(
                         "{} is not served by the Cluster service",

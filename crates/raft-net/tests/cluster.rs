@@ -413,3 +413,117 @@ async fn iroh_members_propose_through_the_leader() {
 async fn grpc_members_propose_through_the_leader() {
     members_propose_through_the_leader(Grpc).await;
 }
+
+/// The metadata register: a put at a follower (by a caller that is not a
+/// member) is forwarded to the leader and committed once even when
+/// retried; every node then reads the write linearizably (forwarding to
+/// the leader); bounds are refused as invalid; a node cut off from its
+/// quorum answers a typed `Unavailable` instead of a possibly stale value.
+async fn metadata_register_reads_linearizably<F: TransportFactory>(factory: F) {
+    use tern_raft_net::{MetaError, meta_get, meta_put};
+    support::init_logs();
+    let mut c = Cluster::start(factory, 3, RaftOptions::default()).await;
+    let leader = c.leader().await;
+    let follower = (0..3).find(|i| *i != leader).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let outsider = TestNode::boot(&c.factory, &dir.path().join("cli"), loopback()).await;
+    let client = outsider.client();
+
+    let put = meta_put(
+        client.as_ref(),
+        &c.nodes[follower].addr,
+        "req-1",
+        "zone",
+        "eu-west",
+        WAIT,
+    )
+    .await
+    .unwrap();
+    assert!(put.index > 0, "{put:?}");
+    assert_eq!(put.leader_id, c.nodes[leader].raft().id());
+    let retried = meta_put(
+        client.as_ref(),
+        &c.nodes[leader].addr,
+        "req-1",
+        "zone",
+        "eu-west",
+        WAIT,
+    )
+    .await
+    .unwrap();
+    assert_eq!(retried.index, put.index, "a retry is applied once");
+
+    for node in &c.nodes {
+        let read = meta_get(client.as_ref(), &node.addr, "zone", WAIT)
+            .await
+            .unwrap();
+        assert_eq!(read.value, Some(("eu-west".to_owned(), put.index)));
+        assert!(read.read_index >= put.index, "{read:?} after {put:?}");
+    }
+    let missing = meta_get(client.as_ref(), &c.nodes[follower].addr, "nope", WAIT)
+        .await
+        .unwrap();
+    assert_eq!(missing.value, None);
+    let bad = meta_put(
+        client.as_ref(),
+        &c.nodes[follower].addr,
+        "req-2",
+        "",
+        "v",
+        WAIT,
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(bad, MetaError::Invalid(_)), "{bad}");
+    let bad = meta_get(
+        client.as_ref(),
+        &c.nodes[leader].addr,
+        &"k".repeat(tern_store::state::MAX_META_KEY_LEN + 1),
+        WAIT,
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(bad, MetaError::Invalid(_)), "{bad}");
+
+    // Cut the leader off from its quorum: both followers stop.
+    for i in 0..3 {
+        if i != leader {
+            c.nodes[i].stop().await;
+        }
+    }
+    let cut_off = meta_get(client.as_ref(), &c.nodes[leader].addr, "zone", WAIT)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(cut_off, MetaError::Unavailable(_)),
+        "expected Unavailable, got {cut_off}"
+    );
+    assert!(cut_off.is_retryable());
+    let put_cut_off = meta_put(
+        client.as_ref(),
+        &c.nodes[leader].addr,
+        "req-3",
+        "zone",
+        "lost",
+        WAIT,
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(put_cut_off, MetaError::Unavailable(_)),
+        "expected Unavailable, got {put_cut_off}"
+    );
+    c.stop_all().await;
+    let mut outsider = outsider;
+    outsider.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn iroh_metadata_register_reads_linearizably() {
+    metadata_register_reads_linearizably(Iroh).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn grpc_metadata_register_reads_linearizably() {
+    metadata_register_reads_linearizably(Grpc).await;
+}

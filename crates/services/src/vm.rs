@@ -294,11 +294,15 @@ pub fn rejection_status(why: &Rejection) -> Status {
     let code = match why {
         Rejection::UnknownVm { .. } => Code::NotFound,
         Rejection::NameTaken { .. } => Code::AlreadyExists,
-        Rejection::InvalidRequestId { .. } | Rejection::UnknownNode { .. } => Code::InvalidArgument,
+        Rejection::InvalidRequestId { .. }
+        | Rejection::UnknownNode { .. }
+        | Rejection::InvalidMetaKey { .. }
+        | Rejection::MetaValueTooLarge { .. } => Code::InvalidArgument,
         Rejection::NoCapacity { .. }
         | Rejection::NodeFull { .. }
         | Rejection::NodeIdsExhausted
-        | Rejection::VmIdsExhausted => Code::ResourceExhausted,
+        | Rejection::VmIdsExhausted
+        | Rejection::MetaFull => Code::ResourceExhausted,
         Rejection::VmDeleting { .. }
         | Rejection::MigrationInProgress { .. }
         | Rejection::AlreadyOnNode { .. } => Code::FailedPrecondition,

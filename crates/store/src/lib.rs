@@ -8,7 +8,8 @@
 //!   membership, and aliases for openraft's generic types.
 //! - [`state`]: the replicated [`ClusterState`] (members, node-id
 //!   allocation, VM records with their placement, desired and observed
-//!   states and migration steps, the request-id deduplication table), the
+//!   states and migration steps, the metadata register, the request-id
+//!   deduplication table), the
 //!   [`Command`]s that change it and the [`Response`]s they return; a pure
 //!   `apply`, tested without disk.
 //! - [`log_store`]: [`LogStore`], openraft's `RaftLogStorage` on sled;
@@ -35,7 +36,8 @@ pub use error::StoreError;
 pub use log_store::{LogReader, LogStore};
 pub use snapshot::SnapshotFile;
 pub use state::{
-    ClusterState, Command, Rejection, RequestId, Response, VmRecord, VmReport, VmSpec, VmState,
+    ClusterState, Command, MetaEntry, Rejection, RequestId, Response, VmRecord, VmReport, VmSpec,
+    VmState,
 };
 pub use state_machine::{StateMachineStore, StoreSnapshot};
 pub use types::{

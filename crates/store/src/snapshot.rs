@@ -33,7 +33,8 @@ use crate::types::SnapshotMeta;
 /// First bytes of every snapshot file.
 const MAGIC: &[u8; 8] = b"TERNSNAP";
 /// Snapshot format version; a file of another version is refused.
-pub const SNAPSHOT_FORMAT_VERSION: u32 = 1;
+/// Version 2: the cluster state gained the metadata register.
+pub const SNAPSHOT_FORMAT_VERSION: u32 = 2;
 /// Bytes before the metadata.
 const PREFIX_LEN: u64 = 16;
 /// Bytes of the trailing checksum.

@@ -31,6 +31,19 @@ pub const MAX_REQUEST_ID_LEN: usize = 128;
 /// memory.
 pub const MAX_DEDUP_ENTRIES: usize = 16_384;
 
+/// Longest key of the metadata register, in bytes.
+pub const MAX_META_KEY_LEN: usize = 256;
+
+/// Longest value of the metadata register, in bytes: labels and small
+/// settings, not blobs (every value is in every snapshot and every node's
+/// memory).
+pub const MAX_META_VALUE_LEN: usize = 4096;
+
+/// Most keys the metadata register holds: with the two bounds above, at
+/// most about 42 MiB of state in the worst case, a few hundred KiB for the
+/// labels it is meant for.
+pub const MAX_META_KEYS: usize = 10_000;
+
 /// The first node id handed out. 0 is never a node id, so that an unset
 /// protobuf field (0) never names a node.
 pub const FIRST_NODE_ID: NodeId = 1;
@@ -106,6 +119,18 @@ pub enum Command {
         /// The node to move it to.
         target: NodeId,
     },
+    /// Set `key` of the metadata register to `value` (cluster labels and
+    /// other small operator metadata; also the lab's and benches' write
+    /// workload). Answers [`Response::MetaWritten`] with the log index the
+    /// write was applied at.
+    PutMeta {
+        /// Deduplication id: a retried put answers the first put's index.
+        request_id: RequestId,
+        /// 1 to [`MAX_META_KEY_LEN`] bytes, no control characters.
+        key: String,
+        /// At most [`MAX_META_VALUE_LEN`] bytes.
+        value: String,
+    },
 }
 
 /// A reconciler's observation of one VM, the payload of
@@ -135,7 +160,8 @@ impl Command {
             | Command::CreateVm { request_id, .. }
             | Command::SetVmDesired { request_id, .. }
             | Command::ReportVm { request_id, .. }
-            | Command::MigrateVm { request_id, .. } => Some(request_id),
+            | Command::MigrateVm { request_id, .. }
+            | Command::PutMeta { request_id, .. } => Some(request_id),
         }
     }
 }
@@ -169,6 +195,15 @@ impl std::fmt::Display for Command {
                 vm_id,
                 target,
             } => write!(f, "migrate-vm {vm_id} to={target} req={request_id}"),
+            Command::PutMeta {
+                request_id,
+                key,
+                value,
+            } => write!(
+                f,
+                "put-meta {key:?} ({} bytes) req={request_id}",
+                value.len()
+            ),
         }
     }
 }
@@ -183,6 +218,11 @@ pub enum Response {
     /// A VM record: the stored record after a put, the removed one after a
     /// delete. Boxed: a record is large next to the other responses.
     Vm(Box<VmRecord>),
+    /// A metadata put was applied at this log index.
+    MetaWritten {
+        /// The index of the log entry that applied it.
+        index: u64,
+    },
     /// The command was valid Raft data but the state refused it. Refusals
     /// are deterministic, so every node refuses alike.
     Rejected(Rejection),
@@ -214,6 +254,27 @@ pub enum Rejection {
     /// Node ids are exhausted (after 2^64 joins).
     #[error("no node ids left")]
     NodeIdsExhausted,
+    /// A metadata key that is empty, too long or has control characters.
+    #[error(
+        "metadata key of {len} bytes is not allowed: 1 to {MAX_META_KEY_LEN} bytes, \
+         no control characters"
+    )]
+    InvalidMetaKey {
+        /// Its length in bytes.
+        len: usize,
+    },
+    /// A metadata value over [`MAX_META_VALUE_LEN`].
+    #[error("metadata value of {len} bytes is too large (at most {MAX_META_VALUE_LEN} bytes)")]
+    MetaValueTooLarge {
+        /// Its length in bytes.
+        len: usize,
+    },
+    /// The register holds [`MAX_META_KEYS`] keys; only existing keys may
+    /// be written.
+    #[error(
+        "the metadata register is full ({MAX_META_KEYS} keys); overwrite an existing key instead"
+    )]
+    MetaFull,
     /// VM ids are exhausted (after 2^64 creates).
     #[error("no VM ids left")]
     VmIdsExhausted,
@@ -436,6 +497,35 @@ pub struct ClusterState {
     dedup: DedupTable,
     /// The number in the next VM id [`Command::CreateVm`] hands out.
     next_vm_number: u64,
+    /// The metadata register: key to value and the index it was written at.
+    meta: BTreeMap<String, MetaEntry>,
+}
+
+/// One key of the metadata register.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MetaEntry {
+    /// The value.
+    pub value: String,
+    /// The log index of the put that wrote it.
+    pub index: u64,
+}
+
+/// Checks a metadata key and value against the register's bounds (the
+/// state applies the same check; services call it to refuse early).
+pub fn check_meta(key: &str, value: &str) -> Result<(), Rejection> {
+    check_meta_key(key)?;
+    if value.len() > MAX_META_VALUE_LEN {
+        return Err(Rejection::MetaValueTooLarge { len: value.len() });
+    }
+    Ok(())
+}
+
+/// Checks a metadata key against the register's bounds.
+pub fn check_meta_key(key: &str) -> Result<(), Rejection> {
+    if key.is_empty() || key.len() > MAX_META_KEY_LEN || key.chars().any(char::is_control) {
+        return Err(Rejection::InvalidMetaKey { len: key.len() });
+    }
+    Ok(())
 }
 
 impl Default for ClusterState {
@@ -447,15 +537,25 @@ impl Default for ClusterState {
             vms: BTreeMap::new(),
             dedup: DedupTable::default(),
             next_vm_number: 1,
+            meta: BTreeMap::new(),
         }
     }
 }
 
 impl ClusterState {
-    /// Applies one command, deduplicating by its request id.
+    /// Applies one command, deduplicating by its request id, as if it
+    /// were the entry at log index 0 (for tests and tools; the state
+    /// machine calls [`ClusterState::apply_at`]).
     pub fn apply(&mut self, cmd: Command) -> Response {
+        self.apply_at(0, cmd)
+    }
+
+    /// Applies the command of the log entry at `index`, deduplicating by
+    /// its request id. The index is part of the entry, so the result is
+    /// still the same on every node.
+    pub fn apply_at(&mut self, index: u64, cmd: Command) -> Response {
         let Some(request_id) = cmd.request_id() else {
-            return self.apply_new(cmd);
+            return self.apply_new(index, cmd);
         };
         if request_id.is_empty() || request_id.len() > MAX_REQUEST_ID_LEN {
             return Response::Rejected(Rejection::InvalidRequestId {
@@ -466,13 +566,13 @@ impl ClusterState {
             return previous.clone();
         }
         let request_id = request_id.to_owned();
-        let response = self.apply_new(cmd);
+        let response = self.apply_new(index, cmd);
         self.dedup.remember(request_id, response.clone());
         response
     }
 
     /// Applies a command not seen before. One arm per command.
-    fn apply_new(&mut self, cmd: Command) -> Response {
+    fn apply_new(&mut self, index: u64, cmd: Command) -> Response {
         match cmd {
             Command::AllocateNodeId { peer, .. } => self.allocate_node_id(peer),
             Command::PutVm { vm, .. } => self.put_vm(vm),
@@ -484,7 +584,19 @@ impl ClusterState {
             Command::SetVmDesired { vm_id, desired, .. } => self.set_vm_desired(vm_id, desired),
             Command::ReportVm { report, .. } => self.report_vm(report),
             Command::MigrateVm { vm_id, target, .. } => self.migrate_vm(vm_id, target),
+            Command::PutMeta { key, value, .. } => self.put_meta(index, key, value),
         }
+    }
+
+    fn put_meta(&mut self, index: u64, key: String, value: String) -> Response {
+        if let Err(why) = check_meta(&key, &value) {
+            return Response::Rejected(why);
+        }
+        if self.meta.len() >= MAX_META_KEYS && !self.meta.contains_key(&key) {
+            return Response::Rejected(Rejection::MetaFull);
+        }
+        self.meta.insert(key, MetaEntry { value, index });
+        Response::MetaWritten { index }
     }
 
     fn allocate_node_id(&mut self, peer: PeerId) -> Response {
@@ -812,6 +924,16 @@ impl ClusterState {
         self.vms.get(id)
     }
 
+    /// One key of the metadata register, as applied on this node.
+    pub fn meta(&self, key: &str) -> Option<&MetaEntry> {
+        self.meta.get(key)
+    }
+
+    /// The whole metadata register, by key.
+    pub fn meta_entries(&self) -> &BTreeMap<String, MetaEntry> {
+        &self.meta
+    }
+
     /// The response remembered for a request id, if it is still
     /// remembered.
     pub fn remembered_response(&self, request_id: &str) -> Option<&Response> {
@@ -1033,7 +1155,75 @@ mod tests {
                 vm_id: format!("vm-{id}"),
                 target,
             }),
+            (req, 0u8..3, "[a-z]{0,3}").prop_map(|(r, k, value)| Command::PutMeta {
+                request_id: r,
+                key: format!("k{k}"),
+                value,
+            }),
         ]
+    }
+
+    #[test]
+    fn the_metadata_register_keeps_the_index_and_refuses_out_of_bounds() {
+        let mut state = ClusterState::default();
+        let put = |req: &str, key: &str, value: &str| Command::PutMeta {
+            request_id: req.into(),
+            key: key.into(),
+            value: value.into(),
+        };
+        assert_eq!(
+            state.apply_at(7, put("r1", "zone", "eu")),
+            Response::MetaWritten { index: 7 }
+        );
+        // A retry answers the first write's index and changes nothing.
+        assert_eq!(
+            state.apply_at(9, put("r1", "zone", "eu")),
+            Response::MetaWritten { index: 7 }
+        );
+        assert_eq!(state.meta("zone").map(|e| e.index), Some(7));
+        assert_eq!(
+            state.apply_at(10, put("r2", "zone", "us")),
+            Response::MetaWritten { index: 10 }
+        );
+        assert_eq!(state.meta("zone").map(|e| e.value.as_str()), Some("us"));
+        for (req, key, value, why) in [
+            ("r3", "", "v", Rejection::InvalidMetaKey { len: 0 }),
+            ("r4", "a\nb", "v", Rejection::InvalidMetaKey { len: 3 }),
+            (
+                "r5",
+                &"k".repeat(MAX_META_KEY_LEN + 1),
+                "v",
+                Rejection::InvalidMetaKey {
+                    len: MAX_META_KEY_LEN + 1,
+                },
+            ),
+            (
+                "r6",
+                "k",
+                &"v".repeat(MAX_META_VALUE_LEN + 1),
+                Rejection::MetaValueTooLarge {
+                    len: MAX_META_VALUE_LEN + 1,
+                },
+            ),
+        ] {
+            assert_eq!(
+                state.apply_at(11, put(req, key, value)),
+                Response::Rejected(why)
+            );
+        }
+        for i in 1..MAX_META_KEYS {
+            state.apply_at(20, put(&format!("f{i}"), &format!("key{i}"), ""));
+        }
+        assert_eq!(state.meta_entries().len(), MAX_META_KEYS);
+        assert_eq!(
+            state.apply_at(30, put("full", "one-more", "")),
+            Response::Rejected(Rejection::MetaFull)
+        );
+        assert_eq!(
+            state.apply_at(31, put("overwrite", "zone", "ap")),
+            Response::MetaWritten { index: 31 },
+            "a full register still takes writes to existing keys"
+        );
     }
 
     proptest::proptest! {

@@ -235,7 +235,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                 applied.last_applied = Some(entry.log_id);
                 match entry.payload {
                     EntryPayload::Blank => Response::Done,
-                    EntryPayload::Normal(cmd) => applied.state.apply(cmd),
+                    EntryPayload::Normal(cmd) => applied.state.apply_at(entry.log_id.index, cmd),
                     EntryPayload::Membership(membership) => {
                         applied.state.apply_membership(&membership);
                         applied.last_membership =

@@ -546,6 +546,8 @@ serve!(cluster_server::Cluster {
     join(JoinRequest) -> JoinResponse = CLUSTER_JOIN;
     leave(LeaveRequest) -> LeaveResponse = CLUSTER_LEAVE;
     members(MembersRequest) -> MembersResponse = CLUSTER_MEMBERS;
+    meta_put(MetaPutRequest) -> MetaPutResponse = CLUSTER_META_PUT;
+    meta_get(MetaGetRequest) -> MetaGetResponse = CLUSTER_META_GET;
 });
 serve!(raft_server::Raft {
     vote(RaftPayload) -> RaftPayload = RAFT_VOTE;
