@@ -1,0 +1,147 @@
+//! `tern-bench`: transport figures measured between two processes.
+//!
+//! ```text
+//! tern-bench transport [--quick] --out target/bench-report/parts/transport-2proc.json
+//! tern-bench serve --transport iroh|grpc|raw-iroh|raw-grpc [--key-file F]
+//! ```
+//!
+//! `transport` is the client: it starts `serve` as a child process once per
+//! transport, measures, and writes the part file that `cargo xtask bench`
+//! merges into its report (see the `tern_benches` crate docs). Progress
+//! goes to stderr; the figures only to `--out`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use tern_benches::kind::Kind;
+use tern_benches::twoproc::{self, Settings};
+use tern_benches::{procfs, serve};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "tern-bench",
+    about = "Tern transport figures between two processes"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Serve one transport on 127.0.0.1 until stdin closes or SIGTERM;
+    /// prints one JSON ready line on stdout.
+    Serve {
+        /// Which transport to serve.
+        #[arg(long)]
+        transport: Kind,
+        /// The server's secret key (32 raw bytes), created if missing;
+        /// a random key when absent.
+        #[arg(long)]
+        key_file: Option<PathBuf>,
+    },
+    /// Measure every transport against a server child process and write
+    /// the part file.
+    Transport {
+        /// Smaller samples: about a minute or two in a release build.
+        #[arg(long)]
+        quick: bool,
+        /// Tiny samples to check the pipeline (tests); figures mean little.
+        #[arg(long, hide = true)]
+        smoke: bool,
+        /// Only these transports (default: all four).
+        #[arg(long, value_delimiter = ',')]
+        only: Vec<Kind>,
+        /// Where to write the JSON part file.
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Cmd::Serve {
+            transport,
+            key_file,
+        } => serve_main(transport, key_file),
+        Cmd::Transport {
+            quick,
+            smoke,
+            only,
+            out,
+        } => transport_main(quick, smoke, only, out),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tern-bench: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn serve_main(kind: Kind, key_file: Option<PathBuf>) -> anyhow::Result<()> {
+    let key = serve::load_key(key_file.as_deref())?;
+    let rt = runtime()?;
+    let result = rt.block_on(serve::serve(kind, key));
+    // The stdin reader may still block in a runtime thread (after SIGTERM):
+    // do not wait for it.
+    rt.shutdown_background();
+    result
+}
+
+fn transport_main(quick: bool, smoke: bool, only: Vec<Kind>, out: PathBuf) -> anyhow::Result<()> {
+    let settings = if smoke {
+        Settings::smoke()
+    } else if quick {
+        Settings::quick()
+    } else {
+        Settings::full()
+    };
+    let kinds = if only.is_empty() {
+        Kind::ALL.to_vec()
+    } else {
+        only
+    };
+    let exe = std::env::current_exe().context("finding this program to start its servers")?;
+    eprintln!(
+        "tern-bench transport: {} mode, {} build, {} transports; load average {}",
+        if smoke {
+            "smoke"
+        } else if quick {
+            "quick"
+        } else {
+            "full"
+        },
+        tern_benches::part::build_profile(),
+        kinds.len(),
+        std::fs::read_to_string("/proc/loadavg")
+            .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+            .unwrap_or_else(|_| "unknown".to_owned())
+    );
+    let _ = procfs::clock_ticks();
+    let rt = runtime()?;
+    let part = rt.block_on(twoproc::run(&exe, &kinds, &settings, quick || smoke))?;
+    rt.shutdown_timeout(std::time::Duration::from_secs(5));
+    part.write(&out)?;
+    eprintln!("tern-bench transport: wrote {}", out.display());
+    Ok(())
+}

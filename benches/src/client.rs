@@ -1,0 +1,421 @@
+//! How the client process calls each transport: one [`Driver`] per
+//! transport, with the same four operations for all of them.
+//!
+//! | operation          | ours (iroh, gRPC)                          | raw iroh            | raw gRPC               |
+//! |--------------------|--------------------------------------------|---------------------|------------------------|
+//! | [`Driver::unary`]  | `Raft/AppendEntries` echo, normal lane     | echo on a bi-stream | `AppendEntries` echo   |
+//! | [`Driver::control`]| `Raft/Vote`, control lane                  | echo on a bi-stream | `Vote`                 |
+//! | [`Driver::bulk`]   | `Raft/Snapshot` chunk, bulk lane           | chunk on a bi-stream| `Snapshot` chunk       |
+//! | [`Driver::fresh_connection`] | a new client identity and connection, first unary call | new connection + echo | new channel + echo |
+//!
+//! The raw baselines have no lanes: their control probe shares the one
+//! connection with the bulk transfer, which is what the lanes improve on.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail, ensure};
+use bytes::Bytes;
+use iroh::endpoint::Connection;
+use iroh::{Endpoint, EndpointAddr, PublicKey};
+use prost::Message;
+use tern_protocol::catalog::methods;
+use tern_protocol::peer::IrohAddr;
+use tern_protocol::{Call, PeerAddr, PeerId, Priority, RpcClient, pb};
+use tern_transport_conformance::service::TestService;
+use tern_transport_grpc::services::raft_client::RaftClient;
+use tern_transport_grpc::{ClientConfig, GrpcClient};
+use tern_transport_iroh::{IrohConfig, IrohTransport};
+use tonic::transport::Channel;
+
+use crate::kind::Kind;
+use crate::raw;
+use crate::serve::Ready;
+
+/// Deadline of every call the bench makes: generous, never expected to be
+/// reached; a call that does fails the measurement instead of hanging it.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Bound on setting up or tearing down one client connection.
+const SETUP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The client side of one transport, connected to its server.
+#[derive(Debug)]
+pub enum Driver {
+    /// Our iroh transport: a local transport (its endpoint is the client's)
+    /// calling the server.
+    Iroh {
+        /// The local transport; `None` once closed.
+        local: Option<IrohTransport>,
+        /// The server's address.
+        peer: PeerAddr,
+    },
+    /// Our gRPC transport: a client (no local server is needed to call).
+    Grpc {
+        /// The client.
+        client: Arc<GrpcClient>,
+        /// The server's address.
+        peer: PeerAddr,
+    },
+    /// The raw iroh baseline.
+    RawIroh {
+        /// The local endpoint.
+        endpoint: Endpoint,
+        /// The warm connection.
+        conn: Connection,
+        /// The server's address.
+        addr: EndpointAddr,
+    },
+    /// The raw gRPC baseline.
+    RawGrpc {
+        /// tonic's generated client on one channel.
+        client: RaftClient<Channel>,
+        /// The server's URL.
+        url: String,
+    },
+}
+
+/// Parses the server's id from its ready line.
+fn peer_id(ready: &Ready) -> anyhow::Result<PeerId> {
+    ready
+        .id
+        .parse()
+        .with_context(|| format!("the server's id {:?} in its ready line", ready.id))
+}
+
+fn iroh_addrs(ready: &Ready) -> anyhow::Result<Vec<SocketAddr>> {
+    ensure!(
+        !ready.iroh_addrs.is_empty(),
+        "the {} server's ready line names no iroh address",
+        ready.transport
+    );
+    Ok(ready.iroh_addrs.clone())
+}
+
+fn grpc_url(ready: &Ready) -> anyhow::Result<String> {
+    ready.grpc_url.clone().with_context(|| {
+        format!(
+            "the {} server's ready line names no gRPC URL",
+            ready.transport
+        )
+    })
+}
+
+/// A `Raft/AppendEntries` echo of `data` on the normal lane.
+pub fn unary_call(data: Bytes) -> Call {
+    Call::new(
+        methods::RAFT_APPEND_ENTRIES,
+        pb::RaftPayload { data }.encode_to_vec().into(),
+    )
+    .with_timeout(CALL_TIMEOUT)
+    .with_priority(Priority::Normal)
+}
+
+fn snapshot_chunk(index: usize, data: Bytes) -> pb::SnapshotChunk {
+    pb::SnapshotChunk {
+        snapshot_id: "bench".into(),
+        offset: (index * data.len()) as u64,
+        data,
+        ..Default::default()
+    }
+}
+
+/// Checks that an echo answer (a `RaftPayload`) carries `len` bytes.
+fn check_echo(answer: &[u8], len: usize) -> anyhow::Result<()> {
+    let echoed = pb::RaftPayload::decode(answer).context("decoding the echo answer")?;
+    ensure!(
+        echoed.data.len() == len,
+        "the echo answered {} bytes for {len}",
+        echoed.data.len()
+    );
+    Ok(())
+}
+
+/// Checks a bulk answer: the chunk's length, u64 LE (inside a
+/// `RaftPayload` for ours and raw gRPC, bare for raw iroh).
+fn check_len(answer: &[u8], len: usize) -> anyhow::Result<()> {
+    let bytes: [u8; 8] = answer
+        .try_into()
+        .map_err(|_| anyhow::anyhow!("a bulk answer of {} bytes, not 8", answer.len()))?;
+    let got = u64::from_le_bytes(bytes);
+    ensure!(
+        got == len as u64,
+        "the server counted {got} bytes of a {len}-byte chunk"
+    );
+    Ok(())
+}
+
+async fn bind_iroh_client() -> anyhow::Result<IrohTransport> {
+    let t = IrohTransport::bind(
+        IrohConfig::new(rand::random()),
+        TestService::default().dispatcher(),
+    );
+    tokio::time::timeout(SETUP_TIMEOUT, t)
+        .await
+        .context("binding the client's iroh transport timed out")?
+        .context("binding the client's iroh transport")
+}
+
+impl Driver {
+    /// Connects to the server that printed `ready` and makes one unary call,
+    /// so that the connection is warm.
+    pub async fn connect(ready: &Ready) -> anyhow::Result<Driver> {
+        let driver = match ready.transport {
+            Kind::Iroh => {
+                let peer = PeerAddr {
+                    iroh: Some(IrohAddr {
+                        direct: iroh_addrs(ready)?,
+                        relay_url: None,
+                    }),
+                    ..PeerAddr::new(peer_id(ready)?)
+                };
+                Driver::Iroh {
+                    local: Some(bind_iroh_client().await?),
+                    peer,
+                }
+            }
+            Kind::Grpc => {
+                let peer = PeerAddr {
+                    grpc: Some(grpc_url(ready)?),
+                    ..PeerAddr::new(peer_id(ready)?)
+                };
+                let client = Arc::new(GrpcClient::new(ClientConfig::new(rand::random())));
+                Driver::Grpc { client, peer }
+            }
+            Kind::RawIroh => {
+                let id = PublicKey::from_bytes(peer_id(ready)?.as_bytes())
+                    .context("the raw iroh server's id is not an Ed25519 public key")?;
+                let mut addr = EndpointAddr::new(id);
+                for a in iroh_addrs(ready)? {
+                    addr = addr.with_ip_addr(a);
+                }
+                let endpoint = raw::raw_endpoint(None).await?;
+                let conn = tokio::time::timeout(
+                    SETUP_TIMEOUT,
+                    endpoint.connect(addr.clone(), raw::RAW_ALPN),
+                )
+                .await
+                .context("connecting to the raw iroh server timed out")?
+                .context("connecting to the raw iroh server")?;
+                Driver::RawIroh {
+                    endpoint,
+                    conn,
+                    addr,
+                }
+            }
+            Kind::RawGrpc => {
+                let url = grpc_url(ready)?;
+                let client = raw_grpc_connect(&url).await?;
+                Driver::RawGrpc { client, url }
+            }
+        };
+        // Warm every lane (ours open a connection per lane on gRPC), so
+        // that no measurement includes a dial it did not ask for.
+        driver
+            .unary(Bytes::from_static(b"warm-up"))
+            .await
+            .context("the first unary call")?;
+        driver.control().await.context("the first control call")?;
+        driver
+            .bulk(0, Bytes::from(vec![0u8; 2 * raw::RAW_ECHO_MAX]))
+            .await
+            .context("the first bulk call")?;
+        Ok(driver)
+    }
+
+    /// One unary call echoing `data`.
+    pub async fn unary(&self, data: Bytes) -> anyhow::Result<()> {
+        let len = data.len();
+        match self {
+            Driver::Iroh { local, peer } => {
+                let client = iroh_client(local)?;
+                check_echo(&client.call(peer, unary_call(data)).await?, len)
+            }
+            Driver::Grpc { client, peer } => {
+                check_echo(&client.call(peer, unary_call(data)).await?, len)
+            }
+            Driver::RawIroh { conn, .. } => {
+                let answer = raw::raw_iroh_call(conn, data).await?;
+                ensure!(
+                    answer.len() == len,
+                    "the raw echo answered {} bytes",
+                    answer.len()
+                );
+                Ok(())
+            }
+            Driver::RawGrpc { client, .. } => {
+                let answer = client
+                    .clone()
+                    .append_entries(pb::RaftPayload { data })
+                    .await?
+                    .into_inner();
+                ensure!(
+                    answer.data.len() == len,
+                    "the raw echo answered {} bytes",
+                    answer.data.len()
+                );
+                Ok(())
+            }
+        }
+    }
+
+    /// One control-lane call (`Raft/Vote`; a small echo for raw iroh).
+    pub async fn control(&self) -> anyhow::Result<()> {
+        let vote = || Call::new(methods::RAFT_VOTE, Bytes::new()).with_timeout(CALL_TIMEOUT);
+        match self {
+            Driver::Iroh { local, peer } => {
+                iroh_client(local)?.call(peer, vote()).await?;
+            }
+            Driver::Grpc { client, peer } => {
+                client.call(peer, vote()).await?;
+            }
+            Driver::RawIroh { conn, .. } => {
+                raw::raw_iroh_call(conn, Bytes::from_static(b"vote")).await?;
+            }
+            Driver::RawGrpc { client, .. } => {
+                client.clone().vote(pb::RaftPayload::default()).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends one bulk chunk (`Raft/Snapshot` on the bulk lane) and checks
+    /// that the server counted all of it.
+    pub async fn bulk(&self, index: usize, chunk: Bytes) -> anyhow::Result<()> {
+        let len = chunk.len();
+        let snapshot = |chunk| {
+            Call::new(
+                methods::RAFT_SNAPSHOT,
+                snapshot_chunk(index, chunk).encode_to_vec().into(),
+            )
+            .with_timeout(CALL_TIMEOUT)
+        };
+        let inner = |answer: Bytes| -> anyhow::Result<Bytes> {
+            Ok(pb::RaftPayload::decode(answer)
+                .context("decoding the bulk answer")?
+                .data)
+        };
+        match self {
+            Driver::Iroh { local, peer } => {
+                let answer = iroh_client(local)?.call(peer, snapshot(chunk)).await?;
+                check_len(&inner(answer)?, len)
+            }
+            Driver::Grpc { client, peer } => {
+                let answer = client.call(peer, snapshot(chunk)).await?;
+                check_len(&inner(answer)?, len)
+            }
+            Driver::RawIroh { conn, .. } => check_len(&raw::raw_iroh_call(conn, chunk).await?, len),
+            Driver::RawGrpc { client, .. } => {
+                let answer = client
+                    .clone()
+                    .snapshot(snapshot_chunk(index, chunk))
+                    .await?
+                    .into_inner();
+                check_len(&answer.data, len)
+            }
+        }
+    }
+
+    /// Times a fresh connection and its first unary call of `data`: what a
+    /// client pays to reach a peer it has no connection to.
+    ///
+    /// For ours, a new client identity each time (a new iroh endpoint
+    /// bound, or a new gRPC client, outside the timing), so nothing is
+    /// pooled or cached; the timing covers dial, handshake (and for gRPC
+    /// the caller proof's key agreement) and the call. For the raw
+    /// baselines, a new connection from the same endpoint / a new channel.
+    pub async fn fresh_connection(&self, data: Bytes) -> anyhow::Result<Duration> {
+        let len = data.len();
+        match self {
+            Driver::Iroh { peer, .. } => {
+                let local = bind_iroh_client().await?;
+                let client = local.client();
+                let started = Instant::now();
+                let answer = client.call(peer, unary_call(data)).await;
+                let elapsed = started.elapsed();
+                let shut = tokio::time::timeout(SETUP_TIMEOUT, local.shutdown(Duration::ZERO));
+                if shut.await.is_err() {
+                    tracing::warn!(
+                        "a fresh iroh client did not shut down within {SETUP_TIMEOUT:?}"
+                    );
+                }
+                check_echo(&answer?, len)?;
+                Ok(elapsed)
+            }
+            Driver::Grpc { peer, .. } => {
+                let client = GrpcClient::new(ClientConfig::new(rand::random()));
+                let started = Instant::now();
+                let answer = client.call(peer, unary_call(data)).await;
+                let elapsed = started.elapsed();
+                client.close();
+                check_echo(&answer?, len)?;
+                Ok(elapsed)
+            }
+            Driver::RawIroh { endpoint, addr, .. } => {
+                let started = Instant::now();
+                let conn = endpoint
+                    .connect(addr.clone(), raw::RAW_ALPN)
+                    .await
+                    .context("a fresh raw iroh connection")?;
+                let answer = raw::raw_iroh_call(&conn, data).await;
+                let elapsed = started.elapsed();
+                conn.close(0u32.into(), b"done");
+                ensure!(
+                    answer?.len() == len,
+                    "the raw echo answered the wrong length"
+                );
+                Ok(elapsed)
+            }
+            Driver::RawGrpc { url, .. } => {
+                let started = Instant::now();
+                let mut client = raw_grpc_connect(url).await?;
+                let answer = client.append_entries(pb::RaftPayload { data }).await;
+                let elapsed = started.elapsed();
+                ensure!(
+                    answer?.into_inner().data.len() == len,
+                    "the raw echo answered the wrong length"
+                );
+                Ok(elapsed)
+            }
+        }
+    }
+
+    /// Closes the client side (connections, local endpoint).
+    pub async fn close(&mut self) {
+        match self {
+            Driver::Iroh { local, .. } => {
+                if let Some(t) = local.take() {
+                    let _ = tokio::time::timeout(SETUP_TIMEOUT, t.shutdown(Duration::from_secs(2)))
+                        .await;
+                }
+            }
+            Driver::Grpc { client, .. } => client.close(),
+            Driver::RawIroh { endpoint, conn, .. } => {
+                conn.close(0u32.into(), b"done");
+                let _ = tokio::time::timeout(SETUP_TIMEOUT, endpoint.close()).await;
+            }
+            Driver::RawGrpc { .. } => {}
+        }
+    }
+}
+
+fn iroh_client(
+    local: &Option<IrohTransport>,
+) -> anyhow::Result<Arc<tern_transport_iroh::IrohClient>> {
+    match local {
+        Some(t) => Ok(t.client()),
+        None => bail!("the iroh client was already closed"),
+    }
+}
+
+async fn raw_grpc_connect(url: &str) -> anyhow::Result<RaftClient<Channel>> {
+    let connect = RaftClient::connect(url.to_string());
+    let client = tokio::time::timeout(SETUP_TIMEOUT, connect)
+        .await
+        .with_context(|| format!("connecting to the raw gRPC server {url} timed out"))?
+        .with_context(|| format!("connecting to the raw gRPC server {url}"))?;
+    Ok(client
+        .max_decoding_message_size(raw::RAW_MAX)
+        .max_encoding_message_size(raw::RAW_MAX))
+}

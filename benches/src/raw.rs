@@ -1,0 +1,164 @@
+//! The raw baselines, the same ones the transports' in-process criterion
+//! benches measure beside ours: what the bare libraries cost, so that our
+//! transports' overhead reads as a ratio.
+//!
+//! - iroh: a bare endpoint on its own ALPN; a call is one bi-stream, the
+//!   request written and finished, the answer read to its end. No framing,
+//!   no lanes, no pool.
+//! - gRPC: tonic's generated `Raft` service answering directly, called with
+//!   tonic's generated client on one channel. No caller proofs, no handler,
+//!   no pool.
+
+use std::net::SocketAddr;
+
+use anyhow::Context;
+use bytes::Bytes;
+use iroh::endpoint::{Connection, presets};
+use iroh::protocol::{AcceptError, ProtocolHandler, Router};
+use iroh::{Endpoint, RelayMode, SecretKey};
+use tern_protocol::pb;
+use tern_transport_grpc::services::raft_server::{Raft, RaftServer};
+
+/// ALPN of the raw iroh baseline.
+pub const RAW_ALPN: &[u8] = b"tern/bench-raw/0";
+/// Largest message either raw baseline accepts: the largest bulk chunk the
+/// bench sends, with room for framing.
+pub const RAW_MAX: usize = 17 << 20;
+/// Raw iroh messages up to this size are echoed; larger ones are answered
+/// with their length (8 bytes, LE), as `Raft/Snapshot` answers a chunk.
+pub const RAW_ECHO_MAX: usize = 4096;
+
+/// The raw iroh baseline: read the stream to its end, answer, finish.
+#[derive(Debug, Clone)]
+pub struct RawEcho;
+
+impl ProtocolHandler for RawEcho {
+    async fn accept(&self, conn: Connection) -> Result<(), AcceptError> {
+        while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+            tokio::spawn(async move {
+                let Ok(data) = recv.read_to_end(RAW_MAX).await else {
+                    return;
+                };
+                let answer = if data.len() <= RAW_ECHO_MAX {
+                    Bytes::from(data)
+                } else {
+                    Bytes::copy_from_slice(&(data.len() as u64).to_le_bytes())
+                };
+                let _ = send.write_chunk(answer).await;
+                let _ = send.finish();
+                let _ = send.stopped().await;
+            });
+        }
+        Ok(())
+    }
+}
+
+/// A bare iroh endpoint on 127.0.0.1 (free port), no relay, with `key` as
+/// identity (a random one when `None`).
+pub async fn raw_endpoint(key: Option<[u8; 32]>) -> anyhow::Result<Endpoint> {
+    let mut builder = Endpoint::builder(presets::Minimal)
+        .relay_mode(RelayMode::Disabled)
+        .clear_ip_transports()
+        .bind_addr("127.0.0.1:0")
+        .context("the raw iroh endpoint's bind address")?;
+    if let Some(key) = key {
+        builder = builder.secret_key(SecretKey::from_bytes(&key));
+    }
+    builder.bind().await.context("binding a raw iroh endpoint")
+}
+
+/// Starts the raw iroh echo server; returns its router (shut it down to
+/// stop), its endpoint id and its socket address.
+pub async fn raw_iroh_server(key: [u8; 32]) -> anyhow::Result<(Router, [u8; 32], SocketAddr)> {
+    let endpoint = raw_endpoint(Some(key)).await?;
+    let socket = *endpoint
+        .bound_sockets()
+        .first()
+        .context("the raw iroh endpoint reports no bound socket")?;
+    let id = *endpoint.id().as_bytes();
+    let router = Router::builder(endpoint).accept(RAW_ALPN, RawEcho).spawn();
+    Ok((router, id, socket))
+}
+
+/// One raw iroh call: `data` on a fresh bi-stream of `conn`, the answer.
+pub async fn raw_iroh_call(conn: &Connection, data: Bytes) -> anyhow::Result<Vec<u8>> {
+    let (mut send, mut recv) = conn.open_bi().await.context("opening a stream")?;
+    send.write_chunk(data)
+        .await
+        .context("writing the request")?;
+    send.finish().context("finishing the request")?;
+    recv.read_to_end(RAW_MAX)
+        .await
+        .context("reading the answer")
+}
+
+/// The raw gRPC baseline: tonic's generated Raft service, answering
+/// directly (`AppendEntries` and `Propose` echo, `Vote` answers empty,
+/// `Snapshot` answers the chunk's length).
+#[derive(Debug, Clone, Copy)]
+pub struct RawRaft;
+
+#[tonic::async_trait]
+impl Raft for RawRaft {
+    async fn vote(
+        &self,
+        _request: tonic::Request<pb::RaftPayload>,
+    ) -> Result<tonic::Response<pb::RaftPayload>, tonic::Status> {
+        Ok(tonic::Response::new(pb::RaftPayload::default()))
+    }
+
+    async fn append_entries(
+        &self,
+        request: tonic::Request<pb::RaftPayload>,
+    ) -> Result<tonic::Response<pb::RaftPayload>, tonic::Status> {
+        Ok(tonic::Response::new(request.into_inner()))
+    }
+
+    async fn snapshot(
+        &self,
+        request: tonic::Request<pb::SnapshotChunk>,
+    ) -> Result<tonic::Response<pb::RaftPayload>, tonic::Status> {
+        let len = request.into_inner().data.len() as u64;
+        Ok(tonic::Response::new(pb::RaftPayload {
+            data: Bytes::copy_from_slice(&len.to_le_bytes()),
+        }))
+    }
+
+    async fn propose(
+        &self,
+        request: tonic::Request<pb::RaftPayload>,
+    ) -> Result<tonic::Response<pb::RaftPayload>, tonic::Status> {
+        Ok(tonic::Response::new(request.into_inner()))
+    }
+}
+
+/// Starts the raw gRPC server on 127.0.0.1 (free port, `TCP_NODELAY` on
+/// every connection, as tonic's own clients set); returns its URL. It runs
+/// until the runtime stops.
+pub async fn raw_grpc_server() -> anyhow::Result<String> {
+    let listener = tokio::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0)))
+        .await
+        .context("binding the raw gRPC listener")?;
+    let url = format!("http://{}", listener.local_addr()?);
+    let incoming = futures::stream::unfold(listener, |l| async move {
+        let next = l.accept().await.map(|(stream, _)| {
+            // Best effort: a socket refusing NODELAY is still served.
+            let _ = stream.set_nodelay(true);
+            stream
+        });
+        Some((next, l))
+    });
+    let service = RaftServer::new(RawRaft)
+        .max_decoding_message_size(RAW_MAX)
+        .max_encoding_message_size(RAW_MAX);
+    tokio::spawn(async move {
+        if let Err(e) = tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming(incoming)
+            .await
+        {
+            tracing::error!("raw gRPC server stopped: {e}");
+        }
+    });
+    Ok(url)
+}
