@@ -2,7 +2,8 @@
 //!
 //! - **Pooling.** One connection per peer, shared by every caller. It is
 //!   dialled lazily by the first call (by `EndpointId` plus the direct
-//!   addresses and relay in [`PeerAddr::iroh`]); concurrent first calls
+//!   addresses and relay in [`PeerAddr::iroh`], or this node's own relay
+//!   when the address names none); concurrent first calls
 //!   wait for that one dial. A connection found closed is dropped and the
 //!   next call dials again.
 //! - **Backoff.** After a failed dial the next one waits
@@ -71,6 +72,10 @@ pub struct IrohClient {
     closed: AtomicBool,
     calls: Arc<Tracker>,
     next_request_id: AtomicU64,
+    /// This node's own relay, tried for a peer whose address names no
+    /// relay (a join seed, a CLI target): a peer behind NAT with no
+    /// reachable direct address is still found there.
+    default_relay: Option<RelayUrl>,
 }
 
 /// What the client keeps per peer.
@@ -177,8 +182,14 @@ impl Drop for CallStreams {
 }
 
 impl IrohClient {
-    pub(crate) fn new(endpoint: Endpoint, frame_limits: Limits, limits: TransportLimits) -> Self {
+    pub(crate) fn new(
+        endpoint: Endpoint,
+        frame_limits: Limits,
+        limits: TransportLimits,
+        default_relay: Option<RelayUrl>,
+    ) -> Self {
         IrohClient {
+            default_relay,
             endpoint: RwLock::new(Some(endpoint)),
             frame_limits,
             limits,
@@ -337,14 +348,17 @@ impl IrohClient {
         for direct in &iroh_addr.direct {
             target = target.with_ip_addr(*direct);
         }
-        if let Some(url) = &iroh_addr.relay_url {
-            let url: RelayUrl = url.parse().map_err(|e| {
+        let relay = match &iroh_addr.relay_url {
+            Some(url) => Some(url.parse::<RelayUrl>().map_err(|e| {
                 error(
                     TransportErrorKind::Unreachable,
                     Delivery::NotDelivered,
                     format!("peer's relay url {url:?}: {e}"),
                 )
-            })?;
+            })?),
+            None => self.default_relay.clone(),
+        };
+        if let Some(url) = relay {
             target = target.with_relay_url(url);
         }
         let started = Instant::now();

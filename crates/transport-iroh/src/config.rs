@@ -169,7 +169,10 @@ pub struct IrohConfig {
     /// Where the endpoint's UDP socket binds; port 0 picks a free port.
     pub bind_addr: SocketAddr,
     /// A relay server to use (enables relaying and hole punching). `None`,
-    /// the default, contacts no relay at all.
+    /// the default, contacts no relay at all. The endpoint also asks the
+    /// relay's host for its public address (QUIC address discovery) on
+    /// UDP port 7842, iroh's default, so a relay should serve QUIC there.
+    /// A peer whose address names no relay is looked for on this one.
     pub relay_url: Option<String>,
     /// DER certificate of a private CA the relay's TLS certificate is
     /// signed by (a lab relay); `None` uses the system's roots.

@@ -135,14 +135,16 @@ impl IrohTransport {
                 addr: config.bind_addr,
                 detail: e.to_string(),
             })?;
-        builder = match &config.relay_url {
+        let relay: Option<RelayUrl> = match &config.relay_url {
+            None => None,
+            Some(url) => Some(
+                url.parse()
+                    .map_err(|e| BindError::Config(format!("relay_url {url:?}: {e}")))?,
+            ),
+        };
+        builder = match &relay {
             None => builder.relay_mode(RelayMode::Disabled),
-            Some(url) => {
-                let url: RelayUrl = url
-                    .parse()
-                    .map_err(|e| BindError::Config(format!("relay_url {url:?}: {e}")))?;
-                builder.relay_mode(RelayMode::Custom(url.into()))
-            }
+            Some(url) => builder.relay_mode(RelayMode::Custom(url.clone().into())),
         };
         if let Some(der) = &config.relay_ca_der {
             let cert = iroh::tls::CaTlsConfig::custom_roots([der.clone().into()]);
@@ -165,6 +167,7 @@ impl IrohTransport {
             endpoint.clone(),
             config.frame_limits,
             config.limits.clone(),
+            relay,
         ));
         info!(id = %endpoint.id().fmt_short(), %local_addr, "iroh transport bound");
         Ok(IrohTransport {
