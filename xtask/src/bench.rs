@@ -354,7 +354,7 @@ impl Run {
             args.push("--bins");
             self.announce(&format!("build: cargo {}", args.join(" ")));
             let began = Instant::now();
-            let built = cargo_artifacts(&args);
+            let built = cargo_artifacts(&args, "bin");
             let result = built
                 .as_ref()
                 .map(|_| ())
@@ -378,7 +378,7 @@ impl Run {
             ];
             self.announce(&format!("build: cargo {}", args.join(" ")));
             let began = Instant::now();
-            let built = cargo_artifacts(&args);
+            let built = cargo_artifacts(&args, "bench");
             let result = built
                 .as_ref()
                 .map(|_| ())
@@ -514,17 +514,31 @@ impl Run {
 
 /// Runs `cargo ARGS --message-format=json-render-diagnostics` (cargo's
 /// progress and diagnostics go to the terminal) and returns the
-/// executables it built.
-fn cargo_artifacts(args: &[&str]) -> anyhow::Result<Vec<Artifact>> {
+/// executables of targets of `kind` (`bin`, `bench`) it built.
+fn cargo_artifacts(args: &[&str], kind: &str) -> anyhow::Result<Vec<Artifact>> {
     let mut cmd = crate::cargo();
     cmd.args(args)
         .arg("--message-format=json-render-diagnostics")
         .stdout(Stdio::piped())
-        .stderr(Stdio::inherit());
+        .stderr(Stdio::piped());
     let mut child = cmd
         .spawn()
         .with_context(|| format!("starting cargo {}", args.join(" ")))?;
     let stdout = child.stdout.take().context("cargo's stdout")?;
+    // Cargo's progress and rendered diagnostics, forwarded; the first
+    // errors are kept for the report.
+    let stderr = child.stderr.take().context("cargo's stderr")?;
+    let errors = std::thread::spawn(move || {
+        let mut errors = Vec::new();
+        for line in BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            eprintln!("{line}");
+            if line.starts_with("error") && errors.len() < ERROR_TAIL_LINES {
+                errors.push(line);
+            }
+        }
+        errors
+    });
     let mut artifacts = Vec::new();
     for line in BufReader::new(stdout).lines() {
         let line = line.context("reading cargo's output")?;
@@ -538,6 +552,10 @@ fn cargo_artifacts(args: &[&str]) -> anyhow::Result<Vec<Artifact>> {
         let Some(executable) = msg["executable"].as_str() else {
             continue;
         };
+        let kinds = msg["target"]["kind"].as_array();
+        if !kinds.is_some_and(|k| k.iter().any(|k| k == kind)) {
+            continue;
+        }
         let manifest = PathBuf::from(msg["manifest_path"].as_str().unwrap_or_default());
         artifacts.push(Artifact {
             name: msg["target"]["name"]
@@ -552,10 +570,16 @@ fn cargo_artifacts(args: &[&str]) -> anyhow::Result<Vec<Artifact>> {
         });
     }
     let status = child.wait().context("waiting for cargo")?;
+    let errors = errors.join().unwrap_or_default();
     if !status.success() {
         bail!(
-            "cargo {} failed ({status}); its errors are printed above",
-            args.join(" ")
+            "cargo {} failed ({status}): {}",
+            args.join(" "),
+            if errors.is_empty() {
+                "see its output above".to_owned()
+            } else {
+                errors.join(" / ")
+            }
         );
     }
     artifacts.sort_by(|a, b| a.name.cmp(&b.name));
@@ -623,7 +647,13 @@ fn run_forwarding(mut cmd: Command, label: &str, start: Instant) -> anyhow::Resu
         .lock()
         .map(|t| t.iter().filter(|l| !l.trim().is_empty()).cloned().collect())
         .unwrap_or_default();
-    let last = tail.last().cloned().unwrap_or_default();
+    // The program's own error line if it printed one, else its last line.
+    let last = tail
+        .iter()
+        .find(|l| l.trim_start().to_ascii_lowercase().starts_with("error"))
+        .or(tail.last())
+        .cloned()
+        .unwrap_or_default();
     bail!(
         "{label} failed ({status}): {last}\n  last output:\n    {}",
         tail.join("\n    ")
@@ -879,7 +909,10 @@ mod tests {
         assert!(md.contains("- P99 rows: **2 pass, 1 fail**."), "{md}");
         // A part from a debug build is flagged as not for comparison.
         assert!(md.contains("DEBUG BUILD"), "{md}");
-        assert!(md.contains("parts from a debug build: cluster"), "{md}");
+        assert!(
+            md.contains("parts built without optimisation: cluster"),
+            "{md}"
+        );
     }
 
     #[test]

@@ -354,17 +354,19 @@ pub(crate) fn markdown(report: &Report) -> anyhow::Result<String> {
         .map(|p| p.source.as_str())
         .collect();
     if run.debug_build() || !debug_parts.is_empty() {
+        let what = if run.debug_build() {
+            format!("profile `{}`", run.profile)
+        } else {
+            format!(
+                "parts built without optimisation: {}",
+                debug_parts.join(", ")
+            )
+        };
         writeln!(
             out,
-            "> **⚠ DEBUG BUILD (profile `{}`{}): these figures are NOT for comparison.** \
+            "> **⚠ DEBUG BUILD ({what}): these figures are NOT for comparison.** \
              They prove that the pipeline works; measure with the default \
-             `--profile bench` for figures.\n",
-            run.profile,
-            if debug_parts.is_empty() {
-                String::new()
-            } else {
-                format!("; parts from a debug build: {}", debug_parts.join(", "))
-            }
+             `--profile bench` for figures.\n"
         )?;
     }
     if run.incomplete() {
