@@ -9,6 +9,8 @@
 //!   report (Markdown, JSON, SVG charts) to `target/bench-report/`.
 //! - `prereqs`: finds and installs system packages and the Python
 //!   environment the tests use.
+//! - `lab`: builds `tern` and `tern-lab` and runs a network-lab scenario
+//!   as root (`crates/lab`).
 //!
 //! xtask has few dependencies on purpose: it must build fast on a fresh
 //! machine before anything else.
@@ -19,6 +21,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 mod bench;
+mod lab;
 mod prereqs;
 mod test;
 
@@ -36,6 +39,11 @@ commands:
                          report.json, *.svg); --quick takes a few minutes
   bench --report-only    render the report again from the last run's files
   prereqs                only install the test prerequisites
+  lab list               the network lab's scenarios (needs root; see crates/lab)
+  lab <scenario> [--quick] [--keep-logs DIR]
+                         build tern and tern-lab, run one scenario in network
+                         namespaces: progress, summary table, non-zero on failure
+  lab ci                 the --quick variant of every scenario registered for CI
 ";
 
 fn main() -> ExitCode {
@@ -43,6 +51,7 @@ fn main() -> ExitCode {
     let result = match args.first().map(String::as_str) {
         Some("test") => test::run(&args[1..]),
         Some("bench") => bench::run(&args[1..]),
+        Some("lab") => lab::run(&args[1..]),
         Some("prereqs") => prereqs::install().map(|_| ()),
         Some("-h" | "--help" | "help") | None => {
             print!("{USAGE}");

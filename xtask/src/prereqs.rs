@@ -39,6 +39,38 @@ const TOOLS: &[Tool] = &[
     },
 ];
 
+/// What the network lab (`cargo xtask lab`) needs from the system.
+const LAB_TOOLS: &[Tool] = &[
+    Tool {
+        command: "ip",
+        package: "iproute2",
+        why: "the lab builds namespaces, veth links and bridges with `ip`",
+    },
+    Tool {
+        command: "nft",
+        package: "nftables",
+        why: "the lab emulates loss and blocks UDP with nftables rules",
+    },
+    Tool {
+        command: "sysctl",
+        package: "procps",
+        why: "the lab sets forwarding and address sysctls inside namespaces",
+    },
+];
+
+/// Installs what the lab needs that is missing.
+pub(crate) fn install_lab() -> anyhow::Result<()> {
+    let missing: Vec<&Tool> = LAB_TOOLS.iter().filter(|t| !have(t.command)).collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    for tool in &missing {
+        println!("xtask: `{}` is missing ({})", tool.command, tool.why);
+    }
+    let packages: Vec<&str> = missing.iter().map(|t| t.package).collect();
+    apt_install(&packages)
+}
+
 /// Python packages for the gRPC interoperability test.
 const PY_PACKAGES: &[&str] = &["grpcio", "grpcio-health-checking", "grpcio-reflection"];
 
@@ -81,7 +113,7 @@ fn apt_install(packages: &[&str]) -> anyhow::Result<()> {
     run(&args)
 }
 
-fn is_root() -> bool {
+pub(crate) fn is_root() -> bool {
     Command::new("id")
         .arg("-u")
         .output()

@@ -1,0 +1,118 @@
+//! The scenarios and their registry.
+//!
+//! A scenario is a module here with
+//!
+//! ```ignore
+//! pub async fn run(ctx: &mut Ctx) -> anyhow::Result<()>
+//! ```
+//!
+//! that builds its topology through `ctx.lab`, reports through
+//! `ctx.report` (a step line per step, figures, and a [`Report::check`] per
+//! guarantee) and honours `ctx.opts.quick` (the CI variant: short, but it
+//! still exercises and checks the guarantee). An `Err` ends the scenario
+//! early and fails the run; a failed check fails the run at the end. The
+//! caller cleans up the lab afterwards whatever happened, so a scenario
+//! only needs to stop what it wants to see stop cleanly.
+//!
+//! Register a scenario in [`ALL`] with the [`scenario!`](crate::scenario)
+//! macro; `ci: true` puts its `--quick` variant into `cargo xtask lab ci`.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::pin::Pin;
+
+use crate::netns::Lab;
+use crate::report::Report;
+
+pub mod smoke;
+
+/// What the operator asked for.
+#[derive(Debug, Clone)]
+pub struct Opts {
+    /// The `tern` binary.
+    pub tern: PathBuf,
+    /// The short (CI) variant.
+    pub quick: bool,
+    /// Name prefix of every namespace and interface.
+    pub prefix: String,
+}
+
+/// What a scenario works with.
+#[derive(Debug)]
+pub struct Ctx {
+    /// The topology and process owner (cleaned up by the caller).
+    pub lab: Lab,
+    /// Progress, figures and checks.
+    pub report: Report,
+    /// Options.
+    pub opts: Opts,
+}
+
+/// The future a scenario's `run` returns, boxed for the registry.
+pub type ScenarioFuture<'a> = Pin<Box<dyn Future<Output = anyhow::Result<()>> + 'a>>;
+
+/// A registered scenario.
+#[derive(Debug, Clone, Copy)]
+pub struct Scenario {
+    /// Its name on the command line.
+    pub name: &'static str,
+    /// One line about what it checks.
+    pub about: &'static str,
+    /// Whether `cargo xtask lab ci` runs its `--quick` variant.
+    pub ci: bool,
+    /// Runs it.
+    pub run: for<'a> fn(&'a mut Ctx) -> ScenarioFuture<'a>,
+}
+
+/// A [`Scenario`] for module `$module` of [`crate::scenarios`]:
+/// `scenario!("name", module, ci, "about")`.
+#[macro_export]
+macro_rules! scenario {
+    ($name:literal, $module:ident, $ci:expr, $about:literal) => {{
+        fn run(ctx: &mut $crate::scenarios::Ctx) -> $crate::scenarios::ScenarioFuture<'_> {
+            Box::pin($crate::scenarios::$module::run(ctx))
+        }
+        $crate::scenarios::Scenario {
+            name: $name,
+            about: $about,
+            ci: $ci,
+            run,
+        }
+    }};
+}
+
+/// Every scenario, in the order `tern-lab list` shows them.
+pub const ALL: &[Scenario] = &[
+    scenario!(
+        "smoke",
+        smoke,
+        false,
+        "a 3-node dual cluster forms in namespaces and answers over gRPC and iroh"
+    ),
+];
+
+/// The scenario called `name`.
+pub fn find(name: &str) -> Option<&'static Scenario> {
+    ALL.iter().find(|s| s.name == name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_unique_and_lower_case() {
+        let mut names: Vec<&str> = ALL.iter().map(|s| s.name).collect();
+        assert!(
+            names
+                .iter()
+                .all(|n| n.chars().all(|c| c.is_ascii_lowercase() || c == '-'))
+        );
+        names.sort_unstable();
+        let before = names.len();
+        names.dedup();
+        assert_eq!(before, names.len(), "duplicate scenario name");
+        assert!(find("smoke").is_some());
+        assert!(find("nope").is_none());
+    }
+}
