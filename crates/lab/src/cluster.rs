@@ -503,6 +503,16 @@ impl Cluster {
         total
     }
 
+    /// Every node's metrics now, in node order (a node that does not
+    /// answer gives an empty set).
+    pub async fn snapshot(&self) -> Vec<Metrics> {
+        let mut v = Vec::new();
+        for i in self.indices() {
+            v.push(self.metrics(i).await.unwrap_or_default());
+        }
+        v
+    }
+
     /// The node files of every node that has started (for [`Traffic`]).
     pub fn node_files(&self) -> Vec<NodeFile> {
         self.nodes.iter().filter_map(|n| n.file.clone()).collect()
@@ -618,6 +628,39 @@ impl Metrics {
             })
             .collect();
         Metrics { samples }
+    }
+}
+
+/// Per-node differences `after - before` of two [`Cluster::snapshot`]s.
+pub fn deltas(after: &[Metrics], before: &[Metrics]) -> Vec<Metrics> {
+    after.iter().zip(before).map(|(a, b)| a.since(b)).collect()
+}
+
+/// Sum of `name` with `labels` over several nodes' metrics.
+pub fn sum_all(ms: &[Metrics], name: &str, labels: &[(&str, &str)]) -> f64 {
+    ms.iter().map(|m| m.sum(name, labels)).sum()
+}
+
+/// Sums of `name` over several nodes' metrics grouped by the value of
+/// label `by` (zero sums left out), as `value=sum, ...`.
+pub fn by_label(ms: &[Metrics], name: &str, by: &str) -> String {
+    let mut groups: BTreeMap<String, f64> = BTreeMap::new();
+    for m in ms {
+        for s in m.samples.iter().filter(|s| s.name == name) {
+            *groups
+                .entry(s.label(by).unwrap_or("-").to_owned())
+                .or_default() += s.value;
+        }
+    }
+    let parts: Vec<String> = groups
+        .into_iter()
+        .filter(|(_, v)| *v != 0.0)
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    if parts.is_empty() {
+        "none".to_owned()
+    } else {
+        parts.join(", ")
     }
 }
 

@@ -25,6 +25,7 @@ use crate::netns::Lab;
 use crate::report::Report;
 
 pub mod smoke;
+pub mod udp_blocked;
 
 /// What the operator asked for.
 #[derive(Debug, Clone)]
@@ -88,6 +89,12 @@ pub const ALL: &[Scenario] = &[
         smoke,
         false,
         "a 3-node dual cluster forms in namespaces and answers over gRPC and iroh"
+    ),
+    scenario!(
+        "udp-blocked",
+        udp_blocked,
+        true,
+        "UDP dropped between dual-mode nodes: zero failed calls, fallbacks counted, iroh resumes"
     ),
 ];
 
