@@ -357,6 +357,8 @@ pub struct Measured {
     pub unary: Latencies,
     /// `(callers, calls/s)`.
     pub curve: Vec<(usize, f64)>,
+    /// Levels of the curve at which calls failed, and why.
+    pub curve_failures: Vec<String>,
     /// `(chunk bytes, bytes/s)`.
     pub bulk: Vec<(usize, f64)>,
     /// Control calls with nothing else running.
@@ -455,36 +457,73 @@ async fn conn_phase(driver: &Driver, settings: &Settings) -> anyhow::Result<Late
     Ok(lat)
 }
 
+/// The calls/s curve. A level at which calls fail has no point; it is
+/// named, with how many calls failed and the first error, in the returned
+/// list (a transport that cannot carry that many callers is a finding, not
+/// a reason to lose the other figures).
 async fn curve_phase(
     driver: &Arc<Driver>,
     settings: &Settings,
     levels: &[usize],
-) -> anyhow::Result<Vec<(usize, f64)>> {
+) -> anyhow::Result<(Vec<(usize, f64)>, Vec<String>)> {
     let mut curve = Vec::new();
+    let mut failures = Vec::new();
     for &callers in levels {
         let done = Arc::new(AtomicU64::new(0));
+        let failed = Arc::new(AtomicU64::new(0));
+        let first_error: Arc<Mutex<Option<String>>> = Arc::new(Mutex::new(None));
         let started = Instant::now();
         let deadline = started + settings.curve_duration;
         let tasks: Vec<_> = (0..callers)
             .map(|_| {
-                let (driver, done) = (driver.clone(), done.clone());
+                let (driver, done, failed, first_error) = (
+                    driver.clone(),
+                    done.clone(),
+                    failed.clone(),
+                    first_error.clone(),
+                );
                 tokio::spawn(async move {
                     let data = payload();
                     while Instant::now() < deadline {
-                        driver.unary(data.clone()).await?;
-                        done.fetch_add(1, Ordering::Relaxed);
+                        match driver.unary(data.clone()).await {
+                            Ok(()) => {
+                                done.fetch_add(1, Ordering::Relaxed);
+                            }
+                            Err(e) => {
+                                failed.fetch_add(1, Ordering::Relaxed);
+                                if let Ok(mut first) = first_error.lock() {
+                                    first.get_or_insert_with(|| format!("{e:#}"));
+                                }
+                                break;
+                            }
+                        }
                     }
-                    anyhow::Ok(())
                 })
             })
             .collect();
         for t in futures::future::join_all(tasks).await {
-            t.context("a caller task failed")??;
+            t.context("a caller task panicked")?;
         }
         let elapsed = started.elapsed().as_secs_f64();
-        curve.push((callers, done.load(Ordering::Relaxed) as f64 / elapsed));
+        let failed = failed.load(Ordering::Relaxed);
+        if failed == 0 {
+            curve.push((callers, done.load(Ordering::Relaxed) as f64 / elapsed));
+        } else {
+            let first = first_error
+                .lock()
+                .ok()
+                .and_then(|f| f.clone())
+                .unwrap_or_default();
+            tracing::warn!("{callers} callers: {failed} calls failed: {first}");
+            failures.push(format!(
+                "{callers} callers: {failed} calls failed (callers stop at their first \
+                 error), first: {first}"
+            ));
+            // Let the client re-dial before the next level.
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
     }
-    Ok(curve)
+    Ok((curve, failures))
 }
 
 /// Sends `total` bytes as chunks of `chunk` bytes, `parallel` in flight.
@@ -623,7 +662,7 @@ async fn measure(
             settings.curve_duration
         ),
     );
-    let curve = bounded(
+    let (curve, curve_failures) = bounded(
         "the calls/s curve",
         curve_phase(&driver, settings, &CURVE_LEVELS),
     )
@@ -670,6 +709,7 @@ async fn measure(
         conn,
         unary,
         curve,
+        curve_failures,
         bulk,
         control_idle,
         control_bulk,
@@ -858,6 +898,11 @@ fn build_part(results: &[(Kind, Measured)], s: &Settings, quick: bool) -> Part {
             &|m| &m.unary,
         );
     }
+    let curve_failures: String = results
+        .iter()
+        .flat_map(|(k, m)| m.curve_failures.iter().map(move |f| format!("{k} at {f}")))
+        .collect::<Vec<_>>()
+        .join("; ");
     for callers in [1usize, 64] {
         rows.push(row(
             RowSpec {
@@ -870,9 +915,12 @@ fn build_part(results: &[(Kind, Measured)], s: &Settings, quick: bool) -> Part {
                 unit: "calls/s",
                 better: "higher",
                 percentile: None,
-                note: format!(
-                    "64 B echo, callers loop for {:?} on one client",
-                    s.curve_duration
+                note: join_notes(
+                    format!(
+                        "64 B echo, callers loop for {:?} on one client",
+                        s.curve_duration
+                    ),
+                    curve_failures.clone(),
                 ),
             },
             values(results, |m| {
