@@ -24,6 +24,7 @@ use std::pin::Pin;
 use crate::netns::Lab;
 use crate::report::Report;
 
+pub mod loss;
 pub mod smoke;
 pub mod udp_blocked;
 
@@ -95,6 +96,12 @@ pub const ALL: &[Scenario] = &[
         udp_blocked,
         true,
         "UDP dropped between dual-mode nodes: zero failed calls, fallbacks counted, iroh resumes"
+    ),
+    scenario!(
+        "loss",
+        loss,
+        false,
+        "5% loss on every link: p50/p99 over iroh vs gRPC, no failed call, the cluster keeps committing"
     ),
 ];
 
