@@ -58,6 +58,9 @@
 //! [`netns::Netns::nft`]; extra processes with [`netns::Lab::spawn`].
 
 pub mod cluster;
+pub mod criteria;
+pub mod history;
 pub mod netns;
 pub mod report;
 pub mod scenarios;
+pub mod workload;

@@ -25,6 +25,8 @@ use crate::netns::Lab;
 use crate::report::Report;
 
 pub mod loss;
+pub mod partition;
+pub mod rollout;
 pub mod smoke;
 pub mod udp_blocked;
 
@@ -85,6 +87,18 @@ macro_rules! scenario {
 
 /// Every scenario, in the order `tern-lab list` shows them.
 pub const ALL: &[Scenario] = &[
+    scenario!(
+        "partition",
+        partition,
+        false,
+        "the leader cut off by nftables: the majority elects and commits, the old leader catches up; every client call recorded and the history checked with stateright's LinearizabilityTester"
+    ),
+    scenario!(
+        "rollout",
+        rollout,
+        false,
+        "8 nodes walk the rollout plan (5% dual, 25%, 50% adaptive, 100% iroh) under load, judged from /metrics at each stage, then the emergency rollback to gRPC"
+    ),
     scenario!(
         "smoke",
         smoke,

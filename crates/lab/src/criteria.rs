@@ -1,0 +1,312 @@
+//! The rollout's success criteria, computed from the nodes' `/metrics`.
+//!
+//! A stage is judged on the **difference** between two scrapes of every
+//! node (its window), summed over the nodes: the counters' increase and the
+//! latency histograms' bucket increases. The criteria are those of
+//! `docs/operations.md`:
+//!
+//! - **error rate**: transport errors per call (every call every node made
+//!   or served, both transports) must not rise above the baseline's by more
+//!   than [`ERROR_RATE_SLACK`];
+//! - **P99 latency** within 10 % of the gRPC baseline, from the
+//!   `tern_transport_call_seconds` buckets with Prometheus'
+//!   `histogram_quantile` interpolation;
+//! - **zero unplanned rollbacks**: no router fallback to gRPC, and exactly
+//!   the policy changes the stage made.
+//!
+//! Everything here is pure text-in, figures-out, so it is unit-tested
+//! without nodes.
+
+use tern_protocol::metric_names as names;
+
+use crate::cluster::{Metrics, quantile_of};
+
+/// One stage's figures over its window, summed over every node.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Figures {
+    /// Calls recorded (made and served), both transports.
+    pub calls: f64,
+    /// Of them, over iroh.
+    pub iroh_calls: f64,
+    /// Transport errors among them.
+    pub transport_errors: f64,
+    /// Application errors among them (answers, not failures; reported).
+    pub app_errors: f64,
+    /// P99 latency of every call served, seconds.
+    pub p99: Option<f64>,
+    /// P99 of calls served over gRPC.
+    pub p99_grpc: Option<f64>,
+    /// P99 of calls served over iroh.
+    pub p99_iroh: Option<f64>,
+    /// Router fallbacks to gRPC.
+    pub fallbacks: f64,
+    /// Router reroutes (peer lacks the preferred transport).
+    pub reroutes: f64,
+    /// Transport policy changes applied.
+    pub policy_changes: f64,
+    /// Raft leader changes seen (summed over nodes).
+    pub leader_changes: f64,
+    /// Adaptive Raft transport switches.
+    pub adaptive_switches: f64,
+}
+
+impl Figures {
+    /// Transport errors per call (0 with no calls).
+    pub fn error_rate(&self) -> f64 {
+        if self.calls > 0.0 {
+            self.transport_errors / self.calls
+        } else {
+            0.0
+        }
+    }
+
+    /// Share of calls over iroh.
+    pub fn iroh_share(&self) -> f64 {
+        if self.calls > 0.0 {
+            self.iroh_calls / self.calls
+        } else {
+            0.0
+        }
+    }
+}
+
+/// The figures of one window: `deltas[i]` is node `i`'s increase over
+/// the window (`after.since(&before)`, see [`Metrics::since`]).
+pub fn window(deltas: &[Metrics]) -> Figures {
+    let mut f = Figures::default();
+    let server = names::Side::Server.as_str();
+    let mut all: Vec<(f64, f64)> = Vec::new();
+    let mut grpc: Vec<(f64, f64)> = Vec::new();
+    let mut iroh: Vec<(f64, f64)> = Vec::new();
+    for d in deltas {
+        let s = |name: &str, labels: &[(&str, &str)]| d.sum(name, labels).max(0.0);
+        f.calls += s(names::CALLS, &[]);
+        f.iroh_calls += s(names::CALLS, &[("transport", "iroh")]);
+        f.transport_errors += s(
+            names::CALLS,
+            &[("outcome", names::Outcome::TransportError.as_str())],
+        );
+        f.app_errors += s(
+            names::CALLS,
+            &[("outcome", names::Outcome::AppError.as_str())],
+        );
+        f.fallbacks += s(names::ROUTER_FALLBACKS, &[]);
+        f.reroutes += s(names::ROUTER_REROUTES, &[]);
+        f.policy_changes += s(names::ROUTER_POLICY_CHANGES, &[]);
+        f.leader_changes += s(names::RAFT_LEADER_CHANGES, &[]);
+        f.adaptive_switches += s(names::ROUTER_ADAPTIVE_SWITCHES, &[]);
+        add(
+            &mut all,
+            &d.buckets(names::CALL_SECONDS, &[("side", server)]),
+        );
+        add(
+            &mut grpc,
+            &d.buckets(
+                names::CALL_SECONDS,
+                &[("side", server), ("transport", "grpc")],
+            ),
+        );
+        add(
+            &mut iroh,
+            &d.buckets(
+                names::CALL_SECONDS,
+                &[("side", server), ("transport", "iroh")],
+            ),
+        );
+    }
+    f.p99 = quantile_of(&all, 0.99);
+    f.p99_grpc = quantile_of(&grpc, 0.99);
+    f.p99_iroh = quantile_of(&iroh, 0.99);
+    f
+}
+
+/// Adds cumulative buckets `more` into `total`, bound by bound.
+fn add(total: &mut Vec<(f64, f64)>, more: &[(f64, f64)]) {
+    for &(le, n) in more {
+        match total.iter_mut().find(|(x, _)| *x == le) {
+            Some((_, m)) => *m += n.max(0.0),
+            None => total.push((le, n.max(0.0))),
+        }
+    }
+    total.sort_by(|x, y| x.0.total_cmp(&y.0));
+}
+
+/// How much the transport-error rate may exceed the baseline's before a
+/// stage fails (absolute, per call): 0.1 percentage points, so one stray
+/// error among thousands of calls does not fail a stage but a broken path
+/// does.
+pub const ERROR_RATE_SLACK: f64 = 0.001;
+
+/// The latency criterion: P99 within 10 % of the baseline.
+pub const P99_ALLOWANCE: f64 = 0.10;
+
+/// A stage's verdict on one criterion.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Check {
+    /// The criterion.
+    pub name: &'static str,
+    /// Whether it held.
+    pub ok: bool,
+    /// Whether a miss fails the run (`false`: reported only).
+    pub binding: bool,
+    /// The figures behind it, in words.
+    pub detail: String,
+}
+
+/// Judges a stage against the baseline.
+///
+/// `noise` is the relative P99 difference between two baseline windows
+/// measured in the same run (nothing changed between them): on a noisy
+/// machine a stage's P99 is held to `max(10 %, noise)`, and the latency
+/// criterion is reported, not binding, because that noise (shared CPUs,
+/// other builds) is not the transport's. `planned_changes` is the number
+/// of policy changes the stage applied; `client_failures` the calls the
+/// load generator saw fail.
+pub fn judge(
+    baseline: &Figures,
+    noise: f64,
+    stage: &Figures,
+    planned_changes: u64,
+    client_failures: u64,
+) -> Vec<Check> {
+    let mut checks = Vec::new();
+    let (br, sr) = (baseline.error_rate(), stage.error_rate());
+    checks.push(Check {
+        name: "error rate",
+        ok: sr <= br + ERROR_RATE_SLACK,
+        binding: true,
+        detail: format!(
+            "{:.3}% ({} of {} calls) vs baseline {:.3}%",
+            sr * 100.0,
+            stage.transport_errors,
+            stage.calls,
+            br * 100.0
+        ),
+    });
+    checks.push(Check {
+        name: "client calls",
+        ok: client_failures == 0,
+        binding: true,
+        detail: format!("{client_failures} failed"),
+    });
+    let allowance = P99_ALLOWANCE.max(noise);
+    let (ok, detail) = match (baseline.p99, stage.p99) {
+        (Some(b), Some(s)) if b > 0.0 => (
+            s <= b * (1.0 + allowance),
+            format!(
+                "{:.2} ms vs baseline {:.2} ms ({:+.1}%, allowed +{:.0}%)",
+                s * 1e3,
+                b * 1e3,
+                (s / b - 1.0) * 100.0,
+                allowance * 100.0
+            ),
+        ),
+        _ => (true, "no calls measured".to_owned()),
+    };
+    checks.push(Check {
+        name: "p99",
+        ok,
+        binding: false,
+        detail,
+    });
+    checks.push(Check {
+        name: "unplanned rollbacks",
+        ok: stage.fallbacks == 0.0 && stage.policy_changes == planned_changes as f64,
+        binding: true,
+        detail: format!(
+            "{} fallbacks; {} policy changes, {} planned",
+            stage.fallbacks, stage.policy_changes, planned_changes
+        ),
+    });
+    checks
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TEXT: &str = r#"# HELP tern_transport_calls_total Calls.
+# TYPE tern_transport_calls_total counter
+tern_transport_calls_total{transport="grpc",service="status",method="Get",side="server",outcome="ok"} 90
+tern_transport_calls_total{transport="iroh",service="status",method="Get",side="server",outcome="transport_error"} 10
+tern_router_fallbacks_total{service="status",method="Get",reason="a \"quoted\" reason"} 2
+tern_router_policy_changes_total 1
+tern_transport_call_seconds_bucket{transport="grpc",side="server",le="0.001"} 50
+tern_transport_call_seconds_bucket{transport="grpc",side="server",le="0.01"} 90
+tern_transport_call_seconds_bucket{transport="grpc",side="server",le="+Inf"} 100
+tern_transport_call_seconds_sum{transport="grpc",side="server"} 0.5
+tern_transport_call_seconds_count{transport="grpc",side="server"} 100
+"#;
+
+    #[test]
+    fn a_window_is_the_difference_of_two_scrapes() {
+        let before = Metrics::parse(TEXT);
+        let after = Metrics::parse(
+            &TEXT
+                .replace("outcome=\"ok\"} 90", "outcome=\"ok\"} 190")
+                .replace("le=\"0.001\"} 50", "le=\"0.001\"} 150")
+                .replace("le=\"0.01\"} 90", "le=\"0.01\"} 190")
+                .replace("le=\"+Inf\"} 100", "le=\"+Inf\"} 200"),
+        );
+        let f = window(&[after.since(&before)]);
+        assert_eq!(f.calls, 100.0);
+        assert_eq!(f.transport_errors, 0.0);
+        assert_eq!(f.fallbacks, 0.0);
+        assert_eq!(f.policy_changes, 0.0);
+        // Every new call landed in the first bucket.
+        assert!(f.p99.unwrap() <= 0.001, "{f:?}");
+        assert!(f.p99_iroh.is_none());
+        // Two nodes' windows add up.
+        let f = window(&[before.clone(), before]);
+        assert_eq!(f.calls, 200.0);
+        assert_eq!(f.error_rate(), 0.1);
+        assert_eq!(f.iroh_share(), 0.1);
+        assert_eq!(f.fallbacks, 4.0);
+        assert_eq!(f.policy_changes, 2.0);
+        assert_eq!(f.p99, Some(0.01));
+        assert_eq!(f.p99_grpc, Some(0.01));
+    }
+
+    #[test]
+    fn stages_are_judged_against_the_baseline() {
+        let base = Figures {
+            calls: 10_000.0,
+            p99: Some(0.010),
+            ..Figures::default()
+        };
+        let good = Figures {
+            calls: 10_000.0,
+            iroh_calls: 5_000.0,
+            p99: Some(0.0105),
+            policy_changes: 2.0,
+            ..Figures::default()
+        };
+        assert!(judge(&base, 0.0, &good, 2, 0).iter().all(|c| c.ok));
+        let bad = Figures {
+            transport_errors: 100.0,
+            p99: Some(0.02),
+            fallbacks: 3.0,
+            ..good.clone()
+        };
+        let checks = judge(&base, 0.0, &bad, 2, 1);
+        assert!(checks.iter().all(|c| !c.ok), "{checks:#?}");
+        // The latency check widens to the measured noise and is not binding.
+        let p99 = judge(&base, 1.5, &bad, 2, 0)
+            .into_iter()
+            .find(|c| c.name == "p99")
+            .unwrap();
+        assert!(p99.ok && !p99.binding);
+        // A policy change nobody planned.
+        let extra = Figures {
+            policy_changes: 3.0,
+            ..good
+        };
+        assert!(
+            !judge(&base, 0.0, &extra, 2, 0)
+                .iter()
+                .find(|c| c.name == "unplanned rollbacks")
+                .unwrap()
+                .ok
+        );
+    }
+}
