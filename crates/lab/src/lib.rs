@@ -57,9 +57,11 @@
 //! [`netns::Lab::link`], [`netns::Netns::route_add`] and
 //! [`netns::Netns::nft`]; extra processes with [`netns::Lab::spawn`].
 
+pub mod bench_cluster;
 pub mod cluster;
 pub mod criteria;
 pub mod history;
+pub mod local;
 pub mod netns;
 pub mod report;
 pub mod scenarios;

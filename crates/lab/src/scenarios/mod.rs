@@ -24,6 +24,7 @@ use std::pin::Pin;
 use crate::netns::Lab;
 use crate::report::Report;
 
+pub mod crash;
 pub mod loss;
 pub mod partition;
 pub mod rollout;
@@ -87,6 +88,12 @@ macro_rules! scenario {
 
 /// Every scenario, in the order `tern-lab list` shows them.
 pub const ALL: &[Scenario] = &[
+    scenario!(
+        "crash",
+        crash,
+        true,
+        "the leader SIGKILLed again and again under register writes: failover p50/p99; every acknowledged write read back from every node"
+    ),
     scenario!(
         "partition",
         partition,

@@ -1,0 +1,622 @@
+//! `tern-lab bench-cluster`: the cluster rows of `cargo xtask bench`'s
+//! report, measured on 3-node clusters of real `tern` processes on
+//! loopback ([`crate::local`]), once per transport mode:
+//!
+//! - `grpc`: `mode = "grpc"`;
+//! - `iroh`: `mode = "iroh"`;
+//! - `dual`: `mode = "dual"`, every service preferring iroh and Raft over
+//!   iroh (`raft_transport = "iroh"`), fallback to gRPC on.
+//!
+//! Figures, each per mode:
+//!
+//! - **Raft commits/s** with 1 and with 64 concurrent writers (and the
+//!   counts in between for the curve in full mode). A commit is one
+//!   acknowledged metadata-register put (`Cluster/MetaPut`, a Raft write
+//!   of its own, applied on the leader before it is answered), sent to
+//!   the leader by the lab's in-process gRPC client. Put latency
+//!   percentiles with one writer come with it.
+//! - **Leader failover**: SIGKILL of the leader, then the time until a
+//!   client's put is acknowledged by the new leader. Probes start right
+//!   after the kill, one every [`PROBE_EVERY`] to alternating survivors
+//!   (each with [`PROBE_TIMEOUT`]), so the figure has that resolution. The
+//!   killed node is restarted and the cluster settles before the next
+//!   repeat.
+//!
+//! The client hop is gRPC in every mode (every node listens on both
+//! transports), so the columns differ only in the transport node-to-node
+//! traffic (Raft included) uses. Progress goes to stderr; the part file
+//! (see `xtask/src/bench`) only to `--out`. A figure that could not be
+//! measured is `null` with a note, never made up; the program then exits
+//! non-zero.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use serde_json::{Value, json};
+use tern_protocol::{PeerAddr, RpcClient};
+use tern_raft_net::{MetaError, meta_put};
+
+use crate::local::LocalCluster;
+
+/// The producer's name in the report.
+pub const SOURCE: &str = "cluster";
+
+/// The seed's figure for commits/s with 1 writer (openraft's own bench:
+/// one process, no network, no disk), as `cargo xtask bench`'s criterion
+/// rows quote it.
+pub const SEED_COMMITS_1_WRITER: f64 = 33e3;
+/// The seed's figure for commits/s with 64 writers (same bench).
+pub const SEED_COMMITS_64_WRITERS: f64 = 912e3;
+
+/// Timeout of one benchmark put.
+pub const PUT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often a failover probe is launched after the kill.
+pub const PROBE_EVERY: Duration = Duration::from_millis(20);
+/// Timeout of one failover probe.
+pub const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
+/// Bound on one failover (the kill to the first acknowledged put).
+pub const FAILOVER_BOUND: Duration = Duration::from_secs(60);
+/// Value bytes of each benchmark put.
+pub const VALUE_LEN: usize = 64;
+/// Failed puts tolerated in a throughput run before the run counts as
+/// failed (a steady cluster fails none).
+pub const MAX_FAILED_PUTS: u64 = 20;
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct BenchOpts {
+    /// The `tern` binary.
+    pub tern: PathBuf,
+    /// The short variant.
+    pub quick: bool,
+    /// The part file to write.
+    pub out: PathBuf,
+    /// Where the nodes' data, configs and logs go.
+    pub dir: PathBuf,
+}
+
+impl BenchOpts {
+    fn secs_per_run(&self) -> Duration {
+        if self.quick {
+            Duration::from_secs(4)
+        } else {
+            Duration::from_secs(15)
+        }
+    }
+    fn writer_counts(&self) -> Vec<usize> {
+        if self.quick {
+            vec![1, 64]
+        } else {
+            vec![1, 4, 16, 64]
+        }
+    }
+    fn failover_repeats(&self) -> usize {
+        if self.quick { 5 } else { 20 }
+    }
+}
+
+/// The transport modes measured, as (column, `[transport]` section).
+pub fn modes() -> Vec<(&'static str, String)> {
+    vec![
+        ("grpc", "[transport]\nmode = \"grpc\"\n".to_owned()),
+        ("iroh", "[transport]\nmode = \"iroh\"\n".to_owned()),
+        (
+            "dual",
+            "[transport]\nmode = \"dual\"\n[transport.migration]\nprefer_iroh = [\"all_except_raft\"]\nraft_transport = \"iroh\"\nfallback_to_grpc = true\n"
+                .to_owned(),
+        ),
+    ]
+}
+
+/// Progress lines on stderr: `[bench-cluster 3/14] ...`.
+struct Progress {
+    step: usize,
+    total: usize,
+}
+
+impl Progress {
+    fn line(&mut self, msg: &str) {
+        self.step += 1;
+        eprintln!(
+            "[bench-cluster {}/{}] {msg}",
+            self.step.min(self.total),
+            self.total
+        );
+    }
+    fn info(&self, msg: &str) {
+        eprintln!("[bench-cluster {}/{}]   {msg}", self.step, self.total);
+    }
+}
+
+/// What one mode measured.
+#[derive(Debug, Default)]
+struct ModeResult {
+    /// (writers, commits/s).
+    throughput: Vec<(usize, f64)>,
+    /// Put latencies with one writer.
+    latency_1w: Vec<Duration>,
+    /// Failover times.
+    failovers: Vec<Duration>,
+    /// Why something is missing.
+    notes: Vec<String>,
+}
+
+/// `q`-quantile (0..=100) of sorted values by nearest rank.
+pub fn percentile(sorted: &[f64], q: f64) -> Option<f64> {
+    if sorted.is_empty() {
+        return None;
+    }
+    let rank = ((q / 100.0) * sorted.len() as f64).ceil() as usize;
+    Some(sorted[rank.clamp(1, sorted.len()) - 1])
+}
+
+fn sorted_secs(d: &[Duration]) -> Vec<f64> {
+    let mut v: Vec<f64> = d.iter().map(Duration::as_secs_f64).collect();
+    v.sort_by(f64::total_cmp);
+    v
+}
+
+/// The distribution points the report draws: p1 ... p99.9 and max.
+pub fn distribution(sorted: &[f64]) -> Vec<[f64; 2]> {
+    [
+        1.0, 5.0, 10.0, 25.0, 50.0, 75.0, 90.0, 95.0, 99.0, 99.9, 100.0,
+    ]
+    .iter()
+    .filter_map(|q| percentile(sorted, *q).map(|v| [*q, v]))
+    .collect()
+}
+
+/// Runs `writers` concurrent writers against the leader for `run`;
+/// returns commits/s and every put's latency.
+async fn throughput(
+    client: Arc<dyn RpcClient>,
+    leader: PeerAddr,
+    tag: &str,
+    writers: usize,
+    run: Duration,
+) -> anyhow::Result<(f64, Vec<Duration>)> {
+    let failed = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let last_error = Arc::new(std::sync::Mutex::new(String::new()));
+    let start = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    let value = "v".repeat(VALUE_LEN);
+    for w in 0..writers {
+        let (client, leader, failed, stop, last_error, value) = (
+            client.clone(),
+            leader.clone(),
+            failed.clone(),
+            stop.clone(),
+            last_error.clone(),
+            value.clone(),
+        );
+        let tag = tag.to_owned();
+        tasks.spawn(async move {
+            let mut lat = Vec::new();
+            let mut i = 0u64;
+            while start.elapsed() < run && !stop.load(Ordering::Relaxed) {
+                i += 1;
+                let t = Instant::now();
+                let r = meta_put(
+                    client.as_ref(),
+                    &leader,
+                    &format!("{tag}-{w}-{i}"),
+                    &format!("bench/{w}"),
+                    &value,
+                    PUT_TIMEOUT,
+                )
+                .await;
+                match r {
+                    Ok(_) => lat.push(t.elapsed()),
+                    Err(e) => {
+                        if let Ok(mut l) = last_error.lock() {
+                            *l = e.to_string();
+                        }
+                        if failed.fetch_add(1, Ordering::Relaxed) + 1 > MAX_FAILED_PUTS {
+                            stop.store(true, Ordering::Relaxed);
+                        }
+                    }
+                }
+            }
+            lat
+        });
+    }
+    let mut all = Vec::new();
+    while let Some(r) = tasks.join_next().await {
+        all.extend(r.context("a writer task panicked")?);
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    let failed = failed.load(Ordering::Relaxed);
+    if failed > MAX_FAILED_PUTS {
+        let last = last_error.lock().map(|l| l.clone()).unwrap_or_default();
+        bail!("{failed} puts failed with {writers} writers (last: {last})");
+    }
+    Ok((all.len() as f64 / elapsed, all))
+}
+
+/// Kills the leader and measures the time until a put is acknowledged by
+/// a new leader; restarts the killed node and waits until the cluster has
+/// settled.
+async fn failover(c: &mut LocalCluster, tag: &str) -> anyhow::Result<Duration> {
+    let (leader, leader_id) = c.wait_formed().await?;
+    let survivors: Vec<PeerAddr> = c
+        .nodes
+        .iter()
+        .filter(|n| n.index != leader)
+        .map(|n| n.addr())
+        .collect::<anyhow::Result<_>>()?;
+    c.kill(leader).await?;
+    let killed_at = Instant::now();
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Instant, MetaError>>(64);
+    let mut probes = tokio::task::JoinSet::new();
+    let mut n = 0usize;
+    let mut tick = tokio::time::interval(PROBE_EVERY);
+    let acked = loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                if killed_at.elapsed() > FAILOVER_BOUND {
+                    bail!("no put was acknowledged within {FAILOVER_BOUND:?} of killing the leader");
+                }
+                let target = survivors[n % survivors.len()].clone();
+                n += 1;
+                let (client, tx) = (c.client.clone(), tx.clone());
+                let id = format!("{tag}-probe-{n}");
+                probes.spawn(async move {
+                    let r = meta_put(client.as_ref(), &target, &id, "bench/failover", "probe", PROBE_TIMEOUT).await;
+                    let r = match r {
+                        Ok(put) if put.leader_id != leader_id => Ok(Instant::now()),
+                        Ok(put) => Err(MetaError::Other(format!("acknowledged by the killed leader {}", put.leader_id))),
+                        Err(e) => Err(e),
+                    };
+                    let _ = tx.send(r).await;
+                });
+            }
+            Some(r) = rx.recv() => {
+                if let Ok(at) = r {
+                    break at;
+                }
+            }
+        }
+    };
+    probes.abort_all();
+    let took = acked.saturating_duration_since(killed_at);
+    c.start_node(leader).await?;
+    c.wait_formed().await?;
+    Ok(took)
+}
+
+async fn measure_mode(
+    opts: &BenchOpts,
+    mode: &str,
+    section: &str,
+    p: &mut Progress,
+) -> anyhow::Result<ModeResult> {
+    let mut result = ModeResult::default();
+    p.line(&format!("{mode}: start 3 tern processes"));
+    let dir = opts.dir.join(mode);
+    let mut c = LocalCluster::start(&opts.tern, &dir, 3, section).await?;
+    let run = opts.secs_per_run();
+    for writers in opts.writer_counts() {
+        let (leader, _) = c.wait_formed().await?;
+        p.line(&format!(
+            "{mode}: {writers} writer(s) for {}s",
+            run.as_secs()
+        ));
+        let addr = c.nodes[leader].addr()?;
+        match throughput(
+            c.client.clone(),
+            addr,
+            &format!("{mode}-{writers}w"),
+            writers,
+            run,
+        )
+        .await
+        {
+            Ok((rate, lat)) => {
+                p.info(&format!("{rate:.0} commits/s ({} puts)", lat.len()));
+                if writers == 1 {
+                    result.latency_1w = lat;
+                }
+                result.throughput.push((writers, rate));
+            }
+            Err(e) => {
+                p.info(&format!("FAILED: {e:#}"));
+                result
+                    .notes
+                    .push(format!("{mode} {writers} writers: {e:#}"));
+            }
+        }
+    }
+    let repeats = opts.failover_repeats();
+    p.line(&format!("{mode}: leader failover x{repeats}"));
+    for r in 0..repeats {
+        match failover(&mut c, &format!("{mode}-fo{r}")).await {
+            Ok(took) => {
+                p.info(&format!(
+                    "failover {}/{repeats}: {:.3}s",
+                    r + 1,
+                    took.as_secs_f64()
+                ));
+                result.failovers.push(took);
+            }
+            Err(e) => {
+                p.info(&format!("failover {}/{repeats} FAILED: {e:#}", r + 1));
+                result
+                    .notes
+                    .push(format!("{mode} failover {}: {e:#}", r + 1));
+                break;
+            }
+        }
+    }
+    c.shutdown().await;
+    Ok(result)
+}
+
+/// Runs the whole benchmark and writes the part file. Errors when a
+/// figure could not be measured (after writing what was).
+pub async fn run(opts: &BenchOpts) -> anyhow::Result<()> {
+    let modes = modes();
+    let steps_per_mode = 1 + opts.writer_counts().len() + 1;
+    let mut p = Progress {
+        step: 0,
+        total: modes.len() * steps_per_mode + 1,
+    };
+    let mut results = Vec::new();
+    for (mode, section) in &modes {
+        let r = match measure_mode(opts, mode, section, &mut p).await {
+            Ok(r) => r,
+            Err(e) => {
+                p.info(&format!("{mode}: FAILED: {e:#}"));
+                ModeResult {
+                    notes: vec![format!("{mode}: {e:#}")],
+                    ..ModeResult::default()
+                }
+            }
+        };
+        results.push((*mode, r));
+    }
+    p.line(&format!("write {}", opts.out.display()));
+    let part = part(opts, &results);
+    write_part(&opts.out, &part)?;
+    let notes: Vec<&String> = results.iter().flat_map(|(_, r)| &r.notes).collect();
+    if !notes.is_empty() {
+        bail!(
+            "some figures could not be measured (null in the report): {}",
+            notes
+                .iter()
+                .map(|s| s.as_str())
+                .collect::<Vec<_>>()
+                .join("; ")
+        );
+    }
+    Ok(())
+}
+
+fn write_part(out: &Path, part: &Value) -> anyhow::Result<()> {
+    if let Some(parent) = out.parent()
+        && !parent.as_os_str().is_empty()
+    {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("creating {}", parent.display()))?;
+    }
+    let text = serde_json::to_string_pretty(part)?;
+    std::fs::write(out, text).with_context(|| format!("writing {}", out.display()))
+}
+
+/// The part file's JSON (see the format in `xtask/src/bench`).
+fn part(opts: &BenchOpts, results: &[(&str, ModeResult)]) -> Value {
+    let section = "Raft on 3 tern processes";
+    let per_mode = |f: &dyn Fn(&ModeResult) -> Option<f64>| -> Value {
+        let mut m = serde_json::Map::new();
+        for (mode, r) in results {
+            m.insert((*mode).to_owned(), f(r).map_or(Value::Null, |v| json!(v)));
+        }
+        Value::Object(m)
+    };
+    let rate = |writers: usize| {
+        move |r: &ModeResult| {
+            r.throughput
+                .iter()
+                .find(|(w, _)| *w == writers)
+                .map(|(_, v)| *v)
+        }
+    };
+    let lat = |q: f64| {
+        move |r: &ModeResult| {
+            let s = sorted_secs(&r.latency_1w);
+            percentile(&s, q).map(|v| v * 1e9)
+        }
+    };
+    let fo = |q: f64| {
+        move |r: &ModeResult| {
+            let s = sorted_secs(&r.failovers);
+            percentile(&s, q)
+        }
+    };
+    let notes: Vec<String> = results.iter().flat_map(|(_, r)| r.notes.clone()).collect();
+    let missing = if notes.is_empty() {
+        String::new()
+    } else {
+        format!("; not measured: {}", notes.join("; "))
+    };
+    let run = opts.secs_per_run().as_secs();
+    let repeats = opts.failover_repeats();
+    let row = |id: &str,
+               name: &str,
+               unit: &str,
+               better: &str,
+               values: Value,
+               pct: Value,
+               note: String| {
+        json!({"id": id, "section": section, "name": name, "unit": unit, "better": better,
+               "values": values, "percentile": pct, "note": note})
+    };
+    let with_seed = |mut values: Value, seed: f64| {
+        if let Some(m) = values.as_object_mut() {
+            m.insert("seed".to_owned(), json!(seed));
+        }
+        values
+    };
+    let rows = vec![
+        row(
+            "raft_commit_1_writer_3proc",
+            "Raft commits/s, 1 writer",
+            "commits/s",
+            "higher",
+            with_seed(per_mode(&rate(1)), SEED_COMMITS_1_WRITER),
+            Value::Null,
+            format!(
+                "register puts to the leader for {run}s, client over gRPC, sled flushes; seed: openraft's bench, no network, no disk{missing}"
+            ),
+        ),
+        row(
+            "raft_commit_64_writers_3proc",
+            "Raft commits/s, 64 writers",
+            "commits/s",
+            "higher",
+            with_seed(per_mode(&rate(64)), SEED_COMMITS_64_WRITERS),
+            Value::Null,
+            format!(
+                "64 concurrent writers for {run}s, client over gRPC, sled flushes; seed: openraft's bench, no network, no disk{missing}"
+            ),
+        ),
+        row(
+            "raft_commit_latency_p50_3proc",
+            "Raft commit latency, 1 writer, p50",
+            "ns",
+            "lower",
+            per_mode(&lat(50.0)),
+            json!(50),
+            "put sent to the leader until acknowledged (committed and applied)".to_owned(),
+        ),
+        row(
+            "raft_commit_latency_p99_3proc",
+            "Raft commit latency, 1 writer, p99",
+            "ns",
+            "lower",
+            per_mode(&lat(99.0)),
+            json!(99),
+            "put sent to the leader until acknowledged (committed and applied)".to_owned(),
+        ),
+        row(
+            "raft_failover_p50_3proc",
+            "leader failover after SIGKILL, p50",
+            "s",
+            "lower",
+            per_mode(&fo(50.0)),
+            json!(50),
+            format!(
+                "kill to the first put acknowledged by the new leader; {repeats} repeats; probes every {} ms{missing}",
+                PROBE_EVERY.as_millis()
+            ),
+        ),
+        row(
+            "raft_failover_p99_3proc",
+            "leader failover after SIGKILL, p99",
+            "s",
+            "lower",
+            per_mode(&fo(99.0)),
+            json!(99),
+            format!(
+                "kill to the first put acknowledged by the new leader; {repeats} repeats (p99 of {repeats} is their maximum){missing}"
+            ),
+        ),
+    ];
+    let series = |f: &dyn Fn(&ModeResult) -> Vec<[f64; 2]>| -> Value {
+        let mut m = serde_json::Map::new();
+        for (mode, r) in results {
+            let points = f(r);
+            if !points.is_empty() {
+                m.insert((*mode).to_owned(), json!(points));
+            }
+        }
+        Value::Object(m)
+    };
+    json!({
+        "source": SOURCE,
+        "profile": if cfg!(debug_assertions) { "dev" } else { "release" },
+        "quick": opts.quick,
+        "rows": rows,
+        "distributions": [
+            {
+                "id": "raft_commit_latency_3proc",
+                "title": "Raft commit latency, 1 writer, 3 tern processes",
+                "unit": "ns",
+                "series": series(&|r| distribution(&sorted_secs(&r.latency_1w))
+                    .into_iter().map(|[q, v]| [q, v * 1e9]).collect()),
+            },
+            {
+                "id": "raft_failover_3proc",
+                "title": "Leader failover after SIGKILL, 3 tern processes",
+                "unit": "s",
+                "series": series(&|r| distribution(&sorted_secs(&r.failovers))),
+            }
+        ],
+        "curves": [
+            {
+                "id": "raft_commits_vs_writers_3proc",
+                "title": "Raft commits/s vs concurrent writers, 3 tern processes",
+                "x": "concurrent writers",
+                "y": "commits/s",
+                "series": series(&|r| r.throughput.iter().map(|(w, v)| [*w as f64, *v]).collect()),
+            }
+        ],
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_are_nearest_rank() {
+        let v: Vec<f64> = (1..=100).map(f64::from).collect();
+        assert_eq!(percentile(&v, 50.0), Some(50.0));
+        assert_eq!(percentile(&v, 99.0), Some(99.0));
+        assert_eq!(percentile(&v, 100.0), Some(100.0));
+        assert_eq!(percentile(&v, 0.0), Some(1.0));
+        assert_eq!(percentile(&[], 50.0), None);
+        let d = distribution(&v);
+        assert_eq!(d.len(), 11);
+        assert_eq!(d.last(), Some(&[100.0, 100.0]));
+    }
+
+    #[test]
+    fn a_mode_that_failed_is_null_with_a_note() {
+        let opts = BenchOpts {
+            tern: "tern".into(),
+            quick: true,
+            out: "x.json".into(),
+            dir: "/tmp".into(),
+        };
+        let ok = ModeResult {
+            throughput: vec![(1, 100.0), (64, 900.0)],
+            latency_1w: vec![Duration::from_millis(2); 10],
+            failovers: vec![Duration::from_millis(700); 5],
+            notes: vec![],
+        };
+        let failed = ModeResult {
+            notes: vec!["iroh: did not start".into()],
+            ..ModeResult::default()
+        };
+        let part = part(&opts, &[("grpc", ok), ("iroh", failed)]);
+        assert_eq!(part["source"], SOURCE);
+        let rows = part["rows"].as_array().unwrap();
+        let commits = rows
+            .iter()
+            .find(|r| r["id"] == "raft_commit_64_writers_3proc")
+            .unwrap();
+        assert_eq!(commits["values"]["grpc"], 900.0);
+        assert!(commits["values"]["iroh"].is_null());
+        assert!(commits["note"].as_str().unwrap().contains("did not start"));
+        let fo = rows
+            .iter()
+            .find(|r| r["id"] == "raft_failover_p99_3proc")
+            .unwrap();
+        assert_eq!(fo["values"]["grpc"], 0.7);
+        assert_eq!(fo["percentile"], 99);
+    }
+}

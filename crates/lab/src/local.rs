@@ -1,0 +1,380 @@
+//! A cluster of real `tern run` processes on loopback, without namespaces
+//! or root: what `tern-lab bench-cluster` measures on.
+//!
+//! Each node listens on its own loopback address (`127.X.Y.N`, `X.Y` from
+//! the lab's process id so that two runs do not collide) with fixed ports,
+//! so a node killed and restarted comes back at the same addresses. The
+//! lab's own client (a throw-away key, gRPC) calls the nodes in-process.
+//! Every child is killed when the [`LocalCluster`] is dropped (SIGKILL),
+//! on every exit path.
+
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use tern_node::node::{NODE_INFO_FILE, NodeFile};
+use tern_protocol::catalog::methods;
+use tern_protocol::{PeerAddr, RpcClient, pb};
+
+/// gRPC port of every node (each on its own loopback address).
+pub const GRPC_PORT: u16 = 7500;
+/// iroh port of every node.
+pub const IROH_PORT: u16 = 7501;
+/// `/metrics` port of every node.
+pub const METRICS_PORT: u16 = 9500;
+/// Join token of the cluster.
+pub const JOIN_TOKEN: &str = "tern-lab-local";
+/// Bound on a node's start (debug builds on a busy machine are slow).
+pub const START_BOUND: Duration = Duration::from_secs(120);
+/// Bound on the cluster forming or settling after a restart.
+pub const SETTLE_BOUND: Duration = Duration::from_secs(90);
+/// Timeout of one of the lab client's calls while waiting for a state.
+pub const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// One `tern run` child.
+#[derive(Debug)]
+pub struct LocalNode {
+    /// 0-based index.
+    pub index: usize,
+    /// Its loopback address.
+    pub ip: Ipv4Addr,
+    /// Its data directory.
+    pub dir: PathBuf,
+    /// Its config file.
+    pub config: PathBuf,
+    /// Its log file (stdout and stderr).
+    pub log: PathBuf,
+    /// The running process, if any.
+    pub child: Option<tokio::process::Child>,
+    /// Its node file, once it started.
+    pub file: Option<NodeFile>,
+}
+
+impl LocalNode {
+    /// The node's address for the lab's gRPC client.
+    pub fn addr(&self) -> anyhow::Result<PeerAddr> {
+        let file = self
+            .file
+            .as_ref()
+            .with_context(|| format!("node {} has not started", self.index + 1))?;
+        let mut addr = file
+            .peer_addr()
+            .map_err(|e| anyhow::anyhow!("node {}: {e}", self.index + 1))?;
+        addr.iroh = None;
+        Ok(addr)
+    }
+
+    /// The last `n` lines of its log.
+    pub fn log_tail(&self, n: usize) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(n)..].join("\n")
+    }
+}
+
+/// `n` `tern run` processes on loopback forming one cluster.
+pub struct LocalCluster {
+    /// The nodes.
+    pub nodes: Vec<LocalNode>,
+    /// The lab's client (throw-away key, gRPC).
+    pub client: Arc<dyn RpcClient>,
+    tern: PathBuf,
+    transport: String,
+}
+
+impl std::fmt::Debug for LocalCluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalCluster")
+            .field("nodes", &self.nodes.len())
+            .field("transport", &self.transport)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A 32-byte key from the system's randomness.
+fn fresh_key() -> [u8; 32] {
+    rand::random()
+}
+
+/// The loopback network of this run: `127.X.Y.0` with `X.Y` from the pid.
+fn loopback_base() -> (u8, u8) {
+    let pid = std::process::id();
+    // 127.0.0.0/16 is where other tools bind; stay above it.
+    (((pid >> 8) % 200 + 20) as u8, (pid % 250) as u8)
+}
+
+/// One node's config text.
+fn config_text(dir: &Path, ip: Ipv4Addr, seed: Option<&NodeFile>, transport: &str) -> String {
+    let mut s = format!(
+        "data_dir = {:?}\n\n[listen]\ngrpc = \"{ip}:{GRPC_PORT}\"\niroh = \"{ip}:{IROH_PORT}\"\nmetrics = \"{ip}:{METRICS_PORT}\"\n\n[vm]\nruntime = \"process\"\n\n[capacity]\nvcpus = 4\nmemory_mib = 4096\n\n[cluster]\njoin_token = \"{JOIN_TOKEN}\"\n",
+        dir.display().to_string()
+    );
+    if let Some(seed) = seed {
+        let iroh: Vec<String> = seed
+            .iroh
+            .iter()
+            .flatten()
+            .map(|a| format!("\"{a}\""))
+            .collect();
+        let grpc = seed
+            .grpc
+            .as_ref()
+            .map(|g| format!(", grpc = \"{g}\""))
+            .unwrap_or_default();
+        s.push_str(&format!(
+            "join = [{{ id = \"{}\"{grpc}, iroh = [{}] }}]\n",
+            seed.id,
+            iroh.join(", ")
+        ));
+    }
+    s.push('\n');
+    s.push_str(transport);
+    s
+}
+
+impl LocalCluster {
+    /// Starts `size` nodes under `dir` with the `[transport]` section
+    /// `transport`: the first creates the cluster, the others join it;
+    /// returns once all are voters and a leader is known.
+    pub async fn start(
+        tern: &Path,
+        dir: &Path,
+        size: usize,
+        transport: &str,
+    ) -> anyhow::Result<LocalCluster> {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let client: Arc<dyn RpcClient> = Arc::new(tern_transport_grpc::GrpcClient::new(
+            tern_transport_grpc::ClientConfig::new(fresh_key()),
+        ));
+        let (x, y) = loopback_base();
+        let mut cluster = LocalCluster {
+            nodes: Vec::new(),
+            client,
+            tern: tern.to_owned(),
+            transport: transport.to_owned(),
+        };
+        for i in 0..size {
+            let ip = Ipv4Addr::new(127, x, y, u8::try_from(i + 1).unwrap_or(u8::MAX));
+            let name = format!("n{}", i + 1);
+            let node_dir = dir.join(&name);
+            // A fresh data directory per run.
+            let _ = std::fs::remove_dir_all(&node_dir);
+            let seed = cluster
+                .nodes
+                .first()
+                .and_then(|n: &LocalNode| n.file.clone());
+            let config = dir.join(format!("{name}.toml"));
+            std::fs::write(
+                &config,
+                config_text(&node_dir, ip, seed.as_ref(), &cluster.transport),
+            )
+            .with_context(|| format!("writing {}", config.display()))?;
+            cluster.nodes.push(LocalNode {
+                index: i,
+                ip,
+                dir: node_dir,
+                config,
+                log: dir.join(format!("{name}.log")),
+                child: None,
+                file: None,
+            });
+            cluster.start_node(i).await?;
+        }
+        cluster.wait_formed().await?;
+        Ok(cluster)
+    }
+
+    /// Starts (or restarts) node `i` with its config and waits until it
+    /// wrote its node file.
+    pub async fn start_node(&mut self, i: usize) -> anyhow::Result<()> {
+        let node = self
+            .nodes
+            .get_mut(i)
+            .with_context(|| format!("no node {}", i + 1))?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&node.log)
+            .with_context(|| format!("opening {}", node.log.display()))?;
+        let child = tokio::process::Command::new(&self.tern)
+            .arg("run")
+            .arg("--config")
+            .arg(&node.config)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("starting {}", self.tern.display()))?;
+        let pid = child.id().unwrap_or(0);
+        node.child = Some(child);
+        let deadline = Instant::now() + START_BOUND;
+        loop {
+            if let Ok(text) = std::fs::read_to_string(node.dir.join(NODE_INFO_FILE))
+                && let Ok(file) = serde_json::from_str::<NodeFile>(&text)
+                && file.pid == pid
+            {
+                node.file = Some(file);
+                return Ok(());
+            }
+            if let Some(child) = node.child.as_mut()
+                && let Some(status) = child.try_wait()?
+            {
+                bail!(
+                    "node {} exited while starting ({status}); its log ends:\n{}",
+                    i + 1,
+                    node.log_tail(20)
+                );
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "node {} did not start within {START_BOUND:?}; its log ends:\n{}",
+                    i + 1,
+                    node.log_tail(20)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// SIGKILLs node `i` (no handover, no flush beyond what Raft already
+    /// made durable) and reaps it.
+    pub async fn kill(&mut self, i: usize) -> anyhow::Result<()> {
+        let node = self
+            .nodes
+            .get_mut(i)
+            .with_context(|| format!("no node {}", i + 1))?;
+        if let Some(mut child) = node.child.take() {
+            child.start_kill().context("SIGKILL")?;
+            let _ = child.wait().await;
+        }
+        Ok(())
+    }
+
+    /// The members and leader as node `i` sees them.
+    pub async fn members(&self, i: usize) -> anyhow::Result<pb::MembersResponse> {
+        let addr = self.nodes[i].addr()?;
+        Ok(tern_protocol::rpc::call_typed(
+            self.client.as_ref(),
+            &addr,
+            methods::CLUSTER_MEMBERS,
+            &pb::MembersRequest {},
+            PROBE_TIMEOUT,
+        )
+        .await?)
+    }
+
+    /// The index of the node with Raft id `raft_id`, from a members list.
+    fn index_of(&self, members: &pb::MembersResponse, raft_id: u64) -> Option<usize> {
+        let m = members.members.iter().find(|m| m.node_id == raft_id)?;
+        let id = m.address.as_ref()?.endpoint_id.clone();
+        let hex: String = id.iter().map(|b| format!("{b:02x}")).collect();
+        self.nodes
+            .iter()
+            .position(|n| n.file.as_ref().is_some_and(|f| f.id == hex))
+    }
+
+    /// Waits until every running node sees all nodes as voters and the
+    /// same leader; returns the leader's index and Raft id.
+    pub async fn wait_formed(&self) -> anyhow::Result<(usize, u64)> {
+        let deadline = Instant::now() + SETTLE_BOUND;
+        let mut last = String::new();
+        loop {
+            match self.formed().await {
+                Ok(Some(found)) => return Ok(found),
+                Ok(None) => {}
+                Err(e) => last = format!("{e:#}"),
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "the cluster did not form (all voters, one leader) within {SETTLE_BOUND:?} (last error: {last})"
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    async fn formed(&self) -> anyhow::Result<Option<(usize, u64)>> {
+        let mut view: Option<pb::MembersResponse> = None;
+        for node in self.nodes.iter().filter(|n| n.child.is_some()) {
+            let m = self.members(node.index).await?;
+            let voters = m.members.iter().filter(|m| m.voter).count();
+            if voters != self.nodes.len() || m.leader_id == 0 {
+                return Ok(None);
+            }
+            if view.as_ref().is_some_and(|v| v.leader_id != m.leader_id) {
+                return Ok(None);
+            }
+            view = Some(m);
+        }
+        let Some(m) = view else {
+            bail!("no node is running")
+        };
+        Ok(self.index_of(&m, m.leader_id).map(|i| (i, m.leader_id)))
+    }
+
+    /// The current leader's index and Raft id, among running nodes.
+    pub async fn leader(&self) -> anyhow::Result<(usize, u64)> {
+        let deadline = Instant::now() + SETTLE_BOUND;
+        loop {
+            for node in self.nodes.iter().filter(|n| n.child.is_some()) {
+                if let Ok(m) = self.members(node.index).await
+                    && m.leader_id != 0
+                    && let Some(i) = self.index_of(&m, m.leader_id)
+                    && self.nodes[i].child.is_some()
+                {
+                    return Ok((i, m.leader_id));
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("no leader among the running nodes within {SETTLE_BOUND:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Stops every node (SIGKILL; the data is thrown away).
+    pub async fn shutdown(&mut self) {
+        for i in 0..self.nodes.len() {
+            let _ = self.kill(i).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn configs_name_the_node_address_and_the_seed() {
+        let seed = NodeFile {
+            id: "ab".repeat(32),
+            grpc: Some("http://127.9.9.1:7500".into()),
+            iroh: Some(vec!["127.9.9.1:7501".parse().unwrap()]),
+            metrics: None,
+            pid: 1,
+        };
+        let ip = Ipv4Addr::new(127, 9, 9, 2);
+        let text = config_text(
+            Path::new("/d/n2"),
+            ip,
+            Some(&seed),
+            "[transport]\nmode = \"iroh\"\n",
+        );
+        assert!(text.contains("grpc = \"127.9.9.2:7500\""), "{text}");
+        assert!(text.contains("iroh = \"127.9.9.2:7501\""), "{text}");
+        assert!(
+            text.contains("grpc = \"http://127.9.9.1:7500\", iroh = [\"127.9.9.1:7501\"]"),
+            "{text}"
+        );
+        assert!(text.ends_with("[transport]\nmode = \"iroh\"\n"), "{text}");
+        let first = config_text(Path::new("/d/n1"), ip, None, "");
+        assert!(!first.contains("join ="), "{first}");
+        let (x, y) = loopback_base();
+        assert!(x >= 20 && u16::from(y) < 250);
+    }
+}
