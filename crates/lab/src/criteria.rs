@@ -120,6 +120,33 @@ pub fn window(deltas: &[Metrics]) -> Figures {
     f
 }
 
+/// Router fallbacks over a window by `service/method (reason)`, summed
+/// over the nodes, largest first (`breaker_open`: sent over gRPC while the
+/// breaker cooled down after iroh failures to that peer).
+pub fn fallback_reasons(deltas: &[Metrics]) -> Vec<(String, f64)> {
+    let mut by: Vec<(String, f64)> = Vec::new();
+    for d in deltas {
+        for s in d
+            .samples
+            .iter()
+            .filter(|s| s.name == names::ROUTER_FALLBACKS && s.value > 0.0)
+        {
+            let what = format!(
+                "{}/{} ({})",
+                s.label("service").unwrap_or("?"),
+                s.label("method").unwrap_or("?"),
+                s.label("reason").unwrap_or("?")
+            );
+            match by.iter_mut().find(|(w, _)| *w == what) {
+                Some((_, n)) => *n += s.value,
+                None => by.push((what, s.value)),
+            }
+        }
+    }
+    by.sort_by(|a, b| b.1.total_cmp(&a.1));
+    by
+}
+
 /// Adds cumulative buckets `more` into `total`, bound by bound.
 fn add(total: &mut Vec<(f64, f64)>, more: &[(f64, f64)]) {
     for &(le, n) in more {
@@ -265,6 +292,11 @@ tern_transport_call_seconds_count{transport="grpc",side="server"} 100
         assert_eq!(f.policy_changes, 2.0);
         assert_eq!(f.p99, Some(0.01));
         assert_eq!(f.p99_grpc, Some(0.01));
+        let reasons = fallback_reasons(&[Metrics::parse(TEXT), Metrics::parse(TEXT)]);
+        assert_eq!(
+            reasons,
+            vec![("status/Get (a \"quoted\" reason)".to_owned(), 4.0)]
+        );
     }
 
     #[test]

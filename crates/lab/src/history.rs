@@ -438,6 +438,40 @@ pub fn lost_writes(entries: &[Entry], key: &str, seen: Option<Value>) -> Vec<Los
     lost
 }
 
+/// A copy of `entries` with one read made stale, for checking the
+/// checker on real data: a read `R` of a key for which two acknowledged
+/// writes `W1`, `W2` exist with `W1` ended before `W2` began and `W2`
+/// ended before `R` began now answers `W1`'s value, which no
+/// linearization allows (values are unique, so nothing else wrote it).
+/// Returns the key and the copy, or `None` when the history has no such
+/// read. The entries must be in recording order (as [`History::entries`]
+/// returns them).
+pub fn stale_copy(entries: &[Entry]) -> Option<(String, Vec<Entry>)> {
+    let acked: Vec<&Entry> = entries.iter().filter(|e| e.is_acked_write()).collect();
+    // The earliest such read: the tester refutes by trying every
+    // interleaving before the violation, so an early one is refuted fast.
+    let (r, w1) = entries.iter().enumerate().find_map(|(i, r)| {
+        if !matches!(r.outcome, Outcome::Read(_)) {
+            return None;
+        }
+        acked.iter().find_map(|w2| {
+            if w2.key != r.key || w2.returned >= r.invoked {
+                return None;
+            }
+            acked
+                .iter()
+                .find(|w1| w1.key == r.key && w1.returned < w2.invoked)
+                .and_then(|w1| match w1.op {
+                    Op::Write(v) => Some((i, v)),
+                    Op::Read => None,
+                })
+        })
+    })?;
+    let mut copy = entries.to_vec();
+    copy[r].outcome = Outcome::Read(Some(w1));
+    Some((copy[r].key.clone(), copy))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -593,6 +627,26 @@ mod tests {
             t += 4;
         }
         assert_eq!(verdicts(&h), vec![Verdict::Linearizable]);
+    }
+
+    #[test]
+    fn a_stale_copy_of_a_good_history_fails() {
+        let h = vec![
+            e(0, "a", Op::Write(1), (0, 1), Outcome::Written),
+            e(0, "a", Op::Write(2), (2, 3), Outcome::Written),
+            e(1, "a", Op::Read, (4, 5), Outcome::Read(Some(2))),
+            e(1, "b", Op::Read, (6, 7), Outcome::Read(None)),
+        ];
+        assert_eq!(verdicts(&h), vec![Verdict::Linearizable; 2]);
+        let (key, copy) = stale_copy(&h).unwrap();
+        assert_eq!(key, "a");
+        assert_eq!(copy[2].outcome, Outcome::Read(Some(1)));
+        assert_eq!(
+            verdicts(&copy),
+            vec![Verdict::NotLinearizable, Verdict::Linearizable]
+        );
+        // Nothing to make stale.
+        assert!(stale_copy(&h[..2]).is_none());
     }
 
     #[test]

@@ -48,6 +48,9 @@ pub const CATCH_UP_BOUND: Duration = Duration::from_secs(90);
 /// How long the checker may take per key before the run counts as
 /// inconclusive (a failure).
 pub const CHECK_BUDGET: Duration = Duration::from_secs(300);
+/// How long the checker's self-test (this history with one read made
+/// stale) may take.
+pub const SELF_TEST_BUDGET: Duration = Duration::from_secs(60);
 /// Attempts of one final read (a read refused while the cluster settles
 /// is retried).
 pub const FINAL_READ_ATTEMPTS: usize = 10;
@@ -398,6 +401,7 @@ pub async fn run(ctx: &mut Ctx) -> anyhow::Result<()> {
     }
     ctx.report.figure("acknowledged puts", lat_w.summary());
     ctx.report.figure("answered gets", lat_r.summary());
+    let stale = history::stale_copy(&entries);
     let checked =
         tokio::task::spawn_blocking(move || history::check(&entries, CHECK_BUDGET)).await?;
     for k in &checked {
@@ -422,6 +426,31 @@ pub async fn run(ctx: &mut Ctx) -> anyhow::Result<()> {
             ));
         }
     }
+    // The checker on this very history, with one read made stale: it
+    // must refuse it, or its passes above mean nothing.
+    match stale {
+        Some((key, copy)) => {
+            let verdict = tokio::task::spawn_blocking(move || {
+                history::check(&copy, SELF_TEST_BUDGET)
+                    .into_iter()
+                    .find(|k| k.key == key)
+                    .map(|k| (k.key, k.verdict))
+            })
+            .await?;
+            let ok = matches!(&verdict, Some((_, Verdict::NotLinearizable)));
+            ctx.report.check(
+                "checker refuses this history with one read made stale",
+                ok,
+                format!("{verdict:?}"),
+            );
+        }
+        None => ctx.report.note(
+            "no read in the history could be made stale (too short for the checker's self-test)",
+        ),
+    }
+    ctx.report.note(
+        "the tester searches interleavings depth-first: it proves a linearizable history fast, but refuting a violation can take exponential time; a check that runs out of time counts as a failure (GaveUp), never a pass",
+    );
     ctx.report.note(
         "an unknown outcome (timeout, no quorum, transport error) is checked as may-have-happened: invoked, never returned",
     );

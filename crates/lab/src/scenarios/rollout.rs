@@ -593,7 +593,16 @@ pub async fn run(ctx: &mut Ctx) -> anyhow::Result<()> {
         ));
         tokio::time::sleep(settle).await;
         let (mut m, _, after) = measure(&c, &load, window).await?;
-        let whole = criteria::window(&deltas(&before_apply, &after));
+        let whole_deltas = deltas(&before_apply, &after);
+        let whole = criteria::window(&whole_deltas);
+        let reasons = criteria::fallback_reasons(&whole_deltas);
+        if !reasons.is_empty() {
+            let list: Vec<String> = reasons.iter().map(|(w, n)| format!("{w}: {n}")).collect();
+            ctx.report.figure(
+                format!("wave {}: fallbacks by method (reason)", wave.name),
+                list.join(", "),
+            );
+        }
         let mut figures = m.figures.clone();
         figures.policy_changes = whole.policy_changes;
         figures.fallbacks = whole.fallbacks;
