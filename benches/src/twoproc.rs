@@ -963,7 +963,7 @@ fn build_part(results: &[(Kind, Measured)], s: &Settings, quick: bool) -> Part {
         .collect();
     let bulk_note = format!(
         "{} sequential calls while {} x 1 MiB bulk calls stream without pause to the same \
-         server (bulk rate meanwhile: {}); the raw baselines have no lanes",
+         server (bulk rate meanwhile, approximate: chunks completed in the window, which is short when the control calls are fast: {}); the raw baselines have no lanes",
         s.control_samples,
         s.bulk_parallel,
         rates.join(", ")
