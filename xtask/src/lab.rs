@@ -79,15 +79,19 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
     }
 }
 
-/// Builds both binaries; returns their paths.
+/// Builds both binaries, each package on its own (as `cargo test -p`
+/// does, so `tern` is the build the tests use, not one with features
+/// unified with the lab's); returns their paths.
 fn build() -> anyhow::Result<(PathBuf, PathBuf)> {
-    println!("xtask lab: building tern and tern-lab");
-    let status = crate::cargo()
-        .args(["build", "-p", "tern-node", "-p", "tern-lab", "--bins"])
-        .status()
-        .context("running cargo build")?;
-    if !status.success() {
-        bail!("cargo build -p tern-node -p tern-lab failed ({status})");
+    for package in ["tern-node", "tern-lab"] {
+        println!("xtask lab: cargo build -p {package}");
+        let status = crate::cargo()
+            .args(["build", "-p", package, "--bins"])
+            .status()
+            .context("running cargo build")?;
+        if !status.success() {
+            bail!("cargo build -p {package} failed ({status})");
+        }
     }
     let dir = crate::target_dir().join("debug");
     Ok((dir.join("tern"), dir.join("tern-lab")))

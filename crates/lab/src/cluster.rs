@@ -54,9 +54,12 @@ pub struct ClusterSpec {
     pub transport: String,
     /// The switch's address range.
     pub subnet: Cidr,
-    /// Listen on `0.0.0.0` (gRPC, iroh, metrics) instead of the node's
-    /// address; the node then advertises what its transports report.
-    pub bind_any: bool,
+    /// Bind iroh (UDP) and `/metrics` to `0.0.0.0` instead of the node's
+    /// address (gRPC stays on it: a gRPC URL must name a real address).
+    /// With it, a node whose address changes can still send from the new
+    /// one (QUIC connection migration); iroh then advertises the
+    /// interface addresses it finds.
+    pub iroh_any: bool,
 }
 
 impl ClusterSpec {
@@ -66,7 +69,7 @@ impl ClusterSpec {
             size,
             transport: transport.to_owned(),
             subnet: Cidr::new(std::net::Ipv4Addr::new(10, 77, 0, 0), 24),
-            bind_any: false,
+            iroh_any: false,
         }
     }
 }
@@ -115,6 +118,20 @@ pub fn node_config(
     s.push('\n');
     s.push_str(transport);
     s
+}
+
+/// A config text with iroh and `/metrics` listening on `0.0.0.0` instead
+/// of `addr` (see [`ClusterSpec::iroh_any`]).
+pub fn listen_any(config: &str, addr: std::net::Ipv4Addr) -> String {
+    config
+        .replace(
+            &format!("iroh = \"{addr}:{IROH_PORT}\""),
+            &format!("iroh = \"0.0.0.0:{IROH_PORT}\""),
+        )
+        .replace(
+            &format!("metrics = \"{addr}:{METRICS_PORT}\""),
+            &format!("metrics = \"0.0.0.0:{METRICS_PORT}\""),
+        )
 }
 
 /// Replaces the `[transport]` section (and everything after it) of a
@@ -229,12 +246,15 @@ impl Cluster {
                 Some(cluster.node(1)?.node_file()?.clone())
             };
             let slot = cluster.node(i)?;
-            let listen = if cluster.spec.bind_any {
-                std::net::Ipv4Addr::UNSPECIFIED
-            } else {
-                slot.iface.addr.addr
-            };
-            let text = node_config(&slot.dir, listen, seed.as_ref(), &cluster.spec.transport);
+            let mut text = node_config(
+                &slot.dir,
+                slot.iface.addr.addr,
+                seed.as_ref(),
+                &cluster.spec.transport,
+            );
+            if cluster.spec.iroh_any {
+                text = listen_any(&text, slot.iface.addr.addr);
+            }
             std::fs::write(&slot.config, text)
                 .with_context(|| format!("writing {}", slot.config.display()))?;
             cluster.start_node(i).await?;
@@ -796,13 +816,24 @@ pub struct Traffic {
 }
 
 impl Traffic {
-    /// Starts traffic from `cluster`'s client namespace.
+    /// Starts traffic from `cluster`'s client namespace to every node.
     pub fn start(cluster: &Cluster, spec: TrafficSpec) -> anyhow::Result<Traffic> {
+        Traffic::start_to(cluster, spec, &cluster.indices())
+    }
+
+    /// Starts traffic from `cluster`'s client namespace to the nodes
+    /// `nodes` only (1-based indices).
+    pub fn start_to(
+        cluster: &Cluster,
+        spec: TrafficSpec,
+        nodes: &[usize],
+    ) -> anyhow::Result<Traffic> {
         let stop = Arc::new(AtomicBool::new(false));
         let records = Arc::new(Mutex::new(Vec::new()));
         let files: Vec<(usize, NodeFile)> = cluster
             .nodes
             .iter()
+            .filter(|n| nodes.contains(&n.index))
             .filter_map(|n| n.file.clone().map(|f| (n.index, f)))
             .collect();
         let (s, r) = (stop.clone(), records.clone());

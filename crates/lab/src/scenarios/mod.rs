@@ -24,6 +24,7 @@ use std::pin::Pin;
 use crate::netns::Lab;
 use crate::report::Report;
 
+pub mod address_change;
 pub mod crash;
 pub mod loss;
 pub mod partition;
@@ -123,6 +124,12 @@ pub const ALL: &[Scenario] = &[
         loss,
         false,
         "5% loss on every link: p50/p99 over iroh vs gRPC, no failed call, the cluster keeps committing"
+    ),
+    scenario!(
+        "address-change",
+        address_change,
+        false,
+        "a node's IP address changes while connected: iroh calls go on (QUIC migration), the gap; gRPC needs a restart"
     ),
 ];
 
