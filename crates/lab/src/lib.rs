@@ -63,6 +63,7 @@ pub mod criteria;
 pub mod history;
 pub mod local;
 pub mod netns;
+pub mod relay;
 pub mod report;
 pub mod scenarios;
 pub mod workload;

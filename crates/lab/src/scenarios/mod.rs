@@ -27,6 +27,7 @@ use crate::report::Report;
 pub mod address_change;
 pub mod crash;
 pub mod loss;
+pub mod nat;
 pub mod partition;
 pub mod rollout;
 pub mod smoke;
@@ -94,6 +95,12 @@ pub const ALL: &[Scenario] = &[
         crash,
         true,
         "the leader SIGKILLed again and again under register writes: failover p50/p99; every acknowledged write read back from every node"
+    ),
+    scenario!(
+        "nat",
+        nat,
+        true,
+        "home-router and symmetric NAT behind a private iroh relay: connected %, direct %, time to direct; tern nodes cluster through the NATs"
     ),
     scenario!(
         "partition",
