@@ -116,6 +116,7 @@ macro_rules! conformance_tests {
             application_errors_pass_through,
             unknown_service_is_unimplemented,
             many_concurrent_calls,
+            sustained_small_calls,
             deadline_is_enforced,
             stopped_peer_is_not_delivered,
             peer_restart_with_same_key_recovers,

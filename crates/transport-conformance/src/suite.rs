@@ -256,6 +256,60 @@ pub async fn many_concurrent_calls<H: Harness>(h: Arc<H>) -> anyhow::Result<()> 
     Ok(())
 }
 
+/// Callers [`sustained_small_calls`] runs at once.
+const SUSTAINED_CALLERS: usize = 512;
+/// Calls each of them makes, one after the other.
+const SUSTAINED_CALLS_EACH: usize = 8;
+
+/// Many callers each making small calls back to back on one shared client
+/// all succeed: a burst of small messages is ordinary traffic, not a flood
+/// to be refused (HTTP/2 stacks count small DATA frames as framing overhead
+/// and may close a connection that buffers too many of them).
+pub async fn sustained_small_calls<H: Harness>(h: Arc<H>) -> anyhow::Result<()> {
+    let service = TestService::default();
+    let server = serve(&*h, &service).await?;
+    let caller = client_node(&*h).await?;
+    let client = caller.client();
+    let addr = server.addr();
+    let callers = (0..SUSTAINED_CALLERS).map(|i| {
+        let client = client.clone();
+        let addr = addr.clone();
+        async move {
+            for n in 0..SUSTAINED_CALLS_EACH {
+                let data = Bytes::from(format!("{i:08}-{n:08}-").repeat(4));
+                let back = echo(&*client, &addr, data.clone(), Priority::Normal)
+                    .await
+                    .with_context(|| format!("caller {i}, call {n}"))?;
+                ensure!(
+                    back == data,
+                    "caller {i} call {n} got another call's answer"
+                );
+            }
+            Ok::<_, anyhow::Error>(())
+        }
+    });
+    let failed: Vec<anyhow::Error> = join_all(callers)
+        .await
+        .into_iter()
+        .filter_map(Result::err)
+        .collect();
+    if let Some(first) = failed.first() {
+        anyhow::bail!(
+            "{} of {SUSTAINED_CALLERS} callers failed; the first: {first:#}",
+            failed.len()
+        );
+    }
+    let started = Counters::get(&service.counters.started);
+    let expected = (SUSTAINED_CALLERS * SUSTAINED_CALLS_EACH) as u64;
+    ensure!(
+        started == expected,
+        "service saw {started} of {expected} calls"
+    );
+    caller.shutdown(DRAIN).await;
+    server.shutdown(DRAIN).await;
+    Ok(())
+}
+
 /// A call that outlives its timeout fails as `TimedOut`, "may have been
 /// delivered", and the next call on the same client works.
 pub async fn deadline_is_enforced<H: Harness>(h: Arc<H>) -> anyhow::Result<()> {

@@ -446,12 +446,19 @@ async fn dial_channel(url: &str, lane: Lane) -> Result<Channel, String> {
         .keep_alive_timeout(KEEPALIVE_TIMEOUT)
         .keep_alive_while_idle(true)
         .tcp_nodelay(true);
+    // Fixed windows on every lane, not hyper's adaptive one: an adaptive
+    // window starts at 64 KiB, and h2 closes a connection that buffers more
+    // small DATA frames than half its window allows (about 175 small
+    // answers), so a burst of concurrent small calls lost the connection.
+    // See `server::CONNECTION_WINDOW`.
     endpoint = if lane.is_bulk() {
         endpoint
             .initial_stream_window_size(BULK_STREAM_WINDOW)
             .initial_connection_window_size(BULK_CONNECTION_WINDOW)
     } else {
-        endpoint.http2_adaptive_window(true)
+        endpoint
+            .initial_stream_window_size(crate::server::STREAM_WINDOW)
+            .initial_connection_window_size(crate::server::CONNECTION_WINDOW)
     };
     let connector = Connector {
         target: target.into(),

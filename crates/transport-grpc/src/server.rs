@@ -61,6 +61,21 @@ pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 /// conformance suite keeps 256 in flight, which the client then queues).
 pub const MAX_CONCURRENT_STREAMS: u32 = 1024;
 
+/// HTTP/2 flow-control window of each inbound connection: how many bytes
+/// of request bodies the server buffers per connection before the peer
+/// must wait. It also sets h2's budget for small DATA frames (half the
+/// window): a connection that buffers more small frames than that is closed
+/// with `ENHANCE_YOUR_CALM` ("too_many_data_frames"). With hyper's adaptive
+/// window the connection would start at the spec's 64 KiB, a budget of about
+/// 175 small messages, and a burst of a few hundred concurrent small calls
+/// (ordinary traffic for a node) lost the connection. 8 MiB allows about
+/// 22,000 buffered small messages, beyond [`MAX_CONCURRENT_STREAMS`].
+pub const CONNECTION_WINDOW: u32 = 8 * 1024 * 1024;
+
+/// HTTP/2 flow-control window of each inbound stream: one call's request
+/// body may be this far ahead of the handler reading it.
+pub const STREAM_WINDOW: u32 = 2 * 1024 * 1024;
+
 /// Most inbound connections served at once. A cluster node needs a few per
 /// peer (one per priority lane in use) plus operators' tools; past this,
 /// new connections are closed at once, so a flood of idle connections
@@ -261,7 +276,9 @@ impl GrpcServer {
             .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
             .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
             .max_concurrent_streams(Some(MAX_CONCURRENT_STREAMS))
-            .http2_adaptive_window(Some(true))
+            // Fixed windows, not hyper's adaptive one: see CONNECTION_WINDOW.
+            .initial_connection_window_size(Some(CONNECTION_WINDOW))
+            .initial_stream_window_size(Some(STREAM_WINDOW))
             .tcp_nodelay(true)
             .layer(AuthLayer {
                 state: state.clone(),
