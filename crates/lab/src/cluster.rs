@@ -93,8 +93,43 @@ pub fn node_config(
     seed: Option<&NodeFile>,
     transport: &str,
 ) -> String {
+    let ports = Ports {
+        grpc: GRPC_PORT,
+        iroh: IROH_PORT,
+        metrics: METRICS_PORT,
+    };
+    config_text(data_dir, listen, ports, JOIN_TOKEN, seed, transport)
+}
+
+/// The ports a node listens on, each on the node's one address.
+#[derive(Debug, Clone, Copy)]
+pub struct Ports {
+    /// gRPC (TCP).
+    pub grpc: u16,
+    /// iroh (UDP).
+    pub iroh: u16,
+    /// Prometheus `/metrics` (TCP).
+    pub metrics: u16,
+}
+
+/// One node's config file text on `listen` with these ports and join
+/// token; `seed` is the node to join through (none for the first node).
+/// The one config generator of the lab, in namespaces and on loopback.
+pub fn config_text(
+    data_dir: &Path,
+    listen: std::net::Ipv4Addr,
+    ports: Ports,
+    join_token: &str,
+    seed: Option<&NodeFile>,
+    transport: &str,
+) -> String {
+    let Ports {
+        grpc,
+        iroh,
+        metrics,
+    } = ports;
     let mut s = format!(
-        "data_dir = {:?}\n\n[listen]\ngrpc = \"{listen}:{GRPC_PORT}\"\niroh = \"{listen}:{IROH_PORT}\"\nmetrics = \"{listen}:{METRICS_PORT}\"\n\n[vm]\nruntime = \"process\"\n\n[capacity]\nvcpus = 4\nmemory_mib = 4096\n\n[cluster]\njoin_token = \"{JOIN_TOKEN}\"\n",
+        "data_dir = {:?}\n\n[listen]\ngrpc = \"{listen}:{grpc}\"\niroh = \"{listen}:{iroh}\"\nmetrics = \"{listen}:{metrics}\"\n\n[vm]\nruntime = \"process\"\n\n[capacity]\nvcpus = 4\nmemory_mib = 4096\n\n[cluster]\njoin_token = \"{join_token}\"\n",
         data_dir.display().to_string()
     );
     if let Some(seed) = seed {

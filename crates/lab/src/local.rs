@@ -106,33 +106,15 @@ fn loopback_base() -> (u8, u8) {
     (((pid >> 8) % 200 + 20) as u8, (pid % 250) as u8)
 }
 
-/// One node's config text.
+/// One node's config text: the lab's one generator with this module's
+/// ports and token.
 fn config_text(dir: &Path, ip: Ipv4Addr, seed: Option<&NodeFile>, transport: &str) -> String {
-    let mut s = format!(
-        "data_dir = {:?}\n\n[listen]\ngrpc = \"{ip}:{GRPC_PORT}\"\niroh = \"{ip}:{IROH_PORT}\"\nmetrics = \"{ip}:{METRICS_PORT}\"\n\n[vm]\nruntime = \"process\"\n\n[capacity]\nvcpus = 4\nmemory_mib = 4096\n\n[cluster]\njoin_token = \"{JOIN_TOKEN}\"\n",
-        dir.display().to_string()
-    );
-    if let Some(seed) = seed {
-        let iroh: Vec<String> = seed
-            .iroh
-            .iter()
-            .flatten()
-            .map(|a| format!("\"{a}\""))
-            .collect();
-        let grpc = seed
-            .grpc
-            .as_ref()
-            .map(|g| format!(", grpc = \"{g}\""))
-            .unwrap_or_default();
-        s.push_str(&format!(
-            "join = [{{ id = \"{}\"{grpc}, iroh = [{}] }}]\n",
-            seed.id,
-            iroh.join(", ")
-        ));
-    }
-    s.push('\n');
-    s.push_str(transport);
-    s
+    let ports = crate::cluster::Ports {
+        grpc: GRPC_PORT,
+        iroh: IROH_PORT,
+        metrics: METRICS_PORT,
+    };
+    crate::cluster::config_text(dir, ip, ports, JOIN_TOKEN, seed, transport)
 }
 
 impl LocalCluster {
