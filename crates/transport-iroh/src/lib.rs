@@ -17,7 +17,8 @@
 //! - [`server`]: the [`ProtocolHandler`](iroh::protocol::ProtocolHandler)
 //!   for [`ALPN`]: per-stream dispatch, limits, malformed input, draining.
 //! - [`client`]: [`IrohClient`], the [`RpcClient`](tern_protocol::RpcClient)
-//!   with one pooled connection per peer, re-dial with backoff, priority
+//!   with two pooled connections per peer (bulk apart from the rest), re-dial
+//!   with backoff, priority
 //!   lanes, deadlines and cancellation.
 //! - [`backoff`]: the re-dial schedule, pure (time and randomness passed in).
 //! - [`wire`]: reading and writing frames on QUIC streams, stream and
