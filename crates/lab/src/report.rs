@@ -101,6 +101,17 @@ impl Report {
         self.rows.push(row);
     }
 
+    /// Records the check every scenario ends with: each node stopped
+    /// cleanly (`unclean` lists the node indices that did not, as returned by
+    /// `Cluster::shutdown`); returns whether all did.
+    pub fn stopped_cleanly(&mut self, unclean: &[usize]) -> bool {
+        self.check(
+            "every node stopped cleanly",
+            unclean.is_empty(),
+            format!("unclean: {unclean:?}"),
+        )
+    }
+
     /// Records a guarantee check; returns `ok`.
     pub fn check(&mut self, what: impl Into<String>, ok: bool, value: impl ToString) -> bool {
         let row = Row {

@@ -60,10 +60,6 @@ pub async fn run(ctx: &mut Ctx) -> anyhow::Result<()> {
 
     ctx.report.step("stop every node");
     let unclean = c.shutdown().await;
-    ctx.report.check(
-        "every node stopped cleanly",
-        unclean.is_empty(),
-        format!("unclean: {unclean:?}"),
-    );
+    ctx.report.stopped_cleanly(&unclean);
     Ok(())
 }

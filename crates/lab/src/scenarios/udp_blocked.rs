@@ -223,10 +223,6 @@ pub async fn run(ctx: &mut Ctx) -> anyhow::Result<()> {
         format!("{} of {}", failed.len(), records.len()),
     );
     let unclean = c.shutdown().await;
-    ctx.report.check(
-        "every node stopped cleanly",
-        unclean.is_empty(),
-        format!("unclean: {unclean:?}"),
-    );
+    ctx.report.stopped_cleanly(&unclean);
     Ok(())
 }
