@@ -73,6 +73,8 @@ pub enum Driver {
         client: RaftClient<Channel>,
         /// The server's URL.
         url: String,
+        /// The server's id, which its TLS certificate must prove.
+        id: PeerId,
     },
 }
 
@@ -206,8 +208,9 @@ impl Driver {
             }
             Kind::RawGrpc => {
                 let url = grpc_url(ready)?;
-                let client = raw_grpc_connect(&url).await?;
-                Driver::RawGrpc { client, url }
+                let id = peer_id(ready)?;
+                let client = raw_grpc_connect(&url, id).await?;
+                Driver::RawGrpc { client, url, id }
             }
         };
         // Warm every lane (ours open a connection per lane on gRPC), so
@@ -367,9 +370,9 @@ impl Driver {
                 );
                 Ok(elapsed)
             }
-            Driver::RawGrpc { url, .. } => {
+            Driver::RawGrpc { url, id, .. } => {
                 let started = Instant::now();
-                let mut client = raw_grpc_connect(url).await?;
+                let mut client = raw_grpc_connect(url, *id).await?;
                 let answer = client.append_entries(pb::RaftPayload { data }).await;
                 let elapsed = started.elapsed();
                 ensure!(
@@ -409,13 +412,12 @@ fn iroh_client(
     }
 }
 
-async fn raw_grpc_connect(url: &str) -> anyhow::Result<RaftClient<Channel>> {
-    let connect = RaftClient::connect(url.to_string());
-    let client = tokio::time::timeout(SETUP_TIMEOUT, connect)
+async fn raw_grpc_connect(url: &str, id: PeerId) -> anyhow::Result<RaftClient<Channel>> {
+    let connect = raw::raw_grpc_channel(url, id);
+    let channel = tokio::time::timeout(SETUP_TIMEOUT, connect)
         .await
-        .with_context(|| format!("connecting to the raw gRPC server {url} timed out"))?
-        .with_context(|| format!("connecting to the raw gRPC server {url}"))?;
-    Ok(client
+        .with_context(|| format!("connecting to the raw gRPC server {url} timed out"))??;
+    Ok(RaftClient::new(channel)
         .max_decoding_message_size(raw::RAW_MAX)
         .max_encoding_message_size(raw::RAW_MAX))
 }

@@ -6,8 +6,10 @@
 //!   request written and finished, the answer read to its end. No framing,
 //!   no lanes, no pool.
 //! - gRPC: tonic's generated `Raft` service answering directly, called with
-//!   tonic's generated client on one channel. No caller proofs, no handler,
-//!   no pool.
+//!   tonic's generated client on one channel, over the same TLS 1.3 with
+//!   node-key certificates as our transport
+//!   (`tern_transport_grpc::baseline`), so encryption costs both alike. No
+//!   limits, no handler, no pool.
 
 use std::net::SocketAddr;
 
@@ -16,8 +18,9 @@ use bytes::Bytes;
 use iroh::endpoint::{Connection, presets};
 use iroh::protocol::{AcceptError, ProtocolHandler, Router};
 use iroh::{Endpoint, RelayMode, SecretKey};
-use tern_protocol::pb;
+use tern_protocol::{PeerId, pb};
 use tern_transport_grpc::services::raft_server::{Raft, RaftServer};
+use tern_transport_grpc::tls::TlsIdentity;
 
 /// ALPN of the raw iroh baseline.
 pub const RAW_ALPN: &[u8] = b"tern/bench-raw/0";
@@ -133,21 +136,16 @@ impl Raft for RawRaft {
 }
 
 /// Starts the raw gRPC server on 127.0.0.1 (free port, `TCP_NODELAY` on
-/// every connection, as tonic's own clients set); returns its URL. It runs
-/// until the runtime stops.
-pub async fn raw_grpc_server() -> anyhow::Result<String> {
+/// every connection, as tonic's own clients set), TLS with a certificate
+/// bound to `key`; returns its URL and id. It runs until the runtime stops.
+pub async fn raw_grpc_server(key: [u8; 32]) -> anyhow::Result<(String, PeerId)> {
     let listener = tokio::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0)))
         .await
         .context("binding the raw gRPC listener")?;
-    let url = format!("http://{}", listener.local_addr()?);
-    let incoming = futures::stream::unfold(listener, |l| async move {
-        let next = l.accept().await.map(|(stream, _)| {
-            // Best effort: a socket refusing NODELAY is still served.
-            let _ = stream.set_nodelay(true);
-            stream
-        });
-        Some((next, l))
-    });
+    let url = format!("https://{}", listener.local_addr()?);
+    let identity = TlsIdentity::new(&key)?;
+    let id = identity.id();
+    let incoming = tern_transport_grpc::baseline::incoming(listener, &identity)?;
     let service = RaftServer::new(RawRaft)
         .max_decoding_message_size(RAW_MAX)
         .max_encoding_message_size(RAW_MAX);
@@ -160,5 +158,18 @@ pub async fn raw_grpc_server() -> anyhow::Result<String> {
             tracing::error!("raw gRPC server stopped: {e}");
         }
     });
-    Ok(url)
+    Ok((url, id))
+}
+
+/// A raw tonic client of the raw gRPC server at `url` (`https://IP:PORT`)
+/// whose id is `id`, presenting a fresh key, as our client does.
+pub async fn raw_grpc_channel(url: &str, id: PeerId) -> anyhow::Result<tonic::transport::Channel> {
+    let addr: SocketAddr = url
+        .trim_start_matches("https://")
+        .parse()
+        .with_context(|| format!("the raw gRPC URL {url:?}"))?;
+    let identity = TlsIdentity::new(&rand::random())?;
+    tern_transport_grpc::baseline::channel(addr, &identity, id)
+        .await
+        .map_err(|e| anyhow::anyhow!("connecting to the raw gRPC server {url}: {e}"))
 }

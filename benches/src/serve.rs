@@ -120,11 +120,11 @@ pub async fn serve(kind: Kind, key: [u8; 32]) -> anyhow::Result<()> {
             }
         }
         Kind::RawGrpc => {
-            let url = raw::raw_grpc_server().await?;
+            let (url, id) = raw::raw_grpc_server(rand::random()).await?;
             announce(&Ready {
                 transport: kind,
                 pid,
-                id: String::new(),
+                id: hex::encode(id.as_bytes()),
                 iroh_addrs: Vec::new(),
                 grpc_url: Some(url),
             })?;

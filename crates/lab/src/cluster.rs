@@ -1215,7 +1215,7 @@ garbage line
     fn configs_are_generated() {
         let seed = NodeFile {
             id: "ab".repeat(32),
-            grpc: Some("http://10.77.0.11:7400".into()),
+            grpc: Some("https://10.77.0.11:7400".into()),
             iroh: Some(vec!["10.77.0.11:7401".parse().unwrap()]),
             metrics: None,
             pid: 1,
@@ -1229,7 +1229,7 @@ garbage line
         );
         assert!(c.contains("grpc = \"10.77.0.12:7400\""), "{c}");
         assert!(
-            c.contains("grpc = \"http://10.77.0.11:7400\", iroh = [\"10.77.0.11:7401\"]"),
+            c.contains("grpc = \"https://10.77.0.11:7400\", iroh = [\"10.77.0.11:7401\"]"),
             "{c}"
         );
         assert!(c.ends_with(&t));

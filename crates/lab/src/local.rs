@@ -335,7 +335,7 @@ mod tests {
     fn configs_name_the_node_address_and_the_seed() {
         let seed = NodeFile {
             id: "ab".repeat(32),
-            grpc: Some("http://127.9.9.1:7500".into()),
+            grpc: Some("https://127.9.9.1:7500".into()),
             iroh: Some(vec!["127.9.9.1:7501".parse().unwrap()]),
             metrics: None,
             pid: 1,
@@ -350,7 +350,7 @@ mod tests {
         assert!(text.contains("grpc = \"127.9.9.2:7500\""), "{text}");
         assert!(text.contains("iroh = \"127.9.9.2:7501\""), "{text}");
         assert!(
-            text.contains("grpc = \"http://127.9.9.1:7500\", iroh = [\"127.9.9.1:7501\"]"),
+            text.contains("grpc = \"https://127.9.9.1:7500\", iroh = [\"127.9.9.1:7501\"]"),
             "{text}"
         );
         assert!(text.ends_with("[transport]\nmode = \"iroh\"\n"), "{text}");

@@ -4,9 +4,9 @@
 //! # Which node
 //!
 //! - `--node ID@URL` names it: `ID` is the node's 64-hex-digit identity,
-//!   `URL` its gRPC URL (`http://127.0.0.1:7400`) or its iroh address
+//!   `URL` its gRPC URL (`https://127.0.0.1:7400`) or its iroh address
 //!   (`127.0.0.1:7401`); both may be given, comma-separated
-//!   (`ID@http://127.0.0.1:7400,127.0.0.1:7401`).
+//!   (`ID@https://127.0.0.1:7400,127.0.0.1:7401`).
 //! - `--data-dir DIR` (or `--config FILE`, which names the data dir) reads
 //!   the addresses the running node wrote to `DIR/node.json`.
 //! - Neither: `./tern-data`, where `tern run` without a config keeps its
@@ -79,16 +79,17 @@ pub struct Resolved {
 /// Parses `ID@URL[,ADDR...]`.
 pub fn parse_node(text: &str) -> Result<PeerAddr, String> {
     let (id, addrs) = text.split_once('@').ok_or_else(|| {
-        format!("--node {text:?}: expected ID@URL, e.g. <64 hex digits>@http://127.0.0.1:7400")
+        format!("--node {text:?}: expected ID@URL, e.g. <64 hex digits>@https://127.0.0.1:7400")
     })?;
     let id: PeerId = id.parse().map_err(|e| format!("--node: the id: {e}"))?;
     let mut peer = PeerAddr::new(id);
     for a in addrs.split(',').filter(|a| !a.is_empty()) {
-        if a.starts_with("http://") || a.starts_with("https://") {
+        if a.contains("://") {
+            tern_transport_grpc::client::check_url(a).map_err(|why| format!("--node: {why}"))?;
             peer.grpc = Some(a.to_owned());
         } else {
             let addr = a.parse().map_err(|e| {
-                format!("--node: {a:?} is neither a gRPC URL (http://host:port) nor an iroh address (ip:port): {e}")
+                format!("--node: {a:?} is neither a gRPC URL (https://host:port) nor an iroh address (ip:port): {e}")
             })?;
             peer.iroh
                 .get_or_insert_with(IrohAddr::default)
@@ -118,7 +119,7 @@ impl Target {
             (None, None) => PathBuf::from(DEFAULT_DATA_DIR),
         };
         let file = NodeFile::read(&dir)
-            .map_err(|e| format!("{e}\n  (or name the node with --node ID@http://HOST:PORT)"))?;
+            .map_err(|e| format!("{e}\n  (or name the node with --node ID@https://HOST:PORT)"))?;
         Ok(Resolved {
             peer: file.peer_addr()?,
             data_dir: Some(dir),
@@ -172,7 +173,7 @@ fn node_key(data_dir: &Path) -> Result<Option<[u8; 32]>, String> {
 }
 
 fn public_id(secret: &[u8; 32]) -> PeerId {
-    tern_transport_grpc::auth::Identity::from_secret(secret).id()
+    tern_transport_grpc::tls::peer_id_of_secret(secret)
 }
 
 /// An open connection to one node.
@@ -354,16 +355,22 @@ mod tests {
     #[test]
     fn node_addresses_parse_with_either_or_both_transports() {
         let id = "ab".repeat(32);
-        let p = parse_node(&format!("{id}@http://127.0.0.1:7400")).unwrap();
-        assert_eq!(p.grpc.as_deref(), Some("http://127.0.0.1:7400"));
+        let p = parse_node(&format!("{id}@https://127.0.0.1:7400")).unwrap();
+        assert_eq!(p.grpc.as_deref(), Some("https://127.0.0.1:7400"));
+        // Cleartext is refused, saying why and what to write instead.
+        let e = parse_node(&format!("{id}@http://127.0.0.1:7400")).unwrap_err();
+        assert!(
+            e.contains("TLS only") && e.contains("https://127.0.0.1:7400"),
+            "{e}"
+        );
         assert!(p.iroh.is_none());
-        let p = parse_node(&format!("{id}@http://127.0.0.1:7400,127.0.0.1:7401")).unwrap();
+        let p = parse_node(&format!("{id}@https://127.0.0.1:7400,127.0.0.1:7401")).unwrap();
         assert_eq!(
             p.iroh.unwrap().direct,
             vec!["127.0.0.1:7401".parse::<std::net::SocketAddr>().unwrap()]
         );
         assert!(parse_node("no-at-sign").unwrap_err().contains("ID@URL"));
-        assert!(parse_node("abc@http://x:1").unwrap_err().contains("id"));
+        assert!(parse_node("abc@https://x:1").unwrap_err().contains("id"));
         assert!(
             parse_node(&format!("{id}@"))
                 .unwrap_err()

@@ -15,7 +15,7 @@
 //! [cluster]
 //! join_token = "s3cret"                # required to join, and to let others join
 //! # Members to ask to join through; none = start a new cluster.
-//! join = [{ id = "<64 hex digits>", grpc = "http://10.0.0.1:7400", iroh = ["10.0.0.1:7401"] }]
+//! join = [{ id = "<64 hex digits>", grpc = "https://10.0.0.1:7400", iroh = ["10.0.0.1:7401"] }]
 //!
 //! [capacity]
 //! vcpus = 8
@@ -388,12 +388,9 @@ impl Config {
                 ));
             }
             if let Some(url) = &seed.grpc
-                && !(url.starts_with("http://") || url.starts_with("https://"))
+                && let Err(why) = tern_transport_grpc::client::check_url(url)
             {
-                return Err(err(
-                    format!("{key}.grpc"),
-                    format!("{url:?} is not an http:// or https:// URL"),
-                ));
+                return Err(err(format!("{key}.grpc"), why));
             }
             seeds.push((id, seed.clone()));
         }
@@ -475,7 +472,7 @@ mod tests {
             metrics = "off"
             [cluster]
             join_token = "t0ken"
-            join = [{{ id = "{id}", grpc = "http://10.0.0.1:7400", iroh = ["10.0.0.1:7401"] }}]
+            join = [{{ id = "{id}", grpc = "https://10.0.0.1:7400", iroh = ["10.0.0.1:7401"] }}]
             [capacity]
             vcpus = 8
             memory_mib = 16384
@@ -517,14 +514,23 @@ mod tests {
         let e = error_of("[listen]\niroh = \"off\"\n[transport]\nmode = \"iroh\"\n");
         assert!(e.starts_with("transport.mode"), "{e}");
         let e = error_of(
-            "[cluster]\njoin = [{ id = \"abc\", grpc = \"http://x:1\" }]\njoin_token = \"t\"\n",
+            "[cluster]\njoin = [{ id = \"abc\", grpc = \"https://x:1\" }]\njoin_token = \"t\"\n",
         );
         assert!(e.contains("cluster.join[0].id"), "{e}");
         let e = error_of(&format!(
-            "[cluster]\njoin = [{{ id = \"{}\", grpc = \"http://x:1\" }}]\n",
+            "[cluster]\njoin = [{{ id = \"{}\", grpc = \"https://x:1\" }}]\n",
             "00".repeat(32)
         ));
         assert!(e.contains("cluster.join_token"), "{e}");
+        // A cleartext seed is refused, naming the key and saying why.
+        let e = error_of(&format!(
+            "[cluster]\njoin = [{{ id = \"{}\", grpc = \"http://10.0.0.1:7400\" }}]\njoin_token = \"t\"\n",
+            "00".repeat(32)
+        ));
+        assert!(
+            e.starts_with("cluster.join[0].grpc") && e.contains("TLS only"),
+            "{e}"
+        );
         let e = error_of("[capacity]\nvcpus = 0\n");
         assert!(e.contains("capacity.vcpus"), "{e}");
         let e = error_of("datadir = \"/x\"\n");

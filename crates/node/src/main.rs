@@ -36,7 +36,7 @@ struct Cli {
 #[derive(Args, Clone, Debug)]
 struct Connect {
     /// The node as ID@URL: its 64-hex-digit id and its gRPC URL
-    /// (http://HOST:PORT) and/or iroh address (IP:PORT), comma-separated.
+    /// (https://HOST:PORT) and/or iroh address (IP:PORT), comma-separated.
     #[arg(long, global = true)]
     node: Option<String>,
     /// A node's data directory: its addresses come from DIR/node.json and

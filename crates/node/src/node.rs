@@ -829,7 +829,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let file = NodeFile {
             id: "cd".repeat(32),
-            grpc: Some("http://127.0.0.1:1".into()),
+            grpc: Some("https://127.0.0.1:1".into()),
             iroh: Some(vec!["127.0.0.1:2".parse().unwrap()]),
             metrics: None,
             pid: 42,

@@ -75,9 +75,10 @@ metrics! {
     /// In-flight calls; labels `transport`, `side`.
     IN_FLIGHT = "tern_transport_in_flight", Gauge,
         "Calls in flight, by transport and side.";
-    /// Authentication failures; labels `transport`.
+    /// Authentication failures and refusals at a connection limit; labels
+    /// `transport`, `reason`.
     AUTH_FAILURES = "tern_transport_auth_failures_total", Counter,
-        "Calls refused because the caller's identity could not be verified.";
+        "Connections and calls refused before any work: identity not proven (TLS handshake, wrong peer, anonymous caller) or a connection limit, by reason.";
     /// Calls sent by the router; labels `service`, `transport`.
     ROUTER_CALLS = "tern_router_calls_total", Counter,
         "Call attempts the dual router made, by service and transport.";

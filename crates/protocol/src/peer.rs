@@ -153,7 +153,7 @@ pub struct PeerAddr {
     pub id: PeerId,
     /// Where to reach it over iroh, if it serves iroh.
     pub iroh: Option<IrohAddr>,
-    /// Its gRPC URL (`http://host:port`), if it serves gRPC.
+    /// Its gRPC URL (`https://host:port`), if it serves gRPC.
     pub grpc: Option<String>,
 }
 
@@ -248,7 +248,7 @@ mod tests {
                 ],
                 relay_url: Some("https://relay.test".into()),
             }),
-            grpc: Some("http://127.0.0.1:7000".into()),
+            grpc: Some("https://127.0.0.1:7000".into()),
         };
         let pb = pb::PeerAddress::from(&addr);
         assert_eq!(PeerAddr::try_from(&pb), Ok(addr.clone()));
@@ -273,7 +273,7 @@ mod tests {
     fn bad_protobuf_addresses_are_typed_errors() {
         let mut pb = pb::PeerAddress {
             endpoint_id: vec![1; 31].into(),
-            grpc_url: "http://x".into(),
+            grpc_url: "https://x".into(),
             ..Default::default()
         };
         assert_eq!(PeerAddr::try_from(&pb), Err(PeerParseError::IdLength(31)));

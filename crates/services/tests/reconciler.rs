@@ -40,7 +40,7 @@ fn node(shared: &Arc<Shared>, dir: &Path) -> (Reconciler, Arc<dyn Runtime>) {
 fn cluster() -> Arc<Shared> {
     let shared = Shared::new(1);
     let mut addr = PeerAddr::new(PeerId::from_bytes([7; 32]));
-    addr.grpc = Some("http://127.0.0.1:9".into());
+    addr.grpc = Some("https://127.0.0.1:9".into());
     shared.set_members(&[(
         1,
         addr,

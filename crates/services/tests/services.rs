@@ -606,7 +606,7 @@ async fn stop_of_a_vm_on_a_node_that_is_down(kind: Kind) {
     let f = Fixture::new(kind).await;
     // Node 2 is a member whose process is down: nothing listens there.
     let mut down = PeerAddr::new(PeerId::from_bytes([0xd0; 32]));
-    down.grpc = Some("http://127.0.0.1:9".into());
+    down.grpc = Some("https://127.0.0.1:9".into());
     f.shared
         .set_members(&[(1, f.server.addr(), cap(8, 8192)), (2, down, cap(8, 8192))]);
     let pinned = pb::VmSpec {
@@ -651,7 +651,7 @@ async fn stop_of_a_vm_on_a_node_that_is_down(kind: Kind) {
 async fn migration_moves_a_vm_and_survives_a_source_crash(kind: Kind) {
     let f = Fixture::new(kind).await;
     let mut peer2 = PeerAddr::new(PeerId::from_bytes([0xd2; 32]));
-    peer2.grpc = Some("http://127.0.0.1:9".into());
+    peer2.grpc = Some("https://127.0.0.1:9".into());
     f.shared
         .set_members(&[(1, f.server.addr(), cap(8, 8192)), (2, peer2, cap(8, 8192))]);
     let dir1 = f.dir.path().join("node-1");

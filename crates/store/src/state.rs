@@ -955,7 +955,7 @@ mod tests {
 
     fn member(n: u8) -> Member {
         let mut addr = PeerAddr::new(peer(n));
-        addr.grpc = Some(format!("http://127.0.0.1:{}", 7000 + u16::from(n)));
+        addr.grpc = Some(format!("https://127.0.0.1:{}", 7000 + u16::from(n)));
         Member::new(
             addr,
             Capacity {

@@ -294,7 +294,7 @@ mod tests {
 
     fn entries() -> Vec<Entry> {
         let mut addr = PeerAddr::new(PeerId::from_bytes([1; 32]));
-        addr.grpc = Some("http://127.0.0.1:7001".into());
+        addr.grpc = Some("https://127.0.0.1:7001".into());
         let member = Member::new(
             addr,
             Capacity {

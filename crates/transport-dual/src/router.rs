@@ -558,7 +558,7 @@ mod tests {
         PeerAddr {
             id: PeerId::from_bytes([9; 32]),
             iroh: iroh.then(tern_protocol::peer::IrohAddr::default),
-            grpc: grpc.then(|| "http://127.0.0.1:1".to_owned()),
+            grpc: grpc.then(|| "https://127.0.0.1:1".to_owned()),
         }
     }
 

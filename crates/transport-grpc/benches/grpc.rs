@@ -90,19 +90,15 @@ impl Raft for RawRaft {
     }
 }
 
-/// Starts a bare tonic server with [`RawRaft`] and returns a client to it.
+/// Starts a bare tonic server with [`RawRaft`], over the transport's TLS,
+/// and returns a client to it.
 async fn raw_baseline() -> RaftClient<Channel> {
     let listener = tokio::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0)))
         .await
         .unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let incoming = futures::stream::unfold(listener, |l| async move {
-        let next = l.accept().await.map(|(stream, _)| {
-            stream.set_nodelay(true).unwrap();
-            stream
-        });
-        Some((next, l))
-    });
+    let addr = listener.local_addr().unwrap();
+    let server = tern_transport_grpc::tls::TlsIdentity::new(&[0x51; 32]).unwrap();
+    let incoming = tern_transport_grpc::baseline::incoming(listener, &server).unwrap();
     let service = RaftServer::new(RawRaft)
         .max_decoding_message_size(RAW_MAX)
         .max_encoding_message_size(RAW_MAX);
@@ -111,9 +107,11 @@ async fn raw_baseline() -> RaftClient<Channel> {
             .add_service(service)
             .serve_with_incoming(incoming),
     );
-    RaftClient::connect(url)
+    let client = tern_transport_grpc::tls::TlsIdentity::new(&[0x52; 32]).unwrap();
+    let channel = tern_transport_grpc::baseline::channel(addr, &client, server.id())
         .await
-        .unwrap()
+        .unwrap();
+    RaftClient::new(channel)
         .max_decoding_message_size(RAW_MAX)
         .max_encoding_message_size(RAW_MAX)
 }

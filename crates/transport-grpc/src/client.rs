@@ -12,9 +12,14 @@
 //!   lane has larger flow-control windows.
 //! - **Deadlines.** `call.timeout` is sent as `grpc-timeout` and also bounds
 //!   the call locally, dial included.
-//! - **Identity.** Each request is authenticated for the peer it means
-//!   (see [`crate::auth`]), and each answer must carry that peer's proof
-//!   over the request's nonce, or the call fails as `WrongPeer`.
+//! - **Identity.** Every connection is TLS 1.3 (see [`crate::tls`]): the
+//!   client presents its node's certificate and accepts only the peer id
+//!   it dials, so a different node at a peer's address fails the handshake
+//!   and the call fails as `WrongPeer`, with nothing sent.
+//! - **URLs.** Only `https://host:port` is dialled; any other scheme is
+//!   refused (`NotServed`, nothing sent) with a message saying why.
+//! - **Limits.** Answers above the configured message limit are refused
+//!   while decoding, as a `Protocol` error.
 //! - **Errors.** tonic and transport errors are mapped into the shared
 //!   taxonomy (`classify`); a failure before the request was sent is
 //!   `NotDelivered`, after it `MayHaveBeenDelivered`.
@@ -28,18 +33,20 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::uri::PathAndQuery;
 use prost::Message;
-use tern_protocol::frame::{DEFAULT_MAX_PAYLOAD, MAX_PAYLOAD_CEILING};
+use tern_protocol::frame::DEFAULT_MAX_PAYLOAD;
 use tern_protocol::{
     BoxFuture, Call, CallError, Code, Delivery, Method, PeerAddr, PeerId, Priority, RpcClient,
     Status, TransportError, TransportErrorKind, TransportKind,
 };
 use tonic::transport::{Channel, Endpoint};
 
-use crate::auth::{self, Identity, NONCE_LEN, ResponseIdentity};
 use crate::codec::RawCodec;
 use crate::io::Connector;
 use crate::metrics::{self, Direction, InFlight, Outcome, Queued, Side};
-use crate::server::{KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, PRIORITY_KEY, SHUTTING_DOWN_KEY};
+use crate::server::{
+    ANSWERED_KEY, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, PRIORITY_KEY, SHUTTING_DOWN_KEY,
+};
+use crate::tls::{self, TlsIdentity, WrongPeer};
 
 /// First wait before dialling a peer again after a failed dial.
 pub const DIAL_BACKOFF_MIN: Duration = Duration::from_millis(50);
@@ -64,9 +71,9 @@ const HEALTH_CHECK_PATH: &str = "/grpc.health.v1.Health/Check";
 pub struct ClientConfig {
     /// The node's Ed25519 secret key; requests are authenticated with it.
     pub secret_key: [u8; 32],
-    /// Largest request payload sent, in bytes; larger calls are refused
-    /// locally (not delivered). Responses may be up to
-    /// [`MAX_PAYLOAD_CEILING`].
+    /// Largest request payload sent and largest answer accepted, in bytes;
+    /// larger calls are refused locally (not delivered), larger answers
+    /// while decoding (a `Protocol` error).
     pub max_message_size: usize,
 }
 
@@ -129,7 +136,7 @@ struct DialState {
 
 /// A gRPC client shared by all callers of a node.
 pub struct GrpcClient {
-    identity: Identity,
+    identity: TlsIdentity,
     max_message_size: usize,
     pool: Mutex<HashMap<PoolKey, Arc<PoolEntry>>>,
     closed: AtomicBool,
@@ -162,10 +169,17 @@ struct Outgoing<'a> {
 }
 
 impl GrpcClient {
-    /// A client calling as the node with `config.secret_key`.
+    /// A client calling as the node with `config.secret_key`, with a fresh
+    /// TLS key bound to it.
+    ///
+    /// # Panics
+    ///
+    /// If the system's random number generator fails, so that no TLS key
+    /// can be made (nothing secure can run then).
     pub fn new(config: ClientConfig) -> GrpcClient {
         GrpcClient {
-            identity: Identity::from_secret(&config.secret_key),
+            identity: TlsIdentity::new(&config.secret_key)
+                .expect("making a TLS key needs only the system's random number generator"),
             max_message_size: config.max_message_size,
             pool: Mutex::new(HashMap::new()),
             closed: AtomicBool::new(false),
@@ -253,7 +267,17 @@ impl GrpcClient {
         if dial.failures > 0 || dial.ever_connected {
             metrics::redial();
         }
-        match dial_channel(url, lane).await {
+        let tls = match tls::client_config(&self.identity, peer.id) {
+            Ok(config) => Arc::new(config),
+            Err(e) => {
+                return Err(err(
+                    TransportErrorKind::LocalShutdown,
+                    Delivery::NotDelivered,
+                    e.to_string(),
+                ));
+            }
+        };
+        match dial_channel(url, lane, tls).await {
             Ok(channel) => {
                 tracing::debug!(peer = %peer.id.short(), %url, ?lane, "gRPC channel connected");
                 *dial = DialState {
@@ -265,7 +289,16 @@ impl GrpcClient {
                 }
                 Ok(channel)
             }
-            Err(detail) => {
+            Err(DialError::WrongPeer(wrong)) => {
+                // Not a reachability problem: no backoff helps; report it.
+                tracing::warn!(peer = %peer.id.short(), %url, error = %wrong, "the node at a peer's address is another node");
+                Err(err(
+                    TransportErrorKind::WrongPeer,
+                    Delivery::NotDelivered,
+                    format!("dialling {} at {url}: {wrong}", peer.id.short()),
+                ))
+            }
+            Err(DialError::Other(detail)) => {
                 dial.failures = dial.failures.saturating_add(1);
                 let backoff = DIAL_BACKOFF_MIN
                     .saturating_mul(1u32 << dial.failures.saturating_sub(1).min(16))
@@ -314,6 +347,13 @@ impl GrpcClient {
                 format!("{} has no gRPC address", out.peer.id.short()),
             ));
         };
+        if let Err(why) = check_url(url) {
+            return Err(err(
+                TransportErrorKind::NotServed,
+                Delivery::NotDelivered,
+                format!("{}'s gRPC address {why}", out.peer.id.short()),
+            ));
+        }
         if out.payload.len() > self.max_message_size {
             return Err(err(
                 TransportErrorKind::Overloaded,
@@ -361,17 +401,6 @@ impl GrpcClient {
                 format!("invalid gRPC path {}: {e}", out.path),
             )
         })?;
-        let nonce: [u8; NONCE_LEN] = rand::random();
-        let proof = self
-            .identity
-            .sign_request(out.peer.id, out.path, auth::unix_now_ms(), nonce)
-            .map_err(|e| {
-                err(
-                    TransportErrorKind::WrongPeer,
-                    Delivery::NotDelivered,
-                    format!("cannot authenticate to {}: {e}", out.peer.id.short()),
-                )
-            })?;
         let mut request = tonic::Request::new(out.payload.clone());
         // What is left after the dial; never zero, which would read as "no
         // deadline" to some servers.
@@ -379,13 +408,12 @@ impl GrpcClient {
             .saturating_duration_since(Instant::now())
             .max(Duration::from_millis(1));
         request.set_timeout(remaining);
-        proof.write(request.metadata_mut().as_mut());
         request
             .metadata_mut()
             .insert(PRIORITY_KEY, u32::from(out.priority as u8).into());
 
         let mut grpc = tonic::client::Grpc::new(channel)
-            .max_decoding_message_size(MAX_PAYLOAD_CEILING as usize)
+            .max_decoding_message_size(self.max_message_size)
             .max_encoding_message_size(self.max_message_size);
         let queued = Queued::start(out.priority.as_str());
         let ready = grpc.ready().await;
@@ -402,17 +430,11 @@ impl GrpcClient {
         metrics::message(Direction::Sent, out.payload.len());
         let answer = grpc.unary(request, path, RawCodec).await;
         let ctx = Verify {
-            identity: &self.identity,
             expected: out.peer.id,
-            nonce: &nonce,
             path: out.path,
         };
         match answer {
             Ok(response) => {
-                match ctx.check(response.metadata().as_ref()) {
-                    ResponseIdentity::Verified => {}
-                    other => return Err(ctx.wrong_peer(other, Delivery::MayHaveBeenDelivered)),
-                }
                 let body = response.into_inner();
                 metrics::message(Direction::Received, body.len());
                 Ok(body)
@@ -421,7 +443,7 @@ impl GrpcClient {
                 let error = classify(&status, &ctx);
                 if matches!(
                     error.as_transport().map(|e| e.kind),
-                    Some(TransportErrorKind::Unreachable)
+                    Some(TransportErrorKind::Unreachable | TransportErrorKind::WrongPeer)
                 ) {
                     self.forget(out.peer, url, lane);
                 }
@@ -431,16 +453,57 @@ impl GrpcClient {
     }
 }
 
-async fn dial_channel(url: &str, lane: Lane) -> Result<Channel, String> {
-    let endpoint = Endpoint::from_shared(url.to_owned()).map_err(|e| format!("bad URL: {e}"))?;
+/// Checks that a peer's gRPC URL is `https://host:port`: the only scheme a
+/// node serves. Says what is wrong otherwise.
+pub fn check_url(url: &str) -> Result<(), String> {
+    let Some(rest) = url.strip_prefix("https://") else {
+        return Err(if url.starts_with("http://") {
+            format!(
+                "{url:?} is http://: Tern's gRPC transport is TLS only; write https://{}",
+                url.trim_start_matches("http://")
+            )
+        } else {
+            format!("{url:?} is not an https:// URL")
+        });
+    };
+    let authority = rest.trim_end_matches('/');
+    if authority.is_empty() || authority.contains('/') {
+        return Err(format!("{url:?} must be https://HOST:PORT with no path"));
+    }
+    let uri: http::Uri = url
+        .parse()
+        .map_err(|e| format!("{url:?} is not a valid URL: {e}"))?;
+    match uri.authority() {
+        Some(a) if a.port_u16().is_some() => Ok(()),
+        _ => Err(format!("{url:?} names no port (https://HOST:PORT)")),
+    }
+}
+
+/// Why a dial failed.
+enum DialError {
+    /// The address answered as another node.
+    WrongPeer(WrongPeer),
+    /// Anything else, in words.
+    Other(String),
+}
+
+async fn dial_channel(
+    url: &str,
+    lane: Lane,
+    tls: Arc<rustls::ClientConfig>,
+) -> Result<Channel, DialError> {
+    check_url(url).map_err(DialError::Other)?;
+    // tonic is given http:// (it would refuse https:// without its own TLS
+    // feature); the connector below does the TLS, to the same host and
+    // port.
+    let inner = format!("http://{}", url.trim_start_matches("https://"));
+    let endpoint =
+        Endpoint::from_shared(inner).map_err(|e| DialError::Other(format!("bad URL: {e}")))?;
     let authority = endpoint
         .uri()
         .authority()
-        .ok_or_else(|| "the URL names no host".to_owned())?;
-    let target = match authority.port_u16() {
-        Some(_) => authority.as_str().to_owned(),
-        None => format!("{}:80", authority.host()),
-    };
+        .ok_or_else(|| DialError::Other("the URL names no host".to_owned()))?;
+    let target = authority.as_str().to_owned();
     let mut endpoint = endpoint
         .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
         .keep_alive_timeout(KEEPALIVE_TIMEOUT)
@@ -462,11 +525,15 @@ async fn dial_channel(url: &str, lane: Lane) -> Result<Channel, String> {
     };
     let connector = Connector {
         target: target.into(),
+        tls,
     };
     endpoint
         .connect_with_connector(connector)
         .await
-        .map_err(|e| error_chain(&e))
+        .map_err(|e| match crate::io::wrong_peer_in(&e) {
+            Some(wrong) => DialError::WrongPeer(wrong),
+            None => DialError::Other(error_chain(&e)),
+        })
 }
 
 /// `error: cause: cause`, for details.
@@ -484,95 +551,80 @@ fn error_chain(error: &(dyn StdError + 'static)) -> String {
     text
 }
 
-/// What the caller expects of an answer.
+/// What the caller expected of an answer.
 struct Verify<'a> {
-    identity: &'a Identity,
     expected: PeerId,
-    nonce: &'a [u8; NONCE_LEN],
     path: &'a str,
-}
-
-impl Verify<'_> {
-    fn check(&self, headers: &http::HeaderMap) -> ResponseIdentity {
-        self.identity
-            .verify_response(headers, self.expected, self.nonce, self.path)
-    }
-
-    fn wrong_peer(&self, identity: ResponseIdentity, delivery: Delivery) -> CallError {
-        let detail = match identity {
-            ResponseIdentity::OtherNode(other) => format!(
-                "{} was answered by node {}, not by {}",
-                self.path,
-                other.short(),
-                self.expected.short()
-            ),
-            ResponseIdentity::Unproven(why) => format!(
-                "{} answered without proving it is {}: {why}",
-                self.path,
-                self.expected.short()
-            ),
-            ResponseIdentity::Verified => format!("{} verified", self.path),
-        };
-        err(TransportErrorKind::WrongPeer, delivery, detail)
-    }
 }
 
 /// Maps a failed tonic call to the shared taxonomy.
 ///
-/// A status with a source was made locally from a transport error; one
-/// without came from the peer, and counts only if the peer proved its
-/// identity in it.
+/// A status with a source was made locally from a transport error. One
+/// without came over the TLS connection from the peer the handshake proved
+/// (or from the local decoder): it is the Tern service's answer only if it
+/// carries [`ANSWERED_KEY`], which the peer's authentication layer sets on
+/// everything it answers.
 fn classify(status: &tonic::Status, ctx: &Verify<'_>) -> CallError {
     if let Some(source) = status.source() {
         return classify_transport(status, source);
     }
     let headers = status.metadata().as_ref();
-    match ctx.check(headers) {
-        ResponseIdentity::Verified => {
-            if headers.contains_key(SHUTTING_DOWN_KEY) {
-                return err(
-                    TransportErrorKind::PeerShuttingDown,
-                    Delivery::NotDelivered,
-                    format!(
-                        "{} refused {}: shutting down",
-                        ctx.expected.short(),
-                        ctx.path
-                    ),
-                );
-            }
-            CallError::Application(Status::new(
-                Code::from_u32(status.code() as u32),
-                status.message(),
-            ))
-        }
-        // A node that is not the expected one refuses any request meant
-        // for another callee before dispatch.
-        other @ ResponseIdentity::OtherNode(_) => ctx.wrong_peer(other, Delivery::NotDelivered),
-        // tonic's own deadline enforcement answers before any service
-        // can prove the node's identity: a timeout, not an impostor.
-        ResponseIdentity::Unproven(_)
-            if matches!(
-                status.code(),
-                tonic::Code::DeadlineExceeded | tonic::Code::Cancelled
-            ) =>
-        {
-            err(
-                TransportErrorKind::TimedOut,
-                Delivery::MayHaveBeenDelivered,
+    if headers.contains_key(ANSWERED_KEY) {
+        if headers.contains_key(SHUTTING_DOWN_KEY) {
+            return err(
+                TransportErrorKind::PeerShuttingDown,
+                Delivery::NotDelivered,
                 format!(
-                    "{} on {}: {}",
-                    ctx.path,
+                    "{} refused {}: shutting down",
                     ctx.expected.short(),
-                    status.message()
+                    ctx.path
                 ),
-            )
+            );
         }
-        other => ctx.wrong_peer(other, Delivery::MayHaveBeenDelivered),
+        return CallError::Application(Status::new(
+            Code::from_u32(status.code() as u32),
+            status.message(),
+        ));
+    }
+    match status.code() {
+        // tonic's own deadline enforcement, on either side, answers before
+        // any service: a timeout.
+        tonic::Code::DeadlineExceeded | tonic::Code::Cancelled => err(
+            TransportErrorKind::TimedOut,
+            Delivery::MayHaveBeenDelivered,
+            format!(
+                "{} on {}: {}",
+                ctx.path,
+                ctx.expected.short(),
+                status.message()
+            ),
+        ),
+        // An answer over the message limit, a malformed body: the call
+        // may have run; its answer is lost.
+        _ => err(
+            TransportErrorKind::Protocol,
+            Delivery::MayHaveBeenDelivered,
+            format!(
+                "{} on {}: {} ({})",
+                ctx.path,
+                ctx.expected.short(),
+                status.message(),
+                status.code()
+            ),
+        ),
     }
 }
 
 fn classify_transport(status: &tonic::Status, source: &(dyn StdError + 'static)) -> CallError {
     let detail = error_chain(source);
+    // A reconnect of a pooled channel met another node at the address.
+    if let Some(wrong) = crate::io::wrong_peer_in(source) {
+        return err(
+            TransportErrorKind::WrongPeer,
+            Delivery::NotDelivered,
+            wrong.to_string(),
+        );
+    }
     let mut cause: Option<&(dyn StdError + 'static)> = Some(source);
     while let Some(e) = cause {
         if e.is::<tonic::ConnectError>() {

@@ -12,19 +12,29 @@
 //! node, each transport and each service (see [`HealthHandle`]), and server
 //! reflection answers in both `grpc.reflection.v1` and `v1alpha`.
 //!
-//! # Identity
+//! # Identity and privacy
 //!
-//! gRPC has no key-based identity, so every Tern call carries a MAC over a
-//! timestamp, a nonce, both nodes' ids and the method's path, under a key
-//! only the caller and the callee can compute (X25519 of their Ed25519 node
-//! keys), and every answer carries the callee's MAC over the nonce (see
-//! [`auth`]). A node cannot claim another's id, a captured request cannot
-//! be replayed to another node, method or (within the skew window) to the
-//! same one, and a different node at a peer's old address is refused as
-//! `WrongPeer`. Calls are not encrypted, and message bodies are not covered
-//! by the MACs: deploy the gRPC transport on a private network (or behind
-//! TLS) as before the migration; iroh, which encrypts, is where the fleet
-//! is going.
+//! Every connection is TLS 1.3, and both ends prove their Ed25519 node key
+//! in the handshake (the key iroh uses, so a node is one identity on both
+//! transports; see [`tls`]). A client accepts exactly the node it dials; a
+//! server derives the caller's id from its certificate, and a handler sees
+//! only that id. What this gives, per attacker:
+//!
+//! - **An eavesdropper** reads nothing: bodies, metadata, join tokens and
+//!   answers are encrypted.
+//! - **An on-path attacker** can delay, drop or cut connections, which the
+//!   caller sees as transport errors; it cannot alter, splice or replay a
+//!   request or an answer (TLS records are authenticated and sequenced),
+//!   and it cannot pose as either end without the node's secret key.
+//! - **An anonymous client** (no client certificate: `grpcurl -insecure`,
+//!   Python `grpcio` with TLS) reaches `grpc.health.v1` and reflection
+//!   only; every `tern.v1` method answers `Unauthenticated` before its
+//!   body is read. It is held to the per-IP connection cap and closed when
+//!   idle.
+//! - **A node with any key** is that node, nothing more: what it may call
+//!   is decided above the transport, by the services.
+//!
+//! There is no cleartext listener and no `http://` URL.
 //!
 //! # Layout
 //!
@@ -33,13 +43,15 @@
 //!   graceful shutdown.
 //! - [`client`]: [`GrpcClient`], pooled channels per peer with a separate
 //!   bulk lane, deadlines, identity checks and error mapping.
-//! - [`auth`]: the authenticated request and response metadata, tested
-//!   without sockets.
+//! - [`tls`]: certificates bound to the node key, the verifiers that turn a
+//!   handshake into a peer id, and the rustls configurations of both ends.
 //! - [`metrics`]: recording under the names shared with the iroh transport
 //!   ([`tern_protocol::metric_names`]), labelled `transport="grpc"`.
+//! - [`baseline`]: the same TLS for the benches' raw tonic baseline.
 //! - `codec`: a pass-through codec for already-encoded messages.
-//! - `io`: counted TCP connections, and the switch that aborts them when a
-//!   drain deadline passes.
+//! - `io`: counted TLS connections, their places under the connection
+//!   caps, the client's TLS connector, and the switch that aborts
+//!   connections when a drain deadline passes.
 //! - [`services`]: the tonic code generated at build time (servers and
 //!   typed clients), using `tern_protocol::pb`'s message types.
 //! - [`GrpcTransport`]: a server and a client with one identity, shut down
@@ -47,22 +59,20 @@
 //!
 //! # Invariants
 //!
-//! - The caller a service sees is the one whose proof verified, never a
-//!   value a request merely declared; a request with a bad proof reaches no
+//! - The caller a service sees is the node its TLS session proved, never a
+//!   value a request merely declared; an anonymous caller reaches no Tern
 //!   service.
-//! - An answer counts only if the peer the caller meant proved it; anything
-//!   else is a transport error (`WrongPeer`, `TimedOut`...).
+//! - An answer counts only if it came over a connection to the peer the
+//!   caller meant; any other peer fails the handshake (`WrongPeer`).
 //! - Nothing a peer sends can panic this crate: malformed metadata,
-//!   messages and statuses are typed errors.
-//! - Every limit is a named constant saying why (message size, clock skew,
-//!   replay window, streams per connection, keep-alive, backoff).
+//!   messages, certificates and statuses are typed errors.
+//! - Every limit is a named constant saying why, with a config override
+//!   where operators need one (message size, connections in total, per IP
+//!   and per peer, streams per connection, handshake time, anonymous idle
+//!   time and age, keep-alive, backoff).
 //!
 //! # Deliberately absent
 //!
-//! - **TLS.** The transport being migrated from ran on private networks;
-//!   identity is proven by the MACs above, but bodies are neither encrypted
-//!   nor integrity-protected against an on-path attacker. iroh, the target
-//!   of the migration, encrypts.
 //! - **Client retries.** A failed call is reported, classified, and never
 //!   retried here: whether a retry is safe is the router's decision
 //!   ([`tern_protocol::CallError::is_safe_to_retry`]).
@@ -72,12 +82,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-pub mod auth;
+pub mod baseline;
 pub mod client;
 mod codec;
 mod io;
 pub mod metrics;
 pub mod server;
+pub mod tls;
 
 /// tonic servers and clients generated from `proto/tern/v1/*.proto`.
 ///
@@ -91,7 +102,7 @@ pub mod services {
 }
 
 pub use client::{ClientConfig, GrpcClient};
-pub use server::{GrpcServer, HealthHandle, ServerConfig};
+pub use server::{GrpcServer, HealthHandle, ServerConfig, ServerLimits};
 pub use tonic_health::ServingStatus;
 
 use tern_protocol::{Handler, PeerAddr, PeerId};

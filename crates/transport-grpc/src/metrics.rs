@@ -67,8 +67,48 @@ pub(crate) fn redial() {
     metrics::counter!(names::CONNECT_RETRIES, "transport" => TRANSPORT_LABEL).increment(1);
 }
 
-pub(crate) fn auth_failed() {
-    metrics::counter!(names::AUTH_FAILURES, "transport" => TRANSPORT_LABEL).increment(1);
+/// Why a connection or call was refused for want of a proven identity, or
+/// turned away at a limit before any work: the `reason` label of
+/// `tern_transport_auth_failures_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum AuthReason {
+    /// A TLS handshake failed (bad certificate, garbled records, not TLS).
+    Handshake,
+    /// A TLS handshake did not finish within its bound (slowloris).
+    HandshakeTimeout,
+    /// The dialled address answered with another node's valid identity.
+    WrongPeer,
+    /// A caller without a client certificate called a Tern method.
+    Anonymous,
+    /// Refused: the remote IP is at its connection cap.
+    IpConnectionLimit,
+    /// Refused: the peer id is at its connection cap.
+    PeerConnectionLimit,
+    /// Refused: the node is at its total connection cap.
+    ConnectionLimit,
+    /// An anonymous connection closed after its idle bound or its age.
+    IdleAnonymous,
+}
+
+impl AuthReason {
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuthReason::Handshake => "tls_handshake",
+            AuthReason::HandshakeTimeout => "tls_handshake_timeout",
+            AuthReason::WrongPeer => "wrong_peer",
+            AuthReason::Anonymous => "anonymous",
+            AuthReason::IpConnectionLimit => "ip_connection_limit",
+            AuthReason::PeerConnectionLimit => "peer_connection_limit",
+            AuthReason::ConnectionLimit => "connection_limit",
+            AuthReason::IdleAnonymous => "idle_anonymous",
+        }
+    }
+}
+
+pub(crate) fn auth_failed(reason: AuthReason) {
+    metrics::counter!(names::AUTH_FAILURES, "transport" => TRANSPORT_LABEL, "reason" => reason.as_str())
+        .increment(1);
 }
 
 /// Counts one open connection while it lives.

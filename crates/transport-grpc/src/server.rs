@@ -1,17 +1,22 @@
 //! The serving side: typed tonic services that dispatch into one
 //! [`Handler`], the standard health and reflection services, caller
-//! authentication, and graceful shutdown.
+//! authentication, limits, and graceful shutdown.
 //!
-//! Every request passes through `AuthLayer` first. A request that carries
-//! a caller proof (see [`crate::auth`]) is verified before anything else
-//! runs; a bad proof is answered `Unauthenticated` and never reaches a
-//! service. A request without any proof (a stock gRPC tool) passes on, and
-//! only the standard services (health, reflection) will serve it: the Tern
-//! services answer `Unauthenticated`, because a handler is promised an
-//! authenticated caller. Every answer to a request with a proof carries the
-//! node's own proof of identity, which the calling client checks.
-
-use std::net::SocketAddr;
+//! Every connection is TLS 1.3 (see [`crate::tls`]). The accept loop takes
+//! a place under the node's connection caps (in total, per remote IP)
+//! before the handshake, bounds the handshake in time, and then a place
+//! per proven peer id; a connection past a cap is closed at once and
+//! counted (`tern_transport_auth_failures_total{reason=…}`).
+//!
+//! Every request then passes through `AuthLayer`. The caller is the node
+//! the TLS handshake proved, never a value the request declares. A request
+//! for a Tern method (`/tern.v1.*`) from a connection without a client
+//! certificate is answered `Unauthenticated` at once, before its body is
+//! read; health and reflection serve everyone. Anonymous connections are
+//! closed when idle past [`ANONYMOUS_IDLE_TIMEOUT`] or older than
+//! [`ANONYMOUS_MAX_AGE`].
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -19,25 +24,26 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use futures::StreamExt as _;
 use http::HeaderValue;
 use prost::Message;
 use tern_protocol::frame::DEFAULT_MAX_PAYLOAD;
 use tern_protocol::{
     Handler, Method, PeerId, Priority, RequestContext, ServiceId, Status, TransportKind, pb,
 };
-use tokio::net::TcpListener;
-use tokio::sync::oneshot;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tonic::transport::Server;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
-use crate::auth::{self, AuthError, Identity, ReplayCache, RequestProof};
-use crate::io::{KillSwitch, ServerConn};
-use crate::metrics::{self, Direction, InFlight, Outcome, Side};
+use crate::io::{ConnInfo, ConnKill, Counts, KillSwitch, Places, ServerConn};
+use crate::metrics::{self, AuthReason, Direction, InFlight, Outcome, Side};
 use crate::services::{
     cluster_server, health_server, monitoring_server, raft_server, status_server, vm_server,
 };
+use crate::tls::{self, TlsIdentity};
 
 /// Metadata key: the caller's priority class (`0`..`3`, see
 /// [`Priority`]), so the serving side can report it to the handler.
@@ -46,6 +52,16 @@ pub const PRIORITY_KEY: &str = "tern-priority";
 /// Response metadata key set (to `1`) when the node refused a call because
 /// it is shutting down; the client reports `PeerShuttingDown`.
 pub const SHUTTING_DOWN_KEY: &str = "tern-shutting-down";
+
+/// Response metadata key set (to `1`) on every answer that passed through
+/// the node's authentication layer, so a client tells a Tern service's
+/// status (an application answer) from one made by the HTTP/2 stack around
+/// it (tonic's own deadline, a client-side decoding limit).
+pub const ANSWERED_KEY: &str = "tern-answered";
+
+/// The gRPC path prefix of Tern's own services, which need an
+/// authenticated caller.
+pub const TERN_PATH_PREFIX: &str = "/tern.v1.";
 
 /// Interval of HTTP/2 keep-alive pings on idle connections, so that a peer
 /// that vanished without closing is noticed within seconds, not at the next
@@ -76,11 +92,108 @@ pub const CONNECTION_WINDOW: u32 = 8 * 1024 * 1024;
 /// body may be this far ahead of the handler reading it.
 pub const STREAM_WINDOW: u32 = 2 * 1024 * 1024;
 
-/// Most inbound connections served at once. A cluster node needs a few per
-/// peer (one per priority lane in use) plus operators' tools; past this,
-/// new connections are closed at once, so a flood of idle connections
-/// cannot exhaust file descriptors.
+/// Most inbound connections served at once, handshakes included. A
+/// cluster node needs a few per peer (one per priority lane in use) plus
+/// operators' tools; past this, new connections are closed at once, so a
+/// flood of connections cannot exhaust file descriptors.
 pub const MAX_INBOUND_CONNECTIONS: usize = 4096;
+
+/// Most connections from one remote IP address, handshakes included: a
+/// host running several nodes (a test on loopback) and its operators'
+/// tools stay far below it, and one hostile host can hold at most this
+/// share of [`MAX_INBOUND_CONNECTIONS`].
+pub const MAX_CONNECTIONS_PER_IP: usize = 256;
+
+/// Most connections one proven node id may hold: one per priority lane
+/// (four), times a few for reconnects racing the old connection's close
+/// and a CLI using the node's own key.
+pub const MAX_CONNECTIONS_PER_PEER: usize = 32;
+
+/// Longest a TLS handshake may take after the TCP accept; a client that
+/// sends its handshake a byte at a time is closed after this.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// An anonymous connection (no client certificate: a stock tool) with no
+/// request in flight is closed after this long without a new request.
+pub const ANONYMOUS_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// An anonymous connection is closed after this long whatever it does, so a
+/// slow reader or a long health watch cannot hold a place for ever (the
+/// tool reconnects).
+pub const ANONYMOUS_MAX_AGE: Duration = Duration::from_secs(600);
+
+/// Handshaken connections waiting for the HTTP/2 server to take them.
+const ACCEPTED_QUEUE: usize = 64;
+
+/// How often a log line about refused connections or callers may repeat
+/// for one remote address or peer and reason.
+pub const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(60);
+
+/// Most (source, reason) pairs the refusal log remembers; past it the
+/// memory starts over, so a flood of addresses cannot grow it.
+const REFUSAL_LOG_CAPACITY: usize = 4096;
+
+/// The server's limits, each defaulting to its named constant; a node's
+/// config may override them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServerLimits {
+    /// See [`MAX_INBOUND_CONNECTIONS`].
+    pub max_connections: usize,
+    /// See [`MAX_CONNECTIONS_PER_IP`].
+    pub max_connections_per_ip: usize,
+    /// See [`MAX_CONNECTIONS_PER_PEER`].
+    pub max_connections_per_peer: usize,
+    /// See [`MAX_CONCURRENT_STREAMS`].
+    pub max_concurrent_streams: u32,
+    /// See [`HANDSHAKE_TIMEOUT`].
+    pub handshake_timeout: Duration,
+    /// See [`ANONYMOUS_IDLE_TIMEOUT`].
+    pub anonymous_idle_timeout: Duration,
+    /// See [`ANONYMOUS_MAX_AGE`].
+    pub anonymous_max_age: Duration,
+}
+
+impl Default for ServerLimits {
+    fn default() -> ServerLimits {
+        ServerLimits {
+            max_connections: MAX_INBOUND_CONNECTIONS,
+            max_connections_per_ip: MAX_CONNECTIONS_PER_IP,
+            max_connections_per_peer: MAX_CONNECTIONS_PER_PEER,
+            max_concurrent_streams: MAX_CONCURRENT_STREAMS,
+            handshake_timeout: HANDSHAKE_TIMEOUT,
+            anonymous_idle_timeout: ANONYMOUS_IDLE_TIMEOUT,
+            anonymous_max_age: ANONYMOUS_MAX_AGE,
+        }
+    }
+}
+
+/// Remembers when a refusal was last logged per source and reason, so the
+/// log says it once per [`REFUSAL_LOG_INTERVAL`], never once per packet.
+#[derive(Debug, Default)]
+pub(crate) struct RefusalLog {
+    last: Mutex<HashMap<(String, AuthReason), Instant>>,
+}
+
+impl RefusalLog {
+    /// Counts the refusal and tells whether to log it now.
+    pub(crate) fn refuse(&self, source: &str, reason: AuthReason) -> bool {
+        metrics::auth_failed(reason);
+        let Ok(mut last) = self.last.lock() else {
+            return false;
+        };
+        if last.len() >= REFUSAL_LOG_CAPACITY {
+            last.clear();
+        }
+        let now = Instant::now();
+        match last.get(&(source.to_owned(), reason)) {
+            Some(at) if now.duration_since(*at) < REFUSAL_LOG_INTERVAL => false,
+            _ => {
+                last.insert((source.to_owned(), reason), now);
+                true
+            }
+        }
+    }
+}
 
 /// Pause after a failed `accept` (e.g. out of file descriptors) before
 /// trying again, so the accept loop does not spin.
@@ -117,6 +230,8 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
     /// Largest request or response message accepted, in bytes.
     pub max_message_size: usize,
+    /// Connection, stream and time limits.
+    pub limits: ServerLimits,
 }
 
 impl std::fmt::Debug for ServerConfig {
@@ -124,17 +239,20 @@ impl std::fmt::Debug for ServerConfig {
         f.debug_struct("ServerConfig")
             .field("listen", &self.listen)
             .field("max_message_size", &self.max_message_size)
+            .field("limits", &self.limits)
             .finish_non_exhaustive()
     }
 }
 
 impl ServerConfig {
-    /// A configuration with the protocol's default message limit.
+    /// A configuration with the protocol's default message limit and the
+    /// default [`ServerLimits`].
     pub fn new(secret_key: [u8; 32], listen: SocketAddr) -> ServerConfig {
         ServerConfig {
             secret_key,
             listen,
             max_message_size: DEFAULT_MAX_PAYLOAD as usize,
+            limits: ServerLimits::default(),
         }
     }
 }
@@ -199,10 +317,9 @@ impl HealthHandle {
 
 /// What the middleware and the services share.
 struct ServerState {
-    identity: Identity,
     handler: Arc<dyn Handler>,
-    replay: Mutex<ReplayCache>,
     draining: AtomicBool,
+    refusals: RefusalLog,
 }
 
 /// The authenticated caller, put in request extensions by [`AuthLayer`].
@@ -212,12 +329,14 @@ struct Caller(PeerId);
 /// A running gRPC server.
 pub struct GrpcServer {
     id: PeerId,
+    identity: TlsIdentity,
     local_addr: SocketAddr,
     health: HealthHandle,
     state: Arc<ServerState>,
     kill: Arc<KillSwitch>,
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<Result<(), tonic::transport::Error>>,
+    accept: JoinHandle<()>,
 }
 
 impl std::fmt::Debug for GrpcServer {
@@ -236,15 +355,15 @@ impl GrpcServer {
         config: ServerConfig,
         handler: Arc<dyn Handler>,
     ) -> std::io::Result<GrpcServer> {
-        let identity = Identity::from_secret(&config.secret_key);
+        let identity = TlsIdentity::new(&config.secret_key).map_err(std::io::Error::other)?;
         let id = identity.id();
+        let tls = tls::server_config(&identity).map_err(std::io::Error::other)?;
         let listener = TcpListener::bind(config.listen).await?;
         let local_addr = listener.local_addr()?;
         let state = Arc::new(ServerState {
-            identity,
             handler,
-            replay: Mutex::new(ReplayCache::default()),
             draining: AtomicBool::new(false),
+            refusals: RefusalLog::default(),
         });
         let (reporter, health_service) = tonic_health::server::health_reporter();
         let health = HealthHandle { reporter };
@@ -275,7 +394,7 @@ impl GrpcServer {
         let router = Server::builder()
             .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
             .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
-            .max_concurrent_streams(Some(MAX_CONCURRENT_STREAMS))
+            .max_concurrent_streams(Some(config.limits.max_concurrent_streams))
             // Fixed windows, not hyper's adaptive one: see CONNECTION_WINDOW.
             .initial_connection_window_size(Some(CONNECTION_WINDOW))
             .initial_stream_window_size(Some(STREAM_WINDOW))
@@ -318,39 +437,20 @@ impl GrpcServer {
             .add_service(reflection_v1alpha);
 
         let kill = Arc::new(KillSwitch::default());
-        let incoming = {
-            let kill = kill.clone();
-            let slots = Arc::new(tokio::sync::Semaphore::new(MAX_INBOUND_CONNECTIONS));
-            futures::stream::unfold(listener, move |listener| {
-                let (kill, slots) = (kill.clone(), slots.clone());
-                async move {
-                    loop {
-                        let (stream, remote) = match listener.accept().await {
-                            Ok(accepted) => accepted,
-                            Err(e) => {
-                                // Out of file descriptors, typically: wait
-                                // instead of spinning on the error.
-                                tracing::warn!(error = %e, "accepting a connection failed");
-                                tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
-                                continue;
-                            }
-                        };
-                        match slots.clone().try_acquire_owned() {
-                            Ok(slot) => {
-                                return Some((
-                                    Ok::<_, std::io::Error>(ServerConn::new(stream, &kill, slot)),
-                                    listener,
-                                ));
-                            }
-                            Err(_) => {
-                                tracing::warn!(%remote, limit = MAX_INBOUND_CONNECTIONS, "refused a connection: too many open");
-                                drop(stream);
-                            }
-                        }
-                    }
-                }
-            })
-        };
+        let (accepted, incoming) = mpsc::channel::<ServerConn>(ACCEPTED_QUEUE);
+        let accept = tokio::spawn(accept_loop(Acceptor {
+            listener,
+            tls: tokio_rustls::TlsAcceptor::from(Arc::new(tls)),
+            limits: config.limits,
+            slots: Arc::new(Semaphore::new(config.limits.max_connections)),
+            per_ip: Counts::new(config.limits.max_connections_per_ip),
+            per_peer: Counts::new(config.limits.max_connections_per_peer),
+            kill: kill.clone(),
+            state: state.clone(),
+            accepted,
+        }));
+        let incoming =
+            tokio_stream::wrappers::ReceiverStream::new(incoming).map(Ok::<_, std::io::Error>);
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async move {
             // A dropped sender (the server value dropped) also stops serving.
@@ -359,12 +459,14 @@ impl GrpcServer {
         tracing::info!(node = %id.short(), %local_addr, "gRPC transport serving");
         Ok(GrpcServer {
             id,
+            identity,
             local_addr,
             health,
             state,
             kill,
             stop: Some(stop),
             task,
+            accept,
         })
     }
 
@@ -378,9 +480,16 @@ impl GrpcServer {
         self.local_addr
     }
 
-    /// Its URL, as put in [`tern_protocol::PeerAddr::grpc`].
+    /// Its URL, as put in [`tern_protocol::PeerAddr::grpc`]: always
+    /// `https://`, the only scheme it serves.
     pub fn url(&self) -> String {
-        format!("http://{}", self.local_addr)
+        format!("https://{}", self.local_addr)
+    }
+
+    /// The TLS certificate it presents (bound to the node key), as PEM, for
+    /// stock clients that need a root to trust.
+    pub fn certificate_pem(&self) -> String {
+        self.identity.certificate_pem()
     }
 
     /// Sets what the standard health service reports.
@@ -395,6 +504,8 @@ impl GrpcServer {
     pub async fn shutdown(mut self, drain: Duration) {
         self.state.draining.store(true, Ordering::SeqCst);
         self.health.set_all(false).await;
+        // No new connections: the listener closes with the accept loop.
+        self.accept.abort();
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
@@ -430,7 +541,170 @@ impl Drop for GrpcServer {
         if self.stop.is_some() {
             // Dropped without a graceful shutdown: stop at once.
             self.kill.kill_all();
+            self.accept.abort();
             self.task.abort();
+        }
+    }
+}
+
+/// What the accept loop owns.
+struct Acceptor {
+    listener: TcpListener,
+    tls: tokio_rustls::TlsAcceptor,
+    limits: ServerLimits,
+    slots: Arc<Semaphore>,
+    per_ip: Arc<Counts<IpAddr>>,
+    per_peer: Arc<Counts<PeerId>>,
+    kill: Arc<KillSwitch>,
+    state: Arc<ServerState>,
+    accepted: mpsc::Sender<ServerConn>,
+}
+
+/// Accepts TCP connections, takes their places under the limits, and
+/// hands each to its own handshake task, so a slow handshake never holds
+/// up the next accept. Ends when the server aborts it (which closes the
+/// listener).
+async fn accept_loop(a: Acceptor) {
+    let a = Arc::new(a);
+    loop {
+        let (stream, remote) = match a.listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                // Out of file descriptors, typically: wait instead of
+                // spinning on the error.
+                tracing::warn!(error = %e, "accepting a connection failed");
+                tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
+                continue;
+            }
+        };
+        let refuse = |reason: AuthReason, limit: usize| {
+            if a.state.refusals.refuse(&remote.ip().to_string(), reason) {
+                tracing::warn!(%remote, reason = reason.as_str(), limit, "refused a connection at a limit (logged once a minute per address)");
+            }
+        };
+        let Ok(slot) = a.slots.clone().try_acquire_owned() else {
+            refuse(AuthReason::ConnectionLimit, a.limits.max_connections);
+            continue;
+        };
+        let Some(per_ip) = a.per_ip.try_take(remote.ip()) else {
+            refuse(
+                AuthReason::IpConnectionLimit,
+                a.limits.max_connections_per_ip,
+            );
+            continue;
+        };
+        tokio::spawn(handshake(a.clone(), stream, remote, slot, per_ip));
+    }
+}
+
+/// One connection's TLS handshake, its peer's place, and then its hand-over
+/// to the HTTP/2 server.
+async fn handshake(
+    a: Arc<Acceptor>,
+    stream: TcpStream,
+    remote: SocketAddr,
+    slot: tokio::sync::OwnedSemaphorePermit,
+    per_ip: crate::io::CountGuard<IpAddr>,
+) {
+    if let Err(e) = stream.set_nodelay(true) {
+        tracing::debug!(error = %e, "could not set TCP_NODELAY on an accepted connection");
+    }
+    let source = remote.ip().to_string();
+    let tls = match tokio::time::timeout(a.limits.handshake_timeout, a.tls.accept(stream)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            if a.state.refusals.refuse(&source, AuthReason::Handshake) {
+                tracing::warn!(%remote, error = %e, "TLS handshake failed (logged once a minute per address)");
+            }
+            return;
+        }
+        Err(_) => {
+            if a.state
+                .refusals
+                .refuse(&source, AuthReason::HandshakeTimeout)
+            {
+                tracing::warn!(%remote, timeout = ?a.limits.handshake_timeout, "TLS handshake too slow; closed (logged once a minute per address)");
+            }
+            return;
+        }
+    };
+    let peer = match tls.get_ref().1.peer_certificates() {
+        None => None,
+        Some(chain) => match tls::peer_id_of_chain(chain) {
+            Ok(id) => Some(id),
+            Err(e) => {
+                // The verifier accepted the chain, so this cannot happen;
+                // refuse rather than serve an unknown caller.
+                tracing::error!(%remote, error = %e, "a verified certificate proves no identity");
+                return;
+            }
+        },
+    };
+    let per_peer = match peer {
+        None => None,
+        Some(id) => match a.per_peer.try_take(id) {
+            Some(guard) => Some(guard),
+            None => {
+                if a.state
+                    .refusals
+                    .refuse(&id.to_string(), AuthReason::PeerConnectionLimit)
+                {
+                    tracing::warn!(peer = %id.short(), %remote, limit = a.limits.max_connections_per_peer, "refused a connection: the peer is at its connection cap (logged once a minute per peer)");
+                }
+                return;
+            }
+        },
+    };
+    let conn = ServerConn::new(
+        tls,
+        peer,
+        &a.kill,
+        Places {
+            slot,
+            per_ip,
+            per_peer,
+        },
+    );
+    if peer.is_none() {
+        tokio::spawn(watch_anonymous(
+            Arc::downgrade(&conn.kill_handle()),
+            conn.info().clone(),
+            a.limits,
+            a.clone(),
+        ));
+    }
+    // The server stopped taking connections: this one closes on drop.
+    let _ = a.accepted.send(conn).await;
+}
+
+/// Closes an anonymous connection once it is idle past its bound or older
+/// than its maximum age. Ends with the connection.
+async fn watch_anonymous(
+    kill: std::sync::Weak<ConnKill>,
+    info: ConnInfo,
+    limits: ServerLimits,
+    a: Arc<Acceptor>,
+) {
+    let opened = Instant::now();
+    let tick = (limits.anonymous_idle_timeout / 4)
+        .clamp(Duration::from_millis(50), Duration::from_secs(5));
+    loop {
+        tokio::time::sleep(tick).await;
+        let Some(conn) = kill.upgrade() else { return };
+        if conn.is_killed() {
+            return;
+        }
+        if info
+            .activity
+            .idle_longer_than(limits.anonymous_idle_timeout)
+            || opened.elapsed() > limits.anonymous_max_age
+        {
+            let source = info.remote.map(|r| r.ip().to_string()).unwrap_or_default();
+            if a.state.refusals.refuse(&source, AuthReason::IdleAnonymous) {
+                tracing::info!(remote = ?info.remote, "closed an idle or old anonymous connection (logged once a minute per address)");
+            }
+            conn.kill();
+            return;
         }
     }
 }
@@ -482,10 +756,9 @@ impl Services {
         let started = Instant::now();
         let _in_flight = InFlight::start(Side::Server);
         let Some(Caller(peer)) = request.extensions().get::<Caller>().copied() else {
+            // The layer refuses these first; kept as a second line.
             return Err(tonic::Status::unauthenticated(
-                "Tern services need an authenticated caller (tern-caller-bin and \
-                 tern-mac-bin metadata); only grpc.health.v1 and reflection \
-                 serve anonymous callers",
+                "Tern services need a caller authenticated by a node-key TLS client certificate",
             ));
         };
         let headers = request.metadata().as_ref();
@@ -616,66 +889,49 @@ where
     }
 
     fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
-        let proof = match RequestProof::read(req.headers()) {
-            Ok(None) => return Box::pin(self.inner.call(req)),
-            Ok(Some(proof)) => proof,
-            Err(e) => {
-                metrics::auth_failed();
-                tracing::debug!(error = %e, "refused a request with a malformed caller proof");
-                let status = tonic::Status::unauthenticated(e.to_string());
-                return Box::pin(std::future::ready(Ok(status.into_http())));
-            }
+        let info = req.extensions().get::<ConnInfo>().cloned();
+        let activity = info.as_ref().map(|i| i.activity.start());
+        let tern_method = req.uri().path().starts_with(TERN_PATH_PREFIX);
+        let caller = info.as_ref().and_then(|i| i.peer);
+        let answered = |mut response: http::Response<R>| {
+            response
+                .headers_mut()
+                .insert(ANSWERED_KEY, HeaderValue::from_static("1"));
+            response
         };
-        let path = req.uri().path().to_owned();
-        let state = self.state.clone();
-        let this = state.identity.id();
-        let now = auth::unix_now_ms();
-        let verified = state
-            .identity
-            .verify_request(&proof, &path, now)
-            .and_then(|caller| {
-                let mut cache = state
-                    .replay
-                    .lock()
-                    .map_err(|_| AuthError::Malformed("replay cache poisoned"))?;
-                cache.check_and_insert(proof.nonce, proof.unix_ms, now)?;
-                Ok(caller)
-            });
-        let sign = move |headers: &mut http::HeaderMap| {
-            if let Some(mac) = state
-                .identity
-                .response_mac(&proof.nonce, proof.caller, &path)
-            {
-                auth::write_response_proof(headers, this, &mac);
+        if tern_method && caller.is_none() {
+            // Refused before the body is read: the request is dropped with
+            // its body unread, and h2 resets the stream.
+            let source = info
+                .as_ref()
+                .and_then(|i| i.remote)
+                .map(|r| r.ip().to_string())
+                .unwrap_or_default();
+            if self.state.refusals.refuse(&source, AuthReason::Anonymous) {
+                tracing::warn!(remote = %source, path = %req.uri().path(), "refused an anonymous call to a Tern method (logged once a minute per address)");
             }
-        };
-        match verified {
-            Err(e) => {
-                metrics::auth_failed();
-                tracing::debug!(error = %e, "refused a request whose caller proof failed");
-                let mut response = tonic::Status::unauthenticated(e.to_string()).into_http();
-                sign(response.headers_mut());
-                Box::pin(std::future::ready(Ok(response)))
-            }
-            Ok(_) if self.state.draining.load(Ordering::SeqCst) => {
-                let mut response =
-                    tonic::Status::unavailable("the node is shutting down").into_http();
-                response
-                    .headers_mut()
-                    .insert(SHUTTING_DOWN_KEY, HeaderValue::from_static("1"));
-                sign(response.headers_mut());
-                Box::pin(std::future::ready(Ok(response)))
-            }
-            Ok(caller) => {
-                req.extensions_mut().insert(Caller(caller));
-                let fut = self.inner.call(req);
-                Box::pin(async move {
-                    let mut response = fut.await?;
-                    sign(response.headers_mut());
-                    Ok(response)
-                })
-            }
+            let status = tonic::Status::unauthenticated(
+                "Tern services need a caller authenticated by a node-key TLS client \
+                 certificate; only grpc.health.v1 and reflection serve anonymous callers",
+            );
+            return Box::pin(std::future::ready(Ok(answered(status.into_http()))));
         }
+        if tern_method && self.state.draining.load(Ordering::SeqCst) {
+            let mut response = tonic::Status::unavailable("the node is shutting down").into_http();
+            response
+                .headers_mut()
+                .insert(SHUTTING_DOWN_KEY, HeaderValue::from_static("1"));
+            return Box::pin(std::future::ready(Ok(answered(response))));
+        }
+        if let Some(peer) = caller {
+            req.extensions_mut().insert(Caller(peer));
+        }
+        let fut = self.inner.call(req);
+        Box::pin(async move {
+            let response = fut.await?;
+            drop(activity);
+            Ok(answered(response))
+        })
     }
 }
 

@@ -1,28 +1,29 @@
-//! Caller and callee identity over gRPC, attacked with hand-made metadata
-//! on real servers: a forged claim, a stale timestamp, replays to another
-//! method, node or the same method, and no proof at all are all refused
-//! with `Unauthenticated` before any service runs. Also: the client refuses
-//! a different node at a peer's address, and keeps each priority lane on its
-//! own connection.
+//! Caller and callee identity over gRPC's TLS, attacked on real servers:
+//! an anonymous caller, a certificate carrying another node's identity
+//! extension, a certificate with none, and a different node at a peer's
+//! address. Every refused caller reaches no service. Also: the caller a
+//! service sees is the key its certificate proved, and the client keeps
+//! each priority lane on its own connection.
 
 #![allow(clippy::unwrap_used)] // reason: test code; a failed unwrap is a failed test.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use hyper_util::rt::TokioIo;
 use tern_protocol::catalog::methods;
 use tern_protocol::{
-    Call, CallError, Delivery, PeerAddr, Priority, RpcClient, TransportErrorKind, pb,
+    Call, CallError, Delivery, PeerAddr, PeerId, Priority, RpcClient, TransportErrorKind, pb,
 };
 use tern_transport_conformance::service::{Counters, TestService};
-use tern_transport_grpc::auth::{self, Identity, MAX_CLOCK_SKEW, NONCE_LEN, ResponseIdentity};
 use tern_transport_grpc::services::raft_client::RaftClient;
-use tern_transport_grpc::{GrpcTransport, ServerConfig};
-use tonic::transport::Channel;
+use tern_transport_grpc::tls;
+use tern_transport_grpc::{ClientConfig, GrpcClient, GrpcTransport, ServerConfig};
+use tonic::transport::{Channel, Endpoint};
 
 const DRAIN: Duration = Duration::from_secs(5);
-const VOTE: &str = "/tern.v1.Raft/Vote";
 
 async fn node(secret: [u8; 32], service: &TestService) -> GrpcTransport {
     GrpcTransport::bind(
@@ -33,28 +34,27 @@ async fn node(secret: [u8; 32], service: &TestService) -> GrpcTransport {
     .unwrap()
 }
 
-async fn raw_client(node: &GrpcTransport) -> RaftClient<Channel> {
-    RaftClient::connect(node.server().url()).await.unwrap()
+/// A raw tonic channel to `node` over TLS with the given client config.
+async fn raw_channel(node: &GrpcTransport, config: rustls::ClientConfig) -> Channel {
+    let addr = node.local_addr();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect_with_connector(tower::service_fn(move |_uri| {
+            let connector = connector.clone();
+            async move {
+                let tcp = tokio::net::TcpStream::connect(addr).await?;
+                let name = rustls::pki_types::ServerName::try_from(tls::SERVER_NAME).unwrap();
+                let tls = connector.connect(name, tcp).await?;
+                Ok::<_, std::io::Error>(TokioIo::new(tls))
+            }
+        }))
+        .await
+        .unwrap()
 }
 
-fn with_proof(proof: &auth::RequestProof) -> tonic::Request<pb::RaftPayload> {
-    let mut request = tonic::Request::new(pb::RaftPayload::default());
-    proof.write(request.metadata_mut().as_mut());
-    request
-}
-
-fn fresh_nonce() -> [u8; NONCE_LEN] {
-    rand::random()
-}
-
-fn expect_unauthenticated<T: std::fmt::Debug>(
-    result: Result<T, tonic::Status>,
-    what: &str,
-) -> tonic::Status {
-    match result {
-        Err(status) if status.code() == tonic::Code::Unauthenticated => status,
-        other => panic!("{what}: expected Unauthenticated, got {other:?}"),
-    }
+fn vote() -> tonic::Request<pb::RaftPayload> {
+    tonic::Request::new(pb::RaftPayload::default())
 }
 
 async fn with_timeout<F: std::future::Future>(f: F) -> F::Output {
@@ -64,84 +64,116 @@ async fn with_timeout<F: std::future::Future>(f: F) -> F::Output {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn forged_stale_replayed_and_anonymous_calls_are_refused() {
+async fn the_caller_is_the_key_its_certificate_proves() {
     with_timeout(async {
         let service = TestService::default();
         let server = node([1; 32], &service).await;
-        let other = node([2; 32], &TestService::default()).await;
-        let a = Identity::from_secret(&[10; 32]);
-        let b = Identity::from_secret(&[11; 32]);
-        let mut raw = raw_client(&server).await;
-        let now = auth::unix_now_ms();
-
-        // A valid request first: the service sees A.
-        let proof = a
-            .sign_request(server.id(), VOTE, now, fresh_nonce())
-            .unwrap();
-        let answer = raw.vote(with_proof(&proof)).await.unwrap();
-        assert_eq!(answer.get_ref().data.as_ref(), a.id().as_bytes());
+        assert!(server.server().url().starts_with("https://"));
+        let client = GrpcClient::new(ClientConfig::new([10; 32]));
+        let call =
+            Call::new(methods::RAFT_VOTE, Bytes::new()).with_timeout(Duration::from_secs(10));
+        let answer = client.call(&server.peer_addr(), call).await.unwrap();
+        let seen = <pb::RaftPayload as prost::Message>::decode(answer)
+            .unwrap()
+            .data;
+        assert_eq!(seen.as_ref(), tls::peer_id_of_secret(&[10; 32]).as_bytes());
         assert_eq!(Counters::get(&service.counters.started), 1);
+        server.shutdown(DRAIN).await;
+    })
+    .await;
+}
 
-        // The same request again (a replay to the same node and method).
-        expect_unauthenticated(raw.vote(with_proof(&proof)).await, "exact replay");
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn anonymous_and_forged_callers_reach_no_service() {
+    with_timeout(async {
+        let service = TestService::default();
+        let server = node([1; 32], &service).await;
 
-        // Made by A, claiming to be B.
-        let mut forged = a
-            .sign_request(server.id(), VOTE, now, fresh_nonce())
+        // No client certificate (a stock tool): health answers, a Tern
+        // method is Unauthenticated.
+        let anonymous =
+            raw_channel(&server, tls::anonymous_client_config(server.id()).unwrap()).await;
+        let mut health = tonic_health::pb::health_client::HealthClient::new(anonymous.clone());
+        let status = health
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
             .unwrap();
-        forged.caller = b.id();
-        let status = expect_unauthenticated(raw.vote(with_proof(&forged)).await, "forged caller");
-        assert!(status.message().contains("does not verify"), "{status:?}");
+        assert_eq!(status.get_ref().status, 1, "SERVING");
+        let mut raft = RaftClient::new(anonymous);
+        let refused = raft.vote(vote()).await.unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused:?}");
+        // A large body from an anonymous caller is refused the same way,
+        // unread.
+        let big = tonic::Request::new(pb::RaftPayload {
+            data: Bytes::from(vec![0u8; 4 << 20]),
+        });
+        let refused = raft.append_entries(big).await.unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused:?}");
 
-        // Stale and future timestamps.
-        let skew = u64::try_from(MAX_CLOCK_SKEW.as_millis()).unwrap();
-        for ts in [now - 2 * skew, now + 2 * skew] {
-            let stale = a
-                .sign_request(server.id(), VOTE, ts, fresh_nonce())
-                .unwrap();
-            let status =
-                expect_unauthenticated(raw.vote(with_proof(&stale)).await, "stale timestamp");
-            assert!(status.message().contains("timestamp"), "{status:?}");
+        // A certificate for the attacker's own TLS key carrying node 2's
+        // identity extension (copied from node 2's real certificate): the
+        // node key's signature covers node 2's TLS key, not this one.
+        let victim = tls::TlsIdentity::new(&[2; 32]).unwrap();
+        let (_, parsed) = x509_parser::parse_x509_certificate(victim.certificate()).unwrap();
+        let oid = x509_parser::oid_registry::Oid::from(tls::IDENTITY_EXTENSION_OID).unwrap();
+        let stolen = parsed
+            .extensions()
+            .iter()
+            .find(|e| e.oid == oid)
+            .unwrap()
+            .value
+            .to_vec();
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut params = rcgen::CertificateParams::new(vec![tls::SERVER_NAME.to_owned()]).unwrap();
+        params
+            .custom_extensions
+            .push(rcgen::CustomExtension::from_oid_content(
+                tls::IDENTITY_EXTENSION_OID,
+                stolen,
+            ));
+        let forged = params.self_signed(&key).unwrap();
+        let plain = rcgen::CertificateParams::new(vec![tls::SERVER_NAME.to_owned()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        for (what, cert) in [("stolen identity", forged), ("no identity", plain)] {
+            let config = tls::client_config_with_cert(
+                vec![cert.der().clone()],
+                rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+                server.id(),
+            )
+            .unwrap();
+            let addr = server.local_addr();
+            let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+            // The handshake itself, or the first request after it (TLS 1.3
+            // clients finish before the server judges their certificate),
+            // fails; either way no service runs.
+            let result = Endpoint::from_shared(format!("http://{addr}"))
+                .unwrap()
+                .connect_with_connector(tower::service_fn(move |_uri| {
+                    let connector = connector.clone();
+                    async move {
+                        let tcp = tokio::net::TcpStream::connect(addr).await?;
+                        let name =
+                            rustls::pki_types::ServerName::try_from(tls::SERVER_NAME).unwrap();
+                        let tls = connector.connect(name, tcp).await?;
+                        Ok::<_, std::io::Error>(TokioIo::new(tls))
+                    }
+                }))
+                .await;
+            if let Ok(channel) = result {
+                let answer = RaftClient::new(channel).vote(vote()).await;
+                assert!(answer.is_err(), "{what}: a call succeeded: {answer:?}");
+            }
         }
-
-        // Made for Vote, sent to AppendEntries.
-        let vote_proof = a
-            .sign_request(server.id(), VOTE, now, fresh_nonce())
-            .unwrap();
-        let mut request = tonic::Request::new(pb::RaftPayload::default());
-        vote_proof.write(request.metadata_mut().as_mut());
-        expect_unauthenticated(
-            raw.append_entries(request).await,
-            "replay to another method",
-        );
-
-        // Made for `other`, sent to `server`: refused, and the refusal is
-        // proven by `server`, so a client learns it reached another node.
-        let nonce = fresh_nonce();
-        let misdirected = a.sign_request(other.id(), VOTE, now, nonce).unwrap();
-        let status = expect_unauthenticated(
-            raw.vote(with_proof(&misdirected)).await,
-            "replay to another node",
-        );
-        assert_eq!(
-            a.verify_response(status.metadata().as_ref(), other.id(), &nonce, VOTE),
-            ResponseIdentity::OtherNode(server.id())
-        );
-
-        // No proof at all.
-        expect_unauthenticated(
-            raw.vote(tonic::Request::new(pb::RaftPayload::default()))
-                .await,
-            "anonymous",
-        );
-
         assert_eq!(
             Counters::get(&service.counters.started),
-            1,
-            "a refused request reached the service"
+            0,
+            "a refused caller reached the service"
         );
         server.shutdown(DRAIN).await;
-        other.shutdown(DRAIN).await;
     })
     .await;
 }
@@ -152,7 +184,7 @@ async fn a_different_node_at_the_address_is_a_wrong_peer() {
         let impostor_service = TestService::default();
         let impostor = node([3; 32], &impostor_service).await;
         let caller = node([4; 32], &TestService::default()).await;
-        let expected = Identity::from_secret(&[5; 32]).id();
+        let expected = tls::peer_id_of_secret(&[5; 32]);
         let addr = PeerAddr {
             grpc: Some(impostor.server().url()),
             ..PeerAddr::new(expected)
@@ -164,12 +196,36 @@ async fn a_different_node_at_the_address_is_a_wrong_peer() {
             CallError::Transport(e) => {
                 assert_eq!(e.kind, TransportErrorKind::WrongPeer, "{e}");
                 assert_eq!(e.delivery, Delivery::NotDelivered, "{e}");
+                assert!(e.to_string().contains(&impostor.id().short()), "{e}");
             }
             other => panic!("expected WrongPeer, got {other}"),
         }
         assert_eq!(Counters::get(&impostor_service.counters.started), 0);
         caller.shutdown(DRAIN).await;
         impostor.shutdown(DRAIN).await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cleartext_urls_are_refused_before_dialling() {
+    with_timeout(async {
+        let server = node([8; 32], &TestService::default()).await;
+        let client = GrpcClient::new(ClientConfig::new([9; 32]));
+        let addr = PeerAddr {
+            grpc: Some(format!("http://{}", server.local_addr())),
+            ..PeerAddr::new(server.id())
+        };
+        let call =
+            Call::new(methods::RAFT_VOTE, Bytes::new()).with_timeout(Duration::from_secs(10));
+        let err = client.call(&addr, call).await.unwrap_err();
+        let e = err.as_transport().unwrap();
+        assert_eq!(e.kind, TransportErrorKind::NotServed, "{e}");
+        assert_eq!(e.delivery, Delivery::NotDelivered, "{e}");
+        assert!(e.to_string().contains("TLS only"), "{e}");
+        let id: PeerId = server.id();
+        assert!(!id.short().is_empty());
+        server.shutdown(DRAIN).await;
     })
     .await;
 }

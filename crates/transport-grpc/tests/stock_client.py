@@ -1,6 +1,10 @@
 """A stock, non-Rust gRPC client against a Tern node.
 
-Usage: stock_client.py HOST:PORT
+Usage: stock_client.py HOST:PORT CERT.pem
+
+Connects over TLS without a client certificate, as any stock tool would,
+trusting the node's own self-signed certificate (CERT.pem) under the name
+the certificate carries ("tern-node").
 
 Calls grpc.health.v1 Check and Watch, lists services by server reflection
 in both grpc.reflection.v1alpha and grpc.reflection.v1, resolves a Tern
@@ -112,9 +116,27 @@ def check_anonymous_refused(channel):
     say("ANONYMOUS REFUSED")
 
 
+def check_cleartext_refused(target):
+    # The node serves no cleartext HTTP/2: a plaintext client gets nothing.
+    with grpc.insecure_channel(target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        try:
+            stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+            fail("a cleartext health check succeeded")
+        except grpc.RpcError as e:
+            if e.code() == grpc.StatusCode.OK:
+                fail("a cleartext health check answered OK")
+    say("CLEARTEXT REFUSED")
+
+
 def main():
     target = sys.argv[1]
-    with grpc.insecure_channel(target) as channel:
+    with open(sys.argv[2], "rb") as f:
+        root = f.read()
+    credentials = grpc.ssl_channel_credentials(root_certificates=root)
+    options = [("grpc.ssl_target_name_override", "tern-node")]
+    check_cleartext_refused(target)
+    with grpc.secure_channel(target, credentials, options=options) as channel:
         check_reflection(channel)
         check_anonymous_refused(channel)
         check_health(channel)

@@ -1,7 +1,9 @@
 //! A stock, non-Rust gRPC client (Python `grpcio` with
 //! `grpcio-health-checking` and `grpcio-reflection`, installed into a
-//! virtualenv by the test) talks to a real node: health Check and Watch,
-//! and the service list by reflection in both v1alpha and v1.
+//! virtualenv by the test) talks to a real node over TLS without a client
+//! certificate: health Check and Watch, and the service list by reflection
+//! in both v1alpha and v1, work; a Tern method is `Unauthenticated`; a
+//! cleartext client gets nothing.
 //!
 //! Fails, never skips, when `python3` or its `venv` module is missing.
 
@@ -46,9 +48,12 @@ async fn run(python: &Path) {
     .await
     .unwrap();
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/stock_client.py");
+    let cert = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(cert.path(), node.server().certificate_pem()).unwrap();
     let mut child = Command::new(python)
         .arg(&script)
         .arg(node.server().local_addr().to_string())
+        .arg(cert.path())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .kill_on_drop(true)
@@ -70,6 +75,7 @@ async fn run(python: &Path) {
         "WATCH SERVING",
         "WATCH NOT_SERVING",
         "ANONYMOUS REFUSED",
+        "CLEARTEXT REFUSED",
         "OK",
     ] {
         assert!(

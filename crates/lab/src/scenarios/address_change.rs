@@ -260,7 +260,7 @@ pub async fn run(ctx: &mut Ctx) -> anyhow::Result<()> {
         )?;
     }
     c.start_node(moved).await?;
-    let want = format!("http://{}:{}", new.addr, cluster::GRPC_PORT);
+    let want = format!("https://{}:{}", new.addr, cluster::GRPC_PORT);
     let deadline = std::time::Instant::now() + cluster::CONVERGE_BOUND;
     let mut recorded = false;
     while std::time::Instant::now() < deadline {
