@@ -26,6 +26,14 @@
 //!
 //! [transport]                          # the migration policy, see transport-dual
 //! mode = "grpc"
+//!
+//! [limits]                             # optional; each key overrides one default
+//! connections = 4096                   # gRPC: inbound connections in all
+//! connections_per_ip = 256             # gRPC: per remote IP address
+//! connections_per_peer = 32            # per proven node id (gRPC 32, iroh 16 by default)
+//! streams_per_connection = 1024        # gRPC: concurrent calls per connection
+//! in_flight_bytes_per_peer = 67108864  # iroh: request bytes one peer may have in flight
+//! handshake_timeout_secs = 10          # gRPC: bound on a TLS handshake
 //! ```
 //!
 //! Every value is checked when the file is read; an error names the key and
@@ -220,6 +228,101 @@ pub struct VmConfig {
     pub runtime: RuntimeChoice,
 }
 
+/// `[limits]`: overrides of the transports' named limits; a key left out
+/// keeps the transport's default constant.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// gRPC: inbound connections in all.
+    pub connections: Option<usize>,
+    /// gRPC: inbound connections per remote IP.
+    pub connections_per_ip: Option<usize>,
+    /// Both transports: inbound connections per proven node id.
+    pub connections_per_peer: Option<usize>,
+    /// gRPC: concurrent streams per connection.
+    pub streams_per_connection: Option<u32>,
+    /// iroh: request bytes one peer may have in flight.
+    pub in_flight_bytes_per_peer: Option<usize>,
+    /// gRPC: seconds a TLS handshake may take.
+    pub handshake_timeout_secs: Option<u64>,
+}
+
+impl LimitsConfig {
+    fn check(&self) -> Result<(), ConfigError> {
+        let positive = [
+            ("limits.connections", self.connections),
+            ("limits.connections_per_ip", self.connections_per_ip),
+            ("limits.connections_per_peer", self.connections_per_peer),
+            (
+                "limits.streams_per_connection",
+                self.streams_per_connection.map(|n| n as usize),
+            ),
+            (
+                "limits.handshake_timeout_secs",
+                self.handshake_timeout_secs.map(|n| n as usize),
+            ),
+        ];
+        for (key, value) in positive {
+            if value == Some(0) {
+                return Err(err(key, "must be at least 1 (0 would refuse every peer)"));
+            }
+        }
+        let frame = tern_protocol::frame::DEFAULT_MAX_PAYLOAD as usize;
+        if let Some(bytes) = self.in_flight_bytes_per_peer
+            && bytes < frame
+        {
+            return Err(err(
+                "limits.in_flight_bytes_per_peer",
+                format!(
+                    "{bytes} is below one maximal request ({frame} bytes); such requests could never run"
+                ),
+            ));
+        }
+        if let Some(secs) = self.handshake_timeout_secs
+            && secs > 300
+        {
+            return Err(err(
+                "limits.handshake_timeout_secs",
+                format!(
+                    "{secs} s would let slow clients hold connections for minutes; at most 300"
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The gRPC server's limits: the defaults with these overrides.
+    pub fn grpc(&self) -> tern_transport_grpc::ServerLimits {
+        let mut l = tern_transport_grpc::ServerLimits::default();
+        if let Some(n) = self.connections {
+            l.max_connections = n;
+        }
+        if let Some(n) = self.connections_per_ip {
+            l.max_connections_per_ip = n;
+        }
+        if let Some(n) = self.connections_per_peer {
+            l.max_connections_per_peer = n;
+        }
+        if let Some(n) = self.streams_per_connection {
+            l.max_concurrent_streams = n;
+        }
+        if let Some(secs) = self.handshake_timeout_secs {
+            l.handshake_timeout = std::time::Duration::from_secs(secs);
+        }
+        l
+    }
+
+    /// Applies these overrides to the iroh transport's limits.
+    pub fn apply_iroh(&self, l: &mut tern_transport_iroh::TransportLimits) {
+        if let Some(n) = self.connections_per_peer {
+            l.max_connections_per_peer = n;
+        }
+        if let Some(n) = self.in_flight_bytes_per_peer {
+            l.max_in_flight_bytes_per_peer = n;
+        }
+    }
+}
+
 /// The whole file as written.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -245,6 +348,9 @@ pub struct Config {
     /// `[transport]`.
     #[serde(default)]
     pub transport: TransportConfig,
+    /// `[limits]`.
+    #[serde(default)]
+    pub limits: LimitsConfig,
 }
 
 fn default_data_dir() -> PathBuf {
@@ -261,6 +367,7 @@ impl Default for Config {
             capacity: CapacityConfig::default(),
             vm: VmConfig::default(),
             transport: TransportConfig::default(),
+            limits: LimitsConfig::default(),
         }
     }
 }
@@ -357,6 +464,7 @@ impl Config {
         if self.capacity.vcpus == 0 {
             return Err(err("capacity.vcpus", "must be at least 1"));
         }
+        self.limits.check()?;
         if self.capacity.memory_mib < 16 {
             return Err(err("capacity.memory_mib", "must be at least 16 (MiB)"));
         }
@@ -531,6 +639,12 @@ mod tests {
             e.starts_with("cluster.join[0].grpc") && e.contains("TLS only"),
             "{e}"
         );
+        let e = error_of("[limits]\nconnections_per_ip = 0\n");
+        assert!(e.starts_with("limits.connections_per_ip"), "{e}");
+        let e = error_of("[limits]\nin_flight_bytes_per_peer = 1000\n");
+        assert!(e.starts_with("limits.in_flight_bytes_per_peer"), "{e}");
+        let e = error_of("[limits]\nconections = 5\n");
+        assert!(e.contains("conections"), "{e}");
         let e = error_of("[capacity]\nvcpus = 0\n");
         assert!(e.contains("capacity.vcpus"), "{e}");
         let e = error_of("datadir = \"/x\"\n");

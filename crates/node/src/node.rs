@@ -330,7 +330,9 @@ impl Node {
         let mut address = PeerAddr::new(PeerId::from_bytes([0; 32]));
         let grpc = match config.listen.grpc.addr() {
             Some(listen) => {
-                let t = GrpcTransport::bind(ServerConfig::new(key, listen), handler.clone())
+                let mut gc = ServerConfig::new(key, listen);
+                gc.limits = config.limits.grpc();
+                let t = GrpcTransport::bind(gc, handler.clone())
                     .await
                     .map_err(|e| {
                         StartError::Config(ConfigError {
@@ -348,6 +350,7 @@ impl Node {
         let iroh = match config.listen.iroh.addr() {
             Some(listen) => {
                 let mut ic = IrohConfig::new(key).with_bind_addr(listen);
+                config.limits.apply_iroh(&mut ic.limits);
                 ic.relay_url = config.iroh.relay_url.clone();
                 if let Some(pem) = &config.iroh.relay_ca_cert {
                     ic.relay_ca_der = Some(read_pem_cert(pem)?);

@@ -45,6 +45,22 @@ const USER_HZ: f64 = 100.0;
 /// server is for scrapers, not uploads.
 pub const MAX_HTTP_HEADER_BYTES: usize = 16 * 1024;
 
+/// Longest the `/metrics` endpoint waits for a request's head; a client
+/// that sends it a byte at a time is closed after this.
+pub const METRICS_HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Longest one `/metrics` connection may stay open, keep-alive included:
+/// scrapers reconnect; a slow reader cannot hold a place for ever.
+pub const METRICS_CONNECTION_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Most `/metrics` connections served at once; more are closed on accept.
+/// A node has a few scrapers, not hundreds.
+pub const METRICS_MAX_CONNECTIONS: usize = 64;
+
+/// Pause after a failed accept (out of descriptors), so the loop does not
+/// spin.
+const METRICS_ACCEPT_BACKOFF: std::time::Duration = std::time::Duration::from_millis(100);
+
 // hyper refuses (panics on) a read buffer smaller than 8 KiB.
 const _: () = assert!(MAX_HTTP_HEADER_BYTES >= 8192);
 
@@ -134,29 +150,49 @@ impl Monitoring {
         shutdown: impl std::future::Future<Output = ()>,
     ) {
         let mut shutdown = std::pin::pin!(shutdown);
+        let slots = Arc::new(tokio::sync::Semaphore::new(METRICS_MAX_CONNECTIONS));
+        let mut refused_logged: Option<std::time::Instant> = None;
         loop {
             let accepted = tokio::select! {
                 _ = &mut shutdown => return,
                 accepted = listener.accept() => accepted,
             };
-            let (stream, _) = match accepted {
+            let (stream, remote) = match accepted {
                 Ok(s) => s,
                 Err(e) => {
                     tracing::warn!(error = %e, "accepting a /metrics connection failed");
+                    tokio::time::sleep(METRICS_ACCEPT_BACKOFF).await;
                     continue;
                 }
             };
+            let Ok(slot) = slots.clone().try_acquire_owned() else {
+                if refused_logged.is_none_or(|t| t.elapsed() > std::time::Duration::from_secs(60)) {
+                    tracing::warn!(%remote, limit = METRICS_MAX_CONNECTIONS, "refused a /metrics connection: too many open (logged once a minute)");
+                    refused_logged = Some(std::time::Instant::now());
+                }
+                drop(stream);
+                continue;
+            };
             let me = self.clone();
             tokio::spawn(async move {
+                let _slot = slot;
                 let service = hyper::service::service_fn(move |req| {
                     let me = me.clone();
                     async move { Ok::<_, Infallible>(me.respond(&req)) }
                 });
                 let conn = hyper::server::conn::http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(METRICS_HEADER_READ_TIMEOUT)
                     .max_buf_size(MAX_HTTP_HEADER_BYTES)
                     .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
-                if let Err(e) = conn.await {
-                    tracing::debug!(error = %e, "/metrics connection ended with an error");
+                match tokio::time::timeout(METRICS_CONNECTION_MAX_AGE, conn).await {
+                    Ok(Err(e)) => {
+                        tracing::debug!(error = %e, "/metrics connection ended with an error");
+                    }
+                    Ok(Ok(())) => {}
+                    Err(_) => {
+                        tracing::debug!(%remote, "/metrics connection closed at its age limit")
+                    }
                 }
             });
         }

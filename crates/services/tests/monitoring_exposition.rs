@@ -141,6 +141,28 @@ async fn exposition_passes_promtool_over_http_and_rpc() {
         .unwrap_err();
     assert_eq!(bad.code, tern_protocol::Code::InvalidArgument);
 
+    // A slow client (a request head a few bytes at a time, then nothing)
+    // holds no place for long: it is closed after the header-read bound,
+    // and scrapes go on meanwhile.
+    let mut slow = tokio::net::TcpStream::connect(addr).await.unwrap();
+    slow.write_all(b"GET /met").await.unwrap();
+    let opened = std::time::Instant::now();
+    let scrape = tokio::time::timeout(Duration::from_secs(10), http_get(addr, "/metrics"))
+        .await
+        .unwrap();
+    assert!(
+        scrape.starts_with("HTTP/1.1 200"),
+        "a scrape during the slow client"
+    );
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(
+        tern_services::monitoring::METRICS_HEADER_READ_TIMEOUT + Duration::from_secs(10),
+        slow.read_to_end(&mut rest),
+    )
+    .await;
+    assert!(closed.is_ok(), "the slow client was never closed");
+    assert!(opened.elapsed() >= tern_services::monitoring::METRICS_HEADER_READ_TIMEOUT);
+
     let _ = stop.send(());
     tokio::time::timeout(Duration::from_secs(10), server)
         .await

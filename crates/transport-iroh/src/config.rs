@@ -51,6 +51,18 @@ pub const DEFAULT_MAX_IN_FLIGHT_PER_CONNECTION: usize = 512;
 /// refused. A cluster has tens of nodes; 1024 leaves room for clients.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
 
+/// Connections one peer id may hold to a server at once: a client keeps
+/// two per peer (control and bulk), plus reconnects racing the old
+/// connection's close and a CLI using the node's own key.
+pub const DEFAULT_MAX_CONNECTIONS_PER_PEER: usize = 16;
+
+/// Request bytes one peer id may have in flight on a server (read and not
+/// yet answered), over all its connections. A request whose payload does
+/// not fit is answered `ResourceExhausted` before its payload is read.
+/// Holds four maximal frames at once.
+pub const DEFAULT_MAX_IN_FLIGHT_BYTES_PER_PEER: usize =
+    4 * tern_protocol::frame::DEFAULT_MAX_PAYLOAD as usize;
+
 /// Peers a client keeps state (a pooled connection and its lanes) for.
 /// Beyond it, calls to new peers fail as `Overloaded` rather than growing
 /// memory without bound.
@@ -85,6 +97,10 @@ const _: () = assert!(
     "a client's lanes must fit in a server's stream credit, or control waits behind bulk"
 );
 const _: () = assert!(DEFAULT_KEEP_ALIVE.as_millis() * 3 <= DEFAULT_IDLE_TIMEOUT.as_millis());
+const _: () = assert!(
+    DEFAULT_MAX_IN_FLIGHT_BYTES_PER_PEER >= tern_protocol::frame::DEFAULT_MAX_PAYLOAD as usize,
+    "one maximal request must fit in a peer's byte budget"
+);
 
 /// The transport's named limits. [`Default`] gives the constants above.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -100,6 +116,10 @@ pub struct TransportLimits {
     pub max_in_flight_per_connection: usize,
     /// Connections served at once.
     pub max_connections: usize,
+    /// Connections served at once per peer id.
+    pub max_connections_per_peer: usize,
+    /// Request bytes in flight per peer id.
+    pub max_in_flight_bytes_per_peer: usize,
     /// Peers a client keeps pooled state for.
     pub max_peers: usize,
     /// QUIC idle timeout.
@@ -125,6 +145,8 @@ impl Default for TransportLimits {
             max_concurrent_streams: DEFAULT_MAX_CONCURRENT_STREAMS,
             max_in_flight_per_connection: DEFAULT_MAX_IN_FLIGHT_PER_CONNECTION,
             max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_connections_per_peer: DEFAULT_MAX_CONNECTIONS_PER_PEER,
+            max_in_flight_bytes_per_peer: DEFAULT_MAX_IN_FLIGHT_BYTES_PER_PEER,
             max_peers: DEFAULT_MAX_PEERS,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             keep_alive: DEFAULT_KEEP_ALIVE,

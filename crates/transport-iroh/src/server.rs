@@ -54,6 +54,14 @@ pub(crate) struct ServerState {
     draining: AtomicBool,
     pub(crate) calls: Arc<Tracker>,
     connections: Mutex<HashMap<usize, Connection>>,
+    /// Per peer id: its open connections and its request-byte budget.
+    peers: Mutex<HashMap<PeerId, PeerShare>>,
+}
+
+/// One peer's share of the server.
+struct PeerShare {
+    connections: usize,
+    bytes: Arc<Semaphore>,
 }
 
 impl std::fmt::Debug for ServerState {
@@ -78,6 +86,7 @@ impl ServerState {
             draining: AtomicBool::new(false),
             calls: Arc::new(Tracker::default()),
             connections: Mutex::new(HashMap::new()),
+            peers: Mutex::new(HashMap::new()),
         })
     }
 
@@ -98,20 +107,36 @@ impl ServerState {
         }
     }
 
-    fn register(&self, conn: &Connection) -> bool {
-        let Ok(mut map) = self.connections.lock() else {
-            return false;
+    fn register(&self, conn: &Connection, peer: PeerId) -> Result<Arc<Semaphore>, Refusal> {
+        let (Ok(mut map), Ok(mut peers)) = (self.connections.lock(), self.peers.lock()) else {
+            return Err(Refusal::TooMany);
         };
         if map.len() >= self.limits.max_connections {
-            return false;
+            return Err(Refusal::TooMany);
         }
+        let share = peers.entry(peer).or_insert_with(|| PeerShare {
+            connections: 0,
+            bytes: Arc::new(Semaphore::new(self.limits.max_in_flight_bytes_per_peer)),
+        });
+        if share.connections >= self.limits.max_connections_per_peer {
+            return Err(Refusal::TooManyForPeer);
+        }
+        share.connections += 1;
         map.insert(conn.stable_id(), conn.clone());
-        true
+        Ok(share.bytes.clone())
     }
 
-    fn unregister(&self, id: usize) {
+    fn unregister(&self, id: usize, peer: PeerId) {
         if let Ok(mut map) = self.connections.lock() {
             map.remove(&id);
+        }
+        if let Ok(mut peers) = self.peers.lock()
+            && let Some(share) = peers.get_mut(&peer)
+        {
+            share.connections = share.connections.saturating_sub(1);
+            if share.connections == 0 {
+                peers.remove(&peer);
+            }
         }
     }
 }
@@ -143,31 +168,50 @@ impl ProtocolHandler for RpcProtocol {
     }
 }
 
+/// Why a connection was refused.
+enum Refusal {
+    TooMany,
+    TooManyForPeer,
+}
+
 /// Unregisters a connection however its accept loop ends (including when
 /// the router cancels it).
 struct Registered {
     state: Arc<ServerState>,
     id: usize,
+    peer: PeerId,
 }
 
 impl Drop for Registered {
     fn drop(&mut self) {
-        self.state.unregister(self.id);
+        self.state.unregister(self.id, self.peer);
         metrics::connection_closed();
     }
 }
 
 async fn serve_connection(state: Arc<ServerState>, conn: Connection) {
     let peer = PeerId::from_bytes(*conn.remote_id().as_bytes());
-    if !state.register(&conn) {
-        warn!(peer = %peer.short(), "refusing a connection: too many connections");
-        conn.close(CLOSE_TOO_MANY_CONNECTIONS, b"too many connections");
-        return;
-    }
+    let peer_bytes = match state.register(&conn, peer) {
+        Ok(bytes) => bytes,
+        Err(Refusal::TooMany) => {
+            warn!(peer = %peer.short(), limit = state.limits.max_connections, "refusing a connection: too many connections");
+            conn.close(CLOSE_TOO_MANY_CONNECTIONS, b"too many connections");
+            return;
+        }
+        Err(Refusal::TooManyForPeer) => {
+            warn!(peer = %peer.short(), limit = state.limits.max_connections_per_peer, "refusing a connection: the peer is at its connection cap");
+            conn.close(
+                CLOSE_TOO_MANY_CONNECTIONS,
+                b"too many connections from this peer",
+            );
+            return;
+        }
+    };
     metrics::connection_opened();
     let _registered = Registered {
         state: state.clone(),
         id: conn.stable_id(),
+        peer,
     };
     debug!(peer = %peer.short(), "serving a connection");
     let per_connection = Arc::new(Semaphore::new(state.limits.max_in_flight_per_connection));
@@ -182,7 +226,10 @@ async fn serve_connection(state: Arc<ServerState>, conn: Connection) {
                         peer,
                         send,
                         recv,
-                        per_connection.clone(),
+                        Budgets {
+                            per_connection: per_connection.clone(),
+                            peer_bytes: peer_bytes.clone(),
+                        },
                         guard,
                     )
                     .instrument(span),
@@ -202,12 +249,20 @@ fn reset(send: &mut SendStream, recv: &mut RecvStream, code: VarInt) {
     let _ = send.reset(code);
 }
 
+/// What a stream must take before its payload is read.
+struct Budgets {
+    /// Calls in flight on the connection.
+    per_connection: Arc<Semaphore>,
+    /// Request bytes in flight for the peer, over all its connections.
+    peer_bytes: Arc<Semaphore>,
+}
+
 async fn serve_stream(
     state: Arc<ServerState>,
     peer: PeerId,
     mut send: SendStream,
     mut recv: RecvStream,
-    per_connection: Arc<Semaphore>,
+    budgets: Budgets,
     _call: crate::transport::TrackerGuard,
 ) {
     if state.draining.load(Ordering::SeqCst) {
@@ -215,11 +270,54 @@ async fn serve_stream(
         return;
     }
     let limits = state.frame_limits;
-    let read = tokio::time::timeout(
-        state.limits.request_read_timeout,
-        read_request(&mut recv, limits),
-    )
-    .await;
+    let read_deadline = tokio::time::Instant::now() + state.limits.request_read_timeout;
+    // The header first: nothing of the payload is read or allocated until
+    // the call holds its place on the connection and the peer's bytes.
+    let header = match tokio::time::timeout_at(read_deadline, read_header(&mut recv, limits)).await
+    {
+        Err(_) => Err(RequestError::Read(ReadFrameError::Eof { got: 0 })),
+        Ok(result) => result,
+    };
+    let mut held = None;
+    let read = match header {
+        Ok(header) if header.kind == FrameKind::Request => {
+            let Ok(permit) = budgets.per_connection.clone().try_acquire_owned() else {
+                let status = Status::new(
+                    Code::ResourceExhausted,
+                    format!(
+                        "too many calls in flight on this connection (limit {})",
+                        state.limits.max_in_flight_per_connection
+                    ),
+                );
+                let _ = recv.stop(STREAM_TOO_LARGE);
+                answer(&mut send, &state, &header, Err(status)).await;
+                return;
+            };
+            let len = header.payload_len;
+            let Ok(bytes) = budgets.peer_bytes.clone().try_acquire_many_owned(len) else {
+                let status = Status::new(
+                    Code::ResourceExhausted,
+                    format!(
+                        "this peer has too many request bytes in flight (limit {} bytes); retry when earlier calls are answered",
+                        state.limits.max_in_flight_bytes_per_peer
+                    ),
+                );
+                let _ = recv.stop(STREAM_TOO_LARGE);
+                answer(&mut send, &state, &header, Err(status)).await;
+                return;
+            };
+            held = Some((permit, bytes));
+            tokio::time::timeout_at(read_deadline, wire::read_payload_after(&mut recv, header))
+                .await
+                .map(|r| r.map_err(RequestError::Read))
+        }
+        Ok(header) => {
+            tokio::time::timeout_at(read_deadline, wire::read_payload_after(&mut recv, header))
+                .await
+                .map(|r| r.map_err(RequestError::Read))
+        }
+        Err(e) => Ok(Err(e)),
+    };
     let frame = match read {
         Err(_) => {
             debug!("no whole request within the read timeout; resetting the stream");
@@ -298,17 +396,6 @@ async fn serve_stream(
             return;
         }
     };
-    let Ok(permit) = per_connection.try_acquire_owned() else {
-        let status = Status::new(
-            Code::ResourceExhausted,
-            format!(
-                "too many calls in flight on this connection (limit {})",
-                state.limits.max_in_flight_per_connection
-            ),
-        );
-        answer(&mut send, &state, &header, Err(status)).await;
-        return;
-    };
     let started = Instant::now();
     let deadline = (header.deadline_ms > 0)
         .then(|| started + std::time::Duration::from_millis(u64::from(header.deadline_ms)));
@@ -339,9 +426,9 @@ async fn serve_stream(
             None
         }
     };
-    // The slot is free once the service is done, before the answer is sent:
-    // a caller holding the answer may call again at once.
-    drop(permit);
+    // The slot and the bytes are free once the service is done, before the
+    // answer is sent: a caller holding the answer may call again at once.
+    drop(held);
     metrics::in_flight(Side::Server, -1.0);
     let label = match &outcome {
         None => Outcome::TransportError,
@@ -362,9 +449,10 @@ enum RequestError {
     Read(ReadFrameError),
 }
 
-/// Reads the request frame, keeping the raw header of a bad one so that
-/// the error frame can echo its request id, service and method.
-async fn read_request(recv: &mut RecvStream, limits: Limits) -> Result<Frame, RequestError> {
+/// Reads and checks the request's header, keeping the raw bytes of a bad
+/// one so that the error frame can echo its request id, service and
+/// method. Reads nothing of the payload.
+async fn read_header(recv: &mut RecvStream, limits: Limits) -> Result<Header, RequestError> {
     let mut raw = [0u8; HEADER_LEN];
     let mut have = 0;
     while have < HEADER_LEN {
@@ -374,11 +462,7 @@ async fn read_request(recv: &mut RecvStream, limits: Limits) -> Result<Frame, Re
             Err(e) => return Err(RequestError::Read(e.into())),
         }
     }
-    let header =
-        Header::decode(&raw, limits).map_err(|error| RequestError::Frame { raw, error })?;
-    wire::read_payload_after(recv, header)
-        .await
-        .map_err(RequestError::Read)
+    Header::decode(&raw, limits).map_err(|error| RequestError::Frame { raw, error })
 }
 
 /// Writes the answer to a decoded request.
