@@ -590,6 +590,17 @@ async fn serve_raft(
         // A member's write, committed here on its behalf (see
         // `check_proposal` for which). Only a leader commits; a follower
         // answers FailedPrecondition naming the leader.
+        // Limits before work: a payload that cannot hold an acceptable
+        // command is refused before it is decoded.
+        let max = tern_store::limits::MAX_REQUEST_BYTES + wire::ENVELOPE_OVERHEAD;
+        if payload.len() > max {
+            return Err(resource_exhausted(format!(
+                "raft/propose: a proposal of {} bytes; at most {} bytes may be written to the \
+                 cluster state at once",
+                payload.len(),
+                tern_store::limits::MAX_REQUEST_BYTES
+            )));
+        }
         let command: Command = wire::unwrap(payload).map_err(bad)?;
         if let Err(why) = check_proposal(&command, &caller.ids) {
             tracing::warn!(

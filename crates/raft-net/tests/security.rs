@@ -375,6 +375,28 @@ async fn propose_carries_only_a_members_own_writes() {
     assert!(state.read(|s| s.node_id_of(&outsider)).unwrap().is_none());
     assert!(state.read(|s| s.vm(&mine.id).is_some()).unwrap());
     assert!(state.read(|s| s.vm("vm-50").is_none()).unwrap());
+    // A joiner's record is limited too: it is in every membership entry
+    // and snapshot.
+    let dir = tempfile::tempdir().unwrap();
+    let mut joiner = TestNode::boot(&c.factory, &dir.path().join("joiner"), loopback()).await;
+    let mut address = pb::PeerAddress::from(&joiner.addr);
+    address.grpc_url = format!("http://{}", "h".repeat(tern_store::limits::MAX_URL_LEN));
+    let join = pb::JoinRequest {
+        token: TOKEN.into(),
+        address: Some(address),
+        capacity: None,
+    };
+    let err = call(
+        joiner.client().as_ref(),
+        &leader_addr,
+        methods::CLUSTER_JOIN,
+        join.encode_to_vec().into(),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.code(), Some(Code::InvalidArgument), "{err}");
+    assert!(err.to_string().contains("address.grpc_url"), "{err}");
+    joiner.stop().await;
     let theirs_now = state.read(|s| s.vm(&theirs.id).cloned()).unwrap().unwrap();
     assert_eq!(
         theirs_now.observed,
