@@ -928,14 +928,13 @@ async fn join(
         ctx.peer,
         membership.log_id().as_ref().map_or(0, |l| l.index)
     );
-    let written = node
-        .raft
-        .client_write(Command::AllocateNodeId {
-            request_id,
-            peer: ctx.peer,
-        })
+    let allocate = Command::AllocateNodeId {
+        request_id,
+        peer: ctx.peer,
+    };
+    let written = crate::node::client_write(&node.raft, allocate)
         .await
-        .map_err(write_error)?;
+        .map_err(crate::node::WriteError::into_status)?;
     let id = match written.data {
         Response::NodeId(id) => id,
         Response::Rejected(r) => return Err(failed_precondition(r.to_string())),
