@@ -1,11 +1,14 @@
 //! [`RaftConsensus`]: the services' [`Consensus`] trait over a running
 //! [`RaftNode`], so that no service names openraft.
 //!
-//! Writes go to openraft's `client_write`. On a follower they are sent to
-//! the leader with `Raft/Propose` (through the node's router), so a
-//! follower's reconciler reports and a member's VM writes land wherever they
-//! start; a command carries a request id, so a retried forward is applied
-//! once. With no leader known, or when the leader changed mid-way, the
+//! Writes go through [`RaftNode::client_write`], which checks the write
+//! limits before proposing (a write over them is
+//! [`ConsensusError::TooLarge`]). On a follower they are sent to the
+//! leader with `Raft/Propose` (through the node's router), so a follower's
+//! reconciler reports and the VM writes its VM service accepted land
+//! wherever they start (the leader commits only those, see
+//! `tern_raft_net::check_proposal`); a command carries a request id, so a
+//! retried forward is applied once. With no leader known, or when the leader changed mid-way, the
 //! write answers [`ConsensusError::NotLeader`]. The status watch is fed
 //! from openraft's metrics watch by a task that ends when Raft stops.
 
@@ -13,9 +16,9 @@ use std::sync::Arc;
 
 use openraft::ServerState;
 use openraft::async_runtime::WatchReceiver;
-use openraft::errors::{ClientWriteError, RaftError};
+use openraft::errors::{ClientWriteError, Fatal, RaftError};
 use tern_protocol::{BoxFuture, CallError, Code, RpcClient};
-use tern_raft_net::{RaftNode, RaftNodeError};
+use tern_raft_net::{RaftNode, RaftNodeError, WriteError};
 use tern_services::consensus::{Consensus, ConsensusError, MemberStatus, RaftRole, RaftStatus};
 use tern_store::{ClusterState, Command, Response};
 use tokio::sync::watch;
@@ -66,6 +69,10 @@ pub fn to_status(m: &Metrics) -> RaftStatus {
             .collect(),
         commit_index: m.local_committed.as_ref().map_or(0, |l| l.index),
         applied_index: m.last_applied.as_ref().map_or(0, |l| l.index),
+        failure: match &m.running_state {
+            Ok(()) | Err(Fatal::Stopped) => None,
+            Err(e) => Some(e.to_string()),
+        },
     }
 }
 
@@ -96,9 +103,12 @@ impl Consensus for RaftConsensus {
     fn write(&self, command: Command) -> BoxFuture<'_, Result<Response, ConsensusError>> {
         Box::pin(async move {
             let command_copy = command.clone();
-            match self.node.raft().client_write(command).await {
+            match self.node.client_write(command).await {
                 Ok(written) => Ok(written.data),
-                Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+                Err(WriteError::Limit(e)) => Err(ConsensusError::TooLarge(e)),
+                Err(WriteError::Raft(RaftError::APIError(ClientWriteError::ForwardToLeader(
+                    f,
+                )))) => {
                     let Some(leader) = &f.leader_node else {
                         return Err(ConsensusError::NotLeader {
                             leader: f.leader_id,
@@ -113,6 +123,7 @@ impl Consensus for RaftConsensus {
                     .await
                     {
                         Ok(response) => Ok(response),
+                        Err(RaftNodeError::Limit(e)) => Err(ConsensusError::TooLarge(e)),
                         Err(RaftNodeError::Call {
                             error: CallError::Application(s),
                             ..

@@ -98,6 +98,12 @@ pub enum StartError {
     /// Something failed while starting (says what).
     #[error("{0}")]
     Failed(String),
+    /// Raft stopped on its own while the node ran (a failed log write or
+    /// sync): the node stopped and exits non-zero.
+    #[error(
+        "{0}; the node has stopped: fix the cause, then start it again (it resumes from its data directory)"
+    )]
+    RaftFailed(String),
 }
 
 fn failed(what: &str, e: impl std::fmt::Display) -> StartError {
@@ -425,7 +431,7 @@ impl Node {
                 tern_raft_net::write_node_id(&data_dir, answer.node_id)
                     .map_err(|e| failed("writing the node id", e))?;
                 raft_services
-                    .trust_until_first_membership(answer.members.iter().map(|(_, a)| a.id));
+                    .trust_until_first_membership(answer.members.iter().map(|(id, a)| (*id, a.id)));
                 let node = RaftNode::start(
                     &raft_services,
                     answer.node_id,
@@ -553,6 +559,14 @@ impl Node {
     /// The node's data directory.
     pub fn data_dir(&self) -> &Path {
         &self.data_dir
+    }
+
+    /// Resolves when Raft stopped on a failure (a failed log write or
+    /// sync; see [`RaftNode::failure`]), with what failed. Health reports
+    /// the node not live from then on; `tern run` stops the node and exits
+    /// non-zero. Never resolves while Raft runs or after a clean shutdown.
+    pub async fn raft_failure(&self) -> String {
+        self.raft.failure().await
     }
 
     /// Replaces the transport policy atomically, logging old and new.

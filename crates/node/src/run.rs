@@ -2,6 +2,10 @@
 //!
 //! - **SIGTERM / Ctrl-C (SIGINT):** graceful shutdown within
 //!   [`SHUTDOWN_DEADLINE`] ([`Node::shutdown`]).
+//! - **Raft failure** (a failed log write or sync; openraft stops on any
+//!   storage error): logged with what failed and what to check, the node
+//!   stops as on SIGTERM, and `tern run` exits non-zero
+//!   ([`StartError::RaftFailed`]). Health reports it not live meanwhile.
 //! - **SIGHUP:** re-read the config file and apply its `[transport]`
 //!   section atomically ([`Node::set_policy`]), logging the old and new
 //!   policy. A file that does not check is logged with the key at fault
@@ -85,8 +89,18 @@ pub async fn run(config_path: Option<PathBuf>) -> Result<(), StartError> {
         _ = term.recv() => return Err(StartError::Failed("stopped by SIGTERM while starting".into())),
         _ = int.recv() => return Err(StartError::Failed("stopped by Ctrl-C while starting".into())),
     };
+    let mut failure = None;
     loop {
         tokio::select! {
+            why = node.raft_failure() => {
+                tracing::error!(
+                    failure = %why,
+                    data_dir = %node.data_dir().display(),
+                    "Raft stopped on a failure; this node stops and exits"
+                );
+                failure = Some(why);
+                break;
+            }
             _ = term.recv() => { tracing::info!("SIGTERM"); break; }
             _ = int.recv() => { tracing::info!("interrupted"); break; }
             _ = hup.recv() => match &config_path {
@@ -104,5 +118,8 @@ pub async fn run(config_path: Option<PathBuf>) -> Result<(), StartError> {
         }
     }
     node.shutdown(SHUTDOWN_DEADLINE).await;
-    Ok(())
+    match failure {
+        Some(why) => Err(StartError::RaftFailed(why)),
+        None => Ok(()),
+    }
 }

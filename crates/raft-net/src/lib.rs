@@ -20,12 +20,14 @@
 //! - [`metrics`]: Raft metrics under the shared names (heartbeat round
 //!   trips, term, leadership, elections, replication lag).
 //! - [`service`]: [`RaftServices`], the Raft and Cluster handlers with
-//!   their access rules (members only; join token), join, leave, members.
+//!   their access rules (members only, each message naming its sender,
+//!   what Propose may carry; join token), join, leave, members.
 //! - [`meta`]: the metadata register's `Cluster/MetaPut` and linearizable
 //!   `Cluster/MetaGet`, and typed client calls ([`meta_put`], [`meta_get`]).
 //! - [`node`]: [`RaftNode`], the composition a node binary uses (start,
-//!   initialise, join, shutdown with leadership handoff), and the openraft
-//!   settings as named constants.
+//!   initialise, join, the checked write entry point, the fatal-failure
+//!   signal, shutdown with leadership handoff), and the openraft settings
+//!   as named constants.
 
 pub mod codec;
 pub mod gate;
@@ -40,7 +42,9 @@ pub use codec::{CodecError, MAX_MESSAGE_LEN, decode, encode, encode_into};
 pub use meta::{MetaError, MetaPut, MetaRead, meta_get, meta_put};
 pub use network::{AddressBook, NetworkFactory, PeerNetwork, SNAPSHOT_CHUNK_SIZE};
 pub use node::{
-    FIRST_NODE_ID, JoinAnswer, RaftNode, RaftNodeError, RaftOptions, propose, read_node_id,
-    request_join, request_leave, write_node_id,
+    FIRST_NODE_ID, JoinAnswer, RaftNode, RaftNodeError, RaftOptions, WriteError, limit_status,
+    propose, read_node_id, request_join, request_leave, write_node_id,
 };
-pub use service::{JoinToken, RaftInstance, RaftServices};
+pub use service::{
+    JoinToken, ProposeRefused, RaftInstance, RaftServices, check_proposal, command_name,
+};

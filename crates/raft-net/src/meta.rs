@@ -45,6 +45,7 @@ use tern_protocol::{Call, CallError, Code, PeerAddr, RequestContext, RpcClient, 
 use tern_store::state::{MAX_REQUEST_ID_LEN, check_meta, check_meta_key};
 use tern_store::{Command, NodeId, Response, TypeConfig};
 
+use crate::node::WriteError;
 use crate::service::Attached;
 
 /// How long a put waits to be committed before answering `Unavailable`:
@@ -215,7 +216,12 @@ pub(crate) async fn serve_put(
         value: req.value.clone(),
     };
     tracing::debug!(%command, caller = %ctx.peer.short(), "metadata put");
-    let written = match tokio::time::timeout(WRITE_TIMEOUT, node.raft.client_write(command)).await {
+    let written = match tokio::time::timeout(
+        WRITE_TIMEOUT,
+        crate::node::client_write(&node.raft, command),
+    )
+    .await
+    {
         Err(_) => {
             return Err(Status::unavailable(format!(
                 "the put was not committed within {WRITE_TIMEOUT:?} (no quorum?); \
@@ -223,7 +229,8 @@ pub(crate) async fn serve_put(
             )));
         }
         Ok(Ok(written)) => written,
-        Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
+        Ok(Err(WriteError::Limit(e))) => return Err(crate::node::limit_status(&e)),
+        Ok(Err(WriteError::Raft(RaftError::APIError(ClientWriteError::ForwardToLeader(f))))) => {
             let forward = pb::MetaPutRequest {
                 forwarded: true,
                 ..req
@@ -239,8 +246,10 @@ pub(crate) async fn serve_put(
             .await?;
             return Ok(bytes);
         }
-        Ok(Err(RaftError::APIError(e))) => return Err(Status::unavailable(e.to_string())),
-        Ok(Err(RaftError::Fatal(e))) => {
+        Ok(Err(WriteError::Raft(RaftError::APIError(e)))) => {
+            return Err(Status::unavailable(e.to_string()));
+        }
+        Ok(Err(WriteError::Raft(RaftError::Fatal(e)))) => {
             return Err(Status::unavailable(format!(
                 "Raft stopped on this node: {e}"
             )));

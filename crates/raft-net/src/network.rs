@@ -27,7 +27,10 @@
 //! - **Oversized batches.** An append batch whose encoding exceeds the
 //!   frame payload limit is cut to the longest prefix that fits; when the
 //!   follower accepts it, openraft is answered `PartialSuccess` up to the
-//!   prefix's last entry and sends the rest next.
+//!   prefix's last entry and sends the rest next. A single entry always
+//!   fits: the write limits keep every entry under
+//!   [`tern_store::log_store::MAX_ENTRY_BYTES`], checked against the frame
+//!   limit at compile time.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -66,6 +69,24 @@ pub const SNAPSHOT_CHUNK_SIZE: usize = 1024 * 1024;
 const _: () = assert!(
     SNAPSHOT_CHUNK_SIZE + 4096 < tern_protocol::frame::DEFAULT_MAX_PAYLOAD as usize,
     "a chunk and its envelope fit one frame"
+);
+
+/// Bytes an append-entries request adds around its entries: a vote (two
+/// varints and a flag), two optional log ids (a tag and three varints
+/// each) and the entry count, with room to spare.
+pub const APPEND_HEADER_MAX: usize = 128;
+
+// Every entry the write path accepts (a command of at most
+// `MAX_REQUEST_BYTES`, `MAX_ENTRY_BYTES` once in an entry) fits one
+// append-entries call on its own, so cutting a batch to a prefix always
+// makes progress and no accepted write is unreplicable.
+const _: () = assert!(
+    tern_store::log_store::MAX_ENTRY_BYTES + APPEND_HEADER_MAX <= wire::MAX_WRAPPED_MESSAGE,
+    "the largest accepted entry fits one append-entries message"
+);
+const _: () = assert!(
+    tern_store::limits::MAX_REQUEST_BYTES <= wire::MAX_WRAPPED_MESSAGE,
+    "the largest accepted command fits one Raft/Propose call"
 );
 
 /// openraft's error for this configuration.

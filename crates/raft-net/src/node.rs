@@ -26,11 +26,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use openraft::async_runtime::WatchReceiver;
+use openraft::errors::{ClientWriteError, Fatal, RaftError};
+use openraft::raft::ClientWriteResponse;
+use openraft::storage::RaftLogStorage;
 use openraft::{Config, ServerState, SnapshotPolicy};
 use prost::Message;
 use tern_protocol::catalog::methods;
-use tern_protocol::{Call, CallError, Code, PeerAddr, PeerId, RpcClient, pb};
-use tern_store::{Command, LogStore, Member, NodeId, Response, StateMachineStore};
+use tern_protocol::{Call, CallError, Code, PeerAddr, PeerId, RpcClient, Status, pb};
+use tern_store::limits::{LimitError, check_command};
+use tern_store::{Command, Member, NodeId, Response, StateMachineStore, TypeConfig};
 
 use crate::network::{AddressBook, NetworkFactory, SNAPSHOT_CHUNK_SIZE};
 use crate::service::{Attached, RaftInstance, RaftServices};
@@ -157,12 +161,61 @@ pub enum RaftNodeError {
     /// The cluster answered something unusable.
     #[error("cluster answered: {0}")]
     Answer(String),
+    /// The write is over a size limit and was not sent.
+    #[error("refused before proposing: {0}")]
+    Limit(LimitError),
     /// A wait passed its bound.
     #[error("timed out: {0}")]
     TimedOut(String),
     /// Reading or writing the node id file failed.
     #[error("node id file: {0}")]
     Io(#[from] io::Error),
+}
+
+/// Why a write through [`RaftNode::client_write`] was not committed.
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    /// The command is over a size limit; it was not proposed. Do not retry
+    /// it as is.
+    #[error("refused before proposing: {0}")]
+    Limit(#[from] LimitError),
+    /// openraft did not commit it (not the leader, no quorum, stopped).
+    #[error("{0}")]
+    Raft(RaftError<TypeConfig, ClientWriteError<TypeConfig>>),
+}
+
+impl WriteError {
+    /// The status a handler answers with: `InvalidArgument` for a field
+    /// over its limit, `ResourceExhausted` for a request over
+    /// [`tern_store::limits::MAX_REQUEST_BYTES`], `FailedPrecondition`
+    /// naming the leader on a follower, `Unavailable` when Raft stopped.
+    pub fn into_status(self) -> Status {
+        match self {
+            WriteError::Limit(e) => limit_status(&e),
+            WriteError::Raft(e) => crate::service::write_error(e),
+        }
+    }
+}
+
+/// The status a write refused by a size limit is answered with.
+pub fn limit_status(e: &LimitError) -> Status {
+    if e.is_whole_request() {
+        Status::new(Code::ResourceExhausted, e.to_string())
+    } else {
+        Status::invalid_argument(e.to_string())
+    }
+}
+
+/// The write entry point: checks `command` against the write limits
+/// ([`check_command`]), then proposes it. Every write this crate makes on
+/// a caller's behalf (Propose, MetaPut) goes through it, and so does
+/// [`RaftNode::client_write`].
+pub(crate) async fn client_write(
+    raft: &RaftInstance,
+    command: Command,
+) -> Result<ClientWriteResponse<TypeConfig>, WriteError> {
+    check_command(&command)?;
+    raft.client_write(command).await.map_err(WriteError::Raft)
 }
 
 /// Reads the node id saved in `data_dir`, if any.
@@ -223,6 +276,8 @@ pub async fn propose(
     command: &Command,
     timeout: Duration,
 ) -> Result<Response, RaftNodeError> {
+    // The leader checks again; refusing here saves the trip.
+    check_command(command).map_err(RaftNodeError::Limit)?;
     let payload = crate::wire::wrap(command)
         .map_err(|e| RaftNodeError::Answer(format!("cannot encode the command: {e}")))?;
     let call = Call::new(methods::RAFT_PROPOSE, payload).with_timeout(timeout);
@@ -396,11 +451,12 @@ impl std::fmt::Debug for RaftNode {
 impl RaftNode {
     /// Starts Raft as node `id` on the store halves, calling other nodes
     /// through `client`, and attaches `services` to it. A node restarted
-    /// on the same store resumes where it stopped.
-    pub async fn start(
+    /// on the same store resumes where it stopped. `log` is a
+    /// [`tern_store::LogStore`] (tests wrap one to inject storage faults).
+    pub async fn start<LS: RaftLogStorage<TypeConfig>>(
         services: &RaftServices,
         id: NodeId,
-        log: LogStore,
+        log: LS,
         sm: StateMachineStore,
         client: Arc<dyn RpcClient>,
         options: &RaftOptions,
@@ -433,10 +489,10 @@ impl RaftNode {
     /// and waits at most `timeout` until the leader has promoted this
     /// node to voter.
     #[allow(clippy::too_many_arguments)] // reason: the composition step takes every part once
-    pub async fn join(
+    pub async fn join<LS: RaftLogStorage<TypeConfig>>(
         services: &RaftServices,
         data_dir: &Path,
-        log: LogStore,
+        log: LS,
         sm: StateMachineStore,
         client: Arc<dyn RpcClient>,
         options: &RaftOptions,
@@ -448,7 +504,7 @@ impl RaftNode {
         let answer = request_join(client.as_ref(), seed, token, me).await?;
         tracing::info!(node = answer.node_id, "joined as learner");
         write_node_id(data_dir, answer.node_id)?;
-        services.trust_until_first_membership(answer.members.iter().map(|(_, a)| a.id));
+        services.trust_until_first_membership(answer.members.iter().map(|(id, a)| (*id, a.id)));
         let node = RaftNode::start(services, answer.node_id, log, sm, client, options).await?;
         node.wait_until_voter(timeout).await?;
         Ok(node)
@@ -490,9 +546,47 @@ impl RaftNode {
         self.attached.id
     }
 
-    /// The openraft instance (writes: `raft().client_write(command)`).
+    /// The openraft instance. Write with [`RaftNode::client_write`], which
+    /// checks the write limits first; `raft().client_write` does not.
     pub fn raft(&self) -> &RaftInstance {
         &self.attached.raft
+    }
+
+    /// Proposes `command` once it passes the write limits
+    /// ([`tern_store::limits::check_command`]) and answers the state
+    /// machine's response once it is committed and applied here. On a
+    /// follower openraft answers `ForwardToLeader` (in
+    /// [`WriteError::Raft`]); forward with [`propose`].
+    pub async fn client_write(
+        &self,
+        command: Command,
+    ) -> Result<ClientWriteResponse<TypeConfig>, WriteError> {
+        client_write(&self.attached.raft, command).await
+    }
+
+    /// Resolves when Raft has stopped on this node on its own: openraft
+    /// stops on any storage error (a failed log write or sync, a snapshot
+    /// that cannot be written or read) and on a panic in its core, and
+    /// answers nothing from then on. The answer says what failed; the node
+    /// binary exits on it. Never resolves after a clean
+    /// [`RaftNode::shutdown`] (or if Raft's metrics are dropped without an
+    /// error), so it can sit in a `select!` beside the shutdown signals.
+    pub async fn failure(&self) -> String {
+        let mut rx = self.attached.raft.metrics();
+        loop {
+            let state = rx.borrow_watched().running_state.clone();
+            match state {
+                Ok(()) => {}
+                Err(Fatal::Stopped) => return std::future::pending().await,
+                Err(Fatal::StorageError(e)) => {
+                    return format!("Raft stopped on a storage error: {e}");
+                }
+                Err(Fatal::Panicked) => return "Raft's core task panicked".to_owned(),
+            }
+            if rx.changed().await.is_err() {
+                return std::future::pending().await;
+            }
+        }
     }
 
     /// The state machine, to read the cluster state.

@@ -16,12 +16,24 @@
 //! - **Raft methods:** only nodes in this node's current membership (voters
 //!   and learners, joint configurations included). A node whose membership
 //!   is still empty (it is joining) trusts exactly the members named in
-//!   the join answer it got from the cluster, until the first membership
-//!   reaches it. Everyone else gets `PermissionDenied` ("not a member") and
-//!   a warning in the log.
+//!   the join answer it got from the cluster, each as the node id the
+//!   answer gave it, until the first membership reaches it. Everyone else
+//!   gets `PermissionDenied` ("not a member") and a warning in the log.
+//! - **Raft messages name their sender.** The caller's node id is the id
+//!   its authenticated key holds in that membership. A vote or pre-vote
+//!   whose candidate, an append-entries, snapshot chunk or leadership
+//!   transfer whose leader (the vote's `leader_id.node_id`) is another
+//!   node is refused with `PermissionDenied` and a warning naming both
+//!   ids: a member cannot pose as a candidate or leader it is not.
+//! - **Raft/Propose** commits only what [`check_proposal`] allows: the
+//!   caller's reports about its own VMs and the VM writes a member's VM
+//!   service forwards; never membership, metadata or raw record writes.
+//!   Every proposal passes the write limits
+//!   ([`tern_store::limits::check_command`]) before it is proposed.
 //! - **Cluster/Join:** a member, or a caller presenting the join token
 //!   (compared in constant time). A node joins only as itself: the address
-//!   in the request must carry the caller's own id.
+//!   in the request must carry the caller's own id, and within the
+//!   address limits ([`tern_store::limits::check_member`]).
 //! - **Cluster/Leave:** members only.
 //! - **Cluster/Members:** any authenticated caller (read-only; the same
 //!   facts the Status service shows); a joiner uses it to find the leader.
@@ -160,8 +172,9 @@ impl Incoming {
 struct Shared {
     attached: RwLock<Option<Arc<Attached>>>,
     join_token: Option<JoinToken>,
-    /// Peers trusted for Raft calls while this node's membership is empty.
-    bootstrap: RwLock<BTreeSet<PeerId>>,
+    /// Peers (with their node ids) trusted for Raft calls while this
+    /// node's membership is empty.
+    bootstrap: RwLock<BTreeMap<PeerId, NodeId>>,
     incoming: Mutex<HashMap<PeerId, Incoming>>,
     promoting: Mutex<BTreeSet<NodeId>>,
 }
@@ -197,7 +210,7 @@ impl RaftServices {
             shared: Arc::new(Shared {
                 attached: RwLock::new(None),
                 join_token,
-                bootstrap: RwLock::new(BTreeSet::new()),
+                bootstrap: RwLock::new(BTreeMap::new()),
                 incoming: Mutex::new(HashMap::new()),
                 promoting: Mutex::new(BTreeSet::new()),
             }),
@@ -248,15 +261,19 @@ impl RaftServices {
         self.shared.attached()
     }
 
-    /// Trusts `peers` for Raft calls until this node's membership is no
-    /// longer empty: the members a join answer named, so that the leader
-    /// can replicate to a joiner that does not know the membership yet.
-    pub fn trust_until_first_membership(&self, peers: impl IntoIterator<Item = PeerId>) {
+    /// Trusts `members` (node id and identity) for Raft calls until this
+    /// node's membership is no longer empty: the members a join answer
+    /// named, so that the leader can replicate to a joiner that does not
+    /// know the membership yet. Each is trusted only as its own node id.
+    pub fn trust_until_first_membership(
+        &self,
+        members: impl IntoIterator<Item = (NodeId, PeerId)>,
+    ) {
         self.shared
             .bootstrap
             .write()
             .unwrap_or_else(|p| p.into_inner())
-            .extend(peers);
+            .extend(members.into_iter().map(|(id, peer)| (peer, id)));
     }
 }
 
@@ -274,8 +291,11 @@ impl Shared {
         })
     }
 
-    /// Whether `peer` may call Raft methods (see the module docs).
-    fn may_call_raft(&self, node: &Attached, peer: &PeerId) -> bool {
+    /// The node ids `peer` holds in this node's effective membership (or,
+    /// while that is empty, in the join answer): empty when it may not
+    /// call Raft methods (see the module docs). A peer normally holds one
+    /// id; a set keeps the check exact if a membership ever names it twice.
+    fn raft_caller_ids(&self, node: &Attached, peer: &PeerId) -> BTreeSet<NodeId> {
         let membership = node
             .raft
             .metrics()
@@ -284,18 +304,23 @@ impl Shared {
             .clone();
         let membership = membership.membership();
         let mut empty = true;
-        for (_, member) in membership.nodes() {
+        let mut ids = BTreeSet::new();
+        for (id, member) in membership.nodes() {
             empty = false;
             if member.peer_id() == *peer {
-                return true;
+                ids.insert(*id);
             }
         }
-        empty
-            && self
+        if empty
+            && let Some(id) = self
                 .bootstrap
                 .read()
                 .unwrap_or_else(|p| p.into_inner())
-                .contains(peer)
+                .get(peer)
+        {
+            ids.insert(*id);
+        }
+        ids
     }
 
     fn is_member(node: &Attached, peer: &PeerId) -> bool {
@@ -368,15 +393,143 @@ impl Handler for RaftHandler {
         let shared = self.shared.clone();
         Box::pin(async move {
             let node = shared.node()?;
-            if !shared.may_call_raft(&node, &ctx.peer) {
+            let caller = Caller {
+                peer: ctx.peer,
+                ids: shared.raft_caller_ids(&node, &ctx.peer),
+            };
+            if caller.ids.is_empty() {
                 return Err(not_a_member(
                     &ctx.peer,
                     method,
                     "Raft methods are for current members",
                 ));
             }
-            within_deadline(&ctx, serve_raft(&shared, &node, &ctx, method, payload)).await
+            within_deadline(
+                &ctx,
+                serve_raft(&shared, &node, &ctx, &caller, method, payload),
+            )
+            .await
         })
+    }
+}
+
+/// Who called a Raft method: the identity the transport authenticated and
+/// the node ids it holds in this node's membership (never empty once the
+/// call is admitted).
+struct Caller {
+    peer: PeerId,
+    ids: BTreeSet<NodeId>,
+}
+
+impl Caller {
+    /// `Ok` when a message naming node `named` as its `role` (candidate,
+    /// leader) comes from that node; `PermissionDenied`, logged with both
+    /// ids, when it names another.
+    fn must_be(&self, named: NodeId, what: &str, role: &str) -> Result<(), Status> {
+        if self.ids.contains(&named) {
+            return Ok(());
+        }
+        tracing::warn!(
+            caller = %self.peer.short(),
+            caller_ids = ?self.ids,
+            named,
+            message = what,
+            "refused: a Raft message naming another node as its {role}"
+        );
+        Err(Status::permission_denied(format!(
+            "{what} must come from its {role}: it names node {named}, but the caller {} is node {}",
+            self.peer.short(),
+            self.ids_text()
+        )))
+    }
+
+    fn ids_text(&self) -> String {
+        let ids: Vec<String> = self.ids.iter().map(ToString::to_string).collect();
+        ids.join(" or ")
+    }
+}
+
+/// Why the leader refuses to commit a command a member sent with
+/// `Raft/Propose`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProposeRefused {
+    /// The command is not one a member may ask for (see
+    /// [`check_proposal`]).
+    #[error(
+        "{command} may not be proposed by a member: Raft/Propose carries only a member's reports \
+         about its own VMs and the VM writes (create, start, stop, delete, migrate) its VM \
+         service forwards"
+    )]
+    NotAllowed {
+        /// The command's name.
+        command: &'static str,
+    },
+    /// A VM report names another node as the reporter.
+    #[error(
+        "report-vm names node {reporter} as reporter, but the caller is node {caller}: \
+         a node reports only on itself"
+    )]
+    NotTheReporter {
+        /// The node the report names.
+        reporter: NodeId,
+        /// The caller's node id(s).
+        caller: String,
+    },
+}
+
+/// The name of a command, for refusals and logs.
+pub fn command_name(command: &Command) -> &'static str {
+    match command {
+        Command::AllocateNodeId { .. } => "allocate-node-id",
+        Command::PutVm { .. } => "put-vm",
+        Command::DeleteVm { .. } => "delete-vm",
+        Command::CreateVm { .. } => "create-vm",
+        Command::SetVmDesired { .. } => "set-vm-desired",
+        Command::ReportVm { .. } => "report-vm",
+        Command::MigrateVm { .. } => "migrate-vm",
+        Command::PutMeta { .. } => "put-meta",
+    }
+}
+
+/// What a member may ask the leader to commit with `Raft/Propose` (the
+/// path a follower's writes take, see [`crate::propose`]):
+///
+/// - [`Command::ReportVm`] naming the caller itself as the reporter (its
+///   reconciler's observation of a VM placed on it; the state refuses a
+///   report from a node the VM is not placed on);
+/// - [`Command::CreateVm`], [`Command::SetVmDesired`] and
+///   [`Command::MigrateVm`]: an operator's VM call that reached a
+///   follower, whose VM service checked it and writes it through its
+///   consensus, which forwards here.
+///
+/// Everything else is refused: [`Command::AllocateNodeId`] (membership is
+/// changed only by `Cluster/Join` and `Cluster/Leave`, which check the
+/// token and the caller), [`Command::PutMeta`] (it has `Cluster/MetaPut`),
+/// and the raw record writes [`Command::PutVm`] and [`Command::DeleteVm`]
+/// (tools and tests on the leader only). The match names every command,
+/// so a new one is refused here until someone decides otherwise.
+pub fn check_proposal(command: &Command, caller: &BTreeSet<NodeId>) -> Result<(), ProposeRefused> {
+    match command {
+        Command::ReportVm { report, .. } => {
+            if caller.contains(&report.node_id) {
+                Ok(())
+            } else {
+                let ids: Vec<String> = caller.iter().map(ToString::to_string).collect();
+                Err(ProposeRefused::NotTheReporter {
+                    reporter: report.node_id,
+                    caller: ids.join(" or "),
+                })
+            }
+        }
+        Command::CreateVm { .. } | Command::SetVmDesired { .. } | Command::MigrateVm { .. } => {
+            Ok(())
+        }
+        Command::AllocateNodeId { .. }
+        | Command::PutVm { .. }
+        | Command::DeleteVm { .. }
+        | Command::PutMeta { .. } => Err(ProposeRefused::NotAllowed {
+            command: command_name(command),
+        }),
     }
 }
 
@@ -384,6 +537,7 @@ async fn serve_raft(
     shared: &Shared,
     node: &Attached,
     ctx: &RequestContext,
+    caller: &Caller,
     method: &'static Method,
     payload: Bytes,
 ) -> Result<Bytes, Status> {
@@ -392,33 +546,74 @@ async fn serve_raft(
         let data = wire::unwrap_bytes(payload).map_err(bad)?;
         let req =
             codec::decode_append_entries(&data).map_err(|e| bad(wire::EnvelopeError::Codec(e)))?;
+        caller.must_be(
+            req.vote.leader_id.node_id,
+            "an append-entries request",
+            "leader",
+        )?;
         let resp = node.raft.append_entries(req).await.map_err(raft_stopped)?;
         encode_answer(&resp)
     } else if method == methods::RAFT_VOTE {
         let answer = match wire::unwrap::<ControlRequest>(payload).map_err(bad)? {
             ControlRequest::Vote(req) => {
+                caller.must_be(req.vote.leader_id.node_id, "a vote request", "candidate")?;
                 ControlResponse::Vote(node.raft.vote(req).await.map_err(raft_stopped)?)
             }
             ControlRequest::PreVote(req) => {
+                caller.must_be(
+                    req.vote.leader_id.node_id,
+                    "a pre-vote request",
+                    "candidate",
+                )?;
                 ControlResponse::Vote(node.raft.pre_vote(req).await.map_err(raft_stopped)?)
             }
-            ControlRequest::TransferLeader(req) => ControlResponse::TransferLeader(
-                node.raft
-                    .handle_transfer_leader(req)
-                    .await
-                    .map_err(raft_stopped)?,
-            ),
+            ControlRequest::TransferLeader(req) => {
+                caller.must_be(
+                    req.from_leader().leader_id.node_id,
+                    "a leadership transfer",
+                    "leader",
+                )?;
+                ControlResponse::TransferLeader(
+                    node.raft
+                        .handle_transfer_leader(req)
+                        .await
+                        .map_err(raft_stopped)?,
+                )
+            }
         };
         encode_answer(&answer)
     } else if method == methods::RAFT_SNAPSHOT {
         let chunk = pb::SnapshotChunk::decode(payload)
             .map_err(|e| Status::invalid_argument(format!("raft/snapshot: {e}")))?;
-        receive_chunk(shared, node, ctx.peer, chunk).await
+        receive_chunk(shared, node, caller, chunk).await
     } else if method == methods::RAFT_PROPOSE {
-        // A member's write, committed here on its behalf. Only a leader
-        // commits; a follower answers FailedPrecondition naming the leader.
+        // A member's write, committed here on its behalf (see
+        // `check_proposal` for which). Only a leader commits; a follower
+        // answers FailedPrecondition naming the leader.
+        // Limits before work: a payload that cannot hold an acceptable
+        // command is refused before it is decoded.
+        let max = tern_store::limits::MAX_REQUEST_BYTES + wire::ENVELOPE_OVERHEAD;
+        if payload.len() > max {
+            return Err(resource_exhausted(format!(
+                "raft/propose: a proposal of {} bytes; at most {} bytes may be written to the \
+                 cluster state at once",
+                payload.len(),
+                tern_store::limits::MAX_REQUEST_BYTES
+            )));
+        }
         let command: Command = wire::unwrap(payload).map_err(bad)?;
-        let written = node.raft.client_write(command).await.map_err(write_error)?;
+        if let Err(why) = check_proposal(&command, &caller.ids) {
+            tracing::warn!(
+                caller = %ctx.peer.short(),
+                caller_ids = ?caller.ids,
+                command = command_name(&command),
+                "refused a proposal: {why}"
+            );
+            return Err(Status::permission_denied(why.to_string()));
+        }
+        let written = crate::node::client_write(&node.raft, command)
+            .await
+            .map_err(crate::node::WriteError::into_status)?;
         encode_answer(&written.data)
     } else {
         Err(Status::unimplemented(format!(
@@ -432,11 +627,13 @@ async fn serve_raft(
 async fn receive_chunk(
     shared: &Shared,
     node: &Attached,
-    peer: PeerId,
+    caller: &Caller,
     chunk: pb::SnapshotChunk,
 ) -> Result<Bytes, Status> {
+    let peer = caller.peer;
     let vote: Vote = codec::decode(&chunk.vote)
         .map_err(|e| Status::invalid_argument(format!("snapshot vote: {e}")))?;
+    caller.must_be(vote.leader_id.node_id, "a snapshot chunk", "leader")?;
     // Take this sender's transfer out of the table while its chunk is
     // written (chunks of one transfer arrive one at a time).
     let incoming = {
@@ -621,7 +818,7 @@ fn ensure_leader(node: &Attached) -> Result<(), Status> {
     })
 }
 
-fn write_error(e: RaftError<TypeConfig, ClientWriteError<TypeConfig>>) -> Status {
+pub(crate) fn write_error(e: RaftError<TypeConfig, ClientWriteError<TypeConfig>>) -> Status {
     match e {
         RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => failed_precondition(format!(
             "not the leader (leader: {:?}); retry at the leader",
@@ -714,6 +911,8 @@ async fn join(
         })
         .unwrap_or_default();
     let record = Member::new(addr, capacity);
+    tern_store::limits::check_member(&record)
+        .map_err(|e| Status::invalid_argument(format!("cluster/join: {e}")))?;
 
     let membership = node
         .raft
@@ -729,14 +928,13 @@ async fn join(
         ctx.peer,
         membership.log_id().as_ref().map_or(0, |l| l.index)
     );
-    let written = node
-        .raft
-        .client_write(Command::AllocateNodeId {
-            request_id,
-            peer: ctx.peer,
-        })
+    let allocate = Command::AllocateNodeId {
+        request_id,
+        peer: ctx.peer,
+    };
+    let written = crate::node::client_write(&node.raft, allocate)
         .await
-        .map_err(write_error)?;
+        .map_err(crate::node::WriteError::into_status)?;
     let id = match written.data {
         Response::NodeId(id) => id,
         Response::Rejected(r) => return Err(failed_precondition(r.to_string())),
@@ -939,6 +1137,43 @@ fn members_reply(membership: &Membership) -> Bytes {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn proposals_carry_only_a_members_own_writes() {
+        use tern_store::{VmReport, VmSpec, VmState};
+        let me = BTreeSet::from([3]);
+        let report = |node_id| Command::ReportVm {
+            request_id: "r".into(),
+            report: VmReport {
+                vm_id: "vm-1".into(),
+                node_id,
+                observed: VmState::Running,
+                reason: String::new(),
+                log_path: String::new(),
+            },
+        };
+        assert_eq!(check_proposal(&report(3), &me), Ok(()));
+        let err = check_proposal(&report(4), &me).unwrap_err();
+        assert!(err.to_string().contains("node 4"), "{err}");
+        assert!(err.to_string().contains("node 3"), "{err}");
+        let create = Command::CreateVm {
+            request_id: "c".into(),
+            spec: Box::new(VmSpec::default()),
+        };
+        assert_eq!(check_proposal(&create, &me), Ok(()));
+        let allocate = Command::AllocateNodeId {
+            request_id: "a".into(),
+            peer: PeerId::from_bytes([1; 32]),
+        };
+        let err = check_proposal(&allocate, &me).unwrap_err();
+        assert_eq!(
+            err,
+            ProposeRefused::NotAllowed {
+                command: "allocate-node-id"
+            }
+        );
+        assert!(err.to_string().starts_with("allocate-node-id"), "{err}");
+    }
 
     #[test]
     fn join_tokens_compare_whole_values() {

@@ -350,7 +350,19 @@ async fn members_propose_through_the_leader<F: TransportFactory>(factory: F) {
     let leader_addr = c.nodes[leader].addr.clone();
     let client = c.nodes[follower].client();
 
-    let command = support::put_vm(7);
+    // A VM write a member's VM service forwards (a raw record write such
+    // as `PutVm` is not one a member may propose; see tests/security.rs).
+    let create = |i: u64| tern_store::Command::CreateVm {
+        request_id: format!("create-{i}"),
+        spec: Box::new(tern_store::VmSpec {
+            name: format!("vm-{i}"),
+            vcpus: 1,
+            memory_mib: 64,
+            runtime: "process".into(),
+            ..tern_store::VmSpec::default()
+        }),
+    };
+    let command = create(7);
     let first = tern_raft_net::propose(client.as_ref(), &leader_addr, &command, WAIT)
         .await
         .unwrap();
@@ -365,14 +377,10 @@ async fn members_propose_through_the_leader<F: TransportFactory>(factory: F) {
     c.nodes[follower].wait_vms(1).await;
     assert_eq!(c.nodes[leader].vm_count(), 1, "committed once");
 
-    let at_follower = tern_raft_net::propose(
-        client.as_ref(),
-        &c.nodes[bystander].addr,
-        &support::put_vm(8),
-        WAIT,
-    )
-    .await
-    .unwrap_err();
+    let at_follower =
+        tern_raft_net::propose(client.as_ref(), &c.nodes[bystander].addr, &create(8), WAIT)
+            .await
+            .unwrap_err();
     match at_follower {
         tern_raft_net::RaftNodeError::Call {
             error: CallError::Application(s),
@@ -386,14 +394,10 @@ async fn members_propose_through_the_leader<F: TransportFactory>(factory: F) {
 
     let dir = tempfile::tempdir().unwrap();
     let outsider = TestNode::boot(&c.factory, &dir.path().join("outsider"), loopback()).await;
-    let refused = tern_raft_net::propose(
-        outsider.client().as_ref(),
-        &leader_addr,
-        &support::put_vm(9),
-        WAIT,
-    )
-    .await
-    .unwrap_err();
+    let refused =
+        tern_raft_net::propose(outsider.client().as_ref(), &leader_addr, &create(9), WAIT)
+            .await
+            .unwrap_err();
     match refused {
         tern_raft_net::RaftNodeError::Call {
             error: CallError::Application(s),

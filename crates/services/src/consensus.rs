@@ -10,6 +10,7 @@
 use std::time::Duration;
 
 use tern_protocol::BoxFuture;
+use tern_store::limits::LimitError;
 use tern_store::{ClusterState, Command, Member, NodeId, Response};
 use tokio::sync::watch;
 
@@ -65,6 +66,9 @@ pub struct RaftStatus {
     pub commit_index: u64,
     /// The highest log index applied to its state machine.
     pub applied_index: u64,
+    /// Why Raft stopped on its own (a storage failure), if it did: the
+    /// node is then not live, and exits.
+    pub failure: Option<String>,
 }
 
 impl RaftStatus {
@@ -83,7 +87,9 @@ impl RaftStatus {
     /// Why [`RaftStatus::is_caught_up`] is false, in words (empty when it
     /// is true).
     pub fn lag_reason(&self, max_lag: u64) -> String {
-        if self.role == RaftRole::Shutdown {
+        if let Some(failure) = &self.failure {
+            format!("Raft has stopped on a failure and the node is exiting: {failure}")
+        } else if self.role == RaftRole::Shutdown {
             "Raft has shut down on this node".into()
         } else if self.leader_id.is_none() {
             format!("no Raft leader is known (term {})", self.term)
@@ -110,6 +116,10 @@ pub enum ConsensusError {
         /// The current leader, if known.
         leader: Option<NodeId>,
     },
+    /// The command is over a size limit and was not proposed (see
+    /// `tern_store::limits`); retrying it as is cannot succeed.
+    #[error("{0}")]
+    TooLarge(LimitError),
     /// Raft cannot take writes now (no quorum, shutting down, storage
     /// failure). The write may or may not be applied later; retry with the
     /// same request id.
@@ -129,7 +139,9 @@ pub enum ConsensusError {
 ///   machine's [`Response`] once it is committed and applied on this node
 ///   (a refusal by the state is `Ok(Response::Rejected(..))`, not an
 ///   error). Commands are deduplicated by request id in the state, so a
-///   write may be retried with the same command after any error. On a
+///   write may be retried with the same command after any error but
+///   [`ConsensusError::TooLarge`] (a write over the limits of
+///   `tern_store::limits`, refused before it is proposed). On a
 ///   follower, an implementation either forwards the command to the
 ///   leader or answers [`ConsensusError::NotLeader`]; the VM service then
 ///   forwards the client's call itself (see [`crate::vm`]), and the

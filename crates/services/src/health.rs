@@ -2,7 +2,10 @@
 //! `Health/Check` and published for the node to copy into the gRPC
 //! transport's standard `grpc.health.v1` service.
 //!
-//! - **Liveness** is `SERVING` whenever the process answers at all.
+//! - **Liveness** is `SERVING` whenever the process answers at all, unless
+//!   Raft has stopped on a failure ([`RaftStatus::failure`]: a failed log
+//!   write or sync): then `NOT_SERVING` with the failure in `detail`, until
+//!   the node exits.
 //! - **Readiness** is `SERVING` when Raft knows a leader and this node has
 //!   applied up to within [`MAX_APPLY_LAG`] entries of the commit index
 //!   ([`RaftStatus::is_caught_up`]); otherwise `NOT_SERVING` with the
@@ -58,9 +61,9 @@ impl HealthService {
     /// The current health.
     pub fn check(&self) -> pb::HealthCheckResponse {
         let status: RaftStatus = self.consensus.current_status();
-        let ready = status.is_caught_up(MAX_APPLY_LAG);
+        let ready = status.is_caught_up(MAX_APPLY_LAG) && status.failure.is_none();
         pb::HealthCheckResponse {
-            liveness: pb::ServingState::Serving as i32,
+            liveness: serving(status.failure.is_none()) as i32,
             readiness: serving(ready) as i32,
             transports: self.node.transports(),
             detail: status.lag_reason(MAX_APPLY_LAG),

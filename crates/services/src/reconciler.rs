@@ -416,10 +416,14 @@ impl Reconciler {
         &mut self,
         vm: &VmRecord,
         observed: VmState,
-        reason: String,
-        log_path: String,
+        mut reason: String,
+        mut log_path: String,
         pass: &mut Pass,
     ) {
+        // Within the write limits, before comparing with what the record
+        // holds (which was cut the same way).
+        tern_store::limits::truncate(&mut reason, tern_store::limits::MAX_VM_REASON_LEN);
+        tern_store::limits::truncate(&mut log_path, tern_store::limits::MAX_PATH_LEN);
         if !vm.is_migrating()
             && vm.observed == observed
             && vm.reason == reason

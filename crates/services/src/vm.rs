@@ -9,7 +9,11 @@
 //! [`crate::reconciler`] then makes its runtime match.
 //!
 //! - **Specs** are validated here with [`runtime::validate`] before
-//!   anything is written; errors name the field (`InvalidArgument`). An
+//!   anything is written; errors name the field (`InvalidArgument`).
+//!   Every write is then checked against the write limits
+//!   (`tern_store::limits::check_command`): a field over its limit is
+//!   `InvalidArgument` naming the field and the limit, a request over
+//!   `MAX_REQUEST_BYTES` is `ResourceExhausted`; neither is proposed. An
 //!   empty `runtime` is filled in with the node's default runtime first,
 //!   so the choice is recorded. A `microvm` spec's paths are checked on the
 //!   node that receives the call.
@@ -161,9 +165,12 @@ impl VmService {
             }
             other => return Err(Status::unimplemented(format!("Vm has no method {other}"))),
         };
+        // Limits before work: refused here, never proposed.
+        tern_store::limits::check_command(&command).map_err(|e| limit_status(&e))?;
         tracing::debug!(%command, caller = %ctx.peer.short(), "VM write");
         match write_bounded(&*self.consensus, command).await {
             Ok(response) => answer(response),
+            Err(ConsensusError::TooLarge(e)) => Err(limit_status(&e)),
             Err(ConsensusError::NotLeader { leader }) => {
                 self.forward(&ctx, method, payload, leader).await
             }
@@ -272,6 +279,17 @@ fn check_request_id(id: &str) -> Result<(), Status> {
 fn check_vm_id(id: &str) -> Result<(), Status> {
     runtime::spec::check_vm_id(id)
         .map_err(|why| Status::invalid_argument(format!("field `vm_id`: {id:?} {why}")))
+}
+
+/// The status of a write over a size limit: `InvalidArgument` naming the
+/// field, or `ResourceExhausted` for the request as a whole.
+pub fn limit_status(e: &tern_store::limits::LimitError) -> Status {
+    let code = if e.is_whole_request() {
+        Code::ResourceExhausted
+    } else {
+        Code::InvalidArgument
+    };
+    Status::new(code, e.to_string())
 }
 
 fn unavailable(e: ConsensusError) -> Status {

@@ -361,6 +361,19 @@ async fn health_and_status(kind: Kind) {
 
     // Garbage is refused, not a panic.
     garbage_is_refused(&f, kind, methods::STATUS_GET).await;
+
+    // Raft stopped on a storage failure: not live, not ready, and the
+    // detail says what failed (the node exits on it).
+    f.shared
+        .fail_raft("Raft log append in \"/data/raft-log\" failed: EIO");
+    let h: pb::HealthCheckResponse = f
+        .call(methods::HEALTH_CHECK, &pb::HealthCheckRequest {})
+        .await
+        .unwrap();
+    assert_eq!(h.liveness, pb::ServingState::NotServing as i32);
+    assert_eq!(h.readiness, pb::ServingState::NotServing as i32);
+    assert!(h.detail.contains("raft-log"), "{}", h.detail);
+    assert!(h.detail.contains("exiting"), "{}", h.detail);
     f.shutdown().await;
 }
 
@@ -526,6 +539,47 @@ async fn vm_bad_input(kind: Kind) {
         f.call(methods::VM_CREATE, &create("g", huge)).await,
         Code::ResourceExhausted,
         "16 free vCPUs",
+    );
+    // Over the write limits: one field (named, with its limit), or the
+    // request as a whole; neither is proposed.
+    let long_arg = pb::VmSpec {
+        command: vec![
+            "sleep".into(),
+            "x".repeat(tern_store::limits::MAX_COMMAND_ARG_LEN + 1),
+        ],
+        ..process_spec("web")
+    };
+    refused(
+        f.call(methods::VM_CREATE, &create("o", long_arg)).await,
+        Code::InvalidArgument,
+        &format!(
+            "`spec.command[1]` is {} bytes; at most {}",
+            tern_store::limits::MAX_COMMAND_ARG_LEN + 1,
+            tern_store::limits::MAX_COMMAND_ARG_LEN
+        ),
+    );
+    let long_cmdline = pb::VmSpec {
+        kernel_cmdline: "c".repeat(tern_store::limits::MAX_KERNEL_CMDLINE_LEN + 1),
+        ..process_spec("web")
+    };
+    refused(
+        f.call(methods::VM_CREATE, &create("p", long_cmdline)).await,
+        Code::InvalidArgument,
+        "`spec.kernel_cmdline`",
+    );
+    let whole = pb::VmSpec {
+        command: vec![
+            "a".repeat(tern_store::limits::MAX_COMMAND_ARG_LEN);
+            tern_store::limits::MAX_REQUEST_BYTES
+                / tern_store::limits::MAX_COMMAND_ARG_LEN
+                + 1
+        ],
+        ..process_spec("web")
+    };
+    refused(
+        f.call(methods::VM_CREATE, &create("q", whole)).await,
+        Code::ResourceExhausted,
+        &tern_store::limits::MAX_REQUEST_BYTES.to_string(),
     );
     // Nothing was written by any of those.
     assert!(f.shared.state().vms().is_empty());

@@ -81,6 +81,22 @@ pub enum StoreError {
     /// may be half-updated and is not used again.
     #[error("state machine lock poisoned by an earlier panic")]
     Poisoned,
+    /// Writing or syncing the Raft log failed. openraft stops Raft on any
+    /// storage error, and the node exits: an unsynced log could
+    /// acknowledge what it would lose.
+    #[error(
+        "Raft log {op} in {dir:?} failed: {source}; check the disk holding it \
+         (free space, permissions, I/O errors in the kernel log), then restart the node"
+    )]
+    LogWrite {
+        /// What was being done: `append`, `save vote`, `truncate`, `purge`.
+        op: &'static str,
+        /// The log directory.
+        dir: PathBuf,
+        /// What failed.
+        #[source]
+        source: Box<StoreError>,
+    },
     /// A blocking task was cancelled or panicked.
     #[error("storage task failed: {0}")]
     Task(String),

@@ -18,12 +18,15 @@
 //!   `RaftStateMachine`: the state in memory, snapshots on disk.
 //! - [`snapshot`]: the snapshot file format and [`SnapshotFile`], the
 //!   snapshot data openraft moves between nodes.
+//! - [`limits`]: the size limits every write is checked against before
+//!   it is proposed ([`limits::check_command`]), as named constants.
 //! - [`error`]: [`StoreError`]; corrupt data is an error naming the key or
 //!   file, never a panic.
 //!
 //! [`open`] opens both halves in a node's data directory.
 
 pub mod error;
+pub mod limits;
 pub mod log_store;
 pub mod snapshot;
 pub mod state;

@@ -13,6 +13,13 @@
 //! in the log; a purge records its new purge point before removing the
 //! entries, so a crash between the two leaves only unread entries behind. The committed log id is saved without a flush: it is a hint
 //! that openraft recomputes from the cluster if the last value is lost.
+//!
+//! Failure is loud: a failed write or sync of an append, vote, truncation
+//! or purge is a [`StoreError::LogWrite`] naming the directory and what to
+//! check, logged at `error`. openraft treats every storage error as fatal
+//! and stops Raft; the node watches for that and exits non-zero (see
+//! `tern_raft_net::RaftNode::failure`). Nothing retries a failed sync: after
+//! one, the kernel may have dropped the dirty pages it could not write.
 
 use std::fmt::Debug;
 use std::io;
@@ -56,13 +63,18 @@ pub const SLED_CACHE_BYTES: u64 = 64 * 1024 * 1024;
 /// stay in the segment log, whose space sled does reclaim.
 pub const SLED_SEGMENT_BYTES: usize = 8 * 1024 * 1024;
 
-/// Largest encoded log entry this store is sized for. The write path
-/// (whoever calls `Raft::client_write`) must refuse commands larger than
-/// this: a bigger entry may be written by sled as a blob that is never
-/// reclaimed (see [`SLED_SEGMENT_BYTES`]). Appends log a warning past it
-/// rather than failing, since refusing a replicated entry would stop the
-/// node.
-pub const MAX_ENTRY_BYTES: usize = 1024 * 1024;
+/// Bytes a log entry adds to its command: the log id (term, node id and
+/// index, three varints of at most 10 bytes) and the payload's tag, with
+/// room to spare.
+pub const ENTRY_OVERHEAD: usize = 64;
+
+/// Largest encoded log entry this store is sized for: a command of the
+/// write path's limit ([`crate::limits::MAX_REQUEST_BYTES`], checked before
+/// anything is proposed) plus the entry's own fields. A bigger entry may
+/// be written by sled as a blob that is never reclaimed (see
+/// [`SLED_SEGMENT_BYTES`]). Appends log a warning past it rather than
+/// failing, since refusing a replicated entry would stop the node.
+pub const MAX_ENTRY_BYTES: usize = crate::limits::MAX_REQUEST_BYTES + ENTRY_OVERHEAD;
 
 const _: () = assert!(MAX_ENTRY_BYTES < SLED_SEGMENT_BYTES / 4);
 
@@ -87,6 +99,8 @@ pub const MAX_ENTRIES_PER_READ: usize = 4096;
 pub struct LogStore {
     db: sled::Db,
     reader: LogReader,
+    /// The database directory, named by every write failure.
+    dir: std::sync::Arc<Path>,
 }
 
 /// Reads log entries and the vote; handed to openraft's replication tasks.
@@ -257,6 +271,7 @@ impl LogStore {
         let store = LogStore {
             db,
             reader: LogReader { log, meta },
+            dir: dir.into(),
         };
         match store.reader.meta_get::<u32>(KEY_FORMAT)? {
             Some(LOG_FORMAT_VERSION) => {}
@@ -315,6 +330,18 @@ impl LogStore {
             .await
             .map_err(StoreError::sled("flush"))?;
         Ok(())
+    }
+
+    /// The error of a failed log write, logged loudly: openraft stops Raft
+    /// when it gets it (a storage error is fatal) and the node exits.
+    fn write_failed(&self, op: &'static str, source: StoreError) -> io::Error {
+        let e = StoreError::LogWrite {
+            op,
+            dir: self.dir.to_path_buf(),
+            source: Box::new(source),
+        };
+        tracing::error!(error = %e, "Raft storage failure: this node stops");
+        e.into()
     }
 
     /// A reader sharing this store's database.
@@ -409,9 +436,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_vote(&mut self, vote: &Vote) -> Result<(), io::Error> {
-        self.meta_put(KEY_VOTE, vote)?;
-        self.flush().await?;
-        Ok(())
+        let saved = match self.meta_put(KEY_VOTE, vote) {
+            Ok(()) => self.flush().await,
+            Err(e) => Err(e),
+        };
+        saved.map_err(|e| self.write_failed("save vote", e))
     }
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), io::Error> {
@@ -441,22 +470,25 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 Ok(())
             }
             Err(e) => {
-                tracing::error!(error = %e, "log append failed");
-                let msg = e.to_string();
-                callback.io_completed(Err(io::Error::other(msg)));
-                Err(e.into())
+                let e = self.write_failed("append", e);
+                callback.io_completed(Err(io::Error::new(e.kind(), e.to_string())));
+                Err(e)
             }
         }
     }
 
     async fn truncate_after(&mut self, last_log_id: Option<LogId>) -> Result<(), io::Error> {
         tracing::debug!(?last_log_id, "truncating log");
-        Ok(self.truncate(last_log_id).await?)
+        self.truncate(last_log_id)
+            .await
+            .map_err(|e| self.write_failed("truncate", e))
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), io::Error> {
         tracing::debug!(%log_id, "purging log");
-        Ok(self.purge_upto(log_id).await?)
+        self.purge_upto(log_id)
+            .await
+            .map_err(|e| self.write_failed("purge", e))
     }
 }
 
@@ -473,6 +505,27 @@ mod tests {
             .enable_all()
             .build()
             .unwrap()
+    }
+
+    #[test]
+    fn a_failed_log_write_says_what_failed_and_what_to_check() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LogStore::open(dir.path()).unwrap();
+        let cause = StoreError::Io {
+            op: "sync",
+            path: dir.path().to_owned(),
+            source: io::Error::from_raw_os_error(28), // ENOSPC
+        };
+        let e = store.write_failed("append", cause);
+        let text = e.to_string();
+        assert!(text.contains("Raft log append"), "{text}");
+        assert!(text.contains(&dir.path().display().to_string()), "{text}");
+        assert!(text.contains("check the disk"), "{text}");
+        let inner = e.get_ref().and_then(|e| e.downcast_ref::<StoreError>());
+        assert!(
+            matches!(inner, Some(StoreError::LogWrite { op: "append", .. })),
+            "{inner:?}"
+        );
     }
 
     #[test]

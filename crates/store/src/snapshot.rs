@@ -49,9 +49,16 @@ pub const MAX_META_LEN: u32 = 1024 * 1024;
 /// hostile sender from filling the disk.
 pub const MAX_SNAPSHOT_BYTES: u64 = 1024 * 1024 * 1024;
 
-/// Largest single string or byte field in an encoded state; the decoder's
-/// scratch buffer is this big.
-pub const MAX_FIELD_LEN: usize = 1024 * 1024;
+/// Largest single string or byte field the decoder reads; its scratch
+/// buffer is this big (postcard reads every owned string through it), so a
+/// longer field makes the snapshot undecodable and the node unable to
+/// start. It is the whole write limit: no field of an accepted write can
+/// be longer than the write, whatever the per-field limits become.
+pub const MAX_FIELD_LEN: usize = crate::limits::MAX_REQUEST_BYTES;
+
+// Every string a command may carry fits the scratch buffer.
+const _: () = assert!(crate::limits::MAX_STRING_FIELD_LEN <= MAX_FIELD_LEN);
+const _: () = assert!(crate::limits::MAX_REQUEST_BYTES <= MAX_FIELD_LEN);
 
 /// I/O buffer size for writing and reading snapshot files.
 const IO_BUFFER: usize = 64 * 1024;

@@ -21,23 +21,13 @@ use tern_protocol::PeerId;
 
 use crate::types::{Capacity, Member, Membership, NodeId};
 
-/// Longest client request id accepted, in bytes. Ids are UUIDs or similar;
-/// the bound keeps the deduplication table's memory predictable.
-pub const MAX_REQUEST_ID_LEN: usize = 128;
+pub use crate::limits::{MAX_META_KEY_LEN, MAX_META_VALUE_LEN, MAX_REQUEST_ID_LEN};
 
 /// How many recent request ids the deduplication table remembers. A client
 /// retry arrives within seconds; this many writes take far longer than that
 /// at any write rate the cluster state sees, and at most a few MiB of
 /// memory.
 pub const MAX_DEDUP_ENTRIES: usize = 16_384;
-
-/// Longest key of the metadata register, in bytes.
-pub const MAX_META_KEY_LEN: usize = 256;
-
-/// Longest value of the metadata register, in bytes: labels and small
-/// settings, not blobs (every value is in every snapshot and every node's
-/// memory).
-pub const MAX_META_VALUE_LEN: usize = 4096;
 
 /// Most keys the metadata register holds: with the two bounds above, at
 /// most about 42 MiB of state in the worst case, a few hundred KiB for the

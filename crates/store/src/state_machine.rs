@@ -431,6 +431,48 @@ mod tests {
         });
     }
 
+    /// Any string a write within the request limit can carry decodes from
+    /// a snapshot: the scratch buffer used to be 1 MiB, so one such string
+    /// made the snapshot undecodable and the node unable to restart.
+    #[test]
+    fn a_snapshot_with_a_string_as_long_as_a_whole_request_reopens() {
+        let dir = tempfile::tempdir().unwrap();
+        runtime().block_on(async {
+            let mut sm = StateMachineStore::open(dir.path()).unwrap();
+            let mut all = entries();
+            let long = "x".repeat(crate::limits::MAX_REQUEST_BYTES - 256);
+            assert!(
+                long.len() > 1024 * 1024,
+                "longer than the old scratch buffer"
+            );
+            all.push(Entry {
+                log_id: log_id::<TypeConfig>(1, 1, 41),
+                payload: EntryPayload::Normal(Command::PutMeta {
+                    request_id: "long".into(),
+                    key: "k".into(),
+                    value: "v".into(),
+                }),
+            });
+            if let Some(Entry {
+                payload: EntryPayload::Normal(Command::PutVm { vm, .. }),
+                ..
+            }) = all.get_mut(1)
+            {
+                vm.spec.kernel_cmdline = long.clone();
+            }
+            apply_all(&mut sm, all).await;
+            let before = sm.read(|s| s.clone()).unwrap();
+            sm.build_snapshot().await.unwrap();
+            drop(sm);
+            let sm = StateMachineStore::open(dir.path()).unwrap();
+            assert_eq!(sm.read(|s| s.clone()).unwrap(), before);
+            let cmdline = sm
+                .read(|s| s.vm("vm-2").map(|v| v.spec.kernel_cmdline.len()))
+                .unwrap();
+            assert_eq!(cmdline, Some(long.len()));
+        });
+    }
+
     #[test]
     fn oversized_incoming_chunks_are_refused() {
         let dir = tempfile::tempdir().unwrap();

@@ -68,6 +68,17 @@ impl Shared {
         self.publish();
     }
 
+    /// Makes every view report that Raft stopped on `failure` (what the
+    /// node's consensus reports after a failed log write).
+    pub(crate) fn fail_raft(&self, failure: &str) {
+        for tx in self.watchers.lock().unwrap().iter() {
+            tx.send_modify(|s| {
+                s.role = RaftRole::Shutdown;
+                s.failure = Some(failure.to_owned());
+            });
+        }
+    }
+
     /// A copy of the state.
     pub(crate) fn state(&self) -> ClusterState {
         self.state.lock().unwrap().0.clone()

@@ -96,6 +96,7 @@ fn to_status(m: &Metrics) -> RaftStatus {
             .collect(),
         commit_index: m.local_committed.as_ref().map_or(0, |l| l.index),
         applied_index: m.last_applied.as_ref().map_or(0, |l| l.index),
+        failure: None,
     }
 }
 
