@@ -129,7 +129,7 @@ pub fn config_text(
         metrics,
     } = ports;
     let mut s = format!(
-        "data_dir = {:?}\n\n[listen]\ngrpc = \"{listen}:{grpc}\"\niroh = \"{listen}:{iroh}\"\nmetrics = \"{listen}:{metrics}\"\n\n[vm]\nruntime = \"process\"\n\n[capacity]\nvcpus = 4\nmemory_mib = 4096\n\n[cluster]\njoin_token = \"{join_token}\"\n",
+        "data_dir = {:?}\n\n[listen]\ngrpc = \"{listen}:{grpc}\"\niroh = \"{listen}:{iroh}\"\nmetrics = \"{listen}:{metrics}\"\n\n[vm]\nruntimes = [\"process\"]\nruntime = \"process\"\n\n[capacity]\nvcpus = 4\nmemory_mib = 4096\n\n[cluster]\njoin_token = \"{join_token}\"\n",
         data_dir.display().to_string()
     );
     if let Some(seed) = seed {

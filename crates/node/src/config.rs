@@ -22,7 +22,14 @@
 //! memory_mib = 16384
 //!
 //! [vm]
-//! runtime = "auto"                     # "auto" | "process" | "microvm"
+//! runtimes = ["microvm"]               # the runtimes this node serves; "process"
+//!                                      # (host programs) only when named here
+//! runtime = "auto"                     # default for specs naming none: "auto" (the
+//!                                      # first of runtimes) | "process" | "microvm"
+//! process_user = "nobody"              # process workloads run as this user (never
+//!                                      # root); default "nobody" when the node is root
+//! image_dirs = ["/var/lib/tern/images"]  # microvm kernels, initrds and images
+//!                                      # only from these (default DATA_DIR/images)
 //!
 //! [transport]                          # the migration policy, see transport-dual
 //! mode = "grpc"
@@ -219,13 +226,131 @@ pub enum RuntimeChoice {
     Microvm,
 }
 
+/// A runtime a node may serve (`[vm].runtimes`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RuntimeName {
+    /// QEMU microVMs.
+    Microvm,
+    /// Supervised host processes.
+    Process,
+}
+
+/// The runtimes a node serves when its config names none: microVMs only.
+/// The process runtime runs host programs and is served only where a
+/// config asks for it.
+pub const DEFAULT_RUNTIMES: &[RuntimeName] = &[RuntimeName::Microvm];
+
+/// The user process workloads run as when the node runs as root and its
+/// config names none.
+pub const DEFAULT_PROCESS_USER: &str = "nobody";
+
+/// Sub-directory of the data directory microvm files are allowed from when
+/// the config names no `image_dirs`.
+pub const DEFAULT_IMAGE_DIR: &str = "images";
+
 /// `[vm]`.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VmConfig {
-    /// Which runtime runs the VMs placed on this node.
+    /// The default runtime for specs that name none.
     #[serde(default)]
     pub runtime: RuntimeChoice,
+    /// The runtimes this node serves ([`DEFAULT_RUNTIMES`] when absent).
+    pub runtimes: Option<Vec<RuntimeName>>,
+    /// The user process workloads run as.
+    pub process_user: Option<String>,
+    /// Directories microvm kernels, initrds and images must lie in.
+    pub image_dirs: Option<Vec<PathBuf>>,
+}
+
+impl VmConfig {
+    /// The runtimes served.
+    pub fn enabled(&self) -> Vec<RuntimeName> {
+        self.runtimes
+            .clone()
+            .unwrap_or_else(|| DEFAULT_RUNTIMES.to_vec())
+    }
+
+    /// Whether `name` is served.
+    pub fn serves(&self, name: RuntimeName) -> bool {
+        self.enabled().contains(&name)
+    }
+
+    /// The allowed microvm directories, given the data directory.
+    pub fn image_dirs(&self, data_dir: &Path) -> Vec<PathBuf> {
+        self.image_dirs
+            .clone()
+            .unwrap_or_else(|| vec![data_dir.join(DEFAULT_IMAGE_DIR)])
+    }
+
+    fn check(&self) -> Result<(), ConfigError> {
+        let enabled = self.enabled();
+        for (i, name) in enabled.iter().enumerate() {
+            if enabled[..i].contains(name) {
+                return Err(err(
+                    format!("vm.runtimes[{i}]"),
+                    format!("{name:?} is listed twice"),
+                ));
+            }
+        }
+        let named = match self.runtime {
+            RuntimeChoice::Auto => None,
+            RuntimeChoice::Process => Some(RuntimeName::Process),
+            RuntimeChoice::Microvm => Some(RuntimeName::Microvm),
+        };
+        if let Some(name) = named
+            && !enabled.contains(&name)
+        {
+            let word = if name == RuntimeName::Process {
+                "process"
+            } else {
+                "microvm"
+            };
+            return Err(err(
+                "vm.runtime",
+                format!(
+                    "{word:?} is not among vm.runtimes ({enabled:?}); add it there to serve it{}",
+                    if name == RuntimeName::Process {
+                        " (the process runtime runs host programs: enable it only where that is intended)"
+                    } else {
+                        ""
+                    }
+                ),
+            ));
+        }
+        if let Some(user) = &self.process_user {
+            if user.is_empty() || user.contains([':', '/', '\n']) {
+                return Err(err(
+                    "vm.process_user",
+                    format!("{user:?} is not a user name"),
+                ));
+            }
+            if user == "root" {
+                return Err(err(
+                    "vm.process_user",
+                    "workloads never run as root: name an unprivileged user (default \"nobody\")",
+                ));
+            }
+        }
+        if let Some(dirs) = &self.image_dirs {
+            for (i, dir) in dirs.iter().enumerate() {
+                if !dir.is_absolute() {
+                    return Err(err(
+                        format!("vm.image_dirs[{i}]"),
+                        format!("{} is not an absolute path", dir.display()),
+                    ));
+                }
+                if dir == Path::new("/") {
+                    return Err(err(
+                        format!("vm.image_dirs[{i}]"),
+                        "\"/\" would let a VM boot from or write to any host file; name a directory of images",
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 /// `[limits]`: overrides of the transports' named limits; a key left out
@@ -465,6 +590,7 @@ impl Config {
             return Err(err("capacity.vcpus", "must be at least 1"));
         }
         self.limits.check()?;
+        self.vm.check()?;
         if self.capacity.memory_mib < 16 {
             return Err(err("capacity.memory_mib", "must be at least 16 (MiB)"));
         }
@@ -585,6 +711,7 @@ mod tests {
             vcpus = 8
             memory_mib = 16384
             [vm]
+            runtimes = ["process"]
             runtime = "process"
             [transport]
             mode = "dual"
@@ -639,6 +766,14 @@ mod tests {
             e.starts_with("cluster.join[0].grpc") && e.contains("TLS only"),
             "{e}"
         );
+        let e = error_of("[vm]\nruntime = \"process\"\n");
+        assert!(e.starts_with("vm.runtime") && e.contains("runtimes"), "{e}");
+        let e = error_of("[vm]\nruntimes = [\"process\"]\nprocess_user = \"root\"\n");
+        assert!(e.starts_with("vm.process_user"), "{e}");
+        let e = error_of("[vm]\nimage_dirs = [\"/\"]\n");
+        assert!(e.starts_with("vm.image_dirs[0]"), "{e}");
+        let e = error_of("[vm]\nimage_dirs = [\"images\"]\n");
+        assert!(e.starts_with("vm.image_dirs[0]"), "{e}");
         let e = error_of("[limits]\nconnections_per_ip = 0\n");
         assert!(e.starts_with("limits.connections_per_ip"), "{e}");
         let e = error_of("[limits]\nin_flight_bytes_per_peer = 1000\n");

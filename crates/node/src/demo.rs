@@ -137,6 +137,8 @@ vcpus = 4
 memory_mib = 4096
 
 [vm]
+# The demo runs its workloads as host processes (as `nobody` when root).
+runtimes = ["process"]
 runtime = "process"
 
 [transport]

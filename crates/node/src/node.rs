@@ -42,9 +42,11 @@ use tern_services::health::HealthService;
 use tern_services::monitoring::Monitoring;
 use tern_services::node_info::NodeInfo;
 use tern_services::reconciler::{Reconciler, ReconcilerConfig};
-use tern_services::runtime::microvm::{DEFAULT_QEMU, MicrovmRuntime, qemu_available};
-use tern_services::runtime::process::ProcessRuntime;
-use tern_services::runtime::{Runtime, RuntimeKind};
+use tern_services::runtime::microvm::{
+    DEFAULT_QEMU, MicrovmConfig, MicrovmRuntime, qemu_available,
+};
+use tern_services::runtime::process::{ProcessRuntime, RunAs};
+use tern_services::runtime::{RestartPolicy, Runtime, RuntimeKind};
 use tern_services::status::StatusService;
 use tern_services::vm::VmService;
 use tern_store::{Capacity, Member};
@@ -53,7 +55,10 @@ use tern_transport_grpc::{GrpcTransport, ServerConfig};
 use tern_transport_iroh::{IrohConfig, IrohTransport, load_or_create_secret_key};
 use tokio::sync::watch;
 
-use crate::config::{Checked, ConfigError, RuntimeChoice, prepare_data_dir};
+use crate::config::{
+    Checked, ConfigError, DEFAULT_PROCESS_USER, RuntimeChoice, RuntimeName, VmConfig,
+    prepare_data_dir,
+};
 use crate::consensus::RaftConsensus;
 
 /// The file in the data directory where a running node writes its
@@ -268,17 +273,83 @@ async fn stopped(mut stop: watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
 }
 
-fn runtimes(choice: RuntimeChoice, vms: &Path) -> (RuntimeKind, Vec<Arc<dyn Runtime>>) {
-    let process: Arc<dyn Runtime> = Arc::new(ProcessRuntime::new(vms.join("process")));
-    let microvm = || -> Arc<dyn Runtime> { Arc::new(MicrovmRuntime::new(vms.join("microvm"))) };
-    match choice {
-        RuntimeChoice::Process => (RuntimeKind::Process, vec![process]),
-        RuntimeChoice::Microvm => (RuntimeKind::Microvm, vec![microvm(), process]),
-        RuntimeChoice::Auto if qemu_available(Path::new(DEFAULT_QEMU)) => {
-            (RuntimeKind::Microvm, vec![microvm(), process])
+/// The runtimes `vm` enables, and the default kind for specs naming none.
+/// The process runtime exists only when enabled, and runs workloads as
+/// `vm.process_user` (default `nobody`) when the node is root; microvm
+/// files are confined to `vm.image_dirs`.
+fn runtimes(
+    vm: &VmConfig,
+    vms: &Path,
+    data_dir: &Path,
+) -> Result<(RuntimeKind, Vec<Arc<dyn Runtime>>), StartError> {
+    let mut out: Vec<Arc<dyn Runtime>> = Vec::new();
+    let mut kinds = Vec::new();
+    for name in vm.enabled() {
+        match name {
+            RuntimeName::Microvm => {
+                let config = MicrovmConfig {
+                    allowed_dirs: Some(vm.image_dirs(data_dir)),
+                    ..MicrovmConfig::default()
+                };
+                if !qemu_available(Path::new(DEFAULT_QEMU)) {
+                    tracing::warn!(
+                        "the microvm runtime is enabled but QEMU is not installed; VMs placed here will fail until it is"
+                    );
+                }
+                out.push(Arc::new(MicrovmRuntime::with_config(
+                    vms.join("microvm"),
+                    config,
+                )));
+                kinds.push(RuntimeKind::Microvm);
+            }
+            RuntimeName::Process => {
+                let run_as = process_user(vm)?;
+                match &run_as {
+                    Some(r) => {
+                        tracing::info!(user = %r.user, uid = r.uid, "the process runtime is enabled; workloads run as this user")
+                    }
+                    None => tracing::warn!(
+                        "the process runtime is enabled; workloads run as the node's own (non-root) user"
+                    ),
+                }
+                out.push(Arc::new(ProcessRuntime::with_options(
+                    vms.join("process"),
+                    RestartPolicy::default(),
+                    run_as,
+                )));
+                kinds.push(RuntimeKind::Process);
+            }
         }
-        RuntimeChoice::Auto => (RuntimeKind::Process, vec![process]),
     }
+    let default = match vm.runtime {
+        RuntimeChoice::Process => RuntimeKind::Process,
+        RuntimeChoice::Microvm => RuntimeKind::Microvm,
+        RuntimeChoice::Auto => kinds.first().copied().unwrap_or(RuntimeKind::Microvm),
+    };
+    Ok((default, out))
+}
+
+/// The user process workloads run as: none when the node is not root (it
+/// cannot switch users, and its own user is not root); otherwise
+/// `vm.process_user`, `nobody` by default.
+fn process_user(vm: &VmConfig) -> Result<Option<RunAs>, StartError> {
+    let config_error = |reason: String| {
+        StartError::Config(ConfigError {
+            file: None,
+            key: "vm.process_user".into(),
+            reason,
+        })
+    };
+    if !rustix::process::getuid().is_root() {
+        return match &vm.process_user {
+            None => Ok(None),
+            Some(user) => Err(config_error(format!(
+                "{user:?} needs the node to run as root to switch users; remove the key to run workloads as the node's own user"
+            ))),
+        };
+    }
+    let user = vm.process_user.as_deref().unwrap_or(DEFAULT_PROCESS_USER);
+    RunAs::lookup(user).map(Some).map_err(config_error)
 }
 
 impl Node {
@@ -462,7 +533,7 @@ impl Node {
             router: router.clone(),
             started,
         });
-        let (default_kind, runtimes) = runtimes(config.vm.runtime, &data_dir.join(VMS_DIR));
+        let (default_kind, runtimes) = runtimes(&config.vm, &data_dir.join(VMS_DIR), &data_dir)?;
         let health_service = HealthService::new(consensus_dyn.clone(), facts.clone());
         let status_service = StatusService::new(consensus_dyn.clone(), facts.clone());
         let vm_service = VmService::new(consensus_dyn.clone(), default_kind);

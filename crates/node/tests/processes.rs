@@ -191,6 +191,7 @@ grpc = "127.0.0.1:0"
 iroh = "127.0.0.1:0"
 metrics = "127.0.0.1:0"
 [vm]
+runtimes = ["process"]
 runtime = "process"
 [capacity]
 vcpus = 4

@@ -395,3 +395,48 @@ async fn invalid_specs_are_rejected_naming_the_field() {
     })
     .await;
 }
+
+/// A workload started by a root node with a [`RunAs`] user runs as that
+/// user, never as root, and its output still reaches the log the node
+/// opened. (Not root: switching users must fail at spawn, not run the
+/// workload as the node's user.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workloads_run_as_the_configured_user() {
+    let dir = tempfile::tempdir().unwrap();
+    let _guard = KillOnDrop::new(dir.path());
+    bounded(async {
+        let nobody = tern_services::runtime::RunAs::lookup("nobody").unwrap();
+        let rt = ProcessRuntime::with_options(
+            dir.path(),
+            tern_services::runtime::RestartPolicy::default(),
+            Some(nobody.clone()),
+        );
+        let spec = spec(
+            "who",
+            "echo uid=$(id -u) gid=$(id -g) cwd=$(pwd); exec sleep 600",
+        );
+        let started = rt.start("vm-who", &spec).await;
+        if rustix::process::getuid().is_root() {
+            assert!(
+                matches!(started, Ok(Started::Spawned { .. })),
+                "{started:?}"
+            );
+            let log = dir.path().join("vm-who/workload.log");
+            let expected = format!("uid={} gid={} cwd=/", nobody.uid, nobody.gid);
+            wait_for(WAIT, "the workload's identity in its log", || {
+                log_contains(&log, &expected)
+            })
+            .await;
+            rt.stop("vm-who", std::time::Duration::from_secs(5))
+                .await
+                .unwrap();
+        } else {
+            let observed = rt.status("vm-who").await;
+            assert!(
+                started.is_err() || !matches!(observed.map(|o| o.state), Ok(RunState::Running)),
+                "a non-root node switched users"
+            );
+        }
+    })
+    .await;
+}

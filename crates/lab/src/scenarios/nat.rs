@@ -322,7 +322,9 @@ fn node_config(
             "join = [{{ id = \"{id}\", iroh = [\"{addr}\"] }}]\n"
         ));
     }
-    text.push_str("\n[vm]\nruntime = \"process\"\n\n[transport]\nmode = \"iroh\"\n");
+    text.push_str(
+        "\n[vm]\nruntimes = [\"process\"]\nruntime = \"process\"\n\n[transport]\nmode = \"iroh\"\n",
+    );
     text
 }
 

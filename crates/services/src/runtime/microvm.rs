@@ -41,7 +41,7 @@ use tokio::sync::OnceCell;
 
 use super::pidfile::ProcessIdentity;
 use super::qmp::{QmpClient, QmpError, RunStatus};
-use super::spec::RuntimeKind;
+use super::spec::{self, RuntimeKind, SpecError, SpecField};
 use super::supervisor::{RestartPolicy, Supervisor, Workload, last_line};
 use super::{Observed, Recovered, RunState, Runtime, RuntimeError, Started, VmSpec};
 
@@ -123,6 +123,10 @@ pub struct MicrovmConfig {
     pub accel: AccelChoice,
     /// When to restart a QEMU that failed.
     pub restart: RestartPolicy,
+    /// Directories the kernel, initrd and image must lie in (after
+    /// resolving symlinks); `None` allows any readable file (for tests and
+    /// tools; a node always sets it).
+    pub allowed_dirs: Option<Vec<PathBuf>>,
 }
 
 impl Default for MicrovmConfig {
@@ -131,6 +135,7 @@ impl Default for MicrovmConfig {
             qemu: PathBuf::from(DEFAULT_QEMU),
             accel: AccelChoice::Auto,
             restart: RestartPolicy::default(),
+            allowed_dirs: None,
         }
     }
 }
@@ -155,6 +160,7 @@ impl MicrovmRuntime {
             choice: config.accel,
             accel: OnceCell::new(),
             probe_dir: root.join(".kvm-probe"),
+            allowed_dirs: config.allowed_dirs,
         };
         MicrovmRuntime {
             supervisor: Supervisor::new(root, workload, config.restart),
@@ -257,9 +263,25 @@ struct MicrovmWorkload {
     choice: AccelChoice,
     accel: OnceCell<Accel>,
     probe_dir: PathBuf,
+    allowed_dirs: Option<Vec<PathBuf>>,
 }
 
 impl MicrovmWorkload {
+    /// The kernel, initrd and image must lie in the allowed directories.
+    fn check_paths(&self, spec: &VmSpec) -> Result<(), SpecError> {
+        let Some(allowed) = &self.allowed_dirs else {
+            return Ok(());
+        };
+        spec::require_allowed(SpecField::Kernel, &spec.kernel, allowed)?;
+        if !spec.initrd.is_empty() {
+            spec::require_allowed(SpecField::Initrd, &spec.initrd, allowed)?;
+        }
+        if !spec.image.is_empty() {
+            spec::require_allowed(SpecField::Image, &spec.image, allowed)?;
+        }
+        Ok(())
+    }
+
     async fn accel_for(&self, kernel: &str) -> Accel {
         *self
             .accel
@@ -371,6 +393,7 @@ impl Workload for MicrovmWorkload {
         spec: &'a VmSpec,
     ) -> BoxFuture<'a, Result<Command, RuntimeError>> {
         Box::pin(async move {
+            self.check_paths(spec)?;
             let socket = vm_dir.join(QMP_SOCKET_NAME);
             if socket.as_os_str().len() > MAX_SOCKET_PATH {
                 return Err(RuntimeError::Spawn {
@@ -460,7 +483,11 @@ impl Workload for MicrovmWorkload {
 
     fn prepare<'a>(&'a self, spec: &'a VmSpec) -> BoxFuture<'a, ()> {
         Box::pin(async move {
-            self.accel_for(&spec.kernel).await;
+            // A kernel outside the allowed directories is never booted, not
+            // even by the KVM probe; the start then fails naming it.
+            if self.check_paths(spec).is_ok() {
+                self.accel_for(&spec.kernel).await;
+            }
         })
     }
 

@@ -51,7 +51,7 @@ use tern_protocol::BoxFuture;
 pub use tern_protocol::pb::VmSpec;
 
 pub use microvm::{Accel, AccelChoice, MicrovmConfig, MicrovmRuntime};
-pub use process::ProcessRuntime;
+pub use process::{ProcessRuntime, RunAs};
 pub use spec::{RuntimeKind, SpecError, SpecField, validate};
 pub use supervisor::{
     ADOPTED_POLL_INTERVAL, DEFAULT_INITIAL_BACKOFF, DEFAULT_MAX_BACKOFF, DEFAULT_MAX_RESTARTS,

@@ -7,8 +7,17 @@
 //! environment and runs in the VM's state directory. A stop sends SIGTERM
 //! to the whole process group, then SIGKILL once the grace has passed.
 //!
+//! With a [`RunAs`] user (a node running as root always sets one; see the
+//! node's `vm.process_user`), the workload runs under that user's uid and
+//! gid with no supplementary groups, in `/` (the node's data directory is
+//! usually private to the node, so the user could not enter the VM's state
+//! directory; and it must not write there: the pidfile and log the node
+//! trusts live in it). Its output still reaches `workload.log` through the
+//! descriptors the node opened.
+//!
 //! `vcpus` and `memory_mib` are validated but not enforced: the process
-//! runtime is for machines without KVM and for demos, not isolation.
+//! runtime is for machines without KVM and for demos, not isolation. A node
+//! serves it only when its config enables it (`vm.runtimes`).
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -26,6 +35,56 @@ use super::{Observed, Recovered, Runtime, RuntimeError, Started, VmSpec};
 /// Name of the workload's log file in its VM directory.
 pub const LOG_FILE_NAME: &str = "workload.log";
 
+/// The unprivileged user workloads run as.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunAs {
+    /// The user's name, for messages.
+    pub user: String,
+    /// Its uid.
+    pub uid: u32,
+    /// Its primary gid.
+    pub gid: u32,
+}
+
+impl RunAs {
+    /// Looks `user` up in `/etc/passwd`. Refuses root (uid 0): the point is
+    /// never to run workloads as root.
+    pub fn lookup(user: &str) -> Result<RunAs, String> {
+        let passwd = std::fs::read_to_string("/etc/passwd")
+            .map_err(|e| format!("cannot read /etc/passwd to find user {user:?}: {e}"))?;
+        RunAs::from_passwd(user, &passwd)
+    }
+
+    /// Looks `user` up in the text of a passwd file.
+    pub fn from_passwd(user: &str, passwd: &str) -> Result<RunAs, String> {
+        for line in passwd.lines() {
+            let fields: Vec<&str> = line.split(':').collect();
+            if fields.len() < 4 || fields[0] != user {
+                continue;
+            }
+            let uid: u32 = fields[2]
+                .parse()
+                .map_err(|_| format!("user {user:?} has an unreadable uid {:?}", fields[2]))?;
+            let gid: u32 = fields[3]
+                .parse()
+                .map_err(|_| format!("user {user:?} has an unreadable gid {:?}", fields[3]))?;
+            if uid == 0 || gid == 0 {
+                return Err(format!(
+                    "user {user:?} is root (uid {uid}, gid {gid}); workloads never run as root: name an unprivileged user"
+                ));
+            }
+            return Ok(RunAs {
+                user: user.to_owned(),
+                uid,
+                gid,
+            });
+        }
+        Err(format!(
+            "no user {user:?} on this machine (create it, or name another)"
+        ))
+    }
+}
+
 /// The `process` runtime.
 pub struct ProcessRuntime {
     supervisor: Supervisor<ProcessWorkload>,
@@ -33,20 +92,32 @@ pub struct ProcessRuntime {
 
 impl ProcessRuntime {
     /// A process runtime keeping its state under `state_dir` (one directory
-    /// per VM), with the default [`RestartPolicy`].
+    /// per VM), with the default [`RestartPolicy`], running workloads as
+    /// the node's own user.
     pub fn new(state_dir: impl Into<PathBuf>) -> Self {
         ProcessRuntime::with_policy(state_dir, RestartPolicy::default())
     }
 
     /// A process runtime with a custom restart policy.
     pub fn with_policy(state_dir: impl Into<PathBuf>, policy: RestartPolicy) -> Self {
+        ProcessRuntime::with_options(state_dir, policy, None)
+    }
+
+    /// A process runtime running workloads as `run_as` (when given).
+    pub fn with_options(
+        state_dir: impl Into<PathBuf>,
+        policy: RestartPolicy,
+        run_as: Option<RunAs>,
+    ) -> Self {
         ProcessRuntime {
-            supervisor: Supervisor::new(state_dir.into(), ProcessWorkload, policy),
+            supervisor: Supervisor::new(state_dir.into(), ProcessWorkload { run_as }, policy),
         }
     }
 }
 
-struct ProcessWorkload;
+struct ProcessWorkload {
+    run_as: Option<RunAs>,
+}
 
 impl Workload for ProcessWorkload {
     fn kind(&self) -> RuntimeKind {
@@ -91,6 +162,14 @@ impl Workload for ProcessWorkload {
                 .stdin(Stdio::null())
                 .stdout(log)
                 .stderr(log_err);
+            if let Some(run_as) = &self.run_as {
+                // std drops supplementary groups when root sets a uid.
+                command
+                    .current_dir("/")
+                    .env("HOME", "/")
+                    .uid(run_as.uid)
+                    .gid(run_as.gid);
+            }
             Ok(command)
         })
     }
@@ -163,5 +242,47 @@ impl Runtime for ProcessRuntime {
         grace: Duration,
     ) -> BoxFuture<'a, Result<(), RuntimeError>> {
         Box::pin(self.supervisor.remove(vm_id, grace))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PASSWD: &str = "root:x:0:0:root:/root:/bin/bash\n\
+        nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n\
+        wheelie:x:1000:0:in group root:/home/w:/bin/sh\n\
+        broken:x:abc:1:b:/:/bin/sh\n";
+
+    #[test]
+    fn users_are_looked_up_and_root_is_refused() {
+        assert_eq!(
+            RunAs::from_passwd("nobody", PASSWD).unwrap(),
+            RunAs {
+                user: "nobody".into(),
+                uid: 65534,
+                gid: 65534
+            }
+        );
+        assert!(
+            RunAs::from_passwd("root", PASSWD)
+                .unwrap_err()
+                .contains("root")
+        );
+        assert!(
+            RunAs::from_passwd("wheelie", PASSWD)
+                .unwrap_err()
+                .contains("gid 0")
+        );
+        assert!(
+            RunAs::from_passwd("broken", PASSWD)
+                .unwrap_err()
+                .contains("uid")
+        );
+        assert!(
+            RunAs::from_passwd("ghost", PASSWD)
+                .unwrap_err()
+                .contains("no user")
+        );
     }
 }

@@ -6,7 +6,7 @@
 //! that does not exist can only fail later, inside QEMU, with a worse error.
 
 use std::fmt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use tern_protocol::pb::VmSpec;
 
@@ -233,6 +233,41 @@ fn validate_name(name: &str) -> Result<(), SpecError> {
     Ok(())
 }
 
+/// Checks that `path` (after resolving symlinks and `..`) lies inside one
+/// of `allowed` (directories, resolved the same way): how a node confines
+/// the host files a microvm may boot from or attach as a disk. The error
+/// names the field and the allowed directories.
+pub fn require_allowed(field: SpecField, path: &str, allowed: &[PathBuf]) -> Result<(), SpecError> {
+    let resolved = std::fs::canonicalize(path).map_err(|e| {
+        SpecError::new(
+            field,
+            format!("{path:?} cannot be resolved on this node: {e}"),
+        )
+    })?;
+    let inside = allowed.iter().any(|dir| {
+        std::fs::canonicalize(dir)
+            .map(|dir| resolved.starts_with(dir))
+            .unwrap_or(false)
+    });
+    if inside {
+        return Ok(());
+    }
+    let dirs: Vec<String> = allowed.iter().map(|d| d.display().to_string()).collect();
+    Err(SpecError::new(
+        field,
+        if dirs.is_empty() {
+            format!(
+                "{path:?} is not allowed: this node allows microvm files from no directory (set vm.image_dirs in its config)"
+            )
+        } else {
+            format!(
+                "{path:?} is outside the directories this node allows ({}; vm.image_dirs in its config)",
+                dirs.join(", ")
+            )
+        },
+    ))
+}
+
 fn require_file(field: SpecField, path: &str) -> Result<(), SpecError> {
     match std::fs::metadata(Path::new(path)) {
         Ok(meta) if meta.is_file() => Ok(()),
@@ -271,6 +306,33 @@ pub fn check_vm_id(vm_id: &str) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn microvm_files_must_lie_in_an_allowed_directory() {
+        let root = tempfile::tempdir().unwrap();
+        let images = root.path().join("images");
+        std::fs::create_dir(&images).unwrap();
+        let kernel = images.join("vmlinuz");
+        std::fs::write(&kernel, b"k").unwrap();
+        let outside = root.path().join("secret.img");
+        std::fs::write(&outside, b"s").unwrap();
+        let allowed = vec![images.clone()];
+        let path = |p: &Path| p.to_str().unwrap().to_owned();
+        require_allowed(SpecField::Kernel, &path(&kernel), &allowed).unwrap();
+        // Outside, directly, through `..`, and through a symlink placed
+        // inside the allowed directory: all refused, naming the field.
+        let e = require_allowed(SpecField::Image, &path(&outside), &allowed).unwrap_err();
+        assert_eq!(e.field, SpecField::Image);
+        assert!(e.to_string().contains("outside"), "{e}");
+        let dotdot = format!("{}/../secret.img", images.display());
+        assert!(require_allowed(SpecField::Image, &dotdot, &allowed).is_err());
+        let link = images.join("escape.img");
+        std::os::unix::fs::symlink(&outside, &link).unwrap();
+        assert!(require_allowed(SpecField::Image, &path(&link), &allowed).is_err());
+        // No directory allowed at all: refused, saying how to allow one.
+        let e = require_allowed(SpecField::Kernel, &path(&kernel), &[]).unwrap_err();
+        assert!(e.to_string().contains("vm.image_dirs"), "{e}");
+    }
 
     fn process_spec() -> VmSpec {
         VmSpec {
