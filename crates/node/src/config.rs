@@ -39,7 +39,7 @@
 //! connections_per_ip = 256             # gRPC: per remote IP address
 //! connections_per_peer = 32            # per proven node id (gRPC 32, iroh 16 by default)
 //! streams_per_connection = 1024        # gRPC: concurrent calls per connection
-//! in_flight_bytes_per_peer = 67108864  # iroh: request bytes one peer may have in flight
+//! in_flight_bytes_per_peer = 67108864  # request bytes one peer may have in flight (both)
 //! handshake_timeout_secs = 10          # gRPC: bound on a TLS handshake
 //! ```
 //!
@@ -366,7 +366,7 @@ pub struct LimitsConfig {
     pub connections_per_peer: Option<usize>,
     /// gRPC: concurrent streams per connection.
     pub streams_per_connection: Option<u32>,
-    /// iroh: request bytes one peer may have in flight.
+    /// Both transports: request bytes one peer may have in flight.
     pub in_flight_bytes_per_peer: Option<usize>,
     /// gRPC: seconds a TLS handshake may take.
     pub handshake_timeout_secs: Option<u64>,
@@ -433,6 +433,9 @@ impl LimitsConfig {
         }
         if let Some(secs) = self.handshake_timeout_secs {
             l.handshake_timeout = std::time::Duration::from_secs(secs);
+        }
+        if let Some(n) = self.in_flight_bytes_per_peer {
+            l.max_in_flight_bytes_per_peer = n;
         }
         l
     }

@@ -48,6 +48,7 @@
 //! - [`metrics`]: recording under the names shared with the iroh transport
 //!   ([`tern_protocol::metric_names`]), labelled `transport="grpc"`.
 //! - [`baseline`]: the same TLS for the benches' raw tonic baseline.
+//! - [`budget`]: request bytes in flight per peer, drawn as bodies are read.
 //! - `codec`: a pass-through codec for already-encoded messages.
 //! - `io`: counted TLS connections, their places under the connection
 //!   caps, the client's TLS connector, and the switch that aborts
@@ -83,6 +84,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub mod baseline;
+pub mod budget;
 pub mod client;
 mod codec;
 mod io;

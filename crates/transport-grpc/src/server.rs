@@ -38,6 +38,7 @@ use tonic::transport::Server;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
+use crate::budget::{BudgetBody, Budgets, HeldBytes};
 use crate::io::{ConnInfo, ConnKill, Counts, KillSwitch, Places, ServerConn};
 use crate::metrics::{self, AuthReason, Direction, InFlight, Outcome, Side};
 use crate::services::{
@@ -151,6 +152,8 @@ pub struct ServerLimits {
     pub anonymous_idle_timeout: Duration,
     /// See [`ANONYMOUS_MAX_AGE`].
     pub anonymous_max_age: Duration,
+    /// See [`crate::budget::MAX_IN_FLIGHT_BYTES_PER_PEER`].
+    pub max_in_flight_bytes_per_peer: usize,
 }
 
 impl Default for ServerLimits {
@@ -163,6 +166,7 @@ impl Default for ServerLimits {
             handshake_timeout: HANDSHAKE_TIMEOUT,
             anonymous_idle_timeout: ANONYMOUS_IDLE_TIMEOUT,
             anonymous_max_age: ANONYMOUS_MAX_AGE,
+            max_in_flight_bytes_per_peer: crate::budget::MAX_IN_FLIGHT_BYTES_PER_PEER,
         }
     }
 }
@@ -198,6 +202,14 @@ impl RefusalLog {
 /// Pause after a failed `accept` (e.g. out of file descriptors) before
 /// trying again, so the accept loop does not spin.
 const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(100);
+
+/// After a shutdown begins, the server answers new Tern calls "shutting
+/// down" (never run, `PeerShuttingDown` at the caller) over connections
+/// still open for this long before it closes the idle ones, so a caller
+/// learns of the shutdown from an answer rather than from a connection
+/// reset racing its request (which it could only report as "may have been
+/// delivered").
+pub const DRAIN_ANNOUNCE: Duration = Duration::from_millis(200);
 
 /// After the drain deadline the remaining connections are aborted; this
 /// bounds how long shutdown then waits for the server task to notice.
@@ -320,6 +332,8 @@ struct ServerState {
     handler: Arc<dyn Handler>,
     draining: AtomicBool,
     refusals: RefusalLog,
+    budgets: Budgets,
+    bytes_per_peer: usize,
 }
 
 /// The authenticated caller, put in request extensions by [`AuthLayer`].
@@ -364,6 +378,8 @@ impl GrpcServer {
             handler,
             draining: AtomicBool::new(false),
             refusals: RefusalLog::default(),
+            budgets: Budgets::new(config.limits.max_in_flight_bytes_per_peer),
+            bytes_per_peer: config.limits.max_in_flight_bytes_per_peer,
         });
         let (reporter, health_service) = tonic_health::server::health_reporter();
         let health = HealthHandle { reporter };
@@ -506,6 +522,7 @@ impl GrpcServer {
         self.health.set_all(false).await;
         // No new connections: the listener closes with the accept loop.
         self.accept.abort();
+        tokio::time::sleep(DRAIN_ANNOUNCE.min(drain)).await;
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
@@ -767,6 +784,9 @@ impl Services {
             .get("grpc-timeout")
             .and_then(parse_grpc_timeout)
             .and_then(|t| started.checked_add(t));
+        // The request's bytes stay counted against the peer until the
+        // handler has answered.
+        let _held = request.extensions().get::<HeldBytes>().cloned();
         let payload = Bytes::from(request.into_inner().encode_to_vec());
         metrics::message(Direction::Received, payload.len());
         let ctx = RequestContext {
@@ -872,13 +892,15 @@ struct AuthService<S> {
 
 type ResponseFuture<R, E> = Pin<Box<dyn Future<Output = Result<R, E>> + Send>>;
 
-impl<S, B, R> tower::Service<http::Request<B>> for AuthService<S>
+impl<S, R> tower::Service<http::Request<tonic::body::Body>> for AuthService<S>
 where
-    S: tower::Service<http::Request<B>, Response = http::Response<R>> + Clone + Send + 'static,
+    S: tower::Service<http::Request<tonic::body::Body>, Response = http::Response<R>>
+        + Clone
+        + Send
+        + 'static,
     S::Future: Send + 'static,
     S::Error: Send + 'static,
     R: Default + Send + 'static,
-    B: Send + 'static,
 {
     type Response = http::Response<R>;
     type Error = S::Error;
@@ -888,7 +910,7 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
+    fn call(&mut self, mut req: http::Request<tonic::body::Body>) -> Self::Future {
         let info = req.extensions().get::<ConnInfo>().cloned();
         let activity = info.as_ref().map(|i| i.activity.start());
         let tern_method = req.uri().path().starts_with(TERN_PATH_PREFIX);
@@ -925,6 +947,19 @@ where
         }
         if let Some(peer) = caller {
             req.extensions_mut().insert(Caller(peer));
+            if tern_method {
+                // The body draws on the peer's byte budget as it is read;
+                // the bytes are given back when the call is done.
+                let budget = self.state.budgets.of(peer);
+                let limit = self.state.bytes_per_peer;
+                let mut held = HeldBytes::default();
+                req = req.map(|body| {
+                    let (body, h) = BudgetBody::new(body, budget, limit);
+                    held = h;
+                    tonic::body::Body::new(body)
+                });
+                req.extensions_mut().insert(held);
+            }
         }
         let fut = self.inner.call(req);
         Box::pin(async move {
