@@ -436,36 +436,41 @@ pub fn server_config(identity: &TlsIdentity) -> Result<rustls::ServerConfig, Con
     Ok(config)
 }
 
-/// The client side: TLS 1.3 only, ALPN `h2`, the node's certificate as
-/// client certificate, and a verifier that accepts exactly `expected`.
-pub fn client_config(
-    identity: &TlsIdentity,
+/// A client configuration pinned to `expected`: TLS 1.3 only, ALPN `h2`,
+/// no SNI, no resumption; `cert` is the client certificate and its key,
+/// or `None` for an anonymous client.
+fn pinned_client(
     expected: PeerId,
+    cert: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
 ) -> Result<rustls::ClientConfig, ConfigError> {
-    let (chain, key) = identity.chain_and_key();
-    let mut config = rustls::ClientConfig::builder_with_provider(provider())
+    let builder = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(PinnedServer { expected }))
-        .with_client_auth_cert(chain, key)?;
+        .with_custom_certificate_verifier(Arc::new(PinnedServer { expected }));
+    let mut config = match cert {
+        Some((chain, key)) => builder.with_client_auth_cert(chain, key)?,
+        None => builder.with_no_client_auth(),
+    };
     config.alpn_protocols = vec![ALPN_H2.to_vec()];
     config.enable_sni = false;
     config.resumption = rustls::client::Resumption::disabled();
     Ok(config)
 }
 
+/// The client side: the node's certificate as client certificate, and a
+/// verifier that accepts exactly `expected`.
+pub fn client_config(
+    identity: &TlsIdentity,
+    expected: PeerId,
+) -> Result<rustls::ClientConfig, ConfigError> {
+    pinned_client(expected, Some(identity.chain_and_key()))
+}
+
 /// A client configuration with no client certificate, pinned to
 /// `expected`: what a stock tool has, for tools and tests that must reach
 /// a node anonymously (health and reflection only).
 pub fn anonymous_client_config(expected: PeerId) -> Result<rustls::ClientConfig, ConfigError> {
-    let mut config = rustls::ClientConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(PinnedServer { expected }))
-        .with_no_client_auth();
-    config.alpn_protocols = vec![ALPN_H2.to_vec()];
-    config.enable_sni = false;
-    Ok(config)
+    pinned_client(expected, None)
 }
 
 /// A client configuration that presents `chain` and `key` as they are (no
@@ -476,14 +481,7 @@ pub fn client_config_with_cert(
     key: PrivateKeyDer<'static>,
     expected: PeerId,
 ) -> Result<rustls::ClientConfig, ConfigError> {
-    let mut config = rustls::ClientConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(PinnedServer { expected }))
-        .with_client_auth_cert(chain, key)?;
-    config.alpn_protocols = vec![ALPN_H2.to_vec()];
-    config.enable_sni = false;
-    Ok(config)
+    pinned_client(expected, Some((chain, key)))
 }
 
 /// Finds a [`WrongPeer`] in an error's chain of causes.
