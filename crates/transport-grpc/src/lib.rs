@@ -2,8 +2,9 @@
 //! standard health and reflection services.
 //!
 //! A node serves its [`tern_protocol::Handler`] (usually a
-//! [`tern_protocol::Dispatcher`]) through typed tonic services generated
-//! from the protocol crate's `.proto` schemas, and calls other nodes through
+//! [`tern_protocol::Dispatcher`]) under the gRPC names of the protocol
+//! crate's `.proto` schemas (each message passed through as its encoded
+//! bytes, so the handler decodes once, as over iroh), and calls other nodes through
 //! [`GrpcClient`], an [`tern_protocol::RpcClient`]. Services never learn that
 //! gRPC carried a call: they see the same [`tern_protocol::RequestContext`]
 //! as over iroh, with the caller's authenticated id.
@@ -38,7 +39,7 @@
 //!
 //! # Layout
 //!
-//! - [`server`]: [`GrpcServer`], the typed services that dispatch into the
+//! - [`server`]: [`GrpcServer`], the Tern services that dispatch into the
 //!   handler, the authentication middleware, health and reflection, and
 //!   graceful shutdown.
 //! - [`client`]: [`GrpcClient`], pooled channels per peer with a separate

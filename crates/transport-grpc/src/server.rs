@@ -1,4 +1,5 @@
-//! The serving side: typed tonic services that dispatch into one
+//! The serving side: the Tern services (messages passed through as bytes)
+//! that dispatch into one
 //! [`Handler`], the standard health and reflection services, caller
 //! authentication, limits, and graceful shutdown.
 //!
@@ -26,7 +27,6 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use futures::StreamExt as _;
 use http::HeaderValue;
-use prost::Message;
 use tern_protocol::frame::DEFAULT_MAX_PAYLOAD;
 use tern_protocol::{
     Handler, Method, PeerId, Priority, RequestContext, ServiceId, Status, TransportKind, pb,
@@ -39,11 +39,9 @@ use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
 use crate::budget::{BudgetBody, Budgets, HeldBytes};
+use crate::codec::RawCodec;
 use crate::io::{ConnInfo, ConnKill, Counts, KillSwitch, Places, ServerConn};
 use crate::metrics::{self, AuthReason, Direction, InFlight, Outcome, Side};
-use crate::services::{
-    cluster_server, health_server, monitoring_server, raft_server, status_server, vm_server,
-};
 use crate::tls::{self, TlsIdentity};
 
 /// Metadata key: the caller's priority class (`0`..`3`, see
@@ -418,36 +416,12 @@ impl GrpcServer {
             .layer(AuthLayer {
                 state: state.clone(),
             })
-            .add_service(
-                health_server::HealthServer::from_arc(services.clone())
-                    .max_decoding_message_size(max)
-                    .max_encoding_message_size(max),
-            )
-            .add_service(
-                status_server::StatusServer::from_arc(services.clone())
-                    .max_decoding_message_size(max)
-                    .max_encoding_message_size(max),
-            )
-            .add_service(
-                vm_server::VmServer::from_arc(services.clone())
-                    .max_decoding_message_size(max)
-                    .max_encoding_message_size(max),
-            )
-            .add_service(
-                monitoring_server::MonitoringServer::from_arc(services.clone())
-                    .max_decoding_message_size(max)
-                    .max_encoding_message_size(max),
-            )
-            .add_service(
-                cluster_server::ClusterServer::from_arc(services.clone())
-                    .max_decoding_message_size(max)
-                    .max_encoding_message_size(max),
-            )
-            .add_service(
-                raft_server::RaftServer::from_arc(services)
-                    .max_decoding_message_size(max)
-                    .max_encoding_message_size(max),
-            )
+            .add_service(TernService::<HealthName>::new(services.clone(), max))
+            .add_service(TernService::<StatusName>::new(services.clone(), max))
+            .add_service(TernService::<VmName>::new(services.clone(), max))
+            .add_service(TernService::<MonitoringName>::new(services.clone(), max))
+            .add_service(TernService::<ClusterName>::new(services.clone(), max))
+            .add_service(TernService::<RaftName>::new(services, max))
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha);
@@ -726,7 +700,7 @@ async fn watch_anonymous(
     }
 }
 
-/// The six typed services, all dispatching into the one handler.
+/// What the six Tern services share: the one handler.
 pub(crate) struct Services {
     state: Arc<ServerState>,
 }
@@ -761,15 +735,14 @@ pub(crate) fn to_tonic(status: Status) -> tonic::Status {
 }
 
 impl Services {
-    async fn dispatch<Req, Resp>(
+    /// Runs one call: the encoded request goes to the handler unchanged and
+    /// its encoded answer comes back unchanged (no decode and re-encode on
+    /// the way: the handler decodes, as it does for iroh).
+    async fn dispatch(
         &self,
-        request: tonic::Request<Req>,
+        request: tonic::Request<Bytes>,
         method: &'static Method,
-    ) -> Result<tonic::Response<Resp>, tonic::Status>
-    where
-        Req: Message,
-        Resp: Message + Default,
-    {
+    ) -> Result<tonic::Response<Bytes>, tonic::Status> {
         let started = Instant::now();
         let _in_flight = InFlight::start(Side::Server);
         let Some(Caller(peer)) = request.extensions().get::<Caller>().copied() else {
@@ -787,7 +760,7 @@ impl Services {
         // The request's bytes stay counted against the peer until the
         // handler has answered.
         let _held = request.extensions().get::<HeldBytes>().cloned();
-        let payload = Bytes::from(request.into_inner().encode_to_vec());
+        let payload = request.into_inner();
         metrics::message(Direction::Received, payload.len());
         let ctx = RequestContext {
             peer,
@@ -804,67 +777,124 @@ impl Services {
         match result {
             Ok(bytes) => {
                 metrics::message(Direction::Sent, bytes.len());
-                Resp::decode(bytes).map(tonic::Response::new).map_err(|e| {
-                    tracing::error!(method = %method.label(), error = %e, "a service answered with bytes that are not its response type");
-                    tonic::Status::internal(format!(
-                        "the {} service answered with an undecodable response: {e}",
-                        method.label()
-                    ))
-                })
+                Ok(tonic::Response::new(bytes))
             }
             Err(status) => Err(to_tonic(status)),
         }
     }
 }
 
-/// Implements one generated service trait by dispatching each method.
-macro_rules! serve {
-    ($service:ident :: $trait:ident { $( $fn:ident ( $req:ident ) -> $resp:ident = $method:ident ; )* }) => {
-        #[tonic::async_trait]
-        impl $service::$trait for Services {
-            $(
-                async fn $fn(
-                    &self,
-                    request: tonic::Request<pb::$req>,
-                ) -> Result<tonic::Response<pb::$resp>, tonic::Status> {
-                    self.dispatch(request, tern_protocol::catalog::methods::$method).await
-                }
-            )*
-        }
+/// The gRPC name of each Tern service, as a type, so that one generic
+/// service serves them all under their names.
+trait ServiceName: Send + Sync + 'static {
+    const NAME: &'static str;
+}
+
+macro_rules! service_names {
+    ($($ty:ident = $name:literal;)*) => {
+        $(
+            struct $ty;
+            impl ServiceName for $ty {
+                const NAME: &'static str = $name;
+            }
+        )*
     };
 }
 
-serve!(health_server::Health {
-    check(HealthCheckRequest) -> HealthCheckResponse = HEALTH_CHECK;
-});
-serve!(status_server::Status {
-    get(StatusRequest) -> NodeStatus = STATUS_GET;
-});
-serve!(vm_server::Vm {
-    create(CreateVmRequest) -> VmRecord = VM_CREATE;
-    start(VmActionRequest) -> VmRecord = VM_START;
-    stop(VmActionRequest) -> VmRecord = VM_STOP;
-    delete(VmActionRequest) -> VmRecord = VM_DELETE;
-    list(ListVmsRequest) -> ListVmsResponse = VM_LIST;
-    get(GetVmRequest) -> VmRecord = VM_GET;
-    migrate(MigrateVmRequest) -> VmRecord = VM_MIGRATE;
-});
-serve!(monitoring_server::Monitoring {
-    metrics(MetricsRequest) -> MetricsResponse = MONITORING_METRICS;
-});
-serve!(cluster_server::Cluster {
-    join(JoinRequest) -> JoinResponse = CLUSTER_JOIN;
-    leave(LeaveRequest) -> LeaveResponse = CLUSTER_LEAVE;
-    members(MembersRequest) -> MembersResponse = CLUSTER_MEMBERS;
-    meta_put(MetaPutRequest) -> MetaPutResponse = CLUSTER_META_PUT;
-    meta_get(MetaGetRequest) -> MetaGetResponse = CLUSTER_META_GET;
-});
-serve!(raft_server::Raft {
-    vote(RaftPayload) -> RaftPayload = RAFT_VOTE;
-    append_entries(RaftPayload) -> RaftPayload = RAFT_APPEND_ENTRIES;
-    snapshot(SnapshotChunk) -> RaftPayload = RAFT_SNAPSHOT;
-    propose(RaftPayload) -> RaftPayload = RAFT_PROPOSE;
-});
+service_names! {
+    HealthName = "tern.v1.Health";
+    StatusName = "tern.v1.Status";
+    VmName = "tern.v1.Vm";
+    MonitoringName = "tern.v1.Monitoring";
+    ClusterName = "tern.v1.Cluster";
+    RaftName = "tern.v1.Raft";
+}
+
+/// One Tern service over gRPC: every method of the catalogue under its
+/// name, each a unary call whose message passes to the handler as the
+/// encoded bytes it arrived as (the wire is what the generated servers
+/// read; stock clients and reflection see no difference).
+struct TernService<N> {
+    services: Arc<Services>,
+    max: usize,
+    _name: std::marker::PhantomData<fn() -> N>,
+}
+
+impl<N> Clone for TernService<N> {
+    fn clone(&self) -> Self {
+        TernService {
+            services: self.services.clone(),
+            max: self.max,
+            _name: std::marker::PhantomData,
+        }
+    }
+}
+
+impl<N: ServiceName> TernService<N> {
+    fn new(services: Arc<Services>, max: usize) -> TernService<N> {
+        TernService {
+            services,
+            max,
+            _name: std::marker::PhantomData,
+        }
+    }
+}
+
+impl<N: ServiceName> tonic::server::NamedService for TernService<N> {
+    const NAME: &'static str = N::NAME;
+}
+
+/// One method's call, for tonic's unary plumbing.
+struct UnaryCall {
+    services: Arc<Services>,
+    method: &'static Method,
+}
+
+impl tonic::server::UnaryService<Bytes> for UnaryCall {
+    type Response = Bytes;
+    type Future = ResponseFuture<tonic::Response<Bytes>, tonic::Status>;
+
+    fn call(&mut self, request: tonic::Request<Bytes>) -> Self::Future {
+        let (services, method) = (self.services.clone(), self.method);
+        Box::pin(async move { services.dispatch(request, method).await })
+    }
+}
+
+impl<N: ServiceName> tower::Service<http::Request<tonic::body::Body>> for TernService<N> {
+    type Response = http::Response<tonic::body::Body>;
+    type Error = std::convert::Infallible;
+    type Future = ResponseFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
+        let path = req.uri().path();
+        let ours = |m: &&Method| {
+            N::NAME
+                .strip_prefix(tern_protocol::catalog::PROTO_PACKAGE)
+                .and_then(|rest| rest.strip_prefix('.'))
+                == Some(m.service.proto_name())
+        };
+        let method = Method::by_grpc_path(path).filter(ours);
+        let Some(method) = method else {
+            let status =
+                tonic::Status::unimplemented(format!("{path} is not a method of this node"));
+            return Box::pin(std::future::ready(Ok(status.into_http())));
+        };
+        let call = UnaryCall {
+            services: self.services.clone(),
+            method,
+        };
+        let max = self.max;
+        Box::pin(async move {
+            let mut grpc = tonic::server::Grpc::new(RawCodec)
+                .apply_max_message_size_config(Some(max), Some(max));
+            Ok(grpc.unary(call, req).await)
+        })
+    }
+}
 
 /// Tower layer that authenticates callers and proves this node's identity
 /// in every answer; see the module docs.
