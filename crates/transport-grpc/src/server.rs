@@ -838,6 +838,9 @@ serve!(cluster_server::Cluster {
     members(MembersRequest) -> MembersResponse = CLUSTER_MEMBERS;
     meta_put(MetaPutRequest) -> MetaPutResponse = CLUSTER_META_PUT;
     meta_get(MetaGetRequest) -> MetaGetResponse = CLUSTER_META_GET;
+    access_grant(AccessChangeRequest) -> AccessListResponse = CLUSTER_ACCESS_GRANT;
+    access_revoke(AccessChangeRequest) -> AccessListResponse = CLUSTER_ACCESS_REVOKE;
+    access_list(AccessListRequest) -> AccessListResponse = CLUSTER_ACCESS_LIST;
 });
 serve!(raft_server::Raft {
     vote(RaftPayload) -> RaftPayload = RAFT_VOTE;
