@@ -175,3 +175,41 @@ impl Handler for AccessGate {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tern_protocol::catalog::methods;
+    use tern_protocol::{Dispatcher, Priority, TransportKind};
+
+    fn ctx(peer: PeerId) -> RequestContext {
+        RequestContext {
+            peer,
+            transport: TransportKind::Grpc,
+            priority: Priority::Normal,
+            deadline: None,
+        }
+    }
+
+    #[test]
+    fn refusals_are_logged_once_a_minute_per_caller_and_method() {
+        let gate = AccessGate::new(Arc::new(Dispatcher::new()));
+        let a = PeerId::from_bytes([1; 32]);
+        let b = PeerId::from_bytes([2; 32]);
+        assert!(gate.should_log(a, methods::VM_CREATE));
+        assert!(!gate.should_log(a, methods::VM_CREATE));
+        assert!(gate.should_log(a, methods::VM_DELETE));
+        assert!(gate.should_log(b, methods::VM_CREATE));
+    }
+
+    #[test]
+    fn without_state_roles_are_unavailable_and_open_calls_pass() {
+        let gate = AccessGate::new(Arc::new(Dispatcher::new()));
+        let c = ctx(PeerId::from_bytes([3; 32]));
+        assert!(gate.decide(&c, methods::HEALTH_CHECK).is_ok());
+        assert!(gate.decide(&c, methods::CLUSTER_MEMBERS).is_ok());
+        assert!(gate.decide(&c, methods::RAFT_VOTE).is_ok());
+        let e = gate.decide(&c, methods::VM_CREATE).unwrap_err();
+        assert_eq!(e.code, tern_protocol::Code::Unavailable);
+    }
+}
