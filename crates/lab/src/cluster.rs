@@ -151,6 +151,8 @@ pub fn config_text(
         ));
     }
     s.push('\n');
+    s.push_str(&crate::keys::access_section());
+    s.push('\n');
     s.push_str(transport);
     s
 }
@@ -410,8 +412,9 @@ impl Cluster {
         Ok(())
     }
 
-    /// Runs `tern ARGS... --json --data-dir DIR` in node `i`'s namespace
-    /// (with the node's own key) and parses its JSON output.
+    /// Runs `tern ARGS... --json --data-dir DIR --key LAB_KEY` in node
+    /// `i`'s namespace (with a key of the lab's pool, an admin) and parses
+    /// its JSON output.
     pub async fn cli(&self, i: usize, args: &[&str]) -> anyhow::Result<Value> {
         let slot = self.node(i)?;
         let dir = slot.dir.display().to_string();
@@ -421,7 +424,24 @@ impl Cluster {
         let split = args.iter().position(|a| *a == "--").unwrap_or(args.len());
         let mut argv: Vec<String> = vec![tern];
         argv.extend(args[..split].iter().map(|a| (*a).to_owned()));
-        argv.extend(["--json".to_owned(), "--data-dir".to_owned(), dir]);
+        // The lab's key: the node's own is an admin on the first node only
+        // (members of other nodes may read, not write).
+        let key = slot.dir.with_file_name(format!(
+            "{}.lab-cli.key",
+            slot.dir
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        ));
+        crate::keys::write_cli_key(&key)
+            .with_context(|| format!("writing the CLI key {}", key.display()))?;
+        argv.extend([
+            "--json".to_owned(),
+            "--data-dir".to_owned(),
+            dir,
+            "--key".to_owned(),
+            key.display().to_string(),
+        ]);
         argv.extend(args[split..].iter().map(|a| (*a).to_owned()));
         let ns = slot.ns.clone();
         let out = tokio::task::spawn_blocking(move || {
@@ -1064,7 +1084,8 @@ async fn traffic_loop(
 /// plus a forward to the leader and a fallback (as the CLI's).
 pub const CALL_TIMEOUT: Duration = tern_node::client::CLI_CALL_TIMEOUT;
 
-/// The lab's own client, over one transport, with a throw-away key.
+/// The lab's own client, over one transport, with a key of the lab's pool
+/// (an admin: see [`crate::keys`]).
 ///
 /// Unlike the CLI's (`tern --transport iroh`), whose iroh endpoint binds
 /// to 127.0.0.1 and so reaches only nodes on the same host, this one binds
@@ -1085,7 +1106,7 @@ impl LabClient {
     /// A client over `"grpc"` or `"iroh"`. Call it from a thread inside a
     /// namespace ([`crate::netns::Netns::spawn_task`]).
     pub async fn new(transport: &str) -> anyhow::Result<LabClient> {
-        let key = tern_node::client::random_bytes::<32>();
+        let key = crate::keys::client_key();
         let (client, iroh): (std::sync::Arc<dyn tern_protocol::RpcClient>, _) = match transport {
             "grpc" => (
                 std::sync::Arc::new(tern_transport_grpc::GrpcClient::new(

@@ -61,6 +61,7 @@ pub mod bench_cluster;
 pub mod cluster;
 pub mod criteria;
 pub mod history;
+pub mod keys;
 pub mod local;
 pub mod netns;
 pub mod relay;

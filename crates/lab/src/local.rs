@@ -94,9 +94,9 @@ impl std::fmt::Debug for LocalCluster {
     }
 }
 
-/// A 32-byte key from the system's randomness.
+/// A key of the lab's pool (an admin of the cluster: see [`crate::keys`]).
 fn fresh_key() -> [u8; 32] {
-    rand::random()
+    crate::keys::client_key()
 }
 
 /// The loopback network of this run: `127.X.Y.0` with `X.Y` from the pid.

@@ -52,11 +52,11 @@ fn classify(e: MetaError) -> CallFailure {
 }
 
 impl RegisterClient {
-    /// A gRPC client of `peer` with a throw-away key (an ordinary client:
+    /// A gRPC client of `peer` with a key of the lab's pool (an operator's:
     /// a follower forwards its calls to the leader). Must be created on the
     /// thread (namespace) that will call.
     pub fn grpc(peer: PeerAddr, timeout: Duration) -> RegisterClient {
-        let key = tern_node::client::random_bytes::<32>();
+        let key = crate::keys::client_key();
         let mut peer = peer;
         peer.iroh = None;
         RegisterClient {

@@ -484,6 +484,115 @@ pub async fn meta_get(conn: &Conn, key: String, out: Out) -> Result<(), String> 
     Ok(())
 }
 
+fn access_grants_json(r: &pb::AccessListResponse) -> Value {
+    Value::Array(
+        r.grants
+            .iter()
+            .map(|g| json!({ "key": hex(&g.key), "roles": g.roles }))
+            .collect(),
+    )
+}
+
+/// `tern access grant|revoke KEY ROLE`: changes the access table (admin
+/// only; the leader serves it, the CLI retries there) and prints the table.
+pub async fn access_change(
+    conn: &Conn,
+    key: &str,
+    role: &str,
+    grant: bool,
+    out: Out,
+) -> Result<(), String> {
+    let id: tern_protocol::PeerId = key.parse().map_err(|e| {
+        format!("KEY {key:?}: {e} (a key is 64 hex digits, as `tern key new` prints)")
+    })?;
+    if tern_protocol::access::Role::from_name(role).is_none() {
+        return Err(format!("ROLE {role:?}: expected viewer, operator or admin"));
+    }
+    let method = if grant {
+        methods::CLUSTER_ACCESS_GRANT
+    } else {
+        methods::CLUSTER_ACCESS_REVOKE
+    };
+    let r: pb::AccessListResponse = conn
+        .call(
+            method,
+            &pb::AccessChangeRequest {
+                request_id: request_id(),
+                key: bytes::Bytes::copy_from_slice(id.as_bytes()),
+                role: role.to_owned(),
+            },
+        )
+        .await?;
+    print_access(&r, out);
+    Ok(())
+}
+
+fn print_access(r: &pb::AccessListResponse, out: Out) {
+    if out.json {
+        out!("{}", access_grants_json(r));
+        return;
+    }
+    out!("{:<64}  ROLES", "KEY");
+    for g in &r.grants {
+        out!("{:<64}  {}", hex(&g.key), g.roles.join(","));
+    }
+    out!("(members, the nodes of the cluster, hold the member role by their membership)");
+}
+
+/// `tern access list`: keys and their roles.
+pub async fn access_list(conn: &Conn, out: Out) -> Result<(), String> {
+    let r: pb::AccessListResponse = conn
+        .call(methods::CLUSTER_ACCESS_LIST, &pb::AccessListRequest {})
+        .await?;
+    print_access(&r, out);
+    Ok(())
+}
+
+/// `tern access log`: every recorded access change, oldest first.
+pub async fn access_log(conn: &Conn, out: Out) -> Result<(), String> {
+    let r: pb::AccessListResponse = conn
+        .call(methods::CLUSTER_ACCESS_LIST, &pb::AccessListRequest {})
+        .await?;
+    if out.json {
+        let log: Vec<Value> = r
+            .log
+            .iter()
+            .map(|e| {
+                json!({
+                    "seq": e.seq,
+                    "at_unix_ms": e.at_unix_ms,
+                    "by": hex(&e.by),
+                    "action": e.action,
+                    "key": hex(&e.key),
+                    "role": e.role,
+                })
+            })
+            .collect();
+        out!("{}", Value::Array(log));
+        return Ok(());
+    }
+    out!(
+        "{:>5}  {:>13}  {:<16}  {:<6}  {:<16}  ROLE",
+        "SEQ",
+        "AT_UNIX_MS",
+        "BY",
+        "ACTION",
+        "KEY"
+    );
+    for e in &r.log {
+        out!(
+            "{:>5}  {:>13}  {:<16}  {:<6}  {:<16}  {}",
+            e.seq,
+            e.at_unix_ms,
+            &hex(&e.by)[..16.min(e.by.len() * 2)],
+            e.action,
+            &hex(&e.key)[..16.min(e.key.len() * 2)],
+            e.role
+        );
+    }
+    Ok(())
+}
+
 /// `tern cluster join`: a node joins by configuration, at start. This
 /// prints the `[cluster]` lines that make a new node join through the
 /// node the CLI talks to.

@@ -19,9 +19,16 @@
 //! admin): it calls as that node, a cluster member, which member-only
 //! calls (`cluster leave`) need. Keep the data directory readable only by
 //! the node's operator. Without one, the CLI uses a fresh key for the
-//! call (an anonymous client: status, VMs and members work; leave does
-//! not). iroh cannot dial its own key, so a call over iroh to the very
+//! call: an unknown key, which reaches health (and members, which joiners
+//! need) and nothing else. iroh cannot dial its own key, so a call over iroh to the very
 //! node whose key the CLI holds is made with a fresh key instead.
+//!
+//! `--key FILE` calls with that secret key instead (an operator's key,
+//! written by `tern key new --out FILE` and granted a role by an admin);
+//! it wins over the data directory's key. What a key may call is the
+//! cluster's access table (`tern access list`): the first node's own key
+//! is admin, other nodes' keys are members, a throw-away key reaches
+//! health only.
 //!
 //! A member caller's VM write to a follower is answered
 //! `FailedPrecondition` (a forward is never forwarded again); the CLI then
@@ -62,6 +69,9 @@ pub struct Target {
     pub config: Option<PathBuf>,
     /// `--transport grpc|iroh`.
     pub transport: Option<String>,
+    /// `--key FILE`: call with this secret key (as `tern key new` writes
+    /// it) instead of the node's or a throw-away one.
+    pub key: Option<PathBuf>,
 }
 
 /// A resolved target: the node's address, the data dir (if known) and the
@@ -159,8 +169,12 @@ fn hex_of(b: &[u8]) -> String {
 
 /// The node key in `data_dir`, if it has one.
 fn node_key(data_dir: &Path) -> Result<Option<[u8; 32]>, String> {
-    let path = data_dir.join(SECRET_KEY_FILE);
-    match std::fs::read(&path) {
+    read_key(&data_dir.join(SECRET_KEY_FILE))
+}
+
+/// Reads a secret key file (32 raw bytes, the node key's format).
+pub fn read_key(path: &Path) -> Result<Option<[u8; 32]>, String> {
+    match std::fs::read(path) {
         Ok(bytes) => <[u8; 32]>::try_from(bytes.as_slice())
             .map(Some)
             .map_err(|_| format!("{} is not a 32-byte key", path.display())),
@@ -174,6 +188,39 @@ fn node_key(data_dir: &Path) -> Result<Option<[u8; 32]>, String> {
 
 fn public_id(secret: &[u8; 32]) -> PeerId {
     tern_transport_grpc::tls::peer_id_of_secret(secret)
+}
+
+/// Writes a fresh secret key to `path` (32 bytes from the kernel's
+/// random source, owner-only permissions; an existing file is never
+/// overwritten) and answers its public id, the value to grant roles to.
+pub fn new_key_file(path: &Path) -> Result<PeerId, String> {
+    use std::io::{Read, Write};
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut secret = [0u8; 32];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut secret))
+        .map_err(|e| format!("cannot read /dev/urandom for a new key: {e}"))?;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| {
+            format!(
+                "cannot create {}: {e} (an existing key file is never overwritten)",
+                path.display()
+            )
+        })?;
+    file.write_all(&secret)
+        .and_then(|()| file.sync_all())
+        .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    Ok(public_id(&secret))
+}
+
+/// The public id of the secret key in `path`.
+pub fn key_file_id(path: &Path) -> Result<PeerId, String> {
+    let secret = read_key(path)?.ok_or_else(|| format!("{}: no such file", path.display()))?;
+    Ok(public_id(&secret))
 }
 
 /// An open connection to one node.
@@ -199,9 +246,15 @@ impl Conn {
     pub async fn open(target: &Target) -> Result<Conn, String> {
         let resolved = target.resolve()?;
         let transport = target.transport.as_deref().unwrap_or("grpc");
-        let mut key = match &resolved.data_dir {
-            Some(d) => node_key(d)?,
-            None => None,
+        let mut key = match (&target.key, &resolved.data_dir) {
+            (Some(file), _) => Some(read_key(file)?.ok_or_else(|| {
+                format!(
+                    "--key {}: no such file (write one with `tern key new --out FILE`)",
+                    file.display()
+                )
+            })?),
+            (None, Some(d)) => node_key(d)?,
+            (None, None) => None,
         }
         .unwrap_or_else(random_bytes::<32>);
         let mut peer = resolved.peer.clone();
@@ -332,7 +385,7 @@ pub fn explain(method: &Method, e: &CallError) -> String {
                 Code::NotFound => " (check the id with `tern vm list`)",
                 Code::InvalidArgument => " (fix the named field and retry)",
                 Code::PermissionDenied => {
-                    " (this call needs a cluster member's key: run the CLI with --data-dir of a node of this cluster)"
+                    " (the key this CLI calls with lacks the role: `tern access list` shows who holds what; an admin grants a role with `tern access grant KEY ROLE`; call with --key FILE, or --data-dir of the cluster's first node, whose key is admin)"
                 }
                 Code::Unavailable => " (the node is starting or has no quorum; retry shortly)",
                 Code::FailedPrecondition => " (retry at the leader: see `tern cluster members`)",

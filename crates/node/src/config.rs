@@ -173,6 +173,17 @@ pub struct ClusterConfig {
     pub join: Vec<SeedConfig>,
 }
 
+/// `[access]`: the first node's bootstrap of the access table.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccessConfig {
+    /// Keys (64 hex digits each) granted the admin role when this node
+    /// initialises a new cluster, besides its own key. Read only then: later
+    /// changes go through `tern access grant`.
+    #[serde(default)]
+    pub admins: Vec<String>,
+}
+
 /// `[capacity]`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -479,6 +490,9 @@ pub struct Config {
     /// `[limits]`.
     #[serde(default)]
     pub limits: LimitsConfig,
+    /// `[access]`.
+    #[serde(default)]
+    pub access: AccessConfig,
 }
 
 fn default_data_dir() -> PathBuf {
@@ -496,6 +510,7 @@ impl Default for Config {
             vm: VmConfig::default(),
             transport: TransportConfig::default(),
             limits: LimitsConfig::default(),
+            access: AccessConfig::default(),
         }
     }
 }
@@ -544,6 +559,8 @@ pub struct Checked {
     pub policy: Policy,
     /// The join seeds, parsed.
     pub seeds: Vec<(PeerId, SeedConfig)>,
+    /// `access.admins`, parsed.
+    pub admins: Vec<PeerId>,
 }
 
 impl Config {
@@ -611,6 +628,16 @@ impl Config {
                 "joining through cluster.join needs the cluster's join token",
             ));
         }
+        let mut admins = Vec::new();
+        for (i, admin) in self.access.admins.iter().enumerate() {
+            let id: PeerId = admin.parse().map_err(|e| {
+                err(
+                    format!("access.admins[{i}]"),
+                    format!("{e} (a key is 64 hex digits, as `tern key new` prints)"),
+                )
+            })?;
+            admins.push(id);
+        }
         let mut seeds = Vec::new();
         for (i, seed) in self.cluster.join.iter().enumerate() {
             let key = format!("cluster.join[{i}]");
@@ -651,6 +678,7 @@ impl Config {
             config: self,
             policy,
             seeds,
+            admins,
         })
     }
 }
@@ -749,6 +777,12 @@ mod tests {
         assert!(e.contains("grpc") && e.contains("localhost"), "{e}");
         let e = error_of("[listen]\ngrpc = \"off\"\niroh = \"off\"\n");
         assert!(e.contains("at least one transport"), "{e}");
+        let e = error_of("[access]\nadmins = [\"nope\"]\n");
+        assert!(e.starts_with("access.admins[0]"), "{e}");
+        let key = "ab".repeat(32);
+        let checked = Config::parse(&format!("[access]\nadmins = [\"{key}\"]\n")).unwrap();
+        assert_eq!(checked.admins.len(), 1);
+        assert_eq!(checked.admins[0].to_string(), key);
         let e = error_of("[listen]\niroh = \"off\"\n[transport]\nmode = \"iroh\"\n");
         assert!(e.starts_with("transport.mode"), "{e}");
         let e = error_of(

@@ -5,6 +5,8 @@
 //!   `tern_node::demo`).
 //! - `tern status`, `tern vm ...`, `tern cluster ...`, `tern transport ...`:
 //!   talk to a running node over gRPC or iroh (see `tern_node::client`).
+//! - `tern access grant|revoke|list|log`: the access table; `tern key new
+//!   --out FILE`: an operator key (`--key FILE` on any client command).
 //! - `tern check-config --config FILE`: check a config file.
 //! - `tern wire`: the wire protocol shown frame by frame.
 
@@ -52,6 +54,10 @@ struct Connect {
     /// Print JSON instead of tables.
     #[arg(long, global = true)]
     json: bool,
+    /// Call with this secret key file (`tern key new --out FILE`) instead
+    /// of the data directory's node key or a throw-away key.
+    #[arg(long = "key", value_name = "FILE", global = true)]
+    key_file: Option<PathBuf>,
 }
 
 impl Connect {
@@ -61,6 +67,7 @@ impl Connect {
             data_dir: self.data_dir.clone(),
             config: self.config.clone(),
             transport: Some(self.transport.clone()),
+            key: self.key_file.clone(),
         }
     }
 }
@@ -106,6 +113,18 @@ enum Command {
         connect: Connect,
     },
     /// Check a node configuration file and print the policy it sets.
+    /// Who may do what: the cluster's access table.
+    Access {
+        #[command(subcommand)]
+        command: AccessCommand,
+        #[command(flatten)]
+        connect: Connect,
+    },
+    /// Secret keys for operators.
+    Key {
+        #[command(subcommand)]
+        command: KeyCommand,
+    },
     CheckConfig {
         /// The file to check.
         #[arg(long, short)]
@@ -210,6 +229,40 @@ enum MetaCommand {
         /// The key.
         key: String,
     },
+}
+
+#[derive(Subcommand)]
+enum AccessCommand {
+    /// Grant ROLE (viewer, operator, admin) to KEY (64 hex digits). Admin only.
+    Grant {
+        /// The key's public id (64 hex digits).
+        #[arg(value_name = "KEY")]
+        id: String,
+        role: String,
+    },
+    /// Revoke ROLE from KEY. Admin only; the last admin cannot be revoked.
+    Revoke {
+        /// The key's public id (64 hex digits).
+        #[arg(value_name = "KEY")]
+        id: String,
+        role: String,
+    },
+    /// Keys and their roles.
+    List,
+    /// Every recorded access change: when, by whom, what.
+    Log,
+}
+
+#[derive(Subcommand)]
+enum KeyCommand {
+    /// Write a new secret key to FILE (never overwrites) and print its
+    /// public id, the value to grant a role to.
+    New {
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Print the public id of the secret key in FILE.
+    Show { file: PathBuf },
 }
 
 #[derive(Subcommand)]
@@ -366,6 +419,32 @@ fn main() -> ExitCode {
             };
             (conn, r)
         }),
+        Command::Access { command, connect } => client_cmd(&connect, |conn, out| async move {
+            let r = match command {
+                AccessCommand::Grant { id, role } => {
+                    cli::access_change(&conn, &id, &role, true, out).await
+                }
+                AccessCommand::Revoke { id, role } => {
+                    cli::access_change(&conn, &id, &role, false, out).await
+                }
+                AccessCommand::List => cli::access_list(&conn, out).await,
+                AccessCommand::Log => cli::access_log(&conn, out).await,
+            };
+            (conn, r)
+        }),
+        Command::Key { command } => {
+            let result = match command {
+                KeyCommand::New { out } => tern_node::client::new_key_file(&out),
+                KeyCommand::Show { file } => tern_node::client::key_file_id(&file),
+            };
+            match result {
+                Ok(id) => {
+                    println!("{id}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(e),
+            }
+        }
         Command::Transport { command, connect } => {
             let config = connect.config.clone();
             client_cmd(&connect, |conn, out| async move {

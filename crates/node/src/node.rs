@@ -32,12 +32,14 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
+use tern_protocol::access::Role;
 use tern_protocol::peer::IrohAddr;
 use tern_protocol::{
     BoxFuture, Dispatcher, Handler, Method, PeerAddr, PeerId, RequestContext, RpcClient, ServiceId,
     Status, TransportKind, pb,
 };
 use tern_raft_net::{FIRST_NODE_ID, JoinToken, RaftNode, RaftOptions, RaftServices};
+use tern_services::access::AccessGate;
 use tern_services::health::HealthService;
 use tern_services::monitoring::Monitoring;
 use tern_services::node_info::NodeInfo;
@@ -49,7 +51,7 @@ use tern_services::runtime::process::{ProcessRuntime, RunAs};
 use tern_services::runtime::{RestartPolicy, Runtime, RuntimeKind};
 use tern_services::status::StatusService;
 use tern_services::vm::VmService;
-use tern_store::{Capacity, Member};
+use tern_store::{Capacity, Command, Member};
 use tern_transport_dual::{DualRouter, Policy};
 use tern_transport_grpc::{GrpcTransport, ServerConfig};
 use tern_transport_iroh::{IrohConfig, IrohTransport, load_or_create_secret_key};
@@ -360,6 +362,7 @@ impl Node {
             config,
             policy,
             seeds,
+            admins,
         } = checked;
         let data_dir = config.data_dir.clone();
         prepare_data_dir(&data_dir)?;
@@ -402,7 +405,9 @@ impl Node {
                 .register(ServiceId::Vm, vm.clone())
                 .register(ServiceId::Monitoring, monitoring.handler()),
         );
-        let handler: Arc<dyn Handler> = Arc::new(dispatcher);
+        // One access check in front of every service, for both transports.
+        let gate = Arc::new(AccessGate::new(Arc::new(dispatcher)));
+        let handler: Arc<dyn Handler> = gate.clone();
 
         let mut address = PeerAddr::new(PeerId::from_bytes([0; 32]));
         let grpc = match config.listen.grpc.addr() {
@@ -527,6 +532,7 @@ impl Node {
         let raft = Arc::new(raft);
         let consensus = RaftConsensus::new(raft.clone(), client.clone());
         let consensus_dyn: Arc<dyn tern_services::consensus::Consensus> = consensus.clone();
+        gate.attach(consensus_dyn.clone());
 
         let facts: Arc<dyn NodeInfo> = Arc::new(Facts {
             address: address.clone(),
@@ -581,6 +587,9 @@ impl Node {
             let mut s = consensus_dyn.status();
             let _ = tokio::time::timeout(SELF_ELECTION_WAIT, s.wait_for(|s| s.leader_id.is_some()))
                 .await;
+        }
+        if seeds.is_empty() {
+            bootstrap_access(&raft, address.id, &admins, existing.is_none()).await?;
         }
 
         let file = NodeFile {
@@ -773,6 +782,62 @@ async fn announce_address(
 
 /// Joins through `seeds` in turn, retrying with capped exponential
 /// backoff until [`JOIN_GIVE_UP`]; a refused token is not retried.
+/// How long the first node waits for its access bootstrap to commit.
+const ACCESS_BOOTSTRAP_WAIT: Duration = Duration::from_secs(10);
+
+/// Grants the admin role to this node's key and to `[access] admins`, if
+/// no key holds it yet: on a new cluster (`fresh`, where a failure stops
+/// the start), and on a cluster that predates access control when its
+/// first node restarts as leader (where a failure is only logged). Once a
+/// key holds admin, the config is never read again for access.
+async fn bootstrap_access(
+    raft: &RaftNode,
+    own: PeerId,
+    admins: &[PeerId],
+    fresh: bool,
+) -> Result<(), StartError> {
+    let has_admin = raft
+        .state()
+        .read(|s| s.access().values().any(|r| r.contains(&Role::Admin)))
+        .map_err(|e| failed("reading the access table", e))?;
+    if has_admin {
+        return Ok(());
+    }
+    let at_unix_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+    let mut keys = vec![own];
+    keys.extend(admins.iter().copied().filter(|k| *k != own));
+    for key in keys {
+        let command = Command::ChangeAccess {
+            request_id: format!("bootstrap-admin-{key}"),
+            grant: true,
+            key,
+            role: Role::Admin,
+            by: own,
+            at_unix_ms,
+        };
+        let result = tokio::time::timeout(ACCESS_BOOTSTRAP_WAIT, raft.client_write(command)).await;
+        let why = match result {
+            Ok(Ok(w)) => match w.data {
+                tern_store::Response::Rejected(r) => r.to_string(),
+                _ => {
+                    tracing::info!(key = %key, "access bootstrap: granted admin");
+                    continue;
+                }
+            },
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => format!("not committed within {ACCESS_BOOTSTRAP_WAIT:?}"),
+        };
+        if fresh {
+            return Err(failed("bootstrapping the access table", why));
+        }
+        tracing::warn!(key = %key, reason = %why, "access bootstrap skipped (this node is not the leader?); it runs again at the next start");
+        return Ok(());
+    }
+    Ok(())
+}
+
 async fn join_with_retries(
     client: &dyn RpcClient,
     seeds: &[(PeerId, crate::config::SeedConfig)],

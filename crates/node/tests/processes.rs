@@ -170,6 +170,31 @@ fn cli_json(args: &[&str]) -> Value {
     })
 }
 
+/// An operator's key: written by `tern key new` into `base`, granted the
+/// operator role by the first node's own key (admin since it bootstrapped
+/// the cluster, `--data-dir d1`). Answers the key file's path.
+fn operator_key(base: &Path, d1: &str) -> String {
+    let path = base.join("operator.key");
+    let out = cli(&["key", "new", "--out", path.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let id = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    assert_eq!(id.len(), 64, "{id}");
+    let table = cli_json(&["access", "grant", &id, "operator", "--data-dir", d1]);
+    assert!(
+        table
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|g| g["key"] == id.as_str() && g["roles"][0] == "operator"),
+        "{table}"
+    );
+    path.display().to_string()
+}
+
 /// Polls `check` every 200 ms until it is `Some`, bounded.
 fn converge<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + CONVERGE_BOUND;
@@ -253,8 +278,20 @@ fn a_three_node_cluster_forms_and_serves_status_and_vms() {
     assert_eq!(status["policy"]["mode"], "dual");
     let leader = status["leader_id"].as_u64().unwrap();
 
-    // The same over iroh.
-    let over_iroh = cli_json(&["status", "--data-dir", &d2, "--transport", "iroh"]);
+    // Callers other than members need a role: an operator's key.
+    let op = operator_key(base.path(), &d1);
+
+    // The same over iroh (the CLI cannot dial node 2 over iroh with node
+    // 2's own key, so it calls with the operator's).
+    let over_iroh = cli_json(&[
+        "status",
+        "--data-dir",
+        &d2,
+        "--transport",
+        "iroh",
+        "--key",
+        &op,
+    ]);
     assert_eq!(over_iroh["members"].as_array().unwrap().len(), 3);
 
     // A VM created through a follower's CLI and placed on that follower:
@@ -277,6 +314,8 @@ fn a_three_node_cluster_forms_and_serves_status_and_vms() {
         &pin,
         "--data-dir",
         follower_dir,
+        "--key",
+        &op,
         "--",
         "sleep",
         "600",
@@ -287,9 +326,18 @@ fn a_three_node_cluster_forms_and_serves_status_and_vms() {
         let v = cli_json(&["vm", "status", &vm_id, "--data-dir", &d3]);
         (v["observed"] == "running").then_some(())
     });
-    let list = cli_json(&["vm", "list", "--data-dir", &d1, "--transport", "iroh"]);
+    let list = cli_json(&[
+        "vm",
+        "list",
+        "--data-dir",
+        &d1,
+        "--transport",
+        "iroh",
+        "--key",
+        &op,
+    ]);
     assert_eq!(list.as_array().unwrap().len(), 1);
-    cli_json(&["vm", "delete", &vm_id, "--data-dir", &d2]);
+    cli_json(&["vm", "delete", &vm_id, "--data-dir", &d2, "--key", &op]);
     converge("the VM gone", || {
         let out = cli(&["vm", "status", &vm_id, "--data-dir", &d1]);
         (!out.status.success()).then_some(())
@@ -428,7 +476,7 @@ struct Traffic {
 
 impl Traffic {
     /// Starts traffic to `nodes` (their node files) about `vm_id`.
-    fn start(nodes: Vec<Value>, vm_id: String) -> Traffic {
+    fn start(nodes: Vec<Value>, vm_id: String, key: String) -> Traffic {
         use std::sync::atomic::Ordering;
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let calls = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
@@ -444,14 +492,15 @@ impl Traffic {
                 use tern_protocol::pb;
                 let mut conns = Vec::new();
                 for n in &nodes {
-                    // A throw-away key: an ordinary client, whose VM writes
-                    // a follower forwards to the leader.
+                    // An operator's key: an ordinary client, whose VM
+                    // writes a follower forwards to the leader.
                     let target = tern_node::client::Target {
                         node: Some(format!(
                             "{}@{}",
                             n["id"].as_str().unwrap(),
                             n["grpc"].as_str().unwrap()
                         )),
+                        key: Some(key.clone().into()),
                         ..Default::default()
                     };
                     conns.push(tern_node::client::Conn::open(&target).await.unwrap());
@@ -627,7 +676,8 @@ fn the_rollout_walks_to_iroh_and_back_with_no_failed_call() {
         "600",
     ]);
     let vm_id = vm["id"].as_str().unwrap().to_owned();
-    let traffic = Traffic::start(files.clone(), vm_id.clone());
+    let op = operator_key(base.path(), &d1);
+    let traffic = Traffic::start(files.clone(), vm_id.clone(), op);
     traffic.wait_calls(20);
 
     let stages: [(&str, &str); 5] = [
@@ -728,7 +778,16 @@ fn a_mixed_cluster_of_one_dual_and_two_grpc_only_nodes_forms_and_serves() {
                 .then_some(())
         });
     }
-    cli_json(&["vm", "delete", &vm_id, "--data-dir", &d3]);
+    // Node 3's own key is a member's: it reads, but VM writes need an
+    // operator (node 1's key, the bootstrap admin, via its data dir).
+    let denied = cli(&["vm", "delete", &vm_id, "--data-dir", &d3]);
+    assert!(!denied.status.success());
+    assert!(
+        String::from_utf8_lossy(&denied.stderr).contains("vm/delete needs the operator role"),
+        "{}",
+        String::from_utf8_lossy(&denied.stderr)
+    );
+    cli_json(&["vm", "delete", &vm_id, "--data-dir", &d1]);
 
     // A follower leaves with its own key (`--data-dir`).
     let s3 = cli_json(&["status", "--data-dir", &d3]);
@@ -785,6 +844,7 @@ fn the_metadata_register_reads_your_write_on_every_node_over_both_transports() {
         follower["id"].as_str().unwrap(),
         follower["grpc"].as_str().unwrap()
     );
+    let op = operator_key(base.path(), &d1);
     let put = cli_json(&[
         "cluster",
         "meta",
@@ -793,6 +853,8 @@ fn the_metadata_register_reads_your_write_on_every_node_over_both_transports() {
         "eu-west",
         "--node",
         &target,
+        "--key",
+        &op,
         "--request-id",
         "t-1",
     ]);
@@ -807,6 +869,8 @@ fn the_metadata_register_reads_your_write_on_every_node_over_both_transports() {
         "eu-west",
         "--node",
         &target,
+        "--key",
+        &op,
         "--request-id",
         "t-1",
     ]);
@@ -824,6 +888,8 @@ fn the_metadata_register_reads_your_write_on_every_node_over_both_transports() {
                 &d,
                 "--transport",
                 transport,
+                "--key",
+                &op,
             ]);
             assert_eq!(got["found"], Value::Bool(true), "{got}");
             assert_eq!(got["value"], "eu-west", "{got}");
@@ -841,4 +907,180 @@ fn the_metadata_register_reads_your_write_on_every_node_over_both_transports() {
         String::from_utf8_lossy(&bad.stderr)
     );
     drop(nodes);
+}
+
+/// Expects `tern ARGS` to fail with a refusal naming `needs`.
+fn refused(args: &[&str], needs: &str) {
+    let out = cli(args);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "`tern {}` succeeded", args.join(" "));
+    assert!(
+        stderr.contains("PermissionDenied") || stderr.contains("permission"),
+        "`tern {}`: {stderr}",
+        args.join(" ")
+    );
+    assert!(
+        stderr.contains(needs),
+        "`tern {}`: {stderr}",
+        args.join(" ")
+    );
+}
+
+/// The attacks on the access table, with real `tern` processes over both
+/// transports: a throw-away key, a viewer and a member (another node's
+/// own key) cannot create a VM; an operator cannot make itself admin; the
+/// refusals are counted on /metrics; every change is in `tern access log`
+/// with who made it; a revoked role stops working.
+#[test]
+fn access_is_denied_by_default_and_every_change_is_logged() {
+    let base = tempfile::tempdir().unwrap();
+    let dual = format!("{LOOPBACK}[transport]\nmode = \"dual\"\n");
+    let (mut nodes, files) = three_nodes(base.path(), [&dual, &dual, &dual]);
+    let d1 = nodes[0].dir.display().to_string();
+    let d2 = nodes[1].dir.display().to_string();
+    let n1 = format!(
+        "{}@{}",
+        files[0]["id"].as_str().unwrap(),
+        files[0]["grpc"].as_str().unwrap()
+    );
+    fn create(extra: &[&str]) -> Vec<String> {
+        let mut args = vec!["vm", "create", "intruder", "--runtime", "process"];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&["--", "sleep", "600"]);
+        args.iter().map(|a| (*a).to_owned()).collect()
+    }
+    fn as_refs(v: &[String]) -> Vec<&str> {
+        v.iter().map(String::as_str).collect()
+    }
+    let needs_operator = "vm/create needs the operator role";
+
+    // A throw-away key over gRPC (--node without a data dir) and over iroh
+    // (the CLI cannot dial node 2 with node 2's key, so it uses a fresh one).
+    refused(&as_refs(&create(&["--node", &n1])), needs_operator);
+    refused(
+        &as_refs(&create(&["--data-dir", &d2, "--transport", "iroh"])),
+        needs_operator,
+    );
+    // A member: node 2's own key, over gRPC.
+    refused(&as_refs(&create(&["--data-dir", &d2])), needs_operator);
+
+    // A viewer reads but cannot create.
+    let viewer = base.path().join("viewer.key");
+    let out = cli(&["key", "new", "--out", viewer.to_str().unwrap()]);
+    assert!(out.status.success());
+    let viewer_id = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let viewer = viewer.display().to_string();
+    cli_json(&["access", "grant", &viewer_id, "viewer", "--data-dir", &d1]);
+    let list = cli_json(&["vm", "list", "--data-dir", &d1, "--key", &viewer]);
+    assert!(list.as_array().unwrap().is_empty());
+    for transport in ["grpc", "iroh"] {
+        refused(
+            &as_refs(&create(&[
+                "--data-dir",
+                &d1,
+                "--key",
+                &viewer,
+                "--transport",
+                transport,
+            ])),
+            needs_operator,
+        );
+    }
+
+    // An operator cannot grant itself admin (nor anything else).
+    let op = operator_key(base.path(), &d1);
+    let op_id = cli(&["key", "show", &op]);
+    let op_id = String::from_utf8_lossy(&op_id.stdout).trim().to_owned();
+    for transport in ["grpc", "iroh"] {
+        refused(
+            &[
+                "access",
+                "grant",
+                &op_id,
+                "admin",
+                "--data-dir",
+                &d1,
+                "--key",
+                &op,
+                "--transport",
+                transport,
+            ],
+            "cluster/accessgrant needs the admin role",
+        );
+    }
+    let table = cli_json(&["access", "list", "--data-dir", &d1]);
+    let op_roles: Vec<&Value> = table
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|g| g["key"] == op_id.as_str())
+        .collect();
+    assert_eq!(op_roles.len(), 1, "{table}");
+    assert_eq!(
+        op_roles[0]["roles"],
+        serde_json::json!(["operator"]),
+        "{table}"
+    );
+    // The operator does create a VM.
+    let vm = cli_json(&as_refs(&create(&["--data-dir", &d1, "--key", &op])));
+    assert!(vm["id"].as_str().is_some(), "{vm}");
+
+    // Revocation takes effect; the log names who did what.
+    cli_json(&["access", "revoke", &viewer_id, "viewer", "--data-dir", &d1]);
+    refused(
+        &["vm", "list", "--data-dir", &d1, "--key", &viewer],
+        "vm/list needs the viewer role",
+    );
+    let log = cli_json(&["access", "log", "--data-dir", &d1]);
+    let log = log.as_array().unwrap();
+    let n1_id = files[0]["id"].as_str().unwrap();
+    assert_eq!(log[0]["key"], n1_id, "the bootstrap grant: {log:?}");
+    assert_eq!(log[0]["role"], "admin");
+    let actions: Vec<(&str, &str, &str)> = log
+        .iter()
+        .map(|e| {
+            (
+                e["action"].as_str().unwrap(),
+                e["key"].as_str().unwrap(),
+                e["role"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert!(
+        actions.contains(&("grant", viewer_id.as_str(), "viewer")),
+        "{log:?}"
+    );
+    assert!(
+        actions.contains(&("revoke", viewer_id.as_str(), "viewer")),
+        "{log:?}"
+    );
+    assert!(
+        actions.contains(&("grant", op_id.as_str(), "operator")),
+        "{log:?}"
+    );
+    assert!(
+        !actions.contains(&("grant", op_id.as_str(), "admin")),
+        "{log:?}"
+    );
+    assert!(log.iter().all(|e| e["by"] == n1_id), "{log:?}");
+    assert!(log.iter().all(|e| e["at_unix_ms"].as_u64().unwrap() > 0));
+
+    // Refusals are counted on /metrics.
+    let addr: std::net::SocketAddr = files[0]["metrics"].as_str().unwrap().parse().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let text = rt.block_on(tern_node::demo::scrape(addr)).unwrap();
+    let denied = tern_node::demo::sum(
+        &text,
+        tern_protocol::metric_names::ACCESS_DENIED,
+        &[("service", "vm"), ("method", "Create")],
+    );
+    assert!(denied >= 1.0, "{text}");
+
+    for n in nodes.iter_mut().rev() {
+        let status = n.stop();
+        assert!(status.success(), "clean exit: {status}\n{}", n.log());
+    }
 }

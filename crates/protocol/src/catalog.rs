@@ -197,6 +197,9 @@ pub const METHODS: &[Method] = &[
     m(Raft, 4, "Propose", true, Normal),
     m(Cluster, 4, "MetaPut", true, Normal),
     m(Cluster, 5, "MetaGet", true, Normal),
+    m(Cluster, 6, "AccessGrant", true, Normal),
+    m(Cluster, 7, "AccessRevoke", true, Normal),
+    m(Cluster, 8, "AccessList", true, Normal),
 ];
 
 /// Well-known methods, for callers that name one directly.
@@ -241,6 +244,12 @@ pub mod methods {
     pub const CLUSTER_META_PUT: &Method = &METHODS[17];
     /// `Cluster/MetaGet`.
     pub const CLUSTER_META_GET: &Method = &METHODS[18];
+    /// `Cluster/AccessGrant`.
+    pub const CLUSTER_ACCESS_GRANT: &Method = &METHODS[19];
+    /// `Cluster/AccessRevoke`.
+    pub const CLUSTER_ACCESS_REVOKE: &Method = &METHODS[20];
+    /// `Cluster/AccessList`.
+    pub const CLUSTER_ACCESS_LIST: &Method = &METHODS[21];
 }
 
 #[cfg(test)]
@@ -297,6 +306,9 @@ mod tests {
         assert_eq!(methods::RAFT_PROPOSE.name, "Propose");
         assert_eq!(methods::CLUSTER_META_PUT.name, "MetaPut");
         assert_eq!(methods::CLUSTER_META_GET.name, "MetaGet");
+        assert_eq!(methods::CLUSTER_ACCESS_GRANT.name, "AccessGrant");
+        assert_eq!(methods::CLUSTER_ACCESS_REVOKE.name, "AccessRevoke");
+        assert_eq!(methods::CLUSTER_ACCESS_LIST.name, "AccessList");
     }
 
     /// The few descriptor messages the test needs, declared by hand so the

@@ -22,6 +22,7 @@
 //! - [`pb`]: prost types generated from `proto/tern/v1/*.proto`, the only
 //!   request and response types the transports use.
 
+pub mod access;
 pub mod catalog;
 pub mod frame;
 pub mod metric_names;

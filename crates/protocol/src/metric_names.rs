@@ -118,6 +118,10 @@ metrics! {
     /// Whether this node leads.
     RAFT_IS_LEADER = "tern_raft_is_leader", Gauge,
         "1 when this node is the Raft leader.";
+    /// Calls refused by the access table; labels `service`, `method`,
+    /// `reason` (`unknown_key`, `needs_role`, `members_only`, `no_rule`).
+    ACCESS_DENIED = "tern_access_denied_total", Counter,
+        "Calls refused by the access table before dispatch, by service, method and reason.";
     /// Process CPU time.
     PROCESS_CPU_SECONDS = "process_cpu_seconds_total", Counter,
         "User and system CPU time spent by the process.";

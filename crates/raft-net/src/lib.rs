@@ -22,6 +22,8 @@
 //! - [`service`]: [`RaftServices`], the Raft and Cluster handlers with
 //!   their access rules (members only, each message naming its sender,
 //!   what Propose may carry; join token), join, leave, members.
+//! - [`access`]: the access table's Cluster calls (grant, revoke, list
+//!   with the audit log), served by the leader.
 //! - [`meta`]: the metadata register's `Cluster/MetaPut` and linearizable
 //!   `Cluster/MetaGet`, and typed client calls ([`meta_put`], [`meta_get`]).
 //! - [`node`]: [`RaftNode`], the composition a node binary uses (start,
@@ -29,6 +31,7 @@
 //!   signal, shutdown with leadership handoff), and the openraft settings
 //!   as named constants.
 
+pub mod access;
 pub mod codec;
 pub mod gate;
 pub mod meta;

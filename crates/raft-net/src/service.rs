@@ -488,6 +488,7 @@ pub fn command_name(command: &Command) -> &'static str {
         Command::ReportVm { .. } => "report-vm",
         Command::MigrateVm { .. } => "migrate-vm",
         Command::PutMeta { .. } => "put-meta",
+        Command::ChangeAccess { .. } => "change-access",
     }
 }
 
@@ -527,7 +528,8 @@ pub fn check_proposal(command: &Command, caller: &BTreeSet<NodeId>) -> Result<()
         Command::AllocateNodeId { .. }
         | Command::PutVm { .. }
         | Command::DeleteVm { .. }
-        | Command::PutMeta { .. } => Err(ProposeRefused::NotAllowed {
+        | Command::PutMeta { .. }
+        | Command::ChangeAccess { .. } => Err(ProposeRefused::NotAllowed {
             command: command_name(command),
         }),
     }
@@ -759,6 +761,12 @@ impl Handler for ClusterHandler {
                     crate::meta::serve_put(&node, &ctx, payload).await
                 } else if method == methods::CLUSTER_META_GET {
                     crate::meta::serve_get(&node, &ctx, payload).await
+                } else if method == methods::CLUSTER_ACCESS_GRANT {
+                    crate::access::serve_change(&node, &ctx, payload, true).await
+                } else if method == methods::CLUSTER_ACCESS_REVOKE {
+                    crate::access::serve_change(&node, &ctx, payload, false).await
+                } else if method == methods::CLUSTER_ACCESS_LIST {
+                    crate::access::serve_list(&node)
                 } else {
                     Err(Status::unimplemented(format!(
                         "{} is not served by the Cluster service",
@@ -797,7 +805,7 @@ fn members_response(node: &Attached) -> pb::MembersResponse {
 }
 
 /// `FailedPrecondition` naming the leader, when this node is not it.
-fn ensure_leader(node: &Attached) -> Result<(), Status> {
+pub(crate) fn ensure_leader(node: &Attached) -> Result<(), Status> {
     let metrics = node.raft.metrics().borrow_watched().clone();
     if metrics.state == ServerState::Leader {
         return Ok(());

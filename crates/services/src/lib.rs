@@ -14,6 +14,8 @@
 //!   supervised command) and the `microvm` runtime (QEMU's `microvm` machine
 //!   controlled over QMP).
 //!
+//! - [`access`]: [`access::AccessGate`], the one access check in front of
+//!   every service (deny by default, the table in `tern_protocol::access`).
 //! - [`consensus`]: the [`consensus::Consensus`] trait the node implements
 //!   over Raft (writes, the applied state, a watch of the Raft status), so
 //!   that no service names openraft.
@@ -41,6 +43,7 @@
 //!    copy [`health::HealthService::publish`]'s reports into the gRPC
 //!    transport's `grpc.health.v1` service.
 
+pub mod access;
 pub mod consensus;
 pub mod health;
 pub mod monitoring;

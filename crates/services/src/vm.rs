@@ -320,8 +320,11 @@ pub fn rejection_status(why: &Rejection) -> Status {
         | Rejection::NodeFull { .. }
         | Rejection::NodeIdsExhausted
         | Rejection::VmIdsExhausted
-        | Rejection::MetaFull => Code::ResourceExhausted,
+        | Rejection::MetaFull
+        | Rejection::AccessFull => Code::ResourceExhausted,
+        Rejection::NotAdmin { .. } => Code::PermissionDenied,
         Rejection::VmDeleting { .. }
+        | Rejection::LastAdmin { .. }
         | Rejection::MigrationInProgress { .. }
         | Rejection::AlreadyOnNode { .. } => Code::FailedPrecondition,
         Rejection::InvalidDesiredState { .. }

@@ -39,8 +39,8 @@ pub use error::StoreError;
 pub use log_store::{LogReader, LogStore};
 pub use snapshot::SnapshotFile;
 pub use state::{
-    ClusterState, Command, MetaEntry, Rejection, RequestId, Response, VmRecord, VmReport, VmSpec,
-    VmState,
+    AccessEvent, ClusterState, Command, MetaEntry, Rejection, RequestId, Response, VmRecord,
+    VmReport, VmSpec, VmState,
 };
 pub use state_machine::{StateMachineStore, StoreSnapshot};
 pub use types::{

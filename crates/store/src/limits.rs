@@ -226,7 +226,7 @@ pub fn check_command(command: &Command) -> Result<(), LimitError> {
         bytes("request_id", id, MAX_REQUEST_ID_LEN)?;
     }
     match command {
-        Command::AllocateNodeId { .. } => {}
+        Command::AllocateNodeId { .. } | Command::ChangeAccess { .. } => {}
         Command::PutVm { vm, .. } => check_record(vm)?,
         Command::DeleteVm { vm_id, .. }
         | Command::SetVmDesired { vm_id, .. }

@@ -34,7 +34,8 @@ use crate::types::SnapshotMeta;
 const MAGIC: &[u8; 8] = b"TERNSNAP";
 /// Snapshot format version; a file of another version is refused.
 /// Version 2: the cluster state gained the metadata register.
-pub const SNAPSHOT_FORMAT_VERSION: u32 = 2;
+/// Version 3: the cluster state gained the access table and its log.
+pub const SNAPSHOT_FORMAT_VERSION: u32 = 3;
 /// Bytes before the metadata.
 const PREFIX_LEN: u64 = 16;
 /// Bytes of the trailing checksum.

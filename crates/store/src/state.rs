@@ -18,6 +18,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 use tern_protocol::PeerId;
+use tern_protocol::access::Role;
 
 use crate::types::{Capacity, Member, Membership, NodeId};
 
@@ -37,6 +38,15 @@ pub const MAX_META_KEYS: usize = 10_000;
 /// The first node id handed out. 0 is never a node id, so that an unset
 /// protobuf field (0) never names a node.
 pub const FIRST_NODE_ID: NodeId = 1;
+
+/// How many access changes the audit log keeps (oldest dropped first):
+/// years of grants and revocations at any rate people make them, a few
+/// hundred KiB of state at most.
+pub const MAX_ACCESS_LOG: usize = 1_000;
+
+/// Most keys the access table holds: far more operators than a cluster
+/// has, and a bound on the state a compromised admin key can grow.
+pub const MAX_ACCESS_KEYS: usize = 1_000;
 
 /// A client-chosen id that makes a write safe to retry.
 pub type RequestId = String;
@@ -121,6 +131,25 @@ pub enum Command {
         /// At most [`MAX_META_VALUE_LEN`] bytes.
         value: String,
     },
+    /// Grant `role` to `key`, or revoke it. Recorded in the access log
+    /// with who asked and when.
+    ChangeAccess {
+        /// Deduplication id.
+        request_id: RequestId,
+        /// Grant (`true`) or revoke (`false`).
+        grant: bool,
+        /// The key whose roles change.
+        key: PeerId,
+        /// The role.
+        role: Role,
+        /// Who asked: the caller's authenticated key. It must hold the
+        /// admin role when the change is applied, unless no key holds it
+        /// yet (the first node bootstrapping its table).
+        by: PeerId,
+        /// When, in milliseconds since the Unix epoch, by the proposer's
+        /// clock (a value, so `apply` stays pure).
+        at_unix_ms: u64,
+    },
 }
 
 /// A reconciler's observation of one VM, the payload of
@@ -151,7 +180,8 @@ impl Command {
             | Command::SetVmDesired { request_id, .. }
             | Command::ReportVm { request_id, .. }
             | Command::MigrateVm { request_id, .. }
-            | Command::PutMeta { request_id, .. } => Some(request_id),
+            | Command::PutMeta { request_id, .. }
+            | Command::ChangeAccess { request_id, .. } => Some(request_id),
         }
     }
 }
@@ -193,6 +223,20 @@ impl std::fmt::Display for Command {
                 f,
                 "put-meta {key:?} ({} bytes) req={request_id}",
                 value.len()
+            ),
+            Command::ChangeAccess {
+                request_id,
+                grant,
+                key,
+                role,
+                by,
+                ..
+            } => write!(
+                f,
+                "{} {role} key={} by={} req={request_id}",
+                if *grant { "grant" } else { "revoke" },
+                key.short(),
+                by.short()
             ),
         }
     }
@@ -281,6 +325,21 @@ pub enum Rejection {
         /// How many members were considered.
         members: usize,
     },
+    /// An access change asked by a key that is not an admin.
+    #[error("key {by} does not hold the admin role; only admins change access")]
+    NotAdmin {
+        /// The key that asked.
+        by: PeerId,
+    },
+    /// Revoking the admin role from the last key holding it.
+    #[error("key {key} holds the last admin role; grant admin to another key before revoking it")]
+    LastAdmin {
+        /// The key.
+        key: PeerId,
+    },
+    /// The access table holds [`MAX_ACCESS_KEYS`] keys.
+    #[error("the access table is full ({MAX_ACCESS_KEYS} keys); revoke unused keys first")]
+    AccessFull,
     /// The node named (a pin or a migration target) is not a member.
     #[error("node {node_id} is not a member of the cluster")]
     UnknownNode {
@@ -489,6 +548,30 @@ pub struct ClusterState {
     next_vm_number: u64,
     /// The metadata register: key to value and the index it was written at.
     meta: BTreeMap<String, MetaEntry>,
+    /// Roles granted to keys (members hold the member role implicitly).
+    access: BTreeMap<PeerId, std::collections::BTreeSet<Role>>,
+    /// The most recent access changes, oldest first, at most
+    /// [`MAX_ACCESS_LOG`].
+    access_log: std::collections::VecDeque<AccessEvent>,
+    /// The sequence number of the next access event.
+    next_access_seq: u64,
+}
+
+/// One access change, as the audit log records it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AccessEvent {
+    /// Position in the log, never reused.
+    pub seq: u64,
+    /// When, by the proposer's clock (milliseconds since the Unix epoch).
+    pub at_unix_ms: u64,
+    /// Who made the change.
+    pub by: PeerId,
+    /// Granted (`true`) or revoked (`false`).
+    pub grant: bool,
+    /// The key changed.
+    pub key: PeerId,
+    /// The role.
+    pub role: Role,
 }
 
 /// One key of the metadata register.
@@ -528,6 +611,9 @@ impl Default for ClusterState {
             dedup: DedupTable::default(),
             next_vm_number: 1,
             meta: BTreeMap::new(),
+            access: BTreeMap::new(),
+            access_log: std::collections::VecDeque::new(),
+            next_access_seq: 1,
         }
     }
 }
@@ -575,7 +661,90 @@ impl ClusterState {
             Command::ReportVm { report, .. } => self.report_vm(report),
             Command::MigrateVm { vm_id, target, .. } => self.migrate_vm(vm_id, target),
             Command::PutMeta { key, value, .. } => self.put_meta(index, key, value),
+            Command::ChangeAccess {
+                grant,
+                key,
+                role,
+                by,
+                at_unix_ms,
+                ..
+            } => self.change_access(AccessEvent {
+                seq: 0,
+                at_unix_ms,
+                by,
+                grant,
+                key,
+                role,
+            }),
         }
+    }
+
+    fn has_admin(&self) -> bool {
+        self.access
+            .values()
+            .any(|roles| roles.contains(&Role::Admin))
+    }
+
+    fn change_access(&mut self, mut event: AccessEvent) -> Response {
+        if self.has_admin() && self.role_of(&event.by) != Some(Role::Admin) {
+            return Response::Rejected(Rejection::NotAdmin { by: event.by });
+        }
+        if event.grant {
+            if !self.access.contains_key(&event.key) && self.access.len() >= MAX_ACCESS_KEYS {
+                return Response::Rejected(Rejection::AccessFull);
+            }
+            self.access.entry(event.key).or_default().insert(event.role);
+        } else {
+            if event.role == Role::Admin {
+                let admins = self
+                    .access
+                    .iter()
+                    .filter(|(k, roles)| **k != event.key && roles.contains(&Role::Admin))
+                    .count();
+                let holds = self
+                    .access
+                    .get(&event.key)
+                    .is_some_and(|roles| roles.contains(&Role::Admin));
+                if holds && admins == 0 {
+                    return Response::Rejected(Rejection::LastAdmin { key: event.key });
+                }
+            }
+            if let Some(roles) = self.access.get_mut(&event.key) {
+                roles.remove(&event.role);
+                if roles.is_empty() {
+                    self.access.remove(&event.key);
+                }
+            }
+        }
+        event.seq = self.next_access_seq;
+        self.next_access_seq = self.next_access_seq.saturating_add(1);
+        self.access_log.push_back(event);
+        while self.access_log.len() > MAX_ACCESS_LOG {
+            self.access_log.pop_front();
+        }
+        Response::Done
+    }
+
+    /// The strongest role granted to `key`, if any (membership aside).
+    pub fn role_of(&self, key: &PeerId) -> Option<Role> {
+        self.access
+            .get(key)
+            .and_then(|roles| roles.iter().next_back().copied())
+    }
+
+    /// Whether `key` is the key of a current member (voter or learner).
+    pub fn is_member_key(&self, key: &PeerId) -> bool {
+        self.members.values().any(|m| m.peer_id() == *key)
+    }
+
+    /// The roles granted, by key.
+    pub fn access(&self) -> &BTreeMap<PeerId, std::collections::BTreeSet<Role>> {
+        &self.access
+    }
+
+    /// The most recent access changes, oldest first.
+    pub fn access_log(&self) -> impl Iterator<Item = &AccessEvent> {
+        self.access_log.iter()
     }
 
     fn put_meta(&mut self, index: u64, key: String, value: String) -> Response {
@@ -941,6 +1110,69 @@ mod tests {
 
     fn peer(n: u8) -> PeerId {
         PeerId::from_bytes([n; 32])
+    }
+
+    fn access(grant: bool, key: u8, role: Role, by: u8, req: &str) -> Command {
+        Command::ChangeAccess {
+            request_id: req.into(),
+            grant,
+            key: peer(key),
+            role,
+            by: peer(by),
+            at_unix_ms: 1_700_000_000_000,
+        }
+    }
+
+    #[test]
+    fn access_bootstraps_then_only_admins_change_it() {
+        let mut s = ClusterState::default();
+        // Bootstrap: no admin yet, the first node grants itself.
+        assert_eq!(
+            s.apply(access(true, 1, Role::Admin, 1, "a")),
+            Response::Done
+        );
+        assert_eq!(s.role_of(&peer(1)), Some(Role::Admin));
+        assert_eq!(
+            s.apply(access(true, 2, Role::Operator, 1, "b")),
+            Response::Done
+        );
+        // An operator cannot grant itself admin.
+        assert_eq!(
+            s.apply(access(true, 2, Role::Admin, 2, "c")),
+            Response::Rejected(Rejection::NotAdmin { by: peer(2) })
+        );
+        assert_eq!(s.role_of(&peer(2)), Some(Role::Operator));
+        // Roles accumulate; the strongest counts.
+        assert_eq!(
+            s.apply(access(true, 2, Role::Viewer, 1, "d")),
+            Response::Done
+        );
+        assert_eq!(s.role_of(&peer(2)), Some(Role::Operator));
+        // The last admin cannot be revoked.
+        assert_eq!(
+            s.apply(access(false, 1, Role::Admin, 1, "e")),
+            Response::Rejected(Rejection::LastAdmin { key: peer(1) })
+        );
+        assert_eq!(
+            s.apply(access(false, 2, Role::Operator, 1, "f")),
+            Response::Done
+        );
+        assert_eq!(s.role_of(&peer(2)), Some(Role::Viewer));
+        // Every applied change is in the log, with who and when.
+        let log: Vec<_> = s.access_log().collect();
+        assert_eq!(log.len(), 4);
+        assert_eq!(log[1].by, peer(1));
+        assert_eq!(log[1].key, peer(2));
+        assert!(log[1].grant);
+        assert_eq!(log[3].seq, 4);
+        assert!(!log[3].grant);
+        assert_eq!(log[0].at_unix_ms, 1_700_000_000_000);
+        // A retried change is answered from the dedup table, not logged again.
+        assert_eq!(
+            s.apply(access(true, 2, Role::Operator, 1, "b")),
+            Response::Done
+        );
+        assert_eq!(s.access_log().count(), 4);
     }
 
     fn member(n: u8) -> Member {

@@ -75,7 +75,7 @@ async fn writer(
     writes: Arc<Mutex<Writes>>,
 ) -> anyhow::Result<()> {
     let client: Arc<dyn RpcClient> = Arc::new(tern_transport_grpc::GrpcClient::new(
-        tern_transport_grpc::ClientConfig::new(rand::random()),
+        tern_transport_grpc::ClientConfig::new(crate::keys::client_key()),
     ));
     let mut target = 0usize;
     let mut n = 0usize;
@@ -182,7 +182,7 @@ async fn verify_node(
     acked: Vec<Acked>,
 ) -> anyhow::Result<(Vec<String>, Vec<String>)> {
     let client: Arc<dyn RpcClient> = Arc::new(tern_transport_grpc::GrpcClient::new(
-        tern_transport_grpc::ClientConfig::new(rand::random()),
+        tern_transport_grpc::ClientConfig::new(crate::keys::client_key()),
     ));
     let mut lost = Vec::new();
     let mut unreadable = Vec::new();

@@ -246,14 +246,15 @@ async fn load_loop(
     rounds: Arc<AtomicUsize>,
     pause: Duration,
 ) -> anyhow::Result<()> {
-    let key = tern_node::client::random_bytes::<32>();
+    let key = crate::keys::client_key();
     let grpc: Arc<dyn RpcClient> = Arc::new(GrpcClient::new(ClientConfig::new(key)));
     // Bound to every address of the client namespace: the default
     // (127.0.0.1) reaches no node.
     let iroh_t = IrohTransport::bind(
-        IrohConfig::new(tern_node::client::random_bytes::<32>()).with_bind_addr(
-            std::net::SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, 0)),
-        ),
+        IrohConfig::new(crate::keys::client_key()).with_bind_addr(std::net::SocketAddr::from((
+            std::net::Ipv4Addr::UNSPECIFIED,
+            0,
+        ))),
         Arc::new(Dispatcher::new()),
     )
     .await

@@ -3,6 +3,7 @@
 //! This is the adapter a node writes (it lives here because `services`
 //! itself names no openraft type).
 #![allow(clippy::unwrap_used)] // reason: test support; a failure should fail the test loudly.
+#![allow(dead_code)] // reason: each test binary uses a different constructor.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -36,9 +37,20 @@ impl RaftConsensus {
         capacity: Capacity,
         client: Arc<dyn RpcClient>,
     ) -> Arc<RaftConsensus> {
+        Self::single_node_with(&RaftServices::new(None), dir, addr, capacity, client).await
+    }
+
+    /// As [`RaftConsensus::single_node`], attached to `services` (whose
+    /// Raft and Cluster handlers then serve this node).
+    pub(crate) async fn single_node_with(
+        services: &RaftServices,
+        dir: &Path,
+        addr: PeerAddr,
+        capacity: Capacity,
+        client: Arc<dyn RpcClient>,
+    ) -> Arc<RaftConsensus> {
         let (log, sm) = tern_store::open(dir).unwrap();
-        let services = RaftServices::new(None);
-        let node = RaftNode::start(&services, 1, log, sm, client, &RaftOptions::default())
+        let node = RaftNode::start(services, 1, log, sm, client, &RaftOptions::default())
             .await
             .unwrap();
         node.initialize(Member::new(addr, capacity)).await.unwrap();
