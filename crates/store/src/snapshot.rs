@@ -36,6 +36,10 @@ const MAGIC: &[u8; 8] = b"TERNSNAP";
 /// Version 2: the cluster state gained the metadata register.
 /// Version 3: the cluster state gained the access table and its log.
 pub const SNAPSHOT_FORMAT_VERSION: u32 = 3;
+/// The oldest format still read: version 2's state is version 3's without
+/// its trailing access fields ([`crate::state::ClusterStateV2`]), so a node
+/// upgraded in place keeps its data.
+pub const OLDEST_READABLE_FORMAT: u32 = 2;
 /// Bytes before the metadata.
 const PREFIX_LEN: u64 = 16;
 /// Bytes of the trailing checksum.
@@ -145,7 +149,7 @@ impl SnapshotFile {
     /// Reads the metadata from the file's header.
     pub fn meta(&self) -> Result<SnapshotMeta, StoreError> {
         let mut reader = BufReader::new(PositionedReader::new(&self.file, 0));
-        read_header(&mut reader, &self.path)
+        read_header(&mut reader, &self.path).map(|(meta, _)| meta)
     }
 
     pub(crate) fn is_incoming_in(&self, dir: &Path) -> bool {
@@ -199,7 +203,8 @@ fn corrupt(path: &Path, reason: impl ToString) -> StoreError {
 }
 
 /// Reads and checks the prefix and metadata; leaves `reader` at the state.
-fn read_header<R: Read>(reader: &mut R, path: &Path) -> Result<SnapshotMeta, StoreError> {
+/// Returns the metadata and the file's format version.
+fn read_header<R: Read>(reader: &mut R, path: &Path) -> Result<(SnapshotMeta, u32), StoreError> {
     let mut prefix = [0u8; PREFIX_LEN as usize];
     reader
         .read_exact(&mut prefix)
@@ -208,10 +213,12 @@ fn read_header<R: Read>(reader: &mut R, path: &Path) -> Result<SnapshotMeta, Sto
         return Err(corrupt(path, "not a snapshot file (bad magic)"));
     }
     let version = u32::from_le_bytes([prefix[8], prefix[9], prefix[10], prefix[11]]);
-    if version != SNAPSHOT_FORMAT_VERSION {
+    if !(OLDEST_READABLE_FORMAT..=SNAPSHOT_FORMAT_VERSION).contains(&version) {
         return Err(corrupt(
             path,
-            format!("format version {version}, this build reads {SNAPSHOT_FORMAT_VERSION}"),
+            format!(
+                "format version {version}, this build reads {OLDEST_READABLE_FORMAT} to {SNAPSHOT_FORMAT_VERSION}"
+            ),
         ));
     }
     let meta_len = u32::from_le_bytes([prefix[12], prefix[13], prefix[14], prefix[15]]);
@@ -225,7 +232,9 @@ fn read_header<R: Read>(reader: &mut R, path: &Path) -> Result<SnapshotMeta, Sto
     reader
         .read_exact(&mut meta)
         .map_err(|e| corrupt(path, format!("reading metadata: {e}")))?;
-    postcard::from_bytes(&meta).map_err(|e| corrupt(path, format!("metadata: {e}")))
+    postcard::from_bytes(&meta)
+        .map(|meta| (meta, version))
+        .map_err(|e| corrupt(path, format!("metadata: {e}")))
 }
 
 /// Checks the trailing CRC-32 in one streaming pass.
@@ -462,9 +471,73 @@ pub(crate) fn read_snapshot(
     let len = snapshot.len()?;
     let body = PositionedReader::new(&snapshot.file, 0).take(len.saturating_sub(TRAILER_LEN));
     let mut reader = BufReader::with_capacity(IO_BUFFER, body);
-    let meta = read_header(&mut reader, path)?;
+    let (meta, version) = read_header(&mut reader, path)?;
     let mut scratch = vec![0u8; MAX_FIELD_LEN];
-    let (state, _) = postcard::from_io::<ClusterState, _>((reader, &mut scratch))
-        .map_err(|e| corrupt(path, format!("state: {e}")))?;
+    let state = if version == SNAPSHOT_FORMAT_VERSION {
+        postcard::from_io::<ClusterState, _>((reader, &mut scratch))
+            .map_err(|e| corrupt(path, format!("state: {e}")))?
+            .0
+    } else {
+        let (old, _) =
+            postcard::from_io::<crate::state::ClusterStateV2, _>((reader, &mut scratch))
+                .map_err(|e| corrupt(path, format!("state (format {version}): {e}")))?;
+        tracing::info!(path = %path.display(), version, "read a snapshot of an older format; its access table starts empty");
+        ClusterState::from(old)
+    };
     Ok((meta, state))
+}
+
+#[cfg(test)]
+mod format_tests {
+    #![allow(clippy::unwrap_used)] // reason: test code; a failed unwrap is a failed test.
+
+    use super::*;
+    use crate::state::Command;
+
+    /// A snapshot written by the previous format (2: no access fields)
+    /// still opens, with its state intact and an empty access table.
+    #[test]
+    fn a_format_2_snapshot_is_read_with_an_empty_access_table() {
+        let dir = tempfile::tempdir().unwrap();
+        let snaps = SnapshotDir::open(dir.path()).unwrap();
+        let mut state = ClusterState::default();
+        state.apply_at(
+            1,
+            Command::PutMeta {
+                request_id: "r1".into(),
+                key: "region".into(),
+                value: "eu-west".into(),
+            },
+        );
+        let meta = SnapshotMeta::default();
+        let file = snaps.write_current(&meta, &state).unwrap();
+        // Rewrite it as format 2 wrote it: version 2, and the state without
+        // its trailing access fields (an empty map, an empty log and the
+        // next sequence number 1: one byte each in postcard).
+        let bytes = std::fs::read(file.path()).unwrap();
+        let body = &bytes[..bytes.len() - TRAILER_LEN as usize];
+        let mut old = body[..body.len() - 3].to_vec();
+        assert_eq!(&body[body.len() - 3..], &[0, 0, 1]);
+        old[8..12].copy_from_slice(&2u32.to_le_bytes());
+        let crc = crc32fast::hash(&old);
+        old.extend_from_slice(&crc.to_le_bytes());
+        let path = file.path().to_owned();
+        drop(file);
+        std::fs::write(&path, &old).unwrap();
+
+        let file = snaps.open_current().unwrap().unwrap();
+        let (_, read) = read_snapshot(&file, Verify::Checksum).unwrap();
+        assert_eq!(read, state, "the state comes back whole");
+        assert_eq!(read.meta("region").map(|m| m.value.as_str()), Some("eu-west"));
+
+        // A format outside the readable range is still refused, by name.
+        old[8..12].copy_from_slice(&1u32.to_le_bytes());
+        let body_len = old.len() - TRAILER_LEN as usize;
+        let crc = crc32fast::hash(&old[..body_len]);
+        old[body_len..].copy_from_slice(&crc.to_le_bytes());
+        std::fs::write(&path, &old).unwrap();
+        let file = snaps.open_current().unwrap().unwrap();
+        let e = read_snapshot(&file, Verify::Checksum).unwrap_err();
+        assert!(e.to_string().contains("format version 1"), "{e}");
+    }
 }

@@ -601,6 +601,37 @@ pub fn check_meta_key(key: &str) -> Result<(), Rejection> {
     Ok(())
 }
 
+/// The cluster state as snapshot format 2 wrote it, before the access
+/// table existed: the same fields in the same order, without the last
+/// three. Read so that a node upgraded in place keeps its state (its
+/// access table starts empty, and the first node grants its admins when it
+/// next leads).
+#[derive(Debug, Deserialize)]
+pub(crate) struct ClusterStateV2 {
+    members: BTreeMap<NodeId, Member>,
+    node_ids: BTreeMap<PeerId, NodeId>,
+    next_node_id: NodeId,
+    vms: BTreeMap<String, VmRecord>,
+    dedup: DedupTable,
+    next_vm_number: u64,
+    meta: BTreeMap<String, MetaEntry>,
+}
+
+impl From<ClusterStateV2> for ClusterState {
+    fn from(v2: ClusterStateV2) -> ClusterState {
+        ClusterState {
+            members: v2.members,
+            node_ids: v2.node_ids,
+            next_node_id: v2.next_node_id,
+            vms: v2.vms,
+            dedup: v2.dedup,
+            next_vm_number: v2.next_vm_number,
+            meta: v2.meta,
+            ..ClusterState::default()
+        }
+    }
+}
+
 impl Default for ClusterState {
     fn default() -> Self {
         ClusterState {
