@@ -34,7 +34,8 @@
 //!   (compared in constant time). A node joins only as itself: the address
 //!   in the request must carry the caller's own id, and within the
 //!   address limits ([`tern_store::limits::check_member`]).
-//! - **Cluster/Leave:** members only.
+//! - **Cluster/Leave:** a member removes only itself; an admin (access
+//!   table) removes any node.
 //! - **Cluster/Members:** any authenticated caller (read-only; the same
 //!   facts the Status service shows); a joiner uses it to find the leader.
 //! - **Cluster/MetaPut, Cluster/MetaGet:** any authenticated caller, as for
@@ -1070,11 +1071,19 @@ async fn leave(
     payload: Bytes,
 ) -> Result<Bytes, Status> {
     let method = methods::CLUSTER_LEAVE;
-    if !Shared::is_member(node, &ctx.peer) {
+    let admin = node
+        .sm
+        .read(|s| {
+            s.access()
+                .get(&ctx.peer)
+                .is_some_and(|roles| roles.contains(&tern_protocol::access::Role::Admin))
+        })
+        .unwrap_or(false);
+    if !admin && !Shared::is_member(node, &ctx.peer) {
         return Err(not_a_member(
             &ctx.peer,
             method,
-            "only members may remove nodes",
+            "only a member (removing itself) or an admin may remove nodes",
         ));
     }
     let req = pb::LeaveRequest::decode(payload)
@@ -1088,6 +1097,19 @@ async fn leave(
         .membership_config
         .clone();
     let membership = membership.membership().clone();
+    // A node may remove itself; removing another node is an admin's call.
+    let itself = membership
+        .get_node(&id)
+        .is_some_and(|member| member.peer_id() == ctx.peer);
+    if !admin && !itself {
+        tracing::warn!(caller = %ctx.peer.short(), node = id, "refused Cluster/Leave: a member may remove only itself");
+        return Err(Status::new(
+            tern_protocol::Code::PermissionDenied,
+            format!(
+                "removing node {id} needs the admin role: a member may remove only itself (tern cluster leave with an admin's --key)"
+            ),
+        ));
+    }
     if membership.get_node(&id).is_none() {
         return Ok(members_reply(&membership));
     }

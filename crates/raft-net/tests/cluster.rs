@@ -405,6 +405,33 @@ async fn members_propose_through_the_leader<F: TransportFactory>(factory: F) {
         } => assert_eq!(s.code, Code::PermissionDenied, "{s}"),
         other => panic!("expected PermissionDenied, got {other}"),
     }
+
+    // A member may remove only itself: the follower asking the leader to
+    // remove the bystander is refused, and the membership is unchanged.
+    let bystander_id = c.nodes[bystander].raft().id();
+    let leave = pb::LeaveRequest {
+        node_id: bystander_id,
+    }
+    .encode_to_vec()
+    .into();
+    let err = call(client.as_ref(), &leader_addr, methods::CLUSTER_LEAVE, leave)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(Code::PermissionDenied), "{err}");
+    assert!(err.to_string().contains("admin"), "{err}");
+    let members = call(
+        client.as_ref(),
+        &leader_addr,
+        methods::CLUSTER_MEMBERS,
+        pb::MembersRequest {}.encode_to_vec().into(),
+    )
+    .await
+    .unwrap();
+    let members = pb::MembersResponse::decode(members).unwrap();
+    assert!(
+        members.members.iter().any(|m| m.node_id == bystander_id),
+        "the bystander is still a member"
+    );
     c.stop_all().await;
 }
 

@@ -478,9 +478,8 @@ pub(crate) fn read_snapshot(
             .map_err(|e| corrupt(path, format!("state: {e}")))?
             .0
     } else {
-        let (old, _) =
-            postcard::from_io::<crate::state::ClusterStateV2, _>((reader, &mut scratch))
-                .map_err(|e| corrupt(path, format!("state (format {version}): {e}")))?;
+        let (old, _) = postcard::from_io::<crate::state::ClusterStateV2, _>((reader, &mut scratch))
+            .map_err(|e| corrupt(path, format!("state (format {version}): {e}")))?;
         tracing::info!(path = %path.display(), version, "read a snapshot of an older format; its access table starts empty");
         ClusterState::from(old)
     };
@@ -528,7 +527,10 @@ mod format_tests {
         let file = snaps.open_current().unwrap().unwrap();
         let (_, read) = read_snapshot(&file, Verify::Checksum).unwrap();
         assert_eq!(read, state, "the state comes back whole");
-        assert_eq!(read.meta("region").map(|m| m.value.as_str()), Some("eu-west"));
+        assert_eq!(
+            read.meta("region").map(|m| m.value.as_str()),
+            Some("eu-west")
+        );
 
         // A format outside the readable range is still refused, by name.
         old[8..12].copy_from_slice(&1u32.to_le_bytes());
