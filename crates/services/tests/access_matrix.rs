@@ -66,9 +66,10 @@ fn allowed(method: &Method) -> &'static [Who] {
         "cluster/join" => &[Member],
         // Everyone: a joiner finds the leader with it.
         "cluster/members" => &EVERYONE,
-        // The admin passes the table; the Cluster service then wants
-        // membership (a node leaves as itself).
-        "cluster/leave" => &[Member],
+        // Removing a node (999, not the caller) is an admin's call; a
+        // member may remove only itself, so it is refused here by the
+        // Cluster service.
+        "cluster/leave" => &[Admin],
         "raft/vote" | "raft/appendentries" | "raft/snapshot" | "raft/propose" => &[Member],
         other => panic!("no expectation for {other}: add one here and a rule to access::rule"),
     }
