@@ -325,6 +325,9 @@ fn node_config(
     text.push_str(
         "\n[vm]\nruntimes = [\"process\"]\nruntime = \"process\"\n\n[transport]\nmode = \"iroh\"\n",
     );
+    // The lab's keys are admins (the CLI's status below needs a role).
+    text.push('\n');
+    text.push_str(&crate::keys::access_section());
     text
 }
 
@@ -395,9 +398,12 @@ async fn node_file(
 }
 
 /// `tern status --json` of `node`, asked over iroh from inside its
-/// namespace (the CLI's throw-away key, the node's direct address).
+/// namespace (with the lab's CLI key, an admin; the node's direct address).
 fn status(tern: &Path, node: &TernNode) -> anyhow::Result<serde_json::Value> {
     let tern = tern.display().to_string();
+    let key = node.dir.join("cli.key");
+    crate::keys::write_cli_key(&key).context("writing the lab's CLI key")?;
+    let key = key.display().to_string();
     let file = tern_node::node::NodeFile::read(&node.dir.join("data"))
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let addrs: Vec<String> = file
@@ -413,6 +419,8 @@ fn status(tern: &Path, node: &TernNode) -> anyhow::Result<serde_json::Value> {
         "--json",
         "--transport",
         "iroh",
+        "--key",
+        &key,
         "--node",
         &target,
     ])?;
