@@ -8,16 +8,14 @@
 
 mod support;
 
-use std::time::Duration;
-
 use bytes::Bytes;
 use openraft::Vote;
 use openraft::async_runtime::WatchReceiver;
 use openraft::raft::AppendEntriesRequest;
 use prost::Message;
-use support::{Cluster, Grpc, Iroh, TOKEN, TestNode, TransportFactory, WAIT, loopback};
+use support::{Cluster, Grpc, Iroh, TOKEN, TestNode, TransportFactory, WAIT, call, loopback};
 use tern_protocol::catalog::methods;
-use tern_protocol::{Call, CallError, Code, PeerAddr, RpcClient, pb};
+use tern_protocol::{CallError, Code, PeerAddr, pb};
 use tern_raft_net::{RaftOptions, SNAPSHOT_CHUNK_SIZE, wire};
 use tern_store::TypeConfig;
 
@@ -132,20 +130,6 @@ fn heartbeat_payload() -> Bytes {
         leader_commit: None,
     };
     wire::wrap(&req).unwrap()
-}
-
-async fn call(
-    client: &dyn RpcClient,
-    peer: &PeerAddr,
-    method: &'static tern_protocol::Method,
-    payload: Bytes,
-) -> Result<Bytes, CallError> {
-    client
-        .call(
-            peer,
-            Call::new(method, payload).with_timeout(Duration::from_secs(20)),
-        )
-        .await
 }
 
 async fn access_rules_and_node_ids<F: TransportFactory>(factory: F) {

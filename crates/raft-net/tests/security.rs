@@ -30,9 +30,9 @@ use openraft::raft::{AppendEntriesRequest, TransferLeaderRequest, VoteRequest};
 use openraft::storage::{IOFlushed, LogState, RaftLogStorage};
 use openraft::{OptionalSend, ServerState, Vote};
 use prost::Message;
-use support::{Cluster, Grpc, Iroh, TOKEN, TestNode, TransportFactory, WAIT, loopback};
+use support::{Cluster, Grpc, Iroh, TOKEN, TestNode, TransportFactory, WAIT, call, loopback};
 use tern_protocol::catalog::methods;
-use tern_protocol::{Call, CallError, Code, Method, PeerAddr, RpcClient, pb};
+use tern_protocol::{CallError, Code, RpcClient, pb};
 use tern_raft_net::wire::ControlRequest;
 use tern_raft_net::{
     FIRST_NODE_ID, RaftNode, RaftNodeError, RaftOptions, WriteError, codec, wire, write_node_id,
@@ -46,20 +46,6 @@ use tern_store::{
     Command, Entry, LogId, LogStore, NodeId, Response, StoreError, TypeConfig, VmRecord, VmReport,
     VmSpec, VmState,
 };
-
-async fn call(
-    client: &dyn RpcClient,
-    peer: &PeerAddr,
-    method: &'static Method,
-    payload: Bytes,
-) -> Result<Bytes, CallError> {
-    client
-        .call(
-            peer,
-            Call::new(method, payload).with_timeout(Duration::from_secs(20)),
-        )
-        .await
-}
 
 /// Asserts `result` is a `PermissionDenied` whose message contains every
 /// one of `words`.

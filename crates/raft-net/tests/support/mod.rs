@@ -418,3 +418,20 @@ pub async fn wait_leader_among<F: TransportFactory>(nodes: &[TestNode<F>]) -> us
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// One call with a 20 s deadline, for tests that speak to a node's
+/// services directly.
+pub async fn call(
+    client: &dyn tern_protocol::RpcClient,
+    peer: &tern_protocol::PeerAddr,
+    method: &'static tern_protocol::Method,
+    payload: bytes::Bytes,
+) -> Result<bytes::Bytes, tern_protocol::CallError> {
+    client
+        .call(
+            peer,
+            tern_protocol::Call::new(method, payload)
+                .with_timeout(std::time::Duration::from_secs(20)),
+        )
+        .await
+}
