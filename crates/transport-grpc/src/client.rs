@@ -225,6 +225,14 @@ impl GrpcClient {
         {
             return Ok(entry.clone());
         }
+        // A URL is checked once, when its entry is made, not on every call.
+        check_url(url).map_err(|why| {
+            err(
+                TransportErrorKind::NotServed,
+                Delivery::NotDelivered,
+                format!("{}'s gRPC address {why}", key.peer.short()),
+            )
+        })?;
         let entry = Arc::new(PoolEntry {
             url: url.to_owned(),
             ..PoolEntry::default()
@@ -347,13 +355,6 @@ impl GrpcClient {
                 format!("{} has no gRPC address", out.peer.id.short()),
             ));
         };
-        if let Err(why) = check_url(url) {
-            return Err(err(
-                TransportErrorKind::NotServed,
-                Delivery::NotDelivered,
-                format!("{}'s gRPC address {why}", out.peer.id.short()),
-            ));
-        }
         if out.payload.len() > self.max_message_size {
             return Err(err(
                 TransportErrorKind::Overloaded,
@@ -492,7 +493,6 @@ async fn dial_channel(
     lane: Lane,
     tls: Arc<rustls::ClientConfig>,
 ) -> Result<Channel, DialError> {
-    check_url(url).map_err(DialError::Other)?;
     // tonic is given http:// (it would refuse https:// without its own TLS
     // feature); the connector below does the TLS, to the same host and
     // port.
@@ -530,7 +530,7 @@ async fn dial_channel(
     endpoint
         .connect_with_connector(connector)
         .await
-        .map_err(|e| match crate::io::wrong_peer_in(&e) {
+        .map_err(|e| match tls::find_wrong_peer(&e) {
             Some(wrong) => DialError::WrongPeer(wrong),
             None => DialError::Other(error_chain(&e)),
         })
@@ -618,7 +618,7 @@ fn classify(status: &tonic::Status, ctx: &Verify<'_>) -> CallError {
 fn classify_transport(status: &tonic::Status, source: &(dyn StdError + 'static)) -> CallError {
     let detail = error_chain(source);
     // A reconnect of a pooled channel met another node at the address.
-    if let Some(wrong) = crate::io::wrong_peer_in(source) {
+    if let Some(wrong) = tls::find_wrong_peer(source) {
         return err(
             TransportErrorKind::WrongPeer,
             Delivery::NotDelivered,

@@ -24,7 +24,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use tonic::transport::server::Connected;
 
 use crate::metrics::{self, ConnectionGauge};
-use crate::tls::{self, WrongPeer};
+use crate::tls;
 
 /// A switch that aborts every registered connection at once.
 #[derive(Debug, Default)]
@@ -164,7 +164,8 @@ pub(crate) struct ConnInfo {
     /// The node the client certificate proved; `None` for a caller that
     /// presented no certificate (a stock tool).
     pub(crate) peer: Option<PeerId>,
-    /// Requests in flight and the time of the last one, for the idle bound.
+    /// Requests in flight and the time of the last one, for the idle bound
+    /// of anonymous connections (not kept for a node's connections).
     pub(crate) activity: Arc<Activity>,
 }
 
@@ -467,11 +468,6 @@ impl tower::Service<http::Uri> for Connector {
 #[derive(Debug, thiserror::Error)]
 #[error("TLS handshake failed: {0}")]
 pub(crate) struct HandshakeFailed(#[source] pub(crate) io::Error);
-
-/// Whether `e`'s causes include a [`WrongPeer`].
-pub(crate) fn wrong_peer_in(e: &(dyn std::error::Error + 'static)) -> Option<WrongPeer> {
-    tls::find_wrong_peer(e)
-}
 
 #[cfg(test)]
 mod tests {

@@ -121,6 +121,13 @@ pub const ANONYMOUS_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// tool reconnects).
 pub const ANONYMOUS_MAX_AGE: Duration = Duration::from_secs(600);
 
+/// Bounds on how often an anonymous connection's idle bound and age are
+/// checked (a quarter of the idle bound, within these): often enough that
+/// a connection outlives its bound by little, rarely enough to cost
+/// nothing.
+const ANONYMOUS_CHECK_MIN: Duration = Duration::from_millis(50);
+const ANONYMOUS_CHECK_MAX: Duration = Duration::from_secs(5);
+
 /// Handshaken connections waiting for the HTTP/2 server to take them.
 const ACCEPTED_QUEUE: usize = 64;
 
@@ -677,8 +684,7 @@ async fn watch_anonymous(
     a: Arc<Acceptor>,
 ) {
     let opened = Instant::now();
-    let tick = (limits.anonymous_idle_timeout / 4)
-        .clamp(Duration::from_millis(50), Duration::from_secs(5));
+    let tick = (limits.anonymous_idle_timeout / 4).clamp(ANONYMOUS_CHECK_MIN, ANONYMOUS_CHECK_MAX);
     loop {
         tokio::time::sleep(tick).await;
         let Some(conn) = kill.upgrade() else { return };
@@ -942,7 +948,12 @@ where
 
     fn call(&mut self, mut req: http::Request<tonic::body::Body>) -> Self::Future {
         let info = req.extensions().get::<ConnInfo>().cloned();
-        let activity = info.as_ref().map(|i| i.activity.start());
+        // Only anonymous connections have an idle bound to feed; a node's
+        // calls skip the bookkeeping.
+        let activity = info
+            .as_ref()
+            .filter(|i| i.peer.is_none())
+            .map(|i| i.activity.start());
         let tern_method = req.uri().path().starts_with(TERN_PATH_PREFIX);
         let caller = info.as_ref().and_then(|i| i.peer);
         let answered = |mut response: http::Response<R>| {

@@ -274,8 +274,13 @@ pub fn peer_id_of_chain(chain: &[CertificateDer<'_>]) -> Result<PeerId, CertErro
     }
 }
 
+/// The one crypto provider (ring), made once: configurations and every
+/// handshake signature check share it.
 fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    static PROVIDER: std::sync::OnceLock<Arc<CryptoProvider>> = std::sync::OnceLock::new();
+    PROVIDER
+        .get_or_init(|| Arc::new(rustls::crypto::ring::default_provider()))
+        .clone()
 }
 
 /// The handshake signature schemes accepted: those of the TLS keys nodes
@@ -286,34 +291,64 @@ const SCHEMES: &[SignatureScheme] = &[
     SignatureScheme::ED25519,
 ];
 
-fn algorithms() -> WebPkiSupportedAlgorithms {
-    rustls::crypto::ring::default_provider().signature_verification_algorithms
-}
-
 fn cert_error(e: CertError) -> rustls::Error {
     rustls::Error::InvalidCertificate(rustls::CertificateError::Other(rustls::OtherError(
         Arc::new(e),
     )))
 }
 
-fn verify_tls13(
-    message: &[u8],
-    cert: &CertificateDer<'_>,
-    dss: &DigitallySignedStruct,
-) -> Result<HandshakeSignatureValid, rustls::Error> {
-    if !SCHEMES.contains(&dss.scheme) {
-        return Err(rustls::PeerMisbehaved::SignedHandshakeWithUnadvertisedSigScheme.into());
-    }
-    rustls::crypto::verify_tls13_signature(message, cert, dss, &algorithms())
-}
-
-/// The dialler's verifier: the server must prove exactly `expected`.
+/// Both ends' verifier: a peer's chain must be one certificate proving a
+/// node identity; the dialler's (`expected` set) also wants exactly that
+/// node, the server's (`None`) takes any.
 #[derive(Debug)]
-struct PinnedServer {
-    expected: PeerId,
+struct NodeVerifier {
+    expected: Option<PeerId>,
+    algorithms: WebPkiSupportedAlgorithms,
 }
 
-impl ServerCertVerifier for PinnedServer {
+impl NodeVerifier {
+    fn new(expected: Option<PeerId>) -> Arc<NodeVerifier> {
+        Arc::new(NodeVerifier {
+            expected,
+            algorithms: provider().signature_verification_algorithms,
+        })
+    }
+
+    /// The node the chain proves, checked against `expected`.
+    fn identity(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+    ) -> Result<(), rustls::Error> {
+        if !intermediates.is_empty() {
+            return Err(cert_error(CertError::Chain(intermediates.len() + 1)));
+        }
+        let actual = peer_id(end_entity).map_err(cert_error)?;
+        match self.expected {
+            Some(expected) if expected != actual => Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::Other(rustls::OtherError(Arc::new(WrongPeer {
+                    expected,
+                    actual,
+                }))),
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    fn tls13(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        if !SCHEMES.contains(&dss.scheme) {
+            return Err(rustls::PeerMisbehaved::SignedHandshakeWithUnadvertisedSigScheme.into());
+        }
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+}
+
+impl ServerCertVerifier for NodeVerifier {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -322,19 +357,8 @@ impl ServerCertVerifier for PinnedServer {
         _ocsp_response: &[u8],
         _now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        if !intermediates.is_empty() {
-            return Err(cert_error(CertError::Chain(intermediates.len() + 1)));
-        }
-        let actual = peer_id(end_entity).map_err(cert_error)?;
-        if actual != self.expected {
-            return Err(rustls::Error::InvalidCertificate(
-                rustls::CertificateError::Other(rustls::OtherError(Arc::new(WrongPeer {
-                    expected: self.expected,
-                    actual,
-                }))),
-            ));
-        }
-        Ok(ServerCertVerified::assertion())
+        self.identity(end_entity, intermediates)
+            .map(|()| ServerCertVerified::assertion())
     }
 
     fn verify_tls12_signature(
@@ -352,7 +376,7 @@ impl ServerCertVerifier for PinnedServer {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13(message, cert, dss)
+        self.tls13(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
@@ -360,16 +384,13 @@ impl ServerCertVerifier for PinnedServer {
     }
 }
 
-/// The server's verifier: any valid node identity, or none at all.
-#[derive(Debug)]
-struct AnyNode;
-
-impl ClientCertVerifier for AnyNode {
+impl ClientCertVerifier for NodeVerifier {
     fn offer_client_auth(&self) -> bool {
         true
     }
 
     fn client_auth_mandatory(&self) -> bool {
+        // Stock tools without a key reach health and reflection.
         false
     }
 
@@ -383,11 +404,8 @@ impl ClientCertVerifier for AnyNode {
         intermediates: &[CertificateDer<'_>],
         _now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        if !intermediates.is_empty() {
-            return Err(cert_error(CertError::Chain(intermediates.len() + 1)));
-        }
-        peer_id(end_entity).map_err(cert_error)?;
-        Ok(ClientCertVerified::assertion())
+        self.identity(end_entity, intermediates)
+            .map(|()| ClientCertVerified::assertion())
     }
 
     fn verify_tls12_signature(
@@ -405,7 +423,7 @@ impl ClientCertVerifier for AnyNode {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13(message, cert, dss)
+        self.tls13(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
@@ -424,7 +442,7 @@ pub fn server_config(identity: &TlsIdentity) -> Result<rustls::ServerConfig, Con
     let (chain, key) = identity.chain_and_key();
     let mut config = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_client_cert_verifier(Arc::new(AnyNode))
+        .with_client_cert_verifier(NodeVerifier::new(None))
         .with_single_cert(chain, key)?;
     config.alpn_protocols = vec![ALPN_H2.to_vec()];
     // Resumption would let a later connection skip the certificate, and
@@ -446,7 +464,7 @@ fn pinned_client(
     let builder = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(PinnedServer { expected }));
+        .with_custom_certificate_verifier(NodeVerifier::new(Some(expected)));
     let mut config = match cert {
         Some((chain, key)) => builder.with_client_auth_cert(chain, key)?,
         None => builder.with_no_client_auth(),
