@@ -164,6 +164,8 @@ pub async fn raw_grpc_server(key: [u8; 32]) -> anyhow::Result<(String, PeerId)> 
 /// A raw tonic client of the raw gRPC server at `url` (`https://IP:PORT`)
 /// whose id is `id`, presenting a fresh key, as our client does.
 pub async fn raw_grpc_channel(url: &str, id: PeerId) -> anyhow::Result<tonic::transport::Channel> {
+    tern_transport_grpc::client::check_url(url)
+        .map_err(|why| anyhow::anyhow!("raw gRPC URL {why}"))?;
     let addr: SocketAddr = url
         .trim_start_matches("https://")
         .parse()

@@ -20,6 +20,10 @@ use crate::client::{Conn, request_id};
 use crate::config::Config;
 use crate::node::NodeFile;
 
+/// Hex digits of a key shown in `tern access log` tables (as
+/// `PeerId::short` shows ids): enough to tell keys apart.
+const SHORT_KEY_HEX: usize = 16;
+
 /// Prints a line to stdout, ignoring a closed pipe (`tern vm list | head`
 /// must not panic).
 macro_rules! out {
@@ -584,9 +588,9 @@ pub async fn access_log(conn: &Conn, out: Out) -> Result<(), String> {
             "{:>5}  {:>13}  {:<16}  {:<6}  {:<16}  {}",
             e.seq,
             e.at_unix_ms,
-            &hex(&e.by)[..16.min(e.by.len() * 2)],
+            &hex(&e.by)[..SHORT_KEY_HEX.min(e.by.len() * 2)],
             e.action,
-            &hex(&e.key)[..16.min(e.key.len() * 2)],
+            &hex(&e.key)[..SHORT_KEY_HEX.min(e.key.len() * 2)],
             e.role
         );
     }

@@ -297,6 +297,12 @@ impl VmConfig {
 
     fn check(&self) -> Result<(), ConfigError> {
         let enabled = self.enabled();
+        if enabled.is_empty() {
+            return Err(err(
+                "vm.runtimes",
+                "is empty: the node would run no VM placed on it; name \"microvm\" and/or \"process\", or leave the key out for the default",
+            ));
+        }
         for (i, name) in enabled.iter().enumerate() {
             if enabled[..i].contains(name) {
                 return Err(err(
@@ -364,6 +370,10 @@ impl VmConfig {
     }
 }
 
+/// Longest TLS handshake bound `limits.handshake_timeout_secs` may set:
+/// beyond it, slow clients could hold connection places for minutes.
+pub const MAX_HANDSHAKE_TIMEOUT_SECS: u64 = 300;
+
 /// `[limits]`: overrides of the transports' named limits; a key left out
 /// keeps the transport's default constant.
 #[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
@@ -415,12 +425,12 @@ impl LimitsConfig {
             ));
         }
         if let Some(secs) = self.handshake_timeout_secs
-            && secs > 300
+            && secs > MAX_HANDSHAKE_TIMEOUT_SECS
         {
             return Err(err(
                 "limits.handshake_timeout_secs",
                 format!(
-                    "{secs} s would let slow clients hold connections for minutes; at most 300"
+                    "{secs} s would let slow clients hold connections for minutes; at most {MAX_HANDSHAKE_TIMEOUT_SECS}"
                 ),
             ));
         }
@@ -811,6 +821,23 @@ mod tests {
         assert!(e.starts_with("vm.image_dirs[0]"), "{e}");
         let e = error_of("[vm]\nimage_dirs = [\"images\"]\n");
         assert!(e.starts_with("vm.image_dirs[0]"), "{e}");
+        let e = error_of("[vm]\nruntimes = []\n");
+        assert!(e.starts_with("vm.runtimes"), "{e}");
+        let e = error_of("[vm]\nruntimes = [\"process\", \"process\"]\n");
+        assert!(e.starts_with("vm.runtimes[1]"), "{e}");
+        for user in ["", "a:b", "a/b"] {
+            let e = error_of(&format!("[vm]\nprocess_user = {user:?}\n"));
+            assert!(e.starts_with("vm.process_user"), "{e}");
+        }
+        for text in [
+            "[limits]\nhandshake_timeout_secs = 301\n",
+            "[limits]\nhandshake_timeout_secs = 0\n",
+            "[limits]\nstreams_per_connection = 0\n",
+            "[limits]\nconnections = 0\n",
+        ] {
+            let e = error_of(text);
+            assert!(e.starts_with("limits."), "{text}: {e}");
+        }
         let e = error_of("[limits]\nconnections_per_ip = 0\n");
         assert!(e.starts_with("limits.connections_per_ip"), "{e}");
         let e = error_of("[limits]\nin_flight_bytes_per_peer = 1000\n");

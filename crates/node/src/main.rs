@@ -112,7 +112,6 @@ enum Command {
         #[command(flatten)]
         connect: Connect,
     },
-    /// Check a node configuration file and print the policy it sets.
     /// Who may do what: the cluster's access table.
     Access {
         #[command(subcommand)]
@@ -125,6 +124,7 @@ enum Command {
         #[command(subcommand)]
         command: KeyCommand,
     },
+    /// Check a node configuration file and print the policy it sets.
     CheckConfig {
         /// The file to check.
         #[arg(long, short)]

@@ -290,7 +290,7 @@ fn runtimes(
         match name {
             RuntimeName::Microvm => {
                 let config = MicrovmConfig {
-                    allowed_dirs: Some(vm.image_dirs(data_dir)),
+                    allowed_dirs: Some(image_dirs(vm, data_dir)?),
                     ..MicrovmConfig::default()
                 };
                 if !qemu_available(Path::new(DEFAULT_QEMU)) {
@@ -329,6 +329,32 @@ fn runtimes(
         RuntimeChoice::Auto => kinds.first().copied().unwrap_or(RuntimeKind::Microvm),
     };
     Ok((default, out))
+}
+
+/// The directories microvm files may come from, each present: the default
+/// (`DATA_DIR/images`) is created; a configured one that does not exist
+/// stops the start (every VM would otherwise be refused as "outside").
+fn image_dirs(vm: &VmConfig, data_dir: &Path) -> Result<Vec<PathBuf>, StartError> {
+    let dirs = vm.image_dirs(data_dir);
+    for (i, dir) in dirs.iter().enumerate() {
+        let error = |reason: String| {
+            StartError::Config(ConfigError {
+                file: None,
+                key: format!("vm.image_dirs[{i}]"),
+                reason,
+            })
+        };
+        if vm.image_dirs.is_none() {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| error(format!("cannot create {}: {e}", dir.display())))?;
+        } else if !dir.is_dir() {
+            return Err(error(format!(
+                "{} is not a directory on this node; create it or fix the path",
+                dir.display()
+            )));
+        }
+    }
+    Ok(dirs)
 }
 
 /// The user process workloads run as: none when the node is not root (it
@@ -780,8 +806,6 @@ async fn announce_address(
     }
 }
 
-/// Joins through `seeds` in turn, retrying with capped exponential
-/// backoff until [`JOIN_GIVE_UP`]; a refused token is not retried.
 /// How long the first node waits for its access bootstrap to commit.
 const ACCESS_BOOTSTRAP_WAIT: Duration = Duration::from_secs(10);
 
@@ -838,6 +862,8 @@ async fn bootstrap_access(
     Ok(())
 }
 
+/// Joins through `seeds` in turn, retrying with capped exponential
+/// backoff until [`JOIN_GIVE_UP`]; a refused token is not retried.
 async fn join_with_retries(
     client: &dyn RpcClient,
     seeds: &[(PeerId, crate::config::SeedConfig)],

@@ -448,6 +448,23 @@ fn config_errors_exit_non_zero_naming_the_key() {
     assert!(!out.status.success());
     let e = String::from_utf8_lossy(&out.stderr);
     assert!(e.contains("data_dir"), "{e}");
+
+    // A configured microvm image directory that does not exist stops the
+    // start, naming it (every VM would otherwise be refused as outside).
+    let config = base.path().join("images.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "data_dir = {:?}\n[listen]\ngrpc = \"127.0.0.1:0\"\niroh = \"127.0.0.1:0\"\nmetrics = \"off\"\n\
+             [vm]\nruntimes = [\"microvm\"]\nimage_dirs = [\"/nonexistent/tern-images\"]\n",
+            base.path().join("data").display().to_string()
+        ),
+    )
+    .unwrap();
+    let out = cli(&["run", "--config", config.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(e.contains("vm.image_dirs[0]"), "{e}");
 }
 
 #[test]

@@ -1073,12 +1073,8 @@ async fn leave(
     let method = methods::CLUSTER_LEAVE;
     let admin = node
         .sm
-        .read(|s| {
-            s.access()
-                .get(&ctx.peer)
-                .is_some_and(|roles| roles.contains(&tern_protocol::access::Role::Admin))
-        })
-        .unwrap_or(false);
+        .read(|s| s.role_of(&ctx.peer) == Some(tern_protocol::access::Role::Admin))
+        .map_err(|e| Status::unavailable(format!("reading the access table: {e}")))?;
     if !admin && !Shared::is_member(node, &ctx.peer) {
         return Err(not_a_member(
             &ctx.peer,

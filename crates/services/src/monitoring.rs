@@ -57,6 +57,10 @@ pub const METRICS_CONNECTION_MAX_AGE: std::time::Duration = std::time::Duration:
 /// A node has a few scrapers, not hundreds.
 pub const METRICS_MAX_CONNECTIONS: usize = 64;
 
+/// How often a refused `/metrics` connection is logged: enough to see a
+/// flood, never a line per connection.
+pub const METRICS_REFUSAL_LOG_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// Pause after a failed accept (out of descriptors), so the loop does not
 /// spin.
 const METRICS_ACCEPT_BACKOFF: std::time::Duration = std::time::Duration::from_millis(100);
@@ -166,7 +170,7 @@ impl Monitoring {
                 }
             };
             let Ok(slot) = slots.clone().try_acquire_owned() else {
-                if refused_logged.is_none_or(|t| t.elapsed() > std::time::Duration::from_secs(60)) {
+                if refused_logged.is_none_or(|t| t.elapsed() > METRICS_REFUSAL_LOG_INTERVAL) {
                     tracing::warn!(%remote, limit = METRICS_MAX_CONNECTIONS, "refused a /metrics connection: too many open (logged once a minute)");
                     refused_logged = Some(std::time::Instant::now());
                 }

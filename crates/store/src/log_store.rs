@@ -444,8 +444,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), io::Error> {
-        self.meta_put(KEY_COMMITTED, &committed)?;
-        Ok(())
+        // Not flushed (openraft may lose it: the committed index is
+        // re-learnt from the leader), but a failure is as loud as any other
+        // log write.
+        self.meta_put(KEY_COMMITTED, &committed)
+            .map_err(|e| self.write_failed("save committed", e))
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId>, io::Error> {
