@@ -20,7 +20,7 @@ use openraft::errors::{ClientWriteError, Fatal, RaftError};
 use tern_protocol::{BoxFuture, CallError, Code, RpcClient};
 use tern_raft_net::{RaftNode, RaftNodeError, WriteError};
 use tern_services::consensus::{Consensus, ConsensusError, MemberStatus, RaftRole, RaftStatus};
-use tern_store::{ClusterState, Command, Response};
+use tern_state::{ClusterState, Command, Response};
 use tokio::sync::watch;
 
 /// Bound on one forward to the leader; the services bound the whole write

@@ -51,7 +51,7 @@ use tern_services::runtime::process::{ProcessRuntime, RunAs};
 use tern_services::runtime::{RestartPolicy, Runtime, RuntimeKind};
 use tern_services::status::StatusService;
 use tern_services::vm::VmService;
-use tern_store::{Capacity, Command, Member};
+use tern_state::{Capacity, Command, Member};
 use tern_transport_dual::{DualRouter, Policy};
 use tern_transport_grpc::{GrpcTransport, ServerConfig};
 use tern_transport_iroh::{IrohConfig, IrohTransport, load_or_create_secret_key};
@@ -844,7 +844,7 @@ async fn bootstrap_access(
         let result = tokio::time::timeout(ACCESS_BOOTSTRAP_WAIT, raft.client_write(command)).await;
         let why = match result {
             Ok(Ok(w)) => match w.data {
-                tern_store::Response::Rejected(r) => r.to_string(),
+                tern_state::Response::Rejected(r) => r.to_string(),
                 _ => {
                     tracing::info!(key = %key, "access bootstrap: granted admin");
                     continue;

@@ -17,8 +17,8 @@ use bytes::Bytes;
 use prost::Message;
 use tern_protocol::access::Role;
 use tern_protocol::{Code, PeerId, RequestContext, Status, pb};
-use tern_store::state::MAX_REQUEST_ID_LEN;
-use tern_store::{ClusterState, Command, Rejection, Response};
+use tern_state::state::MAX_REQUEST_ID_LEN;
+use tern_state::{ClusterState, Command, Rejection, Response};
 
 use crate::node::WriteError;
 use crate::service::Attached;

@@ -33,13 +33,14 @@ use openraft::{Config, ServerState, SnapshotPolicy};
 use prost::Message;
 use tern_protocol::catalog::methods;
 use tern_protocol::{Call, CallError, Code, PeerAddr, PeerId, RpcClient, Status, pb};
-use tern_store::limits::{LimitError, check_command};
-use tern_store::{Command, Member, NodeId, Response, StateMachineStore, TypeConfig};
+use tern_state::limits::{LimitError, check_command};
+use tern_store::{StateMachineStore, TypeConfig};
+use tern_state::{Command, Member, NodeId, Response};
 
 use crate::network::{AddressBook, NetworkFactory, SNAPSHOT_CHUNK_SIZE};
 use crate::service::{Attached, RaftInstance, RaftServices};
 
-pub use tern_store::state::FIRST_NODE_ID;
+pub use tern_state::state::FIRST_NODE_ID;
 
 /// Interval of the leader's heartbeats. openraft also uses it as the
 /// deadline of every append-entries call (`soft_ttl` is 3/4 of it), and an
@@ -187,7 +188,7 @@ pub enum WriteError {
 impl WriteError {
     /// The status a handler answers with: `InvalidArgument` for a field
     /// over its limit, `ResourceExhausted` for a request over
-    /// [`tern_store::limits::MAX_REQUEST_BYTES`], `FailedPrecondition`
+    /// [`tern_state::limits::MAX_REQUEST_BYTES`], `FailedPrecondition`
     /// naming the leader on a follower, `Unavailable` when Raft stopped.
     pub fn into_status(self) -> Status {
         match self {
@@ -553,7 +554,7 @@ impl RaftNode {
     }
 
     /// Proposes `command` once it passes the write limits
-    /// ([`tern_store::limits::check_command`]) and answers the state
+    /// ([`tern_state::limits::check_command`]) and answers the state
     /// machine's response once it is committed and applied here. On a
     /// follower openraft answers `ForwardToLeader` (in
     /// [`WriteError::Raft`]); forward with [`propose`].

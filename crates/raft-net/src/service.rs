@@ -29,11 +29,11 @@
 //!   caller's reports about its own VMs and the VM writes a member's VM
 //!   service forwards; never membership, metadata or raw record writes.
 //!   Every proposal passes the write limits
-//!   ([`tern_store::limits::check_command`]) before it is proposed.
+//!   ([`tern_state::limits::check_command`]) before it is proposed.
 //! - **Cluster/Join:** a member, or a caller presenting the join token
 //!   (compared in constant time). A node joins only as itself: the address
 //!   in the request must carry the caller's own id, and within the
-//!   address limits ([`tern_store::limits::check_member`]).
+//!   address limits ([`tern_state::limits::check_member`]).
 //! - **Cluster/Leave:** a member removes only itself; an admin (access
 //!   table) removes any node.
 //! - **Cluster/Members:** any authenticated caller (read-only; the same
@@ -75,10 +75,8 @@ use tern_protocol::{
     BoxFuture, Code, Dispatcher, Handler, Method, PeerAddr, PeerId, RequestContext, ServiceId,
     Status, pb,
 };
-use tern_store::{
-    Capacity, Command, Member, Membership, NodeId, Response, SnapshotFile, SnapshotMeta,
-    StateMachineStore, TypeConfig, Vote,
-};
+use tern_store::{Membership, SnapshotFile, SnapshotMeta, StateMachineStore, TypeConfig, Vote};
+use tern_state::{Capacity, Command, Member, NodeId, Response};
 
 use crate::codec;
 use crate::wire::{self, ControlRequest, ControlResponse, SnapshotAck};
@@ -595,13 +593,13 @@ async fn serve_raft(
         // answers FailedPrecondition naming the leader.
         // Limits before work: a payload that cannot hold an acceptable
         // command is refused before it is decoded.
-        let max = tern_store::limits::MAX_REQUEST_BYTES + wire::ENVELOPE_OVERHEAD;
+        let max = tern_state::limits::MAX_REQUEST_BYTES + wire::ENVELOPE_OVERHEAD;
         if payload.len() > max {
             return Err(resource_exhausted(format!(
                 "raft/propose: a proposal of {} bytes; at most {} bytes may be written to the \
                  cluster state at once",
                 payload.len(),
-                tern_store::limits::MAX_REQUEST_BYTES
+                tern_state::limits::MAX_REQUEST_BYTES
             )));
         }
         let command: Command = wire::unwrap(payload).map_err(bad)?;
@@ -920,7 +918,7 @@ async fn join(
         })
         .unwrap_or_default();
     let record = Member::new(addr, capacity);
-    tern_store::limits::check_member(&record)
+    tern_state::limits::check_member(&record)
         .map_err(|e| Status::invalid_argument(format!("cluster/join: {e}")))?;
 
     let membership = node
@@ -1166,7 +1164,7 @@ mod tests {
 
     #[test]
     fn proposals_carry_only_a_members_own_writes() {
-        use tern_store::{VmReport, VmSpec, VmState};
+        use tern_state::{VmReport, VmSpec, VmState};
         let me = BTreeSet::from([3]);
         let report = |node_id| Command::ReportVm {
             request_id: "r".into(),

@@ -336,21 +336,21 @@ async fn members_propose_through_the_leader<F: TransportFactory>(factory: F) {
 
     // A VM write a member's VM service forwards (a raw record write such
     // as `PutVm` is not one a member may propose; see tests/security.rs).
-    let create = |i: u64| tern_store::Command::CreateVm {
+    let create = |i: u64| tern_state::Command::CreateVm {
         request_id: format!("create-{i}"),
-        spec: Box::new(tern_store::VmSpec {
+        spec: Box::new(tern_state::VmSpec {
             name: format!("vm-{i}"),
             vcpus: 1,
             memory_mib: 64,
             runtime: "process".into(),
-            ..tern_store::VmSpec::default()
+            ..tern_state::VmSpec::default()
         }),
     };
     let command = create(7);
     let first = tern_raft_net::propose(client.as_ref(), &leader_addr, &command, WAIT)
         .await
         .unwrap();
-    assert!(matches!(first, tern_store::Response::Vm(_)), "{first:?}");
+    assert!(matches!(first, tern_state::Response::Vm(_)), "{first:?}");
     let retried = tern_raft_net::propose(client.as_ref(), &leader_addr, &command, WAIT)
         .await
         .unwrap();
@@ -493,7 +493,7 @@ async fn metadata_register_reads_linearizably<F: TransportFactory>(factory: F) {
     let bad = meta_get(
         client.as_ref(),
         &c.nodes[leader].addr,
-        &"k".repeat(tern_store::state::MAX_META_KEY_LEN + 1),
+        &"k".repeat(tern_state::state::MAX_META_KEY_LEN + 1),
         WAIT,
     )
     .await

@@ -37,15 +37,13 @@ use tern_raft_net::wire::ControlRequest;
 use tern_raft_net::{
     FIRST_NODE_ID, RaftNode, RaftNodeError, RaftOptions, WriteError, codec, wire, write_node_id,
 };
-use tern_store::limits::{
+use tern_state::limits::{
     MAX_COMMAND_ARG_LEN, MAX_KERNEL_CMDLINE_LEN, MAX_META_KEY_LEN, MAX_META_VALUE_LEN,
     MAX_PATH_LEN, MAX_REQUEST_BYTES, MAX_REQUEST_ID_LEN, MAX_VM_ID_LEN, MAX_VM_NAME_LEN,
     MAX_VM_REASON_LEN, encoded_len,
 };
-use tern_store::{
-    Command, Entry, LogId, LogStore, NodeId, Response, StoreError, TypeConfig, VmRecord, VmReport,
-    VmSpec, VmState,
-};
+use tern_store::{Entry, LogId, LogStore, StoreError, TypeConfig};
+use tern_state::{Command, NodeId, Response, VmRecord, VmReport, VmSpec, VmState};
 
 /// Asserts `result` is a `PermissionDenied` whose message contains every
 /// one of `words`.
@@ -366,7 +364,7 @@ async fn propose_carries_only_a_members_own_writes() {
     let dir = tempfile::tempdir().unwrap();
     let mut joiner = TestNode::boot(&c.factory, &dir.path().join("joiner"), loopback()).await;
     let mut address = pb::PeerAddress::from(&joiner.addr);
-    address.grpc_url = format!("http://{}", "h".repeat(tern_store::limits::MAX_URL_LEN));
+    address.grpc_url = format!("http://{}", "h".repeat(tern_state::limits::MAX_URL_LEN));
     let join = pb::JoinRequest {
         token: TOKEN.into(),
         address: Some(address),

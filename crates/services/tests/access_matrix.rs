@@ -27,7 +27,7 @@ use tern_protocol::{
 use tern_raft_net::RaftServices;
 use tern_services::access::AccessGate;
 use tern_services::consensus::Consensus;
-use tern_store::{Capacity, Command, Response};
+use tern_state::{Capacity, Command, Response};
 
 /// Per-call bound.
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);

@@ -26,7 +26,7 @@ use tern_services::reconciler::{Reconciler, ReconcilerConfig};
 use tern_services::runtime::{ProcessRuntime, Runtime, RuntimeKind, pidfile};
 use tern_services::status::StatusService;
 use tern_services::vm::VmService;
-use tern_store::Capacity;
+use tern_state::Capacity;
 
 /// Upper bound on the test.
 const TEST_BOUND: Duration = Duration::from_secs(120);

@@ -16,7 +16,7 @@ use tern_protocol::{PeerAddr, PeerId};
 use tern_services::consensus::Consensus;
 use tern_services::reconciler::{Reconciler, ReconcilerConfig};
 use tern_services::runtime::{ProcessRuntime, RunState, Runtime, pidfile};
-use tern_store::{Capacity, Command, Response, VmSpec, VmState};
+use tern_state::{Capacity, Command, Response, VmSpec, VmState};
 
 /// Upper bound on any one test.
 const TEST_BOUND: Duration = Duration::from_secs(60);

@@ -12,7 +12,7 @@ use tern_protocol::pb::VmSpec;
 
 /// Longest VM name: a DNS label is at most 63 bytes (RFC 1035), and names
 /// end up in host names and file names. The write limit, defined once.
-pub const MAX_NAME_LEN: usize = tern_store::limits::MAX_VM_NAME_LEN;
+pub const MAX_NAME_LEN: usize = tern_state::limits::MAX_VM_NAME_LEN;
 
 /// Fewest vCPUs a VM may ask for.
 pub const MIN_VCPUS: u32 = 1;
@@ -32,7 +32,7 @@ pub const MAX_MEMORY_MIB: u64 = 1024 * 1024;
 /// Longest VM id a runtime accepts. Ids name directories in the runtime's
 /// state dir and a unix socket path, which is limited to 108 bytes. The
 /// write limit, defined once.
-pub const MAX_VM_ID_LEN: usize = tern_store::limits::MAX_VM_ID_LEN;
+pub const MAX_VM_ID_LEN: usize = tern_state::limits::MAX_VM_ID_LEN;
 
 /// The runtimes a spec can ask for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

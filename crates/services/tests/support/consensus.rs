@@ -1,5 +1,5 @@
 //! A test [`Consensus`]: applies commands to a real
-//! [`tern_store::ClusterState`] in-process, as a single-node Raft would
+//! [`tern_state::ClusterState`] in-process, as a single-node Raft would
 //! after commit. It fakes only the layer below the services (replication),
 //! never the state's logic: placement, deduplication and transitions are
 //! the real `apply`.
@@ -16,7 +16,8 @@ use std::sync::{Arc, Mutex};
 
 use tern_protocol::{BoxFuture, PeerAddr};
 use tern_services::consensus::{Consensus, ConsensusError, MemberStatus, RaftRole, RaftStatus};
-use tern_store::{Capacity, ClusterState, Command, Member, Membership, NodeId, Response};
+use tern_store::Membership;
+use tern_state::{Capacity, ClusterState, Command, Member, NodeId, Response};
 use tokio::sync::watch;
 
 /// The shared "replicated" state and log index.
@@ -56,7 +57,7 @@ impl Shared {
         let membership = Membership::new(vec![voters], nodes).unwrap();
         {
             let mut guard = self.state.lock().unwrap();
-            guard.0.apply_membership(&membership);
+            guard.0.apply_membership(membership.nodes());
             guard.1 += 1;
         }
         self.publish();

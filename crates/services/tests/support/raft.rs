@@ -15,7 +15,7 @@ use openraft::errors::{ClientWriteError, RaftError};
 use tern_protocol::{BoxFuture, PeerAddr, RpcClient};
 use tern_raft_net::{RaftNode, RaftOptions, RaftServices};
 use tern_services::consensus::{Consensus, ConsensusError, MemberStatus, RaftRole, RaftStatus};
-use tern_store::{Capacity, ClusterState, Command, Member, Response};
+use tern_state::{Capacity, ClusterState, Command, Member, Response};
 use tokio::sync::watch;
 
 /// How long a test waits for the single node to elect itself.

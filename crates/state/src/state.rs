@@ -3,7 +3,7 @@
 //! [`ClusterState::apply`] is a pure function from a state and a
 //! [`Command`] to a new state and a [`Response`]: no I/O, no clock, no
 //! randomness, so every node that applies the same log reaches the same
-//! state. The Raft state machine ([`crate::StateMachineStore`]) calls it for
+//! state. The Raft state machine (`tern_store::StateMachineStore`) calls it for
 //! every normal entry and [`ClusterState::apply_membership`] for every
 //! membership entry.
 //!
@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use tern_protocol::PeerId;
 use tern_protocol::access::Role;
 
-use crate::types::{Capacity, Member, Membership, NodeId};
+use crate::member::{Capacity, Member, NodeId};
 
 pub use crate::limits::{MAX_META_KEY_LEN, MAX_META_VALUE_LEN, MAX_REQUEST_ID_LEN};
 
@@ -607,7 +607,7 @@ pub fn check_meta_key(key: &str) -> Result<(), Rejection> {
 /// access table starts empty, and the first node grants its admins when it
 /// next leads).
 #[derive(Debug, Deserialize)]
-pub(crate) struct ClusterStateV2 {
+pub struct ClusterStateV2 {
     members: BTreeMap<NodeId, Member>,
     node_ids: BTreeMap<PeerId, NodeId>,
     next_node_id: NodeId,
@@ -1075,9 +1075,14 @@ impl ClusterState {
     /// Records a newly applied membership: its nodes become the members.
     /// Nodes that were members and are no longer give up their node id for
     /// good; ids seen in a membership are never handed out again.
-    pub fn apply_membership(&mut self, membership: &Membership) {
-        let members: BTreeMap<NodeId, Member> = membership
-            .nodes()
+    /// `nodes` are the membership's nodes, voters and learners (openraft's
+    /// `Membership::nodes()`).
+    pub fn apply_membership<'a>(
+        &mut self,
+        nodes: impl IntoIterator<Item = (&'a NodeId, &'a Member)>,
+    ) {
+        let members: BTreeMap<NodeId, Member> = nodes
+            .into_iter()
             .map(|(id, member)| (*id, member.clone()))
             .collect();
         for (id, old) in &self.members {
@@ -1133,10 +1138,7 @@ impl ClusterState {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeSet;
-
     use super::*;
-    use crate::types::Capacity;
     use tern_protocol::PeerAddr;
 
     fn peer(n: u8) -> PeerId {
@@ -1218,11 +1220,8 @@ mod tests {
         )
     }
 
-    fn membership(nodes: &[(NodeId, u8)]) -> Membership {
-        let voters: BTreeSet<NodeId> = nodes.iter().map(|(id, _)| *id).collect();
-        let nodes: BTreeMap<NodeId, Member> =
-            nodes.iter().map(|(id, n)| (*id, member(*n))).collect();
-        Membership::new(vec![voters], nodes).unwrap()
+    fn membership(nodes: &[(NodeId, u8)]) -> BTreeMap<NodeId, Member> {
+        nodes.iter().map(|(id, n)| (*id, member(*n))).collect()
     }
 
     fn vm(id: &str, name: &str) -> VmRecord {
@@ -1595,8 +1594,7 @@ mod tests {
                 (NodeId::from(n), Member::new(PeerAddr::new(peer(n)), *c))
             })
             .collect();
-        let voters: BTreeSet<NodeId> = nodes.keys().copied().collect();
-        state.apply_membership(&Membership::new(vec![voters], nodes).unwrap());
+        state.apply_membership(&nodes);
         state
     }
 

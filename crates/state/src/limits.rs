@@ -19,7 +19,7 @@
 //! (one such entry fits an append-entries message within the frame limit).
 
 use crate::state::{Command, VmRecord, VmReport, VmSpec};
-use crate::types::Member;
+use crate::member::Member;
 
 /// Largest encoded command accepted for proposal: 1.5 MiB, etcd's default
 /// `--max-request-bytes`. The cluster state is labels, VM specs and
