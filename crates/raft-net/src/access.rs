@@ -17,7 +17,7 @@ use bytes::Bytes;
 use prost::Message;
 use tern_protocol::access::Role;
 use tern_protocol::{Code, PeerId, RequestContext, Status, pb};
-use tern_state::state::MAX_REQUEST_ID_LEN;
+use tern_state::MAX_REQUEST_ID_LEN;
 use tern_state::{ClusterState, Command, Rejection, Response};
 
 use crate::node::WriteError;

@@ -27,7 +27,7 @@
 //!   operator metadata, not a secret store.
 //!
 //! Errors a client sees, by [`MetaError`]: `InvalidArgument` for a key or
-//! value out of bounds (see [`tern_state::state::MAX_META_KEY_LEN`] and
+//! value out of bounds (see [`tern_state::MAX_META_KEY_LEN`] and
 //! friends), `Unavailable` for no leader / no quorum / leader unreachable
 //! (retry, with the same request id for a put), `FailedPrecondition` for a
 //! forwarded call that found no leader at its destination (retry).
@@ -42,9 +42,9 @@ use openraft::errors::{ClientWriteError, ForwardToLeader, LinearizableReadError,
 use prost::Message;
 use tern_protocol::catalog::methods;
 use tern_protocol::{Call, CallError, Code, PeerAddr, RequestContext, RpcClient, Status, pb};
-use tern_state::state::{MAX_REQUEST_ID_LEN, check_meta, check_meta_key};
-use tern_store::{TypeConfig};
 use tern_state::{Command, NodeId, Response};
+use tern_state::{MAX_REQUEST_ID_LEN, check_meta, check_meta_key};
+use tern_store::TypeConfig;
 
 use crate::node::WriteError;
 use crate::service::Attached;

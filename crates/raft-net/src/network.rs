@@ -51,8 +51,8 @@ use tern_protocol::catalog::methods;
 use tern_protocol::{
     Call, CallError, Code, Method, PeerAddr, PeerId, Priority, RpcClient, TransportErrorKind, pb,
 };
-use tern_store::{Membership, SnapshotFile, StoreSnapshot, TypeConfig, Vote};
 use tern_state::{Member, NodeId};
+use tern_store::{Membership, SnapshotFile, StoreSnapshot, TypeConfig, Vote};
 
 use crate::codec::{self, AppendEntriesRequest, CodecError};
 use crate::gate::{Gates, PeerGate, Refused};
@@ -604,8 +604,8 @@ mod tests {
     use openraft::EntryPayload;
     use openraft::testing::log_id;
     use tern_protocol::{Delivery, Status, TransportError, TransportKind};
-    use tern_store::{Entry};
-    use tern_state::{Command};
+    use tern_state::Command;
+    use tern_store::Entry;
 
     fn err(kind: TransportErrorKind) -> CallError {
         CallError::Transport(TransportError::new(

@@ -34,13 +34,13 @@ use prost::Message;
 use tern_protocol::catalog::methods;
 use tern_protocol::{Call, CallError, Code, PeerAddr, PeerId, RpcClient, Status, pb};
 use tern_state::limits::{LimitError, check_command};
-use tern_store::{StateMachineStore, TypeConfig};
 use tern_state::{Command, Member, NodeId, Response};
+use tern_store::{StateMachineStore, TypeConfig};
 
 use crate::network::{AddressBook, NetworkFactory, SNAPSHOT_CHUNK_SIZE};
 use crate::service::{Attached, RaftInstance, RaftServices};
 
-pub use tern_state::state::FIRST_NODE_ID;
+pub use tern_state::FIRST_NODE_ID;
 
 /// Interval of the leader's heartbeats. openraft also uses it as the
 /// deadline of every append-entries call (`soft_ttl` is 3/4 of it), and an

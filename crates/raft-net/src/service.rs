@@ -75,8 +75,8 @@ use tern_protocol::{
     BoxFuture, Code, Dispatcher, Handler, Method, PeerAddr, PeerId, RequestContext, ServiceId,
     Status, pb,
 };
-use tern_store::{Membership, SnapshotFile, SnapshotMeta, StateMachineStore, TypeConfig, Vote};
 use tern_state::{Capacity, Command, Member, NodeId, Response};
+use tern_store::{Membership, SnapshotFile, SnapshotMeta, StateMachineStore, TypeConfig, Vote};
 
 use crate::codec;
 use crate::wire::{self, ControlRequest, ControlResponse, SnapshotAck};

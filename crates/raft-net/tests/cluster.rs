@@ -493,7 +493,7 @@ async fn metadata_register_reads_linearizably<F: TransportFactory>(factory: F) {
     let bad = meta_get(
         client.as_ref(),
         &c.nodes[leader].addr,
-        &"k".repeat(tern_state::state::MAX_META_KEY_LEN + 1),
+        &"k".repeat(tern_state::MAX_META_KEY_LEN + 1),
         WAIT,
     )
     .await

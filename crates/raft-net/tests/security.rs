@@ -42,8 +42,8 @@ use tern_state::limits::{
     MAX_PATH_LEN, MAX_REQUEST_BYTES, MAX_REQUEST_ID_LEN, MAX_VM_ID_LEN, MAX_VM_NAME_LEN,
     MAX_VM_REASON_LEN, encoded_len,
 };
-use tern_store::{Entry, LogId, LogStore, StoreError, TypeConfig};
 use tern_state::{Command, NodeId, Response, VmRecord, VmReport, VmSpec, VmState};
+use tern_store::{Entry, LogId, LogStore, StoreError, TypeConfig};
 
 /// Asserts `result` is a `PermissionDenied` whose message contains every
 /// one of `words`.

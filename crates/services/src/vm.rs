@@ -266,11 +266,11 @@ fn decode<M: Message + Default>(payload: &Bytes) -> Result<M, Status> {
 }
 
 fn check_request_id(id: &str) -> Result<(), Status> {
-    if id.is_empty() || id.len() > tern_state::state::MAX_REQUEST_ID_LEN {
+    if id.is_empty() || id.len() > tern_state::MAX_REQUEST_ID_LEN {
         return Err(Status::invalid_argument(format!(
             "field `request_id`: {} bytes; a request id is 1 to {} bytes, chosen by the client so that retries are safe",
             id.len(),
-            tern_state::state::MAX_REQUEST_ID_LEN
+            tern_state::MAX_REQUEST_ID_LEN
         )));
     }
     Ok(())

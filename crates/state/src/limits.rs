@@ -18,8 +18,9 @@
 //! decoder's scratch buffer holds the largest field) and in `raft-net`
 //! (one such entry fits an append-entries message within the frame limit).
 
-use crate::state::{Command, VmRecord, VmReport, VmSpec};
+use crate::command::Command;
 use crate::member::Member;
+use crate::vm::{VmRecord, VmReport, VmSpec};
 
 /// Largest encoded command accepted for proposal: 1.5 MiB, etcd's default
 /// `--max-request-bytes`. The cluster state is labels, VM specs and
@@ -274,7 +275,7 @@ pub fn truncate(text: &mut String, max: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::VmState;
+    use crate::vm::VmState;
 
     fn create(spec: VmSpec) -> Command {
         Command::CreateVm {

@@ -27,8 +27,8 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::error::StoreError;
-use tern_state::state::ClusterState;
 use crate::types::SnapshotMeta;
+use tern_state::ClusterState;
 
 /// First bytes of every snapshot file.
 const MAGIC: &[u8; 8] = b"TERNSNAP";
@@ -478,8 +478,9 @@ pub(crate) fn read_snapshot(
             .map_err(|e| corrupt(path, format!("state: {e}")))?
             .0
     } else {
-        let (old, _) = postcard::from_io::<tern_state::state::ClusterStateV2, _>((reader, &mut scratch))
-            .map_err(|e| corrupt(path, format!("state (format {version}): {e}")))?;
+        let (old, _) =
+            postcard::from_io::<tern_state::state::ClusterStateV2, _>((reader, &mut scratch))
+                .map_err(|e| corrupt(path, format!("state (format {version}): {e}")))?;
         tracing::info!(path = %path.display(), version, "read a snapshot of an older format; its access table starts empty");
         ClusterState::from(old)
     };
@@ -491,7 +492,7 @@ mod format_tests {
     #![allow(clippy::unwrap_used)] // reason: test code; a failed unwrap is a failed test.
 
     use super::*;
-    use tern_state::state::Command;
+    use tern_state::Command;
 
     /// A snapshot written by the previous format (2: no access fields)
     /// still opens, with its state intact and an empty access table.

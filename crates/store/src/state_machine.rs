@@ -29,8 +29,8 @@ use openraft::{EntryPayload, OptionalSend};
 
 use crate::error::StoreError;
 use crate::snapshot::{SnapshotDir, SnapshotFile, Verify, read_snapshot};
-use tern_state::state::{ClusterState, Response};
 use crate::types::{LogId, SnapshotMeta, StoredMembership, TypeConfig};
+use tern_state::{ClusterState, Response};
 
 /// A snapshot as openraft passes it around for this store.
 pub type StoreSnapshot = Snapshot<
@@ -281,9 +281,9 @@ mod tests {
     use tern_protocol::{PeerAddr, PeerId};
 
     use super::*;
-    use tern_state::state::{Command, VmRecord};
     use crate::types::{Entry, Membership};
     use tern_state::{Capacity, Member};
+    use tern_state::{Command, VmRecord};
 
     fn runtime() -> tokio::runtime::Runtime {
         tokio::runtime::Builder::new_multi_thread()
@@ -316,7 +316,7 @@ mod tests {
                     request_id: format!("r{i}"),
                     vm: Box::new(VmRecord {
                         id: format!("vm-{i}"),
-                        spec: tern_state::state::VmSpec {
+                        spec: tern_state::VmSpec {
                             name: format!("name-{i}"),
                             ..Default::default()
                         },

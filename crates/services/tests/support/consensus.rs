@@ -16,8 +16,8 @@ use std::sync::{Arc, Mutex};
 
 use tern_protocol::{BoxFuture, PeerAddr};
 use tern_services::consensus::{Consensus, ConsensusError, MemberStatus, RaftRole, RaftStatus};
-use tern_store::Membership;
 use tern_state::{Capacity, ClusterState, Command, Member, NodeId, Response};
+use tern_store::Membership;
 use tokio::sync::watch;
 
 /// The shared "replicated" state and log index.
