@@ -39,16 +39,14 @@ use tern_protocol::{
     Status, TransportKind, pb,
 };
 use tern_raft_net::{FIRST_NODE_ID, JoinToken, RaftNode, RaftOptions, RaftServices};
+use tern_runtime::microvm::{DEFAULT_QEMU, MicrovmConfig, MicrovmRuntime, qemu_available};
+use tern_runtime::process::{ProcessRuntime, RunAs};
+use tern_runtime::{RestartPolicy, Runtime, RuntimeKind};
 use tern_services::access::AccessGate;
 use tern_services::health::HealthService;
 use tern_services::monitoring::Monitoring;
 use tern_services::node_info::NodeInfo;
 use tern_services::reconciler::{Reconciler, ReconcilerConfig};
-use tern_services::runtime::microvm::{
-    DEFAULT_QEMU, MicrovmConfig, MicrovmRuntime, qemu_available,
-};
-use tern_services::runtime::process::{ProcessRuntime, RunAs};
-use tern_services::runtime::{RestartPolicy, Runtime, RuntimeKind};
 use tern_services::status::StatusService;
 use tern_services::vm::VmService;
 use tern_state::{Capacity, Command, Member};

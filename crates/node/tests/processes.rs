@@ -119,7 +119,7 @@ impl Drop for NodeProc {
             let _ = self.child.wait();
         }
         for rt in tern_node::node::runtime_dirs(&self.dir) {
-            for (_, identity) in tern_services::runtime::pidfile::live_workloads(&rt) {
+            for (_, identity) in tern_runtime::pidfile::live_workloads(&rt) {
                 let _ = identity.signal_group(rustix::process::Signal::KILL);
             }
         }

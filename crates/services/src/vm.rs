@@ -8,7 +8,7 @@
 //! agrees on them (see `tern_state::state`); each node's
 //! [`crate::reconciler`] then makes its runtime match.
 //!
-//! - **Specs** are validated here with [`runtime::validate`] before
+//! - **Specs** are validated here with [`tern_runtime::validate`] before
 //!   anything is written; errors name the field (`InvalidArgument`).
 //!   Every write is then checked against the write limits
 //!   (`tern_state::limits::check_command`): a field over its limit is
@@ -48,7 +48,7 @@ use tern_protocol::{
 use tern_state::{Command, Rejection, Response, VmRecord, VmSpec, VmState};
 
 use crate::consensus::{Consensus, ConsensusError, write_bounded};
-use crate::runtime::{self, RuntimeKind};
+use tern_runtime::RuntimeKind;
 
 /// How long a forwarded call may take at most: the leader's own write
 /// bound plus a round trip. The caller's own deadline, when shorter, wins.
@@ -64,7 +64,7 @@ pub struct VmService {
 
 impl VmService {
     /// The VM service over this node's Raft. `default_runtime` fills in
-    /// specs that name none (the node passes [`runtime::default_kind`]).
+    /// specs that name none (the node passes [`tern_runtime::default_kind`]).
     /// Until [`VmService::set_forward`] is called, a follower answers
     /// writes with `FailedPrecondition` naming the leader.
     pub fn new(consensus: Arc<dyn Consensus>, default_runtime: RuntimeKind) -> Arc<VmService> {
@@ -127,7 +127,8 @@ impl VmService {
                 if spec.runtime.is_empty() {
                     spec.runtime = self.default_runtime.as_str().to_owned();
                 }
-                runtime::validate(&spec).map_err(|e| Status::invalid_argument(e.to_string()))?;
+                tern_runtime::validate(&spec)
+                    .map_err(|e| Status::invalid_argument(e.to_string()))?;
                 Command::CreateVm {
                     request_id: req.request_id,
                     spec: Box::new(from_pb_spec(spec)),
@@ -277,7 +278,7 @@ fn check_request_id(id: &str) -> Result<(), Status> {
 }
 
 fn check_vm_id(id: &str) -> Result<(), Status> {
-    runtime::spec::check_vm_id(id)
+    tern_runtime::spec::check_vm_id(id)
         .map_err(|why| Status::invalid_argument(format!("field `vm_id`: {id:?} {why}")))
 }
 

@@ -27,10 +27,10 @@ use rustix::process::Signal;
 use tern_protocol::BoxFuture;
 use tokio::process::Command;
 
-use super::pidfile::ProcessIdentity;
-use super::spec::RuntimeKind;
-use super::supervisor::{RestartPolicy, Supervisor, Workload, last_line};
-use super::{Observed, Recovered, Runtime, RuntimeError, Started, VmSpec};
+use crate::pidfile::ProcessIdentity;
+use crate::spec::RuntimeKind;
+use crate::supervisor::{RestartPolicy, Supervisor, Workload, last_line};
+use crate::{Observed, Recovered, Runtime, RuntimeError, Started, VmSpec};
 
 /// Name of the workload's log file in its VM directory.
 pub const LOG_FILE_NAME: &str = "workload.log";

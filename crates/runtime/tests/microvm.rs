@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 use rustix::process::Signal;
 use support::microvm_assets::{self, BOOT_MARKER, POWER_OFF_MARKER};
 use support::{KillOnDrop, wait_for};
-use tern_services::runtime::pidfile::ProcessIdentity;
-use tern_services::runtime::{
+use tern_runtime::pidfile::ProcessIdentity;
+use tern_runtime::{
     ExitStatus, MicrovmRuntime, RunState, Runtime, RuntimeError, Started, VmSpec, pidfile,
 };
 

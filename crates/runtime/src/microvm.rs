@@ -39,11 +39,11 @@ use tern_protocol::BoxFuture;
 use tokio::process::Command;
 use tokio::sync::OnceCell;
 
-use super::pidfile::ProcessIdentity;
-use super::qmp::{QmpClient, QmpError, RunStatus};
-use super::spec::{self, RuntimeKind, SpecError, SpecField};
-use super::supervisor::{RestartPolicy, Supervisor, Workload, last_line};
-use super::{Observed, Recovered, RunState, Runtime, RuntimeError, Started, VmSpec};
+use crate::pidfile::ProcessIdentity;
+use crate::qmp::{QmpClient, QmpError, RunStatus};
+use crate::spec::{self, RuntimeKind, SpecError, SpecField};
+use crate::supervisor::{RestartPolicy, Supervisor, Workload, last_line};
+use crate::{Observed, Recovered, RunState, Runtime, RuntimeError, Started, VmSpec};
 
 /// The QEMU binary used unless configured otherwise (looked up in `PATH`).
 pub const DEFAULT_QEMU: &str = "qemu-system-x86_64";

@@ -26,9 +26,9 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use super::pidfile::{self, ProcessIdentity};
-use super::spec::{self, RuntimeKind};
-use super::{ExitStatus, Observed, Recovered, RunState, RuntimeError, Started};
+use crate::pidfile::{self, ProcessIdentity};
+use crate::spec::{self, RuntimeKind};
+use crate::{ExitStatus, Observed, Recovered, RunState, RuntimeError, Started};
 
 /// Restarts in a row after which a failing workload is given up on: five
 /// failures without a stable run in between mean it is broken, not

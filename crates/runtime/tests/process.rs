@@ -11,8 +11,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use support::{KillOnDrop, wait_for};
-use tern_services::runtime::pidfile::{self, ProcessIdentity};
-use tern_services::runtime::{
+use tern_runtime::pidfile::{self, ProcessIdentity};
+use tern_runtime::{
     ExitStatus, ProcessRuntime, Recovered, RestartPolicy, RunState, Runtime, RuntimeError,
     SpecField, Started, VmSpec,
 };
@@ -405,10 +405,10 @@ async fn workloads_run_as_the_configured_user() {
     let dir = tempfile::tempdir().unwrap();
     let _guard = KillOnDrop::new(dir.path());
     bounded(async {
-        let nobody = tern_services::runtime::RunAs::lookup("nobody").unwrap();
+        let nobody = tern_runtime::RunAs::lookup("nobody").unwrap();
         let rt = ProcessRuntime::with_options(
             dir.path(),
-            tern_services::runtime::RestartPolicy::default(),
+            tern_runtime::RestartPolicy::default(),
             Some(nobody.clone()),
         );
         let spec = spec(
