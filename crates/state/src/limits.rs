@@ -6,7 +6,7 @@
 //! (each a named constant below) and as a whole ([`MAX_REQUEST_BYTES`],
 //! the postcard encoding of the [`Command`]). [`check_command`] does
 //! both; every write entry point calls it (the VM service to refuse early,
-//! `tern_raft_net::RaftNode::client_write` and `Raft/Propose` on the
+//! `tern_cluster::RaftNode::client_write` and `Raft/Propose` on the
 //! leader as the last word). The state machine's `apply` does not: a
 //! limit is a property of the write path, and an entry already in the
 //! log must apply alike on nodes of any version.

@@ -18,7 +18,7 @@
 //! or purge is a [`StoreError::LogWrite`] naming the directory and what to
 //! check, logged at `error`. openraft treats every storage error as fatal
 //! and stops Raft; the node watches for that and exits non-zero (see
-//! `tern_raft_net::RaftNode::failure`). Nothing retries a failed sync: after
+//! `tern_cluster::RaftNode::failure`). Nothing retries a failed sync: after
 //! one, the kernel may have dropped the dirty pages it could not write.
 
 use std::fmt::Debug;

@@ -31,12 +31,13 @@ use openraft::storage::{IOFlushed, LogState, RaftLogStorage};
 use openraft::{OptionalSend, ServerState, Vote};
 use prost::Message;
 use support::{Cluster, Grpc, Iroh, TOKEN, TestNode, TransportFactory, WAIT, call, loopback};
+use tern_cluster::{
+    FIRST_NODE_ID, RaftNode, RaftNodeError, RaftOptions, WriteError, write_node_id,
+};
 use tern_protocol::catalog::methods;
 use tern_protocol::{CallError, Code, RpcClient, pb};
 use tern_raft_net::wire::ControlRequest;
-use tern_raft_net::{
-    FIRST_NODE_ID, RaftNode, RaftNodeError, RaftOptions, WriteError, codec, wire, write_node_id,
-};
+use tern_raft_net::{codec, wire};
 use tern_state::limits::{
     MAX_COMMAND_ARG_LEN, MAX_KERNEL_CMDLINE_LEN, MAX_META_KEY_LEN, MAX_META_VALUE_LEN,
     MAX_PATH_LEN, MAX_REQUEST_BYTES, MAX_REQUEST_ID_LEN, MAX_VM_ID_LEN, MAX_VM_NAME_LEN,
@@ -96,7 +97,7 @@ async fn raft_messages_name_their_sender<F: TransportFactory>(factory: F) {
     // never started, so never promoted.
     let dir = tempfile::tempdir().unwrap();
     let mut learner = TestNode::boot(&c.factory, &dir.path().join("learner"), loopback()).await;
-    let answer = tern_raft_net::request_join(
+    let answer = tern_cluster::request_join(
         learner.client().as_ref(),
         &c.nodes[leader].addr,
         TOKEN,
@@ -596,7 +597,7 @@ async fn largest_allowed_state_snapshots_restarts_and_over_limit_writes_are_refu
     assert_eq!(err.code(), Some(Code::InvalidArgument), "{err}");
     assert!(err.to_string().contains("spec.name"), "{err}");
     // The client side refuses before sending, too.
-    let err = tern_raft_net::propose(
+    let err = tern_cluster::propose(
         c.nodes[follower].client().as_ref(),
         &c.nodes[leader].addr,
         &oversized,

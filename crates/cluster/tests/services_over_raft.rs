@@ -1,20 +1,18 @@
 //! The services over a real single-node Raft (openraft on sled, started by
-//! `tern_raft_net::RaftNode`), served over each transport: Status and
+//! `tern_cluster::RaftNode`), served over each transport: Status and
 //! Health report the real Raft, and a VM is created, retried, run by the
 //! reconciler on the real `process` runtime, stopped and deleted, every
 //! change a committed Raft entry.
 #![allow(clippy::unwrap_used)] // reason: tests fail loudly on unexpected errors.
 
+#[path = "services_support/mod.rs"]
 mod support;
-
-#[path = "support/raft.rs"]
-mod raft;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use raft::RaftConsensus;
 use support::net::{Kind, Node};
+use support::raft::SingleNode;
 use support::{KillOnDrop, wait_for};
 use tern_protocol::catalog::methods;
 use tern_protocol::rpc::call_typed;
@@ -41,7 +39,7 @@ async fn services_over_real_raft(kind: Kind) {
     let _guard = KillOnDrop::new(&runtime_dir);
     let client = Node::start(kind, Arc::new(Dispatcher::new())).await;
     let placeholder: PeerAddr = client.addr();
-    let consensus = RaftConsensus::single_node(
+    let raft = SingleNode::start(
         &dir.path().join("raft"),
         placeholder,
         Capacity {
@@ -51,6 +49,7 @@ async fn services_over_real_raft(kind: Kind) {
         client.client(),
     )
     .await;
+    let consensus = raft.consensus.clone();
     let c: Arc<dyn Consensus> = consensus.clone();
     let info = Arc::new(StaticNodeInfo {
         address: pb::PeerAddress::default(),
@@ -205,7 +204,8 @@ async fn services_over_real_raft(kind: Kind) {
     server.shutdown().await;
     client.shutdown().await;
     drop(c);
-    consensus.shutdown().await;
+    drop(consensus);
+    raft.shutdown().await;
 }
 
 async fn bounded<F: std::future::Future<Output = ()>>(test: F) {

@@ -26,20 +26,23 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use openraft::async_runtime::WatchReceiver;
-use openraft::errors::{ClientWriteError, Fatal, RaftError};
+use openraft::errors::Fatal;
 use openraft::raft::ClientWriteResponse;
 use openraft::storage::RaftLogStorage;
 use openraft::{Config, ServerState, SnapshotPolicy};
 use prost::Message;
 use tern_protocol::catalog::methods;
-use tern_protocol::{Call, CallError, Code, PeerAddr, PeerId, RpcClient, Status, pb};
+use tern_protocol::{Call, CallError, Code, PeerAddr, PeerId, RpcClient, pb};
 use tern_state::limits::{LimitError, check_command};
 use tern_state::{Command, Member, NodeId, Response};
 use tern_store::{StateMachineStore, TypeConfig};
 
-use crate::network::{AddressBook, NetworkFactory, SNAPSHOT_CHUNK_SIZE};
-use crate::service::{Attached, RaftInstance, RaftServices};
+use tern_raft_net::network::{AddressBook, NetworkFactory, SNAPSHOT_CHUNK_SIZE};
+use tern_raft_net::{Attached, RaftInstance};
 
+use crate::service::RaftServices;
+
+pub use tern_raft_net::write::{WriteError, client_write, limit_status};
 pub use tern_state::FIRST_NODE_ID;
 
 /// Interval of the leader's heartbeats. openraft also uses it as the
@@ -173,52 +176,6 @@ pub enum RaftNodeError {
     Io(#[from] io::Error),
 }
 
-/// Why a write through [`RaftNode::client_write`] was not committed.
-#[derive(Debug, thiserror::Error)]
-pub enum WriteError {
-    /// The command is over a size limit; it was not proposed. Do not retry
-    /// it as is.
-    #[error("refused before proposing: {0}")]
-    Limit(#[from] LimitError),
-    /// openraft did not commit it (not the leader, no quorum, stopped).
-    #[error("{0}")]
-    Raft(RaftError<TypeConfig, ClientWriteError<TypeConfig>>),
-}
-
-impl WriteError {
-    /// The status a handler answers with: `InvalidArgument` for a field
-    /// over its limit, `ResourceExhausted` for a request over
-    /// [`tern_state::limits::MAX_REQUEST_BYTES`], `FailedPrecondition`
-    /// naming the leader on a follower, `Unavailable` when Raft stopped.
-    pub fn into_status(self) -> Status {
-        match self {
-            WriteError::Limit(e) => limit_status(&e),
-            WriteError::Raft(e) => crate::service::write_error(e),
-        }
-    }
-}
-
-/// The status a write refused by a size limit is answered with.
-pub fn limit_status(e: &LimitError) -> Status {
-    if e.is_whole_request() {
-        Status::new(Code::ResourceExhausted, e.to_string())
-    } else {
-        Status::invalid_argument(e.to_string())
-    }
-}
-
-/// The write entry point: checks `command` against the write limits
-/// ([`check_command`]), then proposes it. Every write this crate makes on
-/// a caller's behalf (Propose, MetaPut) goes through it, and so does
-/// [`RaftNode::client_write`].
-pub(crate) async fn client_write(
-    raft: &RaftInstance,
-    command: Command,
-) -> Result<ClientWriteResponse<TypeConfig>, WriteError> {
-    check_command(&command)?;
-    raft.client_write(command).await.map_err(WriteError::Raft)
-}
-
 /// Reads the node id saved in `data_dir`, if any.
 pub fn read_node_id(data_dir: &Path) -> io::Result<Option<NodeId>> {
     match std::fs::read_to_string(data_dir.join(NODE_ID_FILE)) {
@@ -279,7 +236,7 @@ pub async fn propose(
 ) -> Result<Response, RaftNodeError> {
     // The leader checks again; refusing here saves the trip.
     check_command(command).map_err(RaftNodeError::Limit)?;
-    let payload = crate::wire::wrap(command)
+    let payload = tern_raft_net::wire::wrap(command)
         .map_err(|e| RaftNodeError::Answer(format!("cannot encode the command: {e}")))?;
     let call = Call::new(methods::RAFT_PROPOSE, payload).with_timeout(timeout);
     let bytes = client
@@ -289,7 +246,7 @@ pub async fn propose(
             peer: leader.id.short(),
             error,
         })?;
-    crate::wire::unwrap::<Response>(bytes)
+    tern_raft_net::wire::unwrap::<Response>(bytes)
         .map_err(|e| RaftNodeError::Answer(format!("propose response: {e}")))
 }
 
@@ -468,7 +425,7 @@ impl RaftNode {
         let raft = RaftInstance::new(id, config, network, log, sm.clone())
             .await
             .map_err(|e| RaftNodeError::Raft(e.to_string()))?;
-        crate::metrics::spawn_watcher(&raft);
+        tern_raft_net::metrics::spawn_watcher(&raft);
         spawn_address_book_updater(&raft, book);
         let attached = Arc::new(Attached {
             raft,

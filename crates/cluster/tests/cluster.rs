@@ -14,9 +14,10 @@ use openraft::async_runtime::WatchReceiver;
 use openraft::raft::AppendEntriesRequest;
 use prost::Message;
 use support::{Cluster, Grpc, Iroh, TOKEN, TestNode, TransportFactory, WAIT, call, loopback};
+use tern_cluster::RaftOptions;
 use tern_protocol::catalog::methods;
 use tern_protocol::{CallError, Code, PeerAddr, pb};
-use tern_raft_net::{RaftOptions, SNAPSHOT_CHUNK_SIZE, wire};
+use tern_raft_net::{SNAPSHOT_CHUNK_SIZE, wire};
 use tern_store::TypeConfig;
 
 /// Snapshots every 40 entries, 5 kept behind: a node stopped for a hundred
@@ -298,7 +299,7 @@ async fn a_member_moves_to_a_new_address<F: TransportFactory>(factory: F) {
     assert_eq!(c.nodes[mover].addr.id, old_addr.id, "the same identity");
     // As a member it needs no token to update its record.
     let leader_addr = c.nodes[c.leader().await].addr.clone();
-    let answer = tern_raft_net::request_join(
+    let answer = tern_cluster::request_join(
         c.nodes[mover].client().as_ref(),
         &leader_addr,
         "",
@@ -347,11 +348,11 @@ async fn members_propose_through_the_leader<F: TransportFactory>(factory: F) {
         }),
     };
     let command = create(7);
-    let first = tern_raft_net::propose(client.as_ref(), &leader_addr, &command, WAIT)
+    let first = tern_cluster::propose(client.as_ref(), &leader_addr, &command, WAIT)
         .await
         .unwrap();
     assert!(matches!(first, tern_state::Response::Vm(_)), "{first:?}");
-    let retried = tern_raft_net::propose(client.as_ref(), &leader_addr, &command, WAIT)
+    let retried = tern_cluster::propose(client.as_ref(), &leader_addr, &command, WAIT)
         .await
         .unwrap();
     assert_eq!(
@@ -362,11 +363,11 @@ async fn members_propose_through_the_leader<F: TransportFactory>(factory: F) {
     assert_eq!(c.nodes[leader].vm_count(), 1, "committed once");
 
     let at_follower =
-        tern_raft_net::propose(client.as_ref(), &c.nodes[bystander].addr, &create(8), WAIT)
+        tern_cluster::propose(client.as_ref(), &c.nodes[bystander].addr, &create(8), WAIT)
             .await
             .unwrap_err();
     match at_follower {
-        tern_raft_net::RaftNodeError::Call {
+        tern_cluster::RaftNodeError::Call {
             error: CallError::Application(s),
             ..
         } => {
@@ -378,12 +379,11 @@ async fn members_propose_through_the_leader<F: TransportFactory>(factory: F) {
 
     let dir = tempfile::tempdir().unwrap();
     let outsider = TestNode::boot(&c.factory, &dir.path().join("outsider"), loopback()).await;
-    let refused =
-        tern_raft_net::propose(outsider.client().as_ref(), &leader_addr, &create(9), WAIT)
-            .await
-            .unwrap_err();
+    let refused = tern_cluster::propose(outsider.client().as_ref(), &leader_addr, &create(9), WAIT)
+        .await
+        .unwrap_err();
     match refused {
-        tern_raft_net::RaftNodeError::Call {
+        tern_cluster::RaftNodeError::Call {
             error: CallError::Application(s),
             ..
         } => assert_eq!(s.code, Code::PermissionDenied, "{s}"),
@@ -435,7 +435,7 @@ async fn grpc_members_propose_through_the_leader() {
 /// the leader); bounds are refused as invalid; a node cut off from its
 /// quorum answers a typed `Unavailable` instead of a possibly stale value.
 async fn metadata_register_reads_linearizably<F: TransportFactory>(factory: F) {
-    use tern_raft_net::{MetaError, meta_get, meta_put};
+    use tern_cluster::{MetaError, meta_get, meta_put};
     support::init_logs();
     let mut c = Cluster::start(factory, 3, RaftOptions::default()).await;
     let leader = c.leader().await;

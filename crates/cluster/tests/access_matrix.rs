@@ -6,25 +6,23 @@
 //! test, as does one without a rule in the table.
 #![allow(clippy::unwrap_used)] // reason: tests fail loudly on unexpected errors.
 
+#[path = "services_support/mod.rs"]
 mod support;
-
-#[path = "support/raft.rs"]
-mod raft;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use prost::Message;
-use raft::RaftConsensus;
 use support::net::{Kind, Node};
+use support::raft::SingleNode;
+use tern_cluster::RaftServices;
 use tern_protocol::access::{Role, rule};
 use tern_protocol::catalog::{METHODS, methods};
 use tern_protocol::{
     BoxFuture, Call, CallError, Code, Dispatcher, Handler, Method, PeerAddr, PeerId,
     RequestContext, ServiceId, Status, pb,
 };
-use tern_raft_net::RaftServices;
 use tern_services::access::AccessGate;
 use tern_services::consensus::Consensus;
 use tern_state::{Capacity, Command, Response};
@@ -132,7 +130,7 @@ async fn matrix(kind: Kind) {
     // The member: a client whose key is the Raft member's.
     let member = Node::start(kind, Arc::new(Dispatcher::new())).await;
     let services = RaftServices::new(None);
-    let consensus = RaftConsensus::single_node_with(
+    let raft = SingleNode::start_with(
         &services,
         &dir.path().join("raft"),
         member.addr(),
@@ -143,6 +141,7 @@ async fn matrix(kind: Kind) {
         member.client(),
     )
     .await;
+    let consensus = raft.consensus.clone();
     let c: Arc<dyn Consensus> = consensus.clone();
     let probe: Arc<dyn Handler> = Arc::new(Probe);
     let dispatcher = services.register(
@@ -237,7 +236,8 @@ async fn matrix(kind: Kind) {
     }
     server.shutdown().await;
     member.shutdown().await;
-    consensus.shutdown().await;
+    drop(consensus);
+    raft.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

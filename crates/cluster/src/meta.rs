@@ -47,7 +47,7 @@ use tern_state::{MAX_REQUEST_ID_LEN, check_meta, check_meta_key};
 use tern_store::TypeConfig;
 
 use crate::node::WriteError;
-use crate::service::Attached;
+use tern_raft_net::Attached;
 
 /// How long a put waits to be committed before answering `Unavailable`:
 /// longer than an election, so a put survives a leader change, and well

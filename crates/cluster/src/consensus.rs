@@ -14,11 +14,11 @@
 
 use std::sync::Arc;
 
+use crate::node::{RaftNode, RaftNodeError, WriteError};
 use openraft::ServerState;
 use openraft::async_runtime::WatchReceiver;
 use openraft::errors::{ClientWriteError, Fatal, RaftError};
 use tern_protocol::{BoxFuture, CallError, Code, RpcClient};
-use tern_raft_net::{RaftNode, RaftNodeError, WriteError};
 use tern_services::consensus::{Consensus, ConsensusError, MemberStatus, RaftRole, RaftStatus};
 use tern_state::{ClusterState, Command, Response};
 use tokio::sync::watch;
@@ -114,7 +114,7 @@ impl Consensus for RaftConsensus {
                             leader: f.leader_id,
                         });
                     };
-                    match tern_raft_net::propose(
+                    match crate::propose(
                         self.client.as_ref(),
                         &leader.addr,
                         &command_copy,

@@ -21,7 +21,7 @@ use tern_state::MAX_REQUEST_ID_LEN;
 use tern_state::{ClusterState, Command, Rejection, Response};
 
 use crate::node::WriteError;
-use crate::service::Attached;
+use tern_raft_net::Attached;
 
 /// The table and the log as the protobuf answer.
 pub fn list_response(state: &ClusterState) -> pb::AccessListResponse {
@@ -86,7 +86,7 @@ pub(crate) async fn serve_change(
             req.role
         ))
     })?;
-    crate::service::ensure_leader(node)?;
+    crate::membership::ensure_leader(node)?;
     let command = Command::ChangeAccess {
         request_id: req.request_id,
         grant,
@@ -108,7 +108,7 @@ pub(crate) async fn serve_change(
     })?
     .map_err(|e| match e {
         WriteError::Limit(e) => crate::node::limit_status(&e),
-        WriteError::Raft(e) => crate::service::write_error(e),
+        WriteError::Raft(e) => tern_raft_net::write::write_error(e),
     })?;
     match written.data {
         Response::Done => serve_list(node),

@@ -14,10 +14,10 @@ use std::time::Duration;
 
 use openraft::ServerState;
 use openraft::async_runtime::WatchReceiver;
-use tern_protocol::{Dispatcher, Handler, PeerAddr, RpcClient};
-use tern_raft_net::{
+use tern_cluster::{
     FIRST_NODE_ID, JoinToken, RaftNode, RaftOptions, RaftServices, read_node_id, write_node_id,
 };
+use tern_protocol::{Dispatcher, Handler, PeerAddr, RpcClient};
 use tern_state::{Capacity, Command, Member, NodeId, Response, VmRecord, VmSpec, VmState};
 use tern_transport_grpc::{GrpcTransport, ServerConfig};
 use tern_transport_iroh::{IrohConfig, IrohTransport, load_or_create_secret_key};

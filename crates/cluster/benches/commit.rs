@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use support::{Cluster, Grpc, Iroh, TransportFactory, put_vm_in_slot};
-use tern_raft_net::RaftOptions;
+use tern_cluster::RaftOptions;
 
 /// Unique VM ids across all benches of the run.
 static NEXT: AtomicU64 = AtomicU64::new(0);
