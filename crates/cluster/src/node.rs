@@ -210,6 +210,9 @@ pub struct JoinAnswer {
     pub node_id: NodeId,
     /// The members at the time, with their node ids.
     pub members: Vec<(NodeId, PeerAddr)>,
+    /// Whether the leader will promote this node to voter once it has
+    /// caught up (otherwise it stays a learner until an admin promotes it).
+    pub voter_pending: bool,
 }
 
 fn parse_members(members: &[pb::Member]) -> Vec<(NodeId, PeerAddr)> {
@@ -278,6 +281,7 @@ pub async fn request_join(
                 return Ok(JoinAnswer {
                     node_id: resp.node_id,
                     members: parse_members(&resp.members),
+                    voter_pending: resp.voter_pending,
                 });
             }
             Err(CallError::Application(s))
@@ -445,7 +449,8 @@ impl RaftNode {
     /// Joins the cluster through `seed` with `token` as `me`: obtains a
     /// node id ([`request_join`]), saves it in `data_dir`, starts Raft,
     /// and waits at most `timeout` until the leader has promoted this
-    /// node to voter.
+    /// node to voter, or, when the cluster already has its `max_voters`,
+    /// until it is a learner in a committed membership.
     #[allow(clippy::too_many_arguments)] // reason: the composition step takes every part once
     pub async fn join<LS: RaftLogStorage<TypeConfig>>(
         services: &RaftServices,
@@ -464,7 +469,8 @@ impl RaftNode {
         write_node_id(data_dir, answer.node_id)?;
         services.trust_until_first_membership(answer.members.iter().map(|(id, a)| (*id, a.id)));
         let node = RaftNode::start(services, answer.node_id, log, sm, client, options).await?;
-        node.wait_until_voter(timeout).await?;
+        node.wait_until_joined(answer.voter_pending, timeout)
+            .await?;
         Ok(node)
     }
 
@@ -479,9 +485,14 @@ impl RaftNode {
             .map_err(|e| RaftNodeError::Raft(e.to_string()))
     }
 
-    /// Waits at most `timeout` until this node is a voter in a committed,
-    /// non-joint membership.
-    pub async fn wait_until_voter(&self, timeout: Duration) -> Result<(), RaftNodeError> {
+    /// Waits at most `timeout` until this node is in a committed,
+    /// non-joint membership: as a voter when `voter` (the join answer's
+    /// `voter_pending`), else as a learner or voter.
+    pub async fn wait_until_joined(
+        &self,
+        voter: bool,
+        timeout: Duration,
+    ) -> Result<(), RaftNodeError> {
         let id = self.attached.id;
         self.attached
             .raft
@@ -490,9 +501,17 @@ impl RaftNode {
                 |m| {
                     let committed = m.committed_membership_config.membership();
                     committed.get_joint_config().len() == 1
-                        && committed.voter_ids().any(|v| v == id)
+                        && if voter {
+                            committed.voter_ids().any(|v| v == id)
+                        } else {
+                            committed.get_node(&id).is_some()
+                        }
                 },
-                "promoted to voter",
+                if voter {
+                    "promoted to voter"
+                } else {
+                    "a learner"
+                },
             )
             .await
             .map(|_| ())

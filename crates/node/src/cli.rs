@@ -228,7 +228,7 @@ pub async fn status(conn: &Conn, out: Out) -> Result<(), String> {
     }
     out!("version    {} (up {} s)\n", s.version, s.uptime_ms / 1000);
     print_table(
-        &["node", "id", "role", "grpc", "iroh", "capacity"],
+        &["node", "id", "role", "grpc", "iroh", "declared capacity"],
         &members_rows(&s.members, s.leader_id),
     );
     Ok(())
@@ -371,7 +371,7 @@ pub async fn members(conn: &Conn, out: Out) -> Result<(), String> {
         );
     } else {
         print_table(
-            &["node", "id", "role", "grpc", "iroh", "capacity"],
+            &["node", "id", "role", "grpc", "iroh", "declared capacity"],
             &members_rows(&m.members, m.leader_id),
         );
     }
@@ -401,7 +401,7 @@ pub async fn leave(conn: &Conn, node_id: Option<u64>, out: Out) -> Result<(), St
     } else {
         out!("node {node_id} left the cluster; members now:");
         print_table(
-            &["node", "id", "role", "grpc", "iroh", "capacity"],
+            &["node", "id", "role", "grpc", "iroh", "declared capacity"],
             &members_rows(&r.members, 0),
         );
         out!("\nstop its `tern run` process; its data directory can be removed.");
@@ -569,29 +569,206 @@ pub async fn access_log(conn: &Conn, out: Out) -> Result<(), String> {
                     "action": e.action,
                     "key": hex(&e.key),
                     "role": e.role,
+                    "node_id": e.node_id,
+                    "token_id": e.token_id,
                 })
             })
             .collect();
         out!("{}", Value::Array(log));
         return Ok(());
     }
-    out!(
-        "{:>5}  {:>13}  {:<16}  {:<6}  {:<16}  ROLE",
-        "SEQ",
-        "AT_UNIX_MS",
-        "BY",
-        "ACTION",
-        "KEY"
+    let rows: Vec<Vec<String>> = r
+        .log
+        .iter()
+        .map(|e| {
+            let dash = |s: String| if s.is_empty() { "-".to_owned() } else { s };
+            vec![
+                e.seq.to_string(),
+                e.at_unix_ms.to_string(),
+                hex(&e.by)[..SHORT_KEY_HEX.min(e.by.len() * 2)].to_owned(),
+                e.action.clone(),
+                dash(hex(&e.key)[..SHORT_KEY_HEX.min(e.key.len() * 2)].to_owned()),
+                dash(e.role.clone()),
+                if e.node_id == 0 {
+                    "-".to_owned()
+                } else {
+                    e.node_id.to_string()
+                },
+                dash(e.token_id.clone()),
+            ]
+        })
+        .collect();
+    print_table(
+        &[
+            "seq",
+            "at_unix_ms",
+            "by",
+            "action",
+            "key",
+            "role",
+            "node",
+            "token",
+        ],
+        &rows,
     );
-    for e in &r.log {
+    Ok(())
+}
+
+/// Parses a token lifetime: a number with `s`, `m`, `h` or `d`.
+pub fn parse_ttl(text: &str) -> Result<u64, String> {
+    let bad = || format!("--ttl {text:?}: expected a number and a unit, e.g. 90s, 30m, 1h, 2d");
+    let split = text.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?;
+    let (n, unit) = text.split_at(split);
+    let n: u64 = n.parse().map_err(|_| bad())?;
+    let unit_secs = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err(bad()),
+    };
+    n.checked_mul(unit_secs)
+        .filter(|secs| *secs > 0)
+        .ok_or_else(bad)
+}
+
+fn token_rows(tokens: &[pb::JoinTokenInfo]) -> Vec<Vec<String>> {
+    tokens
+        .iter()
+        .map(|t| {
+            vec![
+                t.id.clone(),
+                t.expires_at_unix_ms.to_string(),
+                if t.unlimited {
+                    "unlimited".to_owned()
+                } else {
+                    t.uses_left.to_string()
+                },
+                t.used.to_string(),
+                hex(&t.created_by)[..SHORT_KEY_HEX.min(t.created_by.len() * 2)].to_owned(),
+            ]
+        })
+        .collect()
+}
+
+fn token_json(t: &pb::JoinTokenInfo) -> Value {
+    json!({
+        "id": t.id,
+        "created_by": hex(&t.created_by),
+        "created_at_unix_ms": t.created_at_unix_ms,
+        "expires_at_unix_ms": t.expires_at_unix_ms,
+        "uses_left": if t.unlimited { Value::Null } else { json!(t.uses_left) },
+        "used": t.used,
+    })
+}
+
+const TOKEN_COLUMNS: [&str; 5] = [
+    "id",
+    "expires_at_unix_ms",
+    "uses_left",
+    "used",
+    "created_by",
+];
+
+/// `tern cluster token create --ttl TTL [--uses N]`: prints the token once.
+pub async fn token_create(
+    conn: &Conn,
+    ttl: &str,
+    uses: Option<u32>,
+    out: Out,
+) -> Result<(), String> {
+    let ttl_secs = parse_ttl(ttl)?;
+    if uses == Some(0) {
+        return Err("--uses 0: a token admits at least one node (omit --uses for any number until it expires)".into());
+    }
+    let r: pb::TokenCreateResponse = conn
+        .call(
+            methods::CLUSTER_TOKEN_CREATE,
+            &pb::TokenCreateRequest {
+                request_id: request_id(),
+                ttl_secs,
+                uses: uses.unwrap_or(0),
+            },
+        )
+        .await?;
+    let info = r.info.unwrap_or_default();
+    if out.json {
+        out!("{}", json!({"token": r.token, "info": token_json(&info)}));
+        return Ok(());
+    }
+    out!("{}", r.token);
+    out!(
+        "# token {} admits {} until {} (unix ms); it is shown only now.",
+        info.id,
+        if info.unlimited {
+            "any number of nodes".to_owned()
+        } else {
+            format!("{} node(s)", info.uses_left)
+        },
+        info.expires_at_unix_ms
+    );
+    out!("# On each new node: [cluster] join_token = \"{}\"", r.token);
+    Ok(())
+}
+
+/// `tern cluster token list`.
+pub async fn token_list(conn: &Conn, out: Out) -> Result<(), String> {
+    let r: pb::TokenListResponse = conn
+        .call(methods::CLUSTER_TOKEN_LIST, &pb::TokenListRequest {})
+        .await?;
+    if out.json {
         out!(
-            "{:>5}  {:>13}  {:<16}  {:<6}  {:<16}  {}",
-            e.seq,
-            e.at_unix_ms,
-            &hex(&e.by)[..SHORT_KEY_HEX.min(e.by.len() * 2)],
-            e.action,
-            &hex(&e.key)[..SHORT_KEY_HEX.min(e.key.len() * 2)],
-            e.role
+            "{}",
+            Value::Array(r.tokens.iter().map(token_json).collect())
+        );
+    } else {
+        print_table(&TOKEN_COLUMNS, &token_rows(&r.tokens));
+    }
+    Ok(())
+}
+
+/// `tern cluster token revoke ID`.
+pub async fn token_revoke(conn: &Conn, id: &str, out: Out) -> Result<(), String> {
+    let r: pb::TokenListResponse = conn
+        .call(
+            methods::CLUSTER_TOKEN_REVOKE,
+            &pb::TokenRevokeRequest {
+                request_id: request_id(),
+                id: id.to_owned(),
+            },
+        )
+        .await?;
+    if out.json {
+        out!(
+            "{}",
+            json!({"revoked": id, "tokens": r.tokens.iter().map(token_json).collect::<Vec<_>>()})
+        );
+    } else {
+        out!("token {id} revoked; live tokens:");
+        print_table(&TOKEN_COLUMNS, &token_rows(&r.tokens));
+    }
+    Ok(())
+}
+
+/// `tern cluster promote NODE_ID`: a learner becomes a voter.
+pub async fn promote(conn: &Conn, node_id: u64, out: Out) -> Result<(), String> {
+    let m: pb::MembersResponse = conn
+        .call(methods::CLUSTER_PROMOTE, &pb::PromoteRequest { node_id })
+        .await?;
+    if out.json {
+        out!(
+            "{}",
+            json!({
+                "promoted": node_id,
+                "leader_id": m.leader_id,
+                "members": m.members.iter().map(member_json).collect::<Vec<_>>(),
+            })
+        );
+    } else {
+        out!("node {node_id} is a voter; members now:");
+        print_table(
+            &["node", "id", "role", "grpc", "iroh", "declared capacity"],
+            &members_rows(&m.members, m.leader_id),
         );
     }
     Ok(())
@@ -621,7 +798,7 @@ pub async fn join_info(conn: &Conn, out: Out) -> Result<(), String> {
     }
     out!("# A node joins when it starts. In the new node's config file:");
     out!("[cluster]");
-    out!("join_token = \"<the cluster's join token>\"");
+    out!("join_token = \"<a token from: tern cluster token create --ttl 1h>\"");
     let mut seed = format!("join = [{{ id = \"{id}\"");
     if !a.grpc_url.is_empty() {
         seed.push_str(&format!(", grpc = \"{}\"", a.grpc_url));

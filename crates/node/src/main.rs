@@ -204,11 +204,44 @@ enum ClusterCommand {
     },
     /// The members and the leader.
     Members,
+    /// Join tokens: create one for new nodes, list or revoke them (admin).
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+    /// Make a learner a voter (admin). Joiners become voters by themselves
+    /// only while the cluster has fewer than [cluster] max_voters voters.
+    Promote {
+        /// The learner's node id (tern cluster members).
+        node_id: u64,
+    },
     /// The metadata register: a small replicated key-value map (labels,
     /// operator metadata), written through Raft and read linearizably.
     Meta {
         #[command(subcommand)]
         command: MetaCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Create a token; prints it once (the cluster keeps only its hash).
+    /// Give it to new nodes as [cluster] join_token.
+    Create {
+        /// How long it admits nodes: e.g. 30m, 1h, 2d (at most 7d).
+        #[arg(long, default_value = "1h")]
+        ttl: String,
+        /// How many nodes it may admit (default: any number until it
+        /// expires).
+        #[arg(long)]
+        uses: Option<u32>,
+    },
+    /// The live tokens (ids, expiry, uses; never secrets).
+    List,
+    /// Revoke a token by its id.
+    Revoke {
+        /// The token's id (8 hex digits, the part before the dot).
+        id: String,
     },
 }
 
@@ -405,6 +438,16 @@ fn main() -> ExitCode {
                 ClusterCommand::Join => cli::join_info(&conn, out).await,
                 ClusterCommand::Leave { node_id } => cli::leave(&conn, node_id, out).await,
                 ClusterCommand::Members => cli::members(&conn, out).await,
+                ClusterCommand::Promote { node_id } => cli::promote(&conn, node_id, out).await,
+                ClusterCommand::Token {
+                    command: TokenCommand::Create { ttl, uses },
+                } => cli::token_create(&conn, &ttl, uses, out).await,
+                ClusterCommand::Token {
+                    command: TokenCommand::List,
+                } => cli::token_list(&conn, out).await,
+                ClusterCommand::Token {
+                    command: TokenCommand::Revoke { id },
+                } => cli::token_revoke(&conn, &id, out).await,
                 ClusterCommand::Meta {
                     command:
                         MetaCommand::Set {

@@ -417,8 +417,7 @@ impl Node {
             ));
         }
 
-        let token = config.cluster.join_token.clone().and_then(JoinToken::new);
-        let raft_services = RaftServices::new(token);
+        let raft_services = RaftServices::with_admission(admission(&config.cluster));
         let health = Arc::new(Late::default());
         let status = Arc::new(Late::default());
         let vm = Arc::new(Late::default());
@@ -542,14 +541,24 @@ impl Node {
                 )
                 .await
                 .map_err(|e| failed("starting Raft", e))?;
-                tracing::info!(
-                    node = answer.node_id,
-                    "joined as learner; waiting for promotion"
-                );
-                node.wait_until_voter(PROMOTION_WAIT)
+                if answer.voter_pending {
+                    tracing::info!(
+                        node = answer.node_id,
+                        "joined as learner; waiting for promotion"
+                    );
+                } else {
+                    tracing::info!(
+                        node = answer.node_id,
+                        "joined as learner; the cluster has its max_voters voters, so this node \
+                         stays a learner until an admin promotes it (tern cluster promote)"
+                    );
+                }
+                node.wait_until_joined(answer.voter_pending, PROMOTION_WAIT)
                     .await
-                    .map_err(|e| failed("waiting to become a voter", e))?;
-                tracing::info!(node = answer.node_id, "promoted to voter");
+                    .map_err(|e| failed("waiting to join the membership", e))?;
+                if answer.voter_pending {
+                    tracing::info!(node = answer.node_id, "promoted to voter");
+                }
                 node
             }
         };
@@ -977,6 +986,31 @@ pub fn served(file: &NodeFile) -> Vec<TransportKind> {
         v.push(TransportKind::Iroh);
     }
     v
+}
+
+/// How this node admits joiners when it leads: the cluster's join tokens,
+/// and its own `join_token` as a static token unless that is a created
+/// token (`ID.SECRET`, which must keep expiring).
+fn admission(cluster: &crate::config::ClusterConfig) -> tern_cluster::Admission {
+    let static_token = cluster
+        .join_token
+        .clone()
+        .filter(|t| tern_cluster::admission::parse_token(t).is_none())
+        .and_then(JoinToken::new);
+    if static_token.is_some() {
+        tracing::warn!(
+            "[cluster] join_token is a static secret: nodes presenting it may join through this \
+             node for as long as it is configured; prefer expiring tokens (tern cluster token create)"
+        );
+    }
+    tern_cluster::Admission {
+        static_token,
+        max_voters: cluster.max_voters,
+        max_capacity: tern_state::Capacity {
+            vcpus: cluster.max_node_vcpus,
+            memory_mib: cluster.max_node_memory_mib,
+        },
+    }
 }
 
 #[cfg(test)]

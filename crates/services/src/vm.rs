@@ -311,19 +311,23 @@ fn answer(response: Response) -> Result<Bytes, Status> {
 /// The status a refusal by the state is answered with.
 pub fn rejection_status(why: &Rejection) -> Status {
     let code = match why {
-        Rejection::UnknownVm { .. } => Code::NotFound,
+        Rejection::UnknownVm { .. } | Rejection::UnknownToken { .. } => Code::NotFound,
         Rejection::NameTaken { .. } => Code::AlreadyExists,
         Rejection::InvalidRequestId { .. }
         | Rejection::UnknownNode { .. }
         | Rejection::InvalidMetaKey { .. }
-        | Rejection::MetaValueTooLarge { .. } => Code::InvalidArgument,
+        | Rejection::MetaValueTooLarge { .. }
+        | Rejection::InvalidToken { .. } => Code::InvalidArgument,
         Rejection::NoCapacity { .. }
         | Rejection::NodeFull { .. }
         | Rejection::NodeIdsExhausted
         | Rejection::VmIdsExhausted
         | Rejection::MetaFull
-        | Rejection::AccessFull => Code::ResourceExhausted,
-        Rejection::NotAdmin { .. } => Code::PermissionDenied,
+        | Rejection::AccessFull
+        | Rejection::TokensFull => Code::ResourceExhausted,
+        Rejection::NotAdmin { .. }
+        | Rejection::TokenExpired { .. }
+        | Rejection::TokenUsedUp { .. } => Code::PermissionDenied,
         Rejection::VmDeleting { .. }
         | Rejection::LastAdmin { .. }
         | Rejection::MigrationInProgress { .. }
