@@ -45,18 +45,21 @@ use crate::service::RaftServices;
 pub use tern_raft_net::write::{WriteError, client_write, limit_status};
 pub use tern_state::FIRST_NODE_ID;
 
-/// Interval of the leader's heartbeats. openraft also uses it as the
-/// deadline of every append-entries call (`soft_ttl` is 3/4 of it), and an
-/// append waits for the follower's sled flush: 250 ms leaves room for a
-/// flush on a busy disk plus a WAN round trip, where openraft's 50 ms
-/// default times appends out.
-pub const HEARTBEAT_INTERVAL: Duration = Duration::from_millis(250);
-/// Shortest election timeout: four heartbeats missed in a row, so a
-/// single slow flush or lost packet never starts an election.
-pub const ELECTION_TIMEOUT_MIN: Duration = Duration::from_millis(1000);
+/// Interval of the leader's heartbeats: 100 ms, so that three can be lost
+/// in a row within the shortest election timeout. A heartbeat is an empty
+/// append on the control lane (never queued behind replication) that no
+/// follower syncs, so it is cheap; replication appends have their own
+/// deadline (`tern_raft_net::network::REPLICATION_TIMEOUT`), not this.
+pub const HEARTBEAT_INTERVAL: Duration = Duration::from_millis(100);
+/// Shortest election timeout: three heartbeats missed in a row, so a
+/// single late heartbeat or lost packet never starts an election.
+pub const ELECTION_TIMEOUT_MIN: Duration = Duration::from_millis(300);
 /// Longest election timeout: twice the shortest, so that candidates'
-/// randomised timeouts rarely collide.
-pub const ELECTION_TIMEOUT_MAX: Duration = Duration::from_millis(2000);
+/// randomised timeouts rarely collide. It is also openraft's leader lease
+/// (a follower refuses votes until this long after the last heartbeat), so
+/// failover after a leader dies takes about this plus one vote round and
+/// the new leader's first commit: the goal is under a second.
+pub const ELECTION_TIMEOUT_MAX: Duration = Duration::from_millis(600);
 /// Deadline of one snapshot chunk ([`SNAPSHOT_CHUNK_SIZE`]) including, for
 /// the last, the receiver's install: 1 MiB needs well under a second on
 /// any link a cluster runs over.
@@ -133,10 +136,11 @@ impl RaftOptions {
                 .saturating_add(self.logs_to_keep_after_snapshot)
                 .saturating_mul(2),
             snapshot_max_chunk_size: SNAPSHOT_CHUNK_SIZE as u64,
-            // openraft's leader lease already refuses disruptive
-            // candidates; pre-vote stays off until it leaves alpha. The
-            // network implements it, so turning it on is this line.
-            enable_pre_vote: Some(false),
+            // Pre-vote: a node that can reach the others but is not heard
+            // (or was partitioned) asks whether it would win before raising
+            // its term, so it never deposes a healthy leader when it is
+            // heard again. The network carries it on the control lane.
+            enable_pre_vote: Some(true),
             ..Config::default()
         };
         config
