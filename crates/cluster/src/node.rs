@@ -258,8 +258,7 @@ pub async fn propose(
 }
 
 /// Asks the cluster, through `seed`, to let `me` join: calls Join at the
-/// seed and, if it is not the leader, asks it for the members and calls
-/// the leader (at most [`MAX_JOIN_REDIRECTS`] times).
+/// seed and, if it is not the leader, at the leader ([`at_the_leader`]).
 pub async fn request_join(
     client: &dyn RpcClient,
     seed: &PeerAddr,
@@ -274,65 +273,72 @@ pub async fn request_join(
             memory_mib: me.capacity.memory_mib,
         }),
     };
-    let mut target = seed.clone();
-    for _ in 0..=MAX_JOIN_REDIRECTS {
-        let call = Call::new(methods::CLUSTER_JOIN, req.encode_to_vec().into())
-            .with_timeout(CLUSTER_CALL_TIMEOUT);
-        match client.call(&target, call).await {
-            Ok(bytes) => {
-                let resp = pb::JoinResponse::decode(bytes)
-                    .map_err(|e| RaftNodeError::Answer(format!("join response: {e}")))?;
-                return Ok(JoinAnswer {
-                    node_id: resp.node_id,
-                    members: parse_members(&resp.members),
-                    voter_pending: resp.voter_pending,
-                });
-            }
-            Err(CallError::Application(s))
-                if matches!(s.code, Code::FailedPrecondition | Code::Unavailable) =>
-            {
-                tracing::info!(peer = %target.id.short(), reason = %s.message, "join redirected");
-                target = find_leader(client, &target).await?;
-            }
-            Err(error) => {
-                return Err(RaftNodeError::Call {
-                    peer: target.id.short(),
-                    error,
-                });
-            }
-        }
-    }
-    Err(RaftNodeError::TimedOut(format!(
-        "no leader accepted the join after {MAX_JOIN_REDIRECTS} redirects"
-    )))
+    let bytes = at_the_leader(
+        client,
+        seed,
+        methods::CLUSTER_JOIN,
+        req.encode_to_vec().into(),
+    )
+    .await?;
+    let resp = pb::JoinResponse::decode(bytes)
+        .map_err(|e| RaftNodeError::Answer(format!("join response: {e}")))?;
+    Ok(JoinAnswer {
+        node_id: resp.node_id,
+        members: parse_members(&resp.members),
+        voter_pending: resp.voter_pending,
+    })
 }
 
-/// Asks the cluster, through `seed`, to remove node `node_id`: calls
-/// Leave at the seed and follows redirects to the leader (a leader asked
-/// to remove itself hands leadership over first, so this may take a
-/// redirect more). `client` must call as a member. Returns the members
-/// left.
+/// Asks the cluster, through `seed`, to remove node `node_id` (at the
+/// leader, see [`at_the_leader`]; a leader asked to remove itself hands
+/// leadership over first, so this may take a redirect more). `client` must
+/// call as the node itself or as an admin. Returns the members left.
 pub async fn request_leave(
     client: &dyn RpcClient,
     seed: &PeerAddr,
     node_id: NodeId,
 ) -> Result<Vec<(NodeId, PeerAddr)>, RaftNodeError> {
     let req = pb::LeaveRequest { node_id };
+    let bytes = at_the_leader(
+        client,
+        seed,
+        methods::CLUSTER_LEAVE,
+        req.encode_to_vec().into(),
+    )
+    .await?;
+    let resp = pb::LeaveResponse::decode(bytes)
+        .map_err(|e| RaftNodeError::Answer(format!("leave response: {e}")))?;
+    Ok(parse_members(&resp.members))
+}
+
+/// The one redirect loop for calls only the leader serves: calls `method`
+/// at `seed`, and on `FailedPrecondition` (not the leader) or
+/// `Unavailable` (no leader yet, or leadership moving) asks the node
+/// called for the leader and calls it there, at most
+/// [`MAX_JOIN_REDIRECTS`] times, a heartbeat apart.
+pub async fn at_the_leader(
+    client: &dyn RpcClient,
+    seed: &PeerAddr,
+    method: &'static tern_protocol::Method,
+    payload: bytes::Bytes,
+) -> Result<bytes::Bytes, RaftNodeError> {
     let mut target = seed.clone();
-    for _ in 0..=MAX_JOIN_REDIRECTS {
-        let call = Call::new(methods::CLUSTER_LEAVE, req.encode_to_vec().into())
-            .with_timeout(CLUSTER_CALL_TIMEOUT);
+    for attempt in 0..=MAX_JOIN_REDIRECTS {
+        if attempt > 0 {
+            tokio::time::sleep(HEARTBEAT_INTERVAL).await;
+        }
+        let call = Call::new(method, payload.clone()).with_timeout(CLUSTER_CALL_TIMEOUT);
         match client.call(&target, call).await {
-            Ok(bytes) => {
-                let resp = pb::LeaveResponse::decode(bytes)
-                    .map_err(|e| RaftNodeError::Answer(format!("leave response: {e}")))?;
-                return Ok(parse_members(&resp.members));
-            }
+            Ok(bytes) => return Ok(bytes),
             Err(CallError::Application(s))
                 if matches!(s.code, Code::FailedPrecondition | Code::Unavailable) =>
             {
-                tracing::info!(peer = %target.id.short(), reason = %s.message, "leave redirected");
-                tokio::time::sleep(HEARTBEAT_INTERVAL).await;
+                tracing::info!(
+                    peer = %target.id.short(),
+                    method = %method.label(),
+                    reason = %s.message,
+                    "redirected to the leader"
+                );
                 target = find_leader(client, &target).await?;
             }
             Err(error) => {
@@ -344,7 +350,8 @@ pub async fn request_leave(
         }
     }
     Err(RaftNodeError::TimedOut(format!(
-        "no leader removed node {node_id} after {MAX_JOIN_REDIRECTS} redirects"
+        "no leader answered {} after {MAX_JOIN_REDIRECTS} redirects",
+        method.label()
     )))
 }
 
