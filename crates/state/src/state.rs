@@ -27,10 +27,11 @@ use crate::dedup::DedupTable;
 use crate::limits::MAX_REQUEST_ID_LEN;
 use crate::member::{FIRST_NODE_ID, Member, NodeId};
 use crate::meta::MetaEntry;
-use crate::vm::VmRecord;
+use crate::vm::{VmIndex, VmRecord};
 
 /// The replicated cluster state.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "StoredState")]
 pub struct ClusterState {
     /// Members as of the last applied membership entry, voters and
     /// learners.
@@ -58,6 +59,47 @@ pub struct ClusterState {
     pub(crate) next_audit_seq: u64,
     /// Join tokens by public id.
     pub(crate) tokens: BTreeMap<String, JoinTokenRecord>,
+    /// Indexes over `vms` (names, reserved capacity), derived from them:
+    /// not serialized, rebuilt on decoding.
+    #[serde(skip)]
+    pub(crate) index: VmIndex,
+}
+
+/// The fields of [`ClusterState`] as they are serialized (all but the
+/// derived index), decoded first and turned into a state with its index
+/// rebuilt.
+#[derive(Deserialize)]
+struct StoredState {
+    members: BTreeMap<NodeId, Member>,
+    node_ids: BTreeMap<PeerId, NodeId>,
+    next_node_id: NodeId,
+    vms: BTreeMap<String, VmRecord>,
+    dedup: DedupTable,
+    next_vm_number: u64,
+    meta: BTreeMap<String, MetaEntry>,
+    access: BTreeMap<PeerId, BTreeSet<Role>>,
+    audit_log: VecDeque<AuditEvent>,
+    next_audit_seq: u64,
+    tokens: BTreeMap<String, JoinTokenRecord>,
+}
+
+impl From<StoredState> for ClusterState {
+    fn from(s: StoredState) -> ClusterState {
+        ClusterState {
+            index: VmIndex::of(s.vms.values()),
+            members: s.members,
+            node_ids: s.node_ids,
+            next_node_id: s.next_node_id,
+            vms: s.vms,
+            dedup: s.dedup,
+            next_vm_number: s.next_vm_number,
+            meta: s.meta,
+            access: s.access,
+            audit_log: s.audit_log,
+            next_audit_seq: s.next_audit_seq,
+            tokens: s.tokens,
+        }
+    }
 }
 
 /// The cluster state as snapshot format 2 wrote it, before the access
@@ -97,6 +139,7 @@ pub struct ClusterStateV3 {
 impl From<ClusterStateV3> for ClusterState {
     fn from(v3: ClusterStateV3) -> ClusterState {
         ClusterState {
+            index: VmIndex::of(v3.vms.values()),
             members: v3.members,
             node_ids: v3.node_ids,
             next_node_id: v3.next_node_id,
@@ -115,6 +158,7 @@ impl From<ClusterStateV3> for ClusterState {
 impl From<ClusterStateV2> for ClusterState {
     fn from(v2: ClusterStateV2) -> ClusterState {
         ClusterState {
+            index: VmIndex::of(v2.vms.values()),
             members: v2.members,
             node_ids: v2.node_ids,
             next_node_id: v2.next_node_id,
@@ -141,6 +185,7 @@ impl Default for ClusterState {
             audit_log: VecDeque::new(),
             next_audit_seq: 1,
             tokens: BTreeMap::new(),
+            index: VmIndex::default(),
         }
     }
 }
@@ -179,7 +224,7 @@ impl ClusterState {
         match cmd {
             Command::AllocateNodeId { peer, .. } => self.allocate_node_id(peer),
             Command::PutVm { vm, .. } => self.put_vm(vm),
-            Command::DeleteVm { vm_id, .. } => match self.vms.remove(&vm_id) {
+            Command::DeleteVm { vm_id, .. } => match self.remove_vm(&vm_id) {
                 Some(vm) => Response::Vm(Box::new(vm)),
                 None => Response::Rejected(Rejection::UnknownVm { vm_id }),
             },
@@ -741,6 +786,9 @@ mod tests {
                 for vm in state.vms().values() {
                     proptest::prop_assert!(state.members().contains_key(&vm.node_id));
                 }
+                // The indexes kept in step equal the ones rebuilt from the
+                // records.
+                proptest::prop_assert_eq!(&state.index, &VmIndex::of(state.vms().values()));
             }
         }
     }
