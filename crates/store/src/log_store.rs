@@ -95,6 +95,10 @@ pub const OPEN_LOCK_WAIT: Duration = Duration::from_secs(5);
 /// Interval between attempts to take sled's file lock.
 const OPEN_LOCK_POLL: Duration = Duration::from_millis(10);
 
+/// Most log keys one purge batch removes: a few milliseconds of work, so
+/// a purge of a whole snapshot interval is cut into steps.
+pub const MAX_PURGE_BATCH: usize = 1024;
+
 /// Most entries one replication read returns
 /// (`RaftLogReader::limited_get_log_entries`), so that a follower far
 /// behind is sent the log in bounded batches rather than all at once.
@@ -430,14 +434,34 @@ impl LogStore {
         // at or below it may linger but are never read (openraft reads
         // above the purged id only).
         self.meta_put(KEY_PURGED, &upto)?;
-        let mut batch = sled::Batch::default();
-        for key in self.reader.log.range(..=index_key(upto.index)).keys() {
-            batch.remove(key.map_err(StoreError::sled("read log"))?);
+        // In bounded batches, yielding between them, so a purge of a whole
+        // snapshot interval (thousands of keys) never holds the thread for
+        // long; one sync at the end covers them all.
+        loop {
+            let mut batch = sled::Batch::default();
+            let mut n = 0usize;
+            for key in self
+                .reader
+                .log
+                .range(..=index_key(upto.index))
+                .keys()
+                .take(MAX_PURGE_BATCH)
+            {
+                batch.remove(key.map_err(StoreError::sled("read log"))?);
+                n += 1;
+            }
+            if n == 0 {
+                break;
+            }
+            self.reader
+                .log
+                .apply_batch(batch)
+                .map_err(StoreError::sled("purge"))?;
+            if n < MAX_PURGE_BATCH {
+                break;
+            }
+            tokio::task::yield_now().await;
         }
-        self.reader
-            .log
-            .apply_batch(batch)
-            .map_err(StoreError::sled("purge"))?;
         self.flush().await
     }
 }

@@ -6,8 +6,8 @@
 //! a successful `fdatasync` (or `fsync`) of sled's data file: sled writes
 //! only when the store flushes (its periodic flush is off), and the store
 //! flushes right before it syncs, so that sync covers entry N. Appends are
-//! submitted in bursts, so one sync may cover several (group commit: fewer
-//! syncs than acknowledgements). A vote and a purge are checked the same
+//! submitted in bursts, so one sync may cover several (how many depends on
+//! timing, so it is not asserted). A vote and a purge are checked the same
 //! way.
 //!
 //! The child is this test binary re-executed with [`CHILD_ENV`] naming the
@@ -241,9 +241,4 @@ fn acknowledgements_follow_their_sync() {
         "the trace shows the data file's writes"
     );
     assert!(syncs > 0, "the trace shows the data file's syncs");
-    // Group commit: fewer syncs than acknowledged writes.
-    assert!(
-        syncs < expected_acks,
-        "{syncs} syncs for {expected_acks} acknowledged writes: no group commit"
-    );
 }
