@@ -11,6 +11,8 @@
 //!   any allocation.
 //! - [`catalog`]: service and method ids, names, default priorities and
 //!   whether a method may be retried without being applied twice.
+//! - [`access`]: roles and the one access table (`access::rule`), deny by
+//!   default.
 //! - [`peer`]: peer identity (an Ed25519 public key) and peer addresses that
 //!   can hold an iroh address and a gRPC URL.
 //! - [`rpc`]: the client and handler traits both transports implement, the
