@@ -312,11 +312,11 @@ fn spawn_node(exe: &Path, config: &Path, log: &Path) -> Result<Child, String> {
 }
 
 async fn conn_to(dir: &Path) -> Result<Conn, String> {
-    Conn::open(&Target {
+    Ok(Conn::open(&Target {
         data_dir: Some(dir.to_owned()),
         ..Target::default()
     })
-    .await
+    .await?)
 }
 
 /// Runs the demo; `duration` ends it without Ctrl-C.

@@ -19,6 +19,7 @@ use clap::{Args, Parser, Subcommand};
 use prost::Message;
 use tern_node::cli::{self, Out, PolicyEdit, VmCmd};
 use tern_node::client::{Conn, Target};
+use tern_node::error::CliError;
 use tern_protocol::catalog::methods;
 use tern_protocol::frame::{self, Decoded, Header, Limits};
 use tern_protocol::{FrameKind, Priority, pb};
@@ -321,17 +322,17 @@ enum TransportCommand {
     },
 }
 
-fn runtime() -> Result<tokio::runtime::Runtime, String> {
+fn runtime() -> Result<tokio::runtime::Runtime, CliError> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
-        .map_err(|e| format!("cannot start the async runtime: {e}"))
+        .map_err(|e| CliError::Setup(format!("cannot start the async runtime: {e}")))
 }
 
-async fn with_conn<F, Fut>(connect: &Connect, f: F) -> Result<(), String>
+async fn with_conn<F, Fut>(connect: &Connect, f: F) -> Result<(), CliError>
 where
     F: FnOnce(Conn, Out) -> Fut,
-    Fut: std::future::Future<Output = (Conn, Result<(), String>)>,
+    Fut: std::future::Future<Output = (Conn, Result<(), CliError>)>,
 {
     let conn = Conn::open(&connect.target()).await?;
     let (conn, result) = f(conn, Out { json: connect.json }).await;
@@ -339,9 +340,15 @@ where
     result
 }
 
-fn fail(e: String) -> ExitCode {
+fn fail(e: impl std::fmt::Display) -> ExitCode {
     eprintln!("error: {e}");
     ExitCode::FAILURE
+}
+
+/// A CLI error on stderr, with the exit code of its kind.
+fn fail_cli(e: &CliError) -> ExitCode {
+    eprintln!("error: {e}");
+    ExitCode::from(e.exit_code())
 }
 
 fn main() -> ExitCode {
@@ -362,7 +369,7 @@ fn main() -> ExitCode {
             }
             let rt = match runtime() {
                 Ok(rt) => rt,
-                Err(e) => return fail(e),
+                Err(e) => return fail_cli(&e),
             };
             match rt.block_on(tern_node::run::run(config)) {
                 Ok(()) => ExitCode::SUCCESS,
@@ -379,7 +386,7 @@ fn main() -> ExitCode {
             }
             let rt = match runtime() {
                 Ok(rt) => rt,
-                Err(e) => return fail(e),
+                Err(e) => return fail_cli(&e),
             };
             match rt.block_on(tern_node::demo::demo(duration.map(Duration::from_secs))) {
                 Ok(()) => ExitCode::SUCCESS,
@@ -485,7 +492,7 @@ fn main() -> ExitCode {
                     println!("{id}");
                     ExitCode::SUCCESS
                 }
-                Err(e) => fail(e),
+                Err(e) => fail_cli(&e),
             }
         }
         Command::Transport { command, connect } => {
@@ -499,7 +506,7 @@ fn main() -> ExitCode {
                         raft,
                         fallback_to_grpc,
                     } => match &config {
-                        None => Err("`tern transport set` edits the node's config file and sends it SIGHUP: give --config FILE (the file the node runs with)".into()),
+                        None => Err(CliError::Argument("`tern transport set` edits the node's config file and sends it SIGHUP: give --config FILE (the file the node runs with)".into())),
                         Some(path) => {
                             let edit = PolicyEdit {
                                 mode,
@@ -526,15 +533,15 @@ fn main() -> ExitCode {
 fn client_cmd<F, Fut>(connect: &Connect, f: F) -> ExitCode
 where
     F: FnOnce(Conn, Out) -> Fut,
-    Fut: std::future::Future<Output = (Conn, Result<(), String>)>,
+    Fut: std::future::Future<Output = (Conn, Result<(), CliError>)>,
 {
     let rt = match runtime() {
         Ok(rt) => rt,
-        Err(e) => return fail(e),
+        Err(e) => return fail_cli(&e),
     };
     match rt.block_on(with_conn(connect, f)) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => fail(e),
+        Err(e) => fail_cli(&e),
     }
 }
 

@@ -132,11 +132,11 @@ pub struct NodeFile {
 
 impl NodeFile {
     /// The node's address for the CLI.
-    pub fn peer_addr(&self) -> Result<PeerAddr, String> {
+    pub fn peer_addr(&self) -> Result<PeerAddr, crate::error::CliError> {
         let id: PeerId = self
             .id
             .parse()
-            .map_err(|e| format!("{NODE_INFO_FILE}: id: {e}"))?;
+            .map_err(|e| crate::error::CliError::File(format!("{NODE_INFO_FILE}: id: {e}")))?;
         Ok(PeerAddr {
             id,
             iroh: self.iroh.clone().map(|direct| IrohAddr {
@@ -148,15 +148,16 @@ impl NodeFile {
     }
 
     /// Reads the file a node wrote in `data_dir`.
-    pub fn read(data_dir: &Path) -> Result<NodeFile, String> {
+    pub fn read(data_dir: &Path) -> Result<NodeFile, crate::error::CliError> {
+        use crate::error::CliError;
         let path = data_dir.join(NODE_INFO_FILE);
         let text = std::fs::read_to_string(&path).map_err(|e| {
-            format!(
+            CliError::File(format!(
                 "cannot read {}: {e}; is a node running with this data directory (`tern run`)?",
                 path.display()
-            )
+            ))
         })?;
-        serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
+        serde_json::from_str(&text).map_err(|e| CliError::File(format!("{}: {e}", path.display())))
     }
 
     fn write(&self, data_dir: &Path) -> std::io::Result<()> {
@@ -1051,7 +1052,9 @@ mod tests {
         let addr = back.peer_addr().unwrap();
         assert!(addr.transports().grpc && addr.transports().iroh);
         assert_eq!(served(&back).len(), 2);
-        let e = NodeFile::read(&dir.path().join("none")).unwrap_err();
+        let e = NodeFile::read(&dir.path().join("none"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("tern run"), "{e}");
     }
 }

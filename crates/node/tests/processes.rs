@@ -525,10 +525,10 @@ impl Traffic {
                 let mut round = 0u64;
                 while !s.load(Ordering::SeqCst) {
                     for conn in &conns {
-                        let record = |r: Result<(), String>| {
+                        let record = |r: Result<(), tern_node::error::CliError>| {
                             c.fetch_add(1, Ordering::SeqCst);
                             if let Err(e) = r {
-                                f.lock().unwrap().push(e);
+                                f.lock().unwrap().push(e.to_string());
                             }
                         };
                         record(
