@@ -131,7 +131,15 @@ fn run(db: &sled::Db, file: &File, path: &Path, rx: &mpsc::Receiver<Completion>)
                     "log synced"
                 ),
                 Err(e) => {
-                    tracing::error!(error = %e, "Raft log sync failed; every later write fails too");
+                    // Said as every log write failure is: what failed, where,
+                    // and what to check.
+                    let e = StoreError::LogWrite {
+                        op: "sync",
+                        dir: path.parent().unwrap_or(path).to_owned(),
+                        source: Box::new(StoreError::Sync(e)),
+                    }
+                    .to_string();
+                    tracing::error!(error = %e, "Raft storage failure: this node stops; every later write fails too");
                     failed = Some(e);
                 }
             }
