@@ -15,6 +15,8 @@
 //!   can hold an iroh address and a gRPC URL.
 //! - [`rpc`]: the client and handler traits both transports implement, the
 //!   error taxonomy, and [`rpc::Dispatcher`] which routes calls to services.
+//! - [`stream`]: streaming calls: what a caller opens and gets, the stream
+//!   limits both transports apply, and the per-stream frame rules.
 //! - [`metric_names`]: the name, kind and help of every exported metric,
 //!   shared so both transports report under the same names.
 //! - [`status`]: application status codes carried in error frames and gRPC
@@ -29,6 +31,7 @@ pub mod metric_names;
 pub mod peer;
 pub mod rpc;
 pub mod status;
+pub mod stream;
 
 /// Message types generated from the `.proto` schemas in `proto/tern/v1`.
 ///
@@ -45,7 +48,7 @@ pub mod pb {
         include_bytes!(concat!(env!("OUT_DIR"), "/tern_descriptor.bin"));
 }
 
-pub use catalog::{Method, ServiceId};
+pub use catalog::{Method, MethodKind, ServiceId};
 pub use frame::{Frame, FrameError, FrameKind, Header, Priority};
 pub use peer::{PeerAddr, PeerId, TransportKind, TransportSet};
 pub use rpc::{
@@ -53,3 +56,4 @@ pub use rpc::{
     TransportError, TransportErrorKind,
 };
 pub use status::{Code, Status};
+pub use stream::{CallStream, StreamCall, StreamReceiver, StreamSender};

@@ -680,6 +680,7 @@ mod tests {
         name: "Imaginary",
         idempotent: false,
         priority: Priority::Normal,
+        kind: tern_protocol::MethodKind::Unary,
     };
 
     #[tokio::test(start_paused = true)]
