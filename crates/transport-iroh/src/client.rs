@@ -45,8 +45,8 @@ use tern_protocol::frame::Limits;
 use tern_protocol::stream::{StreamEvent, StreamRules, StreamSide};
 use tern_protocol::{
     BoxFuture, Call, CallError, CallStream, Delivery, Frame, FrameKind, Header, MethodKind,
-    PeerAddr, PeerId, Priority, RpcClient, Status, StreamCall, TransportError,
-    TransportErrorKind, TransportKind,
+    PeerAddr, PeerId, Priority, RpcClient, Status, StreamCall, TransportError, TransportErrorKind,
+    TransportKind,
 };
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::debug;
@@ -794,12 +794,10 @@ impl RpcClient for IrohClient {
             let timeout = call.open_timeout;
             let method = call.method;
             let sent = AtomicBool::new(false);
-            let result = tokio::time::timeout(
-                timeout,
-                self.open_stream_inner(peer, call, &sent, guard),
-            )
-            .await
-            .unwrap_or_else(|_| Err(timed_out(timeout, &sent)));
+            let result =
+                tokio::time::timeout(timeout, self.open_stream_inner(peer, call, &sent, guard))
+                    .await
+                    .unwrap_or_else(|_| Err(timed_out(timeout, &sent)));
             if let Err(CallError::Transport(e)) = &result {
                 metrics::call_failure(e.kind);
                 debug!(method = %method.label(), peer = %peer.id.short(), error = %e, "iroh stream not opened");

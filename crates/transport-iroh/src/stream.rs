@@ -34,8 +34,7 @@ use bytes::Bytes;
 use iroh::endpoint::{RecvStream, SendStream, VarInt};
 use tern_protocol::frame::Limits;
 use tern_protocol::stream::{
-    StreamEvent, StreamReceiver, StreamRules, StreamSender, StreamSide, idle_from_ms,
-    stream_header,
+    StreamEvent, StreamReceiver, StreamRules, StreamSender, StreamSide, idle_from_ms, stream_header,
 };
 use tern_protocol::{
     BoxFuture, CallError, Delivery, Frame, FrameKind, Handler, Header, Method, MethodKind,
@@ -215,7 +214,12 @@ impl tern_protocol::stream::MessageSink for CallerSink {
             if self.finished {
                 return Ok(());
             }
-            let frame = frame_of(&self.header, FrameKind::StreamEnd, Bytes::new(), self.limits)?;
+            let frame = frame_of(
+                &self.header,
+                FrameKind::StreamEnd,
+                Bytes::new(),
+                self.limits,
+            )?;
             write_bounded(&mut self.send, &frame, self.idle, &self.closed).await?;
             self.finished = true;
             let _ = self.send.finish();
@@ -258,7 +262,10 @@ impl tern_protocol::stream::MessageSource for CallerSource {
                     return Some(Err(error(
                         TransportErrorKind::TimedOut,
                         Delivery::MayHaveBeenDelivered,
-                        format!("no message within the stream's idle bound of {:?}", self.idle),
+                        format!(
+                            "no message within the stream's idle bound of {:?}",
+                            self.idle
+                        ),
                     )));
                 }
                 Ok(Err(e @ ReadFrameError::Frame(_))) => {
@@ -357,7 +364,12 @@ impl tern_protocol::stream::MessageSink for ServerSink {
 
     fn finish(&mut self) -> BoxFuture<'_, Result<(), CallError>> {
         Box::pin(async move {
-            let frame = frame_of(&self.header, FrameKind::StreamEnd, Bytes::new(), self.limits)?;
+            let frame = frame_of(
+                &self.header,
+                FrameKind::StreamEnd,
+                Bytes::new(),
+                self.limits,
+            )?;
             let mut shared = self.shared.lock().await;
             if shared.ended {
                 return Ok(());
