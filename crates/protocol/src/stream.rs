@@ -216,6 +216,7 @@ impl StreamReceiver {
 
     /// The next message; `None` once the sender finished cleanly. After an
     /// error or `None`, the stream is over.
+    #[allow(clippy::should_implement_trait)] // reason: an async receiver, named like `StreamExt::next`; `Iterator::next` would have to block.
     pub fn next(&mut self) -> BoxFuture<'_, Option<Result<Bytes, CallError>>> {
         self.inner.next()
     }

@@ -192,7 +192,7 @@ pub async fn stream_messages_arrive_in_order<H: Harness>(h: Arc<H>) -> anyhow::R
                 .with_context(|| format!("the echo ended before message {i}"))??;
             let data = pb::RaftPayload::decode(message)?.data;
             ensure!(
-                data == Bytes::from(format!("message-{i}")),
+                data.as_ref() == format!("message-{i}").as_bytes(),
                 "echo {i} was {data:?}"
             );
         }

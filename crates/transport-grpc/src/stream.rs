@@ -231,7 +231,7 @@ impl Stream for Requests {
         if let Some(first) = this.first.take() {
             return Poll::Ready(Some(Outgoing::Message(first)));
         }
-        if let Poll::Ready(_) = Pin::new(&mut this.receiver_gone).poll(cx) {
+        if Pin::new(&mut this.receiver_gone).poll(cx).is_ready() {
             this.over = true;
             return Poll::Ready(Some(Outgoing::Abandon));
         }
