@@ -178,11 +178,14 @@ async fn raw_echo_stream(
     }
     .encode_to_vec();
     let header = request_header(ServiceId::Raft, 5, request_id, first.len() as u32);
-    let frame = Frame::new(header, Bytes::from(first), Limits::default()).unwrap();
+    let frame =
+        Frame::new(header, Bytes::from(first), Limits::default()).expect("raw stream set-up");
     tern_transport_iroh::wire::write_frame(&mut send, &frame)
         .await
-        .unwrap();
-    let accept = read_frame(&mut recv, Limits::default()).await.unwrap();
+        .expect("raw stream set-up");
+    let accept = read_frame(&mut recv, Limits::default())
+        .await
+        .expect("raw stream set-up");
     assert_eq!(accept.header.kind, FrameKind::Response, "accepted");
     (send, recv)
 }
@@ -198,7 +201,7 @@ fn stream_frame(kind: FrameKind, request_id: u64, payload: Bytes) -> Frame {
         payload_len: 0,
         deadline_ms: 0,
     };
-    Frame::new(header, payload, Limits::default()).unwrap()
+    Frame::new(header, payload, Limits::default()).expect("raw stream set-up")
 }
 
 #[test]
