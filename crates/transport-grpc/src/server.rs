@@ -902,20 +902,41 @@ impl tonic::server::StreamingService<Bytes> for StreamingCall {
         let (services, method) = (self.services.clone(), self.method);
         Box::pin(async move {
             let (metadata, extensions, mut inbound) = request.into_parts();
-            // The first message is the request the stream opens with.
-            let first = match inbound.message().await? {
-                Some(first) => first,
-                None => {
-                    return Err(tonic::Status::invalid_argument(
-                        "a bidirectional stream opens with its first message",
-                    ));
+            // The first message is the request the stream opens with; a
+            // caller that sends none holds the stream for its idle bound at
+            // most.
+            let idle = stream_idle(&metadata);
+            let first = match tokio::time::timeout(idle, inbound.message()).await {
+                Ok(first) => first?,
+                Err(_) => {
+                    return Err(tonic::Status::deadline_exceeded(format!(
+                        "no first message within the stream's idle bound of {idle:?}"
+                    )));
                 }
+            };
+            let Some(first) = first else {
+                return Err(tonic::Status::invalid_argument(
+                    "a bidirectional stream opens with its first message",
+                ));
             };
             services
                 .start_stream(&metadata, &extensions, method, first, Some(inbound))
                 .await
         })
     }
+}
+
+/// A stream's idle bound as its caller sent it (the default if it sent
+/// none), clamped.
+fn stream_idle(metadata: &tonic::metadata::MetadataMap) -> Duration {
+    tern_protocol::stream::idle_from_ms(
+        metadata
+            .as_ref()
+            .get(crate::stream::STREAM_IDLE_KEY)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0),
+    )
 }
 
 impl Services {
@@ -937,13 +958,7 @@ impl Services {
         };
         let headers = metadata.as_ref();
         let priority = parse_priority(headers.get(PRIORITY_KEY)).unwrap_or(method.priority);
-        let idle = tern_protocol::stream::idle_from_ms(
-            headers
-                .get(crate::stream::STREAM_IDLE_KEY)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(0),
-        );
+        let idle = stream_idle(metadata);
         metrics::message(Direction::Received, first.len());
         let ctx = RequestContext {
             peer,
