@@ -36,8 +36,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use serde_json::{Value, json};
+use tern_cluster::{MetaError, meta_put};
 use tern_protocol::{PeerAddr, RpcClient};
-use tern_raft_net::{MetaError, meta_put};
 
 use crate::local::LocalCluster;
 

@@ -31,6 +31,12 @@
 //!   namespaces, no root), and [`bench_cluster`], `tern-lab bench-cluster`:
 //!   Raft commits/s and leader failover per transport mode for
 //!   `cargo xtask bench`.
+//! - [`history`]: a client history of register puts and gets and its
+//!   checks (linearizability per key, lost acknowledged writes);
+//!   [`workload`]: the recording register clients; [`criteria`]: the
+//!   rollout's criteria from two scrapes of every node.
+//! - [`relay`]: the lab's private iroh relay; [`keys`]: the lab's pool of
+//!   admin client keys.
 //! - [`report`]: a progress line per step, figures, guarantee checks, the
 //!   summary table and the verdict (the exit code).
 //! - [`scenarios`]: the registry ([`scenarios::ALL`]) and one module per

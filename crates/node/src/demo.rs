@@ -101,7 +101,7 @@ impl Children {
         }
         for d in &self.dirs {
             for rt in runtime_dirs(d) {
-                for (vm, identity) in tern_services::runtime::pidfile::live_workloads(&rt) {
+                for (vm, identity) in tern_runtime::pidfile::live_workloads(&rt) {
                     eprintln!(
                         "demo: killing leftover workload {vm} (pid {})",
                         identity.pid
@@ -312,11 +312,11 @@ fn spawn_node(exe: &Path, config: &Path, log: &Path) -> Result<Child, String> {
 }
 
 async fn conn_to(dir: &Path) -> Result<Conn, String> {
-    Conn::open(&Target {
+    Ok(Conn::open(&Target {
         data_dir: Some(dir.to_owned()),
         ..Target::default()
     })
-    .await
+    .await?)
 }
 
 /// Runs the demo; `duration` ends it without Ctrl-C.

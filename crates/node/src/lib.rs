@@ -9,18 +9,19 @@
 //! - [`node`]: [`node::Node`], every crate composed into a running node
 //!   (transports, router, Raft, services, reconciler, `/metrics`), and its
 //!   graceful shutdown.
-//! - [`consensus`]: the services' `Consensus` trait over the running Raft.
 //! - [`run`]: `tern run`: signals (SIGTERM/Ctrl-C shut down, SIGHUP
 //!   reloads the transport policy) and logging.
 //! - [`client`]: how the CLI reaches a node (address, transport, identity).
 //! - [`cli`]: the commands that talk to a node, as tables or JSON.
+//! - [`error`]: [`error::CliError`], why a CLI command failed, by kind
+//!   (which decides the exit code).
 //! - [`demo`]: `tern demo`, a local 3-node cluster of child processes with
 //!   a live view.
 
 pub mod cli;
 pub mod client;
 pub mod config;
-pub mod consensus;
 pub mod demo;
+pub mod error;
 pub mod node;
 pub mod run;

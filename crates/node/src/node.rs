@@ -32,26 +32,24 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
+use tern_cluster::{FIRST_NODE_ID, JoinToken, RaftNode, RaftOptions, RaftServices};
 use tern_protocol::access::Role;
 use tern_protocol::peer::IrohAddr;
 use tern_protocol::{
     BoxFuture, Dispatcher, Handler, Method, PeerAddr, PeerId, RequestContext, RpcClient, ServiceId,
     Status, TransportKind, pb,
 };
-use tern_raft_net::{FIRST_NODE_ID, JoinToken, RaftNode, RaftOptions, RaftServices};
+use tern_runtime::microvm::{DEFAULT_QEMU, MicrovmConfig, MicrovmRuntime, qemu_available};
+use tern_runtime::process::{ProcessRuntime, RunAs};
+use tern_runtime::{RestartPolicy, Runtime, RuntimeKind};
 use tern_services::access::AccessGate;
 use tern_services::health::HealthService;
 use tern_services::monitoring::Monitoring;
 use tern_services::node_info::NodeInfo;
 use tern_services::reconciler::{Reconciler, ReconcilerConfig};
-use tern_services::runtime::microvm::{
-    DEFAULT_QEMU, MicrovmConfig, MicrovmRuntime, qemu_available,
-};
-use tern_services::runtime::process::{ProcessRuntime, RunAs};
-use tern_services::runtime::{RestartPolicy, Runtime, RuntimeKind};
 use tern_services::status::StatusService;
 use tern_services::vm::VmService;
-use tern_store::{Capacity, Command, Member};
+use tern_state::{Capacity, Command, Member};
 use tern_transport_dual::{DualRouter, Policy};
 use tern_transport_grpc::{GrpcTransport, ServerConfig};
 use tern_transport_iroh::{IrohConfig, IrohTransport, load_or_create_secret_key};
@@ -61,7 +59,7 @@ use crate::config::{
     Checked, ConfigError, DEFAULT_PROCESS_USER, RuntimeChoice, RuntimeName, VmConfig,
     prepare_data_dir,
 };
-use crate::consensus::RaftConsensus;
+use tern_cluster::RaftConsensus;
 
 /// The file in the data directory where a running node writes its
 /// identity and addresses ([`NodeFile`], JSON).
@@ -134,11 +132,11 @@ pub struct NodeFile {
 
 impl NodeFile {
     /// The node's address for the CLI.
-    pub fn peer_addr(&self) -> Result<PeerAddr, String> {
+    pub fn peer_addr(&self) -> Result<PeerAddr, crate::error::CliError> {
         let id: PeerId = self
             .id
             .parse()
-            .map_err(|e| format!("{NODE_INFO_FILE}: id: {e}"))?;
+            .map_err(|e| crate::error::CliError::File(format!("{NODE_INFO_FILE}: id: {e}")))?;
         Ok(PeerAddr {
             id,
             iroh: self.iroh.clone().map(|direct| IrohAddr {
@@ -150,15 +148,16 @@ impl NodeFile {
     }
 
     /// Reads the file a node wrote in `data_dir`.
-    pub fn read(data_dir: &Path) -> Result<NodeFile, String> {
+    pub fn read(data_dir: &Path) -> Result<NodeFile, crate::error::CliError> {
+        use crate::error::CliError;
         let path = data_dir.join(NODE_INFO_FILE);
         let text = std::fs::read_to_string(&path).map_err(|e| {
-            format!(
+            CliError::File(format!(
                 "cannot read {}: {e}; is a node running with this data directory (`tern run`)?",
                 path.display()
-            )
+            ))
         })?;
-        serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
+        serde_json::from_str(&text).map_err(|e| CliError::File(format!("{}: {e}", path.display())))
     }
 
     fn write(&self, data_dir: &Path) -> std::io::Result<()> {
@@ -419,8 +418,7 @@ impl Node {
             ));
         }
 
-        let token = config.cluster.join_token.clone().and_then(JoinToken::new);
-        let raft_services = RaftServices::new(token);
+        let raft_services = RaftServices::with_admission(admission(&config.cluster));
         let health = Arc::new(Late::default());
         let status = Arc::new(Late::default());
         let vm = Arc::new(Late::default());
@@ -497,7 +495,7 @@ impl Node {
             .map_err(|e| failed("opening the Raft store", e))?;
         let options = RaftOptions::default();
         let existing =
-            tern_raft_net::read_node_id(&data_dir).map_err(|e| failed("reading the node id", e))?;
+            tern_cluster::read_node_id(&data_dir).map_err(|e| failed("reading the node id", e))?;
         let raft = match existing {
             Some(id) => {
                 tracing::info!(node = id, "resuming Raft from the data directory");
@@ -506,7 +504,7 @@ impl Node {
                     .map_err(|e| failed("starting Raft", e))?
             }
             None if seeds.is_empty() => {
-                tern_raft_net::write_node_id(&data_dir, FIRST_NODE_ID)
+                tern_cluster::write_node_id(&data_dir, FIRST_NODE_ID)
                     .map_err(|e| failed("writing the node id", e))?;
                 let node = RaftNode::start(
                     &raft_services,
@@ -530,7 +528,7 @@ impl Node {
             None => {
                 let token = config.cluster.join_token.clone().unwrap_or_default();
                 let answer = join_with_retries(client.as_ref(), &seeds, &token, &me).await?;
-                tern_raft_net::write_node_id(&data_dir, answer.node_id)
+                tern_cluster::write_node_id(&data_dir, answer.node_id)
                     .map_err(|e| failed("writing the node id", e))?;
                 raft_services
                     .trust_until_first_membership(answer.members.iter().map(|(id, a)| (*id, a.id)));
@@ -544,14 +542,24 @@ impl Node {
                 )
                 .await
                 .map_err(|e| failed("starting Raft", e))?;
-                tracing::info!(
-                    node = answer.node_id,
-                    "joined as learner; waiting for promotion"
-                );
-                node.wait_until_voter(PROMOTION_WAIT)
+                if answer.voter_pending {
+                    tracing::info!(
+                        node = answer.node_id,
+                        "joined as learner; waiting for promotion"
+                    );
+                } else {
+                    tracing::info!(
+                        node = answer.node_id,
+                        "joined as learner; the cluster has its max_voters voters, so this node \
+                         stays a learner until an admin promotes it (tern cluster promote)"
+                    );
+                }
+                node.wait_until_joined(answer.voter_pending, PROMOTION_WAIT)
                     .await
-                    .map_err(|e| failed("waiting to become a voter", e))?;
-                tracing::info!(node = answer.node_id, "promoted to voter");
+                    .map_err(|e| failed("waiting to join the membership", e))?;
+                if answer.voter_pending {
+                    tracing::info!(node = answer.node_id, "promoted to voter");
+                }
                 node
             }
         };
@@ -789,7 +797,7 @@ async fn announce_address(
                 attempt,
                 "this node's addresses changed; asking the leader to record the new ones"
             );
-            match tern_raft_net::request_join(client.as_ref(), &leader, &token, &me).await {
+            match tern_cluster::request_join(client.as_ref(), &leader, &token, &me).await {
                 Ok(_) => {
                     tracing::info!("new addresses recorded");
                     return;
@@ -844,7 +852,7 @@ async fn bootstrap_access(
         let result = tokio::time::timeout(ACCESS_BOOTSTRAP_WAIT, raft.client_write(command)).await;
         let why = match result {
             Ok(Ok(w)) => match w.data {
-                tern_store::Response::Rejected(r) => r.to_string(),
+                tern_state::Response::Rejected(r) => r.to_string(),
                 _ => {
                     tracing::info!(key = %key, "access bootstrap: granted admin");
                     continue;
@@ -869,7 +877,7 @@ async fn join_with_retries(
     seeds: &[(PeerId, crate::config::SeedConfig)],
     token: &str,
     me: &Member,
-) -> Result<tern_raft_net::JoinAnswer, StartError> {
+) -> Result<tern_cluster::JoinAnswer, StartError> {
     let give_up = Instant::now() + JOIN_GIVE_UP;
     let mut backoff = JOIN_BACKOFF_MIN;
     let mut attempt = 0u32;
@@ -885,9 +893,9 @@ async fn join_with_retries(
                 }),
             };
             tracing::info!(attempt, seed = %id.short(), "asking to join the cluster");
-            match tern_raft_net::request_join(client, &addr, token, me).await {
+            match tern_cluster::request_join(client, &addr, token, me).await {
                 Ok(answer) => return Ok(answer),
-                Err(tern_raft_net::RaftNodeError::Call {
+                Err(tern_cluster::RaftNodeError::Call {
                     error: tern_protocol::CallError::Application(s),
                     ..
                 }) if s.code == tern_protocol::Code::PermissionDenied => {
@@ -981,6 +989,31 @@ pub fn served(file: &NodeFile) -> Vec<TransportKind> {
     v
 }
 
+/// How this node admits joiners when it leads: the cluster's join tokens,
+/// and its own `join_token` as a static token unless that is a created
+/// token (`ID.SECRET`, which must keep expiring).
+fn admission(cluster: &crate::config::ClusterConfig) -> tern_cluster::Admission {
+    let static_token = cluster
+        .join_token
+        .clone()
+        .filter(|t| tern_cluster::admission::parse_token(t).is_none())
+        .and_then(JoinToken::new);
+    if static_token.is_some() {
+        tracing::warn!(
+            "[cluster] join_token is a static secret: nodes presenting it may join through this \
+             node for as long as it is configured; prefer expiring tokens (tern cluster token create)"
+        );
+    }
+    tern_cluster::Admission {
+        static_token,
+        max_voters: cluster.max_voters,
+        max_capacity: tern_state::Capacity {
+            vcpus: cluster.max_node_vcpus,
+            memory_mib: cluster.max_node_memory_mib,
+        },
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1019,7 +1052,9 @@ mod tests {
         let addr = back.peer_addr().unwrap();
         assert!(addr.transports().grpc && addr.transports().iroh);
         assert_eq!(served(&back).len(), 2);
-        let e = NodeFile::read(&dir.path().join("none")).unwrap_err();
+        let e = NodeFile::read(&dir.path().join("none"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("tern run"), "{e}");
     }
 }

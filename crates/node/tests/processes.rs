@@ -119,7 +119,7 @@ impl Drop for NodeProc {
             let _ = self.child.wait();
         }
         for rt in tern_node::node::runtime_dirs(&self.dir) {
-            for (_, identity) in tern_services::runtime::pidfile::live_workloads(&rt) {
+            for (_, identity) in tern_runtime::pidfile::live_workloads(&rt) {
                 let _ = identity.signal_group(rustix::process::Signal::KILL);
             }
         }
@@ -525,10 +525,10 @@ impl Traffic {
                 let mut round = 0u64;
                 while !s.load(Ordering::SeqCst) {
                     for conn in &conns {
-                        let record = |r: Result<(), String>| {
+                        let record = |r: Result<(), tern_node::error::CliError>| {
                             c.fetch_add(1, Ordering::SeqCst);
                             if let Err(e) = r {
-                                f.lock().unwrap().push(e);
+                                f.lock().unwrap().push(e.to_string());
                             }
                         };
                         record(
@@ -1079,7 +1079,26 @@ fn access_is_denied_by_default_and_every_change_is_logged() {
         !actions.contains(&("grant", op_id.as_str(), "admin")),
         "{log:?}"
     );
-    assert!(log.iter().all(|e| e["by"] == n1_id), "{log:?}");
+    // Access changes are the admin's; the joins are in the same log, each
+    // by the joining node's own key, and their promotions by the leader.
+    assert!(
+        log.iter()
+            .filter(|e| matches!(e["action"].as_str(), Some("grant" | "revoke")))
+            .all(|e| e["by"] == n1_id),
+        "{log:?}"
+    );
+    for node in [2, 3] {
+        assert!(
+            log.iter()
+                .any(|e| e["action"] == "add-learner" && e["node_id"] == node),
+            "{log:?}"
+        );
+        assert!(
+            log.iter()
+                .any(|e| e["action"] == "promote" && e["node_id"] == node),
+            "{log:?}"
+        );
+    }
     assert!(log.iter().all(|e| e["at_unix_ms"].as_u64().unwrap() > 0));
 
     // Refusals are counted on /metrics.
