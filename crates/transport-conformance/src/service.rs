@@ -190,71 +190,88 @@ async fn serve_stream(
     counters: &Counters,
     method: &'static Method,
     request: Bytes,
-    mut inbound: StreamReceiver,
-    mut outbound: StreamSender,
+    inbound: StreamReceiver,
+    outbound: StreamSender,
 ) -> Result<(), Status> {
     match (method.service, method.name) {
-        (ServiceId::Vm, "Watch") => {
-            let req = pb::WatchVmsRequest::decode(request).map_err(bad_request)?;
-            let mut parts = req.vm_id.split(':');
-            let from = req.from_revision;
-            match parts.next() {
-                Some("count") => {
-                    let n = number(parts.next(), "count:N:S")?;
-                    let size = number(parts.next(), "count:N:S")? as usize;
-                    for i in 1..=n {
-                        send_counted(counters, &mut outbound, event(from + i, size)).await?;
-                    }
-                    Ok(())
-                }
-                Some("flood") => {
-                    let size = number(parts.next(), "flood:S")? as usize;
-                    let mut revision = from;
-                    loop {
-                        revision += 1;
-                        send_counted(counters, &mut outbound, event(revision, size)).await?;
-                    }
-                }
-                Some("fail") => {
-                    let n = number(parts.next(), "fail:N:CODE")?;
-                    let code = number(parts.next(), "fail:N:CODE")?;
-                    for i in 1..=n {
-                        send_counted(counters, &mut outbound, event(from + i, 8)).await?;
-                    }
-                    Err(Status::new(
-                        Code::from_u32(u32::try_from(code).unwrap_or(2)),
-                        "requested failure",
-                    ))
-                }
-                Some("quiet") => std::future::pending().await,
-                _ => Err(Status::invalid_argument(format!(
-                    "unknown watch command {:?}",
-                    req.vm_id
-                ))),
-            }
-        }
+        (ServiceId::Vm, "Watch") => serve_watch(counters, request, outbound).await,
         (ServiceId::Raft, "AppendStream") => {
-            let first = pb::RaftPayload::decode(request).map_err(bad_request)?;
-            match first.data.as_ref() {
-                b"echo" => {
-                    while let Some(message) = inbound.next().await {
-                        let message = message
-                            .map_err(|e| Status::unavailable(format!("inbound broke: {e}")))?;
-                        counters.stream_received.fetch_add(1, Ordering::SeqCst);
-                        send_counted(counters, &mut outbound, message).await?;
-                    }
-                    Ok(())
-                }
-                b"stall" => std::future::pending().await,
-                other => Err(Status::invalid_argument(format!(
-                    "unknown stream mode {:?}",
-                    String::from_utf8_lossy(other)
-                ))),
-            }
+            serve_append_stream(counters, request, inbound, outbound).await
         }
         _ => Err(Status::unimplemented(format!(
             "the test service does not stream {}",
             method.label()
+        ))),
+    }
+}
+
+/// `Vm/Watch`: what `vm_id` commands (see the module docs).
+async fn serve_watch(
+    counters: &Counters,
+    request: Bytes,
+    mut outbound: StreamSender,
+) -> Result<(), Status> {
+    let req = pb::WatchVmsRequest::decode(request).map_err(bad_request)?;
+    let mut parts = req.vm_id.split(':');
+    let from = req.from_revision;
+    match parts.next() {
+        Some("count") => {
+            let n = number(parts.next(), "count:N:S")?;
+            let size = number(parts.next(), "count:N:S")? as usize;
+            for i in 1..=n {
+                send_counted(counters, &mut outbound, event(from + i, size)).await?;
+            }
+            Ok(())
+        }
+        Some("flood") => {
+            let size = number(parts.next(), "flood:S")? as usize;
+            let mut revision = from;
+            loop {
+                revision += 1;
+                send_counted(counters, &mut outbound, event(revision, size)).await?;
+            }
+        }
+        Some("fail") => {
+            let n = number(parts.next(), "fail:N:CODE")?;
+            let code = number(parts.next(), "fail:N:CODE")?;
+            for i in 1..=n {
+                send_counted(counters, &mut outbound, event(from + i, 8)).await?;
+            }
+            Err(Status::new(
+                Code::from_u32(u32::try_from(code).unwrap_or(2)),
+                "requested failure",
+            ))
+        }
+        Some("quiet") => std::future::pending().await,
+        _ => Err(Status::invalid_argument(format!(
+            "unknown watch command {:?}",
+            req.vm_id
+        ))),
+    }
+}
+
+/// `Raft/AppendStream`: echo, or stall.
+async fn serve_append_stream(
+    counters: &Counters,
+    request: Bytes,
+    mut inbound: StreamReceiver,
+    mut outbound: StreamSender,
+) -> Result<(), Status> {
+    let first = pb::RaftPayload::decode(request).map_err(bad_request)?;
+    match first.data.as_ref() {
+        b"echo" => {
+            while let Some(message) = inbound.next().await {
+                let message =
+                    message.map_err(|e| Status::unavailable(format!("inbound broke: {e}")))?;
+                counters.stream_received.fetch_add(1, Ordering::SeqCst);
+                send_counted(counters, &mut outbound, message).await?;
+            }
+            Ok(())
+        }
+        b"stall" => std::future::pending().await,
+        other => Err(Status::invalid_argument(format!(
+            "unknown stream mode {:?}",
+            String::from_utf8_lossy(other)
         ))),
     }
 }

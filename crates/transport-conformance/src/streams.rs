@@ -142,10 +142,18 @@ pub async fn stream_messages_arrive_in_order<H: Harness>(h: Arc<H>) -> anyhow::R
     let caller = client_node(&*h).await?;
     let client = caller.client();
     let addr = server.addr();
+    watch_arrives_in_order(&*client, &addr).await?;
+    echo_arrives_in_order(&*client, &addr).await?;
+    caller.shutdown(DRAIN).await;
+    server.shutdown(DRAIN).await;
+    Ok(())
+}
 
+/// A server stream's events arrive in revision order and end cleanly.
+async fn watch_arrives_in_order(client: &dyn RpcClient, addr: &PeerAddr) -> anyhow::Result<()> {
     let mut stream = watch(
-        &*client,
-        &addr,
+        client,
+        addr,
         &format!("count:{ORDERED_MESSAGES}:16"),
         IDLE_TIMEOUT,
     )
@@ -170,8 +178,13 @@ pub async fn stream_messages_arrive_in_order<H: Harness>(h: Arc<H>) -> anyhow::R
         stream.receiver.next().await.is_none(),
         "the watch did not end cleanly after its last event"
     );
+    Ok(())
+}
 
-    let CallStream { sender, receiver } = append_stream(&*client, &addr, b"echo").await?;
+/// A bidirectional stream's echoes come back in the order sent, while the
+/// caller is still sending, and end after the caller finished.
+async fn echo_arrives_in_order(client: &dyn RpcClient, addr: &PeerAddr) -> anyhow::Result<()> {
+    let CallStream { sender, receiver } = append_stream(client, addr, b"echo").await?;
     let mut sender = sender.context("a bidirectional call has a sender")?;
     let mut receiver = receiver;
     let send = async move {
@@ -205,8 +218,6 @@ pub async fn stream_messages_arrive_in_order<H: Harness>(h: Arc<H>) -> anyhow::R
     let (sent, received) = tokio::join!(send, receive);
     sent?;
     received?;
-    caller.shutdown(DRAIN).await;
-    server.shutdown(DRAIN).await;
     Ok(())
 }
 
@@ -283,14 +294,26 @@ pub async fn streams_are_cancelled_both_ways<H: Harness>(h: Arc<H>) -> anyhow::R
     let caller = client_node(&*h).await?;
     let client = caller.client();
     let addr = server.addr();
-    let counters = service.counters.clone();
+    dropping_the_receiver_stops_the_handler(&*client, &addr, &service.counters).await?;
+    a_failing_handler_ends_the_stream(&*client, &addr).await?;
+    refusals_reach_the_caller(&*client, &addr).await?;
+    caller.shutdown(DRAIN).await;
+    server.shutdown(DRAIN).await;
+    Ok(())
+}
 
+/// The caller drops a stream the handler is still serving.
+async fn dropping_the_receiver_stops_the_handler(
+    client: &dyn RpcClient,
+    addr: &PeerAddr,
+    counters: &Counters,
+) -> anyhow::Result<()> {
     // The caller drops a stream the handler is still serving: a quiet
     // handler's future is dropped (cancelled); a flooding one is either
     // dropped or sees its send fail and returns; either way its work ends.
     for command in ["quiet", "flood:1024"] {
         let cancelled = Counters::get(&counters.cancelled);
-        let mut stream = watch(&*client, &addr, command, IDLE_TIMEOUT).await?;
+        let mut stream = watch(client, addr, command, IDLE_TIMEOUT).await?;
         if command != "quiet" {
             stream
                 .receiver
@@ -317,10 +340,18 @@ pub async fn streams_are_cancelled_both_ways<H: Harness>(h: Arc<H>) -> anyhow::R
         }
     }
 
+    Ok(())
+}
+
+/// A handler's error reaches the caller after the messages sent before it.
+async fn a_failing_handler_ends_the_stream(
+    client: &dyn RpcClient,
+    addr: &PeerAddr,
+) -> anyhow::Result<()> {
     // The handler ends the stream with an error after three messages.
     let mut stream = watch(
-        &*client,
-        &addr,
+        client,
+        addr,
         &format!("fail:3:{}", Code::FailedPrecondition as u32),
         IDLE_TIMEOUT,
     )
@@ -345,12 +376,18 @@ pub async fn streams_are_cancelled_both_ways<H: Harness>(h: Arc<H>) -> anyhow::R
         "a stream went on after its error"
     );
 
+    Ok(())
+}
+
+/// A request the handler refuses, and a unary method asked for as a
+/// stream.
+async fn refusals_reach_the_caller(client: &dyn RpcClient, addr: &PeerAddr) -> anyhow::Result<()> {
     // A request the handler refuses: its status reaches the caller (at
     // the opening or as the stream's first item), and a unary method is
     // not opened as a stream.
     let request = pb::HealthCheckRequest {}.encode_to_vec().into();
     let unserved = StreamCall::new(methods::VM_WATCH, request);
-    match client.open_stream(&addr, unserved).await {
+    match client.open_stream(addr, unserved).await {
         Ok(mut s) => match s.receiver.next().await {
             Some(Err(CallError::Application(status))) => ensure!(
                 status.code == Code::InvalidArgument,
@@ -366,7 +403,7 @@ pub async fn streams_are_cancelled_both_ways<H: Harness>(h: Arc<H>) -> anyhow::R
     }
     let unary = StreamCall::new(methods::VM_GET, Bytes::new());
     let err = client
-        .open_stream(&addr, unary)
+        .open_stream(addr, unary)
         .await
         .err()
         .context("a unary method opened as a stream")?;
@@ -374,8 +411,6 @@ pub async fn streams_are_cancelled_both_ways<H: Harness>(h: Arc<H>) -> anyhow::R
         !err.may_have_been_delivered() || err.code() == Some(Code::Unimplemented),
         "a unary method as a stream must be refused before delivery: {err}"
     );
-    caller.shutdown(DRAIN).await;
-    server.shutdown(DRAIN).await;
     Ok(())
 }
 

@@ -456,14 +456,14 @@ impl GrpcClient {
 }
 
 impl GrpcClient {
-    /// Opens a streaming call (see [`crate::stream`]): the lane's channel,
-    /// the request, and the peer's acceptance (its response headers).
-    async fn open_stream_inner(
+    /// What is refused before a stream is opened: a closed client, a unary
+    /// method, a peer without a gRPC URL, a first message over the limit.
+    /// Returns the peer's URL.
+    fn check_stream_call<'p>(
         &self,
-        peer: &PeerAddr,
-        call: StreamCall,
-        sent: &AtomicBool,
-    ) -> Result<CallStream, CallError> {
+        peer: &'p PeerAddr,
+        call: &StreamCall,
+    ) -> Result<&'p str, CallError> {
         if self.closed.load(Ordering::SeqCst) {
             return Err(err(
                 TransportErrorKind::LocalShutdown,
@@ -497,36 +497,24 @@ impl GrpcClient {
                 ),
             ));
         }
-        let lane = Lane::of(call.priority);
-        let channel = self.channel(peer, url, lane).await?;
-        let path_text = method.grpc_path();
-        let path = PathAndQuery::try_from(path_text.as_str()).map_err(|e| {
-            err(
-                TransportErrorKind::Protocol,
-                Delivery::NotDelivered,
-                format!("invalid gRPC path {path_text}: {e}"),
-            )
-        })?;
-        let mut grpc = tonic::client::Grpc::new(channel)
-            .max_decoding_message_size(self.max_message_size)
-            .max_encoding_message_size(self.max_message_size);
-        let queued = Queued::start(call.priority.as_str());
-        let ready = grpc.ready().await;
-        drop(queued);
-        if let Err(e) = ready {
-            self.forget(peer, url, lane);
-            return Err(err(
-                TransportErrorKind::Unreachable,
-                Delivery::NotDelivered,
-                format!("channel to {} not ready: {e}", peer.id.short()),
-            ));
-        }
+        Ok(url)
+    }
+
+    /// Sends a stream's opening by its kind; answers tonic's result and,
+    /// on a bidirectional call, the caller's sink.
+    async fn send_opening(
+        &self,
+        grpc: &mut tonic::client::Grpc<Channel>,
+        call: StreamCall,
+        path: PathAndQuery,
+        idle_ms: u32,
+        gone_rx: tokio::sync::oneshot::Receiver<()>,
+    ) -> (
+        Result<tonic::Response<tonic::Streaming<Bytes>>, tonic::Status>,
+        Option<crate::stream::CallerSink>,
+    ) {
         let idle = call.idle_timeout;
-        let idle_ms = call.idle_ms();
-        sent.store(true, Ordering::SeqCst);
-        metrics::message(Direction::Sent, call.request.len());
-        let (gone_tx, gone_rx) = tokio::sync::oneshot::channel::<()>();
-        let (answer, sink) = match method.kind {
+        match call.method.kind {
             MethodKind::Bidirectional => {
                 let (tx, rx) = tokio::sync::mpsc::channel(STREAM_HANDOVER_MESSAGES);
                 let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
@@ -557,7 +545,51 @@ impl GrpcClient {
                 stream_metadata(request.metadata_mut(), call.priority, idle_ms);
                 (grpc.server_streaming(request, path, RawCodec).await, None)
             }
-        };
+        }
+    }
+
+    /// Opens a streaming call (see [`crate::stream`]): the lane's channel,
+    /// the request, and the peer's acceptance (its response headers).
+    async fn open_stream_inner(
+        &self,
+        peer: &PeerAddr,
+        call: StreamCall,
+        sent: &AtomicBool,
+    ) -> Result<CallStream, CallError> {
+        let method = call.method;
+        let url = self.check_stream_call(peer, &call)?;
+        let lane = Lane::of(call.priority);
+        let channel = self.channel(peer, url, lane).await?;
+        let path_text = method.grpc_path();
+        let path = PathAndQuery::try_from(path_text.as_str()).map_err(|e| {
+            err(
+                TransportErrorKind::Protocol,
+                Delivery::NotDelivered,
+                format!("invalid gRPC path {path_text}: {e}"),
+            )
+        })?;
+        let mut grpc = tonic::client::Grpc::new(channel)
+            .max_decoding_message_size(self.max_message_size)
+            .max_encoding_message_size(self.max_message_size);
+        let queued = Queued::start(call.priority.as_str());
+        let ready = grpc.ready().await;
+        drop(queued);
+        if let Err(e) = ready {
+            self.forget(peer, url, lane);
+            return Err(err(
+                TransportErrorKind::Unreachable,
+                Delivery::NotDelivered,
+                format!("channel to {} not ready: {e}", peer.id.short()),
+            ));
+        }
+        let idle = call.idle_timeout;
+        let idle_ms = call.idle_ms();
+        sent.store(true, Ordering::SeqCst);
+        metrics::message(Direction::Sent, call.request.len());
+        let (gone_tx, gone_rx) = tokio::sync::oneshot::channel::<()>();
+        let (answer, sink) = self
+            .send_opening(&mut grpc, call, path, idle_ms, gone_rx)
+            .await;
         let answers = match answer {
             Ok(response) => response.into_inner(),
             Err(status) => {

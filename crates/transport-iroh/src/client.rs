@@ -524,6 +524,38 @@ impl IrohClient {
         }
     }
 
+    /// The `Request` frame that opens a streaming call (its request id is
+    /// set when the stream is open).
+    fn stream_request(&self, call: StreamCall) -> Result<Frame, CallError> {
+        let method = call.method;
+        if let Err(status) = tern_protocol::rpc::require_stream(method) {
+            return Err(error(
+                TransportErrorKind::Protocol,
+                Delivery::NotDelivered,
+                status.message,
+            )
+            .into());
+        }
+        let header = Header {
+            kind: FrameKind::Request,
+            priority: call.priority,
+            idempotent: method.idempotent,
+            service: method.service,
+            method: method.id,
+            request_id: 0,
+            payload_len: 0,
+            deadline_ms: call.idle_ms(),
+        };
+        Frame::new(header, call.request, self.frame_limits).map_err(|e| {
+            error(
+                TransportErrorKind::Protocol,
+                Delivery::NotDelivered,
+                format!("stream request refused before sending: {e}"),
+            )
+            .into()
+        })
+    }
+
     /// Opens a streaming call (see [`crate::stream`]): its lane place, its
     /// QUIC stream, the `Request` frame, and the server's acceptance.
     async fn open_stream_inner(
@@ -534,32 +566,9 @@ impl IrohClient {
         guard: TrackerGuard,
     ) -> Result<CallStream, CallError> {
         let method = call.method;
-        if let Err(status) = tern_protocol::rpc::require_stream(method) {
-            return Err(error(
-                TransportErrorKind::Protocol,
-                Delivery::NotDelivered,
-                status.message,
-            )
-            .into());
-        }
         let priority = call.priority;
-        let header = Header {
-            kind: FrameKind::Request,
-            priority,
-            idempotent: method.idempotent,
-            service: method.service,
-            method: method.id,
-            request_id: 0,
-            payload_len: 0,
-            deadline_ms: call.idle_ms(),
-        };
-        let mut frame = Frame::new(header, call.request, self.frame_limits).map_err(|e| {
-            error(
-                TransportErrorKind::Protocol,
-                Delivery::NotDelivered,
-                format!("stream request refused before sending: {e}"),
-            )
-        })?;
+        let idle = call.idle_timeout;
+        let mut frame = self.stream_request(call)?;
         let peer = self.peer(addr.id)?;
         let permit = peer.lanes[priority as usize]
             .acquire(self.limits.stream_open_queue)
@@ -594,37 +603,7 @@ impl IrohClient {
             (Err(write), Err(_)) => return Err(map_write_error(&write, &self.closed).into()),
             (Ok(()), Err(read)) => return Err(map_read_error(&read, &self.closed).into()),
         };
-        let mut rules = StreamRules::new(
-            StreamSide::Caller,
-            request_id,
-            true,
-            self.frame_limits.max_payload,
-        );
-        match rules.check(&answer.header) {
-            Ok(StreamEvent::Accepted) => {}
-            Ok(StreamEvent::Refused) => {
-                if let Some(recv) = opening.recv.as_mut() {
-                    wire::consume_end(recv);
-                }
-                return Err(CallError::Application(Status::decode(&answer.payload)));
-            }
-            Ok(other) => {
-                return Err(error(
-                    TransportErrorKind::Protocol,
-                    Delivery::MayHaveBeenDelivered,
-                    format!("the peer answered a stream's opening with {other:?}"),
-                )
-                .into());
-            }
-            Err(violation) => {
-                return Err(error(
-                    TransportErrorKind::Protocol,
-                    Delivery::MayHaveBeenDelivered,
-                    format!("the peer answered a stream's opening against the rules: {violation}"),
-                )
-                .into());
-            }
-        }
+        let rules = check_acceptance(&answer, &mut opening, request_id, self.frame_limits)?;
         let Some((send, recv)) = opening.take() else {
             return Err(Self::local_shutdown().into());
         };
@@ -639,7 +618,7 @@ impl IrohClient {
             header: template,
             rules,
             limits: self.frame_limits,
-            idle: call.idle_timeout,
+            idle,
             hold: crate::stream::Hold {
                 _permit: permit,
                 _guard: guard,
@@ -687,6 +666,39 @@ impl IrohClient {
             .into());
         }
         Ok(rtt.max(Duration::from_nanos(1)))
+    }
+}
+
+/// Checks the server's answer to a stream's `Request`: accepted (the
+/// rules go on checking the stream), refused (its status), or a broken
+/// rule.
+fn check_acceptance(
+    answer: &Frame,
+    opening: &mut crate::stream::Opening,
+    request_id: u64,
+    limits: Limits,
+) -> Result<StreamRules, CallError> {
+    let mut rules = StreamRules::new(StreamSide::Caller, request_id, true, limits.max_payload);
+    match rules.check(&answer.header) {
+        Ok(StreamEvent::Accepted) => Ok(rules),
+        Ok(StreamEvent::Refused) => {
+            if let Some(recv) = opening.recv.as_mut() {
+                wire::consume_end(recv);
+            }
+            Err(CallError::Application(Status::decode(&answer.payload)))
+        }
+        Ok(other) => Err(error(
+            TransportErrorKind::Protocol,
+            Delivery::MayHaveBeenDelivered,
+            format!("the peer answered a stream's opening with {other:?}"),
+        )
+        .into()),
+        Err(violation) => Err(error(
+            TransportErrorKind::Protocol,
+            Delivery::MayHaveBeenDelivered,
+            format!("the peer answered a stream's opening against the rules: {violation}"),
+        )
+        .into()),
     }
 }
 

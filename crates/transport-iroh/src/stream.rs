@@ -533,9 +533,13 @@ pub(crate) async fn serve(s: Serving, mut send: SendStream, mut recv: RecvStream
         limits: s.limits,
         idle,
     });
-    let work = s
-        .handler
-        .handle_stream(s.ctx, s.method, s.payload, inbound, outbound);
+    let work = s.handler.handle_stream(
+        s.ctx.clone(),
+        s.method,
+        s.payload.clone(),
+        inbound,
+        outbound,
+    );
     let mut work = work;
     let outcome = tokio::select! {
         result = &mut work => Some(result),
@@ -550,6 +554,19 @@ pub(crate) async fn serve(s: Serving, mut send: SendStream, mut recv: RecvStream
         }
     };
     let Some(result) = outcome else { return };
+    end_stream(&s, &shared, header, idle, result).await;
+}
+
+/// Ends a served stream after its handler returned: `StreamEnd` or
+/// `Error` (unless the handler finished its side itself), then the QUIC
+/// finish, and a bounded wait for the caller to have it.
+async fn end_stream(
+    s: &Serving,
+    shared: &Mutex<ServerSend>,
+    header: Header,
+    idle: Duration,
+    result: Result<(), Status>,
+) {
     let mut end = shared.lock().await;
     let ended = end.ended;
     let Some(mut send) = end.send.take() else {
