@@ -611,6 +611,7 @@ impl GrpcClient {
                 path: path_text,
             },
             _gone: Some(gone_tx),
+            _active: metrics::OpenStream::new(Side::Client),
         };
         let (sender, receiver) = crate::stream::caller_halves(sink, source);
         Ok(CallStream { sender, receiver })
@@ -954,10 +955,16 @@ impl RpcClient for GrpcClient {
                     format!("stream {} not opened within {timeout:?}", method.label()),
                 )),
             };
-            if let Err(CallError::Transport(e)) = &result {
-                metrics::call_failure(e.kind);
-                tracing::debug!(method = %method.label(), peer = %peer.id.short(), error = %e, "gRPC stream not opened");
-            }
+            let outcome = match &result {
+                Ok(_) => Outcome::Ok,
+                Err(CallError::Application(_)) => Outcome::AppError,
+                Err(CallError::Transport(e)) => {
+                    metrics::call_failure(e.kind);
+                    tracing::debug!(method = %method.label(), peer = %peer.id.short(), error = %e, "gRPC stream not opened");
+                    Outcome::TransportError
+                }
+            };
+            metrics::stream_opened(method, Side::Client, outcome);
             result
         })
     }

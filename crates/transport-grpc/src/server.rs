@@ -982,8 +982,10 @@ impl Services {
             .state
             .handler
             .handle_stream(ctx, method, first, inbound, outbound);
+        metrics::stream_opened(method, Side::Server, Outcome::Ok);
         let task = tokio::spawn(async move {
             let _in_flight = InFlight::start(Side::Server);
+            let _active = metrics::OpenStream::new(Side::Server);
             if let Err(status) = work.await {
                 // Marked as the service's answer, as unary answers are.
                 let mut status = to_tonic(status);

@@ -328,6 +328,8 @@ pub(crate) struct CallerSource {
     /// Dropped with the receiver: the request stream then fails, so the
     /// HTTP/2 stream is reset.
     pub(crate) _gone: Option<oneshot::Sender<()>>,
+    /// Counts the stream as open while the receiver lives.
+    pub(crate) _active: crate::metrics::OpenStream,
 }
 
 impl MessageSource for CallerSource {

@@ -619,10 +619,7 @@ impl IrohClient {
             rules,
             limits: self.frame_limits,
             idle,
-            hold: crate::stream::Hold {
-                _permit: permit,
-                _guard: guard,
-            },
+            hold: crate::stream::Hold::new(permit, guard),
             closed: self.closed.clone(),
         };
         let (sender, receiver) = accepted.split();
@@ -810,10 +807,16 @@ impl RpcClient for IrohClient {
                 tokio::time::timeout(timeout, self.open_stream_inner(peer, call, &sent, guard))
                     .await
                     .unwrap_or_else(|_| Err(timed_out(timeout, &sent)));
-            if let Err(CallError::Transport(e)) = &result {
-                metrics::call_failure(e.kind);
-                debug!(method = %method.label(), peer = %peer.id.short(), error = %e, "iroh stream not opened");
-            }
+            let outcome = match &result {
+                Ok(_) => Outcome::Ok,
+                Err(CallError::Application(_)) => Outcome::AppError,
+                Err(CallError::Transport(e)) => {
+                    metrics::call_failure(e.kind);
+                    debug!(method = %method.label(), peer = %peer.id.short(), error = %e, "iroh stream not opened");
+                    Outcome::TransportError
+                }
+            };
+            metrics::stream_opened(method, Side::Client, outcome);
             result
         })
     }

@@ -44,6 +44,7 @@ use tokio::sync::{Mutex, OwnedSemaphorePermit};
 use tracing::debug;
 
 use crate::client::{map_read_error, map_write_error};
+use crate::metrics::{Outcome, Side};
 use crate::transport::TrackerGuard;
 use crate::wire::{self, ReadFrameError, STREAM_CANCELLED, STREAM_IDLE, STREAM_MALFORMED};
 
@@ -62,6 +63,23 @@ fn error(kind: TransportErrorKind, delivery: Delivery, detail: impl Into<String>
 pub(crate) struct Hold {
     pub(crate) _permit: OwnedSemaphorePermit,
     pub(crate) _guard: TrackerGuard,
+    pub(crate) _active: crate::metrics::OpenStream,
+}
+
+impl Hold {
+    pub(crate) fn new(permit: OwnedSemaphorePermit, guard: TrackerGuard) -> Hold {
+        Hold {
+            _permit: permit,
+            _guard: guard,
+            _active: crate::metrics::OpenStream::new(Side::Client),
+        }
+    }
+}
+
+/// Counts a served stream as accepted and open (until the guard drops).
+fn accepted_stream(method: &Method) -> crate::metrics::OpenStream {
+    crate::metrics::stream_opened(method, Side::Server, Outcome::Ok);
+    crate::metrics::OpenStream::new(Side::Server)
 }
 
 /// The two halves of a QUIC stream while a call opens: dropped before
@@ -502,6 +520,7 @@ pub(crate) async fn serve(s: Serving, mut send: SendStream, mut recv: RecvStream
         debug!(method = %s.method.label(), "stream not accepted: {e}");
         return;
     }
+    let _active = accepted_stream(s.method);
     let stopped = send.stopped();
     let shared = Arc::new(Mutex::new(ServerSend {
         send: Some(send),
