@@ -88,6 +88,16 @@ impl Raft for RawRaft {
     ) -> Result<tonic::Response<pb::RaftPayload>, tonic::Status> {
         Ok(tonic::Response::new(request.into_inner()))
     }
+
+    type AppendStreamStream = tonic::Streaming<pb::RaftPayload>;
+
+    /// Echoes every message of the stream back, in order.
+    async fn append_stream(
+        &self,
+        request: tonic::Request<tonic::Streaming<pb::RaftPayload>>,
+    ) -> Result<tonic::Response<Self::AppendStreamStream>, tonic::Status> {
+        Ok(tonic::Response::new(request.into_inner()))
+    }
 }
 
 /// Starts a bare tonic server with [`RawRaft`], over the transport's TLS,
