@@ -18,10 +18,10 @@ use support::net::{Kind, Node};
 use support::raft::SingleNode;
 use tern_cluster::RaftServices;
 use tern_protocol::access::{Role, rule};
-use tern_protocol::catalog::{METHODS, methods};
+use tern_protocol::catalog::{METHODS, STREAM_METHODS, methods};
 use tern_protocol::{
     BoxFuture, Call, CallError, Code, Dispatcher, Handler, Method, PeerAddr, PeerId,
-    RequestContext, ServiceId, Status, pb,
+    RequestContext, ServiceId, Status, StreamCall, pb,
 };
 use tern_services::access::AccessGate;
 use tern_services::consensus::Consensus;
@@ -73,6 +73,9 @@ fn allowed(method: &Method) -> &'static [Who] {
         // Cluster service.
         "cluster/leave" => &[Admin],
         "raft/vote" | "raft/appendentries" | "raft/snapshot" | "raft/propose" => &[Member],
+        // Streams, checked once before they open.
+        "vm/watch" => READERS,
+        "raft/appendstream" => &[Member],
         other => panic!("no expectation for {other}: add one here and a rule to access::rule"),
     }
 }
@@ -225,6 +228,46 @@ async fn matrix(kind: Kind) {
                     s.message.contains(&method.label()) && s.message.contains("needs"),
                     "{s}"
                 );
+            }
+        }
+    }
+    for method in STREAM_METHODS {
+        assert!(rule(method).is_some(), "{} has no rule", method.label());
+        let expected = allowed(method);
+        for (who, node) in &callers {
+            let client = match node {
+                Some(n) => n.client(),
+                None => member.client(),
+            };
+            let call = StreamCall::new(method, Bytes::new()).with_open_timeout(CALL_TIMEOUT);
+            // A refusal may come with the opening or as the stream's first
+            // answer.
+            let result = match client.open_stream(&target, call).await {
+                Ok(mut stream) => match stream.receiver.next().await {
+                    Some(Err(e)) => Err(e),
+                    _ => Ok(()),
+                },
+                Err(e) => Err(e),
+            };
+            let denied = match &result {
+                Err(CallError::Application(s)) => {
+                    s.code == Code::PermissionDenied || s.code == Code::Unauthenticated
+                }
+                Err(CallError::Transport(t)) => {
+                    panic!("{kind:?} {who:?} {}: transport error {t}", method.label())
+                }
+                Ok(_) => false,
+            };
+            if denied == expected.contains(who) {
+                wrong.push(format!(
+                    "{kind:?} {who:?} {} (stream): expected {}, got {}",
+                    method.label(),
+                    if denied { "allowed" } else { "denied" },
+                    match &result {
+                        Ok(_) => "an open stream".to_owned(),
+                        Err(e) => e.to_string(),
+                    }
+                ));
             }
         }
     }

@@ -337,6 +337,34 @@ impl Handler for RaftHandler {
             .await
         })
     }
+
+    /// `Raft/AppendStream` (pipelined replication) is checked like every
+    /// Raft call, members only; this node does not serve it yet (the
+    /// leader replicates with `Raft/AppendEntries`), which a member is told.
+    fn handle_stream(
+        &self,
+        ctx: RequestContext,
+        method: &'static Method,
+        _request: Bytes,
+        _inbound: tern_protocol::StreamReceiver,
+        _outbound: tern_protocol::StreamSender,
+    ) -> BoxFuture<'static, Result<(), Status>> {
+        let shared = self.shared.clone();
+        Box::pin(async move {
+            let node = shared.node()?;
+            if shared.raft_caller_ids(&node, &ctx.peer).is_empty() {
+                return Err(not_a_member(
+                    &ctx.peer,
+                    method,
+                    "Raft methods are for current members",
+                ));
+            }
+            Err(Status::unimplemented(format!(
+                "{} is not served by this node yet; replicate with Raft/AppendEntries",
+                method.label()
+            )))
+        })
+    }
 }
 
 /// Who called a Raft method: the identity the transport authenticated and

@@ -23,7 +23,9 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use tern_protocol::access::{Denial, Grants, Rule, rule};
 use tern_protocol::metric_names::ACCESS_DENIED;
-use tern_protocol::{BoxFuture, Handler, Method, PeerId, RequestContext, Status};
+use tern_protocol::{
+    BoxFuture, Handler, Method, PeerId, RequestContext, Status, StreamReceiver, StreamSender,
+};
 
 use crate::consensus::Consensus;
 
@@ -171,6 +173,24 @@ impl Handler for AccessGate {
     ) -> BoxFuture<'static, Result<Bytes, Status>> {
         match self.decide(&ctx, method) {
             Ok(()) => self.inner.handle(ctx, method, payload),
+            Err(status) => Box::pin(std::future::ready(Err(status))),
+        }
+    }
+
+    /// A stream passes the same check as a call, once, before it opens:
+    /// a refused stream is never handed to a service.
+    fn handle_stream(
+        &self,
+        ctx: RequestContext,
+        method: &'static Method,
+        request: Bytes,
+        inbound: StreamReceiver,
+        outbound: StreamSender,
+    ) -> BoxFuture<'static, Result<(), Status>> {
+        match self.decide(&ctx, method) {
+            Ok(()) => self
+                .inner
+                .handle_stream(ctx, method, request, inbound, outbound),
             Err(status) => Box::pin(std::future::ready(Err(status))),
         }
     }
