@@ -658,9 +658,8 @@ fn iroh_client_calls(file: &Value) -> f64 {
         .enable_all()
         .build()
         .unwrap();
-    let text = rt.block_on(tern_node::demo::scrape(addr)).unwrap();
-    tern_node::demo::sum(
-        &text,
+    let text = rt.block_on(tern_process_kit::scrape(addr)).unwrap();
+    tern_process_kit::Metrics::parse(&text).sum(
         tern_protocol::metric_names::CALLS,
         &[("transport", "iroh"), ("side", "client")],
     )
@@ -1088,9 +1087,8 @@ fn access_is_denied_by_default_and_every_change_is_logged() {
         .enable_all()
         .build()
         .unwrap();
-    let text = rt.block_on(tern_node::demo::scrape(addr)).unwrap();
-    let denied = tern_node::demo::sum(
-        &text,
+    let text = rt.block_on(tern_process_kit::scrape(addr)).unwrap();
+    let denied = tern_process_kit::Metrics::parse(&text).sum(
         tern_protocol::metric_names::ACCESS_DENIED,
         &[("service", "vm"), ("method", "Create")],
     );
