@@ -39,7 +39,9 @@ use serde_json::{Value, json};
 use tern_protocol::{PeerAddr, RpcClient};
 use tern_raft_net::{MetaError, meta_put};
 
-use crate::local::LocalCluster;
+use tern_testkit::config;
+use tern_testkit::local::LocalCluster;
+use tern_transport_dual::{RaftTransport, TransportConfig};
 
 /// The producer's name in the report.
 pub const SOURCE: &str = "cluster";
@@ -99,14 +101,13 @@ impl BenchOpts {
 }
 
 /// The transport modes measured, as (column, `[transport]` section).
-pub fn modes() -> Vec<(&'static str, String)> {
+pub fn modes() -> Vec<(&'static str, TransportConfig)> {
     vec![
-        ("grpc", "[transport]\nmode = \"grpc\"\n".to_owned()),
-        ("iroh", "[transport]\nmode = \"iroh\"\n".to_owned()),
+        ("grpc", config::grpc()),
+        ("iroh", config::iroh()),
         (
             "dual",
-            "[transport]\nmode = \"dual\"\n[transport.migration]\nprefer_iroh = [\"all_except_raft\"]\nraft_transport = \"iroh\"\nfallback_to_grpc = true\n"
-                .to_owned(),
+            config::dual(&["all_except_raft"], RaftTransport::Iroh),
         ),
     ]
 }
@@ -291,7 +292,7 @@ async fn failover(c: &mut LocalCluster, tag: &str) -> anyhow::Result<Duration> {
 async fn measure_mode(
     opts: &BenchOpts,
     mode: &str,
-    section: &str,
+    section: &TransportConfig,
     p: &mut Progress,
 ) -> anyhow::Result<ModeResult> {
     let mut result = ModeResult::default();

@@ -61,10 +61,12 @@ pub mod bench_cluster;
 pub mod cluster;
 pub mod criteria;
 pub mod history;
-pub mod keys;
-pub mod local;
 pub mod netns;
 pub mod relay;
 pub mod report;
 pub mod scenarios;
 pub mod workload;
+
+// The client key pool and the loopback cluster live in the test kit, which
+// the cluster bench shares; the lab's scenarios name them as before.
+pub use tern_testkit::{keys, local};
