@@ -16,7 +16,8 @@
 //!
 //! # Layout
 //!
-//! - [`part`]: the part-file format shared by every bench producer.
+//! - [`part`]: the part-file format shared by every bench producer and
+//!   `cargo xtask bench` (the `tern-bench-part` crate, re-exported).
 //! - [`kind`]: the four transports measured and their names.
 //! - [`raw`]: the raw baselines (bare iroh echo, bare tonic service).
 //! - [`serve`]: the server process (`tern-bench serve`).
@@ -35,9 +36,10 @@
 
 pub mod client;
 pub mod kind;
-pub mod part;
 pub mod procfs;
 pub mod raw;
 pub mod serve;
 pub mod stats;
 pub mod twoproc;
+
+pub use tern_bench_part as part;

@@ -36,10 +36,10 @@ use tokio::process::{Child, ChildStdin, ChildStdout, Command};
 
 use crate::client::Driver;
 use crate::kind::Kind;
-use crate::part::{Curve, Distribution, Part, Row, build_profile};
 use crate::procfs;
 use crate::serve::Ready;
 use crate::stats::Latencies;
+use tern_bench_part::{Better, Curve, Distribution, Part, Row, Series, Values, build_profile};
 
 /// The `source` of the part file.
 pub const SOURCE: &str = "transport-2proc";
@@ -762,7 +762,7 @@ struct RowSpec<'a> {
     section: &'a str,
     name: String,
     unit: &'a str,
-    better: &'a str,
+    better: Better,
     percentile: Option<u8>,
     note: String,
 }
@@ -773,10 +773,11 @@ fn row(spec: RowSpec<'_>, values: BTreeMap<String, Option<f64>>) -> Row {
         section: spec.section.to_owned(),
         name: spec.name,
         unit: spec.unit.to_owned(),
-        better: spec.better.to_owned(),
-        values,
-        percentile: spec.percentile,
+        better: spec.better,
+        values: Values::from_columns(values),
+        percentile: spec.percentile.map(f64::from),
         note: spec.note,
+        source: String::new(),
     }
 }
 
@@ -836,7 +837,7 @@ fn build_part(results: &[(Kind, Measured)], s: &Settings, quick: bool) -> Part {
                 section,
                 name: format!("{name}, p{p}"),
                 unit: "ns",
-                better: "lower",
+                better: Better::Lower,
                 percentile: Some(p),
                 note,
             },
@@ -868,7 +869,7 @@ fn build_part(results: &[(Kind, Measured)], s: &Settings, quick: bool) -> Part {
                 section: SECTION_CONN,
                 name: format!("connection establishment + first call, with 0-RTT, p{p}"),
                 unit: "ns",
-                better: "lower",
+                better: Better::Lower,
                 percentile: Some(p),
                 note: "not applicable: our iroh transport deliberately does not use 0-RTT (early \
                        data would reach a service before the caller's key is proven; see the \
@@ -913,7 +914,7 @@ fn build_part(results: &[(Kind, Measured)], s: &Settings, quick: bool) -> Part {
                     if callers == 1 { "" } else { "s" }
                 ),
                 unit: "calls/s",
-                better: "higher",
+                better: Better::Higher,
                 percentile: None,
                 note: join_notes(
                     format!(
@@ -936,7 +937,7 @@ fn build_part(results: &[(Kind, Measured)], s: &Settings, quick: bool) -> Part {
                 section: SECTION_CALLS,
                 name: format!("bulk throughput, {mib} MiB calls"),
                 unit: "bytes/s",
-                better: "higher",
+                better: Better::Higher,
                 percentile: None,
                 note: format!(
                     "{} MiB x {} in {mib} MiB calls, {} in flight; ours: Raft/Snapshot on the \
@@ -1057,7 +1058,7 @@ fn build_part(results: &[(Kind, Measured)], s: &Settings, quick: bool) -> Part {
                 section: SECTION_RESOURCES,
                 name: name.to_owned(),
                 unit,
-                better: "lower",
+                better: Better::Lower,
                 percentile: None,
                 note: join_notes(note.clone(), missing),
             },
@@ -1065,10 +1066,13 @@ fn build_part(results: &[(Kind, Measured)], s: &Settings, quick: bool) -> Part {
         ));
     }
 
-    let series = |pick: &dyn Fn(&Measured) -> &Latencies| -> BTreeMap<String, Vec<[f64; 2]>> {
+    let series = |pick: &dyn Fn(&Measured) -> &Latencies| -> Series {
         results
             .iter()
-            .map(|(k, m)| (k.value_key().to_owned(), pick(m).chart()))
+            .map(|(k, m)| {
+                let points = pick(m).chart().into_iter().map(|[q, v]| (q, v));
+                (k.value_key().to_owned(), points.collect())
+            })
             .collect()
     };
     let distributions = vec![
@@ -1095,7 +1099,7 @@ fn build_part(results: &[(Kind, Measured)], s: &Settings, quick: bool) -> Part {
             .map(|(k, m)| {
                 (
                     k.value_key().to_owned(),
-                    m.curve.iter().map(|&(c, r)| [c as f64, r]).collect(),
+                    m.curve.iter().map(|&(c, r)| (c as f64, r)).collect(),
                 )
             })
             .collect(),
