@@ -22,6 +22,9 @@
 //! - [`raw`]: the raw baselines (bare iroh echo, bare tonic service).
 //! - [`serve`]: the server process (`tern-bench serve`).
 //! - [`client`]: how the client process calls each transport.
+//! - [`cluster`]: `tern-bench cluster`, Raft on 3-node clusters of real
+//!   `tern` processes on loopback (`tern_testkit::local`), per transport
+//!   mode: commits/s, commit latency, leader failover.
 //! - [`twoproc`]: the measurements (`tern-bench transport`) and the child
 //!   process handling.
 //! - [`procfs`]: CPU time, peak memory and descriptors from `/proc`.
@@ -35,6 +38,7 @@
 //! noisy, so the report states the load average it ran under.
 
 pub mod client;
+pub mod cluster;
 pub mod kind;
 pub mod procfs;
 pub mod raw;

@@ -62,7 +62,7 @@ const ERROR_TAIL_LINES: usize = 12;
 enum Source {
     /// `tern-bench transport`: calls between two processes.
     Transport,
-    /// `tern-lab bench-cluster`: Raft on 3 real `tern` processes, failover.
+    /// `tern-bench cluster`: Raft on 3 real `tern` processes, failover.
     Cluster,
     /// Every criterion bench of the workspace.
     Criterion,
@@ -92,7 +92,7 @@ impl Source {
     fn producer(self) -> Option<(&'static str, &'static str)> {
         match self {
             Source::Transport => Some(("tern-bench", "tern-benches")),
-            Source::Cluster => Some(("tern-lab", "tern-lab")),
+            Source::Cluster => Some(("tern-bench", "tern-benches")),
             Source::Criterion => None,
         }
     }
@@ -340,7 +340,9 @@ impl Run {
         if !producers.is_empty() {
             let mut packages = Vec::new();
             for source in &producers {
-                if let Some((_, package)) = source.producer() {
+                if let Some((_, package)) = source.producer()
+                    && !packages.contains(&package)
+                {
                     packages.push(package);
                 }
                 if *source == Source::Cluster {
@@ -454,7 +456,7 @@ impl Run {
             }
             Source::Cluster => {
                 let tern = find("tern")?;
-                cmd.arg("bench-cluster").arg("--tern").arg(&tern.executable);
+                cmd.arg("cluster").arg("--tern").arg(&tern.executable);
             }
             Source::Criterion => {}
         }

@@ -57,7 +57,6 @@
 //! [`netns::Lab::link`], [`netns::Netns::route_add`] and
 //! [`netns::Netns::nft`]; extra processes with [`netns::Lab::spawn`].
 
-pub mod bench_cluster;
 pub mod cluster;
 pub mod criteria;
 pub mod history;

@@ -1,6 +1,6 @@
-//! `tern-lab bench-cluster`: the cluster rows of `cargo xtask bench`'s
+//! `tern-bench cluster`: the cluster rows of `cargo xtask bench`'s
 //! report, measured on 3-node clusters of real `tern` processes on
-//! loopback ([`crate::local`]), once per transport mode:
+//! loopback ([`tern_testkit::local`]), once per transport mode:
 //!
 //! - `grpc`: `mode = "grpc"`;
 //! - `iroh`: `mode = "iroh"`;
@@ -13,7 +13,7 @@
 //!   counts in between for the curve in full mode). A commit is one
 //!   acknowledged metadata-register put (`Cluster/MetaPut`, a Raft write
 //!   of its own, applied on the leader before it is answered), sent to
-//!   the leader by the lab's in-process gRPC client. Put latency
+//!   the leader by the bench's in-process gRPC client. Put latency
 //!   percentiles with one writer come with it.
 //! - **Leader failover**: SIGKILL of the leader, then the time until a
 //!   client's put is acknowledged by the new leader. Probes start right
