@@ -41,10 +41,10 @@
 //! ```ignore
 //! pub async fn run(ctx: &mut Ctx) -> anyhow::Result<()> {
 //!     ctx.report.step("start 3 nodes");
-//!     let spec = ClusterSpec::new(3, &cluster::dual_section(&["all_except_raft"], "iroh"));
+//!     let spec = ClusterSpec::new(3, &cluster::dual_section(&["all_except_raft"], RaftTransport::Iroh));
 //!     let report = &mut ctx.report;
 //!     let mut c = Cluster::start(&ctx.lab, &ctx.opts.tern, spec, &mut |m| report.info(m)).await?;
-//!     let t = Traffic::start(&c, TrafficSpec { transport: "grpc".into(), vm_id: None, pause: Duration::ZERO })?;
+//!     let t = c.traffic(TrafficSpec { transport: "grpc".into(), vm_id: None, pause: Duration::ZERO })?;
 //!     c.node(2)?.ns.set_rules(&[], &[netns::udp_block_rule(Dir::Output, &c.node(2)?.iface.name)])?;
 //!     let records = t.finish().await?;
 //!     ctx.report.check("no failed call", cluster::failures(&records).is_empty(), records.len());

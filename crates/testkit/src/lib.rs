@@ -18,11 +18,14 @@
 //! - [`keys`]: the pool of client keys a harness names as admins.
 //! - [`local`]: a cluster of `tern run` processes on loopback addresses
 //!   (no namespaces, no root), which the cluster bench runs on.
+//! - [`traffic`]: steady client traffic recording every call, on a thread
+//!   the caller chooses (the lab's: inside a namespace), and its client.
 //! - [`process`], [`exposition`]: re-exported from `tern-process-kit`.
 
 pub mod config;
 pub mod keys;
 pub mod local;
+pub mod traffic;
 
 pub use tern_process_kit::{Metrics, Sample, TernProcess, exposition, process, scrape};
 
