@@ -125,7 +125,7 @@ impl ServerChild {
     }
 
     /// Stops the server: closes its stdin, waits for it to exit, kills it
-    /// if it does not within [`STOP_TIMEOUT`]. Fails if it exited with an
+    /// if it does not within `STOP_TIMEOUT`. Fails if it exited with an
     /// error.
     pub async fn stop(mut self) -> anyhow::Result<()> {
         drop(self.stdin.take());

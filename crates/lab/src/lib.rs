@@ -27,10 +27,9 @@
 //!   `[transport]`, `/metrics` parsed ([`cluster::Metrics`]: sums,
 //!   histogram quantiles, deltas), the CLI with `--json`, and steady
 //!   client traffic ([`cluster::Traffic`]) recording every call.
-//! - [`local`]: a cluster of `tern run` processes on loopback (no
-//!   namespaces, no root), and [`bench_cluster`], `tern-lab bench-cluster`:
-//!   Raft commits/s and leader failover per transport mode for
-//!   `cargo xtask bench`.
+//! - [`local`] and [`keys`]: the loopback cluster and the client key pool,
+//!   re-exported from `tern-testkit` (the cluster bench, `tern-bench
+//!   cluster`, shares them).
 //! - [`report`]: a progress line per step, figures, guarantee checks, the
 //!   summary table and the verdict (the exit code).
 //! - [`scenarios`]: the registry ([`scenarios::ALL`]) and one module per

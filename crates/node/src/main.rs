@@ -269,7 +269,7 @@ enum KeyCommand {
 enum TransportCommand {
     /// The policy in force on the node.
     Show,
-    /// Change the policy: rewrites [transport] in the node's config file
+    /// Change the policy: rewrites `[transport]` in the node's config file
     /// (--config), checks it, and sends the node SIGHUP.
     Set {
         /// "grpc" | "iroh" | "dual".

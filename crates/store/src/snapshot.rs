@@ -37,7 +37,7 @@ const MAGIC: &[u8; 8] = b"TERNSNAP";
 /// Version 3: the cluster state gained the access table and its log.
 pub const SNAPSHOT_FORMAT_VERSION: u32 = 3;
 /// The oldest format still read: version 2's state is version 3's without
-/// its trailing access fields ([`crate::state::ClusterStateV2`]), so a node
+/// its trailing access fields (`ClusterStateV2` in `state.rs`), so a node
 /// upgraded in place keeps its data.
 pub const OLDEST_READABLE_FORMAT: u32 = 2;
 /// Bytes before the metadata.

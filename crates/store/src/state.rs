@@ -8,7 +8,7 @@
 //! membership entry.
 //!
 //! Adding a command is adding a variant to [`Command`], an arm to
-//! [`ClusterState::apply_new`] and, if it answers with something new, a
+//! `ClusterState::apply_new` and, if it answers with something new, a
 //! variant to [`Response`]. Commands that carry a client request id are
 //! deduplicated here, once for all of them: a second write with the same
 //! request id is answered with the first write's response and changes

@@ -6,7 +6,7 @@
 //! [`node`] is the usual harness node (the process runtime, a fixed
 //! capacity, a join token, the pool's keys as admins); [`join`] points a
 //! config at a seed's `node.json`; [`grpc`], [`iroh`] and [`dual`] are the
-//! `[transport]` sections harnesses switch between; [`write`] and
+//! `[transport]` sections harnesses switch between; [`write()`] and
 //! [`set_transport`] write and rewrite files.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
