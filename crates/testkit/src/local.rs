@@ -1,5 +1,5 @@
 //! A cluster of real `tern run` processes on loopback, without namespaces
-//! or root: what `tern-lab bench-cluster` measures on.
+//! or root: what the cluster bench (`tern-bench cluster`) measures on.
 //!
 //! Each node listens on its own loopback address (`127.X.Y.N`, `X.Y` from
 //! the lab's process id so that two runs do not collide) with fixed ports,
