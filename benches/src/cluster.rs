@@ -36,8 +36,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use tern_bench_part::{Better, Curve, Distribution, Part, Row, Series, Values, build_profile};
+use tern_cluster::{MetaError, meta_put};
 use tern_protocol::{PeerAddr, RpcClient};
-use tern_raft_net::{MetaError, meta_put};
 
 use tern_testkit::config;
 use tern_testkit::local::LocalCluster;

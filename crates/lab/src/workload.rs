@@ -9,8 +9,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
+use tern_cluster::{MetaError, meta_get, meta_put};
 use tern_protocol::{PeerAddr, RpcClient};
-use tern_raft_net::{MetaError, meta_get, meta_put};
 use tern_transport_grpc::{ClientConfig, GrpcClient};
 
 use crate::history::{ClientLog, Op, Outcome, Value};

@@ -97,7 +97,7 @@ impl Children {
         }
         for d in &self.dirs {
             for rt in runtime_dirs(d) {
-                for (vm, identity) in tern_services::runtime::pidfile::live_workloads(&rt) {
+                for (vm, identity) in tern_runtime::pidfile::live_workloads(&rt) {
                     eprintln!(
                         "demo: killing leftover workload {vm} (pid {})",
                         identity.pid

@@ -9,7 +9,6 @@
 //! - [`node`]: [`node::Node`], every crate composed into a running node
 //!   (transports, router, Raft, services, reconciler, `/metrics`), and its
 //!   graceful shutdown.
-//! - [`consensus`]: the services' `Consensus` trait over the running Raft.
 //! - [`run`]: `tern run`: signals (SIGTERM/Ctrl-C shut down, SIGHUP
 //!   reloads the transport policy) and logging.
 //! - [`client`]: how the CLI reaches a node (address, transport, identity).
@@ -20,7 +19,6 @@
 pub mod cli;
 pub mod client;
 pub mod config;
-pub mod consensus;
 pub mod demo;
 pub mod node;
 pub mod run;

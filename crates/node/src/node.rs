@@ -32,26 +32,24 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
+use tern_cluster::{FIRST_NODE_ID, JoinToken, RaftNode, RaftOptions, RaftServices};
 use tern_protocol::access::Role;
 use tern_protocol::peer::IrohAddr;
 use tern_protocol::{
     BoxFuture, Dispatcher, Handler, Method, PeerAddr, PeerId, RequestContext, RpcClient, ServiceId,
     Status, TransportKind, pb,
 };
-use tern_raft_net::{FIRST_NODE_ID, JoinToken, RaftNode, RaftOptions, RaftServices};
+use tern_runtime::microvm::{DEFAULT_QEMU, MicrovmConfig, MicrovmRuntime, qemu_available};
+use tern_runtime::process::{ProcessRuntime, RunAs};
+use tern_runtime::{RestartPolicy, Runtime, RuntimeKind};
 use tern_services::access::AccessGate;
 use tern_services::health::HealthService;
 use tern_services::monitoring::Monitoring;
 use tern_services::node_info::NodeInfo;
 use tern_services::reconciler::{Reconciler, ReconcilerConfig};
-use tern_services::runtime::microvm::{
-    DEFAULT_QEMU, MicrovmConfig, MicrovmRuntime, qemu_available,
-};
-use tern_services::runtime::process::{ProcessRuntime, RunAs};
-use tern_services::runtime::{RestartPolicy, Runtime, RuntimeKind};
 use tern_services::status::StatusService;
 use tern_services::vm::VmService;
-use tern_store::{Capacity, Command, Member};
+use tern_state::{Capacity, Command, Member};
 use tern_transport_dual::{DualRouter, Policy};
 use tern_transport_grpc::{GrpcTransport, ServerConfig};
 use tern_transport_iroh::{IrohConfig, IrohTransport, load_or_create_secret_key};
@@ -61,7 +59,7 @@ use crate::config::{
     Checked, ConfigError, DEFAULT_PROCESS_USER, RuntimeChoice, RuntimeName, VmConfig,
     prepare_data_dir,
 };
-use crate::consensus::RaftConsensus;
+use tern_cluster::RaftConsensus;
 
 /// The file in the data directory where a running node writes its
 /// identity and addresses ([`NodeFile`], JSON).
@@ -497,7 +495,7 @@ impl Node {
             .map_err(|e| failed("opening the Raft store", e))?;
         let options = RaftOptions::default();
         let existing =
-            tern_raft_net::read_node_id(&data_dir).map_err(|e| failed("reading the node id", e))?;
+            tern_cluster::read_node_id(&data_dir).map_err(|e| failed("reading the node id", e))?;
         let raft = match existing {
             Some(id) => {
                 tracing::info!(node = id, "resuming Raft from the data directory");
@@ -506,7 +504,7 @@ impl Node {
                     .map_err(|e| failed("starting Raft", e))?
             }
             None if seeds.is_empty() => {
-                tern_raft_net::write_node_id(&data_dir, FIRST_NODE_ID)
+                tern_cluster::write_node_id(&data_dir, FIRST_NODE_ID)
                     .map_err(|e| failed("writing the node id", e))?;
                 let node = RaftNode::start(
                     &raft_services,
@@ -530,7 +528,7 @@ impl Node {
             None => {
                 let token = config.cluster.join_token.clone().unwrap_or_default();
                 let answer = join_with_retries(client.as_ref(), &seeds, &token, &me).await?;
-                tern_raft_net::write_node_id(&data_dir, answer.node_id)
+                tern_cluster::write_node_id(&data_dir, answer.node_id)
                     .map_err(|e| failed("writing the node id", e))?;
                 raft_services
                     .trust_until_first_membership(answer.members.iter().map(|(id, a)| (*id, a.id)));
@@ -789,7 +787,7 @@ async fn announce_address(
                 attempt,
                 "this node's addresses changed; asking the leader to record the new ones"
             );
-            match tern_raft_net::request_join(client.as_ref(), &leader, &token, &me).await {
+            match tern_cluster::request_join(client.as_ref(), &leader, &token, &me).await {
                 Ok(_) => {
                     tracing::info!("new addresses recorded");
                     return;
@@ -844,7 +842,7 @@ async fn bootstrap_access(
         let result = tokio::time::timeout(ACCESS_BOOTSTRAP_WAIT, raft.client_write(command)).await;
         let why = match result {
             Ok(Ok(w)) => match w.data {
-                tern_store::Response::Rejected(r) => r.to_string(),
+                tern_state::Response::Rejected(r) => r.to_string(),
                 _ => {
                     tracing::info!(key = %key, "access bootstrap: granted admin");
                     continue;
@@ -869,7 +867,7 @@ async fn join_with_retries(
     seeds: &[(PeerId, crate::config::SeedConfig)],
     token: &str,
     me: &Member,
-) -> Result<tern_raft_net::JoinAnswer, StartError> {
+) -> Result<tern_cluster::JoinAnswer, StartError> {
     let give_up = Instant::now() + JOIN_GIVE_UP;
     let mut backoff = JOIN_BACKOFF_MIN;
     let mut attempt = 0u32;
@@ -885,9 +883,9 @@ async fn join_with_retries(
                 }),
             };
             tracing::info!(attempt, seed = %id.short(), "asking to join the cluster");
-            match tern_raft_net::request_join(client, &addr, token, me).await {
+            match tern_cluster::request_join(client, &addr, token, me).await {
                 Ok(answer) => return Ok(answer),
-                Err(tern_raft_net::RaftNodeError::Call {
+                Err(tern_cluster::RaftNodeError::Call {
                     error: tern_protocol::CallError::Application(s),
                     ..
                 }) if s.code == tern_protocol::Code::PermissionDenied => {

@@ -97,7 +97,7 @@ impl Drop for NodeProc {
         // The node first, so it cannot restart what is killed next.
         self.proc.kill();
         for rt in tern_node::node::runtime_dirs(&self.dir) {
-            for (_, identity) in tern_services::runtime::pidfile::live_workloads(&rt) {
+            for (_, identity) in tern_runtime::pidfile::live_workloads(&rt) {
                 let _ = identity.signal_group(rustix::process::Signal::KILL);
             }
         }

@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tern_protocol::{PeerId, Priority};
-use tern_store::NodeId;
+use tern_state::NodeId;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// Control calls (votes, heartbeats, leadership transfer) in flight to one

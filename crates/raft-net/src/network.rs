@@ -51,7 +51,8 @@ use tern_protocol::catalog::methods;
 use tern_protocol::{
     Call, CallError, Code, Method, PeerAddr, PeerId, Priority, RpcClient, TransportErrorKind, pb,
 };
-use tern_store::{Member, Membership, NodeId, SnapshotFile, StoreSnapshot, TypeConfig, Vote};
+use tern_state::{Member, NodeId};
+use tern_store::{Membership, SnapshotFile, StoreSnapshot, TypeConfig, Vote};
 
 use crate::codec::{self, AppendEntriesRequest, CodecError};
 use crate::gate::{Gates, PeerGate, Refused};
@@ -85,7 +86,7 @@ const _: () = assert!(
     "the largest accepted entry fits one append-entries message"
 );
 const _: () = assert!(
-    tern_store::limits::MAX_REQUEST_BYTES <= wire::MAX_WRAPPED_MESSAGE,
+    tern_state::limits::MAX_REQUEST_BYTES <= wire::MAX_WRAPPED_MESSAGE,
     "the largest accepted command fits one Raft/Propose call"
 );
 
@@ -603,7 +604,8 @@ mod tests {
     use openraft::EntryPayload;
     use openraft::testing::log_id;
     use tern_protocol::{Delivery, Status, TransportError, TransportKind};
-    use tern_store::{Command, Entry};
+    use tern_state::Command;
+    use tern_store::Entry;
 
     fn err(kind: TransportErrorKind) -> CallError {
         CallError::Transport(TransportError::new(

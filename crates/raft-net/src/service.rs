@@ -1,12 +1,14 @@
-//! The serving side: the `Raft` service (votes, append entries, snapshot
-//! chunks) and the `Cluster` service (join, leave, members), as
-//! [`Handler`]s any transport serves.
+//! The serving side of Raft: the `Raft` service (votes, append entries,
+//! snapshot chunks, proposals from members) as a [`Handler`] any transport
+//! serves.
 //!
-//! [`RaftServices`] exists before the Raft instance does, so that a node
-//! can hand its handlers to the transports, take the transports' client,
-//! and only then start Raft over that client. Until [`RaftServices`] is
-//! attached to a running node (by [`crate::RaftNode::start`]), and after it
-//! is detached at shutdown, every call is answered `Unavailable`.
+//! [`RaftService`] exists before the Raft instance does, so that a node
+//! can hand its handler to the transports, take the transports' client,
+//! and only then start Raft over that client. Until it is
+//! [attached](RaftService::attach) to a running node, and after it is
+//! detached at shutdown, every call is answered `Unavailable`. The
+//! `Cluster` service (join, leave, members, metadata, access) is
+//! `tern-cluster`'s and reads the same [`Attached`] node.
 //!
 //! # Who may call
 //!
@@ -29,81 +31,31 @@
 //!   caller's reports about its own VMs and the VM writes a member's VM
 //!   service forwards; never membership, metadata or raw record writes.
 //!   Every proposal passes the write limits
-//!   ([`tern_store::limits::check_command`]) before it is proposed.
-//! - **Cluster/Join:** a member, or a caller presenting the join token
-//!   (compared in constant time). A node joins only as itself: the address
-//!   in the request must carry the caller's own id, and within the
-//!   address limits ([`tern_store::limits::check_member`]).
-//! - **Cluster/Leave:** a member removes only itself; an admin (access
-//!   table) removes any node.
-//! - **Cluster/Members:** any authenticated caller (read-only; the same
-//!   facts the Status service shows); a joiner uses it to find the leader.
-//! - **Cluster/MetaPut, Cluster/MetaGet:** any authenticated caller, as for
-//!   the VM service (see [`crate::meta`]: linearizable reads, forwarding).
+//!   ([`tern_state::limits::check_command`]) before it is proposed.
 //!
 //! Known limit: a member that missed the entry adding a node refuses that
 //! node's Raft calls until another leader brings it up to date (if the new
 //! node is the leader meanwhile, the lagging member stays behind until
 //! leadership moves).
-//!
-//! # Join and leave
-//!
-//! Join and Leave are served by the leader; a follower answers
-//! `FailedPrecondition` naming the leader, and the caller retries there
-//! (`Cluster/Members` gives the leader's id and address;
-//! [`crate::request_join`] does this). The leader allocates the node id
-//! with [`Command::AllocateNodeId`] (the same peer always gets the id it
-//! holds; an id once released is never handed out again), adds the node
-//! as a learner, answers with the id at once (the joiner cannot start its
-//! Raft before it knows its id), and promotes the learner to voter in the
-//! background once it has caught up. Leave removes the node from the
-//! voters, then from the cluster; a leader asked to remove itself hands
-//! leadership over first and asks the caller to retry at the new leader.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use openraft::Snapshot;
 use openraft::async_runtime::WatchReceiver;
-use openraft::errors::{ChangeMembershipError, ClientWriteError, RaftError};
-use openraft::raft::ClientWriteResponse;
-use openraft::{ChangeMembers, ServerState, Snapshot};
 use prost::Message;
 use tern_protocol::catalog::methods;
-use tern_protocol::{
-    BoxFuture, Code, Dispatcher, Handler, Method, PeerAddr, PeerId, RequestContext, ServiceId,
-    Status, pb,
-};
-use tern_store::{
-    Capacity, Command, Member, Membership, NodeId, Response, SnapshotFile, SnapshotMeta,
-    StateMachineStore, TypeConfig, Vote,
-};
+use tern_protocol::{BoxFuture, Code, Handler, Method, PeerId, RequestContext, Status, pb};
+use tern_state::{Command, NodeId};
+use tern_store::{SnapshotFile, SnapshotMeta, StateMachineStore, TypeConfig, Vote};
 
 use crate::codec;
 use crate::wire::{self, ControlRequest, ControlResponse, SnapshotAck};
 
 /// The Raft instance type of a Tern node.
 pub type RaftInstance = openraft::Raft<TypeConfig, StateMachineStore>;
-
-/// How long a learner has to catch up before the leader gives up
-/// promoting it (the joiner then fails its wait and may join again, which
-/// restarts the promotion). Generous: a learner far behind first receives
-/// a snapshot.
-pub const PROMOTION_TIMEOUT: Duration = Duration::from_secs(120);
-
-/// A learner this many entries behind the leader's last log counts as
-/// caught up: close enough that its first rounds as a voter do not stall
-/// commits, loose enough to be reached under a steady write load.
-pub const PROMOTION_MAX_LAG: u64 = 64;
-
-/// How long a membership change waits for the previous one to be
-/// committed (a joint configuration to become uniform) before it gives
-/// up: a few rounds of replication.
-pub const MEMBERSHIP_SETTLE_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Attempts of one membership change that finds another in progress.
-pub const MEMBERSHIP_CHANGE_ATTEMPTS: usize = 5;
 
 /// A snapshot transfer with no chunk for this long is abandoned and its
 /// temporary file removed; the leader restarts the transfer anyway after
@@ -114,44 +66,33 @@ pub const SNAPSHOT_IDLE_TIMEOUT: Duration = Duration::from_secs(120);
 /// a couple means leaders churned and old transfers are stale).
 pub const MAX_INCOMING_SNAPSHOTS: usize = 4;
 
-/// The shared secret a new node presents to join. Compared in constant
-/// time; never printed.
-#[derive(Clone)]
-pub struct JoinToken(Arc<str>);
-
-impl JoinToken {
-    /// A token. An empty token is refused (it would let anyone join).
-    pub fn new(token: impl Into<String>) -> Option<JoinToken> {
-        let token: String = token.into();
-        (!token.is_empty()).then(|| JoinToken(token.into()))
-    }
-
-    /// Constant-time comparison (in the length of the longer input).
-    pub fn matches(&self, presented: &str) -> bool {
-        let (a, b) = (self.0.as_bytes(), presented.as_bytes());
-        let mut diff = (a.len() != b.len()) as u8;
-        for i in 0..a.len().max(b.len()) {
-            let x = a.get(i).copied().unwrap_or(0);
-            let y = b.get(i).copied().unwrap_or(0);
-            diff |= x ^ y;
-        }
-        std::hint::black_box(diff) == 0
-    }
-}
-
-impl std::fmt::Debug for JoinToken {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("JoinToken(<redacted>)")
-    }
-}
-
 /// The running node the handlers serve.
-pub(crate) struct Attached {
-    pub(crate) raft: RaftInstance,
-    pub(crate) sm: StateMachineStore,
-    pub(crate) id: NodeId,
+pub struct Attached {
+    /// The Raft instance.
+    pub raft: RaftInstance,
+    /// Its state machine, for reads of the applied state.
+    pub sm: StateMachineStore,
+    /// This node's id.
+    pub id: NodeId,
     /// The node's client, for calls a handler forwards to the leader.
-    pub(crate) client: Arc<dyn tern_protocol::RpcClient>,
+    pub client: Arc<dyn tern_protocol::RpcClient>,
+}
+
+impl Attached {
+    /// Whether `peer` is in this node's effective membership (voter or
+    /// learner).
+    pub fn is_member(&self, peer: &PeerId) -> bool {
+        let membership = self
+            .raft
+            .metrics()
+            .borrow_watched()
+            .membership_config
+            .clone();
+        membership
+            .membership()
+            .nodes()
+            .any(|(_, m)| m.peer_id() == *peer)
+    }
 }
 
 /// A snapshot being received from one sender.
@@ -172,12 +113,10 @@ impl Incoming {
 
 struct Shared {
     attached: RwLock<Option<Arc<Attached>>>,
-    join_token: Option<JoinToken>,
     /// Peers (with their node ids) trusted for Raft calls while this
     /// node's membership is empty.
     bootstrap: RwLock<BTreeMap<PeerId, NodeId>>,
     incoming: Mutex<HashMap<PeerId, Incoming>>,
-    promoting: Mutex<BTreeSet<NodeId>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -187,59 +126,48 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     }
 }
 
-/// The Raft and Cluster services of one node; see the module docs.
-/// Cloning is cheap and clones share everything.
+/// The Raft service of one node; see the module docs. Cloning is cheap and
+/// clones share everything.
 #[derive(Clone)]
-pub struct RaftServices {
+pub struct RaftService {
     shared: Arc<Shared>,
 }
 
-impl std::fmt::Debug for RaftServices {
+impl std::fmt::Debug for RaftService {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RaftServices")
+        f.debug_struct("RaftService")
             .field("attached", &self.attached().map(|a| a.id))
-            .field("join_token", &self.shared.join_token.is_some())
             .finish_non_exhaustive()
     }
 }
 
-impl RaftServices {
-    /// Services that accept joins with `join_token` (`None`: only members
-    /// may call Join, e.g. to update their own address).
-    pub fn new(join_token: Option<JoinToken>) -> RaftServices {
-        RaftServices {
+impl Default for RaftService {
+    fn default() -> Self {
+        RaftService::new()
+    }
+}
+
+impl RaftService {
+    /// A service not attached to a node yet.
+    pub fn new() -> RaftService {
+        RaftService {
             shared: Arc::new(Shared {
                 attached: RwLock::new(None),
-                join_token,
                 bootstrap: RwLock::new(BTreeMap::new()),
                 incoming: Mutex::new(HashMap::new()),
-                promoting: Mutex::new(BTreeSet::new()),
             }),
         }
     }
 
-    /// The handler of [`ServiceId::Raft`].
-    pub fn raft_handler(&self) -> Arc<dyn Handler> {
+    /// The handler of [`ServiceId::Raft`](tern_protocol::ServiceId::Raft).
+    pub fn handler(&self) -> Arc<dyn Handler> {
         Arc::new(RaftHandler {
             shared: self.shared.clone(),
         })
     }
 
-    /// The handler of [`ServiceId::Cluster`].
-    pub fn cluster_handler(&self) -> Arc<dyn Handler> {
-        Arc::new(ClusterHandler {
-            shared: self.shared.clone(),
-        })
-    }
-
-    /// `dispatcher` with both services registered.
-    pub fn register(&self, dispatcher: Dispatcher) -> Dispatcher {
-        dispatcher
-            .register(ServiceId::Raft, self.raft_handler())
-            .register(ServiceId::Cluster, self.cluster_handler())
-    }
-
-    pub(crate) fn attach(&self, attached: Arc<Attached>) {
+    /// Serves `attached` from now on.
+    pub fn attach(&self, attached: Arc<Attached>) {
         *self
             .shared
             .attached
@@ -247,7 +175,9 @@ impl RaftServices {
             .unwrap_or_else(|p| p.into_inner()) = Some(attached);
     }
 
-    pub(crate) fn detach(&self) {
+    /// Stops serving (every call answers `Unavailable`) and discards
+    /// snapshot transfers in progress.
+    pub fn detach(&self) {
         *self
             .shared
             .attached
@@ -258,8 +188,14 @@ impl RaftServices {
         }
     }
 
-    fn attached(&self) -> Option<Arc<Attached>> {
+    /// The node served, if attached.
+    pub fn attached(&self) -> Option<Arc<Attached>> {
         self.shared.attached()
+    }
+
+    /// The node served, or `Unavailable` when none is attached.
+    pub fn node(&self) -> Result<Arc<Attached>, Status> {
+        self.shared.node()
     }
 
     /// Trusts `members` (node id and identity) for Raft calls until this
@@ -323,22 +259,10 @@ impl Shared {
         }
         ids
     }
-
-    fn is_member(node: &Attached, peer: &PeerId) -> bool {
-        let membership = node
-            .raft
-            .metrics()
-            .borrow_watched()
-            .membership_config
-            .clone();
-        membership
-            .membership()
-            .nodes()
-            .any(|(_, m)| m.peer_id() == *peer)
-    }
 }
 
-fn not_a_member(peer: &PeerId, method: &Method, why: &str) -> Status {
+/// `PermissionDenied` for a caller outside the membership, logged.
+pub fn not_a_member(peer: &PeerId, method: &Method, why: &str) -> Status {
     tracing::warn!(caller = %peer.short(), method = %method.label(), "refused: {why}");
     Status::permission_denied(format!(
         "not a member of this cluster: node {} may not call {} ({why})",
@@ -359,7 +283,8 @@ fn deadline_exceeded(message: impl Into<String>) -> Status {
     Status::new(Code::DeadlineExceeded, message)
 }
 
-fn raft_stopped(e: impl std::fmt::Display) -> Status {
+/// `Unavailable`: Raft stopped on this node.
+pub fn raft_stopped(e: impl std::fmt::Display) -> Status {
     Status::unavailable(format!("Raft stopped on this node: {e}"))
 }
 
@@ -368,7 +293,7 @@ fn encode_answer<T: serde::Serialize>(value: &T) -> Result<Bytes, Status> {
 }
 
 /// Runs `work` until the caller's deadline, if it set one.
-async fn within_deadline<T>(
+pub async fn within_deadline<T>(
     ctx: &RequestContext,
     work: impl std::future::Future<Output = Result<T, Status>>,
 ) -> Result<T, Status> {
@@ -494,7 +419,7 @@ pub fn command_name(command: &Command) -> &'static str {
 }
 
 /// What a member may ask the leader to commit with `Raft/Propose` (the
-/// path a follower's writes take, see [`crate::propose`]):
+/// path a follower's writes take, see `propose` in `tern-cluster`):
 ///
 /// - [`Command::ReportVm`] naming the caller itself as the reporter (its
 ///   reconciler's observation of a VM placed on it; the state refuses a
@@ -595,13 +520,13 @@ async fn serve_raft(
         // answers FailedPrecondition naming the leader.
         // Limits before work: a payload that cannot hold an acceptable
         // command is refused before it is decoded.
-        let max = tern_store::limits::MAX_REQUEST_BYTES + wire::ENVELOPE_OVERHEAD;
+        let max = tern_state::limits::MAX_REQUEST_BYTES + wire::ENVELOPE_OVERHEAD;
         if payload.len() > max {
             return Err(resource_exhausted(format!(
                 "raft/propose: a proposal of {} bytes; at most {} bytes may be written to the \
                  cluster state at once",
                 payload.len(),
-                tern_store::limits::MAX_REQUEST_BYTES
+                tern_state::limits::MAX_REQUEST_BYTES
             )));
         }
         let command: Command = wire::unwrap(payload).map_err(bad)?;
@@ -614,9 +539,9 @@ async fn serve_raft(
             );
             return Err(Status::permission_denied(why.to_string()));
         }
-        let written = crate::node::client_write(&node.raft, command)
+        let written = crate::write::client_write(&node.raft, command)
             .await
-            .map_err(crate::node::WriteError::into_status)?;
+            .map_err(crate::write::WriteError::into_status)?;
         encode_answer(&written.data)
     } else {
         Err(Status::unimplemented(format!(
@@ -737,436 +662,13 @@ async fn receive_chunk(
     encode_answer(&SnapshotAck::Done(resp))
 }
 
-struct ClusterHandler {
-    shared: Arc<Shared>,
-}
-
-impl Handler for ClusterHandler {
-    fn handle(
-        &self,
-        ctx: RequestContext,
-        method: &'static Method,
-        payload: Bytes,
-    ) -> BoxFuture<'static, Result<Bytes, Status>> {
-        let shared = self.shared.clone();
-        Box::pin(async move {
-            let node = shared.node()?;
-            within_deadline(&ctx, async {
-                if method == methods::CLUSTER_JOIN {
-                    join(&shared, &node, &ctx, payload).await
-                } else if method == methods::CLUSTER_LEAVE {
-                    leave(&node, &ctx, payload).await
-                } else if method == methods::CLUSTER_MEMBERS {
-                    Ok(members_response(&node).encode_to_vec().into())
-                } else if method == methods::CLUSTER_META_PUT {
-                    crate::meta::serve_put(&node, &ctx, payload).await
-                } else if method == methods::CLUSTER_META_GET {
-                    crate::meta::serve_get(&node, &ctx, payload).await
-                } else if method == methods::CLUSTER_ACCESS_GRANT {
-                    crate::access::serve_change(&node, &ctx, payload, true).await
-                } else if method == methods::CLUSTER_ACCESS_REVOKE {
-                    crate::access::serve_change(&node, &ctx, payload, false).await
-                } else if method == methods::CLUSTER_ACCESS_LIST {
-                    crate::access::serve_list(&node)
-                } else {
-                    Err(Status::unimplemented(format!(
-                        "{} is not served by the Cluster service",
-                        method.label()
-                    )))
-                }
-            })
-            .await
-        })
-    }
-}
-
-/// Converts a membership to the protobuf list, voters flagged.
-pub(crate) fn members_pb(membership: &Membership) -> Vec<pb::Member> {
-    let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
-    membership
-        .nodes()
-        .map(|(id, m)| pb::Member {
-            node_id: *id,
-            address: Some(pb::PeerAddress::from(&m.addr)),
-            voter: voters.contains(id),
-            capacity: Some(pb::Capacity {
-                vcpus: m.capacity.vcpus,
-                memory_mib: m.capacity.memory_mib,
-            }),
-        })
-        .collect()
-}
-
-fn members_response(node: &Attached) -> pb::MembersResponse {
-    let metrics = node.raft.metrics().borrow_watched().clone();
-    pb::MembersResponse {
-        members: members_pb(metrics.membership_config.membership()),
-        leader_id: metrics.current_leader.unwrap_or(0),
-    }
-}
-
-/// `FailedPrecondition` naming the leader, when this node is not it.
-pub(crate) fn ensure_leader(node: &Attached) -> Result<(), Status> {
-    let metrics = node.raft.metrics().borrow_watched().clone();
-    if metrics.state == ServerState::Leader {
-        return Ok(());
-    }
-    Err(match metrics.current_leader {
-        Some(leader) => {
-            let who = metrics
-                .membership_config
-                .membership()
-                .get_node(&leader)
-                .map(|m| m.peer_id().short())
-                .unwrap_or_default();
-            failed_precondition(format!(
-                "not the leader; node {leader} ({who}) is: call it (Cluster/Members gives its address)"
-            ))
-        }
-        None => Status::unavailable("no leader is known right now; retry shortly"),
-    })
-}
-
-pub(crate) fn write_error(e: RaftError<TypeConfig, ClientWriteError<TypeConfig>>) -> Status {
-    match e {
-        RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => failed_precondition(format!(
-            "not the leader (leader: {:?}); retry at the leader",
-            f.leader_id
-        )),
-        RaftError::APIError(e) => failed_precondition(e.to_string()),
-        RaftError::Fatal(e) => raft_stopped(e),
-    }
-}
-
-/// Waits (bounded) until the effective membership is committed and not
-/// joint, so that the next change is not refused as in progress.
-async fn membership_settled(raft: &RaftInstance) -> Result<(), Status> {
-    raft.wait(Some(MEMBERSHIP_SETTLE_TIMEOUT))
-        .metrics(
-            |m| {
-                m.membership_config.log_id() == m.committed_membership_config.log_id()
-                    && m.membership_config.membership().get_joint_config().len() == 1
-            },
-            "membership settled",
-        )
-        .await
-        .map(|_| ())
-        .map_err(|e| Status::unavailable(format!("a membership change is still in progress: {e}")))
-}
-
-/// Applies `changes` once the previous change has settled, retrying when
-/// another change slipped in first.
-async fn change_membership(
-    raft: &RaftInstance,
-    changes: ChangeMembers<NodeId, Member>,
-    retain: bool,
-) -> Result<ClientWriteResponse<TypeConfig>, Status> {
-    let mut attempt = 0;
-    loop {
-        attempt += 1;
-        membership_settled(raft).await?;
-        match raft.change_membership(changes.clone(), retain).await {
-            Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(
-                ChangeMembershipError::InProgress(e),
-            ))) if attempt < MEMBERSHIP_CHANGE_ATTEMPTS => {
-                tracing::debug!(error = %e, "membership change in progress; retrying");
-            }
-            other => return other.map_err(write_error),
-        }
-    }
-}
-
-async fn join(
-    shared: &Arc<Shared>,
-    node: &Arc<Attached>,
-    ctx: &RequestContext,
-    payload: Bytes,
-) -> Result<Bytes, Status> {
-    let method = methods::CLUSTER_JOIN;
-    let req = pb::JoinRequest::decode(payload)
-        .map_err(|e| Status::invalid_argument(format!("cluster/join: {e}")))?;
-    let addr = req
-        .address
-        .as_ref()
-        .ok_or_else(|| Status::invalid_argument("cluster/join: address is required"))?;
-    let addr = PeerAddr::try_from(addr)
-        .map_err(|e| Status::invalid_argument(format!("cluster/join: address: {e}")))?;
-    let member = Shared::is_member(node, &ctx.peer);
-    let token_ok = shared
-        .join_token
-        .as_ref()
-        .is_some_and(|t| t.matches(&req.token));
-    if !member && !token_ok {
-        return Err(not_a_member(
-            &ctx.peer,
-            method,
-            "the join token does not match",
-        ));
-    }
-    if addr.id != ctx.peer {
-        tracing::warn!(caller = %ctx.peer.short(), named = %addr.id.short(), "refused a join for another node");
-        return Err(Status::permission_denied(format!(
-            "a node joins as itself: the address names {} but the caller is {}",
-            addr.id.short(),
-            ctx.peer.short()
-        )));
-    }
-    ensure_leader(node)?;
-    let capacity = req
-        .capacity
-        .map(|c| Capacity {
-            vcpus: c.vcpus,
-            memory_mib: c.memory_mib,
-        })
-        .unwrap_or_default();
-    let record = Member::new(addr, capacity);
-    tern_store::limits::check_member(&record)
-        .map_err(|e| Status::invalid_argument(format!("cluster/join: {e}")))?;
-
-    let membership = node
-        .raft
-        .metrics()
-        .borrow_watched()
-        .membership_config
-        .clone();
-    // Unique per peer and membership: a retry within one membership is
-    // answered from the deduplication table; a rejoin after a leave (a new
-    // membership) is a new request, so it can never get the old id back.
-    let request_id = format!(
-        "join-{}-{}",
-        ctx.peer,
-        membership.log_id().as_ref().map_or(0, |l| l.index)
-    );
-    let allocate = Command::AllocateNodeId {
-        request_id,
-        peer: ctx.peer,
-    };
-    let written = crate::node::client_write(&node.raft, allocate)
-        .await
-        .map_err(crate::node::WriteError::into_status)?;
-    let id = match written.data {
-        Response::NodeId(id) => id,
-        Response::Rejected(r) => return Err(failed_precondition(r.to_string())),
-        other => {
-            return Err(Status::internal(format!(
-                "node id allocation answered {other:?}"
-            )));
-        }
-    };
-
-    let stored = node
-        .raft
-        .metrics()
-        .borrow_watched()
-        .membership_config
-        .clone();
-    let change = match stored.membership().get_node(&id) {
-        None => {
-            tracing::info!(node = id, peer = %ctx.peer.short(), "adding learner");
-            Some(ChangeMembers::AddNodes(BTreeMap::from([(id, record)])))
-        }
-        Some(existing) if *existing != record => {
-            tracing::info!(node = id, "updating a member's address and capacity");
-            Some(ChangeMembers::SetNodes(BTreeMap::from([(id, record)])))
-        }
-        Some(_) => None,
-    };
-    // The membership to answer with and the log id it took effect at
-    // (metrics may not show a change the moment it commits).
-    let (membership, since) = match change {
-        Some(change) => {
-            let written = change_membership(&node.raft, change, true).await?;
-            let membership = written
-                .membership()
-                .clone()
-                .unwrap_or_else(|| stored.membership().clone());
-            (membership, Some(written.log_id))
-        }
-        None => (stored.membership().clone(), *stored.log_id()),
-    };
-    if !membership.voter_ids().any(|v| v == id) {
-        spawn_promotion(shared.clone(), node.clone(), id, since);
-    }
-    Ok(pb::JoinResponse {
-        node_id: id,
-        members: members_pb(&membership),
-    }
-    .encode_to_vec()
-    .into())
-}
-
-/// Promotes learner `id` (added by the membership at `since`) to voter
-/// once it has caught up, unless a promotion of it is already under way.
-fn spawn_promotion(
-    shared: Arc<Shared>,
-    node: Arc<Attached>,
-    id: NodeId,
-    since: Option<tern_store::LogId>,
-) {
-    if !lock(&shared.promoting).insert(id) {
-        return;
-    }
-    tokio::spawn(async move {
-        let waited = node
-            .raft
-            .wait(Some(PROMOTION_TIMEOUT))
-            .metrics(
-                |m| {
-                    if m.state != ServerState::Leader {
-                        return true; // nothing left to do; checked below
-                    }
-                    if *m.membership_config.log_id() < since {
-                        return false; // metrics do not show the learner yet
-                    }
-                    if m.membership_config.membership().get_node(&id).is_none() {
-                        return true; // removed meanwhile
-                    }
-                    let matched = m
-                        .replication
-                        .as_ref()
-                        .and_then(|r| r.get(&id))
-                        .and_then(|l| l.as_ref())
-                        .map(|l| l.index);
-                    match (matched, m.last_log_index) {
-                        (Some(matched), Some(last)) => {
-                            last.saturating_sub(matched) <= PROMOTION_MAX_LAG
-                        }
-                        _ => false,
-                    }
-                },
-                "learner caught up",
-            )
-            .await;
-        match waited {
-            Err(e) => {
-                tracing::warn!(node = id, error = %e, "learner did not catch up; not promoted")
-            }
-            Ok(m)
-                if m.state == ServerState::Leader
-                    && m.membership_config.membership().get_node(&id).is_some() =>
-            {
-                match change_membership(
-                    &node.raft,
-                    ChangeMembers::AddVoterIds(BTreeSet::from([id])),
-                    true,
-                )
-                .await
-                {
-                    Ok(_) => tracing::info!(node = id, "learner promoted to voter"),
-                    Err(e) => tracing::warn!(node = id, error = %e, "promotion to voter failed"),
-                }
-            }
-            Ok(_) => tracing::info!(
-                node = id,
-                "promotion abandoned: no longer leader or node removed"
-            ),
-        }
-        lock(&shared.promoting).remove(&id);
-    });
-}
-
-async fn leave(
-    node: &Arc<Attached>,
-    ctx: &RequestContext,
-    payload: Bytes,
-) -> Result<Bytes, Status> {
-    let method = methods::CLUSTER_LEAVE;
-    let admin = node
-        .sm
-        .read(|s| s.role_of(&ctx.peer) == Some(tern_protocol::access::Role::Admin))
-        .map_err(|e| Status::unavailable(format!("reading the access table: {e}")))?;
-    if !admin && !Shared::is_member(node, &ctx.peer) {
-        return Err(not_a_member(
-            &ctx.peer,
-            method,
-            "only a member (removing itself) or an admin may remove nodes",
-        ));
-    }
-    let req = pb::LeaveRequest::decode(payload)
-        .map_err(|e| Status::invalid_argument(format!("cluster/leave: {e}")))?;
-    let id = req.node_id;
-    ensure_leader(node)?;
-    let membership = node
-        .raft
-        .metrics()
-        .borrow_watched()
-        .membership_config
-        .clone();
-    let membership = membership.membership().clone();
-    // A node may remove itself; removing another node is an admin's call.
-    let itself = membership
-        .get_node(&id)
-        .is_some_and(|member| member.peer_id() == ctx.peer);
-    if !admin && !itself {
-        tracing::warn!(caller = %ctx.peer.short(), node = id, "refused Cluster/Leave: a member may remove only itself");
-        return Err(Status::new(
-            tern_protocol::Code::PermissionDenied,
-            format!(
-                "removing node {id} needs the admin role: a member may remove only itself (tern cluster leave with an admin's --key)"
-            ),
-        ));
-    }
-    if membership.get_node(&id).is_none() {
-        return Ok(members_reply(&membership));
-    }
-    let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
-    if id == node.id {
-        let Some(successor) = voters.iter().copied().find(|v| *v != id) else {
-            return Err(failed_precondition(
-                "the last voter cannot leave the cluster",
-            ));
-        };
-        tracing::info!(
-            successor,
-            "asked to remove myself: handing leadership over first"
-        );
-        node.raft
-            .trigger()
-            .transfer_leader(successor)
-            .await
-            .map_err(raft_stopped)?;
-        return Err(Status::unavailable(format!(
-            "leadership is moving to node {successor}; call Leave again at the new leader"
-        )));
-    }
-    if voters.contains(&id) {
-        tracing::info!(node = id, "removing voter");
-        change_membership(
-            &node.raft,
-            ChangeMembers::RemoveVoters(BTreeSet::from([id])),
-            true,
-        )
-        .await?;
-    }
-    tracing::info!(node = id, "removing node from the cluster");
-    let written = change_membership(
-        &node.raft,
-        ChangeMembers::RemoveNodes(BTreeSet::from([id])),
-        false,
-    )
-    .await?;
-    let membership = written
-        .membership()
-        .clone()
-        .unwrap_or_else(|| membership.clone());
-    Ok(members_reply(&membership))
-}
-
-fn members_reply(membership: &Membership) -> Bytes {
-    pb::LeaveResponse {
-        members: members_pb(membership),
-    }
-    .encode_to_vec()
-    .into()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn proposals_carry_only_a_members_own_writes() {
-        use tern_store::{VmReport, VmSpec, VmState};
+        use tern_state::{VmReport, VmSpec, VmState};
         let me = BTreeSet::from([3]);
         let report = |node_id| Command::ReportVm {
             request_id: "r".into(),
@@ -1199,17 +701,5 @@ mod tests {
             }
         );
         assert!(err.to_string().starts_with("allocate-node-id"), "{err}");
-    }
-
-    #[test]
-    fn join_tokens_compare_whole_values() {
-        let t = JoinToken::new("s3cret").unwrap();
-        assert!(t.matches("s3cret"));
-        assert!(!t.matches("s3cre"));
-        assert!(!t.matches("s3cret!"));
-        assert!(!t.matches(""));
-        assert!(!t.matches("S3cret"));
-        assert!(JoinToken::new("").is_none());
-        assert_eq!(format!("{t:?}"), "JoinToken(<redacted>)");
     }
 }

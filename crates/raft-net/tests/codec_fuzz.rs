@@ -6,7 +6,8 @@ use openraft::testing::log_id;
 use openraft::{EntryPayload, Vote};
 use proptest::prelude::*;
 use tern_raft_net::codec::{decode, encode};
-use tern_store::{Command, Entry, SnapshotMeta, TypeConfig};
+use tern_state::Command;
+use tern_store::{Entry, SnapshotMeta, TypeConfig};
 
 /// Cases per property: enough to hit every decoder branch many times,
 /// small enough to keep `cargo test` quick.

@@ -10,8 +10,8 @@
 use std::time::Duration;
 
 use tern_protocol::BoxFuture;
-use tern_store::limits::LimitError;
-use tern_store::{ClusterState, Command, Member, NodeId, Response};
+use tern_state::limits::LimitError;
+use tern_state::{ClusterState, Command, Member, NodeId, Response};
 use tokio::sync::watch;
 
 /// A node counts as caught up (ready, and allowed to reconcile) while its
@@ -117,7 +117,7 @@ pub enum ConsensusError {
         leader: Option<NodeId>,
     },
     /// The command is over a size limit and was not proposed (see
-    /// `tern_store::limits`); retrying it as is cannot succeed.
+    /// `tern_state::limits`); retrying it as is cannot succeed.
     #[error("{0}")]
     TooLarge(LimitError),
     /// Raft cannot take writes now (no quorum, shutting down, storage
@@ -141,7 +141,7 @@ pub enum ConsensusError {
 ///   error). Commands are deduplicated by request id in the state, so a
 ///   write may be retried with the same command after any error but
 ///   [`ConsensusError::TooLarge`] (a write over the limits of
-///   `tern_store::limits`, refused before it is proposed). On a
+///   `tern_state::limits`, refused before it is proposed). On a
 ///   follower, an implementation either forwards the command to the
 ///   leader or answers [`ConsensusError::NotLeader`]; the VM service then
 ///   forwards the client's call itself (see [`crate::vm`]), and the

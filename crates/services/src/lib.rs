@@ -9,11 +9,6 @@
 //! - [`monitoring`]: the process-wide metrics registry, its Prometheus text
 //!   exposition over HTTP (`/metrics`) and the Monitoring RPC, and process
 //!   CPU, memory, thread and file-descriptor figures read from `/proc`.
-//! - [`runtime`]: the VM runtimes a node's reconciler drives — the
-//!   [`runtime::Runtime`] trait, spec validation, the `process` runtime (a
-//!   supervised command) and the `microvm` runtime (QEMU's `microvm` machine
-//!   controlled over QMP).
-//!
 //! - [`access`]: [`access::AccessGate`], the one access check in front of
 //!   every service (deny by default, the table in `tern_protocol::access`).
 //! - [`consensus`]: the [`consensus::Consensus`] trait the node implements
@@ -27,8 +22,8 @@
 //! - [`vm`]: the VM service: validation, Raft writes deduplicated by
 //!   request id, forwarding to the leader, conversions to `tern.v1` types.
 //! - [`reconciler`]: each node's loop that makes its runtimes match the
-//!   desired state of the VMs placed on it and reports what it observes.
-
+//!   desired state of the VMs placed on it and reports what it observes
+//!   (the runtimes themselves are `tern-runtime`'s).
 //!
 //! # Wiring (what the node does)
 //!
@@ -49,6 +44,5 @@ pub mod health;
 pub mod monitoring;
 pub mod node_info;
 pub mod reconciler;
-pub mod runtime;
 pub mod status;
 pub mod vm;

@@ -47,11 +47,11 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use tern_store::{Command, NodeId, Response, VmRecord, VmReport, VmState};
+use tern_state::{Command, NodeId, Response, VmRecord, VmReport, VmState};
 
 use crate::consensus::{Consensus, MAX_APPLY_LAG, write_bounded};
-use crate::runtime::{self, Observed, RunState, Runtime, RuntimeError, RuntimeKind, Started};
 use crate::vm::to_pb_spec;
+use tern_runtime::{Observed, RunState, Runtime, RuntimeError, RuntimeKind, Started};
 
 /// How often a pass runs when no Raft change wakes the reconciler: quick
 /// enough that a crashed workload shows in the VM's status within seconds,
@@ -96,7 +96,7 @@ impl Default for ReconcilerConfig {
     fn default() -> Self {
         ReconcilerConfig {
             interval: RECONCILE_INTERVAL,
-            stop_grace: runtime::DEFAULT_STOP_GRACE,
+            stop_grace: tern_runtime::DEFAULT_STOP_GRACE,
             max_start_attempts: DEFAULT_MAX_START_ATTEMPTS,
             retry_backoff: DEFAULT_RETRY_BACKOFF,
             max_retry_backoff: DEFAULT_MAX_RETRY_BACKOFF,
@@ -422,8 +422,8 @@ impl Reconciler {
     ) {
         // Within the write limits, before comparing with what the record
         // holds (which was cut the same way).
-        tern_store::limits::truncate(&mut reason, tern_store::limits::MAX_VM_REASON_LEN);
-        tern_store::limits::truncate(&mut log_path, tern_store::limits::MAX_PATH_LEN);
+        tern_state::limits::truncate(&mut reason, tern_state::limits::MAX_VM_REASON_LEN);
+        tern_state::limits::truncate(&mut log_path, tern_state::limits::MAX_PATH_LEN);
         if !vm.is_migrating()
             && vm.observed == observed
             && vm.reason == reason

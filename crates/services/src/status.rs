@@ -10,7 +10,7 @@ use bytes::Bytes;
 use prost::Message;
 use tern_protocol::catalog::Method;
 use tern_protocol::{BoxFuture, Handler, RequestContext, Status, pb};
-use tern_store::Member;
+use tern_state::Member;
 
 use crate::consensus::{Consensus, RaftRole};
 use crate::node_info::NodeInfo;

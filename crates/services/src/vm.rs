@@ -5,13 +5,13 @@
 //! id, which the state deduplicates: a retried create answers the first
 //! VM and never makes a second. Placement, desired-state transitions and
 //! migration steps happen in the state's pure `apply`, so every node
-//! agrees on them (see `tern_store::state`); each node's
+//! agrees on them (see `tern_state::state`); each node's
 //! [`crate::reconciler`] then makes its runtime match.
 //!
-//! - **Specs** are validated here with [`runtime::validate`] before
+//! - **Specs** are validated here with [`tern_runtime::validate`] before
 //!   anything is written; errors name the field (`InvalidArgument`).
 //!   Every write is then checked against the write limits
-//!   (`tern_store::limits::check_command`): a field over its limit is
+//!   (`tern_state::limits::check_command`): a field over its limit is
 //!   `InvalidArgument` naming the field and the limit, a request over
 //!   `MAX_REQUEST_BYTES` is `ResourceExhausted`; neither is proposed. An
 //!   empty `runtime` is filled in with the node's default runtime first,
@@ -45,10 +45,10 @@ use tern_protocol::catalog::Method;
 use tern_protocol::{
     BoxFuture, Call, CallError, Code, Handler, PeerAddr, RequestContext, RpcClient, Status, pb,
 };
-use tern_store::{Command, Rejection, Response, VmRecord, VmSpec, VmState};
+use tern_state::{Command, Rejection, Response, VmRecord, VmSpec, VmState};
 
 use crate::consensus::{Consensus, ConsensusError, write_bounded};
-use crate::runtime::{self, RuntimeKind};
+use tern_runtime::RuntimeKind;
 
 /// How long a forwarded call may take at most: the leader's own write
 /// bound plus a round trip. The caller's own deadline, when shorter, wins.
@@ -64,7 +64,7 @@ pub struct VmService {
 
 impl VmService {
     /// The VM service over this node's Raft. `default_runtime` fills in
-    /// specs that name none (the node passes [`runtime::default_kind`]).
+    /// specs that name none (the node passes [`tern_runtime::default_kind`]).
     /// Until [`VmService::set_forward`] is called, a follower answers
     /// writes with `FailedPrecondition` naming the leader.
     pub fn new(consensus: Arc<dyn Consensus>, default_runtime: RuntimeKind) -> Arc<VmService> {
@@ -127,7 +127,8 @@ impl VmService {
                 if spec.runtime.is_empty() {
                     spec.runtime = self.default_runtime.as_str().to_owned();
                 }
-                runtime::validate(&spec).map_err(|e| Status::invalid_argument(e.to_string()))?;
+                tern_runtime::validate(&spec)
+                    .map_err(|e| Status::invalid_argument(e.to_string()))?;
                 Command::CreateVm {
                     request_id: req.request_id,
                     spec: Box::new(from_pb_spec(spec)),
@@ -166,7 +167,7 @@ impl VmService {
             other => return Err(Status::unimplemented(format!("Vm has no method {other}"))),
         };
         // Limits before work: refused here, never proposed.
-        tern_store::limits::check_command(&command).map_err(|e| limit_status(&e))?;
+        tern_state::limits::check_command(&command).map_err(|e| limit_status(&e))?;
         tracing::debug!(%command, caller = %ctx.peer.short(), "VM write");
         match write_bounded(&*self.consensus, command).await {
             Ok(response) => answer(response),
@@ -266,24 +267,24 @@ fn decode<M: Message + Default>(payload: &Bytes) -> Result<M, Status> {
 }
 
 fn check_request_id(id: &str) -> Result<(), Status> {
-    if id.is_empty() || id.len() > tern_store::state::MAX_REQUEST_ID_LEN {
+    if id.is_empty() || id.len() > tern_state::MAX_REQUEST_ID_LEN {
         return Err(Status::invalid_argument(format!(
             "field `request_id`: {} bytes; a request id is 1 to {} bytes, chosen by the client so that retries are safe",
             id.len(),
-            tern_store::state::MAX_REQUEST_ID_LEN
+            tern_state::MAX_REQUEST_ID_LEN
         )));
     }
     Ok(())
 }
 
 fn check_vm_id(id: &str) -> Result<(), Status> {
-    runtime::spec::check_vm_id(id)
+    tern_runtime::spec::check_vm_id(id)
         .map_err(|why| Status::invalid_argument(format!("field `vm_id`: {id:?} {why}")))
 }
 
 /// The status of a write over a size limit: `InvalidArgument` naming the
 /// field, or `ResourceExhausted` for the request as a whole.
-pub fn limit_status(e: &tern_store::limits::LimitError) -> Status {
+pub fn limit_status(e: &tern_state::limits::LimitError) -> Status {
     let code = if e.is_whole_request() {
         Code::ResourceExhausted
     } else {

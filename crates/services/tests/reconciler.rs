@@ -13,10 +13,10 @@ use std::time::Duration;
 use support::KillOnDrop;
 use support::consensus::Shared;
 use tern_protocol::{PeerAddr, PeerId};
+use tern_runtime::{ProcessRuntime, RunState, Runtime, pidfile};
 use tern_services::consensus::Consensus;
 use tern_services::reconciler::{Reconciler, ReconcilerConfig};
-use tern_services::runtime::{ProcessRuntime, RunState, Runtime, pidfile};
-use tern_store::{Capacity, Command, Response, VmSpec, VmState};
+use tern_state::{Capacity, Command, Response, VmSpec, VmState};
 
 /// Upper bound on any one test.
 const TEST_BOUND: Duration = Duration::from_secs(60);

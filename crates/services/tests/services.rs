@@ -21,14 +21,14 @@ use support::{KillOnDrop, wait_for};
 use tern_protocol::catalog::methods;
 use tern_protocol::rpc::call_typed;
 use tern_protocol::{Call, CallError, Code, Dispatcher, Method, PeerAddr, PeerId, ServiceId, pb};
+use tern_runtime::{ProcessRuntime, Runtime, RuntimeKind, pidfile};
 use tern_services::consensus::Consensus;
 use tern_services::health::HealthService;
 use tern_services::node_info::NodeInfo;
 use tern_services::reconciler::{Reconciler, ReconcilerConfig};
-use tern_services::runtime::{ProcessRuntime, Runtime, RuntimeKind, pidfile};
 use tern_services::status::StatusService;
 use tern_services::vm::VmService;
-use tern_store::{Capacity, NodeId};
+use tern_state::{Capacity, NodeId};
 
 /// Upper bound on any one test.
 const TEST_BOUND: Duration = Duration::from_secs(120);
@@ -545,7 +545,7 @@ async fn vm_bad_input(kind: Kind) {
     let long_arg = pb::VmSpec {
         command: vec![
             "sleep".into(),
-            "x".repeat(tern_store::limits::MAX_COMMAND_ARG_LEN + 1),
+            "x".repeat(tern_state::limits::MAX_COMMAND_ARG_LEN + 1),
         ],
         ..process_spec("web")
     };
@@ -554,12 +554,12 @@ async fn vm_bad_input(kind: Kind) {
         Code::InvalidArgument,
         &format!(
             "`spec.command[1]` is {} bytes; at most {}",
-            tern_store::limits::MAX_COMMAND_ARG_LEN + 1,
-            tern_store::limits::MAX_COMMAND_ARG_LEN
+            tern_state::limits::MAX_COMMAND_ARG_LEN + 1,
+            tern_state::limits::MAX_COMMAND_ARG_LEN
         ),
     );
     let long_cmdline = pb::VmSpec {
-        kernel_cmdline: "c".repeat(tern_store::limits::MAX_KERNEL_CMDLINE_LEN + 1),
+        kernel_cmdline: "c".repeat(tern_state::limits::MAX_KERNEL_CMDLINE_LEN + 1),
         ..process_spec("web")
     };
     refused(
@@ -569,9 +569,9 @@ async fn vm_bad_input(kind: Kind) {
     );
     let whole = pb::VmSpec {
         command: vec![
-            "a".repeat(tern_store::limits::MAX_COMMAND_ARG_LEN);
-            tern_store::limits::MAX_REQUEST_BYTES
-                / tern_store::limits::MAX_COMMAND_ARG_LEN
+            "a".repeat(tern_state::limits::MAX_COMMAND_ARG_LEN);
+            tern_state::limits::MAX_REQUEST_BYTES
+                / tern_state::limits::MAX_COMMAND_ARG_LEN
                 + 1
         ],
         ..process_spec("web")
@@ -579,7 +579,7 @@ async fn vm_bad_input(kind: Kind) {
     refused(
         f.call(methods::VM_CREATE, &create("q", whole)).await,
         Code::ResourceExhausted,
-        &tern_store::limits::MAX_REQUEST_BYTES.to_string(),
+        &tern_state::limits::MAX_REQUEST_BYTES.to_string(),
     );
     // Nothing was written by any of those.
     assert!(f.shared.state().vms().is_empty());

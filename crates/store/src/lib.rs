@@ -1,35 +1,26 @@
 //! openraft log storage and state machine on sled, and the Raft type
-//! configuration of the whole project.
+//! configuration of the whole project. The state it stores is
+//! `tern-state`'s [`ClusterState`](tern_state::ClusterState).
 //!
 //! # Layout
 //!
 //! - [`types`]: [`TypeConfig`] (declared once for every crate that speaks
-//!   Raft), the node record [`Member`] openraft replicates in its
-//!   membership, and aliases for openraft's generic types.
-//! - [`state`]: the replicated [`ClusterState`] (members, node-id
-//!   allocation, VM records with their placement, desired and observed
-//!   states and migration steps, the metadata register, the request-id
-//!   deduplication table), the
-//!   [`Command`]s that change it and the [`Response`]s they return; a pure
-//!   `apply`, tested without disk.
+//!   Raft, over the replicated model of `tern-state`) and aliases for
+//!   openraft's generic types.
 //! - [`log_store`]: [`LogStore`], openraft's `RaftLogStorage` on sled;
 //!   every write is flushed before it is acknowledged.
 //! - [`state_machine`]: [`StateMachineStore`], openraft's
 //!   `RaftStateMachine`: the state in memory, snapshots on disk.
 //! - [`snapshot`]: the snapshot file format and [`SnapshotFile`], the
 //!   snapshot data openraft moves between nodes.
-//! - [`limits`]: the size limits every write is checked against before
-//!   it is proposed ([`limits::check_command`]), as named constants.
 //! - [`error`]: [`StoreError`]; corrupt data is an error naming the key or
 //!   file, never a panic.
 //!
 //! [`open`] opens both halves in a node's data directory.
 
 pub mod error;
-pub mod limits;
 pub mod log_store;
 pub mod snapshot;
-pub mod state;
 pub mod state_machine;
 pub mod types;
 
@@ -38,15 +29,8 @@ use std::path::Path;
 pub use error::StoreError;
 pub use log_store::{LogReader, LogStore};
 pub use snapshot::SnapshotFile;
-pub use state::{
-    AccessEvent, ClusterState, Command, MetaEntry, Rejection, RequestId, Response, VmRecord,
-    VmReport, VmSpec, VmState,
-};
 pub use state_machine::{StateMachineStore, StoreSnapshot};
-pub use types::{
-    Capacity, Entry, LogId, Member, Membership, NodeId, SnapshotMeta, StoredMembership, TypeConfig,
-    Vote,
-};
+pub use types::{Entry, LogId, Membership, SnapshotMeta, StoredMembership, TypeConfig, Vote};
 
 /// Subdirectory of the data directory holding the sled log database.
 pub const LOG_DIR: &str = "raft-log";

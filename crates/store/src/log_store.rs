@@ -18,7 +18,7 @@
 //! or purge is a [`StoreError::LogWrite`] naming the directory and what to
 //! check, logged at `error`. openraft treats every storage error as fatal
 //! and stops Raft; the node watches for that and exits non-zero (see
-//! `tern_raft_net::RaftNode::failure`). Nothing retries a failed sync: after
+//! `tern_cluster::RaftNode::failure`). Nothing retries a failed sync: after
 //! one, the kernel may have dropped the dirty pages it could not write.
 
 use std::fmt::Debug;
@@ -69,12 +69,12 @@ pub const SLED_SEGMENT_BYTES: usize = 8 * 1024 * 1024;
 pub const ENTRY_OVERHEAD: usize = 64;
 
 /// Largest encoded log entry this store is sized for: a command of the
-/// write path's limit ([`crate::limits::MAX_REQUEST_BYTES`], checked before
+/// write path's limit ([`tern_state::limits::MAX_REQUEST_BYTES`], checked before
 /// anything is proposed) plus the entry's own fields. A bigger entry may
 /// be written by sled as a blob that is never reclaimed (see
 /// [`SLED_SEGMENT_BYTES`]). Appends log a warning past it rather than
 /// failing, since refusing a replicated entry would stop the node.
-pub const MAX_ENTRY_BYTES: usize = crate::limits::MAX_REQUEST_BYTES + ENTRY_OVERHEAD;
+pub const MAX_ENTRY_BYTES: usize = tern_state::limits::MAX_REQUEST_BYTES + ENTRY_OVERHEAD;
 
 const _: () = assert!(MAX_ENTRY_BYTES < SLED_SEGMENT_BYTES / 4);
 
@@ -662,7 +662,7 @@ mod tests {
                 for start in (first..first + PER_ROUND).step_by(BATCH as usize) {
                     let batch = (start..start + BATCH).map(|i| Entry {
                         log_id: log_id::<TypeConfig>(1, 1, i),
-                        payload: openraft::EntryPayload::Normal(crate::Command::DeleteVm {
+                        payload: openraft::EntryPayload::Normal(tern_state::Command::DeleteVm {
                             request_id: payload.clone(),
                             vm_id: i.to_string(),
                         }),

@@ -27,8 +27,8 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::error::StoreError;
-use crate::state::ClusterState;
 use crate::types::SnapshotMeta;
+use tern_state::ClusterState;
 
 /// First bytes of every snapshot file.
 const MAGIC: &[u8; 8] = b"TERNSNAP";
@@ -37,7 +37,7 @@ const MAGIC: &[u8; 8] = b"TERNSNAP";
 /// Version 3: the cluster state gained the access table and its log.
 pub const SNAPSHOT_FORMAT_VERSION: u32 = 3;
 /// The oldest format still read: version 2's state is version 3's without
-/// its trailing access fields (`ClusterStateV2` in `state.rs`), so a node
+/// its trailing access fields ([`tern_state::state::ClusterStateV2`]), so a node
 /// upgraded in place keeps its data.
 pub const OLDEST_READABLE_FORMAT: u32 = 2;
 /// Bytes before the metadata.
@@ -59,11 +59,11 @@ pub const MAX_SNAPSHOT_BYTES: u64 = 1024 * 1024 * 1024;
 /// longer field makes the snapshot undecodable and the node unable to
 /// start. It is the whole write limit: no field of an accepted write can
 /// be longer than the write, whatever the per-field limits become.
-pub const MAX_FIELD_LEN: usize = crate::limits::MAX_REQUEST_BYTES;
+pub const MAX_FIELD_LEN: usize = tern_state::limits::MAX_REQUEST_BYTES;
 
 // Every string a command may carry fits the scratch buffer.
-const _: () = assert!(crate::limits::MAX_STRING_FIELD_LEN <= MAX_FIELD_LEN);
-const _: () = assert!(crate::limits::MAX_REQUEST_BYTES <= MAX_FIELD_LEN);
+const _: () = assert!(tern_state::limits::MAX_STRING_FIELD_LEN <= MAX_FIELD_LEN);
+const _: () = assert!(tern_state::limits::MAX_REQUEST_BYTES <= MAX_FIELD_LEN);
 
 /// I/O buffer size for writing and reading snapshot files.
 const IO_BUFFER: usize = 64 * 1024;
@@ -478,8 +478,9 @@ pub(crate) fn read_snapshot(
             .map_err(|e| corrupt(path, format!("state: {e}")))?
             .0
     } else {
-        let (old, _) = postcard::from_io::<crate::state::ClusterStateV2, _>((reader, &mut scratch))
-            .map_err(|e| corrupt(path, format!("state (format {version}): {e}")))?;
+        let (old, _) =
+            postcard::from_io::<tern_state::state::ClusterStateV2, _>((reader, &mut scratch))
+                .map_err(|e| corrupt(path, format!("state (format {version}): {e}")))?;
         tracing::info!(path = %path.display(), version, "read a snapshot of an older format; its access table starts empty");
         ClusterState::from(old)
     };
@@ -491,7 +492,7 @@ mod format_tests {
     #![allow(clippy::unwrap_used)] // reason: test code; a failed unwrap is a failed test.
 
     use super::*;
-    use crate::state::Command;
+    use tern_state::Command;
 
     /// A snapshot written by the previous format (2: no access fields)
     /// still opens, with its state intact and an empty access table.

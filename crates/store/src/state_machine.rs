@@ -29,14 +29,14 @@ use openraft::{EntryPayload, OptionalSend};
 
 use crate::error::StoreError;
 use crate::snapshot::{SnapshotDir, SnapshotFile, Verify, read_snapshot};
-use crate::state::{ClusterState, Response};
 use crate::types::{LogId, SnapshotMeta, StoredMembership, TypeConfig};
+use tern_state::{ClusterState, Response};
 
 /// A snapshot as openraft passes it around for this store.
 pub type StoreSnapshot = Snapshot<
     openraft::type_config::alias::CommittedLeaderIdOf<TypeConfig>,
-    crate::types::NodeId,
-    crate::types::Member,
+    tern_state::NodeId,
+    tern_state::Member,
     SnapshotFile,
 >;
 
@@ -237,7 +237,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                     EntryPayload::Blank => Response::Done,
                     EntryPayload::Normal(cmd) => applied.state.apply_at(entry.log_id.index, cmd),
                     EntryPayload::Membership(membership) => {
-                        applied.state.apply_membership(&membership);
+                        applied.state.apply_membership(membership.nodes());
                         applied.last_membership =
                             StoredMembership::new(Some(entry.log_id), membership);
                         Response::Done
@@ -281,8 +281,9 @@ mod tests {
     use tern_protocol::{PeerAddr, PeerId};
 
     use super::*;
-    use crate::state::{Command, VmRecord};
-    use crate::types::{Capacity, Entry, Member, Membership};
+    use crate::types::{Entry, Membership};
+    use tern_state::{Capacity, Member};
+    use tern_state::{Command, VmRecord};
 
     fn runtime() -> tokio::runtime::Runtime {
         tokio::runtime::Builder::new_multi_thread()
@@ -315,7 +316,7 @@ mod tests {
                     request_id: format!("r{i}"),
                     vm: Box::new(VmRecord {
                         id: format!("vm-{i}"),
-                        spec: crate::state::VmSpec {
+                        spec: tern_state::VmSpec {
                             name: format!("name-{i}"),
                             ..Default::default()
                         },
@@ -440,7 +441,7 @@ mod tests {
         runtime().block_on(async {
             let mut sm = StateMachineStore::open(dir.path()).unwrap();
             let mut all = entries();
-            let long = "x".repeat(crate::limits::MAX_REQUEST_BYTES - 256);
+            let long = "x".repeat(tern_state::limits::MAX_REQUEST_BYTES - 256);
             assert!(
                 long.len() > 1024 * 1024,
                 "longer than the old scratch buffer"

@@ -20,7 +20,8 @@ use openraft::entry::RaftEntry;
 use openraft::storage::{RaftLogReader, RaftLogStorage, RaftLogStorageExt, RaftStateMachine};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use tern_store::{Command, Entry, TypeConfig, VmRecord, VmSpec};
+use tern_state::{Command, VmRecord, VmSpec};
+use tern_store::{Entry, TypeConfig};
 
 /// Environment variable that turns the `crash_child` test into the child.
 const CHILD_ENV: &str = "TERN_STORE_CRASH_CHILD_DIR";

@@ -21,8 +21,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use tern_cluster::{meta_get, meta_put};
 use tern_protocol::{PeerAddr, RpcClient};
-use tern_raft_net::{meta_get, meta_put};
 
 use tern_transport_dual::RaftTransport;
 

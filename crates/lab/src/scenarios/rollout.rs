@@ -337,7 +337,7 @@ async fn load_loop(
             let (c, p, on) = pick("cluster");
             let key = format!("rollout/n{}", i + 1);
             let at = Instant::now();
-            let r = tern_raft_net::meta_put(
+            let r = tern_cluster::meta_put(
                 c,
                 p,
                 &tern_node::client::request_id(),
@@ -350,7 +350,7 @@ async fn load_loop(
             .map_err(|e| format!("cluster/metaput: {e}"));
             record(at, on, r);
             let at = Instant::now();
-            let r = tern_raft_net::meta_get(c, p, &key, CALL_TIMEOUT)
+            let r = tern_cluster::meta_get(c, p, &key, CALL_TIMEOUT)
                 .await
                 .map(|_| ())
                 .map_err(|e| format!("cluster/metaget: {e}"));

@@ -166,7 +166,8 @@ mod tests {
     use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse, VoteRequest};
     use openraft::testing::{blank_ent, log_id};
     use openraft::{EntryPayload, Vote};
-    use tern_store::{Command, Entry, TypeConfig};
+    use tern_state::Command;
+    use tern_store::{Entry, TypeConfig};
 
     fn heartbeat() -> AppendEntriesRequest<TypeConfig> {
         AppendEntriesRequest {

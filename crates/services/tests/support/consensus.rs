@@ -1,5 +1,5 @@
 //! A test [`Consensus`]: applies commands to a real
-//! [`tern_store::ClusterState`] in-process, as a single-node Raft would
+//! [`tern_state::ClusterState`] in-process, as a single-node Raft would
 //! after commit. It fakes only the layer below the services (replication),
 //! never the state's logic: placement, deduplication and transitions are
 //! the real `apply`.
@@ -11,12 +11,12 @@
 //! `Consensus` forwards writes to the leader (what a reconciler needs).
 #![allow(clippy::unwrap_used)] // reason: test support; a failure should fail the test loudly.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 use tern_protocol::{BoxFuture, PeerAddr};
 use tern_services::consensus::{Consensus, ConsensusError, MemberStatus, RaftRole, RaftStatus};
-use tern_store::{Capacity, ClusterState, Command, Member, Membership, NodeId, Response};
+use tern_state::{Capacity, ClusterState, Command, Member, NodeId, Response};
 use tokio::sync::watch;
 
 /// The shared "replicated" state and log index.
@@ -52,11 +52,9 @@ impl Shared {
             .iter()
             .map(|(id, addr, cap)| (*id, Member::new(addr.clone(), *cap)))
             .collect();
-        let voters: BTreeSet<NodeId> = nodes.keys().copied().collect();
-        let membership = Membership::new(vec![voters], nodes).unwrap();
         {
             let mut guard = self.state.lock().unwrap();
-            guard.0.apply_membership(&membership);
+            guard.0.apply_membership(&nodes);
             guard.1 += 1;
         }
         self.publish();

@@ -1,19 +1,17 @@
-//! Shared support for the runtime tests: a guard that kills every workload
-//! a test's runtimes started (also when the test fails), bounded polling,
-//! and the microVM test assets (QEMU, a Debian cloud kernel, a busybox
-//! initramfs).
+//! Shared support for the services' tests: a guard that kills every
+//! workload a test's runtimes started (also when the test fails), bounded
+//! polling, an in-process Raft and fake consensus, and transports.
 
 #![allow(dead_code)] // reason: each test binary uses a different part of the shared support.
 
 pub(crate) mod consensus;
-pub(crate) mod microvm_assets;
 pub(crate) mod net;
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use tern_services::runtime::pidfile;
+use tern_runtime::pidfile;
 
 /// Kills, on drop, every live workload recorded under a runtime state dir,
 /// so no test leaves a process behind, whether it passes or panics.

@@ -1,0 +1,158 @@
+//! [`RaftConsensus`]: the services' [`Consensus`] trait over a running
+//! [`RaftNode`], so that no service names openraft.
+//!
+//! Writes go through [`RaftNode::client_write`], which checks the write
+//! limits before proposing (a write over them is
+//! [`ConsensusError::TooLarge`]). On a follower they are sent to the
+//! leader with `Raft/Propose` (through the node's router), so a follower's
+//! reconciler reports and the VM writes its VM service accepted land
+//! wherever they start (the leader commits only those, see
+//! `tern_raft_net::check_proposal`); a command carries a request id, so a
+//! retried forward is applied once. With no leader known, or when the leader changed mid-way, the
+//! write answers [`ConsensusError::NotLeader`]. The status watch is fed
+//! from openraft's metrics watch by a task that ends when Raft stops.
+
+use std::sync::Arc;
+
+use crate::node::{RaftNode, RaftNodeError, WriteError};
+use openraft::ServerState;
+use openraft::async_runtime::WatchReceiver;
+use openraft::errors::{ClientWriteError, Fatal, RaftError};
+use tern_protocol::{BoxFuture, CallError, Code, RpcClient};
+use tern_services::consensus::{Consensus, ConsensusError, MemberStatus, RaftRole, RaftStatus};
+use tern_state::{ClusterState, Command, Response};
+use tokio::sync::watch;
+
+/// Bound on one forward to the leader; the services bound the whole write
+/// by `WRITE_TIMEOUT` as well.
+pub const PROPOSE_TIMEOUT: std::time::Duration = tern_services::consensus::WRITE_TIMEOUT;
+
+/// openraft behind the [`Consensus`] trait.
+pub struct RaftConsensus {
+    node: Arc<RaftNode>,
+    client: Arc<dyn RpcClient>,
+    status: watch::Receiver<RaftStatus>,
+}
+
+impl std::fmt::Debug for RaftConsensus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RaftConsensus")
+            .field("node", &self.node.id())
+            .finish_non_exhaustive()
+    }
+}
+
+type Metrics = openraft::RaftMetrics<tern_store::TypeConfig>;
+
+/// Raft's metrics as the services' [`RaftStatus`].
+pub fn to_status(m: &Metrics) -> RaftStatus {
+    let membership = m.membership_config.membership();
+    let voters: Vec<u64> = membership.voter_ids().collect();
+    RaftStatus {
+        node_id: m.id,
+        role: match m.state {
+            ServerState::Leader => RaftRole::Leader,
+            ServerState::Follower => RaftRole::Follower,
+            ServerState::Candidate => RaftRole::Candidate,
+            ServerState::Learner => RaftRole::Learner,
+            ServerState::Shutdown => RaftRole::Shutdown,
+        },
+        term: m.current_term,
+        leader_id: m.current_leader,
+        members: membership
+            .nodes()
+            .map(|(id, member)| MemberStatus {
+                node_id: *id,
+                member: member.clone(),
+                voter: voters.contains(id),
+            })
+            .collect(),
+        commit_index: m.local_committed.as_ref().map_or(0, |l| l.index),
+        applied_index: m.last_applied.as_ref().map_or(0, |l| l.index),
+        failure: match &m.running_state {
+            Ok(()) | Err(Fatal::Stopped) => None,
+            Err(e) => Some(e.to_string()),
+        },
+    }
+}
+
+impl RaftConsensus {
+    /// The adapter over `node`, forwarding a follower's writes through
+    /// `client` (the node's router, calling as the node); spawns the task
+    /// that mirrors Raft's metrics into the status watch.
+    pub fn new(node: Arc<RaftNode>, client: Arc<dyn RpcClient>) -> Arc<RaftConsensus> {
+        let mut metrics = node.raft().metrics();
+        let (tx, status) = watch::channel(to_status(&metrics.borrow_watched()));
+        tokio::spawn(async move {
+            while metrics.changed().await.is_ok() {
+                let s = to_status(&metrics.borrow_watched());
+                if tx.send(s).is_err() {
+                    return;
+                }
+            }
+        });
+        Arc::new(RaftConsensus {
+            node,
+            client,
+            status,
+        })
+    }
+}
+
+impl Consensus for RaftConsensus {
+    fn write(&self, command: Command) -> BoxFuture<'_, Result<Response, ConsensusError>> {
+        Box::pin(async move {
+            let command_copy = command.clone();
+            match self.node.client_write(command).await {
+                Ok(written) => Ok(written.data),
+                Err(WriteError::Limit(e)) => Err(ConsensusError::TooLarge(e)),
+                Err(WriteError::Raft(RaftError::APIError(ClientWriteError::ForwardToLeader(
+                    f,
+                )))) => {
+                    let Some(leader) = &f.leader_node else {
+                        return Err(ConsensusError::NotLeader {
+                            leader: f.leader_id,
+                        });
+                    };
+                    match crate::propose(
+                        self.client.as_ref(),
+                        &leader.addr,
+                        &command_copy,
+                        PROPOSE_TIMEOUT,
+                    )
+                    .await
+                    {
+                        Ok(response) => Ok(response),
+                        Err(RaftNodeError::Limit(e)) => Err(ConsensusError::TooLarge(e)),
+                        Err(RaftNodeError::Call {
+                            error: CallError::Application(s),
+                            ..
+                        }) if s.code == Code::FailedPrecondition => {
+                            // Leadership moved while the write travelled.
+                            Err(ConsensusError::NotLeader { leader: None })
+                        }
+                        Err(e) => Err(ConsensusError::Unavailable {
+                            reason: format!("forwarding to leader {:?}: {e}", f.leader_id),
+                        }),
+                    }
+                }
+                Err(e) => Err(ConsensusError::Unavailable {
+                    reason: e.to_string(),
+                }),
+            }
+        })
+    }
+
+    fn read(&self, read: &mut dyn FnMut(&ClusterState)) -> Result<(), ConsensusError> {
+        self.node
+            .state()
+            .read(|s| read(s))
+            .map_err(|e| ConsensusError::Unavailable {
+                reason: e.to_string(),
+            })
+    }
+
+    fn status(&self) -> watch::Receiver<RaftStatus> {
+        self.status.clone()
+    }
+}

@@ -1,0 +1,41 @@
+//! A Tern node's Raft, composed: openraft started over the sled store and
+//! `tern-raft-net`'s network, the `Cluster` service (join, leave, members,
+//! the metadata register, the access table), and the services' view of it
+//! ([`RaftConsensus`]).
+//!
+//! `tern-raft-net` is openraft's network adapter and nothing else; this
+//! crate decides how a node uses it.
+//!
+//! # Layout
+//!
+//! - [`node`]: [`RaftNode`], the composition a node binary uses (start,
+//!   initialise, join, the checked write entry point, the fatal-failure
+//!   signal, shutdown with leadership handoff), the openraft settings as
+//!   named constants, and the client calls for join, leave and propose.
+//! - [`service`]: [`RaftServices`], the Raft and Cluster handlers
+//!   registered and attached together, and the Cluster handler.
+//! - [`membership`]: join (node id, learner, promotion), leave, members,
+//!   and the leader checks the Cluster calls share.
+//! - [`meta`]: the metadata register's `Cluster/MetaPut` and linearizable
+//!   `Cluster/MetaGet`, and typed client calls ([`meta_put`], [`meta_get`]).
+//! - [`access`]: the access table's Cluster calls (grant, revoke, list
+//!   with the audit log), served by the leader.
+//! - [`consensus`]: [`RaftConsensus`], the services' `Consensus` trait
+//!   over a running [`RaftNode`] (writes forwarded to the leader, the
+//!   applied state, the Raft status watch).
+
+pub mod access;
+pub mod consensus;
+pub mod membership;
+pub mod meta;
+pub mod node;
+pub mod service;
+
+pub use consensus::RaftConsensus;
+pub use membership::JoinToken;
+pub use meta::{MetaError, MetaPut, MetaRead, meta_get, meta_put};
+pub use node::{
+    FIRST_NODE_ID, JoinAnswer, RaftNode, RaftNodeError, RaftOptions, WriteError, limit_status,
+    propose, read_node_id, request_join, request_leave, write_node_id,
+};
+pub use service::RaftServices;

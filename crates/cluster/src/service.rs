@@ -1,0 +1,144 @@
+//! The `Cluster` service (join, leave, members, the metadata register,
+//! the access table) and [`RaftServices`], the node's two Raft-side
+//! services (this one and `tern-raft-net`'s `Raft` service) registered and
+//! attached together.
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use prost::Message;
+use tern_protocol::catalog::methods;
+use tern_protocol::{
+    BoxFuture, Dispatcher, Handler, Method, PeerId, RequestContext, ServiceId, Status,
+};
+use tern_raft_net::service::within_deadline;
+use tern_raft_net::{Attached, RaftService};
+use tern_state::NodeId;
+
+use crate::membership::{JoinToken, join, leave, members_response};
+
+/// What the Cluster handlers share: the Raft service (for the attached
+/// node), the join token and the promotions under way.
+pub(crate) struct ClusterShared {
+    pub(crate) raft: RaftService,
+    pub(crate) join_token: Option<JoinToken>,
+    pub(crate) promoting: Mutex<BTreeSet<NodeId>>,
+}
+
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(poisoned) => poisoned.into_inner(),
+    }
+}
+
+/// The Raft and Cluster services of one node. Cloning is cheap and clones
+/// share everything.
+#[derive(Clone)]
+pub struct RaftServices {
+    shared: Arc<ClusterShared>,
+}
+
+impl std::fmt::Debug for RaftServices {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RaftServices")
+            .field("attached", &self.shared.raft.attached().map(|a| a.id))
+            .field("join_token", &self.shared.join_token.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl RaftServices {
+    /// Services that accept joins with `join_token` (`None`: only members
+    /// may call Join, e.g. to update their own address).
+    pub fn new(join_token: Option<JoinToken>) -> RaftServices {
+        RaftServices {
+            shared: Arc::new(ClusterShared {
+                raft: RaftService::new(),
+                join_token,
+                promoting: Mutex::new(BTreeSet::new()),
+            }),
+        }
+    }
+
+    /// The handler of [`ServiceId::Raft`].
+    pub fn raft_handler(&self) -> Arc<dyn Handler> {
+        self.shared.raft.handler()
+    }
+
+    /// The handler of [`ServiceId::Cluster`].
+    pub fn cluster_handler(&self) -> Arc<dyn Handler> {
+        Arc::new(ClusterHandler {
+            shared: self.shared.clone(),
+        })
+    }
+
+    /// `dispatcher` with both services registered.
+    pub fn register(&self, dispatcher: Dispatcher) -> Dispatcher {
+        dispatcher
+            .register(ServiceId::Raft, self.raft_handler())
+            .register(ServiceId::Cluster, self.cluster_handler())
+    }
+
+    pub(crate) fn attach(&self, attached: Arc<Attached>) {
+        self.shared.raft.attach(attached);
+    }
+
+    pub(crate) fn detach(&self) {
+        self.shared.raft.detach();
+    }
+
+    /// Trusts `members` (node id and identity) for Raft calls until this
+    /// node's membership is no longer empty; see
+    /// [`RaftService::trust_until_first_membership`].
+    pub fn trust_until_first_membership(
+        &self,
+        members: impl IntoIterator<Item = (NodeId, PeerId)>,
+    ) {
+        self.shared.raft.trust_until_first_membership(members);
+    }
+}
+
+struct ClusterHandler {
+    shared: Arc<ClusterShared>,
+}
+
+impl Handler for ClusterHandler {
+    fn handle(
+        &self,
+        ctx: RequestContext,
+        method: &'static Method,
+        payload: Bytes,
+    ) -> BoxFuture<'static, Result<Bytes, Status>> {
+        let shared = self.shared.clone();
+        Box::pin(async move {
+            let node = shared.raft.node()?;
+            within_deadline(&ctx, async {
+                if method == methods::CLUSTER_JOIN {
+                    join(&shared, &node, &ctx, payload).await
+                } else if method == methods::CLUSTER_LEAVE {
+                    leave(&node, &ctx, payload).await
+                } else if method == methods::CLUSTER_MEMBERS {
+                    Ok(members_response(&node).encode_to_vec().into())
+                } else if method == methods::CLUSTER_META_PUT {
+                    crate::meta::serve_put(&node, &ctx, payload).await
+                } else if method == methods::CLUSTER_META_GET {
+                    crate::meta::serve_get(&node, &ctx, payload).await
+                } else if method == methods::CLUSTER_ACCESS_GRANT {
+                    crate::access::serve_change(&node, &ctx, payload, true).await
+                } else if method == methods::CLUSTER_ACCESS_REVOKE {
+                    crate::access::serve_change(&node, &ctx, payload, false).await
+                } else if method == methods::CLUSTER_ACCESS_LIST {
+                    crate::access::serve_list(&node)
+                } else {
+                    Err(Status::unimplemented(format!(
+                        "{} is not served by the Cluster service",
+                        method.label()
+                    )))
+                }
+            })
+            .await
+        })
+    }
+}

@@ -1,0 +1,90 @@
+//! Real transports for service tests: the same test body runs over gRPC
+//! and over iroh, each node a real server on loopback.
+#![allow(clippy::unwrap_used)] // reason: test support; a failure should fail the test loudly.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::time::Duration;
+
+use tern_protocol::{Handler, PeerAddr, PeerId, RpcClient};
+use tern_transport_grpc::{GrpcTransport, ServerConfig};
+use tern_transport_iroh::{IrohConfig, IrohTransport};
+
+/// Drain given to a test node at shutdown.
+const DRAIN: Duration = Duration::from_secs(2);
+
+/// Which transport a test runs over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kind {
+    /// tonic over HTTP/2.
+    Grpc,
+    /// iroh QUIC.
+    Iroh,
+}
+
+/// A running node of either transport.
+pub(crate) enum Node {
+    /// gRPC.
+    Grpc(GrpcTransport),
+    /// iroh.
+    Iroh(IrohTransport),
+}
+
+fn next_key() -> [u8; 32] {
+    static NEXT: AtomicU8 = AtomicU8::new(1);
+    let mut key = [0u8; 32];
+    key[0] = NEXT.fetch_add(1, Ordering::Relaxed);
+    key[1] = u8::try_from(std::process::id() % 251).unwrap();
+    key[2] = 0x5e;
+    key
+}
+
+impl Node {
+    /// Starts a node serving `handler` on loopback.
+    pub(crate) async fn start(kind: Kind, handler: Arc<dyn Handler>) -> Node {
+        let key = next_key();
+        match kind {
+            Kind::Grpc => {
+                let config = ServerConfig::new(key, ([127, 0, 0, 1], 0).into());
+                Node::Grpc(GrpcTransport::bind(config, handler).await.unwrap())
+            }
+            Kind::Iroh => Node::Iroh(
+                IrohTransport::bind(IrohConfig::new(key), handler)
+                    .await
+                    .unwrap(),
+            ),
+        }
+    }
+
+    /// How to reach it.
+    pub(crate) fn addr(&self) -> PeerAddr {
+        match self {
+            Node::Grpc(t) => t.peer_addr(),
+            Node::Iroh(t) => t.peer_addr(),
+        }
+    }
+
+    /// Its identity.
+    pub(crate) fn id(&self) -> PeerId {
+        match self {
+            Node::Grpc(t) => t.id(),
+            Node::Iroh(t) => t.id(),
+        }
+    }
+
+    /// Its client (calls as this node).
+    pub(crate) fn client(&self) -> Arc<dyn RpcClient> {
+        match self {
+            Node::Grpc(t) => t.client(),
+            Node::Iroh(t) => t.client(),
+        }
+    }
+
+    /// Stops it.
+    pub(crate) async fn shutdown(self) {
+        match self {
+            Node::Grpc(t) => t.shutdown(DRAIN).await,
+            Node::Iroh(t) => t.shutdown(DRAIN).await,
+        }
+    }
+}

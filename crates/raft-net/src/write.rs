@@ -1,0 +1,74 @@
+//! The one checked write entry point ([`client_write`]): every write made
+//! on a caller's behalf is checked against the write limits before it is
+//! proposed, and a refusal maps to one status wherever it happens.
+
+use openraft::errors::{ClientWriteError, RaftError};
+use openraft::raft::ClientWriteResponse;
+use tern_protocol::{Code, Status};
+use tern_state::Command;
+use tern_state::limits::{LimitError, check_command};
+use tern_store::TypeConfig;
+
+use crate::service::{RaftInstance, raft_stopped};
+
+/// Why a write through [`client_write`] was not committed.
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    /// The command is over a size limit; it was not proposed. Do not retry
+    /// it as is.
+    #[error("refused before proposing: {0}")]
+    Limit(#[from] LimitError),
+    /// openraft did not commit it (not the leader, no quorum, stopped).
+    #[error("{0}")]
+    Raft(RaftError<TypeConfig, ClientWriteError<TypeConfig>>),
+}
+
+impl WriteError {
+    /// The status a handler answers with: `InvalidArgument` for a field
+    /// over its limit, `ResourceExhausted` for a request over
+    /// [`tern_state::limits::MAX_REQUEST_BYTES`], `FailedPrecondition`
+    /// naming the leader on a follower, `Unavailable` when Raft stopped.
+    pub fn into_status(self) -> Status {
+        match self {
+            WriteError::Limit(e) => limit_status(&e),
+            WriteError::Raft(e) => write_error(e),
+        }
+    }
+}
+
+/// The status a write refused by a size limit is answered with.
+pub fn limit_status(e: &LimitError) -> Status {
+    if e.is_whole_request() {
+        Status::new(Code::ResourceExhausted, e.to_string())
+    } else {
+        Status::invalid_argument(e.to_string())
+    }
+}
+
+/// The write entry point: checks `command` against the write limits
+/// ([`check_command`]), then proposes it. Every write made on a caller's
+/// behalf (Propose here; MetaPut, access changes and the node's own writes
+/// in `tern-cluster`) goes through it.
+pub async fn client_write(
+    raft: &RaftInstance,
+    command: Command,
+) -> Result<ClientWriteResponse<TypeConfig>, WriteError> {
+    check_command(&command)?;
+    raft.client_write(command).await.map_err(WriteError::Raft)
+}
+
+/// The status a failed Raft write is answered with: `FailedPrecondition`
+/// naming the leader on a follower, `Unavailable` when Raft stopped.
+pub fn write_error(e: RaftError<TypeConfig, ClientWriteError<TypeConfig>>) -> Status {
+    match e {
+        RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => Status::new(
+            Code::FailedPrecondition,
+            format!(
+                "not the leader (leader: {:?}); retry at the leader",
+                f.leader_id
+            ),
+        ),
+        RaftError::APIError(e) => Status::new(Code::FailedPrecondition, e.to_string()),
+        RaftError::Fatal(e) => raft_stopped(e),
+    }
+}

@@ -1,0 +1,288 @@
+//! The `process` runtime: a VM's workload is a host process running the
+//! spec's `command`, supervised with a restart policy.
+//!
+//! The command runs in its own process group with stdin from `/dev/null`
+//! and stdout and stderr appended to `workload.log` in the VM's state
+//! directory (restarts append to the same log). It inherits the node's
+//! environment and runs in the VM's state directory. A stop sends SIGTERM
+//! to the whole process group, then SIGKILL once the grace has passed.
+//!
+//! With a [`RunAs`] user (a node running as root always sets one; see the
+//! node's `vm.process_user`), the workload runs under that user's uid and
+//! gid with no supplementary groups, in `/` (the node's data directory is
+//! usually private to the node, so the user could not enter the VM's state
+//! directory; and it must not write there: the pidfile and log the node
+//! trusts live in it). Its output still reaches `workload.log` through the
+//! descriptors the node opened.
+//!
+//! `vcpus` and `memory_mib` are validated but not enforced: the process
+//! runtime is for machines without KVM and for demos, not isolation. A node
+//! serves it only when its config enables it (`vm.runtimes`).
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use rustix::process::Signal;
+use tern_protocol::BoxFuture;
+use tokio::process::Command;
+
+use crate::pidfile::ProcessIdentity;
+use crate::spec::RuntimeKind;
+use crate::supervisor::{RestartPolicy, Supervisor, Workload, last_line};
+use crate::{Observed, Recovered, Runtime, RuntimeError, Started, VmSpec};
+
+/// Name of the workload's log file in its VM directory.
+pub const LOG_FILE_NAME: &str = "workload.log";
+
+/// The unprivileged user workloads run as.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunAs {
+    /// The user's name, for messages.
+    pub user: String,
+    /// Its uid.
+    pub uid: u32,
+    /// Its primary gid.
+    pub gid: u32,
+}
+
+impl RunAs {
+    /// Looks `user` up in `/etc/passwd`. Refuses root (uid 0): the point is
+    /// never to run workloads as root.
+    pub fn lookup(user: &str) -> Result<RunAs, String> {
+        let passwd = std::fs::read_to_string("/etc/passwd")
+            .map_err(|e| format!("cannot read /etc/passwd to find user {user:?}: {e}"))?;
+        RunAs::from_passwd(user, &passwd)
+    }
+
+    /// Looks `user` up in the text of a passwd file.
+    pub fn from_passwd(user: &str, passwd: &str) -> Result<RunAs, String> {
+        for line in passwd.lines() {
+            let fields: Vec<&str> = line.split(':').collect();
+            if fields.len() < 4 || fields[0] != user {
+                continue;
+            }
+            let uid: u32 = fields[2]
+                .parse()
+                .map_err(|_| format!("user {user:?} has an unreadable uid {:?}", fields[2]))?;
+            let gid: u32 = fields[3]
+                .parse()
+                .map_err(|_| format!("user {user:?} has an unreadable gid {:?}", fields[3]))?;
+            if uid == 0 || gid == 0 {
+                return Err(format!(
+                    "user {user:?} is root (uid {uid}, gid {gid}); workloads never run as root: name an unprivileged user"
+                ));
+            }
+            return Ok(RunAs {
+                user: user.to_owned(),
+                uid,
+                gid,
+            });
+        }
+        Err(format!(
+            "no user {user:?} on this machine (create it, or name another)"
+        ))
+    }
+}
+
+/// The `process` runtime.
+pub struct ProcessRuntime {
+    supervisor: Supervisor<ProcessWorkload>,
+}
+
+impl ProcessRuntime {
+    /// A process runtime keeping its state under `state_dir` (one directory
+    /// per VM), with the default [`RestartPolicy`], running workloads as
+    /// the node's own user.
+    pub fn new(state_dir: impl Into<PathBuf>) -> Self {
+        ProcessRuntime::with_policy(state_dir, RestartPolicy::default())
+    }
+
+    /// A process runtime with a custom restart policy.
+    pub fn with_policy(state_dir: impl Into<PathBuf>, policy: RestartPolicy) -> Self {
+        ProcessRuntime::with_options(state_dir, policy, None)
+    }
+
+    /// A process runtime running workloads as `run_as` (when given).
+    pub fn with_options(
+        state_dir: impl Into<PathBuf>,
+        policy: RestartPolicy,
+        run_as: Option<RunAs>,
+    ) -> Self {
+        ProcessRuntime {
+            supervisor: Supervisor::new(state_dir.into(), ProcessWorkload { run_as }, policy),
+        }
+    }
+}
+
+struct ProcessWorkload {
+    run_as: Option<RunAs>,
+}
+
+impl Workload for ProcessWorkload {
+    fn kind(&self) -> RuntimeKind {
+        RuntimeKind::Process
+    }
+
+    fn log_path(&self, vm_dir: &Path) -> PathBuf {
+        vm_dir.join(LOG_FILE_NAME)
+    }
+
+    fn command<'a>(
+        &'a self,
+        vm_id: &'a str,
+        vm_dir: &'a Path,
+        spec: &'a VmSpec,
+    ) -> BoxFuture<'a, Result<Command, RuntimeError>> {
+        Box::pin(async move {
+            let (program, args) =
+                spec.command
+                    .split_first()
+                    .ok_or_else(|| RuntimeError::Spawn {
+                        vm_id: vm_id.to_owned(),
+                        reason: "empty command".into(),
+                    })?;
+            let log_path = self.log_path(vm_dir);
+            let log = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&log_path)
+                .map_err(|source| RuntimeError::State {
+                    path: log_path.clone(),
+                    source,
+                })?;
+            let log_err = log.try_clone().map_err(|source| RuntimeError::State {
+                path: log_path,
+                source,
+            })?;
+            let mut command = Command::new(program);
+            command
+                .args(args)
+                .current_dir(vm_dir)
+                .stdin(Stdio::null())
+                .stdout(log)
+                .stderr(log_err);
+            if let Some(run_as) = &self.run_as {
+                // std drops supplementary groups when root sets a uid.
+                command
+                    .current_dir("/")
+                    .env("HOME", "/")
+                    .uid(run_as.uid)
+                    .gid(run_as.gid);
+            }
+            Ok(command)
+        })
+    }
+
+    fn prepare<'a>(&'a self, _spec: &'a VmSpec) -> BoxFuture<'a, ()> {
+        Box::pin(async {})
+    }
+
+    fn failure_detail(&self, vm_dir: &Path) -> Option<String> {
+        last_line(&self.log_path(vm_dir)).map(|line| format!("last output: {line}"))
+    }
+
+    fn request_stop<'a>(
+        &'a self,
+        _vm_dir: &'a Path,
+        process: ProcessIdentity,
+    ) -> BoxFuture<'a, ()> {
+        Box::pin(async move {
+            if let Err(e) = process.signal_group(Signal::TERM) {
+                tracing::debug!(pid = process.pid, error = %e, "SIGTERM to the process group failed");
+            }
+        })
+    }
+
+    fn before_kill<'a>(
+        &'a self,
+        _vm_dir: &'a Path,
+        _process: ProcessIdentity,
+    ) -> BoxFuture<'a, bool> {
+        Box::pin(async { false })
+    }
+}
+
+impl Runtime for ProcessRuntime {
+    fn kind(&self) -> RuntimeKind {
+        RuntimeKind::Process
+    }
+
+    fn start<'a>(
+        &'a self,
+        vm_id: &'a str,
+        spec: &'a VmSpec,
+    ) -> BoxFuture<'a, Result<Started, RuntimeError>> {
+        Box::pin(self.supervisor.start(vm_id, spec))
+    }
+
+    fn stop<'a>(
+        &'a self,
+        vm_id: &'a str,
+        grace: Duration,
+    ) -> BoxFuture<'a, Result<Observed, RuntimeError>> {
+        Box::pin(self.supervisor.stop(vm_id, grace))
+    }
+
+    fn status<'a>(&'a self, vm_id: &'a str) -> BoxFuture<'a, Result<Observed, RuntimeError>> {
+        Box::pin(self.supervisor.status(vm_id))
+    }
+
+    fn list(&self) -> BoxFuture<'_, Vec<(String, Observed)>> {
+        Box::pin(self.supervisor.list())
+    }
+
+    fn recover(&self) -> BoxFuture<'_, Result<Vec<Recovered>, RuntimeError>> {
+        Box::pin(self.supervisor.recover())
+    }
+
+    fn remove<'a>(
+        &'a self,
+        vm_id: &'a str,
+        grace: Duration,
+    ) -> BoxFuture<'a, Result<(), RuntimeError>> {
+        Box::pin(self.supervisor.remove(vm_id, grace))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PASSWD: &str = "root:x:0:0:root:/root:/bin/bash\n\
+        nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n\
+        wheelie:x:1000:0:in group root:/home/w:/bin/sh\n\
+        broken:x:abc:1:b:/:/bin/sh\n";
+
+    #[test]
+    fn users_are_looked_up_and_root_is_refused() {
+        assert_eq!(
+            RunAs::from_passwd("nobody", PASSWD).unwrap(),
+            RunAs {
+                user: "nobody".into(),
+                uid: 65534,
+                gid: 65534
+            }
+        );
+        assert!(
+            RunAs::from_passwd("root", PASSWD)
+                .unwrap_err()
+                .contains("root")
+        );
+        assert!(
+            RunAs::from_passwd("wheelie", PASSWD)
+                .unwrap_err()
+                .contains("gid 0")
+        );
+        assert!(
+            RunAs::from_passwd("broken", PASSWD)
+                .unwrap_err()
+                .contains("uid")
+        );
+        assert!(
+            RunAs::from_passwd("ghost", PASSWD)
+                .unwrap_err()
+                .contains("no user")
+        );
+    }
+}

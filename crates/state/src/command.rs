@@ -1,0 +1,362 @@
+//! The writes to the cluster state ([`Command`]), the state machine's
+//! answers ([`Response`]) and why it refuses one ([`Rejection`]).
+
+use serde::{Deserialize, Serialize};
+use tern_protocol::PeerId;
+use tern_protocol::access::Role;
+
+use crate::access::MAX_ACCESS_KEYS;
+use crate::limits::MAX_REQUEST_ID_LEN;
+use crate::member::NodeId;
+use crate::meta::{MAX_META_KEY_LEN, MAX_META_KEYS, MAX_META_VALUE_LEN};
+use crate::vm::{VmRecord, VmReport, VmSpec, VmState};
+
+/// A client-chosen id that makes a write safe to retry.
+pub type RequestId = String;
+
+/// A write to the cluster state, the payload of a normal Raft entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    /// Give a node id to the peer with this identity: its current id if it
+    /// has one, otherwise a fresh id never used before. Join calls this
+    /// before adding the peer as a learner.
+    AllocateNodeId {
+        /// Deduplication id.
+        request_id: RequestId,
+        /// The joining peer's identity.
+        peer: PeerId,
+    },
+    /// Create or replace a VM record. The stored record's `generation` is
+    /// one more than the previous record's (1 for a new VM).
+    PutVm {
+        /// Deduplication id.
+        request_id: RequestId,
+        /// The record to store, keyed by its `id` (boxed: a record is large
+        /// next to the other commands).
+        vm: Box<VmRecord>,
+    },
+    /// Remove a VM record.
+    DeleteVm {
+        /// Deduplication id.
+        request_id: RequestId,
+        /// The VM to remove.
+        vm_id: String,
+    },
+    /// Create a VM: give it the next id (`vm-<n>`), place it (see
+    /// [`ClusterState::place`](crate::ClusterState::place)) and want it running. The spec was validated
+    /// by the VM service before it was proposed.
+    CreateVm {
+        /// Deduplication id: a retried create answers the first VM.
+        request_id: RequestId,
+        /// What to run (boxed: a spec is large next to other commands).
+        spec: Box<VmSpec>,
+    },
+    /// Change the state an operator wants a VM in: `Running` (start),
+    /// `Stopped` (stop) or `Deleted` (delete; the record goes once the
+    /// node reports the VM removed). Starting a VM observed stopped or
+    /// failed makes it pending again: a fresh attempt.
+    SetVmDesired {
+        /// Deduplication id.
+        request_id: RequestId,
+        /// The VM.
+        vm_id: String,
+        /// `Running`, `Stopped` or `Deleted`.
+        desired: VmState,
+    },
+    /// What a node's reconciler observes of a VM placed on it.
+    ReportVm {
+        /// Deduplication id (reconcilers make a fresh one per report).
+        request_id: RequestId,
+        /// The observation.
+        report: VmReport,
+    },
+    /// Move a VM to `target`: the source stops it, its report of the stop
+    /// moves the record to the target, whose reconciler starts it. A
+    /// `target` equal to the VM's current node cancels a migration that
+    /// has not handed over yet (the rollback).
+    MigrateVm {
+        /// Deduplication id.
+        request_id: RequestId,
+        /// The VM.
+        vm_id: String,
+        /// The node to move it to.
+        target: NodeId,
+    },
+    /// Set `key` of the metadata register to `value` (cluster labels and
+    /// other small operator metadata; also the lab's and benches' write
+    /// workload). Answers [`Response::MetaWritten`] with the log index the
+    /// write was applied at.
+    PutMeta {
+        /// Deduplication id: a retried put answers the first put's index.
+        request_id: RequestId,
+        /// 1 to [`MAX_META_KEY_LEN`] bytes, no control characters.
+        key: String,
+        /// At most [`MAX_META_VALUE_LEN`] bytes.
+        value: String,
+    },
+    /// Grant `role` to `key`, or revoke it. Recorded in the access log
+    /// with who asked and when.
+    ChangeAccess {
+        /// Deduplication id.
+        request_id: RequestId,
+        /// Grant (`true`) or revoke (`false`).
+        grant: bool,
+        /// The key whose roles change.
+        key: PeerId,
+        /// The role.
+        role: Role,
+        /// Who asked: the caller's authenticated key. It must hold the
+        /// admin role when the change is applied, unless no key holds it
+        /// yet (the first node bootstrapping its table).
+        by: PeerId,
+        /// When, in milliseconds since the Unix epoch, by the proposer's
+        /// clock (a value, so `apply` stays pure).
+        at_unix_ms: u64,
+    },
+}
+
+impl Command {
+    /// The client request id that makes this command idempotent, if it
+    /// carries one.
+    pub fn request_id(&self) -> Option<&str> {
+        match self {
+            Command::AllocateNodeId { request_id, .. }
+            | Command::PutVm { request_id, .. }
+            | Command::DeleteVm { request_id, .. }
+            | Command::CreateVm { request_id, .. }
+            | Command::SetVmDesired { request_id, .. }
+            | Command::ReportVm { request_id, .. }
+            | Command::MigrateVm { request_id, .. }
+            | Command::PutMeta { request_id, .. }
+            | Command::ChangeAccess { request_id, .. } => Some(request_id),
+        }
+    }
+}
+
+impl std::fmt::Display for Command {
+    /// A one-line summary for logs; never the whole record.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Command::AllocateNodeId { request_id, peer } => {
+                write!(f, "allocate-node-id peer={} req={request_id}", peer.short())
+            }
+            Command::PutVm { request_id, vm } => write!(f, "put-vm {} req={request_id}", vm.id),
+            Command::DeleteVm { request_id, vm_id } => {
+                write!(f, "delete-vm {vm_id} req={request_id}")
+            }
+            Command::CreateVm { request_id, spec } => {
+                write!(f, "create-vm name={} req={request_id}", spec.name)
+            }
+            Command::SetVmDesired {
+                request_id,
+                vm_id,
+                desired,
+            } => write!(f, "set-vm-desired {vm_id} {desired:?} req={request_id}"),
+            Command::ReportVm { request_id, report } => write!(
+                f,
+                "report-vm {} node={} {:?} req={request_id}",
+                report.vm_id, report.node_id, report.observed
+            ),
+            Command::MigrateVm {
+                request_id,
+                vm_id,
+                target,
+            } => write!(f, "migrate-vm {vm_id} to={target} req={request_id}"),
+            Command::PutMeta {
+                request_id,
+                key,
+                value,
+            } => write!(
+                f,
+                "put-meta {key:?} ({} bytes) req={request_id}",
+                value.len()
+            ),
+            Command::ChangeAccess {
+                request_id,
+                grant,
+                key,
+                role,
+                by,
+                ..
+            } => write!(
+                f,
+                "{} {role} key={} by={} req={request_id}",
+                if *grant { "grant" } else { "revoke" },
+                key.short(),
+                by.short()
+            ),
+        }
+    }
+}
+
+/// The state machine's answer to one entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Response {
+    /// Applied; nothing to report (blank and membership entries).
+    Done,
+    /// The node id allocated to a peer.
+    NodeId(NodeId),
+    /// A VM record: the stored record after a put, the removed one after a
+    /// delete. Boxed: a record is large next to the other responses.
+    Vm(Box<VmRecord>),
+    /// A metadata put was applied at this log index.
+    MetaWritten {
+        /// The index of the log entry that applied it.
+        index: u64,
+    },
+    /// The command was valid Raft data but the state refused it. Refusals
+    /// are deterministic, so every node refuses alike.
+    Rejected(Rejection),
+}
+
+/// Why the state refused a command.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum Rejection {
+    /// The request id is empty or longer than [`MAX_REQUEST_ID_LEN`].
+    #[error("request id of {len} bytes is not allowed (1 to {MAX_REQUEST_ID_LEN} bytes)")]
+    InvalidRequestId {
+        /// Its length in bytes.
+        len: usize,
+    },
+    /// No VM has this id.
+    #[error("no VM with id {vm_id:?}")]
+    UnknownVm {
+        /// The id asked for.
+        vm_id: String,
+    },
+    /// Another VM already has this name.
+    #[error("VM name {name:?} is taken by VM {existing:?}")]
+    NameTaken {
+        /// The name asked for.
+        name: String,
+        /// The VM that has it.
+        existing: String,
+    },
+    /// Node ids are exhausted (after 2^64 joins).
+    #[error("no node ids left")]
+    NodeIdsExhausted,
+    /// A metadata key that is empty, too long or has control characters.
+    #[error(
+        "metadata key of {len} bytes is not allowed: 1 to {MAX_META_KEY_LEN} bytes, \
+         no control characters"
+    )]
+    InvalidMetaKey {
+        /// Its length in bytes.
+        len: usize,
+    },
+    /// A metadata value over [`MAX_META_VALUE_LEN`].
+    #[error("metadata value of {len} bytes is too large (at most {MAX_META_VALUE_LEN} bytes)")]
+    MetaValueTooLarge {
+        /// Its length in bytes.
+        len: usize,
+    },
+    /// The register holds [`MAX_META_KEYS`] keys; only existing keys may
+    /// be written.
+    #[error(
+        "the metadata register is full ({MAX_META_KEYS} keys); overwrite an existing key instead"
+    )]
+    MetaFull,
+    /// VM ids are exhausted (after 2^64 creates).
+    #[error("no VM ids left")]
+    VmIdsExhausted,
+    /// No member has room for the VM.
+    #[error(
+        "no node has {vcpus} free vCPUs and {memory_mib} MiB free memory \
+         ({members} members; capacity is what each node declares when it joins)"
+    )]
+    NoCapacity {
+        /// vCPUs asked for.
+        vcpus: u32,
+        /// Memory asked for, in MiB.
+        memory_mib: u64,
+        /// How many members were considered.
+        members: usize,
+    },
+    /// An access change asked by a key that is not an admin.
+    #[error("key {by} does not hold the admin role; only admins change access")]
+    NotAdmin {
+        /// The key that asked.
+        by: PeerId,
+    },
+    /// Revoking the admin role from the last key holding it.
+    #[error("key {key} holds the last admin role; grant admin to another key before revoking it")]
+    LastAdmin {
+        /// The key.
+        key: PeerId,
+    },
+    /// The access table holds [`MAX_ACCESS_KEYS`] keys.
+    #[error("the access table is full ({MAX_ACCESS_KEYS} keys); revoke unused keys first")]
+    AccessFull,
+    /// The node named (a pin or a migration target) is not a member.
+    #[error("node {node_id} is not a member of the cluster")]
+    UnknownNode {
+        /// The node asked for.
+        node_id: NodeId,
+    },
+    /// The node named (a pin or a migration target) lacks room for the VM.
+    #[error(
+        "node {node_id} has {free_vcpus} free vCPUs and {free_memory_mib} MiB free memory; \
+         the VM needs {vcpus} vCPUs and {memory_mib} MiB"
+    )]
+    NodeFull {
+        /// The node asked for.
+        node_id: NodeId,
+        /// Its free vCPUs.
+        free_vcpus: u32,
+        /// Its free memory in MiB.
+        free_memory_mib: u64,
+        /// vCPUs asked for.
+        vcpus: u32,
+        /// Memory asked for, in MiB.
+        memory_mib: u64,
+    },
+    /// A desired state an operator cannot ask for.
+    #[error("{state:?} cannot be requested: use Running, Stopped or Deleted")]
+    InvalidDesiredState {
+        /// The state asked for.
+        state: VmState,
+    },
+    /// The VM is being deleted; nothing but the deletion can happen to it.
+    #[error("VM {vm_id:?} is being deleted")]
+    VmDeleting {
+        /// The VM.
+        vm_id: String,
+    },
+    /// A node reported on a VM placed elsewhere (a stale reconciler).
+    #[error("node {node_id} reported on VM {vm_id:?}, which is placed on node {placed_on}")]
+    NotPlacedHere {
+        /// The VM.
+        vm_id: String,
+        /// The reporting node.
+        node_id: NodeId,
+        /// Where the VM is placed.
+        placed_on: NodeId,
+    },
+    /// A report carried a state a node cannot observe then.
+    #[error("a node cannot report VM {vm_id:?} as {observed:?} now")]
+    InvalidReport {
+        /// The VM.
+        vm_id: String,
+        /// The state reported.
+        observed: VmState,
+    },
+    /// The VM is already moving to another node.
+    #[error(
+        "VM {vm_id:?} is already migrating to node {target}; \
+         migrate it to its current node to cancel"
+    )]
+    MigrationInProgress {
+        /// The VM.
+        vm_id: String,
+        /// Where it is going.
+        target: NodeId,
+    },
+    /// The VM is already on the node asked for.
+    #[error("VM {vm_id:?} is already on node {node_id}")]
+    AlreadyOnNode {
+        /// The VM.
+        vm_id: String,
+        /// Its node.
+        node_id: NodeId,
+    },
+}

@@ -1,0 +1,44 @@
+//! The replicated cluster state: what every node agrees on through Raft.
+//!
+//! This crate is the domain model and nothing else: no storage, no Raft
+//! library, no transport, no clock and no I/O. `tern-store` persists it,
+//! `tern-cluster` replicates it, and the services read and propose it.
+//! [`ClusterState::apply_at`] is a pure function of the state and a
+//! command, so every node that applies the same log reaches the same state.
+//!
+//! # Layout
+//!
+//! - [`state`]: [`ClusterState`] itself, the one `apply` that dispatches a
+//!   command to its module, deduplication by request id, and the reader of
+//!   older snapshot layouts.
+//! - [`command`]: the [`Command`]s that change the state, the
+//!   [`Response`]s they return and the [`Rejection`]s that refuse them.
+//! - [`vm`]: VM specs and records, reconcilers' reports, placement on the
+//!   members' capacity, and the VM lifecycle commands.
+//! - [`member`]: [`NodeId`] allocation, the [`Member`] record a membership
+//!   holds, [`Capacity`], and applying a new membership.
+//! - [`meta`]: the metadata register.
+//! - [`access`]: roles granted to keys and the audit log of changes.
+//! - [`dedup`]: the table of recent request ids and their answers.
+//! - [`limits`]: the size limits every write is checked against before it
+//!   is proposed ([`limits::check_command`]), as named constants.
+
+pub mod access;
+pub mod command;
+pub mod dedup;
+pub mod limits;
+pub mod member;
+pub mod meta;
+pub mod state;
+pub mod vm;
+
+pub use access::{AccessEvent, MAX_ACCESS_KEYS, MAX_ACCESS_LOG};
+pub use command::{Command, Rejection, RequestId, Response};
+pub use dedup::MAX_DEDUP_ENTRIES;
+pub use limits::MAX_REQUEST_ID_LEN;
+pub use member::{Capacity, FIRST_NODE_ID, Member, NodeId};
+pub use meta::{
+    MAX_META_KEY_LEN, MAX_META_KEYS, MAX_META_VALUE_LEN, MetaEntry, check_meta, check_meta_key,
+};
+pub use state::ClusterState;
+pub use vm::{VmRecord, VmReport, VmSpec, VmState};

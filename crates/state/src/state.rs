@@ -1,0 +1,896 @@
+//! The replicated cluster state and the commands that change it.
+//!
+//! [`ClusterState::apply`] is a pure function from a state and a
+//! [`Command`] to a new state and a [`Response`]: no I/O, no clock, no
+//! randomness, so every node that applies the same log reaches the same
+//! state. The Raft state machine (`tern_store::StateMachineStore`) calls it for
+//! every normal entry and [`ClusterState::apply_membership`] for every
+//! membership entry.
+//!
+//! Adding a command is adding a variant to [`Command`], an arm to
+//! `ClusterState::apply_new` and, if it answers with something new, a
+//! variant to [`Response`]. Commands that carry a client request id are
+//! deduplicated here, once for all of them: a second write with the same
+//! request id is answered with the first write's response and changes
+//! nothing, so clients and the transport router may retry writes freely.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+use serde::{Deserialize, Serialize};
+use tern_protocol::PeerId;
+use tern_protocol::access::Role;
+
+use crate::access::AccessEvent;
+use crate::command::{Command, Rejection, Response};
+use crate::dedup::DedupTable;
+use crate::limits::MAX_REQUEST_ID_LEN;
+use crate::member::{FIRST_NODE_ID, Member, NodeId};
+use crate::meta::MetaEntry;
+use crate::vm::VmRecord;
+
+/// The replicated cluster state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterState {
+    /// Members as of the last applied membership entry, voters and
+    /// learners.
+    pub(crate) members: BTreeMap<NodeId, Member>,
+    /// Node ids held by peers: current members and peers allocated an id
+    /// that have not joined yet. An id leaves this map when its node leaves
+    /// the membership, and is never handed out again.
+    pub(crate) node_ids: BTreeMap<PeerId, NodeId>,
+    /// The next node id to hand out.
+    pub(crate) next_node_id: NodeId,
+    /// VM records by id.
+    pub(crate) vms: BTreeMap<String, VmRecord>,
+    /// Recent client request ids.
+    pub(crate) dedup: DedupTable,
+    /// The number in the next VM id [`Command::CreateVm`] hands out.
+    pub(crate) next_vm_number: u64,
+    /// The metadata register: key to value and the index it was written at.
+    pub(crate) meta: BTreeMap<String, MetaEntry>,
+    /// Roles granted to keys (members hold the member role implicitly).
+    pub(crate) access: BTreeMap<PeerId, BTreeSet<Role>>,
+    /// The most recent access changes, oldest first, at most
+    /// [`MAX_ACCESS_LOG`].
+    pub(crate) access_log: VecDeque<AccessEvent>,
+    /// The sequence number of the next access event.
+    pub(crate) next_access_seq: u64,
+}
+
+/// The cluster state as snapshot format 2 wrote it, before the access
+/// table existed: the same fields in the same order, without the last
+/// three. Read so that a node upgraded in place keeps its state (its
+/// access table starts empty, and the first node grants its admins when it
+/// next leads).
+#[derive(Debug, Deserialize)]
+pub struct ClusterStateV2 {
+    pub(crate) members: BTreeMap<NodeId, Member>,
+    pub(crate) node_ids: BTreeMap<PeerId, NodeId>,
+    pub(crate) next_node_id: NodeId,
+    pub(crate) vms: BTreeMap<String, VmRecord>,
+    pub(crate) dedup: DedupTable,
+    pub(crate) next_vm_number: u64,
+    pub(crate) meta: BTreeMap<String, MetaEntry>,
+}
+
+impl From<ClusterStateV2> for ClusterState {
+    fn from(v2: ClusterStateV2) -> ClusterState {
+        ClusterState {
+            members: v2.members,
+            node_ids: v2.node_ids,
+            next_node_id: v2.next_node_id,
+            vms: v2.vms,
+            dedup: v2.dedup,
+            next_vm_number: v2.next_vm_number,
+            meta: v2.meta,
+            ..ClusterState::default()
+        }
+    }
+}
+
+impl Default for ClusterState {
+    fn default() -> Self {
+        ClusterState {
+            members: BTreeMap::new(),
+            node_ids: BTreeMap::new(),
+            next_node_id: FIRST_NODE_ID,
+            vms: BTreeMap::new(),
+            dedup: DedupTable::default(),
+            next_vm_number: 1,
+            meta: BTreeMap::new(),
+            access: BTreeMap::new(),
+            access_log: VecDeque::new(),
+            next_access_seq: 1,
+        }
+    }
+}
+
+impl ClusterState {
+    /// Applies one command, deduplicating by its request id, as if it
+    /// were the entry at log index 0 (for tests and tools; the state
+    /// machine calls [`ClusterState::apply_at`]).
+    pub fn apply(&mut self, cmd: Command) -> Response {
+        self.apply_at(0, cmd)
+    }
+
+    /// Applies the command of the log entry at `index`, deduplicating by
+    /// its request id. The index is part of the entry, so the result is
+    /// still the same on every node.
+    pub fn apply_at(&mut self, index: u64, cmd: Command) -> Response {
+        let Some(request_id) = cmd.request_id() else {
+            return self.apply_new(index, cmd);
+        };
+        if request_id.is_empty() || request_id.len() > MAX_REQUEST_ID_LEN {
+            return Response::Rejected(Rejection::InvalidRequestId {
+                len: request_id.len(),
+            });
+        }
+        if let Some(previous) = self.dedup.get(request_id) {
+            return previous.clone();
+        }
+        let request_id = request_id.to_owned();
+        let response = self.apply_new(index, cmd);
+        self.dedup.remember(request_id, response.clone());
+        response
+    }
+
+    /// Applies a command not seen before. One arm per command.
+    fn apply_new(&mut self, index: u64, cmd: Command) -> Response {
+        match cmd {
+            Command::AllocateNodeId { peer, .. } => self.allocate_node_id(peer),
+            Command::PutVm { vm, .. } => self.put_vm(vm),
+            Command::DeleteVm { vm_id, .. } => match self.vms.remove(&vm_id) {
+                Some(vm) => Response::Vm(Box::new(vm)),
+                None => Response::Rejected(Rejection::UnknownVm { vm_id }),
+            },
+            Command::CreateVm { spec, .. } => self.create_vm(*spec),
+            Command::SetVmDesired { vm_id, desired, .. } => self.set_vm_desired(vm_id, desired),
+            Command::ReportVm { report, .. } => self.report_vm(report),
+            Command::MigrateVm { vm_id, target, .. } => self.migrate_vm(vm_id, target),
+            Command::PutMeta { key, value, .. } => self.put_meta(index, key, value),
+            Command::ChangeAccess {
+                grant,
+                key,
+                role,
+                by,
+                at_unix_ms,
+                ..
+            } => self.change_access(AccessEvent {
+                seq: 0,
+                at_unix_ms,
+                by,
+                grant,
+                key,
+                role,
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::meta::{MAX_META_KEY_LEN, MAX_META_VALUE_LEN};
+    use crate::{Capacity, MAX_DEDUP_ENTRIES, MAX_META_KEYS, VmReport, VmSpec, VmState};
+    use tern_protocol::PeerAddr;
+
+    fn peer(n: u8) -> PeerId {
+        PeerId::from_bytes([n; 32])
+    }
+
+    fn access(grant: bool, key: u8, role: Role, by: u8, req: &str) -> Command {
+        Command::ChangeAccess {
+            request_id: req.into(),
+            grant,
+            key: peer(key),
+            role,
+            by: peer(by),
+            at_unix_ms: 1_700_000_000_000,
+        }
+    }
+
+    #[test]
+    fn access_bootstraps_then_only_admins_change_it() {
+        let mut s = ClusterState::default();
+        // Bootstrap: no admin yet, the first node grants itself.
+        assert_eq!(
+            s.apply(access(true, 1, Role::Admin, 1, "a")),
+            Response::Done
+        );
+        assert_eq!(s.role_of(&peer(1)), Some(Role::Admin));
+        assert_eq!(
+            s.apply(access(true, 2, Role::Operator, 1, "b")),
+            Response::Done
+        );
+        // An operator cannot grant itself admin.
+        assert_eq!(
+            s.apply(access(true, 2, Role::Admin, 2, "c")),
+            Response::Rejected(Rejection::NotAdmin { by: peer(2) })
+        );
+        assert_eq!(s.role_of(&peer(2)), Some(Role::Operator));
+        // Roles accumulate; the strongest counts.
+        assert_eq!(
+            s.apply(access(true, 2, Role::Viewer, 1, "d")),
+            Response::Done
+        );
+        assert_eq!(s.role_of(&peer(2)), Some(Role::Operator));
+        // The last admin cannot be revoked.
+        assert_eq!(
+            s.apply(access(false, 1, Role::Admin, 1, "e")),
+            Response::Rejected(Rejection::LastAdmin { key: peer(1) })
+        );
+        assert_eq!(
+            s.apply(access(false, 2, Role::Operator, 1, "f")),
+            Response::Done
+        );
+        assert_eq!(s.role_of(&peer(2)), Some(Role::Viewer));
+        // Every applied change is in the log, with who and when.
+        let log: Vec<_> = s.access_log().collect();
+        assert_eq!(log.len(), 4);
+        assert_eq!(log[1].by, peer(1));
+        assert_eq!(log[1].key, peer(2));
+        assert!(log[1].grant);
+        assert_eq!(log[3].seq, 4);
+        assert!(!log[3].grant);
+        assert_eq!(log[0].at_unix_ms, 1_700_000_000_000);
+        // A retried change is answered from the dedup table, not logged again.
+        assert_eq!(
+            s.apply(access(true, 2, Role::Operator, 1, "b")),
+            Response::Done
+        );
+        assert_eq!(s.access_log().count(), 4);
+    }
+
+    fn member(n: u8) -> Member {
+        let mut addr = PeerAddr::new(peer(n));
+        addr.grpc = Some(format!("https://127.0.0.1:{}", 7000 + u16::from(n)));
+        Member::new(
+            addr,
+            Capacity {
+                vcpus: 4,
+                memory_mib: 8192,
+            },
+        )
+    }
+
+    fn membership(nodes: &[(NodeId, u8)]) -> BTreeMap<NodeId, Member> {
+        nodes.iter().map(|(id, n)| (*id, member(*n))).collect()
+    }
+
+    fn vm(id: &str, name: &str) -> VmRecord {
+        VmRecord {
+            id: id.into(),
+            spec: VmSpec {
+                name: name.into(),
+                vcpus: 1,
+                memory_mib: 256,
+                runtime: "process".into(),
+                ..VmSpec::default()
+            },
+            node_id: 1,
+            desired: VmState::Running,
+            ..VmRecord::default()
+        }
+    }
+
+    #[test]
+    fn a_repeated_request_id_is_answered_from_the_table() {
+        let mut state = ClusterState::default();
+        let put = Command::PutVm {
+            request_id: "r1".into(),
+            vm: Box::new(vm("vm-1", "web")),
+        };
+        let first = state.apply(put.clone());
+        let Response::Vm(stored) = &first else {
+            panic!("{first:?}")
+        };
+        assert_eq!(stored.generation, 1);
+        let after_first = state.clone();
+        assert_eq!(state.apply(put), first);
+        assert_eq!(state, after_first, "a retry changes nothing");
+
+        // A new request id is a new write.
+        let again = state.apply(Command::PutVm {
+            request_id: "r2".into(),
+            vm: Box::new(vm("vm-1", "web")),
+        });
+        assert!(matches!(
+            again,
+            Response::Vm(ref v) if v.generation == 2
+        ));
+
+        // A rejected write is remembered too, so its retry is refused alike.
+        let del = Command::DeleteVm {
+            request_id: "r3".into(),
+            vm_id: "nope".into(),
+        };
+        let refused = state.apply(del.clone());
+        assert!(matches!(
+            refused,
+            Response::Rejected(Rejection::UnknownVm { .. })
+        ));
+        assert_eq!(state.apply(del), refused);
+    }
+
+    #[test]
+    fn bad_request_ids_are_refused_and_not_remembered() {
+        let mut state = ClusterState::default();
+        for id in [String::new(), "x".repeat(MAX_REQUEST_ID_LEN + 1)] {
+            let len = id.len();
+            let r = state.apply(Command::DeleteVm {
+                request_id: id,
+                vm_id: "a".into(),
+            });
+            assert_eq!(r, Response::Rejected(Rejection::InvalidRequestId { len }));
+        }
+        assert_eq!(state, ClusterState::default());
+    }
+
+    #[test]
+    fn the_dedup_table_is_bounded_and_evicts_oldest_first() {
+        let mut state = ClusterState::default();
+        for i in 0..MAX_DEDUP_ENTRIES + 10 {
+            state.apply(Command::AllocateNodeId {
+                request_id: format!("req-{i}"),
+                peer: peer(1),
+            });
+        }
+        assert_eq!(state.dedup.by_id.len(), MAX_DEDUP_ENTRIES);
+        assert_eq!(state.dedup.order.len(), MAX_DEDUP_ENTRIES);
+        assert!(state.remembered_response("req-0").is_none());
+        assert!(state.remembered_response("req-9").is_none());
+        assert!(state.remembered_response("req-10").is_some());
+    }
+
+    #[test]
+    fn vm_names_are_unique_and_deletes_return_the_record() {
+        let mut state = ClusterState::default();
+        state.apply(Command::PutVm {
+            request_id: "a".into(),
+            vm: Box::new(vm("vm-1", "web")),
+        });
+        let clash = state.apply(Command::PutVm {
+            request_id: "b".into(),
+            vm: Box::new(vm("vm-2", "web")),
+        });
+        assert!(matches!(
+            clash,
+            Response::Rejected(Rejection::NameTaken { .. })
+        ));
+        let gone = state.apply(Command::DeleteVm {
+            request_id: "c".into(),
+            vm_id: "vm-1".into(),
+        });
+        assert!(matches!(gone, Response::Vm(ref v) if v.id == "vm-1"));
+        assert!(state.vms().is_empty());
+    }
+
+    #[test]
+    fn node_ids_are_stable_per_peer_and_never_reused() {
+        let mut state = ClusterState::default();
+        // Bootstrap: node 1 was initialised directly into the membership.
+        state.apply_membership(&membership(&[(1, 1)]));
+        assert_eq!(state.node_id_of(&peer(1)), Some(1));
+
+        let alloc = |state: &mut ClusterState, req: &str, p: u8| {
+            state.apply(Command::AllocateNodeId {
+                request_id: req.into(),
+                peer: peer(p),
+            })
+        };
+        assert_eq!(alloc(&mut state, "j2", 2), Response::NodeId(2));
+        // The same peer asking again (another request id) keeps its id.
+        assert_eq!(alloc(&mut state, "j2-retry", 2), Response::NodeId(2));
+        state.apply_membership(&membership(&[(1, 1), (2, 2)]));
+        assert_eq!(state.members().len(), 2);
+
+        // Node 2 leaves, then rejoins: it gets a fresh id, 2 is retired.
+        state.apply_membership(&membership(&[(1, 1)]));
+        assert_eq!(state.node_id_of(&peer(2)), None);
+        assert_eq!(alloc(&mut state, "j2-again", 2), Response::NodeId(3));
+        assert_eq!(alloc(&mut state, "j4", 4), Response::NodeId(4));
+    }
+
+    fn arb_command() -> impl proptest::strategy::Strategy<Value = Command> {
+        use proptest::prelude::*;
+        let req = "[a-d]{1,2}";
+        prop_oneof![
+            (req, 0u8..4).prop_map(|(r, p)| Command::AllocateNodeId {
+                request_id: r,
+                peer: peer(p),
+            }),
+            (req, 0u8..5, 0u8..3).prop_map(|(r, id, name)| Command::PutVm {
+                request_id: r,
+                vm: Box::new(vm(&format!("vm-{id}"), &format!("n{name}"))),
+            }),
+            (req, 0u8..5).prop_map(|(r, id)| Command::DeleteVm {
+                request_id: r,
+                vm_id: format!("vm-{id}"),
+            }),
+            (req, 0u8..3, 0u64..3).prop_map(|(r, name, pin)| Command::CreateVm {
+                request_id: r,
+                spec: Box::new(VmSpec {
+                    pin_node: pin,
+                    ..vm("x", &format!("n{name}")).spec
+                }),
+            }),
+            (req, 0u8..5, 0u8..4).prop_map(|(r, id, s)| Command::SetVmDesired {
+                request_id: r,
+                vm_id: format!("vm-{id}"),
+                desired: [
+                    VmState::Running,
+                    VmState::Stopped,
+                    VmState::Deleted,
+                    VmState::Pending
+                ][usize::from(s)],
+            }),
+            (req, 0u8..5, 1u64..3, 0u8..3).prop_map(|(r, id, node, s)| Command::ReportVm {
+                request_id: r,
+                report: VmReport {
+                    vm_id: format!("vm-{id}"),
+                    node_id: node,
+                    observed: [VmState::Running, VmState::Stopped, VmState::Deleted]
+                        [usize::from(s)],
+                    reason: String::new(),
+                    log_path: String::new(),
+                },
+            }),
+            (req, 0u8..5, 1u64..3).prop_map(|(r, id, target)| Command::MigrateVm {
+                request_id: r,
+                vm_id: format!("vm-{id}"),
+                target,
+            }),
+            (req, 0u8..3, "[a-z]{0,3}").prop_map(|(r, k, value)| Command::PutMeta {
+                request_id: r,
+                key: format!("k{k}"),
+                value,
+            }),
+        ]
+    }
+
+    #[test]
+    fn the_metadata_register_keeps_the_index_and_refuses_out_of_bounds() {
+        let mut state = ClusterState::default();
+        let put = |req: &str, key: &str, value: &str| Command::PutMeta {
+            request_id: req.into(),
+            key: key.into(),
+            value: value.into(),
+        };
+        assert_eq!(
+            state.apply_at(7, put("r1", "zone", "eu")),
+            Response::MetaWritten { index: 7 }
+        );
+        // A retry answers the first write's index and changes nothing.
+        assert_eq!(
+            state.apply_at(9, put("r1", "zone", "eu")),
+            Response::MetaWritten { index: 7 }
+        );
+        assert_eq!(state.meta("zone").map(|e| e.index), Some(7));
+        assert_eq!(
+            state.apply_at(10, put("r2", "zone", "us")),
+            Response::MetaWritten { index: 10 }
+        );
+        assert_eq!(state.meta("zone").map(|e| e.value.as_str()), Some("us"));
+        for (req, key, value, why) in [
+            ("r3", "", "v", Rejection::InvalidMetaKey { len: 0 }),
+            ("r4", "a\nb", "v", Rejection::InvalidMetaKey { len: 3 }),
+            (
+                "r5",
+                &"k".repeat(MAX_META_KEY_LEN + 1),
+                "v",
+                Rejection::InvalidMetaKey {
+                    len: MAX_META_KEY_LEN + 1,
+                },
+            ),
+            (
+                "r6",
+                "k",
+                &"v".repeat(MAX_META_VALUE_LEN + 1),
+                Rejection::MetaValueTooLarge {
+                    len: MAX_META_VALUE_LEN + 1,
+                },
+            ),
+        ] {
+            assert_eq!(
+                state.apply_at(11, put(req, key, value)),
+                Response::Rejected(why)
+            );
+        }
+        for i in 1..MAX_META_KEYS {
+            state.apply_at(20, put(&format!("f{i}"), &format!("key{i}"), ""));
+        }
+        assert_eq!(state.meta_entries().len(), MAX_META_KEYS);
+        assert_eq!(
+            state.apply_at(30, put("full", "one-more", "")),
+            Response::Rejected(Rejection::MetaFull)
+        );
+        assert_eq!(
+            state.apply_at(31, put("overwrite", "zone", "ap")),
+            Response::MetaWritten { index: 31 },
+            "a full register still takes writes to existing keys"
+        );
+    }
+
+    proptest::proptest! {
+        /// Two nodes applying the same commands agree on every response
+        /// and on the state, and the state survives its snapshot encoding.
+        #[test]
+        fn apply_is_deterministic_and_survives_encoding(
+            cmds in proptest::collection::vec(arb_command(), 0..40)
+        ) {
+            let (mut a, mut b) = (ClusterState::default(), ClusterState::default());
+            a.apply_membership(&membership(&[(1, 1), (2, 2)]));
+            b.apply_membership(&membership(&[(1, 1), (2, 2)]));
+            for cmd in cmds {
+                proptest::prop_assert_eq!(a.apply(cmd.clone()), b.apply(cmd));
+            }
+            proptest::prop_assert_eq!(&a, &b);
+            let bytes = postcard::to_stdvec(&a).unwrap();
+            let back: ClusterState = postcard::from_bytes(&bytes).unwrap();
+            proptest::prop_assert_eq!(back, a);
+        }
+
+        /// Whatever VM commands arrive, in any order, no node is promised
+        /// more than it declared: the VMs placed on it or moving to it fit
+        /// its capacity, and every VM is placed on a member.
+        #[test]
+        fn placement_never_overcommits_a_node(
+            cmds in proptest::collection::vec(arb_vm_command(), 0..60)
+        ) {
+            let mut state = ClusterState::default();
+            state.apply_membership(&membership(&[(1, 1), (2, 2)]));
+            for cmd in cmds {
+                state.apply(cmd);
+                for (id, member) in state.members() {
+                    let (vcpus, memory) = state
+                        .vms()
+                        .values()
+                        .filter(|vm| vm.node_id == *id || vm.migrate_to == *id)
+                        .fold((0u64, 0u64), |(v, m), vm| {
+                            (v + u64::from(vm.spec.vcpus), m + vm.spec.memory_mib)
+                        });
+                    proptest::prop_assert!(vcpus <= u64::from(member.capacity.vcpus));
+                    proptest::prop_assert!(memory <= member.capacity.memory_mib);
+                }
+                for vm in state.vms().values() {
+                    proptest::prop_assert!(state.members().contains_key(&vm.node_id));
+                }
+            }
+        }
+    }
+
+    /// VM commands only (no `PutVm`, which bypasses placement), with sizes
+    /// that fill the two 4-vCPU, 8 GiB test members quickly.
+    fn arb_vm_command() -> impl proptest::strategy::Strategy<Value = Command> {
+        use proptest::prelude::*;
+        let req = "[a-z]{1,3}";
+        let state = prop_oneof![
+            Just(VmState::Running),
+            Just(VmState::Stopped),
+            Just(VmState::Failed),
+            Just(VmState::Deleted),
+        ];
+        prop_oneof![
+            (
+                req,
+                0u8..6,
+                1u32..4,
+                prop_oneof![Just(256u64), Just(2048), Just(4096)],
+                0u64..3
+            )
+                .prop_map(|(r, name, vcpus, memory_mib, pin)| Command::CreateVm {
+                    request_id: r,
+                    spec: Box::new(VmSpec {
+                        name: format!("n{name}"),
+                        vcpus,
+                        memory_mib,
+                        runtime: "process".into(),
+                        pin_node: pin,
+                        ..VmSpec::default()
+                    }),
+                }),
+            (req, 1u8..7, state.clone()).prop_map(|(r, id, desired)| Command::SetVmDesired {
+                request_id: r,
+                vm_id: format!("vm-{id}"),
+                desired,
+            }),
+            (req, 1u8..7, 1u64..3, state).prop_map(|(r, id, node, observed)| Command::ReportVm {
+                request_id: r,
+                report: VmReport {
+                    vm_id: format!("vm-{id}"),
+                    node_id: node,
+                    observed,
+                    reason: String::new(),
+                    log_path: String::new(),
+                },
+            }),
+            (req, 1u8..7, 1u64..4).prop_map(|(r, id, target)| Command::MigrateVm {
+                request_id: r,
+                vm_id: format!("vm-{id}"),
+                target,
+            }),
+        ]
+    }
+
+    fn cap(vcpus: u32, memory_mib: u64) -> Capacity {
+        Capacity { vcpus, memory_mib }
+    }
+
+    /// A cluster of members 1..=n with the given capacities.
+    fn cluster(caps: &[Capacity]) -> ClusterState {
+        let mut state = ClusterState::default();
+        let nodes: BTreeMap<NodeId, Member> = caps
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                let n = u8::try_from(i + 1).unwrap();
+                (NodeId::from(n), Member::new(PeerAddr::new(peer(n)), *c))
+            })
+            .collect();
+        state.apply_membership(&nodes);
+        state
+    }
+
+    fn spec(name: &str, vcpus: u32, memory_mib: u64) -> Box<VmSpec> {
+        Box::new(VmSpec {
+            name: name.into(),
+            vcpus,
+            memory_mib,
+            runtime: "process".into(),
+            command: vec!["sleep".into(), "600".into()],
+            ..VmSpec::default()
+        })
+    }
+
+    fn create(state: &mut ClusterState, req: &str, spec: Box<VmSpec>) -> Response {
+        state.apply(Command::CreateVm {
+            request_id: req.into(),
+            spec,
+        })
+    }
+
+    fn created(r: Response) -> VmRecord {
+        match r {
+            Response::Vm(vm) => *vm,
+            other => panic!("expected a VM, got {other:?}"),
+        }
+    }
+
+    fn report(state: &mut ClusterState, req: &str, vm: &str, node: NodeId, s: VmState) -> Response {
+        state.apply(Command::ReportVm {
+            request_id: req.into(),
+            report: VmReport {
+                vm_id: vm.into(),
+                node_id: node,
+                observed: s,
+                reason: String::new(),
+                log_path: format!("/logs/{vm}"),
+            },
+        })
+    }
+
+    fn desire(state: &mut ClusterState, req: &str, vm: &str, s: VmState) -> Response {
+        state.apply(Command::SetVmDesired {
+            request_id: req.into(),
+            vm_id: vm.into(),
+            desired: s,
+        })
+    }
+
+    #[test]
+    fn placement_picks_the_freest_node_and_reserves_capacity() {
+        let mut state = cluster(&[cap(4, 1024), cap(4, 4096), cap(1, 8192)]);
+        let a = created(create(&mut state, "a", spec("a", 2, 1024)));
+        // Node 3 has the most memory but one vCPU: node 2 is the freest fit.
+        assert_eq!(a.node_id, 2);
+        assert_eq!(
+            (a.id.as_str(), a.desired, a.observed),
+            ("vm-1", VmState::Running, VmState::Pending)
+        );
+        assert_eq!(state.free_capacity(2), Some(cap(2, 3072)));
+        let b = created(create(&mut state, "b", spec("b", 1, 4000)));
+        assert_eq!(b.node_id, 3);
+        let c = created(create(&mut state, "c", spec("c", 2, 1024)));
+        // Nodes 1 and 2 both fit; node 2 keeps more memory afterwards.
+        assert_eq!(c.node_id, 2);
+        let none = create(&mut state, "d", spec("d", 3, 2048));
+        assert!(
+            matches!(
+                none,
+                Response::Rejected(Rejection::NoCapacity {
+                    vcpus: 3,
+                    members: 3,
+                    ..
+                })
+            ),
+            "{none:?}"
+        );
+        let text = match none {
+            Response::Rejected(r) => r.to_string(),
+            _ => unreachable!(),
+        };
+        assert!(text.contains("3 free vCPUs"), "{text}");
+    }
+
+    #[test]
+    fn pins_are_honoured_or_refused_with_the_reason() {
+        let mut state = cluster(&[cap(4, 4096), cap(2, 512)]);
+        let mut pinned = spec("p", 1, 256);
+        pinned.pin_node = 2;
+        assert_eq!(created(create(&mut state, "p", pinned)).node_id, 2);
+        let mut full = spec("q", 1, 512);
+        full.pin_node = 2;
+        assert!(matches!(
+            create(&mut state, "q", full),
+            Response::Rejected(Rejection::NodeFull {
+                node_id: 2,
+                free_memory_mib: 256,
+                ..
+            })
+        ));
+        let mut nowhere = spec("r", 1, 64);
+        nowhere.pin_node = 9;
+        assert_eq!(
+            create(&mut state, "r", nowhere),
+            Response::Rejected(Rejection::UnknownNode { node_id: 9 })
+        );
+        // No members at all: no capacity.
+        let mut empty = ClusterState::default();
+        assert!(matches!(
+            create(&mut empty, "s", spec("s", 1, 64)),
+            Response::Rejected(Rejection::NoCapacity { members: 0, .. })
+        ));
+    }
+
+    #[test]
+    fn a_retried_create_makes_one_vm() {
+        let mut state = cluster(&[cap(4, 4096)]);
+        let first = create(&mut state, "same", spec("web", 1, 64));
+        let again = create(&mut state, "same", spec("web", 1, 64));
+        assert_eq!(first, again);
+        assert_eq!(state.vms().len(), 1);
+        // The same name under a new request id is refused.
+        assert!(matches!(
+            create(&mut state, "other", spec("web", 1, 64)),
+            Response::Rejected(Rejection::NameTaken { .. })
+        ));
+    }
+
+    #[test]
+    fn desired_and_observed_states_follow_commands_and_reports() {
+        let mut state = cluster(&[cap(4, 4096), cap(4, 4096)]);
+        let vm = created(create(&mut state, "c", spec("web", 1, 64)));
+        let (id, node) = (vm.id.clone(), vm.node_id);
+        let other = 3 - node;
+        let running = created(report(&mut state, "r1", &id, node, VmState::Running));
+        assert_eq!(running.observed, VmState::Running);
+        assert_eq!(running.log_path, format!("/logs/{id}"));
+        assert!(running.generation > vm.generation);
+        assert!(matches!(
+            report(&mut state, "r2", &id, other, VmState::Stopped),
+            Response::Rejected(Rejection::NotPlacedHere { .. })
+        ));
+        assert!(matches!(
+            report(&mut state, "r3", &id, node, VmState::Deleted),
+            Response::Rejected(Rejection::InvalidReport { .. })
+        ));
+        assert!(matches!(
+            desire(&mut state, "d0", &id, VmState::Migrating),
+            Response::Rejected(Rejection::InvalidDesiredState { .. })
+        ));
+        assert_eq!(
+            created(desire(&mut state, "d1", &id, VmState::Stopped)).desired,
+            VmState::Stopped
+        );
+        report(&mut state, "r4", &id, node, VmState::Failed);
+        // Start after a failure is a fresh attempt.
+        let restarted = created(desire(&mut state, "d2", &id, VmState::Running));
+        assert_eq!(
+            (restarted.desired, restarted.observed),
+            (VmState::Running, VmState::Pending)
+        );
+        // Delete: wanted gone; removed once the node reports it removed.
+        assert_eq!(
+            created(desire(&mut state, "d3", &id, VmState::Deleted)).desired,
+            VmState::Deleted
+        );
+        assert_eq!(
+            desire(&mut state, "d4", &id, VmState::Running),
+            Response::Rejected(Rejection::VmDeleting { vm_id: id.clone() })
+        );
+        assert_eq!(
+            created(desire(&mut state, "d5", &id, VmState::Deleted)).desired,
+            VmState::Deleted
+        );
+        assert_eq!(state.free_capacity(node), Some(cap(3, 4032)));
+        let gone = created(report(&mut state, "r5", &id, node, VmState::Deleted));
+        assert_eq!(gone.observed, VmState::Deleted);
+        assert!(state.vm(&id).is_none());
+        assert_eq!(state.free_capacity(node), Some(cap(4, 4096)));
+        assert!(matches!(
+            desire(&mut state, "d6", &id, VmState::Stopped),
+            Response::Rejected(Rejection::UnknownVm { .. })
+        ));
+    }
+
+    #[test]
+    fn deleting_a_vm_whose_node_left_removes_it_at_once() {
+        let mut state = cluster(&[cap(4, 4096), cap(4, 64)]);
+        let mut s = spec("web", 1, 64);
+        s.pin_node = 2;
+        let vm = created(create(&mut state, "c", s));
+        state.apply_membership(&membership(&[(1, 1)]));
+        let gone = created(desire(&mut state, "d", &vm.id, VmState::Deleted));
+        assert_eq!(gone.observed, VmState::Deleted);
+        assert!(state.vms().is_empty());
+    }
+
+    #[test]
+    fn migration_hands_over_only_after_the_source_reports_it_stopped() {
+        let mut state = cluster(&[cap(4, 4096), cap(4, 4096), cap(1, 32)]);
+        let mut s = spec("web", 1, 64);
+        s.pin_node = 1;
+        let id = created(create(&mut state, "c", s)).id;
+        report(&mut state, "r1", &id, 1, VmState::Running);
+        let migrate = |state: &mut ClusterState, req: &str, target| {
+            state.apply(Command::MigrateVm {
+                request_id: req.into(),
+                vm_id: id.clone(),
+                target,
+            })
+        };
+        assert!(matches!(
+            migrate(&mut state, "m0", 1),
+            Response::Rejected(Rejection::AlreadyOnNode { node_id: 1, .. })
+        ));
+        assert!(matches!(
+            migrate(&mut state, "m1", 3),
+            Response::Rejected(Rejection::NodeFull { node_id: 3, .. })
+        ));
+        assert!(matches!(
+            migrate(&mut state, "m2", 7),
+            Response::Rejected(Rejection::UnknownNode { node_id: 7 })
+        ));
+        let moving = created(migrate(&mut state, "m3", 2));
+        assert_eq!((moving.node_id, moving.migrate_to), (1, 2));
+        // The target reserves room while the VM moves.
+        assert_eq!(state.free_capacity(2), Some(cap(3, 4032)));
+        assert!(matches!(
+            migrate(&mut state, "m4", 3),
+            Response::Rejected(Rejection::MigrationInProgress { target: 2, .. })
+        ));
+        // Still running on the source: nothing moves.
+        let still = created(report(&mut state, "r2", &id, 1, VmState::Running));
+        assert_eq!((still.node_id, still.migrate_to), (1, 2));
+        // The source stopped it: the record moves to the target.
+        let moved = created(report(&mut state, "r3", &id, 1, VmState::Stopped));
+        assert_eq!((moved.node_id, moved.migrate_to), (2, 0));
+        assert_eq!(
+            (moved.desired, moved.observed),
+            (VmState::Running, VmState::Pending)
+        );
+        assert_eq!(state.free_capacity(1), Some(cap(4, 4096)));
+        // The old source's late reports are refused.
+        assert!(matches!(
+            report(&mut state, "r4", &id, 1, VmState::Stopped),
+            Response::Rejected(Rejection::NotPlacedHere { placed_on: 2, .. })
+        ));
+        // Rollback: a migration back to the current node before the
+        // hand-over cancels it.
+        created(migrate(&mut state, "m5", 1));
+        let cancelled = created(migrate(&mut state, "m6", 2));
+        assert_eq!((cancelled.node_id, cancelled.migrate_to), (2, 0));
+        assert_eq!(state.free_capacity(1), Some(cap(4, 4096)));
+    }
+
+    #[test]
+    fn ids_seen_in_a_membership_are_never_allocated() {
+        let mut state = ClusterState::default();
+        state.apply_membership(&membership(&[(7, 1)]));
+        let r = state.apply(Command::AllocateNodeId {
+            request_id: "x".into(),
+            peer: peer(9),
+        });
+        assert_eq!(r, Response::NodeId(8));
+    }
+}
