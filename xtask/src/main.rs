@@ -13,6 +13,8 @@
 //!   environment the tests use.
 //! - `lab`: builds `tern` and `tern-lab` and runs a network-lab scenario
 //!   as root (`crates/lab`).
+//! - `tidy` (tests only): keeps module docs, Layout lists and the
+//!   architecture's dependency diagram true, and ratchets long functions.
 //!
 //! xtask has few dependencies on purpose: it must build fast on a fresh
 //! machine before anything else.
@@ -26,6 +28,8 @@ mod bench;
 mod lab;
 mod prereqs;
 mod test;
+#[cfg(test)]
+mod tidy;
 
 const USAGE: &str = "\
 usage: cargo xtask <command> [options]

@@ -37,6 +37,11 @@ const TOOLS: &[Tool] = &[
         package: "busybox-static",
         why: "the microvm runtime test builds its guest's initramfs from busybox",
     },
+    Tool {
+        command: "strace",
+        package: "strace",
+        why: "the store's durability test traces that no write is acknowledged before its fdatasync",
+    },
 ];
 
 /// What the network lab (`cargo xtask lab`) needs from the system.

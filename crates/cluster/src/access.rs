@@ -35,14 +35,19 @@ pub fn list_response(state: &ClusterState) -> pb::AccessListResponse {
             })
             .collect(),
         log: state
-            .access_log()
+            .audit_log()
             .map(|e| pb::AccessEvent {
                 seq: e.seq,
                 at_unix_ms: e.at_unix_ms,
                 by: Bytes::copy_from_slice(e.by.as_bytes()),
-                action: if e.grant { "grant" } else { "revoke" }.to_owned(),
-                key: Bytes::copy_from_slice(e.key.as_bytes()),
-                role: e.role.name().to_owned(),
+                action: e.action.name().to_owned(),
+                key: e
+                    .action
+                    .key()
+                    .map_or_else(Bytes::new, |k| Bytes::copy_from_slice(k.as_bytes())),
+                role: e.action.role().map_or("", |r| r.name()).to_owned(),
+                node_id: e.action.node_id().unwrap_or(0),
+                token_id: e.action.token_id().unwrap_or_default().to_owned(),
             })
             .collect(),
     }

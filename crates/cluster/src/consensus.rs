@@ -23,10 +23,6 @@ use tern_services::consensus::{Consensus, ConsensusError, MemberStatus, RaftRole
 use tern_state::{ClusterState, Command, Response};
 use tokio::sync::watch;
 
-/// Bound on one forward to the leader; the services bound the whole write
-/// by `WRITE_TIMEOUT` as well.
-pub const PROPOSE_TIMEOUT: std::time::Duration = tern_services::consensus::WRITE_TIMEOUT;
-
 /// openraft behind the [`Consensus`] trait.
 pub struct RaftConsensus {
     node: Arc<RaftNode>,
@@ -118,7 +114,7 @@ impl Consensus for RaftConsensus {
                         self.client.as_ref(),
                         &leader.addr,
                         &command_copy,
-                        PROPOSE_TIMEOUT,
+                        tern_protocol::forward::FORWARD_TIMEOUT,
                     )
                     .await
                     {

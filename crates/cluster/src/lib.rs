@@ -18,6 +18,9 @@
 //!   and the leader checks the Cluster calls share.
 //! - [`meta`]: the metadata register's `Cluster/MetaPut` and linearizable
 //!   `Cluster/MetaGet`, and typed client calls ([`meta_put`], [`meta_get`]).
+//! - [`admission`]: join tokens (create, revoke, list, check), the bound
+//!   on failed join attempts, and the admission settings ([`Admission`]:
+//!   `max_voters`, the largest declared capacity).
 //! - [`access`]: the access table's Cluster calls (grant, revoke, list
 //!   with the audit log), served by the leader.
 //! - [`consensus`]: [`RaftConsensus`], the services' `Consensus` trait
@@ -25,12 +28,14 @@
 //!   applied state, the Raft status watch).
 
 pub mod access;
+pub mod admission;
 pub mod consensus;
 pub mod membership;
 pub mod meta;
 pub mod node;
 pub mod service;
 
+pub use admission::Admission;
 pub use consensus::RaftConsensus;
 pub use membership::JoinToken;
 pub use meta::{MetaError, MetaPut, MetaRead, meta_get, meta_put};

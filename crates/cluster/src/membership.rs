@@ -38,13 +38,14 @@ use openraft::raft::ClientWriteResponse;
 use openraft::{ChangeMembers, ServerState};
 use prost::Message;
 use tern_protocol::catalog::methods;
-use tern_protocol::{Code, PeerAddr, RequestContext, Status, pb};
+use tern_protocol::{Code, Method, PeerAddr, PeerId, RequestContext, Status, pb};
 use tern_raft_net::service::{not_a_member, raft_stopped};
 use tern_raft_net::{Attached, RaftInstance};
-use tern_state::{Capacity, Command, Member, NodeId, Response};
+use tern_state::{Capacity, Command, Member, MembershipChange, NodeId, Response};
 use tern_store::{Membership, TypeConfig};
 use tokio::time::Duration;
 
+use crate::admission::{TokenRefusal, check_token, count_refusal, require_admin, unix_ms};
 use crate::service::{ClusterShared, lock};
 
 /// How long a learner has to catch up before the leader gives up
@@ -202,18 +203,34 @@ pub(crate) async fn join(
     let addr = PeerAddr::try_from(addr)
         .map_err(|e| Status::invalid_argument(format!("cluster/join: address: {e}")))?;
     let member = node.is_member(&ctx.peer);
-    let token_ok = shared
-        .join_token
-        .as_ref()
-        .is_some_and(|t| t.matches(&req.token));
-    if !member && !token_ok {
-        return Err(not_a_member(
-            &ctx.peer,
-            method,
-            "the join token does not match",
-        ));
-    }
+    let now = tokio::time::Instant::now();
+    let admission = if member {
+        Admitted::Member
+    } else {
+        shared.failed_joins.check(&ctx.peer, now)?;
+        let statically = shared
+            .admission
+            .static_token
+            .as_ref()
+            .is_some_and(|t| t.matches(&req.token));
+        if statically {
+            Admitted::StaticToken
+        } else {
+            let checked = node
+                .sm
+                .read(|s| check_token(s, &req.token, unix_ms()))
+                .map_err(|e| Status::unavailable(format!("cannot read the cluster state: {e}")))?;
+            match checked {
+                Ok((token_id, token_hash)) => Admitted::Token {
+                    token_id,
+                    token_hash,
+                },
+                Err(refusal) => return Err(refuse(shared, ctx, method, refusal, now)),
+            }
+        }
+    };
     if addr.id != ctx.peer {
+        count_refusal("not_itself");
         tracing::warn!(caller = %ctx.peer.short(), named = %addr.id.short(), "refused a join for another node");
         return Err(Status::permission_denied(format!(
             "a node joins as itself: the address names {} but the caller is {}",
@@ -222,13 +239,28 @@ pub(crate) async fn join(
         )));
     }
     ensure_leader(node)?;
-    let capacity = req
+    let declared = req
         .capacity
         .map(|c| Capacity {
             vcpus: c.vcpus,
             memory_mib: c.memory_mib,
         })
         .unwrap_or_default();
+    let max = shared.admission.max_capacity;
+    let capacity = Capacity {
+        vcpus: declared.vcpus.min(max.vcpus),
+        memory_mib: declared.memory_mib.min(max.memory_mib),
+    };
+    if capacity != declared {
+        tracing::warn!(
+            caller = %ctx.peer.short(),
+            declared_vcpus = declared.vcpus,
+            declared_memory_mib = declared.memory_mib,
+            max_vcpus = max.vcpus,
+            max_memory_mib = max.memory_mib,
+            "a joiner declared more capacity than [cluster] max_node_vcpus / max_node_memory_mib allow; capped"
+        );
+    }
     let record = Member::new(addr, capacity);
     tern_state::limits::check_member(&record)
         .map_err(|e| Status::invalid_argument(format!("cluster/join: {e}")))?;
@@ -242,21 +274,36 @@ pub(crate) async fn join(
     // Unique per peer and membership: a retry within one membership is
     // answered from the deduplication table; a rejoin after a leave (a new
     // membership) is a new request, so it can never get the old id back.
-    let request_id = format!(
-        "join-{}-{}",
-        ctx.peer,
-        membership.log_id().as_ref().map_or(0, |l| l.index)
-    );
-    let allocate = Command::AllocateNodeId {
-        request_id,
-        peer: ctx.peer,
+    let since_index = membership.log_id().as_ref().map_or(0, |l| l.index);
+    let allocate = match admission {
+        Admitted::Member | Admitted::StaticToken => Command::AllocateNodeId {
+            request_id: format!("join-{}-{since_index}", ctx.peer),
+            peer: ctx.peer,
+        },
+        // The token's id is part of the request id: a join refused with
+        // one token and retried with another is a new request.
+        Admitted::Token {
+            token_id,
+            token_hash,
+        } => Command::AdmitNode {
+            request_id: format!("join-{}-{since_index}-{token_id}", ctx.peer),
+            peer: ctx.peer,
+            token_id,
+            token_hash,
+            at_unix_ms: unix_ms(),
+        },
     };
     let written = crate::node::client_write(&node.raft, allocate)
         .await
         .map_err(crate::node::WriteError::into_status)?;
     let id = match written.data {
         Response::NodeId(id) => id,
-        Response::Rejected(r) => return Err(failed_precondition(r.to_string())),
+        Response::Rejected(r) => {
+            if let Some(refusal) = TokenRefusal::from_rejection(&r) {
+                return Err(refuse(shared, ctx, method, refusal, now));
+            }
+            return Err(failed_precondition(r.to_string()));
+        }
         other => {
             return Err(Status::internal(format!(
                 "node id allocation answered {other:?}"
@@ -283,6 +330,7 @@ pub(crate) async fn join(
     };
     // The membership to answer with and the log id it took effect at
     // (metrics may not show a change the moment it commits).
+    let added = matches!(change, Some(ChangeMembers::AddNodes(_)));
     let (membership, since) = match change {
         Some(change) => {
             let written = change_membership(&node.raft, change, true).await?;
@@ -294,12 +342,36 @@ pub(crate) async fn join(
         }
         None => (stored.membership().clone(), *stored.log_id()),
     };
-    if !membership.voter_ids().any(|v| v == id) {
-        spawn_promotion(shared.clone(), node.clone(), id, since);
+    if added {
+        record_change(
+            node,
+            MembershipChange::AddedLearner {
+                node_id: id,
+                peer: ctx.peer,
+            },
+            ctx.peer,
+        )
+        .await;
+    }
+    let voters = membership.voter_ids().count();
+    let is_voter = membership.voter_ids().any(|v| v == id);
+    let voter_pending = is_voter || voters < shared.admission.max_voters;
+    if !is_voter {
+        if voter_pending {
+            spawn_promotion(shared.clone(), node.clone(), id, since);
+        } else {
+            tracing::info!(
+                node = id,
+                voters,
+                max_voters = shared.admission.max_voters,
+                "joined as a learner; the cluster has max_voters voters, so it stays one until an admin promotes it (tern cluster promote)"
+            );
+        }
     }
     Ok(pb::JoinResponse {
         node_id: id,
         members: members_pb(&membership),
+        voter_pending,
     }
     .encode_to_vec()
     .into())
@@ -362,7 +434,11 @@ fn spawn_promotion(
                 )
                 .await
                 {
-                    Ok(_) => tracing::info!(node = id, "learner promoted to voter"),
+                    Ok(_) => {
+                        tracing::info!(node = id, "learner promoted to voter");
+                        let me = leader_key(&node);
+                        record_change(&node, MembershipChange::Promoted { node_id: id }, me).await;
+                    }
                     Err(e) => tracing::warn!(node = id, error = %e, "promotion to voter failed"),
                 }
             }
@@ -455,6 +531,7 @@ pub(crate) async fn leave(
         false,
     )
     .await?;
+    record_change(node, MembershipChange::Removed { node_id: id }, ctx.peer).await;
     let membership = written
         .membership()
         .clone()
@@ -468,6 +545,109 @@ fn members_reply(membership: &Membership) -> Bytes {
     }
     .encode_to_vec()
     .into()
+}
+
+/// How a joiner was let in.
+enum Admitted {
+    /// Already a member (a restarted node updating its address).
+    Member,
+    /// The node's configured static token.
+    StaticToken,
+    /// A token of the cluster state: its use is spent by `AdmitNode`.
+    Token {
+        token_id: String,
+        token_hash: [u8; tern_state::admission::TOKEN_HASH_LEN],
+    },
+}
+
+/// Refuses a join for a bad token: counted, remembered against the caller
+/// for the failed-join bound, logged.
+fn refuse(
+    shared: &ClusterShared,
+    ctx: &RequestContext,
+    method: &Method,
+    refusal: TokenRefusal,
+    now: tokio::time::Instant,
+) -> Status {
+    shared.failed_joins.record(ctx.peer, now);
+    count_refusal(refusal.reason());
+    let _ = not_a_member(&ctx.peer, method, refusal.reason());
+    refusal.status()
+}
+
+/// The leader's own key (for audit records of changes it makes itself).
+fn leader_key(node: &Attached) -> PeerId {
+    node.raft
+        .metrics()
+        .borrow_watched()
+        .membership_config
+        .membership()
+        .get_node(&node.id)
+        .map_or_else(|| PeerId::from_bytes([0; 32]), Member::peer_id)
+}
+
+/// Records a membership change in the audit log (best effort: the change
+/// itself is already committed; a failure to record it is logged).
+pub(crate) async fn record_change(node: &Attached, change: MembershipChange, by: PeerId) {
+    let command = Command::RecordMembership {
+        request_id: format!("membership-{}-{}", unix_ms(), rand_suffix()),
+        change,
+        by,
+        at_unix_ms: unix_ms(),
+    };
+    match tokio::time::timeout(
+        crate::meta::WRITE_TIMEOUT,
+        crate::node::client_write(&node.raft, command),
+    )
+    .await
+    {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "could not record a membership change in the audit log")
+        }
+        Err(_) => tracing::warn!("recording a membership change in the audit log timed out"),
+    }
+}
+
+fn rand_suffix() -> u64 {
+    rand::random()
+}
+
+/// Serves `Cluster/Promote`: an admin makes a learner a voter.
+pub(crate) async fn promote(
+    node: &Arc<Attached>,
+    ctx: &RequestContext,
+    payload: Bytes,
+) -> Result<Bytes, Status> {
+    let req = pb::PromoteRequest::decode(payload)
+        .map_err(|e| Status::invalid_argument(format!("cluster/promote: {e}")))?;
+    require_admin(node, &ctx.peer, "promoting a learner")?;
+    ensure_leader(node)?;
+    let id = req.node_id;
+    let membership = node
+        .raft
+        .metrics()
+        .borrow_watched()
+        .membership_config
+        .membership()
+        .clone();
+    if membership.get_node(&id).is_none() {
+        return Err(Status::new(
+            Code::NotFound,
+            format!("node {id} is not a member (tern cluster members lists them)"),
+        ));
+    }
+    if !membership.voter_ids().any(|v| v == id) {
+        tracing::info!(node = id, by = %ctx.peer.short(), "promoting a learner on an admin's request");
+        change_membership(
+            &node.raft,
+            ChangeMembers::AddVoterIds(BTreeSet::from([id])),
+            true,
+        )
+        .await?;
+        record_change(node, MembershipChange::Promoted { node_id: id }, ctx.peer).await;
+    }
+    Ok(members_response(node).encode_to_vec().into())
 }
 
 #[cfg(test)]

@@ -32,15 +32,14 @@
 //! (retry, with the same request id for a put), `FailedPrecondition` for a
 //! forwarded call that found no leader at its destination (retry).
 
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use openraft::ReadPolicy;
-use openraft::async_runtime::WatchReceiver;
 use openraft::errors::{ClientWriteError, ForwardToLeader, LinearizableReadError, RaftError};
 use prost::Message;
 use tern_protocol::catalog::methods;
+use tern_protocol::forward::{Leader, forward_to_leader, not_leader};
 use tern_protocol::{Call, CallError, Code, PeerAddr, RequestContext, RpcClient, Status, pb};
 use tern_state::{Command, NodeId, Response};
 use tern_state::{MAX_REQUEST_ID_LEN, check_meta, check_meta_key};
@@ -58,10 +57,6 @@ pub const WRITE_TIMEOUT: Duration = Duration::from_secs(8);
 /// quorum: a few heartbeat rounds. Past it the node answers `Unavailable`
 /// (partitioned or leaderless) instead of a possibly stale value.
 pub const LINEARIZE_TIMEOUT: Duration = Duration::from_secs(4);
-
-/// Bound on one forward to the leader (the caller's own deadline, when
-/// shorter, wins).
-pub const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A committed put.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -236,7 +231,7 @@ pub(crate) async fn serve_put(
                 forwarded: true,
                 ..req
             };
-            let bytes = forward_to_leader(
+            let bytes = forward_register_call(
                 node,
                 ctx,
                 &f,
@@ -298,7 +293,7 @@ pub(crate) async fn serve_get(
                 forwarded: true,
                 key: req.key,
             };
-            return forward_to_leader(
+            return forward_register_call(
                 node,
                 ctx,
                 &f,
@@ -342,8 +337,10 @@ pub(crate) async fn serve_get(
     Ok(resp.encode_to_vec().into())
 }
 
-/// Passes a register call this node cannot serve to the leader, once.
-async fn forward_to_leader(
+/// Passes a register call this node cannot serve to the leader, once
+/// (through [`tern_protocol::forward::forward_to_leader`]); a call that
+/// arrived forwarded is answered [`not_leader`] instead.
+async fn forward_register_call(
     node: &Attached,
     ctx: &RequestContext,
     f: &ForwardToLeader<TypeConfig>,
@@ -351,40 +348,22 @@ async fn forward_to_leader(
     payload: Bytes,
     already_forwarded: bool,
 ) -> Result<Bytes, Status> {
-    let Some(leader) = f.leader_id else {
-        let term = node.raft.metrics().borrow_watched().current_term;
-        return Err(Status::unavailable(format!(
-            "node {} knows no Raft leader (term {term}); retry shortly",
-            node.id
-        )));
-    };
     if already_forwarded {
-        return Err(Status::new(
-            Code::FailedPrecondition,
-            format!(
-                "node {} is not the Raft leader (node {leader} is); a forwarded call is not \
-                 forwarded again: retry",
-                node.id
-            ),
+        return Err(not_leader(
+            f.leader_id,
+            " (a forwarded call is not forwarded again: retry)",
         ));
     }
-    let Some(addr) = f.leader_node.as_ref().map(|m| m.addr.clone()) else {
-        return Err(Status::unavailable(format!(
-            "the leader (node {leader}) is not in node {}'s membership yet; retry shortly",
-            node.id
-        )));
+    let (Some(id), Some(member)) = (f.leader_id, f.leader_node.as_ref()) else {
+        return Err(not_leader(
+            f.leader_id,
+            " (its address is not in this node's membership yet)",
+        ));
     };
-    let timeout = ctx
-        .remaining(Instant::now())
-        .map_or(FORWARD_TIMEOUT, |left| left.min(FORWARD_TIMEOUT));
-    tracing::debug!(method = %method.label(), leader, "forwarding a metadata call to the leader");
-    let call = Call::new(method, payload).with_timeout(timeout);
-    let client: &Arc<dyn RpcClient> = &node.client;
-    client.call(&addr, call).await.map_err(|e| match e {
-        CallError::Application(status) => status,
-        CallError::Transport(t) => Status::unavailable(format!(
-            "forwarding to the leader (node {leader}) failed: {t}; retry (a put with the same \
-             request id)"
-        )),
-    })
+    tracing::debug!(method = %method.label(), leader = id, "forwarding a metadata call to the leader");
+    let leader = Leader {
+        id,
+        addr: member.addr.clone(),
+    };
+    forward_to_leader(node.client.as_ref(), &leader, ctx, method, payload).await
 }

@@ -45,18 +45,21 @@ use crate::service::RaftServices;
 pub use tern_raft_net::write::{WriteError, client_write, limit_status};
 pub use tern_state::FIRST_NODE_ID;
 
-/// Interval of the leader's heartbeats. openraft also uses it as the
-/// deadline of every append-entries call (`soft_ttl` is 3/4 of it), and an
-/// append waits for the follower's sled flush: 250 ms leaves room for a
-/// flush on a busy disk plus a WAN round trip, where openraft's 50 ms
-/// default times appends out.
-pub const HEARTBEAT_INTERVAL: Duration = Duration::from_millis(250);
-/// Shortest election timeout: four heartbeats missed in a row, so a
-/// single slow flush or lost packet never starts an election.
-pub const ELECTION_TIMEOUT_MIN: Duration = Duration::from_millis(1000);
+/// Interval of the leader's heartbeats: 100 ms, so that three can be lost
+/// in a row within the shortest election timeout. A heartbeat is an empty
+/// append on the control lane (never queued behind replication) that no
+/// follower syncs, so it is cheap; replication appends have their own
+/// deadline (`tern_raft_net::network::REPLICATION_TIMEOUT`), not this.
+pub const HEARTBEAT_INTERVAL: Duration = Duration::from_millis(100);
+/// Shortest election timeout: three heartbeats missed in a row, so a
+/// single late heartbeat or lost packet never starts an election.
+pub const ELECTION_TIMEOUT_MIN: Duration = Duration::from_millis(300);
 /// Longest election timeout: twice the shortest, so that candidates'
-/// randomised timeouts rarely collide.
-pub const ELECTION_TIMEOUT_MAX: Duration = Duration::from_millis(2000);
+/// randomised timeouts rarely collide. It is also openraft's leader lease
+/// (a follower refuses votes until this long after the last heartbeat), so
+/// failover after a leader dies takes about this plus one vote round and
+/// the new leader's first commit: the goal is under a second.
+pub const ELECTION_TIMEOUT_MAX: Duration = Duration::from_millis(600);
 /// Deadline of one snapshot chunk ([`SNAPSHOT_CHUNK_SIZE`]) including, for
 /// the last, the receiver's install: 1 MiB needs well under a second on
 /// any link a cluster runs over.
@@ -133,10 +136,11 @@ impl RaftOptions {
                 .saturating_add(self.logs_to_keep_after_snapshot)
                 .saturating_mul(2),
             snapshot_max_chunk_size: SNAPSHOT_CHUNK_SIZE as u64,
-            // openraft's leader lease already refuses disruptive
-            // candidates; pre-vote stays off until it leaves alpha. The
-            // network implements it, so turning it on is this line.
-            enable_pre_vote: Some(false),
+            // Pre-vote: a node that can reach the others but is not heard
+            // (or was partitioned) asks whether it would win before raising
+            // its term, so it never deposes a healthy leader when it is
+            // heard again. The network carries it on the control lane.
+            enable_pre_vote: Some(true),
             ..Config::default()
         };
         config
@@ -210,6 +214,9 @@ pub struct JoinAnswer {
     pub node_id: NodeId,
     /// The members at the time, with their node ids.
     pub members: Vec<(NodeId, PeerAddr)>,
+    /// Whether the leader will promote this node to voter once it has
+    /// caught up (otherwise it stays a learner until an admin promotes it).
+    pub voter_pending: bool,
 }
 
 fn parse_members(members: &[pb::Member]) -> Vec<(NodeId, PeerAddr)> {
@@ -251,8 +258,7 @@ pub async fn propose(
 }
 
 /// Asks the cluster, through `seed`, to let `me` join: calls Join at the
-/// seed and, if it is not the leader, asks it for the members and calls
-/// the leader (at most [`MAX_JOIN_REDIRECTS`] times).
+/// seed and, if it is not the leader, at the leader ([`at_the_leader`]).
 pub async fn request_join(
     client: &dyn RpcClient,
     seed: &PeerAddr,
@@ -267,64 +273,72 @@ pub async fn request_join(
             memory_mib: me.capacity.memory_mib,
         }),
     };
-    let mut target = seed.clone();
-    for _ in 0..=MAX_JOIN_REDIRECTS {
-        let call = Call::new(methods::CLUSTER_JOIN, req.encode_to_vec().into())
-            .with_timeout(CLUSTER_CALL_TIMEOUT);
-        match client.call(&target, call).await {
-            Ok(bytes) => {
-                let resp = pb::JoinResponse::decode(bytes)
-                    .map_err(|e| RaftNodeError::Answer(format!("join response: {e}")))?;
-                return Ok(JoinAnswer {
-                    node_id: resp.node_id,
-                    members: parse_members(&resp.members),
-                });
-            }
-            Err(CallError::Application(s))
-                if matches!(s.code, Code::FailedPrecondition | Code::Unavailable) =>
-            {
-                tracing::info!(peer = %target.id.short(), reason = %s.message, "join redirected");
-                target = find_leader(client, &target).await?;
-            }
-            Err(error) => {
-                return Err(RaftNodeError::Call {
-                    peer: target.id.short(),
-                    error,
-                });
-            }
-        }
-    }
-    Err(RaftNodeError::TimedOut(format!(
-        "no leader accepted the join after {MAX_JOIN_REDIRECTS} redirects"
-    )))
+    let bytes = at_the_leader(
+        client,
+        seed,
+        methods::CLUSTER_JOIN,
+        req.encode_to_vec().into(),
+    )
+    .await?;
+    let resp = pb::JoinResponse::decode(bytes)
+        .map_err(|e| RaftNodeError::Answer(format!("join response: {e}")))?;
+    Ok(JoinAnswer {
+        node_id: resp.node_id,
+        members: parse_members(&resp.members),
+        voter_pending: resp.voter_pending,
+    })
 }
 
-/// Asks the cluster, through `seed`, to remove node `node_id`: calls
-/// Leave at the seed and follows redirects to the leader (a leader asked
-/// to remove itself hands leadership over first, so this may take a
-/// redirect more). `client` must call as a member. Returns the members
-/// left.
+/// Asks the cluster, through `seed`, to remove node `node_id` (at the
+/// leader, see [`at_the_leader`]; a leader asked to remove itself hands
+/// leadership over first, so this may take a redirect more). `client` must
+/// call as the node itself or as an admin. Returns the members left.
 pub async fn request_leave(
     client: &dyn RpcClient,
     seed: &PeerAddr,
     node_id: NodeId,
 ) -> Result<Vec<(NodeId, PeerAddr)>, RaftNodeError> {
     let req = pb::LeaveRequest { node_id };
+    let bytes = at_the_leader(
+        client,
+        seed,
+        methods::CLUSTER_LEAVE,
+        req.encode_to_vec().into(),
+    )
+    .await?;
+    let resp = pb::LeaveResponse::decode(bytes)
+        .map_err(|e| RaftNodeError::Answer(format!("leave response: {e}")))?;
+    Ok(parse_members(&resp.members))
+}
+
+/// The one redirect loop for calls only the leader serves: calls `method`
+/// at `seed`, and on `FailedPrecondition` (not the leader) or
+/// `Unavailable` (no leader yet, or leadership moving) asks the node
+/// called for the leader and calls it there, at most
+/// [`MAX_JOIN_REDIRECTS`] times, a heartbeat apart.
+pub async fn at_the_leader(
+    client: &dyn RpcClient,
+    seed: &PeerAddr,
+    method: &'static tern_protocol::Method,
+    payload: bytes::Bytes,
+) -> Result<bytes::Bytes, RaftNodeError> {
     let mut target = seed.clone();
-    for _ in 0..=MAX_JOIN_REDIRECTS {
-        let call = Call::new(methods::CLUSTER_LEAVE, req.encode_to_vec().into())
-            .with_timeout(CLUSTER_CALL_TIMEOUT);
+    for attempt in 0..=MAX_JOIN_REDIRECTS {
+        if attempt > 0 {
+            tokio::time::sleep(HEARTBEAT_INTERVAL).await;
+        }
+        let call = Call::new(method, payload.clone()).with_timeout(CLUSTER_CALL_TIMEOUT);
         match client.call(&target, call).await {
-            Ok(bytes) => {
-                let resp = pb::LeaveResponse::decode(bytes)
-                    .map_err(|e| RaftNodeError::Answer(format!("leave response: {e}")))?;
-                return Ok(parse_members(&resp.members));
-            }
+            Ok(bytes) => return Ok(bytes),
             Err(CallError::Application(s))
                 if matches!(s.code, Code::FailedPrecondition | Code::Unavailable) =>
             {
-                tracing::info!(peer = %target.id.short(), reason = %s.message, "leave redirected");
-                tokio::time::sleep(HEARTBEAT_INTERVAL).await;
+                tracing::info!(
+                    peer = %target.id.short(),
+                    method = %method.label(),
+                    reason = %s.message,
+                    "redirected to the leader"
+                );
                 target = find_leader(client, &target).await?;
             }
             Err(error) => {
@@ -336,7 +350,8 @@ pub async fn request_leave(
         }
     }
     Err(RaftNodeError::TimedOut(format!(
-        "no leader removed node {node_id} after {MAX_JOIN_REDIRECTS} redirects"
+        "no leader answered {} after {MAX_JOIN_REDIRECTS} redirects",
+        method.label()
     )))
 }
 
@@ -445,7 +460,8 @@ impl RaftNode {
     /// Joins the cluster through `seed` with `token` as `me`: obtains a
     /// node id ([`request_join`]), saves it in `data_dir`, starts Raft,
     /// and waits at most `timeout` until the leader has promoted this
-    /// node to voter.
+    /// node to voter, or, when the cluster already has its `max_voters`,
+    /// until it is a learner in a committed membership.
     #[allow(clippy::too_many_arguments)] // reason: the composition step takes every part once
     pub async fn join<LS: RaftLogStorage<TypeConfig>>(
         services: &RaftServices,
@@ -464,7 +480,8 @@ impl RaftNode {
         write_node_id(data_dir, answer.node_id)?;
         services.trust_until_first_membership(answer.members.iter().map(|(id, a)| (*id, a.id)));
         let node = RaftNode::start(services, answer.node_id, log, sm, client, options).await?;
-        node.wait_until_voter(timeout).await?;
+        node.wait_until_joined(answer.voter_pending, timeout)
+            .await?;
         Ok(node)
     }
 
@@ -479,9 +496,14 @@ impl RaftNode {
             .map_err(|e| RaftNodeError::Raft(e.to_string()))
     }
 
-    /// Waits at most `timeout` until this node is a voter in a committed,
-    /// non-joint membership.
-    pub async fn wait_until_voter(&self, timeout: Duration) -> Result<(), RaftNodeError> {
+    /// Waits at most `timeout` until this node is in a committed,
+    /// non-joint membership: as a voter when `voter` (the join answer's
+    /// `voter_pending`), else as a learner or voter.
+    pub async fn wait_until_joined(
+        &self,
+        voter: bool,
+        timeout: Duration,
+    ) -> Result<(), RaftNodeError> {
         let id = self.attached.id;
         self.attached
             .raft
@@ -490,9 +512,17 @@ impl RaftNode {
                 |m| {
                     let committed = m.committed_membership_config.membership();
                     committed.get_joint_config().len() == 1
-                        && committed.voter_ids().any(|v| v == id)
+                        && if voter {
+                            committed.voter_ids().any(|v| v == id)
+                        } else {
+                            committed.get_node(&id).is_some()
+                        }
                 },
-                "promoted to voter",
+                if voter {
+                    "promoted to voter"
+                } else {
+                    "a learner"
+                },
             )
             .await
             .map(|_| ())

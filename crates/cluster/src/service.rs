@@ -16,13 +16,16 @@ use tern_raft_net::service::within_deadline;
 use tern_raft_net::{Attached, RaftService};
 use tern_state::NodeId;
 
+use crate::admission::{Admission, FailedJoins};
 use crate::membership::{JoinToken, join, leave, members_response};
 
 /// What the Cluster handlers share: the Raft service (for the attached
-/// node), the join token and the promotions under way.
+/// node), the admission settings, failed join attempts and the promotions
+/// under way.
 pub(crate) struct ClusterShared {
     pub(crate) raft: RaftService,
-    pub(crate) join_token: Option<JoinToken>,
+    pub(crate) admission: Admission,
+    pub(crate) failed_joins: FailedJoins,
     pub(crate) promoting: Mutex<BTreeSet<NodeId>>,
 }
 
@@ -44,19 +47,29 @@ impl std::fmt::Debug for RaftServices {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RaftServices")
             .field("attached", &self.shared.raft.attached().map(|a| a.id))
-            .field("join_token", &self.shared.join_token.is_some())
+            .field("admission", &self.shared.admission)
             .finish_non_exhaustive()
     }
 }
 
 impl RaftServices {
-    /// Services that accept joins with `join_token` (`None`: only members
-    /// may call Join, e.g. to update their own address).
+    /// Services that accept joins with the cluster's join tokens and, if
+    /// given, the static `join_token`; with the default [`Admission`]
+    /// otherwise.
     pub fn new(join_token: Option<JoinToken>) -> RaftServices {
+        RaftServices::with_admission(Admission {
+            static_token: join_token,
+            ..Admission::default()
+        })
+    }
+
+    /// Services that admit joiners as `admission` says.
+    pub fn with_admission(admission: Admission) -> RaftServices {
         RaftServices {
             shared: Arc::new(ClusterShared {
                 raft: RaftService::new(),
-                join_token,
+                admission,
+                failed_joins: FailedJoins::default(),
                 promoting: Mutex::new(BTreeSet::new()),
             }),
         }
@@ -131,6 +144,14 @@ impl Handler for ClusterHandler {
                     crate::access::serve_change(&node, &ctx, payload, false).await
                 } else if method == methods::CLUSTER_ACCESS_LIST {
                     crate::access::serve_list(&node)
+                } else if method == methods::CLUSTER_TOKEN_CREATE {
+                    crate::admission::serve_create(&node, &ctx, payload).await
+                } else if method == methods::CLUSTER_TOKEN_REVOKE {
+                    crate::admission::serve_revoke(&node, &ctx, payload).await
+                } else if method == methods::CLUSTER_TOKEN_LIST {
+                    crate::admission::serve_list(&node, &ctx)
+                } else if method == methods::CLUSTER_PROMOTE {
+                    crate::membership::promote(&node, &ctx, payload).await
                 } else {
                     Err(Status::unimplemented(format!(
                         "{} is not served by the Cluster service",

@@ -59,6 +59,10 @@ fn allowed(method: &Method) -> &'static [Who] {
         "vm/create" | "vm/start" | "vm/stop" | "vm/delete" | "vm/migrate" => &[Operator, Admin],
         "cluster/metaput" => &[Operator, Admin, Member],
         "cluster/accessgrant" | "cluster/accessrevoke" => &[Admin],
+        // Tokens and promotion: admins only (a member never mints tokens).
+        "cluster/tokencreate" | "cluster/tokenrevoke" | "cluster/tokenlist" | "cluster/promote" => {
+            &[Admin]
+        }
         // Anyone reaches the Cluster service; it wants the join token
         // (none sent here) or membership.
         "cluster/join" => &[Member],

@@ -27,9 +27,14 @@
 //!   `[transport]`, `/metrics` parsed ([`cluster::Metrics`]: sums,
 //!   histogram quantiles, deltas), the CLI with `--json`, and steady
 //!   client traffic ([`cluster::Traffic`]) recording every call.
-//! - [`local`] and [`keys`]: the loopback cluster and the client key pool,
-//!   re-exported from `tern-testkit` (the cluster bench, `tern-bench
-//!   cluster`, shares them).
+//! - [`local`] and [`keys`]: the loopback cluster and the lab's pool of
+//!   admin client keys, re-exported from `tern-testkit` (the cluster
+//!   bench, `tern-bench cluster`, shares them).
+//! - [`history`]: a client history of register puts and gets and its
+//!   checks (linearizability per key, lost acknowledged writes);
+//!   [`workload`]: the recording register clients; [`criteria`]: the
+//!   rollout's criteria from two scrapes of every node.
+//! - [`relay`]: the lab's private iroh relay.
 //! - [`report`]: a progress line per step, figures, guarantee checks, the
 //!   summary table and the verdict (the exit code).
 //! - [`scenarios`]: the registry ([`scenarios::ALL`]) and one module per

@@ -18,6 +18,7 @@ use tern_protocol::pb;
 
 use crate::client::{Conn, request_id};
 use crate::config::Config;
+use crate::error::CliError;
 use crate::node::NodeFile;
 
 /// Hex digits of a key shown in `tern access log` tables (as
@@ -186,7 +187,7 @@ fn members_rows(members: &[pb::Member], leader: u64) -> Vec<Vec<String>> {
 }
 
 /// `tern status`.
-pub async fn status(conn: &Conn, out: Out) -> Result<(), String> {
+pub async fn status(conn: &Conn, out: Out) -> Result<(), CliError> {
     let s: pb::NodeStatus = conn
         .call(methods::STATUS_GET, &pb::StatusRequest {})
         .await?;
@@ -228,7 +229,7 @@ pub async fn status(conn: &Conn, out: Out) -> Result<(), String> {
     }
     out!("version    {} (up {} s)\n", s.version, s.uptime_ms / 1000);
     print_table(
-        &["node", "id", "role", "grpc", "iroh", "capacity"],
+        &["node", "id", "role", "grpc", "iroh", "declared capacity"],
         &members_rows(&s.members, s.leader_id),
     );
     Ok(())
@@ -304,7 +305,7 @@ pub enum VmCmd {
 }
 
 /// `tern vm ...`.
-pub async fn vm(conn: &Conn, cmd: VmCmd, out: Out) -> Result<(), String> {
+pub async fn vm(conn: &Conn, cmd: VmCmd, out: Out) -> Result<(), CliError> {
     let action = |vm_id: String| pb::VmActionRequest {
         request_id: request_id(),
         vm_id,
@@ -357,7 +358,7 @@ pub async fn vm(conn: &Conn, cmd: VmCmd, out: Out) -> Result<(), String> {
 }
 
 /// `tern cluster members`.
-pub async fn members(conn: &Conn, out: Out) -> Result<(), String> {
+pub async fn members(conn: &Conn, out: Out) -> Result<(), CliError> {
     let m: pb::MembersResponse = conn
         .call(methods::CLUSTER_MEMBERS, &pb::MembersRequest {})
         .await?;
@@ -371,7 +372,7 @@ pub async fn members(conn: &Conn, out: Out) -> Result<(), String> {
         );
     } else {
         print_table(
-            &["node", "id", "role", "grpc", "iroh", "capacity"],
+            &["node", "id", "role", "grpc", "iroh", "declared capacity"],
             &members_rows(&m.members, m.leader_id),
         );
     }
@@ -380,7 +381,7 @@ pub async fn members(conn: &Conn, out: Out) -> Result<(), String> {
 
 /// `tern cluster leave [NODE_ID]`: removes a node (by default the one the
 /// CLI talks to) from the cluster. Needs a member's key (`--data-dir`).
-pub async fn leave(conn: &Conn, node_id: Option<u64>, out: Out) -> Result<(), String> {
+pub async fn leave(conn: &Conn, node_id: Option<u64>, out: Out) -> Result<(), CliError> {
     let node_id = match node_id {
         Some(id) => id,
         None => {
@@ -401,7 +402,7 @@ pub async fn leave(conn: &Conn, node_id: Option<u64>, out: Out) -> Result<(), St
     } else {
         out!("node {node_id} left the cluster; members now:");
         print_table(
-            &["node", "id", "role", "grpc", "iroh", "capacity"],
+            &["node", "id", "role", "grpc", "iroh", "declared capacity"],
             &members_rows(&r.members, 0),
         );
         out!("\nstop its `tern run` process; its data directory can be removed.");
@@ -419,7 +420,7 @@ pub async fn meta_set(
     value: String,
     request_id: Option<String>,
     out: Out,
-) -> Result<(), String> {
+) -> Result<(), CliError> {
     let request_id = request_id.unwrap_or_else(crate::client::request_id);
     let r: pb::MetaPutResponse = conn
         .call(
@@ -450,7 +451,7 @@ pub async fn meta_set(
 /// `tern cluster meta get KEY`: a linearizable read of the metadata
 /// register (the leader confirms its leadership with a quorum first; a
 /// node without a quorum fails instead of answering a stale value).
-pub async fn meta_get(conn: &Conn, key: String, out: Out) -> Result<(), String> {
+pub async fn meta_get(conn: &Conn, key: String, out: Out) -> Result<(), CliError> {
     let r: pb::MetaGetResponse = conn
         .call(
             methods::CLUSTER_META_GET,
@@ -505,12 +506,16 @@ pub async fn access_change(
     role: &str,
     grant: bool,
     out: Out,
-) -> Result<(), String> {
+) -> Result<(), CliError> {
     let id: tern_protocol::PeerId = key.parse().map_err(|e| {
-        format!("KEY {key:?}: {e} (a key is 64 hex digits, as `tern key new` prints)")
+        CliError::Argument(format!(
+            "KEY {key:?}: {e} (a key is 64 hex digits, as `tern key new` prints)"
+        ))
     })?;
     if tern_protocol::access::Role::from_name(role).is_none() {
-        return Err(format!("ROLE {role:?}: expected viewer, operator or admin"));
+        return Err(CliError::Argument(format!(
+            "ROLE {role:?}: expected viewer, operator or admin"
+        )));
     }
     let method = if grant {
         methods::CLUSTER_ACCESS_GRANT
@@ -544,7 +549,7 @@ fn print_access(r: &pb::AccessListResponse, out: Out) {
 }
 
 /// `tern access list`: keys and their roles.
-pub async fn access_list(conn: &Conn, out: Out) -> Result<(), String> {
+pub async fn access_list(conn: &Conn, out: Out) -> Result<(), CliError> {
     let r: pb::AccessListResponse = conn
         .call(methods::CLUSTER_ACCESS_LIST, &pb::AccessListRequest {})
         .await?;
@@ -553,7 +558,7 @@ pub async fn access_list(conn: &Conn, out: Out) -> Result<(), String> {
 }
 
 /// `tern access log`: every recorded access change, oldest first.
-pub async fn access_log(conn: &Conn, out: Out) -> Result<(), String> {
+pub async fn access_log(conn: &Conn, out: Out) -> Result<(), CliError> {
     let r: pb::AccessListResponse = conn
         .call(methods::CLUSTER_ACCESS_LIST, &pb::AccessListRequest {})
         .await?;
@@ -569,29 +574,212 @@ pub async fn access_log(conn: &Conn, out: Out) -> Result<(), String> {
                     "action": e.action,
                     "key": hex(&e.key),
                     "role": e.role,
+                    "node_id": e.node_id,
+                    "token_id": e.token_id,
                 })
             })
             .collect();
         out!("{}", Value::Array(log));
         return Ok(());
     }
-    out!(
-        "{:>5}  {:>13}  {:<16}  {:<6}  {:<16}  ROLE",
-        "SEQ",
-        "AT_UNIX_MS",
-        "BY",
-        "ACTION",
-        "KEY"
+    let rows: Vec<Vec<String>> = r
+        .log
+        .iter()
+        .map(|e| {
+            let dash = |s: String| if s.is_empty() { "-".to_owned() } else { s };
+            vec![
+                e.seq.to_string(),
+                e.at_unix_ms.to_string(),
+                hex(&e.by)[..SHORT_KEY_HEX.min(e.by.len() * 2)].to_owned(),
+                e.action.clone(),
+                dash(hex(&e.key)[..SHORT_KEY_HEX.min(e.key.len() * 2)].to_owned()),
+                dash(e.role.clone()),
+                if e.node_id == 0 {
+                    "-".to_owned()
+                } else {
+                    e.node_id.to_string()
+                },
+                dash(e.token_id.clone()),
+            ]
+        })
+        .collect();
+    print_table(
+        &[
+            "seq",
+            "at_unix_ms",
+            "by",
+            "action",
+            "key",
+            "role",
+            "node",
+            "token",
+        ],
+        &rows,
     );
-    for e in &r.log {
+    Ok(())
+}
+
+/// Parses a token lifetime: a number with `s`, `m`, `h` or `d`.
+pub fn parse_ttl(text: &str) -> Result<u64, CliError> {
+    let bad = || {
+        CliError::Argument(format!(
+            "--ttl {text:?}: expected a number and a unit, e.g. 90s, 30m, 1h, 2d"
+        ))
+    };
+    let split = text.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?;
+    let (n, unit) = text.split_at(split);
+    let n: u64 = n.parse().map_err(|_| bad())?;
+    let unit_secs = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err(bad()),
+    };
+    n.checked_mul(unit_secs)
+        .filter(|secs| *secs > 0)
+        .ok_or_else(bad)
+}
+
+fn token_rows(tokens: &[pb::JoinTokenInfo]) -> Vec<Vec<String>> {
+    tokens
+        .iter()
+        .map(|t| {
+            vec![
+                t.id.clone(),
+                t.expires_at_unix_ms.to_string(),
+                if t.unlimited {
+                    "unlimited".to_owned()
+                } else {
+                    t.uses_left.to_string()
+                },
+                t.used.to_string(),
+                hex(&t.created_by)[..SHORT_KEY_HEX.min(t.created_by.len() * 2)].to_owned(),
+            ]
+        })
+        .collect()
+}
+
+fn token_json(t: &pb::JoinTokenInfo) -> Value {
+    json!({
+        "id": t.id,
+        "created_by": hex(&t.created_by),
+        "created_at_unix_ms": t.created_at_unix_ms,
+        "expires_at_unix_ms": t.expires_at_unix_ms,
+        "uses_left": if t.unlimited { Value::Null } else { json!(t.uses_left) },
+        "used": t.used,
+    })
+}
+
+const TOKEN_COLUMNS: [&str; 5] = [
+    "id",
+    "expires_at_unix_ms",
+    "uses_left",
+    "used",
+    "created_by",
+];
+
+/// `tern cluster token create --ttl TTL [--uses N]`: prints the token once.
+pub async fn token_create(
+    conn: &Conn,
+    ttl: &str,
+    uses: Option<u32>,
+    out: Out,
+) -> Result<(), CliError> {
+    let ttl_secs = parse_ttl(ttl)?;
+    if uses == Some(0) {
+        return Err(CliError::Argument(
+            "--uses 0: a token admits at least one node (omit --uses for any number until it expires)".into(),
+        ));
+    }
+    let r: pb::TokenCreateResponse = conn
+        .call(
+            methods::CLUSTER_TOKEN_CREATE,
+            &pb::TokenCreateRequest {
+                request_id: request_id(),
+                ttl_secs,
+                uses: uses.unwrap_or(0),
+            },
+        )
+        .await?;
+    let info = r.info.unwrap_or_default();
+    if out.json {
+        out!("{}", json!({"token": r.token, "info": token_json(&info)}));
+        return Ok(());
+    }
+    out!("{}", r.token);
+    out!(
+        "# token {} admits {} until {} (unix ms); it is shown only now.",
+        info.id,
+        if info.unlimited {
+            "any number of nodes".to_owned()
+        } else {
+            format!("{} node(s)", info.uses_left)
+        },
+        info.expires_at_unix_ms
+    );
+    out!("# On each new node: [cluster] join_token = \"{}\"", r.token);
+    Ok(())
+}
+
+/// `tern cluster token list`.
+pub async fn token_list(conn: &Conn, out: Out) -> Result<(), CliError> {
+    let r: pb::TokenListResponse = conn
+        .call(methods::CLUSTER_TOKEN_LIST, &pb::TokenListRequest {})
+        .await?;
+    if out.json {
         out!(
-            "{:>5}  {:>13}  {:<16}  {:<6}  {:<16}  {}",
-            e.seq,
-            e.at_unix_ms,
-            &hex(&e.by)[..SHORT_KEY_HEX.min(e.by.len() * 2)],
-            e.action,
-            &hex(&e.key)[..SHORT_KEY_HEX.min(e.key.len() * 2)],
-            e.role
+            "{}",
+            Value::Array(r.tokens.iter().map(token_json).collect())
+        );
+    } else {
+        print_table(&TOKEN_COLUMNS, &token_rows(&r.tokens));
+    }
+    Ok(())
+}
+
+/// `tern cluster token revoke ID`.
+pub async fn token_revoke(conn: &Conn, id: &str, out: Out) -> Result<(), CliError> {
+    let r: pb::TokenListResponse = conn
+        .call(
+            methods::CLUSTER_TOKEN_REVOKE,
+            &pb::TokenRevokeRequest {
+                request_id: request_id(),
+                id: id.to_owned(),
+            },
+        )
+        .await?;
+    if out.json {
+        out!(
+            "{}",
+            json!({"revoked": id, "tokens": r.tokens.iter().map(token_json).collect::<Vec<_>>()})
+        );
+    } else {
+        out!("token {id} revoked; live tokens:");
+        print_table(&TOKEN_COLUMNS, &token_rows(&r.tokens));
+    }
+    Ok(())
+}
+
+/// `tern cluster promote NODE_ID`: a learner becomes a voter.
+pub async fn promote(conn: &Conn, node_id: u64, out: Out) -> Result<(), CliError> {
+    let m: pb::MembersResponse = conn
+        .call(methods::CLUSTER_PROMOTE, &pb::PromoteRequest { node_id })
+        .await?;
+    if out.json {
+        out!(
+            "{}",
+            json!({
+                "promoted": node_id,
+                "leader_id": m.leader_id,
+                "members": m.members.iter().map(member_json).collect::<Vec<_>>(),
+            })
+        );
+    } else {
+        out!("node {node_id} is a voter; members now:");
+        print_table(
+            &["node", "id", "role", "grpc", "iroh", "declared capacity"],
+            &members_rows(&m.members, m.leader_id),
         );
     }
     Ok(())
@@ -600,7 +788,7 @@ pub async fn access_log(conn: &Conn, out: Out) -> Result<(), String> {
 /// `tern cluster join`: a node joins by configuration, at start. This
 /// prints the `[cluster]` lines that make a new node join through the
 /// node the CLI talks to.
-pub async fn join_info(conn: &Conn, out: Out) -> Result<(), String> {
+pub async fn join_info(conn: &Conn, out: Out) -> Result<(), CliError> {
     let s: pb::NodeStatus = conn
         .call(methods::STATUS_GET, &pb::StatusRequest {})
         .await?;
@@ -621,7 +809,7 @@ pub async fn join_info(conn: &Conn, out: Out) -> Result<(), String> {
     }
     out!("# A node joins when it starts. In the new node's config file:");
     out!("[cluster]");
-    out!("join_token = \"<the cluster's join token>\"");
+    out!("join_token = \"<a token from: tern cluster token create --ttl 1h>\"");
     let mut seed = format!("join = [{{ id = \"{id}\"");
     if !a.grpc_url.is_empty() {
         seed.push_str(&format!(", grpc = \"{}\"", a.grpc_url));
@@ -636,7 +824,7 @@ pub async fn join_info(conn: &Conn, out: Out) -> Result<(), String> {
 }
 
 /// `tern transport show`.
-pub async fn transport_show(conn: &Conn, out: Out) -> Result<(), String> {
+pub async fn transport_show(conn: &Conn, out: Out) -> Result<(), CliError> {
     let s: pb::NodeStatus = conn
         .call(methods::STATUS_GET, &pb::StatusRequest {})
         .await?;
@@ -670,17 +858,17 @@ pub struct PolicyEdit {
 /// Rewrites the `[transport]` section of the config file at `path` with
 /// `edit` and returns the new text, checked. Other sections are kept
 /// (comments are not).
-pub fn edit_config(path: &Path, edit: &PolicyEdit) -> Result<String, String> {
+pub fn edit_config(path: &Path, edit: &PolicyEdit) -> Result<String, CliError> {
     let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        .map_err(|e| CliError::File(format!("cannot read {}: {e}", path.display())))?;
     let mut doc: toml::Table =
-        toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+        toml::from_str(&text).map_err(|e| CliError::File(format!("{}: {e}", path.display())))?;
     let transport = doc
         .entry("transport")
         .or_insert_with(|| toml::Value::Table(toml::Table::new()));
     let transport = transport
         .as_table_mut()
-        .ok_or_else(|| format!("{}: transport: is not a table", path.display()))?;
+        .ok_or_else(|| CliError::File(format!("{}: transport: is not a table", path.display())))?;
     if let Some(m) = &edit.mode {
         transport.insert("mode".into(), toml::Value::String(m.clone()));
     }
@@ -688,7 +876,12 @@ pub fn edit_config(path: &Path, edit: &PolicyEdit) -> Result<String, String> {
         .entry("migration")
         .or_insert_with(|| toml::Value::Table(toml::Table::new()))
         .as_table_mut()
-        .ok_or_else(|| format!("{}: transport.migration: is not a table", path.display()))?;
+        .ok_or_else(|| {
+            CliError::File(format!(
+                "{}: transport.migration: is not a table",
+                path.display()
+            ))
+        })?;
     if let Some(p) = &edit.prefer_iroh {
         migration.insert(
             "prefer_iroh".into(),
@@ -701,9 +894,11 @@ pub fn edit_config(path: &Path, edit: &PolicyEdit) -> Result<String, String> {
     if let Some(f) = edit.fallback_to_grpc {
         migration.insert("fallback_to_grpc".into(), toml::Value::Boolean(f));
     }
-    let new = toml::to_string(&doc).map_err(|e| format!("writing the config: {e}"))?;
-    Config::parse(&new)
-        .map_err(|e| format!("{}: {e}; the file was not changed", path.display()))?;
+    let new =
+        toml::to_string(&doc).map_err(|e| CliError::File(format!("writing the config: {e}")))?;
+    Config::parse(&new).map_err(|e| {
+        CliError::Argument(format!("{}: {e}; the file was not changed", path.display()))
+    })?;
     Ok(new)
 }
 
@@ -714,21 +909,22 @@ pub async fn transport_set(
     config_path: &Path,
     edit: &PolicyEdit,
     out: Out,
-) -> Result<(), String> {
+) -> Result<(), CliError> {
     let new_text = edit_config(config_path, edit)?;
-    let checked = Config::parse(&new_text).map_err(|e| e.to_string())?;
+    let checked = Config::parse(&new_text).map_err(|e| CliError::Argument(e.to_string()))?;
     let file = NodeFile::read(&checked.config.data_dir)?;
     let tmp = config_path.with_extension("toml.tmp");
-    std::fs::write(&tmp, &new_text).map_err(|e| format!("cannot write {}: {e}", tmp.display()))?;
+    std::fs::write(&tmp, &new_text)
+        .map_err(|e| CliError::File(format!("cannot write {}: {e}", tmp.display())))?;
     std::fs::rename(&tmp, config_path)
-        .map_err(|e| format!("cannot replace {}: {e}", config_path.display()))?;
+        .map_err(|e| CliError::File(format!("cannot replace {}: {e}", config_path.display())))?;
     let pid = rustix::process::Pid::from_raw(i32::try_from(file.pid).unwrap_or(0))
-        .ok_or("the node file names no process")?;
+        .ok_or_else(|| CliError::File("the node file names no process".into()))?;
     rustix::process::kill_process(pid, rustix::process::Signal::HUP).map_err(|e| {
-        format!(
+        CliError::Node(format!(
             "the config file was updated, but signalling the node (pid {}) failed: {e}; send it SIGHUP yourself",
             file.pid
-        )
+        ))
     })?;
     let want = crate::node::policy_to_pb(&checked.policy);
     let deadline = tokio::time::Instant::now() + POLICY_APPLY_WAIT;
@@ -745,10 +941,10 @@ pub async fn transport_set(
             return Ok(());
         }
         if tokio::time::Instant::now() >= deadline {
-            return Err(format!(
+            return Err(CliError::Node(format!(
                 "the node still runs {} after {POLICY_APPLY_WAIT:?}; see its log for the reload error",
                 s.policy.as_ref().map(policy_line).unwrap_or_default()
-            ));
+            )));
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -790,6 +986,9 @@ mod tests {
             ..PolicyEdit::default()
         };
         let e = edit_config(&path, &bad).unwrap_err();
+        assert!(matches!(e, CliError::Argument(_)), "{e:?}");
+        assert_eq!(e.exit_code(), 2);
+        let e = e.to_string();
         assert!(
             e.contains("prefer_iroh[0]") && e.contains("not changed"),
             "{e}"

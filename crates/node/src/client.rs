@@ -49,6 +49,7 @@ use tern_transport_iroh::config::SECRET_KEY_FILE;
 use tern_transport_iroh::{IrohConfig, IrohTransport};
 
 use crate::config::{Config, DEFAULT_DATA_DIR};
+use crate::error::CliError;
 use crate::node::NodeFile;
 
 /// How long one CLI call waits for its answer: longer than a Raft write's
@@ -87,19 +88,24 @@ pub struct Resolved {
 }
 
 /// Parses `ID@URL[,ADDR...]`.
-pub fn parse_node(text: &str) -> Result<PeerAddr, String> {
+pub fn parse_node(text: &str) -> Result<PeerAddr, CliError> {
     let (id, addrs) = text.split_once('@').ok_or_else(|| {
-        format!("--node {text:?}: expected ID@URL, e.g. <64 hex digits>@https://127.0.0.1:7400")
+        CliError::Argument(format!(
+            "--node {text:?}: expected ID@URL, e.g. <64 hex digits>@https://127.0.0.1:7400"
+        ))
     })?;
-    let id: PeerId = id.parse().map_err(|e| format!("--node: the id: {e}"))?;
+    let id: PeerId = id
+        .parse()
+        .map_err(|e| CliError::Argument(format!("--node: the id: {e}")))?;
     let mut peer = PeerAddr::new(id);
     for a in addrs.split(',').filter(|a| !a.is_empty()) {
         if a.contains("://") {
-            tern_transport_grpc::client::check_url(a).map_err(|why| format!("--node: {why}"))?;
+            tern_transport_grpc::client::check_url(a)
+                .map_err(|why| CliError::Argument(format!("--node: {why}")))?;
             peer.grpc = Some(a.to_owned());
         } else {
             let addr = a.parse().map_err(|e| {
-                format!("--node: {a:?} is neither a gRPC URL (https://host:port) nor an iroh address (ip:port): {e}")
+                CliError::Argument(format!("--node: {a:?} is neither a gRPC URL (https://host:port) nor an iroh address (ip:port): {e}"))
             })?;
             peer.iroh
                 .get_or_insert_with(IrohAddr::default)
@@ -108,14 +114,16 @@ pub fn parse_node(text: &str) -> Result<PeerAddr, String> {
         }
     }
     if peer.grpc.is_none() && peer.iroh.is_none() {
-        return Err(format!("--node {text:?} names no address after the @"));
+        return Err(CliError::Argument(format!(
+            "--node {text:?} names no address after the @"
+        )));
     }
     Ok(peer)
 }
 
 impl Target {
     /// Finds the node's address.
-    pub fn resolve(&self) -> Result<Resolved, String> {
+    pub fn resolve(&self) -> Result<Resolved, CliError> {
         if let Some(node) = &self.node {
             return Ok(Resolved {
                 peer: parse_node(node)?,
@@ -125,11 +133,19 @@ impl Target {
         }
         let dir = match (&self.data_dir, &self.config) {
             (Some(d), _) => d.clone(),
-            (None, Some(c)) => Config::load(c).map_err(|e| e.to_string())?.config.data_dir,
+            (None, Some(c)) => {
+                Config::load(c)
+                    .map_err(|e| CliError::File(e.to_string()))?
+                    .config
+                    .data_dir
+            }
             (None, None) => PathBuf::from(DEFAULT_DATA_DIR),
         };
-        let file = NodeFile::read(&dir)
-            .map_err(|e| format!("{e}\n  (or name the node with --node ID@https://HOST:PORT)"))?;
+        let file = NodeFile::read(&dir).map_err(|e| {
+            CliError::File(format!(
+                "{e}\n  (or name the node with --node ID@https://HOST:PORT)"
+            ))
+        })?;
         Ok(Resolved {
             peer: file.peer_addr()?,
             data_dir: Some(dir),
@@ -168,21 +184,21 @@ fn hex_of(b: &[u8]) -> String {
 }
 
 /// The node key in `data_dir`, if it has one.
-fn node_key(data_dir: &Path) -> Result<Option<[u8; 32]>, String> {
+fn node_key(data_dir: &Path) -> Result<Option<[u8; 32]>, CliError> {
     read_key(&data_dir.join(SECRET_KEY_FILE))
 }
 
 /// Reads a secret key file (32 raw bytes, the node key's format).
-pub fn read_key(path: &Path) -> Result<Option<[u8; 32]>, String> {
+pub fn read_key(path: &Path) -> Result<Option<[u8; 32]>, CliError> {
     match std::fs::read(path) {
         Ok(bytes) => <[u8; 32]>::try_from(bytes.as_slice())
             .map(Some)
-            .map_err(|_| format!("{} is not a 32-byte key", path.display())),
+            .map_err(|_| CliError::File(format!("{} is not a 32-byte key", path.display()))),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(format!(
+        Err(e) => Err(CliError::File(format!(
             "cannot read the node key {}: {e}; run the CLI as the node's user, or use --node without --data-dir",
             path.display()
-        )),
+        ))),
     }
 }
 
@@ -193,33 +209,34 @@ fn public_id(secret: &[u8; 32]) -> PeerId {
 /// Writes a fresh secret key to `path` (32 bytes from the kernel's
 /// random source, owner-only permissions; an existing file is never
 /// overwritten) and answers its public id, the value to grant roles to.
-pub fn new_key_file(path: &Path) -> Result<PeerId, String> {
+pub fn new_key_file(path: &Path) -> Result<PeerId, CliError> {
     use std::io::{Read, Write};
     use std::os::unix::fs::OpenOptionsExt;
     let mut secret = [0u8; 32];
     std::fs::File::open("/dev/urandom")
         .and_then(|mut f| f.read_exact(&mut secret))
-        .map_err(|e| format!("cannot read /dev/urandom for a new key: {e}"))?;
+        .map_err(|e| CliError::Setup(format!("cannot read /dev/urandom for a new key: {e}")))?;
     let mut file = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
         .open(path)
         .map_err(|e| {
-            format!(
+            CliError::File(format!(
                 "cannot create {}: {e} (an existing key file is never overwritten)",
                 path.display()
-            )
+            ))
         })?;
     file.write_all(&secret)
         .and_then(|()| file.sync_all())
-        .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+        .map_err(|e| CliError::File(format!("cannot write {}: {e}", path.display())))?;
     Ok(public_id(&secret))
 }
 
 /// The public id of the secret key in `path`.
-pub fn key_file_id(path: &Path) -> Result<PeerId, String> {
-    let secret = read_key(path)?.ok_or_else(|| format!("{}: no such file", path.display()))?;
+pub fn key_file_id(path: &Path) -> Result<PeerId, CliError> {
+    let secret = read_key(path)?
+        .ok_or_else(|| CliError::File(format!("{}: no such file", path.display())))?;
     Ok(public_id(&secret))
 }
 
@@ -243,15 +260,15 @@ impl std::fmt::Debug for Conn {
 
 impl Conn {
     /// Connects to the target over the chosen transport.
-    pub async fn open(target: &Target) -> Result<Conn, String> {
+    pub async fn open(target: &Target) -> Result<Conn, CliError> {
         let resolved = target.resolve()?;
         let transport = target.transport.as_deref().unwrap_or("grpc");
         let mut key = match (&target.key, &resolved.data_dir) {
             (Some(file), _) => Some(read_key(file)?.ok_or_else(|| {
-                format!(
+                CliError::File(format!(
                     "--key {}: no such file (write one with `tern key new --out FILE`)",
                     file.display()
-                )
+                ))
             })?),
             (None, Some(d)) => node_key(d)?,
             (None, None) => None,
@@ -261,20 +278,20 @@ impl Conn {
         let (client, iroh): (Arc<dyn RpcClient>, Option<IrohTransport>) = match transport {
             "grpc" => {
                 if peer.grpc.is_none() {
-                    return Err(format!(
+                    return Err(CliError::Setup(format!(
                         "node {} serves no gRPC (or its URL is unknown); try --transport iroh",
                         peer.id.short()
-                    ));
+                    )));
                 }
                 peer.iroh = None;
                 (Arc::new(GrpcClient::new(ClientConfig::new(key))), None)
             }
             "iroh" => {
                 if peer.iroh.is_none() {
-                    return Err(format!(
+                    return Err(CliError::Setup(format!(
                         "node {} serves no iroh (or its address is unknown); try --transport grpc",
                         peer.id.short()
-                    ));
+                    )));
                 }
                 peer.grpc = None;
                 if public_id(&key) == peer.id {
@@ -283,13 +300,15 @@ impl Conn {
                 }
                 let t = IrohTransport::bind(IrohConfig::new(key), Arc::new(Dispatcher::new()))
                     .await
-                    .map_err(|e| format!("starting the CLI's iroh endpoint: {e}"))?;
+                    .map_err(|e| {
+                        CliError::Setup(format!("starting the CLI's iroh endpoint: {e}"))
+                    })?;
                 (t.client(), Some(t))
             }
             other => {
-                return Err(format!(
+                return Err(CliError::Argument(format!(
                     "--transport {other:?}: expected \"grpc\" or \"iroh\""
-                ));
+                )));
             }
         };
         Ok(Conn {
@@ -324,16 +343,16 @@ impl Conn {
         &self,
         method: &'static Method,
         req: &Req,
-    ) -> Result<Resp, String> {
+    ) -> Result<Resp, CliError> {
         match self.call_at(&self.peer, method, req).await {
             Ok(r) => Ok(r),
             Err(CallError::Application(s)) if s.code == Code::FailedPrecondition => {
                 let leader = self.leader().await.map_err(|e| {
-                    format!(
+                    CliError::Node(format!(
                         "{}: {}; and finding the leader failed: {e}",
                         method.label(),
                         s
-                    )
+                    ))
                 })?;
                 self.call_at(&leader, method, req)
                     .await
@@ -345,7 +364,7 @@ impl Conn {
 
     /// The leader's address as the node knows it, reduced to the
     /// transport this connection uses.
-    pub async fn leader(&self) -> Result<PeerAddr, String> {
+    pub async fn leader(&self) -> Result<PeerAddr, CliError> {
         let members: pb::MembersResponse = self
             .call_at(&self.peer, methods::CLUSTER_MEMBERS, &pb::MembersRequest {})
             .await
@@ -355,8 +374,12 @@ impl Conn {
             .iter()
             .find(|m| m.node_id == members.leader_id && members.leader_id != 0)
             .and_then(|m| m.address.as_ref())
-            .ok_or("the node knows no leader right now (an election may be running); retry in a few seconds")?;
-        let mut addr = PeerAddr::try_from(m).map_err(|e| e.to_string())?;
+            .ok_or_else(|| CliError::Node("the node knows no leader right now (an election may be running); retry in a few seconds".into()))?;
+        let mut addr = PeerAddr::try_from(m).map_err(|e| {
+            CliError::Node(format!(
+                "the node names its leader with an unusable address: {e}"
+            ))
+        })?;
         if self.peer.grpc.is_none() {
             addr.grpc = None;
         }
@@ -378,7 +401,7 @@ impl Conn {
 }
 
 /// A call error in words, with what to do next.
-pub fn explain(method: &Method, e: &CallError) -> String {
+pub fn explain(method: &Method, e: &CallError) -> CliError {
     match e {
         CallError::Application(s) => {
             let hint = match s.code {
@@ -392,12 +415,17 @@ pub fn explain(method: &Method, e: &CallError) -> String {
                 Code::ResourceExhausted => " (no node has room: free capacity or add a node)",
                 _ => "",
             };
-            format!("{}: {s}{hint}", method.label())
+            CliError::Call {
+                method: method.label(),
+                detail: s.to_string(),
+                hint,
+            }
         }
-        CallError::Transport(t) => format!(
-            "{}: {t} (is the node running and reachable at this address? `tern run` writes its addresses to DATA_DIR/node.json)",
-            method.label()
-        ),
+        CallError::Transport(t) => CliError::Call {
+            method: method.label(),
+            detail: t.to_string(),
+            hint: " (is the node running and reachable at this address? `tern run` writes its addresses to DATA_DIR/node.json)",
+        },
     }
 }
 
@@ -411,7 +439,9 @@ mod tests {
         let p = parse_node(&format!("{id}@https://127.0.0.1:7400")).unwrap();
         assert_eq!(p.grpc.as_deref(), Some("https://127.0.0.1:7400"));
         // Cleartext is refused, saying why and what to write instead.
-        let e = parse_node(&format!("{id}@http://127.0.0.1:7400")).unwrap_err();
+        let e = parse_node(&format!("{id}@http://127.0.0.1:7400"))
+            .unwrap_err()
+            .to_string();
         assert!(
             e.contains("TLS only") && e.contains("https://127.0.0.1:7400"),
             "{e}"
@@ -422,16 +452,28 @@ mod tests {
             p.iroh.unwrap().direct,
             vec!["127.0.0.1:7401".parse::<std::net::SocketAddr>().unwrap()]
         );
-        assert!(parse_node("no-at-sign").unwrap_err().contains("ID@URL"));
-        assert!(parse_node("abc@https://x:1").unwrap_err().contains("id"));
+        assert!(
+            parse_node("no-at-sign")
+                .unwrap_err()
+                .to_string()
+                .contains("ID@URL")
+        );
+        assert!(
+            parse_node("abc@https://x:1")
+                .unwrap_err()
+                .to_string()
+                .contains("id")
+        );
         assert!(
             parse_node(&format!("{id}@"))
                 .unwrap_err()
+                .to_string()
                 .contains("no address")
         );
         assert!(
             parse_node(&format!("{id}@localhost"))
                 .unwrap_err()
+                .to_string()
                 .contains("neither")
         );
     }

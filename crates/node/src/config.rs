@@ -183,15 +183,57 @@ impl SeedConfig {
 }
 
 /// `[cluster]`.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClusterConfig {
-    /// The shared secret a node presents to join (and checks when others
-    /// join through it).
+    /// The token a node presents to join: one from `tern cluster token
+    /// create` (`ID.SECRET`, expiring, counted), or a static secret. A
+    /// static secret is also accepted from nodes joining through this one,
+    /// for ever (prefer created tokens); a created token never is.
     pub join_token: Option<String>,
     /// Members to join through; empty to start a new cluster.
     #[serde(default)]
     pub join: Vec<SeedConfig>,
+    /// Joiners are promoted to voter automatically only while the cluster
+    /// has fewer voters than this; later ones stay learners until `tern
+    /// cluster promote` (read by the leader).
+    #[serde(default = "default_max_voters")]
+    pub max_voters: usize,
+    /// The most vCPUs a joining node may declare; more is cut to this.
+    #[serde(default = "default_max_node_vcpus")]
+    pub max_node_vcpus: u32,
+    /// The most memory (MiB) a joining node may declare; more is cut to
+    /// this.
+    #[serde(default = "default_max_node_memory_mib")]
+    pub max_node_memory_mib: u64,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            join_token: None,
+            join: Vec::new(),
+            max_voters: default_max_voters(),
+            max_node_vcpus: default_max_node_vcpus(),
+            max_node_memory_mib: default_max_node_memory_mib(),
+        }
+    }
+}
+
+/// Most voters `[cluster] max_voters` may name: a Raft group of more
+/// makes every commit wait for more acknowledgements with no gain.
+pub const MAX_MAX_VOTERS: usize = 9;
+
+fn default_max_voters() -> usize {
+    tern_cluster::admission::DEFAULT_MAX_VOTERS
+}
+
+fn default_max_node_vcpus() -> u32 {
+    tern_cluster::admission::DEFAULT_MAX_NODE_CAPACITY.vcpus
+}
+
+fn default_max_node_memory_mib() -> u64 {
+    tern_cluster::admission::DEFAULT_MAX_NODE_CAPACITY.memory_mib
 }
 
 /// `[access]`: the first node's bootstrap of the access table.
@@ -659,6 +701,21 @@ impl Config {
             return Err(err(
                 "cluster.join_token",
                 format!("must be 1 to {MAX_JOIN_TOKEN} characters"),
+            ));
+        }
+        if !(1..=MAX_MAX_VOTERS).contains(&self.cluster.max_voters) {
+            return Err(err(
+                "cluster.max_voters",
+                format!(
+                    "{} voters; must be 1 to {MAX_MAX_VOTERS} (5 survives two failures)",
+                    self.cluster.max_voters
+                ),
+            ));
+        }
+        if self.cluster.max_node_vcpus == 0 || self.cluster.max_node_memory_mib == 0 {
+            return Err(err(
+                "cluster.max_node_vcpus",
+                "max_node_vcpus and max_node_memory_mib must be above 0",
             ));
         }
         if !self.cluster.join.is_empty() && self.cluster.join_token.is_none() {

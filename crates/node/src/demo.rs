@@ -197,11 +197,11 @@ fn spawn_node(exe: &Path, config: &Path, dir: &Path, log: &Path) -> Result<TernP
 }
 
 async fn conn_to(dir: &Path) -> Result<Conn, String> {
-    Conn::open(&Target {
+    Ok(Conn::open(&Target {
         data_dir: Some(dir.to_owned()),
         ..Target::default()
     })
-    .await
+    .await?)
 }
 
 /// Runs the demo; `duration` ends it without Ctrl-C.

@@ -13,6 +13,8 @@
 //!   reloads the transport policy) and logging.
 //! - [`client`]: how the CLI reaches a node (address, transport, identity).
 //! - [`cli`]: the commands that talk to a node, as tables or JSON.
+//! - [`error`]: [`error::CliError`], why a CLI command failed, by kind
+//!   (which decides the exit code).
 //! - [`demo`]: `tern demo`, a local 3-node cluster of child processes with
 //!   a live view.
 
@@ -20,5 +22,6 @@ pub mod cli;
 pub mod client;
 pub mod config;
 pub mod demo;
+pub mod error;
 pub mod node;
 pub mod run;

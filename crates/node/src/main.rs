@@ -19,6 +19,7 @@ use clap::{Args, Parser, Subcommand};
 use prost::Message;
 use tern_node::cli::{self, Out, PolicyEdit, VmCmd};
 use tern_node::client::{Conn, Target};
+use tern_node::error::CliError;
 use tern_protocol::catalog::methods;
 use tern_protocol::frame::{self, Decoded, Header, Limits};
 use tern_protocol::{FrameKind, Priority, pb};
@@ -204,11 +205,44 @@ enum ClusterCommand {
     },
     /// The members and the leader.
     Members,
+    /// Join tokens: create one for new nodes, list or revoke them (admin).
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+    /// Make a learner a voter (admin). Joiners become voters by themselves
+    /// only while the cluster has fewer than [cluster] max_voters voters.
+    Promote {
+        /// The learner's node id (tern cluster members).
+        node_id: u64,
+    },
     /// The metadata register: a small replicated key-value map (labels,
     /// operator metadata), written through Raft and read linearizably.
     Meta {
         #[command(subcommand)]
         command: MetaCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Create a token; prints it once (the cluster keeps only its hash).
+    /// Give it to new nodes as [cluster] join_token.
+    Create {
+        /// How long it admits nodes: e.g. 30m, 1h, 2d (at most 7d).
+        #[arg(long, default_value = "1h")]
+        ttl: String,
+        /// How many nodes it may admit (default: any number until it
+        /// expires).
+        #[arg(long)]
+        uses: Option<u32>,
+    },
+    /// The live tokens (ids, expiry, uses; never secrets).
+    List,
+    /// Revoke a token by its id.
+    Revoke {
+        /// The token's id (8 hex digits, the part before the dot).
+        id: String,
     },
 }
 
@@ -288,17 +322,17 @@ enum TransportCommand {
     },
 }
 
-fn runtime() -> Result<tokio::runtime::Runtime, String> {
+fn runtime() -> Result<tokio::runtime::Runtime, CliError> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
-        .map_err(|e| format!("cannot start the async runtime: {e}"))
+        .map_err(|e| CliError::Setup(format!("cannot start the async runtime: {e}")))
 }
 
-async fn with_conn<F, Fut>(connect: &Connect, f: F) -> Result<(), String>
+async fn with_conn<F, Fut>(connect: &Connect, f: F) -> Result<(), CliError>
 where
     F: FnOnce(Conn, Out) -> Fut,
-    Fut: std::future::Future<Output = (Conn, Result<(), String>)>,
+    Fut: std::future::Future<Output = (Conn, Result<(), CliError>)>,
 {
     let conn = Conn::open(&connect.target()).await?;
     let (conn, result) = f(conn, Out { json: connect.json }).await;
@@ -306,9 +340,15 @@ where
     result
 }
 
-fn fail(e: String) -> ExitCode {
+fn fail(e: impl std::fmt::Display) -> ExitCode {
     eprintln!("error: {e}");
     ExitCode::FAILURE
+}
+
+/// A CLI error on stderr, with the exit code of its kind.
+fn fail_cli(e: &CliError) -> ExitCode {
+    eprintln!("error: {e}");
+    ExitCode::from(e.exit_code())
 }
 
 fn main() -> ExitCode {
@@ -329,7 +369,7 @@ fn main() -> ExitCode {
             }
             let rt = match runtime() {
                 Ok(rt) => rt,
-                Err(e) => return fail(e),
+                Err(e) => return fail_cli(&e),
             };
             match rt.block_on(tern_node::run::run(config)) {
                 Ok(()) => ExitCode::SUCCESS,
@@ -346,7 +386,7 @@ fn main() -> ExitCode {
             }
             let rt = match runtime() {
                 Ok(rt) => rt,
-                Err(e) => return fail(e),
+                Err(e) => return fail_cli(&e),
             };
             match rt.block_on(tern_node::demo::demo(duration.map(Duration::from_secs))) {
                 Ok(()) => ExitCode::SUCCESS,
@@ -405,6 +445,16 @@ fn main() -> ExitCode {
                 ClusterCommand::Join => cli::join_info(&conn, out).await,
                 ClusterCommand::Leave { node_id } => cli::leave(&conn, node_id, out).await,
                 ClusterCommand::Members => cli::members(&conn, out).await,
+                ClusterCommand::Promote { node_id } => cli::promote(&conn, node_id, out).await,
+                ClusterCommand::Token {
+                    command: TokenCommand::Create { ttl, uses },
+                } => cli::token_create(&conn, &ttl, uses, out).await,
+                ClusterCommand::Token {
+                    command: TokenCommand::List,
+                } => cli::token_list(&conn, out).await,
+                ClusterCommand::Token {
+                    command: TokenCommand::Revoke { id },
+                } => cli::token_revoke(&conn, &id, out).await,
                 ClusterCommand::Meta {
                     command:
                         MetaCommand::Set {
@@ -442,7 +492,7 @@ fn main() -> ExitCode {
                     println!("{id}");
                     ExitCode::SUCCESS
                 }
-                Err(e) => fail(e),
+                Err(e) => fail_cli(&e),
             }
         }
         Command::Transport { command, connect } => {
@@ -456,7 +506,7 @@ fn main() -> ExitCode {
                         raft,
                         fallback_to_grpc,
                     } => match &config {
-                        None => Err("`tern transport set` edits the node's config file and sends it SIGHUP: give --config FILE (the file the node runs with)".into()),
+                        None => Err(CliError::Argument("`tern transport set` edits the node's config file and sends it SIGHUP: give --config FILE (the file the node runs with)".into())),
                         Some(path) => {
                             let edit = PolicyEdit {
                                 mode,
@@ -483,15 +533,15 @@ fn main() -> ExitCode {
 fn client_cmd<F, Fut>(connect: &Connect, f: F) -> ExitCode
 where
     F: FnOnce(Conn, Out) -> Fut,
-    Fut: std::future::Future<Output = (Conn, Result<(), String>)>,
+    Fut: std::future::Future<Output = (Conn, Result<(), CliError>)>,
 {
     let rt = match runtime() {
         Ok(rt) => rt,
-        Err(e) => return fail(e),
+        Err(e) => return fail_cli(&e),
     };
     match rt.block_on(with_conn(connect, f)) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => fail(e),
+        Err(e) => fail_cli(&e),
     }
 }
 

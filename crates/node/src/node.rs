@@ -132,11 +132,11 @@ pub struct NodeFile {
 
 impl NodeFile {
     /// The node's address for the CLI.
-    pub fn peer_addr(&self) -> Result<PeerAddr, String> {
+    pub fn peer_addr(&self) -> Result<PeerAddr, crate::error::CliError> {
         let id: PeerId = self
             .id
             .parse()
-            .map_err(|e| format!("{NODE_INFO_FILE}: id: {e}"))?;
+            .map_err(|e| crate::error::CliError::File(format!("{NODE_INFO_FILE}: id: {e}")))?;
         Ok(PeerAddr {
             id,
             iroh: self.iroh.clone().map(|direct| IrohAddr {
@@ -148,15 +148,16 @@ impl NodeFile {
     }
 
     /// Reads the file a node wrote in `data_dir`.
-    pub fn read(data_dir: &Path) -> Result<NodeFile, String> {
+    pub fn read(data_dir: &Path) -> Result<NodeFile, crate::error::CliError> {
+        use crate::error::CliError;
         let path = data_dir.join(NODE_INFO_FILE);
         let text = std::fs::read_to_string(&path).map_err(|e| {
-            format!(
+            CliError::File(format!(
                 "cannot read {}: {e}; is a node running with this data directory (`tern run`)?",
                 path.display()
-            )
+            ))
         })?;
-        serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
+        serde_json::from_str(&text).map_err(|e| CliError::File(format!("{}: {e}", path.display())))
     }
 
     fn write(&self, data_dir: &Path) -> std::io::Result<()> {
@@ -417,8 +418,7 @@ impl Node {
             ));
         }
 
-        let token = config.cluster.join_token.clone().and_then(JoinToken::new);
-        let raft_services = RaftServices::new(token);
+        let raft_services = RaftServices::with_admission(admission(&config.cluster));
         let health = Arc::new(Late::default());
         let status = Arc::new(Late::default());
         let vm = Arc::new(Late::default());
@@ -542,14 +542,24 @@ impl Node {
                 )
                 .await
                 .map_err(|e| failed("starting Raft", e))?;
-                tracing::info!(
-                    node = answer.node_id,
-                    "joined as learner; waiting for promotion"
-                );
-                node.wait_until_voter(PROMOTION_WAIT)
+                if answer.voter_pending {
+                    tracing::info!(
+                        node = answer.node_id,
+                        "joined as learner; waiting for promotion"
+                    );
+                } else {
+                    tracing::info!(
+                        node = answer.node_id,
+                        "joined as learner; the cluster has its max_voters voters, so this node \
+                         stays a learner until an admin promotes it (tern cluster promote)"
+                    );
+                }
+                node.wait_until_joined(answer.voter_pending, PROMOTION_WAIT)
                     .await
-                    .map_err(|e| failed("waiting to become a voter", e))?;
-                tracing::info!(node = answer.node_id, "promoted to voter");
+                    .map_err(|e| failed("waiting to join the membership", e))?;
+                if answer.voter_pending {
+                    tracing::info!(node = answer.node_id, "promoted to voter");
+                }
                 node
             }
         };
@@ -979,6 +989,31 @@ pub fn served(file: &NodeFile) -> Vec<TransportKind> {
     v
 }
 
+/// How this node admits joiners when it leads: the cluster's join tokens,
+/// and its own `join_token` as a static token unless that is a created
+/// token (`ID.SECRET`, which must keep expiring).
+fn admission(cluster: &crate::config::ClusterConfig) -> tern_cluster::Admission {
+    let static_token = cluster
+        .join_token
+        .clone()
+        .filter(|t| tern_cluster::admission::parse_token(t).is_none())
+        .and_then(JoinToken::new);
+    if static_token.is_some() {
+        tracing::warn!(
+            "[cluster] join_token is a static secret: nodes presenting it may join through this \
+             node for as long as it is configured; prefer expiring tokens (tern cluster token create)"
+        );
+    }
+    tern_cluster::Admission {
+        static_token,
+        max_voters: cluster.max_voters,
+        max_capacity: tern_state::Capacity {
+            vcpus: cluster.max_node_vcpus,
+            memory_mib: cluster.max_node_memory_mib,
+        },
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1017,7 +1052,9 @@ mod tests {
         let addr = back.peer_addr().unwrap();
         assert!(addr.transports().grpc && addr.transports().iroh);
         assert_eq!(served(&back).len(), 2);
-        let e = NodeFile::read(&dir.path().join("none")).unwrap_err();
+        let e = NodeFile::read(&dir.path().join("none"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("tern run"), "{e}");
     }
 }

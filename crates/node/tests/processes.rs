@@ -903,7 +903,26 @@ fn access_is_denied_by_default_and_every_change_is_logged() {
         !actions.contains(&("grant", op_id.as_str(), "admin")),
         "{log:?}"
     );
-    assert!(log.iter().all(|e| e["by"] == n1_id), "{log:?}");
+    // Access changes are the admin's; the joins are in the same log, each
+    // by the joining node's own key, and their promotions by the leader.
+    assert!(
+        log.iter()
+            .filter(|e| matches!(e["action"].as_str(), Some("grant" | "revoke")))
+            .all(|e| e["by"] == n1_id),
+        "{log:?}"
+    );
+    for node in [2, 3] {
+        assert!(
+            log.iter()
+                .any(|e| e["action"] == "add-learner" && e["node_id"] == node),
+            "{log:?}"
+        );
+        assert!(
+            log.iter()
+                .any(|e| e["action"] == "promote" && e["node_id"] == node),
+            "{log:?}"
+        );
+    }
     assert!(log.iter().all(|e| e["at_unix_ms"].as_u64().unwrap() > 0));
 
     // Refusals are counted on /metrics.

@@ -174,6 +174,9 @@ pub fn rule(method: &Method) -> Option<Rule> {
         (ServiceId::Cluster, "MetaPut") => Rule::RoleOrMember(Operator),
         (ServiceId::Cluster, "MetaGet") => Rule::RoleOrMember(Viewer),
         (ServiceId::Cluster, "AccessGrant" | "AccessRevoke") => Rule::Role(Admin),
+        (ServiceId::Cluster, "TokenCreate" | "TokenRevoke" | "TokenList" | "Promote") => {
+            Rule::Role(Admin)
+        }
         (ServiceId::Cluster, "AccessList") => Rule::RoleOrMember(Viewer),
         (ServiceId::Raft, "Vote" | "AppendEntries" | "Snapshot" | "Propose") => Rule::Members,
         _ => return None,

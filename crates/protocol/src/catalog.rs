@@ -200,6 +200,10 @@ pub const METHODS: &[Method] = &[
     m(Cluster, 6, "AccessGrant", true, Normal),
     m(Cluster, 7, "AccessRevoke", true, Normal),
     m(Cluster, 8, "AccessList", true, Normal),
+    m(Cluster, 9, "TokenCreate", false, Normal),
+    m(Cluster, 10, "TokenRevoke", true, Normal),
+    m(Cluster, 11, "TokenList", true, Normal),
+    m(Cluster, 12, "Promote", true, Normal),
 ];
 
 /// Well-known methods, for callers that name one directly.
@@ -250,6 +254,14 @@ pub mod methods {
     pub const CLUSTER_ACCESS_REVOKE: &Method = &METHODS[20];
     /// `Cluster/AccessList`.
     pub const CLUSTER_ACCESS_LIST: &Method = &METHODS[21];
+    /// `Cluster/TokenCreate`.
+    pub const CLUSTER_TOKEN_CREATE: &Method = &METHODS[22];
+    /// `Cluster/TokenRevoke`.
+    pub const CLUSTER_TOKEN_REVOKE: &Method = &METHODS[23];
+    /// `Cluster/TokenList`.
+    pub const CLUSTER_TOKEN_LIST: &Method = &METHODS[24];
+    /// `Cluster/Promote`.
+    pub const CLUSTER_PROMOTE: &Method = &METHODS[25];
 }
 
 #[cfg(test)]
@@ -309,6 +321,10 @@ mod tests {
         assert_eq!(methods::CLUSTER_ACCESS_GRANT.name, "AccessGrant");
         assert_eq!(methods::CLUSTER_ACCESS_REVOKE.name, "AccessRevoke");
         assert_eq!(methods::CLUSTER_ACCESS_LIST.name, "AccessList");
+        assert_eq!(methods::CLUSTER_TOKEN_CREATE.name, "TokenCreate");
+        assert_eq!(methods::CLUSTER_TOKEN_REVOKE.name, "TokenRevoke");
+        assert_eq!(methods::CLUSTER_TOKEN_LIST.name, "TokenList");
+        assert_eq!(methods::CLUSTER_PROMOTE.name, "Promote");
     }
 
     /// The few descriptor messages the test needs, declared by hand so the

@@ -11,10 +11,14 @@
 //!   any allocation.
 //! - [`catalog`]: service and method ids, names, default priorities and
 //!   whether a method may be retried without being applied twice.
+//! - [`access`]: roles and the one access table (`access::rule`), deny by
+//!   default.
 //! - [`peer`]: peer identity (an Ed25519 public key) and peer addresses that
 //!   can hold an iroh address and a gRPC URL.
 //! - [`rpc`]: the client and handler traits both transports implement, the
 //!   error taxonomy, and [`rpc::Dispatcher`] which routes calls to services.
+//! - [`forward`]: the one way a follower passes a write to the Raft leader
+//!   ([`forward::forward_to_leader`], one timeout), over any `RpcClient`.
 //! - [`metric_names`]: the name, kind and help of every exported metric,
 //!   shared so both transports report under the same names.
 //! - [`status`]: application status codes carried in error frames and gRPC
@@ -24,6 +28,7 @@
 
 pub mod access;
 pub mod catalog;
+pub mod forward;
 pub mod frame;
 pub mod metric_names;
 pub mod peer;

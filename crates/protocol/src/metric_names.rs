@@ -122,6 +122,10 @@ metrics! {
     /// `reason` (`unknown_key`, `needs_role`, `members_only`, `no_rule`).
     ACCESS_DENIED = "tern_access_denied_total", Counter,
         "Calls refused by the access table before dispatch, by service, method and reason.";
+    /// Join attempts refused; labels `reason` (`bad_token`, `expired`,
+    /// `used_up`, `rate_limited`, `not_itself`).
+    JOIN_REFUSED = "tern_cluster_join_refused_total", Counter,
+        "Cluster/Join calls refused by the leader, by reason.";
     /// Process CPU time.
     PROCESS_CPU_SECONDS = "process_cpu_seconds_total", Counter,
         "User and system CPU time spent by the process.";

@@ -15,7 +15,9 @@
 //!   snapshot chunks on [`Priority::Bulk`].
 //! - **Deadlines.** Every call gets `RPCOption::soft_ttl()` as its whole
 //!   budget, waiting for admission included, so it fails before openraft's
-//!   hard limit. A snapshot is streamed in [`SNAPSHOT_CHUNK_SIZE`] chunks,
+//!   hard limit; except replication appends, which get
+//!   [`REPLICATION_TIMEOUT`] (openraft passes them the heartbeat interval,
+//!   far too short for an append that waits for the follower's sync). A snapshot is streamed in [`SNAPSHOT_CHUNK_SIZE`] chunks,
 //!   each with its own `soft_ttl()`: a large snapshot on a slow link never
 //!   hits a whole-transfer timeout, while a stalled one fails within one
 //!   chunk's budget.
@@ -60,6 +62,13 @@ use crate::wire::{
     self, ControlRequest, ControlResponse, SnapshotAck, SnapshotResponse, TransferLeaderRequest,
     TransferLeaderResponse, VoteRequest, VoteResponse,
 };
+
+/// Deadline of one replication append (not a heartbeat): it waits for the
+/// follower's group commit (an `fdatasync`, tens of milliseconds on a busy
+/// disk, hundreds on a slow one) plus a round trip. Independent of the
+/// heartbeat interval, which is short so that failover is fast; a follower
+/// slower than this is treated as unreachable for the moment and retried.
+pub const REPLICATION_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Bytes of snapshot data per `Raft/Snapshot` call: large enough that the
 /// per-call overhead is negligible, small enough that one chunk crosses a
@@ -450,12 +459,20 @@ impl RaftNetworkV2<TypeConfig> for PeerNetwork {
             );
         }
         let heartbeat = (self.append_lane == Priority::Control).then(Instant::now);
+        // A heartbeat lives within its interval (openraft's soft TTL); a
+        // replication append gets its own deadline, since it waits for the
+        // follower's sync and must not time out with the heartbeat.
+        let budget = if heartbeat.is_some() {
+            option.soft_ttl()
+        } else {
+            REPLICATION_TIMEOUT
+        };
         let bytes = self
             .call(
                 methods::RAFT_APPEND_ENTRIES,
                 encoded.payload,
                 self.append_lane,
-                option.soft_ttl(),
+                budget,
                 RPCTypes::AppendEntries,
             )
             .await?;

@@ -415,6 +415,10 @@ pub fn command_name(command: &Command) -> &'static str {
         Command::MigrateVm { .. } => "migrate-vm",
         Command::PutMeta { .. } => "put-meta",
         Command::ChangeAccess { .. } => "change-access",
+        Command::CreateJoinToken { .. } => "create-join-token",
+        Command::RevokeJoinToken { .. } => "revoke-join-token",
+        Command::AdmitNode { .. } => "admit-node",
+        Command::RecordMembership { .. } => "record-membership",
     }
 }
 
@@ -432,7 +436,9 @@ pub fn command_name(command: &Command) -> &'static str {
 /// Everything else is refused: [`Command::AllocateNodeId`] (membership is
 /// changed only by `Cluster/Join` and `Cluster/Leave`, which check the
 /// token and the caller), [`Command::PutMeta`] (it has `Cluster/MetaPut`),
-/// and the raw record writes [`Command::PutVm`] and [`Command::DeleteVm`]
+/// the admission commands (tokens, admissions and membership records: the
+/// leader's alone), and the raw record writes [`Command::PutVm`] and
+/// [`Command::DeleteVm`]
 /// (tools and tests on the leader only). The match names every command,
 /// so a new one is refused here until someone decides otherwise.
 pub fn check_proposal(command: &Command, caller: &BTreeSet<NodeId>) -> Result<(), ProposeRefused> {
@@ -455,7 +461,11 @@ pub fn check_proposal(command: &Command, caller: &BTreeSet<NodeId>) -> Result<()
         | Command::PutVm { .. }
         | Command::DeleteVm { .. }
         | Command::PutMeta { .. }
-        | Command::ChangeAccess { .. } => Err(ProposeRefused::NotAllowed {
+        | Command::ChangeAccess { .. }
+        | Command::CreateJoinToken { .. }
+        | Command::RevokeJoinToken { .. }
+        | Command::AdmitNode { .. }
+        | Command::RecordMembership { .. } => Err(ProposeRefused::NotAllowed {
             command: command_name(command),
         }),
     }

@@ -155,15 +155,17 @@ impl Handler for HealthService {
         method: &'static Method,
         payload: Bytes,
     ) -> BoxFuture<'static, Result<Bytes, Status>> {
-        let result = match method.name {
-            "Check" => pb::HealthCheckRequest::decode(payload)
+        let result = if method == tern_protocol::catalog::methods::HEALTH_CHECK {
+            pb::HealthCheckRequest::decode(payload)
                 .map_err(|e| {
                     Status::invalid_argument(format!("undecodable HealthCheckRequest: {e}"))
                 })
-                .map(|_| self.check().encode_to_vec().into()),
-            other => Err(Status::unimplemented(format!(
-                "Health has no method {other}"
-            ))),
+                .map(|_| self.check().encode_to_vec().into())
+        } else {
+            Err(Status::unimplemented(format!(
+                "{} is not served by the Health service",
+                method.label()
+            )))
         };
         Box::pin(std::future::ready(result))
     }

@@ -252,21 +252,21 @@ impl Handler for MonitoringService {
     ) -> BoxFuture<'static, Result<Bytes, Status>> {
         let monitoring = self.monitoring.clone();
         Box::pin(async move {
-            match method.name {
-                "Metrics" => {
-                    pb::MetricsRequest::decode(payload).map_err(|e| {
-                        Status::invalid_argument(format!("undecodable MetricsRequest: {e}"))
-                    })?;
-                    let text = monitoring.render();
-                    Ok(pb::MetricsResponse {
-                        prometheus_text: text,
-                    }
-                    .encode_to_vec()
-                    .into())
+            if method == tern_protocol::catalog::methods::MONITORING_METRICS {
+                pb::MetricsRequest::decode(payload).map_err(|e| {
+                    Status::invalid_argument(format!("undecodable MetricsRequest: {e}"))
+                })?;
+                let text = monitoring.render();
+                Ok(pb::MetricsResponse {
+                    prometheus_text: text,
                 }
-                other => Err(Status::unimplemented(format!(
-                    "Monitoring has no method {other}"
-                ))),
+                .encode_to_vec()
+                .into())
+            } else {
+                Err(Status::unimplemented(format!(
+                    "{} is not served by the Monitoring service",
+                    method.label()
+                )))
             }
         })
     }

@@ -86,13 +86,15 @@ impl Handler for StatusService {
         method: &'static Method,
         payload: Bytes,
     ) -> BoxFuture<'static, Result<Bytes, Status>> {
-        let result = match method.name {
-            "Get" => pb::StatusRequest::decode(payload)
+        let result = if method == tern_protocol::catalog::methods::STATUS_GET {
+            pb::StatusRequest::decode(payload)
                 .map_err(|e| Status::invalid_argument(format!("undecodable StatusRequest: {e}")))
-                .map(|_| self.get().encode_to_vec().into()),
-            other => Err(Status::unimplemented(format!(
-                "Status has no method {other}"
-            ))),
+                .map(|_| self.get().encode_to_vec().into())
+        } else {
+            Err(Status::unimplemented(format!(
+                "{} is not served by the Status service",
+                method.label()
+            )))
         };
         Box::pin(std::future::ready(result))
     }

@@ -37,22 +37,16 @@
 //!   cluster removes the record at once (no reconciler will report it).
 
 use std::sync::{Arc, OnceLock};
-use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use prost::Message;
-use tern_protocol::catalog::Method;
-use tern_protocol::{
-    BoxFuture, Call, CallError, Code, Handler, PeerAddr, RequestContext, RpcClient, Status, pb,
-};
+use tern_protocol::catalog::{Method, methods};
+use tern_protocol::forward::{Leader, forward_to_leader, not_leader};
+use tern_protocol::{BoxFuture, Code, Handler, PeerAddr, RequestContext, RpcClient, Status, pb};
 use tern_state::{Command, Rejection, Response, VmRecord, VmSpec, VmState};
 
 use crate::consensus::{Consensus, ConsensusError, write_bounded};
 use tern_runtime::RuntimeKind;
-
-/// How long a forwarded call may take at most: the leader's own write
-/// bound plus a round trip. The caller's own deadline, when shorter, wins.
-pub const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The VM service.
 #[derive(Clone)]
@@ -93,78 +87,80 @@ impl VmService {
         method: &'static Method,
         payload: Bytes,
     ) -> Result<Bytes, Status> {
-        let command = match method.name {
-            "List" => {
-                let req: pb::ListVmsRequest = decode(&payload)?;
-                let vms = self
-                    .consensus
-                    .query(|state| {
-                        state
-                            .vms()
-                            .values()
-                            .filter(|vm| req.node_id == 0 || vm.node_id == req.node_id)
-                            .map(to_pb)
-                            .collect::<Vec<_>>()
-                    })
-                    .map_err(unavailable)?;
-                return Ok(pb::ListVmsResponse { vms }.encode_to_vec().into());
+        let command = if method == methods::VM_LIST {
+            let req: pb::ListVmsRequest = decode(&payload)?;
+            let vms = self
+                .consensus
+                .query(|state| {
+                    state
+                        .vms()
+                        .values()
+                        .filter(|vm| req.node_id == 0 || vm.node_id == req.node_id)
+                        .map(to_pb)
+                        .collect::<Vec<_>>()
+                })
+                .map_err(unavailable)?;
+            return Ok(pb::ListVmsResponse { vms }.encode_to_vec().into());
+        } else if method == methods::VM_GET {
+            let req: pb::GetVmRequest = decode(&payload)?;
+            let vm = self
+                .consensus
+                .query(|state| state.vm(&req.vm_id).map(to_pb))
+                .map_err(unavailable)?
+                .ok_or_else(|| Status::not_found(format!("no VM with id {:?}", req.vm_id)))?;
+            return Ok(vm.encode_to_vec().into());
+        } else if method == methods::VM_CREATE {
+            let req: pb::CreateVmRequest = decode(&payload)?;
+            check_request_id(&req.request_id)?;
+            let mut spec = req.spec.ok_or_else(|| {
+                Status::invalid_argument("invalid VM spec: field `spec`: missing")
+            })?;
+            if spec.runtime.is_empty() {
+                spec.runtime = self.default_runtime.as_str().to_owned();
             }
-            "Get" => {
-                let req: pb::GetVmRequest = decode(&payload)?;
-                let vm = self
-                    .consensus
-                    .query(|state| state.vm(&req.vm_id).map(to_pb))
-                    .map_err(unavailable)?
-                    .ok_or_else(|| Status::not_found(format!("no VM with id {:?}", req.vm_id)))?;
-                return Ok(vm.encode_to_vec().into());
+            tern_runtime::validate(&spec).map_err(|e| Status::invalid_argument(e.to_string()))?;
+            Command::CreateVm {
+                request_id: req.request_id,
+                spec: Box::new(from_pb_spec(spec)),
             }
-            "Create" => {
-                let req: pb::CreateVmRequest = decode(&payload)?;
-                check_request_id(&req.request_id)?;
-                let mut spec = req.spec.ok_or_else(|| {
-                    Status::invalid_argument("invalid VM spec: field `spec`: missing")
-                })?;
-                if spec.runtime.is_empty() {
-                    spec.runtime = self.default_runtime.as_str().to_owned();
-                }
-                tern_runtime::validate(&spec)
-                    .map_err(|e| Status::invalid_argument(e.to_string()))?;
-                Command::CreateVm {
-                    request_id: req.request_id,
-                    spec: Box::new(from_pb_spec(spec)),
-                }
+        } else if method == methods::VM_START
+            || method == methods::VM_STOP
+            || method == methods::VM_DELETE
+        {
+            let req: pb::VmActionRequest = decode(&payload)?;
+            check_request_id(&req.request_id)?;
+            check_vm_id(&req.vm_id)?;
+            let desired = if method == methods::VM_START {
+                VmState::Running
+            } else if method == methods::VM_STOP {
+                VmState::Stopped
+            } else {
+                VmState::Deleted
+            };
+            Command::SetVmDesired {
+                request_id: req.request_id,
+                vm_id: req.vm_id,
+                desired,
             }
-            "Start" | "Stop" | "Delete" => {
-                let req: pb::VmActionRequest = decode(&payload)?;
-                check_request_id(&req.request_id)?;
-                check_vm_id(&req.vm_id)?;
-                let desired = match method.name {
-                    "Start" => VmState::Running,
-                    "Stop" => VmState::Stopped,
-                    _ => VmState::Deleted,
-                };
-                Command::SetVmDesired {
-                    request_id: req.request_id,
-                    vm_id: req.vm_id,
-                    desired,
-                }
+        } else if method == methods::VM_MIGRATE {
+            let req: pb::MigrateVmRequest = decode(&payload)?;
+            check_request_id(&req.request_id)?;
+            check_vm_id(&req.vm_id)?;
+            if req.target_node == 0 {
+                return Err(Status::invalid_argument(
+                    "field `target_node`: 0 names no node; give the node id to move the VM to",
+                ));
             }
-            "Migrate" => {
-                let req: pb::MigrateVmRequest = decode(&payload)?;
-                check_request_id(&req.request_id)?;
-                check_vm_id(&req.vm_id)?;
-                if req.target_node == 0 {
-                    return Err(Status::invalid_argument(
-                        "field `target_node`: 0 names no node; give the node id to move the VM to",
-                    ));
-                }
-                Command::MigrateVm {
-                    request_id: req.request_id,
-                    vm_id: req.vm_id,
-                    target: req.target_node,
-                }
+            Command::MigrateVm {
+                request_id: req.request_id,
+                vm_id: req.vm_id,
+                target: req.target_node,
             }
-            other => return Err(Status::unimplemented(format!("Vm has no method {other}"))),
+        } else {
+            return Err(Status::unimplemented(format!(
+                "{} is not served by the VM service",
+                method.label()
+            )));
         };
         // Limits before work: refused here, never proposed.
         tern_state::limits::check_command(&command).map_err(|e| limit_status(&e))?;
@@ -188,24 +184,8 @@ impl VmService {
         payload: Bytes,
         leader: Option<u64>,
     ) -> Result<Bytes, Status> {
-        let not_leader = |why: &str| {
-            Status::new(
-                Code::FailedPrecondition,
-                match leader {
-                    Some(id) => format!(
-                        "this node is not the Raft leader; the leader is node {id}: call it there{why}"
-                    ),
-                    None => format!(
-                        "this node is not the Raft leader and no leader is known; retry shortly{why}"
-                    ),
-                },
-            )
-        };
-        let Some(client) = self.forward.get() else {
-            return Err(not_leader(""));
-        };
-        let Some(leader) = leader else {
-            return Err(not_leader(""));
+        let (Some(client), Some(leader)) = (self.forward.get(), leader) else {
+            return Err(not_leader(leader, ""));
         };
         let (leader_addr, caller_is_member): (Option<PeerAddr>, bool) = self
             .consensus
@@ -220,25 +200,25 @@ impl VmService {
             .map_err(unavailable)?;
         if caller_is_member {
             return Err(not_leader(
+                Some(leader),
                 " (a call forwarded by a member is not forwarded again)",
             ));
         }
         let Some(addr) = leader_addr else {
             return Err(not_leader(
+                Some(leader),
                 " (its address is not in the applied membership yet)",
             ));
         };
-        let timeout = ctx
-            .remaining(Instant::now())
-            .map_or(FORWARD_TIMEOUT, |left| left.min(FORWARD_TIMEOUT));
         tracing::debug!(method = %method.label(), leader, "forwarding a VM write to the leader");
-        let call = Call::new(method, payload).with_timeout(timeout);
-        client.call(&addr, call).await.map_err(|e| match e {
-            CallError::Application(status) => status,
-            CallError::Transport(t) => Status::unavailable(format!(
-                "forwarding to the leader (node {leader}) failed: {t}; retry with the same request id"
-            )),
-        })
+        forward_to_leader(
+            client.as_ref(),
+            &Leader { id: leader, addr },
+            ctx,
+            method,
+            payload,
+        )
+        .await
     }
 }
 
@@ -311,19 +291,23 @@ fn answer(response: Response) -> Result<Bytes, Status> {
 /// The status a refusal by the state is answered with.
 pub fn rejection_status(why: &Rejection) -> Status {
     let code = match why {
-        Rejection::UnknownVm { .. } => Code::NotFound,
+        Rejection::UnknownVm { .. } | Rejection::UnknownToken { .. } => Code::NotFound,
         Rejection::NameTaken { .. } => Code::AlreadyExists,
         Rejection::InvalidRequestId { .. }
         | Rejection::UnknownNode { .. }
         | Rejection::InvalidMetaKey { .. }
-        | Rejection::MetaValueTooLarge { .. } => Code::InvalidArgument,
+        | Rejection::MetaValueTooLarge { .. }
+        | Rejection::InvalidToken { .. } => Code::InvalidArgument,
         Rejection::NoCapacity { .. }
         | Rejection::NodeFull { .. }
         | Rejection::NodeIdsExhausted
         | Rejection::VmIdsExhausted
         | Rejection::MetaFull
-        | Rejection::AccessFull => Code::ResourceExhausted,
-        Rejection::NotAdmin { .. } => Code::PermissionDenied,
+        | Rejection::AccessFull
+        | Rejection::TokensFull => Code::ResourceExhausted,
+        Rejection::NotAdmin { .. }
+        | Rejection::TokenExpired { .. }
+        | Rejection::TokenUsedUp { .. } => Code::PermissionDenied,
         Rejection::VmDeleting { .. }
         | Rejection::LastAdmin { .. }
         | Rejection::MigrationInProgress { .. }

@@ -6,6 +6,7 @@ use tern_protocol::PeerId;
 use tern_protocol::access::Role;
 
 use crate::access::MAX_ACCESS_KEYS;
+use crate::admission::{JoinTokenRecord, MAX_JOIN_TOKENS, MembershipChange, TOKEN_HASH_LEN};
 use crate::limits::MAX_REQUEST_ID_LEN;
 use crate::member::NodeId;
 use crate::meta::{MAX_META_KEY_LEN, MAX_META_KEYS, MAX_META_VALUE_LEN};
@@ -113,6 +114,55 @@ pub enum Command {
         /// clock (a value, so `apply` stays pure).
         at_unix_ms: u64,
     },
+    // New commands go at the end: a command's position is its tag in log
+    // entries and snapshots already written.
+    /// Create a join token (admin only, checked at apply): recorded with
+    /// its expiry and uses, its secret only as a hash.
+    CreateJoinToken {
+        /// Deduplication id.
+        request_id: RequestId,
+        /// The token; `created_by` must hold the admin role.
+        token: JoinTokenRecord,
+    },
+    /// Revoke a join token (admin only, checked at apply).
+    RevokeJoinToken {
+        /// Deduplication id.
+        request_id: RequestId,
+        /// The token's public id.
+        id: String,
+        /// Who asked (the caller's authenticated key).
+        by: PeerId,
+        /// When, by the proposer's clock.
+        at_unix_ms: u64,
+    },
+    /// Admit a joining node with a join token: spend one use and give the
+    /// peer a node id (as [`Command::AllocateNodeId`]). Refused when the
+    /// token is unknown, has another hash, expired at `at_unix_ms` or is
+    /// used up.
+    AdmitNode {
+        /// Deduplication id: a retried join answers the same id and
+        /// spends no second use.
+        request_id: RequestId,
+        /// The joining peer's identity (the caller's authenticated key).
+        peer: PeerId,
+        /// The token's public id.
+        token_id: String,
+        /// The hash of the secret the joiner presented.
+        token_hash: [u8; TOKEN_HASH_LEN],
+        /// When, by the proposer's clock.
+        at_unix_ms: u64,
+    },
+    /// Record, in the audit log, a membership change the leader made.
+    RecordMembership {
+        /// Deduplication id.
+        request_id: RequestId,
+        /// The change.
+        change: MembershipChange,
+        /// Who asked for it (the caller's key; the joiner's for a join).
+        by: PeerId,
+        /// When, by the proposer's clock.
+        at_unix_ms: u64,
+    },
 }
 
 impl Command {
@@ -128,7 +178,11 @@ impl Command {
             | Command::ReportVm { request_id, .. }
             | Command::MigrateVm { request_id, .. }
             | Command::PutMeta { request_id, .. }
-            | Command::ChangeAccess { request_id, .. } => Some(request_id),
+            | Command::ChangeAccess { request_id, .. }
+            | Command::CreateJoinToken { request_id, .. }
+            | Command::RevokeJoinToken { request_id, .. }
+            | Command::AdmitNode { request_id, .. }
+            | Command::RecordMembership { request_id, .. } => Some(request_id),
         }
     }
 }
@@ -185,6 +239,37 @@ impl std::fmt::Display for Command {
                 key.short(),
                 by.short()
             ),
+            Command::CreateJoinToken { request_id, token } => write!(
+                f,
+                "token-create {} expires={} uses={} by={} req={request_id}",
+                token.id,
+                token.expires_at_unix_ms,
+                token
+                    .uses_left
+                    .map_or_else(|| "unlimited".to_owned(), |n| n.to_string()),
+                token.created_by.short()
+            ),
+            Command::RevokeJoinToken {
+                request_id, id, by, ..
+            } => {
+                write!(f, "token-revoke {id} by={} req={request_id}", by.short())
+            }
+            Command::AdmitNode {
+                request_id,
+                peer,
+                token_id,
+                ..
+            } => write!(
+                f,
+                "admit {} token={token_id} req={request_id}",
+                peer.short()
+            ),
+            Command::RecordMembership {
+                request_id,
+                change,
+                by,
+                ..
+            } => write!(f, "membership: {change} by={} req={request_id}", by.short()),
         }
     }
 }
@@ -359,4 +444,38 @@ pub enum Rejection {
         /// Its node.
         node_id: NodeId,
     },
+    // New rejections go at the end: a variant's position is its tag in
+    // answers remembered by the deduplication table.
+    /// The join token named is not in the table, or the secret presented
+    /// does not match it (the two are not told apart).
+    #[error(
+        "no join token {id} with that secret (unknown, revoked or mistyped); ask an admin for a new one"
+    )]
+    UnknownToken {
+        /// The token's public id.
+        id: String,
+    },
+    /// The join token expired.
+    #[error("join token {id} has expired; ask an admin for a new one (tern cluster token create)")]
+    TokenExpired {
+        /// The token's public id.
+        id: String,
+    },
+    /// The join token has no uses left.
+    #[error("join token {id} is used up; ask an admin for a new one (tern cluster token create)")]
+    TokenUsedUp {
+        /// The token's public id.
+        id: String,
+    },
+    /// A token to create is malformed.
+    #[error("invalid join token: {why}")]
+    InvalidToken {
+        /// What is wrong.
+        why: String,
+    },
+    /// [`MAX_JOIN_TOKENS`] tokens are alive.
+    #[error(
+        "{MAX_JOIN_TOKENS} join tokens are alive; revoke some first (tern cluster token revoke)"
+    )]
+    TokensFull,
 }

@@ -18,12 +18,16 @@
 //! - [`member`]: [`NodeId`] allocation, the [`Member`] record a membership
 //!   holds, [`Capacity`], and applying a new membership.
 //! - [`meta`]: the metadata register.
-//! - [`access`]: roles granted to keys and the audit log of changes.
+//! - [`access`]: roles granted to keys and the audit log of every access,
+//!   token and membership change.
+//! - [`admission`]: join tokens (hashed, expiring, counted) and the audit
+//!   records of membership changes.
 //! - [`dedup`]: the table of recent request ids and their answers.
 //! - [`limits`]: the size limits every write is checked against before it
 //!   is proposed ([`limits::check_command`]), as named constants.
 
 pub mod access;
+pub mod admission;
 pub mod command;
 pub mod dedup;
 pub mod limits;
@@ -32,7 +36,8 @@ pub mod meta;
 pub mod state;
 pub mod vm;
 
-pub use access::{AccessEvent, MAX_ACCESS_KEYS, MAX_ACCESS_LOG};
+pub use access::{AuditAction, AuditEvent, MAX_ACCESS_KEYS, MAX_AUDIT_LOG};
+pub use admission::{JoinTokenRecord, MembershipChange};
 pub use command::{Command, Rejection, RequestId, Response};
 pub use dedup::MAX_DEDUP_ENTRIES;
 pub use limits::MAX_REQUEST_ID_LEN;

@@ -227,7 +227,16 @@ pub fn check_command(command: &Command) -> Result<(), LimitError> {
         bytes("request_id", id, MAX_REQUEST_ID_LEN)?;
     }
     match command {
-        Command::AllocateNodeId { .. } | Command::ChangeAccess { .. } => {}
+        Command::AllocateNodeId { .. }
+        | Command::ChangeAccess { .. }
+        | Command::RecordMembership { .. } => {}
+        Command::CreateJoinToken { token, .. } => {
+            bytes("token.id", &token.id, crate::admission::TOKEN_ID_LEN)?
+        }
+        Command::RevokeJoinToken { id, .. } => bytes("id", id, crate::admission::TOKEN_ID_LEN)?,
+        Command::AdmitNode { token_id, .. } => {
+            bytes("token_id", token_id, crate::admission::TOKEN_ID_LEN)?
+        }
         Command::PutVm { vm, .. } => check_record(vm)?,
         Command::DeleteVm { vm_id, .. }
         | Command::SetVmDesired { vm_id, .. }

@@ -20,16 +20,18 @@ use serde::{Deserialize, Serialize};
 use tern_protocol::PeerId;
 use tern_protocol::access::Role;
 
-use crate::access::AccessEvent;
+use crate::access::{AccessEvent, AuditEvent};
+use crate::admission::JoinTokenRecord;
 use crate::command::{Command, Rejection, Response};
 use crate::dedup::DedupTable;
 use crate::limits::MAX_REQUEST_ID_LEN;
 use crate::member::{FIRST_NODE_ID, Member, NodeId};
 use crate::meta::MetaEntry;
-use crate::vm::VmRecord;
+use crate::vm::{VmIndex, VmRecord};
 
 /// The replicated cluster state.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "StoredState")]
 pub struct ClusterState {
     /// Members as of the last applied membership entry, voters and
     /// learners.
@@ -50,11 +52,54 @@ pub struct ClusterState {
     pub(crate) meta: BTreeMap<String, MetaEntry>,
     /// Roles granted to keys (members hold the member role implicitly).
     pub(crate) access: BTreeMap<PeerId, BTreeSet<Role>>,
-    /// The most recent access changes, oldest first, at most
-    /// [`MAX_ACCESS_LOG`].
-    pub(crate) access_log: VecDeque<AccessEvent>,
-    /// The sequence number of the next access event.
-    pub(crate) next_access_seq: u64,
+    /// The most recent access, token and membership changes, oldest
+    /// first, at most [`MAX_AUDIT_LOG`](crate::access::MAX_AUDIT_LOG).
+    pub(crate) audit_log: VecDeque<AuditEvent>,
+    /// The sequence number of the next audit event.
+    pub(crate) next_audit_seq: u64,
+    /// Join tokens by public id.
+    pub(crate) tokens: BTreeMap<String, JoinTokenRecord>,
+    /// Indexes over `vms` (names, reserved capacity), derived from them:
+    /// not serialized, rebuilt on decoding.
+    #[serde(skip)]
+    pub(crate) index: VmIndex,
+}
+
+/// The fields of [`ClusterState`] as they are serialized (all but the
+/// derived index), decoded first and turned into a state with its index
+/// rebuilt.
+#[derive(Deserialize)]
+struct StoredState {
+    members: BTreeMap<NodeId, Member>,
+    node_ids: BTreeMap<PeerId, NodeId>,
+    next_node_id: NodeId,
+    vms: BTreeMap<String, VmRecord>,
+    dedup: DedupTable,
+    next_vm_number: u64,
+    meta: BTreeMap<String, MetaEntry>,
+    access: BTreeMap<PeerId, BTreeSet<Role>>,
+    audit_log: VecDeque<AuditEvent>,
+    next_audit_seq: u64,
+    tokens: BTreeMap<String, JoinTokenRecord>,
+}
+
+impl From<StoredState> for ClusterState {
+    fn from(s: StoredState) -> ClusterState {
+        ClusterState {
+            index: VmIndex::of(s.vms.values()),
+            members: s.members,
+            node_ids: s.node_ids,
+            next_node_id: s.next_node_id,
+            vms: s.vms,
+            dedup: s.dedup,
+            next_vm_number: s.next_vm_number,
+            meta: s.meta,
+            access: s.access,
+            audit_log: s.audit_log,
+            next_audit_seq: s.next_audit_seq,
+            tokens: s.tokens,
+        }
+    }
 }
 
 /// The cluster state as snapshot format 2 wrote it, before the access
@@ -73,9 +118,47 @@ pub struct ClusterStateV2 {
     pub(crate) meta: BTreeMap<String, MetaEntry>,
 }
 
+/// The cluster state as snapshot format 3 wrote it, before join tokens and
+/// the general audit log: the same fields in the same order, the access
+/// log holding access changes only. Read so that a node upgraded in place
+/// keeps its state and its audit trail.
+#[derive(Debug, Deserialize)]
+pub struct ClusterStateV3 {
+    members: BTreeMap<NodeId, Member>,
+    node_ids: BTreeMap<PeerId, NodeId>,
+    next_node_id: NodeId,
+    vms: BTreeMap<String, VmRecord>,
+    dedup: DedupTable,
+    next_vm_number: u64,
+    meta: BTreeMap<String, MetaEntry>,
+    access: BTreeMap<PeerId, BTreeSet<Role>>,
+    access_log: VecDeque<AccessEvent>,
+    next_access_seq: u64,
+}
+
+impl From<ClusterStateV3> for ClusterState {
+    fn from(v3: ClusterStateV3) -> ClusterState {
+        ClusterState {
+            index: VmIndex::of(v3.vms.values()),
+            members: v3.members,
+            node_ids: v3.node_ids,
+            next_node_id: v3.next_node_id,
+            vms: v3.vms,
+            dedup: v3.dedup,
+            next_vm_number: v3.next_vm_number,
+            meta: v3.meta,
+            access: v3.access,
+            audit_log: v3.access_log.into_iter().map(AuditEvent::from).collect(),
+            next_audit_seq: v3.next_access_seq,
+            tokens: BTreeMap::new(),
+        }
+    }
+}
+
 impl From<ClusterStateV2> for ClusterState {
     fn from(v2: ClusterStateV2) -> ClusterState {
         ClusterState {
+            index: VmIndex::of(v2.vms.values()),
             members: v2.members,
             node_ids: v2.node_ids,
             next_node_id: v2.next_node_id,
@@ -99,8 +182,10 @@ impl Default for ClusterState {
             next_vm_number: 1,
             meta: BTreeMap::new(),
             access: BTreeMap::new(),
-            access_log: VecDeque::new(),
-            next_access_seq: 1,
+            audit_log: VecDeque::new(),
+            next_audit_seq: 1,
+            tokens: BTreeMap::new(),
+            index: VmIndex::default(),
         }
     }
 }
@@ -139,7 +224,7 @@ impl ClusterState {
         match cmd {
             Command::AllocateNodeId { peer, .. } => self.allocate_node_id(peer),
             Command::PutVm { vm, .. } => self.put_vm(vm),
-            Command::DeleteVm { vm_id, .. } => match self.vms.remove(&vm_id) {
+            Command::DeleteVm { vm_id, .. } => match self.remove_vm(&vm_id) {
                 Some(vm) => Response::Vm(Box::new(vm)),
                 None => Response::Rejected(Rejection::UnknownVm { vm_id }),
             },
@@ -155,14 +240,24 @@ impl ClusterState {
                 by,
                 at_unix_ms,
                 ..
-            } => self.change_access(AccessEvent {
-                seq: 0,
+            } => self.change_access(grant, key, role, by, at_unix_ms),
+            Command::CreateJoinToken { token, .. } => self.create_join_token(token),
+            Command::RevokeJoinToken {
+                id, by, at_unix_ms, ..
+            } => self.revoke_join_token(id, by, at_unix_ms),
+            Command::AdmitNode {
+                peer,
+                token_id,
+                token_hash,
                 at_unix_ms,
+                ..
+            } => self.admit_node(peer, token_id, token_hash, at_unix_ms),
+            Command::RecordMembership {
+                change,
                 by,
-                grant,
-                key,
-                role,
-            }),
+                at_unix_ms,
+                ..
+            } => self.record_membership(change, by, at_unix_ms),
         }
     }
 }
@@ -170,6 +265,7 @@ impl ClusterState {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::JoinTokenRecord;
     use crate::meta::{MAX_META_KEY_LEN, MAX_META_VALUE_LEN};
     use crate::{Capacity, MAX_DEDUP_ENTRIES, MAX_META_KEYS, VmReport, VmSpec, VmState};
     use tern_protocol::PeerAddr;
@@ -225,20 +321,155 @@ mod tests {
         );
         assert_eq!(s.role_of(&peer(2)), Some(Role::Viewer));
         // Every applied change is in the log, with who and when.
-        let log: Vec<_> = s.access_log().collect();
+        let log: Vec<_> = s.audit_log().collect();
         assert_eq!(log.len(), 4);
         assert_eq!(log[1].by, peer(1));
-        assert_eq!(log[1].key, peer(2));
-        assert!(log[1].grant);
+        assert_eq!(log[1].action.key(), Some(peer(2)));
+        assert_eq!(log[1].action.name(), "grant");
         assert_eq!(log[3].seq, 4);
-        assert!(!log[3].grant);
+        assert_eq!(log[3].action.name(), "revoke");
         assert_eq!(log[0].at_unix_ms, 1_700_000_000_000);
         // A retried change is answered from the dedup table, not logged again.
         assert_eq!(
             s.apply(access(true, 2, Role::Operator, 1, "b")),
             Response::Done
         );
-        assert_eq!(s.access_log().count(), 4);
+        assert_eq!(s.audit_log().count(), 4);
+    }
+
+    const T0: u64 = 1_700_000_000_000;
+    const HOUR: u64 = 3_600_000;
+
+    fn token(id: &str, by: u8, uses: Option<u32>) -> Command {
+        Command::CreateJoinToken {
+            request_id: format!("t-{id}-{by}-{uses:?}"),
+            token: JoinTokenRecord {
+                id: id.into(),
+                hash: [7; 32],
+                created_by: peer(by),
+                created_at_unix_ms: T0,
+                expires_at_unix_ms: T0 + HOUR,
+                uses_left: uses,
+                used: 0,
+            },
+        }
+    }
+
+    fn admit(n: u8, id: &str, hash: u8, at: u64) -> Command {
+        Command::AdmitNode {
+            request_id: format!("admit-{n}-{id}-{hash}-{at}"),
+            peer: peer(n),
+            token_id: id.into(),
+            token_hash: [hash; 32],
+            at_unix_ms: at,
+        }
+    }
+
+    /// Tokens: only admins create them; a token admits until it expires or
+    /// is used up, never with another secret, never after a revoke; each
+    /// step is in the audit log.
+    #[test]
+    fn join_tokens_expire_are_used_up_and_are_audited() {
+        let mut s = ClusterState::default();
+        s.apply(access(true, 1, Role::Admin, 1, "boot"));
+        s.apply(access(true, 2, Role::Operator, 1, "op"));
+        assert_eq!(
+            s.apply(token("0000000a", 2, None)),
+            Response::Rejected(Rejection::NotAdmin { by: peer(2) }),
+            "an operator may not create tokens"
+        );
+        assert_eq!(s.apply(token("0000000a", 1, Some(2))), Response::Done);
+        assert!(matches!(
+            s.apply(token("NOT-HEX!", 1, None)),
+            Response::Rejected(Rejection::InvalidToken { .. })
+        ));
+        // A wrong secret admits nobody and spends nothing.
+        assert_eq!(
+            s.apply(admit(5, "0000000a", 8, T0 + 1)),
+            Response::Rejected(Rejection::UnknownToken {
+                id: "0000000a".into()
+            })
+        );
+        let first = s.apply(admit(5, "0000000a", 7, T0 + 1));
+        assert!(matches!(first, Response::NodeId(_)), "{first:?}");
+        // A retried admission answers the same id and spends no use.
+        assert_eq!(s.apply(admit(5, "0000000a", 7, T0 + 1)), first);
+        assert_eq!(s.join_tokens()["0000000a"].uses_left, Some(1));
+        assert!(matches!(
+            s.apply(admit(6, "0000000a", 7, T0 + 2)),
+            Response::NodeId(_)
+        ));
+        // Used up: refused as such; it stays listed until it expires.
+        assert_eq!(
+            s.apply(admit(7, "0000000a", 7, T0 + 3)),
+            Response::Rejected(Rejection::TokenUsedUp {
+                id: "0000000a".into()
+            })
+        );
+        assert_eq!(s.join_tokens()["0000000a"].used, 2);
+        // Expiry is by the proposer's clock, a value in the command.
+        s.apply(token("0000000b", 1, None));
+        assert_eq!(
+            s.apply(admit(8, "0000000b", 7, T0 + HOUR)),
+            Response::Rejected(Rejection::TokenExpired {
+                id: "0000000b".into()
+            })
+        );
+        // Revoked: gone.
+        s.apply(token("0000000c", 1, None));
+        assert_eq!(
+            s.apply(Command::RevokeJoinToken {
+                request_id: "rv".into(),
+                id: "0000000c".into(),
+                by: peer(1),
+                at_unix_ms: T0 + 5,
+            }),
+            Response::Done
+        );
+        assert!(matches!(
+            s.apply(admit(9, "0000000c", 7, T0 + 6)),
+            Response::Rejected(Rejection::UnknownToken { .. })
+        ));
+        let actions: Vec<&str> = s.audit_log().map(|e| e.action.name()).collect();
+        assert_eq!(
+            actions,
+            [
+                "grant",
+                "grant",
+                "token-create",
+                "admit",
+                "admit",
+                "token-create",
+                "token-create",
+                "token-revoke"
+            ]
+        );
+    }
+
+    /// A token's lifetime and uses are bounded, and so is the table.
+    #[test]
+    fn join_token_bounds_are_enforced() {
+        let mut s = ClusterState::default();
+        s.apply(access(true, 1, Role::Admin, 1, "boot"));
+        let mut long = token("000000aa", 1, None);
+        if let Command::CreateJoinToken { token, .. } = &mut long {
+            token.expires_at_unix_ms = T0 + crate::admission::MAX_TOKEN_TTL_MS + 1;
+        }
+        assert!(matches!(
+            s.apply(long),
+            Response::Rejected(Rejection::InvalidToken { .. })
+        ));
+        assert!(matches!(
+            s.apply(token("000000ab", 1, Some(0))),
+            Response::Rejected(Rejection::InvalidToken { .. })
+        ));
+        for i in 0..crate::admission::MAX_JOIN_TOKENS {
+            assert_eq!(s.apply(token(&format!("{i:08x}"), 1, None)), Response::Done);
+        }
+        assert_eq!(
+            s.apply(token("ffffffff", 1, None)),
+            Response::Rejected(Rejection::TokensFull)
+        );
     }
 
     fn member(n: u8) -> Member {
@@ -555,6 +786,9 @@ mod tests {
                 for vm in state.vms().values() {
                     proptest::prop_assert!(state.members().contains_key(&vm.node_id));
                 }
+                // The indexes kept in step equal the ones rebuilt from the
+                // records.
+                proptest::prop_assert_eq!(&state.index, &VmIndex::of(state.vms().values()));
             }
         }
     }

@@ -102,20 +102,90 @@ impl VmRecord {
     }
 }
 
+/// Indexes over the VM records, kept in step with them so that no apply
+/// scans every VM: the VM id of each name, and what the VMs placed on (or
+/// migrating to) each node reserve. Derived data: never serialized, rebuilt
+/// from the records when a state is decoded ([`VmIndex::of`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct VmIndex {
+    by_name: BTreeMap<String, String>,
+    /// vCPUs and MiB reserved per node (u64 sums: no saturation to undo).
+    reserved: BTreeMap<NodeId, (u64, u64)>,
+}
+
+impl VmIndex {
+    /// The index of `vms`.
+    pub(crate) fn of<'a>(vms: impl IntoIterator<Item = &'a VmRecord>) -> VmIndex {
+        let mut index = VmIndex::default();
+        for vm in vms {
+            index.add(vm);
+        }
+        index
+    }
+
+    /// The nodes `vm` reserves capacity on: where it is placed and, while
+    /// it migrates, its target.
+    fn nodes(vm: &VmRecord) -> impl Iterator<Item = NodeId> {
+        let target = (vm.migrate_to != 0 && vm.migrate_to != vm.node_id).then_some(vm.migrate_to);
+        std::iter::once(vm.node_id).chain(target)
+    }
+
+    fn add(&mut self, vm: &VmRecord) {
+        self.by_name.insert(vm.spec.name.clone(), vm.id.clone());
+        for node in Self::nodes(vm) {
+            let r = self.reserved.entry(node).or_default();
+            r.0 += u64::from(vm.spec.vcpus);
+            r.1 += vm.spec.memory_mib;
+        }
+    }
+
+    fn remove(&mut self, vm: &VmRecord) {
+        if self.by_name.get(&vm.spec.name) == Some(&vm.id) {
+            self.by_name.remove(&vm.spec.name);
+        }
+        for node in Self::nodes(vm) {
+            if let Some(r) = self.reserved.get_mut(&node) {
+                r.0 = r.0.saturating_sub(u64::from(vm.spec.vcpus));
+                r.1 = r.1.saturating_sub(vm.spec.memory_mib);
+                if *r == (0, 0) {
+                    self.reserved.remove(&node);
+                }
+            }
+        }
+    }
+}
+
 impl ClusterState {
+    /// Stores `vm` (replacing the record with its id), keeping the index.
+    fn insert_vm(&mut self, vm: VmRecord) {
+        if let Some(old) = self.vms.get(&vm.id) {
+            self.index.remove(old);
+        }
+        self.index.add(&vm);
+        self.vms.insert(vm.id.clone(), vm);
+    }
+
+    /// Removes the record of `vm_id`, keeping the index.
+    pub(crate) fn remove_vm(&mut self, vm_id: &str) -> Option<VmRecord> {
+        let vm = self.vms.remove(vm_id)?;
+        self.index.remove(&vm);
+        Some(vm)
+    }
+
+    /// The id of the VM named `name`, if any.
+    fn vm_named(&self, name: &str) -> Option<&String> {
+        self.index.by_name.get(name)
+    }
+
     pub(crate) fn put_vm(&mut self, mut vm: Box<VmRecord>) -> Response {
-        if let Some((existing, _)) = self
-            .vms
-            .iter()
-            .find(|(id, other)| **id != vm.id && other.spec.name == vm.spec.name)
-        {
+        if let Some(existing) = self.vm_named(&vm.spec.name).filter(|id| **id != vm.id) {
             return Response::Rejected(Rejection::NameTaken {
                 name: vm.spec.name,
                 existing: existing.clone(),
             });
         }
         vm.generation = self.vms.get(&vm.id).map_or(0, |v| v.generation) + 1;
-        self.vms.insert(vm.id.clone(), (*vm).clone());
+        self.insert_vm((*vm).clone());
         Response::Vm(vm)
     }
 
@@ -127,11 +197,9 @@ impl ClusterState {
     pub fn free_capacity(&self, node: NodeId) -> Option<Capacity> {
         let member = self.members.get(&node)?;
         let mut free = member.capacity;
-        for vm in self.vms.values() {
-            if vm.node_id == node || vm.migrate_to == node {
-                free.vcpus = free.vcpus.saturating_sub(vm.spec.vcpus);
-                free.memory_mib = free.memory_mib.saturating_sub(vm.spec.memory_mib);
-            }
+        if let Some((vcpus, memory_mib)) = self.index.reserved.get(&node) {
+            free.vcpus = u32::try_from(u64::from(free.vcpus).saturating_sub(*vcpus)).unwrap_or(0);
+            free.memory_mib = free.memory_mib.saturating_sub(*memory_mib);
         }
         Some(free)
     }
@@ -177,10 +245,10 @@ impl ClusterState {
     }
 
     pub(crate) fn create_vm(&mut self, spec: VmSpec) -> Response {
-        if let Some((existing, _)) = self.vms.iter().find(|(_, v)| v.spec.name == spec.name) {
+        if let Some(existing) = self.vm_named(&spec.name) {
             return Response::Rejected(Rejection::NameTaken {
-                name: spec.name,
                 existing: existing.clone(),
+                name: spec.name,
             });
         }
         let node_id = match self.place(&spec) {
@@ -208,7 +276,7 @@ impl ClusterState {
             generation: 1,
             ..VmRecord::default()
         };
-        self.vms.insert(id, vm.clone());
+        self.insert_vm(vm.clone());
         Response::Vm(Box::new(vm))
     }
 
@@ -218,7 +286,7 @@ impl ClusterState {
         vm_id: String,
         change: impl FnOnce(&mut VmRecord) -> Result<(), Rejection>,
     ) -> Response {
-        let Some(vm) = self.vms.get_mut(&vm_id) else {
+        let Some(vm) = self.vms.get(&vm_id) else {
             return Response::Rejected(Rejection::UnknownVm { vm_id });
         };
         let mut updated = vm.clone();
@@ -226,7 +294,7 @@ impl ClusterState {
             return Response::Rejected(why);
         }
         updated.generation = updated.generation.saturating_add(1);
-        *vm = updated.clone();
+        self.insert_vm(updated.clone());
         Response::Vm(Box::new(updated))
     }
 
@@ -246,7 +314,7 @@ impl ClusterState {
             // A VM on a node that left the cluster has no reconciler to
             // remove it: the record goes at once.
             Some(vm) if desired == VmState::Deleted && !self.members.contains_key(&vm.node_id) => {
-                return match self.vms.remove(&vm_id) {
+                return match self.remove_vm(&vm_id) {
                     Some(mut vm) => {
                         vm.desired = VmState::Deleted;
                         vm.observed = VmState::Deleted;
@@ -308,7 +376,7 @@ impl ClusterState {
             return Response::Rejected(Rejection::InvalidReport { vm_id, observed });
         }
         if observed == VmState::Deleted {
-            return match self.vms.remove(&vm_id) {
+            return match self.remove_vm(&vm_id) {
                 Some(mut vm) => {
                     vm.observed = VmState::Deleted;
                     vm.generation = vm.generation.saturating_add(1);

@@ -97,6 +97,10 @@ pub enum StoreError {
         #[source]
         source: Box<StoreError>,
     },
+    /// Making the log durable (sled's flush, then `fdatasync`) failed, now
+    /// or at an earlier sync (after which nothing is acknowledged again).
+    #[error("sync failed: {0}")]
+    Sync(String),
     /// A blocking task was cancelled or panicked.
     #[error("storage task failed: {0}")]
     Task(String),

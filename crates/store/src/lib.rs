@@ -8,7 +8,9 @@
 //!   Raft, over the replicated model of `tern-state`) and aliases for
 //!   openraft's generic types.
 //! - [`log_store`]: [`LogStore`], openraft's `RaftLogStorage` on sled;
-//!   every write is flushed before it is acknowledged.
+//!   every write is synced to stable storage before it is acknowledged.
+//! - `syncer` (private): the group commit, one thread that runs sled's
+//!   flush and `fdatasync` for every write queued since the last one.
 //! - [`state_machine`]: [`StateMachineStore`], openraft's
 //!   `RaftStateMachine`: the state in memory, snapshots on disk.
 //! - [`snapshot`]: the snapshot file format and [`SnapshotFile`], the
@@ -22,6 +24,7 @@ pub mod error;
 pub mod log_store;
 pub mod snapshot;
 pub mod state_machine;
+mod syncer;
 pub mod types;
 
 use std::path::Path;
@@ -30,6 +33,7 @@ pub use error::StoreError;
 pub use log_store::{LogReader, LogStore};
 pub use snapshot::SnapshotFile;
 pub use state_machine::{StateMachineStore, StoreSnapshot};
+pub use syncer::MAX_PENDING_SYNCS;
 pub use types::{Entry, LogId, Membership, SnapshotMeta, StoredMembership, TypeConfig, Vote};
 
 /// Subdirectory of the data directory holding the sled log database.

@@ -5,14 +5,20 @@
 //! and `meta` holds the vote, the committed log id, the last purged log id
 //! and the on-disk format version.
 //!
-//! Durability: sled flushes on its own only every 500 ms, so every append,
-//! vote save, truncation and purge ends with an explicit
-//! [`sled::Tree::flush_async`], awaited before the write is acknowledged
-//! (the append callback is called only after it). Appends, truncations and
-//! purges each go in one atomic sled batch, so a crash never leaves a hole
-//! in the log; a purge records its new purge point before removing the
-//! entries, so a crash between the two leaves only unread entries behind. The committed log id is saved without a flush: it is a hint
-//! that openraft recomputes from the cluster if the last value is lost.
+//! Durability: nothing is acknowledged before it is on stable storage.
+//! Every append, vote save, truncation and purge is put into sled and then
+//! handed to the group commit (`syncer`): sled's flush followed by
+//! `fdatasync` of sled's data file, one sync for every write queued since
+//! the last. An append returns at once and its openraft callback fires
+//! after the sync that covers it, so openraft's core loop never waits for
+//! the disk; a vote, truncation or purge returns after its sync. sled's own
+//! periodic flush is off (it would be a second, uncoordinated writer).
+//! Appends, truncations and purges each go in one atomic sled batch, so a
+//! crash never leaves a hole in the log; a purge records its new purge
+//! point before removing the entries, so a crash between the two leaves
+//! only unread entries behind. The committed log id is saved without a
+//! sync: it is a hint that openraft recomputes from the cluster if the
+//! last value is lost (it is made durable by the next sync anyway).
 //!
 //! Failure is loud: a failed write or sync of an append, vote, truncation
 //! or purge is a [`StoreError::LogWrite`] naming the directory and what to
@@ -34,6 +40,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::error::StoreError;
+use crate::syncer::{Completion, Syncer};
 use crate::types::{Entry, LogId, TypeConfig, Vote};
 
 /// Name of the tree holding log entries.
@@ -88,6 +95,10 @@ pub const OPEN_LOCK_WAIT: Duration = Duration::from_secs(5);
 /// Interval between attempts to take sled's file lock.
 const OPEN_LOCK_POLL: Duration = Duration::from_millis(10);
 
+/// Most log keys one purge batch removes: a few milliseconds of work, so
+/// a purge of a whole snapshot interval is cut into steps.
+pub const MAX_PURGE_BATCH: usize = 1024;
+
 /// Most entries one replication read returns
 /// (`RaftLogReader::limited_get_log_entries`), so that a follower far
 /// behind is sent the log in bounded batches rather than all at once.
@@ -98,6 +109,7 @@ pub const MAX_ENTRIES_PER_READ: usize = 4096;
 #[derive(Clone)]
 pub struct LogStore {
     db: sled::Db,
+    syncer: Syncer,
     reader: LogReader,
     /// The database directory, named by every write failure.
     dir: std::sync::Arc<Path>,
@@ -246,7 +258,8 @@ impl LogStore {
         let config = sled::Config::new()
             .path(dir)
             .cache_capacity(SLED_CACHE_BYTES)
-            .segment_size(SLED_SEGMENT_BYTES);
+            .segment_size(SLED_SEGMENT_BYTES)
+            .flush_every_ms(None);
         let started = Instant::now();
         let db = loop {
             match config.open() {
@@ -268,8 +281,10 @@ impl LogStore {
         let meta = db
             .open_tree(META_TREE)
             .map_err(StoreError::sled("open tree"))?;
+        let syncer = Syncer::start(db.clone(), dir)?;
         let store = LogStore {
             db,
+            syncer,
             reader: LogReader { log, meta },
             dir: dir.into(),
         };
@@ -283,7 +298,7 @@ impl LogStore {
             }
             None => {
                 store.meta_put(KEY_FORMAT, &LOG_FORMAT_VERSION)?;
-                store.db.flush().map_err(StoreError::sled("flush"))?;
+                store.sync_now()?;
             }
         }
         store.finish_interrupted_purge()?;
@@ -309,9 +324,19 @@ impl LogStore {
                 .log
                 .apply_batch(batch)
                 .map_err(StoreError::sled("purge"))?;
-            self.db.flush().map_err(StoreError::sled("flush"))?;
+            self.sync_now()?;
         }
         Ok(())
+    }
+
+    /// Makes everything written so far durable, blocking the calling
+    /// thread (only at open, before Raft runs).
+    fn sync_now(&self) -> Result<(), StoreError> {
+        self.db.flush().map_err(StoreError::sled("flush"))?;
+        let path = self.dir.join("db");
+        std::fs::File::open(&path)
+            .and_then(|f| f.sync_data())
+            .map_err(StoreError::io("fdatasync", &path))
     }
 
     fn meta_put<T: Serialize>(&self, key: &'static str, value: &T) -> Result<(), StoreError> {
@@ -323,13 +348,10 @@ impl LogStore {
         Ok(())
     }
 
-    /// Waits until everything written so far is on disk.
+    /// Waits until everything written so far is on stable storage (one
+    /// group commit, shared with every write queued meanwhile).
     async fn flush(&self) -> Result<(), StoreError> {
-        self.db
-            .flush_async()
-            .await
-            .map_err(StoreError::sled("flush"))?;
-        Ok(())
+        self.syncer.sync().await
     }
 
     /// The error of a failed log write, logged loudly: openraft stops Raft
@@ -366,7 +388,8 @@ impl LogStore {
         self.reader.entries(range, usize::MAX)
     }
 
-    async fn append_entries<I>(&self, entries: I) -> Result<(), StoreError>
+    /// Puts `entries` into sled (not yet durable: see [`Syncer`]).
+    fn put_entries<I>(&self, entries: I) -> Result<(), StoreError>
     where
         I: IntoIterator<Item = Entry>,
     {
@@ -389,8 +412,7 @@ impl LogStore {
             .log
             .apply_batch(batch)
             .map_err(StoreError::sled("append"))?;
-        self.flush().await?;
-        tracing::trace!(count, "log entries appended and flushed");
+        tracing::trace!(count, "log entries appended; sync queued");
         Ok(())
     }
 
@@ -412,14 +434,34 @@ impl LogStore {
         // at or below it may linger but are never read (openraft reads
         // above the purged id only).
         self.meta_put(KEY_PURGED, &upto)?;
-        let mut batch = sled::Batch::default();
-        for key in self.reader.log.range(..=index_key(upto.index)).keys() {
-            batch.remove(key.map_err(StoreError::sled("read log"))?);
+        // In bounded batches, yielding between them, so a purge of a whole
+        // snapshot interval (thousands of keys) never holds the thread for
+        // long; one sync at the end covers them all.
+        loop {
+            let mut batch = sled::Batch::default();
+            let mut n = 0usize;
+            for key in self
+                .reader
+                .log
+                .range(..=index_key(upto.index))
+                .keys()
+                .take(MAX_PURGE_BATCH)
+            {
+                batch.remove(key.map_err(StoreError::sled("read log"))?);
+                n += 1;
+            }
+            if n == 0 {
+                break;
+            }
+            self.reader
+                .log
+                .apply_batch(batch)
+                .map_err(StoreError::sled("purge"))?;
+            if n < MAX_PURGE_BATCH {
+                break;
+            }
+            tokio::task::yield_now().await;
         }
-        self.reader
-            .log
-            .apply_batch(batch)
-            .map_err(StoreError::sled("purge"))?;
         self.flush().await
     }
 }
@@ -467,14 +509,27 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        match self.append_entries(entries).await {
-            Ok(()) => {
-                callback.io_completed(Ok(()));
-                Ok(())
-            }
-            Err(e) => {
+        // The callback fires on the sync thread once the sync covering
+        // these entries returns; openraft's core goes on meanwhile.
+        let queued = match self.put_entries(entries) {
+            Ok(()) => self
+                .syncer
+                .submit(Completion::Append(callback))
+                .map_err(|c| {
+                    (
+                        StoreError::Sync("the sync thread has stopped".into()),
+                        Some(c),
+                    )
+                }),
+            Err(e) => Err((e, Some(Completion::Append(callback)))),
+        };
+        match queued {
+            Ok(()) => Ok(()),
+            Err((e, completion)) => {
                 let e = self.write_failed("append", e);
-                callback.io_completed(Err(io::Error::new(e.kind(), e.to_string())));
+                if let Some(Completion::Append(callback)) = completion {
+                    callback.io_completed(Err(io::Error::new(e.kind(), e.to_string())));
+                }
                 Err(e)
             }
         }

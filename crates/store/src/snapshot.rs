@@ -35,10 +35,14 @@ const MAGIC: &[u8; 8] = b"TERNSNAP";
 /// Snapshot format version; a file of another version is refused.
 /// Version 2: the cluster state gained the metadata register.
 /// Version 3: the cluster state gained the access table and its log.
-pub const SNAPSHOT_FORMAT_VERSION: u32 = 3;
+/// Version 4: the access log became the audit log (access, join-token and
+/// membership changes), and the state gained the join tokens.
+pub const SNAPSHOT_FORMAT_VERSION: u32 = 4;
 /// The oldest format still read: version 2's state is version 3's without
-/// its trailing access fields ([`tern_state::state::ClusterStateV2`]), so a node
-/// upgraded in place keeps its data.
+/// its trailing access fields ([`tern_state::state::ClusterStateV2`]),
+/// version 3's has the access log in its own layout and no tokens
+/// ([`tern_state::state::ClusterStateV3`]); so a node upgraded in place
+/// keeps its data.
 pub const OLDEST_READABLE_FORMAT: u32 = 2;
 /// Bytes before the metadata.
 const PREFIX_LEN: u64 = 16;
@@ -477,6 +481,12 @@ pub(crate) fn read_snapshot(
         postcard::from_io::<ClusterState, _>((reader, &mut scratch))
             .map_err(|e| corrupt(path, format!("state: {e}")))?
             .0
+    } else if version == 3 {
+        let (old, _) =
+            postcard::from_io::<tern_state::state::ClusterStateV3, _>((reader, &mut scratch))
+                .map_err(|e| corrupt(path, format!("state (format {version}): {e}")))?;
+        tracing::info!(path = %path.display(), version, "read a snapshot of an older format; it has no join tokens");
+        ClusterState::from(old)
     } else {
         let (old, _) =
             postcard::from_io::<tern_state::state::ClusterStateV2, _>((reader, &mut scratch))
@@ -494,7 +504,41 @@ mod format_tests {
     use super::*;
     use tern_state::Command;
 
-    /// A snapshot written by the previous format (2: no access fields)
+    /// A snapshot written by format 3 (no join tokens; with an empty access
+    /// log its layout is format 4's without the trailing token map) still
+    /// opens, with its state intact.
+    #[test]
+    fn a_format_3_snapshot_is_read_without_tokens() {
+        let dir = tempfile::tempdir().unwrap();
+        let snaps = SnapshotDir::open(dir.path()).unwrap();
+        let mut state = ClusterState::default();
+        state.apply_at(
+            1,
+            Command::PutMeta {
+                request_id: "r1".into(),
+                key: "zone".into(),
+                value: "b".into(),
+            },
+        );
+        let file = snaps
+            .write_current(&SnapshotMeta::default(), &state)
+            .unwrap();
+        let bytes = std::fs::read(file.path()).unwrap();
+        let body = &bytes[..bytes.len() - TRAILER_LEN as usize];
+        let mut old = body[..body.len() - 1].to_vec();
+        assert_eq!(body[body.len() - 1], 0, "an empty token map");
+        old[8..12].copy_from_slice(&3u32.to_le_bytes());
+        let crc = crc32fast::hash(&old);
+        old.extend_from_slice(&crc.to_le_bytes());
+        let path = file.path().to_owned();
+        drop(file);
+        std::fs::write(&path, &old).unwrap();
+        let file = snaps.open_current().unwrap().unwrap();
+        let (_, read) = read_snapshot(&file, Verify::Checksum).unwrap();
+        assert_eq!(read, state, "the state comes back whole");
+    }
+
+    /// A snapshot written by an older format (2: no access fields)
     /// still opens, with its state intact and an empty access table.
     #[test]
     fn a_format_2_snapshot_is_read_with_an_empty_access_table() {
@@ -512,12 +556,13 @@ mod format_tests {
         let meta = SnapshotMeta::default();
         let file = snaps.write_current(&meta, &state).unwrap();
         // Rewrite it as format 2 wrote it: version 2, and the state without
-        // its trailing access fields (an empty map, an empty log and the
-        // next sequence number 1: one byte each in postcard).
+        // its trailing access and token fields (an empty map, an empty log,
+        // the next sequence number 1 and an empty token map: one byte each
+        // in postcard).
         let bytes = std::fs::read(file.path()).unwrap();
         let body = &bytes[..bytes.len() - TRAILER_LEN as usize];
-        let mut old = body[..body.len() - 3].to_vec();
-        assert_eq!(&body[body.len() - 3..], &[0, 0, 1]);
+        let mut old = body[..body.len() - 4].to_vec();
+        assert_eq!(&body[body.len() - 4..], &[0, 0, 1, 0]);
         old[8..12].copy_from_slice(&2u32.to_le_bytes());
         let crc = crc32fast::hash(&old);
         old.extend_from_slice(&crc.to_le_bytes());

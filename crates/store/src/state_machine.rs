@@ -10,10 +10,15 @@
 //! state is small (members and VM records), so this costs less than
 //! mirroring every write into sled a second time.
 //!
-//! A snapshot is built by encoding the live state straight into a file
-//! under the lock (no copy of the state is made), on a blocking thread.
-//! Installing one verifies its checksum, renames it into place, then
-//! replaces the state by decoding the file.
+//! A snapshot is built from a consistent view without stalling applies:
+//! the state is cloned under the apply lock (a memory copy, far shorter
+//! than encoding and syncing), the lock is released, and the copy is
+//! encoded, written and synced on a blocking thread while entries keep
+//! applying. Snapshot file operations (build, install, reading the
+//! current one) take a second lock of their own, so a build that finishes
+//! after a newer snapshot was installed keeps the newer one. Installing a
+//! snapshot verifies its checksum, renames it into place, then replaces
+//! the state by decoding the file.
 //!
 //! [`StateMachineStore`] is a cheap handle: the node keeps a clone to read
 //! the cluster state ([`StateMachineStore::read`]) while openraft owns
@@ -52,6 +57,9 @@ struct Applied {
 #[derive(Debug, Clone)]
 pub struct StateMachineStore {
     applied: Arc<Mutex<Applied>>,
+    /// Serialises snapshot file operations (taken before `applied` when
+    /// both are needed, never while `applied` is held).
+    snapshot_io: Arc<Mutex<()>>,
     snapshots: Arc<SnapshotDir>,
 }
 
@@ -99,6 +107,7 @@ impl StateMachineStore {
         }
         Ok(StateMachineStore {
             applied: Arc::new(Mutex::new(applied)),
+            snapshot_io: Arc::new(Mutex::new(())),
             snapshots: Arc::new(snapshots),
         })
     }
@@ -127,13 +136,28 @@ impl StateMachineStore {
     pub async fn build_snapshot(&self) -> Result<StoreSnapshot, StoreError> {
         let sm = self.clone();
         blocking(move || {
-            let applied = lock(&sm.applied)?;
-            let meta = SnapshotMeta {
-                last_log_id: applied.last_applied,
-                last_membership: applied.last_membership.clone(),
+            // A consistent view: the state and how far it has applied,
+            // copied together, then the apply lock is free again.
+            let (meta, state) = {
+                let applied = lock(&sm.applied)?;
+                let meta = SnapshotMeta {
+                    last_log_id: applied.last_applied,
+                    last_membership: applied.last_membership.clone(),
+                };
+                (meta, applied.state.clone())
             };
-            let file = sm.snapshots.write_current(&meta, &applied.state)?;
-            drop(applied);
+            let _io = sm.snapshot_io.lock().map_err(|_| StoreError::Poisoned)?;
+            if let Some(current) = sm.snapshots.open_current()? {
+                let current_meta = current.meta()?;
+                if current_meta.last_log_id >= meta.last_log_id {
+                    tracing::info!(last_log_id = ?current_meta.last_log_id, "a snapshot as new is current; not replaced");
+                    return Ok(Snapshot {
+                        meta: current_meta,
+                        snapshot: current,
+                    });
+                }
+            }
+            let file = sm.snapshots.write_current(&meta, &state)?;
             tracing::info!(last_log_id = ?meta.last_log_id, "snapshot built");
             Ok(Snapshot {
                 meta,
@@ -147,9 +171,9 @@ impl StateMachineStore {
     pub async fn current_snapshot(&self) -> Result<Option<StoreSnapshot>, StoreError> {
         let sm = self.clone();
         blocking(move || {
-            // Under the lock, so that a snapshot being installed or built
-            // is either fully there or not yet.
-            let _applied = lock(&sm.applied)?;
+            // Under the snapshot lock, so that a snapshot being installed
+            // or built is either fully there or not yet.
+            let _io = sm.snapshot_io.lock().map_err(|_| StoreError::Poisoned)?;
             let Some(file) = sm.snapshots.open_current()? else {
                 return Ok(None);
             };
@@ -183,6 +207,7 @@ impl StateMachineStore {
                     ),
                 });
             }
+            let _io = sm.snapshot_io.lock().map_err(|_| StoreError::Poisoned)?;
             let mut applied = lock(&sm.applied)?;
             sm.snapshots.install(&snapshot)?;
             // Drop the old state before decoding the new one, so the two are

@@ -389,7 +389,7 @@ impl Client {
     {
         tern_protocol::rpc::call_typed(self.client.as_ref(), peer, method, req, CALL_TIMEOUT)
             .await
-            .map_err(|e| tern_node::client::explain(method, &e))
+            .map_err(|e| tern_node::client::explain(method, &e).to_string())
     }
 
     /// Closes the iroh endpoint, if any.

@@ -152,9 +152,19 @@ impl<F: TransportFactory> TestNode<F> {
     /// Binds the transport (same key and port as before on a restart) with
     /// fresh services; Raft is not started.
     pub async fn boot(factory: &F, dir: &Path, bind: SocketAddr) -> TestNode<F> {
+        Self::boot_with(factory, dir, bind, RaftServices::new(JoinToken::new(TOKEN))).await
+    }
+
+    /// As [`TestNode::boot`], serving `services` (e.g. built with a
+    /// particular admission).
+    pub async fn boot_with(
+        factory: &F,
+        dir: &Path,
+        bind: SocketAddr,
+        services: RaftServices,
+    ) -> TestNode<F> {
         std::fs::create_dir_all(dir).unwrap();
         let secret = load_or_create_secret_key(dir).unwrap();
-        let services = RaftServices::new(JoinToken::new(TOKEN));
         let dispatcher = services.register(Dispatcher::new());
         let transport = factory.start(secret, bind, Arc::new(dispatcher)).await;
         TestNode {
@@ -203,6 +213,11 @@ impl<F: TransportFactory> TestNode<F> {
 
     /// Joins through `seed`.
     pub async fn join(&mut self, options: &RaftOptions, seed: &PeerAddr) {
+        self.join_with(options, seed, TOKEN).await;
+    }
+
+    /// Joins through `seed` presenting `token`.
+    pub async fn join_with(&mut self, options: &RaftOptions, seed: &PeerAddr, token: &str) {
         let (log, sm) = tern_store::open(&self.dir).unwrap();
         let node = RaftNode::join(
             &self.services,
@@ -212,7 +227,7 @@ impl<F: TransportFactory> TestNode<F> {
             self.client(),
             options,
             seed,
-            TOKEN,
+            token,
             &self.member(),
             WAIT,
         )

@@ -1,0 +1,152 @@
+//! Group commit for the Raft log: one thread that makes sled's writes
+//! durable, many writes per sync.
+//!
+//! sled 0.34's own flush writes its buffers with `pwrite` and
+//! `sync_file_range`, which starts and waits for the write-out of those
+//! pages but flushes neither the drive's cache nor the file's metadata; its
+//! only real `fsync` is a background flush every 500 ms. So a write sled
+//! calls flushed survives a process crash but not a power cut. Here a sync
+//! is sled's flush **followed by `fdatasync` of sled's data file** (the
+//! file's size included), and nothing is acknowledged before both return.
+//!
+//! Writers put their changes into sled (in memory) and then [`Syncer::
+//! submit`] a completion: an openraft `IOFlushed` callback (appends, which
+//! openraft lets finish later) or a channel a caller awaits (votes,
+//! truncations, purges). The thread takes every completion queued, runs
+//! one sync for all of them, and completes them in the order they were
+//! submitted; writes submitted while a sync runs share the next one. So
+//! openraft's core loop never waits for the disk, and under load one sync
+//! covers many appends.
+//!
+//! A failed sync fails every completion of its group and every later one:
+//! after a failed `fsync` the kernel may have dropped the pages it could
+//! not write, so retrying would report success for lost data.
+
+use std::fs::File;
+use std::path::Path;
+use std::sync::mpsc;
+use std::time::Instant;
+
+use openraft::storage::IOFlushed;
+use tokio::sync::oneshot;
+
+use crate::error::StoreError;
+use crate::types::TypeConfig;
+
+/// Completions that may wait for the sync thread at once. A bound, not a
+/// tuning knob: openraft keeps its own bound on writes in flight, far
+/// below this; a full queue makes writers wait rather than grow memory.
+pub const MAX_PENDING_SYNCS: usize = 65_536;
+
+/// The file sled keeps its log segments in, inside its directory.
+const SLED_DATA_FILE: &str = "db";
+
+/// What to do once a write is durable.
+pub(crate) enum Completion {
+    /// An append's callback.
+    Append(IOFlushed<TypeConfig>),
+    /// A caller waiting for the result.
+    Wait(oneshot::Sender<Result<(), String>>),
+}
+
+impl Completion {
+    fn complete(self, result: Result<(), &str>) {
+        match self {
+            Completion::Append(callback) => {
+                callback.io_completed(result.map_err(|e| std::io::Error::other(e.to_owned())))
+            }
+            Completion::Wait(tx) => {
+                // The waiter may have gone (its task was cancelled); the
+                // write is durable or failed all the same.
+                let _ = tx.send(result.map_err(str::to_owned));
+            }
+        }
+    }
+}
+
+/// The handle writers submit to; the thread ends when every handle is
+/// dropped. Cloning is cheap.
+#[derive(Clone)]
+pub(crate) struct Syncer {
+    tx: mpsc::SyncSender<Completion>,
+}
+
+impl Syncer {
+    /// Starts the sync thread for the sled database `db` in `dir`.
+    pub(crate) fn start(db: sled::Db, dir: &Path) -> Result<Syncer, StoreError> {
+        let path = dir.join(SLED_DATA_FILE);
+        let file = File::open(&path).map_err(StoreError::io("open for sync", &path))?;
+        // The directory entry of the data file, created by sled, must be
+        // durable too; once is enough (sled never renames it).
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(StoreError::io("sync directory", dir))?;
+        let (tx, rx) = mpsc::sync_channel(MAX_PENDING_SYNCS);
+        std::thread::Builder::new()
+            .name("tern-log-sync".into())
+            .spawn(move || run(&db, &file, &path, &rx))
+            .map_err(StoreError::io("start the sync thread", dir))?;
+        Ok(Syncer { tx })
+    }
+
+    /// Queues `completion` to run once everything written so far is
+    /// durable. Blocks only when [`MAX_PENDING_SYNCS`] are queued.
+    pub(crate) fn submit(&self, completion: Completion) -> Result<(), Completion> {
+        self.tx.send(completion).map_err(|e| e.0)
+    }
+
+    /// Waits until everything written so far is durable.
+    pub(crate) async fn sync(&self) -> Result<(), StoreError> {
+        let (tx, rx) = oneshot::channel();
+        if self.submit(Completion::Wait(tx)).is_err() {
+            return Err(StoreError::Sync("the sync thread has stopped".into()));
+        }
+        match rx.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(StoreError::Sync(e)),
+            Err(_) => Err(StoreError::Sync("the sync thread has stopped".into())),
+        }
+    }
+}
+
+/// The sync thread: one sync per group of queued completions, in order.
+fn run(db: &sled::Db, file: &File, path: &Path, rx: &mpsc::Receiver<Completion>) {
+    let mut failed: Option<String> = None;
+    while let Ok(first) = rx.recv() {
+        let mut group = vec![first];
+        group.extend(rx.try_iter());
+        if failed.is_none() {
+            let started = Instant::now();
+            let result = db
+                .flush()
+                .map_err(|e| format!("sled flush: {e}"))
+                .and_then(|_| {
+                    file.sync_data()
+                        .map_err(|e| format!("fdatasync {}: {e}", path.display()))
+                });
+            match result {
+                Ok(()) => tracing::trace!(
+                    writes = group.len(),
+                    micros = started.elapsed().as_micros(),
+                    "log synced"
+                ),
+                Err(e) => {
+                    // Said as every log write failure is: what failed, where,
+                    // and what to check.
+                    let e = StoreError::LogWrite {
+                        op: "sync",
+                        dir: path.parent().unwrap_or(path).to_owned(),
+                        source: Box::new(StoreError::Sync(e)),
+                    }
+                    .to_string();
+                    tracing::error!(error = %e, "Raft storage failure: this node stops; every later write fails too");
+                    failed = Some(e);
+                }
+            }
+        }
+        let result = failed.as_deref().map_or(Ok(()), Err);
+        for completion in group {
+            completion.complete(result);
+        }
+    }
+}
