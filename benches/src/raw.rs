@@ -136,6 +136,16 @@ impl Raft for RawRaft {
     ) -> Result<tonic::Response<pb::RaftPayload>, tonic::Status> {
         Ok(tonic::Response::new(request.into_inner()))
     }
+
+    type AppendStreamStream = tonic::Streaming<pb::RaftPayload>;
+
+    /// Echoes every message of the stream back, in order.
+    async fn append_stream(
+        &self,
+        request: tonic::Request<tonic::Streaming<pb::RaftPayload>>,
+    ) -> Result<tonic::Response<Self::AppendStreamStream>, tonic::Status> {
+        Ok(tonic::Response::new(request.into_inner()))
+    }
 }
 
 /// Starts the raw gRPC server on 127.0.0.1 (free port, `TCP_NODELAY` on

@@ -166,7 +166,7 @@ pub fn rule(method: &Method) -> Option<Rule> {
         (ServiceId::Health, "Check") => Rule::Anyone,
         (ServiceId::Status, "Get") => Rule::RoleOrMember(Viewer),
         (ServiceId::Vm, "Create" | "Start" | "Stop" | "Delete" | "Migrate") => Rule::Role(Operator),
-        (ServiceId::Vm, "List" | "Get") => Rule::RoleOrMember(Viewer),
+        (ServiceId::Vm, "List" | "Get" | "Watch") => Rule::RoleOrMember(Viewer),
         (ServiceId::Monitoring, "Metrics") => Rule::RoleOrMember(Viewer),
         (ServiceId::Cluster, "Join") => Rule::AnyKey,
         (ServiceId::Cluster, "Members") => Rule::AnyKey,
@@ -178,7 +178,9 @@ pub fn rule(method: &Method) -> Option<Rule> {
             Rule::Role(Admin)
         }
         (ServiceId::Cluster, "AccessList") => Rule::RoleOrMember(Viewer),
-        (ServiceId::Raft, "Vote" | "AppendEntries" | "Snapshot" | "Propose") => Rule::Members,
+        (ServiceId::Raft, "Vote" | "AppendEntries" | "AppendStream" | "Snapshot" | "Propose") => {
+            Rule::Members
+        }
         _ => return None,
     };
     Some(rule)
@@ -187,11 +189,11 @@ pub fn rule(method: &Method) -> Option<Rule> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::catalog::{METHODS, methods};
+    use crate::catalog::{all_methods, methods};
 
     #[test]
     fn every_method_has_a_rule() {
-        for method in METHODS {
+        for method in all_methods() {
             assert!(
                 rule(method).is_some(),
                 "{} has no access rule: add one to access::rule",

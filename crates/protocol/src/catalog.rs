@@ -87,9 +87,9 @@ impl ServiceId {
         }
     }
 
-    /// The methods of this service.
+    /// The methods of this service, unary and streaming.
     pub fn methods(self) -> impl Iterator<Item = &'static Method> {
-        METHODS.iter().filter(move |m| m.service == self)
+        all_methods().filter(move |m| m.service == self)
     }
 
     /// The method with this id in this service, if any.
@@ -107,6 +107,39 @@ impl std::fmt::Display for ServiceId {
 /// The protobuf package of every schema.
 pub const PROTO_PACKAGE: &str = "tern.v1";
 
+/// How a method's messages flow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum MethodKind {
+    /// One request, one answer ([`crate::RpcClient::call`]).
+    Unary,
+    /// One request, then a stream of answers
+    /// ([`crate::RpcClient::open_stream`]); `returns (stream ...)` in the
+    /// schema.
+    ServerStreaming,
+    /// A stream of requests and a stream of answers, both ways at once
+    /// ([`crate::RpcClient::open_stream`]); `stream` on both sides in the
+    /// schema.
+    Bidirectional,
+}
+
+impl MethodKind {
+    /// Whether calls of this kind are streams.
+    pub fn is_stream(self) -> bool {
+        self != MethodKind::Unary
+    }
+
+    /// The kind a schema method with these streaming flags has, if Tern
+    /// supports it (client streaming alone is not used).
+    pub fn from_schema(client_streaming: bool, server_streaming: bool) -> Option<MethodKind> {
+        match (client_streaming, server_streaming) {
+            (false, false) => Some(MethodKind::Unary),
+            (false, true) => Some(MethodKind::ServerStreaming),
+            (true, true) => Some(MethodKind::Bidirectional),
+            (true, false) => None,
+        }
+    }
+}
+
 /// One method of one service.
 #[derive(Debug, PartialEq, Eq, Hash)]
 pub struct Method {
@@ -120,6 +153,8 @@ pub struct Method {
     pub idempotent: bool,
     /// The priority class callers use unless they choose another.
     pub priority: Priority,
+    /// Unary, or which kind of stream.
+    pub kind: MethodKind,
 }
 
 impl Method {
@@ -144,9 +179,7 @@ impl Method {
             .strip_prefix(PROTO_PACKAGE)?
             .strip_prefix('.')?;
         let (service, method) = rest.split_once('/')?;
-        METHODS
-            .iter()
-            .find(|m| m.service.proto_name() == service && m.name == method)
+        all_methods().find(|m| m.service.proto_name() == service && m.name == method)
     }
 }
 
@@ -163,13 +196,35 @@ const fn m(
         name,
         idempotent,
         priority,
+        kind: MethodKind::Unary,
+    }
+}
+
+const fn stream(
+    service: ServiceId,
+    id: u16,
+    name: &'static str,
+    priority: Priority,
+    kind: MethodKind,
+) -> Method {
+    Method {
+        service,
+        id,
+        name,
+        // A stream is opened again only when its opening failed (see
+        // `RpcClient::open_stream`); both streaming methods resume from a
+        // position the caller names, so opening twice applies nothing twice.
+        idempotent: true,
+        priority,
+        kind,
     }
 }
 
 use Priority::{Bulk, Control, Normal, Replication};
 use ServiceId::{Cluster, Health, Monitoring, Raft, Status, Vm};
 
-/// Every method of every service.
+/// Every unary method of every service (the streaming ones are
+/// [`STREAM_METHODS`]; [`all_methods`] walks both).
 ///
 /// Idempotency notes: reads are idempotent; VM writes carry a client request
 /// id that the state machine deduplicates; Raft RPCs are idempotent by
@@ -206,9 +261,32 @@ pub const METHODS: &[Method] = &[
     m(Cluster, 12, "Promote", true, Normal),
 ];
 
+/// Every streaming method of every service.
+///
+/// - `Raft/AppendStream` (bidirectional, replication lane): a leader's
+///   pipelined append-entries to one follower; each answer answers the
+///   request at the same position of the stream.
+/// - `Vm/Watch` (server streaming): every change of the VMs from a
+///   revision on, resumable by revision.
+pub const STREAM_METHODS: &[Method] = &[
+    stream(
+        Raft,
+        5,
+        "AppendStream",
+        Replication,
+        MethodKind::Bidirectional,
+    ),
+    stream(Vm, 8, "Watch", Normal, MethodKind::ServerStreaming),
+];
+
+/// Every method, unary then streaming.
+pub fn all_methods() -> impl Iterator<Item = &'static Method> {
+    METHODS.iter().chain(STREAM_METHODS.iter())
+}
+
 /// Well-known methods, for callers that name one directly.
 pub mod methods {
-    use super::{METHODS, Method};
+    use super::{METHODS, Method, STREAM_METHODS};
 
     /// `Health/Check`.
     pub const HEALTH_CHECK: &Method = &METHODS[0];
@@ -262,6 +340,10 @@ pub mod methods {
     pub const CLUSTER_TOKEN_LIST: &Method = &METHODS[24];
     /// `Cluster/Promote`.
     pub const CLUSTER_PROMOTE: &Method = &METHODS[25];
+    /// `Raft/AppendStream` (bidirectional stream).
+    pub const RAFT_APPEND_STREAM: &Method = &STREAM_METHODS[0];
+    /// `Vm/Watch` (server stream).
+    pub const VM_WATCH: &Method = &STREAM_METHODS[1];
 }
 
 #[cfg(test)]
@@ -278,23 +360,34 @@ mod tests {
         for file in fds.file {
             for service in file.service {
                 for method in service.method {
-                    from_schema.insert(format!(
-                        "/{}.{}/{}",
-                        file.package.clone().unwrap_or_default(),
-                        service.name.clone().unwrap_or_default(),
-                        method.name.unwrap_or_default()
+                    let kind = MethodKind::from_schema(
+                        method.client_streaming.unwrap_or(false),
+                        method.server_streaming.unwrap_or(false),
+                    );
+                    from_schema.insert((
+                        format!(
+                            "/{}.{}/{}",
+                            file.package.clone().unwrap_or_default(),
+                            service.name.clone().unwrap_or_default(),
+                            method.name.unwrap_or_default()
+                        ),
+                        kind,
                     ));
                 }
             }
         }
-        let from_catalogue: BTreeSet<String> = METHODS.iter().map(Method::grpc_path).collect();
+        let from_catalogue: BTreeSet<(String, Option<MethodKind>)> = all_methods()
+            .map(|m| (m.grpc_path(), Some(m.kind)))
+            .collect();
         assert_eq!(from_schema, from_catalogue);
+        assert!(METHODS.iter().all(|m| m.kind == MethodKind::Unary));
+        assert!(STREAM_METHODS.iter().all(|m| m.kind.is_stream()));
     }
 
     #[test]
     fn ids_are_unique_and_lookups_agree() {
         let mut seen = BTreeSet::new();
-        for method in METHODS {
+        for method in all_methods() {
             assert!(method.id != 0, "method id 0 is reserved");
             assert!(
                 seen.insert((method.service, method.id)),
@@ -325,6 +418,13 @@ mod tests {
         assert_eq!(methods::CLUSTER_TOKEN_REVOKE.name, "TokenRevoke");
         assert_eq!(methods::CLUSTER_TOKEN_LIST.name, "TokenList");
         assert_eq!(methods::CLUSTER_PROMOTE.name, "Promote");
+        assert_eq!(methods::RAFT_APPEND_STREAM.name, "AppendStream");
+        assert_eq!(methods::VM_WATCH.name, "Watch");
+        assert_eq!(
+            Method::by_grpc_path("/tern.v1.Vm/Watch"),
+            Some(methods::VM_WATCH)
+        );
+        assert_eq!(ServiceId::Raft.method(5), Some(methods::RAFT_APPEND_STREAM));
     }
 
     /// The few descriptor messages the test needs, declared by hand so the
@@ -353,6 +453,10 @@ mod tests {
         pub(super) struct MethodDescriptorProto {
             #[prost(string, optional, tag = "1")]
             pub(super) name: Option<String>,
+            #[prost(bool, optional, tag = "5")]
+            pub(super) client_streaming: Option<bool>,
+            #[prost(bool, optional, tag = "6")]
+            pub(super) server_streaming: Option<bool>,
         }
     }
 }

@@ -19,6 +19,8 @@
 //!   error taxonomy, and [`rpc::Dispatcher`] which routes calls to services.
 //! - [`forward`]: the one way a follower passes a write to the Raft leader
 //!   ([`forward::forward_to_leader`], one timeout), over any `RpcClient`.
+//! - [`stream`]: streaming calls: what a caller opens and gets, the stream
+//!   limits both transports apply, and the per-stream frame rules.
 //! - [`metric_names`]: the name, kind and help of every exported metric,
 //!   shared so both transports report under the same names.
 //! - [`status`]: application status codes carried in error frames and gRPC
@@ -34,6 +36,7 @@ pub mod metric_names;
 pub mod peer;
 pub mod rpc;
 pub mod status;
+pub mod stream;
 
 /// Message types generated from the `.proto` schemas in `proto/tern/v1`.
 ///
@@ -50,7 +53,7 @@ pub mod pb {
         include_bytes!(concat!(env!("OUT_DIR"), "/tern_descriptor.bin"));
 }
 
-pub use catalog::{Method, ServiceId};
+pub use catalog::{Method, MethodKind, ServiceId};
 pub use frame::{Frame, FrameError, FrameKind, Header, Priority};
 pub use peer::{PeerAddr, PeerId, TransportKind, TransportSet};
 pub use rpc::{
@@ -58,3 +61,4 @@ pub use rpc::{
     TransportError, TransportErrorKind,
 };
 pub use status::{Code, Status};
+pub use stream::{CallStream, StreamCall, StreamReceiver, StreamSender};

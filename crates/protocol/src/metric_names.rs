@@ -69,6 +69,14 @@ metrics! {
     /// Bytes; labels `transport`, `direction`.
     BYTES = "tern_transport_bytes_total", Counter,
         "Payload bytes sent and received, by transport.";
+    /// Stream openings; labels `transport`, `service`, `method`, `side`,
+    /// `outcome` (`ok` = accepted, `app_error` = refused by the service,
+    /// `transport_error`).
+    STREAMS = "tern_transport_streams_total", Counter,
+        "Streaming calls opened, by transport, service, method, side and outcome of the opening.";
+    /// Open streams; labels `transport`, `side`.
+    STREAMS_ACTIVE = "tern_transport_streams_active", Gauge,
+        "Streaming calls open now, by transport and side.";
     /// Queue depth; labels `transport`, `lane`.
     QUEUE_DEPTH = "tern_transport_queue_depth", Gauge,
         "Calls waiting for a slot, by transport and priority lane.";

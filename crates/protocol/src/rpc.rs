@@ -17,6 +17,7 @@ use crate::catalog::{Method, ServiceId};
 use crate::frame::Priority;
 use crate::peer::{PeerAddr, PeerId, TransportKind};
 use crate::status::{Code, Status};
+use crate::stream::{CallStream, StreamCall, StreamReceiver, StreamSender};
 
 /// A boxed, sendable future, so that both traits stay object-safe.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -234,6 +235,63 @@ impl CallError {
 ///   errors may be retried, and only as [`CallError::is_safe_to_retry`] says.
 /// - **Shutdown.** After the owning transport shuts down, calls fail with
 ///   [`TransportErrorKind::LocalShutdown`], `NotDelivered`.
+///
+/// # Streams
+///
+/// [`RpcClient::open_stream`] opens a server-streaming or bidirectional
+/// call ([`crate::catalog::MethodKind`]). Everything above holds for it
+/// (identity, lanes, sharing, shutdown), and further:
+///
+/// - **Opening.** `open_stream` sends the first message and resolves once
+///   the peer's handler accepted the call, or fails: refused by the peer
+///   (`Application`, e.g. `Unimplemented`, `PermissionDenied`), or a
+///   [`TransportError`] whose delivery says whether the first message may
+///   have reached the service. [`StreamCall::open_timeout`] bounds the
+///   whole opening, dial included (`TimedOut`).
+/// - **Ordering.** The messages of one direction arrive in the order they
+///   were sent, each exactly once, or the stream fails: a receiver never
+///   sees a gap, a duplicate or a reordering, only a prefix followed by an
+///   error.
+/// - **Back-pressure.** A sender's `send` resolves once the transport has
+///   taken the message, and waits while the receiver's window is full; a
+///   receiver that stops reading stops its sender after at most
+///   [`crate::stream::STREAM_WINDOW`] bytes (plus a message in each end's
+///   hand-over slot, [`crate::stream::STREAM_HANDOVER_MESSAGES`]), and its
+///   transport buffers no more than that for the stream. Each transport
+///   names its per-connection window as well (QUIC's connection receive
+///   window on iroh, HTTP/2's connection window on gRPC), so the streams of
+///   one connection cost bounded memory together. Nothing queues without
+///   bound.
+/// - **Deadlines.** There is no deadline for the whole stream (a watch may
+///   run for days). [`StreamCall::idle_timeout`] bounds every wait on the
+///   open stream: a `next` with no message, a `send` the peer's window
+///   holds back. Past it the wait fails with `TimedOut`,
+///   `MayHaveBeenDelivered`, and the stream is cancelled. The bound is sent
+///   to the peer, which applies it to its own waits for the caller's
+///   messages.
+/// - **Cancellation, both ways.** Dropping the [`StreamReceiver`] before
+///   the end cancels the stream at the peer: its handler's future is
+///   dropped (its work stops) and its sends fail. Dropping the
+///   [`StreamSender`] without [`StreamSender::finish`] abandons the
+///   caller's side: the handler's `next` fails. A handler that returns
+///   (or fails) ends the caller's receiver after its last message; one
+///   that drops its inbound receiver makes the caller's sends fail.
+/// - **Lanes.** A stream belongs to [`StreamCall::priority`]'s lane like a
+///   call does and holds one of the lane's places to its peer while open;
+///   streams of a less urgent lane never hold back a more urgent lane's
+///   calls or streams (own places, own QUIC priority or HTTP/2
+///   connection), so a control call never waits behind a busy stream.
+/// - **Errors: what was delivered when a stream breaks.** Every message a
+///   receiver got was delivered, once, in order. When a stream breaks
+///   (connection lost, reset, idle bound, peer restart), the receiving end
+///   sees the error after the messages that arrived; messages whose `send`
+///   resolved may or may not have reached the peer's application
+///   (`MayHaveBeenDelivered`), and the sender learns of the break at its
+///   next `send` or `finish`. A handler's failure after accepting reaches
+///   the caller as [`CallError::Application`] after the messages sent
+///   before it. A caller that resumes (a Raft follower's next index, a
+///   watch's revision) resumes from its own position: no transport or
+///   router retries a stream once it was opened.
 pub trait RpcClient: Send + Sync + 'static {
     /// Which transport this client uses.
     fn transport(&self) -> TransportKind;
@@ -252,6 +310,37 @@ pub trait RpcClient: Send + Sync + 'static {
         peer: &'a PeerAddr,
         timeout: Duration,
     ) -> BoxFuture<'a, Result<Duration, CallError>>;
+
+    /// Opens a streaming call of `call.method` on `peer`; see "Streams"
+    /// above. A client without streams (the default) refuses every stream
+    /// as `NotServed`, not delivered.
+    fn open_stream<'a>(
+        &'a self,
+        peer: &'a PeerAddr,
+        call: StreamCall,
+    ) -> BoxFuture<'a, Result<CallStream, CallError>> {
+        let _ = peer;
+        let err = TransportError::new(
+            self.transport(),
+            TransportErrorKind::NotServed,
+            Delivery::NotDelivered,
+            format!("this client opens no streams ({})", call.method.label()),
+        );
+        Box::pin(std::future::ready(Err(err.into())))
+    }
+}
+
+/// Checks that `method` is a stream, for transports opening or serving
+/// one: a unary method asked for as a stream is `Unimplemented`.
+pub fn require_stream(method: &Method) -> Result<(), Status> {
+    if method.kind.is_stream() {
+        Ok(())
+    } else {
+        Err(Status::unimplemented(format!(
+            "{} is a unary method, not a stream",
+            method.label()
+        )))
+    }
 }
 
 /// Calls `method` with a typed request and decodes the typed response.
@@ -315,6 +404,27 @@ impl RequestContext {
 ///   as [`CallError::Application`]; a handler must not panic on any payload.
 /// - The returned future owns what it needs (`'static`): transports spawn it
 ///   and may drop it when the caller cancels or the deadline passes.
+///
+/// # Streams
+///
+/// [`Handler::handle_stream`] serves a streaming method (transports call
+/// it only for methods whose kind is a stream, and `handle` only for unary
+/// ones). It gets the first message, the caller's further messages
+/// (`inbound`, empty on a server-streaming call) and a sender for its
+/// answers (`outbound`); the call was accepted when it is called.
+///
+/// - Returning `Ok(())` ends the caller's receiver cleanly after every
+///   message sent; returning `Err(status)` ends it with that status after
+///   them. `outbound` need not be finished by the handler.
+/// - `outbound.send` waits while the caller's window is full (the
+///   back-pressure of the contract), at most the caller's idle bound, and
+///   fails once the caller is gone.
+/// - The transport drops the handler's future when the caller cancels
+///   (drops its receiver) or the connection is lost: a handler needs no
+///   cancellation logic beyond what dropping a future gives.
+/// - `ctx.deadline` is `None` on streams (there is no deadline for a whole
+///   stream); `inbound.next` is bounded by the caller's idle bound.
+/// - The default answers `Unimplemented`.
 pub trait Handler: Send + Sync + 'static {
     /// Serves one call.
     fn handle(
@@ -323,6 +433,23 @@ pub trait Handler: Send + Sync + 'static {
         method: &'static Method,
         payload: Bytes,
     ) -> BoxFuture<'static, Result<Bytes, Status>>;
+
+    /// Serves one streaming call; see "Streams" above.
+    fn handle_stream(
+        &self,
+        ctx: RequestContext,
+        method: &'static Method,
+        request: Bytes,
+        inbound: StreamReceiver,
+        outbound: StreamSender,
+    ) -> BoxFuture<'static, Result<(), Status>> {
+        let _ = (ctx, request, inbound, outbound);
+        let status = Status::unimplemented(format!(
+            "{} is not served as a stream by this node",
+            method.label()
+        ));
+        Box::pin(std::future::ready(Err(status)))
+    }
 }
 
 impl<H: Handler + ?Sized> Handler for Arc<H> {
@@ -333,6 +460,17 @@ impl<H: Handler + ?Sized> Handler for Arc<H> {
         payload: Bytes,
     ) -> BoxFuture<'static, Result<Bytes, Status>> {
         (**self).handle(ctx, method, payload)
+    }
+
+    fn handle_stream(
+        &self,
+        ctx: RequestContext,
+        method: &'static Method,
+        request: Bytes,
+        inbound: StreamReceiver,
+        outbound: StreamSender,
+    ) -> BoxFuture<'static, Result<(), Status>> {
+        (**self).handle_stream(ctx, method, request, inbound, outbound)
     }
 }
 
@@ -386,6 +524,26 @@ impl Handler for Dispatcher {
     ) -> BoxFuture<'static, Result<Bytes, Status>> {
         match self.services.get(&method.service) {
             Some(handler) => handler.handle(ctx, method, payload),
+            None => {
+                let status = Status::unimplemented(format!(
+                    "service {} is not served by this node",
+                    method.service
+                ));
+                Box::pin(std::future::ready(Err(status)))
+            }
+        }
+    }
+
+    fn handle_stream(
+        &self,
+        ctx: RequestContext,
+        method: &'static Method,
+        request: Bytes,
+        inbound: StreamReceiver,
+        outbound: StreamSender,
+    ) -> BoxFuture<'static, Result<(), Status>> {
+        match self.services.get(&method.service) {
+            Some(handler) => handler.handle_stream(ctx, method, request, inbound, outbound),
             None => {
                 let status = Status::unimplemented(format!(
                     "service {} is not served by this node",
@@ -472,6 +630,7 @@ mod tests {
             name: "Imaginary",
             idempotent: false,
             priority: Priority::Normal,
+            kind: crate::catalog::MethodKind::Unary,
         };
         assert!(lost(Delivery::NotDelivered).is_safe_to_retry(&not_idempotent));
         assert!(!lost(Delivery::MayHaveBeenDelivered).is_safe_to_retry(&not_idempotent));

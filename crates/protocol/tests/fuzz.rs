@@ -6,6 +6,10 @@
 //!   allocator checks that).
 //! - Arbitrary bytes cut at arbitrary points decode to the same frames as
 //!   the whole input (streaming is split-invariant).
+//! - The frames of a streaming call, arbitrary or valid, checked by
+//!   [`StreamRules`] on either side: every break of the rules is a typed
+//!   [`StreamViolation`] (never a panic), the stream stays over after it,
+//!   and a well-formed call is accepted message by message, in order.
 //!
 //! The default run is short. `cargo test -p tern-protocol --features fuzz
 //! --test fuzz` runs the long campaign (`TERN_FUZZ_CASES`, default one
@@ -20,6 +24,7 @@ use std::cell::Cell;
 use bytes::{Buf, Bytes, BytesMut};
 use proptest::prelude::*;
 use tern_protocol::frame::{self, Decoded, Frame, FrameError, HEADER_LEN, Header, Limits};
+use tern_protocol::stream::{StreamEvent, StreamRules, StreamSide, StreamViolation};
 use tern_protocol::{FrameKind, Priority, ServiceId};
 
 /// Forwards to the system allocator and remembers, per thread, the largest
@@ -198,6 +203,89 @@ proptest! {
         let mut buf = BytesMut::from(&input[..]);
         let largest = largest_allocation(|| { let _ = frame::decode(&mut buf, limits); });
         prop_assert!(largest <= max as usize + BYTES_BOOKKEEPING, "allocated {} bytes with a limit of {}", largest, max);
+    }
+
+    #[test]
+    fn stream_rules_type_every_violation_and_stay_over(
+        input in prop::collection::vec(arb_input(), 0..12),
+        frames in prop::collection::vec(arb_frame(), 0..12),
+        request_id in 0u64..4,
+        messages_allowed in any::<bool>(),
+        max in 0u32..600,
+    ) {
+        // Frames decoded from arbitrary bytes, then valid frames of any
+        // kind with ids near the stream's own: both sides check them all.
+        let mut headers = Vec::new();
+        for bytes in &input {
+            if let Ok((f, _)) = frame::decode_slice(bytes, Limits::default()) {
+                headers.push(f.header);
+            }
+        }
+        headers.extend(frames.iter().map(|f| Header { request_id: f.header.request_id % 4, ..f.header }));
+        for side in [StreamSide::Caller, StreamSide::Server] {
+            let mut rules = StreamRules::new(side, request_id, messages_allowed, max);
+            let mut over = false;
+            for header in &headers {
+                let verdict = rules.check(header);
+                if over {
+                    prop_assert_eq!(verdict, Err(StreamViolation::AfterEnd { kind: header.kind }));
+                    continue;
+                }
+                match verdict {
+                    Ok(StreamEvent::Accepted) => prop_assert_eq!(side, StreamSide::Caller),
+                    Ok(StreamEvent::Message) => {
+                        prop_assert!(messages_allowed);
+                        prop_assert_eq!(header.kind, FrameKind::StreamData);
+                        prop_assert_eq!(header.request_id, request_id);
+                        prop_assert!(header.payload_len <= max);
+                    }
+                    Ok(_) => over = true,
+                    Err(StreamViolation::UnknownRequest { got, expected, .. }) => {
+                        prop_assert_ne!(got, expected);
+                        over = true;
+                    }
+                    Err(StreamViolation::Oversize { len, max: m }) => {
+                        prop_assert!(len > m);
+                        over = true;
+                    }
+                    Err(_) => over = true,
+                }
+                prop_assert_eq!(rules.is_over(), over);
+            }
+        }
+    }
+
+    #[test]
+    fn a_well_formed_stream_is_accepted_in_order(
+        request_id in any::<u64>(),
+        lens in prop::collection::vec(0u32..1000, 0..32),
+        failed in any::<bool>(),
+    ) {
+        let header = |kind, payload_len| Header {
+            kind,
+            priority: Priority::Normal,
+            idempotent: false,
+            service: ServiceId::Vm,
+            method: 8,
+            request_id,
+            payload_len,
+            deadline_ms: 0,
+        };
+        let mut caller = StreamRules::new(StreamSide::Caller, request_id, true, 1000);
+        let mut server = StreamRules::new(StreamSide::Server, request_id, true, 1000);
+        prop_assert_eq!(caller.check(&header(FrameKind::Response, 0)), Ok(StreamEvent::Accepted));
+        for len in &lens {
+            prop_assert_eq!(caller.check(&header(FrameKind::StreamData, *len)), Ok(StreamEvent::Message));
+            prop_assert_eq!(server.check(&header(FrameKind::StreamData, *len)), Ok(StreamEvent::Message));
+        }
+        prop_assert_eq!(server.check(&header(FrameKind::StreamEnd, 0)), Ok(StreamEvent::End));
+        let (last, event) = if failed {
+            (FrameKind::Error, StreamEvent::Failed)
+        } else {
+            (FrameKind::StreamEnd, StreamEvent::End)
+        };
+        prop_assert_eq!(caller.check(&header(last, 0)), Ok(event));
+        prop_assert!(caller.is_over() && server.is_over());
     }
 
     #[test]

@@ -12,7 +12,10 @@
 //! - [`Harness`], [`TestNode`], [`NodeSpec`]: what a transport provides.
 //! - [`service`]: the [`service::TestService`] handler every check serves,
 //!   which echoes, sleeps, fails on request and counts what it saw.
-//! - [`suite`]: the checks, one `async fn` each.
+//! - [`suite`]: the checks of unary calls, one `async fn` each.
+//! - [`streams`]: the checks of streaming calls (order, back-pressure with
+//!   a stalled reader, cancellation both ways, idle bound, control during a
+//!   saturating stream, peer restart mid-stream, 10,000 streams at once).
 //!
 //! Every node runs for real (real endpoints and servers on loopback), every
 //! check is bounded by [`TEST_TIMEOUT`], and no check asserts on speed.
@@ -25,6 +28,7 @@ use std::time::Duration;
 use tern_protocol::{BoxFuture, Handler, PeerAddr, PeerId, RpcClient};
 
 pub mod service;
+pub mod streams;
 pub mod suite;
 
 /// Longest any one check may run before it fails as hung.
@@ -110,7 +114,16 @@ where
 #[macro_export]
 macro_rules! conformance_tests {
     ($harness:expr) => {
-        $crate::conformance_tests!(@each $harness;
+        $crate::conformance_tests!(@each $harness; streams;
+            stream_messages_arrive_in_order,
+            stalled_reader_bounds_the_sender,
+            streams_are_cancelled_both_ways,
+            idle_stream_times_out,
+            control_calls_complete_during_a_saturating_stream,
+            peer_restart_mid_stream,
+            many_concurrent_small_streams
+        );
+        $crate::conformance_tests!(@each $harness; suite;
             unary_round_trip,
             caller_identity_is_authenticated,
             application_errors_pass_through,
@@ -128,11 +141,11 @@ macro_rules! conformance_tests {
             ping_measures_a_round_trip
         );
     };
-    (@each $harness:expr; $($name:ident),* $(,)?) => {
+    (@each $harness:expr; $module:ident; $($name:ident),* $(,)?) => {
         $(
             #[test]
             fn $name() {
-                $crate::run_check($harness, $crate::suite::$name);
+                $crate::run_check($harness, $crate::$module::$name);
             }
         )*
     };

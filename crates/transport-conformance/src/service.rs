@@ -10,7 +10,16 @@
 //! | `Raft/Snapshot`     | answers the chunk's length (u64 LE) as `data`        |
 //! | `Vm/Get`            | `vm_id` `"sleep:MS"` sleeps, `"fail:CODE"` fails     |
 //! | `Status/Get`        | a fixed `NodeStatus`                                 |
+//! | `Vm/Watch` (stream) | `vm_id` says what to stream (below)                  |
+//! | `Raft/AppendStream` | first `data` `"echo"` echoes every message back,     |
+//! | (bidirectional)     | `"stall"` never reads (and never ends)               |
 //! | anything else       | not registered: the dispatcher's `Unimplemented`     |
+//!
+//! `Vm/Watch` commands (`vm_id`): `"count:N:S"` sends N events of S bytes
+//! each (in `VmRecord.reason`) with revisions `from_revision + 1..=N`, then
+//! ends; `"flood:S"` sends events of S bytes until cancelled; `"quiet"`
+//! sends nothing and never ends; `"fail:N:CODE"` sends N events, then
+//! fails with CODE.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -19,7 +28,10 @@ use std::time::Duration;
 use bytes::Bytes;
 use prost::Message;
 use tern_protocol::catalog::Method;
-use tern_protocol::{BoxFuture, Code, Dispatcher, Handler, RequestContext, ServiceId, Status, pb};
+use tern_protocol::{
+    BoxFuture, Code, Dispatcher, Handler, RequestContext, ServiceId, Status, StreamReceiver,
+    StreamSender, pb,
+};
 
 /// Node id the fixed `Status/Get` answer carries.
 pub const STATUS_NODE_ID: u64 = 4242;
@@ -37,6 +49,12 @@ pub struct Counters {
     pub cancelled: AtomicU64,
     /// Bulk bytes received through `Raft/Snapshot`.
     pub bulk_bytes: AtomicU64,
+    /// Stream messages a handler's `send` accepted.
+    pub stream_sent: AtomicU64,
+    /// Bytes of them (encoded messages).
+    pub stream_sent_bytes: AtomicU64,
+    /// Stream messages a handler read from its caller.
+    pub stream_received: AtomicU64,
 }
 
 impl Counters {
@@ -107,6 +125,154 @@ impl Handler for TestService {
             guard.done = true;
             result
         })
+    }
+
+    fn handle_stream(
+        &self,
+        _ctx: RequestContext,
+        method: &'static Method,
+        request: Bytes,
+        inbound: StreamReceiver,
+        outbound: StreamSender,
+    ) -> BoxFuture<'static, Result<(), Status>> {
+        let counters = self.counters.clone();
+        Box::pin(async move {
+            counters.started.fetch_add(1, Ordering::SeqCst);
+            counters.in_flight.fetch_add(1, Ordering::SeqCst);
+            let mut guard = InFlight {
+                counters: counters.clone(),
+                done: false,
+            };
+            let result = serve_stream(&counters, method, request, inbound, outbound).await;
+            guard.done = true;
+            result
+        })
+    }
+}
+
+/// Sends one message, counting it; a failed send (the caller is gone)
+/// ends the handler with the transport's reason.
+async fn send_counted(
+    counters: &Counters,
+    outbound: &mut StreamSender,
+    message: Bytes,
+) -> Result<(), Status> {
+    let len = message.len() as u64;
+    outbound
+        .send(message)
+        .await
+        .map_err(|e| Status::unavailable(format!("send failed: {e}")))?;
+    counters.stream_sent.fetch_add(1, Ordering::SeqCst);
+    counters.stream_sent_bytes.fetch_add(len, Ordering::SeqCst);
+    Ok(())
+}
+
+fn event(revision: u64, size: usize) -> Bytes {
+    pb::VmEvent {
+        revision,
+        vm: Some(pb::VmRecord {
+            id: "vm".into(),
+            reason: "x".repeat(size),
+            ..Default::default()
+        }),
+        deleted: false,
+    }
+    .encode_to_vec()
+    .into()
+}
+
+fn number(text: Option<&str>, what: &str) -> Result<u64, Status> {
+    text.and_then(|t| t.parse().ok())
+        .ok_or_else(|| Status::invalid_argument(format!("expected {what}")))
+}
+
+async fn serve_stream(
+    counters: &Counters,
+    method: &'static Method,
+    request: Bytes,
+    inbound: StreamReceiver,
+    outbound: StreamSender,
+) -> Result<(), Status> {
+    match (method.service, method.name) {
+        (ServiceId::Vm, "Watch") => serve_watch(counters, request, outbound).await,
+        (ServiceId::Raft, "AppendStream") => {
+            serve_append_stream(counters, request, inbound, outbound).await
+        }
+        _ => Err(Status::unimplemented(format!(
+            "the test service does not stream {}",
+            method.label()
+        ))),
+    }
+}
+
+/// `Vm/Watch`: what `vm_id` commands (see the module docs).
+async fn serve_watch(
+    counters: &Counters,
+    request: Bytes,
+    mut outbound: StreamSender,
+) -> Result<(), Status> {
+    let req = pb::WatchVmsRequest::decode(request).map_err(bad_request)?;
+    let mut parts = req.vm_id.split(':');
+    let from = req.from_revision;
+    match parts.next() {
+        Some("count") => {
+            let n = number(parts.next(), "count:N:S")?;
+            let size = number(parts.next(), "count:N:S")? as usize;
+            for i in 1..=n {
+                send_counted(counters, &mut outbound, event(from + i, size)).await?;
+            }
+            Ok(())
+        }
+        Some("flood") => {
+            let size = number(parts.next(), "flood:S")? as usize;
+            let mut revision = from;
+            loop {
+                revision += 1;
+                send_counted(counters, &mut outbound, event(revision, size)).await?;
+            }
+        }
+        Some("fail") => {
+            let n = number(parts.next(), "fail:N:CODE")?;
+            let code = number(parts.next(), "fail:N:CODE")?;
+            for i in 1..=n {
+                send_counted(counters, &mut outbound, event(from + i, 8)).await?;
+            }
+            Err(Status::new(
+                Code::from_u32(u32::try_from(code).unwrap_or(2)),
+                "requested failure",
+            ))
+        }
+        Some("quiet") => std::future::pending().await,
+        _ => Err(Status::invalid_argument(format!(
+            "unknown watch command {:?}",
+            req.vm_id
+        ))),
+    }
+}
+
+/// `Raft/AppendStream`: echo, or stall.
+async fn serve_append_stream(
+    counters: &Counters,
+    request: Bytes,
+    mut inbound: StreamReceiver,
+    mut outbound: StreamSender,
+) -> Result<(), Status> {
+    let first = pb::RaftPayload::decode(request).map_err(bad_request)?;
+    match first.data.as_ref() {
+        b"echo" => {
+            while let Some(message) = inbound.next().await {
+                let message =
+                    message.map_err(|e| Status::unavailable(format!("inbound broke: {e}")))?;
+                counters.stream_received.fetch_add(1, Ordering::SeqCst);
+                send_counted(counters, &mut outbound, message).await?;
+            }
+            Ok(())
+        }
+        b"stall" => std::future::pending().await,
+        other => Err(Status::invalid_argument(format!(
+            "unknown stream mode {:?}",
+            String::from_utf8_lossy(other)
+        ))),
     }
 }
 

@@ -16,6 +16,10 @@
 //!    gRPC for a cool-down, so a blocked path costs one timeout, not one per
 //!    call.
 //!
+//! Streams ([`DualRouter::open_stream_routed`]) are routed the same way;
+//! only their opening may fall back (before the stream is handed to the
+//! caller). A stream that breaks after that is the caller's to resume.
+//!
 //! The policy is swapped atomically ([`DualRouter::set_policy`]): a call
 //! reads it once when it starts, so calls in flight finish under the policy
 //! they started with and none fails because of the change.
@@ -27,8 +31,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use tern_protocol::metric_names as names;
 use tern_protocol::{
-    BoxFuture, Call, CallError, Delivery, PeerAddr, PeerId, RpcClient, ServiceId, TransportError,
-    TransportErrorKind, TransportKind,
+    BoxFuture, Call, CallError, CallStream, Delivery, PeerAddr, PeerId, RpcClient, ServiceId,
+    StreamCall, TransportError, TransportErrorKind, TransportKind,
 };
 
 use crate::adaptive::Adaptive;
@@ -180,18 +184,16 @@ impl DualRouter {
         })
     }
 
-    /// Calls `call` on `peer` and says how it was routed.
-    pub async fn call_routed(
+    /// The transport to try first for `service` on `peer` under `policy`,
+    /// and whether a failure there may fall back to gRPC; counts a
+    /// reroute. `NotServed` when no transport is common.
+    fn first_choice(
         &self,
+        policy: &Policy,
         peer: &PeerAddr,
-        call: Call,
-    ) -> (Result<Bytes, CallError>, Option<Route>) {
-        let policy = self.policy();
-        let method = call.method;
-        let service = method.service;
-        let started = crate::now();
-        let deadline = started + call.timeout;
-
+        service: ServiceId,
+        started: Instant,
+    ) -> Result<(TransportKind, bool), TransportError> {
         let preferred = match policy.preference(service) {
             Preference::Fixed(kind) => kind,
             Preference::Adaptive => self.with_peer(peer, |p| {
@@ -207,7 +209,7 @@ impl DualRouter {
                 TransportKind::Iroh => TransportKind::Grpc,
             };
             if !self.available(other, peer) {
-                let err = TransportError::new(
+                return Err(TransportError::new(
                     preferred,
                     TransportErrorKind::NotServed,
                     Delivery::NotDelivered,
@@ -218,8 +220,7 @@ impl DualRouter {
                         self.inner.grpc.is_some(),
                         self.inner.iroh.is_some()
                     ),
-                );
-                return (Err(err.into()), None);
+                ));
             }
             let reason = if self.client(preferred).is_none() {
                 "no_local_client"
@@ -230,10 +231,129 @@ impl DualRouter {
                 .increment(1);
             other
         };
-
         let can_fall_back = first == TransportKind::Iroh
             && policy.fallback_to_grpc
             && self.available(TransportKind::Grpc, peer);
+        Ok((first, can_fall_back))
+    }
+
+    /// Opens a streaming call on `peer` and says how it was routed: the
+    /// transport is chosen as for a call; an opening that fails on iroh
+    /// before the stream was handed over is opened again over gRPC under
+    /// the same rules as a call's fallback (a transport error,
+    /// [`CallError::is_safe_to_retry`], time left). Once opened, a stream's
+    /// failures are the caller's: nothing is retried, since messages may
+    /// have been delivered.
+    pub async fn open_stream_routed(
+        &self,
+        peer: &PeerAddr,
+        call: StreamCall,
+    ) -> (Result<CallStream, CallError>, Option<Route>) {
+        let policy = self.policy();
+        let method = call.method;
+        let service = method.service;
+        let started = crate::now();
+        let deadline = started + call.open_timeout;
+        let (first, can_fall_back) = match self.first_choice(&policy, peer, service, started) {
+            Ok(choice) => choice,
+            Err(err) => return (Err(err.into()), None),
+        };
+        let route = |first, fell_back| Some(Route { first, fell_back });
+        if can_fall_back
+            && let Admit::Open { .. } = self.with_peer(peer, |p| p.breaker.admit(started))
+        {
+            metrics::counter!(names::ROUTER_FALLBACKS, "service" => service.name(), "method" => method.name, "reason" => "breaker_open")
+                .increment(1);
+            let result = self.attempt_stream(TransportKind::Grpc, peer, call).await;
+            return (result, route(TransportKind::Grpc, true));
+        }
+        let budget = if can_fall_back {
+            call.open_timeout
+                .saturating_sub(FALLBACK_RESERVE.min(call.open_timeout / 2))
+        } else {
+            call.open_timeout
+        };
+        let result = self
+            .attempt_stream(first, peer, call.clone().with_open_timeout(budget))
+            .await;
+        if first == TransportKind::Iroh && can_fall_back {
+            match &result {
+                Ok(_) => self.with_peer(peer, |p| p.breaker.on_success()),
+                Err(CallError::Application(_)) => self.with_peer(peer, |p| p.breaker.on_neutral()),
+                Err(CallError::Transport(_)) => {
+                    self.with_peer(peer, |p| p.breaker.on_failure(crate::now()))
+                }
+            }
+        }
+        let err = match &result {
+            Err(CallError::Transport(e))
+                if can_fall_back && result_is_retryable(&result, method) =>
+            {
+                e.clone()
+            }
+            _ => return (result, route(first, false)),
+        };
+        let remaining = deadline.saturating_duration_since(crate::now());
+        if remaining < MIN_FALLBACK_TIME {
+            return (result, route(first, false));
+        }
+        metrics::counter!(names::ROUTER_FALLBACKS, "service" => service.name(), "method" => method.name, "reason" => err.kind.as_str())
+            .increment(1);
+        tracing::warn!(
+            peer = %peer.id.short(),
+            method = %method.label(),
+            error = %err,
+            "iroh stream failed to open; opening it over gRPC"
+        );
+        let retried = self
+            .attempt_stream(TransportKind::Grpc, peer, call.with_open_timeout(remaining))
+            .await;
+        (retried, route(first, true))
+    }
+
+    async fn attempt_stream(
+        &self,
+        kind: TransportKind,
+        peer: &PeerAddr,
+        call: StreamCall,
+    ) -> Result<CallStream, CallError> {
+        let Some(client) = self.client(kind) else {
+            return Err(TransportError::new(
+                kind,
+                TransportErrorKind::NotServed,
+                Delivery::NotDelivered,
+                "no client",
+            )
+            .into());
+        };
+        let service = call.method.service;
+        metrics::counter!(names::ROUTER_CALLS, "service" => service.name(), "transport" => label(kind)).increment(1);
+        let result = client.open_stream(peer, call).await;
+        if service == ServiceId::Raft
+            && let Err(CallError::Transport(_)) = &result
+        {
+            let switch = self.with_peer(peer, |p| p.adaptive.record_error(kind, crate::now()));
+            self.note_switch(peer, switch);
+        }
+        result
+    }
+
+    /// Calls `call` on `peer` and says how it was routed.
+    pub async fn call_routed(
+        &self,
+        peer: &PeerAddr,
+        call: Call,
+    ) -> (Result<Bytes, CallError>, Option<Route>) {
+        let policy = self.policy();
+        let method = call.method;
+        let service = method.service;
+        let started = crate::now();
+        let deadline = started + call.timeout;
+
+        let (first, can_fall_back) = match self.first_choice(&policy, peer, service, started) {
+            Ok(choice) => choice,
+            Err(err) => return (Err(err.into()), None),
+        };
 
         if can_fall_back
             && let Admit::Open { .. } = self.with_peer(peer, |p| p.breaker.admit(started))
@@ -425,6 +545,13 @@ impl DualRouter {
     }
 }
 
+fn result_is_retryable(
+    result: &Result<CallStream, CallError>,
+    method: &tern_protocol::Method,
+) -> bool {
+    matches!(result, Err(e) if e.is_safe_to_retry(method))
+}
+
 impl RpcClient for DualRouter {
     fn transport(&self) -> TransportKind {
         match self.policy().mode {
@@ -439,6 +566,14 @@ impl RpcClient for DualRouter {
         call: Call,
     ) -> BoxFuture<'a, Result<Bytes, CallError>> {
         Box::pin(async move { self.call_routed(peer, call).await.0 })
+    }
+
+    fn open_stream<'a>(
+        &'a self,
+        peer: &'a PeerAddr,
+        call: StreamCall,
+    ) -> BoxFuture<'a, Result<CallStream, CallError>> {
+        Box::pin(async move { self.open_stream_routed(peer, call).await.0 })
     }
 
     fn ping<'a>(
@@ -680,6 +815,7 @@ mod tests {
         name: "Imaginary",
         idempotent: false,
         priority: Priority::Normal,
+        kind: tern_protocol::MethodKind::Unary,
     };
 
     #[tokio::test(start_paused = true)]

@@ -34,9 +34,10 @@ use bytes::Bytes;
 use http::uri::PathAndQuery;
 use prost::Message;
 use tern_protocol::frame::DEFAULT_MAX_PAYLOAD;
+use tern_protocol::stream::STREAM_HANDOVER_MESSAGES;
 use tern_protocol::{
-    BoxFuture, Call, CallError, Code, Delivery, Method, PeerAddr, PeerId, Priority, RpcClient,
-    Status, TransportError, TransportErrorKind, TransportKind,
+    BoxFuture, Call, CallError, CallStream, Code, Delivery, Method, MethodKind, PeerAddr, PeerId,
+    Priority, RpcClient, Status, StreamCall, TransportError, TransportErrorKind, TransportKind,
 };
 use tonic::transport::{Channel, Endpoint};
 
@@ -454,6 +455,175 @@ impl GrpcClient {
     }
 }
 
+impl GrpcClient {
+    /// What is refused before a stream is opened: a closed client, a unary
+    /// method, a peer without a gRPC URL, a first message over the limit.
+    /// Returns the peer's URL.
+    fn check_stream_call<'p>(
+        &self,
+        peer: &'p PeerAddr,
+        call: &StreamCall,
+    ) -> Result<&'p str, CallError> {
+        if self.closed.load(Ordering::SeqCst) {
+            return Err(err(
+                TransportErrorKind::LocalShutdown,
+                Delivery::NotDelivered,
+                "the gRPC transport is shut down",
+            ));
+        }
+        let method = call.method;
+        if let Err(status) = tern_protocol::rpc::require_stream(method) {
+            return Err(err(
+                TransportErrorKind::Protocol,
+                Delivery::NotDelivered,
+                status.message,
+            ));
+        }
+        let Some(url) = peer.grpc.as_deref() else {
+            return Err(err(
+                TransportErrorKind::NotServed,
+                Delivery::NotDelivered,
+                format!("{} has no gRPC address", peer.id.short()),
+            ));
+        };
+        if call.request.len() > self.max_message_size {
+            return Err(err(
+                TransportErrorKind::Overloaded,
+                Delivery::NotDelivered,
+                format!(
+                    "request of {} bytes is over the {} byte message limit",
+                    call.request.len(),
+                    self.max_message_size
+                ),
+            ));
+        }
+        Ok(url)
+    }
+
+    /// Sends a stream's opening by its kind; answers tonic's result and,
+    /// on a bidirectional call, the caller's sink.
+    async fn send_opening(
+        &self,
+        grpc: &mut tonic::client::Grpc<Channel>,
+        call: StreamCall,
+        path: PathAndQuery,
+        idle_ms: u32,
+        gone_rx: tokio::sync::oneshot::Receiver<()>,
+    ) -> (
+        Result<tonic::Response<tonic::Streaming<Bytes>>, tonic::Status>,
+        Option<crate::stream::CallerSink>,
+    ) {
+        let idle = call.idle_timeout;
+        match call.method.kind {
+            MethodKind::Bidirectional => {
+                let (tx, rx) = tokio::sync::mpsc::channel(STREAM_HANDOVER_MESSAGES);
+                let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+                let requests = crate::stream::Requests {
+                    first: Some(call.request),
+                    rx,
+                    receiver_gone: gone_rx,
+                    sender_done: done_rx,
+                    finished: false,
+                    over: false,
+                };
+                let mut request = tonic::Request::new(requests);
+                stream_metadata(request.metadata_mut(), call.priority, idle_ms);
+                let answer = grpc
+                    .streaming(request, path, crate::stream::BidiCodec)
+                    .await;
+                let sink = crate::stream::CallerSink {
+                    tx: Some(tx),
+                    done: Some(done_tx),
+                    idle,
+                    max_message_size: self.max_message_size,
+                };
+                (answer, Some(sink))
+            }
+            MethodKind::ServerStreaming | MethodKind::Unary => {
+                drop(gone_rx);
+                let mut request = tonic::Request::new(call.request);
+                stream_metadata(request.metadata_mut(), call.priority, idle_ms);
+                (grpc.server_streaming(request, path, RawCodec).await, None)
+            }
+        }
+    }
+
+    /// Opens a streaming call (see [`crate::stream`]): the lane's channel,
+    /// the request, and the peer's acceptance (its response headers).
+    async fn open_stream_inner(
+        &self,
+        peer: &PeerAddr,
+        call: StreamCall,
+        sent: &AtomicBool,
+    ) -> Result<CallStream, CallError> {
+        let method = call.method;
+        let url = self.check_stream_call(peer, &call)?;
+        let lane = Lane::of(call.priority);
+        let channel = self.channel(peer, url, lane).await?;
+        let path_text = method.grpc_path();
+        let path = PathAndQuery::try_from(path_text.as_str()).map_err(|e| {
+            err(
+                TransportErrorKind::Protocol,
+                Delivery::NotDelivered,
+                format!("invalid gRPC path {path_text}: {e}"),
+            )
+        })?;
+        let mut grpc = tonic::client::Grpc::new(channel)
+            .max_decoding_message_size(self.max_message_size)
+            .max_encoding_message_size(self.max_message_size);
+        let queued = Queued::start(call.priority.as_str());
+        let ready = grpc.ready().await;
+        drop(queued);
+        if let Err(e) = ready {
+            self.forget(peer, url, lane);
+            return Err(err(
+                TransportErrorKind::Unreachable,
+                Delivery::NotDelivered,
+                format!("channel to {} not ready: {e}", peer.id.short()),
+            ));
+        }
+        let idle = call.idle_timeout;
+        let idle_ms = call.idle_ms();
+        sent.store(true, Ordering::SeqCst);
+        metrics::message(Direction::Sent, call.request.len());
+        let (gone_tx, gone_rx) = tokio::sync::oneshot::channel::<()>();
+        let (answer, sink) = self
+            .send_opening(&mut grpc, call, path, idle_ms, gone_rx)
+            .await;
+        let answers = match answer {
+            Ok(response) => response.into_inner(),
+            Err(status) => {
+                let error = classify_status(&status, peer.id, &path_text);
+                if matches!(
+                    error.as_transport().map(|e| e.kind),
+                    Some(TransportErrorKind::Unreachable | TransportErrorKind::WrongPeer)
+                ) {
+                    self.forget(peer, url, lane);
+                }
+                return Err(error);
+            }
+        };
+        let source = crate::stream::CallerSource {
+            answers: Some(answers),
+            idle,
+            verify: crate::stream::Verify {
+                expected: peer.id,
+                path: path_text,
+            },
+            _gone: Some(gone_tx),
+            _active: metrics::OpenStream::new(Side::Client),
+        };
+        let (sender, receiver) = crate::stream::caller_halves(sink, source);
+        Ok(CallStream { sender, receiver })
+    }
+}
+
+/// The metadata of a stream's opening: its lane and its idle bound.
+fn stream_metadata(metadata: &mut tonic::metadata::MetadataMap, priority: Priority, idle_ms: u32) {
+    metadata.insert(PRIORITY_KEY, u32::from(priority as u8).into());
+    metadata.insert(crate::stream::STREAM_IDLE_KEY, idle_ms.into());
+}
+
 /// Checks that a peer's gRPC URL is `https://host:port`: the only scheme a
 /// node serves. Says what is wrong otherwise.
 pub fn check_url(url: &str) -> Result<(), String> {
@@ -555,6 +725,11 @@ fn error_chain(error: &(dyn StdError + 'static)) -> String {
 struct Verify<'a> {
     expected: PeerId,
     path: &'a str,
+}
+
+/// [`classify`] for the streams module.
+pub(crate) fn classify_status(status: &tonic::Status, expected: PeerId, path: &str) -> CallError {
+    classify(status, &Verify { expected, path })
 }
 
 /// Maps a failed tonic call to the shared taxonomy.
@@ -751,6 +926,46 @@ impl RpcClient for GrpcClient {
             // the request itself, as `PeerShuttingDown`).
             tracing::trace!(peer = %peer.id.short(), ?rtt, status = answer.status().as_str_name(), "gRPC ping");
             Ok(rtt)
+        })
+    }
+
+    fn open_stream<'a>(
+        &'a self,
+        peer: &'a PeerAddr,
+        call: StreamCall,
+    ) -> BoxFuture<'a, Result<CallStream, CallError>> {
+        Box::pin(async move {
+            let timeout = call.open_timeout;
+            let method = call.method;
+            let sent = AtomicBool::new(false);
+            let result = match tokio::time::timeout(
+                timeout,
+                self.open_stream_inner(peer, call, &sent),
+            )
+            .await
+            {
+                Ok(result) => result,
+                Err(_) => Err(err(
+                    TransportErrorKind::TimedOut,
+                    if sent.load(Ordering::SeqCst) {
+                        Delivery::MayHaveBeenDelivered
+                    } else {
+                        Delivery::NotDelivered
+                    },
+                    format!("stream {} not opened within {timeout:?}", method.label()),
+                )),
+            };
+            let outcome = match &result {
+                Ok(_) => Outcome::Ok,
+                Err(CallError::Application(_)) => Outcome::AppError,
+                Err(CallError::Transport(e)) => {
+                    metrics::call_failure(e.kind);
+                    tracing::debug!(method = %method.label(), peer = %peer.id.short(), error = %e, "gRPC stream not opened");
+                    Outcome::TransportError
+                }
+            };
+            metrics::stream_opened(method, Side::Client, outcome);
+            result
         })
     }
 }

@@ -54,6 +54,9 @@
 //! - `io`: counted TLS connections, their places under the connection
 //!   caps, the client's TLS connector, and the switch that aborts
 //!   connections when a drain deadline passes.
+//! - [`stream`]: server-streaming and bidirectional calls: the handler's
+//!   task and its bounded hand-over to tonic, the caller's halves, idle
+//!   bounds, cancellation as an HTTP/2 reset.
 //! - [`services`]: the tonic code generated at build time (servers and
 //!   typed clients), using `tern_protocol::pb`'s message types.
 //! - [`GrpcTransport`]: a server and a client with one identity, shut down
@@ -78,8 +81,9 @@
 //! - **Client retries.** A failed call is reported, classified, and never
 //!   retried here: whether a retry is safe is the router's decision
 //!   ([`tern_protocol::CallError::is_safe_to_retry`]).
-//! - **Streaming RPCs.** Every method of the schemas is unary; bulk data
-//!   moves as chunks on the bulk lane.
+//! - **Client-streaming RPCs.** The schemas' streams are server-streaming
+//!   and bidirectional ([`stream`]); bulk data moves as unary chunks on the
+//!   bulk lane.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -91,6 +95,7 @@ mod codec;
 mod io;
 pub mod metrics;
 pub mod server;
+pub mod stream;
 pub mod tls;
 
 /// tonic servers and clients generated from `proto/tern/v1/*.proto`.

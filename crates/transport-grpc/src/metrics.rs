@@ -166,3 +166,33 @@ impl Drop for Queued {
             .decrement(1.0);
     }
 }
+
+/// Counts a stream's opening by its outcome (`ok`: accepted).
+pub(crate) fn stream_opened(method: &Method, side: Side, outcome: Outcome) {
+    metrics::counter!(
+        names::STREAMS,
+        "transport" => TRANSPORT_LABEL,
+        "service" => method.service.name(),
+        "method" => method.name,
+        "side" => side.as_str(),
+        "outcome" => outcome.as_str(),
+    )
+    .increment(1);
+}
+
+/// One open stream in [`names::STREAMS_ACTIVE`], for as long as it lives.
+#[derive(Debug)]
+pub(crate) struct OpenStream(Side);
+
+impl OpenStream {
+    pub(crate) fn new(side: Side) -> OpenStream {
+        metrics::gauge!(names::STREAMS_ACTIVE, "transport" => TRANSPORT_LABEL, "side" => side.as_str()).increment(1.0);
+        OpenStream(side)
+    }
+}
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        metrics::gauge!(names::STREAMS_ACTIVE, "transport" => TRANSPORT_LABEL, "side" => self.0.as_str()).decrement(1.0);
+    }
+}

@@ -29,7 +29,8 @@ use futures::StreamExt as _;
 use http::HeaderValue;
 use tern_protocol::frame::DEFAULT_MAX_PAYLOAD;
 use tern_protocol::{
-    Handler, Method, PeerId, Priority, RequestContext, ServiceId, Status, TransportKind, pb,
+    Handler, Method, MethodKind, PeerId, Priority, RequestContext, ServiceId, Status,
+    TransportKind, pb,
 };
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, mpsc, oneshot};
@@ -88,8 +89,10 @@ pub const MAX_CONCURRENT_STREAMS: u32 = 1024;
 pub const CONNECTION_WINDOW: u32 = 8 * 1024 * 1024;
 
 /// HTTP/2 flow-control window of each inbound stream: one call's request
-/// body may be this far ahead of the handler reading it.
-pub const STREAM_WINDOW: u32 = 2 * 1024 * 1024;
+/// body may be this far ahead of the handler reading it. The stream
+/// contract's per-stream window ([`tern_protocol::stream::STREAM_WINDOW`]),
+/// also the client's on every lane but bulk.
+pub const STREAM_WINDOW: u32 = tern_protocol::stream::STREAM_WINDOW;
 
 /// Most inbound connections served at once, handshakes included. A
 /// cluster node needs a few per peer (one per priority lane in use) plus
@@ -866,6 +869,140 @@ impl tonic::server::UnaryService<Bytes> for UnaryCall {
     }
 }
 
+/// One streaming method's call, for tonic's streaming plumbing.
+struct StreamingCall {
+    services: Arc<Services>,
+    method: &'static Method,
+}
+
+type Answered = ResponseFuture<tonic::Response<crate::stream::Answers>, tonic::Status>;
+
+impl tonic::server::ServerStreamingService<Bytes> for StreamingCall {
+    type Response = Bytes;
+    type ResponseStream = crate::stream::Answers;
+    type Future = Answered;
+
+    fn call(&mut self, request: tonic::Request<Bytes>) -> Self::Future {
+        let (services, method) = (self.services.clone(), self.method);
+        Box::pin(async move {
+            let (metadata, extensions, first) = request.into_parts();
+            services
+                .start_stream(&metadata, &extensions, method, first, None)
+                .await
+        })
+    }
+}
+
+impl tonic::server::StreamingService<Bytes> for StreamingCall {
+    type Response = Bytes;
+    type ResponseStream = crate::stream::Answers;
+    type Future = Answered;
+
+    fn call(&mut self, request: tonic::Request<tonic::Streaming<Bytes>>) -> Self::Future {
+        let (services, method) = (self.services.clone(), self.method);
+        Box::pin(async move {
+            let (metadata, extensions, mut inbound) = request.into_parts();
+            // The first message is the request the stream opens with; a
+            // caller that sends none holds the stream for its idle bound at
+            // most.
+            let idle = stream_idle(&metadata);
+            let first = match tokio::time::timeout(idle, inbound.message()).await {
+                Ok(first) => first?,
+                Err(_) => {
+                    return Err(tonic::Status::deadline_exceeded(format!(
+                        "no first message within the stream's idle bound of {idle:?}"
+                    )));
+                }
+            };
+            let Some(first) = first else {
+                return Err(tonic::Status::invalid_argument(
+                    "a bidirectional stream opens with its first message",
+                ));
+            };
+            services
+                .start_stream(&metadata, &extensions, method, first, Some(inbound))
+                .await
+        })
+    }
+}
+
+/// A stream's idle bound as its caller sent it (the default if it sent
+/// none), clamped.
+fn stream_idle(metadata: &tonic::metadata::MetadataMap) -> Duration {
+    tern_protocol::stream::idle_from_ms(
+        metadata
+            .as_ref()
+            .get(crate::stream::STREAM_IDLE_KEY)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0),
+    )
+}
+
+impl Services {
+    /// Starts a streaming call: the handler runs in its own task, its
+    /// answers pass through a bounded slot to tonic, and the task is
+    /// aborted when tonic drops the answers (the caller cancelled).
+    async fn start_stream(
+        &self,
+        metadata: &tonic::metadata::MetadataMap,
+        extensions: &http::Extensions,
+        method: &'static Method,
+        first: Bytes,
+        inbound: Option<tonic::Streaming<Bytes>>,
+    ) -> Result<tonic::Response<crate::stream::Answers>, tonic::Status> {
+        let Some(Caller(peer)) = extensions.get::<Caller>().copied() else {
+            return Err(tonic::Status::unauthenticated(
+                "Tern services need a caller authenticated by a node-key TLS client certificate",
+            ));
+        };
+        let headers = metadata.as_ref();
+        let priority = parse_priority(headers.get(PRIORITY_KEY)).unwrap_or(method.priority);
+        let idle = stream_idle(metadata);
+        metrics::message(Direction::Received, first.len());
+        let ctx = RequestContext {
+            peer,
+            transport: TransportKind::Grpc,
+            priority,
+            deadline: None,
+        };
+        let inbound = match inbound {
+            Some(inbound) => tern_protocol::StreamReceiver::new(crate::stream::ServerSource {
+                inbound: Some(inbound),
+                idle,
+            }),
+            None => tern_protocol::StreamReceiver::empty(),
+        };
+        let (tx, rx) = mpsc::channel(tern_protocol::stream::STREAM_HANDOVER_MESSAGES);
+        let outbound = tern_protocol::StreamSender::new(crate::stream::ServerSink {
+            tx: Some(tx.clone()),
+            idle,
+        });
+        let work = self
+            .state
+            .handler
+            .handle_stream(ctx, method, first, inbound, outbound);
+        metrics::stream_opened(method, Side::Server, Outcome::Ok);
+        let task = tokio::spawn(async move {
+            let _in_flight = InFlight::start(Side::Server);
+            let _active = metrics::OpenStream::new(Side::Server);
+            if let Err(status) = work.await {
+                // Marked as the service's answer, as unary answers are.
+                let mut status = to_tonic(status);
+                status.metadata_mut().insert(
+                    ANSWERED_KEY,
+                    tonic::metadata::MetadataValue::from_static("1"),
+                );
+                let _ = tx.send(Err(status)).await;
+            }
+        });
+        Ok(tonic::Response::new(crate::stream::Answers {
+            rx,
+            _task: crate::stream::AbortOnDrop(task),
+        }))
+    }
+}
+
 impl<N: ServiceName> tower::Service<http::Request<tonic::body::Body>> for TernService<N> {
     type Response = http::Response<tonic::body::Body>;
     type Error = std::convert::Infallible;
@@ -889,15 +1026,22 @@ impl<N: ServiceName> tower::Service<http::Request<tonic::body::Body>> for TernSe
                 tonic::Status::unimplemented(format!("{path} is not a method of this node"));
             return Box::pin(std::future::ready(Ok(status.into_http())));
         };
-        let call = UnaryCall {
-            services: self.services.clone(),
-            method,
-        };
         let max = self.max;
+        let services = self.services.clone();
         Box::pin(async move {
             let mut grpc = tonic::server::Grpc::new(RawCodec)
                 .apply_max_message_size_config(Some(max), Some(max));
-            Ok(grpc.unary(call, req).await)
+            Ok(match method.kind {
+                MethodKind::Unary => grpc.unary(UnaryCall { services, method }, req).await,
+                MethodKind::ServerStreaming => {
+                    grpc.server_streaming(StreamingCall { services, method }, req)
+                        .await
+                }
+                MethodKind::Bidirectional => {
+                    grpc.streaming(StreamingCall { services, method }, req)
+                        .await
+                }
+            })
         })
     }
 }
@@ -988,9 +1132,13 @@ where
         }
         if let Some(peer) = caller {
             req.extensions_mut().insert(Caller(peer));
-            if tern_method {
+            let streaming =
+                Method::by_grpc_path(req.uri().path()).is_some_and(|m| m.kind.is_stream());
+            if tern_method && !streaming {
                 // The body draws on the peer's byte budget as it is read;
-                // the bytes are given back when the call is done.
+                // the bytes are given back when the call is done. (A
+                // stream's messages are bounded by its window instead: see
+                // `crate::stream`.)
                 let budget = self.state.budgets.of(peer);
                 let limit = self.state.bytes_per_peer;
                 let mut held = HeldBytes::default();

@@ -42,9 +42,11 @@ use iroh::endpoint::{
 use iroh::{Endpoint, EndpointAddr, PublicKey, RelayUrl};
 use tern_protocol::catalog::ServiceId;
 use tern_protocol::frame::Limits;
+use tern_protocol::stream::{StreamEvent, StreamRules, StreamSide};
 use tern_protocol::{
-    BoxFuture, Call, CallError, Delivery, Frame, FrameKind, Header, PeerAddr, PeerId, Priority,
-    RpcClient, Status, TransportError, TransportErrorKind, TransportKind,
+    BoxFuture, Call, CallError, CallStream, Delivery, Frame, FrameKind, Header, MethodKind,
+    PeerAddr, PeerId, Priority, RpcClient, Status, StreamCall, TransportError, TransportErrorKind,
+    TransportKind,
 };
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::debug;
@@ -55,7 +57,7 @@ use crate::metrics::{self, Outcome, Side};
 use crate::transport::{Tracker, TrackerGuard};
 use crate::wire::{
     self, CLOSE_SHUTTING_DOWN, ReadFrameError, STREAM_CANCELLED, STREAM_DEADLINE_EXCEEDED,
-    STREAM_MALFORMED, STREAM_SHUTTING_DOWN, STREAM_TOO_LARGE,
+    STREAM_IDLE, STREAM_MALFORMED, STREAM_SHUTTING_DOWN, STREAM_TOO_LARGE,
 };
 
 /// Size of a ping's payload: the request id, echoed by the pong.
@@ -76,7 +78,7 @@ pub struct IrohClient {
     frame_limits: Limits,
     limits: TransportLimits,
     peers: Mutex<HashMap<PeerId, Arc<Peer>>>,
-    closed: AtomicBool,
+    closed: Arc<AtomicBool>,
     calls: Arc<Tracker>,
     next_request_id: AtomicU64,
     /// This node's own relay, tried for a peer whose address names no
@@ -223,7 +225,7 @@ impl IrohClient {
             frame_limits,
             limits,
             peers: Mutex::new(HashMap::new()),
-            closed: AtomicBool::new(false),
+            closed: Arc::new(AtomicBool::new(false)),
             calls: Arc::new(Tracker::default()),
             next_request_id: AtomicU64::new(1),
         }
@@ -522,6 +524,108 @@ impl IrohClient {
         }
     }
 
+    /// The `Request` frame that opens a streaming call (its request id is
+    /// set when the stream is open).
+    fn stream_request(&self, call: StreamCall) -> Result<Frame, CallError> {
+        let method = call.method;
+        if let Err(status) = tern_protocol::rpc::require_stream(method) {
+            return Err(error(
+                TransportErrorKind::Protocol,
+                Delivery::NotDelivered,
+                status.message,
+            )
+            .into());
+        }
+        let header = Header {
+            kind: FrameKind::Request,
+            priority: call.priority,
+            idempotent: method.idempotent,
+            service: method.service,
+            method: method.id,
+            request_id: 0,
+            payload_len: 0,
+            deadline_ms: call.idle_ms(),
+        };
+        Frame::new(header, call.request, self.frame_limits).map_err(|e| {
+            error(
+                TransportErrorKind::Protocol,
+                Delivery::NotDelivered,
+                format!("stream request refused before sending: {e}"),
+            )
+            .into()
+        })
+    }
+
+    /// Opens a streaming call (see [`crate::stream`]): its lane place, its
+    /// QUIC stream, the `Request` frame, and the server's acceptance.
+    async fn open_stream_inner(
+        &self,
+        addr: &PeerAddr,
+        call: StreamCall,
+        sent: &AtomicBool,
+        guard: TrackerGuard,
+    ) -> Result<CallStream, CallError> {
+        let method = call.method;
+        let priority = call.priority;
+        let idle = call.idle_timeout;
+        let mut frame = self.stream_request(call)?;
+        let peer = self.peer(addr.id)?;
+        let permit = peer.lanes[priority as usize]
+            .acquire(self.limits.stream_open_queue)
+            .await?;
+        let conn = self
+            .connection(&peer.pools[pool_of(priority)], addr)
+            .await?;
+        let (send, recv) = conn
+            .open_bi()
+            .await
+            .map_err(|e| map_connection_error(&e, Delivery::NotDelivered, &self.closed))?;
+        let mut opening = crate::stream::Opening {
+            send: Some(send),
+            recv: Some(recv),
+        };
+        let request_id = self.next_request_id.fetch_add(1, Ordering::Relaxed);
+        frame.header.request_id = request_id;
+        let (written, answer) = {
+            let (Some(send), Some(recv)) = (opening.send.as_mut(), opening.recv.as_mut()) else {
+                return Err(Self::local_shutdown().into());
+            };
+            let _ = send.set_priority(wire::quic_priority(priority));
+            sent.store(true, Ordering::SeqCst);
+            let written = wire::write_frame(send, &frame).await;
+            if written.is_ok() && method.kind == MethodKind::ServerStreaming {
+                let _ = send.finish();
+            }
+            (written, wire::read_frame(recv, self.frame_limits).await)
+        };
+        let answer = match (written, answer) {
+            (_, Ok(answer)) => answer,
+            (Err(write), Err(_)) => return Err(map_write_error(&write, &self.closed).into()),
+            (Ok(()), Err(read)) => return Err(map_read_error(&read, &self.closed).into()),
+        };
+        let rules = check_acceptance(&answer, &mut opening, request_id, self.frame_limits)?;
+        let Some((send, recv)) = opening.take() else {
+            return Err(Self::local_shutdown().into());
+        };
+        let mut template = frame.header;
+        template.deadline_ms = 0;
+        template.idempotent = false;
+        template.payload_len = 0;
+        let accepted = crate::stream::Accepted {
+            send,
+            recv,
+            method,
+            header: template,
+            rules,
+            limits: self.frame_limits,
+            idle,
+            hold: crate::stream::Hold::new(permit, guard),
+            closed: self.closed.clone(),
+        };
+        let (sender, receiver) = accepted.split();
+        Ok(CallStream { sender, receiver })
+    }
+
     async fn ping_inner(&self, addr: &PeerAddr, sent: &AtomicBool) -> Result<Duration, CallError> {
         let nonce: u64 = rand::random();
         let header = Header {
@@ -559,6 +663,39 @@ impl IrohClient {
             .into());
         }
         Ok(rtt.max(Duration::from_nanos(1)))
+    }
+}
+
+/// Checks the server's answer to a stream's `Request`: accepted (the
+/// rules go on checking the stream), refused (its status), or a broken
+/// rule.
+fn check_acceptance(
+    answer: &Frame,
+    opening: &mut crate::stream::Opening,
+    request_id: u64,
+    limits: Limits,
+) -> Result<StreamRules, CallError> {
+    let mut rules = StreamRules::new(StreamSide::Caller, request_id, true, limits.max_payload);
+    match rules.check(&answer.header) {
+        Ok(StreamEvent::Accepted) => Ok(rules),
+        Ok(StreamEvent::Refused) => {
+            if let Some(recv) = opening.recv.as_mut() {
+                wire::consume_end(recv);
+            }
+            Err(CallError::Application(Status::decode(&answer.payload)))
+        }
+        Ok(other) => Err(error(
+            TransportErrorKind::Protocol,
+            Delivery::MayHaveBeenDelivered,
+            format!("the peer answered a stream's opening with {other:?}"),
+        )
+        .into()),
+        Err(violation) => Err(error(
+            TransportErrorKind::Protocol,
+            Delivery::MayHaveBeenDelivered,
+            format!("the peer answered a stream's opening against the rules: {violation}"),
+        )
+        .into()),
     }
 }
 
@@ -655,15 +792,49 @@ impl RpcClient for IrohClient {
                 .unwrap_or_else(|_| Err(timed_out(timeout, &sent)))
         })
     }
+
+    fn open_stream<'a>(
+        &'a self,
+        peer: &'a PeerAddr,
+        call: StreamCall,
+    ) -> BoxFuture<'a, Result<CallStream, CallError>> {
+        Box::pin(async move {
+            let guard = self.enter()?;
+            let timeout = call.open_timeout;
+            let method = call.method;
+            let sent = AtomicBool::new(false);
+            let result =
+                tokio::time::timeout(timeout, self.open_stream_inner(peer, call, &sent, guard))
+                    .await
+                    .unwrap_or_else(|_| Err(timed_out(timeout, &sent)));
+            let outcome = match &result {
+                Ok(_) => Outcome::Ok,
+                Err(CallError::Application(_)) => Outcome::AppError,
+                Err(CallError::Transport(e)) => {
+                    metrics::call_failure(e.kind);
+                    debug!(method = %method.label(), peer = %peer.id.short(), error = %e, "iroh stream not opened");
+                    Outcome::TransportError
+                }
+            };
+            metrics::stream_opened(method, Side::Client, outcome);
+            result
+        })
+    }
 }
 
 /// What a stream error code from the peer says about the request.
-fn map_stream_code(code: VarInt, what: &str) -> TransportError {
+pub(crate) fn map_stream_code(code: VarInt, what: &str) -> TransportError {
     if code == STREAM_SHUTTING_DOWN {
         error(
             TransportErrorKind::PeerShuttingDown,
             Delivery::NotDelivered,
             format!("peer is shutting down and did not run the request ({what})"),
+        )
+    } else if code == STREAM_IDLE {
+        error(
+            TransportErrorKind::TimedOut,
+            Delivery::MayHaveBeenDelivered,
+            format!("the peer gave up on the stream after its idle bound ({what})"),
         )
     } else if code == STREAM_DEADLINE_EXCEEDED {
         error(
@@ -686,7 +857,7 @@ fn map_stream_code(code: VarInt, what: &str) -> TransportError {
     }
 }
 
-fn map_connection_error(
+pub(crate) fn map_connection_error(
     e: &ConnectionError,
     delivery: Delivery,
     closed: &AtomicBool,
@@ -712,7 +883,7 @@ fn map_connection_error(
     }
 }
 
-fn map_write_error(e: &WriteError, closed: &AtomicBool) -> TransportError {
+pub(crate) fn map_write_error(e: &WriteError, closed: &AtomicBool) -> TransportError {
     match e {
         WriteError::Stopped(code) => map_stream_code(*code, "request side stopped"),
         WriteError::ConnectionLost(ce) => {
@@ -731,7 +902,7 @@ fn map_write_error(e: &WriteError, closed: &AtomicBool) -> TransportError {
     }
 }
 
-fn map_read_error(e: &ReadFrameError, closed: &AtomicBool) -> TransportError {
+pub(crate) fn map_read_error(e: &ReadFrameError, closed: &AtomicBool) -> TransportError {
     match e {
         ReadFrameError::Read(ReadError::Reset(code)) => map_stream_code(*code, "answer reset"),
         ReadFrameError::Read(ReadError::ConnectionLost(ce)) => {

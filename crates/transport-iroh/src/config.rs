@@ -88,6 +88,35 @@ pub const DEFAULT_REQUEST_READ_TIMEOUT: Duration = Duration::from_secs(60);
 /// not lost when the connection closes right after.
 pub const DEFAULT_RESPONSE_ACK_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Stream openings that may wait for a lane's in-flight slot to one peer
+/// before new ones are refused as `Overloaded`. Larger than
+/// [`DEFAULT_LANE_QUEUE`]: a waiting opening costs a few hundred bytes,
+/// and a node fanning out many short streams (a watch per client, 10,000
+/// in the conformance suite) should queue them, not fail them; still
+/// bounded.
+pub const DEFAULT_STREAM_OPEN_QUEUE: usize = 16 * 1024;
+
+/// QUIC stream receive window: the per-stream window of the stream
+/// contract ([`tern_protocol::stream::STREAM_WINDOW`]), applied to every
+/// stream (unary calls read their request at once, so it costs them
+/// nothing).
+pub const DEFAULT_STREAM_WINDOW: u32 = tern_protocol::stream::STREAM_WINDOW;
+
+/// QUIC connection receive window: the most bytes all streams of one
+/// connection may have buffered unread at the receiver. quinn's default is
+/// unlimited, which lets one peer's stalled streams pin
+/// `max_concurrent_streams × stream window` (1 GiB) of our memory. 64 MiB
+/// bounds that, and still lets 32 streams stall at a full window before
+/// the connection's other streams (control calls share the connection)
+/// would wait for credit.
+pub const DEFAULT_CONNECTION_WINDOW: u32 = 64 * 1024 * 1024;
+
+const _: () = assert!(
+    DEFAULT_CONNECTION_WINDOW >= 32 * DEFAULT_STREAM_WINDOW,
+    "a few stalled streams must not stall their connection"
+);
+const _: () = assert!(DEFAULT_STREAM_OPEN_QUEUE >= DEFAULT_LANE_QUEUE);
+
 const _: () = assert!(
     DEFAULT_CONTROL_IN_FLIGHT
         + DEFAULT_REPLICATION_IN_FLIGHT
@@ -130,6 +159,12 @@ pub struct TransportLimits {
     pub request_read_timeout: Duration,
     /// Longest wait for the acknowledgement of a response.
     pub response_ack_timeout: Duration,
+    /// Stream openings that may wait for a lane slot before `Overloaded`.
+    pub stream_open_queue: usize,
+    /// QUIC stream receive window (bytes).
+    pub stream_window: u32,
+    /// QUIC connection receive window (bytes).
+    pub connection_window: u32,
 }
 
 impl Default for TransportLimits {
@@ -152,6 +187,9 @@ impl Default for TransportLimits {
             keep_alive: DEFAULT_KEEP_ALIVE,
             request_read_timeout: DEFAULT_REQUEST_READ_TIMEOUT,
             response_ack_timeout: DEFAULT_RESPONSE_ACK_TIMEOUT,
+            stream_open_queue: DEFAULT_STREAM_OPEN_QUEUE,
+            stream_window: DEFAULT_STREAM_WINDOW,
+            connection_window: DEFAULT_CONNECTION_WINDOW,
         }
     }
 }
@@ -172,6 +210,12 @@ impl TransportLimits {
         }
         if self.max_connections == 0 || self.max_peers == 0 {
             return Err("max_connections and max_peers must be at least 1".to_owned());
+        }
+        if self.stream_window == 0 || self.connection_window < self.stream_window {
+            return Err(format!(
+                "stream_window ({}) must be at least 1 byte and at most connection_window ({})",
+                self.stream_window, self.connection_window
+            ));
         }
         if self.keep_alive >= self.idle_timeout {
             return Err(format!(

@@ -3,7 +3,8 @@
 //! One iroh [`Endpoint`](iroh::Endpoint) per node, dialled by its Ed25519
 //! public key. Every call is one bidirectional QUIC stream carrying one
 //! request frame ([`tern_protocol::frame`]) and answered by one response or
-//! error frame; pings are answered by pongs the same way. The endpoint is
+//! error frame; pings are answered by pongs the same way. A streaming call
+//! is one QUIC stream too, carrying its messages as stream frames. The endpoint is
 //! offline by default: no public relay, no DNS or pkarr address lookup, no
 //! port mapping. Peers are reached by id plus the direct addresses (and
 //! optionally the relay) their [`PeerAddr`](tern_protocol::PeerAddr) names.
@@ -20,6 +21,9 @@
 //!   with two pooled connections per peer (bulk apart from the rest), re-dial
 //!   with backoff, priority
 //!   lanes, deadlines and cancellation.
+//! - [`stream`]: streaming calls: one QUIC stream per call, the frames of
+//!   [`tern_protocol::stream`] on it, checked by its rules, flow control as
+//!   back-pressure, idle bounds and cancellation by drop.
 //! - [`backoff`]: the re-dial schedule, pure (time and randomness passed in).
 //! - [`wire`]: reading and writing frames on QUIC streams, stream and
 //!   connection error codes.
@@ -56,6 +60,7 @@ pub mod client;
 pub mod config;
 pub mod metrics;
 pub mod server;
+pub mod stream;
 pub mod transport;
 pub mod wire;
 

@@ -14,7 +14,9 @@
 //! - per-method latency and outcome (`ok`, `app_error`,
 //!   `transport_error`) on both sides, and transport failures by kind;
 //! - frames and payload bytes sent and received;
-//! - calls waiting for a lane slot (`lane` label) and calls in flight.
+//! - calls waiting for a lane slot (`lane` label) and calls in flight;
+//! - streams opened (by outcome of the opening) and streams open now; a
+//!   stream's messages count as frames.
 //!
 //! Nothing is recorded unless the node installs a recorder.
 
@@ -101,4 +103,36 @@ pub(crate) fn queue_depth(lane: &'static str, delta: f64) {
 
 pub(crate) fn in_flight(side: Side, delta: f64) {
     gauge!(names::IN_FLIGHT, "transport" => TRANSPORT, "side" => side.as_str()).increment(delta);
+}
+
+/// Counts a stream's opening by its outcome (`ok`: accepted).
+pub(crate) fn stream_opened(method: &Method, side: Side, outcome: Outcome) {
+    metrics::counter!(
+        names::STREAMS,
+        "transport" => TRANSPORT,
+        "service" => method.service.name(),
+        "method" => method.name,
+        "side" => side.as_str(),
+        "outcome" => outcome.as_str(),
+    )
+    .increment(1);
+}
+
+/// One open stream in [`names::STREAMS_ACTIVE`], for as long as it lives.
+#[derive(Debug)]
+pub(crate) struct OpenStream(Side);
+
+impl OpenStream {
+    pub(crate) fn new(side: Side) -> OpenStream {
+        metrics::gauge!(names::STREAMS_ACTIVE, "transport" => TRANSPORT, "side" => side.as_str())
+            .increment(1.0);
+        OpenStream(side)
+    }
+}
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        metrics::gauge!(names::STREAMS_ACTIVE, "transport" => TRANSPORT, "side" => self.0.as_str())
+            .decrement(1.0);
+    }
 }

@@ -12,6 +12,9 @@
 //!    finished; the task waits, bounded, for the peer's acknowledgement so a
 //!    drained shutdown loses no answer.
 //!
+//! A request for a streaming method is served by `crate::stream::serve`
+//! on the same stream, under the same places and budgets.
+//!
 //! Oversize frames get a `ResourceExhausted` error frame and the request
 //! side is stopped; malformed frames reset the stream. Neither touches the
 //! connection. A caller that stops reading (it dropped the call) or a
@@ -361,10 +364,10 @@ async fn serve_stream(
             return;
         }
     };
-    wire::consume_end(&mut recv);
     let header = frame.header;
     match header.kind {
         FrameKind::Ping => {
+            wire::consume_end(&mut recv);
             let pong = Header {
                 kind: FrameKind::Pong,
                 priority: Priority::Control,
@@ -396,6 +399,36 @@ async fn serve_stream(
             return;
         }
     };
+    if method.kind.is_stream() {
+        // The stream keeps its place on the connection and its first
+        // message's bytes until it ends; its later messages are read only
+        // as the handler asks, bounded by the stream window.
+        let ctx = RequestContext {
+            peer,
+            transport: TransportKind::Iroh,
+            priority: header.priority,
+            deadline: None,
+        };
+        metrics::in_flight(Side::Server, 1.0);
+        crate::stream::serve(
+            crate::stream::Serving {
+                handler: state.handler.clone(),
+                ctx,
+                method,
+                request: header,
+                payload: frame.payload,
+                limits,
+                ack_timeout: state.limits.response_ack_timeout,
+            },
+            send,
+            recv,
+        )
+        .await;
+        metrics::in_flight(Side::Server, -1.0);
+        drop(held);
+        return;
+    }
+    wire::consume_end(&mut recv);
     let started = Instant::now();
     let deadline = (header.deadline_ms > 0)
         .then(|| started + std::time::Duration::from_millis(u64::from(header.deadline_ms)));

@@ -119,6 +119,10 @@ impl IrohTransport {
             // The protocol uses no unidirectional streams.
             .max_concurrent_uni_streams(VarInt::from_u32(0))
             .max_idle_timeout(Some(idle))
+            // The stream contract's windows: a stalled reader holds at most
+            // a stream window per stream and a connection window in all.
+            .stream_receive_window(VarInt::from_u32(limits.stream_window))
+            .receive_window(VarInt::from_u32(limits.connection_window))
             .keep_alive_interval(limits.keep_alive)
             .build();
         let mut builder = Endpoint::builder(presets::Minimal)

@@ -3,7 +3,8 @@
 //!
 //! A call is one bidirectional stream: the caller writes one request (or
 //! ping) frame and finishes its side; the server answers with one response,
-//! error (or pong) frame and finishes. A stream that is reset carries one of
+//! error (or pong) frame and finishes. A streaming call carries more frames
+//! on its one stream (see [`crate::stream`]). A stream that is reset carries one of
 //! the `STREAM_*` codes below, which tell the caller whether its request
 //! reached the service.
 
@@ -31,6 +32,11 @@ pub const STREAM_TOO_LARGE: VarInt = VarInt::from_u32(4);
 /// work was dropped. Callers map it to `TimedOut` (the request ran, in
 /// part at least).
 pub const STREAM_DEADLINE_EXCEEDED: VarInt = VarInt::from_u32(5);
+
+/// Stream code: a streaming call went without progress (no message, or
+/// a write held back by flow control) for its idle bound; the end that
+/// waited gave up on it. Callers map it to `TimedOut`.
+pub const STREAM_IDLE: VarInt = VarInt::from_u32(6);
 
 /// Connection close code: the node is shutting down after draining its
 /// calls. Callers map it to `PeerShuttingDown`.

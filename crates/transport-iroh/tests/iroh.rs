@@ -1,6 +1,7 @@
 //! Checks specific to the iroh transport, beyond the shared conformance
 //! suite: persistent identity, raw bytes on a stream of our ALPN
-//! (malformed, oversize, unknown service, wrong kind, ping), lanes, the
+//! (malformed, oversize, unknown service, wrong kind, ping, frames that
+//! break a streaming call's rules), lanes, the
 //! per-connection in-flight limit and what remote callers see on shutdown.
 //!
 //! Every node is a real endpoint on loopback; every wait is bounded.
@@ -162,6 +163,158 @@ fn persistent_key_gives_the_same_id_after_restart() {
         assert!(status.is_ok(), "restarted node answers: {status:?}");
         caller.shutdown(DRAIN).await;
         second.shutdown(DRAIN).await;
+    });
+}
+
+/// Opens a `Raft/AppendStream` in echo mode on a raw stream and reads the
+/// server's acceptance; returns the stream's halves.
+async fn raw_echo_stream(
+    conn: &Connection,
+    request_id: u64,
+) -> (iroh::endpoint::SendStream, iroh::endpoint::RecvStream) {
+    let (mut send, mut recv) = conn.open_bi().await.expect("open stream");
+    let first = pb::RaftPayload {
+        data: Bytes::from_static(b"echo"),
+    }
+    .encode_to_vec();
+    let header = request_header(ServiceId::Raft, 5, request_id, first.len() as u32);
+    let frame =
+        Frame::new(header, Bytes::from(first), Limits::default()).expect("raw stream set-up");
+    tern_transport_iroh::wire::write_frame(&mut send, &frame)
+        .await
+        .expect("raw stream set-up");
+    let accept = read_frame(&mut recv, Limits::default())
+        .await
+        .expect("raw stream set-up");
+    assert_eq!(accept.header.kind, FrameKind::Response, "accepted");
+    (send, recv)
+}
+
+fn stream_frame(kind: FrameKind, request_id: u64, payload: Bytes) -> Frame {
+    let header = Header {
+        kind,
+        priority: Priority::Normal,
+        idempotent: false,
+        service: ServiceId::Raft,
+        method: 5,
+        request_id,
+        payload_len: 0,
+        deadline_ms: 0,
+    };
+    Frame::new(header, payload, Limits::default()).expect("raw stream set-up")
+}
+
+#[test]
+fn stream_frames_that_break_the_rules_reset_that_stream_only() {
+    run(async {
+        let service = TestService::default();
+        let server = node(&service).await;
+        let (_endpoint, conn) = raw_connection(&server.peer_addr()).await;
+        let message = || {
+            Bytes::from(
+                pb::RaftPayload {
+                    data: Bytes::from_static(b"m"),
+                }
+                .encode_to_vec(),
+            )
+        };
+        let bad: [(&str, Vec<Frame>); 3] = [
+            (
+                "data for an unknown request id",
+                vec![stream_frame(FrameKind::StreamData, 999, message())],
+            ),
+            (
+                "data after the stream's end",
+                vec![
+                    stream_frame(FrameKind::StreamEnd, 10, Bytes::new()),
+                    stream_frame(FrameKind::StreamData, 10, message()),
+                ],
+            ),
+            (
+                "a request inside an open stream",
+                vec![
+                    Frame::new(
+                        request_header(ServiceId::Raft, 5, 10, 0),
+                        Bytes::new(),
+                        Limits::default(),
+                    )
+                    .unwrap(),
+                ],
+            ),
+        ];
+        for (what, frames) in bad {
+            let (mut send, mut recv) = raw_echo_stream(&conn, 10).await;
+            // A good message first: echoed, so the stream was working.
+            tern_transport_iroh::wire::write_frame(
+                &mut send,
+                &stream_frame(FrameKind::StreamData, 10, message()),
+            )
+            .await
+            .unwrap();
+            let echo = read_frame(&mut recv, Limits::default()).await.unwrap();
+            assert_eq!(echo.header.kind, FrameKind::StreamData, "{what}: echoed");
+            for frame in &frames {
+                let _ = tern_transport_iroh::wire::write_frame(&mut send, frame).await;
+            }
+            // After a StreamEnd the handler ends the stream cleanly and
+            // reads nothing more: later data is never delivered. Every other
+            // break resets the stream as malformed.
+            let ended = frames[0].header.kind == FrameKind::StreamEnd;
+            let mut saw_end = false;
+            let last = loop {
+                match read_frame(&mut recv, Limits::default()).await {
+                    Ok(frame) => {
+                        assert_eq!(
+                            frame.header.kind,
+                            FrameKind::StreamEnd,
+                            "{what}: no more echoes"
+                        );
+                        saw_end = true;
+                    }
+                    Err(e) => break e,
+                }
+            };
+            if ended {
+                assert!(saw_end, "{what}: the stream ended cleanly");
+                assert!(
+                    matches!(
+                        last,
+                        tern_transport_iroh::wire::ReadFrameError::Eof { got: 0 }
+                    ),
+                    "{what}: nothing after the end: {last:?}"
+                );
+            } else {
+                assert!(
+                    matches!(
+                        last,
+                        tern_transport_iroh::wire::ReadFrameError::Read(ReadError::Reset(code))
+                            if code == STREAM_MALFORMED
+                    ),
+                    "{what}: the stream is reset as malformed: {last:?}"
+                );
+            }
+            raw_status_get_works(&conn, 11).await;
+        }
+
+        // An oversized message: the frame limit is checked before anything
+        // of it is read; the stream is reset, the connection lives.
+        let (mut send, mut recv) = raw_echo_stream(&conn, 20).await;
+        let mut huge = stream_frame(FrameKind::StreamData, 20, Bytes::new()).header;
+        huge.payload_len = DEFAULT_MAX_PAYLOAD + 1;
+        send.write_all(&huge.encode()).await.unwrap();
+        let err = read_frame(&mut recv, Limits::default())
+            .await
+            .expect_err("an oversized message is not echoed");
+        assert!(
+            matches!(
+                err,
+                tern_transport_iroh::wire::ReadFrameError::Read(ReadError::Reset(code))
+                    if code == STREAM_MALFORMED
+            ),
+            "oversized message resets the stream: {err:?}"
+        );
+        raw_status_get_works(&conn, 21).await;
+        server.shutdown(DRAIN).await;
     });
 }
 

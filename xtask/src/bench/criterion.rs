@@ -61,6 +61,7 @@ const NONE: Spec = Spec {
 const WIRE: &str = "Wire format (criterion, one process)";
 const ONE_PROCESS: &str = "Calls inside one process (criterion)";
 const RAFT: &str = "Raft inside one process (criterion)";
+const STREAMS: &str = "Streams inside one process (criterion)";
 
 const SPECS: &[Spec] = &[
     Spec {
@@ -175,6 +176,54 @@ const SPECS: &[Spec] = &[
         grpc: Some("raft/commit_64_writers/grpc"),
         seed: Some(912e3),
         note: "real transports on loopback and sled flushes; seed: openraft's bench, no network, no disk",
+        ..NONE
+    },
+    Spec {
+        id: "stream_rate_1kib_1proc",
+        section: STREAMS,
+        name: "messages/s on one stream, 1 KiB messages (echoed)",
+        unit: "msgs/s",
+        kind: Kind::Rate,
+        iroh: Some("stream/rate_1kib/iroh"),
+        grpc: Some("stream/rate_1kib/grpc"),
+        raw_iroh: Some("stream/rate_1kib/raw_iroh"),
+        raw_grpc: Some("stream/rate_1kib/raw_grpc"),
+        note: "goal: iroh >= 1.0x gRPC and >= 0.9x raw iroh",
+        ..NONE
+    },
+    Spec {
+        id: "stream_round_trip_1kib_1proc",
+        section: STREAMS,
+        name: "per-message round trip on an open stream, 1 KiB (median = p50)",
+        iroh: Some("stream/round_trip_1kib/iroh"),
+        grpc: Some("stream/round_trip_1kib/grpc"),
+        raw_iroh: Some("stream/round_trip_1kib/raw_iroh"),
+        raw_grpc: Some("stream/round_trip_1kib/raw_grpc"),
+        note: "p99 is printed by the bench (benches/benches/streams.rs)",
+        ..NONE
+    },
+    Spec {
+        id: "stream_rate_64kib_1proc",
+        section: STREAMS,
+        name: "messages/s on one stream, 64 KiB messages (echoed)",
+        unit: "msgs/s",
+        kind: Kind::Rate,
+        iroh: Some("stream/rate_64kib/iroh"),
+        grpc: Some("stream/rate_64kib/grpc"),
+        raw_iroh: Some("stream/rate_64kib/raw_iroh"),
+        raw_grpc: Some("stream/rate_64kib/raw_grpc"),
+        note: "goal: iroh >= 1.0x gRPC and >= 0.9x raw iroh",
+        ..NONE
+    },
+    Spec {
+        id: "stream_round_trip_64kib_1proc",
+        section: STREAMS,
+        name: "per-message round trip on an open stream, 64 KiB (median = p50)",
+        iroh: Some("stream/round_trip_64kib/iroh"),
+        grpc: Some("stream/round_trip_64kib/grpc"),
+        raw_iroh: Some("stream/round_trip_64kib/raw_iroh"),
+        raw_grpc: Some("stream/round_trip_64kib/raw_grpc"),
+        note: "p99 is printed by the bench (benches/benches/streams.rs)",
         ..NONE
     },
 ];
