@@ -16,11 +16,15 @@
 //!
 //! # Layout
 //!
-//! - [`part`]: the part-file format shared by every bench producer.
+//! - [`part`]: the part-file format shared by every bench producer and
+//!   `cargo xtask bench` (the `tern-bench-part` crate, re-exported).
 //! - [`kind`]: the four transports measured and their names.
 //! - [`raw`]: the raw baselines (bare iroh echo, bare tonic service).
 //! - [`serve`]: the server process (`tern-bench serve`).
 //! - [`client`]: how the client process calls each transport.
+//! - [`cluster`]: `tern-bench cluster`, Raft on 3-node clusters of real
+//!   `tern` processes on loopback (`tern_testkit::local`), per transport
+//!   mode: commits/s, commit latency, leader failover.
 //! - [`twoproc`]: the measurements (`tern-bench transport`) and the child
 //!   process handling.
 //! - [`procfs`]: CPU time, peak memory and descriptors from `/proc`.
@@ -34,10 +38,12 @@
 //! noisy, so the report states the load average it ran under.
 
 pub mod client;
+pub mod cluster;
 pub mod kind;
-pub mod part;
 pub mod procfs;
 pub mod raw;
 pub mod serve;
 pub mod stats;
 pub mod twoproc;
+
+pub use tern_bench_part as part;

@@ -1,6 +1,9 @@
-//! The raw baselines, the same ones the transports' in-process criterion
-//! benches measure beside ours: what the bare libraries cost, so that our
-//! transports' overhead reads as a ratio.
+//! The raw baselines, the one module both measure them from: the
+//! two-process bench (`tern-bench serve --transport raw-iroh|raw-grpc`)
+//! and the transports' in-process criterion benches (`benches/iroh.rs`,
+//! `benches/grpc.rs`). What the bare libraries cost, so that our
+//! transports' overhead reads as a ratio. (There were three copies, and
+//! their message limits had drifted apart.)
 //!
 //! - iroh: a bare endpoint on its own ALPN; a call is one bi-stream, the
 //!   request written and finished, the answer read to its end. No framing,

@@ -3,9 +3,11 @@
 //!
 //! # Layout
 //!
-//! - `test`: installs what the tests need, then tests every crate on its own.
-//! - `bench`: builds once, runs the bench producers (`tern-bench`,
-//!   `tern-lab bench-cluster`) and the criterion benches, and writes one
+//! - `test`: installs what the tests need, then tests every crate on its
+//!   own (examples and benches in test mode included), then builds the API
+//!   docs with warnings denied.
+//! - `bench`: builds once, runs the bench producers (`tern-bench
+//!   transport`, `tern-bench cluster`) and the criterion benches, and writes one
 //!   report (Markdown, JSON, SVG charts) to `target/bench-report/`.
 //! - `prereqs`: finds and installs system packages and the Python
 //!   environment the tests use.
@@ -34,7 +36,8 @@ usage: cargo xtask <command> [options]
 
 commands:
   test [--no-install]    install test prerequisites, then `cargo test -p NAME`
-                         for every workspace crate, each on its own
+                         for every workspace crate, each on its own, then
+                         `cargo doc` with warnings denied
   bench [--quick] [--profile NAME] [--only criterion|transport|cluster]
                          build once (profile `bench` by default), run the
                          two-process transport bench, the 3-node cluster

@@ -3,8 +3,11 @@
 //! Each workspace package gets its own `cargo test -p NAME --all-targets`
 //! (and `--doc` for libraries), so a crate that only builds thanks to a
 //! sibling's features fails here instead of passing in a workspace-wide
-//! build. Bench targets run once in test mode so they never rot. Before
-//! that, the prerequisites are installed (see `prereqs`).
+//! build. Bench targets run once in test mode so they never rot, and the
+//! examples are built and run as tests of themselves. Then the API docs of
+//! every crate are built with warnings denied (`cargo doc`: a broken
+//! intra-doc link fails the run). Before all that, the prerequisites are
+//! installed (see `prereqs`).
 
 use std::io::{BufRead, BufReader};
 use std::process::Stdio;
@@ -78,6 +81,21 @@ fn cargo_test(args: &[&str], python: &std::path::Path) -> anyhow::Result<(u64, u
     Ok((passed, failed, status.success()))
 }
 
+/// `cargo doc` of every workspace crate with rustdoc's warnings denied;
+/// true when it built cleanly.
+fn docs() -> anyhow::Result<bool> {
+    let status = crate::cargo()
+        .args(["doc", "--workspace", "--no-deps"])
+        .env("RUSTDOCFLAGS", DOC_FLAGS)
+        .status()
+        .context("running cargo doc")?;
+    Ok(status.success())
+}
+
+/// rustdoc's flags for [`docs`]: every warning (broken links, bad HTML,
+/// unclosed code blocks) fails the build.
+const DOC_FLAGS: &str = "-D warnings";
+
 /// Reads "N passed" style counts out of a cargo test summary.
 fn count(summary: &str, word: &str) -> u64 {
     summary
@@ -124,6 +142,16 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
             secs: start.elapsed().as_secs_f64(),
         });
     }
+    println!("\nxtask: cargo doc --workspace --no-deps, warnings denied");
+    let start = Instant::now();
+    let docs_ok = docs()?;
+    outcomes.push(Outcome {
+        package: "(docs: cargo doc)".to_owned(),
+        passed: u64::from(docs_ok),
+        failed: u64::from(!docs_ok),
+        ok: docs_ok,
+        secs: start.elapsed().as_secs_f64(),
+    });
     println!("\nxtask: per-crate results");
     println!(
         "{:<32} {:>7} {:>7} {:>8}",

@@ -3,12 +3,15 @@
 //! ```text
 //! tern-bench transport [--quick] --out target/bench-report/parts/transport-2proc.json
 //! tern-bench serve --transport iroh|grpc|raw-iroh|raw-grpc [--key-file F]
+//! tern-bench cluster --tern PATH [--quick] [--keep-logs DIR] --out target/bench-report/parts/cluster.json
 //! ```
 //!
 //! `transport` is the client: it starts `serve` as a child process once per
 //! transport, measures, and writes the part file that `cargo xtask bench`
-//! merges into its report (see the `tern_benches` crate docs). Progress
-//! goes to stderr; the figures only to `--out`.
+//! merges into its report (see the `tern_benches` crate docs). `cluster`
+//! runs 3-node clusters of the `tern` binary at PATH on loopback (no root)
+//! and writes the cluster part file. Progress goes to stderr; the figures
+//! only to `--out`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -58,6 +61,23 @@ enum Cmd {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Measure Raft on 3-node clusters of real `tern` processes on
+    /// loopback, once per transport mode, and write the part file.
+    Cluster {
+        /// The `tern` binary the nodes run.
+        #[arg(long)]
+        tern: PathBuf,
+        /// Shorter runs and fewer failover repeats.
+        #[arg(long)]
+        quick: bool,
+        /// Keep configs, data dirs and node logs under DIR/bench-cluster
+        /// (default: a temporary directory, removed at the end).
+        #[arg(long)]
+        keep_logs: Option<PathBuf>,
+        /// Where to write the JSON part file.
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -88,6 +108,12 @@ fn main() -> ExitCode {
             only,
             out,
         } => transport_main(quick, smoke, only, out),
+        Cmd::Cluster {
+            tern,
+            quick,
+            keep_logs,
+            out,
+        } => cluster_main(tern, quick, keep_logs, out),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -144,4 +170,46 @@ fn transport_main(quick: bool, smoke: bool, only: Vec<Kind>, out: PathBuf) -> an
     part.write(&out)?;
     eprintln!("tern-bench transport: wrote {}", out.display());
     Ok(())
+}
+
+fn cluster_main(
+    tern: PathBuf,
+    quick: bool,
+    keep_logs: Option<PathBuf>,
+    out: PathBuf,
+) -> anyhow::Result<()> {
+    if !tern.is_file() {
+        anyhow::bail!("--tern {}: no such file", tern.display());
+    }
+    let tern = std::fs::canonicalize(&tern).unwrap_or(tern);
+    let (dir, keep) = match &keep_logs {
+        Some(d) => (d.join("bench-cluster"), true),
+        None => (
+            std::env::temp_dir().join(format!("tern-bench-cluster-{}", std::process::id())),
+            false,
+        ),
+    };
+    let opts = tern_benches::cluster::BenchOpts {
+        tern,
+        quick,
+        out,
+        dir: dir.clone(),
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    // The clusters' children are killed when dropped: on an error, on
+    // Ctrl-C (the future is dropped) and at the end.
+    let result = rt.block_on(async {
+        tokio::select! {
+            r = tern_benches::cluster::run(&opts) => r,
+            _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted by Ctrl-C")),
+        }
+    });
+    rt.shutdown_timeout(std::time::Duration::from_secs(2));
+    if !keep {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    result
 }

@@ -15,18 +15,24 @@
 //! `{prefix}-cl` at `subnet.host(2)`; the switch is `{prefix}-sw`. Files
 //! go to `LAB_DIR/n{i}.toml`, `LAB_DIR/n{i}/` (data) and `LAB_DIR/n{i}.log`.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use serde_json::Value;
+use tern_node::config::{Config, Listen};
 use tern_node::node::NodeFile;
+use tern_testkit::{TernProcess, config};
+use tern_transport_dual::{RaftTransport, TransportConfig};
 
-use crate::netns::{Cidr, Iface, Lab, Netns, Proc, Switch};
+use crate::netns::{Cidr, Iface, Lab, Netns, Switch};
 use crate::report::Latencies;
+
+// The one exposition parser and the one traffic recorder, from the kit.
+pub use tern_process_kit::exposition::{Metrics, Sample, by_label, deltas, quantile_of, sum_all};
+pub use tern_testkit::traffic::{
+    CALL_TIMEOUT, CallRecord, Client as LabClient, Traffic, TrafficSpec, failures, longest_gap,
+};
 
 /// Port of every node's gRPC listener (each node has its own address).
 pub const GRPC_PORT: u16 = 7400;
@@ -50,8 +56,8 @@ pub const POLL: Duration = Duration::from_millis(250);
 pub struct ClusterSpec {
     /// Number of nodes.
     pub size: usize,
-    /// The `[transport]` section every node starts with (header included).
-    pub transport: String,
+    /// The `[transport]` section every node starts with.
+    pub transport: TransportConfig,
     /// The switch's address range.
     pub subnet: Cidr,
     /// Bind iroh (UDP) and `/metrics` to `0.0.0.0` instead of the node's
@@ -64,10 +70,10 @@ pub struct ClusterSpec {
 
 impl ClusterSpec {
     /// `size` nodes on `10.77.0.0/24` with `transport`.
-    pub fn new(size: usize, transport: &str) -> ClusterSpec {
+    pub fn new(size: usize, transport: &TransportConfig) -> ClusterSpec {
         ClusterSpec {
             size,
-            transport: transport.to_owned(),
+            transport: transport.clone(),
             subnet: Cidr::new(std::net::Ipv4Addr::new(10, 77, 0, 0), 24),
             iroh_any: false,
         }
@@ -77,105 +83,40 @@ impl ClusterSpec {
 /// The `[transport]` section for dual mode preferring iroh for `prefer`
 /// (`"all_except_raft"` or service names) with Raft over `raft`, fallback
 /// on.
-pub fn dual_section(prefer: &[&str], raft: &str) -> String {
-    let list: Vec<String> = prefer.iter().map(|p| format!("\"{p}\"")).collect();
-    format!(
-        "[transport]\nmode = \"dual\"\n[transport.migration]\nprefer_iroh = [{}]\nraft_transport = \"{raft}\"\nfallback_to_grpc = true\n",
-        list.join(", ")
-    )
+pub fn dual_section(prefer: &[&str], raft: RaftTransport) -> TransportConfig {
+    config::dual(prefer, raft)
 }
 
-/// One node's config file text. `seed` is the node to join through (none
-/// for the first node).
+/// One node's config: the kit's harness node on `listen` with the lab's
+/// ports and join token, the lab's keys as admins, `transport`, and `seed`
+/// to join through (none for the first node). The one config generator of
+/// the lab (the loopback cluster's is the kit's own).
 pub fn node_config(
     data_dir: &Path,
     listen: std::net::Ipv4Addr,
     seed: Option<&NodeFile>,
-    transport: &str,
-) -> String {
-    let ports = Ports {
+    transport: &TransportConfig,
+) -> Config {
+    let ports = config::Ports {
         grpc: GRPC_PORT,
         iroh: IROH_PORT,
         metrics: METRICS_PORT,
     };
-    config_text(data_dir, listen, ports, JOIN_TOKEN, seed, transport)
-}
-
-/// The ports a node listens on, each on the node's one address.
-#[derive(Debug, Clone, Copy)]
-pub struct Ports {
-    /// gRPC (TCP).
-    pub grpc: u16,
-    /// iroh (UDP).
-    pub iroh: u16,
-    /// Prometheus `/metrics` (TCP).
-    pub metrics: u16,
-}
-
-/// One node's config file text on `listen` with these ports and join
-/// token; `seed` is the node to join through (none for the first node).
-/// The one config generator of the lab, in namespaces and on loopback.
-pub fn config_text(
-    data_dir: &Path,
-    listen: std::net::Ipv4Addr,
-    ports: Ports,
-    join_token: &str,
-    seed: Option<&NodeFile>,
-    transport: &str,
-) -> String {
-    let Ports {
-        grpc,
-        iroh,
-        metrics,
-    } = ports;
-    let mut s = format!(
-        "data_dir = {:?}\n\n[listen]\ngrpc = \"{listen}:{grpc}\"\niroh = \"{listen}:{iroh}\"\nmetrics = \"{listen}:{metrics}\"\n\n[vm]\nruntimes = [\"process\"]\nruntime = \"process\"\n\n[capacity]\nvcpus = 4\nmemory_mib = 4096\n\n[cluster]\njoin_token = \"{join_token}\"\n",
-        data_dir.display().to_string()
-    );
+    let mut c = config::node(data_dir, config::listen_on(listen, ports), JOIN_TOKEN);
+    c.access.admins = crate::keys::admin_ids();
+    c.transport = transport.clone();
     if let Some(seed) = seed {
-        let iroh: Vec<String> = seed
-            .iroh
-            .iter()
-            .flatten()
-            .map(|a| format!("\"{a}\""))
-            .collect();
-        let grpc = seed
-            .grpc
-            .as_ref()
-            .map(|g| format!(", grpc = \"{g}\""))
-            .unwrap_or_default();
-        s.push_str(&format!(
-            "join = [{{ id = \"{}\"{grpc}, iroh = [{}] }}]\n",
-            seed.id,
-            iroh.join(", ")
-        ));
+        config::join(&mut c, seed);
     }
-    s.push('\n');
-    s.push_str(&crate::keys::access_section());
-    s.push('\n');
-    s.push_str(transport);
-    s
+    c
 }
 
-/// A config text with iroh and `/metrics` listening on `0.0.0.0` instead
-/// of `addr` (see [`ClusterSpec::iroh_any`]).
-pub fn listen_any(config: &str, addr: std::net::Ipv4Addr) -> String {
-    config
-        .replace(
-            &format!("iroh = \"{addr}:{IROH_PORT}\""),
-            &format!("iroh = \"0.0.0.0:{IROH_PORT}\""),
-        )
-        .replace(
-            &format!("metrics = \"{addr}:{METRICS_PORT}\""),
-            &format!("metrics = \"0.0.0.0:{METRICS_PORT}\""),
-        )
-}
-
-/// Replaces the `[transport]` section (and everything after it) of a
-/// config text.
-pub fn replace_transport(config: &str, transport: &str) -> String {
-    let head = config.split("[transport]").next().unwrap_or(config);
-    format!("{head}{transport}")
+/// `config` with iroh and `/metrics` listening on `0.0.0.0` instead of
+/// the node's address (see [`ClusterSpec::iroh_any`]).
+pub fn listen_any(config: &mut Config) {
+    let any = std::net::Ipv4Addr::UNSPECIFIED;
+    config.listen.iroh = Listen::On(std::net::SocketAddr::from((any, IROH_PORT)));
+    config.listen.metrics = Listen::On(std::net::SocketAddr::from((any, METRICS_PORT)));
 }
 
 /// One node of the cluster.
@@ -194,7 +135,7 @@ pub struct NodeSlot {
     /// Log file.
     pub log: PathBuf,
     /// The running process, if any.
-    pub proc: Option<Proc>,
+    pub proc: Option<TernProcess>,
     /// What the node wrote about itself when it last started.
     pub file: Option<NodeFile>,
     /// Its Raft node id, once known.
@@ -283,22 +224,21 @@ impl Cluster {
                 Some(cluster.node(1)?.node_file()?.clone())
             };
             let slot = cluster.node(i)?;
-            let mut text = node_config(
+            let mut c = node_config(
                 &slot.dir,
                 slot.iface.addr.addr,
                 seed.as_ref(),
                 &cluster.spec.transport,
             );
             if cluster.spec.iroh_any {
-                text = listen_any(&text, slot.iface.addr.addr);
+                listen_any(&mut c);
             }
-            std::fs::write(&slot.config, text)
-                .with_context(|| format!("writing {}", slot.config.display()))?;
+            config::write(&slot.config, &c)?;
             cluster.start_node(i).await?;
             progress(format!(
                 "n{i} up at {} (pid {})",
                 cluster.node(i)?.iface.addr.addr,
-                cluster.node(i)?.proc.as_ref().map_or(0, Proc::pid)
+                cluster.node(i)?.proc.as_ref().map_or(0, TernProcess::pid)
             ));
         }
         cluster.wait_formed().await?;
@@ -337,40 +277,20 @@ impl Cluster {
     /// Starts (or restarts) node `i` with its config and waits until it has
     /// written its node file.
     pub async fn start_node(&mut self, i: usize) -> anyhow::Result<()> {
-        let tern = self.tern.display().to_string();
         let lab = self.lab.clone();
+        let tern = self.tern.clone();
         let slot = self.node_mut(i)?;
-        let config = slot.config.display().to_string();
-        let proc = lab.spawn_env(
-            &slot.ns,
-            &[&tern, "run", "--config", &config],
-            &[("RUST_LOG", "info")],
-            &slot.log,
-        )?;
-        let pid = proc.pid();
-        slot.proc = Some(proc);
-        let deadline = Instant::now() + START_BOUND;
-        loop {
-            if let Ok(f) = NodeFile::read(&slot.dir)
-                && i32::try_from(f.pid).ok() == Some(pid)
-            {
-                slot.file = Some(f);
-                return Ok(());
-            }
-            if let Some(status) = slot.proc.as_mut().and_then(Proc::try_wait) {
-                bail!(
-                    "node n{i} exited while starting ({status}); its log ends:\n{}",
-                    slot.log_tail(30)
-                );
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "node n{i} did not start within {START_BOUND:?}; its log ends:\n{}",
-                    slot.log_tail(30)
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        let mut cmd = TernProcess::command(&tern, &slot.config);
+        cmd.env("RUST_LOG", "info");
+        let proc = slot
+            .proc
+            .insert(lab.spawn_tern(&slot.ns, cmd, &slot.dir, &slot.log)?);
+        let file = proc
+            .wait_node_file::<NodeFile>(START_BOUND)
+            .await
+            .with_context(|| format!("node n{i}"))?;
+        slot.file = Some(file);
+        Ok(())
     }
 
     /// SIGKILLs node `i`.
@@ -396,14 +316,13 @@ impl Cluster {
         self.node_mut(i)
             .ok()
             .and_then(|s| s.proc.as_mut())
-            .is_some_and(|p| p.try_wait().is_none())
+            .is_some_and(TernProcess::is_running)
     }
 
     /// Rewrites node `i`'s `[transport]` section and sends SIGHUP.
-    pub fn set_transport(&mut self, i: usize, section: &str) -> anyhow::Result<()> {
+    pub fn set_transport(&mut self, i: usize, section: &TransportConfig) -> anyhow::Result<()> {
         let slot = self.node(i)?;
-        let text = std::fs::read_to_string(&slot.config)?;
-        std::fs::write(&slot.config, replace_transport(&text, section))?;
+        config::set_transport(&slot.config, section)?;
         let proc = slot
             .proc
             .as_ref()
@@ -558,9 +477,9 @@ impl Cluster {
         let text = slot
             .ns
             .run_task(move || async move {
-                tern_node::demo::scrape(addr)
+                tern_process_kit::scrape(addr)
                     .await
-                    .map_err(|e| anyhow::anyhow!("scraping {addr}: {e}"))
+                    .map_err(anyhow::Error::from)
             })
             .await?;
         Ok(Metrics::parse(&text))
@@ -588,6 +507,30 @@ impl Cluster {
         v
     }
 
+    /// Starts steady client traffic from the client namespace to every
+    /// node, with a key of the lab's pool.
+    pub fn traffic(&self, spec: TrafficSpec) -> anyhow::Result<Traffic> {
+        self.traffic_to(spec, &self.indices())
+    }
+
+    /// Starts steady client traffic from the client namespace to the
+    /// nodes `nodes` only (1-based indices).
+    pub fn traffic_to(&self, spec: TrafficSpec, nodes: &[usize]) -> anyhow::Result<Traffic> {
+        let files: Vec<(usize, NodeFile)> = self
+            .nodes
+            .iter()
+            .filter(|n| nodes.contains(&n.index))
+            .filter_map(|n| n.file.clone().map(|f| (n.index, f)))
+            .collect();
+        let client = self.client.clone();
+        Traffic::start(
+            &move |task| client.spawn_task(task),
+            crate::keys::client_key(),
+            files,
+            spec,
+        )
+    }
+
     /// The node files of every node that has started (for [`Traffic`]).
     pub fn node_files(&self) -> Vec<NodeFile> {
         self.nodes.iter().filter_map(|n| n.file.clone()).collect()
@@ -606,368 +549,6 @@ impl Cluster {
     }
 }
 
-/// One Prometheus sample.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Sample {
-    /// Metric name (with `_bucket`/`_sum`/`_count` suffixes as exposed).
-    pub name: String,
-    /// Labels in order of appearance.
-    pub labels: Vec<(String, String)>,
-    /// Value.
-    pub value: f64,
-}
-
-impl Sample {
-    /// A label's value.
-    pub fn label(&self, key: &str) -> Option<&str> {
-        self.labels
-            .iter()
-            .find(|(k, _)| k == key)
-            .map(|(_, v)| v.as_str())
-    }
-
-    fn matches(&self, name: &str, labels: &[(&str, &str)]) -> bool {
-        self.name == name && labels.iter().all(|(k, v)| self.label(k) == Some(*v))
-    }
-}
-
-/// A parsed Prometheus text exposition.
-#[derive(Debug, Clone, Default)]
-pub struct Metrics {
-    /// Every sample.
-    pub samples: Vec<Sample>,
-}
-
-impl Metrics {
-    /// Parses the text format (comments skipped; a line that does not parse
-    /// is skipped, never a panic).
-    pub fn parse(text: &str) -> Metrics {
-        Metrics {
-            samples: text.lines().filter_map(parse_line).collect(),
-        }
-    }
-
-    /// Sum of `name`'s samples whose labels include all of `labels`.
-    pub fn sum(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
-        self.samples
-            .iter()
-            .filter(|s| s.matches(name, labels))
-            .map(|s| s.value)
-            .sum()
-    }
-
-    /// Cumulative buckets `(le, count)` of histogram `name` summed over the
-    /// series matching `labels`, sorted by `le`.
-    pub fn buckets(&self, name: &str, labels: &[(&str, &str)]) -> Vec<(f64, f64)> {
-        let bucket = format!("{name}_bucket");
-        let mut by_le: BTreeMap<u64, (f64, f64)> = BTreeMap::new();
-        for s in self.samples.iter().filter(|s| s.matches(&bucket, labels)) {
-            let le = match s.label("le") {
-                Some("+Inf") => f64::INFINITY,
-                Some(v) => match v.parse::<f64>() {
-                    Ok(x) => x,
-                    Err(_) => continue,
-                },
-                None => continue,
-            };
-            let e = by_le.entry(le.to_bits()).or_insert((le, 0.0));
-            e.1 += s.value;
-        }
-        let mut v: Vec<(f64, f64)> = by_le.into_values().collect();
-        v.sort_by(|a, b| a.0.total_cmp(&b.0));
-        v
-    }
-
-    /// The `q` quantile of histogram `name` (as Prometheus'
-    /// `histogram_quantile`: linear within the bucket), in seconds.
-    pub fn quantile(&self, name: &str, labels: &[(&str, &str)], q: f64) -> Option<f64> {
-        quantile_of(&self.buckets(name, labels), q)
-    }
-
-    /// The element-wise difference `self - earlier` (counters and
-    /// histogram buckets over an interval).
-    pub fn since(&self, earlier: &Metrics) -> Metrics {
-        let samples = self
-            .samples
-            .iter()
-            .map(|s| {
-                let before = earlier
-                    .samples
-                    .iter()
-                    .find(|e| e.name == s.name && e.labels == s.labels)
-                    .map_or(0.0, |e| e.value);
-                Sample {
-                    value: s.value - before,
-                    ..s.clone()
-                }
-            })
-            .collect();
-        Metrics { samples }
-    }
-}
-
-/// Per-node differences `after - before` of two [`Cluster::snapshot`]s.
-pub fn deltas(after: &[Metrics], before: &[Metrics]) -> Vec<Metrics> {
-    after.iter().zip(before).map(|(a, b)| a.since(b)).collect()
-}
-
-/// Sum of `name` with `labels` over several nodes' metrics.
-pub fn sum_all(ms: &[Metrics], name: &str, labels: &[(&str, &str)]) -> f64 {
-    ms.iter().map(|m| m.sum(name, labels)).sum()
-}
-
-/// Sums of `name` over several nodes' metrics grouped by the value of
-/// label `by` (zero sums left out), as `value=sum, ...`.
-pub fn by_label(ms: &[Metrics], name: &str, by: &str) -> String {
-    let mut groups: BTreeMap<String, f64> = BTreeMap::new();
-    for m in ms {
-        for s in m.samples.iter().filter(|s| s.name == name) {
-            *groups
-                .entry(s.label(by).unwrap_or("-").to_owned())
-                .or_default() += s.value;
-        }
-    }
-    let parts: Vec<String> = groups
-        .into_iter()
-        .filter(|(_, v)| *v != 0.0)
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect();
-    if parts.is_empty() {
-        "none".to_owned()
-    } else {
-        parts.join(", ")
-    }
-}
-
-/// `histogram_quantile` over cumulative `(le, count)` buckets.
-pub fn quantile_of(buckets: &[(f64, f64)], q: f64) -> Option<f64> {
-    let total = buckets.last()?.1;
-    if total <= 0.0 {
-        return None;
-    }
-    let rank = q.clamp(0.0, 1.0) * total;
-    let mut prev_le = 0.0;
-    let mut prev_count = 0.0;
-    for &(le, count) in buckets {
-        if count >= rank {
-            if le.is_infinite() {
-                return Some(prev_le);
-            }
-            let in_bucket = count - prev_count;
-            if in_bucket <= 0.0 {
-                return Some(le);
-            }
-            return Some(prev_le + (le - prev_le) * (rank - prev_count) / in_bucket);
-        }
-        prev_le = if le.is_finite() { le } else { prev_le };
-        prev_count = count;
-    }
-    Some(prev_le)
-}
-
-fn parse_line(line: &str) -> Option<Sample> {
-    let line = line.trim();
-    if line.is_empty() || line.starts_with('#') {
-        return None;
-    }
-    let (name, rest) = match line.find(['{', ' ']) {
-        Some(i) => line.split_at(i),
-        None => return None,
-    };
-    let mut labels = Vec::new();
-    let rest = if let Some(body) = rest.strip_prefix('{') {
-        let mut chars = body.char_indices();
-        let end;
-        loop {
-            // key
-            let mut key = String::new();
-            let mut c = chars.next()?;
-            while c.1 == ' ' || c.1 == ',' {
-                c = chars.next()?;
-            }
-            if c.1 == '}' {
-                end = c.0 + 1;
-                break;
-            }
-            while c.1 != '=' {
-                key.push(c.1);
-                c = chars.next()?;
-            }
-            let (_, q) = chars.next()?;
-            if q != '"' {
-                return None;
-            }
-            let mut value = String::new();
-            loop {
-                let (_, ch) = chars.next()?;
-                match ch {
-                    '\\' => {
-                        let (_, esc) = chars.next()?;
-                        value.push(match esc {
-                            'n' => '\n',
-                            other => other,
-                        });
-                    }
-                    '"' => break,
-                    other => value.push(other),
-                }
-            }
-            labels.push((key.trim().to_owned(), value));
-        }
-        body.get(end..)?
-    } else {
-        rest
-    };
-    let value = rest.split_whitespace().next()?;
-    let value = match value {
-        "+Inf" => f64::INFINITY,
-        "-Inf" => f64::NEG_INFINITY,
-        v => v.parse().ok()?,
-    };
-    Some(Sample {
-        name: name.to_owned(),
-        labels,
-        value,
-    })
-}
-
-/// One client call the lab made.
-#[derive(Debug, Clone)]
-pub struct CallRecord {
-    /// When it started, since the traffic started.
-    pub at: Duration,
-    /// How long it took.
-    pub took: Duration,
-    /// Node index called (1-based).
-    pub node: usize,
-    /// Method label (`status/get`).
-    pub method: String,
-    /// The error, if it failed.
-    pub error: Option<String>,
-}
-
-/// What [`Traffic`] sends.
-#[derive(Debug, Clone)]
-pub struct TrafficSpec {
-    /// `"grpc"` or `"iroh"`: the transport the client uses to reach nodes.
-    pub transport: String,
-    /// A VM to read and stop/start through every node (writes through a
-    /// follower are forwarded to the leader over the nodes' router); none:
-    /// only status and health calls.
-    pub vm_id: Option<String>,
-    /// Pause between rounds (zero: back to back).
-    pub pause: Duration,
-}
-
-/// Steady client traffic from the client namespace to every node: per
-/// round and node, Status/Get and Health/Check, and with a VM, VM/Get and
-/// a VM stop or start (alternating). Every call is recorded.
-#[derive(Debug)]
-pub struct Traffic {
-    started: Instant,
-    stop: Arc<AtomicBool>,
-    records: Arc<Mutex<Vec<CallRecord>>>,
-    handle: Option<std::thread::JoinHandle<anyhow::Result<()>>>,
-}
-
-impl Traffic {
-    /// Starts traffic from `cluster`'s client namespace to every node.
-    pub fn start(cluster: &Cluster, spec: TrafficSpec) -> anyhow::Result<Traffic> {
-        Traffic::start_to(cluster, spec, &cluster.indices())
-    }
-
-    /// Starts traffic from `cluster`'s client namespace to the nodes
-    /// `nodes` only (1-based indices).
-    pub fn start_to(
-        cluster: &Cluster,
-        spec: TrafficSpec,
-        nodes: &[usize],
-    ) -> anyhow::Result<Traffic> {
-        let stop = Arc::new(AtomicBool::new(false));
-        let records = Arc::new(Mutex::new(Vec::new()));
-        let files: Vec<(usize, NodeFile)> = cluster
-            .nodes
-            .iter()
-            .filter(|n| nodes.contains(&n.index))
-            .filter_map(|n| n.file.clone().map(|f| (n.index, f)))
-            .collect();
-        let (s, r) = (stop.clone(), records.clone());
-        let started = Instant::now();
-        let handle = cluster
-            .client
-            .spawn_task(move || traffic_loop(files, spec, started, s, r))?;
-        Ok(Traffic {
-            started,
-            stop,
-            records,
-            handle: Some(handle),
-        })
-    }
-
-    /// When the traffic started ([`CallRecord::at`] counts from here).
-    pub fn started(&self) -> Instant {
-        self.started
-    }
-
-    /// Time since the traffic started (to mark phases in the records).
-    pub fn now(&self) -> Duration {
-        self.started.elapsed()
-    }
-
-    /// Calls recorded so far.
-    pub fn count(&self) -> usize {
-        self.records.lock().map(|r| r.len()).unwrap_or(0)
-    }
-
-    /// A copy of the records so far.
-    pub fn records(&self) -> Vec<CallRecord> {
-        self.records.lock().map(|r| r.clone()).unwrap_or_default()
-    }
-
-    /// Waits (bounded) until `n` more calls have completed.
-    pub async fn wait_calls(&self, n: usize) -> anyhow::Result<()> {
-        let target = self.count() + n;
-        let deadline = Instant::now() + CONVERGE_BOUND;
-        while self.count() < target {
-            if self.handle.as_ref().is_some_and(|h| h.is_finished()) {
-                bail!("the client traffic stopped early");
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "client traffic did not make {n} calls within {CONVERGE_BOUND:?} (made {})",
-                    self.count()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        Ok(())
-    }
-
-    /// Stops the traffic and returns every record.
-    pub async fn finish(mut self) -> anyhow::Result<Vec<CallRecord>> {
-        self.stop.store(true, Ordering::SeqCst);
-        if let Some(h) = self.handle.take() {
-            tokio::task::spawn_blocking(move || {
-                h.join()
-                    .map_err(|_| anyhow::anyhow!("the traffic thread panicked"))?
-            })
-            .await??;
-        }
-        Ok(self.records())
-    }
-}
-
-impl Drop for Traffic {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-    }
-}
-
-/// Failed calls among `records`.
-pub fn failures(records: &[CallRecord]) -> Vec<&CallRecord> {
-    records.iter().filter(|r| r.error.is_some()).collect()
-}
-
 /// Latencies of the successful calls among `records` for which `pred`
 /// holds.
 pub fn latencies(records: &[CallRecord], pred: impl Fn(&CallRecord) -> bool) -> Latencies {
@@ -978,259 +559,9 @@ pub fn latencies(records: &[CallRecord], pred: impl Fn(&CallRecord) -> bool) -> 
     l
 }
 
-/// The longest time between the completions of two successive successful
-/// calls to `node` within `[from, to]` (the service gap a client saw).
-pub fn longest_gap(records: &[CallRecord], node: usize, from: Duration, to: Duration) -> Duration {
-    let mut ends: Vec<Duration> = records
-        .iter()
-        .filter(|r| r.node == node && r.error.is_none())
-        .map(|r| r.at + r.took)
-        .filter(|e| *e >= from && *e <= to)
-        .collect();
-    ends.sort_unstable();
-    let mut gap = Duration::ZERO;
-    let mut prev = from;
-    for e in ends {
-        gap = gap.max(e.saturating_sub(prev));
-        prev = e;
-    }
-    gap.max(to.saturating_sub(prev))
-}
-
-async fn traffic_loop(
-    files: Vec<(usize, NodeFile)>,
-    spec: TrafficSpec,
-    started: Instant,
-    stop: Arc<AtomicBool>,
-    records: Arc<Mutex<Vec<CallRecord>>>,
-) -> anyhow::Result<()> {
-    use tern_protocol::catalog::methods;
-    use tern_protocol::pb;
-    let client = LabClient::new(&spec.transport).await?;
-    let mut conns = Vec::new();
-    for (i, f) in &files {
-        conns.push((*i, client.peer(f)?));
-    }
-    let mut round = 0u64;
-    while !stop.load(Ordering::SeqCst) {
-        for (i, conn) in &conns {
-            let mut calls: Vec<&'static tern_protocol::Method> =
-                vec![methods::STATUS_GET, methods::HEALTH_CHECK];
-            if spec.vm_id.is_some() {
-                calls.push(methods::VM_GET);
-                calls.push(if round.is_multiple_of(2) {
-                    methods::VM_STOP
-                } else {
-                    methods::VM_START
-                });
-            }
-            for m in calls {
-                let at = started.elapsed();
-                let t0 = Instant::now();
-                let vm_id = spec.vm_id.clone().unwrap_or_default();
-                let result = if m == methods::STATUS_GET {
-                    client
-                        .call::<_, pb::NodeStatus>(conn, m, &pb::StatusRequest {})
-                        .await
-                        .map(|_| ())
-                } else if m == methods::HEALTH_CHECK {
-                    client
-                        .call::<_, pb::HealthCheckResponse>(conn, m, &pb::HealthCheckRequest {})
-                        .await
-                        .map(|_| ())
-                } else if m == methods::VM_GET {
-                    client
-                        .call::<_, pb::VmRecord>(conn, m, &pb::GetVmRequest { vm_id })
-                        .await
-                        .map(|_| ())
-                } else {
-                    client
-                        .call::<_, pb::VmRecord>(
-                            conn,
-                            m,
-                            &pb::VmActionRequest {
-                                request_id: tern_node::client::request_id(),
-                                vm_id,
-                            },
-                        )
-                        .await
-                        .map(|_| ())
-                };
-                let rec = CallRecord {
-                    at,
-                    took: t0.elapsed(),
-                    node: *i,
-                    method: m.label(),
-                    error: result.err(),
-                };
-                if let Some(e) = &rec.error {
-                    tracing::warn!(node = i, method = %rec.method, error = %e, "client call failed");
-                }
-                if let Ok(mut r) = records.lock() {
-                    r.push(rec);
-                }
-            }
-        }
-        round += 1;
-        if !spec.pause.is_zero() {
-            tokio::time::sleep(spec.pause).await;
-        }
-    }
-    client.close().await;
-    Ok(())
-}
-
-/// Bound on one call of the lab's client: longer than a Raft write's bound
-/// plus a forward to the leader and a fallback (as the CLI's).
-pub const CALL_TIMEOUT: Duration = tern_node::client::CLI_CALL_TIMEOUT;
-
-/// The lab's own client, over one transport, with a key of the lab's pool
-/// (an admin: see [`crate::keys`]).
-///
-/// Unlike the CLI's (`tern --transport iroh`), whose iroh endpoint binds
-/// to 127.0.0.1 and so reaches only nodes on the same host, this one binds
-/// iroh to `0.0.0.0:0` in its namespace.
-pub struct LabClient {
-    client: std::sync::Arc<dyn tern_protocol::RpcClient>,
-    iroh: Option<tern_transport_iroh::IrohTransport>,
-    transport: String,
-}
-
-impl std::fmt::Debug for LabClient {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "LabClient({})", self.transport)
-    }
-}
-
-impl LabClient {
-    /// A client over `"grpc"` or `"iroh"`. Call it from a thread inside a
-    /// namespace ([`crate::netns::Netns::spawn_task`]).
-    pub async fn new(transport: &str) -> anyhow::Result<LabClient> {
-        let key = crate::keys::client_key();
-        let (client, iroh): (std::sync::Arc<dyn tern_protocol::RpcClient>, _) = match transport {
-            "grpc" => (
-                std::sync::Arc::new(tern_transport_grpc::GrpcClient::new(
-                    tern_transport_grpc::ClientConfig::new(key),
-                )),
-                None,
-            ),
-            "iroh" => {
-                let config = tern_transport_iroh::IrohConfig::new(key).with_bind_addr(
-                    std::net::SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, 0)),
-                );
-                let t = tern_transport_iroh::IrohTransport::bind(
-                    config,
-                    std::sync::Arc::new(tern_protocol::rpc::Dispatcher::new()),
-                )
-                .await
-                .map_err(|e| anyhow::anyhow!("starting the lab client's iroh endpoint: {e}"))?;
-                (
-                    t.client() as std::sync::Arc<dyn tern_protocol::RpcClient>,
-                    Some(t),
-                )
-            }
-            other => bail!("transport {other:?}: expected \"grpc\" or \"iroh\""),
-        };
-        Ok(LabClient {
-            client,
-            iroh,
-            transport: transport.to_owned(),
-        })
-    }
-
-    /// The address of the node described by `file`, reduced to this
-    /// client's transport.
-    pub fn peer(&self, file: &NodeFile) -> anyhow::Result<tern_protocol::PeerAddr> {
-        let mut p = file.peer_addr().map_err(|e| anyhow::anyhow!(e))?;
-        if self.transport == "iroh" {
-            p.grpc = None;
-            if p.iroh.is_none() {
-                bail!("node {} serves no iroh", file.id);
-            }
-        } else {
-            p.iroh = None;
-            if p.grpc.is_none() {
-                bail!("node {} serves no gRPC", file.id);
-            }
-        }
-        Ok(p)
-    }
-
-    /// Calls `method` on `peer` (bounded by [`CALL_TIMEOUT`]); an error is
-    /// explained as the CLI would.
-    pub async fn call<Req, Resp>(
-        &self,
-        peer: &tern_protocol::PeerAddr,
-        method: &'static tern_protocol::Method,
-        req: &Req,
-    ) -> Result<Resp, String>
-    where
-        Req: prost::Message,
-        Resp: prost::Message + Default,
-    {
-        tern_protocol::rpc::call_typed(self.client.as_ref(), peer, method, req, CALL_TIMEOUT)
-            .await
-            .map_err(|e| tern_node::client::explain(method, &e).to_string())
-    }
-
-    /// Closes the iroh endpoint, if any.
-    pub async fn close(self) {
-        if let Some(t) = self.iroh {
-            t.shutdown(tern_node::client::CLI_IROH_DRAIN).await;
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    const EXPO: &str = r#"# HELP tern_router_fallbacks_total Calls...
-# TYPE tern_router_fallbacks_total counter
-tern_router_fallbacks_total{service="vm",method="Stop",reason="transport_error"} 3
-tern_router_fallbacks_total{service="raft",method="Append",reason="breaker_open"} 4
-tern_transport_call_seconds_bucket{transport="iroh",side="client",le="0.001"} 10
-tern_transport_call_seconds_bucket{transport="iroh",side="client",le="0.01"} 90
-tern_transport_call_seconds_bucket{transport="iroh",side="client",le="+Inf"} 100
-tern_transport_call_seconds_sum{transport="iroh",side="client"} 0.5
-weird{a="x\"y,z}"} 1.5
-process_threads 12
-garbage line
-"#;
-
-    #[test]
-    fn exposition_parses() {
-        let m = Metrics::parse(EXPO);
-        assert_eq!(m.sum("tern_router_fallbacks_total", &[]), 7.0);
-        assert_eq!(
-            m.sum("tern_router_fallbacks_total", &[("service", "vm")]),
-            3.0
-        );
-        assert_eq!(m.sum("process_threads", &[]), 12.0);
-        assert_eq!(m.sum("weird", &[("a", "x\"y,z}")]), 1.5);
-        let b = m.buckets("tern_transport_call_seconds", &[("transport", "iroh")]);
-        assert_eq!(b.len(), 3);
-        let p50 = m
-            .quantile("tern_transport_call_seconds", &[("transport", "iroh")], 0.5)
-            .unwrap();
-        assert!((p50 - 0.0055).abs() < 1e-9, "{p50}");
-        // Beyond the last finite bucket: its bound.
-        let p99 = m
-            .quantile("tern_transport_call_seconds", &[], 0.99)
-            .unwrap();
-        assert!((p99 - 0.01).abs() < 1e-9, "{p99}");
-        assert_eq!(quantile_of(&[], 0.5), None);
-    }
-
-    #[test]
-    fn since_subtracts() {
-        let a = Metrics::parse("x{a=\"1\"} 2\ny 1\n");
-        let b = Metrics::parse("x{a=\"1\"} 5\ny 1\nz 3\n");
-        let d = b.since(&a);
-        assert_eq!(d.sum("x", &[]), 3.0);
-        assert_eq!(d.sum("y", &[]), 0.0);
-        assert_eq!(d.sum("z", &[]), 3.0);
-    }
 
     #[test]
     fn configs_are_generated() {
@@ -1241,37 +572,22 @@ garbage line
             metrics: None,
             pid: 1,
         };
-        let t = dual_section(&["all_except_raft"], "iroh");
-        let c = node_config(
+        let t = dual_section(&["all_except_raft"], RaftTransport::Iroh);
+        let mut c = node_config(
             Path::new("/tmp/x/n2"),
             "10.77.0.12".parse().unwrap(),
             Some(&seed),
             &t,
         );
-        assert!(c.contains("grpc = \"10.77.0.12:7400\""), "{c}");
-        assert!(
-            c.contains("grpc = \"https://10.77.0.11:7400\", iroh = [\"10.77.0.11:7401\"]"),
-            "{c}"
-        );
-        assert!(c.ends_with(&t));
-        let parsed: toml::Value = toml::from_str(&c).unwrap();
-        assert_eq!(parsed["transport"]["mode"].as_str(), Some("dual"));
-        let r = replace_transport(&c, "[transport]\nmode = \"grpc\"\n");
-        assert!(r.ends_with("[transport]\nmode = \"grpc\"\n"));
-        assert!(!r.contains("dual"));
-    }
-
-    #[test]
-    fn gaps() {
-        let rec = |at: u64, node| CallRecord {
-            at: Duration::from_millis(at),
-            took: Duration::from_millis(10),
-            node,
-            method: "status/get".into(),
-            error: None,
-        };
-        let rs = vec![rec(0, 1), rec(100, 1), rec(600, 1), rec(50, 2)];
-        let g = longest_gap(&rs, 1, Duration::ZERO, Duration::from_millis(700));
-        assert_eq!(g, Duration::from_millis(500));
+        let text = c.to_toml().unwrap();
+        assert!(text.contains("grpc = \"10.77.0.12:7400\""), "{text}");
+        let checked = Config::parse(&text).unwrap();
+        assert_eq!(checked.seeds[0].1.grpc, seed.grpc);
+        assert_eq!(checked.config.transport, t);
+        assert_eq!(checked.admins.len(), crate::keys::CLIENT_KEYS);
+        listen_any(&mut c);
+        let text = c.to_toml().unwrap();
+        assert!(text.contains("iroh = \"0.0.0.0:7401\""), "{text}");
+        assert!(text.contains("grpc = \"10.77.0.12:7400\""), "{text}");
     }
 }

@@ -27,16 +27,14 @@
 //!   `[transport]`, `/metrics` parsed ([`cluster::Metrics`]: sums,
 //!   histogram quantiles, deltas), the CLI with `--json`, and steady
 //!   client traffic ([`cluster::Traffic`]) recording every call.
-//! - [`local`]: a cluster of `tern run` processes on loopback (no
-//!   namespaces, no root), and [`bench_cluster`], `tern-lab bench-cluster`:
-//!   Raft commits/s and leader failover per transport mode for
-//!   `cargo xtask bench`.
+//! - [`local`] and [`keys`]: the loopback cluster and the lab's pool of
+//!   admin client keys, re-exported from `tern-testkit` (the cluster
+//!   bench, `tern-bench cluster`, shares them).
 //! - [`history`]: a client history of register puts and gets and its
 //!   checks (linearizability per key, lost acknowledged writes);
 //!   [`workload`]: the recording register clients; [`criteria`]: the
 //!   rollout's criteria from two scrapes of every node.
-//! - [`relay`]: the lab's private iroh relay; [`keys`]: the lab's pool of
-//!   admin client keys.
+//! - [`relay`]: the lab's private iroh relay.
 //! - [`report`]: a progress line per step, figures, guarantee checks, the
 //!   summary table and the verdict (the exit code).
 //! - [`scenarios`]: the registry ([`scenarios::ALL`]) and one module per
@@ -47,10 +45,10 @@
 //! ```ignore
 //! pub async fn run(ctx: &mut Ctx) -> anyhow::Result<()> {
 //!     ctx.report.step("start 3 nodes");
-//!     let spec = ClusterSpec::new(3, &cluster::dual_section(&["all_except_raft"], "iroh"));
+//!     let spec = ClusterSpec::new(3, &cluster::dual_section(&["all_except_raft"], RaftTransport::Iroh));
 //!     let report = &mut ctx.report;
 //!     let mut c = Cluster::start(&ctx.lab, &ctx.opts.tern, spec, &mut |m| report.info(m)).await?;
-//!     let t = Traffic::start(&c, TrafficSpec { transport: "grpc".into(), vm_id: None, pause: Duration::ZERO })?;
+//!     let t = c.traffic(TrafficSpec { transport: "grpc".into(), vm_id: None, pause: Duration::ZERO })?;
 //!     c.node(2)?.ns.set_rules(&[], &[netns::udp_block_rule(Dir::Output, &c.node(2)?.iface.name)])?;
 //!     let records = t.finish().await?;
 //!     ctx.report.check("no failed call", cluster::failures(&records).is_empty(), records.len());
@@ -63,14 +61,15 @@
 //! [`netns::Lab::link`], [`netns::Netns::route_add`] and
 //! [`netns::Netns::nft`]; extra processes with [`netns::Lab::spawn`].
 
-pub mod bench_cluster;
 pub mod cluster;
 pub mod criteria;
 pub mod history;
-pub mod keys;
-pub mod local;
 pub mod netns;
 pub mod relay;
 pub mod report;
 pub mod scenarios;
 pub mod workload;
+
+// The client key pool and the loopback cluster live in the test kit, which
+// the cluster bench shares; the lab's scenarios name them as before.
+pub use tern_testkit::{keys, local};

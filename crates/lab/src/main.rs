@@ -1,6 +1,4 @@
 //! `tern-lab <scenario> --tern PATH [--quick] [--prefix P] [--keep-logs DIR]`
-//! `tern-lab bench-cluster --tern PATH --out FILE [--quick]` (loopback, no
-//! root: the cluster rows of `cargo xtask bench`),
 //! and `tern-lab list`: see the crate docs of `tern_lab`. Usually run by
 //! `cargo xtask lab`, which builds the binaries and installs iproute2 and
 //! nftables first.
@@ -39,63 +37,6 @@ struct Args {
     /// (default: a temporary directory, removed at the end).
     #[arg(long)]
     keep_logs: Option<PathBuf>,
-    /// `bench-cluster` only: the benchmark part file to write.
-    #[arg(long)]
-    out: Option<PathBuf>,
-}
-
-/// `tern-lab bench-cluster --tern PATH --out FILE [--quick]`: see
-/// `tern_lab::bench_cluster`. Loopback only; needs no root.
-fn bench_cluster(args: Args) -> ExitCode {
-    let (Some(tern), Some(out)) = (args.tern, args.out) else {
-        return usage_error("bench-cluster needs --tern PATH and --out FILE");
-    };
-    if !tern.is_file() {
-        return usage_error(&format!("--tern {}: no such file", tern.display()));
-    }
-    let tern = std::fs::canonicalize(&tern).unwrap_or(tern);
-    let (dir, keep) = match &args.keep_logs {
-        Some(d) => (d.join("bench-cluster"), true),
-        None => (
-            std::env::temp_dir().join(format!("tern-lab-bench-{}", std::process::id())),
-            false,
-        ),
-    };
-    let opts = tern_lab::bench_cluster::BenchOpts {
-        tern,
-        quick: args.quick,
-        out,
-        dir: dir.clone(),
-    };
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("tern-lab: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    // The clusters' children are killed when dropped: on an error, on
-    // Ctrl-C (the future is dropped) and at the end.
-    let result = rt.block_on(async {
-        tokio::select! {
-            r = tern_lab::bench_cluster::run(&opts) => r,
-            _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted by Ctrl-C")),
-        }
-    });
-    rt.shutdown_timeout(std::time::Duration::from_secs(2));
-    if !keep {
-        let _ = std::fs::remove_dir_all(&dir);
-    }
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("tern-lab bench-cluster: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
 }
 
 fn list() {
@@ -134,9 +75,6 @@ fn main() -> ExitCode {
             println!("{}", s.name);
         }
         return ExitCode::SUCCESS;
-    }
-    if args.scenario == "bench-cluster" {
-        return bench_cluster(args);
     }
     let Some(scenario) = scenarios::find(&args.scenario) else {
         list();

@@ -25,6 +25,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use tern_testkit::TernProcess;
 
 /// Longest interface name Linux accepts (`IFNAMSIZ` - 1).
 pub const MAX_IFNAME: usize = 15;
@@ -624,6 +625,44 @@ impl Lab {
             pid,
             log: log.to_owned(),
         })
+    }
+
+    /// Starts a `tern` process (the kit's [`TernProcess`]) inside `ns`:
+    /// `cmd` (from [`TernProcess::command`], with its environment) runs
+    /// through `ip netns exec` in its own process group, output appended
+    /// to `log`; `data_dir` is where it writes its node file. Killed at
+    /// cleanup whatever happens to the handle, like [`Lab::spawn`]'s.
+    pub fn spawn_tern(
+        &self,
+        ns: &Netns,
+        cmd: Command,
+        data_dir: &Path,
+        log: &Path,
+    ) -> anyhow::Result<TernProcess> {
+        use std::os::unix::process::CommandExt;
+        if self.state().cleaned {
+            bail!("the lab was cleaned up (interrupted?); not starting {cmd:?}");
+        }
+        let mut wrapped = ip();
+        wrapped
+            .args(["netns", "exec", &ns.name])
+            .arg(cmd.get_program())
+            .args(cmd.get_args())
+            // Own process group: a terminal's Ctrl-C reaches the lab only,
+            // which then cleans up in order.
+            .process_group(0);
+        for (key, value) in cmd.get_envs() {
+            match value {
+                Some(v) => wrapped.env(key, v),
+                None => wrapped.env_remove(key),
+            };
+        }
+        let proc = TernProcess::spawn(wrapped, data_dir, log)
+            .with_context(|| format!("starting tern in {}", ns.name))?;
+        self.state()
+            .pids
+            .push(i32::try_from(proc.pid()).unwrap_or(i32::MAX));
+        Ok(proc)
     }
 }
 

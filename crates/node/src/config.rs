@@ -50,7 +50,7 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use serde::{Deserialize, Deserializer};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use tern_protocol::PeerId;
 use tern_transport_dual::{Policy, TransportConfig};
 
@@ -98,12 +98,22 @@ impl<'de> Deserialize<'de> for Listen {
     }
 }
 
+/// Written as the file says it: `"off"` or the address.
+impl Serialize for Listen {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Listen::Off => s.serialize_str("off"),
+            Listen::On(a) => s.collect_str(a),
+        }
+    }
+}
+
 fn default_listen(addr: &str) -> Listen {
     addr.parse().map(Listen::On).unwrap_or(Listen::Off)
 }
 
 /// `[listen]`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ListenConfig {
     /// gRPC (TCP).
@@ -138,7 +148,7 @@ impl Default for ListenConfig {
 }
 
 /// `[iroh]`.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct IrohConfig {
     /// A relay to use for relaying and hole punching. None: no relay is
@@ -149,7 +159,7 @@ pub struct IrohConfig {
 }
 
 /// One member to join through.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SeedConfig {
     /// The member's identity (64 hex digits).
@@ -161,8 +171,19 @@ pub struct SeedConfig {
     pub iroh: Vec<SocketAddr>,
 }
 
+impl SeedConfig {
+    /// Joining through the node that wrote `file` (its `node.json`).
+    pub fn from_node_file(file: &crate::node::NodeFile) -> SeedConfig {
+        SeedConfig {
+            id: file.id.clone(),
+            grpc: file.grpc.clone(),
+            iroh: file.iroh.clone().unwrap_or_default(),
+        }
+    }
+}
+
 /// `[cluster]`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClusterConfig {
     /// The token a node presents to join: one from `tern cluster token
@@ -216,7 +237,7 @@ fn default_max_node_memory_mib() -> u64 {
 }
 
 /// `[access]`: the first node's bootstrap of the access table.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AccessConfig {
     /// Keys (64 hex digits each) granted the admin role when this node
@@ -227,7 +248,7 @@ pub struct AccessConfig {
 }
 
 /// `[capacity]`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CapacityConfig {
     /// vCPUs offered to VMs.
@@ -267,7 +288,7 @@ impl Default for CapacityConfig {
 }
 
 /// `[vm].runtime`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum RuntimeChoice {
     /// microvm where QEMU is installed, process otherwise.
@@ -280,7 +301,7 @@ pub enum RuntimeChoice {
 }
 
 /// A runtime a node may serve (`[vm].runtimes`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum RuntimeName {
     /// QEMU microVMs.
@@ -303,7 +324,7 @@ pub const DEFAULT_PROCESS_USER: &str = "nobody";
 pub const DEFAULT_IMAGE_DIR: &str = "images";
 
 /// `[vm]`.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VmConfig {
     /// The default runtime for specs that name none.
@@ -418,7 +439,7 @@ pub const MAX_HANDSHAKE_TIMEOUT_SECS: u64 = 300;
 
 /// `[limits]`: overrides of the transports' named limits; a key left out
 /// keeps the transport's default constant.
-#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct LimitsConfig {
     /// gRPC: inbound connections in all.
@@ -515,7 +536,7 @@ impl LimitsConfig {
 }
 
 /// The whole file as written.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// Where the node keeps its identity, Raft state and VM state.
@@ -638,6 +659,14 @@ impl Config {
             reason: e.to_string().trim_end().to_owned(),
         })?;
         config.check()
+    }
+
+    /// The file's text for this configuration: what [`Config::parse`]
+    /// reads back as the same configuration (keys left at `None` are left
+    /// out, so the node's defaults apply). Harnesses write node configs
+    /// with it instead of formatting TOML by hand.
+    pub fn to_toml(&self) -> Result<String, ConfigError> {
+        toml::to_string(self).map_err(|e| err("", format!("cannot write the configuration: {e}")))
     }
 
     /// Checks values that the file's syntax cannot.
@@ -823,6 +852,37 @@ mod tests {
         assert_eq!(checked.seeds.len(), 1);
         assert_eq!(checked.seeds[0].0.to_string(), id);
         assert_eq!(checked.config.vm.runtime, RuntimeChoice::Process);
+    }
+
+    #[test]
+    fn a_written_config_reads_back_the_same() {
+        let id = "cd".repeat(32);
+        let mut c = Config::parse("").unwrap().config;
+        c.data_dir = PathBuf::from("/var/lib/tern");
+        c.listen.metrics = Listen::Off;
+        c.cluster.join_token = Some("t0ken".into());
+        c.cluster.join.push(SeedConfig {
+            id: id.clone(),
+            grpc: Some("https://10.0.0.1:7400".into()),
+            iroh: vec!["10.0.0.1:7401".parse().unwrap()],
+        });
+        c.vm.runtimes = Some(vec![RuntimeName::Process]);
+        c.vm.runtime = RuntimeChoice::Process;
+        c.limits.connections = Some(64);
+        c.access.admins.push(id.clone());
+        c.transport = toml::from_str(
+            "mode = \"dual\"\n[migration]\nprefer_iroh = [\"health\"]\nraft_transport = \"adaptive\"\n",
+        )
+        .unwrap();
+        let text = c.to_toml().unwrap();
+        let back = Config::parse(&text).unwrap();
+        assert_eq!(back.config.to_toml().unwrap(), text, "{text}");
+        assert_eq!(back.config.listen.metrics, Listen::Off);
+        assert_eq!(back.seeds[0].0.to_string(), id);
+        assert_eq!(back.config.transport, c.transport);
+        assert_eq!(back.config.limits, c.limits);
+        assert!(text.contains("metrics = \"off\""), "{text}");
+        assert!(!text.contains("relay_url"), "None is left out: {text}");
     }
 
     fn error_of(text: &str) -> String {

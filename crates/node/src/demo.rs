@@ -20,18 +20,23 @@
 //!    temporary directory. A guard does the killing on every error path.
 
 use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use tern_process_kit::{Metrics, TernProcess, scrape};
 use tern_protocol::catalog::methods;
 use tern_protocol::metric_names as names;
 use tern_protocol::pb;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tern_transport_dual::TransportConfig;
+use tern_transport_dual::policy::{MigrationConfig, Mode, RaftTransport};
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::cli::state_name;
 use crate::client::{Conn, Target, request_id};
+use crate::config::{
+    CapacityConfig, Config, Listen, ListenConfig, RuntimeChoice, RuntimeName, SeedConfig,
+};
 use crate::node::{NodeFile, runtime_dirs};
 
 /// Nodes the demo starts.
@@ -45,16 +50,12 @@ pub const NODE_START_WAIT: Duration = Duration::from_secs(90);
 pub const NODE_STOP_WAIT: Duration = Duration::from_secs(20);
 /// How long the VM gets to start or to be removed.
 pub const VM_WAIT: Duration = Duration::from_secs(30);
-/// How long one `/metrics` scrape may take.
-pub const SCRAPE_TIMEOUT: Duration = Duration::from_secs(2);
-/// Largest `/metrics` answer read.
-pub const MAX_SCRAPE_BYTES: u64 = 8 * 1024 * 1024;
 /// The demo cluster's join token (loopback only, thrown away at exit).
 const DEMO_TOKEN: &str = "tern-demo-token";
 
 /// Child processes, killed on drop unless already reaped.
 struct Children {
-    procs: Vec<Child>,
+    procs: Vec<TernProcess>,
     dirs: Vec<PathBuf>,
     base: PathBuf,
 }
@@ -62,10 +63,8 @@ struct Children {
 impl Children {
     fn signal_all(&mut self, sig: rustix::process::Signal) {
         for c in &mut self.procs {
-            if matches!(c.try_wait(), Ok(None))
-                && let Some(pid) = rustix::process::Pid::from_raw(c.id() as i32)
-            {
-                let _ = rustix::process::kill_process(pid, sig);
+            if c.is_running() {
+                c.signal(sig);
             }
         }
     }
@@ -76,25 +75,22 @@ impl Children {
         let mut clean = true;
         self.signal_all(rustix::process::Signal::TERM);
         let deadline = Instant::now() + NODE_STOP_WAIT;
-        while Instant::now() < deadline
-            && self
-                .procs
-                .iter_mut()
-                .any(|c| matches!(c.try_wait(), Ok(None)))
-        {
+        while Instant::now() < deadline && self.procs.iter_mut().any(TernProcess::is_running) {
             std::thread::sleep(Duration::from_millis(100));
         }
         for c in &mut self.procs {
             match c.try_wait() {
-                Ok(Some(status)) if status.success() => {}
-                Ok(Some(status)) => {
-                    eprintln!("demo: node pid {} exited with {status}", c.id());
+                Some(status) if status.success() => {}
+                Some(status) => {
+                    eprintln!("demo: node pid {} exited with {status}", c.pid());
                     clean = false;
                 }
-                _ => {
-                    eprintln!("demo: node pid {} did not stop in time; killing it", c.id());
-                    let _ = c.kill();
-                    let _ = c.wait();
+                None => {
+                    eprintln!(
+                        "demo: node pid {} did not stop in time; killing it",
+                        c.pid()
+                    );
+                    c.kill();
                     clean = false;
                 }
             }
@@ -123,132 +119,38 @@ impl Drop for Children {
     }
 }
 
-fn config_text(data_dir: &Path, join: Option<&NodeFile>) -> String {
-    let mut text = format!(
-        r#"data_dir = {dir:?}
-
-[listen]
-grpc = "127.0.0.1:0"
-iroh = "127.0.0.1:0"
-metrics = "127.0.0.1:0"
-
-[capacity]
-vcpus = 4
-memory_mib = 4096
-
-[vm]
-# The demo runs its workloads as host processes (as `nobody` when root).
-runtimes = ["process"]
-runtime = "process"
-
-[transport]
-mode = "dual"
-
-[transport.migration]
-prefer_iroh = ["all_except_raft"]
-raft_transport = "adaptive"
-fallback_to_grpc = true
-
-[cluster]
-join_token = "{DEMO_TOKEN}"
-"#,
-        dir = data_dir.display().to_string()
-    );
-    if let Some(seed) = join {
-        let iroh = seed
-            .iroh
-            .clone()
-            .unwrap_or_default()
-            .iter()
-            .map(|a| format!("\"{a}\""))
-            .collect::<Vec<_>>()
-            .join(", ");
-        text.push_str(&format!(
-            "join = [{{ id = \"{}\", grpc = \"{}\", iroh = [{iroh}] }}]\n",
-            seed.id,
-            seed.grpc.clone().unwrap_or_default()
-        ));
-    }
-    text
-}
-
-fn log_tail(path: &Path) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(15)..].join("\n")
-}
-
-async fn wait_node_file(child: &mut Child, dir: &Path, log: &Path) -> Result<NodeFile, String> {
-    let deadline = Instant::now() + NODE_START_WAIT;
-    loop {
-        if let Ok(file) = NodeFile::read(dir)
-            && file.pid == child.id()
-        {
-            return Ok(file);
-        }
-        if let Ok(Some(status)) = child.try_wait() {
-            return Err(format!(
-                "node in {} exited ({status}) while starting; its log ends:\n{}",
-                dir.display(),
-                log_tail(log)
-            ));
-        }
-        if Instant::now() > deadline {
-            return Err(format!(
-                "node in {} did not start within {NODE_START_WAIT:?}; its log ends:\n{}",
-                dir.display(),
-                log_tail(log)
-            ));
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-/// Scrapes `/metrics` at `addr` (HTTP/1.0, bounded).
-pub async fn scrape(addr: std::net::SocketAddr) -> Result<String, String> {
-    let work = async {
-        let mut s = tokio::net::TcpStream::connect(addr)
-            .await
-            .map_err(|e| e.to_string())?;
-        s.write_all(b"GET /metrics HTTP/1.0\r\nHost: tern\r\n\r\n")
-            .await
-            .map_err(|e| e.to_string())?;
-        let mut body = Vec::new();
-        s.take(MAX_SCRAPE_BYTES)
-            .read_to_end(&mut body)
-            .await
-            .map_err(|e| e.to_string())?;
-        let text = String::from_utf8_lossy(&body).into_owned();
-        Ok::<String, String>(
-            text.split_once("\r\n\r\n")
-                .map(|(_, b)| b.to_owned())
-                .unwrap_or(text),
-        )
+/// One node's configuration: every port 0 on loopback, the process
+/// runtime, the dual policy with iroh preferred for everything but Raft
+/// and adaptive Raft; `join` is the node to join through.
+fn node_config(data_dir: &Path, join: Option<&NodeFile>) -> Config {
+    let loopback = Listen::On(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)));
+    let mut c = Config {
+        data_dir: data_dir.to_owned(),
+        listen: ListenConfig {
+            grpc: loopback,
+            iroh: loopback,
+            metrics: loopback,
+        },
+        capacity: CapacityConfig {
+            vcpus: 4,
+            memory_mib: 4096,
+        },
+        transport: TransportConfig {
+            mode: Mode::Dual,
+            migration: MigrationConfig {
+                prefer_iroh: vec!["all_except_raft".into()],
+                raft_transport: RaftTransport::Adaptive,
+                fallback_to_grpc: true,
+            },
+        },
+        ..Config::default()
     };
-    tokio::time::timeout(SCRAPE_TIMEOUT, work)
-        .await
-        .map_err(|_| format!("scrape of {addr} timed out"))?
-}
-
-/// Sums the samples of `name` whose labels include every `(key, value)`.
-pub fn sum(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| {
-            let (head, value) = l.rsplit_once(' ')?;
-            let (metric, rest) = match head.split_once('{') {
-                Some((m, r)) => (m, r),
-                None => (head, ""),
-            };
-            if metric != name {
-                return None;
-            }
-            let ok = labels
-                .iter()
-                .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")));
-            ok.then(|| value.parse::<f64>().ok()).flatten()
-        })
-        .sum()
+    // The demo runs its workloads as host processes (as `nobody` when root).
+    c.vm.runtimes = Some(vec![RuntimeName::Process]);
+    c.vm.runtime = RuntimeChoice::Process;
+    c.cluster.join_token = Some(DEMO_TOKEN.into());
+    c.cluster.join.extend(join.map(SeedConfig::from_node_file));
+    c
 }
 
 /// One node's figures from `/metrics`, per transport.
@@ -268,47 +170,30 @@ pub struct Traffic {
 
 /// Reads [`Traffic`] from an exposition.
 pub fn traffic(text: &str) -> Traffic {
+    let m = Metrics::parse(text);
     let mut t = Traffic::default();
     for tr in ["grpc", "iroh"] {
-        t.calls.insert(
-            tr,
-            sum(text, names::CALLS, &[("transport", tr), ("side", "client")]),
-        );
-        let s = sum(
-            text,
-            &format!("{}_sum", names::CALL_SECONDS),
-            &[("transport", tr), ("side", "client")],
-        );
-        let n = sum(
-            text,
-            &format!("{}_count", names::CALL_SECONDS),
-            &[("transport", tr), ("side", "client")],
-        );
+        let client = [("transport", tr), ("side", "client")];
+        t.calls.insert(tr, m.sum(names::CALLS, &client));
+        let s = m.sum(&format!("{}_sum", names::CALL_SECONDS), &client);
+        let n = m.sum(&format!("{}_count", names::CALL_SECONDS), &client);
         t.mean_ms
             .insert(tr, if n > 0.0 { s / n * 1000.0 } else { 0.0 });
         t.bytes
-            .insert(tr, sum(text, names::BYTES, &[("transport", tr)]));
+            .insert(tr, m.sum(names::BYTES, &[("transport", tr)]));
     }
-    t.fallbacks = sum(text, names::ROUTER_FALLBACKS, &[]);
-    t.raft_iroh_peers = sum(text, names::ROUTER_ADAPTIVE_IROH, &[]);
+    t.fallbacks = m.sum(names::ROUTER_FALLBACKS, &[]);
+    t.raft_iroh_peers = m.sum(names::ROUTER_ADAPTIVE_IROH, &[]);
     t
 }
 
-fn spawn_node(exe: &Path, config: &Path, log: &Path) -> Result<Child, String> {
+/// Starts `tern run --config CONFIG` in its own process group (so Ctrl-C
+/// in the terminal reaches the demo only), its output in `log`.
+fn spawn_node(exe: &Path, config: &Path, dir: &Path, log: &Path) -> Result<TernProcess, String> {
     use std::os::unix::process::CommandExt;
-    let out = std::fs::File::create(log).map_err(|e| format!("{}: {e}", log.display()))?;
-    let err = out.try_clone().map_err(|e| e.to_string())?;
-    Command::new(exe)
-        .arg("run")
-        .arg("--config")
-        .arg(config)
-        .stdin(Stdio::null())
-        .stdout(out)
-        .stderr(err)
-        // Own process group: Ctrl-C in the terminal reaches the demo only.
-        .process_group(0)
-        .spawn()
-        .map_err(|e| format!("cannot start {}: {e}", exe.display()))
+    let mut cmd = TernProcess::command(exe, config);
+    cmd.process_group(0);
+    TernProcess::spawn(cmd, dir, log).map_err(|e| e.to_string())
 }
 
 async fn conn_to(dir: &Path) -> Result<Conn, String> {
@@ -339,15 +224,17 @@ pub async fn demo(duration: Option<Duration>) -> Result<(), String> {
         let dir = base.join(format!("node{i}"));
         let config = base.join(format!("node{i}.toml"));
         let log = base.join(format!("node{i}.log"));
-        std::fs::write(&config, config_text(&dir, files.first()))
-            .map_err(|e| format!("{}: {e}", config.display()))?;
-        let mut child = spawn_node(&exe, &config, &log)?;
+        let text = node_config(&dir, files.first())
+            .to_toml()
+            .map_err(|e| e.to_string())?;
+        std::fs::write(&config, text).map_err(|e| format!("{}: {e}", config.display()))?;
+        let mut child = spawn_node(&exe, &config, &dir, &log)?;
         children.dirs.push(dir.clone());
-        let file = match wait_node_file(&mut child, &dir, &log).await {
+        let file = match child.wait_node_file::<NodeFile>(NODE_START_WAIT).await {
             Ok(f) => f,
             Err(e) => {
                 children.procs.push(child);
-                return Err(e);
+                return Err(e.to_string());
             }
         };
         println!(
@@ -616,5 +503,25 @@ tern_router_fallbacks_total{service="vm",method="Get",reason="timed_out"} 1
         assert_eq!(t.fallbacks, 1.0);
         assert_eq!(whole(-0.0), 0);
         assert_eq!(whole(2.6), 3);
+    }
+
+    #[test]
+    fn node_configs_are_what_the_node_reads() {
+        let seed = NodeFile {
+            id: "ab".repeat(32),
+            grpc: Some("https://127.0.0.1:7400".into()),
+            iroh: Some(vec!["127.0.0.1:7401".parse().unwrap()]),
+            metrics: None,
+            pid: 1,
+        };
+        let text = node_config(Path::new("/tmp/d/node2"), Some(&seed))
+            .to_toml()
+            .unwrap();
+        let checked = Config::parse(&text).unwrap();
+        assert_eq!(checked.seeds.len(), 1);
+        assert_eq!(checked.config.cluster.join[0].iroh, seed.iroh.unwrap());
+        assert_eq!(checked.config.vm.runtimes, Some(vec![RuntimeName::Process]));
+        assert!(checked.policy.uses_iroh(), "{text}");
+        assert_eq!(checked.config.listen.grpc.addr().unwrap().port(), 0);
     }
 }

@@ -211,7 +211,7 @@ enum ClusterCommand {
         command: TokenCommand,
     },
     /// Make a learner a voter (admin). Joiners become voters by themselves
-    /// only while the cluster has fewer than [cluster] max_voters voters.
+    /// only while the cluster has fewer than `[cluster] max_voters` voters.
     Promote {
         /// The learner's node id (tern cluster members).
         node_id: u64,
@@ -227,7 +227,7 @@ enum ClusterCommand {
 #[derive(Subcommand)]
 enum TokenCommand {
     /// Create a token; prints it once (the cluster keeps only its hash).
-    /// Give it to new nodes as [cluster] join_token.
+    /// Give it to new nodes as `[cluster] join_token`.
     Create {
         /// How long it admits nodes: e.g. 30m, 1h, 2d (at most 7d).
         #[arg(long, default_value = "1h")]
@@ -303,7 +303,7 @@ enum KeyCommand {
 enum TransportCommand {
     /// The policy in force on the node.
     Show,
-    /// Change the policy: rewrites [transport] in the node's config file
+    /// Change the policy: rewrites `[transport]` in the node's config file
     /// (--config), checks it, and sends the node SIGHUP.
     Set {
         /// "grpc" | "iroh" | "dual".

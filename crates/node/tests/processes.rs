@@ -12,10 +12,16 @@
 #![allow(clippy::unwrap_used)] // reason: tests; a failure should fail the test loudly.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use tern_node::config::{Config, Listen};
+use tern_node::node::NodeFile;
+use tern_testkit::traffic::{Traffic, TrafficSpec};
+use tern_testkit::{TernProcess, config};
+use tern_transport_dual::policy::Mode;
+use tern_transport_dual::{RaftTransport, TransportConfig};
 
 /// Bound on a node's start (a joiner included).
 const START_BOUND: Duration = Duration::from_secs(120);
@@ -30,94 +36,66 @@ fn tern() -> Command {
     Command::new(env!("CARGO_BIN_EXE_tern"))
 }
 
-/// A running `tern run`, killed (with its workloads) on drop.
+/// A running `tern run` (the kit's [`TernProcess`]), killed with its
+/// workloads on drop.
 struct NodeProc {
-    child: Child,
+    proc: TernProcess,
     dir: PathBuf,
     config: PathBuf,
-    log: PathBuf,
 }
 
 impl NodeProc {
-    fn start(base: &Path, name: &str, extra: &str) -> NodeProc {
+    /// Starts node `name` under `base` with `config` (its data dir and
+    /// `[cluster]` section set here: the test token, joining through
+    /// `seed` when given).
+    fn start(base: &Path, name: &str, mut config: Config, seed: Option<&Value>) -> NodeProc {
         let dir = base.join(name);
-        let config = base.join(format!("{name}.toml"));
-        let log = base.join(format!("{name}.log"));
-        let text = format!("data_dir = {:?}\n{extra}\n", dir.display().to_string());
-        std::fs::write(&config, text).unwrap();
-        let out = std::fs::File::create(&log).unwrap();
-        let child = tern()
-            .args(["run", "--config"])
-            .arg(&config)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().unwrap())
-            .stderr(out)
-            .spawn()
-            .unwrap();
+        let path = base.join(format!("{name}.toml"));
+        config.data_dir = dir.clone();
+        config.cluster.join_token = Some(JOIN_TOKEN.to_owned());
+        if let Some(seed) = seed {
+            let seed: NodeFile = serde_json::from_value(seed.clone()).unwrap();
+            config::join(&mut config, &seed);
+        }
+        config::write(&path, &config).unwrap();
+        let mut cmd = TernProcess::command(Path::new(env!("CARGO_BIN_EXE_tern")), &path);
+        cmd.env("RUST_LOG", "info");
+        let proc = TernProcess::spawn(cmd, &dir, base.join(format!("{name}.log"))).unwrap();
         NodeProc {
-            child,
+            proc,
             dir,
-            config,
-            log,
+            config: path,
         }
     }
 
     fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+        self.proc.log()
     }
 
     /// Waits until the node wrote its node file; returns it.
     fn wait_up(&mut self) -> Value {
-        let deadline = Instant::now() + START_BOUND;
-        loop {
-            if let Ok(text) = std::fs::read_to_string(self.dir.join("node.json"))
-                && let Ok(v) = serde_json::from_str::<Value>(&text)
-                && v["pid"].as_u64() == Some(u64::from(self.child.id()))
-            {
-                return v;
-            }
-            if let Some(status) = self.child.try_wait().unwrap() {
-                panic!("node exited while starting ({status}):\n{}", self.log());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "node did not start within {START_BOUND:?}:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        self.proc
+            .wait_node_file_blocking(START_BOUND)
+            .unwrap_or_else(|e| panic!("{e}\nfull log:\n{}", self.log()))
     }
 
     fn signal(&self, sig: rustix::process::Signal) {
-        let pid = rustix::process::Pid::from_raw(self.child.id() as i32).unwrap();
-        rustix::process::kill_process(pid, sig).unwrap();
+        self.proc.signal(sig);
     }
 
     /// SIGTERM and wait (bounded) for a clean exit.
     fn stop(&mut self) -> std::process::ExitStatus {
-        self.signal(rustix::process::Signal::TERM);
-        let deadline = Instant::now() + STOP_BOUND;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "node did not stop within {STOP_BOUND:?}:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(100));
+        match self.proc.stop_blocking(STOP_BOUND) {
+            Some(status) => status,
+            None => panic!("node did not stop within {STOP_BOUND:?}:\n{}", self.log()),
         }
     }
 }
 
 impl Drop for NodeProc {
     fn drop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(None)) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
+        // The node first, so it cannot restart what is killed next.
+        self.proc.kill();
         for rt in tern_node::node::runtime_dirs(&self.dir) {
             for (_, identity) in tern_runtime::pidfile::live_workloads(&rt) {
                 let _ = identity.signal_group(rustix::process::Signal::KILL);
@@ -210,57 +188,26 @@ fn converge<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
     }
 }
 
-const LOOPBACK: &str = r#"
-[listen]
-grpc = "127.0.0.1:0"
-iroh = "127.0.0.1:0"
-metrics = "127.0.0.1:0"
-[vm]
-runtimes = ["process"]
-runtime = "process"
-[capacity]
-vcpus = 4
-memory_mib = 4096
-"#;
+/// The join token of every test cluster.
+const JOIN_TOKEN: &str = "test-token";
 
-fn cluster_section(seed: Option<&Value>) -> String {
-    let mut s = "[cluster]\njoin_token = \"test-token\"\n".to_owned();
-    if let Some(seed) = seed {
-        let iroh: Vec<String> = seed["iroh"]
-            .as_array()
-            .map(|a| a.iter().map(|x| format!("{x}")).collect())
-            .unwrap_or_default();
-        s.push_str(&format!(
-            "join = [{{ id = {}, grpc = {}, iroh = [{}] }}]\n",
-            seed["id"],
-            seed["grpc"],
-            iroh.join(", ")
-        ));
-    }
-    s
+/// A node on loopback (every port picked by the kernel) with the process
+/// runtime, running `transport`.
+fn loopback(transport: TransportConfig) -> Config {
+    let mut c = config::node(Path::new("unset"), config::loopback(), JOIN_TOKEN);
+    c.transport = transport;
+    c
 }
 
 #[test]
 fn a_three_node_cluster_forms_and_serves_status_and_vms() {
     let base = tempfile::tempdir().unwrap();
-    let dual = "[transport]\nmode = \"dual\"\n[transport.migration]\nprefer_iroh = [\"health\", \"status\"]\n";
-    let mut n1 = NodeProc::start(
-        base.path(),
-        "n1",
-        &format!("{LOOPBACK}{}{dual}", cluster_section(None)),
-    );
+    let dual = loopback(config::dual(&["health", "status"], RaftTransport::Grpc));
+    let mut n1 = NodeProc::start(base.path(), "n1", dual.clone(), None);
     let seed = n1.wait_up();
-    let mut n2 = NodeProc::start(
-        base.path(),
-        "n2",
-        &format!("{LOOPBACK}{}{dual}", cluster_section(Some(&seed))),
-    );
+    let mut n2 = NodeProc::start(base.path(), "n2", dual.clone(), Some(&seed));
     n2.wait_up();
-    let mut n3 = NodeProc::start(
-        base.path(),
-        "n3",
-        &format!("{LOOPBACK}{}{dual}", cluster_section(Some(&seed))),
-    );
+    let mut n3 = NodeProc::start(base.path(), "n3", dual, Some(&seed));
     n3.wait_up();
     let d1 = n1.dir.display().to_string();
     let d2 = n2.dir.display().to_string();
@@ -376,13 +323,9 @@ fn a_three_node_cluster_forms_and_serves_status_and_vms() {
 
     // A live policy change by SIGHUP; a broken file keeps the old policy.
     let path = n1.config.clone();
-    let text = std::fs::read_to_string(&path).unwrap();
-    std::fs::write(
+    config::set_transport(
         &path,
-        text.replace(
-            "[\"health\", \"status\"]",
-            "[\"all_except_raft\"]\nraft_transport = \"adaptive\"",
-        ),
+        &config::dual(&["all_except_raft"], RaftTransport::Adaptive),
     )
     .unwrap();
     n1.signal(rustix::process::Signal::HUP);
@@ -436,14 +379,9 @@ fn config_errors_exit_non_zero_naming_the_key() {
     let file = base.path().join("a-file");
     std::fs::write(&file, b"x").unwrap();
     let config = base.path().join("node.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "data_dir = {:?}\n{LOOPBACK}",
-            file.join("data").display().to_string()
-        ),
-    )
-    .unwrap();
+    let mut c = loopback(config::grpc());
+    c.data_dir = file.join("data");
+    config::write(&config, &c).unwrap();
     let out = cli(&["run", "--config", config.to_str().unwrap()]);
     assert!(!out.status.success());
     let e = String::from_utf8_lossy(&out.stderr);
@@ -480,161 +418,44 @@ fn the_demo_runs_and_exits_cleanly() {
     assert!(stdout.contains("all nodes stopped cleanly"), "{stdout}");
 }
 
-/// Continuous client traffic from the test process: status from every
-/// node, VM reads and stop/start writes through the followers (which the
-/// VM service forwards to the leader through the node's router). Every
-/// call outcome is counted; failures are kept with their message.
-struct Traffic {
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    calls: std::sync::Arc<std::sync::atomic::AtomicU64>,
-    failures: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
-    thread: Option<std::thread::JoinHandle<()>>,
+/// Continuous client traffic from the test process (the kit's recorder):
+/// status and health from every node, VM reads and stop/start writes
+/// through the followers (which the VM service forwards to the leader
+/// through the node's router), with the operator's key over gRPC. Every
+/// call is recorded.
+fn start_traffic(nodes: &[Value], vm_id: &str, key: &str) -> Traffic {
+    let key = tern_node::client::read_key(Path::new(key))
+        .unwrap()
+        .unwrap();
+    let files = nodes
+        .iter()
+        .enumerate()
+        .map(|(i, n)| {
+            (
+                i + 1,
+                serde_json::from_value::<NodeFile>(n.clone()).unwrap(),
+            )
+        })
+        .collect();
+    let spec = TrafficSpec {
+        transport: "grpc".into(),
+        vm_id: Some(vm_id.to_owned()),
+        pause: Duration::ZERO,
+    };
+    Traffic::start(&tern_testkit::traffic::spawn_thread, key, files, spec).unwrap()
 }
 
-impl Traffic {
-    /// Starts traffic to `nodes` (their node files) about `vm_id`.
-    fn start(nodes: Vec<Value>, vm_id: String, key: String) -> Traffic {
-        use std::sync::atomic::Ordering;
-        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let calls = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let failures = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let (s, c, f) = (stop.clone(), calls.clone(), failures.clone());
-        let thread = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async move {
-                use tern_protocol::catalog::methods;
-                use tern_protocol::pb;
-                let mut conns = Vec::new();
-                for n in &nodes {
-                    // An operator's key: an ordinary client, whose VM
-                    // writes a follower forwards to the leader.
-                    let target = tern_node::client::Target {
-                        node: Some(format!(
-                            "{}@{}",
-                            n["id"].as_str().unwrap(),
-                            n["grpc"].as_str().unwrap()
-                        )),
-                        key: Some(key.clone().into()),
-                        ..Default::default()
-                    };
-                    conns.push(tern_node::client::Conn::open(&target).await.unwrap());
-                }
-                let mut round = 0u64;
-                while !s.load(Ordering::SeqCst) {
-                    for conn in &conns {
-                        let record = |r: Result<(), tern_node::error::CliError>| {
-                            c.fetch_add(1, Ordering::SeqCst);
-                            if let Err(e) = r {
-                                f.lock().unwrap().push(e.to_string());
-                            }
-                        };
-                        record(
-                            conn.call::<_, pb::NodeStatus>(
-                                methods::STATUS_GET,
-                                &pb::StatusRequest {},
-                            )
-                            .await
-                            .map(|_| ()),
-                        );
-                        record(
-                            conn.call::<_, pb::HealthCheckResponse>(
-                                methods::HEALTH_CHECK,
-                                &pb::HealthCheckRequest {},
-                            )
-                            .await
-                            .map(|_| ()),
-                        );
-                        record(
-                            conn.call::<_, pb::VmRecord>(
-                                methods::VM_GET,
-                                &pb::GetVmRequest {
-                                    vm_id: vm_id.clone(),
-                                },
-                            )
-                            .await
-                            .map(|_| ()),
-                        );
-                        let method = if round.is_multiple_of(2) {
-                            methods::VM_STOP
-                        } else {
-                            methods::VM_START
-                        };
-                        record(
-                            conn.call::<_, pb::VmRecord>(
-                                method,
-                                &pb::VmActionRequest {
-                                    request_id: tern_node::client::request_id(),
-                                    vm_id: vm_id.clone(),
-                                },
-                            )
-                            .await
-                            .map(|_| ()),
-                        );
-                    }
-                    round += 1;
-                }
-                for conn in conns {
-                    conn.close().await;
-                }
-            });
-        });
-        Traffic {
-            stop,
-            calls,
-            failures,
-            thread: Some(thread),
-        }
-    }
-
-    fn calls(&self) -> u64 {
-        self.calls.load(std::sync::atomic::Ordering::SeqCst)
-    }
-
-    /// Waits (bounded) until `n` more calls have completed.
-    fn wait_calls(&self, n: u64) {
-        let target = self.calls() + n;
-        converge("client traffic to advance", || {
-            (self.calls() >= target).then_some(())
-        });
-    }
-
-    fn finish(mut self) -> (u64, Vec<String>) {
-        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
-        if let Some(t) = self.thread.take() {
-            t.join().unwrap();
-        }
-        (self.calls(), self.failures.lock().unwrap().clone())
-    }
-}
-
-impl Drop for Traffic {
-    fn drop(&mut self) {
-        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
-    }
-}
-
-/// Starts three nodes with `sections[i]` (beyond data_dir and cluster)
-/// and waits until all three are voters. Returns the nodes and their
-/// node files.
-fn three_nodes(base: &Path, sections: [&str; 3]) -> (Vec<NodeProc>, Vec<Value>) {
-    // [cluster] first: a rollout stage rewrites the file from [transport] on.
-    let mut n1 = NodeProc::start(
-        base,
-        "n1",
-        &format!("{}{}", cluster_section(None), sections[0]),
-    );
+/// Starts three nodes with `configs[i]` (their data dir and cluster
+/// section set by [`NodeProc::start`]) and waits until all three are
+/// voters. Returns the nodes and their node files.
+fn three_nodes(base: &Path, configs: [Config; 3]) -> (Vec<NodeProc>, Vec<Value>) {
+    let [first, rest @ ..] = configs;
+    let mut n1 = NodeProc::start(base, "n1", first, None);
     let seed = n1.wait_up();
     let mut nodes = vec![n1];
     let mut files = vec![seed.clone()];
-    for (i, section) in sections.iter().enumerate().skip(1) {
-        let mut n = NodeProc::start(
-            base,
-            &format!("n{}", i + 1),
-            &format!("{}{section}", cluster_section(Some(&seed))),
-        );
+    for (i, config) in rest.into_iter().enumerate() {
+        let mut n = NodeProc::start(base, &format!("n{}", i + 2), config, Some(&seed));
         files.push(n.wait_up());
         nodes.push(n);
     }
@@ -658,9 +479,8 @@ fn iroh_client_calls(file: &Value) -> f64 {
         .enable_all()
         .build()
         .unwrap();
-    let text = rt.block_on(tern_node::demo::scrape(addr)).unwrap();
-    tern_node::demo::sum(
-        &text,
+    let text = rt.block_on(tern_process_kit::scrape(addr)).unwrap();
+    tern_process_kit::Metrics::parse(&text).sum(
         tern_protocol::metric_names::CALLS,
         &[("transport", "iroh"), ("side", "client")],
     )
@@ -669,8 +489,8 @@ fn iroh_client_calls(file: &Value) -> f64 {
 #[test]
 fn the_rollout_walks_to_iroh_and_back_with_no_failed_call() {
     let base = tempfile::tempdir().unwrap();
-    let grpc = format!("{LOOPBACK}[transport]\nmode = \"grpc\"\n");
-    let (mut nodes, files) = three_nodes(base.path(), [&grpc, &grpc, &grpc]);
+    let grpc = loopback(config::grpc());
+    let (mut nodes, files) = three_nodes(base.path(), [grpc.clone(), grpc.clone(), grpc]);
     let d1 = nodes[0].dir.display().to_string();
     let leader = cli_json(&["status", "--data-dir", &d1])["leader_id"]
         .as_u64()
@@ -694,30 +514,31 @@ fn the_rollout_walks_to_iroh_and_back_with_no_failed_call() {
     ]);
     let vm_id = vm["id"].as_str().unwrap().to_owned();
     let op = operator_key(base.path(), &d1);
-    let traffic = Traffic::start(files.clone(), vm_id.clone(), op);
-    traffic.wait_calls(20);
+    let traffic = start_traffic(&files, &vm_id, &op);
+    traffic.wait_calls_blocking(20).unwrap();
 
-    let stages: [(&str, &str); 5] = [
+    let stages: [(TransportConfig, &str); 5] = [
         (
-            "mode = \"dual\"\n[transport.migration]\nprefer_iroh = [\"health\", \"status\"]\n",
+            config::dual(&["health", "status"], RaftTransport::Grpc),
             "dual",
         ),
         (
-            "mode = \"dual\"\n[transport.migration]\nprefer_iroh = [\"health\", \"status\", \"monitoring\", \"vm_ops\"]\n",
+            config::dual(
+                &["health", "status", "monitoring", "vm_ops"],
+                RaftTransport::Grpc,
+            ),
             "dual",
         ),
         (
-            "mode = \"dual\"\n[transport.migration]\nprefer_iroh = [\"all_except_raft\"]\nraft_transport = \"adaptive\"\n",
+            config::dual(&["all_except_raft"], RaftTransport::Adaptive),
             "dual",
         ),
-        ("mode = \"iroh\"\n", "iroh"),
-        ("mode = \"grpc\"\n", "grpc"),
+        (config::iroh(), "iroh"),
+        (config::grpc(), "grpc"),
     ];
     for (section, mode) in stages {
         for n in &nodes {
-            let text = std::fs::read_to_string(&n.config).unwrap();
-            let head = text.split("[transport]").next().unwrap().to_owned();
-            std::fs::write(&n.config, format!("{head}[transport]\n{section}")).unwrap();
+            config::set_transport(&n.config, &section).unwrap();
             n.signal(rustix::process::Signal::HUP);
         }
         for n in &nodes {
@@ -727,13 +548,25 @@ fn the_rollout_walks_to_iroh_and_back_with_no_failed_call() {
                 (p["mode"] == mode).then_some(())
             });
         }
-        traffic.wait_calls(40);
+        traffic.wait_calls_blocking(40).unwrap();
         if mode == "iroh" {
             let over_iroh: f64 = files.iter().map(iroh_client_calls).sum();
             assert!(over_iroh > 0.0, "mode = \"iroh\" carries calls over iroh");
         }
     }
-    let (calls, failures) = traffic.finish();
+    let records = traffic.finish_blocking().unwrap();
+    let calls = records.len();
+    let failures: Vec<String> = tern_testkit::traffic::failures(&records)
+        .iter()
+        .map(|r| {
+            format!(
+                "{} on n{}: {}",
+                r.method,
+                r.node,
+                r.error.clone().unwrap_or_default()
+            )
+        })
+        .collect();
     assert!(calls > 0);
     assert!(
         failures.is_empty(),
@@ -750,12 +583,10 @@ fn the_rollout_walks_to_iroh_and_back_with_no_failed_call() {
 #[test]
 fn a_mixed_cluster_of_one_dual_and_two_grpc_only_nodes_forms_and_serves() {
     let base = tempfile::tempdir().unwrap();
-    let dual = format!(
-        "{LOOPBACK}[transport]\nmode = \"dual\"\n[transport.migration]\nprefer_iroh = [\"all_except_raft\"]\nraft_transport = \"iroh\"\n"
-    );
-    let grpc_only = LOOPBACK.replace("iroh = \"127.0.0.1:0\"", "iroh = \"off\"")
-        + "[transport]\nmode = \"grpc\"\n";
-    let (mut nodes, _files) = three_nodes(base.path(), [&dual, &grpc_only, &grpc_only]);
+    let dual = loopback(config::dual(&["all_except_raft"], RaftTransport::Iroh));
+    let mut grpc_only = loopback(config::grpc());
+    grpc_only.listen.iroh = Listen::Off;
+    let (mut nodes, _files) = three_nodes(base.path(), [dual, grpc_only.clone(), grpc_only]);
     let d1 = nodes[0].dir.display().to_string();
     let d2 = nodes[1].dir.display().to_string();
     let d3 = nodes[2].dir.display().to_string();
@@ -835,15 +666,8 @@ fn a_mixed_cluster_of_one_dual_and_two_grpc_only_nodes_forms_and_serves() {
 #[test]
 fn the_metadata_register_reads_your_write_on_every_node_over_both_transports() {
     let base = tempfile::tempdir().unwrap();
-    let dual = "[transport]\nmode = \"dual\"\n";
-    let (nodes, files) = three_nodes(
-        base.path(),
-        [
-            &format!("{LOOPBACK}{dual}"),
-            &format!("{LOOPBACK}{dual}"),
-            &format!("{LOOPBACK}{dual}"),
-        ],
-    );
+    let dual = loopback(config::mode(Mode::Dual));
+    let (nodes, files) = three_nodes(base.path(), [dual.clone(), dual.clone(), dual]);
     let d1 = nodes[0].dir.display().to_string();
     let leader = cli_json(&["status", "--data-dir", &d1])["leader_id"]
         .as_u64()
@@ -951,8 +775,8 @@ fn refused(args: &[&str], needs: &str) {
 #[test]
 fn access_is_denied_by_default_and_every_change_is_logged() {
     let base = tempfile::tempdir().unwrap();
-    let dual = format!("{LOOPBACK}[transport]\nmode = \"dual\"\n");
-    let (mut nodes, files) = three_nodes(base.path(), [&dual, &dual, &dual]);
+    let dual = loopback(config::mode(Mode::Dual));
+    let (mut nodes, files) = three_nodes(base.path(), [dual.clone(), dual.clone(), dual]);
     let d1 = nodes[0].dir.display().to_string();
     let d2 = nodes[1].dir.display().to_string();
     let n1 = format!(
@@ -1107,9 +931,8 @@ fn access_is_denied_by_default_and_every_change_is_logged() {
         .enable_all()
         .build()
         .unwrap();
-    let text = rt.block_on(tern_node::demo::scrape(addr)).unwrap();
-    let denied = tern_node::demo::sum(
-        &text,
+    let text = rt.block_on(tern_process_kit::scrape(addr)).unwrap();
+    let denied = tern_process_kit::Metrics::parse(&text).sum(
         tern_protocol::metric_names::ACCESS_DENIED,
         &[("service", "vm"), ("method", "Create")],
     );

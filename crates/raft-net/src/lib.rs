@@ -24,7 +24,7 @@
 //! - [`service`]: [`RaftService`], the Raft handler with its access rules
 //!   (members only, each message naming its sender, what Propose may
 //!   carry), and the [`Attached`] node it serves.
-//! - [`write`]: [`write::client_write`], the one checked write entry
+//! - [`write`](mod@write): [`write::client_write`], the one checked write entry
 //!   point, and the statuses its refusals map to.
 
 pub mod codec;

@@ -159,7 +159,7 @@ impl RaftService {
         }
     }
 
-    /// The handler of [`ServiceId::Raft`].
+    /// The handler of [`ServiceId::Raft`](tern_protocol::ServiceId::Raft).
     pub fn handler(&self) -> Arc<dyn Handler> {
         Arc::new(RaftHandler {
             shared: self.shared.clone(),
@@ -451,7 +451,7 @@ pub fn command_name(command: &Command) -> &'static str {
 }
 
 /// What a member may ask the leader to commit with `Raft/Propose` (the
-/// path a follower's writes take, see [`crate::propose`]):
+/// path a follower's writes take, see `propose` in `tern-cluster`):
 ///
 /// - [`Command::ReportVm`] naming the caller itself as the reporter (its
 ///   reconciler's observation of a VM placed on it; the state refuses a

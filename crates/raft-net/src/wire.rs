@@ -3,7 +3,7 @@
 //! The `.proto` schema carries Raft messages as opaque bytes: `Raft/Vote`
 //! and `Raft/AppendEntries` take and return a `RaftPayload { data }`, and
 //! `Raft/Snapshot` takes a `SnapshotChunk` and returns a `RaftPayload`. The
-//! bytes inside are the [`codec`](crate::codec)'s encoding of openraft's own
+//! bytes inside are the [`codec`]'s encoding of openraft's own
 //! types. The gRPC transport decodes and re-encodes the envelope, so every
 //! payload must be a valid protobuf message; iroh carries it unchanged.
 //!

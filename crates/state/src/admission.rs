@@ -5,7 +5,7 @@
 //! a short public id and a secret; the state keeps only a hash of the
 //! secret (computed by the leader, so this crate needs no hash function
 //! and `apply` stays pure), when it expires and how many uses are left.
-//! [`Command::AdmitNode`] spends one use and allocates the joiner's node id
+//! [`Command::AdmitNode`](crate::command::Command::AdmitNode) spends one use and allocates the joiner's node id
 //! in one step: a token past its expiry (by the proposer's clock, a value
 //! in the command), used up, revoked or with another hash admits nobody.
 //! Expired tokens are dropped when the next token command applies, so the

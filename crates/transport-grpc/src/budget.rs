@@ -2,10 +2,10 @@
 //! as its request bodies are read, and gives back when the call is done.
 //!
 //! The body of every authenticated Tern request is wrapped in a
-//! [`BudgetBody`]: each DATA frame takes its size from the peer's budget
+//! `BudgetBody`: each DATA frame takes its size from the peer's budget
 //! before it is handed on to the decoder; a frame that does not fit ends
 //! the request with `ResourceExhausted` (nothing more of it is read). The
-//! bytes stay taken until the handler has answered ([`HeldBytes`] travels
+//! bytes stay taken until the handler has answered (`HeldBytes` travels
 //! with the request and is dropped after dispatch), since the decoded
 //! message lives as long as the call.
 

@@ -12,7 +12,7 @@
 //!    finished; the task waits, bounded, for the peer's acknowledgement so a
 //!    drained shutdown loses no answer.
 //!
-//! A request for a streaming method is served by [`crate::stream::serve`]
+//! A request for a streaming method is served by `crate::stream::serve`
 //! on the same stream, under the same places and budgets.
 //!
 //! Oversize frames get a `ResourceExhausted` error frame and the request

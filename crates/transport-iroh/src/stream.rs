@@ -5,10 +5,10 @@
 //!   lane (holding a lane place for the stream's life), writes the
 //!   `Request` frame (first message; `deadline ms` = the idle bound) and
 //!   waits for the server's `Response` (accepted) or `Error` (refused).
-//!   Then [`CallerSink`] writes `StreamData`/`StreamEnd` and
-//!   [`CallerSource`] reads the answers.
-//! - **Server.** [`serve`] answers `Response`, runs the handler with a
-//!   [`ServerSource`] over the caller's frames and a [`ServerSink`] for its
+//!   Then `CallerSink` writes `StreamData`/`StreamEnd` and
+//!   `CallerSource` reads the answers.
+//! - **Server.** `serve` answers `Response`, runs the handler with a
+//!   `ServerSource` over the caller's frames and a `ServerSink` for its
 //!   answers, and ends the stream with `StreamEnd` or `Error`.
 //! - **Rules.** Every received frame passes [`StreamRules`]; a malformed
 //!   frame, a frame of another request, data after the end or an oversized

@@ -30,7 +30,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 
-use crate::cluster::{self, Cluster, ClusterSpec, Traffic, TrafficSpec};
+use tern_transport_dual::RaftTransport;
+
+use crate::cluster::{self, Cluster, ClusterSpec, TrafficSpec};
 use crate::netns::Cidr;
 use crate::scenarios::Ctx;
 use crate::scenarios::udp_blocked::create_vm;
@@ -45,7 +47,10 @@ pub async fn run(ctx: &mut Ctx) -> anyhow::Result<()> {
     ctx.report.step(
         "start 3 nodes (iroh bound to 0.0.0.0), dual: all_except_raft and Raft over iroh, fallback on",
     );
-    let mut spec = ClusterSpec::new(3, &cluster::dual_section(&["all_except_raft"], "iroh"));
+    let mut spec = ClusterSpec::new(
+        3,
+        &cluster::dual_section(&["all_except_raft"], RaftTransport::Iroh),
+    );
     spec.iroh_any = true;
     let report = &mut ctx.report;
     let mut c = Cluster::start(&ctx.lab, &ctx.opts.tern, spec, &mut |m| report.info(m)).await?;
@@ -79,8 +84,8 @@ pub async fn run(ctx: &mut Ctx) -> anyhow::Result<()> {
         "part A: the client's address changes under iroh and gRPC traffic to every node; watch {}s",
         observe.as_secs()
     ));
-    let a_iroh = Traffic::start(&c, spec("iroh", Some(vm.clone())))?;
-    let a_grpc = Traffic::start(&c, spec("grpc", None))?;
+    let a_iroh = c.traffic(spec("iroh", Some(vm.clone())))?;
+    let a_grpc = c.traffic(spec("grpc", None))?;
     a_iroh.wait_calls(40).await?;
     a_grpc.wait_calls(20).await?;
     let client_old = c.client_iface.addr;
@@ -149,9 +154,9 @@ pub async fn run(ctx: &mut Ctx) -> anyhow::Result<()> {
         "part B: client traffic: iroh and gRPC to n{moved} (to move), gRPC to the others"
     ));
     let before = c.snapshot().await;
-    let iroh = Traffic::start_to(&c, spec("iroh", Some(vm.clone())), &[moved])?;
-    let grpc = Traffic::start_to(&c, spec("grpc", None), &[moved])?;
-    let rest = Traffic::start_to(&c, spec("grpc", Some(vm.clone())), &others)?;
+    let iroh = c.traffic_to(spec("iroh", Some(vm.clone())), &[moved])?;
+    let grpc = c.traffic_to(spec("grpc", None), &[moved])?;
+    let rest = c.traffic_to(spec("grpc", Some(vm.clone())), &others)?;
     iroh.wait_calls(40).await?;
     grpc.wait_calls(20).await?;
 
@@ -279,7 +284,7 @@ pub async fn run(ctx: &mut Ctx) -> anyhow::Result<()> {
         recorded,
         format!("{want} (stopped cleanly: {clean})"),
     );
-    let again = Traffic::start_to(&c, spec("grpc", Some(vm.clone())), &[moved])?;
+    let again = c.traffic_to(spec("grpc", Some(vm.clone())), &[moved])?;
     again.wait_calls(20).await?;
     let again = again.finish().await?;
     let again_failed = cluster::failures(&again).len();

@@ -24,6 +24,8 @@ use anyhow::{Context, bail};
 use tern_cluster::{meta_get, meta_put};
 use tern_protocol::{PeerAddr, RpcClient};
 
+use tern_transport_dual::RaftTransport;
+
 use crate::cluster::{self, Cluster, ClusterSpec};
 use crate::report::{Latencies, ms};
 use crate::scenarios::Ctx;
@@ -228,7 +230,10 @@ pub async fn run(ctx: &mut Ctx) -> anyhow::Result<()> {
     let kills = if ctx.opts.quick { 3 } else { 12 };
     ctx.report
         .step("start a 3-node dual cluster (all_except_raft, Raft over iroh)");
-    let spec = ClusterSpec::new(3, &cluster::dual_section(&["all_except_raft"], "iroh"));
+    let spec = ClusterSpec::new(
+        3,
+        &cluster::dual_section(&["all_except_raft"], RaftTransport::Iroh),
+    );
     let report = &mut ctx.report;
     let mut c = Cluster::start(&ctx.lab, &ctx.opts.tern, spec, &mut |m| report.info(m)).await?;
 

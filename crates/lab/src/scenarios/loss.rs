@@ -23,7 +23,9 @@ use std::time::Duration;
 
 use tern_protocol::metric_names as names;
 
-use crate::cluster::{self, CallRecord, Cluster, ClusterSpec, Metrics, Traffic, TrafficSpec};
+use tern_transport_dual::RaftTransport;
+
+use crate::cluster::{self, CallRecord, Cluster, ClusterSpec, Metrics, TrafficSpec};
 use crate::report::Latencies;
 use crate::scenarios::Ctx;
 use crate::scenarios::udp_blocked::create_vm;
@@ -86,7 +88,10 @@ pub async fn run(ctx: &mut Ctx) -> anyhow::Result<()> {
     ctx.report.step(
         "start 3 nodes in dual mode: prefer iroh for all_except_raft, Raft over gRPC, fallback on",
     );
-    let spec = ClusterSpec::new(3, &cluster::dual_section(&["all_except_raft"], "grpc"));
+    let spec = ClusterSpec::new(
+        3,
+        &cluster::dual_section(&["all_except_raft"], RaftTransport::Grpc),
+    );
     let report = &mut ctx.report;
     let mut c = Cluster::start(&ctx.lab, &ctx.opts.tern, spec, &mut |m| report.info(m)).await?;
     let leader = c.leader().await?;
@@ -99,8 +104,8 @@ pub async fn run(ctx: &mut Ctx) -> anyhow::Result<()> {
         vm_id: Some(vm.clone()),
         pause: Duration::from_millis(10),
     };
-    let grpc = Traffic::start(&c, mk("grpc"))?;
-    let iroh = Traffic::start(&c, mk("iroh"))?;
+    let grpc = c.traffic(mk("grpc"))?;
+    let iroh = c.traffic(mk("iroh"))?;
     let mut namespaces = vec![(c.client.clone(), c.client_iface.clone())];
     for i in c.indices() {
         let n = c.node(i)?;
@@ -122,14 +127,18 @@ pub async fn run(ctx: &mut Ctx) -> anyhow::Result<()> {
                 .as_u64()
                 .unwrap_or(0);
         }
-        for raft in ["grpc", "iroh"] {
+        for (raft, raft_transport) in [("grpc", RaftTransport::Grpc), ("iroh", RaftTransport::Iroh)]
+        {
             ctx.report.step(format!(
                 "{}Raft over {raft}: measure for {}s",
                 if loss { "under loss, " } else { "no loss, " },
                 each.as_secs()
             ));
             for i in c.indices() {
-                c.set_transport(i, &cluster::dual_section(&["all_except_raft"], raft))?;
+                c.set_transport(
+                    i,
+                    &cluster::dual_section(&["all_except_raft"], raft_transport),
+                )?;
             }
             for i in c.indices() {
                 c.wait_policy(i, |p| p["raft_transport"] == raft).await?;

@@ -46,6 +46,10 @@ use tern_protocol::catalog::ServiceId;
 use tern_protocol::frame::Limits;
 use tern_protocol::{Frame, FrameKind, Header, Priority};
 
+use tern_node::config::{Config, Listen, ListenConfig, SeedConfig};
+use tern_process_kit::Metrics;
+use tern_testkit::{TernProcess, config};
+
 use crate::netns::{Cidr, Lab, Netns};
 use crate::relay;
 use crate::scenarios::Ctx;
@@ -303,39 +307,41 @@ fn topology(lab: &Lab) -> anyhow::Result<(Netns, Vec<Site>)> {
     Ok((public, sites))
 }
 
-/// A node's config file text.
+/// A node's config: iroh only on the site's address, `/metrics` on the
+/// namespace's loopback, the lab's private relay, the process runtime,
+/// the lab's keys as admins (the CLI's status below needs a role), and
+/// `seed` (an id and an iroh address) to join through.
 fn node_config(
     dir: &Path,
     ip: Ipv4Addr,
     relay: &relay::RelayHandle,
     seed: Option<(&str, SocketAddr)>,
-) -> String {
-    let mut text = format!(
-        "data_dir = \"{data}\"\n\n[listen]\ngrpc = \"off\"\niroh = \"{ip}:{IROH_PORT}\"\nmetrics = \"{METRICS}\"\n\n\
-         [iroh]\nrelay_url = \"{url}\"\nrelay_ca_cert = \"{ca}\"\n\n[cluster]\njoin_token = \"{JOIN_TOKEN}\"\n",
-        data = dir.join("data").display(),
-        url = relay.url,
-        ca = relay.ca_file.display(),
-    );
+) -> anyhow::Result<Config> {
+    let listen = ListenConfig {
+        grpc: Listen::Off,
+        iroh: Listen::On(SocketAddr::new(IpAddr::V4(ip), IROH_PORT)),
+        metrics: Listen::On(METRICS.parse().context("the lab's metrics address")?),
+    };
+    let mut c = config::node(&dir.join("data"), listen, JOIN_TOKEN);
+    c.iroh.relay_url = Some(relay.url.clone());
+    c.iroh.relay_ca_cert = Some(relay.ca_file.clone());
+    c.access.admins = crate::keys::admin_ids();
+    c.transport = config::iroh();
     if let Some((id, addr)) = seed {
-        text.push_str(&format!(
-            "join = [{{ id = \"{id}\", iroh = [\"{addr}\"] }}]\n"
-        ));
+        c.cluster.join = vec![SeedConfig {
+            id: id.to_owned(),
+            grpc: None,
+            iroh: vec![addr],
+        }];
     }
-    text.push_str(
-        "\n[vm]\nruntimes = [\"process\"]\nruntime = \"process\"\n\n[transport]\nmode = \"iroh\"\n",
-    );
-    // The lab's keys are admins (the CLI's status below needs a role).
-    text.push('\n');
-    text.push_str(&crate::keys::access_section());
-    text
+    Ok(c)
 }
 
 /// A `tern run` node started in a site.
 struct TernNode {
     name: String,
     dir: PathBuf,
-    proc: crate::netns::Proc,
+    proc: TernProcess,
     ns: Netns,
 }
 
@@ -349,18 +355,13 @@ fn start_node(
 ) -> anyhow::Result<TernNode> {
     let dir = lab.dir().join(name);
     std::fs::create_dir_all(&dir)?;
-    let config = dir.join("node.toml");
-    std::fs::write(&config, node_config(&dir, site.ip, relay, seed))?;
-    let tern = tern.display().to_string();
-    let config_arg = config.display().to_string();
+    let config_file = dir.join("node.toml");
+    config::write(&config_file, &node_config(&dir, site.ip, relay, seed)?)?;
     // TERN_LAB_NODE_LOG: the nodes' RUST_LOG, to debug traversal.
     let log = std::env::var("TERN_LAB_NODE_LOG").unwrap_or_else(|_| "info".to_owned());
-    let proc = lab.spawn_env(
-        &site.host,
-        &[&tern, "run", "--config", &config_arg],
-        &[("RUST_LOG", &log)],
-        &dir.join("node.log"),
-    )?;
+    let mut cmd = TernProcess::command(tern, &config_file);
+    cmd.env("RUST_LOG", &log);
+    let proc = lab.spawn_tern(&site.host, cmd, &dir.join("data"), &dir.join("node.log"))?;
     Ok(TernNode {
         name: name.to_owned(),
         dir,
@@ -374,27 +375,10 @@ async fn node_file(
     node: &mut TernNode,
     bound: Duration,
 ) -> anyhow::Result<tern_node::node::NodeFile> {
-    let deadline = Instant::now() + bound;
-    loop {
-        if let Ok(f) = tern_node::node::NodeFile::read(&node.dir.join("data")) {
-            return Ok(f);
-        }
-        if let Some(status) = node.proc.try_wait() {
-            bail!(
-                "tern node {} exited ({status}) before it was ready:\n{}",
-                node.name,
-                node.proc.log_tail(30)
-            );
-        }
-        if Instant::now() > deadline {
-            bail!(
-                "tern node {} did not write node.json within {bound:?}:\n{}",
-                node.name,
-                node.proc.log_tail(30)
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    node.proc
+        .wait_node_file(bound)
+        .await
+        .with_context(|| format!("tern node {}", node.name))
 }
 
 /// `tern status --json` of `node`, asked over iroh from inside its
@@ -436,17 +420,10 @@ fn status(tern: &Path, node: &TernNode) -> anyhow::Result<serde_json::Value> {
 /// Scrapes the node's `/metrics` for its iroh connection paths (direct,
 /// relayed).
 async fn node_paths(node: &TernNode) -> anyhow::Result<(f64, f64)> {
+    let addr: SocketAddr = METRICS.parse().context("the lab's metrics address")?;
     let text = node
         .ns
-        .run_task(|| async {
-            use tokio::io::{AsyncReadExt, AsyncWriteExt};
-            let mut s = tokio::net::TcpStream::connect(METRICS).await?;
-            s.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
-                .await?;
-            let mut buf = String::new();
-            s.read_to_string(&mut buf).await?;
-            Ok(buf)
-        })
+        .run_task(move || async move { Ok(tern_process_kit::scrape(addr).await?) })
         .await?;
     Ok(parse_paths(&text))
 }
@@ -455,24 +432,9 @@ async fn node_paths(node: &TernNode) -> anyhow::Result<(f64, f64)> {
 /// in Prometheus text.
 pub fn parse_paths(text: &str) -> (f64, f64) {
     let name = tern_protocol::metric_names::CONNECTION_PATHS;
-    let mut direct = 0.0;
-    let mut relayed = 0.0;
-    for line in text.lines().filter(|l| l.starts_with(name)) {
-        if !line.contains("transport=\"iroh\"") {
-            continue;
-        }
-        let value: f64 = line
-            .rsplit(' ')
-            .next()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0.0);
-        if line.contains("path=\"direct\"") {
-            direct += value;
-        } else if line.contains("path=\"relayed\"") {
-            relayed += value;
-        }
-    }
-    (direct, relayed)
+    let m = Metrics::parse(text);
+    let paths = |path| m.sum(name, &[("transport", "iroh"), ("path", path)]);
+    (paths("direct"), paths("relayed"))
 }
 
 /// One attempt: a fresh endpoint dials `target` with Tern's ALPN, pings

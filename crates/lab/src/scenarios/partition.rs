@@ -29,6 +29,8 @@ use anyhow::{Context, bail};
 use tern_protocol::PeerAddr;
 use tern_protocol::metric_names as names;
 
+use tern_transport_dual::RaftTransport;
+
 use crate::cluster::{self, Cluster, ClusterSpec};
 use crate::history::{self, History, Op, Outcome, Verdict};
 use crate::netns::{Dir, peer_block_rule};
@@ -142,7 +144,7 @@ pub async fn run(ctx: &mut Ctx) -> anyhow::Result<()> {
     ));
     let spec = ClusterSpec::new(
         plan.nodes,
-        &cluster::dual_section(&["all_except_raft"], "iroh"),
+        &cluster::dual_section(&["all_except_raft"], RaftTransport::Iroh),
     );
     let report = &mut ctx.report;
     let mut c = Cluster::start(&ctx.lab, &ctx.opts.tern, spec, &mut |m| report.info(m)).await?;

@@ -55,6 +55,9 @@ use tern_protocol::{Dispatcher, Method, PeerAddr, RpcClient, pb};
 use tern_transport_grpc::{ClientConfig, GrpcClient};
 use tern_transport_iroh::{IrohConfig, IrohTransport};
 
+use tern_testkit::config;
+use tern_transport_dual::{RaftTransport, TransportConfig};
+
 use crate::cluster::{self, Cluster, ClusterSpec, Metrics};
 use crate::criteria::{self, Figures};
 use crate::report::{Latencies, ms};
@@ -82,15 +85,20 @@ pub enum Policy {
 
 impl Policy {
     /// The `[transport]` section.
-    pub fn section(self) -> String {
+    pub fn section(self) -> TransportConfig {
         match self {
-            Policy::Grpc => "[transport]\nmode = \"grpc\"\n".to_owned(),
-            Policy::HealthStatus => cluster::dual_section(&["health", "status"], "grpc"),
-            Policy::PlusMonitoringVm => {
-                cluster::dual_section(&["health", "status", "monitoring", "vm_ops"], "grpc")
+            Policy::Grpc => config::grpc(),
+            Policy::HealthStatus => {
+                cluster::dual_section(&["health", "status"], RaftTransport::Grpc)
             }
-            Policy::AllExceptRaft => cluster::dual_section(&["all_except_raft"], "adaptive"),
-            Policy::Iroh => "[transport]\nmode = \"iroh\"\n".to_owned(),
+            Policy::PlusMonitoringVm => cluster::dual_section(
+                &["health", "status", "monitoring", "vm_ops"],
+                RaftTransport::Grpc,
+            ),
+            Policy::AllExceptRaft => {
+                cluster::dual_section(&["all_except_raft"], RaftTransport::Adaptive)
+            }
+            Policy::Iroh => config::iroh(),
         }
     }
 
@@ -730,11 +738,7 @@ mod tests {
         assert!(Policy::Iroh.iroh_for("raft"));
         for w in WAVES {
             let s = w.policy.section();
-            assert!(s.starts_with("[transport]\n"), "{s}");
-            assert!(
-                s.contains(&format!("mode = \"{}\"", w.policy.mode())),
-                "{s}"
-            );
+            assert_eq!(s.mode.as_str(), w.policy.mode(), "{s:?}");
         }
     }
 }

@@ -6,7 +6,9 @@
 
 use std::time::Duration;
 
-use crate::cluster::{self, Cluster, ClusterSpec, Traffic, TrafficSpec};
+use tern_transport_dual::RaftTransport;
+
+use crate::cluster::{self, Cluster, ClusterSpec, TrafficSpec};
 use crate::scenarios::Ctx;
 
 /// Runs the scenario.
@@ -14,7 +16,10 @@ pub async fn run(ctx: &mut Ctx) -> anyhow::Result<()> {
     let calls = if ctx.opts.quick { 20 } else { 100 };
     ctx.report
         .step("start a 3-node dual cluster (all_except_raft, Raft over iroh)");
-    let spec = ClusterSpec::new(3, &cluster::dual_section(&["all_except_raft"], "iroh"));
+    let spec = ClusterSpec::new(
+        3,
+        &cluster::dual_section(&["all_except_raft"], RaftTransport::Iroh),
+    );
     let report = &mut ctx.report;
     let mut c = Cluster::start(&ctx.lab, &ctx.opts.tern, spec, &mut |m| report.info(m)).await?;
     let leader = c.leader().await?;
@@ -24,14 +29,11 @@ pub async fn run(ctx: &mut Ctx) -> anyhow::Result<()> {
         ctx.report.step(format!(
             "{calls} client calls over {transport} to every node"
         ));
-        let t = Traffic::start(
-            &c,
-            TrafficSpec {
-                transport: transport.into(),
-                vm_id: None,
-                pause: Duration::ZERO,
-            },
-        )?;
+        let t = c.traffic(TrafficSpec {
+            transport: transport.into(),
+            vm_id: None,
+            pause: Duration::ZERO,
+        })?;
         t.wait_calls(calls).await?;
         let records = t.finish().await?;
         let failed = cluster::failures(&records);

@@ -21,7 +21,9 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use tern_protocol::metric_names as names;
 
-use crate::cluster::{self, Cluster, ClusterSpec, Traffic, TrafficSpec};
+use tern_transport_dual::RaftTransport;
+
+use crate::cluster::{self, Cluster, ClusterSpec, TrafficSpec};
 use crate::scenarios::Ctx;
 
 /// Iroh client calls (node to node) summed over the cluster.
@@ -72,7 +74,10 @@ pub async fn run(ctx: &mut Ctx) -> anyhow::Result<()> {
     ctx.report.step(
         "start 3 nodes in dual mode: prefer iroh for all_except_raft, Raft over iroh, fallback on",
     );
-    let spec = ClusterSpec::new(3, &cluster::dual_section(&["all_except_raft"], "iroh"));
+    let spec = ClusterSpec::new(
+        3,
+        &cluster::dual_section(&["all_except_raft"], RaftTransport::Iroh),
+    );
     let report = &mut ctx.report;
     let mut c = Cluster::start(&ctx.lab, &ctx.opts.tern, spec, &mut |m| report.info(m)).await?;
     let leader = c.leader().await?;
@@ -81,14 +86,11 @@ pub async fn run(ctx: &mut Ctx) -> anyhow::Result<()> {
     ctx.report
         .step("create a VM on the leader; start client traffic (gRPC to every node)");
     let vm = create_vm(&c, 1, leader, "udp-blocked").await?;
-    let traffic = Traffic::start(
-        &c,
-        TrafficSpec {
-            transport: "grpc".into(),
-            vm_id: Some(vm),
-            pause: Duration::from_millis(20),
-        },
-    )?;
+    let traffic = c.traffic(TrafficSpec {
+        transport: "grpc".into(),
+        vm_id: Some(vm),
+        pause: Duration::from_millis(20),
+    })?;
     traffic.wait_calls(warm).await?;
     let iroh_before = iroh_calls(&c).await;
     ctx.report.check(

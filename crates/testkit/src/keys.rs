@@ -31,13 +31,19 @@ pub fn client_key() -> [u8; 32] {
     pool[1 + NEXT.fetch_add(1, Ordering::Relaxed) % (pool.len() - 1)]
 }
 
+/// The ids of every pool key, for a config's `access.admins`: the first
+/// node grants them admin when it creates the cluster.
+pub fn admin_ids() -> Vec<String> {
+    pool()
+        .iter()
+        .map(|k| tern_transport_grpc::tls::peer_id_of_secret(k).to_string())
+        .collect()
+}
+
 /// The `[access]` section that makes every pool key an admin of a cluster
 /// the node creates.
 pub fn access_section() -> String {
-    let ids: Vec<String> = pool()
-        .iter()
-        .map(|k| format!("\"{}\"", tern_transport_grpc::tls::peer_id_of_secret(k)))
-        .collect();
+    let ids: Vec<String> = admin_ids().iter().map(|id| format!("\"{id}\"")).collect();
     format!("[access]\nadmins = [{}]\n", ids.join(", "))
 }
 

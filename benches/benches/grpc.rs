@@ -15,7 +15,9 @@
 //! proofs, no handler, no pool), so the transport's own overhead is a ratio
 //! measured in the same run. `grpc/unary` also prints p50/p99 of both.
 //!
-//! Real servers on 127.0.0.1, the conformance suite's test service.
+//! Real servers on 127.0.0.1, the conformance suite's test service; the
+//! raw baseline is `tern_benches::raw`, the same one `tern-bench transport`
+//! measures between two processes.
 
 #![allow(clippy::unwrap_used)] // reason: bench set-up; a failure aborts the bench.
 #![allow(missing_docs)] // reason: criterion_group! generates undocumented public items.
@@ -29,11 +31,11 @@ use bytes::Bytes;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use futures::future::join_all;
 use prost::Message;
+use tern_benches::raw;
 use tern_protocol::catalog::methods;
 use tern_protocol::{Call, PeerAddr, Priority, RpcClient, pb};
 use tern_transport_conformance::service::TestService;
 use tern_transport_grpc::services::raft_client::RaftClient;
-use tern_transport_grpc::services::raft_server::{Raft, RaftServer};
 use tern_transport_grpc::{GrpcClient, GrpcTransport, ServerConfig};
 use tonic::transport::Channel;
 
@@ -49,81 +51,15 @@ const BULK_PARALLEL: usize = 4;
 const TIMEOUT: Duration = Duration::from_secs(60);
 /// Calls timed one by one for the p50/p99 printout.
 const PERCENTILE_SAMPLE: usize = 2000;
-/// Largest message the raw baseline server accepts (a bulk chunk and its
-/// framing).
-const RAW_MAX: usize = 2 * BULK_CHUNK;
-
-/// The raw baseline: tonic's generated Raft service, answering directly.
-struct RawRaft;
-
-#[tonic::async_trait]
-impl Raft for RawRaft {
-    async fn vote(
-        &self,
-        _request: tonic::Request<pb::RaftPayload>,
-    ) -> Result<tonic::Response<pb::RaftPayload>, tonic::Status> {
-        Ok(tonic::Response::new(pb::RaftPayload::default()))
-    }
-
-    async fn append_entries(
-        &self,
-        request: tonic::Request<pb::RaftPayload>,
-    ) -> Result<tonic::Response<pb::RaftPayload>, tonic::Status> {
-        Ok(tonic::Response::new(request.into_inner()))
-    }
-
-    async fn snapshot(
-        &self,
-        request: tonic::Request<pb::SnapshotChunk>,
-    ) -> Result<tonic::Response<pb::RaftPayload>, tonic::Status> {
-        let len = request.into_inner().data.len() as u64;
-        Ok(tonic::Response::new(pb::RaftPayload {
-            data: Bytes::copy_from_slice(&len.to_le_bytes()),
-        }))
-    }
-
-    async fn propose(
-        &self,
-        request: tonic::Request<pb::RaftPayload>,
-    ) -> Result<tonic::Response<pb::RaftPayload>, tonic::Status> {
-        Ok(tonic::Response::new(request.into_inner()))
-    }
-
-    type AppendStreamStream = tonic::Streaming<pb::RaftPayload>;
-
-    /// Echoes every message of the stream back, in order.
-    async fn append_stream(
-        &self,
-        request: tonic::Request<tonic::Streaming<pb::RaftPayload>>,
-    ) -> Result<tonic::Response<Self::AppendStreamStream>, tonic::Status> {
-        Ok(tonic::Response::new(request.into_inner()))
-    }
-}
-
-/// Starts a bare tonic server with [`RawRaft`], over the transport's TLS,
-/// and returns a client to it.
+/// Starts the raw baseline server (`tern_benches::raw`: tonic's generated
+/// Raft service answering directly, over the transport's TLS) and returns
+/// a client to it.
 async fn raw_baseline() -> RaftClient<Channel> {
-    let listener = tokio::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0)))
-        .await
-        .unwrap();
-    let addr = listener.local_addr().unwrap();
-    let server = tern_transport_grpc::tls::TlsIdentity::new(&[0x51; 32]).unwrap();
-    let incoming = tern_transport_grpc::baseline::incoming(listener, &server).unwrap();
-    let service = RaftServer::new(RawRaft)
-        .max_decoding_message_size(RAW_MAX)
-        .max_encoding_message_size(RAW_MAX);
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(service)
-            .serve_with_incoming(incoming),
-    );
-    let client = tern_transport_grpc::tls::TlsIdentity::new(&[0x52; 32]).unwrap();
-    let channel = tern_transport_grpc::baseline::channel(addr, &client, server.id())
-        .await
-        .unwrap();
+    let (url, id) = raw::raw_grpc_server([0x51; 32]).await.unwrap();
+    let channel = raw::raw_grpc_channel(&url, id).await.unwrap();
     RaftClient::new(channel)
-        .max_decoding_message_size(RAW_MAX)
-        .max_encoding_message_size(RAW_MAX)
+        .max_decoding_message_size(raw::RAW_MAX)
+        .max_encoding_message_size(raw::RAW_MAX)
 }
 
 fn percentiles(mut samples: Vec<Duration>) -> (Duration, Duration) {

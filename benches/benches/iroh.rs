@@ -20,7 +20,9 @@
 //! - `iroh/control_during_bulk/vote`: a control-lane call while bulk chunks
 //!   stream on the same connection (the latency the lanes protect).
 //!
-//! Real endpoints on 127.0.0.1, the conformance suite's test service.
+//! Real endpoints on 127.0.0.1, the conformance suite's test service; the
+//! raw baseline is `tern_benches::raw`, the same one `tern-bench transport`
+//! measures between two processes.
 
 #![allow(clippy::unwrap_used)] // reason: bench set-up; a failure aborts the bench.
 #![allow(missing_docs)] // reason: criterion_group! generates undocumented public items.
@@ -32,10 +34,11 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use futures::future::join_all;
-use iroh::endpoint::{Connection, presets};
-use iroh::protocol::{AcceptError, ProtocolHandler, Router};
-use iroh::{Endpoint, EndpointAddr, RelayMode};
+use iroh::endpoint::Connection;
+use iroh::protocol::Router;
+use iroh::{Endpoint, EndpointAddr};
 use prost::Message;
+use tern_benches::raw::{self, RAW_ALPN, RawEcho};
 use tern_protocol::catalog::methods;
 use tern_protocol::{Call, PeerAddr, Priority, RpcClient, pb};
 use tern_transport_conformance::service::TestService;
@@ -53,55 +56,15 @@ const BULK_PARALLEL: usize = 4;
 const TIMEOUT: Duration = Duration::from_secs(60);
 /// Calls in the p50/p99 sample of the unary bench.
 const PERCENTILE_SAMPLE: usize = 2000;
-/// ALPN of the raw baseline.
-const RAW_ALPN: &[u8] = b"tern/bench-raw/0";
-/// Largest message the raw echo reads.
-const RAW_MAX: usize = 2 * BULK_CHUNK;
-/// Messages up to this size are echoed; larger ones are answered with their
-/// length (8 bytes), like `Raft/Snapshot` answers a chunk.
-const RAW_ECHO_MAX: usize = 4096;
-
-/// The raw baseline: read the stream to its end, answer, finish.
-#[derive(Debug, Clone)]
-struct RawEcho;
-
-impl ProtocolHandler for RawEcho {
-    async fn accept(&self, conn: Connection) -> Result<(), AcceptError> {
-        while let Ok((mut send, mut recv)) = conn.accept_bi().await {
-            tokio::spawn(async move {
-                let Ok(data) = recv.read_to_end(RAW_MAX).await else {
-                    return;
-                };
-                let answer = if data.len() <= RAW_ECHO_MAX {
-                    Bytes::from(data)
-                } else {
-                    Bytes::copy_from_slice(&(data.len() as u64).to_le_bytes())
-                };
-                let _ = send.write_chunk(answer).await;
-                let _ = send.finish();
-                let _ = send.stopped().await;
-            });
-        }
-        Ok(())
-    }
-}
-
+/// A bare iroh endpoint, random identity (the one raw-baseline module's).
 async fn raw_endpoint() -> Endpoint {
-    Endpoint::builder(presets::Minimal)
-        .relay_mode(RelayMode::Disabled)
-        .clear_ip_transports()
-        .bind_addr("127.0.0.1:0")
-        .unwrap()
-        .bind()
-        .await
-        .unwrap()
+    raw::raw_endpoint(None).await.unwrap()
 }
 
+/// One raw call: a bi-stream, the request written and finished, the
+/// answer read to its end.
 async fn raw_call(conn: &Connection, data: Bytes) -> Vec<u8> {
-    let (mut send, mut recv) = conn.open_bi().await.unwrap();
-    send.write_chunk(data).await.unwrap();
-    send.finish().unwrap();
-    recv.read_to_end(RAW_MAX).await.unwrap()
+    raw::raw_iroh_call(conn, data).await.unwrap()
 }
 
 struct Setup {

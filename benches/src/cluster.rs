@@ -1,6 +1,6 @@
-//! `tern-lab bench-cluster`: the cluster rows of `cargo xtask bench`'s
+//! `tern-bench cluster`: the cluster rows of `cargo xtask bench`'s
 //! report, measured on 3-node clusters of real `tern` processes on
-//! loopback ([`crate::local`]), once per transport mode:
+//! loopback ([`tern_testkit::local`]), once per transport mode:
 //!
 //! - `grpc`: `mode = "grpc"`;
 //! - `iroh`: `mode = "iroh"`;
@@ -13,7 +13,7 @@
 //!   counts in between for the curve in full mode). A commit is one
 //!   acknowledged metadata-register put (`Cluster/MetaPut`, a Raft write
 //!   of its own, applied on the leader before it is answered), sent to
-//!   the leader by the lab's in-process gRPC client. Put latency
+//!   the leader by the bench's in-process gRPC client. Put latency
 //!   percentiles with one writer come with it.
 //! - **Leader failover**: SIGKILL of the leader, then the time until a
 //!   client's put is acknowledged by the new leader. Probes start right
@@ -29,17 +29,19 @@
 //! measured is `null` with a note, never made up; the program then exits
 //! non-zero.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use serde_json::{Value, json};
+use tern_bench_part::{Better, Curve, Distribution, Part, Row, Series, Values, build_profile};
 use tern_cluster::{MetaError, meta_put};
 use tern_protocol::{PeerAddr, RpcClient};
 
-use crate::local::LocalCluster;
+use tern_testkit::config;
+use tern_testkit::local::LocalCluster;
+use tern_transport_dual::{RaftTransport, TransportConfig};
 
 /// The producer's name in the report.
 pub const SOURCE: &str = "cluster";
@@ -99,14 +101,13 @@ impl BenchOpts {
 }
 
 /// The transport modes measured, as (column, `[transport]` section).
-pub fn modes() -> Vec<(&'static str, String)> {
+pub fn modes() -> Vec<(&'static str, TransportConfig)> {
     vec![
-        ("grpc", "[transport]\nmode = \"grpc\"\n".to_owned()),
-        ("iroh", "[transport]\nmode = \"iroh\"\n".to_owned()),
+        ("grpc", config::grpc()),
+        ("iroh", config::iroh()),
         (
             "dual",
-            "[transport]\nmode = \"dual\"\n[transport.migration]\nprefer_iroh = [\"all_except_raft\"]\nraft_transport = \"iroh\"\nfallback_to_grpc = true\n"
-                .to_owned(),
+            config::dual(&["all_except_raft"], RaftTransport::Iroh),
         ),
     ]
 }
@@ -291,7 +292,7 @@ async fn failover(c: &mut LocalCluster, tag: &str) -> anyhow::Result<Duration> {
 async fn measure_mode(
     opts: &BenchOpts,
     mode: &str,
-    section: &str,
+    section: &TransportConfig,
     p: &mut Progress,
 ) -> anyhow::Result<ModeResult> {
     let mut result = ModeResult::default();
@@ -379,8 +380,7 @@ pub async fn run(opts: &BenchOpts) -> anyhow::Result<()> {
         results.push((*mode, r));
     }
     p.line(&format!("write {}", opts.out.display()));
-    let part = part(opts, &results);
-    write_part(&opts.out, &part)?;
+    part(opts, &results).write(&opts.out)?;
     let notes: Vec<&String> = results.iter().flat_map(|(_, r)| &r.notes).collect();
     if !notes.is_empty() {
         bail!(
@@ -395,26 +395,13 @@ pub async fn run(opts: &BenchOpts) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn write_part(out: &Path, part: &Value) -> anyhow::Result<()> {
-    if let Some(parent) = out.parent()
-        && !parent.as_os_str().is_empty()
-    {
-        std::fs::create_dir_all(parent)
-            .with_context(|| format!("creating {}", parent.display()))?;
-    }
-    let text = serde_json::to_string_pretty(part)?;
-    std::fs::write(out, text).with_context(|| format!("writing {}", out.display()))
-}
+/// The report section of every row.
+const SECTION: &str = "Raft on 3 tern processes";
 
-/// The part file's JSON (see the format in `xtask/src/bench`).
-fn part(opts: &BenchOpts, results: &[(&str, ModeResult)]) -> Value {
-    let section = "Raft on 3 tern processes";
-    let per_mode = |f: &dyn Fn(&ModeResult) -> Option<f64>| -> Value {
-        let mut m = serde_json::Map::new();
-        for (mode, r) in results {
-            m.insert((*mode).to_owned(), f(r).map_or(Value::Null, |v| json!(v)));
-        }
-        Value::Object(m)
+/// The part file (format: the `tern-bench-part` crate).
+fn part(opts: &BenchOpts, results: &[(&str, ModeResult)]) -> Part {
+    let per_mode = |f: &dyn Fn(&ModeResult) -> Option<f64>| -> Values {
+        Values::from_columns(results.iter().map(|(mode, r)| (*mode, f(r))))
     };
     let rate = |writers: usize| {
         move |r: &ModeResult| {
@@ -447,27 +434,32 @@ fn part(opts: &BenchOpts, results: &[(&str, ModeResult)]) -> Value {
     let row = |id: &str,
                name: &str,
                unit: &str,
-               better: &str,
-               values: Value,
-               pct: Value,
-               note: String| {
-        json!({"id": id, "section": section, "name": name, "unit": unit, "better": better,
-               "values": values, "percentile": pct, "note": note})
+               better: Better,
+               values: Values,
+               percentile: Option<f64>,
+               note: String| Row {
+        id: id.to_owned(),
+        section: SECTION.to_owned(),
+        name: name.to_owned(),
+        unit: unit.to_owned(),
+        better,
+        values,
+        percentile,
+        note,
+        source: String::new(),
     };
-    let with_seed = |mut values: Value, seed: f64| {
-        if let Some(m) = values.as_object_mut() {
-            m.insert("seed".to_owned(), json!(seed));
-        }
-        values
+    let with_seed = |values: Values, seed: f64| Values {
+        seed: Some(seed),
+        ..values
     };
     let rows = vec![
         row(
             "raft_commit_1_writer_3proc",
             "Raft commits/s, 1 writer",
             "commits/s",
-            "higher",
+            Better::Higher,
             with_seed(per_mode(&rate(1)), SEED_COMMITS_1_WRITER),
-            Value::Null,
+            None,
             format!(
                 "register puts to the leader for {run}s, client over gRPC, sled flushes; seed: openraft's bench, no network, no disk{missing}"
             ),
@@ -476,9 +468,9 @@ fn part(opts: &BenchOpts, results: &[(&str, ModeResult)]) -> Value {
             "raft_commit_64_writers_3proc",
             "Raft commits/s, 64 writers",
             "commits/s",
-            "higher",
+            Better::Higher,
             with_seed(per_mode(&rate(64)), SEED_COMMITS_64_WRITERS),
-            Value::Null,
+            None,
             format!(
                 "64 concurrent writers for {run}s, client over gRPC, sled flushes; seed: openraft's bench, no network, no disk{missing}"
             ),
@@ -487,27 +479,27 @@ fn part(opts: &BenchOpts, results: &[(&str, ModeResult)]) -> Value {
             "raft_commit_latency_p50_3proc",
             "Raft commit latency, 1 writer, p50",
             "ns",
-            "lower",
+            Better::Lower,
             per_mode(&lat(50.0)),
-            json!(50),
+            Some(50.0),
             "put sent to the leader until acknowledged (committed and applied)".to_owned(),
         ),
         row(
             "raft_commit_latency_p99_3proc",
             "Raft commit latency, 1 writer, p99",
             "ns",
-            "lower",
+            Better::Lower,
             per_mode(&lat(99.0)),
-            json!(99),
+            Some(99.0),
             "put sent to the leader until acknowledged (committed and applied)".to_owned(),
         ),
         row(
             "raft_failover_p50_3proc",
             "leader failover after SIGKILL, p50",
             "s",
-            "lower",
+            Better::Lower,
             per_mode(&fo(50.0)),
-            json!(50),
+            Some(50.0),
             format!(
                 "kill to the first put acknowledged by the new leader; {repeats} repeats; probes every {} ms{missing}",
                 PROBE_EVERY.as_millis()
@@ -517,54 +509,51 @@ fn part(opts: &BenchOpts, results: &[(&str, ModeResult)]) -> Value {
             "raft_failover_p99_3proc",
             "leader failover after SIGKILL, p99",
             "s",
-            "lower",
+            Better::Lower,
             per_mode(&fo(99.0)),
-            json!(99),
+            Some(99.0),
             format!(
                 "kill to the first put acknowledged by the new leader; {repeats} repeats (p99 of {repeats} is their maximum){missing}"
             ),
         ),
     ];
-    let series = |f: &dyn Fn(&ModeResult) -> Vec<[f64; 2]>| -> Value {
-        let mut m = serde_json::Map::new();
-        for (mode, r) in results {
-            let points = f(r);
-            if !points.is_empty() {
-                m.insert((*mode).to_owned(), json!(points));
-            }
-        }
-        Value::Object(m)
+    let series = |f: &dyn Fn(&ModeResult) -> Vec<(f64, f64)>| -> Series {
+        results
+            .iter()
+            .map(|(mode, r)| ((*mode).to_owned(), f(r)))
+            .filter(|(_, points)| !points.is_empty())
+            .collect()
     };
-    json!({
-        "source": SOURCE,
-        "profile": if cfg!(debug_assertions) { "dev" } else { "release" },
-        "quick": opts.quick,
-        "rows": rows,
-        "distributions": [
-            {
-                "id": "raft_commit_latency_3proc",
-                "title": "Raft commit latency, 1 writer, 3 tern processes",
-                "unit": "ns",
-                "series": series(&|r| distribution(&sorted_secs(&r.latency_1w))
-                    .into_iter().map(|[q, v]| [q, v * 1e9]).collect()),
+    let pairs = |points: Vec<[f64; 2]>, scale: f64| -> Vec<(f64, f64)> {
+        points.into_iter().map(|[q, v]| (q, v * scale)).collect()
+    };
+    Part {
+        source: SOURCE.to_owned(),
+        profile: build_profile().to_owned(),
+        quick: opts.quick,
+        rows,
+        distributions: vec![
+            Distribution {
+                id: "raft_commit_latency_3proc".to_owned(),
+                title: "Raft commit latency, 1 writer, 3 tern processes".to_owned(),
+                unit: "ns".to_owned(),
+                series: series(&|r| pairs(distribution(&sorted_secs(&r.latency_1w)), 1e9)),
             },
-            {
-                "id": "raft_failover_3proc",
-                "title": "Leader failover after SIGKILL, 3 tern processes",
-                "unit": "s",
-                "series": series(&|r| distribution(&sorted_secs(&r.failovers))),
-            }
+            Distribution {
+                id: "raft_failover_3proc".to_owned(),
+                title: "Leader failover after SIGKILL, 3 tern processes".to_owned(),
+                unit: "s".to_owned(),
+                series: series(&|r| pairs(distribution(&sorted_secs(&r.failovers)), 1.0)),
+            },
         ],
-        "curves": [
-            {
-                "id": "raft_commits_vs_writers_3proc",
-                "title": "Raft commits/s vs concurrent writers, 3 tern processes",
-                "x": "concurrent writers",
-                "y": "commits/s",
-                "series": series(&|r| r.throughput.iter().map(|(w, v)| [*w as f64, *v]).collect()),
-            }
-        ],
-    })
+        curves: vec![Curve {
+            id: "raft_commits_vs_writers_3proc".to_owned(),
+            title: "Raft commits/s vs concurrent writers, 3 tern processes".to_owned(),
+            x: "concurrent writers".to_owned(),
+            y: "commits/s".to_owned(),
+            series: series(&|r| r.throughput.iter().map(|(w, v)| (*w as f64, *v)).collect()),
+        }],
+    }
 }
 
 #[cfg(test)]
@@ -603,20 +592,22 @@ mod tests {
             ..ModeResult::default()
         };
         let part = part(&opts, &[("grpc", ok), ("iroh", failed)]);
-        assert_eq!(part["source"], SOURCE);
-        let rows = part["rows"].as_array().unwrap();
-        let commits = rows
-            .iter()
-            .find(|r| r["id"] == "raft_commit_64_writers_3proc")
-            .unwrap();
-        assert_eq!(commits["values"]["grpc"], 900.0);
-        assert!(commits["values"]["iroh"].is_null());
-        assert!(commits["note"].as_str().unwrap().contains("did not start"));
-        let fo = rows
-            .iter()
-            .find(|r| r["id"] == "raft_failover_p99_3proc")
-            .unwrap();
-        assert_eq!(fo["values"]["grpc"], 0.7);
-        assert_eq!(fo["percentile"], 99);
+        assert_eq!(part.source, SOURCE);
+        let row = |id: &str| part.rows.iter().find(|r| r.id == id).unwrap();
+        let commits = row("raft_commit_64_writers_3proc");
+        assert_eq!(commits.values.grpc, Some(900.0));
+        assert_eq!(commits.values.iroh, None);
+        assert_eq!(commits.values.seed, Some(SEED_COMMITS_64_WRITERS));
+        assert!(commits.note.contains("did not start"));
+        let fo = row("raft_failover_p99_3proc");
+        assert_eq!(fo.values.grpc, Some(0.7));
+        assert_eq!(fo.percentile, Some(99.0));
+        // What xtask reads back is what was written.
+        let text = serde_json::to_string(&part).unwrap();
+        assert_eq!(Part::parse(&text).unwrap().rows.len(), 6);
+        assert_eq!(
+            part.curves[0].series["grpc"],
+            vec![(1.0, 100.0), (64.0, 900.0)]
+        );
     }
 }

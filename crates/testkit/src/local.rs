@@ -1,5 +1,5 @@
 //! A cluster of real `tern run` processes on loopback, without namespaces
-//! or root: what `tern-lab bench-cluster` measures on.
+//! or root: what the cluster bench (`tern-bench cluster`) measures on.
 //!
 //! Each node listens on its own loopback address (`127.X.Y.N`, `X.Y` from
 //! the lab's process id so that two runs do not collide) with fixed ports,
@@ -10,14 +10,18 @@
 
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use tern_node::node::{NODE_INFO_FILE, NodeFile};
+use tern_node::config::Config;
+use tern_node::node::NodeFile;
+use tern_process_kit::TernProcess;
 use tern_protocol::catalog::methods;
 use tern_protocol::{PeerAddr, RpcClient, pb};
+use tern_transport_dual::TransportConfig;
+
+use crate::config;
 
 /// gRPC port of every node (each on its own loopback address).
 pub const GRPC_PORT: u16 = 7500;
@@ -48,7 +52,7 @@ pub struct LocalNode {
     /// Its log file (stdout and stderr).
     pub log: PathBuf,
     /// The running process, if any.
-    pub child: Option<tokio::process::Child>,
+    pub child: Option<TernProcess>,
     /// Its node file, once it started.
     pub file: Option<NodeFile>,
 }
@@ -82,14 +86,14 @@ pub struct LocalCluster {
     /// The lab's client (throw-away key, gRPC).
     pub client: Arc<dyn RpcClient>,
     tern: PathBuf,
-    transport: String,
+    transport: TransportConfig,
 }
 
 impl std::fmt::Debug for LocalCluster {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("LocalCluster")
             .field("nodes", &self.nodes.len())
-            .field("transport", &self.transport)
+            .field("transport", &self.transport.mode)
             .finish_non_exhaustive()
     }
 }
@@ -106,15 +110,27 @@ fn loopback_base() -> (u8, u8) {
     (((pid >> 8) % 200 + 20) as u8, (pid % 250) as u8)
 }
 
-/// One node's config text: the lab's one generator with this module's
-/// ports and token.
-fn config_text(dir: &Path, ip: Ipv4Addr, seed: Option<&NodeFile>, transport: &str) -> String {
-    let ports = crate::cluster::Ports {
+/// One node's config: the kit's harness node on `ip` with this module's
+/// ports and token, the pool's keys as admins, `transport`, and `seed` to
+/// join through.
+fn node_config(
+    dir: &Path,
+    ip: Ipv4Addr,
+    seed: Option<&NodeFile>,
+    transport: &TransportConfig,
+) -> Config {
+    let ports = config::Ports {
         grpc: GRPC_PORT,
         iroh: IROH_PORT,
         metrics: METRICS_PORT,
     };
-    crate::cluster::config_text(dir, ip, ports, JOIN_TOKEN, seed, transport)
+    let mut c = config::node(dir, config::listen_on(ip, ports), JOIN_TOKEN);
+    c.access.admins = crate::keys::admin_ids();
+    c.transport = transport.clone();
+    if let Some(seed) = seed {
+        config::join(&mut c, seed);
+    }
+    c
 }
 
 impl LocalCluster {
@@ -125,7 +141,7 @@ impl LocalCluster {
         tern: &Path,
         dir: &Path,
         size: usize,
-        transport: &str,
+        transport: &TransportConfig,
     ) -> anyhow::Result<LocalCluster> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let client: Arc<dyn RpcClient> = Arc::new(tern_transport_grpc::GrpcClient::new(
@@ -136,7 +152,7 @@ impl LocalCluster {
             nodes: Vec::new(),
             client,
             tern: tern.to_owned(),
-            transport: transport.to_owned(),
+            transport: transport.clone(),
         };
         for i in 0..size {
             let ip = Ipv4Addr::new(127, x, y, u8::try_from(i + 1).unwrap_or(u8::MAX));
@@ -149,11 +165,10 @@ impl LocalCluster {
                 .first()
                 .and_then(|n: &LocalNode| n.file.clone());
             let config = dir.join(format!("{name}.toml"));
-            std::fs::write(
+            config::write(
                 &config,
-                config_text(&node_dir, ip, seed.as_ref(), &cluster.transport),
-            )
-            .with_context(|| format!("writing {}", config.display()))?;
+                &node_config(&node_dir, ip, seed.as_ref(), &cluster.transport),
+            )?;
             cluster.nodes.push(LocalNode {
                 index: i,
                 ip,
@@ -176,51 +191,17 @@ impl LocalCluster {
             .nodes
             .get_mut(i)
             .with_context(|| format!("no node {}", i + 1))?;
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&node.log)
-            .with_context(|| format!("opening {}", node.log.display()))?;
-        let child = tokio::process::Command::new(&self.tern)
-            .arg("run")
-            .arg("--config")
-            .arg(&node.config)
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .kill_on_drop(true)
-            .spawn()
-            .with_context(|| format!("starting {}", self.tern.display()))?;
-        let pid = child.id().unwrap_or(0);
-        node.child = Some(child);
-        let deadline = Instant::now() + START_BOUND;
-        loop {
-            if let Ok(text) = std::fs::read_to_string(node.dir.join(NODE_INFO_FILE))
-                && let Ok(file) = serde_json::from_str::<NodeFile>(&text)
-                && file.pid == pid
-            {
-                node.file = Some(file);
-                return Ok(());
-            }
-            if let Some(child) = node.child.as_mut()
-                && let Some(status) = child.try_wait()?
-            {
-                bail!(
-                    "node {} exited while starting ({status}); its log ends:\n{}",
-                    i + 1,
-                    node.log_tail(20)
-                );
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "node {} did not start within {START_BOUND:?}; its log ends:\n{}",
-                    i + 1,
-                    node.log_tail(20)
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        let mut cmd = TernProcess::command(&self.tern, &node.config);
+        cmd.env("RUST_LOG", "warn");
+        let child = node
+            .child
+            .insert(TernProcess::spawn(cmd, &node.dir, &node.log)?);
+        let file = child
+            .wait_node_file::<NodeFile>(START_BOUND)
+            .await
+            .with_context(|| format!("node {}", i + 1))?;
+        node.file = Some(file);
+        Ok(())
     }
 
     /// SIGKILLs node `i` (no handover, no flush beyond what Raft already
@@ -231,8 +212,7 @@ impl LocalCluster {
             .get_mut(i)
             .with_context(|| format!("no node {}", i + 1))?;
         if let Some(mut child) = node.child.take() {
-            child.start_kill().context("SIGKILL")?;
-            let _ = child.wait().await;
+            child.kill();
         }
         Ok(())
     }
@@ -341,21 +321,17 @@ mod tests {
             pid: 1,
         };
         let ip = Ipv4Addr::new(127, 9, 9, 2);
-        let text = config_text(
-            Path::new("/d/n2"),
-            ip,
-            Some(&seed),
-            "[transport]\nmode = \"iroh\"\n",
-        );
+        let text = node_config(Path::new("/d/n2"), ip, Some(&seed), &config::iroh())
+            .to_toml()
+            .unwrap();
         assert!(text.contains("grpc = \"127.9.9.2:7500\""), "{text}");
         assert!(text.contains("iroh = \"127.9.9.2:7501\""), "{text}");
-        assert!(
-            text.contains("grpc = \"https://127.9.9.1:7500\", iroh = [\"127.9.9.1:7501\"]"),
-            "{text}"
-        );
-        assert!(text.ends_with("[transport]\nmode = \"iroh\"\n"), "{text}");
-        let first = config_text(Path::new("/d/n1"), ip, None, "");
-        assert!(!first.contains("join ="), "{first}");
+        let checked = Config::parse(&text).unwrap();
+        assert_eq!(checked.seeds[0].1.grpc, seed.grpc);
+        assert_eq!(checked.config.cluster.join[0].iroh, seed.iroh.unwrap());
+        assert!(checked.policy.uses_iroh());
+        let first = node_config(Path::new("/d/n1"), ip, None, &config::grpc());
+        assert!(first.cluster.join.is_empty());
         let (x, y) = loopback_base();
         assert!(x >= 20 && u16::from(y) < 250);
     }
