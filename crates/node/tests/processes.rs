@@ -48,11 +48,23 @@ impl NodeProc {
     /// Starts node `name` under `base` with `config` (its data dir and
     /// `[cluster]` section set here: the test token, joining through
     /// `seed` when given).
-    fn start(base: &Path, name: &str, mut config: Config, seed: Option<&Value>) -> NodeProc {
+    fn start(base: &Path, name: &str, config: Config, seed: Option<&Value>) -> NodeProc {
+        Self::start_with_token(base, name, config, seed, Some(JOIN_TOKEN))
+    }
+
+    /// As [`NodeProc::start`], presenting `token` to join (`None`: no
+    /// `join_token` at all).
+    fn start_with_token(
+        base: &Path,
+        name: &str,
+        mut config: Config,
+        seed: Option<&Value>,
+        token: Option<&str>,
+    ) -> NodeProc {
         let dir = base.join(name);
         let path = base.join(format!("{name}.toml"));
         config.data_dir = dir.clone();
-        config.cluster.join_token = Some(JOIN_TOKEN.to_owned());
+        config.cluster.join_token = token.map(str::to_owned);
         if let Some(seed) = seed {
             let seed: NodeFile = serde_json::from_value(seed.clone()).unwrap();
             config::join(&mut config, &seed);
@@ -942,4 +954,91 @@ fn access_is_denied_by_default_and_every_change_is_logged() {
         let status = n.stop();
         assert!(status.success(), "clean exit: {status}\n{}", n.log());
     }
+}
+
+/// Waits (bounded) until `node` exits; answers its exit status.
+fn exit_of(node: &mut NodeProc) -> std::process::ExitStatus {
+    let deadline = Instant::now() + START_BOUND;
+    loop {
+        if let Some(status) = node.proc.try_wait() {
+            return status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the node still runs:\n{}",
+            node.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Join tokens with real processes: the first node has no static token;
+/// an admin (its own key) creates a one-use token with the CLI; a node
+/// joins with it; a second node presenting it again, and a third with an
+/// expired token, are refused: each exits with code 2 saying why, and
+/// the cluster keeps its two members. The audit log shows the token and
+/// the admission.
+#[test]
+fn join_tokens_admit_once_and_expire() {
+    let base = tempfile::tempdir().unwrap();
+    let grpc = || loopback(config::grpc());
+    let mut n1 = NodeProc::start_with_token(base.path(), "n1", grpc(), None, None);
+    let seed = n1.wait_up();
+    let d1 = n1.dir.display().to_string();
+    let created = cli_json(&[
+        "cluster",
+        "token",
+        "create",
+        "--ttl",
+        "10m",
+        "--uses",
+        "1",
+        "--data-dir",
+        &d1,
+    ]);
+    let token = created["token"].as_str().unwrap().to_owned();
+    assert_eq!(created["info"]["uses_left"], 1, "{created}");
+
+    let mut n2 = NodeProc::start_with_token(base.path(), "n2", grpc(), Some(&seed), Some(&token));
+    n2.wait_up();
+
+    let mut n3 = NodeProc::start_with_token(base.path(), "n3", grpc(), Some(&seed), Some(&token));
+    let status = exit_of(&mut n3);
+    assert_eq!(status.code(), Some(2), "{}", n3.log());
+    assert!(n3.log().contains("used up"), "{}", n3.log());
+
+    let short = cli_json(&[
+        "cluster",
+        "token",
+        "create",
+        "--ttl",
+        "1s",
+        "--data-dir",
+        &d1,
+    ]);
+    std::thread::sleep(Duration::from_millis(1_500));
+    let expired = short["token"].as_str().unwrap().to_owned();
+    let mut n4 = NodeProc::start_with_token(base.path(), "n4", grpc(), Some(&seed), Some(&expired));
+    let status = exit_of(&mut n4);
+    assert_eq!(status.code(), Some(2), "{}", n4.log());
+    assert!(n4.log().contains("expired"), "{}", n4.log());
+
+    let members = cli_json(&["cluster", "members", "--data-dir", &d1]);
+    assert_eq!(members["members"].as_array().unwrap().len(), 2, "{members}");
+    let log = cli_json(&["access", "log", "--data-dir", &d1]);
+    let actions: Vec<&str> = log
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["action"].as_str())
+        .collect();
+    for want in ["token-create", "admit", "add-learner"] {
+        assert!(actions.contains(&want), "{want} missing: {actions:?}");
+    }
+    // A token list shows no secret.
+    let list = cli_json(&["cluster", "token", "list", "--data-dir", &d1]);
+    assert!(
+        !list.to_string().contains(token.split('.').nth(1).unwrap()),
+        "{list}"
+    );
 }
