@@ -142,6 +142,50 @@ async fn tokens_and_learners<F: TransportFactory>(factory: F) {
         .unwrap_err();
     denied_with(err, &["not valid for this cluster"]);
 
+    // Malformed admission calls are refused, naming the field.
+    let refused = |method, payload: Vec<u8>, code: Code, field: &'static str| {
+        let admin = admin.client();
+        let leader = leader.clone();
+        async move {
+            let err = call(admin.as_ref(), &leader, method, payload.into())
+                .await
+                .unwrap_err();
+            assert_eq!(err.code(), Some(code), "{err}");
+            assert!(err.to_string().contains(field), "{field} missing: {err}");
+        }
+    };
+    let create = |request_id: &str, ttl_secs, uses| {
+        pb::TokenCreateRequest {
+            request_id: request_id.into(),
+            ttl_secs,
+            uses,
+        }
+        .encode_to_vec()
+    };
+    let tc = methods::CLUSTER_TOKEN_CREATE;
+    refused(tc, create("a", 0, 1), Code::InvalidArgument, "ttl_secs").await;
+    refused(
+        tc,
+        create("b", 8 * 86_400, 1),
+        Code::InvalidArgument,
+        "ttl_secs",
+    )
+    .await;
+    refused(tc, create("c", 60, 10_001), Code::InvalidArgument, "uses").await;
+    refused(tc, create("", 60, 1), Code::InvalidArgument, "request_id").await;
+    let revoke = |id: &str| {
+        pb::TokenRevokeRequest {
+            request_id: format!("rv-{id}"),
+            id: id.into(),
+        }
+        .encode_to_vec()
+    };
+    let tr = methods::CLUSTER_TOKEN_REVOKE;
+    refused(tr, revoke("not-hex!"), Code::InvalidArgument, "id").await;
+    refused(tr, revoke("0badcafe"), Code::NotFound, "0badcafe").await;
+    let promote = pb::PromoteRequest { node_id: 999 }.encode_to_vec();
+    refused(methods::CLUSTER_PROMOTE, promote, Code::NotFound, "999").await;
+
     // A token for one node: the first join works, a reuse is refused.
     let token = create_token(admin.client().as_ref(), &leader, 600, 1)
         .await

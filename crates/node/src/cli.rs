@@ -955,6 +955,28 @@ mod tests {
     use super::*;
 
     #[test]
+    fn token_lifetimes_parse_with_a_unit_and_nothing_else() {
+        assert_eq!(parse_ttl("90s").unwrap(), 90);
+        assert_eq!(parse_ttl("30m").unwrap(), 1800);
+        assert_eq!(parse_ttl("1h").unwrap(), 3600);
+        assert_eq!(parse_ttl("2d").unwrap(), 172_800);
+        for bad in [
+            "",
+            "1",
+            "h",
+            "0h",
+            "1w",
+            "-1h",
+            "1.5h",
+            "99999999999999999999d",
+        ] {
+            let e = parse_ttl(bad).unwrap_err();
+            assert!(matches!(e, CliError::Argument(_)), "{bad:?}: {e:?}");
+            assert!(e.to_string().contains("--ttl"), "{e}");
+        }
+    }
+
+    #[test]
     fn transport_set_rewrites_only_the_policy_and_checks_it() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("node.toml");

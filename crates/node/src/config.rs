@@ -712,10 +712,16 @@ impl Config {
                 ),
             ));
         }
-        if self.cluster.max_node_vcpus == 0 || self.cluster.max_node_memory_mib == 0 {
+        if self.cluster.max_node_vcpus == 0 {
             return Err(err(
                 "cluster.max_node_vcpus",
-                "max_node_vcpus and max_node_memory_mib must be above 0",
+                "must be above 0 (the most vCPUs a joining node may declare)",
+            ));
+        }
+        if self.cluster.max_node_memory_mib == 0 {
+            return Err(err(
+                "cluster.max_node_memory_mib",
+                "must be above 0 (the most memory a joining node may declare)",
             ));
         }
         if !self.cluster.join.is_empty() && self.cluster.join_token.is_none() {
@@ -887,6 +893,21 @@ mod tests {
 
     fn error_of(text: &str) -> String {
         Config::parse(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn admission_keys_out_of_range_are_refused_by_name() {
+        let e = error_of("[cluster]\nmax_voters = 0\n");
+        assert!(e.contains("cluster.max_voters"), "{e}");
+        let e = error_of("[cluster]\nmax_voters = 10\n");
+        assert!(
+            e.contains("cluster.max_voters") && e.contains("1 to 9"),
+            "{e}"
+        );
+        let e = error_of("[cluster]\nmax_node_vcpus = 0\n");
+        assert!(e.contains("cluster.max_node_vcpus"), "{e}");
+        let e = error_of("[cluster]\nmax_node_memory_mib = 0\n");
+        assert!(e.contains("cluster.max_node_memory_mib"), "{e}");
     }
 
     #[test]
