@@ -13,10 +13,11 @@ use std::time::{Duration, Instant};
 
 use support::net::{Kind, Node};
 use support::raft::SingleNode;
-use support::{KillOnDrop, wait_for};
+use support::wait_for;
 use tern_protocol::catalog::methods;
 use tern_protocol::rpc::call_typed;
 use tern_protocol::{CallError, Code, Dispatcher, PeerAddr, ServiceId, pb};
+use tern_runtime::pidfile::KillOnDrop;
 use tern_runtime::{ProcessRuntime, Runtime, RuntimeKind, pidfile};
 use tern_services::consensus::Consensus;
 use tern_services::health::HealthService;

@@ -140,6 +140,33 @@ pub fn live_workloads(runtime_dir: &Path) -> Vec<(String, ProcessIdentity)> {
     found
 }
 
+/// Kills, on drop, every live workload recorded under a runtime state
+/// directory, so that a test or tool leaves no process behind, whether it
+/// ends well or panics. (A runtime itself leaves its workloads running when
+/// dropped, as a node crash would.)
+#[derive(Debug)]
+pub struct KillOnDrop {
+    dir: PathBuf,
+}
+
+impl KillOnDrop {
+    /// Guards the workloads recorded under `dir`.
+    pub fn new(dir: &Path) -> KillOnDrop {
+        KillOnDrop {
+            dir: dir.to_owned(),
+        }
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        for (vm_id, identity) in live_workloads(&self.dir) {
+            tracing::warn!(vm = %vm_id, pid = identity.pid, "killing a leftover workload");
+            let _ = identity.signal_group(Signal::KILL);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

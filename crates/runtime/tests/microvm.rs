@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 
 use rustix::process::Signal;
 use support::microvm_assets::{self, BOOT_MARKER, POWER_OFF_MARKER};
-use support::{KillOnDrop, wait_for};
+use support::wait_for;
+use tern_runtime::pidfile::KillOnDrop;
 use tern_runtime::pidfile::ProcessIdentity;
 use tern_runtime::{
     ExitStatus, MicrovmRuntime, RunState, Runtime, RuntimeError, Started, VmSpec, pidfile,

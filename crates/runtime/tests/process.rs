@@ -10,7 +10,8 @@ mod support;
 use std::path::Path;
 use std::time::Duration;
 
-use support::{KillOnDrop, wait_for};
+use support::wait_for;
+use tern_runtime::pidfile::KillOnDrop;
 use tern_runtime::pidfile::{self, ProcessIdentity};
 use tern_runtime::{
     ExitStatus, ProcessRuntime, Recovered, RestartPolicy, RunState, Runtime, RuntimeError,

@@ -10,9 +10,9 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use support::KillOnDrop;
 use support::consensus::Shared;
 use tern_protocol::{PeerAddr, PeerId};
+use tern_runtime::pidfile::KillOnDrop;
 use tern_runtime::{ProcessRuntime, RunState, Runtime, pidfile};
 use tern_services::consensus::Consensus;
 use tern_services::reconciler::{Reconciler, ReconcilerConfig};

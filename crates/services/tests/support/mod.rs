@@ -8,37 +8,7 @@ pub(crate) mod consensus;
 pub(crate) mod net;
 
 use std::future::Future;
-use std::path::{Path, PathBuf};
 use std::time::Duration;
-
-use tern_runtime::pidfile;
-
-/// Kills, on drop, every live workload recorded under a runtime state dir,
-/// so no test leaves a process behind, whether it passes or panics.
-pub(crate) struct KillOnDrop {
-    dir: PathBuf,
-}
-
-impl KillOnDrop {
-    /// Guards the workloads recorded under `dir`.
-    pub(crate) fn new(dir: &Path) -> Self {
-        KillOnDrop {
-            dir: dir.to_owned(),
-        }
-    }
-}
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        for (vm_id, identity) in pidfile::live_workloads(&self.dir) {
-            eprintln!(
-                "test guard: killing leftover workload {vm_id} (pid {})",
-                identity.pid
-            );
-            let _ = identity.signal_group(rustix::process::Signal::KILL);
-        }
-    }
-}
 
 /// Polls `check` every 20 ms until it returns `Some`, failing the test with
 /// `what` after `bound`.
