@@ -38,6 +38,7 @@ use openraft::raft::ClientWriteResponse;
 use openraft::{ChangeMembers, ServerState};
 use prost::Message;
 use tern_protocol::catalog::methods;
+use tern_protocol::forward::not_leader;
 use tern_protocol::{Code, Method, PeerAddr, PeerId, RequestContext, Status, pb};
 use tern_raft_net::service::{not_a_member, raft_stopped};
 use tern_raft_net::{Attached, RaftInstance};
@@ -141,11 +142,12 @@ pub(crate) fn ensure_leader(node: &Attached) -> Result<(), Status> {
                 .get_node(&leader)
                 .map(|m| m.peer_id().short())
                 .unwrap_or_default();
-            failed_precondition(format!(
-                "not the leader; node {leader} ({who}) is: call it (Cluster/Members gives its address)"
-            ))
+            not_leader(
+                Some(leader),
+                &format!(" ({who}; Cluster/Members gives its address)"),
+            )
         }
-        None => Status::unavailable("no leader is known right now; retry shortly"),
+        None => not_leader(None, ""),
     })
 }
 

@@ -61,13 +61,16 @@ pub async fn client_write(
 /// naming the leader on a follower, `Unavailable` when Raft stopped.
 pub fn write_error(e: RaftError<TypeConfig, ClientWriteError<TypeConfig>>) -> Status {
     match e {
-        RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => Status::new(
-            Code::FailedPrecondition,
-            format!(
-                "not the leader (leader: {:?}); retry at the leader",
-                f.leader_id
+        // Said as every follower says it (`forward::not_leader`); with no
+        // leader known it stays `FailedPrecondition`: the write was refused
+        // here, not lost.
+        RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => match f.leader_id {
+            Some(_) => tern_protocol::forward::not_leader(f.leader_id, ""),
+            None => Status::new(
+                Code::FailedPrecondition,
+                "this node is not the Raft leader and no leader is known; retry shortly",
             ),
-        ),
+        },
         RaftError::APIError(e) => Status::new(Code::FailedPrecondition, e.to_string()),
         RaftError::Fatal(e) => raft_stopped(e),
     }
