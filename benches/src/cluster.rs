@@ -34,6 +34,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::etcd::{self, EtcdCluster};
 use anyhow::{Context, bail};
 use tern_bench_part::{Better, Curve, Distribution, Part, Row, Series, Values, build_profile};
 use tern_cluster::{MetaError, meta_put};
@@ -92,7 +93,7 @@ impl BenchOpts {
         if self.quick {
             vec![1, 64]
         } else {
-            vec![1, 4, 16, 64]
+            vec![1, 16, 64, 256]
         }
     }
     fn failover_repeats(&self) -> usize {
@@ -170,51 +171,41 @@ pub fn distribution(sorted: &[f64]) -> Vec<[f64; 2]> {
     .collect()
 }
 
-/// Runs `writers` concurrent writers against the leader for `run`;
-/// returns commits/s and every put's latency.
-async fn throughput(
-    client: Arc<dyn RpcClient>,
-    leader: PeerAddr,
-    tag: &str,
+/// Runs `writers` concurrent writers for `run`, each calling
+/// `put(writer, i)` for its `i`th put; returns commits/s and every put's
+/// latency. The same loop drives Tern and etcd.
+async fn throughput<F, Fut>(
+    put: F,
     writers: usize,
     run: Duration,
-) -> anyhow::Result<(f64, Vec<Duration>)> {
+) -> anyhow::Result<(f64, Vec<Duration>)>
+where
+    F: Fn(usize, u64) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = Result<(), String>> + Send,
+{
     let failed = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
     let last_error = Arc::new(std::sync::Mutex::new(String::new()));
     let start = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
-    let value = "v".repeat(VALUE_LEN);
     for w in 0..writers {
-        let (client, leader, failed, stop, last_error, value) = (
-            client.clone(),
-            leader.clone(),
+        let (put, failed, stop, last_error) = (
+            put.clone(),
             failed.clone(),
             stop.clone(),
             last_error.clone(),
-            value.clone(),
         );
-        let tag = tag.to_owned();
         tasks.spawn(async move {
             let mut lat = Vec::new();
             let mut i = 0u64;
             while start.elapsed() < run && !stop.load(Ordering::Relaxed) {
                 i += 1;
                 let t = Instant::now();
-                let r = meta_put(
-                    client.as_ref(),
-                    &leader,
-                    &format!("{tag}-{w}-{i}"),
-                    &format!("bench/{w}"),
-                    &value,
-                    PUT_TIMEOUT,
-                )
-                .await;
-                match r {
-                    Ok(_) => lat.push(t.elapsed()),
+                match put(w, i).await {
+                    Ok(()) => lat.push(t.elapsed()),
                     Err(e) => {
                         if let Ok(mut l) = last_error.lock() {
-                            *l = e.to_string();
+                            *l = e;
                         }
                         if failed.fetch_add(1, Ordering::Relaxed) + 1 > MAX_FAILED_PUTS {
                             stop.store(true, Ordering::Relaxed);
@@ -236,6 +227,54 @@ async fn throughput(
         bail!("{failed} puts failed with {writers} writers (last: {last})");
     }
     Ok((all.len() as f64 / elapsed, all))
+}
+
+/// [`throughput`] of register puts to a Tern leader.
+async fn tern_throughput(
+    client: Arc<dyn RpcClient>,
+    leader: PeerAddr,
+    tag: &str,
+    writers: usize,
+    run: Duration,
+) -> anyhow::Result<(f64, Vec<Duration>)> {
+    let value = Arc::new("v".repeat(VALUE_LEN));
+    let tag = Arc::new(tag.to_owned());
+    let put = move |w: usize, i: u64| {
+        let (client, leader, value, tag) =
+            (client.clone(), leader.clone(), value.clone(), tag.clone());
+        async move {
+            meta_put(
+                client.as_ref(),
+                &leader,
+                &format!("{tag}-{w}-{i}"),
+                &format!("bench/{w}"),
+                &value,
+                PUT_TIMEOUT,
+            )
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+        }
+    };
+    throughput(put, writers, run).await
+}
+
+/// [`throughput`] of puts to an etcd leader.
+async fn etcd_throughput(
+    channel: tonic::transport::Channel,
+    writers: usize,
+    run: Duration,
+) -> anyhow::Result<(f64, Vec<Duration>)> {
+    let value = Arc::new("v".repeat(VALUE_LEN));
+    let put = move |w: usize, _i: u64| {
+        let (channel, value) = (channel.clone(), value.clone());
+        async move {
+            etcd::put(&channel, &format!("bench/{w}"), &value, PUT_TIMEOUT)
+                .await
+                .map(|_| ())
+        }
+    };
+    throughput(put, writers, run).await
 }
 
 /// Kills the leader and measures the time until a put is acknowledged by
@@ -289,6 +328,96 @@ async fn failover(c: &mut LocalCluster, tag: &str) -> anyhow::Result<Duration> {
     Ok(took)
 }
 
+/// The etcd baseline's failover: SIGKILL of the leader, then the time
+/// until a put to a survivor is acknowledged (only a new leader can
+/// commit it); probes as in [`failover`]. Restarts the killed member and
+/// waits for a leader before returning.
+async fn etcd_failover(c: &mut EtcdCluster) -> anyhow::Result<Duration> {
+    let leader = c.wait_leader().await?;
+    let survivors: Vec<tonic::transport::Channel> = (0..c.len())
+        .filter(|i| *i != leader)
+        .map(|i| c.channel(i))
+        .collect();
+    c.kill(leader).await?;
+    let killed_at = Instant::now();
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Instant, String>>(64);
+    let mut probes = tokio::task::JoinSet::new();
+    let mut n = 0usize;
+    let mut tick = tokio::time::interval(PROBE_EVERY);
+    let acked = loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                if killed_at.elapsed() > FAILOVER_BOUND {
+                    bail!("no etcd put was acknowledged within {FAILOVER_BOUND:?} of killing the leader");
+                }
+                let channel = survivors[n % survivors.len()].clone();
+                n += 1;
+                let tx = tx.clone();
+                probes.spawn(async move {
+                    let r = etcd::put(&channel, "bench/failover", "probe", PROBE_TIMEOUT).await;
+                    let _ = tx.send(r.map(|_| Instant::now())).await;
+                });
+            }
+            Some(r) = rx.recv() => {
+                if let Ok(at) = r {
+                    break at;
+                }
+            }
+        }
+    };
+    probes.abort_all();
+    let took = acked.saturating_duration_since(killed_at);
+    c.start_member(leader)?;
+    c.wait_leader().await?;
+    Ok(took)
+}
+
+/// The etcd column: the same writers, run length and failovers as
+/// [`measure_mode`], on 3 etcd members.
+async fn measure_etcd(opts: &BenchOpts, p: &mut Progress) -> anyhow::Result<ModeResult> {
+    let mut result = ModeResult::default();
+    p.line("etcd: start 3 etcd members (the baseline)");
+    let mut c = EtcdCluster::start(&opts.dir.join("etcd"), 3).await?;
+    let run = opts.secs_per_run();
+    for writers in opts.writer_counts() {
+        let leader = c.wait_leader().await?;
+        p.line(&format!("etcd: {writers} writer(s) for {}s", run.as_secs()));
+        match etcd_throughput(c.channel(leader), writers, run).await {
+            Ok((rate, lat)) => {
+                p.info(&format!("{rate:.0} commits/s ({} puts)", lat.len()));
+                if writers == 1 {
+                    result.latency_1w = lat;
+                }
+                result.throughput.push((writers, rate));
+            }
+            Err(e) => {
+                p.info(&format!("FAILED: {e:#}"));
+                result.notes.push(format!("etcd {writers} writers: {e:#}"));
+            }
+        }
+    }
+    let repeats = opts.failover_repeats();
+    p.line(&format!("etcd: leader failover x{repeats}"));
+    for r in 0..repeats {
+        match etcd_failover(&mut c).await {
+            Ok(took) => {
+                p.info(&format!(
+                    "failover {}/{repeats}: {:.3}s",
+                    r + 1,
+                    took.as_secs_f64()
+                ));
+                result.failovers.push(took);
+            }
+            Err(e) => {
+                p.info(&format!("failover {}/{repeats} FAILED: {e:#}", r + 1));
+                result.notes.push(format!("etcd failover {}: {e:#}", r + 1));
+                break;
+            }
+        }
+    }
+    Ok(result)
+}
+
 async fn measure_mode(
     opts: &BenchOpts,
     mode: &str,
@@ -307,7 +436,7 @@ async fn measure_mode(
             run.as_secs()
         ));
         let addr = c.nodes[leader].addr()?;
-        match throughput(
+        match tern_throughput(
             c.client.clone(),
             addr,
             &format!("{mode}-{writers}w"),
@@ -363,7 +492,7 @@ pub async fn run(opts: &BenchOpts) -> anyhow::Result<()> {
     let steps_per_mode = 1 + opts.writer_counts().len() + 1;
     let mut p = Progress {
         step: 0,
-        total: modes.len() * steps_per_mode + 1,
+        total: (modes.len() + 1) * steps_per_mode + 1,
     };
     let mut results = Vec::new();
     for (mode, section) in &modes {
@@ -379,6 +508,27 @@ pub async fn run(opts: &BenchOpts) -> anyhow::Result<()> {
         };
         results.push((*mode, r));
     }
+    let etcd = if EtcdCluster::available() {
+        match measure_etcd(opts, &mut p).await {
+            Ok(r) => r,
+            Err(e) => {
+                p.info(&format!("etcd: FAILED: {e:#}"));
+                ModeResult {
+                    notes: vec![format!("etcd: {e:#}")],
+                    ..ModeResult::default()
+                }
+            }
+        }
+    } else {
+        ModeResult {
+            notes: vec![format!(
+                "etcd: `{}` is not installed (Debian package etcd-server; `cargo xtask bench` installs it)",
+                etcd::ETCD
+            )],
+            ..ModeResult::default()
+        }
+    };
+    results.push(("etcd", etcd));
     p.line(&format!("write {}", opts.out.display()));
     part(opts, &results).write(&opts.out)?;
     let notes: Vec<&String> = results.iter().flat_map(|(_, r)| &r.notes).collect();
@@ -448,33 +598,46 @@ fn part(opts: &BenchOpts, results: &[(&str, ModeResult)]) -> Part {
         note,
         source: String::new(),
     };
-    let with_seed = |values: Values, seed: f64| Values {
-        seed: Some(seed),
-        ..values
-    };
-    let rows = vec![
-        row(
-            "raft_commit_1_writer_3proc",
-            "Raft commits/s, 1 writer",
-            "commits/s",
-            Better::Higher,
-            with_seed(per_mode(&rate(1)), SEED_COMMITS_1_WRITER),
-            None,
-            format!(
-                "register puts to the leader for {run}s, client over gRPC, sled flushes; seed: openraft's bench, no network, no disk{missing}"
-            ),
-        ),
-        row(
-            "raft_commit_64_writers_3proc",
-            "Raft commits/s, 64 writers",
-            "commits/s",
-            Better::Higher,
-            with_seed(per_mode(&rate(64)), SEED_COMMITS_64_WRITERS),
-            None,
-            format!(
-                "64 concurrent writers for {run}s, client over gRPC, sled flushes; seed: openraft's bench, no network, no disk{missing}"
-            ),
-        ),
+    let mut rows: Vec<Row> = opts
+        .writer_counts()
+        .into_iter()
+        .map(|writers| {
+            let (id, name) = if writers == 1 {
+                ("raft_commit_1_writer_3proc".to_owned(), "Raft commits/s, 1 writer".to_owned())
+            } else {
+                (
+                    format!("raft_commit_{writers}_writers_3proc"),
+                    format!("Raft commits/s, {writers} writers"),
+                )
+            };
+            let seed = match writers {
+                1 => Some(SEED_COMMITS_1_WRITER),
+                64 => Some(SEED_COMMITS_64_WRITERS),
+                _ => None,
+            };
+            let values = Values {
+                seed,
+                ..per_mode(&rate(writers))
+            };
+            let seed_note = if seed.is_some() {
+                "; seed: openraft's bench, no network, no disk"
+            } else {
+                ""
+            };
+            row(
+                &id,
+                &name,
+                "commits/s",
+                Better::Higher,
+                values,
+                None,
+                format!(
+                    "{writers} concurrent writer(s) putting to the leader for {run}s, client over gRPC, every commit fsynced (Tern and etcd){seed_note}{missing}"
+                ),
+            )
+        })
+        .collect();
+    rows.extend(vec![
         row(
             "raft_commit_latency_p50_3proc",
             "Raft commit latency, 1 writer, p50",
@@ -516,7 +679,7 @@ fn part(opts: &BenchOpts, results: &[(&str, ModeResult)]) -> Part {
                 "kill to the first put acknowledged by the new leader; {repeats} repeats (p99 of {repeats} is their maximum){missing}"
             ),
         ),
-    ];
+    ]);
     let series = |f: &dyn Fn(&ModeResult) -> Vec<(f64, f64)>| -> Series {
         results
             .iter()

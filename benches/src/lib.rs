@@ -24,7 +24,9 @@
 //! - [`client`]: how the client process calls each transport.
 //! - [`cluster`]: `tern-bench cluster`, Raft on 3-node clusters of real
 //!   `tern` processes on loopback (`tern_testkit::local`), per transport
-//!   mode: commits/s, commit latency, leader failover.
+//!   mode: commits/s, commit latency, leader failover, beside etcd.
+//! - [`etcd`]: the etcd baseline of `cluster`: 3 members of Debian's
+//!   etcd 3.4 on loopback and the two calls of its v3 API the bench needs.
 //! - [`twoproc`]: the measurements (`tern-bench transport`) and the child
 //!   process handling.
 //! - [`procfs`]: CPU time, peak memory and descriptors from `/proc`.
@@ -39,6 +41,7 @@
 
 pub mod client;
 pub mod cluster;
+pub mod etcd;
 pub mod kind;
 pub mod procfs;
 pub mod raw;

@@ -179,6 +179,9 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
         }
         return Ok(());
     }
+    if opts.selected(Source::Cluster) {
+        crate::prereqs::install_bench()?;
+    }
     Run::new(opts, target).execute()
 }
 
@@ -327,7 +330,19 @@ mod tests {
             "{commits}"
         );
 
+        // The cluster rows carry etcd's figure and each transport's ratio
+        // to it (rates: higher is better; times: lower is better).
+        assert!(commits.contains("| 1000 commits/s |"), "{commits}");
+        assert!(
+            commits.contains("iroh 1.50× better; gRPC 1.40× better; dual 1.45× better"),
+            "{commits}"
+        );
+        assert!(md.contains("etcd 3.4 (same run) | ours vs etcd |"));
         let failover = table_line(&md, "leader failover after SIGKILL, p99");
+        assert!(
+            failover.contains("iroh 2.00× better; gRPC 2.37× better"),
+            "{failover}"
+        );
         assert!(failover.contains("| 1.90 s | 1.60 s |"), "{failover}");
         assert!(failover.contains("**FAIL** (P99)"), "{failover}");
 

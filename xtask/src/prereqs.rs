@@ -63,9 +63,25 @@ const LAB_TOOLS: &[Tool] = &[
     },
 ];
 
+/// What `cargo xtask bench` needs from the system.
+const BENCH_TOOLS: &[Tool] = &[Tool {
+    command: "etcd",
+    package: "etcd-server",
+    why: "the cluster rows measure etcd 3.4 beside Tern as their baseline",
+}];
+
 /// Installs what the lab needs that is missing.
 pub(crate) fn install_lab() -> anyhow::Result<()> {
-    let missing: Vec<&Tool> = LAB_TOOLS.iter().filter(|t| !have(t.command)).collect();
+    install_tools(LAB_TOOLS)
+}
+
+/// Installs what the benchmarks need that is missing.
+pub(crate) fn install_bench() -> anyhow::Result<()> {
+    install_tools(BENCH_TOOLS)
+}
+
+fn install_tools(tools: &[Tool]) -> anyhow::Result<()> {
+    let missing: Vec<&Tool> = tools.iter().filter(|t| !have(t.command)).collect();
     if missing.is_empty() {
         return Ok(());
     }

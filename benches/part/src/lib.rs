@@ -56,6 +56,10 @@ pub struct Values {
     /// The seed's figure (measured elsewhere, not in this run).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seed: Option<f64>,
+    /// etcd 3.4 doing the same work on the same machine in the same run
+    /// (cluster rows only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub etcd: Option<f64>,
     /// Ours where the code is the same for both transports (frame codec).
     /// Criterion rows only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -80,6 +84,7 @@ impl Values {
             "raw_grpc" => self.raw_grpc,
             "dual" => self.dual,
             "seed" => self.seed,
+            "etcd" => self.etcd,
             "ours" => self.ours,
             "raw" => self.raw,
             _ => return None,
@@ -87,7 +92,7 @@ impl Values {
     }
 
     /// The value of `column` by its name (`iroh`, `grpc`, `raw_iroh`,
-    /// `raw_grpc`, `dual`, `seed`, `ours`, `raw`); `None` for any other.
+    /// `raw_grpc`, `dual`, `seed`, `etcd`, `ours`, `raw`); `None` for any other.
     pub fn column_mut(&mut self, column: &str) -> Option<&mut Option<f64>> {
         Some(match column {
             "iroh" => &mut self.iroh,
@@ -96,6 +101,7 @@ impl Values {
             "raw_grpc" => &mut self.raw_grpc,
             "dual" => &mut self.dual,
             "seed" => &mut self.seed,
+            "etcd" => &mut self.etcd,
             "ours" => &mut self.ours,
             "raw" => &mut self.raw,
             _ => return None,

@@ -306,6 +306,20 @@ fn ours_vs_seed(row: &Row) -> String {
     parts.join("; ")
 }
 
+/// Each of our transports against etcd doing the same work in the same
+/// run (the cluster rows' baseline).
+fn ours_vs_etcd(row: &Row) -> String {
+    let v = &row.values;
+    let Some(etcd) = v.etcd else {
+        return String::new();
+    };
+    [("iroh ", v.iroh), ("gRPC ", v.grpc), ("dual ", v.dual)]
+        .into_iter()
+        .filter_map(|(label, ours)| ours.map(|o| format!("{label}{}", worded(o, etcd, row.better))))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
 fn raw_cell(row: &Row) -> String {
     let v = &row.values;
     let mut parts = Vec::new();
@@ -489,13 +503,25 @@ pub(crate) fn markdown(report: &Report) -> anyhow::Result<String> {
     let with_dual = rows.iter().any(|r| r.values.dual.is_some());
     for section in report.merged.sections() {
         writeln!(out, "## {}\n", md(section))?;
+        let with_etcd = rows
+            .iter()
+            .any(|r| r.section == section && r.values.etcd.is_some());
         let dual_head = if with_dual { " dual |" } else { "" };
         let dual_rule = if with_dual { "---|" } else { "" };
+        let etcd_head = if with_etcd {
+            " etcd 3.4 (same run) | ours vs etcd |"
+        } else {
+            ""
+        };
+        let etcd_rule = if with_etcd { "---|---|" } else { "" };
         writeln!(
             out,
-            "| figure | iroh | gRPC |{dual_head} raw baseline (same run) | seed | iroh vs gRPC | ours vs raw | ours vs seed | P99 within 10% of gRPC | note |"
+            "| figure | iroh | gRPC |{dual_head}{etcd_head} raw baseline (same run) | seed | iroh vs gRPC | ours vs raw | ours vs seed | P99 within 10% of gRPC | note |"
         )?;
-        writeln!(out, "|---|---|---|{dual_rule}---|---|---|---|---|---|---|")?;
+        writeln!(
+            out,
+            "|---|---|---|{dual_rule}{etcd_rule}---|---|---|---|---|---|---|"
+        )?;
         for row in rows.iter().filter(|r| r.section == section) {
             let (iroh, grpc) = match row.values.ours {
                 Some(ours) if row.values.iroh.is_none() && row.values.grpc.is_none() => (
@@ -512,9 +538,18 @@ pub(crate) fn markdown(report: &Report) -> anyhow::Result<String> {
             } else {
                 String::new()
             };
+            let etcd = if with_etcd {
+                format!(
+                    " {} | {} |",
+                    cell(row.values.etcd, &row.unit),
+                    ours_vs_etcd(row)
+                )
+            } else {
+                String::new()
+            };
             writeln!(
                 out,
-                "| {} | {iroh} | {grpc} |{dual} {} | {} | {} | {} | {} | {} | {} |",
+                "| {} | {iroh} | {grpc} |{dual}{etcd} {} | {} | {} | {} | {} | {} | {} |",
                 md(&row.name),
                 raw_cell(row),
                 row.values
@@ -587,6 +622,10 @@ pub(crate) fn markdown(report: &Report) -> anyhow::Result<String> {
     writeln!(
         out,
         "- raw baseline: the same work without our protocol (plain QUIC streams, plain tonic), measured in the same run on the same machine."
+    )?;
+    writeln!(
+        out,
+        "- etcd 3.4 (same run): Debian's etcd-server, 3 members on loopback with default settings (fsync on), driven with the same writers, value size, run length and failover procedure as Tern's cluster rows; \"ours vs etcd\" is each Tern transport against it."
     )?;
     writeln!(
         out,
