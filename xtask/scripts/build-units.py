@@ -27,7 +27,8 @@ def keys(units):
                                      u["mode"], sorted(u["features"]), u["platform"], deps]).encode()).hexdigest()
         memo[i] = h
         return h
-    return [(key(i), units[i]["pkg_id"], units[i]["mode"]) for i in range(len(units))]
+    return [(key(i), units[i]["pkg_id"] + " " + ",".join(units[i]["target"]["kind"]), units[i]["mode"])
+            for i in range(len(units))]
 
 meta = json.loads(subprocess.run(["cargo", "metadata", "--no-deps", "--format-version", "1"],
                                  capture_output=True, text=True, check=True).stdout)
@@ -47,7 +48,7 @@ for inv in invocations:
     total += len(ks)
     for k, pkg, mode in ks:
         distinct.add(k)
-        if mode in ("build", "check") and not pkg.startswith("path+"):
+        if mode in ("build", "check") and not pkg.startswith("path+") and "custom-build" not in pkg:
             by_pkg[(pkg.split("#")[-1], mode)].add(k)
 multi = {p: len(v) for p, v in by_pkg.items() if len(v) > 1}
 print(f"invocations: {len(invocations)}")
