@@ -45,21 +45,28 @@ use crate::service::RaftServices;
 pub use tern_raft_net::write::{WriteError, client_write, limit_status};
 pub use tern_state::FIRST_NODE_ID;
 
-/// Interval of the leader's heartbeats: 100 ms, so that three can be lost
-/// in a row within the shortest election timeout. A heartbeat is an empty
+/// Interval of the leader's heartbeats: 100 ms. A heartbeat is an empty
 /// append on the control lane (never queued behind replication) that no
 /// follower syncs, so it is cheap; replication appends have their own
 /// deadline (`tern_raft_net::network::REPLICATION_TIMEOUT`), not this.
 pub const HEARTBEAT_INTERVAL: Duration = Duration::from_millis(100);
-/// Shortest election timeout: three heartbeats missed in a row, so a
-/// single late heartbeat or lost packet never starts an election.
-pub const ELECTION_TIMEOUT_MIN: Duration = Duration::from_millis(300);
+/// Shortest election timeout.
+///
+/// In openraft 0.10 a follower campaigns only after the leader's lease
+/// (which openraft sets to [`ELECTION_TIMEOUT_MAX`]) *and* its own
+/// randomised election timeout have passed since the last heartbeat, so
+/// the silence that starts an election is lease + timeout: 450–600 ms with
+/// these values, four to six heartbeats missed in a row, so one late
+/// heartbeat or a lost packet never starts an election. The failover a
+/// client sees after a leader dies is that silence (less the time since
+/// the last heartbeat) plus a pre-vote and a vote round and the new
+/// leader's first commit: under 700 ms, for the goal of a p99 under a
+/// second.
+pub const ELECTION_TIMEOUT_MIN: Duration = Duration::from_millis(150);
 /// Longest election timeout: twice the shortest, so that candidates'
 /// randomised timeouts rarely collide. It is also openraft's leader lease
-/// (a follower refuses votes until this long after the last heartbeat), so
-/// failover after a leader dies takes about this plus one vote round and
-/// the new leader's first commit: the goal is under a second.
-pub const ELECTION_TIMEOUT_MAX: Duration = Duration::from_millis(600);
+/// (see [`ELECTION_TIMEOUT_MIN`]).
+pub const ELECTION_TIMEOUT_MAX: Duration = Duration::from_millis(300);
 /// Deadline of one snapshot chunk ([`SNAPSHOT_CHUNK_SIZE`]) including, for
 /// the last, the receiver's install: 1 MiB needs well under a second on
 /// any link a cluster runs over.
