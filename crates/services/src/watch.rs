@@ -18,8 +18,8 @@
 //!   [`FUTURE_REVISION_WAIT`] for its state to catch up (a client resuming
 //!   on a follower slightly behind the node it left), then answers
 //!   `InvalidArgument` naming the field and both revisions.
-//! - **Slow watchers**: a watch copies at most [`WATCH_BATCH`] events out
-//!   of the state at a time, and the transport holds at most a stream
+//! - **Slow watchers**: a watch copies at most [`WATCH_BATCH`] events
+//!   ([`WATCH_BATCH_BYTES`]) out of the state at a time, and the transport holds at most a stream
 //!   window of them; nothing else is buffered per watcher. A watcher that
 //!   falls more than [`MAX_WATCH_LAG`] events behind the history is cut
 //!   off with `ResourceExhausted`, naming the limit and the revision to
@@ -53,6 +53,12 @@ use crate::consensus::{Consensus, RaftRole, RaftStatus};
 /// before the next is read, so this bounds a watcher's own memory (with
 /// the stream window) and how long it holds the state's lock.
 pub const WATCH_BATCH: usize = 64;
+
+/// Most record bytes ([`tern_state::events::weight`]) a watch copies out
+/// of the state at once (at least one event): with many watchers, each
+/// holds at most this much beside its stream window, even when VM
+/// records are large.
+pub const WATCH_BATCH_BYTES: usize = 1024 * 1024;
 
 /// How far behind the history a watcher may fall, in events not yet sent,
 /// before it is cut off: a quarter of the history, so that a slow watcher
@@ -141,11 +147,11 @@ fn read_batch(
     consensus
         .query(|state| {
             let history = state.vm_history();
-            let batch = history.after(since, WATCH_BATCH)?;
+            let batch = history.after(since, WATCH_BATCH, WATCH_BATCH_BYTES)?;
             let lag = if since >= opened_at {
                 batch.pending
             } else {
-                history.after(opened_at, 0).map_or(0, |b| b.pending)
+                history.after(opened_at, 0, 0).map_or(0, |b| b.pending)
             };
             Ok((batch, lag))
         })

@@ -179,10 +179,16 @@ impl VmHistory {
         }
     }
 
-    /// At most `max` events with a revision above `since`, in order, with
-    /// how many there are in all; [`HistoryGap`] if some of them were
-    /// dropped already.
-    pub fn after(&self, since: u64, max: usize) -> Result<EventBatch, HistoryGap> {
+    /// At most `max` events with a revision above `since`, in order, and
+    /// no more than `max_bytes` of [`weight`] (but at least one event, if
+    /// any), with how many there are in all; [`HistoryGap`] if some of
+    /// them were dropped already.
+    pub fn after(
+        &self,
+        since: u64,
+        max: usize,
+        max_bytes: usize,
+    ) -> Result<EventBatch, HistoryGap> {
         if since < self.complete_after {
             return Err(HistoryGap {
                 since,
@@ -191,8 +197,20 @@ impl VmHistory {
         }
         let first = self.events.partition_point(|e| e.revision <= since);
         let pending = self.events.len() - first;
+        let mut bytes = 0usize;
+        let events = self
+            .events
+            .range(first..)
+            .take(max)
+            .enumerate()
+            .take_while(|(i, e)| {
+                bytes = bytes.saturating_add(weight(&e.vm));
+                *i == 0 || bytes <= max_bytes
+            })
+            .map(|(_, e)| e.clone())
+            .collect();
         Ok(EventBatch {
-            events: self.events.range(first..).take(max).cloned().collect(),
+            events,
             pending,
             revision: self.revision,
         })
@@ -222,14 +240,14 @@ mod tests {
         }
         assert_eq!(h.events().len(), MAX_VM_EVENTS);
         assert_eq!(h.complete_after(), 10);
-        assert_eq!(h.after(9, 5).unwrap_err().complete_after, 10);
-        let b = h.after(10, 5).unwrap();
+        assert_eq!(h.after(9, 5, usize::MAX).unwrap_err().complete_after, 10);
+        let b = h.after(10, 5, usize::MAX).unwrap();
         assert_eq!(
             b.events.iter().map(|e| e.revision).collect::<Vec<_>>(),
             [11, 12, 13, 14, 15]
         );
         assert_eq!(b.pending, MAX_VM_EVENTS);
-        let last = h.after(h.revision(), 5).unwrap();
+        let last = h.after(h.revision(), 5, usize::MAX).unwrap();
         assert!(last.events.is_empty());
         assert_eq!(last.pending, 0);
     }
@@ -248,6 +266,8 @@ mod tests {
         h.record(&vm(7, MAX_VM_EVENT_BYTES * 2), true);
         assert_eq!(h.events().len(), 1);
         assert_eq!(h.complete_after(), 6);
+        // A batch holds at least one event, however heavy.
+        assert_eq!(h.after(6, 10, 1).unwrap().events.len(), 1);
         // The derived weight is rebuilt on decoding.
         let back: VmHistory = postcard::from_bytes(&postcard::to_stdvec(&h).unwrap()).unwrap();
         assert_eq!(back, h);

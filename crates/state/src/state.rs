@@ -1248,14 +1248,21 @@ mod tests {
                 (16, VmState::Deleted, true),
             ]
         );
-        let batch = h.after(14, 10).unwrap();
+        let batch = h.after(14, 10, usize::MAX).unwrap();
         assert_eq!(batch.events.len(), 2);
         assert_eq!(batch.events[1].vm.observed, VmState::Deleted);
         // A state read from a format without history is whole after its
         // last index only.
         state.start_vm_history_at(16);
-        assert!(state.vm_history().after(15, 1).is_err());
-        assert!(state.vm_history().after(16, 1).unwrap().events.is_empty());
+        assert!(state.vm_history().after(15, 1, usize::MAX).is_err());
+        assert!(
+            state
+                .vm_history()
+                .after(16, 1, usize::MAX)
+                .unwrap()
+                .events
+                .is_empty()
+        );
     }
 
     #[test]
