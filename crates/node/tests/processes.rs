@@ -295,7 +295,7 @@ fn a_three_node_cluster_forms_and_serves_status_and_vms() {
         "--key",
         &op,
     ]);
-    assert_eq!(list.as_array().unwrap().len(), 1);
+    assert_eq!(list["vms"].as_array().unwrap().len(), 1);
     cli_json(&["vm", "delete", &vm_id, "--data-dir", &d2, "--key", &op]);
     converge("the VM gone", || {
         let out = cli(&["vm", "status", &vm_id, "--data-dir", &d1]);
