@@ -151,4 +151,8 @@ impl Consensus for RaftConsensus {
     fn status(&self) -> watch::Receiver<RaftStatus> {
         self.status.clone()
     }
+
+    fn changes(&self) -> watch::Receiver<u64> {
+        self.node.state().changes()
+    }
 }

@@ -344,11 +344,23 @@ pub async fn vm(conn: &Conn, cmd: VmCmd, out: Out) -> Result<(), CliError> {
                 .call(methods::VM_LIST, &pb::ListVmsRequest { node_id })
                 .await?;
             if out.json {
-                out!("{}", Value::Array(list.vms.iter().map(vm_json).collect()));
-            } else if list.vms.is_empty() {
-                out!("no VMs (create one with `tern vm create NAME -- COMMAND...`)");
+                out!(
+                    "{}",
+                    json!({
+                        "revision": list.revision,
+                        "vms": list.vms.iter().map(vm_json).collect::<Vec<_>>(),
+                    })
+                );
             } else {
-                print_table(&VM_HEADER, &vm_rows(&list.vms));
+                if list.vms.is_empty() {
+                    out!("no VMs (create one with `tern vm create NAME -- COMMAND...`)");
+                } else {
+                    print_table(&VM_HEADER, &vm_rows(&list.vms));
+                }
+                out!(
+                    "\nas of revision {0} (follow the changes after it: `tern vm watch --since {0}`)",
+                    list.revision
+                );
             }
             return Ok(());
         }

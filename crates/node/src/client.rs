@@ -389,6 +389,15 @@ impl Conn {
         Ok(addr)
     }
 
+    /// Opens a streaming call to `peer` (`tern vm watch`).
+    pub async fn open_stream(
+        &self,
+        peer: &PeerAddr,
+        call: tern_protocol::StreamCall,
+    ) -> Result<tern_protocol::CallStream, CallError> {
+        self.client.open_stream(peer, call).await
+    }
+
     /// Sends raw bytes (for tests of the CLI itself).
     pub async fn raw(&self, method: &'static Method, payload: Bytes) -> Result<Bytes, CallError> {
         self.client
@@ -412,7 +421,13 @@ pub fn explain(method: &Method, e: &CallError) -> CliError {
                 }
                 Code::Unavailable => " (the node is starting or has no quorum; retry shortly)",
                 Code::FailedPrecondition => " (retry at the leader: see `tern cluster members`)",
+                Code::ResourceExhausted if method == methods::VM_WATCH => {
+                    " (resume with `tern vm watch --since REV`, the last revision printed)"
+                }
                 Code::ResourceExhausted => " (no node has room: free capacity or add a node)",
+                Code::OutOfRange => {
+                    " (list the VMs with `tern vm list`, then watch with --since the revision it prints)"
+                }
                 _ => "",
             };
             CliError::Call {

@@ -13,6 +13,8 @@
 //!   reloads the transport policy) and logging.
 //! - [`client`]: how the CLI reaches a node (address, transport, identity).
 //! - [`cli`]: the commands that talk to a node, as tables or JSON.
+//! - [`watch`]: `tern vm watch`, the resumable stream of VM changes,
+//!   which moves to another node when its node goes away.
 //! - [`error`]: [`error::CliError`], why a CLI command failed, by kind
 //!   (which decides the exit code).
 //! - [`demo`]: `tern demo`, a local 3-node cluster of child processes with
@@ -25,3 +27,4 @@ pub mod demo;
 pub mod error;
 pub mod node;
 pub mod run;
+pub mod watch;

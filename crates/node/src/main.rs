@@ -191,6 +191,17 @@ enum VmCommand {
         #[arg(long)]
         to: u64,
     },
+    /// Print every change of the VMs as it happens (Ctrl-C ends it);
+    /// resumes on another node of the cluster if the node goes away.
+    Watch {
+        /// Changes after this revision (`tern vm list` prints one);
+        /// default: from now.
+        #[arg(long, value_name = "REV")]
+        since: Option<u64>,
+        /// Only this VM.
+        #[arg(long = "vm", value_name = "ID", default_value = "")]
+        vm_id: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -434,6 +445,18 @@ fn main() -> ExitCode {
                 VmCommand::List { on_node } => VmCmd::List(on_node),
                 VmCommand::Status { vm_id } => VmCmd::Status(vm_id),
                 VmCommand::Migrate { vm_id, to } => VmCmd::Migrate(vm_id, to),
+                VmCommand::Watch { since, vm_id } => {
+                    return client_cmd(&connect, |conn, out| async move {
+                        // Ctrl-C ends the watch cleanly: the stream is
+                        // dropped (cancelled at the node) and the
+                        // connection closed.
+                        let r = tokio::select! {
+                            r = tern_node::watch::watch(&conn, since, vm_id, out) => r,
+                            _ = tokio::signal::ctrl_c() => Ok(()),
+                        };
+                        (conn, r)
+                    });
+                }
             };
             client_cmd(&connect, |conn, out| async move {
                 let r = cli::vm(&conn, cmd, out).await;

@@ -37,7 +37,7 @@ use tern_protocol::access::Role;
 use tern_protocol::peer::IrohAddr;
 use tern_protocol::{
     BoxFuture, Dispatcher, Handler, Method, PeerAddr, PeerId, RequestContext, RpcClient, ServiceId,
-    Status, TransportKind, pb,
+    Status, StreamReceiver, StreamSender, TransportKind, pb,
 };
 use tern_runtime::microvm::{DEFAULT_QEMU, MicrovmConfig, MicrovmRuntime, qemu_available};
 use tern_runtime::process::{ProcessRuntime, RunAs};
@@ -184,6 +184,23 @@ impl Handler for Late {
     ) -> BoxFuture<'static, Result<Bytes, Status>> {
         match self.inner.get() {
             Some(h) => h.handle(ctx, method, payload),
+            None => Box::pin(std::future::ready(Err(Status::unavailable(
+                "the node is starting (Raft is not running yet); retry shortly",
+            )))),
+        }
+    }
+
+    /// Streams (`Vm/Watch`) pass through as calls do.
+    fn handle_stream(
+        &self,
+        ctx: RequestContext,
+        method: &'static Method,
+        request: Bytes,
+        inbound: StreamReceiver,
+        outbound: StreamSender,
+    ) -> BoxFuture<'static, Result<(), Status>> {
+        match self.inner.get() {
+            Some(h) => h.handle_stream(ctx, method, request, inbound, outbound),
             None => Box::pin(std::future::ready(Err(Status::unavailable(
                 "the node is starting (Raft is not running yet); retry shortly",
             )))),

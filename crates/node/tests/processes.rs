@@ -295,7 +295,7 @@ fn a_three_node_cluster_forms_and_serves_status_and_vms() {
         "--key",
         &op,
     ]);
-    assert_eq!(list.as_array().unwrap().len(), 1);
+    assert_eq!(list["vms"].as_array().unwrap().len(), 1);
     cli_json(&["vm", "delete", &vm_id, "--data-dir", &d2, "--key", &op]);
     converge("the VM gone", || {
         let out = cli(&["vm", "status", &vm_id, "--data-dir", &d1]);
@@ -632,7 +632,8 @@ fn a_mixed_cluster_of_one_dual_and_two_grpc_only_nodes_forms_and_serves() {
     for d in [&d2, &d3] {
         converge("the VM replicated to a gRPC-only node", || {
             let list = cli_json(&["vm", "list", "--data-dir", d]);
-            list.as_array()?
+            list["vms"]
+                .as_array()?
                 .iter()
                 .any(|v| v["id"] == vm_id.as_str())
                 .then_some(())
@@ -825,7 +826,7 @@ fn access_is_denied_by_default_and_every_change_is_logged() {
     let viewer = viewer.display().to_string();
     cli_json(&["access", "grant", &viewer_id, "viewer", "--data-dir", &d1]);
     let list = cli_json(&["vm", "list", "--data-dir", &d1, "--key", &viewer]);
-    assert!(list.as_array().unwrap().is_empty());
+    assert!(list["vms"].as_array().unwrap().is_empty());
     for transport in ["grpc", "iroh"] {
         refused(
             &as_refs(&create(&[
@@ -1041,4 +1042,202 @@ fn join_tokens_admit_once_and_expire() {
         !list.to_string().contains(token.split('.').nth(1).unwrap()),
         "{list}"
     );
+}
+
+/// A `tern vm watch --json` child: its stdout lines and stderr text,
+/// collected by threads; killed on drop.
+struct Watcher {
+    child: std::process::Child,
+    lines: std::sync::Arc<std::sync::Mutex<Vec<Value>>>,
+    stderr: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+impl Watcher {
+    fn start(args: &[&str]) -> Watcher {
+        use std::io::{BufRead, Read};
+        let mut child = tern()
+            .args(["vm", "watch", "--json"])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let stderr = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let (out, err) = (child.stdout.take().unwrap(), child.stderr.take().unwrap());
+        let l = lines.clone();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                let v: Value = serde_json::from_str(&line)
+                    .unwrap_or_else(|e| panic!("a watch line that is no JSON ({e}): {line}"));
+                l.lock().unwrap().push(v);
+            }
+        });
+        let e = stderr.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            let mut err = err;
+            while let Ok(n) = err.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                e.lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        });
+        Watcher {
+            child,
+            lines,
+            stderr,
+        }
+    }
+
+    fn revisions(&self) -> Vec<u64> {
+        self.lines
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|v| v["revision"].as_u64().unwrap())
+            .collect()
+    }
+
+    fn events(&self) -> Vec<(u64, String, String)> {
+        self.lines
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|v| {
+                (
+                    v["revision"].as_u64().unwrap(),
+                    v["change"].as_str().unwrap().to_owned(),
+                    v["vm"]["id"].as_str().unwrap().to_owned(),
+                )
+            })
+            .collect()
+    }
+
+    fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    /// Waits (bounded) until the events printed satisfy `done`; fails with
+    /// what the watch printed on both streams.
+    fn wait_for(&self, what: &str, done: impl Fn(&[(u64, String, String)]) -> bool) {
+        let deadline = Instant::now() + CONVERGE_BOUND;
+        while !done(&self.events()) {
+            assert!(
+                Instant::now() < deadline,
+                "timed out after {CONVERGE_BOUND:?} waiting for {what}; printed {:?}; stderr: {}",
+                self.events(),
+                self.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+impl Drop for Watcher {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `tern vm watch` follows a node; the node is SIGKILLed; the watch
+/// resumes on another node from its last revision, says so on stderr, and
+/// prints every later change exactly once, in order: the same events, line
+/// for line, as a watch from the same start on a surviving node. Then
+/// SIGINT ends it cleanly.
+#[test]
+fn vm_watch_resumes_on_another_node_after_its_node_is_killed() {
+    let base = tempfile::tempdir().unwrap();
+    let dual = loopback(config::mode(Mode::Dual));
+    let (mut nodes, _files) = three_nodes(base.path(), [dual.clone(), dual.clone(), dual]);
+    let d1 = nodes[0].dir.display().to_string();
+    let d2 = nodes[1].dir.display().to_string();
+    let start = cli_json(&["vm", "list", "--data-dir", &d2])["revision"]
+        .as_u64()
+        .unwrap();
+    let since = start.to_string();
+    let watcher = Watcher::start(&["--since", &since, "--data-dir", &d2]);
+    let create = |name: &str| {
+        cli_json(&[
+            "vm",
+            "create",
+            name,
+            "--runtime",
+            "process",
+            "--memory-mib",
+            "32",
+            "--data-dir",
+            &d1,
+            "--",
+            "sleep",
+            "600",
+        ])["id"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    let first = create("before-kill");
+    watcher.wait_for("the watch printed the first VM's creation", |events| {
+        events.iter().any(|e| e.2 == first && e.1 == "created")
+    });
+    // SIGKILL the node being watched.
+    nodes[1].proc.signal(rustix::process::Signal::KILL);
+    let _ = nodes[1].proc.try_wait();
+    let mut ids = vec![first];
+    for name in ["after-kill-1", "after-kill-2", "after-kill-3"] {
+        ids.push(create(name));
+    }
+    cli_json(&["vm", "stop", &ids[1], "--data-dir", &d1]);
+    cli_json(&["vm", "delete", &ids[2], "--data-dir", &d1]);
+    watcher.wait_for(
+        "the watch resumed and printed the later changes",
+        |events| {
+            let seen = |id: &str, change: &str| events.iter().any(|e| e.2 == id && e.1 == change);
+            ids.iter().all(|id| seen(id, "created")) && seen(&ids[2], "deleted")
+        },
+    );
+    assert!(
+        watcher.stderr().contains("resumed the watch on node"),
+        "{}",
+        watcher.stderr()
+    );
+    let revs = watcher.revisions();
+    assert!(
+        revs.windows(2).all(|w| w[0] < w[1]),
+        "no duplicate, in order: {revs:?}"
+    );
+    assert!(revs[0] > start);
+    // The ground truth: a watch from the same start on a surviving node,
+    // read up to the last revision the first one printed.
+    let last = *revs.last().unwrap();
+    let truth = Watcher::start(&["--since", &since, "--data-dir", &d1]);
+    truth.wait_for("the second watch caught up", |events| {
+        events.last().is_some_and(|e| e.0 >= last)
+    });
+    let truth_events: Vec<_> = truth.events().into_iter().filter(|e| e.0 <= last).collect();
+    assert_eq!(watcher.events(), truth_events, "no gap, no duplicate");
+    // Ctrl-C ends a watch cleanly.
+    let mut watcher = watcher;
+    rustix::process::kill_process(
+        rustix::process::Pid::from_child(&watcher.child),
+        rustix::process::Signal::INT,
+    )
+    .unwrap();
+    let deadline = Instant::now() + CLI_BOUND;
+    let status = loop {
+        if let Some(s) = watcher.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "the watch did not end on SIGINT");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status:?}; stderr: {}", watcher.stderr());
+    for id in &ids {
+        let _ = cli(&["vm", "delete", id, "--data-dir", &d1]);
+    }
 }

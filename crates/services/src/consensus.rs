@@ -156,6 +156,12 @@ pub enum ConsensusError {
 ///   openraft's metrics it may trail the state machine's last apply until
 ///   the next Raft event (seen in tests), which [`MAX_APPLY_LAG`] absorbs;
 ///   code that needs the newest state reads it with `read`.
+/// - [`changes`](Consensus::changes) is a watch that changes after every
+///   batch of entries applied on this node and after a snapshot install
+///   (its value is the last applied log index): readers that follow the
+///   state, like a VM watch, wait on it and then `read`. A wake-up may
+///   bring nothing new; a change is never missed by a receiver that reads
+///   the state after it last woke.
 pub trait Consensus: Send + Sync + 'static {
     /// Proposes a command; answers once it is applied here.
     fn write(&self, command: Command) -> BoxFuture<'_, Result<Response, ConsensusError>>;
@@ -165,6 +171,9 @@ pub trait Consensus: Send + Sync + 'static {
 
     /// This node's Raft status, as a watch.
     fn status(&self) -> watch::Receiver<RaftStatus>;
+
+    /// A watch that changes whenever the applied state may have changed.
+    fn changes(&self) -> watch::Receiver<u64>;
 }
 
 impl dyn Consensus {

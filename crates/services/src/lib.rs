@@ -21,6 +21,8 @@
 //! - [`status`]: the Status service.
 //! - [`vm`]: the VM service: validation, Raft writes deduplicated by
 //!   request id, forwarding to the leader, conversions to `tern.v1` types.
+//! - [`watch`]: `Vm/Watch`, the resumable stream of VM changes served from
+//!   the applied state's history, with its limits for slow watchers.
 //! - [`reconciler`]: each node's loop that makes its runtimes match the
 //!   desired state of the VMs placed on it and reports what it observes
 //!   (the runtimes themselves are `tern-runtime`'s).
@@ -46,3 +48,4 @@ pub mod node_info;
 pub mod reconciler;
 pub mod status;
 pub mod vm;
+pub mod watch;

@@ -1,5 +1,5 @@
-//! The VM service: create, start, stop, delete, list, get and migrate, as
-//! in `vm.proto`.
+//! The VM service: create, start, stop, delete, list, get, migrate and
+//! watch, as in `vm.proto`.
 //!
 //! Every change is a Raft write ([`Command`]) carrying the client's request
 //! id, which the state deduplicates: a retried create answers the first
@@ -18,7 +18,10 @@
 //!   so the choice is recorded. A `microvm` spec's paths are checked on the
 //!   node that receives the call.
 //! - **Reads** (List, Get) are served from the state applied on this node,
-//!   which may trail the leader by a few entries.
+//!   which may trail the leader by a few entries. List answers the
+//!   revision it is as of, from which a watch sees every later change.
+//! - **Watch** is a server stream served from the applied state's history
+//!   of VM changes ([`crate::watch`]).
 //! - **Writes on a follower.** When [`Consensus::write`] answers
 //!   [`ConsensusError::NotLeader`], the service forwards the call,
 //!   unchanged (same method, same request id, so the forward is as safe to
@@ -42,10 +45,14 @@ use bytes::Bytes;
 use prost::Message;
 use tern_protocol::catalog::{Method, methods};
 use tern_protocol::forward::{Leader, forward_to_leader, not_leader};
-use tern_protocol::{BoxFuture, Code, Handler, PeerAddr, RequestContext, RpcClient, Status, pb};
+use tern_protocol::{
+    BoxFuture, Code, Handler, PeerAddr, RequestContext, RpcClient, Status, StreamReceiver,
+    StreamSender, pb,
+};
 use tern_state::{Command, Rejection, Response, VmRecord, VmSpec, VmState};
 
 use crate::consensus::{Consensus, ConsensusError, write_bounded};
+use crate::watch::WatchLimits;
 use tern_runtime::RuntimeKind;
 
 /// The VM service.
@@ -54,6 +61,7 @@ pub struct VmService {
     consensus: Arc<dyn Consensus>,
     forward: Arc<OnceLock<Arc<dyn RpcClient>>>,
     default_runtime: RuntimeKind,
+    watch_limits: WatchLimits,
 }
 
 impl VmService {
@@ -62,10 +70,21 @@ impl VmService {
     /// Until [`VmService::set_forward`] is called, a follower answers
     /// writes with `FailedPrecondition` naming the leader.
     pub fn new(consensus: Arc<dyn Consensus>, default_runtime: RuntimeKind) -> Arc<VmService> {
+        Self::with_watch_limits(consensus, default_runtime, WatchLimits::default())
+    }
+
+    /// As [`VmService::new`], with other bounds for its watches (tests
+    /// reach them with few writes).
+    pub fn with_watch_limits(
+        consensus: Arc<dyn Consensus>,
+        default_runtime: RuntimeKind,
+        watch_limits: WatchLimits,
+    ) -> Arc<VmService> {
         Arc::new(VmService {
             consensus,
             forward: Arc::new(OnceLock::new()),
             default_runtime,
+            watch_limits,
         })
     }
 
@@ -89,18 +108,19 @@ impl VmService {
     ) -> Result<Bytes, Status> {
         let command = if method == methods::VM_LIST {
             let req: pb::ListVmsRequest = decode(&payload)?;
-            let vms = self
+            let (vms, revision) = self
                 .consensus
                 .query(|state| {
-                    state
+                    let vms = state
                         .vms()
                         .values()
                         .filter(|vm| req.node_id == 0 || vm.node_id == req.node_id)
                         .map(to_pb)
-                        .collect::<Vec<_>>()
+                        .collect::<Vec<_>>();
+                    (vms, state.vm_history().revision())
                 })
                 .map_err(unavailable)?;
-            return Ok(pb::ListVmsResponse { vms }.encode_to_vec().into());
+            return Ok(pb::ListVmsResponse { vms, revision }.encode_to_vec().into());
         } else if method == methods::VM_GET {
             let req: pb::GetVmRequest = decode(&payload)?;
             let vm = self
@@ -231,6 +251,33 @@ impl Handler for VmService {
     ) -> BoxFuture<'static, Result<Bytes, Status>> {
         // The future must own what it uses: two `Arc`s and a kind.
         Box::pin(Arc::new(self.clone()).serve(ctx, method, payload))
+    }
+
+    /// `Vm/Watch` (see [`crate::watch`]); no other method of the service
+    /// is a stream.
+    fn handle_stream(
+        &self,
+        ctx: RequestContext,
+        method: &'static Method,
+        request: Bytes,
+        inbound: StreamReceiver,
+        outbound: StreamSender,
+    ) -> BoxFuture<'static, Result<(), Status>> {
+        drop(inbound);
+        if method != methods::VM_WATCH {
+            let status = Status::unimplemented(format!(
+                "{} is not served as a stream by the VM service",
+                method.label()
+            ));
+            return Box::pin(std::future::ready(Err(status)));
+        }
+        tracing::debug!(caller = %ctx.peer.short(), "VM watch");
+        Box::pin(crate::watch::serve(
+            self.consensus.clone(),
+            self.watch_limits,
+            request,
+            outbound,
+        ))
     }
 }
 

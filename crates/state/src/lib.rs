@@ -22,6 +22,8 @@
 //!   token and membership change.
 //! - [`admission`]: join tokens (hashed, expiring, counted) and the audit
 //!   records of membership changes.
+//! - [`events`]: the bounded history of VM changes with their revisions
+//!   (log indexes), which `Vm/Watch` serves.
 //! - [`dedup`]: the table of recent request ids and their answers.
 //! - [`limits`]: the size limits every write is checked against before it
 //!   is proposed ([`limits::check_command`]), as named constants.
@@ -30,6 +32,7 @@ pub mod access;
 pub mod admission;
 pub mod command;
 pub mod dedup;
+pub mod events;
 pub mod limits;
 pub mod member;
 pub mod meta;
@@ -40,6 +43,7 @@ pub use access::{AuditAction, AuditEvent, MAX_ACCESS_KEYS, MAX_AUDIT_LOG};
 pub use admission::{JoinTokenRecord, MembershipChange};
 pub use command::{Command, Rejection, RequestId, Response};
 pub use dedup::MAX_DEDUP_ENTRIES;
+pub use events::{EventBatch, HistoryGap, MAX_VM_EVENT_BYTES, MAX_VM_EVENTS, VmEvent, VmHistory};
 pub use limits::MAX_REQUEST_ID_LEN;
 pub use member::{Capacity, FIRST_NODE_ID, Member, NodeId};
 pub use meta::{

@@ -24,6 +24,7 @@ use crate::access::{AccessEvent, AuditEvent};
 use crate::admission::JoinTokenRecord;
 use crate::command::{Command, Rejection, Response};
 use crate::dedup::DedupTable;
+use crate::events::VmHistory;
 use crate::limits::MAX_REQUEST_ID_LEN;
 use crate::member::{FIRST_NODE_ID, Member, NodeId};
 use crate::meta::MetaEntry;
@@ -59,6 +60,9 @@ pub struct ClusterState {
     pub(crate) next_audit_seq: u64,
     /// Join tokens by public id.
     pub(crate) tokens: BTreeMap<String, JoinTokenRecord>,
+    /// The recent changes of VM records with their revisions, and the
+    /// revision of the last applied command (snapshot format 5 on).
+    pub(crate) vm_history: VmHistory,
     /// Indexes over `vms` (names, reserved capacity), derived from them:
     /// not serialized, rebuilt on decoding.
     #[serde(skip)]
@@ -81,6 +85,7 @@ struct StoredState {
     audit_log: VecDeque<AuditEvent>,
     next_audit_seq: u64,
     tokens: BTreeMap<String, JoinTokenRecord>,
+    vm_history: VmHistory,
 }
 
 impl From<StoredState> for ClusterState {
@@ -98,6 +103,48 @@ impl From<StoredState> for ClusterState {
             audit_log: s.audit_log,
             next_audit_seq: s.next_audit_seq,
             tokens: s.tokens,
+            vm_history: s.vm_history,
+        }
+    }
+}
+
+/// The cluster state as snapshot format 4 wrote it, before the history of
+/// VM changes: the same fields in the same order, without the last one.
+/// Read so that a node upgraded in place keeps its state; its history
+/// starts empty, whole after the snapshot's last index
+/// ([`ClusterState::start_vm_history_at`]), so a watch from before it is
+/// told to re-list.
+#[derive(Debug, Deserialize)]
+pub struct ClusterStateV4 {
+    members: BTreeMap<NodeId, Member>,
+    node_ids: BTreeMap<PeerId, NodeId>,
+    next_node_id: NodeId,
+    vms: BTreeMap<String, VmRecord>,
+    dedup: DedupTable,
+    next_vm_number: u64,
+    meta: BTreeMap<String, MetaEntry>,
+    access: BTreeMap<PeerId, BTreeSet<Role>>,
+    audit_log: VecDeque<AuditEvent>,
+    next_audit_seq: u64,
+    tokens: BTreeMap<String, JoinTokenRecord>,
+}
+
+impl From<ClusterStateV4> for ClusterState {
+    fn from(v4: ClusterStateV4) -> ClusterState {
+        ClusterState {
+            index: VmIndex::of(v4.vms.values()),
+            members: v4.members,
+            node_ids: v4.node_ids,
+            next_node_id: v4.next_node_id,
+            vms: v4.vms,
+            dedup: v4.dedup,
+            next_vm_number: v4.next_vm_number,
+            meta: v4.meta,
+            access: v4.access,
+            audit_log: v4.audit_log,
+            next_audit_seq: v4.next_audit_seq,
+            tokens: v4.tokens,
+            vm_history: VmHistory::default(),
         }
     }
 }
@@ -151,6 +198,7 @@ impl From<ClusterStateV3> for ClusterState {
             audit_log: v3.access_log.into_iter().map(AuditEvent::from).collect(),
             next_audit_seq: v3.next_access_seq,
             tokens: BTreeMap::new(),
+            vm_history: VmHistory::default(),
         }
     }
 }
@@ -185,6 +233,7 @@ impl Default for ClusterState {
             audit_log: VecDeque::new(),
             next_audit_seq: 1,
             tokens: BTreeMap::new(),
+            vm_history: VmHistory::default(),
             index: VmIndex::default(),
         }
     }
@@ -202,6 +251,7 @@ impl ClusterState {
     /// its request id. The index is part of the entry, so the result is
     /// still the same on every node.
     pub fn apply_at(&mut self, index: u64, cmd: Command) -> Response {
+        self.vm_history.advance(index);
         let Some(request_id) = cmd.request_id() else {
             return self.apply_new(index, cmd);
         };
@@ -219,12 +269,25 @@ impl ClusterState {
         response
     }
 
+    /// The history of VM changes and the current revision (what
+    /// `Vm/Watch` serves; see [`crate::events`]).
+    pub fn vm_history(&self) -> &VmHistory {
+        &self.vm_history
+    }
+
+    /// Starts an empty history of VM changes, whole after `revision`:
+    /// for a state read from a snapshot format that had no history, whose
+    /// last applied index is `revision`.
+    pub fn start_vm_history_at(&mut self, revision: u64) {
+        self.vm_history = VmHistory::starting_at(revision);
+    }
+
     /// Applies a command not seen before. One arm per command.
     fn apply_new(&mut self, index: u64, cmd: Command) -> Response {
         match cmd {
             Command::AllocateNodeId { peer, .. } => self.allocate_node_id(peer),
             Command::PutVm { vm, .. } => self.put_vm(vm),
-            Command::DeleteVm { vm_id, .. } => match self.remove_vm(&vm_id) {
+            Command::DeleteVm { vm_id, .. } => match self.remove_vm(&vm_id, |_| {}) {
                 Some(vm) => Response::Vm(Box::new(vm)),
                 None => Response::Rejected(Rejection::UnknownVm { vm_id }),
             },
@@ -1115,6 +1178,91 @@ mod tests {
         let cancelled = created(migrate(&mut state, "m6", 2));
         assert_eq!((cancelled.node_id, cancelled.migrate_to), (2, 0));
         assert_eq!(state.free_capacity(1), Some(cap(4, 4096)));
+    }
+
+    /// Every change of a VM record is one event at the log index that made
+    /// it, in order; a retried write or a refusal makes none.
+    #[test]
+    fn every_vm_change_is_an_event_at_its_log_index() {
+        let mut state = cluster(&[cap(4, 4096)]);
+        let cmd = |req: &str, vm: &str, s: VmState| Command::SetVmDesired {
+            request_id: req.into(),
+            vm_id: vm.into(),
+            desired: s,
+        };
+        let created = state.apply_at(
+            10,
+            Command::CreateVm {
+                request_id: "c".into(),
+                spec: spec("web", 1, 64),
+            },
+        );
+        let id = match created {
+            Response::Vm(vm) => vm.id,
+            other => panic!("{other:?}"),
+        };
+        // A retry (same request id) and a refusal change nothing.
+        state.apply_at(
+            11,
+            Command::CreateVm {
+                request_id: "c".into(),
+                spec: spec("web", 1, 64),
+            },
+        );
+        state.apply_at(12, cmd("bad", "vm-99", VmState::Stopped));
+        state.apply_at(
+            13,
+            Command::PutMeta {
+                request_id: "m".into(),
+                key: "k".into(),
+                value: "v".into(),
+            },
+        );
+        state.apply_at(14, cmd("s", &id, VmState::Stopped));
+        state.apply_at(15, cmd("d", &id, VmState::Deleted));
+        state.apply_at(
+            16,
+            Command::ReportVm {
+                request_id: "r".into(),
+                report: VmReport {
+                    vm_id: id.clone(),
+                    node_id: 1,
+                    observed: VmState::Deleted,
+                    reason: String::new(),
+                    log_path: String::new(),
+                },
+            },
+        );
+        let h = state.vm_history();
+        assert_eq!(h.revision(), 16);
+        let seen: Vec<(u64, VmState, bool)> = h
+            .events()
+            .map(|e| (e.revision, e.vm.desired, e.deleted))
+            .collect();
+        assert_eq!(
+            seen,
+            [
+                (10, VmState::Running, false),
+                (14, VmState::Stopped, false),
+                (15, VmState::Deleted, false),
+                (16, VmState::Deleted, true),
+            ]
+        );
+        let batch = h.after(14, 10, usize::MAX).unwrap();
+        assert_eq!(batch.events.len(), 2);
+        assert_eq!(batch.events[1].vm.observed, VmState::Deleted);
+        // A state read from a format without history is whole after its
+        // last index only.
+        state.start_vm_history_at(16);
+        assert!(state.vm_history().after(15, 1, usize::MAX).is_err());
+        assert!(
+            state
+                .vm_history()
+                .after(16, 1, usize::MAX)
+                .unwrap()
+                .events
+                .is_empty()
+        );
     }
 
     #[test]

@@ -156,19 +156,29 @@ impl VmIndex {
 }
 
 impl ClusterState {
-    /// Stores `vm` (replacing the record with its id), keeping the index.
+    /// Stores `vm` (replacing the record with its id), keeping the index,
+    /// and records the change in the history.
     fn insert_vm(&mut self, vm: VmRecord) {
         if let Some(old) = self.vms.get(&vm.id) {
             self.index.remove(old);
         }
         self.index.add(&vm);
+        self.vm_history.record(&vm, false);
         self.vms.insert(vm.id.clone(), vm);
     }
 
-    /// Removes the record of `vm_id`, keeping the index.
-    pub(crate) fn remove_vm(&mut self, vm_id: &str) -> Option<VmRecord> {
-        let vm = self.vms.remove(vm_id)?;
+    /// Removes the record of `vm_id`, keeping the index; `last` marks the
+    /// record as it goes (why it was removed), and the removal is recorded
+    /// in the history with it.
+    pub(crate) fn remove_vm(
+        &mut self,
+        vm_id: &str,
+        last: impl FnOnce(&mut VmRecord),
+    ) -> Option<VmRecord> {
+        let mut vm = self.vms.remove(vm_id)?;
         self.index.remove(&vm);
+        last(&mut vm);
+        self.vm_history.record(&vm, true);
         Some(vm)
     }
 
@@ -314,12 +324,13 @@ impl ClusterState {
             // A VM on a node that left the cluster has no reconciler to
             // remove it: the record goes at once.
             Some(vm) if desired == VmState::Deleted && !self.members.contains_key(&vm.node_id) => {
-                return match self.remove_vm(&vm_id) {
-                    Some(mut vm) => {
-                        vm.desired = VmState::Deleted;
-                        vm.observed = VmState::Deleted;
-                        Response::Vm(Box::new(vm))
-                    }
+                let removed = self.remove_vm(&vm_id, |vm| {
+                    vm.desired = VmState::Deleted;
+                    vm.observed = VmState::Deleted;
+                    vm.generation = vm.generation.saturating_add(1);
+                });
+                return match removed {
+                    Some(vm) => Response::Vm(Box::new(vm)),
                     None => Response::Rejected(Rejection::UnknownVm { vm_id }),
                 };
             }
@@ -376,12 +387,12 @@ impl ClusterState {
             return Response::Rejected(Rejection::InvalidReport { vm_id, observed });
         }
         if observed == VmState::Deleted {
-            return match self.remove_vm(&vm_id) {
-                Some(mut vm) => {
-                    vm.observed = VmState::Deleted;
-                    vm.generation = vm.generation.saturating_add(1);
-                    Response::Vm(Box::new(vm))
-                }
+            let removed = self.remove_vm(&vm_id, |vm| {
+                vm.observed = VmState::Deleted;
+                vm.generation = vm.generation.saturating_add(1);
+            });
+            return match removed {
+                Some(vm) => Response::Vm(Box::new(vm)),
                 None => Response::Rejected(Rejection::UnknownVm { vm_id }),
             };
         }

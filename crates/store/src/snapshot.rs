@@ -37,12 +37,16 @@ const MAGIC: &[u8; 8] = b"TERNSNAP";
 /// Version 3: the cluster state gained the access table and its log.
 /// Version 4: the access log became the audit log (access, join-token and
 /// membership changes), and the state gained the join tokens.
-pub const SNAPSHOT_FORMAT_VERSION: u32 = 4;
+/// Version 5: the state gained the history of VM changes and the current
+/// revision (`tern_state::events`).
+pub const SNAPSHOT_FORMAT_VERSION: u32 = 5;
 /// The oldest format still read: version 2's state is version 3's without
 /// its trailing access fields ([`tern_state::state::ClusterStateV2`]),
 /// version 3's has the access log in its own layout and no tokens
-/// ([`tern_state::state::ClusterStateV3`]); so a node upgraded in place
-/// keeps its data.
+/// ([`tern_state::state::ClusterStateV3`]), version 4's has no history of
+/// VM changes ([`tern_state::state::ClusterStateV4`]); so a node upgraded
+/// in place keeps its data. A state of an older format gets an empty
+/// history, whole after the snapshot's last index.
 pub const OLDEST_READABLE_FORMAT: u32 = 2;
 /// Bytes before the metadata.
 const PREFIX_LEN: u64 = 16;
@@ -477,10 +481,16 @@ pub(crate) fn read_snapshot(
     let mut reader = BufReader::with_capacity(IO_BUFFER, body);
     let (meta, version) = read_header(&mut reader, path)?;
     let mut scratch = vec![0u8; MAX_FIELD_LEN];
-    let state = if version == SNAPSHOT_FORMAT_VERSION {
+    let mut state = if version == SNAPSHOT_FORMAT_VERSION {
         postcard::from_io::<ClusterState, _>((reader, &mut scratch))
             .map_err(|e| corrupt(path, format!("state: {e}")))?
             .0
+    } else if version == 4 {
+        let (old, _) =
+            postcard::from_io::<tern_state::state::ClusterStateV4, _>((reader, &mut scratch))
+                .map_err(|e| corrupt(path, format!("state (format {version}): {e}")))?;
+        tracing::info!(path = %path.display(), version, "read a snapshot of an older format; its history of VM changes starts empty");
+        ClusterState::from(old)
     } else if version == 3 {
         let (old, _) =
             postcard::from_io::<tern_state::state::ClusterStateV3, _>((reader, &mut scratch))
@@ -494,6 +504,9 @@ pub(crate) fn read_snapshot(
         tracing::info!(path = %path.display(), version, "read a snapshot of an older format; its access table starts empty");
         ClusterState::from(old)
     };
+    if version < 5 {
+        state.start_vm_history_at(meta.last_log_id.map_or(0, |id| id.index));
+    }
     Ok((meta, state))
 }
 
@@ -503,6 +516,128 @@ mod format_tests {
 
     use super::*;
     use tern_state::Command;
+
+    /// The body of a format 5 file of a state whose only command was
+    /// applied at index 1 and changed no VM, without the trailing history
+    /// (no events, whole after 0, revision 1: one byte each in postcard).
+    fn without_history(bytes: &[u8]) -> &[u8] {
+        let body = &bytes[..bytes.len() - TRAILER_LEN as usize];
+        assert_eq!(&body[body.len() - 3..], &[0, 0, 1], "an empty history");
+        &body[..body.len() - 3]
+    }
+
+    fn rewrite_as(body: &[u8], version: u32) -> Vec<u8> {
+        let mut old = body.to_vec();
+        old[8..12].copy_from_slice(&version.to_le_bytes());
+        let crc = crc32fast::hash(&old);
+        old.extend_from_slice(&crc.to_le_bytes());
+        old
+    }
+
+    /// A snapshot written by format 4 (no history of VM changes) opens with
+    /// its state intact and an empty history that is whole after the
+    /// snapshot's last index: a watch from before it is told to re-list.
+    #[test]
+    fn a_format_4_snapshot_is_read_with_a_history_starting_at_its_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let snaps = SnapshotDir::open(dir.path()).unwrap();
+        let mut state = ClusterState::default();
+        state.apply_at(
+            1,
+            Command::PutMeta {
+                request_id: "r1".into(),
+                key: "zone".into(),
+                value: "c".into(),
+            },
+        );
+        let meta = SnapshotMeta {
+            last_log_id: Some(openraft::testing::log_id::<crate::types::TypeConfig>(
+                2, 1, 7,
+            )),
+            ..SnapshotMeta::default()
+        };
+        let file = snaps.write_current(&meta, &state).unwrap();
+        let bytes = std::fs::read(file.path()).unwrap();
+        let old = rewrite_as(without_history(&bytes), 4);
+        let path = file.path().to_owned();
+        drop(file);
+        std::fs::write(&path, &old).unwrap();
+        let file = snaps.open_current().unwrap().unwrap();
+        let (read_meta, read) = read_snapshot(&file, Verify::Checksum).unwrap();
+        assert_eq!(read_meta, meta);
+        assert_eq!(read.vm_history().revision(), 7);
+        assert_eq!(read.vm_history().complete_after(), 7);
+        state.start_vm_history_at(7);
+        assert_eq!(read, state, "the state comes back whole");
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+
+        /// Whatever VM changes a state went through, its format 5 snapshot
+        /// brings back the same state, history and revision included.
+        #[test]
+        fn a_state_with_history_round_trips_through_a_snapshot(
+            ops in proptest::collection::vec((0u8..4, 0u8..6, 0usize..300), 0..80)
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let snaps = SnapshotDir::open(dir.path()).unwrap();
+            let mut state = ClusterState::default();
+            for (i, (op, n, pad)) in ops.into_iter().enumerate() {
+                let index = i as u64 + 1;
+                let vm_id = format!("vm-{n}");
+                let cmd = match op {
+                    0 | 1 => Command::PutVm {
+                        request_id: format!("p{index}"),
+                        vm: Box::new(tern_state::VmRecord {
+                            id: vm_id.clone(),
+                            // Never zero-sized: the derived index keeps no
+                            // entry for a node whose reservations sum to 0.
+                            spec: tern_state::VmSpec { name: vm_id, vcpus: 1, memory_mib: 64, ..Default::default() },
+                            reason: "r".repeat(pad),
+                            ..Default::default()
+                        }),
+                    },
+                    2 => Command::DeleteVm { request_id: format!("d{index}"), vm_id },
+                    _ => Command::PutMeta {
+                        request_id: format!("m{index}"),
+                        key: "k".into(),
+                        value: "v".repeat(pad),
+                    },
+                };
+                state.apply_at(index, cmd);
+            }
+            let file = snaps.write_current(&SnapshotMeta::default(), &state).unwrap();
+            let (_, read) = read_snapshot(&file, Verify::Checksum).unwrap();
+            proptest::prop_assert_eq!(read, state);
+        }
+
+        /// Arbitrary bytes after a valid header, with a valid checksum, of
+        /// any readable format, decode to a typed error or a state, never
+        /// a panic.
+        #[test]
+        fn arbitrary_state_bytes_never_panic(
+            tail in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512),
+            version in 2u32..=5,
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let snaps = SnapshotDir::open(dir.path()).unwrap();
+            let file = snaps
+                .write_current(&SnapshotMeta::default(), &ClusterState::default())
+                .unwrap();
+            let bytes = std::fs::read(file.path()).unwrap();
+            // Keep the prefix and metadata, replace the state.
+            let meta_len = u32::from_le_bytes([bytes[12], bytes[13], bytes[14], bytes[15]]) as usize;
+            let mut body = bytes[..PREFIX_LEN as usize + meta_len].to_vec();
+            body.extend_from_slice(&tail);
+            let old = rewrite_as(&body, version);
+            let path = file.path().to_owned();
+            drop(file);
+            std::fs::write(&path, &old).unwrap();
+            let file = snaps.open_current().unwrap().unwrap();
+            let _ = read_snapshot(&file, Verify::Checksum);
+        }
+    }
 
     /// A snapshot written by format 3 (no join tokens; with an empty access
     /// log its layout is format 4's without the trailing token map) still
@@ -524,7 +659,7 @@ mod format_tests {
             .write_current(&SnapshotMeta::default(), &state)
             .unwrap();
         let bytes = std::fs::read(file.path()).unwrap();
-        let body = &bytes[..bytes.len() - TRAILER_LEN as usize];
+        let body = without_history(&bytes);
         let mut old = body[..body.len() - 1].to_vec();
         assert_eq!(body[body.len() - 1], 0, "an empty token map");
         old[8..12].copy_from_slice(&3u32.to_le_bytes());
@@ -535,6 +670,7 @@ mod format_tests {
         std::fs::write(&path, &old).unwrap();
         let file = snaps.open_current().unwrap().unwrap();
         let (_, read) = read_snapshot(&file, Verify::Checksum).unwrap();
+        state.start_vm_history_at(0);
         assert_eq!(read, state, "the state comes back whole");
     }
 
@@ -560,7 +696,7 @@ mod format_tests {
         // the next sequence number 1 and an empty token map: one byte each
         // in postcard).
         let bytes = std::fs::read(file.path()).unwrap();
-        let body = &bytes[..bytes.len() - TRAILER_LEN as usize];
+        let body = without_history(&bytes);
         let mut old = body[..body.len() - 4].to_vec();
         assert_eq!(&body[body.len() - 4..], &[0, 0, 1, 0]);
         old[8..12].copy_from_slice(&2u32.to_le_bytes());
@@ -572,6 +708,7 @@ mod format_tests {
 
         let file = snaps.open_current().unwrap().unwrap();
         let (_, read) = read_snapshot(&file, Verify::Checksum).unwrap();
+        state.start_vm_history_at(0);
         assert_eq!(read, state, "the state comes back whole");
         assert_eq!(
             read.meta("region").map(|m| m.value.as_str()),

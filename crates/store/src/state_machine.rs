@@ -57,6 +57,10 @@ struct Applied {
 #[derive(Debug, Clone)]
 pub struct StateMachineStore {
     applied: Arc<Mutex<Applied>>,
+    /// The last applied log index, sent after every batch of applied
+    /// entries and every snapshot install: what readers that follow the
+    /// state (a VM watch) wake on.
+    changes: Arc<tokio::sync::watch::Sender<u64>>,
     /// Serialises snapshot file operations (taken before `applied` when
     /// both are needed, never while `applied` is held).
     snapshot_io: Arc<Mutex<()>>,
@@ -105,7 +109,9 @@ impl StateMachineStore {
                 last_membership: meta.last_membership,
             };
         }
+        let index = applied.last_applied.map_or(0, |id| id.index);
         Ok(StateMachineStore {
+            changes: Arc::new(tokio::sync::watch::channel(index).0),
             applied: Arc::new(Mutex::new(applied)),
             snapshot_io: Arc::new(Mutex::new(())),
             snapshots: Arc::new(snapshots),
@@ -116,6 +122,19 @@ impl StateMachineStore {
     /// entries waits for it.
     pub fn read<R>(&self, f: impl FnOnce(&ClusterState) -> R) -> Result<R, StoreError> {
         Ok(f(&lock(&self.applied)?.state))
+    }
+
+    /// A watch of the last applied log index: it changes after every
+    /// batch of applied entries and after a snapshot is installed (the
+    /// state may then have moved in any way), so a reader of the state can
+    /// wait for news instead of polling. It holds no state itself: read
+    /// the state with [`StateMachineStore::read`] once woken.
+    pub fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    fn announce(&self, index: Option<LogId>) {
+        self.changes.send_replace(index.map_or(0, |id| id.index));
     }
 
     /// The last applied log id.
@@ -221,6 +240,9 @@ impl StateMachineStore {
                 last_membership: file_meta.last_membership,
             };
             tracing::info!(last_log_id = ?applied.last_applied, "snapshot installed");
+            let index = applied.last_applied;
+            drop(applied);
+            sm.announce(index);
             Ok(())
         })
         .await
@@ -253,8 +275,10 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     where
         Strm: Stream<Item = Result<EntryResponder<TypeConfig>, io::Error>> + Unpin + OptionalSend,
     {
+        let mut last = None;
         while let Some(item) = entries.next().await {
             let (entry, responder) = item?;
+            last = Some(entry.log_id);
             let response = {
                 let mut applied = lock(&self.applied)?;
                 applied.last_applied = Some(entry.log_id);
@@ -272,6 +296,9 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             if let Some(responder) = responder {
                 responder.send(response);
             }
+        }
+        if last.is_some() {
+            self.announce(last);
         }
         Ok(())
     }

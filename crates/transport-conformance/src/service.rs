@@ -175,7 +175,7 @@ fn event(revision: u64, size: usize) -> Bytes {
             reason: "x".repeat(size),
             ..Default::default()
         }),
-        deleted: false,
+        ..Default::default()
     }
     .encode_to_vec()
     .into()

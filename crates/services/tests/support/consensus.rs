@@ -25,6 +25,9 @@ pub(crate) struct Shared {
     /// Every view's status watch, to publish new indexes to.
     watchers: Mutex<Vec<watch::Sender<RaftStatus>>>,
     leader: Mutex<Option<NodeId>>,
+    /// The applied index, sent after every write (the state machine's
+    /// change watch).
+    changes: watch::Sender<u64>,
 }
 
 /// One node's view of the shared state.
@@ -42,6 +45,7 @@ impl Shared {
             state: Mutex::new((ClusterState::default(), 0)),
             watchers: Mutex::new(Vec::new()),
             leader: Mutex::new(Some(leader)),
+            changes: watch::channel(0).0,
         })
     }
 
@@ -87,6 +91,7 @@ impl Shared {
             let guard = self.state.lock().unwrap();
             (guard.0.clone(), guard.1)
         };
+        self.changes.send_replace(index);
         let leader = *self.leader.lock().unwrap();
         let members: Vec<MemberStatus> = state
             .members()
@@ -149,9 +154,9 @@ impl Consensus for TestConsensus {
             }
             let response = {
                 let mut guard = self.shared.state.lock().unwrap();
-                let r = guard.0.apply(command);
                 guard.1 += 1;
-                r
+                let index = guard.1;
+                guard.0.apply_at(index, command)
             };
             self.shared.publish();
             Ok(response)
@@ -166,5 +171,9 @@ impl Consensus for TestConsensus {
 
     fn status(&self) -> watch::Receiver<RaftStatus> {
         self.status.subscribe()
+    }
+
+    fn changes(&self) -> watch::Receiver<u64> {
+        self.shared.changes.subscribe()
     }
 }
