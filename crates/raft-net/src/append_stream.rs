@@ -199,6 +199,49 @@ enum Fed {
     Failed(RpcErr),
 }
 
+/// Until when a follower that serves no replication streams gets unary
+/// appends ([`UNARY_RETRY_AFTER`] from when it said so). Shared by a
+/// follower's network client and the readers of its streams, since a
+/// transport may accept a stream before the follower's handler refuses it.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct UnaryUntil(Arc<std::sync::Mutex<Option<std::time::Instant>>>);
+
+impl UnaryUntil {
+    /// Whether unary appends are in force now.
+    pub(crate) fn active(&self) -> bool {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some_and(|until| std::time::Instant::now() < until)
+    }
+
+    /// Puts unary appends in force for [`UNARY_RETRY_AFTER`]; `error` is
+    /// the follower's refusal.
+    pub(crate) fn start(&self, target: NodeId, error: &CallError) {
+        tracing::info!(
+            target,
+            error = %error,
+            retry_after_secs = UNARY_RETRY_AFTER.as_secs(),
+            "the follower serves no replication streams; replicating with unary appends"
+        );
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some(std::time::Instant::now() + UNARY_RETRY_AFTER);
+    }
+}
+
+/// Whether `error` says the follower (or this node's client) serves no
+/// replication streams, as a node of an older version answers; unary
+/// appends still work then.
+pub(crate) fn serves_no_streams(error: &CallError) -> bool {
+    match error {
+        CallError::Application(status) => status.code == Code::Unimplemented,
+        CallError::Transport(t) => {
+            t.kind == tern_protocol::TransportErrorKind::NotServed
+                && t.delivery == tern_protocol::Delivery::NotDelivered
+        }
+    }
+}
+
 /// Everything [`open`] needs from its network client.
 pub(crate) struct Opened {
     /// The leader's node id (for errors).
@@ -216,6 +259,8 @@ pub(crate) struct Opened {
     /// Held while the stream is open: its place in the peer's replication
     /// lane.
     pub(crate) lane: OwnedSemaphorePermit,
+    /// Set when the follower refuses the stream as one it does not serve.
+    pub(crate) unary: UnaryUntil,
 }
 
 /// Runs an opened replication stream: spawns the feeder that sends
@@ -235,6 +280,7 @@ where
         first,
         first_cut,
         lane,
+        unary,
     } = opened;
     let places = Arc::new(Semaphore::new(MAX_APPEND_IN_FLIGHT));
     let gauge = ::metrics::gauge!(names::RAFT_APPEND_IN_FLIGHT, "peer" => target.to_string());
@@ -275,6 +321,8 @@ where
         receiver,
         fed: fed_rx,
         done: false,
+        answered: false,
+        unary,
         _lane: lane,
     };
     Box::pin(futures::stream::unfold(reader, |mut r| async move {
@@ -418,6 +466,9 @@ struct Reader {
     receiver: StreamReceiver,
     fed: mpsc::Receiver<Fed>,
     done: bool,
+    /// Whether the follower answered anything yet.
+    answered: bool,
+    unary: UnaryUntil,
     _lane: OwnedSemaphorePermit,
 }
 
@@ -460,6 +511,15 @@ impl Reader {
                     self.target
                 )))));
             }
+            Ok(Some(Err(e))) if !self.answered && serves_no_streams(&e) => {
+                // Accepted by the transport, refused by the follower's
+                // handler: replicate with unary appends, at once.
+                self.unary.start(self.target, &e);
+                return Some(Err(RPCError::Network(NetworkError::from_string(format!(
+                    "node {} serves no replication streams: {e}",
+                    self.target
+                )))));
+            }
             Ok(Some(Err(e))) => {
                 tracing::debug!(target = self.target, error = %e, "replication stream broke");
                 return Some(Err(map_call_error(
@@ -472,6 +532,7 @@ impl Reader {
             }
             Ok(Some(Ok(bytes))) => bytes,
         };
+        self.answered = true;
         let answer: AppendEntriesResponse = match wire::unwrap(answer) {
             Ok(answer) => answer,
             Err(e) => return Some(Err(garbled(e.to_string()))),

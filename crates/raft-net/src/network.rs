@@ -185,7 +185,7 @@ impl NetworkFactory {
             book: self.book.clone(),
             append_lane,
             gate: self.gates.get(target, node.peer_id()),
-            unary_until: None,
+            unary: append_stream::UnaryUntil::default(),
         }
     }
 }
@@ -221,7 +221,7 @@ pub struct PeerNetwork {
     /// Until when this follower is replicated to with unary appends, since
     /// it answered a stream `Unimplemented`
     /// ([`append_stream::UNARY_RETRY_AFTER`]).
-    unary_until: Option<Instant>,
+    unary: append_stream::UnaryUntil,
 }
 
 impl std::fmt::Debug for PeerNetwork {
@@ -411,7 +411,7 @@ impl PeerNetwork {
             .await
         {
             Err(_) => Err(timeout_err()),
-            Ok(Err(e)) if serves_no_streams(&e) => Err(OpenFailed::NoStreams(e)),
+            Ok(Err(e)) if append_stream::serves_no_streams(&e) => Err(OpenFailed::NoStreams(e)),
             Ok(Err(e)) => {
                 tracing::debug!(target = self.target, error = %e, "opening a replication stream failed");
                 Err(OpenFailed::Rpc(map_call_error(
@@ -431,6 +431,7 @@ impl PeerNetwork {
                     first: Range::of(first, encoded.prefix.unwrap_or(first.entries.len())),
                     first_cut: encoded.prefix.is_some(),
                     lane,
+                    unary: self.unary.clone(),
                 }),
                 None => Err(OpenFailed::Rpc(RPCError::Network(
                     NetworkError::from_string(
@@ -570,19 +571,6 @@ enum OpenFailed {
     Rpc(RpcErr),
 }
 
-/// Whether `error` says the follower (or this node's client) serves no
-/// replication streams, as a node of an older version answers: then
-/// unary appends still work.
-fn serves_no_streams(error: &CallError) -> bool {
-    match error {
-        CallError::Application(status) => status.code == Code::Unimplemented,
-        CallError::Transport(t) => {
-            t.kind == TransportErrorKind::NotServed
-                && t.delivery == tern_protocol::Delivery::NotDelivered
-        }
-    }
-}
-
 /// An encoded append request, and how many of its entries it carries when
 /// the whole batch did not fit.
 pub(crate) struct EncodedAppend {
@@ -671,8 +659,7 @@ impl RaftNetworkV2<TypeConfig> for PeerNetwork {
         S: Stream<Item = AppendEntriesRequest> + OptionalSend + Unpin + 'static,
     {
         Box::pin(async move {
-            let unary = self.append_lane == Priority::Control
-                || self.unary_until.is_some_and(|t| Instant::now() < t);
+            let unary = self.append_lane == Priority::Control || self.unary.active();
             if unary {
                 let this: &'s PeerNetwork = self;
                 return Ok(this.unary_stream(input, option));
@@ -688,13 +675,7 @@ impl RaftNetworkV2<TypeConfig> for PeerNetwork {
                     Ok(output)
                 }
                 Err(OpenFailed::NoStreams(e)) => {
-                    tracing::info!(
-                        target = self.target,
-                        error = %e,
-                        retry_after_secs = append_stream::UNARY_RETRY_AFTER.as_secs(),
-                        "the follower serves no replication streams; replicating with unary appends"
-                    );
-                    self.unary_until = Some(Instant::now() + append_stream::UNARY_RETRY_AFTER);
+                    self.unary.start(self.target, &e);
                     let input = futures::stream::once(std::future::ready(first)).chain(input);
                     let this: &'s PeerNetwork = self;
                     Ok(this.unary_stream(input, option))
