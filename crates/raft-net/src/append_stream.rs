@@ -1,7 +1,7 @@
 //! Pipelined replication: openraft's `stream_append` over one
 //! bidirectional `Raft/AppendStream` stream per follower.
 //!
-//! **Leader side** ([`open`]). openraft hands the network a stream of
+//! **Leader side** (`open`). openraft hands the network a stream of
 //! append-entries requests for one follower and wants the answers in the
 //! same order. The first request opens the stream (it rides in the
 //! opening); a feeder task then sends each next request as soon as
@@ -11,7 +11,7 @@
 //! stream keeps order, and the follower answers in order); each must come
 //! within [`REPLICATION_TIMEOUT`] of its batch being sent.
 //!
-//! **Follower side** ([`serve`]). Every message is checked before Raft
+//! **Follower side** (`serve`). Every message is checked before Raft
 //! sees it: its size ([`MAX_APPEND_MESSAGE`]), that it decodes as an
 //! append-entries request, and that its caller may send it (a current
 //! member, naming itself as the leader; judged again for every message,
