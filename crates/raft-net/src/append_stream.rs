@@ -138,6 +138,7 @@ impl Range {
 /// unlike openraft's own conversion: an answer a follower could not
 /// honestly give (a conflict before the first entry, a partial success
 /// beyond what was sent) is a garbled answer, never a panic.
+#[allow(clippy::result_large_err)] // reason: openraft's own error type, which its network API returns unboxed; one per answer
 pub(crate) fn read_answer(
     answer: AppendEntriesResponse,
     range: &Range,
