@@ -1,6 +1,7 @@
 //! Three real nodes in one process over real transports on loopback (iroh
 //! and gRPC: each scenario is written once, generic over the transport,
-//! and run for both), with sled stores in temporary directories.
+//! and run for both; replication also through the dual router), with sled
+//! stores in temporary directories.
 //!
 //! Every wait is bounded ([`support::WAIT`]); nothing asserts on speed.
 
@@ -13,7 +14,7 @@ use openraft::Vote;
 use openraft::async_runtime::WatchReceiver;
 use openraft::raft::AppendEntriesRequest;
 use prost::Message;
-use support::{Cluster, Grpc, Iroh, TOKEN, TestNode, TransportFactory, WAIT, call, loopback};
+use support::{Cluster, Dual, Grpc, Iroh, TOKEN, TestNode, TransportFactory, WAIT, call, loopback};
 use tern_cluster::RaftOptions;
 use tern_protocol::catalog::methods;
 use tern_protocol::{CallError, Code, PeerAddr, pb};
@@ -121,6 +122,11 @@ async fn iroh_cluster_replicates_fails_over_restarts_and_snapshots() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn grpc_cluster_replicates_fails_over_restarts_and_snapshots() {
     replication_failover_restart_and_snapshot(Grpc).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn dual_cluster_replicates_fails_over_restarts_and_snapshots() {
+    replication_failover_restart_and_snapshot(Dual).await;
 }
 
 fn heartbeat_payload() -> Bytes {

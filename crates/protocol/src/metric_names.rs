@@ -117,6 +117,18 @@ metrics! {
     /// Replication lag; labels `peer`.
     RAFT_REPLICATION_LAG = "tern_raft_replication_lag_entries", Gauge,
         "Log entries a follower is behind the leader (on the leader).";
+    /// Append batches in flight on a replication stream; labels `peer`
+    /// (the follower's node id).
+    RAFT_APPEND_IN_FLIGHT = "tern_raft_append_batches_in_flight", Gauge,
+        "Append-entries batches the leader sent a follower on its replication stream and has no answer for yet.";
+    /// Replication stream openings; labels `outcome` (`opened`, `failed`,
+    /// `unary`: the follower serves no streams, appends go one by one).
+    RAFT_APPEND_STREAMS = "tern_raft_append_streams_total", Counter,
+        "Replication streams (Raft/AppendStream) the leader opened to followers, by outcome.";
+    /// Append batches carried by replication streams; labels `side`
+    /// (`client`: sent by a leader, `server`: served by a follower).
+    RAFT_APPEND_STREAM_BATCHES = "tern_raft_append_stream_batches_total", Counter,
+        "Append-entries batches carried on replication streams, sent (client) or served (server).";
     /// Current term.
     RAFT_TERM = "tern_raft_term", Gauge,
         "Current Raft term.";

@@ -22,9 +22,11 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 /// peer. openraft sends one heartbeat at a time per peer plus election
 /// traffic; a few more absorb a burst after a leader change.
 pub const CONTROL_IN_FLIGHT_PER_PEER: usize = 8;
-/// Append-entries calls in flight to one peer. openraft's replication
-/// stream sends them one after another; two leaves room for a stream
-/// being replaced while the old call finishes.
+/// Replication calls open to one peer: a `Raft/AppendStream` stream
+/// holds one place while it is open (its batches are bounded by
+/// `append_stream::MAX_APPEND_IN_FLIGHT`), a unary append one while it
+/// waits. openraft keeps one replication stream per follower; two leave
+/// room for a stream being replaced while the old one winds down.
 pub const REPLICATION_IN_FLIGHT_PER_PEER: usize = 2;
 /// Snapshot chunks in flight to one peer: one transfer, one chunk at a
 /// time (chunks are written in order on the receiver).

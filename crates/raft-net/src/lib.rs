@@ -18,6 +18,10 @@
 //! - [`network`]: [`NetworkFactory`] and [`PeerNetwork`], openraft's
 //!   `RaftNetworkFactory` / `RaftNetworkV2`: lanes, deadlines, error
 //!   mapping, chunked snapshots, partial success for oversized batches.
+//! - [`append_stream`]: pipelined replication, openraft's `stream_append`
+//!   over one `Raft/AppendStream` stream per follower: the leader's
+//!   bounded pipeline ([`append_stream::MAX_APPEND_IN_FLIGHT`]) and the
+//!   follower's checked, in-order serving.
 //! - [`gate`]: per-peer bounded lanes, so a slow peer never stalls others.
 //! - [`metrics`]: Raft metrics under the shared names (heartbeat round
 //!   trips, term, leadership, elections, replication lag).
@@ -27,6 +31,7 @@
 //! - [`write`](mod@write): [`write::client_write`], the one checked write entry
 //!   point, and the statuses its refusals map to.
 
+pub mod append_stream;
 pub mod codec;
 pub mod gate;
 pub mod metrics;

@@ -26,6 +26,10 @@
 //!   backs off), a deadline is `Timeout`, a connection lost mid-call or a
 //!   garbled answer is `Network` (retried at once).
 //! - **Isolation.** Each peer has its own bounded lanes ([`crate::gate`]).
+//! - **Pipelined replication.** openraft's `stream_append` runs over one
+//!   `Raft/AppendStream` stream per follower with several batches in
+//!   flight ([`crate::append_stream`]); heartbeats, and followers that
+//!   serve no streams, get unary `Raft/AppendEntries`.
 //! - **Oversized batches.** An append batch whose encoding exceeds the
 //!   frame payload limit is cut to the longest prefix that fits; when the
 //!   follower accepts it, openraft is answered `PartialSuccess` up to the
@@ -42,6 +46,8 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use futures::{Stream, StreamExt};
+use openraft::base::{BoxFuture, BoxStream};
 use openraft::errors::{
     NetworkError, RPCError, ReplicationClosed, StreamingError, Timeout, Unreachable,
 };
@@ -50,12 +56,16 @@ use openraft::raft::AppendEntriesResponse;
 use openraft::{OptionalSend, RPCTypes, Snapshot};
 use prost::Message;
 use tern_protocol::catalog::methods;
+use tern_protocol::metric_names as names;
 use tern_protocol::{
-    Call, CallError, Code, Method, PeerAddr, PeerId, Priority, RpcClient, TransportErrorKind, pb,
+    Call, CallError, Code, Method, PeerAddr, PeerId, Priority, RpcClient, StreamCall,
+    TransportErrorKind, pb,
 };
 use tern_state::{Member, NodeId};
 use tern_store::{Membership, SnapshotFile, StoreSnapshot, TypeConfig, Vote};
+use tokio::sync::OwnedSemaphorePermit;
 
+use crate::append_stream::{self, AppendItem, Range};
 use crate::codec::{self, AppendEntriesRequest, CodecError};
 use crate::gate::{Gates, PeerGate, Refused};
 use crate::wire::{
@@ -175,6 +185,7 @@ impl NetworkFactory {
             book: self.book.clone(),
             append_lane,
             gate: self.gates.get(target, node.peer_id()),
+            unary: append_stream::UnaryUntil::default(),
         }
     }
 }
@@ -207,6 +218,10 @@ pub struct PeerNetwork {
     /// client.
     append_lane: Priority,
     gate: Arc<PeerGate>,
+    /// Until when this follower is replicated to with unary appends, since
+    /// it answered a stream `Unimplemented`
+    /// ([`append_stream::UNARY_RETRY_AFTER`]).
+    unary: append_stream::UnaryUntil,
 }
 
 impl std::fmt::Debug for PeerNetwork {
@@ -298,24 +313,7 @@ impl PeerNetwork {
         action: RPCTypes,
     ) -> Result<Bytes, RpcErr> {
         let started = Instant::now();
-        let _permit = match self.gate.admit(lane, budget).await {
-            Ok(permit) => permit,
-            Err(Refused::QueueFull) => {
-                return Err(RPCError::Unreachable(Unreachable::from_string(format!(
-                    "too many {} calls queued for node {}",
-                    lane.as_str(),
-                    self.target
-                ))));
-            }
-            Err(Refused::TimedOut) => {
-                return Err(RPCError::Timeout(Timeout {
-                    action,
-                    id: self.local,
-                    target: self.target,
-                    timeout: budget,
-                }));
-            }
-        };
+        let _permit = self.admit(lane, budget, action).await?;
         let remaining = budget.saturating_sub(started.elapsed());
         let timeout_err = || {
             RPCError::Timeout(Timeout {
@@ -333,10 +331,7 @@ impl PeerNetwork {
             .with_priority(lane);
         // The transport enforces the timeout; this outer bound only makes
         // sure the budget holds whatever the transport does.
-        let addr = self
-            .book
-            .get(self.target, &self.addr.id)
-            .unwrap_or_else(|| self.addr.clone());
+        let addr = self.current_addr();
         match tokio::time::timeout(remaining, self.client.call(&addr, call)).await {
             Ok(Ok(bytes)) => Ok(bytes),
             Ok(Err(e)) => {
@@ -345,6 +340,190 @@ impl PeerNetwork {
             }
             Err(_) => Err(timeout_err()),
         }
+    }
+
+    /// The target's latest address (see [`AddressBook`]).
+    fn current_addr(&self) -> Arc<PeerAddr> {
+        self.book
+            .get(self.target, &self.addr.id)
+            .unwrap_or_else(|| self.addr.clone())
+    }
+
+    /// A place in the target's `lane`, waiting at most `budget`.
+    async fn admit(
+        &self,
+        lane: Priority,
+        budget: Duration,
+        action: RPCTypes,
+    ) -> Result<OwnedSemaphorePermit, RpcErr> {
+        match self.gate.admit(lane, budget).await {
+            Ok(permit) => Ok(permit),
+            Err(Refused::QueueFull) => {
+                Err(RPCError::Unreachable(Unreachable::from_string(format!(
+                    "too many {} calls queued for node {}",
+                    lane.as_str(),
+                    self.target
+                ))))
+            }
+            Err(Refused::TimedOut) => Err(RPCError::Timeout(Timeout {
+                action,
+                id: self.local,
+                target: self.target,
+                timeout: budget,
+            })),
+        }
+    }
+
+    /// Opens a replication stream to the target carrying `first`, within
+    /// [`REPLICATION_TIMEOUT`], holding a place in its replication lane.
+    async fn open_append_stream(
+        &self,
+        first: &AppendEntriesRequest,
+    ) -> Result<append_stream::Opened, OpenFailed> {
+        let encoded = encode_append(first).map_err(|e| {
+            tracing::error!(target = self.target, error = %e, "an append batch cannot be encoded, even one entry alone");
+            OpenFailed::Rpc(RPCError::Network(NetworkError::new(&e)))
+        })?;
+        let budget = REPLICATION_TIMEOUT;
+        let started = Instant::now();
+        let lane = self
+            .admit(Priority::Replication, budget, RPCTypes::AppendEntries)
+            .await
+            .map_err(OpenFailed::Rpc)?;
+        let remaining = budget.saturating_sub(started.elapsed());
+        let timeout_err = || {
+            OpenFailed::Rpc(RPCError::Timeout(Timeout {
+                action: RPCTypes::AppendEntries,
+                id: self.local,
+                target: self.target,
+                timeout: budget,
+            }))
+        };
+        if remaining.is_zero() {
+            return Err(timeout_err());
+        }
+        let call = StreamCall::new(methods::RAFT_APPEND_STREAM, encoded.payload)
+            .with_open_timeout(remaining)
+            .with_idle_timeout(append_stream::APPEND_STREAM_IDLE)
+            .with_priority(Priority::Replication);
+        let addr = self.current_addr();
+        let opened = match tokio::time::timeout(remaining, self.client.open_stream(&addr, call))
+            .await
+        {
+            Err(_) => Err(timeout_err()),
+            Ok(Err(e)) if append_stream::serves_no_streams(&e) => Err(OpenFailed::NoStreams(e)),
+            Ok(Err(e)) => {
+                tracing::debug!(target = self.target, error = %e, "opening a replication stream failed");
+                Err(OpenFailed::Rpc(map_call_error(
+                    &e,
+                    RPCTypes::AppendEntries,
+                    self.local,
+                    self.target,
+                    budget,
+                )))
+            }
+            Ok(Ok(stream)) => match stream.sender {
+                Some(sender) => Ok(append_stream::Opened {
+                    local: self.local,
+                    target: self.target,
+                    sender,
+                    receiver: stream.receiver,
+                    first: Range::of(first, encoded.prefix.unwrap_or(first.entries.len())),
+                    first_cut: encoded.prefix.is_some(),
+                    lane,
+                    unary: self.unary.clone(),
+                }),
+                None => Err(OpenFailed::Rpc(RPCError::Network(
+                    NetworkError::from_string(
+                        "the transport opened Raft/AppendStream without its sending half"
+                            .to_string(),
+                    ),
+                ))),
+            },
+        };
+        let outcome = match &opened {
+            Ok(_) => "opened",
+            Err(OpenFailed::NoStreams(_)) => "unary",
+            Err(OpenFailed::Rpc(_)) => "failed",
+        };
+        ::metrics::counter!(names::RAFT_APPEND_STREAMS, "outcome" => outcome).increment(1);
+        opened
+    }
+
+    /// One unary append: the answer and how many of the batch's entries
+    /// were sent (all, or the prefix that fit one message).
+    async fn append_once(
+        &self,
+        rpc: &AppendEntriesRequest,
+        option: &RPCOption,
+    ) -> Result<(wire::AppendEntriesResponse, usize), RpcErr> {
+        let encoded = encode_append(rpc).map_err(|e| {
+            tracing::error!(target = self.target, error = %e, "an append batch cannot be encoded, even one entry alone");
+            RPCError::Network(NetworkError::new(&e))
+        })?;
+        if let Some(n) = encoded.prefix {
+            tracing::info!(
+                target = self.target,
+                sent = n,
+                batch = rpc.entries.len(),
+                "append batch over the payload limit; sending a prefix"
+            );
+        }
+        let heartbeat = (self.append_lane == Priority::Control).then(Instant::now);
+        // A heartbeat lives within its interval (openraft's soft TTL); a
+        // replication append gets its own deadline, since it waits for the
+        // follower's sync and must not time out with the heartbeat.
+        let budget = if heartbeat.is_some() {
+            option.soft_ttl()
+        } else {
+            REPLICATION_TIMEOUT
+        };
+        let bytes = self
+            .call(
+                methods::RAFT_APPEND_ENTRIES,
+                encoded.payload,
+                self.append_lane,
+                budget,
+                RPCTypes::AppendEntries,
+            )
+            .await?;
+        if let Some(sent) = heartbeat {
+            crate::metrics::heartbeat(self.client.transport(), sent.elapsed());
+        }
+        let resp: wire::AppendEntriesResponse =
+            wire::unwrap(bytes).map_err(|e| garbled("append-entries", e))?;
+        Ok((resp, encoded.prefix.unwrap_or(rpc.entries.len())))
+    }
+
+    /// openraft's `stream_append` with one unary append at a time: for
+    /// heartbeats and for followers that serve no streams. Ends after an
+    /// error, a conflict or higher vote, or a batch cut to a prefix (openraft
+    /// sends the rest from the new position).
+    fn unary_stream<'s, S>(&'s self, input: S, option: RPCOption) -> BoxStream<'s, AppendItem>
+    where
+        S: Stream<Item = AppendEntriesRequest> + OptionalSend + Unpin + 'static,
+    {
+        Box::pin(futures::stream::unfold(
+            (input, false),
+            move |(mut input, done)| {
+                let option = option.clone();
+                async move {
+                    if done {
+                        return None;
+                    }
+                    let req = input.next().await?;
+                    let item = match self.append_once(&req, &option).await {
+                        Ok((answer, sent)) => {
+                            let item = append_stream::read_answer(answer, &Range::of(&req, sent));
+                            let go_on = matches!(item, Ok(Ok(_))) && sent == req.entries.len();
+                            return Some((item, (input, !go_on)));
+                        }
+                        Err(e) => Err(e),
+                    };
+                    Some((item, (input, true)))
+                }
+            },
+        ))
     }
 
     async fn control(
@@ -384,15 +563,23 @@ impl PeerNetwork {
     }
 }
 
-/// An encoded append request, and how many of its entries it carries when
-/// the whole batch did not fit.
-struct EncodedAppend {
-    payload: Bytes,
-    /// `Some(n)`: only the first `n` entries were encoded.
-    prefix: Option<usize>,
+/// Why a replication stream did not open.
+enum OpenFailed {
+    /// The follower serves no streams: replicate with unary appends.
+    NoStreams(CallError),
+    /// Any other failure, for openraft to retry.
+    Rpc(RpcErr),
 }
 
-fn encode_append(rpc: &AppendEntriesRequest) -> Result<EncodedAppend, CodecError> {
+/// An encoded append request, and how many of its entries it carries when
+/// the whole batch did not fit.
+pub(crate) struct EncodedAppend {
+    pub(crate) payload: Bytes,
+    /// `Some(n)`: only the first `n` entries were encoded.
+    pub(crate) prefix: Option<usize>,
+}
+
+pub(crate) fn encode_append(rpc: &AppendEntriesRequest) -> Result<EncodedAppend, CodecError> {
     match wire::wrap_with(|buf| codec::encode_append_entries_into(rpc, buf)) {
         Ok(payload) => {
             return Ok(EncodedAppend {
@@ -446,46 +633,55 @@ impl RaftNetworkV2<TypeConfig> for PeerNetwork {
         rpc: AppendEntriesRequest,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<TypeConfig>, RpcErr> {
-        let encoded = encode_append(&rpc).map_err(|e| {
-            tracing::error!(target = self.target, error = %e, "an append batch cannot be encoded, even one entry alone");
-            RPCError::Network(NetworkError::new(&e))
-        })?;
-        if let Some(n) = encoded.prefix {
-            tracing::info!(
-                target = self.target,
-                sent = n,
-                batch = rpc.entries.len(),
-                "append batch over the payload limit; sending a prefix"
-            );
-        }
-        let heartbeat = (self.append_lane == Priority::Control).then(Instant::now);
-        // A heartbeat lives within its interval (openraft's soft TTL); a
-        // replication append gets its own deadline, since it waits for the
-        // follower's sync and must not time out with the heartbeat.
-        let budget = if heartbeat.is_some() {
-            option.soft_ttl()
-        } else {
-            REPLICATION_TIMEOUT
-        };
-        let bytes = self
-            .call(
-                methods::RAFT_APPEND_ENTRIES,
-                encoded.payload,
-                self.append_lane,
-                budget,
-                RPCTypes::AppendEntries,
-            )
-            .await?;
-        if let Some(sent) = heartbeat {
-            crate::metrics::heartbeat(self.client.transport(), sent.elapsed());
-        }
-        let resp: wire::AppendEntriesResponse =
-            wire::unwrap(bytes).map_err(|e| garbled("append-entries", e))?;
-        Ok(match (resp, encoded.prefix) {
-            (AppendEntriesResponse::Success, Some(n)) => {
-                AppendEntriesResponse::PartialSuccess(rpc.entries.get(n - 1).map(|e| e.log_id))
+        let (resp, sent) = self.append_once(&rpc, &option).await?;
+        Ok(match resp {
+            AppendEntriesResponse::Success if sent < rpc.entries.len() => {
+                AppendEntriesResponse::PartialSuccess(
+                    sent.checked_sub(1)
+                        .and_then(|i| rpc.entries.get(i))
+                        .map(|e| e.log_id),
+                )
             }
-            (resp, _) => resp,
+            resp => resp,
+        })
+    }
+
+    /// Pipelined over one `Raft/AppendStream` stream (see
+    /// [`crate::append_stream`]); heartbeats, and followers that answered a
+    /// stream `Unimplemented` within [`append_stream::UNARY_RETRY_AFTER`],
+    /// get one unary append at a time.
+    fn stream_append<'s, S>(
+        &'s mut self,
+        input: S,
+        option: RPCOption,
+    ) -> BoxFuture<'s, Result<BoxStream<'s, AppendItem>, RpcErr>>
+    where
+        S: Stream<Item = AppendEntriesRequest> + OptionalSend + Unpin + 'static,
+    {
+        Box::pin(async move {
+            let unary = self.append_lane == Priority::Control || self.unary.active();
+            if unary {
+                let this: &'s PeerNetwork = self;
+                return Ok(this.unary_stream(input, option));
+            }
+            let mut input = input;
+            let Some(first) = input.next().await else {
+                let empty: BoxStream<'s, AppendItem> = Box::pin(futures::stream::empty());
+                return Ok(empty);
+            };
+            match self.open_append_stream(&first).await {
+                Ok(opened) => {
+                    let output: BoxStream<'s, AppendItem> = append_stream::open(opened, input);
+                    Ok(output)
+                }
+                Err(OpenFailed::NoStreams(e)) => {
+                    self.unary.start(self.target, &e);
+                    let input = futures::stream::once(std::future::ready(first)).chain(input);
+                    let this: &'s PeerNetwork = self;
+                    Ok(this.unary_stream(input, option))
+                }
+                Err(OpenFailed::Rpc(e)) => Err(e),
+            }
         })
     }
 

@@ -338,16 +338,17 @@ impl Handler for RaftHandler {
         })
     }
 
-    /// `Raft/AppendStream` (pipelined replication) is checked like every
-    /// Raft call, members only; this node does not serve it yet (the
-    /// leader replicates with `Raft/AppendEntries`), which a member is told.
+    /// `Raft/AppendStream` (pipelined replication, see
+    /// [`crate::append_stream`]): members only, like every Raft call, and
+    /// every message is checked like a unary append (it must name its
+    /// caller as the leader), judged again per message.
     fn handle_stream(
         &self,
         ctx: RequestContext,
         method: &'static Method,
-        _request: Bytes,
-        _inbound: tern_protocol::StreamReceiver,
-        _outbound: tern_protocol::StreamSender,
+        request: Bytes,
+        inbound: tern_protocol::StreamReceiver,
+        outbound: tern_protocol::StreamSender,
     ) -> BoxFuture<'static, Result<(), Status>> {
         let shared = self.shared.clone();
         Box::pin(async move {
@@ -359,10 +360,39 @@ impl Handler for RaftHandler {
                     "Raft methods are for current members",
                 ));
             }
-            Err(Status::unimplemented(format!(
-                "{} is not served by this node yet; replicate with Raft/AppendEntries",
-                method.label()
-            )))
+            if method != methods::RAFT_APPEND_STREAM {
+                return Err(Status::unimplemented(format!(
+                    "{} is not served as a stream by the Raft service",
+                    method.label()
+                )));
+            }
+            let peer = ctx.peer;
+            let raft = node.raft.clone();
+            let check = shared.clone();
+            let authorize: crate::append_stream::Authorize = Box::new(move |leader| {
+                // The membership may change while the stream is open: a
+                // caller removed since is refused from its next message.
+                let Some(node) = check.attached() else {
+                    return Err(Status::unavailable(
+                        "Raft is not running on this node (starting or stopped)",
+                    ));
+                };
+                let caller = Caller {
+                    peer,
+                    ids: check.raft_caller_ids(&node, &peer),
+                };
+                if caller.ids.is_empty() {
+                    return Err(not_a_member(
+                        &peer,
+                        method,
+                        "Raft methods are for current members",
+                    ));
+                }
+                caller.must_be(leader, "an append-entries request", "leader")
+            });
+            crate::append_stream::serve(raft, authorize, request, inbound, outbound)
+                .await
+                .map_err(crate::append_stream::AppendStreamError::into_status)
         })
     }
 }

@@ -19,6 +19,8 @@ use tern_cluster::{
 };
 use tern_protocol::{Dispatcher, Handler, PeerAddr, RpcClient};
 use tern_state::{Capacity, Command, Member, NodeId, Response, VmRecord, VmSpec, VmState};
+use tern_transport_dual::DualRouter;
+use tern_transport_dual::policy::{IrohServices, Mode, Policy, RaftTransport};
 use tern_transport_grpc::{GrpcTransport, ServerConfig};
 use tern_transport_iroh::{IrohConfig, IrohTransport, load_or_create_secret_key};
 
@@ -66,9 +68,24 @@ impl TransportFactory for Iroh {
         bind: SocketAddr,
         handler: Arc<dyn Handler>,
     ) -> IrohTransport {
-        IrohTransport::bind(IrohConfig::new(secret).with_bind_addr(bind), handler)
+        // A restart binds the port its predecessor just released; the
+        // socket may take a moment to be free.
+        let deadline = tokio::time::Instant::now() + REBIND_PATIENCE;
+        loop {
+            match IrohTransport::bind(
+                IrohConfig::new(secret).with_bind_addr(bind),
+                handler.clone(),
+            )
             .await
-            .expect("iroh binds on loopback")
+            {
+                Ok(t) => return t,
+                Err(e) if tokio::time::Instant::now() < deadline => {
+                    tracing::debug!("binding iroh again: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => panic!("iroh binds on loopback: {e}"),
+            }
+        }
     }
     fn client(t: &IrohTransport) -> Arc<dyn RpcClient> {
         t.client()
@@ -112,6 +129,90 @@ impl TransportFactory for Grpc {
     }
     async fn stop(t: GrpcTransport) {
         t.shutdown(DRAIN).await;
+    }
+}
+
+/// Both transports behind the dual router, as a node in `mode = "dual"`
+/// runs them: Raft prefers iroh, with fallback to gRPC on. gRPC listens on
+/// the TCP port of iroh's UDP port, so one address restarts both.
+pub struct Dual;
+
+/// A running [`Dual`] node's transports.
+pub struct DualTransport {
+    pub iroh: IrohTransport,
+    pub grpc: GrpcTransport,
+    pub router: Arc<tern_transport_dual::DualRouter>,
+}
+
+/// How long a restarted dual node retries binding the ports its
+/// predecessor just released (or a TCP port another test holds).
+const REBIND_PATIENCE: Duration = Duration::from_secs(10);
+
+impl TransportFactory for Dual {
+    type Transport = DualTransport;
+    const NAME: &'static str = "dual";
+
+    async fn start(
+        &self,
+        secret: [u8; 32],
+        bind: SocketAddr,
+        handler: Arc<dyn Handler>,
+    ) -> DualTransport {
+        let deadline = tokio::time::Instant::now() + REBIND_PATIENCE;
+        loop {
+            let iroh = IrohTransport::bind(
+                IrohConfig::new(secret).with_bind_addr(bind),
+                handler.clone(),
+            )
+            .await;
+            let iroh = match iroh {
+                Ok(iroh) => iroh,
+                Err(e) if tokio::time::Instant::now() < deadline => {
+                    tracing::debug!("binding iroh again: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+                Err(e) => panic!("iroh binds on loopback: {e}"),
+            };
+            let tcp = SocketAddr::new(bind.ip(), iroh.local_addr().port());
+            match GrpcTransport::bind(ServerConfig::new(secret, tcp), handler.clone()).await {
+                Ok(grpc) => {
+                    let router = Arc::new(DualRouter::new(
+                        Some(grpc.client() as Arc<dyn RpcClient>),
+                        Some(iroh.client() as Arc<dyn RpcClient>),
+                        Policy {
+                            mode: Mode::Dual,
+                            prefer_iroh: IrohServices::AllExceptRaft,
+                            raft_transport: RaftTransport::Iroh,
+                            fallback_to_grpc: true,
+                        },
+                    ));
+                    return DualTransport { iroh, grpc, router };
+                }
+                Err(e) if tokio::time::Instant::now() < deadline => {
+                    tracing::debug!("binding gRPC again: {e}");
+                    iroh.shutdown(Duration::ZERO).await;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => panic!("gRPC binds on loopback: {e}"),
+            }
+        }
+    }
+    fn client(t: &DualTransport) -> Arc<dyn RpcClient> {
+        t.router.clone()
+    }
+    fn addr(t: &DualTransport) -> PeerAddr {
+        PeerAddr {
+            grpc: Some(t.grpc.server().url()),
+            ..t.iroh.peer_addr()
+        }
+    }
+    fn bound(t: &DualTransport) -> SocketAddr {
+        t.iroh.local_addr()
+    }
+    async fn stop(t: DualTransport) {
+        t.iroh.shutdown(DRAIN).await;
+        t.grpc.shutdown(DRAIN).await;
     }
 }
 
