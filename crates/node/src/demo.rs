@@ -237,12 +237,21 @@ pub async fn demo(duration: Option<Duration>) -> Result<(), String> {
                 return Err(e.to_string());
             }
         };
+        let iroh = file
+            .iroh
+            .iter()
+            .flatten()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(", ");
+        let metrics = file
+            .metrics
+            .map_or_else(|| "off".to_owned(), |m| format!("http://{m}/metrics"));
         println!(
-            "  node {i} up: pid {}, grpc {}, iroh {:?}, metrics {:?}",
+            "  node {i} up: pid {}, grpc {}, iroh {}, metrics {metrics}",
             file.pid,
             file.grpc.clone().unwrap_or_default(),
-            file.iroh.clone().unwrap_or_default(),
-            file.metrics
+            if iroh.is_empty() { "off" } else { &iroh },
         );
         children.procs.push(child);
         files.push(file);

@@ -94,12 +94,10 @@ pub async fn watch(
             list.revision
         }
     };
-    let mut at = 0usize;
+    let mut rotation = Rotation::new(nodes.len());
     let mut first = true;
-    let mut failing_since: Option<Instant> = None;
-    let mut tried_in_round = 0usize;
     loop {
-        let peer = nodes[at % nodes.len()].clone();
+        let peer = nodes[rotation.at % nodes.len()].clone();
         let ended = match open(conn, &peer, last, &vm_id).await {
             Ok(stream) => {
                 if !first {
@@ -109,8 +107,7 @@ pub async fn watch(
                     );
                 }
                 first = false;
-                failing_since = None;
-                tried_in_round = 0;
+                rotation.opened();
                 follow(stream, &mut last, out).await
             }
             Err(CallError::Application(s)) if first || !resumable(s.code) => {
@@ -133,21 +130,55 @@ pub async fn watch(
                     "the watch on node {} broke: {why}; resuming from revision {last} on another node",
                     peer.id.short()
                 );
-                let started = *failing_since.get_or_insert_with(Instant::now);
-                if started.elapsed() > RESUME_GIVE_UP {
-                    return Err(CliError::Node(format!(
-                        "no node of the cluster resumed the watch within {RESUME_GIVE_UP:?}; \
-                         run `tern vm watch --since {last}` again once a node is reachable"
-                    )));
-                }
-                at += 1;
-                tried_in_round += 1;
-                if tried_in_round >= nodes.len() {
-                    tried_in_round = 0;
-                    tokio::time::sleep(RESUME_BACKOFF).await;
-                }
+                rotation.next(last).await?;
             }
         }
+    }
+}
+
+/// Which node the watch tries next, and since when it has been failing.
+struct Rotation {
+    /// Index of the node to try (modulo the node count).
+    at: usize,
+    nodes: usize,
+    failing_since: Option<Instant>,
+    tried_in_round: usize,
+}
+
+impl Rotation {
+    fn new(nodes: usize) -> Rotation {
+        Rotation {
+            at: 0,
+            nodes,
+            failing_since: None,
+            tried_in_round: 0,
+        }
+    }
+
+    /// A stream opened: the failures so far are forgotten.
+    fn opened(&mut self) {
+        self.failing_since = None;
+        self.tried_in_round = 0;
+    }
+
+    /// The stream broke: moves to the next node, pausing
+    /// [`RESUME_BACKOFF`] after every node was tried once, and gives up
+    /// after [`RESUME_GIVE_UP`] without a stream.
+    async fn next(&mut self, last: u64) -> Result<(), CliError> {
+        let started = *self.failing_since.get_or_insert_with(Instant::now);
+        if started.elapsed() > RESUME_GIVE_UP {
+            return Err(CliError::Node(format!(
+                "no node of the cluster resumed the watch within {RESUME_GIVE_UP:?}; \
+                 run `tern vm watch --since {last}` again once a node is reachable"
+            )));
+        }
+        self.at += 1;
+        self.tried_in_round += 1;
+        if self.tried_in_round >= self.nodes {
+            self.tried_in_round = 0;
+            tokio::time::sleep(RESUME_BACKOFF).await;
+        }
+        Ok(())
     }
 }
 

@@ -337,6 +337,16 @@ fn batch_sent() {
 }
 
 /// Sends openraft's requests after the first.
+/// What the feeder does next.
+enum Next {
+    /// Send this batch.
+    Request(AppendEntriesRequest),
+    /// End the stream cleanly.
+    Finish,
+    /// The reader is gone: stop.
+    Stop,
+}
+
 struct Feeder {
     local: NodeId,
     target: NodeId,
@@ -363,26 +373,10 @@ impl Feeder {
                 },
                 () = self.fed.closed() => return,
             };
-            let next = tokio::select! {
-                next = tokio::time::timeout(APPEND_STREAM_QUIET_CLOSE, input.next()) => next,
-                () = self.fed.closed() => return,
-            };
-            let req = match next {
-                Ok(Some(req)) => req,
-                Ok(None) => {
-                    tracing::debug!(
-                        target = self.target,
-                        "replication input ended; closing the stream"
-                    );
-                    return self.finish().await;
-                }
-                Err(_) => {
-                    tracing::debug!(
-                        target = self.target,
-                        "nothing to replicate for a while; closing the stream"
-                    );
-                    return self.finish().await;
-                }
+            let req = match self.next_request(&mut input).await {
+                Next::Request(req) => req,
+                Next::Finish => return self.finish().await,
+                Next::Stop => return,
             };
             let encoded = match crate::network::encode_append(&req) {
                 Ok(encoded) => encoded,
@@ -405,20 +399,7 @@ impl Feeder {
                     "append batch over the payload limit; sending a prefix"
                 );
             }
-            let sent_ok = tokio::select! {
-                sent = self.sender.send(encoded.payload) => sent,
-                () = self.fed.closed() => return,
-            };
-            if let Err(e) = sent_ok {
-                tracing::debug!(target = self.target, error = %e, "replication stream send failed");
-                let err = map_call_error(
-                    &e,
-                    RPCTypes::AppendEntries,
-                    self.local,
-                    self.target,
-                    REPLICATION_TIMEOUT,
-                );
-                let _ = self.fed.send(Fed::Failed(err)).await;
+            if !self.send(encoded.payload).await {
                 return;
             }
             self.gauge.increment(1.0);
@@ -435,6 +416,60 @@ impl Feeder {
             }
             if cut {
                 return self.finish().await;
+            }
+        }
+    }
+
+    /// The next batch openraft builds; the stream ends (cleanly) when the
+    /// input ends or stays quiet for [`APPEND_STREAM_QUIET_CLOSE`], and
+    /// stops when the reader is gone.
+    async fn next_request<S>(&mut self, input: &mut S) -> Next
+    where
+        S: Stream<Item = AppendEntriesRequest> + Unpin,
+    {
+        let next = tokio::select! {
+            next = tokio::time::timeout(APPEND_STREAM_QUIET_CLOSE, input.next()) => next,
+            () = self.fed.closed() => return Next::Stop,
+        };
+        match next {
+            Ok(Some(req)) => Next::Request(req),
+            Ok(None) => {
+                tracing::debug!(
+                    target = self.target,
+                    "replication input ended; closing the stream"
+                );
+                Next::Finish
+            }
+            Err(_) => {
+                tracing::debug!(
+                    target = self.target,
+                    "nothing to replicate for a while; closing the stream"
+                );
+                Next::Finish
+            }
+        }
+    }
+
+    /// Sends one encoded batch; false when the stream is over (a failed
+    /// send is reported to the reader).
+    async fn send(&mut self, payload: Bytes) -> bool {
+        let sent = tokio::select! {
+            sent = self.sender.send(payload) => sent,
+            () = self.fed.closed() => return false,
+        };
+        match sent {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::debug!(target = self.target, error = %e, "replication stream send failed");
+                let err = map_call_error(
+                    &e,
+                    RPCTypes::AppendEntries,
+                    self.local,
+                    self.target,
+                    REPLICATION_TIMEOUT,
+                );
+                let _ = self.fed.send(Fed::Failed(err)).await;
+                false
             }
         }
     }

@@ -206,6 +206,16 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
     }
 }
 
+/// Counts how an attempt to open a replication stream ended.
+fn count_open(opened: &Result<append_stream::Opened, OpenFailed>) {
+    let outcome = match opened {
+        Ok(_) => "opened",
+        Err(OpenFailed::NoStreams(_)) => "unary",
+        Err(OpenFailed::Rpc(_)) => "failed",
+    };
+    ::metrics::counter!(names::RAFT_APPEND_STREAMS, "outcome" => outcome).increment(1);
+}
+
 /// openraft's connection to one target node.
 pub struct PeerNetwork {
     client: Arc<dyn RpcClient>,
@@ -422,32 +432,40 @@ impl PeerNetwork {
                     budget,
                 )))
             }
-            Ok(Ok(stream)) => match stream.sender {
-                Some(sender) => Ok(append_stream::Opened {
-                    local: self.local,
-                    target: self.target,
-                    sender,
-                    receiver: stream.receiver,
-                    first: Range::of(first, encoded.prefix.unwrap_or(first.entries.len())),
-                    first_cut: encoded.prefix.is_some(),
-                    lane,
-                    unary: self.unary.clone(),
-                }),
-                None => Err(OpenFailed::Rpc(RPCError::Network(
-                    NetworkError::from_string(
+            Ok(Ok(stream)) => self
+                .opened(stream, first, encoded.prefix, lane)
+                .ok_or_else(|| {
+                    OpenFailed::Rpc(RPCError::Network(NetworkError::from_string(
                         "the transport opened Raft/AppendStream without its sending half"
                             .to_string(),
-                    ),
-                ))),
-            },
+                    )))
+                }),
         };
-        let outcome = match &opened {
-            Ok(_) => "opened",
-            Err(OpenFailed::NoStreams(_)) => "unary",
-            Err(OpenFailed::Rpc(_)) => "failed",
-        };
-        ::metrics::counter!(names::RAFT_APPEND_STREAMS, "outcome" => outcome).increment(1);
+        count_open(&opened);
         opened
+    }
+
+    /// The leader's half of an opened replication stream; the first batch
+    /// (cut to `prefix` entries, if it was) rode in the opening. `None`
+    /// if the transport gave no sending half.
+    fn opened(
+        &self,
+        stream: tern_protocol::CallStream,
+        first: &AppendEntriesRequest,
+        prefix: Option<usize>,
+        lane: tokio::sync::OwnedSemaphorePermit,
+    ) -> Option<append_stream::Opened> {
+        let sender = stream.sender?;
+        Some(append_stream::Opened {
+            local: self.local,
+            target: self.target,
+            sender,
+            receiver: stream.receiver,
+            first: Range::of(first, prefix.unwrap_or(first.entries.len())),
+            first_cut: prefix.is_some(),
+            lane,
+            unary: self.unary.clone(),
+        })
     }
 
     /// One unary append: the answer and how many of the batch's entries

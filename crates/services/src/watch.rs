@@ -178,6 +178,43 @@ async fn stopping(status: &mut watch::Receiver<RaftStatus>) {
     drop(stopped);
 }
 
+/// The revision this node has applied up to.
+fn current(consensus: &dyn Consensus) -> Result<u64, Status> {
+    consensus
+        .query(|state| state.vm_history().revision())
+        .map_err(|e| Status::unavailable(e.to_string()))
+}
+
+/// A revision ahead of this node: waits (at most `wait`) for the node to
+/// catch up, then refuses it naming `from_revision`.
+async fn wait_for_revision(
+    consensus: &dyn Consensus,
+    changes: &mut watch::Receiver<u64>,
+    revision: u64,
+    wait: std::time::Duration,
+) -> Result<(), Status> {
+    if current(consensus)? >= revision {
+        return Ok(());
+    }
+    let caught_up = tokio::time::timeout(wait, async {
+        loop {
+            changed(changes, revision).await?;
+            if current(consensus)? >= revision {
+                return Ok::<(), Status>(());
+            }
+        }
+    })
+    .await;
+    match caught_up {
+        Ok(result) => result,
+        Err(_) => Err(Status::invalid_argument(format!(
+            "field `from_revision`: revision {revision} is ahead of this node's applied revision {} (waited {wait:?}); \
+             give a revision from `tern vm list` or from an event this cluster sent",
+            current(consensus)?,
+        ))),
+    }
+}
+
 /// Serves one watch; see the module docs.
 pub async fn serve(
     consensus: Arc<dyn Consensus>,
@@ -191,38 +228,12 @@ pub async fn serve(
     // Subscribed before the first read: a change after it wakes the loop.
     let mut changes = consensus.changes();
     let mut status = consensus.status();
-    let current = |c: &dyn Consensus| {
-        c.query(|state| state.vm_history().revision())
-            .map_err(|e| Status::unavailable(e.to_string()))
-    };
     let mut last = if req.from_revision == 0 {
         current(&*consensus)?
     } else {
         req.from_revision
     };
-    // A revision ahead of this node: wait (bounded) for it to catch up.
-    if current(&*consensus)? < last {
-        let caught_up = tokio::time::timeout(limits.future_wait, async {
-            loop {
-                changed(&mut changes, last).await?;
-                if current(&*consensus)? >= last {
-                    return Ok::<(), Status>(());
-                }
-            }
-        })
-        .await;
-        match caught_up {
-            Ok(result) => result?,
-            Err(_) => {
-                return Err(Status::invalid_argument(format!(
-                    "field `from_revision`: revision {last} is ahead of this node's applied revision {} (waited {:?}); \
-                     give a revision from `tern vm list` or from an event this cluster sent",
-                    current(&*consensus)?,
-                    limits.future_wait,
-                )));
-            }
-        }
-    }
+    wait_for_revision(&*consensus, &mut changes, last, limits.future_wait).await?;
     let opened_at = current(&*consensus)?;
     tracing::debug!(since = last, opened_at, vm_id = %req.vm_id, "VM watch opened");
     loop {
