@@ -105,6 +105,10 @@ pub struct RaftOptions {
     pub snapshot_logs_since_last: u64,
     /// See [`LOGS_TO_KEEP_AFTER_SNAPSHOT`].
     pub logs_to_keep_after_snapshot: u64,
+    /// Replicate over one `Raft/AppendStream` per follower (pipelined)
+    /// instead of one unary append at a time. Off by default: see
+    /// `tern_raft_net::append_stream`'s "Not the default yet".
+    pub pipelined_replication: bool,
 }
 
 impl Default for RaftOptions {
@@ -115,6 +119,7 @@ impl Default for RaftOptions {
             election_timeout_max: ELECTION_TIMEOUT_MAX,
             snapshot_logs_since_last: SNAPSHOT_LOGS_SINCE_LAST,
             logs_to_keep_after_snapshot: LOGS_TO_KEEP_AFTER_SNAPSHOT,
+            pipelined_replication: false,
         }
     }
 }
@@ -442,7 +447,8 @@ impl RaftNode {
         options: &RaftOptions,
     ) -> Result<RaftNode, RaftNodeError> {
         let config = Arc::new(options.to_config()?);
-        let network = NetworkFactory::new(client.clone(), id);
+        let network = NetworkFactory::new(client.clone(), id)
+            .with_pipelined_replication(options.pipelined_replication);
         let book = network.address_book();
         let raft = RaftInstance::new(id, config, network, log, sm.clone())
             .await

@@ -233,8 +233,12 @@ impl<F: TransportFactory> TransportFactory for Observe<F> {
     }
 }
 
+/// Pipelined replication on: what these tests are about.
 fn options() -> tern_cluster::RaftOptions {
-    tern_cluster::RaftOptions::default()
+    tern_cluster::RaftOptions {
+        pipelined_replication: true,
+        ..tern_cluster::RaftOptions::default()
+    }
 }
 
 /// Writes `from..to` through the leader, `concurrency` at a time; every

@@ -36,6 +36,16 @@
 //! one batch at a time, for [`UNARY_RETRY_AFTER`] before a stream is
 //! tried again.
 
+//! **Not the default yet.** A node replicates this way only when its
+//! `RaftOptions::pipelined_replication` is on (off by default; the tests
+//! of `cluster/tests/append_stream.rs` turn it on). Two findings keep it
+//! off: with it on, the lab's `udp-blocked` scenario saw one VM write
+//! wait more than its 8 s bound while UDP was blocked (with it off the
+//! same scenario passes, though its slowest write during the block still
+//! takes about 7 s, so the stall is not the stream's alone); and the
+//! 3-process bench showed no gain over unary appends, because a commit is
+//! bound by the disk and apply path, not by waiting for answers.
+
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;

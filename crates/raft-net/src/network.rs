@@ -148,6 +148,7 @@ pub struct NetworkFactory {
     local: NodeId,
     gates: Arc<Gates>,
     book: Arc<AddressBook>,
+    pipelined: bool,
 }
 
 impl std::fmt::Debug for NetworkFactory {
@@ -167,7 +168,18 @@ impl NetworkFactory {
             local,
             gates: Arc::new(Gates::default()),
             book: Arc::new(AddressBook::default()),
+            pipelined: false,
         }
+    }
+
+    /// Whether replication appends go over one `Raft/AppendStream` per
+    /// follower ([`crate::append_stream`]) instead of one unary
+    /// `Raft/AppendEntries` at a time. Off unless asked for: see
+    /// [`crate::append_stream`]'s "Not the default yet".
+    #[must_use]
+    pub fn with_pipelined_replication(mut self, on: bool) -> NetworkFactory {
+        self.pipelined = on;
+        self
     }
 
     /// The address book the clients consult; keep it updated with
@@ -186,6 +198,7 @@ impl NetworkFactory {
             append_lane,
             gate: self.gates.get(target, node.peer_id()),
             unary: append_stream::UnaryUntil::default(),
+            pipelined: self.pipelined,
         }
     }
 }
@@ -232,6 +245,8 @@ pub struct PeerNetwork {
     /// it answered a stream `Unimplemented`
     /// ([`append_stream::UNARY_RETRY_AFTER`]).
     unary: append_stream::UnaryUntil,
+    /// See [`NetworkFactory::with_pipelined_replication`].
+    pipelined: bool,
 }
 
 impl std::fmt::Debug for PeerNetwork {
@@ -677,7 +692,8 @@ impl RaftNetworkV2<TypeConfig> for PeerNetwork {
         S: Stream<Item = AppendEntriesRequest> + OptionalSend + Unpin + 'static,
     {
         Box::pin(async move {
-            let unary = self.append_lane == Priority::Control || self.unary.active();
+            let unary =
+                !self.pipelined || self.append_lane == Priority::Control || self.unary.active();
             if unary {
                 let this: &'s PeerNetwork = self;
                 return Ok(this.unary_stream(input, option));
