@@ -37,7 +37,7 @@ use std::time::{Duration, Instant};
 use crate::etcd::{self, EtcdCluster};
 use anyhow::{Context, bail};
 use tern_bench_part::{Better, Curve, Distribution, Part, Row, Series, Values, build_profile};
-use tern_cluster::{MetaError, meta_put};
+use tern_cluster::meta_put;
 use tern_protocol::{PeerAddr, RpcClient};
 
 use tern_testkit::config;
@@ -277,6 +277,42 @@ async fn etcd_throughput(
     throughput(put, writers, run).await
 }
 
+/// Launches `probe(n)` every [`PROBE_EVERY`] after `killed_at` (each on
+/// its own task, each bounded by its own timeout) until one succeeds;
+/// returns when it did. Fails after [`FAILOVER_BOUND`]. Tern's and etcd's
+/// failovers are measured by this one loop.
+async fn first_ack<P, Fut>(killed_at: Instant, probe: P) -> anyhow::Result<Instant>
+where
+    P: Fn(usize) -> Fut,
+    Fut: std::future::Future<Output = Result<(), String>> + Send + 'static,
+{
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Instant, String>>(64);
+    let mut probes = tokio::task::JoinSet::new();
+    let mut n = 0usize;
+    let mut tick = tokio::time::interval(PROBE_EVERY);
+    let acked = loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                if killed_at.elapsed() > FAILOVER_BOUND {
+                    bail!("no put was acknowledged within {FAILOVER_BOUND:?} of killing the leader");
+                }
+                n += 1;
+                let (attempt, tx) = (probe(n), tx.clone());
+                probes.spawn(async move {
+                    let _ = tx.send(attempt.await.map(|()| Instant::now())).await;
+                });
+            }
+            Some(r) = rx.recv() => {
+                if let Ok(at) = r {
+                    break at;
+                }
+            }
+        }
+    };
+    probes.abort_all();
+    Ok(acked)
+}
+
 /// Kills the leader and measures the time until a put is acknowledged by
 /// a new leader; restarts the killed node and waits until the cluster has
 /// settled.
@@ -290,38 +326,32 @@ async fn failover(c: &mut LocalCluster, tag: &str) -> anyhow::Result<Duration> {
         .collect::<anyhow::Result<_>>()?;
     c.kill(leader).await?;
     let killed_at = Instant::now();
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Instant, MetaError>>(64);
-    let mut probes = tokio::task::JoinSet::new();
-    let mut n = 0usize;
-    let mut tick = tokio::time::interval(PROBE_EVERY);
-    let acked = loop {
-        tokio::select! {
-            _ = tick.tick() => {
-                if killed_at.elapsed() > FAILOVER_BOUND {
-                    bail!("no put was acknowledged within {FAILOVER_BOUND:?} of killing the leader");
-                }
-                let target = survivors[n % survivors.len()].clone();
-                n += 1;
-                let (client, tx) = (c.client.clone(), tx.clone());
-                let id = format!("{tag}-probe-{n}");
-                probes.spawn(async move {
-                    let r = meta_put(client.as_ref(), &target, &id, "bench/failover", "probe", PROBE_TIMEOUT).await;
-                    let r = match r {
-                        Ok(put) if put.leader_id != leader_id => Ok(Instant::now()),
-                        Ok(put) => Err(MetaError::Other(format!("acknowledged by the killed leader {}", put.leader_id))),
-                        Err(e) => Err(e),
-                    };
-                    let _ = tx.send(r).await;
-                });
-            }
-            Some(r) = rx.recv() => {
-                if let Ok(at) = r {
-                    break at;
-                }
+    let client = c.client.clone();
+    let tag = tag.to_owned();
+    let probe = move |n: usize| {
+        let (client, target) = (client.clone(), survivors[n % survivors.len()].clone());
+        let id = format!("{tag}-probe-{n}");
+        async move {
+            match meta_put(
+                client.as_ref(),
+                &target,
+                &id,
+                "bench/failover",
+                "probe",
+                PROBE_TIMEOUT,
+            )
+            .await
+            {
+                Ok(put) if put.leader_id != leader_id => Ok(()),
+                Ok(put) => Err(format!(
+                    "acknowledged by the killed leader {}",
+                    put.leader_id
+                )),
+                Err(e) => Err(e.to_string()),
             }
         }
     };
-    probes.abort_all();
+    let acked = first_ack(killed_at, probe).await?;
     let took = acked.saturating_duration_since(killed_at);
     c.start_node(leader).await?;
     c.wait_formed().await?;
@@ -340,32 +370,15 @@ async fn etcd_failover(c: &mut EtcdCluster) -> anyhow::Result<Duration> {
         .collect();
     c.kill(leader).await?;
     let killed_at = Instant::now();
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Instant, String>>(64);
-    let mut probes = tokio::task::JoinSet::new();
-    let mut n = 0usize;
-    let mut tick = tokio::time::interval(PROBE_EVERY);
-    let acked = loop {
-        tokio::select! {
-            _ = tick.tick() => {
-                if killed_at.elapsed() > FAILOVER_BOUND {
-                    bail!("no etcd put was acknowledged within {FAILOVER_BOUND:?} of killing the leader");
-                }
-                let channel = survivors[n % survivors.len()].clone();
-                n += 1;
-                let tx = tx.clone();
-                probes.spawn(async move {
-                    let r = etcd::put(&channel, "bench/failover", "probe", PROBE_TIMEOUT).await;
-                    let _ = tx.send(r.map(|_| Instant::now())).await;
-                });
-            }
-            Some(r) = rx.recv() => {
-                if let Ok(at) = r {
-                    break at;
-                }
-            }
+    let probe = move |n: usize| {
+        let channel = survivors[n % survivors.len()].clone();
+        async move {
+            etcd::put(&channel, "bench/failover", "probe", PROBE_TIMEOUT)
+                .await
+                .map(|_| ())
         }
     };
-    probes.abort_all();
+    let acked = first_ack(killed_at, probe).await?;
     let took = acked.saturating_duration_since(killed_at);
     c.start_member(leader)?;
     c.wait_leader().await?;
