@@ -106,8 +106,8 @@ pub struct RaftOptions {
     /// See [`LOGS_TO_KEEP_AFTER_SNAPSHOT`].
     pub logs_to_keep_after_snapshot: u64,
     /// Replicate over one `Raft/AppendStream` per follower (pipelined)
-    /// instead of one unary append at a time. Off by default: see
-    /// `tern_raft_net::append_stream`'s "Not the default yet".
+    /// instead of one unary append at a time. On by default: see
+    /// `tern_raft_net::append_stream`'s "The default".
     pub pipelined_replication: bool,
 }
 
@@ -119,7 +119,7 @@ impl Default for RaftOptions {
             election_timeout_max: ELECTION_TIMEOUT_MAX,
             snapshot_logs_since_last: SNAPSHOT_LOGS_SINCE_LAST,
             logs_to_keep_after_snapshot: LOGS_TO_KEEP_AFTER_SNAPSHOT,
-            pipelined_replication: false,
+            pipelined_replication: true,
         }
     }
 }

@@ -93,6 +93,10 @@ metrics! {
     /// Fallbacks to gRPC; labels `service`, `method`, `reason`.
     ROUTER_FALLBACKS = "tern_router_fallbacks_total", Counter,
         "Calls the dual router sent over gRPC after iroh failed or was cooling down.";
+    /// Checks of a slow iroh call's path; labels `outcome` (`alive`,
+    /// `dead`).
+    ROUTER_PATH_CHECKS = "tern_router_path_checks_total", Counter,
+        "Pings the dual router sent on the iroh path of a call that was slow to answer, by outcome; a dead path sends the call over gRPC at once.";
     /// Reroutes for capability; labels `service`, `reason`.
     ROUTER_REROUTES = "tern_router_reroutes_total", Counter,
         "Calls sent over the non-preferred transport because the peer or this node lacks the preferred one.";

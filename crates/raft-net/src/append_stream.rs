@@ -36,15 +36,16 @@
 //! one batch at a time, for [`UNARY_RETRY_AFTER`] before a stream is
 //! tried again.
 
-//! **Not the default yet.** A node replicates this way only when its
-//! `RaftOptions::pipelined_replication` is on (off by default; the tests
-//! of `cluster/tests/append_stream.rs` turn it on). Two findings keep it
-//! off: with it on, the lab's `udp-blocked` scenario saw one VM write
-//! wait more than its 8 s bound while UDP was blocked (with it off the
-//! same scenario passes, though its slowest write during the block still
-//! takes about 7 s, so the stall is not the stream's alone); and the
-//! 3-process bench showed no gain over unary appends, because a commit is
-//! bound by the disk and apply path, not by waiting for answers.
+//! **The default.** `RaftOptions::pipelined_replication` is on unless a
+//! node's options turn it off (the unary path stays, tested, for that and
+//! for older followers). It was off for one stop: the lab's `udp-blocked`
+//! scenario saw a VM write wait past its 8 s bound while UDP was blocked.
+//! The cause was not the stream: a follower's forwarded write waited out
+//! its whole iroh budget (7 s) on the dead path before falling back. The
+//! router now pings a slow call's path and falls back when the ping fails
+//! (`tern_transport_dual::router::PATH_CHECK_AFTER`), and the scenario's
+//! slowest write during the block is about 2 s (one `REPLICATION_TIMEOUT`
+//! on the stalled stream, after which it is reopened over gRPC).
 
 use std::pin::Pin;
 use std::sync::Arc;

@@ -168,14 +168,14 @@ impl NetworkFactory {
             local,
             gates: Arc::new(Gates::default()),
             book: Arc::new(AddressBook::default()),
-            pipelined: false,
+            pipelined: true,
         }
     }
 
     /// Whether replication appends go over one `Raft/AppendStream` per
     /// follower ([`crate::append_stream`]) instead of one unary
-    /// `Raft/AppendEntries` at a time. Off unless asked for: see
-    /// [`crate::append_stream`]'s "Not the default yet".
+    /// `Raft/AppendEntries` at a time. On by default (see
+    /// [`crate::append_stream`]'s "The default").
     #[must_use]
     pub fn with_pipelined_replication(mut self, on: bool) -> NetworkFactory {
         self.pipelined = on;

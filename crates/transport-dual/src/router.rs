@@ -12,9 +12,15 @@
 //!    for gRPC. On a transport error that [`CallError::is_safe_to_retry`]
 //!    allows, it is sent again over gRPC; the fallback is counted per
 //!    service and logged. Application errors are answers and never retried.
-//! 4. After an iroh failure the peer's [`Breaker`] sends calls straight to
-//!    gRPC for a cool-down, so a blocked path costs one timeout, not one per
-//!    call.
+//! 4. A call on iroh that is slow to answer has its path checked: after
+//!    [`PATH_CHECK_AFTER`] without an answer the router pings the peer over
+//!    iroh; if the ping fails too, the path is dead (UDP blocked, say) and
+//!    an idempotent call goes to gRPC at once rather than after its whole
+//!    iroh budget (seconds for a forwarded write). A slow handler on a live
+//!    path keeps its call.
+//! 5. After an iroh failure the peer's [`Breaker`] sends calls straight to
+//!    gRPC for a cool-down, so a blocked path costs one timeout (or one
+//!    failed path check), not one per call.
 //!
 //! Streams ([`DualRouter::open_stream_routed`]) are routed the same way;
 //! only their opening may fall back (before the stream is handed to the
@@ -44,6 +50,13 @@ use crate::policy::{Mode, Policy, Preference, RaftTransport};
 pub const FALLBACK_RESERVE: Duration = Duration::from_secs(3);
 /// A fallback is not attempted with less time left than this.
 pub const MIN_FALLBACK_TIME: Duration = Duration::from_millis(20);
+/// An iroh call that may fall back and has had no answer for this long has
+/// its path pinged (see [`DualRouter::call_routed`]); a healthy call on a
+/// LAN answers in milliseconds, a Raft commit under load in tens.
+pub const PATH_CHECK_AFTER: Duration = Duration::from_millis(500);
+/// A path whose ping fails within this long is taken for dead and the call
+/// goes to gRPC.
+pub const PATH_CHECK_TIMEOUT: Duration = Duration::from_secs(1);
 /// How often idle adaptive paths are pinged.
 pub const PROBE_INTERVAL: Duration = Duration::from_millis(500);
 /// Timeout of one probe ping.
@@ -273,9 +286,12 @@ impl DualRouter {
         } else {
             call.open_timeout
         };
-        let result = self
-            .attempt_stream(first, peer, call.clone().with_open_timeout(budget))
-            .await;
+        let opening = self.attempt_stream(first, peer, call.clone().with_open_timeout(budget));
+        let result = if first == TransportKind::Iroh && can_fall_back && method.idempotent {
+            self.watched(peer, opening).await
+        } else {
+            opening.await
+        };
         if first == TransportKind::Iroh && can_fall_back {
             match &result {
                 Ok(_) => self.with_peer(peer, |p| p.breaker.on_success()),
@@ -376,9 +392,12 @@ impl DualRouter {
         } else {
             call.timeout
         };
-        let result = self
-            .attempt(first, peer, call.clone().with_timeout(budget))
-            .await;
+        let attempt = self.attempt(first, peer, call.clone().with_timeout(budget));
+        let result = if first == TransportKind::Iroh && can_fall_back && method.idempotent {
+            self.watched(peer, attempt).await
+        } else {
+            attempt.await
+        };
         if first == TransportKind::Iroh && can_fall_back {
             match &result {
                 Ok(_) => self.with_peer(peer, |p| p.breaker.on_success()),
@@ -443,6 +462,67 @@ impl DualRouter {
                 fell_back: true,
             }),
         )
+    }
+
+    /// Runs `attempt` (a call or a stream opening on iroh that may fall
+    /// back) while watching its path: once it has gone [`PATH_CHECK_AFTER`]
+    /// without an answer, and every [`PATH_CHECK_AFTER`] after that, the
+    /// iroh path to `peer` is pinged. A ping that fails at the transport
+    /// level within [`PATH_CHECK_TIMEOUT`] means the path is dead (UDP
+    /// blocked, the peer's address gone): the attempt is abandoned with a
+    /// `TimedOut` error that may have been delivered, so the caller falls
+    /// back to gRPC at once instead of waiting out the whole iroh budget.
+    /// Only used for idempotent methods, which are safe to send again. A
+    /// ping that answers leaves the attempt running: the handler is slow,
+    /// not the path.
+    async fn watched<T>(
+        &self,
+        peer: &PeerAddr,
+        attempt: impl std::future::Future<Output = Result<T, CallError>>,
+    ) -> Result<T, CallError> {
+        let Some(iroh) = self.client(TransportKind::Iroh).cloned() else {
+            return attempt.await;
+        };
+        let started = crate::now();
+        let watch = async {
+            loop {
+                tokio::time::sleep(PATH_CHECK_AFTER).await;
+                match iroh.ping(peer, PATH_CHECK_TIMEOUT).await {
+                    Err(CallError::Transport(e)) => {
+                        metrics::counter!(names::ROUTER_PATH_CHECKS, "outcome" => "dead")
+                            .increment(1);
+                        break e;
+                    }
+                    Ok(_) | Err(CallError::Application(_)) => {
+                        metrics::counter!(names::ROUTER_PATH_CHECKS, "outcome" => "alive")
+                            .increment(1);
+                    }
+                }
+            }
+        };
+        tokio::select! {
+            biased;
+            result = attempt => result,
+            dead = watch => {
+                let waited = crate::now().saturating_duration_since(started);
+                tracing::warn!(
+                    peer = %peer.id.short(),
+                    waited_ms = waited.as_millis(),
+                    error = %dead,
+                    "the iroh path stopped answering pings; giving up on iroh for this call"
+                );
+                Err(TransportError::new(
+                    TransportKind::Iroh,
+                    TransportErrorKind::TimedOut,
+                    Delivery::MayHaveBeenDelivered,
+                    format!(
+                        "no answer after {} ms and the path did not answer a ping ({dead})",
+                        waited.as_millis()
+                    ),
+                )
+                .into())
+            }
+        }
     }
 
     async fn attempt(
@@ -619,7 +699,7 @@ mod tests {
     use crate::policy::{IrohServices, Mode};
     use std::collections::VecDeque;
     use std::sync::atomic::{AtomicU64, Ordering};
-    use tern_protocol::catalog::{Method, methods};
+    use tern_protocol::catalog::{METHODS, Method, methods};
     use tern_protocol::{Priority, Status};
 
     type Scripted = Result<Bytes, CallError>;
@@ -680,9 +760,19 @@ mod tests {
         fn ping<'a>(
             &'a self,
             _peer: &'a PeerAddr,
-            _timeout: Duration,
+            timeout: Duration,
         ) -> BoxFuture<'a, Result<Duration, CallError>> {
             Box::pin(async move {
+                if self.ping > timeout {
+                    tokio::time::sleep(timeout).await;
+                    return Err(TransportError::new(
+                        self.kind,
+                        TransportErrorKind::TimedOut,
+                        Delivery::NotDelivered,
+                        "scripted: no pong",
+                    )
+                    .into());
+                }
                 tokio::time::sleep(self.ping).await;
                 Ok(self.ping)
             })
@@ -938,6 +1028,90 @@ mod tests {
             Duration::from_secs(10) - FALLBACK_RESERVE,
             "iroh got the budget, gRPC the reserve"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_dead_path_is_found_by_a_ping_and_the_call_falls_back_at_once() {
+        // iroh takes calls and never answers, and its pings go unanswered
+        // too: UDP blocked on a connection that was open.
+        let g = Fake::new(TransportKind::Grpc);
+        let i = Fake::with(
+            TransportKind::Iroh,
+            Duration::from_secs(3600),
+            Duration::from_secs(3600),
+        );
+        let r = DualRouter::new(Some(g.clone()), Some(i.clone()), dual(&[ServiceId::Vm]));
+        let p = peer(true, true);
+        let long = |m| Call::new(m, Bytes::new()).with_timeout(Duration::from_secs(60));
+        let started = tokio::time::Instant::now();
+        let (result, route) = r.call_routed(&p, long(methods::VM_STOP)).await;
+        assert_eq!(result.unwrap(), "grpc");
+        assert_eq!(
+            route,
+            Some(Route {
+                first: TransportKind::Iroh,
+                fell_back: true
+            })
+        );
+        assert_eq!(
+            started.elapsed(),
+            PATH_CHECK_AFTER + PATH_CHECK_TIMEOUT,
+            "one failed ping, not the iroh budget of {:?}",
+            Duration::from_secs(60) - FALLBACK_RESERVE
+        );
+        assert_eq!((g.calls(), i.calls()), (1, 1));
+        // The breaker is open: the next call does not try iroh.
+        assert_eq!(r.call(&p, long(methods::VM_STOP)).await.unwrap(), "grpc");
+        assert_eq!(i.calls(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_answer_on_a_live_path_is_waited_for() {
+        // The handler takes 5 s, the path answers pings: the call stays on
+        // iroh however many checks it takes.
+        let g = Fake::new(TransportKind::Grpc);
+        let i = Fake::with(
+            TransportKind::Iroh,
+            Duration::from_secs(5),
+            Duration::from_millis(1),
+        );
+        let r = DualRouter::new(Some(g.clone()), Some(i.clone()), dual(&[ServiceId::Vm]));
+        let call = Call::new(methods::VM_STOP, Bytes::new()).with_timeout(Duration::from_secs(60));
+        let (result, route) = r.call_routed(&peer(true, true), call).await;
+        assert_eq!(result.unwrap(), "iroh");
+        assert_eq!(
+            route,
+            Some(Route {
+                first: TransportKind::Iroh,
+                fell_back: false
+            })
+        );
+        assert_eq!(g.calls(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_call_that_is_not_idempotent_keeps_its_iroh_budget() {
+        // `Cluster/TokenCreate` is not safe to send twice: its path is not
+        // watched, since abandoning it could not be followed by a retry.
+        let g = Fake::new(TransportKind::Grpc);
+        let i = Fake::with(
+            TransportKind::Iroh,
+            Duration::from_secs(5),
+            Duration::from_secs(3600),
+        );
+        let r = DualRouter::new(
+            Some(g.clone()),
+            Some(i.clone()),
+            dual(&[ServiceId::Cluster]),
+        );
+        let method = METHODS
+            .iter()
+            .find(|m| !m.idempotent)
+            .expect("a method that is not idempotent");
+        let call = Call::new(method, Bytes::new()).with_timeout(Duration::from_secs(60));
+        let (result, _) = r.call_routed(&peer(true, true), call).await;
+        assert_eq!(result.unwrap(), "iroh");
+        assert_eq!(g.calls(), 0);
     }
 
     #[tokio::test(start_paused = true)]
