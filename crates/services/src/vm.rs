@@ -162,7 +162,7 @@ impl VmService {
         forward_to_leader(
             client.as_ref(),
             &Leader { id: leader, addr },
-            ctx,
+            ctx.deadline,
             method,
             payload,
         )
