@@ -1,21 +1,18 @@
 //! Real transports for service tests: the same test body runs over gRPC
 //! and over iroh, each node a real server on loopback.
-#![allow(clippy::unwrap_used)] // reason: test support; a failure should fail the test loudly.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
-use std::time::Duration;
 
 use tern_protocol::{Handler, PeerAddr, PeerId, RpcClient};
 use tern_transport_grpc::{GrpcTransport, ServerConfig};
 use tern_transport_iroh::{IrohConfig, IrohTransport};
 
-/// Drain given to a test node at shutdown.
-const DRAIN: Duration = Duration::from_secs(2);
+use crate::factory::DRAIN;
 
 /// Which transport a test runs over.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Kind {
+pub enum Kind {
     /// tonic over HTTP/2.
     Grpc,
     /// iroh QUIC.
@@ -23,7 +20,7 @@ pub(crate) enum Kind {
 }
 
 /// A running node of either transport.
-pub(crate) enum Node {
+pub enum Node {
     /// gRPC.
     Grpc(GrpcTransport),
     /// iroh.
@@ -41,7 +38,7 @@ fn next_key() -> [u8; 32] {
 
 impl Node {
     /// Starts a node serving `handler` on loopback.
-    pub(crate) async fn start(kind: Kind, handler: Arc<dyn Handler>) -> Node {
+    pub async fn start(kind: Kind, handler: Arc<dyn Handler>) -> Node {
         let key = next_key();
         match kind {
             Kind::Grpc => {
@@ -57,7 +54,7 @@ impl Node {
     }
 
     /// How to reach it.
-    pub(crate) fn addr(&self) -> PeerAddr {
+    pub fn addr(&self) -> PeerAddr {
         match self {
             Node::Grpc(t) => t.peer_addr(),
             Node::Iroh(t) => t.peer_addr(),
@@ -65,7 +62,7 @@ impl Node {
     }
 
     /// Its identity.
-    pub(crate) fn id(&self) -> PeerId {
+    pub fn id(&self) -> PeerId {
         match self {
             Node::Grpc(t) => t.id(),
             Node::Iroh(t) => t.id(),
@@ -73,7 +70,7 @@ impl Node {
     }
 
     /// Its client (calls as this node).
-    pub(crate) fn client(&self) -> Arc<dyn RpcClient> {
+    pub fn client(&self) -> Arc<dyn RpcClient> {
         match self {
             Node::Grpc(t) => t.client(),
             Node::Iroh(t) => t.client(),
@@ -81,7 +78,7 @@ impl Node {
     }
 
     /// Stops it.
-    pub(crate) async fn shutdown(self) {
+    pub async fn shutdown(self) {
         match self {
             Node::Grpc(t) => t.shutdown(DRAIN).await,
             Node::Iroh(t) => t.shutdown(DRAIN).await,
