@@ -1,14 +1,15 @@
 //! Real transports for service tests: the same test body runs over gRPC
 //! and over iroh, each node a real server on loopback.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
 
 use tern_protocol::{Handler, PeerAddr, PeerId, RpcClient};
-use tern_transport_grpc::{GrpcTransport, ServerConfig};
-use tern_transport_iroh::{IrohConfig, IrohTransport};
+use tern_transport_grpc::GrpcTransport;
+use tern_transport_iroh::IrohTransport;
 
-use crate::factory::DRAIN;
+use crate::factory::{DRAIN, Grpc, Iroh, TransportFactory};
 
 /// Which transport a test runs over.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,19 +38,14 @@ fn next_key() -> [u8; 32] {
 }
 
 impl Node {
-    /// Starts a node serving `handler` on loopback.
+    /// Starts a node serving `handler` on loopback, any port, with a
+    /// fresh identity (through the [`crate::factory`] factories).
     pub async fn start(kind: Kind, handler: Arc<dyn Handler>) -> Node {
         let key = next_key();
+        let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
         match kind {
-            Kind::Grpc => {
-                let config = ServerConfig::new(key, ([127, 0, 0, 1], 0).into());
-                Node::Grpc(GrpcTransport::bind(config, handler).await.unwrap())
-            }
-            Kind::Iroh => Node::Iroh(
-                IrohTransport::bind(IrohConfig::new(key), handler)
-                    .await
-                    .unwrap(),
-            ),
+            Kind::Grpc => Node::Grpc(Grpc.start(key, loopback, handler).await),
+            Kind::Iroh => Node::Iroh(Iroh.start(key, loopback, handler).await),
         }
     }
 
