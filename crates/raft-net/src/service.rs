@@ -162,7 +162,7 @@ impl RaftService {
         }
     }
 
-    /// The handler of [`ServiceId::Raft`](tern_protocol::ServiceId::Raft).
+    /// The handler of [`ServiceId::Raft`].
     pub fn handler(&self) -> Arc<dyn Handler> {
         Arc::new(RaftHandler {
             shared: self.shared.clone(),
