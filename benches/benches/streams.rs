@@ -23,11 +23,14 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use iroh::endpoint::{Connection, RecvStream, SendStream};
-use iroh::protocol::{AcceptError, ProtocolHandler, Router};
+use iroh::endpoint::{RecvStream, SendStream};
+use iroh::protocol::Router;
 use iroh::{EndpointAddr, SecretKey};
 use prost::Message;
-use tern_benches::raw::{raw_endpoint, raw_grpc_channel, raw_grpc_server};
+use tern_benches::raw::{
+    RAW_MAX, RAW_STREAM_ALPN, RawStreamEcho, raw_endpoint, raw_grpc_channel, raw_grpc_server,
+    raw_stream_read, raw_stream_write,
+};
 use tern_benches::stats::Latencies;
 use tern_protocol::catalog::methods;
 use tern_protocol::{RpcClient, StreamCall, StreamReceiver, StreamSender, pb};
@@ -48,10 +51,6 @@ fn batch(size: usize) -> usize {
 const PERCENTILE_SAMPLE: usize = 1000;
 /// Bounds of the benched streams: never expected to hit.
 const BOUND: Duration = Duration::from_secs(60);
-/// ALPN of the raw iroh stream baseline.
-const RAW_STREAM_ALPN: &[u8] = b"tern/bench-raw-stream/0";
-/// Largest raw message accepted.
-const RAW_MAX: usize = 1 << 20;
 
 /// One open stream, whatever carries it: send a message, read one.
 enum Open {
@@ -76,12 +75,7 @@ impl Open {
                 )
                 .await
                 .unwrap(),
-            Open::RawIroh(send, _) => {
-                let len = (message.len() as u32).to_le_bytes();
-                send.write_all_chunks(&mut [Bytes::copy_from_slice(&len), message.clone()])
-                    .await
-                    .unwrap();
-            }
+            Open::RawIroh(send, _) => raw_stream_write(send, message.clone()).await.unwrap(),
             Open::RawGrpc(tx, _) => tx
                 .send(pb::RaftPayload {
                     data: message.clone(),
@@ -97,7 +91,7 @@ impl Open {
                 let bytes = receiver.next().await.unwrap().unwrap();
                 pb::RaftPayload::decode(bytes).unwrap().data.len()
             }
-            Open::RawIroh(_, recv) => read_raw(recv).await.unwrap().len(),
+            Open::RawIroh(_, recv) => raw_stream_read(recv).await.unwrap().len(),
             Open::RawGrpc(_, answers) => answers.message().await.unwrap().unwrap().data.len(),
         }
     }
@@ -115,37 +109,6 @@ impl Open {
                 read += 1;
             }
         }
-    }
-}
-
-async fn read_raw(recv: &mut RecvStream) -> anyhow::Result<Vec<u8>> {
-    let mut len = [0u8; 4];
-    recv.read_exact(&mut len).await?;
-    let len = u32::from_le_bytes(len) as usize;
-    anyhow::ensure!(len <= RAW_MAX, "raw message too large");
-    let mut data = vec![0u8; len];
-    recv.read_exact(&mut data).await?;
-    Ok(data)
-}
-
-/// The raw iroh stream baseline: echo length-prefixed messages.
-#[derive(Debug, Clone)]
-struct RawStreamEcho;
-
-impl ProtocolHandler for RawStreamEcho {
-    async fn accept(&self, conn: Connection) -> Result<(), AcceptError> {
-        while let Ok((mut send, mut recv)) = conn.accept_bi().await {
-            tokio::spawn(async move {
-                while let Ok(data) = read_raw(&mut recv).await {
-                    let len = (data.len() as u32).to_le_bytes();
-                    let chunks = &mut [Bytes::copy_from_slice(&len), Bytes::from(data)];
-                    if send.write_all_chunks(chunks).await.is_err() {
-                        return;
-                    }
-                }
-            });
-        }
-        Ok(())
     }
 }
 

@@ -1,13 +1,16 @@
 //! The raw baselines, the one module both measure them from: the
 //! two-process bench (`tern-bench serve --transport raw-iroh|raw-grpc`)
 //! and the transports' in-process criterion benches (`benches/iroh.rs`,
-//! `benches/grpc.rs`). What the bare libraries cost, so that our
+//! `benches/grpc.rs`, and `benches/streams.rs` for streams). What the bare libraries cost, so that our
 //! transports' overhead reads as a ratio. (There were three copies, and
 //! their message limits had drifted apart.)
 //!
 //! - iroh: a bare endpoint on its own ALPN; a call is one bi-stream, the
 //!   request written and finished, the answer read to its end. No framing,
 //!   no lanes, no pool.
+//! - iroh streams (`benches/streams.rs`): one bi-stream of a bare endpoint
+//!   on its own ALPN ([`RAW_STREAM_ALPN`]), messages length-prefixed (4
+//!   bytes, LE) and echoed ([`RawStreamEcho`]).
 //! - gRPC: tonic's generated `Raft` service answering directly, called with
 //!   tonic's generated client on one channel, over the same TLS 1.3 with
 //!   node-key certificates as our transport
@@ -18,7 +21,7 @@ use std::net::SocketAddr;
 
 use anyhow::Context;
 use bytes::Bytes;
-use iroh::endpoint::{Connection, presets};
+use iroh::endpoint::{Connection, RecvStream, SendStream, presets};
 use iroh::protocol::{AcceptError, ProtocolHandler, Router};
 use iroh::{Endpoint, RelayMode, SecretKey};
 use tern_protocol::{PeerId, pb};
@@ -30,6 +33,8 @@ pub const RAW_ALPN: &[u8] = b"tern/bench-raw/0";
 /// Largest message either raw baseline accepts: the largest bulk chunk the
 /// bench sends, with room for framing.
 pub const RAW_MAX: usize = 17 << 20;
+/// ALPN of the raw iroh stream baseline.
+pub const RAW_STREAM_ALPN: &[u8] = b"tern/bench-raw-stream/0";
 /// Raw iroh messages up to this size are echoed; larger ones are answered
 /// with their length (8 bytes, LE), as `Raft/Snapshot` answers a chunk.
 pub const RAW_ECHO_MAX: usize = 4096;
@@ -53,6 +58,50 @@ impl ProtocolHandler for RawEcho {
                 let _ = send.write_chunk(answer).await;
                 let _ = send.finish();
                 let _ = send.stopped().await;
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Reads one length-prefixed message of the raw stream baseline.
+pub async fn raw_stream_read(recv: &mut RecvStream) -> anyhow::Result<Vec<u8>> {
+    let mut len = [0u8; 4];
+    recv.read_exact(&mut len).await?;
+    let len = u32::from_le_bytes(len) as usize;
+    anyhow::ensure!(
+        len <= RAW_MAX,
+        "raw message of {len} bytes, above {RAW_MAX}"
+    );
+    let mut data = vec![0u8; len];
+    recv.read_exact(&mut data).await?;
+    Ok(data)
+}
+
+/// Writes one length-prefixed message of the raw stream baseline.
+pub async fn raw_stream_write(send: &mut SendStream, message: Bytes) -> anyhow::Result<()> {
+    let len = u32::try_from(message.len())?.to_le_bytes();
+    send.write_all_chunks(&mut [Bytes::copy_from_slice(&len), message])
+        .await?;
+    Ok(())
+}
+
+/// The raw iroh stream baseline: echo length-prefixed messages.
+#[derive(Debug, Clone)]
+pub struct RawStreamEcho;
+
+impl ProtocolHandler for RawStreamEcho {
+    async fn accept(&self, conn: Connection) -> Result<(), AcceptError> {
+        while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+            tokio::spawn(async move {
+                while let Ok(data) = raw_stream_read(&mut recv).await {
+                    if raw_stream_write(&mut send, Bytes::from(data))
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
             });
         }
         Ok(())

@@ -4,7 +4,8 @@
 //! Writes go through [`RaftNode::client_write`], which checks the write
 //! limits before proposing (a write over them is
 //! [`ConsensusError::TooLarge`]). On a follower they are sent to the
-//! leader with `Raft/Propose` (through the node's router), so a follower's
+//! leader with `Raft/Propose` (through the node's router and the one
+//! `tern_protocol::forward::forward_to_leader`), so a follower's
 //! reconciler reports and the VM writes its VM service accepted land
 //! wherever they start (the leader commits only those, see
 //! `tern_raft_net::check_proposal`); a command carries a request id, so a
@@ -14,11 +15,13 @@
 
 use std::sync::Arc;
 
-use crate::node::{RaftNode, RaftNodeError, WriteError};
+use crate::node::{RaftNode, WriteError};
 use openraft::ServerState;
 use openraft::async_runtime::WatchReceiver;
 use openraft::errors::{ClientWriteError, Fatal, RaftError};
-use tern_protocol::{BoxFuture, CallError, Code, RpcClient};
+use tern_protocol::catalog::methods;
+use tern_protocol::forward::{Leader, forward_to_leader};
+use tern_protocol::{BoxFuture, Code, RpcClient};
 use tern_services::consensus::{Consensus, ConsensusError, MemberStatus, RaftRole, RaftStatus};
 use tern_state::{ClusterState, Command, Response};
 use tokio::sync::watch;
@@ -95,6 +98,40 @@ impl RaftConsensus {
     }
 }
 
+impl RaftConsensus {
+    /// Proposes `command` at `leader` on this member's behalf
+    /// (`Raft/Propose`), through the one forward to the leader
+    /// ([`forward_to_leader`], [`tern_protocol::forward::FORWARD_TIMEOUT`]).
+    async fn forward(
+        &self,
+        leader: &Leader,
+        command: &Command,
+    ) -> Result<Response, ConsensusError> {
+        let unavailable = |why: String| ConsensusError::Unavailable {
+            reason: format!("forwarding to the leader (node {}): {why}", leader.id),
+        };
+        let payload = tern_raft_net::wire::wrap(command)
+            .map_err(|e| unavailable(format!("cannot encode the command: {e}")))?;
+        match forward_to_leader(
+            self.client.as_ref(),
+            leader,
+            None,
+            methods::RAFT_PROPOSE,
+            payload,
+        )
+        .await
+        {
+            Ok(bytes) => tern_raft_net::wire::unwrap::<Response>(bytes)
+                .map_err(|e| unavailable(format!("undecodable propose response: {e}"))),
+            // Leadership moved while the write travelled.
+            Err(s) if s.code == Code::FailedPrecondition => {
+                Err(ConsensusError::NotLeader { leader: None })
+            }
+            Err(s) => Err(unavailable(s.to_string())),
+        }
+    }
+}
+
 impl Consensus for RaftConsensus {
     fn write(&self, command: Command) -> BoxFuture<'_, Result<Response, ConsensusError>> {
         Box::pin(async move {
@@ -105,32 +142,16 @@ impl Consensus for RaftConsensus {
                 Err(WriteError::Raft(RaftError::APIError(ClientWriteError::ForwardToLeader(
                     f,
                 )))) => {
-                    let Some(leader) = &f.leader_node else {
+                    let (Some(id), Some(member)) = (f.leader_id, &f.leader_node) else {
                         return Err(ConsensusError::NotLeader {
                             leader: f.leader_id,
                         });
                     };
-                    match crate::propose(
-                        self.client.as_ref(),
-                        &leader.addr,
-                        &command_copy,
-                        tern_protocol::forward::FORWARD_TIMEOUT,
-                    )
-                    .await
-                    {
-                        Ok(response) => Ok(response),
-                        Err(RaftNodeError::Limit(e)) => Err(ConsensusError::TooLarge(e)),
-                        Err(RaftNodeError::Call {
-                            error: CallError::Application(s),
-                            ..
-                        }) if s.code == Code::FailedPrecondition => {
-                            // Leadership moved while the write travelled.
-                            Err(ConsensusError::NotLeader { leader: None })
-                        }
-                        Err(e) => Err(ConsensusError::Unavailable {
-                            reason: format!("forwarding to leader {:?}: {e}", f.leader_id),
-                        }),
-                    }
+                    let leader = Leader {
+                        id,
+                        addr: member.addr.clone(),
+                    };
+                    self.forward(&leader, &command_copy).await
                 }
                 Err(e) => Err(ConsensusError::Unavailable {
                     reason: e.to_string(),

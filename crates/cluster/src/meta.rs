@@ -365,5 +365,5 @@ async fn forward_register_call(
         id,
         addr: member.addr.clone(),
     };
-    forward_to_leader(node.client.as_ref(), &leader, ctx, method, payload).await
+    forward_to_leader(node.client.as_ref(), &leader, ctx.deadline, method, payload).await
 }

@@ -242,9 +242,11 @@ fn parse_members(members: &[pb::Member]) -> Vec<(NodeId, PeerAddr)> {
 }
 
 /// Asks `leader` to commit `command` on this member's behalf
-/// (`Raft/Propose`), and returns the state machine's response. For a
-/// follower's writes: its reconciler's reports and forwarded VM writes. The
-/// caller must be a member; a node that is not the leader answers
+/// (`Raft/Propose`) within `timeout`, and returns the state machine's
+/// response: a direct call to a node the caller names (tools and tests).
+/// A follower's own writes reach the leader through
+/// [`RaftConsensus`](crate::RaftConsensus), which forwards them with
+/// `tern_protocol::forward::forward_to_leader`. The caller must be a member; a node that is not the leader answers
 /// `FailedPrecondition` naming the leader. Safe to retry: every command
 /// carries a request id the state machine deduplicates.
 pub async fn propose(

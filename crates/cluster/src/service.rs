@@ -4,13 +4,14 @@
 //! attached together.
 
 use std::collections::BTreeSet;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, LazyLock, Mutex};
 
 use bytes::Bytes;
 use prost::Message;
 use tern_protocol::catalog::methods;
 use tern_protocol::{
-    BoxFuture, Dispatcher, Handler, Method, PeerId, RequestContext, ServiceId, Status,
+    BoxFuture, Dispatcher, Handler, Method, PeerId, RequestContext, RouteError, Routes, ServiceId,
+    Status,
 };
 use tern_raft_net::service::within_deadline;
 use tern_raft_net::{Attached, RaftService};
@@ -127,39 +128,73 @@ impl Handler for ClusterHandler {
         let shared = self.shared.clone();
         Box::pin(async move {
             let node = shared.raft.node()?;
-            within_deadline(&ctx, async {
-                if method == methods::CLUSTER_JOIN {
-                    join(&shared, &node, &ctx, payload).await
-                } else if method == methods::CLUSTER_LEAVE {
-                    leave(&node, &ctx, payload).await
-                } else if method == methods::CLUSTER_MEMBERS {
-                    Ok(members_response(&node).encode_to_vec().into())
-                } else if method == methods::CLUSTER_META_PUT {
-                    crate::meta::serve_put(&node, &ctx, payload).await
-                } else if method == methods::CLUSTER_META_GET {
-                    crate::meta::serve_get(&node, &ctx, payload).await
-                } else if method == methods::CLUSTER_ACCESS_GRANT {
-                    crate::access::serve_change(&node, &ctx, payload, true).await
-                } else if method == methods::CLUSTER_ACCESS_REVOKE {
-                    crate::access::serve_change(&node, &ctx, payload, false).await
-                } else if method == methods::CLUSTER_ACCESS_LIST {
-                    crate::access::serve_list(&node)
-                } else if method == methods::CLUSTER_TOKEN_CREATE {
-                    crate::admission::serve_create(&node, &ctx, payload).await
-                } else if method == methods::CLUSTER_TOKEN_REVOKE {
-                    crate::admission::serve_revoke(&node, &ctx, payload).await
-                } else if method == methods::CLUSTER_TOKEN_LIST {
-                    crate::admission::serve_list(&node, &ctx)
-                } else if method == methods::CLUSTER_PROMOTE {
-                    crate::membership::promote(&node, &ctx, payload).await
-                } else {
-                    Err(Status::unimplemented(format!(
-                        "{} is not served by the Cluster service",
-                        method.label()
-                    )))
-                }
-            })
-            .await
+            let route = ROUTES.route(method)?;
+            within_deadline(&ctx, route(&shared, &node, &ctx, payload)).await
         })
+    }
+}
+
+/// A Cluster method.
+type Route = for<'a> fn(
+    &'a Arc<ClusterShared>,
+    &'a Arc<Attached>,
+    &'a RequestContext,
+    Bytes,
+) -> BoxFuture<'a, Result<Bytes, Status>>;
+
+static ROUTES: LazyLock<Routes<Route>> = LazyLock::new(|| {
+    routes()
+        .expect("the Cluster routes are valid (the `routes_cover_the_catalogue` test builds them)")
+});
+
+fn routes() -> Result<Routes<Route>, RouteError> {
+    use crate::{access, admission, membership, meta};
+    Routes::<Route>::new(ServiceId::Cluster)
+        .unary(methods::CLUSTER_JOIN, |shared, node, ctx, payload| {
+            Box::pin(join(shared, node, ctx, payload))
+        })?
+        .unary(methods::CLUSTER_LEAVE, |_, node, ctx, payload| {
+            Box::pin(leave(node, ctx, payload))
+        })?
+        .unary(methods::CLUSTER_MEMBERS, |_, node, _, _| {
+            let answer = members_response(node).encode_to_vec().into();
+            Box::pin(std::future::ready(Ok(answer)))
+        })?
+        .unary(methods::CLUSTER_META_PUT, |_, node, ctx, payload| {
+            Box::pin(meta::serve_put(node, ctx, payload))
+        })?
+        .unary(methods::CLUSTER_META_GET, |_, node, ctx, payload| {
+            Box::pin(meta::serve_get(node, ctx, payload))
+        })?
+        .unary(methods::CLUSTER_ACCESS_GRANT, |_, node, ctx, payload| {
+            Box::pin(access::serve_change(node, ctx, payload, true))
+        })?
+        .unary(methods::CLUSTER_ACCESS_REVOKE, |_, node, ctx, payload| {
+            Box::pin(access::serve_change(node, ctx, payload, false))
+        })?
+        .unary(methods::CLUSTER_ACCESS_LIST, |_, node, _, _| {
+            Box::pin(std::future::ready(access::serve_list(node)))
+        })?
+        .unary(methods::CLUSTER_TOKEN_CREATE, |_, node, ctx, payload| {
+            Box::pin(admission::serve_create(node, ctx, payload))
+        })?
+        .unary(methods::CLUSTER_TOKEN_REVOKE, |_, node, ctx, payload| {
+            Box::pin(admission::serve_revoke(node, ctx, payload))
+        })?
+        .unary(methods::CLUSTER_TOKEN_LIST, |_, node, ctx, _| {
+            Box::pin(std::future::ready(admission::serve_list(node, ctx)))
+        })?
+        .unary(methods::CLUSTER_PROMOTE, |_, node, ctx, payload| {
+            Box::pin(membership::promote(node, ctx, payload))
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn routes_cover_the_catalogue() {
+        let routes = super::routes().expect("the routes are valid");
+        let missing: Vec<String> = routes.missing().iter().map(|m| m.label()).collect();
+        assert!(missing.is_empty(), "methods without a route: {missing:?}");
     }
 }

@@ -14,7 +14,6 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use prost::Message;
-use support::net::{Kind, Node};
 use support::raft::SingleNode;
 use tern_cluster::RaftServices;
 use tern_protocol::access::{Role, rule};
@@ -26,6 +25,7 @@ use tern_protocol::{
 use tern_services::access::AccessGate;
 use tern_services::consensus::Consensus;
 use tern_state::{Capacity, Command, Response};
+use tern_test_transports::{Kind, Node};
 
 /// Per-call bound.
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);

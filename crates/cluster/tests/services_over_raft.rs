@@ -11,7 +11,6 @@ mod support;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use support::net::{Kind, Node};
 use support::raft::SingleNode;
 use support::wait_for;
 use tern_protocol::catalog::methods;
@@ -26,6 +25,7 @@ use tern_services::reconciler::{Reconciler, ReconcilerConfig};
 use tern_services::status::StatusService;
 use tern_services::vm::VmService;
 use tern_state::Capacity;
+use tern_test_transports::{Kind, Node};
 
 /// Upper bound on the test.
 const TEST_BOUND: Duration = Duration::from_secs(120);

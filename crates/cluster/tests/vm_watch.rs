@@ -14,7 +14,6 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use prost::Message;
-use support::net::{Kind, Node};
 use support::raft::SingleNode;
 use tern_protocol::access::Role;
 use tern_protocol::catalog::methods;
@@ -25,6 +24,7 @@ use tern_services::consensus::Consensus;
 use tern_services::vm::VmService;
 use tern_services::watch::WatchLimits;
 use tern_state::{Capacity, Command, MAX_VM_EVENT_BYTES, Response, VmRecord, VmSpec, VmState};
+use tern_test_transports::{Kind, Node};
 
 /// Bound on any wait of the tests (the machine is shared): never a
 /// statement about speed.

@@ -756,7 +756,7 @@ impl Config {
             if let Some(url) = &seed.grpc
                 && let Err(why) = tern_transport_grpc::client::check_url(url)
             {
-                return Err(err(format!("{key}.grpc"), why));
+                return Err(err(format!("{key}.grpc"), why.to_string()));
             }
             seeds.push((id, seed.clone()));
         }

@@ -24,6 +24,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use tern_process_kit::process::ProcessError;
 use tern_process_kit::{Metrics, TernProcess, scrape};
 use tern_protocol::catalog::methods;
 use tern_protocol::metric_names as names;
@@ -37,6 +38,7 @@ use crate::client::{Conn, Target, request_id};
 use crate::config::{
     CapacityConfig, Config, Listen, ListenConfig, RuntimeChoice, RuntimeName, SeedConfig,
 };
+use crate::error::CliError;
 use crate::node::{NodeFile, runtime_dirs};
 
 /// Nodes the demo starts.
@@ -52,6 +54,63 @@ pub const NODE_STOP_WAIT: Duration = Duration::from_secs(20);
 pub const VM_WAIT: Duration = Duration::from_secs(30);
 /// The demo cluster's join token (loopback only, thrown away at exit).
 const DEMO_TOKEN: &str = "tern-demo-token";
+
+/// Why the demo failed; each message says what to do next.
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    /// The demo could not find its own binary to start the nodes with.
+    #[error(
+        "cannot find the tern binary to start the nodes with: {0}; run the demo from an \
+         installed or built `tern` binary"
+    )]
+    Binary(#[source] std::io::Error),
+    /// A file or directory of the demo could not be written.
+    #[error(
+        "cannot write {path}: {source}; check that the temporary directory (TMPDIR) is \
+         writable and has space"
+    )]
+    File {
+        /// The file or directory.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A node's configuration could not be written as TOML.
+    #[error("cannot write node {node}'s configuration: {source}; this is a bug in `tern demo`")]
+    Config {
+        /// The node (1-based).
+        node: usize,
+        /// Why.
+        source: crate::config::ConfigError,
+    },
+    /// A node did not start.
+    #[error(
+        "node {node} did not start: {source}; its log and data directory are under {}; \
+         check that loopback ports are free and rerun",
+        base.display()
+    )]
+    Start {
+        /// The node (1-based).
+        node: usize,
+        /// The demo's directory.
+        base: PathBuf,
+        /// Why.
+        source: tern_process_kit::process::ProcessError,
+    },
+    /// A call to a node failed (the message names the method and what to
+    /// do).
+    #[error(transparent)]
+    Call(#[from] CliError),
+    /// The demo could not listen for SIGTERM.
+    #[error("cannot listen for SIGTERM: {0}; stop the demo with Ctrl-C or --duration instead")]
+    Signal(#[source] std::io::Error),
+    /// A node or workload did not stop on its own and was killed.
+    #[error(
+        "a node or workload had to be killed at exit (see above); look for leftover \
+         `tern` or workload processes with `ps`"
+    )]
+    Unclean,
+}
 
 /// Child processes, killed on drop unless already reaped.
 struct Children {
@@ -189,30 +248,38 @@ pub fn traffic(text: &str) -> Traffic {
 
 /// Starts `tern run --config CONFIG` in its own process group (so Ctrl-C
 /// in the terminal reaches the demo only), its output in `log`.
-fn spawn_node(exe: &Path, config: &Path, dir: &Path, log: &Path) -> Result<TernProcess, String> {
+fn spawn_node(
+    exe: &Path,
+    config: &Path,
+    dir: &Path,
+    log: &Path,
+) -> Result<TernProcess, ProcessError> {
     use std::os::unix::process::CommandExt;
     let mut cmd = TernProcess::command(exe, config);
     cmd.process_group(0);
-    TernProcess::spawn(cmd, dir, log).map_err(|e| e.to_string())
+    TernProcess::spawn(cmd, dir, log)
 }
 
-async fn conn_to(dir: &Path) -> Result<Conn, String> {
-    Ok(Conn::open(&Target {
+async fn conn_to(dir: &Path) -> Result<Conn, CliError> {
+    Conn::open(&Target {
         data_dir: Some(dir.to_owned()),
         ..Target::default()
     })
-    .await?)
+    .await
 }
 
 /// Runs the demo; `duration` ends it without Ctrl-C.
-pub async fn demo(duration: Option<Duration>) -> Result<(), String> {
-    let exe = std::env::current_exe().map_err(|e| format!("cannot find the tern binary: {e}"))?;
+pub async fn demo(duration: Option<Duration>) -> Result<(), DemoError> {
+    let exe = std::env::current_exe().map_err(DemoError::Binary)?;
     let base = std::env::temp_dir().join(format!(
         "tern-demo-{}-{}",
         std::process::id(),
         &request_id()[4..12]
     ));
-    std::fs::create_dir_all(&base).map_err(|e| format!("{}: {e}", base.display()))?;
+    std::fs::create_dir_all(&base).map_err(|source| DemoError::File {
+        path: base.clone(),
+        source,
+    })?;
     let mut children = Children {
         procs: Vec::new(),
         dirs: Vec::new(),
@@ -226,15 +293,23 @@ pub async fn demo(duration: Option<Duration>) -> Result<(), String> {
         let log = base.join(format!("node{i}.log"));
         let text = node_config(&dir, files.first())
             .to_toml()
-            .map_err(|e| e.to_string())?;
-        std::fs::write(&config, text).map_err(|e| format!("{}: {e}", config.display()))?;
-        let mut child = spawn_node(&exe, &config, &dir, &log)?;
+            .map_err(|source| DemoError::Config { node: i, source })?;
+        std::fs::write(&config, text).map_err(|source| DemoError::File {
+            path: config.clone(),
+            source,
+        })?;
+        let not_started = |source| DemoError::Start {
+            node: i,
+            base: base.clone(),
+            source,
+        };
+        let mut child = spawn_node(&exe, &config, &dir, &log).map_err(not_started)?;
         children.dirs.push(dir.clone());
         let file = match child.wait_node_file::<NodeFile>(NODE_START_WAIT).await {
             Ok(f) => f,
             Err(e) => {
                 children.procs.push(child);
-                return Err(e.to_string());
+                return Err(not_started(e));
             }
         };
         let iroh = file
@@ -265,7 +340,7 @@ pub async fn demo(duration: Option<Duration>) -> Result<(), String> {
             println!("all nodes stopped cleanly");
             Ok(())
         }
-        Ok(()) => Err("a node or workload had to be killed at exit (see above)".into()),
+        Ok(()) => Err(DemoError::Unclean),
         Err(e) => Err(e),
     }
 }
@@ -274,12 +349,14 @@ async fn live(
     dirs: &[PathBuf],
     files: &[NodeFile],
     duration: Option<Duration>,
-) -> Result<(), String> {
+) -> Result<(), DemoError> {
     let mut conns = Vec::new();
     for d in dirs {
         conns.push(conn_to(d).await?);
     }
-    let first = conns.first().ok_or("no nodes")?;
+    let Some(first) = conns.first() else {
+        return Ok(()); // no nodes: nothing to show
+    };
     let status: pb::NodeStatus = first
         .call(methods::STATUS_GET, &pb::StatusRequest {})
         .await?;
@@ -312,7 +389,7 @@ async fn live(
         vm.node_id
     );
 
-    let mut term = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
+    let mut term = signal(SignalKind::terminate()).map_err(DemoError::Signal)?;
     let started = Instant::now();
     let tty = std::io::IsTerminal::is_terminal(&std::io::stdout());
     let mut last: Vec<Option<(Instant, Traffic)>> = vec![None; files.len()];

@@ -43,10 +43,3 @@ impl CliError {
         }
     }
 }
-
-/// For code that reports errors as text (the demo's live view).
-impl From<CliError> for String {
-    fn from(e: CliError) -> String {
-        e.to_string()
-    }
-}

@@ -1,4 +1,6 @@
-//! The `tern` binary: a thin command line over the `tern_node` library.
+//! The `tern` binary: its command line (clap's definitions and the
+//! dispatch of each command to the `tern_node` library, which does the
+//! work) and `tern wire`, which shows the wire protocol frame by frame.
 //!
 //! - `tern run [--config FILE]`: run a node (see `tern_node::run`).
 //! - `tern demo [--duration SECS]`: a local 3-node cluster (see

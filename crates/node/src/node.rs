@@ -393,7 +393,9 @@ fn process_user(vm: &VmConfig) -> Result<Option<RunAs>, StartError> {
         };
     }
     let user = vm.process_user.as_deref().unwrap_or(DEFAULT_PROCESS_USER);
-    RunAs::lookup(user).map(Some).map_err(config_error)
+    RunAs::lookup(user)
+        .map(Some)
+        .map_err(|e| config_error(e.to_string()))
 }
 
 impl Node {

@@ -9,11 +9,14 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // reason: test code; failures should be loud
 
 use std::io::Write;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
+use tern_node::config::{Config, Listen, ListenConfig};
+use tern_node::node::NodeFile;
+use tern_testkit::TernProcess;
 
 /// Size of the node's disk: room for the node's start and some writes.
 const DISK: &str = "size=64m";
@@ -50,16 +53,6 @@ impl Drop for Tmpfs {
     }
 }
 
-/// The node process, killed on drop.
-struct Node(Child);
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 fn cli(args: &[&str]) -> Output {
     tern()
         .args(args)
@@ -75,47 +68,25 @@ fn a_full_disk_stops_the_node_with_a_message_saying_what_to_check() {
     let data = disk.0.join("node");
     let config = base.path().join("node.toml");
     let log = base.path().join("node.log");
-    std::fs::write(
-        &config,
-        format!(
-            "data_dir = {:?}\n[listen]\ngrpc = \"127.0.0.1:0\"\niroh = \"off\"\nmetrics = \"off\"\n",
-            data.display().to_string()
-        ),
-    )
-    .unwrap();
-    let out = std::fs::File::create(&log).unwrap();
-    let child = tern()
-        .args(["run", "--config"])
-        .arg(&config)
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(out.try_clone().unwrap())
-        .stderr(out)
-        .spawn()
-        .unwrap();
-    let mut node = Node(child);
-    let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
+    // A single node serving gRPC on loopback only, written as the node's
+    // typed configuration.
+    let node_config = Config {
+        data_dir: data.clone(),
+        listen: ListenConfig {
+            grpc: Listen::On(SocketAddr::from((Ipv4Addr::LOCALHOST, 0))),
+            iroh: Listen::Off,
+            metrics: Listen::Off,
+        },
+        ..Config::default()
+    };
+    tern_testkit::config::write(&config, &node_config).unwrap();
+    let mut command = TernProcess::command(Path::new(env!("CARGO_BIN_EXE_tern")), &config);
+    command.env("RUST_LOG", "info");
+    // Killed on drop, before the tmpfs is unmounted.
+    let mut node = TernProcess::spawn(command, &data, &log).unwrap();
 
     // Up, and taking writes.
-    let deadline = Instant::now() + BOUND;
-    loop {
-        if let Ok(text) = std::fs::read_to_string(data.join("node.json"))
-            && serde_json::from_str::<Value>(&text).is_ok()
-        {
-            break;
-        }
-        assert!(
-            node.0.try_wait().unwrap().is_none(),
-            "node exited:\n{}",
-            read_log()
-        );
-        assert!(
-            Instant::now() < deadline,
-            "node did not start:\n{}",
-            read_log()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    node.wait_node_file_blocking::<NodeFile>(BOUND).unwrap();
     let dir = data.display().to_string();
     let put = |key: &str| {
         cli(&[
@@ -147,18 +118,18 @@ fn a_full_disk_stops_the_node_with_a_message_saying_what_to_check() {
     let deadline = Instant::now() + BOUND;
     let mut i = 0;
     let status = loop {
-        if let Some(status) = node.0.try_wait().unwrap() {
+        if let Some(status) = node.try_wait() {
             break status;
         }
         assert!(
             Instant::now() < deadline,
             "the node still runs with a full disk:\n{}",
-            read_log()
+            node.log()
         );
         i += 1;
         let r = put(&format!("after-{i}"));
         assert!(
-            !r.status.success() || node.0.try_wait().unwrap().is_none(),
+            !r.status.success() || node.is_running(),
             "a write was acknowledged on a full disk"
         );
         if r.status.success() {
@@ -170,9 +141,9 @@ fn a_full_disk_stops_the_node_with_a_message_saying_what_to_check() {
     assert!(
         !status.success(),
         "the node exited cleanly on a full disk:\n{}",
-        read_log()
+        node.log()
     );
-    let text = read_log();
+    let text = node.log();
     assert!(
         text.contains("Raft log") && text.contains("check the disk"),
         "the exit names the Raft log and what to check:\n{text}"

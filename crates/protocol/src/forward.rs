@@ -1,8 +1,9 @@
 //! Forwarding to the Raft leader, one way for every write a follower
-//! receives: the VM service's writes, the metadata register's calls and a
-//! member's proposals all reach the leader through [`forward_to_leader`],
-//! within [`FORWARD_TIMEOUT`], and a follower that cannot forward answers
-//! with [`not_leader`].
+//! receives: the VM service's calls, the metadata register's calls and a
+//! member's own proposals (`Raft/Propose`, which carry the VM writes its
+//! VM service accepted and its reconciler's reports) all reach the leader
+//! through [`forward_to_leader`], within [`FORWARD_TIMEOUT`], and a
+//! follower that cannot forward answers with [`not_leader`].
 //!
 //! Forwards never loop: each caller decides whether a call may be
 //! forwarded at all (a call that arrived forwarded is not forwarded again)
@@ -15,7 +16,7 @@ use bytes::Bytes;
 
 use crate::catalog::Method;
 use crate::peer::PeerAddr;
-use crate::rpc::{Call, CallError, RequestContext, RpcClient};
+use crate::rpc::{Call, CallError, RpcClient};
 use crate::status::{Code, Status};
 
 /// Bound on one forward to the leader (the caller's own deadline, when
@@ -51,18 +52,20 @@ pub fn not_leader(leader: Option<u64>, why: &str) -> Status {
 /// Sends `payload` for `method` to `leader` through `client` (the node's
 /// router, calling as the node) and answers what the leader answers; a
 /// transport failure is `Unavailable` saying to retry with the same
-/// request id. The deadline is the caller's remaining time, at most
+/// request id. The bound is the time left before `deadline` (a handler
+/// passes its caller's, [`RequestContext::deadline`](crate::RequestContext::deadline)), at most
 /// [`FORWARD_TIMEOUT`].
 pub async fn forward_to_leader(
     client: &dyn RpcClient,
     leader: &Leader,
-    ctx: &RequestContext,
+    deadline: Option<Instant>,
     method: &'static Method,
     payload: Bytes,
 ) -> Result<Bytes, Status> {
-    let timeout = ctx
-        .remaining(Instant::now())
-        .map_or(FORWARD_TIMEOUT, |left| left.min(FORWARD_TIMEOUT));
+    let timeout = deadline.map_or(FORWARD_TIMEOUT, |d| {
+        d.saturating_duration_since(Instant::now())
+            .min(FORWARD_TIMEOUT)
+    });
     let call = Call::new(method, payload).with_timeout(timeout);
     client.call(&leader.addr, call).await.map_err(|e| match e {
         CallError::Application(status) => status,

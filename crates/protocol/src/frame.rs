@@ -185,18 +185,29 @@ impl Default for Limits {
     }
 }
 
+/// Why a payload ceiling cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LimitsError {
+    /// Zero bytes.
+    #[error("max_payload must be at least 1 byte")]
+    Zero,
+    /// Above [`MAX_PAYLOAD_CEILING`].
+    #[error(
+        "max_payload {0} is above the ceiling of {MAX_PAYLOAD_CEILING} bytes; send large bodies \
+         in chunks instead"
+    )]
+    AboveCeiling(u32),
+}
+
 impl Limits {
     /// Limits with this payload ceiling, or an error saying why it cannot be
     /// used.
-    pub fn new(max_payload: u32) -> Result<Limits, String> {
+    pub fn new(max_payload: u32) -> Result<Limits, LimitsError> {
         if max_payload == 0 {
-            return Err("max_payload must be at least 1 byte".to_owned());
+            return Err(LimitsError::Zero);
         }
         if max_payload > MAX_PAYLOAD_CEILING {
-            return Err(format!(
-                "max_payload {max_payload} is above the ceiling of {MAX_PAYLOAD_CEILING} bytes; \
-                 send large bodies in chunks instead"
-            ));
+            return Err(LimitsError::AboveCeiling(max_payload));
         }
         Ok(Limits { max_payload })
     }
@@ -680,8 +691,11 @@ mod tests {
 
     #[test]
     fn limits_are_validated() {
-        assert!(Limits::new(0).is_err());
-        assert!(Limits::new(MAX_PAYLOAD_CEILING + 1).is_err());
+        assert_eq!(Limits::new(0).unwrap_err(), LimitsError::Zero);
+        assert_eq!(
+            Limits::new(MAX_PAYLOAD_CEILING + 1).unwrap_err(),
+            LimitsError::AboveCeiling(MAX_PAYLOAD_CEILING + 1)
+        );
         assert_eq!(Limits::new(10).map(|l| l.max_payload), Ok(10));
         assert!(
             Frame::new(

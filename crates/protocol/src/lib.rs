@@ -17,6 +17,9 @@
 //!   can hold an iroh address and a gRPC URL.
 //! - [`rpc`]: the client and handler traits both transports implement, the
 //!   error taxonomy, and [`rpc::Dispatcher`] which routes calls to services.
+//! - [`routes`]: the route table each service's handler picks its
+//!   methods with, keyed by the catalogue's constants, refusing a method of
+//!   another service or one routed twice.
 //! - [`forward`]: the one way a follower passes a write to the Raft leader
 //!   ([`forward::forward_to_leader`], one timeout), over any `RpcClient`.
 //! - [`stream`]: streaming calls: what a caller opens and gets, the stream
@@ -34,6 +37,7 @@ pub mod forward;
 pub mod frame;
 pub mod metric_names;
 pub mod peer;
+pub mod routes;
 pub mod rpc;
 pub mod status;
 pub mod stream;
@@ -56,6 +60,7 @@ pub mod pb {
 pub use catalog::{Method, MethodKind, ServiceId};
 pub use frame::{Frame, FrameError, FrameKind, Header, Priority};
 pub use peer::{PeerAddr, PeerId, TransportKind, TransportSet};
+pub use routes::{RouteError, Routes};
 pub use rpc::{
     BoxFuture, Call, CallError, Delivery, Dispatcher, Handler, RequestContext, RpcClient,
     TransportError, TransportErrorKind,

@@ -789,7 +789,7 @@ impl RaftNetworkV2<TypeConfig> for PeerNetwork {
         loop {
             let data = read_chunk(file.clone(), offset)
                 .await
-                .map_err(|e| StreamingError::Network(NetworkError::from_string(e)))?;
+                .map_err(|e| StreamingError::Network(NetworkError::new(&e)))?;
             let done = offset + data.len() as u64 >= total;
             let sent = data.len() as u64;
             let chunk = pb::SnapshotChunk {
@@ -825,14 +825,12 @@ impl RaftNetworkV2<TypeConfig> for PeerNetwork {
 
 /// Reads up to [`SNAPSHOT_CHUNK_SIZE`] bytes at `offset` on a blocking
 /// thread.
-async fn read_chunk(file: Arc<SnapshotFile>, offset: u64) -> Result<Bytes, String> {
+async fn read_chunk(file: Arc<SnapshotFile>, offset: u64) -> std::io::Result<Bytes> {
     tokio::task::spawn_blocking(move || {
         let mut buf = vec![0u8; SNAPSHOT_CHUNK_SIZE];
         let mut filled = 0;
         while filled < buf.len() {
-            let n = file
-                .read_at(offset + filled as u64, &mut buf[filled..])
-                .map_err(|e| e.to_string())?;
+            let n = file.read_at(offset + filled as u64, &mut buf[filled..])?;
             if n == 0 {
                 break;
             }
@@ -842,7 +840,7 @@ async fn read_chunk(file: Arc<SnapshotFile>, offset: u64) -> Result<Bytes, Strin
         Ok(Bytes::from(buf))
     })
     .await
-    .map_err(|e| format!("snapshot read task: {e}"))?
+    .map_err(|e| std::io::Error::other(format!("snapshot read task: {e}")))?
 }
 
 #[cfg(test)]

@@ -39,7 +39,7 @@
 //! leadership moves).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, LazyLock, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -47,7 +47,10 @@ use openraft::Snapshot;
 use openraft::async_runtime::WatchReceiver;
 use prost::Message;
 use tern_protocol::catalog::methods;
-use tern_protocol::{BoxFuture, Code, Handler, Method, PeerId, RequestContext, Status, pb};
+use tern_protocol::{
+    BoxFuture, Code, Handler, Method, PeerId, RequestContext, RouteError, Routes, ServiceId,
+    Status, pb,
+};
 use tern_state::{Command, NodeId};
 use tern_store::{SnapshotFile, SnapshotMeta, StateMachineStore, TypeConfig, Vote};
 
@@ -159,7 +162,7 @@ impl RaftService {
         }
     }
 
-    /// The handler of [`ServiceId::Raft`](tern_protocol::ServiceId::Raft).
+    /// The handler of [`ServiceId::Raft`].
     pub fn handler(&self) -> Arc<dyn Handler> {
         Arc::new(RaftHandler {
             shared: self.shared.clone(),
@@ -360,41 +363,52 @@ impl Handler for RaftHandler {
                     "Raft methods are for current members",
                 ));
             }
-            if method != methods::RAFT_APPEND_STREAM {
-                return Err(Status::unimplemented(format!(
-                    "{} is not served as a stream by the Raft service",
-                    method.label()
-                )));
-            }
-            let peer = ctx.peer;
-            let raft = node.raft.clone();
-            let check = shared.clone();
-            let authorize: crate::append_stream::Authorize = Box::new(move |leader| {
-                // The membership may change while the stream is open: a
-                // caller removed since is refused from its next message.
-                let Some(node) = check.attached() else {
-                    return Err(Status::unavailable(
-                        "Raft is not running on this node (starting or stopped)",
-                    ));
-                };
-                let caller = Caller {
-                    peer,
-                    ids: check.raft_caller_ids(&node, &peer),
-                };
-                if caller.ids.is_empty() {
-                    return Err(not_a_member(
-                        &peer,
-                        method,
-                        "Raft methods are for current members",
-                    ));
-                }
-                caller.must_be(leader, "an append-entries request", "leader")
-            });
-            crate::append_stream::serve(raft, authorize, request, inbound, outbound)
-                .await
-                .map_err(crate::append_stream::AppendStreamError::into_status)
+            let route = ROUTES.stream_route(method)?;
+            route(shared, node, ctx, method, request, inbound, outbound).await
         })
     }
+}
+
+/// `Raft/AppendStream`: every message is checked like a unary append (it
+/// must name its caller as the leader), judged again per message.
+fn serve_append_stream(
+    shared: Arc<Shared>,
+    node: Arc<Attached>,
+    ctx: RequestContext,
+    method: &'static Method,
+    request: Bytes,
+    inbound: tern_protocol::StreamReceiver,
+    outbound: tern_protocol::StreamSender,
+) -> BoxFuture<'static, Result<(), Status>> {
+    let peer = ctx.peer;
+    let raft = node.raft.clone();
+    let check = shared;
+    let authorize: crate::append_stream::Authorize = Box::new(move |leader| {
+        // The membership may change while the stream is open: a
+        // caller removed since is refused from its next message.
+        let Some(node) = check.attached() else {
+            return Err(Status::unavailable(
+                "Raft is not running on this node (starting or stopped)",
+            ));
+        };
+        let caller = Caller {
+            peer,
+            ids: check.raft_caller_ids(&node, &peer),
+        };
+        if caller.ids.is_empty() {
+            return Err(not_a_member(
+                &peer,
+                method,
+                "Raft methods are for current members",
+            ));
+        }
+        caller.must_be(leader, "an append-entries request", "leader")
+    });
+    Box::pin(async move {
+        crate::append_stream::serve(raft, authorize, request, inbound, outbound)
+            .await
+            .map_err(crate::append_stream::AppendStreamError::into_status)
+    })
 }
 
 /// Who called a Raft method: the identity the transport authenticated and
@@ -529,6 +543,58 @@ pub fn check_proposal(command: &Command, caller: &BTreeSet<NodeId>) -> Result<()
     }
 }
 
+/// One admitted Raft call, as its route sees it.
+struct RaftCall<'a> {
+    shared: &'a Shared,
+    node: &'a Attached,
+    ctx: &'a RequestContext,
+    caller: &'a Caller,
+    method: &'static Method,
+}
+
+impl RaftCall<'_> {
+    /// `InvalidArgument` naming the method, for a payload that does not
+    /// decode.
+    fn bad(&self, e: wire::EnvelopeError) -> Status {
+        Status::invalid_argument(format!("{}: {e}", self.method.label()))
+    }
+}
+
+/// A unary Raft method.
+type Route = for<'a> fn(RaftCall<'a>, Bytes) -> BoxFuture<'a, Result<Bytes, Status>>;
+
+/// A streaming Raft method (called after the membership check).
+type StreamRoute = fn(
+    Arc<Shared>,
+    Arc<Attached>,
+    RequestContext,
+    &'static Method,
+    Bytes,
+    tern_protocol::StreamReceiver,
+    tern_protocol::StreamSender,
+) -> BoxFuture<'static, Result<(), Status>>;
+
+static ROUTES: LazyLock<Routes<Route, StreamRoute>> = LazyLock::new(|| {
+    routes().expect("the Raft routes are valid (the `routes_cover_the_catalogue` test builds them)")
+});
+
+fn routes() -> Result<Routes<Route, StreamRoute>, RouteError> {
+    Routes::<Route, StreamRoute>::new(ServiceId::Raft)
+        .unary(methods::RAFT_APPEND_ENTRIES, |call, payload| {
+            Box::pin(serve_append_entries(call, payload))
+        })?
+        .unary(methods::RAFT_VOTE, |call, payload| {
+            Box::pin(serve_vote(call, payload))
+        })?
+        .unary(methods::RAFT_SNAPSHOT, |call, payload| {
+            Box::pin(serve_snapshot(call, payload))
+        })?
+        .unary(methods::RAFT_PROPOSE, |call, payload| {
+            Box::pin(serve_propose(call, payload))
+        })?
+        .stream(methods::RAFT_APPEND_STREAM, serve_append_stream)
+}
+
 async fn serve_raft(
     shared: &Shared,
     node: &Attached,
@@ -537,86 +603,104 @@ async fn serve_raft(
     method: &'static Method,
     payload: Bytes,
 ) -> Result<Bytes, Status> {
-    let bad = |e: wire::EnvelopeError| Status::invalid_argument(format!("{}: {e}", method.label()));
-    if method == methods::RAFT_APPEND_ENTRIES {
-        let data = wire::unwrap_bytes(payload).map_err(bad)?;
-        let req =
-            codec::decode_append_entries(&data).map_err(|e| bad(wire::EnvelopeError::Codec(e)))?;
-        caller.must_be(
-            req.vote.leader_id.node_id,
-            "an append-entries request",
-            "leader",
-        )?;
-        let resp = node.raft.append_entries(req).await.map_err(raft_stopped)?;
-        encode_answer(&resp)
-    } else if method == methods::RAFT_VOTE {
-        let answer = match wire::unwrap::<ControlRequest>(payload).map_err(bad)? {
-            ControlRequest::Vote(req) => {
-                caller.must_be(req.vote.leader_id.node_id, "a vote request", "candidate")?;
-                ControlResponse::Vote(node.raft.vote(req).await.map_err(raft_stopped)?)
-            }
-            ControlRequest::PreVote(req) => {
-                caller.must_be(
-                    req.vote.leader_id.node_id,
-                    "a pre-vote request",
-                    "candidate",
-                )?;
-                ControlResponse::Vote(node.raft.pre_vote(req).await.map_err(raft_stopped)?)
-            }
-            ControlRequest::TransferLeader(req) => {
-                caller.must_be(
-                    req.from_leader().leader_id.node_id,
-                    "a leadership transfer",
-                    "leader",
-                )?;
-                ControlResponse::TransferLeader(
-                    node.raft
-                        .handle_transfer_leader(req)
-                        .await
-                        .map_err(raft_stopped)?,
-                )
-            }
-        };
-        encode_answer(&answer)
-    } else if method == methods::RAFT_SNAPSHOT {
-        let chunk = pb::SnapshotChunk::decode(payload)
-            .map_err(|e| Status::invalid_argument(format!("raft/snapshot: {e}")))?;
-        receive_chunk(shared, node, caller, chunk).await
-    } else if method == methods::RAFT_PROPOSE {
-        // A member's write, committed here on its behalf (see
-        // `check_proposal` for which). Only a leader commits; a follower
-        // answers FailedPrecondition naming the leader.
-        // Limits before work: a payload that cannot hold an acceptable
-        // command is refused before it is decoded.
-        let max = tern_state::limits::MAX_REQUEST_BYTES + wire::ENVELOPE_OVERHEAD;
-        if payload.len() > max {
-            return Err(resource_exhausted(format!(
-                "raft/propose: a proposal of {} bytes; at most {} bytes may be written to the \
-                 cluster state at once",
-                payload.len(),
-                tern_state::limits::MAX_REQUEST_BYTES
-            )));
+    let route = ROUTES.route(method)?;
+    let call = RaftCall {
+        shared,
+        node,
+        ctx,
+        caller,
+        method,
+    };
+    route(call, payload).await
+}
+
+/// `Raft/AppendEntries`.
+async fn serve_append_entries(call: RaftCall<'_>, payload: Bytes) -> Result<Bytes, Status> {
+    let data = wire::unwrap_bytes(payload).map_err(|e| call.bad(e))?;
+    let req =
+        codec::decode_append_entries(&data).map_err(|e| call.bad(wire::EnvelopeError::Codec(e)))?;
+    call.caller.must_be(
+        req.vote.leader_id.node_id,
+        "an append-entries request",
+        "leader",
+    )?;
+    let resp = call
+        .node
+        .raft
+        .append_entries(req)
+        .await
+        .map_err(raft_stopped)?;
+    encode_answer(&resp)
+}
+
+/// `Raft/Vote`: votes, pre-votes and leadership transfers.
+async fn serve_vote(call: RaftCall<'_>, payload: Bytes) -> Result<Bytes, Status> {
+    let (caller, raft) = (call.caller, &call.node.raft);
+    let answer = match wire::unwrap::<ControlRequest>(payload).map_err(|e| call.bad(e))? {
+        ControlRequest::Vote(req) => {
+            caller.must_be(req.vote.leader_id.node_id, "a vote request", "candidate")?;
+            ControlResponse::Vote(raft.vote(req).await.map_err(raft_stopped)?)
         }
-        let command: Command = wire::unwrap(payload).map_err(bad)?;
-        if let Err(why) = check_proposal(&command, &caller.ids) {
-            tracing::warn!(
-                caller = %ctx.peer.short(),
-                caller_ids = ?caller.ids,
-                command = command_name(&command),
-                "refused a proposal: {why}"
-            );
-            return Err(Status::permission_denied(why.to_string()));
+        ControlRequest::PreVote(req) => {
+            caller.must_be(
+                req.vote.leader_id.node_id,
+                "a pre-vote request",
+                "candidate",
+            )?;
+            ControlResponse::Vote(raft.pre_vote(req).await.map_err(raft_stopped)?)
         }
-        let written = crate::write::client_write(&node.raft, command)
-            .await
-            .map_err(crate::write::WriteError::into_status)?;
-        encode_answer(&written.data)
-    } else {
-        Err(Status::unimplemented(format!(
-            "{} is not served by the Raft service",
-            method.label()
-        )))
+        ControlRequest::TransferLeader(req) => {
+            caller.must_be(
+                req.from_leader().leader_id.node_id,
+                "a leadership transfer",
+                "leader",
+            )?;
+            ControlResponse::TransferLeader(
+                raft.handle_transfer_leader(req)
+                    .await
+                    .map_err(raft_stopped)?,
+            )
+        }
+    };
+    encode_answer(&answer)
+}
+
+/// `Raft/Snapshot`: one chunk.
+async fn serve_snapshot(call: RaftCall<'_>, payload: Bytes) -> Result<Bytes, Status> {
+    let chunk = pb::SnapshotChunk::decode(payload)
+        .map_err(|e| Status::invalid_argument(format!("raft/snapshot: {e}")))?;
+    receive_chunk(call.shared, call.node, call.caller, chunk).await
+}
+
+/// `Raft/Propose`: a member's write, committed here on its behalf (see
+/// `check_proposal` for which). Only a leader commits; a follower answers
+/// FailedPrecondition naming the leader.
+async fn serve_propose(call: RaftCall<'_>, payload: Bytes) -> Result<Bytes, Status> {
+    // Limits before work: a payload that cannot hold an acceptable
+    // command is refused before it is decoded.
+    let max = tern_state::limits::MAX_REQUEST_BYTES + wire::ENVELOPE_OVERHEAD;
+    if payload.len() > max {
+        return Err(resource_exhausted(format!(
+            "raft/propose: a proposal of {} bytes; at most {} bytes may be written to the \
+             cluster state at once",
+            payload.len(),
+            tern_state::limits::MAX_REQUEST_BYTES
+        )));
     }
+    let command: Command = wire::unwrap(payload).map_err(|e| call.bad(e))?;
+    if let Err(why) = check_proposal(&command, &call.caller.ids) {
+        tracing::warn!(
+            caller = %call.ctx.peer.short(),
+            caller_ids = ?call.caller.ids,
+            command = command_name(&command),
+            "refused a proposal: {why}"
+        );
+        return Err(Status::permission_denied(why.to_string()));
+    }
+    let written = crate::write::client_write(&call.node.raft, command)
+        .await
+        .map_err(crate::write::WriteError::into_status)?;
+    encode_answer(&written.data)
 }
 
 /// Stores one chunk; installs the snapshot after the last one.
@@ -733,6 +817,13 @@ async fn receive_chunk(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn routes_cover_the_catalogue() {
+        let routes = routes().expect("the routes are valid");
+        let missing: Vec<String> = routes.missing().iter().map(|m| m.label()).collect();
+        assert!(missing.is_empty(), "methods without a route: {missing:?}");
+    }
 
     #[test]
     fn proposals_carry_only_a_members_own_writes() {

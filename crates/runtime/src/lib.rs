@@ -206,7 +206,7 @@ pub enum RuntimeError {
         /// The id given.
         vm_id: String,
         /// Why it was rejected.
-        reason: String,
+        reason: spec::VmIdError,
     },
     /// The spec asks for a different runtime than the one called.
     #[error("VM spec asks for runtime {wanted:?}, but this is the {this} runtime")]

@@ -294,7 +294,7 @@ impl MicrovmWorkload {
                             Ok(()) => Accel::Kvm,
                             Err(why) => {
                                 tracing::info!(
-                                    reason = why,
+                                    reason = %why,
                                     "KVM cannot boot a guest here; using TCG"
                                 );
                                 Accel::Tcg
@@ -309,15 +309,49 @@ impl MicrovmWorkload {
     }
 }
 
+/// Why KVM cannot boot a guest here (the node then uses TCG, and logs
+/// this).
+#[derive(Debug, thiserror::Error)]
+enum KvmProbeError {
+    /// `/dev/kvm` cannot be opened.
+    #[error("cannot open /dev/kvm: {0}")]
+    Device(#[source] std::io::Error),
+    /// The probe's directory cannot be created.
+    #[error("cannot create {}: {source}", dir.display())]
+    Dir {
+        /// The directory.
+        dir: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// QEMU could not be started.
+    #[error("cannot run {}: {source}", qemu.display())]
+    Qemu {
+        /// The QEMU binary.
+        qemu: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// QEMU exited before the guest printed.
+    #[error("QEMU with accel=kvm exited ({0}) before the guest printed")]
+    Exited(std::process::ExitStatus),
+    /// The guest printed nothing in time.
+    #[error("the guest printed nothing under KVM within {} s", KVM_PROBE_TIMEOUT.as_secs())]
+    Silent,
+}
+
 /// Boots `kernel` under KVM until its first log line; `Err(why)` if KVM is
 /// unusable.
-async fn probe_kvm(qemu: &Path, kernel: &Path, dir: &Path) -> Result<(), String> {
+async fn probe_kvm(qemu: &Path, kernel: &Path, dir: &Path) -> Result<(), KvmProbeError> {
     std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .open("/dev/kvm")
-        .map_err(|e| format!("cannot open /dev/kvm: {e}"))?;
-    std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {dir:?}: {e}"))?;
+        .map_err(KvmProbeError::Device)?;
+    std::fs::create_dir_all(dir).map_err(|source| KvmProbeError::Dir {
+        dir: dir.to_owned(),
+        source,
+    })?;
     let log = dir.join(SERIAL_LOG_NAME);
     let _ = std::fs::remove_file(&log);
     let mut child = Command::new(qemu)
@@ -345,7 +379,10 @@ async fn probe_kvm(qemu: &Path, kernel: &Path, dir: &Path) -> Result<(), String>
         .process_group(0)
         .kill_on_drop(true)
         .spawn()
-        .map_err(|e| format!("cannot run {qemu:?}: {e}"))?;
+        .map_err(|source| KvmProbeError::Qemu {
+            qemu: qemu.to_owned(),
+            source,
+        })?;
     let outcome = tokio::time::timeout(KVM_PROBE_TIMEOUT, async {
         loop {
             if std::fs::read(&log)
@@ -355,19 +392,13 @@ async fn probe_kvm(qemu: &Path, kernel: &Path, dir: &Path) -> Result<(), String>
                 return Ok(());
             }
             if let Ok(Some(status)) = child.try_wait() {
-                return Err(format!(
-                    "QEMU with accel=kvm exited ({status}) before the guest printed"
-                ));
+                return Err(KvmProbeError::Exited(status));
             }
             tokio::time::sleep(POLL_INTERVAL).await;
         }
     })
     .await
-    .unwrap_or_else(|_| {
-        Err(format!(
-            "the guest printed nothing under KVM within {KVM_PROBE_TIMEOUT:?}"
-        ))
-    });
+    .unwrap_or(Err(KvmProbeError::Silent));
     if let Some(pid) = child.id()
         && let Some(identity) = ProcessIdentity::of_pid(pid)
     {

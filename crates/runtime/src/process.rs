@@ -46,32 +46,83 @@ pub struct RunAs {
     pub gid: u32,
 }
 
+/// Why a user cannot run workloads; each message says what to do.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RunAsError {
+    /// `/etc/passwd` could not be read.
+    #[error(
+        "cannot read /etc/passwd to find user `{user}`: {reason}; check that the node may read it"
+    )]
+    Passwd {
+        /// The user looked for.
+        user: String,
+        /// Why it could not be read.
+        reason: String,
+    },
+    /// The user's uid or gid is not a number.
+    #[error("user `{user}` has an unreadable {field} `{value}` in /etc/passwd; fix its entry")]
+    Unreadable {
+        /// The user.
+        user: String,
+        /// `uid` or `gid`.
+        field: &'static str,
+        /// What the file says.
+        value: String,
+    },
+    /// The user is root, or in root's group.
+    #[error(
+        "user `{user}` is root (uid {uid}, gid {gid}); workloads never run as root: name an \
+         unprivileged user"
+    )]
+    Root {
+        /// The user.
+        user: String,
+        /// Its uid.
+        uid: u32,
+        /// Its primary gid.
+        gid: u32,
+    },
+    /// No such user.
+    #[error("no user `{user}` on this machine (create it, or name another)")]
+    NoSuchUser {
+        /// The user looked for.
+        user: String,
+    },
+}
+
 impl RunAs {
     /// Looks `user` up in `/etc/passwd`. Refuses root (uid 0): the point is
     /// never to run workloads as root.
-    pub fn lookup(user: &str) -> Result<RunAs, String> {
-        let passwd = std::fs::read_to_string("/etc/passwd")
-            .map_err(|e| format!("cannot read /etc/passwd to find user {user:?}: {e}"))?;
+    pub fn lookup(user: &str) -> Result<RunAs, RunAsError> {
+        let passwd = std::fs::read_to_string("/etc/passwd").map_err(|e| RunAsError::Passwd {
+            user: user.to_owned(),
+            reason: e.to_string(),
+        })?;
         RunAs::from_passwd(user, &passwd)
     }
 
     /// Looks `user` up in the text of a passwd file.
-    pub fn from_passwd(user: &str, passwd: &str) -> Result<RunAs, String> {
+    pub fn from_passwd(user: &str, passwd: &str) -> Result<RunAs, RunAsError> {
+        let number = |field: &'static str, value: &str| {
+            value.parse::<u32>().map_err(|_| RunAsError::Unreadable {
+                user: user.to_owned(),
+                field,
+                value: value.to_owned(),
+            })
+        };
         for line in passwd.lines() {
             let fields: Vec<&str> = line.split(':').collect();
             if fields.len() < 4 || fields[0] != user {
                 continue;
             }
-            let uid: u32 = fields[2]
-                .parse()
-                .map_err(|_| format!("user {user:?} has an unreadable uid {:?}", fields[2]))?;
-            let gid: u32 = fields[3]
-                .parse()
-                .map_err(|_| format!("user {user:?} has an unreadable gid {:?}", fields[3]))?;
+            let uid = number("uid", fields[2])?;
+            let gid = number("gid", fields[3])?;
             if uid == 0 || gid == 0 {
-                return Err(format!(
-                    "user {user:?} is root (uid {uid}, gid {gid}); workloads never run as root: name an unprivileged user"
-                ));
+                return Err(RunAsError::Root {
+                    user: user.to_owned(),
+                    uid,
+                    gid,
+                });
             }
             return Ok(RunAs {
                 user: user.to_owned(),
@@ -79,9 +130,9 @@ impl RunAs {
                 gid,
             });
         }
-        Err(format!(
-            "no user {user:?} on this machine (create it, or name another)"
-        ))
+        Err(RunAsError::NoSuchUser {
+            user: user.to_owned(),
+        })
     }
 }
 
@@ -264,25 +315,24 @@ mod tests {
                 gid: 65534
             }
         );
+        let err = RunAs::from_passwd("root", PASSWD).unwrap_err();
+        assert!(matches!(err, RunAsError::Root { uid: 0, .. }), "{err}");
         assert!(
-            RunAs::from_passwd("root", PASSWD)
-                .unwrap_err()
-                .contains("root")
+            err.to_string().contains("name an unprivileged user"),
+            "{err}"
         );
-        assert!(
-            RunAs::from_passwd("wheelie", PASSWD)
-                .unwrap_err()
-                .contains("gid 0")
+        let err = RunAs::from_passwd("wheelie", PASSWD).unwrap_err();
+        assert!(err.to_string().contains("gid 0"), "{err}");
+        assert_eq!(
+            RunAs::from_passwd("broken", PASSWD).unwrap_err(),
+            RunAsError::Unreadable {
+                user: "broken".into(),
+                field: "uid",
+                value: "abc".into()
+            }
         );
-        assert!(
-            RunAs::from_passwd("broken", PASSWD)
-                .unwrap_err()
-                .contains("uid")
-        );
-        assert!(
-            RunAs::from_passwd("ghost", PASSWD)
-                .unwrap_err()
-                .contains("no user")
-        );
+        let err = RunAs::from_passwd("ghost", PASSWD).unwrap_err();
+        assert!(matches!(err, RunAsError::NoSuchUser { .. }), "{err}");
+        assert!(err.to_string().contains("no user"), "{err}");
     }
 }

@@ -282,23 +282,35 @@ fn require_file(field: SpecField, path: &str) -> Result<(), SpecError> {
     }
 }
 
+/// Why a VM id cannot be used (as a directory name, by a runtime).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum VmIdError {
+    /// Empty, or longer than [`MAX_VM_ID_LEN`].
+    #[error("must be 1 to {MAX_VM_ID_LEN} bytes long")]
+    Length,
+    /// Starts with `.` (a hidden or parent directory).
+    #[error("must not start with '.'")]
+    LeadingDot,
+    /// Holds a character outside the allowed set.
+    #[error("contains '{}': only ASCII letters, digits, '-', '_' and '.' are allowed", .0.escape_default())]
+    Character(char),
+}
+
 /// Checks a VM id before a runtime uses it as a directory name: 1 to
 /// [`MAX_VM_ID_LEN`] ASCII letters, digits, `-`, `_` or `.`, not starting
 /// with `.`. Returns why not.
-pub fn check_vm_id(vm_id: &str) -> Result<(), String> {
+pub fn check_vm_id(vm_id: &str) -> Result<(), VmIdError> {
     if vm_id.is_empty() || vm_id.len() > MAX_VM_ID_LEN {
-        return Err(format!("must be 1 to {MAX_VM_ID_LEN} bytes long"));
+        return Err(VmIdError::Length);
     }
     if vm_id.starts_with('.') {
-        return Err("must not start with '.'".into());
+        return Err(VmIdError::LeadingDot);
     }
     if let Some(c) = vm_id
         .chars()
         .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')))
     {
-        return Err(format!(
-            "contains {c:?}: only ASCII letters, digits, '-', '_' and '.' are allowed"
-        ));
+        return Err(VmIdError::Character(c));
     }
     Ok(())
 }

@@ -18,13 +18,15 @@
 //! into its `HealthHandle` (`set_node(ready)`, `set_transport(kind, up)`).
 
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use bytes::Bytes;
 use prost::Message;
-use tern_protocol::catalog::Method;
-use tern_protocol::{BoxFuture, Handler, RequestContext, Status, TransportKind, pb};
+use tern_protocol::catalog::{Method, methods};
+use tern_protocol::{
+    BoxFuture, Handler, RequestContext, RouteError, Routes, ServiceId, Status, TransportKind, pb,
+};
 use tokio::sync::watch;
 
 use crate::consensus::{Consensus, MAX_APPLY_LAG, RaftStatus};
@@ -155,18 +157,36 @@ impl Handler for HealthService {
         method: &'static Method,
         payload: Bytes,
     ) -> BoxFuture<'static, Result<Bytes, Status>> {
-        let result = if method == tern_protocol::catalog::methods::HEALTH_CHECK {
-            pb::HealthCheckRequest::decode(payload)
-                .map_err(|e| {
-                    Status::invalid_argument(format!("undecodable HealthCheckRequest: {e}"))
-                })
-                .map(|_| self.check().encode_to_vec().into())
-        } else {
-            Err(Status::unimplemented(format!(
-                "{} is not served by the Health service",
-                method.label()
-            )))
-        };
+        let result = ROUTES.route(method).and_then(|route| route(self, payload));
         Box::pin(std::future::ready(result))
+    }
+}
+
+/// A Health method, served at once.
+type Route = fn(&HealthService, Bytes) -> Result<Bytes, Status>;
+
+static ROUTES: LazyLock<Routes<Route>> = LazyLock::new(|| {
+    routes()
+        .expect("the Health routes are valid (the `routes_cover_the_catalogue` test builds them)")
+});
+
+fn routes() -> Result<Routes<Route>, RouteError> {
+    Routes::<Route>::new(ServiceId::Health).unary(methods::HEALTH_CHECK, serve_check)
+}
+
+/// `Health/Check`.
+fn serve_check(service: &HealthService, payload: Bytes) -> Result<Bytes, Status> {
+    pb::HealthCheckRequest::decode(payload)
+        .map_err(|e| Status::invalid_argument(format!("undecodable HealthCheckRequest: {e}")))
+        .map(|_| service.check().encode_to_vec().into())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn routes_cover_the_catalogue() {
+        let routes = super::routes().expect("the routes are valid");
+        let missing: Vec<String> = routes.missing().iter().map(|m| m.label()).collect();
+        assert!(missing.is_empty(), "methods without a route: {missing:?}");
     }
 }

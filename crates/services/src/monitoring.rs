@@ -17,7 +17,7 @@
 use std::convert::Infallible;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, LazyLock, OnceLock};
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -25,9 +25,11 @@ use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use prost::Message;
-use tern_protocol::catalog::Method;
+use tern_protocol::catalog::{Method, methods};
 use tern_protocol::metric_names::{self as names, MetricKind};
-use tern_protocol::{BoxFuture, Handler, RequestContext, Status, pb};
+use tern_protocol::{
+    BoxFuture, Handler, RequestContext, RouteError, Routes, ServiceId, Status, pb,
+};
 use tokio::net::TcpListener;
 
 /// Histogram buckets for every `*_seconds` metric: 50 µs to 10 s, dense
@@ -252,24 +254,35 @@ impl Handler for MonitoringService {
     ) -> BoxFuture<'static, Result<Bytes, Status>> {
         let monitoring = self.monitoring.clone();
         Box::pin(async move {
-            if method == tern_protocol::catalog::methods::MONITORING_METRICS {
-                pb::MetricsRequest::decode(payload).map_err(|e| {
-                    Status::invalid_argument(format!("undecodable MetricsRequest: {e}"))
-                })?;
-                let text = monitoring.render();
-                Ok(pb::MetricsResponse {
-                    prometheus_text: text,
-                }
-                .encode_to_vec()
-                .into())
-            } else {
-                Err(Status::unimplemented(format!(
-                    "{} is not served by the Monitoring service",
-                    method.label()
-                )))
-            }
+            let route = ROUTES.route(method)?;
+            route(&monitoring, payload)
         })
     }
+}
+
+/// A Monitoring method, served at once.
+type Route = fn(&Monitoring, Bytes) -> Result<Bytes, Status>;
+
+static ROUTES: LazyLock<Routes<Route>> = LazyLock::new(|| {
+    routes().expect(
+        "the Monitoring routes are valid (the `routes_cover_the_catalogue` test builds them)",
+    )
+});
+
+fn routes() -> Result<Routes<Route>, RouteError> {
+    Routes::<Route>::new(ServiceId::Monitoring).unary(methods::MONITORING_METRICS, serve_metrics)
+}
+
+/// `Monitoring/Metrics`.
+fn serve_metrics(monitoring: &Monitoring, payload: Bytes) -> Result<Bytes, Status> {
+    pb::MetricsRequest::decode(payload)
+        .map_err(|e| Status::invalid_argument(format!("undecodable MetricsRequest: {e}")))?;
+    let text = monitoring.render();
+    Ok(pb::MetricsResponse {
+        prometheus_text: text,
+    }
+    .encode_to_vec()
+    .into())
 }
 
 /// Process figures from `/proc/self`, in Prometheus text format. A figure
@@ -338,6 +351,13 @@ pub fn process_metrics() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn routes_cover_the_catalogue() {
+        let routes = routes().expect("the routes are valid");
+        let missing: Vec<String> = routes.missing().iter().map(|m| m.label()).collect();
+        assert!(missing.is_empty(), "methods without a route: {missing:?}");
+    }
 
     #[test]
     fn process_figures_are_read() {

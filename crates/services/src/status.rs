@@ -3,13 +3,15 @@
 //! applied index) and the transport policy in force, with its version and
 //! uptime. Served as `Status/Get`.
 
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::time::Instant;
 
 use bytes::Bytes;
 use prost::Message;
-use tern_protocol::catalog::Method;
-use tern_protocol::{BoxFuture, Handler, RequestContext, Status, pb};
+use tern_protocol::catalog::{Method, methods};
+use tern_protocol::{
+    BoxFuture, Handler, RequestContext, RouteError, Routes, ServiceId, Status, pb,
+};
 use tern_state::Member;
 
 use crate::consensus::{Consensus, RaftRole};
@@ -86,16 +88,36 @@ impl Handler for StatusService {
         method: &'static Method,
         payload: Bytes,
     ) -> BoxFuture<'static, Result<Bytes, Status>> {
-        let result = if method == tern_protocol::catalog::methods::STATUS_GET {
-            pb::StatusRequest::decode(payload)
-                .map_err(|e| Status::invalid_argument(format!("undecodable StatusRequest: {e}")))
-                .map(|_| self.get().encode_to_vec().into())
-        } else {
-            Err(Status::unimplemented(format!(
-                "{} is not served by the Status service",
-                method.label()
-            )))
-        };
+        let result = ROUTES.route(method).and_then(|route| route(self, payload));
         Box::pin(std::future::ready(result))
+    }
+}
+
+/// A Status method, served at once.
+type Route = fn(&StatusService, Bytes) -> Result<Bytes, Status>;
+
+static ROUTES: LazyLock<Routes<Route>> = LazyLock::new(|| {
+    routes()
+        .expect("the Status routes are valid (the `routes_cover_the_catalogue` test builds them)")
+});
+
+fn routes() -> Result<Routes<Route>, RouteError> {
+    Routes::<Route>::new(ServiceId::Status).unary(methods::STATUS_GET, serve_get)
+}
+
+/// `Status/Get`.
+fn serve_get(service: &StatusService, payload: Bytes) -> Result<Bytes, Status> {
+    pb::StatusRequest::decode(payload)
+        .map_err(|e| Status::invalid_argument(format!("undecodable StatusRequest: {e}")))
+        .map(|_| service.get().encode_to_vec().into())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn routes_cover_the_catalogue() {
+        let routes = super::routes().expect("the routes are valid");
+        let missing: Vec<String> = routes.missing().iter().map(|m| m.label()).collect();
+        assert!(missing.is_empty(), "methods without a route: {missing:?}");
     }
 }

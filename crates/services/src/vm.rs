@@ -39,15 +39,15 @@
 //!   reconciler when it returns. A delete of a VM whose node has left the
 //!   cluster removes the record at once (no reconciler will report it).
 
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, LazyLock, OnceLock};
 
 use bytes::Bytes;
 use prost::Message;
 use tern_protocol::catalog::{Method, methods};
 use tern_protocol::forward::{Leader, forward_to_leader, not_leader};
 use tern_protocol::{
-    BoxFuture, Code, Handler, PeerAddr, RequestContext, RpcClient, Status, StreamReceiver,
-    StreamSender, pb,
+    BoxFuture, Code, Handler, PeerAddr, RequestContext, RouteError, Routes, RpcClient, ServiceId,
+    Status, StreamReceiver, StreamSender, pb,
 };
 use tern_state::{Command, Rejection, Response, VmRecord, VmSpec, VmState};
 
@@ -106,81 +106,9 @@ impl VmService {
         method: &'static Method,
         payload: Bytes,
     ) -> Result<Bytes, Status> {
-        let command = if method == methods::VM_LIST {
-            let req: pb::ListVmsRequest = decode(&payload)?;
-            let (vms, revision) = self
-                .consensus
-                .query(|state| {
-                    let vms = state
-                        .vms()
-                        .values()
-                        .filter(|vm| req.node_id == 0 || vm.node_id == req.node_id)
-                        .map(to_pb)
-                        .collect::<Vec<_>>();
-                    (vms, state.vm_history().revision())
-                })
-                .map_err(unavailable)?;
-            return Ok(pb::ListVmsResponse { vms, revision }.encode_to_vec().into());
-        } else if method == methods::VM_GET {
-            let req: pb::GetVmRequest = decode(&payload)?;
-            let vm = self
-                .consensus
-                .query(|state| state.vm(&req.vm_id).map(to_pb))
-                .map_err(unavailable)?
-                .ok_or_else(|| Status::not_found(format!("no VM with id {:?}", req.vm_id)))?;
-            return Ok(vm.encode_to_vec().into());
-        } else if method == methods::VM_CREATE {
-            let req: pb::CreateVmRequest = decode(&payload)?;
-            check_request_id(&req.request_id)?;
-            let mut spec = req.spec.ok_or_else(|| {
-                Status::invalid_argument("invalid VM spec: field `spec`: missing")
-            })?;
-            if spec.runtime.is_empty() {
-                spec.runtime = self.default_runtime.as_str().to_owned();
-            }
-            tern_runtime::validate(&spec).map_err(|e| Status::invalid_argument(e.to_string()))?;
-            Command::CreateVm {
-                request_id: req.request_id,
-                spec: Box::new(from_pb_spec(spec)),
-            }
-        } else if method == methods::VM_START
-            || method == methods::VM_STOP
-            || method == methods::VM_DELETE
-        {
-            let req: pb::VmActionRequest = decode(&payload)?;
-            check_request_id(&req.request_id)?;
-            check_vm_id(&req.vm_id)?;
-            let desired = if method == methods::VM_START {
-                VmState::Running
-            } else if method == methods::VM_STOP {
-                VmState::Stopped
-            } else {
-                VmState::Deleted
-            };
-            Command::SetVmDesired {
-                request_id: req.request_id,
-                vm_id: req.vm_id,
-                desired,
-            }
-        } else if method == methods::VM_MIGRATE {
-            let req: pb::MigrateVmRequest = decode(&payload)?;
-            check_request_id(&req.request_id)?;
-            check_vm_id(&req.vm_id)?;
-            if req.target_node == 0 {
-                return Err(Status::invalid_argument(
-                    "field `target_node`: 0 names no node; give the node id to move the VM to",
-                ));
-            }
-            Command::MigrateVm {
-                request_id: req.request_id,
-                vm_id: req.vm_id,
-                target: req.target_node,
-            }
-        } else {
-            return Err(Status::unimplemented(format!(
-                "{} is not served by the VM service",
-                method.label()
-            )));
+        let command = match (ROUTES.route(method)?)(&self, &payload)? {
+            Served::Answer(answer) => return Ok(answer),
+            Served::Write(command) => command,
         };
         // Limits before work: refused here, never proposed.
         tern_state::limits::check_command(&command).map_err(|e| limit_status(&e))?;
@@ -234,7 +162,7 @@ impl VmService {
         forward_to_leader(
             client.as_ref(),
             &Leader { id: leader, addr },
-            ctx,
+            ctx.deadline,
             method,
             payload,
         )
@@ -264,21 +192,142 @@ impl Handler for VmService {
         outbound: StreamSender,
     ) -> BoxFuture<'static, Result<(), Status>> {
         drop(inbound);
-        if method != methods::VM_WATCH {
-            let status = Status::unimplemented(format!(
-                "{} is not served as a stream by the VM service",
-                method.label()
-            ));
-            return Box::pin(std::future::ready(Err(status)));
+        match ROUTES.stream_route(method) {
+            Ok(route) => route(self, ctx, request, outbound),
+            Err(status) => Box::pin(std::future::ready(Err(status))),
         }
-        tracing::debug!(caller = %ctx.peer.short(), "VM watch");
-        Box::pin(crate::watch::serve(
-            self.consensus.clone(),
-            self.watch_limits,
-            request,
-            outbound,
-        ))
     }
+}
+
+/// What a unary VM route made of a request: a read's answer, or the write
+/// to propose.
+enum Served {
+    /// The answer (reads).
+    Answer(Bytes),
+    /// The command to write (and forward, on a follower).
+    Write(Command),
+}
+
+/// A unary VM method: decodes and checks the request.
+type Route = fn(&VmService, &Bytes) -> Result<Served, Status>;
+
+/// A streaming VM method.
+type StreamRoute =
+    fn(&VmService, RequestContext, Bytes, StreamSender) -> BoxFuture<'static, Result<(), Status>>;
+
+static ROUTES: LazyLock<Routes<Route, StreamRoute>> = LazyLock::new(|| {
+    routes().expect("the VM routes are valid (the `routes_cover_the_catalogue` test builds them)")
+});
+
+fn routes() -> Result<Routes<Route, StreamRoute>, RouteError> {
+    Routes::<Route, StreamRoute>::new(ServiceId::Vm)
+        .unary(methods::VM_LIST, serve_list)?
+        .unary(methods::VM_GET, serve_get)?
+        .unary(methods::VM_CREATE, serve_create)?
+        .unary(methods::VM_START, |_, payload| {
+            set_desired(payload, VmState::Running)
+        })?
+        .unary(methods::VM_STOP, |_, payload| {
+            set_desired(payload, VmState::Stopped)
+        })?
+        .unary(methods::VM_DELETE, |_, payload| {
+            set_desired(payload, VmState::Deleted)
+        })?
+        .unary(methods::VM_MIGRATE, serve_migrate)?
+        .stream(methods::VM_WATCH, serve_watch)
+}
+
+/// `Vm/List`, from the applied state.
+fn serve_list(service: &VmService, payload: &Bytes) -> Result<Served, Status> {
+    let req: pb::ListVmsRequest = decode(payload)?;
+    let (vms, revision) = service
+        .consensus
+        .query(|state| {
+            let vms = state
+                .vms()
+                .values()
+                .filter(|vm| req.node_id == 0 || vm.node_id == req.node_id)
+                .map(to_pb)
+                .collect::<Vec<_>>();
+            (vms, state.vm_history().revision())
+        })
+        .map_err(unavailable)?;
+    Ok(Served::Answer(
+        pb::ListVmsResponse { vms, revision }.encode_to_vec().into(),
+    ))
+}
+
+/// `Vm/Get`, from the applied state.
+fn serve_get(service: &VmService, payload: &Bytes) -> Result<Served, Status> {
+    let req: pb::GetVmRequest = decode(payload)?;
+    let vm = service
+        .consensus
+        .query(|state| state.vm(&req.vm_id).map(to_pb))
+        .map_err(unavailable)?
+        .ok_or_else(|| Status::not_found(format!("no VM with id {:?}", req.vm_id)))?;
+    Ok(Served::Answer(vm.encode_to_vec().into()))
+}
+
+/// `Vm/Create`: the spec validated, its runtime filled in.
+fn serve_create(service: &VmService, payload: &Bytes) -> Result<Served, Status> {
+    let req: pb::CreateVmRequest = decode(payload)?;
+    check_request_id(&req.request_id)?;
+    let mut spec = req
+        .spec
+        .ok_or_else(|| Status::invalid_argument("invalid VM spec: field `spec`: missing"))?;
+    if spec.runtime.is_empty() {
+        spec.runtime = service.default_runtime.as_str().to_owned();
+    }
+    tern_runtime::validate(&spec).map_err(|e| Status::invalid_argument(e.to_string()))?;
+    Ok(Served::Write(Command::CreateVm {
+        request_id: req.request_id,
+        spec: Box::new(from_pb_spec(spec)),
+    }))
+}
+
+/// `Vm/Start`, `Vm/Stop`, `Vm/Delete`: the desired state each asks for.
+fn set_desired(payload: &Bytes, desired: VmState) -> Result<Served, Status> {
+    let req: pb::VmActionRequest = decode(payload)?;
+    check_request_id(&req.request_id)?;
+    check_vm_id(&req.vm_id)?;
+    Ok(Served::Write(Command::SetVmDesired {
+        request_id: req.request_id,
+        vm_id: req.vm_id,
+        desired,
+    }))
+}
+
+/// `Vm/Migrate`.
+fn serve_migrate(_: &VmService, payload: &Bytes) -> Result<Served, Status> {
+    let req: pb::MigrateVmRequest = decode(payload)?;
+    check_request_id(&req.request_id)?;
+    check_vm_id(&req.vm_id)?;
+    if req.target_node == 0 {
+        return Err(Status::invalid_argument(
+            "field `target_node`: 0 names no node; give the node id to move the VM to",
+        ));
+    }
+    Ok(Served::Write(Command::MigrateVm {
+        request_id: req.request_id,
+        vm_id: req.vm_id,
+        target: req.target_node,
+    }))
+}
+
+/// `Vm/Watch` (see [`crate::watch`]).
+fn serve_watch(
+    service: &VmService,
+    ctx: RequestContext,
+    request: Bytes,
+    outbound: StreamSender,
+) -> BoxFuture<'static, Result<(), Status>> {
+    tracing::debug!(caller = %ctx.peer.short(), "VM watch");
+    Box::pin(crate::watch::serve(
+        service.consensus.clone(),
+        service.watch_limits,
+        request,
+        outbound,
+    ))
 }
 
 fn decode<M: Message + Default>(payload: &Bytes) -> Result<M, Status> {
@@ -441,6 +490,13 @@ pub fn to_pb_spec(s: &VmSpec) -> pb::VmSpec {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn routes_cover_the_catalogue() {
+        let routes = routes().expect("the routes are valid");
+        let missing: Vec<String> = routes.missing().iter().map(|m| m.label()).collect();
+        assert!(missing.is_empty(), "methods without a route: {missing:?}");
+    }
 
     #[test]
     fn refusals_map_to_codes_a_client_can_act_on() {

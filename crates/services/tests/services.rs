@@ -16,7 +16,6 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use support::consensus::{Shared, TestConsensus};
-use support::net::{Kind, Node};
 use support::wait_for;
 use tern_protocol::catalog::methods;
 use tern_protocol::rpc::call_typed;
@@ -30,6 +29,7 @@ use tern_services::reconciler::{Reconciler, ReconcilerConfig};
 use tern_services::status::StatusService;
 use tern_services::vm::VmService;
 use tern_state::{Capacity, NodeId};
+use tern_test_transports::{Kind, Node};
 
 /// Upper bound on any one test.
 const TEST_BOUND: Duration = Duration::from_secs(120);

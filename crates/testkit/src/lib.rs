@@ -21,6 +21,10 @@
 //! - [`traffic`]: steady client traffic recording every call, on a thread
 //!   the caller chooses (the lab's: inside a namespace), and its client.
 //! - [`process`], [`exposition`]: re-exported from `tern-process-kit`.
+//! - [`transports`]: in-process transports on loopback (iroh, gRPC, both
+//!   behind the router), re-exported from `tern-test-transports`, which
+//!   `services` and `cluster` use directly: this crate depends on
+//!   `tern-node`, which depends on them.
 
 pub mod config;
 pub mod keys;
@@ -28,6 +32,7 @@ pub mod local;
 pub mod traffic;
 
 pub use tern_process_kit::{Metrics, Sample, TernProcess, exposition, process, scrape};
+pub use tern_test_transports as transports;
 
 #[cfg(test)]
 mod tests {

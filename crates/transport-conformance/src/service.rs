@@ -13,7 +13,8 @@
 //! | `Vm/Watch` (stream) | `vm_id` says what to stream (below)                  |
 //! | `Raft/AppendStream` | first `data` `"echo"` echoes every message back,     |
 //! | (bidirectional)     | `"stall"` never reads (and never ends)               |
-//! | anything else       | not registered: the dispatcher's `Unimplemented`     |
+//! | anything else       | no route: `Unimplemented` (the dispatcher's, or the  |
+//! |                     | route table's for the three services above)          |
 //!
 //! `Vm/Watch` commands (`vm_id`): `"count:N:S"` sends N events of S bytes
 //! each (in `VmRecord.reason`) with revisions `from_revision + 1..=N`, then
@@ -21,16 +22,16 @@
 //! sends nothing and never ends; `"fail:N:CODE"` sends N events, then
 //! fails with CODE.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use bytes::Bytes;
 use prost::Message;
-use tern_protocol::catalog::Method;
+use tern_protocol::catalog::{Method, methods};
 use tern_protocol::{
-    BoxFuture, Code, Dispatcher, Handler, RequestContext, ServiceId, Status, StreamReceiver,
-    StreamSender, pb,
+    BoxFuture, Code, Dispatcher, Handler, RequestContext, RouteError, Routes, ServiceId, Status,
+    StreamReceiver, StreamSender, pb,
 };
 
 /// Node id the fixed `Status/Get` answer carries.
@@ -186,25 +187,6 @@ fn number(text: Option<&str>, what: &str) -> Result<u64, Status> {
         .ok_or_else(|| Status::invalid_argument(format!("expected {what}")))
 }
 
-async fn serve_stream(
-    counters: &Counters,
-    method: &'static Method,
-    request: Bytes,
-    inbound: StreamReceiver,
-    outbound: StreamSender,
-) -> Result<(), Status> {
-    match (method.service, method.name) {
-        (ServiceId::Vm, "Watch") => serve_watch(counters, request, outbound).await,
-        (ServiceId::Raft, "AppendStream") => {
-            serve_append_stream(counters, request, inbound, outbound).await
-        }
-        _ => Err(Status::unimplemented(format!(
-            "the test service does not stream {}",
-            method.label()
-        ))),
-    }
-}
-
 /// `Vm/Watch`: what `vm_id` commands (see the module docs).
 async fn serve_watch(
     counters: &Counters,
@@ -276,55 +258,153 @@ async fn serve_append_stream(
     }
 }
 
+/// What the test service serves, one route table per service it is
+/// registered for.
+struct Tables {
+    raft: Routes<Route, StreamRoute>,
+    vm: Routes<Route, StreamRoute>,
+    status: Routes<Route, StreamRoute>,
+}
+
+impl Tables {
+    fn of(&self, method: &Method) -> Result<&Routes<Route, StreamRoute>, Status> {
+        match method.service {
+            ServiceId::Raft => Ok(&self.raft),
+            ServiceId::Vm => Ok(&self.vm),
+            ServiceId::Status => Ok(&self.status),
+            other => Err(Status::unimplemented(format!(
+                "the test service does not serve the {other} service"
+            ))),
+        }
+    }
+}
+
+/// A unary method of the test service.
+type Route =
+    for<'a> fn(&'a Counters, RequestContext, Bytes) -> BoxFuture<'a, Result<Bytes, Status>>;
+
+/// A streaming method of the test service.
+type StreamRoute = for<'a> fn(
+    &'a Counters,
+    Bytes,
+    StreamReceiver,
+    StreamSender,
+) -> BoxFuture<'a, Result<(), Status>>;
+
+static TABLES: LazyLock<Tables> = LazyLock::new(|| {
+    tables().expect("the test service's routes are valid (its `routes_are_valid` test builds them)")
+});
+
+fn tables() -> Result<Tables, RouteError> {
+    let raft = Routes::<Route, StreamRoute>::new(ServiceId::Raft)
+        .unary(methods::RAFT_APPEND_ENTRIES, |_, _, payload| {
+            Box::pin(async move {
+                let req = pb::RaftPayload::decode(payload).map_err(bad_request)?;
+                answer(req.data)
+            })
+        })?
+        .unary(methods::RAFT_VOTE, |_, ctx, _| {
+            Box::pin(std::future::ready(answer(Bytes::copy_from_slice(
+                ctx.peer.as_bytes(),
+            ))))
+        })?
+        .unary(methods::RAFT_SNAPSHOT, |counters, _, payload| {
+            Box::pin(async move {
+                let chunk = pb::SnapshotChunk::decode(payload).map_err(bad_request)?;
+                let len = chunk.data.len() as u64;
+                counters.bulk_bytes.fetch_add(len, Ordering::SeqCst);
+                answer(Bytes::copy_from_slice(&len.to_le_bytes()))
+            })
+        })?
+        .stream(
+            methods::RAFT_APPEND_STREAM,
+            |counters, request, inbound, outbound| {
+                Box::pin(serve_append_stream(counters, request, inbound, outbound))
+            },
+        )?;
+    let vm = Routes::<Route, StreamRoute>::new(ServiceId::Vm)
+        .unary(methods::VM_GET, |_, _, payload| {
+            Box::pin(serve_vm_get(payload))
+        })?
+        .stream(methods::VM_WATCH, |counters, request, _, outbound| {
+            Box::pin(serve_watch(counters, request, outbound))
+        })?;
+    let status = Routes::<Route, StreamRoute>::new(ServiceId::Status).unary(
+        methods::STATUS_GET,
+        |_, _, _| {
+            let status = pb::NodeStatus {
+                node_id: STATUS_NODE_ID,
+                version: "conformance".into(),
+                ..Default::default()
+            };
+            Box::pin(std::future::ready(Ok(status.encode_to_vec().into())))
+        },
+    )?;
+    Ok(Tables { raft, vm, status })
+}
+
+fn answer(data: Bytes) -> Result<Bytes, Status> {
+    Ok(Bytes::from(pb::RaftPayload { data }.encode_to_vec()))
+}
+
 async fn serve(
     counters: &Counters,
     ctx: RequestContext,
     method: &'static Method,
     payload: Bytes,
 ) -> Result<Bytes, Status> {
-    let answer = |data: Bytes| Ok(Bytes::from(pb::RaftPayload { data }.encode_to_vec()));
-    match (method.service, method.name) {
-        (ServiceId::Raft, "AppendEntries") => {
-            let req = pb::RaftPayload::decode(payload).map_err(bad_request)?;
-            answer(req.data)
-        }
-        (ServiceId::Raft, "Vote") => answer(Bytes::copy_from_slice(ctx.peer.as_bytes())),
-        (ServiceId::Raft, "Snapshot") => {
-            let chunk = pb::SnapshotChunk::decode(payload).map_err(bad_request)?;
-            let len = chunk.data.len() as u64;
-            counters.bulk_bytes.fetch_add(len, Ordering::SeqCst);
-            answer(Bytes::copy_from_slice(&len.to_le_bytes()))
-        }
-        (ServiceId::Vm, "Get") => {
-            let req = pb::GetVmRequest::decode(payload).map_err(bad_request)?;
-            if let Some(ms) = req.vm_id.strip_prefix("sleep:") {
-                let ms: u64 = ms
-                    .parse()
-                    .map_err(|_| Status::invalid_argument("sleep:MS"))?;
-                tokio::time::sleep(Duration::from_millis(ms)).await;
-            } else if let Some(code) = req.vm_id.strip_prefix("fail:") {
-                let code: u32 = code
-                    .parse()
-                    .map_err(|_| Status::invalid_argument("fail:CODE"))?;
-                return Err(Status::new(Code::from_u32(code), "requested failure"));
-            }
-            Ok(pb::VmRecord {
-                id: req.vm_id,
-                ..Default::default()
-            }
-            .encode_to_vec()
-            .into())
-        }
-        (ServiceId::Status, "Get") => Ok(pb::NodeStatus {
-            node_id: STATUS_NODE_ID,
-            version: "conformance".into(),
-            ..Default::default()
-        }
-        .encode_to_vec()
-        .into()),
-        _ => Err(Status::unimplemented(format!(
-            "the test service does not serve {}",
-            method.label()
-        ))),
+    let route = TABLES.of(method)?.route(method)?;
+    route(counters, ctx, payload).await
+}
+
+async fn serve_stream(
+    counters: &Counters,
+    method: &'static Method,
+    request: Bytes,
+    inbound: StreamReceiver,
+    outbound: StreamSender,
+) -> Result<(), Status> {
+    let route = TABLES.of(method)?.stream_route(method)?;
+    route(counters, request, inbound, outbound).await
+}
+
+/// `Vm/Get`: `"sleep:MS"` sleeps, `"fail:CODE"` fails.
+async fn serve_vm_get(payload: Bytes) -> Result<Bytes, Status> {
+    let req = pb::GetVmRequest::decode(payload).map_err(bad_request)?;
+    if let Some(ms) = req.vm_id.strip_prefix("sleep:") {
+        let ms: u64 = ms
+            .parse()
+            .map_err(|_| Status::invalid_argument("sleep:MS"))?;
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    } else if let Some(code) = req.vm_id.strip_prefix("fail:") {
+        let code: u32 = code
+            .parse()
+            .map_err(|_| Status::invalid_argument("fail:CODE"))?;
+        return Err(Status::new(Code::from_u32(code), "requested failure"));
+    }
+    Ok(pb::VmRecord {
+        id: req.vm_id,
+        ..Default::default()
+    }
+    .encode_to_vec()
+    .into())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn routes_are_valid() {
+        let tables = super::tables().expect("the routes are valid");
+        // The test service serves the methods of its module docs' table on
+        // purpose; the rest of each service answers `Unimplemented`.
+        let names = |routes: &tern_protocol::Routes<super::Route, super::StreamRoute>| {
+            routes.missing().iter().map(|m| m.name).collect::<Vec<_>>()
+        };
+        assert_eq!(names(&tables.raft), ["Propose"]);
+        assert_eq!(
+            names(&tables.vm),
+            ["Create", "Start", "Stop", "Delete", "List", "Migrate"]
+        );
+        assert!(names(&tables.status).is_empty());
     }
 }

@@ -90,17 +90,34 @@ pub fn incoming(
     Ok(tokio_stream::wrappers::ReceiverStream::new(rx))
 }
 
+/// Why the raw baseline's channel could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum ChannelError {
+    /// The TLS client configuration could not be built.
+    #[error("the raw baseline's TLS client configuration: {0}")]
+    Tls(#[source] tls::ConfigError),
+    /// tonic refused the endpoint or could not connect to it.
+    #[error("connecting the raw baseline's channel to {addr}: {source}; is its server running?")]
+    Connect {
+        /// The server's address.
+        addr: std::net::SocketAddr,
+        /// tonic's error.
+        source: tonic::transport::Error,
+    },
+}
+
 /// A tonic channel to `addr` over TLS as the transport's client dials it:
 /// presenting `identity`, accepting only `expected`.
 pub async fn channel(
     addr: std::net::SocketAddr,
     identity: &TlsIdentity,
     expected: PeerId,
-) -> Result<Channel, String> {
-    let config = tls::client_config(identity, expected).map_err(|e| e.to_string())?;
+) -> Result<Channel, ChannelError> {
+    let config = tls::client_config(identity, expected).map_err(ChannelError::Tls)?;
     let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let connect = |source| ChannelError::Connect { addr, source };
     Endpoint::from_shared(format!("http://{addr}"))
-        .map_err(|e| e.to_string())?
+        .map_err(connect)?
         .tcp_nodelay(true)
         .connect_with_connector(tower::service_fn(move |_uri| {
             let connector = connector.clone();
@@ -114,5 +131,5 @@ pub async fn channel(
             }
         }))
         .await
-        .map_err(|e| e.to_string())
+        .map_err(connect)
 }

@@ -624,29 +624,62 @@ fn stream_metadata(metadata: &mut tonic::metadata::MetadataMap, priority: Priori
     metadata.insert(crate::stream::STREAM_IDLE_KEY, idle_ms.into());
 }
 
+/// Why a peer's gRPC URL cannot be used; each message names the URL and
+/// the form to write.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UrlError {
+    /// `http://`: the transport is TLS only.
+    #[error("`{url}` is http://: Tern's gRPC transport is TLS only; write https://{rest}")]
+    Plaintext {
+        /// The URL given.
+        url: String,
+        /// What follows `http://`.
+        rest: String,
+    },
+    /// Another scheme, or none.
+    #[error("`{0}` is not an https:// URL (https://HOST:PORT)")]
+    NotHttps(String),
+    /// A path after the authority, or no authority.
+    #[error("`{0}` must be https://HOST:PORT with no path")]
+    Path(String),
+    /// Not a URL at all.
+    #[error("`{url}` is not a valid URL: {reason} (https://HOST:PORT)")]
+    Invalid {
+        /// The URL given.
+        url: String,
+        /// The parser's complaint.
+        reason: String,
+    },
+    /// No port.
+    #[error("`{0}` names no port (https://HOST:PORT)")]
+    NoPort(String),
+}
+
 /// Checks that a peer's gRPC URL is `https://host:port`: the only scheme a
 /// node serves. Says what is wrong otherwise.
-pub fn check_url(url: &str) -> Result<(), String> {
+pub fn check_url(url: &str) -> Result<(), UrlError> {
     let Some(rest) = url.strip_prefix("https://") else {
-        return Err(if url.starts_with("http://") {
-            format!(
-                "{url:?} is http://: Tern's gRPC transport is TLS only; write https://{}",
-                url.trim_start_matches("http://")
-            )
-        } else {
-            format!("{url:?} is not an https:// URL")
+        return Err(match url.strip_prefix("http://") {
+            Some(rest) => UrlError::Plaintext {
+                url: url.to_owned(),
+                rest: rest.to_owned(),
+            },
+            None => UrlError::NotHttps(url.to_owned()),
         });
     };
     let authority = rest.trim_end_matches('/');
     if authority.is_empty() || authority.contains('/') {
-        return Err(format!("{url:?} must be https://HOST:PORT with no path"));
+        return Err(UrlError::Path(url.to_owned()));
     }
     let uri: http::Uri = url
         .parse()
-        .map_err(|e| format!("{url:?} is not a valid URL: {e}"))?;
+        .map_err(|e: http::uri::InvalidUri| UrlError::Invalid {
+            url: url.to_owned(),
+            reason: e.to_string(),
+        })?;
     match uri.authority() {
         Some(a) if a.port_u16().is_some() => Ok(()),
-        _ => Err(format!("{url:?} names no port (https://HOST:PORT)")),
+        _ => Err(UrlError::NoPort(url.to_owned())),
     }
 }
 
@@ -967,5 +1000,60 @@ impl RpcClient for GrpcClient {
             metrics::stream_opened(method, Side::Client, outcome);
             result
         })
+    }
+}
+
+#[cfg(test)]
+mod url_tests {
+    use super::*;
+
+    #[test]
+    fn urls_are_https_host_port_only() {
+        assert_eq!(check_url("https://10.0.0.1:7000"), Ok(()));
+        assert_eq!(check_url("https://node-a.example:7000/"), Ok(()));
+        assert_eq!(
+            check_url("http://10.0.0.1:7000"),
+            Err(UrlError::Plaintext {
+                url: "http://10.0.0.1:7000".into(),
+                rest: "10.0.0.1:7000".into()
+            })
+        );
+        assert!(
+            check_url("http://a:1")
+                .unwrap_err()
+                .to_string()
+                .contains("write https://a:1")
+        );
+        assert_eq!(
+            check_url("10.0.0.1:7000"),
+            Err(UrlError::NotHttps("10.0.0.1:7000".into()))
+        );
+        assert_eq!(
+            check_url("https://a:1/x"),
+            Err(UrlError::Path("https://a:1/x".into()))
+        );
+        assert_eq!(
+            check_url("https://"),
+            Err(UrlError::Path("https://".into()))
+        );
+        assert_eq!(
+            check_url("https://a"),
+            Err(UrlError::NoPort("https://a".into()))
+        );
+        assert!(matches!(
+            check_url("https://a b:1"),
+            Err(UrlError::Invalid { .. })
+        ));
+    }
+
+    proptest::proptest! {
+        /// Any text is accepted or refused with a reason naming it; never
+        /// a panic.
+        #[test]
+        fn any_text_is_checked_without_panicking(text in "\\PC{0,40}") {
+            if let Err(e) = check_url(&text) {
+                proptest::prop_assert!(e.to_string().contains(&text));
+            }
+        }
     }
 }

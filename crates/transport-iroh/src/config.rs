@@ -201,30 +201,67 @@ impl TransportLimits {
     }
 
     /// Checks the limits for values that cannot work.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), LimitsError> {
         if self.lane_in_flight.contains(&0) {
-            return Err("every lane needs at least one in-flight call".to_owned());
+            return Err(LimitsError::NoLaneCalls);
         }
         if self.max_concurrent_streams == 0 || self.max_in_flight_per_connection == 0 {
-            return Err("a server must accept at least one stream per connection".to_owned());
+            return Err(LimitsError::NoStreams);
         }
         if self.max_connections == 0 || self.max_peers == 0 {
-            return Err("max_connections and max_peers must be at least 1".to_owned());
+            return Err(LimitsError::NoConnections);
         }
         if self.stream_window == 0 || self.connection_window < self.stream_window {
-            return Err(format!(
-                "stream_window ({}) must be at least 1 byte and at most connection_window ({})",
-                self.stream_window, self.connection_window
-            ));
+            return Err(LimitsError::Windows {
+                stream: self.stream_window,
+                connection: self.connection_window,
+            });
         }
         if self.keep_alive >= self.idle_timeout {
-            return Err(format!(
-                "keep_alive ({:?}) must be shorter than idle_timeout ({:?})",
-                self.keep_alive, self.idle_timeout
-            ));
+            return Err(LimitsError::KeepAlive {
+                keep_alive: self.keep_alive,
+                idle_timeout: self.idle_timeout,
+            });
         }
         Ok(())
     }
+}
+
+/// Why [`TransportLimits`] cannot work.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LimitsError {
+    /// A lane allows no call in flight.
+    #[error("every lane needs at least one in-flight call")]
+    NoLaneCalls,
+    /// A connection would accept no stream.
+    #[error("a server must accept at least one stream per connection")]
+    NoStreams,
+    /// No connection or no peer allowed.
+    #[error("max_connections and max_peers must be at least 1")]
+    NoConnections,
+    /// The stream window is zero or above the connection window.
+    #[error(
+        "stream_window ({stream}) must be at least 1 byte and at most connection_window \
+         ({connection})"
+    )]
+    Windows {
+        /// `stream_window`.
+        stream: u32,
+        /// `connection_window`.
+        connection: u32,
+    },
+    /// Keep-alives would come too late to keep the connection open.
+    #[error(
+        "keep_alive ({} ms) must be shorter than idle_timeout ({} ms)",
+        keep_alive.as_millis(),
+        idle_timeout.as_millis()
+    )]
+    KeepAlive {
+        /// `keep_alive`.
+        keep_alive: Duration,
+        /// `idle_timeout`.
+        idle_timeout: Duration,
+    },
 }
 
 /// Everything [`crate::IrohTransport::bind`] needs.
@@ -396,11 +433,11 @@ mod tests {
         assert_eq!(TransportLimits::default().validate(), Ok(()));
         let mut bad = TransportLimits::default();
         bad.lane_in_flight[Priority::Control as usize] = 0;
-        assert!(bad.validate().is_err());
+        assert_eq!(bad.validate(), Err(LimitsError::NoLaneCalls));
         let bad = TransportLimits {
             keep_alive: Duration::from_secs(20),
             ..TransportLimits::default()
         };
-        assert!(bad.validate().is_err());
+        assert!(matches!(bad.validate(), Err(LimitsError::KeepAlive { .. })));
     }
 }

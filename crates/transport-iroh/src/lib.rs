@@ -65,7 +65,7 @@ pub mod transport;
 pub mod wire;
 
 pub use client::IrohClient;
-pub use config::{IrohConfig, TransportLimits, load_or_create_secret_key};
+pub use config::{IrohConfig, LimitsError, TransportLimits, load_or_create_secret_key};
 pub use transport::{BindError, IrohTransport};
 
 /// The one ALPN of the Tern RPC protocol over iroh. The trailing number is

@@ -32,6 +32,9 @@ pub enum BindError {
     /// The configuration cannot work.
     #[error("invalid iroh transport configuration: {0}")]
     Config(String),
+    /// The limits cannot work.
+    #[error("invalid iroh transport limits: {0}")]
+    Limits(#[from] crate::config::LimitsError),
     /// The endpoint could not bind its socket.
     #[error("binding the iroh endpoint on {addr}: {detail}")]
     Bind {
@@ -110,7 +113,7 @@ impl IrohTransport {
         config: IrohConfig,
         handler: Arc<dyn Handler>,
     ) -> Result<IrohTransport, BindError> {
-        config.limits.validate().map_err(BindError::Config)?;
+        config.limits.validate()?;
         let limits = &config.limits;
         let idle = IdleTimeout::try_from(limits.idle_timeout)
             .map_err(|e| BindError::Config(format!("idle_timeout: {e}")))?;

@@ -1,10 +1,10 @@
 //! Support for the tests of the services over a real single-node Raft: a
 //! guard that kills every workload a test's runtimes started (also when
-//! the test fails), bounded polling, transports, and the node's Raft.
+//! the test fails), bounded polling and the node's Raft (transports:
+//! `tern-test-transports`).
 
 #![allow(dead_code)] // reason: each test binary uses a different part of the shared support.
 
-pub(crate) mod net;
 pub(crate) mod raft;
 
 use std::future::Future;

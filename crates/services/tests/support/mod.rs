@@ -1,11 +1,10 @@
 //! Shared support for the services' tests: a guard that kills every
 //! workload a test's runtimes started (also when the test fails), bounded
-//! polling, an in-process Raft and fake consensus, and transports.
+//! polling, an in-process Raft and fake consensus (transports: `tern-test-transports`).
 
 #![allow(dead_code)] // reason: each test binary uses a different part of the shared support.
 
 pub(crate) mod consensus;
-pub(crate) mod net;
 
 use std::future::Future;
 use std::time::Duration;

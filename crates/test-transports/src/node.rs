@@ -1,21 +1,19 @@
 //! Real transports for service tests: the same test body runs over gRPC
 //! and over iroh, each node a real server on loopback.
-#![allow(clippy::unwrap_used)] // reason: test support; a failure should fail the test loudly.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
-use std::time::Duration;
 
 use tern_protocol::{Handler, PeerAddr, PeerId, RpcClient};
-use tern_transport_grpc::{GrpcTransport, ServerConfig};
-use tern_transport_iroh::{IrohConfig, IrohTransport};
+use tern_transport_grpc::GrpcTransport;
+use tern_transport_iroh::IrohTransport;
 
-/// Drain given to a test node at shutdown.
-const DRAIN: Duration = Duration::from_secs(2);
+use crate::factory::{DRAIN, Grpc, Iroh, TransportFactory};
 
 /// Which transport a test runs over.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Kind {
+pub enum Kind {
     /// tonic over HTTP/2.
     Grpc,
     /// iroh QUIC.
@@ -23,7 +21,7 @@ pub(crate) enum Kind {
 }
 
 /// A running node of either transport.
-pub(crate) enum Node {
+pub enum Node {
     /// gRPC.
     Grpc(GrpcTransport),
     /// iroh.
@@ -40,24 +38,19 @@ fn next_key() -> [u8; 32] {
 }
 
 impl Node {
-    /// Starts a node serving `handler` on loopback.
-    pub(crate) async fn start(kind: Kind, handler: Arc<dyn Handler>) -> Node {
+    /// Starts a node serving `handler` on loopback, any port, with a
+    /// fresh identity (through the [`crate::factory`] factories).
+    pub async fn start(kind: Kind, handler: Arc<dyn Handler>) -> Node {
         let key = next_key();
+        let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
         match kind {
-            Kind::Grpc => {
-                let config = ServerConfig::new(key, ([127, 0, 0, 1], 0).into());
-                Node::Grpc(GrpcTransport::bind(config, handler).await.unwrap())
-            }
-            Kind::Iroh => Node::Iroh(
-                IrohTransport::bind(IrohConfig::new(key), handler)
-                    .await
-                    .unwrap(),
-            ),
+            Kind::Grpc => Node::Grpc(Grpc.start(key, loopback, handler).await),
+            Kind::Iroh => Node::Iroh(Iroh.start(key, loopback, handler).await),
         }
     }
 
     /// How to reach it.
-    pub(crate) fn addr(&self) -> PeerAddr {
+    pub fn addr(&self) -> PeerAddr {
         match self {
             Node::Grpc(t) => t.peer_addr(),
             Node::Iroh(t) => t.peer_addr(),
@@ -65,7 +58,7 @@ impl Node {
     }
 
     /// Its identity.
-    pub(crate) fn id(&self) -> PeerId {
+    pub fn id(&self) -> PeerId {
         match self {
             Node::Grpc(t) => t.id(),
             Node::Iroh(t) => t.id(),
@@ -73,7 +66,7 @@ impl Node {
     }
 
     /// Its client (calls as this node).
-    pub(crate) fn client(&self) -> Arc<dyn RpcClient> {
+    pub fn client(&self) -> Arc<dyn RpcClient> {
         match self {
             Node::Grpc(t) => t.client(),
             Node::Iroh(t) => t.client(),
@@ -81,7 +74,7 @@ impl Node {
     }
 
     /// Stops it.
-    pub(crate) async fn shutdown(self) {
+    pub async fn shutdown(self) {
         match self {
             Node::Grpc(t) => t.shutdown(DRAIN).await,
             Node::Iroh(t) => t.shutdown(DRAIN).await,
