@@ -81,8 +81,7 @@ pub fn proposal_failed(reason: ProposalFailure) {
 pub fn spawn_watcher(raft: &RaftInstance) -> JoinHandle<()> {
     let mut rx = raft.metrics();
     for reason in ProposalFailure::ALL {
-        ::metrics::counter!(names::RAFT_PROPOSALS_FAILED, "reason" => reason.as_str())
-            .increment(0);
+        ::metrics::counter!(names::RAFT_PROPOSALS_FAILED, "reason" => reason.as_str()).increment(0);
     }
     tokio::spawn(async move {
         let mut last_leader = None;
