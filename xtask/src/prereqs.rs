@@ -25,7 +25,12 @@ const TOOLS: &[Tool] = &[
     Tool {
         command: "promtool",
         package: "prometheus",
-        why: "the monitoring test validates the exposition with `promtool check metrics`",
+        why: "the monitoring test validates the exposition with `promtool check metrics`, and the rules test runs `promtool check rules` / `promtool test rules` on deploy/prometheus",
+    },
+    Tool {
+        command: "prometheus",
+        package: "prometheus",
+        why: "the rules test has a real Prometheus scrape a live cluster and answer every rule and dashboard query (deploy/)",
     },
     Tool {
         command: "qemu-system-x86_64",

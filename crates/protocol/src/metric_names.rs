@@ -51,7 +51,8 @@ metrics! {
     /// Re-dials after a lost connection; labels `transport`.
     CONNECT_RETRIES = "tern_transport_connect_retries_total", Counter,
         "Re-dials after a lost or failed connection, by transport.";
-    /// NAT traversal outcome; labels `transport`, `path` (`direct`|`relayed`).
+    /// NAT traversal outcome of outbound connections; labels `transport`,
+    /// `path` (`direct`|`relayed`), `peer` (the peer's short key).
     CONNECTION_PATHS = "tern_transport_connection_paths_total", Counter,
         "Connections by the path they settled on (direct or relayed).";
     /// Call latency; labels `transport`, `service`, `method`, `side`.
@@ -115,9 +116,10 @@ metrics! {
     /// Leader changes.
     RAFT_LEADER_CHANGES = "tern_raft_leader_changes_total", Counter,
         "Times this node saw the Raft leader change.";
-    /// Heartbeat latency; labels `transport`.
+    /// Heartbeat latency; labels `transport`, `peer` (the follower's node
+    /// id): the leader's round trip to each peer.
     RAFT_HEARTBEAT_SECONDS = "tern_raft_heartbeat_seconds", Histogram,
-        "Round trip of Raft heartbeats from the leader.";
+        "Round trip of Raft heartbeats from the leader, by transport and follower.";
     /// Replication lag; labels `peer`.
     RAFT_REPLICATION_LAG = "tern_raft_replication_lag_entries", Gauge,
         "Log entries a follower is behind the leader (on the leader).";
@@ -142,6 +144,21 @@ metrics! {
     /// Whether this node leads.
     RAFT_IS_LEADER = "tern_raft_is_leader", Gauge,
         "1 when this node is the Raft leader.";
+    /// Whether this node knows a leader (itself included).
+    RAFT_HAS_LEADER = "tern_raft_has_leader", Gauge,
+        "1 when this node knows a Raft leader (itself or another member), 0 when it knows none.";
+    /// Committed proposals' latency: a write proposed on this node (it
+    /// leads) until it is committed and applied.
+    RAFT_PROPOSAL_SECONDS = "tern_raft_proposal_seconds", Histogram,
+        "Time from proposing a write to Raft until it was committed and applied, for writes that committed.";
+    /// Proposals Raft did not commit; labels `reason` (`not_leader`:
+    /// leadership moved or was lost, `raft_api`: refused by Raft, `stopped`:
+    /// Raft stopped). Writes refused by a size limit are not proposals.
+    RAFT_PROPOSALS_FAILED = "tern_raft_proposals_failed_total", Counter,
+        "Writes proposed to Raft that were not committed, by reason.";
+    /// Log syncs (sled flush plus `fdatasync`), one per group commit.
+    STORE_SYNC_SECONDS = "tern_store_sync_seconds", Histogram,
+        "Time of one Raft log sync (sled flush and fdatasync), which every acknowledged write waits for.";
     /// Calls refused by the access table; labels `service`, `method`,
     /// `reason` (`unknown_key`, `needs_role`, `members_only`, `no_rule`).
     ACCESS_DENIED = "tern_access_denied_total", Counter,

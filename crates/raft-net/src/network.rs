@@ -521,7 +521,7 @@ impl PeerNetwork {
             )
             .await?;
         if let Some(sent) = heartbeat {
-            crate::metrics::heartbeat(self.client.transport(), sent.elapsed());
+            crate::metrics::heartbeat(self.client.transport(), self.target, sent.elapsed());
         }
         let resp: wire::AppendEntriesResponse =
             wire::unwrap(bytes).map_err(|e| garbled("append-entries", e))?;

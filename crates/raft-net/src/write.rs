@@ -2,6 +2,8 @@
 //! on a caller's behalf is checked against the write limits before it is
 //! proposed, and a refusal maps to one status wherever it happens.
 
+use openraft::ServerState;
+use openraft::async_runtime::WatchReceiver;
 use openraft::errors::{ClientWriteError, RaftError};
 use openraft::raft::ClientWriteResponse;
 use tern_protocol::{Code, Status};
@@ -54,7 +56,39 @@ pub async fn client_write(
     command: Command,
 ) -> Result<ClientWriteResponse<TypeConfig>, WriteError> {
     check_command(&command)?;
-    raft.client_write(command).await.map_err(WriteError::Raft)
+    // A follower's write is refused with `ForwardToLeader` before it is
+    // proposed (and then forwarded): not a failed proposal. A leader's is.
+    let leading = raft.metrics().borrow_watched().state == ServerState::Leader;
+    let proposed = std::time::Instant::now();
+    match raft.client_write(command).await {
+        Ok(written) => {
+            crate::metrics::proposal_committed(proposed.elapsed());
+            Ok(written)
+        }
+        Err(e) => {
+            if let Some(reason) = proposal_failure(&e, leading) {
+                crate::metrics::proposal_failed(reason);
+            }
+            Err(WriteError::Raft(e))
+        }
+    }
+}
+
+/// The `reason` label a failed proposal is counted under, if it was a
+/// proposal: `None` for a write a follower refused to forward it
+/// (`leading` says whether this node led when the write was made).
+fn proposal_failure(
+    e: &RaftError<TypeConfig, ClientWriteError<TypeConfig>>,
+    leading: bool,
+) -> Option<crate::metrics::ProposalFailure> {
+    use crate::metrics::ProposalFailure;
+    match e {
+        RaftError::APIError(ClientWriteError::ForwardToLeader(_)) => {
+            leading.then_some(ProposalFailure::NotLeader)
+        }
+        RaftError::APIError(_) => Some(ProposalFailure::RaftApi),
+        RaftError::Fatal(_) => Some(ProposalFailure::Stopped),
+    }
 }
 
 /// The status a failed Raft write is answered with: `FailedPrecondition`
@@ -73,5 +107,34 @@ pub fn write_error(e: RaftError<TypeConfig, ClientWriteError<TypeConfig>>) -> St
         },
         RaftError::APIError(e) => Status::new(Code::FailedPrecondition, e.to_string()),
         RaftError::Fatal(e) => raft_stopped(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use openraft::errors::{Fatal, ForwardToLeader};
+
+    use super::*;
+    use crate::metrics::ProposalFailure;
+
+    #[test]
+    fn only_proposals_count_as_failed_proposals() {
+        let forward = || {
+            RaftError::<TypeConfig, ClientWriteError<TypeConfig>>::APIError(
+                ClientWriteError::ForwardToLeader(ForwardToLeader::empty()),
+            )
+        };
+        // A follower refuses before proposing (and forwards): not counted.
+        assert_eq!(proposal_failure(&forward(), false), None);
+        // A leader that lost leadership while the write was in flight.
+        assert_eq!(
+            proposal_failure(&forward(), true),
+            Some(ProposalFailure::NotLeader)
+        );
+        let stopped = RaftError::<TypeConfig, ClientWriteError<TypeConfig>>::Fatal(Fatal::Stopped);
+        assert_eq!(
+            proposal_failure(&stopped, false),
+            Some(ProposalFailure::Stopped)
+        );
     }
 }

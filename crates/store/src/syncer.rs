@@ -18,6 +18,9 @@
 //! openraft's core loop never waits for the disk, and under load one sync
 //! covers many appends.
 //!
+//! Each sync's time (the flush and the `fdatasync` together) is recorded
+//! in `tern_store_sync_seconds`: a slow disk shows there first.
+//!
 //! A failed sync fails every completion of its group and every later one:
 //! after a failed `fsync` the kernel may have dropped the pages it could
 //! not write, so retrying would report success for lost data.
@@ -124,6 +127,8 @@ fn run(db: &sled::Db, file: &File, path: &Path, rx: &mpsc::Receiver<Completion>)
                     file.sync_data()
                         .map_err(|e| format!("fdatasync {}: {e}", path.display()))
                 });
+            metrics::histogram!(tern_protocol::metric_names::STORE_SYNC_SECONDS)
+                .record(started.elapsed().as_secs_f64());
             match result {
                 Ok(()) => tracing::trace!(
                     writes = group.len(),

@@ -421,8 +421,9 @@ impl IrohClient {
         metrics::connection_opened();
         let closed = conn.weak_handle().closed();
         let events = conn.path_events();
+        let peer = addr.id.short();
         tokio::spawn(async move {
-            tokio::join!(closed, settle_path(relayed, events));
+            tokio::join!(closed, settle_path(relayed, peer, events));
             metrics::connection_closed();
         });
         debug!(peer = %addr.id.short(), elapsed = ?started.elapsed(), relayed, "connected");
@@ -708,11 +709,11 @@ pub const NAT_SETTLE_TIME: Duration = Duration::from_secs(10);
 /// Records the path a new connection settles on: direct at once, direct
 /// once a direct path is selected within [`NAT_SETTLE_TIME`], relayed
 /// otherwise (or if the connection ends first).
-async fn settle_path(relayed: bool, mut events: iroh::endpoint::PathEventStream) {
+async fn settle_path(relayed: bool, peer: String, mut events: iroh::endpoint::PathEventStream) {
     use futures::StreamExt;
     use iroh::endpoint::PathEvent;
     if !relayed {
-        metrics::connection_path(false);
+        metrics::connection_path(false, peer);
         return;
     }
     let went_direct = async {
@@ -728,7 +729,7 @@ async fn settle_path(relayed: bool, mut events: iroh::endpoint::PathEventStream)
     let direct = tokio::time::timeout(NAT_SETTLE_TIME, went_direct)
         .await
         .unwrap_or(false);
-    metrics::connection_path(!direct);
+    metrics::connection_path(!direct, peer);
 }
 
 fn timed_out(timeout: Duration, sent: &AtomicBool) -> CallError {

@@ -8,7 +8,8 @@
 //!
 //! - connection establishment time, open connections, failed dials,
 //!   re-dials, and the path a new outbound connection settles on
-//!   (`direct`/`relayed`: the NAT traversal outcome, from
+//!   (`direct`/`relayed`: the NAT traversal outcome, labelled with the
+//!   peer's short key so that a peer reached only by relay stands out; from
 //!   `Connection::paths()` and its path events, see
 //!   [`crate::client::NAT_SETTLE_TIME`]);
 //! - per-method latency and outcome (`ok`, `app_error`,
@@ -35,10 +36,12 @@ pub(crate) fn connected(elapsed: Duration) {
     histogram!(names::CONNECT_SECONDS, "transport" => TRANSPORT).record(elapsed.as_secs_f64());
 }
 
-/// The NAT traversal outcome of a new connection: the path it settled on.
-pub(crate) fn connection_path(relayed: bool) {
+/// The NAT traversal outcome of a new connection to `peer` (its short
+/// key, as the router's `peer` labels): the path it settled on.
+pub(crate) fn connection_path(relayed: bool, peer: String) {
     let path = if relayed { "relayed" } else { "direct" };
-    counter!(names::CONNECTION_PATHS, "transport" => TRANSPORT, "path" => path).increment(1);
+    counter!(names::CONNECTION_PATHS, "transport" => TRANSPORT, "path" => path, "peer" => peer)
+        .increment(1);
 }
 
 pub(crate) fn connection_opened() {

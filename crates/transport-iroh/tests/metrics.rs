@@ -20,6 +20,9 @@ struct Seen(Mutex<BTreeSet<(String, Vec<String>)>>);
 
 static SEEN: Seen = Seen(Mutex::new(BTreeSet::new()));
 
+/// The short key of the server the test dials.
+static SERVER_PEER: Mutex<String> = Mutex::new(String::new());
+
 impl Seen {
     fn note(&self, key: &Key) {
         let mut labels: Vec<String> = key
@@ -78,6 +81,7 @@ async fn calls_and_connections_are_measured() {
         .unwrap();
         let client = caller.client();
         let addr = server.peer_addr();
+        *SERVER_PEER.lock().unwrap() = addr.id.short();
         let payload = pb::RaftPayload {
             data: Bytes::from_static(b"m"),
         }
@@ -104,6 +108,13 @@ async fn calls_and_connections_are_measured() {
     .await
     .expect("bounded");
 
+    // The path series names the peer dialled, by its short key.
+    let server_peer = format!("peer={}", SERVER_PEER.lock().unwrap().clone());
+    assert!(
+        SEEN.has(names::CONNECTION_PATHS, &["path=direct", &server_peer]),
+        "no path series for {server_peer}; seen: {:#?}",
+        SEEN.0.lock().unwrap()
+    );
     for (name, labels) in [
         (names::CONNECT_SECONDS, &[][..]),
         (names::CONNECTIONS_ACTIVE, &[]),
