@@ -477,6 +477,7 @@ pub fn command_name(command: &Command) -> &'static str {
         Command::RevokeJoinToken { .. } => "revoke-join-token",
         Command::AdmitNode { .. } => "admit-node",
         Command::RecordMembership { .. } => "record-membership",
+        Command::SetNetworkPool { .. } => "set-network-pool",
     }
 }
 
@@ -495,7 +496,8 @@ pub fn command_name(command: &Command) -> &'static str {
 /// changed only by `Cluster/Join` and `Cluster/Leave`, which check the
 /// token and the caller), [`Command::PutMeta`] (it has `Cluster/MetaPut`),
 /// the admission commands (tokens, admissions and membership records: the
-/// leader's alone), and the raw record writes [`Command::PutVm`] and
+/// leader's alone), [`Command::SetNetworkPool`] (the leader proposes its
+/// configured pool itself), and the raw record writes [`Command::PutVm`] and
 /// [`Command::DeleteVm`]
 /// (tools and tests on the leader only). The match names every command,
 /// so a new one is refused here until someone decides otherwise.
@@ -523,7 +525,8 @@ pub fn check_proposal(command: &Command, caller: &BTreeSet<NodeId>) -> Result<()
         | Command::CreateJoinToken { .. }
         | Command::RevokeJoinToken { .. }
         | Command::AdmitNode { .. }
-        | Command::RecordMembership { .. } => Err(ProposeRefused::NotAllowed {
+        | Command::RecordMembership { .. }
+        | Command::SetNetworkPool { .. } => Err(ProposeRefused::NotAllowed {
             command: command_name(command),
         }),
     }

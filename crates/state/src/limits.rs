@@ -229,7 +229,8 @@ pub fn check_command(command: &Command) -> Result<(), LimitError> {
     match command {
         Command::AllocateNodeId { .. }
         | Command::ChangeAccess { .. }
-        | Command::RecordMembership { .. } => {}
+        | Command::RecordMembership { .. }
+        | Command::SetNetworkPool { .. } => {}
         Command::CreateJoinToken { token, .. } => {
             bytes("token.id", &token.id, crate::admission::TOKEN_ID_LEN)?
         }

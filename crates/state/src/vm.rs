@@ -177,6 +177,7 @@ impl ClusterState {
     ) -> Option<VmRecord> {
         let mut vm = self.vms.remove(vm_id)?;
         self.index.remove(&vm);
+        self.network.release(vm_id);
         last(&mut vm);
         self.vm_history.record(&vm, true);
         Some(vm)
@@ -266,6 +267,7 @@ impl ClusterState {
             Err(why) => return Response::Rejected(why),
         };
         // Skip ids taken by records written with `PutVm`.
+        let first_number = self.next_vm_number;
         let id = loop {
             let n = self.next_vm_number;
             let Some(next) = n.checked_add(1) else {
@@ -277,6 +279,11 @@ impl ClusterState {
                 break id;
             }
         };
+        // A refused create changes nothing, the id counter included.
+        if let Err(why) = self.network.lease_to(&id) {
+            self.next_vm_number = first_number;
+            return Response::Rejected(why);
+        }
         let vm = VmRecord {
             id: id.clone(),
             spec,
