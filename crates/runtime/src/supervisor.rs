@@ -26,6 +26,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
+use crate::network::{Attachment, record_attachment};
 use crate::pidfile::{self, ProcessIdentity};
 use crate::spec::{self, RuntimeKind};
 use crate::{ExitStatus, Observed, Recovered, RunState, RuntimeError, Started};
@@ -142,6 +143,10 @@ pub(crate) trait Workload: Send + Sync + 'static {
     /// whether it did anything worth waiting [`FORCE_EXIT_WAIT`] for.
     fn before_kill<'a>(&'a self, vm_dir: &'a Path, process: ProcessIdentity)
     -> BoxFuture<'a, bool>;
+
+    /// Removes what the VM held outside its directory (its network
+    /// devices), once it has stopped for good.
+    fn release<'a>(&'a self, vm_id: &'a str) -> BoxFuture<'a, Result<(), RuntimeError>>;
 }
 
 /// What the task and the table share for one VM.
@@ -258,7 +263,12 @@ impl<W: Workload> Supervisor<W> {
         Ok(self.root.join(vm_id))
     }
 
-    pub(crate) async fn start(&self, vm_id: &str, spec: &VmSpec) -> Result<Started, RuntimeError> {
+    pub(crate) async fn start(
+        &self,
+        vm_id: &str,
+        spec: &VmSpec,
+        network: Option<&Attachment>,
+    ) -> Result<Started, RuntimeError> {
         let dir = self.vm_dir(vm_id)?;
         let kind = spec::validate(spec)?;
         if kind != self.workload.kind() {
@@ -330,6 +340,10 @@ impl<W: Workload> Supervisor<W> {
         let spec_path = dir.join(SPEC_FILE_NAME);
         std::fs::write(&spec_path, &spec_bytes).map_err(|source| RuntimeError::State {
             path: spec_path,
+            source,
+        })?;
+        record_attachment(&dir, network).map_err(|source| RuntimeError::State {
+            path: dir.join(crate::network::ATTACHMENT_FILE_NAME),
             source,
         })?;
         let log_path = self.workload.log_path(&dir);
@@ -536,6 +550,7 @@ impl<W: Workload> Supervisor<W> {
             Err(e) => return Err(e),
         }
         self.vms.lock().await.remove(vm_id);
+        self.workload.release(vm_id).await?;
         match std::fs::remove_dir_all(&dir) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(RuntimeError::State {
                 path: dir,
