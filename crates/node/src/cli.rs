@@ -251,6 +251,9 @@ pub fn vm_json(v: &pb::VmRecord) -> Value {
         "reason": v.reason,
         "log_path": v.log_path,
         "generation": v.generation,
+        "address": v.address,
+        "mac": v.mac,
+        "gateway": v.gateway,
     })
 }
 
@@ -266,14 +269,25 @@ fn vm_rows(vms: &[pb::VmRecord]) -> Vec<Vec<String>> {
                 state_name(v.observed).into(),
                 spec.runtime,
                 format!("{} / {} MiB", spec.vcpus, spec.memory_mib),
+                or_dash(&v.address),
+                or_dash(&v.mac),
                 v.reason.clone(),
             ]
         })
         .collect()
 }
 
-const VM_HEADER: [&str; 8] = [
-    "id", "name", "node", "desired", "observed", "runtime", "size", "reason",
+/// An empty field as `-`, so columns stay readable.
+fn or_dash(text: &str) -> String {
+    if text.is_empty() {
+        "-".to_owned()
+    } else {
+        text.to_owned()
+    }
+}
+
+const VM_HEADER: [&str; 10] = [
+    "id", "name", "node", "desired", "observed", "runtime", "size", "address", "mac", "reason",
 ];
 
 /// Prints one VM.

@@ -51,7 +51,7 @@ use tern_state::{Command, NodeId, Response, VmRecord, VmReport, VmState};
 
 use crate::consensus::{Consensus, MAX_APPLY_LAG, write_bounded};
 use crate::vm::to_pb_spec;
-use tern_runtime::{Observed, RunState, Runtime, RuntimeError, RuntimeKind, Started};
+use tern_runtime::{Attachment, Observed, RunState, Runtime, RuntimeError, RuntimeKind, Started};
 
 /// How often a pass runs when no Raft change wakes the reconciler: quick
 /// enough that a crashed workload shows in the VM's status within seconds,
@@ -219,11 +219,19 @@ impl Reconciler {
         }
         let me = self.node_id;
         let read = self.consensus.query(|state| {
-            let mine: Vec<VmRecord> = state
+            let mine: Vec<(VmRecord, Option<Attachment>)> = state
                 .vms()
                 .values()
                 .filter(|vm| vm.node_id == me)
-                .cloned()
+                .map(|vm| {
+                    let network =
+                        crate::vm::network_of(state, &vm.id).map(|(lease, pool)| Attachment {
+                            address: lease.address,
+                            mac: lease.mac,
+                            pool,
+                        });
+                    (vm.clone(), network)
+                })
                 .collect();
             let placed: BTreeMap<String, NodeId> = state
                 .vms()
@@ -246,9 +254,10 @@ impl Reconciler {
                 known.insert(id, (i, observed));
             }
         }
-        for vm in &mine {
+        for (vm, network) in &mine {
             let known_here = known.get(&vm.id).map(|(_, o)| o.clone());
-            self.reconcile_vm(vm, known_here, &mut pass).await;
+            self.reconcile_vm(vm, network.as_ref(), known_here, &mut pass)
+                .await;
         }
         for (id, (i, _)) in &known {
             if placed.get(id) == Some(&me) {
@@ -285,7 +294,13 @@ impl Reconciler {
         self.runtimes.iter().find(|rt| rt.kind() == kind).cloned()
     }
 
-    async fn reconcile_vm(&mut self, vm: &VmRecord, known: Option<Observed>, pass: &mut Pass) {
+    async fn reconcile_vm(
+        &mut self,
+        vm: &VmRecord,
+        network: Option<&Attachment>,
+        known: Option<Observed>,
+        pass: &mut Pass,
+    ) {
         let id = vm.id.as_str();
         let Some(rt) = self.runtime_for(vm) else {
             let reason = format!(
@@ -360,7 +375,7 @@ impl Reconciler {
                 return;
             }
             let spec = to_pb_spec(&vm.spec);
-            match self.op(rt.start(id, &spec)).await {
+            match self.op(rt.start_attached(id, &spec, network)).await {
                 Ok(started) => {
                     self.retries.remove(id);
                     match started {

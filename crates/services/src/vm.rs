@@ -49,7 +49,9 @@ use tern_protocol::{
     BoxFuture, Code, Handler, PeerAddr, RequestContext, RpcClient, Status, StreamReceiver,
     StreamSender, pb,
 };
-use tern_state::{Command, Rejection, Response, VmRecord, VmSpec, VmState};
+use tern_state::{
+    ClusterState, Command, Ipv4Net, Lease, Rejection, Response, VmRecord, VmSpec, VmState,
+};
 
 use crate::consensus::{Consensus, ConsensusError, write_bounded};
 use crate::watch::WatchLimits;
@@ -115,7 +117,7 @@ impl VmService {
                         .vms()
                         .values()
                         .filter(|vm| req.node_id == 0 || vm.node_id == req.node_id)
-                        .map(to_pb)
+                        .map(|vm| to_pb(vm, network_of(state, &vm.id)))
                         .collect::<Vec<_>>();
                     (vms, state.vm_history().revision())
                 })
@@ -125,7 +127,11 @@ impl VmService {
             let req: pb::GetVmRequest = decode(&payload)?;
             let vm = self
                 .consensus
-                .query(|state| state.vm(&req.vm_id).map(to_pb))
+                .query(|state| {
+                    state
+                        .vm(&req.vm_id)
+                        .map(|vm| to_pb(vm, network_of(state, &vm.id)))
+                })
                 .map_err(unavailable)?
                 .ok_or_else(|| Status::not_found(format!("no VM with id {:?}", req.vm_id)))?;
             return Ok(vm.encode_to_vec().into());
@@ -186,7 +192,7 @@ impl VmService {
         tern_state::limits::check_command(&command).map_err(|e| limit_status(&e))?;
         tracing::debug!(%command, caller = %ctx.peer.short(), "VM write");
         match write_bounded(&*self.consensus, command).await {
-            Ok(response) => answer(response),
+            Ok(response) => self.answer(response),
             Err(ConsensusError::TooLarge(e)) => Err(limit_status(&e)),
             Err(ConsensusError::NotLeader { leader }) => {
                 self.forward(&ctx, method, payload, leader).await
@@ -324,15 +330,31 @@ fn unavailable(e: ConsensusError) -> Status {
     Status::unavailable(e.to_string())
 }
 
-/// The state's answer as the RPC's.
-fn answer(response: Response) -> Result<Bytes, Status> {
-    match response {
-        Response::Vm(vm) => Ok(to_pb(&vm).encode_to_vec().into()),
-        Response::Rejected(why) => Err(rejection_status(&why)),
-        other => Err(Status::internal(format!(
-            "the state answered a VM write with {other:?}"
-        ))),
+impl VmService {
+    /// The state's answer as the RPC's. This node applied the write (it
+    /// leads), so its state has the VM's lease, unless the VM has gone
+    /// since.
+    fn answer(&self, response: Response) -> Result<Bytes, Status> {
+        match response {
+            Response::Vm(vm) => {
+                let network = self
+                    .consensus
+                    .query(|state| network_of(state, &vm.id))
+                    .unwrap_or_default();
+                Ok(to_pb(&vm, network).encode_to_vec().into())
+            }
+            Response::Rejected(why) => Err(rejection_status(&why)),
+            other => Err(Status::internal(format!(
+                "the state answered a VM write with {other:?}"
+            ))),
+        }
     }
+}
+
+/// A VM's lease and the pool it is from, as the state holds them.
+pub fn network_of(state: &ClusterState, vm_id: &str) -> Option<(Lease, Ipv4Net)> {
+    let network = state.network();
+    Some((*network.lease(vm_id)?, network.pool()?))
 }
 
 /// The status a refusal by the state is answered with.
@@ -344,21 +366,24 @@ pub fn rejection_status(why: &Rejection) -> Status {
         | Rejection::UnknownNode { .. }
         | Rejection::InvalidMetaKey { .. }
         | Rejection::MetaValueTooLarge { .. }
-        | Rejection::InvalidToken { .. } => Code::InvalidArgument,
+        | Rejection::InvalidToken { .. }
+        | Rejection::InvalidPool { .. } => Code::InvalidArgument,
         Rejection::NoCapacity { .. }
         | Rejection::NodeFull { .. }
         | Rejection::NodeIdsExhausted
         | Rejection::VmIdsExhausted
         | Rejection::MetaFull
         | Rejection::AccessFull
-        | Rejection::TokensFull => Code::ResourceExhausted,
+        | Rejection::TokensFull
+        | Rejection::AddressPoolExhausted { .. } => Code::ResourceExhausted,
         Rejection::NotAdmin { .. }
         | Rejection::TokenExpired { .. }
         | Rejection::TokenUsedUp { .. } => Code::PermissionDenied,
         Rejection::VmDeleting { .. }
         | Rejection::LastAdmin { .. }
         | Rejection::MigrationInProgress { .. }
-        | Rejection::AlreadyOnNode { .. } => Code::FailedPrecondition,
+        | Rejection::AlreadyOnNode { .. }
+        | Rejection::PoolInUse { .. } => Code::FailedPrecondition,
         Rejection::InvalidDesiredState { .. }
         | Rejection::NotPlacedHere { .. }
         | Rejection::InvalidReport { .. } => Code::Internal,
@@ -379,8 +404,9 @@ pub fn pb_state(state: VmState) -> pb::VmState {
     }
 }
 
-/// A record as `tern.v1.VmRecord`.
-pub fn to_pb(vm: &VmRecord) -> pb::VmRecord {
+/// A record as `tern.v1.VmRecord`, with its lease and pool when it has
+/// an address.
+pub fn to_pb(vm: &VmRecord, network: Option<(Lease, Ipv4Net)>) -> pb::VmRecord {
     let (desired, reason) = if vm.is_migrating() {
         (
             pb::VmState::Migrating,
@@ -403,6 +429,11 @@ pub fn to_pb(vm: &VmRecord) -> pb::VmRecord {
         reason,
         log_path: vm.log_path.clone(),
         generation: vm.generation,
+        address: network.map_or_else(String::new, |(l, pool)| {
+            format!("{}/{}", l.address, pool.prefix())
+        }),
+        mac: network.map_or_else(String::new, |(l, _)| l.mac_string()),
+        gateway: network.map_or_else(String::new, |(_, pool)| pool.gateway().to_string()),
     }
 }
 
@@ -464,6 +495,15 @@ mod tests {
             }),
             Code::ResourceExhausted
         );
+        let full = Rejection::AddressPoolExhausted {
+            pool: "10.9.0.0/29".into(),
+            leased: 5,
+        };
+        assert_eq!(code(full.clone()), Code::ResourceExhausted);
+        assert!(
+            rejection_status(&full).message.contains("10.9.0.0/29"),
+            "the refusal names the pool"
+        );
         assert_eq!(
             code(Rejection::UnknownNode { node_id: 3 }),
             Code::InvalidArgument
@@ -489,15 +529,18 @@ mod tests {
             observed: VmState::Running,
             ..VmRecord::default()
         };
-        let pb = to_pb(&vm);
+        let pb = to_pb(&vm, None);
         assert_eq!(pb.desired, pb::VmState::Migrating as i32);
         assert_eq!(pb.observed, pb::VmState::Running as i32);
         assert_eq!(pb.reason, "migrating from node 1 to node 2 (then Running)");
-        let settled = to_pb(&VmRecord {
-            migrate_to: 0,
-            reason: "why".into(),
-            ..vm
-        });
+        let settled = to_pb(
+            &VmRecord {
+                migrate_to: 0,
+                reason: "why".into(),
+                ..vm
+            },
+            None,
+        );
         assert_eq!(settled.desired, pb::VmState::Running as i32);
         assert_eq!(settled.reason, "why");
     }

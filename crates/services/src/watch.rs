@@ -128,7 +128,9 @@ pub fn compacted_status(gap: &HistoryGap) -> Status {
 pub fn to_pb_event(event: &VmEvent) -> pb::VmEvent {
     pb::VmEvent {
         revision: event.revision,
-        vm: Some(crate::vm::to_pb(&event.vm)),
+        // The history keeps records, not leases: an event carries no
+        // address (`Vm/Get` and `Vm/List` do).
+        vm: Some(crate::vm::to_pb(&event.vm, None)),
         deleted: event.deleted,
         progress: false,
     }
