@@ -14,6 +14,9 @@
 //! # Layout
 //!
 //! - [`spec`]: validation of a [`VmSpec`], with errors naming the field.
+//! - [`metadata`]: what a VM learns about itself (id, name, address,
+//!   gateway, MAC): environment and a file for a process workload, the
+//!   kernel command line for a microVM guest.
 //! - [`network`]: the node's VM bridge, TAP devices for microVMs and a
 //!   network namespace with a veth pair for each process workload, made
 //!   with `ip` and adopted again after a node restart.
@@ -39,6 +42,7 @@
 //! Dropping a runtime stops supervising but leaves its workloads running,
 //! exactly as a node crash would; stop them first to end them.
 
+pub mod metadata;
 pub mod microvm;
 pub mod network;
 pub mod pidfile;

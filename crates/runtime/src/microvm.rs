@@ -7,7 +7,8 @@
 //! the pidfile, the spec and the network attachment. A VM started with an
 //! attachment (and a runtime with a [`NodeNetwork`]) gets a virtio-net
 //! device on its own TAP device on the node's bridge, with its MAC;
-//! otherwise the guest has no network (`-nic none`).
+//! otherwise the guest has no network (`-nic none`). The guest's identity
+//! and address are on its kernel command line ([`crate::metadata`]).
 //!
 //! # Acceleration
 //!
@@ -43,6 +44,7 @@ use tern_protocol::BoxFuture;
 use tokio::process::Command;
 use tokio::sync::OnceCell;
 
+use crate::metadata;
 use crate::network::{Attachment, NodeNetwork, recorded_attachment};
 use crate::pidfile::ProcessIdentity;
 use crate::qmp::{QmpClient, QmpError, RunStatus};
@@ -279,22 +281,28 @@ struct MicrovmWorkload {
 
 impl MicrovmWorkload {
     /// QEMU's network arguments for `vm_id`, its TAP made (or adopted)
-    /// now: a virtio-net device on the TAP with the VM's MAC, or no NIC.
-    async fn nic_args(&self, vm_id: &str, vm_dir: &Path) -> Result<Vec<String>, RuntimeError> {
+    /// now: a virtio-net device on the TAP with the VM's MAC, or no NIC;
+    /// and the attachment when there is a device.
+    async fn nic_args(
+        &self,
+        vm_id: &str,
+        vm_dir: &Path,
+    ) -> Result<(Vec<String>, Option<Attachment>), RuntimeError> {
         let attachment = recorded_attachment(vm_dir).map_err(|reason| RuntimeError::Spawn {
             vm_id: vm_id.to_owned(),
             reason: format!("its network attachment: {reason}"),
         })?;
         let (Some(network), Some(a)) = (&self.network, attachment) else {
-            return Ok(vec!["-nic".into(), "none".into()]);
+            return Ok((vec!["-nic".into(), "none".into()], None));
         };
         let tap = network.attach_tap(vm_id, &a).await?;
-        Ok(vec![
+        let args = vec![
             "-netdev".into(),
             format!("tap,id=net0,ifname={tap},script=no,downscript=no"),
             "-device".into(),
             format!("virtio-net-device,netdev=net0,mac={}", format_mac(&a.mac)),
-        ])
+        ];
+        Ok((args, Some(a)))
     }
 
     /// QEMU, run in the network's host namespace when it names one (the
@@ -476,7 +484,8 @@ impl Workload for MicrovmWorkload {
                 .open(&qemu_log_path)
                 .map_err(state)?;
             let qemu_err = qemu_log.try_clone().map_err(state)?;
-            let nic = self.nic_args(vm_id, vm_dir).await?;
+            let (nic, attached) = self.nic_args(vm_id, vm_dir).await?;
+            let identity = metadata::items(vm_id, &spec.name, attached.as_ref());
 
             let mut command = self.qemu_command();
             command
@@ -517,7 +526,11 @@ impl Workload for MicrovmWorkload {
             }
             command
                 .arg("-append")
-                .arg(guest_cmdline(&spec.kernel_cmdline, accel, host_tsc_khz()))
+                .arg(format!(
+                    "{} {}",
+                    guest_cmdline(&spec.kernel_cmdline, accel, host_tsc_khz()),
+                    metadata::cmdline(&identity)
+                ))
                 .current_dir(vm_dir)
                 .stdin(Stdio::null())
                 .stdout(qemu_log)

@@ -28,6 +28,7 @@ use rustix::process::Signal;
 use tern_protocol::BoxFuture;
 use tokio::process::Command;
 
+use crate::metadata;
 use crate::network::{Attachment, NodeNetwork, recorded_attachment};
 use crate::pidfile::ProcessIdentity;
 use crate::spec::RuntimeKind;
@@ -135,15 +136,19 @@ struct ProcessWorkload {
 }
 
 impl ProcessWorkload {
-    /// The namespace the workload of `vm_id` runs in, made (or adopted)
-    /// now: `None` without an attachment or a node network.
-    async fn netns(&self, vm_id: &str, vm_dir: &Path) -> Result<Option<PathBuf>, RuntimeError> {
+    /// The workload's attachment and the namespace it runs in, made (or
+    /// adopted) now: `None` without an attachment or a node network.
+    async fn netns(
+        &self,
+        vm_id: &str,
+        vm_dir: &Path,
+    ) -> Result<Option<(Attachment, PathBuf)>, RuntimeError> {
         let attachment = recorded_attachment(vm_dir).map_err(|reason| RuntimeError::Spawn {
             vm_id: vm_id.to_owned(),
             reason: format!("its network attachment: {reason}"),
         })?;
         match (&self.network, attachment) {
-            (Some(network), Some(a)) => Ok(Some(network.attach_veth(vm_id, &a).await?)),
+            (Some(network), Some(a)) => Ok(Some((a, network.attach_veth(vm_id, &a).await?))),
             (None, Some(_)) => {
                 tracing::warn!(
                     vm_id,
@@ -193,11 +198,16 @@ impl Workload for ProcessWorkload {
                 source,
             })?;
             let netns = self.netns(vm_id, vm_dir).await?;
+            let items = metadata::items(vm_id, &spec.name, netns.as_ref().map(|(a, _)| a));
+            metadata::write_file(vm_dir, &items).map_err(|source| RuntimeError::State {
+                path: vm_dir.join(metadata::METADATA_FILE_NAME),
+                source,
+            })?;
             let mut command = match &netns {
                 // nsenter and setpriv exec in turn, so the workload keeps
                 // the pid the supervisor spawned; the user is switched
                 // after entering the namespace, which needs root.
-                Some(path) => {
+                Some((_, path)) => {
                     let mut command = Command::new("nsenter");
                     command.arg(format!("--net={}", path.display())).arg("--");
                     if let Some(run_as) = &self.run_as {
@@ -226,7 +236,14 @@ impl Workload for ProcessWorkload {
                 .current_dir(vm_dir)
                 .stdin(Stdio::null())
                 .stdout(log)
-                .stderr(log_err);
+                .stderr(log_err)
+                .env(
+                    metadata::METADATA_FILE_ENV,
+                    vm_dir.join(metadata::METADATA_FILE_NAME),
+                );
+            for (key, value) in &items {
+                command.env(metadata::env_name(key), value);
+            }
             if self.run_as.is_some() {
                 command.current_dir("/").env("HOME", "/");
             }

@@ -204,9 +204,17 @@ async fn workloads_reach_each_other_and_the_gateway() {
             ],
         );
         rt.start_attached("vm-a", &server, Some(&a)).await.unwrap();
-        rt.start_attached("vm-b", &spec("b", &["sleep", "600"]), Some(&b))
-            .await
-            .unwrap();
+        // B prints what it learns about itself (environment and file).
+        let b_says = spec(
+            "b",
+            &[
+                "/bin/sh",
+                "-c",
+                "echo \"env $TERN_VM_ID $TERN_VM_NAME $TERN_VM_ADDRESS $TERN_VM_GATEWAY $TERN_VM_MAC\"; \
+                 cat \"$TERN_METADATA_FILE\"; exec sleep 600",
+            ],
+        );
+        rt.start_attached("vm-b", &b_says, Some(&b)).await.unwrap();
         let (ns_a, ns_b) = (net.workload_netns("vm-a"), net.workload_netns("vm-b"));
         // Each workload runs in its own namespace.
         let pid_a = running_pid(&rt, "vm-a").await;
@@ -217,6 +225,20 @@ async fn workloads_reach_each_other_and_the_gateway() {
         let (_, shown) = in_netns(&ns_b, &["ip", "addr", "show", "eth0"]);
         assert!(shown.contains("10.213.5.3/29"), "{shown}");
         assert!(shown.contains("02:74:6e:d5:05:03"), "{shown}");
+        let log = rt.status("vm-b").await.unwrap().log_path;
+        let said = wait_for(WAIT, "workload B's metadata", || async {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            text.contains("gateway=").then_some(text)
+        })
+        .await;
+        assert!(
+            said.contains("env vm-b b 10.213.5.3/29 10.213.5.1 02:74:6e:d5:05:03"),
+            "{said}"
+        );
+        assert!(
+            said.contains("id=vm-b\nname=b\naddress=10.213.5.3/29\ngateway=10.213.5.1\n"),
+            "{said}"
+        );
         // B reaches the gateway (the bridge, in the host namespace).
         let (ok, out) = in_netns(
             &ns_b,
