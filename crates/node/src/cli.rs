@@ -9,7 +9,7 @@
 //! the new policy atomically; it then reads the policy back through
 //! Status. Editing the file by hand and sending SIGHUP does the same.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde_json::{Value, json};
@@ -233,6 +233,22 @@ pub async fn status(conn: &Conn, out: Out) -> Result<(), CliError> {
         &members_rows(&s.members, s.leader_id),
     );
     Ok(())
+}
+
+/// The user data `tern vm create` sends: `--user-data` as given, or the
+/// contents of `--user-data-file` (its size is checked by the node, which
+/// names the field).
+pub fn user_data_arg(text: Option<String>, file: Option<PathBuf>) -> Result<String, CliError> {
+    match (text, file) {
+        (Some(text), _) => Ok(text),
+        (None, Some(path)) => std::fs::read_to_string(&path).map_err(|e| {
+            CliError::File(format!(
+                "--user-data-file {}: cannot read it: {e}",
+                path.display()
+            ))
+        }),
+        (None, None) => Ok(String::new()),
+    }
 }
 
 /// A VM record as JSON.

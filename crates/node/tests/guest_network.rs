@@ -188,6 +188,10 @@ fn in_netns(ns: &str, argv: &[&str]) -> (bool, String) {
 }
 
 fn create(dir: &str, name: &str, argv: &[&str]) -> Output {
+    create_with(dir, name, &[], argv)
+}
+
+fn create_with(dir: &str, name: &str, extra: &[&str], argv: &[&str]) -> Output {
     let mut args = vec![
         "vm",
         "create",
@@ -198,8 +202,9 @@ fn create(dir: &str, name: &str, argv: &[&str]) -> Output {
         "64",
         "--data-dir",
         dir,
-        "--",
     ];
+    args.extend_from_slice(extra);
+    args.push("--");
     args.extend_from_slice(argv);
     let mut all = args.clone();
     all.insert(1, "--json");
@@ -259,11 +264,42 @@ fn process_vms_get_a_network_that_survives_a_node_restart() {
     assert_eq!(srv["address"], "10.213.9.2/29", "{srv}");
     assert_eq!(srv["mac"], "02:74:6e:d5:09:02", "{srv}");
     assert_eq!(srv["gateway"], "10.213.9.1", "{srv}");
-    let client = created(create(&d1, "client", &["sleep", "600"]));
+    // User data over its limit is refused, naming the field.
+    let big = base.path().join("big-user-data");
+    std::fs::write(&big, "x".repeat(1025)).unwrap();
+    let refused = create_with(
+        &d1,
+        "client",
+        &["--user-data-file", big.to_str().unwrap()],
+        &["sleep", "600"],
+    );
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success());
+    assert!(
+        said.contains("InvalidArgument") && said.contains("user_data"),
+        "{said}"
+    );
+    // The client prints what it learns about itself, user data included.
+    let client = created(create_with(
+        &d1,
+        "client",
+        &["--user-data", "role=client"],
+        &[
+            "/bin/sh",
+            "-c",
+            "echo \"I am $TERN_VM_NAME at $TERN_VM_ADDRESS via $TERN_VM_GATEWAY: $TERN_VM_USER_DATA\"; exec sleep 600",
+        ],
+    ));
     let client_id = client["id"].as_str().unwrap().to_owned();
     assert_eq!(client["address"], "10.213.9.3/29", "{client}");
     running(&d1, &srv_id);
-    running(&d1, &client_id);
+    let status = running(&d1, &client_id);
+    let log = status["log_path"].as_str().unwrap().to_owned();
+    converge("the client's metadata in its log", || {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        text.contains("I am client at 10.213.9.3/29 via 10.213.9.1: role=client")
+            .then_some(())
+    });
     let human = cli(&["vm", "list", "--data-dir", &d1]);
     let table = String::from_utf8_lossy(&human.stdout);
     assert!(

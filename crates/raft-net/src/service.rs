@@ -478,6 +478,7 @@ pub fn command_name(command: &Command) -> &'static str {
         Command::AdmitNode { .. } => "admit-node",
         Command::RecordMembership { .. } => "record-membership",
         Command::SetNetworkPool { .. } => "set-network-pool",
+        Command::CreateVmWithData { .. } => "create-vm-with-data",
     }
 }
 
@@ -487,7 +488,8 @@ pub fn command_name(command: &Command) -> &'static str {
 /// - [`Command::ReportVm`] naming the caller itself as the reporter (its
 ///   reconciler's observation of a VM placed on it; the state refuses a
 ///   report from a node the VM is not placed on);
-/// - [`Command::CreateVm`], [`Command::SetVmDesired`] and
+/// - [`Command::CreateVm`] (and [`Command::CreateVmWithData`]),
+///   [`Command::SetVmDesired`] and
 ///   [`Command::MigrateVm`]: an operator's VM call that reached a
 ///   follower, whose VM service checked it and writes it through its
 ///   consensus, which forwards here.
@@ -514,9 +516,10 @@ pub fn check_proposal(command: &Command, caller: &BTreeSet<NodeId>) -> Result<()
                 })
             }
         }
-        Command::CreateVm { .. } | Command::SetVmDesired { .. } | Command::MigrateVm { .. } => {
-            Ok(())
-        }
+        Command::CreateVm { .. }
+        | Command::CreateVmWithData { .. }
+        | Command::SetVmDesired { .. }
+        | Command::MigrateVm { .. } => Ok(()),
         Command::AllocateNodeId { .. }
         | Command::PutVm { .. }
         | Command::DeleteVm { .. }

@@ -529,7 +529,7 @@ impl Workload for MicrovmWorkload {
                 .arg(format!(
                     "{} {}",
                     guest_cmdline(&spec.kernel_cmdline, accel, host_tsc_khz()),
-                    metadata::cmdline(&identity)
+                    metadata::cmdline(&identity, &spec.user_data)
                 ))
                 .current_dir(vm_dir)
                 .stdin(Stdio::null())

@@ -136,6 +136,34 @@ struct ProcessWorkload {
 }
 
 impl ProcessWorkload {
+    /// The command that runs `program` as the workload's user, in
+    /// `netns` when given: nsenter and setpriv exec in turn, so the
+    /// workload keeps the pid the supervisor spawned; the user is switched
+    /// after entering the namespace, which needs root.
+    fn program(&self, program: &str, netns: Option<&Path>) -> Command {
+        let Some(path) = netns else {
+            let mut command = Command::new(program);
+            if let Some(run_as) = &self.run_as {
+                // std drops supplementary groups when root sets a uid.
+                command.uid(run_as.uid).gid(run_as.gid);
+            }
+            return command;
+        };
+        let mut command = Command::new("nsenter");
+        command.arg(format!("--net={}", path.display())).arg("--");
+        if let Some(run_as) = &self.run_as {
+            command.args([
+                "setpriv".to_owned(),
+                format!("--reuid={}", run_as.uid),
+                format!("--regid={}", run_as.gid),
+                "--clear-groups".to_owned(),
+                "--".to_owned(),
+            ]);
+        }
+        command.arg(program);
+        command
+    }
+
     /// The workload's attachment and the namespace it runs in, made (or
     /// adopted) now: `None` without an attachment or a node network.
     async fn netns(
@@ -199,51 +227,20 @@ impl Workload for ProcessWorkload {
             })?;
             let netns = self.netns(vm_id, vm_dir).await?;
             let items = metadata::items(vm_id, &spec.name, netns.as_ref().map(|(a, _)| a));
-            metadata::write_file(vm_dir, &items).map_err(|source| RuntimeError::State {
-                path: vm_dir.join(metadata::METADATA_FILE_NAME),
-                source,
+            metadata::write_files(vm_dir, &items, &spec.user_data).map_err(|source| {
+                RuntimeError::State {
+                    path: vm_dir.join(metadata::METADATA_FILE_NAME),
+                    source,
+                }
             })?;
-            let mut command = match &netns {
-                // nsenter and setpriv exec in turn, so the workload keeps
-                // the pid the supervisor spawned; the user is switched
-                // after entering the namespace, which needs root.
-                Some((_, path)) => {
-                    let mut command = Command::new("nsenter");
-                    command.arg(format!("--net={}", path.display())).arg("--");
-                    if let Some(run_as) = &self.run_as {
-                        command.args([
-                            "setpriv".to_owned(),
-                            format!("--reuid={}", run_as.uid),
-                            format!("--regid={}", run_as.gid),
-                            "--clear-groups".to_owned(),
-                            "--".to_owned(),
-                        ]);
-                    }
-                    command.arg(program);
-                    command
-                }
-                None => {
-                    let mut command = Command::new(program);
-                    if let Some(run_as) = &self.run_as {
-                        // std drops supplementary groups when root sets a uid.
-                        command.uid(run_as.uid).gid(run_as.gid);
-                    }
-                    command
-                }
-            };
+            let mut command = self.program(program, netns.as_ref().map(|(_, p)| p.as_path()));
             command
                 .args(args)
                 .current_dir(vm_dir)
                 .stdin(Stdio::null())
                 .stdout(log)
-                .stderr(log_err)
-                .env(
-                    metadata::METADATA_FILE_ENV,
-                    vm_dir.join(metadata::METADATA_FILE_NAME),
-                );
-            for (key, value) in &items {
-                command.env(metadata::env_name(key), value);
-            }
+                .stderr(log_err);
+            metadata::set_env(&mut command, vm_dir, &items, &spec.user_data);
             if self.run_as.is_some() {
                 command.current_dir("/").env("HOME", "/");
             }

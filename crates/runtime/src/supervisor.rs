@@ -149,6 +149,24 @@ pub(crate) trait Workload: Send + Sync + 'static {
     fn release<'a>(&'a self, vm_id: &'a str) -> BoxFuture<'a, Result<(), RuntimeError>>;
 }
 
+/// One VM in the table.
+struct Slot {
+    shared: SharedRef,
+    /// The encoded spec the workload runs with (empty if unknown).
+    spec_bytes: Vec<u8>,
+    /// `Some(grace)` asks the task to stop the workload.
+    stop_tx: watch::Sender<Option<Duration>>,
+    /// Becomes `true` when the task has ended.
+    done_rx: watch::Receiver<bool>,
+    task: JoinHandle<()>,
+}
+
+impl Slot {
+    fn is_active(&self) -> bool {
+        !*self.done_rx.borrow()
+    }
+}
+
 /// What the task and the table share for one VM.
 #[derive(Debug)]
 struct Shared {
@@ -168,24 +186,6 @@ fn snapshot(shared: &SharedRef) -> Observed {
         .unwrap_or_else(PoisonError::into_inner)
         .observed
         .clone()
-}
-
-/// One VM in the table.
-struct Slot {
-    shared: SharedRef,
-    /// The encoded spec the workload runs with (empty if unknown).
-    spec_bytes: Vec<u8>,
-    /// `Some(grace)` asks the task to stop the workload.
-    stop_tx: watch::Sender<Option<Duration>>,
-    /// Becomes `true` when the task has ended.
-    done_rx: watch::Receiver<bool>,
-    task: JoinHandle<()>,
-}
-
-impl Slot {
-    fn is_active(&self) -> bool {
-        !*self.done_rx.borrow()
-    }
 }
 
 /// The running workload a task supervises.

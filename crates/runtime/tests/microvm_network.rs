@@ -1,8 +1,8 @@
 //! A real microVM on the guest network: QEMU's `microvm` machine with a
 //! virtio-net device on a TAP on the node's bridge, the bridge in a network
 //! namespace the test makes. The guest (the busybox initramfs of
-//! `support/microvm_assets.rs`) prints its id, name and address read from
-//! its kernel command line, configures `eth0` and pings its gateway (the
+//! `support/microvm_assets.rs`) prints its id, name, address and user
+//! data read from its kernel command line, configures `eth0` and pings its gateway (the
 //! bridge); the host side pings the guest back. Removing the VM removes
 //! its TAP.
 //!
@@ -16,7 +16,9 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
-use support::microvm_assets::{self, GATEWAY_MARKER, IDENTITY_MARKER, NO_GATEWAY_MARKER};
+use support::microvm_assets::{
+    self, GATEWAY_MARKER, IDENTITY_MARKER, NO_GATEWAY_MARKER, USER_DATA_MARKER,
+};
 use tern_runtime::network::{Attachment, NetworkConfig, NodeNetwork};
 use tern_runtime::pidfile::KillOnDrop;
 use tern_runtime::{MicrovmConfig, MicrovmRuntime, RunState, Runtime, VmSpec};
@@ -98,6 +100,7 @@ async fn a_guest_learns_its_address_and_pings_its_gateway() {
         kernel: assets.kernel.display().to_string(),
         initrd: assets.initrd.display().to_string(),
         kernel_cmdline: "panic=-1".into(),
+        user_data: "greeting=hello from the operator".into(),
         ..VmSpec::default()
     };
     tokio::time::timeout(
@@ -137,6 +140,12 @@ async fn a_guest_learns_its_address_and_pings_its_gateway() {
     });
     let identity = format!("{IDENTITY_MARKER}mvm-n name=netguest address=10.213.6.2/29");
     assert!(text.contains(&identity), "serial log:\n{text}");
+    assert!(
+        text.contains(&format!(
+            "{USER_DATA_MARKER} greeting=hello from the operator"
+        )),
+        "serial log:\n{text}"
+    );
     assert!(
         text.contains(&format!("{GATEWAY_MARKER} 10.213.6.1")),
         "serial log:\n{text}"

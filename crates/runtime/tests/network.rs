@@ -211,9 +211,14 @@ async fn workloads_reach_each_other_and_the_gateway() {
                 "/bin/sh",
                 "-c",
                 "echo \"env $TERN_VM_ID $TERN_VM_NAME $TERN_VM_ADDRESS $TERN_VM_GATEWAY $TERN_VM_MAC\"; \
+                 echo \"user data: $TERN_VM_USER_DATA\"; cat \"$TERN_USER_DATA_FILE\"; \
                  cat \"$TERN_METADATA_FILE\"; exec sleep 600",
             ],
         );
+        let b_says = VmSpec {
+            user_data: "role=client".into(),
+            ..b_says
+        };
         rt.start_attached("vm-b", &b_says, Some(&b)).await.unwrap();
         let (ns_a, ns_b) = (net.workload_netns("vm-a"), net.workload_netns("vm-b"));
         // Each workload runs in its own namespace.
@@ -239,6 +244,7 @@ async fn workloads_reach_each_other_and_the_gateway() {
             said.contains("id=vm-b\nname=b\naddress=10.213.5.3/29\ngateway=10.213.5.1\n"),
             "{said}"
         );
+        assert!(said.contains("user data: role=client\nrole=client"), "{said}");
         // B reaches the gateway (the bridge, in the host namespace).
         let (ok, out) = in_netns(
             &ns_b,

@@ -51,6 +51,7 @@ use tern_state::{Command, NodeId, Response, VmRecord, VmReport, VmState};
 
 use crate::consensus::{Consensus, MAX_APPLY_LAG, write_bounded};
 use crate::vm::to_pb_spec;
+use tern_protocol::pb;
 use tern_runtime::{Attachment, Observed, RunState, Runtime, RuntimeError, RuntimeKind, Started};
 
 /// How often a pass runs when no Raft change wakes the reconciler: quick
@@ -116,6 +117,14 @@ pub struct Pass {
     pub reports: usize,
     /// Runtime calls or writes that failed (retried on a later pass).
     pub errors: usize,
+}
+
+/// What a VM is given besides its spec: its lease (when it has one) and
+/// the operator's user data.
+#[derive(Clone, Copy)]
+struct Guest<'a> {
+    network: Option<&'a Attachment>,
+    user_data: &'a str,
 }
 
 /// Start attempts of one VM.
@@ -219,7 +228,7 @@ impl Reconciler {
         }
         let me = self.node_id;
         let read = self.consensus.query(|state| {
-            let mine: Vec<(VmRecord, Option<Attachment>)> = state
+            let mine: Vec<(VmRecord, Option<Attachment>, String)> = state
                 .vms()
                 .values()
                 .filter(|vm| vm.node_id == me)
@@ -230,7 +239,7 @@ impl Reconciler {
                             mac: lease.mac,
                             pool,
                         });
-                    (vm.clone(), network)
+                    (vm.clone(), network, state.user_data(&vm.id).to_owned())
                 })
                 .collect();
             let placed: BTreeMap<String, NodeId> = state
@@ -254,10 +263,13 @@ impl Reconciler {
                 known.insert(id, (i, observed));
             }
         }
-        for (vm, network) in &mine {
+        for (vm, network, user_data) in &mine {
             let known_here = known.get(&vm.id).map(|(_, o)| o.clone());
-            self.reconcile_vm(vm, network.as_ref(), known_here, &mut pass)
-                .await;
+            let guest = Guest {
+                network: network.as_ref(),
+                user_data,
+            };
+            self.reconcile_vm(vm, guest, known_here, &mut pass).await;
         }
         for (id, (i, _)) in &known {
             if placed.get(id) == Some(&me) {
@@ -297,7 +309,7 @@ impl Reconciler {
     async fn reconcile_vm(
         &mut self,
         vm: &VmRecord,
-        network: Option<&Attachment>,
+        guest: Guest<'_>,
         known: Option<Observed>,
         pass: &mut Pass,
     ) {
@@ -374,8 +386,11 @@ impl Reconciler {
             if self.retries.get(id).is_some_and(|r| r.not_before > now) {
                 return;
             }
-            let spec = to_pb_spec(&vm.spec);
-            match self.op(rt.start_attached(id, &spec, network)).await {
+            let spec = pb::VmSpec {
+                user_data: guest.user_data.to_owned(),
+                ..to_pb_spec(&vm.spec)
+            };
+            match self.op(rt.start_attached(id, &spec, guest.network)).await {
                 Ok(started) => {
                     self.retries.remove(id);
                     match started {

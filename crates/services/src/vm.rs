@@ -145,9 +145,21 @@ impl VmService {
                 spec.runtime = self.default_runtime.as_str().to_owned();
             }
             tern_runtime::validate(&spec).map_err(|e| Status::invalid_argument(e.to_string()))?;
-            Command::CreateVm {
-                request_id: req.request_id,
-                spec: Box::new(from_pb_spec(spec)),
+            // User data is kept beside the record, not in the spec; a
+            // create without any stays the command it always was.
+            let user_data = std::mem::take(&mut spec.user_data);
+            let spec = Box::new(from_pb_spec(spec));
+            if user_data.is_empty() {
+                Command::CreateVm {
+                    request_id: req.request_id,
+                    spec,
+                }
+            } else {
+                Command::CreateVmWithData {
+                    request_id: req.request_id,
+                    spec,
+                    user_data,
+                }
             }
         } else if method == methods::VM_START
             || method == methods::VM_STOP
@@ -466,6 +478,8 @@ pub fn to_pb_spec(s: &VmSpec) -> pb::VmSpec {
         kernel_cmdline: s.kernel_cmdline.clone(),
         command: s.command.clone(),
         pin_node: s.pin_node,
+        // Kept beside the record (`ClusterState::user_data`), not echoed.
+        user_data: String::new(),
     }
 }
 
@@ -558,6 +572,8 @@ mod tests {
             kernel_cmdline: "console=ttyS0".into(),
             command: vec!["a".into()],
             pin_node: 3,
+            // Kept beside the record, not in the state's spec.
+            user_data: String::new(),
         };
         assert_eq!(to_pb_spec(&from_pb_spec(spec.clone())), spec);
     }

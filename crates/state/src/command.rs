@@ -164,6 +164,17 @@ pub enum Command {
         /// When, by the proposer's clock.
         at_unix_ms: u64,
     },
+    /// [`Command::CreateVm`] with operator user data for the guest (at
+    /// most [`crate::limits::MAX_USER_DATA_LEN`] bytes), kept beside the
+    /// record until it is removed.
+    CreateVmWithData {
+        /// Deduplication id: a retried create answers the first one.
+        request_id: RequestId,
+        /// What to create.
+        spec: Box<VmSpec>,
+        /// The user data.
+        user_data: String,
+    },
     /// Set the guest network's address pool ([`crate::network`]): the
     /// same pool again changes nothing; another is refused while any VM
     /// holds an address. Leases an address to every VM without one.
@@ -193,7 +204,8 @@ impl Command {
             | Command::RevokeJoinToken { request_id, .. }
             | Command::AdmitNode { request_id, .. }
             | Command::RecordMembership { request_id, .. }
-            | Command::SetNetworkPool { request_id, .. } => Some(request_id),
+            | Command::SetNetworkPool { request_id, .. }
+            | Command::CreateVmWithData { request_id, .. } => Some(request_id),
         }
     }
 }
@@ -281,6 +293,16 @@ impl std::fmt::Display for Command {
                 by,
                 ..
             } => write!(f, "membership: {change} by={} req={request_id}", by.short()),
+            Command::CreateVmWithData {
+                request_id,
+                spec,
+                user_data,
+            } => write!(
+                f,
+                "create-vm name={} user-data={} bytes req={request_id}",
+                spec.name,
+                user_data.len()
+            ),
             Command::SetNetworkPool { request_id, pool } => {
                 write!(f, "set-network-pool {pool} req={request_id}")
             }

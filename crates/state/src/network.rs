@@ -547,6 +547,46 @@ mod tests {
         assert_eq!(back, state);
     }
 
+    /// User data is kept beside the record from its create, answered by
+    /// `user_data`, refused over its limit before proposal, and goes with
+    /// the record.
+    #[test]
+    fn user_data_lives_and_dies_with_the_record() {
+        let mut state = cluster();
+        let spec = Box::new(crate::VmSpec {
+            name: "ud".into(),
+            vcpus: 1,
+            memory_mib: 64,
+            runtime: "process".into(),
+            ..crate::VmSpec::default()
+        });
+        let cmd = crate::Command::CreateVmWithData {
+            request_id: "u1".into(),
+            spec: spec.clone(),
+            user_data: "role=web\nport=80\n".into(),
+        };
+        crate::limits::check_command(&cmd).unwrap();
+        let Response::Vm(vm) = state.apply(cmd) else {
+            panic!("created")
+        };
+        assert_eq!(state.user_data(&vm.id), "role=web\nport=80\n");
+        let bytes = postcard::to_stdvec(&state).unwrap();
+        let back: ClusterState = postcard::from_bytes(&bytes).unwrap();
+        assert_eq!(back, state);
+        state.apply(crate::Command::DeleteVm {
+            request_id: "d".into(),
+            vm_id: vm.id.clone(),
+        });
+        assert_eq!(state.user_data(&vm.id), "");
+        let over = crate::Command::CreateVmWithData {
+            request_id: "u2".into(),
+            spec,
+            user_data: "x".repeat(crate::limits::MAX_USER_DATA_LEN + 1),
+        };
+        let err = crate::limits::check_command(&over).unwrap_err();
+        assert!(err.to_string().contains("spec.user_data"), "{err}");
+    }
+
     proptest! {
         /// Any string parses to a network that prints back as itself, or
         /// to a typed error; never a panic.

@@ -67,6 +67,9 @@ pub struct ClusterState {
     /// The guest network's pool and the address leased to each VM
     /// (snapshot format 6 on).
     pub(crate) network: NetworkState,
+    /// Operator user data of the VMs that have some, by VM id (snapshot
+    /// format 6 on).
+    pub(crate) user_data: BTreeMap<String, String>,
     /// Indexes over `vms` (names, reserved capacity), derived from them:
     /// not serialized, rebuilt on decoding.
     #[serde(skip)]
@@ -91,6 +94,7 @@ struct StoredState {
     tokens: BTreeMap<String, JoinTokenRecord>,
     vm_history: VmHistory,
     network: NetworkState,
+    user_data: BTreeMap<String, String>,
 }
 
 impl From<StoredState> for ClusterState {
@@ -110,6 +114,7 @@ impl From<StoredState> for ClusterState {
             tokens: s.tokens,
             vm_history: s.vm_history,
             network: s.network.reindexed(),
+            user_data: s.user_data,
         }
     }
 }
@@ -152,6 +157,7 @@ impl From<ClusterStateV5> for ClusterState {
             tokens: v5.tokens,
             vm_history: v5.vm_history,
             network: NetworkState::default(),
+            user_data: BTreeMap::new(),
         }
     }
 }
@@ -194,6 +200,7 @@ impl From<ClusterStateV4> for ClusterState {
             tokens: v4.tokens,
             vm_history: VmHistory::default(),
             network: NetworkState::default(),
+            user_data: BTreeMap::new(),
         }
     }
 }
@@ -249,6 +256,7 @@ impl From<ClusterStateV3> for ClusterState {
             tokens: BTreeMap::new(),
             vm_history: VmHistory::default(),
             network: NetworkState::default(),
+            user_data: BTreeMap::new(),
         }
     }
 }
@@ -285,6 +293,7 @@ impl Default for ClusterState {
             tokens: BTreeMap::new(),
             vm_history: VmHistory::default(),
             network: NetworkState::default(),
+            user_data: BTreeMap::new(),
             index: VmIndex::default(),
         }
     }
@@ -342,7 +351,10 @@ impl ClusterState {
                 Some(vm) => Response::Vm(Box::new(vm)),
                 None => Response::Rejected(Rejection::UnknownVm { vm_id }),
             },
-            Command::CreateVm { spec, .. } => self.create_vm(*spec),
+            Command::CreateVm { spec, .. } => self.create_vm(*spec, String::new()),
+            Command::CreateVmWithData {
+                spec, user_data, ..
+            } => self.create_vm(*spec, user_data),
             Command::SetVmDesired { vm_id, desired, .. } => self.set_vm_desired(vm_id, desired),
             Command::ReportVm { report, .. } => self.report_vm(report),
             Command::MigrateVm { vm_id, target, .. } => self.migrate_vm(vm_id, target),

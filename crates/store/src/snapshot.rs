@@ -40,7 +40,7 @@ const MAGIC: &[u8; 8] = b"TERNSNAP";
 /// Version 5: the state gained the history of VM changes and the current
 /// revision (`tern_state::events`).
 /// Version 6: the state gained the guest network's pool and leases
-/// (`tern_state::network`).
+/// (`tern_state::network`) and the VMs' user data.
 pub const SNAPSHOT_FORMAT_VERSION: u32 = 6;
 /// The oldest format still read: version 2's state is version 3's without
 /// its trailing access fields ([`tern_state::state::ClusterStateV2`]),
@@ -526,13 +526,14 @@ mod format_tests {
     use super::*;
     use tern_state::Command;
 
-    /// The body of a format 6 file of a state with no pool set, without
-    /// the trailing network (no pool, no leases, cursor 0: one byte each
-    /// in postcard): the body format 5 wrote.
+    /// The body of a format 6 file of a state with no pool set and no
+    /// user data, without the trailing network and user data (no pool, no
+    /// leases, cursor 0, no user data: one byte each in postcard): the
+    /// body format 5 wrote.
     fn without_network(bytes: &[u8]) -> &[u8] {
         let body = &bytes[..bytes.len() - TRAILER_LEN as usize];
-        assert_eq!(&body[body.len() - 3..], &[0, 0, 0], "no network");
-        &body[..body.len() - 3]
+        assert_eq!(&body[body.len() - 4..], &[0, 0, 0, 0], "no network");
+        &body[..body.len() - 4]
     }
 
     /// The body of a format 6 file of a state whose only command was

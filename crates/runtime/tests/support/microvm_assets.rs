@@ -228,6 +228,10 @@ pub(crate) const GUEST_MODULES: [&str; 8] = [
 /// parameters: `TERN-GUEST id=… name=… address=…`.
 pub(crate) const IDENTITY_MARKER: &str = "TERN-GUEST id=";
 
+/// What the guest prints before its decoded user data
+/// (`tern.user_data`), when it has some.
+pub(crate) const USER_DATA_MARKER: &str = "TERN-GUEST-USER-DATA";
+
 /// What the guest prints once it has pinged its gateway.
 pub(crate) const GATEWAY_MARKER: &str = "TERN-GUEST-GATEWAY-REACHED";
 
@@ -268,9 +272,13 @@ for p in $($bb cat /proc/cmdline); do
     tern.name=*) t_name=${{p#*=}} ;;
     tern.address=*) t_address=${{p#*=}} ;;
     tern.gateway=*) t_gateway=${{p#*=}} ;;
+    tern.user_data=*) t_user_data=${{p#*=}} ;;
   esac
 done
 $bb echo "{IDENTITY_MARKER}${{t_id:-none}} name=${{t_name:-none}} address=${{t_address:-none}}"
+if [ -n "$t_user_data" ]; then
+  $bb echo "{USER_DATA_MARKER} $($bb echo "$t_user_data" | $bb base64 -d)"
+fi
 if [ -n "$t_address" ]; then
   $bb ip link set lo up
   $bb ip link set eth0 up
