@@ -212,8 +212,15 @@ pub fn validate(spec: &VmSpec) -> Result<RuntimeKind, SpecError> {
     Ok(kind)
 }
 
-/// User data is at most [`MAX_USER_DATA_LEN`] bytes.
+/// User data is at most [`MAX_USER_DATA_LEN`] bytes, without NUL (it
+/// becomes an environment variable).
 fn validate_user_data(data: &str) -> Result<(), SpecError> {
+    if data.contains('\0') {
+        return Err(SpecError::new(
+            SpecField::UserData,
+            "contains a NUL byte, which an environment variable cannot hold",
+        ));
+    }
     if data.len() > MAX_USER_DATA_LEN {
         return Err(SpecError::new(
             SpecField::UserData,
@@ -380,6 +387,8 @@ mod tests {
         let err = validate(&spec).unwrap_err();
         assert_eq!(err.field, SpecField::UserData);
         assert!(err.to_string().contains("user_data"), "{err}");
+        spec.user_data = "a\0b".into();
+        assert_eq!(validate(&spec).unwrap_err().field, SpecField::UserData);
     }
 
     #[test]
