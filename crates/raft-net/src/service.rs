@@ -775,5 +775,23 @@ mod tests {
             }
         );
         assert!(err.to_string().starts_with("allocate-node-id"), "{err}");
+        // A member cannot set the cluster's address pool through the
+        // leader; a create with user data is an operator's VM call.
+        let pool = Command::SetNetworkPool {
+            request_id: "p".into(),
+            pool: "10.1.0.0/16".parse().unwrap(),
+        };
+        assert_eq!(
+            check_proposal(&pool, &me),
+            Err(ProposeRefused::NotAllowed {
+                command: "set-network-pool"
+            })
+        );
+        let with_data = Command::CreateVmWithData {
+            request_id: "d".into(),
+            spec: Box::new(VmSpec::default()),
+            user_data: "x".into(),
+        };
+        assert_eq!(check_proposal(&with_data, &me), Ok(()));
     }
 }
