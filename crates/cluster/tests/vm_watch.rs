@@ -472,3 +472,52 @@ async fn a_quiet_watch_sends_progress_over_grpc() {
 async fn a_quiet_watch_sends_progress_over_iroh() {
     a_quiet_watch_sends_progress(Kind::Iroh).await;
 }
+
+/// A watch event shows the VM's address and MAC (a VM keeps its lease for
+/// life); the event of its removal shows none (the lease went with it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_carry_the_vm_address_over_grpc() {
+    let f = fixture(Kind::Grpc, WatchLimits::default()).await;
+    let pool = Command::SetNetworkPool {
+        request_id: "pool".into(),
+        pool: "10.213.8.0/24".parse().unwrap(),
+    };
+    assert_eq!(f.consensus.write(pool).await.unwrap(), Response::Done);
+    let since = f.list_revision().await;
+    let mut watch = f.open(&f.viewer, since, "").await.unwrap();
+    let create = Command::CreateVm {
+        request_id: "create".into(),
+        spec: Box::new(VmSpec {
+            name: "web".into(),
+            vcpus: 1,
+            memory_mib: 64,
+            runtime: "process".into(),
+            command: vec!["sleep".into(), "600".into()],
+            ..VmSpec::default()
+        }),
+    };
+    let Response::Vm(vm) = f.consensus.write(create).await.unwrap() else {
+        panic!("created");
+    };
+    let created = read_events(&mut watch, 1).await;
+    let record = created[0].vm.as_ref().unwrap();
+    assert_eq!(record.id, vm.id);
+    assert_eq!(
+        (
+            record.address.as_str(),
+            record.mac.as_str(),
+            record.gateway.as_str()
+        ),
+        ("10.213.8.2/24", "02:74:6e:d5:08:02", "10.213.8.1")
+    );
+    let delete = Command::DeleteVm {
+        request_id: "delete".into(),
+        vm_id: vm.id.clone(),
+    };
+    f.consensus.write(delete).await.unwrap();
+    let gone = read_events(&mut watch, 1).await;
+    assert!(gone[0].deleted);
+    assert_eq!(gone[0].vm.as_ref().unwrap().address, "");
+    drop(watch);
+    f.shutdown().await;
+}

@@ -9,7 +9,7 @@
 //! the new policy atomically; it then reads the policy back through
 //! Status. Editing the file by hand and sending SIGHUP does the same.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde_json::{Value, json};
@@ -235,6 +235,22 @@ pub async fn status(conn: &Conn, out: Out) -> Result<(), CliError> {
     Ok(())
 }
 
+/// The user data `tern vm create` sends: `--user-data` as given, or the
+/// contents of `--user-data-file` (its size is checked by the node, which
+/// names the field).
+pub fn user_data_arg(text: Option<String>, file: Option<PathBuf>) -> Result<String, CliError> {
+    match (text, file) {
+        (Some(text), _) => Ok(text),
+        (None, Some(path)) => std::fs::read_to_string(&path).map_err(|e| {
+            CliError::File(format!(
+                "--user-data-file {}: cannot read it: {e}",
+                path.display()
+            ))
+        }),
+        (None, None) => Ok(String::new()),
+    }
+}
+
 /// A VM record as JSON.
 pub fn vm_json(v: &pb::VmRecord) -> Value {
     let spec = v.spec.clone().unwrap_or_default();
@@ -251,6 +267,9 @@ pub fn vm_json(v: &pb::VmRecord) -> Value {
         "reason": v.reason,
         "log_path": v.log_path,
         "generation": v.generation,
+        "address": v.address,
+        "mac": v.mac,
+        "gateway": v.gateway,
     })
 }
 
@@ -266,14 +285,25 @@ fn vm_rows(vms: &[pb::VmRecord]) -> Vec<Vec<String>> {
                 state_name(v.observed).into(),
                 spec.runtime,
                 format!("{} / {} MiB", spec.vcpus, spec.memory_mib),
+                or_dash(&v.address),
+                or_dash(&v.mac),
                 v.reason.clone(),
             ]
         })
         .collect()
 }
 
-const VM_HEADER: [&str; 8] = [
-    "id", "name", "node", "desired", "observed", "runtime", "size", "reason",
+/// An empty field as `-`, so columns stay readable.
+fn or_dash(text: &str) -> String {
+    if text.is_empty() {
+        "-".to_owned()
+    } else {
+        text.to_owned()
+    }
+}
+
+const VM_HEADER: [&str; 10] = [
+    "id", "name", "node", "desired", "observed", "runtime", "size", "address", "mac", "reason",
 ];
 
 /// Prints one VM.

@@ -31,6 +31,15 @@
 //! image_dirs = ["/var/lib/tern/images"]  # microvm kernels, initrds and images
 //!                                      # only from these (default DATA_DIR/images)
 //!
+//! [network]                            # guest networking; off unless enabled
+//! enabled = true                       # a bridge, and a TAP or veth per VM (needs root)
+//! bridge = "ternbr0"                   # the node's VM bridge (holds the gateway address)
+//! pool = "10.213.0.0/16"               # the cluster's VM addresses (/16 to /29); the
+//!                                      # first node proposes it, the others' must match
+//! device_prefix = "tn"                 # first bytes of every device and namespace made
+//! max_devices = 1024                   # VM network devices on this node, at most
+//! host_netns = "lab0"                  # optional: keep the bridge in this namespace
+//!
 //! [transport]                          # the migration policy, see transport-dual
 //! mode = "grpc"
 //!
@@ -433,6 +442,75 @@ impl VmConfig {
     }
 }
 
+/// `[network]`: guest networking. Off unless `enabled`: a node then makes
+/// a bridge and a device per VM, which needs root.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkSection {
+    /// Whether the node gives its VMs a network.
+    #[serde(default)]
+    pub enabled: bool,
+    /// The VM bridge ([`tern_runtime::network::DEFAULT_BRIDGE`]).
+    pub bridge: Option<String>,
+    /// The cluster's address pool
+    /// ([`tern_state::network::DEFAULT_POOL`]).
+    pub pool: Option<String>,
+    /// The device and namespace name prefix
+    /// ([`tern_runtime::network::DEFAULT_DEVICE_PREFIX`]).
+    pub device_prefix: Option<String>,
+    /// The most VM devices on the node
+    /// ([`tern_runtime::network::DEFAULT_MAX_DEVICES`]).
+    pub max_devices: Option<usize>,
+    /// The namespace for the bridge and host ends (the node's own when
+    /// absent).
+    pub host_netns: Option<String>,
+}
+
+impl NetworkSection {
+    /// The pool, parsed.
+    pub fn pool(&self) -> Result<tern_state::Ipv4Net, ConfigError> {
+        let text = self
+            .pool
+            .as_deref()
+            .unwrap_or(tern_state::network::DEFAULT_POOL);
+        tern_state::Ipv4Net::parse_pool(text).map_err(|e| err("network.pool", e.to_string()))
+    }
+
+    /// The runtime's network config, checked; `None` when networking is
+    /// off.
+    pub fn runtime_config(
+        &self,
+    ) -> Result<Option<tern_runtime::network::NetworkConfig>, ConfigError> {
+        use tern_runtime::network as rn;
+        let config = rn::NetworkConfig {
+            bridge: self
+                .bridge
+                .clone()
+                .unwrap_or_else(|| rn::DEFAULT_BRIDGE.to_owned()),
+            device_prefix: self
+                .device_prefix
+                .clone()
+                .unwrap_or_else(|| rn::DEFAULT_DEVICE_PREFIX.to_owned()),
+            host_netns: self.host_netns.clone(),
+            max_devices: self.max_devices.unwrap_or(rn::DEFAULT_MAX_DEVICES),
+        };
+        // The checks name `network.KEY`.
+        rn::NodeNetwork::new(config.clone()).map_err(|e| match e {
+            rn::NetError::InvalidConfig { key, reason, .. } => {
+                err(format!("network.{key}"), reason)
+            }
+            other => err("network", other.to_string()),
+        })?;
+        Ok(self.enabled.then_some(config))
+    }
+
+    fn check(&self) -> Result<(), ConfigError> {
+        self.pool()?;
+        self.runtime_config()?;
+        Ok(())
+    }
+}
+
 /// Longest TLS handshake bound `limits.handshake_timeout_secs` may set:
 /// beyond it, slow clients could hold connection places for minutes.
 pub const MAX_HANDSHAKE_TIMEOUT_SECS: u64 = 300;
@@ -566,6 +644,9 @@ pub struct Config {
     /// `[access]`.
     #[serde(default)]
     pub access: AccessConfig,
+    /// `[network]`.
+    #[serde(default)]
+    pub network: NetworkSection,
 }
 
 fn default_data_dir() -> PathBuf {
@@ -584,6 +665,7 @@ impl Default for Config {
             transport: TransportConfig::default(),
             limits: LimitsConfig::default(),
             access: AccessConfig::default(),
+            network: NetworkSection::default(),
         }
     }
 }
@@ -692,6 +774,7 @@ impl Config {
         }
         self.limits.check()?;
         self.vm.check()?;
+        self.network.check()?;
         if self.capacity.memory_mib < 16 {
             return Err(err("capacity.memory_mib", "must be at least 16 (MiB)"));
         }
@@ -893,6 +976,39 @@ mod tests {
 
     fn error_of(text: &str) -> String {
         Config::parse(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn network_keys_are_checked_by_name() {
+        let c = Config::parse("[network]\nenabled = true\npool = \"10.5.0.0/24\"\n").unwrap();
+        let rc = c.config.network.runtime_config().unwrap().unwrap();
+        assert_eq!(rc.bridge, tern_runtime::network::DEFAULT_BRIDGE);
+        assert_eq!(c.config.network.pool().unwrap().to_string(), "10.5.0.0/24");
+        assert!(
+            Config::parse("")
+                .unwrap()
+                .config
+                .network
+                .runtime_config()
+                .unwrap()
+                .is_none(),
+            "off unless enabled"
+        );
+        for (text, key) in [
+            ("pool = \"10.5.0.1/24\"", "network.pool"),
+            ("pool = \"10.5.0.0/8\"", "network.pool"),
+            ("pool = \"nonsense\"", "network.pool"),
+            ("bridge = \"a-bridge-name-too-long\"", "network.bridge"),
+            ("bridge = \"br 0\"", "network.bridge"),
+            ("device_prefix = \"sixsix\"", "network.device_prefix"),
+            ("max_devices = 0", "network.max_devices"),
+            ("max_devices = 5000", "network.max_devices"),
+            ("host_netns = \"../etc\"", "network.host_netns"),
+        ] {
+            let e = error_of(&format!("[network]\nenabled = true\n{text}\n"));
+            assert!(e.starts_with(key), "{text}: {e}");
+        }
+        assert!(error_of("[network]\nbogus = 1\n").contains("bogus"));
     }
 
     #[test]

@@ -168,6 +168,12 @@ enum VmCommand {
         /// Pin it to this node id (0: placement chooses).
         #[arg(long, default_value_t = 0)]
         pin_node: u64,
+        /// User data handed to the guest (at most 1024 bytes).
+        #[arg(long, conflicts_with = "user_data_file")]
+        user_data: Option<String>,
+        /// User data handed to the guest, read from this file.
+        #[arg(long)]
+        user_data_file: Option<PathBuf>,
         /// process runtime: the workload's argv.
         #[arg(last = true)]
         command: Vec<String>,
@@ -422,6 +428,8 @@ fn main() -> ExitCode {
                     image,
                     cmdline,
                     pin_node,
+                    user_data,
+                    user_data_file,
                     command,
                 } => VmCmd::Create(pb::VmSpec {
                     name,
@@ -440,6 +448,10 @@ fn main() -> ExitCode {
                     kernel_cmdline: cmdline,
                     command,
                     pin_node,
+                    user_data: match cli::user_data_arg(user_data, user_data_file) {
+                        Ok(data) => data,
+                        Err(e) => return fail_cli(&e),
+                    },
                 }),
                 VmCommand::Start { vm_id } => VmCmd::Start(vm_id),
                 VmCommand::Stop { vm_id } => VmCmd::Stop(vm_id),

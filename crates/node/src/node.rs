@@ -41,7 +41,7 @@ use tern_protocol::{
 };
 use tern_runtime::microvm::{DEFAULT_QEMU, MicrovmConfig, MicrovmRuntime, qemu_available};
 use tern_runtime::process::{ProcessRuntime, RunAs};
-use tern_runtime::{RestartPolicy, Runtime, RuntimeKind};
+use tern_runtime::{NodeNetwork, RestartPolicy, Runtime, RuntimeKind};
 use tern_services::access::AccessGate;
 use tern_services::health::HealthService;
 use tern_services::monitoring::Monitoring;
@@ -56,8 +56,8 @@ use tern_transport_iroh::{IrohConfig, IrohTransport, load_or_create_secret_key};
 use tokio::sync::watch;
 
 use crate::config::{
-    Checked, ConfigError, DEFAULT_PROCESS_USER, RuntimeChoice, RuntimeName, VmConfig,
-    prepare_data_dir,
+    Checked, ConfigError, DEFAULT_PROCESS_USER, NetworkSection, RuntimeChoice, RuntimeName,
+    VmConfig, prepare_data_dir,
 };
 use tern_cluster::RaftConsensus;
 
@@ -299,6 +299,7 @@ fn runtimes(
     vm: &VmConfig,
     vms: &Path,
     data_dir: &Path,
+    network: Option<Arc<NodeNetwork>>,
 ) -> Result<(RuntimeKind, Vec<Arc<dyn Runtime>>), StartError> {
     let mut out: Vec<Arc<dyn Runtime>> = Vec::new();
     let mut kinds = Vec::new();
@@ -307,6 +308,7 @@ fn runtimes(
             RuntimeName::Microvm => {
                 let config = MicrovmConfig {
                     allowed_dirs: Some(image_dirs(vm, data_dir)?),
+                    network: network.clone(),
                     ..MicrovmConfig::default()
                 };
                 if !qemu_available(Path::new(DEFAULT_QEMU)) {
@@ -330,10 +332,11 @@ fn runtimes(
                         "the process runtime is enabled; workloads run as the node's own (non-root) user"
                     ),
                 }
-                out.push(Arc::new(ProcessRuntime::with_options(
+                out.push(Arc::new(ProcessRuntime::with_network(
                     vms.join("process"),
                     RestartPolicy::default(),
                     run_as,
+                    network.clone(),
                 )));
                 kinds.push(RuntimeKind::Process);
             }
@@ -592,7 +595,13 @@ impl Node {
             router: router.clone(),
             started,
         });
-        let (default_kind, runtimes) = runtimes(&config.vm, &data_dir.join(VMS_DIR), &data_dir)?;
+        let network = node_network(&config.network)?;
+        let (default_kind, runtimes) = runtimes(
+            &config.vm,
+            &data_dir.join(VMS_DIR),
+            &data_dir,
+            network.clone(),
+        )?;
         let health_service = HealthService::new(consensus_dyn.clone(), facts.clone());
         let status_service = StatusService::new(consensus_dyn.clone(), facts.clone());
         let vm_service = VmService::new(consensus_dyn.clone(), default_kind);
@@ -643,6 +652,9 @@ impl Node {
         }
         if seeds.is_empty() {
             bootstrap_access(&raft, address.id, &admins, existing.is_none()).await?;
+        }
+        if network.is_some() {
+            bootstrap_network(&raft, &config.network).await;
         }
 
         let file = NodeFile {
@@ -830,6 +842,56 @@ async fn announce_address(
     tokio::select! {
         _ = work => {}
         _ = stop => {}
+    }
+}
+
+/// The node's guest network, when `[network]` enables it.
+fn node_network(section: &NetworkSection) -> Result<Option<Arc<NodeNetwork>>, StartError> {
+    let Some(config) = section
+        .runtime_config()
+        .map_err(|e| failed("the network config", e))?
+    else {
+        return Ok(None);
+    };
+    let network = NodeNetwork::new(config).map_err(|e| failed("the network config", e))?;
+    tracing::info!(bridge = %network.config().bridge, "guest networking is on");
+    Ok(Some(Arc::new(network)))
+}
+
+/// Sets the cluster's address pool to `[network] pool` when none is set
+/// yet (this node leading), or warns when the cluster's differs. A failure
+/// is only logged: the pool is proposed again at the next start, and VMs
+/// meanwhile get no address.
+async fn bootstrap_network(raft: &RaftNode, section: &NetworkSection) {
+    let Ok(pool) = section.pool() else {
+        return;
+    };
+    let current = raft.state().read(|s| s.network().pool()).ok().flatten();
+    match current {
+        Some(current) if current == pool => return,
+        Some(current) => {
+            tracing::warn!(cluster = %current, configured = %pool, "the cluster's address pool differs from network.pool; the cluster's is used");
+            return;
+        }
+        None => {}
+    }
+    let command = Command::SetNetworkPool {
+        request_id: format!("bootstrap-pool-{pool}"),
+        pool,
+    };
+    match tokio::time::timeout(ACCESS_BOOTSTRAP_WAIT, raft.client_write(command)).await {
+        Ok(Ok(w)) => match w.data {
+            tern_state::Response::Rejected(why) => {
+                tracing::warn!(%pool, reason = %why, "the address pool was not set");
+            }
+            _ => tracing::info!(%pool, "the cluster's address pool is set"),
+        },
+        Ok(Err(e)) => {
+            tracing::warn!(%pool, error = %e, "the address pool was not set (this node is not the leader?); it is proposed again at the next start");
+        }
+        Err(_) => {
+            tracing::warn!(%pool, "the address pool was not committed within {ACCESS_BOOTSTRAP_WAIT:?}");
+        }
     }
 }
 

@@ -491,6 +491,8 @@ pub fn command_name(command: &Command) -> &'static str {
         Command::RevokeJoinToken { .. } => "revoke-join-token",
         Command::AdmitNode { .. } => "admit-node",
         Command::RecordMembership { .. } => "record-membership",
+        Command::SetNetworkPool { .. } => "set-network-pool",
+        Command::CreateVmWithData { .. } => "create-vm-with-data",
     }
 }
 
@@ -500,7 +502,8 @@ pub fn command_name(command: &Command) -> &'static str {
 /// - [`Command::ReportVm`] naming the caller itself as the reporter (its
 ///   reconciler's observation of a VM placed on it; the state refuses a
 ///   report from a node the VM is not placed on);
-/// - [`Command::CreateVm`], [`Command::SetVmDesired`] and
+/// - [`Command::CreateVm`] (and [`Command::CreateVmWithData`]),
+///   [`Command::SetVmDesired`] and
 ///   [`Command::MigrateVm`]: an operator's VM call that reached a
 ///   follower, whose VM service checked it and writes it through its
 ///   consensus, which forwards here.
@@ -509,7 +512,8 @@ pub fn command_name(command: &Command) -> &'static str {
 /// changed only by `Cluster/Join` and `Cluster/Leave`, which check the
 /// token and the caller), [`Command::PutMeta`] (it has `Cluster/MetaPut`),
 /// the admission commands (tokens, admissions and membership records: the
-/// leader's alone), and the raw record writes [`Command::PutVm`] and
+/// leader's alone), [`Command::SetNetworkPool`] (the leader proposes its
+/// configured pool itself), and the raw record writes [`Command::PutVm`] and
 /// [`Command::DeleteVm`]
 /// (tools and tests on the leader only). The match names every command,
 /// so a new one is refused here until someone decides otherwise.
@@ -526,9 +530,10 @@ pub fn check_proposal(command: &Command, caller: &BTreeSet<NodeId>) -> Result<()
                 })
             }
         }
-        Command::CreateVm { .. } | Command::SetVmDesired { .. } | Command::MigrateVm { .. } => {
-            Ok(())
-        }
+        Command::CreateVm { .. }
+        | Command::CreateVmWithData { .. }
+        | Command::SetVmDesired { .. }
+        | Command::MigrateVm { .. } => Ok(()),
         Command::AllocateNodeId { .. }
         | Command::PutVm { .. }
         | Command::DeleteVm { .. }
@@ -537,7 +542,8 @@ pub fn check_proposal(command: &Command, caller: &BTreeSet<NodeId>) -> Result<()
         | Command::CreateJoinToken { .. }
         | Command::RevokeJoinToken { .. }
         | Command::AdmitNode { .. }
-        | Command::RecordMembership { .. } => Err(ProposeRefused::NotAllowed {
+        | Command::RecordMembership { .. }
+        | Command::SetNetworkPool { .. } => Err(ProposeRefused::NotAllowed {
             command: command_name(command),
         }),
     }
@@ -860,5 +866,23 @@ mod tests {
             }
         );
         assert!(err.to_string().starts_with("allocate-node-id"), "{err}");
+        // A member cannot set the cluster's address pool through the
+        // leader; a create with user data is an operator's VM call.
+        let pool = Command::SetNetworkPool {
+            request_id: "p".into(),
+            pool: "10.1.0.0/16".parse().unwrap(),
+        };
+        assert_eq!(
+            check_proposal(&pool, &me),
+            Err(ProposeRefused::NotAllowed {
+                command: "set-network-pool"
+            })
+        );
+        let with_data = Command::CreateVmWithData {
+            request_id: "d".into(),
+            spec: Box::new(VmSpec::default()),
+            user_data: "x".into(),
+        };
+        assert_eq!(check_proposal(&with_data, &me), Ok(()));
     }
 }

@@ -14,6 +14,12 @@
 //! # Layout
 //!
 //! - [`spec`]: validation of a [`VmSpec`], with errors naming the field.
+//! - [`metadata`]: what a VM learns about itself (id, name, address,
+//!   gateway, MAC): environment and a file for a process workload, the
+//!   kernel command line for a microVM guest.
+//! - [`network`]: the node's VM bridge, TAP devices for microVMs and a
+//!   network namespace with a veth pair for each process workload, made
+//!   with `ip` and adopted again after a node restart.
 //! - [`pidfile`]: pidfiles and `/proc` identities that survive a node
 //!   restart, and signals to process groups.
 //! - `supervisor` (private): the restart loop both runtimes share.
@@ -36,7 +42,9 @@
 //! Dropping a runtime stops supervising but leaves its workloads running,
 //! exactly as a node crash would; stop them first to end them.
 
+pub mod metadata;
 pub mod microvm;
+pub mod network;
 pub mod pidfile;
 pub mod process;
 pub mod qmp;
@@ -51,6 +59,7 @@ use tern_protocol::BoxFuture;
 pub use tern_protocol::pb::VmSpec;
 
 pub use microvm::{Accel, AccelChoice, MicrovmConfig, MicrovmRuntime};
+pub use network::{Attachment, NetError, NetworkConfig, NodeNetwork};
 pub use process::{ProcessRuntime, RunAs};
 pub use spec::{RuntimeKind, SpecError, SpecField, validate};
 pub use supervisor::{
@@ -239,6 +248,9 @@ pub enum RuntimeError {
     /// Talking to QEMU's QMP monitor failed.
     #[error(transparent)]
     Qmp(#[from] qmp::QmpError),
+    /// The VM's network devices could not be made or removed.
+    #[error(transparent)]
+    Network(#[from] NetError),
     /// A file in the state directory could not be used.
     #[error("runtime state {path:?}: {source}")]
     State {
@@ -282,17 +294,34 @@ pub enum RuntimeError {
 ///   it adopts every live workload recorded in the state directory and
 ///   removes stale pidfiles, so that [`list`](Runtime::list) shows what is
 ///   really running and the reconciler can stop what is no longer desired.
-/// - [`remove`](Runtime::remove) stops the VM (with `grace`) and deletes
-///   its state directory, log included; the VM is then unknown.
+/// - [`remove`](Runtime::remove) stops the VM (with `grace`), removes its
+///   network devices and deletes its state directory, log included; the
+///   VM is then unknown.
 pub trait Runtime: Send + Sync {
     /// Which runtime this is.
     fn kind(&self) -> RuntimeKind;
 
-    /// Starts (or adopts, or leaves running) the VM `vm_id` with `spec`.
+    /// Starts (or adopts, or leaves running) the VM `vm_id` with `spec`,
+    /// without a network.
     fn start<'a>(
         &'a self,
         vm_id: &'a str,
         spec: &'a VmSpec,
+    ) -> BoxFuture<'a, Result<Started, RuntimeError>> {
+        self.start_attached(vm_id, spec, None)
+    }
+
+    /// Starts (or adopts, or leaves running) the VM `vm_id` with `spec`,
+    /// on the node's bridge with `network` when given (and the runtime
+    /// has a [`NodeNetwork`]). The attachment is recorded in the VM's
+    /// directory, so restarts of the workload get it too; its devices are
+    /// made, or adopted, before each spawn, and removed by
+    /// [`remove`](Runtime::remove).
+    fn start_attached<'a>(
+        &'a self,
+        vm_id: &'a str,
+        spec: &'a VmSpec,
+        network: Option<&'a Attachment>,
     ) -> BoxFuture<'a, Result<Started, RuntimeError>>;
 
     /// Stops the VM, killing it after `grace`; returns its final state.

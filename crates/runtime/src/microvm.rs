@@ -4,7 +4,11 @@
 //! Per VM, the state directory holds `qmp.sock` (the QMP server QEMU
 //! listens on), `serial.log` (the guest's serial console, `ttyS0`,
 //! appended across restarts), `qemu.log` (QEMU's own stdout and stderr),
-//! the pidfile and the spec. The guest has no network (`-nic none`).
+//! the pidfile, the spec and the network attachment. A VM started with an
+//! attachment (and a runtime with a [`NodeNetwork`]) gets a virtio-net
+//! device on its own TAP device on the node's bridge, with its MAC;
+//! otherwise the guest has no network (`-nic none`). The guest's identity
+//! and address are on its kernel command line ([`crate::metadata`]).
 //!
 //! # Acceleration
 //!
@@ -33,17 +37,21 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tern_protocol::BoxFuture;
 use tokio::process::Command;
 use tokio::sync::OnceCell;
 
+use crate::metadata;
+use crate::network::{Attachment, NodeNetwork, recorded_attachment};
 use crate::pidfile::ProcessIdentity;
 use crate::qmp::{QmpClient, QmpError, RunStatus};
 use crate::spec::{self, RuntimeKind, SpecError, SpecField};
 use crate::supervisor::{RestartPolicy, Supervisor, Workload, last_line};
 use crate::{Observed, Recovered, RunState, Runtime, RuntimeError, Started, VmSpec};
+use tern_state::network::format_mac;
 
 /// The QEMU binary used unless configured otherwise (looked up in `PATH`).
 pub const DEFAULT_QEMU: &str = "qemu-system-x86_64";
@@ -127,6 +135,8 @@ pub struct MicrovmConfig {
     /// resolving symlinks); `None` allows any readable file (for tests and
     /// tools; a node always sets it).
     pub allowed_dirs: Option<Vec<PathBuf>>,
+    /// The node's guest network, for VMs started with an attachment.
+    pub network: Option<Arc<NodeNetwork>>,
 }
 
 impl Default for MicrovmConfig {
@@ -136,6 +146,7 @@ impl Default for MicrovmConfig {
             accel: AccelChoice::Auto,
             restart: RestartPolicy::default(),
             allowed_dirs: None,
+            network: None,
         }
     }
 }
@@ -161,6 +172,7 @@ impl MicrovmRuntime {
             accel: OnceCell::new(),
             probe_dir: root.join(".kvm-probe"),
             allowed_dirs: config.allowed_dirs,
+            network: config.network,
         };
         MicrovmRuntime {
             supervisor: Supervisor::new(root, workload, config.restart),
@@ -264,9 +276,55 @@ struct MicrovmWorkload {
     accel: OnceCell<Accel>,
     probe_dir: PathBuf,
     allowed_dirs: Option<Vec<PathBuf>>,
+    network: Option<Arc<NodeNetwork>>,
 }
 
 impl MicrovmWorkload {
+    /// QEMU's network arguments for `vm_id`, its TAP made (or adopted)
+    /// now: a virtio-net device on the TAP with the VM's MAC, or no NIC;
+    /// and the attachment when there is a device.
+    async fn nic_args(
+        &self,
+        vm_id: &str,
+        vm_dir: &Path,
+    ) -> Result<(Vec<String>, Option<Attachment>), RuntimeError> {
+        let attachment = recorded_attachment(vm_dir).map_err(|reason| RuntimeError::Spawn {
+            vm_id: vm_id.to_owned(),
+            reason: format!("its network attachment: {reason}"),
+        })?;
+        let (Some(network), Some(a)) = (&self.network, attachment) else {
+            return Ok((vec!["-nic".into(), "none".into()], None));
+        };
+        let tap = network.attach_tap(vm_id, &a).await?;
+        let args = vec![
+            "-netdev".into(),
+            format!("tap,id=net0,ifname={tap},script=no,downscript=no"),
+            "-device".into(),
+            format!("virtio-net-device,netdev=net0,mac={}", format_mac(&a.mac)),
+        ];
+        Ok((args, Some(a)))
+    }
+
+    /// QEMU, run in the network's host namespace when it names one (the
+    /// TAP is there).
+    fn qemu_command(&self) -> Command {
+        match self
+            .network
+            .as_ref()
+            .and_then(|n| n.config().host_netns.clone())
+        {
+            Some(ns) => {
+                let mut command = Command::new("nsenter");
+                command
+                    .arg(format!("--net={}", NodeNetwork::netns_path(&ns).display()))
+                    .arg("--")
+                    .arg(&self.qemu);
+                command
+            }
+            None => Command::new(&self.qemu),
+        }
+    }
+
     /// The kernel, initrd and image must lie in the allowed directories.
     fn check_paths(&self, spec: &VmSpec) -> Result<(), SpecError> {
         let Some(allowed) = &self.allowed_dirs else {
@@ -457,8 +515,10 @@ impl Workload for MicrovmWorkload {
                 .open(&qemu_log_path)
                 .map_err(state)?;
             let qemu_err = qemu_log.try_clone().map_err(state)?;
+            let (nic, attached) = self.nic_args(vm_id, vm_dir).await?;
+            let identity = metadata::items(vm_id, &spec.name, attached.as_ref());
 
-            let mut command = Command::new(&self.qemu);
+            let mut command = self.qemu_command();
             command
                 .arg("-name")
                 .arg(vm_id)
@@ -468,14 +528,8 @@ impl Workload for MicrovmWorkload {
                 .arg(spec.memory_mib.to_string())
                 .arg("-smp")
                 .arg(spec.vcpus.to_string())
-                .args([
-                    "-nodefaults",
-                    "-no-user-config",
-                    "-display",
-                    "none",
-                    "-nic",
-                    "none",
-                ])
+                .args(["-nodefaults", "-no-user-config", "-display", "none"])
+                .args(nic)
                 .arg("-chardev")
                 .arg(format!(
                     "file,id=console,path={},append=on",
@@ -503,7 +557,11 @@ impl Workload for MicrovmWorkload {
             }
             command
                 .arg("-append")
-                .arg(guest_cmdline(&spec.kernel_cmdline, accel, host_tsc_khz()))
+                .arg(format!(
+                    "{} {}",
+                    guest_cmdline(&spec.kernel_cmdline, accel, host_tsc_khz()),
+                    metadata::cmdline(&identity, &spec.user_data)
+                ))
                 .current_dir(vm_dir)
                 .stdin(Stdio::null())
                 .stdout(qemu_log)
@@ -561,6 +619,15 @@ impl Workload for MicrovmWorkload {
             }
         })
     }
+
+    fn release<'a>(&'a self, vm_id: &'a str) -> BoxFuture<'a, Result<(), RuntimeError>> {
+        Box::pin(async move {
+            if let Some(network) = &self.network {
+                network.detach(vm_id).await?;
+            }
+            Ok(())
+        })
+    }
 }
 
 /// Escapes a path for a QEMU option value, where `,` is doubled.
@@ -573,13 +640,14 @@ impl Runtime for MicrovmRuntime {
         RuntimeKind::Microvm
     }
 
-    fn start<'a>(
+    fn start_attached<'a>(
         &'a self,
         vm_id: &'a str,
         spec: &'a VmSpec,
+        network: Option<&'a Attachment>,
     ) -> BoxFuture<'a, Result<Started, RuntimeError>> {
         Box::pin(async move {
-            let started = self.supervisor.start(vm_id, spec).await?;
+            let started = self.supervisor.start(vm_id, spec, network).await?;
             if let Started::Spawned { .. } = started
                 && let Err(e) = self.wait_qmp_ready(vm_id).await
             {

@@ -21,12 +21,15 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::Arc;
 use std::time::Duration;
 
 use rustix::process::Signal;
 use tern_protocol::BoxFuture;
 use tokio::process::Command;
 
+use crate::metadata;
+use crate::network::{Attachment, NodeNetwork, recorded_attachment};
 use crate::pidfile::ProcessIdentity;
 use crate::spec::RuntimeKind;
 use crate::supervisor::{RestartPolicy, Supervisor, Workload, last_line};
@@ -160,14 +163,81 @@ impl ProcessRuntime {
         policy: RestartPolicy,
         run_as: Option<RunAs>,
     ) -> Self {
+        ProcessRuntime::with_network(state_dir, policy, run_as, None)
+    }
+
+    /// A process runtime whose workloads started with an [`Attachment`]
+    /// run in their own network namespace on `network`'s bridge.
+    pub fn with_network(
+        state_dir: impl Into<PathBuf>,
+        policy: RestartPolicy,
+        run_as: Option<RunAs>,
+        network: Option<Arc<NodeNetwork>>,
+    ) -> Self {
+        let workload = ProcessWorkload { run_as, network };
         ProcessRuntime {
-            supervisor: Supervisor::new(state_dir.into(), ProcessWorkload { run_as }, policy),
+            supervisor: Supervisor::new(state_dir.into(), workload, policy),
         }
     }
 }
 
 struct ProcessWorkload {
     run_as: Option<RunAs>,
+    network: Option<Arc<NodeNetwork>>,
+}
+
+impl ProcessWorkload {
+    /// The command that runs `program` as the workload's user, in
+    /// `netns` when given: nsenter and setpriv exec in turn, so the
+    /// workload keeps the pid the supervisor spawned; the user is switched
+    /// after entering the namespace, which needs root.
+    fn program(&self, program: &str, netns: Option<&Path>) -> Command {
+        let Some(path) = netns else {
+            let mut command = Command::new(program);
+            if let Some(run_as) = &self.run_as {
+                // std drops supplementary groups when root sets a uid.
+                command.uid(run_as.uid).gid(run_as.gid);
+            }
+            return command;
+        };
+        let mut command = Command::new("nsenter");
+        command.arg(format!("--net={}", path.display())).arg("--");
+        if let Some(run_as) = &self.run_as {
+            command.args([
+                "setpriv".to_owned(),
+                format!("--reuid={}", run_as.uid),
+                format!("--regid={}", run_as.gid),
+                "--clear-groups".to_owned(),
+                "--".to_owned(),
+            ]);
+        }
+        command.arg(program);
+        command
+    }
+
+    /// The workload's attachment and the namespace it runs in, made (or
+    /// adopted) now: `None` without an attachment or a node network.
+    async fn netns(
+        &self,
+        vm_id: &str,
+        vm_dir: &Path,
+    ) -> Result<Option<(Attachment, PathBuf)>, RuntimeError> {
+        let attachment = recorded_attachment(vm_dir).map_err(|reason| RuntimeError::Spawn {
+            vm_id: vm_id.to_owned(),
+            reason: format!("its network attachment: {reason}"),
+        })?;
+        match (&self.network, attachment) {
+            (Some(network), Some(a)) => Ok(Some((a, network.attach_veth(vm_id, &a).await?))),
+            (None, Some(_)) => {
+                tracing::warn!(
+                    vm_id,
+                    "VM has an address but this runtime has no network; starting it without one"
+                );
+                Ok(None)
+            }
+            (_, None) => Ok(None),
+        }
+    }
 }
 
 impl Workload for ProcessWorkload {
@@ -206,20 +276,24 @@ impl Workload for ProcessWorkload {
                 path: log_path,
                 source,
             })?;
-            let mut command = Command::new(program);
+            let netns = self.netns(vm_id, vm_dir).await?;
+            let items = metadata::items(vm_id, &spec.name, netns.as_ref().map(|(a, _)| a));
+            metadata::write_files(vm_dir, &items, &spec.user_data).map_err(|source| {
+                RuntimeError::State {
+                    path: vm_dir.join(metadata::METADATA_FILE_NAME),
+                    source,
+                }
+            })?;
+            let mut command = self.program(program, netns.as_ref().map(|(_, p)| p.as_path()));
             command
                 .args(args)
                 .current_dir(vm_dir)
                 .stdin(Stdio::null())
                 .stdout(log)
                 .stderr(log_err);
-            if let Some(run_as) = &self.run_as {
-                // std drops supplementary groups when root sets a uid.
-                command
-                    .current_dir("/")
-                    .env("HOME", "/")
-                    .uid(run_as.uid)
-                    .gid(run_as.gid);
+            metadata::set_env(&mut command, vm_dir, &items, &spec.user_data);
+            if self.run_as.is_some() {
+                command.current_dir("/").env("HOME", "/");
             }
             Ok(command)
         })
@@ -252,6 +326,15 @@ impl Workload for ProcessWorkload {
     ) -> BoxFuture<'a, bool> {
         Box::pin(async { false })
     }
+
+    fn release<'a>(&'a self, vm_id: &'a str) -> BoxFuture<'a, Result<(), RuntimeError>> {
+        Box::pin(async move {
+            if let Some(network) = &self.network {
+                network.detach(vm_id).await?;
+            }
+            Ok(())
+        })
+    }
 }
 
 impl Runtime for ProcessRuntime {
@@ -259,12 +342,13 @@ impl Runtime for ProcessRuntime {
         RuntimeKind::Process
     }
 
-    fn start<'a>(
+    fn start_attached<'a>(
         &'a self,
         vm_id: &'a str,
         spec: &'a VmSpec,
+        network: Option<&'a Attachment>,
     ) -> BoxFuture<'a, Result<Started, RuntimeError>> {
-        Box::pin(self.supervisor.start(vm_id, spec))
+        Box::pin(self.supervisor.start(vm_id, spec, network))
     }
 
     fn stop<'a>(

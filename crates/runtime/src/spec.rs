@@ -14,6 +14,9 @@ use tern_protocol::pb::VmSpec;
 /// end up in host names and file names. The write limit, defined once.
 pub const MAX_NAME_LEN: usize = tern_state::limits::MAX_VM_NAME_LEN;
 
+/// Most bytes of user data: the write limit, defined once.
+pub const MAX_USER_DATA_LEN: usize = tern_state::limits::MAX_USER_DATA_LEN;
+
 /// Fewest vCPUs a VM may ask for.
 pub const MIN_VCPUS: u32 = 1;
 
@@ -87,6 +90,8 @@ pub enum SpecField {
     Image,
     /// `command`
     Command,
+    /// `user_data`
+    UserData,
 }
 
 impl SpecField {
@@ -101,6 +106,7 @@ impl SpecField {
             SpecField::Initrd => "initrd",
             SpecField::Image => "image",
             SpecField::Command => "command",
+            SpecField::UserData => "user_data",
         }
     }
 }
@@ -143,6 +149,7 @@ impl SpecError {
 /// The first broken rule is reported, in the order above.
 pub fn validate(spec: &VmSpec) -> Result<RuntimeKind, SpecError> {
     validate_name(&spec.name)?;
+    validate_user_data(&spec.user_data)?;
     if !(MIN_VCPUS..=MAX_VCPUS).contains(&spec.vcpus) {
         return Err(SpecError::new(
             SpecField::Vcpus,
@@ -203,6 +210,27 @@ pub fn validate(spec: &VmSpec) -> Result<RuntimeKind, SpecError> {
         }
     }
     Ok(kind)
+}
+
+/// User data is at most [`MAX_USER_DATA_LEN`] bytes, without NUL (it
+/// becomes an environment variable).
+fn validate_user_data(data: &str) -> Result<(), SpecError> {
+    if data.contains('\0') {
+        return Err(SpecError::new(
+            SpecField::UserData,
+            "contains a NUL byte, which an environment variable cannot hold",
+        ));
+    }
+    if data.len() > MAX_USER_DATA_LEN {
+        return Err(SpecError::new(
+            SpecField::UserData,
+            format!(
+                "{} bytes: at most {MAX_USER_DATA_LEN} bytes (it reaches a microVM on its kernel command line)",
+                data.len()
+            ),
+        ));
+    }
+    Ok(())
 }
 
 fn validate_name(name: &str) -> Result<(), SpecError> {
@@ -360,6 +388,19 @@ mod tests {
     #[test]
     fn accepts_a_good_process_spec() {
         assert_eq!(validate(&process_spec()), Ok(RuntimeKind::Process));
+    }
+
+    #[test]
+    fn user_data_over_its_limit_is_refused_by_name() {
+        let mut spec = process_spec();
+        spec.user_data = "x".repeat(MAX_USER_DATA_LEN);
+        assert!(validate(&spec).is_ok());
+        spec.user_data.push('x');
+        let err = validate(&spec).unwrap_err();
+        assert_eq!(err.field, SpecField::UserData);
+        assert!(err.to_string().contains("user_data"), "{err}");
+        spec.user_data = "a\0b".into();
+        assert_eq!(validate(&spec).unwrap_err().field, SpecField::UserData);
     }
 
     #[test]

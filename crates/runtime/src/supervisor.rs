@@ -26,6 +26,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
+use crate::network::{Attachment, record_attachment};
 use crate::pidfile::{self, ProcessIdentity};
 use crate::spec::{self, RuntimeKind};
 use crate::{ExitStatus, Observed, Recovered, RunState, RuntimeError, Started};
@@ -142,6 +143,28 @@ pub(crate) trait Workload: Send + Sync + 'static {
     /// whether it did anything worth waiting [`FORCE_EXIT_WAIT`] for.
     fn before_kill<'a>(&'a self, vm_dir: &'a Path, process: ProcessIdentity)
     -> BoxFuture<'a, bool>;
+
+    /// Removes what the VM held outside its directory (its network
+    /// devices), once it has stopped for good.
+    fn release<'a>(&'a self, vm_id: &'a str) -> BoxFuture<'a, Result<(), RuntimeError>>;
+}
+
+/// One VM in the table.
+struct Slot {
+    shared: SharedRef,
+    /// The encoded spec the workload runs with (empty if unknown).
+    spec_bytes: Vec<u8>,
+    /// `Some(grace)` asks the task to stop the workload.
+    stop_tx: watch::Sender<Option<Duration>>,
+    /// Becomes `true` when the task has ended.
+    done_rx: watch::Receiver<bool>,
+    task: JoinHandle<()>,
+}
+
+impl Slot {
+    fn is_active(&self) -> bool {
+        !*self.done_rx.borrow()
+    }
 }
 
 /// What the task and the table share for one VM.
@@ -163,24 +186,6 @@ fn snapshot(shared: &SharedRef) -> Observed {
         .unwrap_or_else(PoisonError::into_inner)
         .observed
         .clone()
-}
-
-/// One VM in the table.
-struct Slot {
-    shared: SharedRef,
-    /// The encoded spec the workload runs with (empty if unknown).
-    spec_bytes: Vec<u8>,
-    /// `Some(grace)` asks the task to stop the workload.
-    stop_tx: watch::Sender<Option<Duration>>,
-    /// Becomes `true` when the task has ended.
-    done_rx: watch::Receiver<bool>,
-    task: JoinHandle<()>,
-}
-
-impl Slot {
-    fn is_active(&self) -> bool {
-        !*self.done_rx.borrow()
-    }
 }
 
 /// The running workload a task supervises.
@@ -258,7 +263,12 @@ impl<W: Workload> Supervisor<W> {
         Ok(self.root.join(vm_id))
     }
 
-    pub(crate) async fn start(&self, vm_id: &str, spec: &VmSpec) -> Result<Started, RuntimeError> {
+    pub(crate) async fn start(
+        &self,
+        vm_id: &str,
+        spec: &VmSpec,
+        network: Option<&Attachment>,
+    ) -> Result<Started, RuntimeError> {
         let dir = self.vm_dir(vm_id)?;
         let kind = spec::validate(spec)?;
         if kind != self.workload.kind() {
@@ -330,6 +340,10 @@ impl<W: Workload> Supervisor<W> {
         let spec_path = dir.join(SPEC_FILE_NAME);
         std::fs::write(&spec_path, &spec_bytes).map_err(|source| RuntimeError::State {
             path: spec_path,
+            source,
+        })?;
+        record_attachment(&dir, network).map_err(|source| RuntimeError::State {
+            path: dir.join(crate::network::ATTACHMENT_FILE_NAME),
             source,
         })?;
         let log_path = self.workload.log_path(&dir);
@@ -536,6 +550,7 @@ impl<W: Workload> Supervisor<W> {
             Err(e) => return Err(e),
         }
         self.vms.lock().await.remove(vm_id);
+        self.workload.release(vm_id).await?;
         match std::fs::remove_dir_all(&dir) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(RuntimeError::State {
                 path: dir,

@@ -51,7 +51,8 @@ use tern_state::{Command, NodeId, Response, VmRecord, VmReport, VmState};
 
 use crate::consensus::{Consensus, MAX_APPLY_LAG, write_bounded};
 use crate::vm::to_pb_spec;
-use tern_runtime::{Observed, RunState, Runtime, RuntimeError, RuntimeKind, Started};
+use tern_protocol::pb;
+use tern_runtime::{Attachment, Observed, RunState, Runtime, RuntimeError, RuntimeKind, Started};
 
 /// How often a pass runs when no Raft change wakes the reconciler: quick
 /// enough that a crashed workload shows in the VM's status within seconds,
@@ -116,6 +117,14 @@ pub struct Pass {
     pub reports: usize,
     /// Runtime calls or writes that failed (retried on a later pass).
     pub errors: usize,
+}
+
+/// What a VM is given besides its spec: its lease (when it has one) and
+/// the operator's user data.
+#[derive(Clone, Copy)]
+struct Guest<'a> {
+    network: Option<&'a Attachment>,
+    user_data: &'a str,
 }
 
 /// Start attempts of one VM.
@@ -219,11 +228,19 @@ impl Reconciler {
         }
         let me = self.node_id;
         let read = self.consensus.query(|state| {
-            let mine: Vec<VmRecord> = state
+            let mine: Vec<(VmRecord, Option<Attachment>, String)> = state
                 .vms()
                 .values()
                 .filter(|vm| vm.node_id == me)
-                .cloned()
+                .map(|vm| {
+                    let network =
+                        crate::vm::network_of(state, &vm.id).map(|(lease, pool)| Attachment {
+                            address: lease.address,
+                            mac: lease.mac,
+                            pool,
+                        });
+                    (vm.clone(), network, state.user_data(&vm.id).to_owned())
+                })
                 .collect();
             let placed: BTreeMap<String, NodeId> = state
                 .vms()
@@ -246,9 +263,13 @@ impl Reconciler {
                 known.insert(id, (i, observed));
             }
         }
-        for vm in &mine {
+        for (vm, network, user_data) in &mine {
             let known_here = known.get(&vm.id).map(|(_, o)| o.clone());
-            self.reconcile_vm(vm, known_here, &mut pass).await;
+            let guest = Guest {
+                network: network.as_ref(),
+                user_data,
+            };
+            self.reconcile_vm(vm, guest, known_here, &mut pass).await;
         }
         for (id, (i, _)) in &known {
             if placed.get(id) == Some(&me) {
@@ -285,7 +306,13 @@ impl Reconciler {
         self.runtimes.iter().find(|rt| rt.kind() == kind).cloned()
     }
 
-    async fn reconcile_vm(&mut self, vm: &VmRecord, known: Option<Observed>, pass: &mut Pass) {
+    async fn reconcile_vm(
+        &mut self,
+        vm: &VmRecord,
+        guest: Guest<'_>,
+        known: Option<Observed>,
+        pass: &mut Pass,
+    ) {
         let id = vm.id.as_str();
         let Some(rt) = self.runtime_for(vm) else {
             let reason = format!(
@@ -359,8 +386,11 @@ impl Reconciler {
             if self.retries.get(id).is_some_and(|r| r.not_before > now) {
                 return;
             }
-            let spec = to_pb_spec(&vm.spec);
-            match self.op(rt.start(id, &spec)).await {
+            let spec = pb::VmSpec {
+                user_data: guest.user_data.to_owned(),
+                ..to_pb_spec(&vm.spec)
+            };
+            match self.op(rt.start_attached(id, &spec, guest.network)).await {
                 Ok(started) => {
                     self.retries.remove(id);
                     match started {

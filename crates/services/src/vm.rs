@@ -49,7 +49,9 @@ use tern_protocol::{
     BoxFuture, Code, Handler, PeerAddr, RequestContext, RouteError, Routes, RpcClient, ServiceId,
     Status, StreamReceiver, StreamSender, pb,
 };
-use tern_state::{Command, Rejection, Response, VmRecord, VmSpec, VmState};
+use tern_state::{
+    ClusterState, Command, Ipv4Net, Lease, Rejection, Response, VmRecord, VmSpec, VmState,
+};
 
 use crate::consensus::{Consensus, ConsensusError, write_bounded};
 use crate::watch::WatchLimits;
@@ -114,7 +116,7 @@ impl VmService {
         tern_state::limits::check_command(&command).map_err(|e| limit_status(&e))?;
         tracing::debug!(%command, caller = %ctx.peer.short(), "VM write");
         match write_bounded(&*self.consensus, command).await {
-            Ok(response) => answer(response),
+            Ok(response) => self.answer(response),
             Err(ConsensusError::TooLarge(e)) => Err(limit_status(&e)),
             Err(ConsensusError::NotLeader { leader }) => {
                 self.forward(&ctx, method, payload, leader).await
@@ -247,7 +249,7 @@ fn serve_list(service: &VmService, payload: &Bytes) -> Result<Served, Status> {
                 .vms()
                 .values()
                 .filter(|vm| req.node_id == 0 || vm.node_id == req.node_id)
-                .map(to_pb)
+                .map(|vm| to_pb(vm, network_of(state, &vm.id)))
                 .collect::<Vec<_>>();
             (vms, state.vm_history().revision())
         })
@@ -262,7 +264,11 @@ fn serve_get(service: &VmService, payload: &Bytes) -> Result<Served, Status> {
     let req: pb::GetVmRequest = decode(payload)?;
     let vm = service
         .consensus
-        .query(|state| state.vm(&req.vm_id).map(to_pb))
+        .query(|state| {
+            state
+                .vm(&req.vm_id)
+                .map(|vm| to_pb(vm, network_of(state, &vm.id)))
+        })
         .map_err(unavailable)?
         .ok_or_else(|| Status::not_found(format!("no VM with id {:?}", req.vm_id)))?;
     Ok(Served::Answer(vm.encode_to_vec().into()))
@@ -279,9 +285,21 @@ fn serve_create(service: &VmService, payload: &Bytes) -> Result<Served, Status> 
         spec.runtime = service.default_runtime.as_str().to_owned();
     }
     tern_runtime::validate(&spec).map_err(|e| Status::invalid_argument(e.to_string()))?;
-    Ok(Served::Write(Command::CreateVm {
-        request_id: req.request_id,
-        spec: Box::new(from_pb_spec(spec)),
+    // User data is kept beside the record, not in the spec; a create
+    // without any stays the command it always was.
+    let user_data = std::mem::take(&mut spec.user_data);
+    let spec = Box::new(from_pb_spec(spec));
+    Ok(Served::Write(if user_data.is_empty() {
+        Command::CreateVm {
+            request_id: req.request_id,
+            spec,
+        }
+    } else {
+        Command::CreateVmWithData {
+            request_id: req.request_id,
+            spec,
+            user_data,
+        }
     }))
 }
 
@@ -373,15 +391,31 @@ fn unavailable(e: ConsensusError) -> Status {
     Status::unavailable(e.to_string())
 }
 
-/// The state's answer as the RPC's.
-fn answer(response: Response) -> Result<Bytes, Status> {
-    match response {
-        Response::Vm(vm) => Ok(to_pb(&vm).encode_to_vec().into()),
-        Response::Rejected(why) => Err(rejection_status(&why)),
-        other => Err(Status::internal(format!(
-            "the state answered a VM write with {other:?}"
-        ))),
+impl VmService {
+    /// The state's answer as the RPC's. This node applied the write (it
+    /// leads), so its state has the VM's lease, unless the VM has gone
+    /// since.
+    fn answer(&self, response: Response) -> Result<Bytes, Status> {
+        match response {
+            Response::Vm(vm) => {
+                let network = self
+                    .consensus
+                    .query(|state| network_of(state, &vm.id))
+                    .unwrap_or_default();
+                Ok(to_pb(&vm, network).encode_to_vec().into())
+            }
+            Response::Rejected(why) => Err(rejection_status(&why)),
+            other => Err(Status::internal(format!(
+                "the state answered a VM write with {other:?}"
+            ))),
+        }
     }
+}
+
+/// A VM's lease and the pool it is from, as the state holds them.
+pub fn network_of(state: &ClusterState, vm_id: &str) -> Option<(Lease, Ipv4Net)> {
+    let network = state.network();
+    Some((*network.lease(vm_id)?, network.pool()?))
 }
 
 /// The status a refusal by the state is answered with.
@@ -393,21 +427,24 @@ pub fn rejection_status(why: &Rejection) -> Status {
         | Rejection::UnknownNode { .. }
         | Rejection::InvalidMetaKey { .. }
         | Rejection::MetaValueTooLarge { .. }
-        | Rejection::InvalidToken { .. } => Code::InvalidArgument,
+        | Rejection::InvalidToken { .. }
+        | Rejection::InvalidPool { .. } => Code::InvalidArgument,
         Rejection::NoCapacity { .. }
         | Rejection::NodeFull { .. }
         | Rejection::NodeIdsExhausted
         | Rejection::VmIdsExhausted
         | Rejection::MetaFull
         | Rejection::AccessFull
-        | Rejection::TokensFull => Code::ResourceExhausted,
+        | Rejection::TokensFull
+        | Rejection::AddressPoolExhausted { .. } => Code::ResourceExhausted,
         Rejection::NotAdmin { .. }
         | Rejection::TokenExpired { .. }
         | Rejection::TokenUsedUp { .. } => Code::PermissionDenied,
         Rejection::VmDeleting { .. }
         | Rejection::LastAdmin { .. }
         | Rejection::MigrationInProgress { .. }
-        | Rejection::AlreadyOnNode { .. } => Code::FailedPrecondition,
+        | Rejection::AlreadyOnNode { .. }
+        | Rejection::PoolInUse { .. } => Code::FailedPrecondition,
         Rejection::InvalidDesiredState { .. }
         | Rejection::NotPlacedHere { .. }
         | Rejection::InvalidReport { .. } => Code::Internal,
@@ -428,8 +465,9 @@ pub fn pb_state(state: VmState) -> pb::VmState {
     }
 }
 
-/// A record as `tern.v1.VmRecord`.
-pub fn to_pb(vm: &VmRecord) -> pb::VmRecord {
+/// A record as `tern.v1.VmRecord`, with its lease and pool when it has
+/// an address.
+pub fn to_pb(vm: &VmRecord, network: Option<(Lease, Ipv4Net)>) -> pb::VmRecord {
     let (desired, reason) = if vm.is_migrating() {
         (
             pb::VmState::Migrating,
@@ -452,6 +490,11 @@ pub fn to_pb(vm: &VmRecord) -> pb::VmRecord {
         reason,
         log_path: vm.log_path.clone(),
         generation: vm.generation,
+        address: network.map_or_else(String::new, |(l, pool)| {
+            format!("{}/{}", l.address, pool.prefix())
+        }),
+        mac: network.map_or_else(String::new, |(l, _)| l.mac_string()),
+        gateway: network.map_or_else(String::new, |(_, pool)| pool.gateway().to_string()),
     }
 }
 
@@ -484,6 +527,8 @@ pub fn to_pb_spec(s: &VmSpec) -> pb::VmSpec {
         kernel_cmdline: s.kernel_cmdline.clone(),
         command: s.command.clone(),
         pin_node: s.pin_node,
+        // Kept beside the record (`ClusterState::user_data`), not echoed.
+        user_data: String::new(),
     }
 }
 
@@ -520,6 +565,15 @@ mod tests {
             }),
             Code::ResourceExhausted
         );
+        let full = Rejection::AddressPoolExhausted {
+            pool: "10.9.0.0/29".into(),
+            leased: 5,
+        };
+        assert_eq!(code(full.clone()), Code::ResourceExhausted);
+        assert!(
+            rejection_status(&full).message.contains("10.9.0.0/29"),
+            "the refusal names the pool"
+        );
         assert_eq!(
             code(Rejection::UnknownNode { node_id: 3 }),
             Code::InvalidArgument
@@ -545,15 +599,18 @@ mod tests {
             observed: VmState::Running,
             ..VmRecord::default()
         };
-        let pb = to_pb(&vm);
+        let pb = to_pb(&vm, None);
         assert_eq!(pb.desired, pb::VmState::Migrating as i32);
         assert_eq!(pb.observed, pb::VmState::Running as i32);
         assert_eq!(pb.reason, "migrating from node 1 to node 2 (then Running)");
-        let settled = to_pb(&VmRecord {
-            migrate_to: 0,
-            reason: "why".into(),
-            ..vm
-        });
+        let settled = to_pb(
+            &VmRecord {
+                migrate_to: 0,
+                reason: "why".into(),
+                ..vm
+            },
+            None,
+        );
         assert_eq!(settled.desired, pb::VmState::Running as i32);
         assert_eq!(settled.reason, "why");
     }
@@ -571,6 +628,8 @@ mod tests {
             kernel_cmdline: "console=ttyS0".into(),
             command: vec!["a".into()],
             pin_node: 3,
+            // Kept beside the record, not in the state's spec.
+            user_data: String::new(),
         };
         assert_eq!(to_pb_spec(&from_pb_spec(spec.clone())), spec);
     }

@@ -37,6 +37,7 @@
 //!   revision to resume from elsewhere, so a watch never holds up the
 //!   transports' drain.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -44,7 +45,7 @@ use bytes::Bytes;
 use prost::Message;
 use tern_protocol::stream::DEFAULT_STREAM_IDLE_TIMEOUT;
 use tern_protocol::{Code, Status, StreamSender, pb};
-use tern_state::{EventBatch, HistoryGap, MAX_VM_EVENTS, VmEvent};
+use tern_state::{EventBatch, HistoryGap, Ipv4Net, Lease, MAX_VM_EVENTS, VmEvent};
 use tokio::sync::watch;
 
 use crate::consensus::{Consensus, RaftRole, RaftStatus};
@@ -124,17 +125,26 @@ pub fn compacted_status(gap: &HistoryGap) -> Status {
     )
 }
 
-/// One event as `tern.v1.VmEvent`.
-pub fn to_pb_event(event: &VmEvent) -> pb::VmEvent {
+/// The leases of the VMs in a batch, by VM id: a VM keeps its address
+/// for life, so its current lease is the one of every event of it (a
+/// removed VM's events show none).
+pub type BatchNetwork = BTreeMap<String, (Lease, Ipv4Net)>;
+
+/// One event as `tern.v1.VmEvent`, with the VM's address when it has one.
+pub fn to_pb_event(event: &VmEvent, network: &BatchNetwork) -> pb::VmEvent {
     pb::VmEvent {
         revision: event.revision,
-        vm: Some(crate::vm::to_pb(&event.vm)),
+        vm: Some(crate::vm::to_pb(
+            &event.vm,
+            network.get(&event.vm.id).copied(),
+        )),
         deleted: event.deleted,
         progress: false,
     }
 }
 
-/// The next batch after `since`, and the watcher's lag: the events not
+/// The next batch after `since`, its VMs' leases, and the watcher's lag:
+/// the events not
 /// yet sent that were applied after `opened_at` (the revision the watch
 /// opened at). Catching up on what was already held when the watch
 /// opened is not lagging: a watch resumed from an old revision replays
@@ -143,17 +153,24 @@ fn read_batch(
     consensus: &dyn Consensus,
     since: u64,
     opened_at: u64,
-) -> Result<(EventBatch, usize), Status> {
+) -> Result<(EventBatch, BatchNetwork, usize), Status> {
     consensus
         .query(|state| {
             let history = state.vm_history();
             let batch = history.after(since, WATCH_BATCH, WATCH_BATCH_BYTES)?;
+            let network: BatchNetwork = batch
+                .events
+                .iter()
+                .filter_map(|e| {
+                    crate::vm::network_of(state, &e.vm.id).map(|n| (e.vm.id.clone(), n))
+                })
+                .collect();
             let lag = if since >= opened_at {
                 batch.pending
             } else {
                 history.after(opened_at, 0, 0).map_or(0, |b| b.pending)
             };
-            Ok((batch, lag))
+            Ok((batch, network, lag))
         })
         .map_err(|e| Status::unavailable(e.to_string()))?
         .map_err(|gap: HistoryGap| compacted_status(&gap))
@@ -237,7 +254,7 @@ pub async fn serve(
     let opened_at = current(&*consensus)?;
     tracing::debug!(since = last, opened_at, vm_id = %req.vm_id, "VM watch opened");
     loop {
-        let (batch, lag) = read_batch(&*consensus, last, opened_at)?;
+        let (batch, network, lag) = read_batch(&*consensus, last, opened_at)?;
         if lag > limits.max_lag {
             tracing::info!(lag, last, "a slow VM watcher was cut off");
             return Err(Status::new(
@@ -273,7 +290,7 @@ pub async fn serve(
         }
         for event in &batch.events {
             if req.vm_id.is_empty() || event.vm.id == req.vm_id {
-                send(&mut outbound, &to_pb_event(event), last).await?;
+                send(&mut outbound, &to_pb_event(event, &network), last).await?;
             }
             last = event.revision;
         }

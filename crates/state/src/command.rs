@@ -10,6 +10,7 @@ use crate::admission::{JoinTokenRecord, MAX_JOIN_TOKENS, MembershipChange, TOKEN
 use crate::limits::MAX_REQUEST_ID_LEN;
 use crate::member::NodeId;
 use crate::meta::{MAX_META_KEY_LEN, MAX_META_KEYS, MAX_META_VALUE_LEN};
+use crate::network::{Ipv4Net, MAX_POOL_PREFIX, MIN_POOL_PREFIX};
 use crate::vm::{VmRecord, VmReport, VmSpec, VmState};
 
 /// A client-chosen id that makes a write safe to retry.
@@ -163,6 +164,26 @@ pub enum Command {
         /// When, by the proposer's clock.
         at_unix_ms: u64,
     },
+    /// [`Command::CreateVm`] with operator user data for the guest (at
+    /// most [`crate::limits::MAX_USER_DATA_LEN`] bytes), kept beside the
+    /// record until it is removed.
+    CreateVmWithData {
+        /// Deduplication id: a retried create answers the first one.
+        request_id: RequestId,
+        /// What to create.
+        spec: Box<VmSpec>,
+        /// The user data.
+        user_data: String,
+    },
+    /// Set the guest network's address pool ([`crate::network`]): the
+    /// same pool again changes nothing; another is refused while any VM
+    /// holds an address. Leases an address to every VM without one.
+    SetNetworkPool {
+        /// Deduplication id.
+        request_id: RequestId,
+        /// The pool.
+        pool: Ipv4Net,
+    },
 }
 
 impl Command {
@@ -182,7 +203,9 @@ impl Command {
             | Command::CreateJoinToken { request_id, .. }
             | Command::RevokeJoinToken { request_id, .. }
             | Command::AdmitNode { request_id, .. }
-            | Command::RecordMembership { request_id, .. } => Some(request_id),
+            | Command::RecordMembership { request_id, .. }
+            | Command::SetNetworkPool { request_id, .. }
+            | Command::CreateVmWithData { request_id, .. } => Some(request_id),
         }
     }
 }
@@ -270,6 +293,19 @@ impl std::fmt::Display for Command {
                 by,
                 ..
             } => write!(f, "membership: {change} by={} req={request_id}", by.short()),
+            Command::CreateVmWithData {
+                request_id,
+                spec,
+                user_data,
+            } => write!(
+                f,
+                "create-vm name={} user-data={} bytes req={request_id}",
+                spec.name,
+                user_data.len()
+            ),
+            Command::SetNetworkPool { request_id, pool } => {
+                write!(f, "set-network-pool {pool} req={request_id}")
+            }
         }
     }
 }
@@ -478,4 +514,34 @@ pub enum Rejection {
         "{MAX_JOIN_TOKENS} join tokens are alive; revoke some first (tern cluster token revoke)"
     )]
     TokensFull,
+    /// Every address of the guest network's pool is leased.
+    #[error(
+        "the address pool {pool} is exhausted ({leased} VMs hold addresses); \
+         delete VMs or choose a larger pool"
+    )]
+    AddressPoolExhausted {
+        /// The pool.
+        pool: String,
+        /// How many addresses are leased.
+        leased: u64,
+    },
+    /// Changing the pool while VMs hold addresses from the current one.
+    #[error(
+        "the address pool is {pool} and {leased} VMs hold addresses from it; \
+         it can only change while no VM holds one"
+    )]
+    PoolInUse {
+        /// The current pool.
+        pool: String,
+        /// How many addresses are leased.
+        leased: u64,
+    },
+    /// A pool of a size outside the allowed prefix lengths.
+    #[error(
+        "pool {pool}: a pool's prefix length must be from {MIN_POOL_PREFIX} to {MAX_POOL_PREFIX}"
+    )]
+    InvalidPool {
+        /// The pool.
+        pool: String,
+    },
 }

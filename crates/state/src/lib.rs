@@ -18,6 +18,8 @@
 //! - [`member`]: [`NodeId`] allocation, the [`Member`] record a membership
 //!   holds, [`Capacity`], and applying a new membership.
 //! - [`meta`]: the metadata register.
+//! - [`network`]: the guest network's address pool and the address and
+//!   MAC leased to each VM.
 //! - [`access`]: roles granted to keys and the audit log of every access,
 //!   token and membership change.
 //! - [`admission`]: join tokens (hashed, expiring, counted) and the audit
@@ -36,6 +38,7 @@ pub mod events;
 pub mod limits;
 pub mod member;
 pub mod meta;
+pub mod network;
 pub mod state;
 pub mod vm;
 
@@ -49,5 +52,6 @@ pub use member::{Capacity, FIRST_NODE_ID, Member, NodeId};
 pub use meta::{
     MAX_META_KEY_LEN, MAX_META_KEYS, MAX_META_VALUE_LEN, MetaEntry, check_meta, check_meta_key,
 };
+pub use network::{Ipv4Net, Lease, NetworkState};
 pub use state::ClusterState;
 pub use vm::{VmRecord, VmReport, VmSpec, VmState};

@@ -66,6 +66,11 @@ pub const MAX_COMMAND_ARG_LEN: usize = 128 * 1024;
 /// reasons to this before reporting.
 pub const MAX_VM_REASON_LEN: usize = 4096;
 
+/// Most bytes of user data an operator may hand a VM: it reaches a
+/// microVM guest on its kernel command line (base64, a third larger),
+/// which x86 Linux cuts at 2,048 bytes, beside the guest's own parameters.
+pub const MAX_USER_DATA_LEN: usize = 1024;
+
 /// Longest key of the metadata register, in bytes.
 pub const MAX_META_KEY_LEN: usize = 256;
 
@@ -96,7 +101,7 @@ pub const MAX_STRING_FIELD_LEN: usize = max(
             MAX_COMMAND_ARG_LEN,
             max(
                 max(MAX_VM_REASON_LEN, MAX_URL_LEN),
-                max(MAX_META_KEY_LEN, MAX_META_VALUE_LEN),
+                max(max(MAX_META_KEY_LEN, MAX_META_VALUE_LEN), MAX_USER_DATA_LEN),
             ),
         ),
     ),
@@ -229,7 +234,8 @@ pub fn check_command(command: &Command) -> Result<(), LimitError> {
     match command {
         Command::AllocateNodeId { .. }
         | Command::ChangeAccess { .. }
-        | Command::RecordMembership { .. } => {}
+        | Command::RecordMembership { .. }
+        | Command::SetNetworkPool { .. } => {}
         Command::CreateJoinToken { token, .. } => {
             bytes("token.id", &token.id, crate::admission::TOKEN_ID_LEN)?
         }
@@ -242,6 +248,12 @@ pub fn check_command(command: &Command) -> Result<(), LimitError> {
         | Command::SetVmDesired { vm_id, .. }
         | Command::MigrateVm { vm_id, .. } => bytes("vm_id", vm_id, MAX_VM_ID_LEN)?,
         Command::CreateVm { spec, .. } => check_spec("spec", spec)?,
+        Command::CreateVmWithData {
+            spec, user_data, ..
+        } => {
+            check_spec("spec", spec)?;
+            bytes("spec.user_data", user_data, MAX_USER_DATA_LEN)?;
+        }
         Command::ReportVm { report, .. } => check_report(report)?,
         Command::PutMeta { key, value, .. } => {
             bytes("key", key, MAX_META_KEY_LEN)?;

@@ -28,6 +28,7 @@ use crate::events::VmHistory;
 use crate::limits::MAX_REQUEST_ID_LEN;
 use crate::member::{FIRST_NODE_ID, Member, NodeId};
 use crate::meta::MetaEntry;
+use crate::network::NetworkState;
 use crate::vm::{VmIndex, VmRecord};
 
 /// The replicated cluster state.
@@ -63,6 +64,12 @@ pub struct ClusterState {
     /// The recent changes of VM records with their revisions, and the
     /// revision of the last applied command (snapshot format 5 on).
     pub(crate) vm_history: VmHistory,
+    /// The guest network's pool and the address leased to each VM
+    /// (snapshot format 6 on).
+    pub(crate) network: NetworkState,
+    /// Operator user data of the VMs that have some, by VM id (snapshot
+    /// format 6 on).
+    pub(crate) user_data: BTreeMap<String, String>,
     /// Indexes over `vms` (names, reserved capacity), derived from them:
     /// not serialized, rebuilt on decoding.
     #[serde(skip)]
@@ -86,6 +93,8 @@ struct StoredState {
     next_audit_seq: u64,
     tokens: BTreeMap<String, JoinTokenRecord>,
     vm_history: VmHistory,
+    network: NetworkState,
+    user_data: BTreeMap<String, String>,
 }
 
 impl From<StoredState> for ClusterState {
@@ -104,6 +113,51 @@ impl From<StoredState> for ClusterState {
             next_audit_seq: s.next_audit_seq,
             tokens: s.tokens,
             vm_history: s.vm_history,
+            network: s.network.reindexed(),
+            user_data: s.user_data,
+        }
+    }
+}
+
+/// The cluster state as snapshot format 5 wrote it, before the guest
+/// network: the same fields in the same order, without the last one. Read
+/// so that a node upgraded in place keeps its state; it has no pool and no
+/// leases, as a log of that version applies (a pool is set by a later
+/// command, which leases addresses to the VMs then).
+#[derive(Debug, Deserialize)]
+pub struct ClusterStateV5 {
+    members: BTreeMap<NodeId, Member>,
+    node_ids: BTreeMap<PeerId, NodeId>,
+    next_node_id: NodeId,
+    vms: BTreeMap<String, VmRecord>,
+    dedup: DedupTable,
+    next_vm_number: u64,
+    meta: BTreeMap<String, MetaEntry>,
+    access: BTreeMap<PeerId, BTreeSet<Role>>,
+    audit_log: VecDeque<AuditEvent>,
+    next_audit_seq: u64,
+    tokens: BTreeMap<String, JoinTokenRecord>,
+    vm_history: VmHistory,
+}
+
+impl From<ClusterStateV5> for ClusterState {
+    fn from(v5: ClusterStateV5) -> ClusterState {
+        ClusterState {
+            index: VmIndex::of(v5.vms.values()),
+            members: v5.members,
+            node_ids: v5.node_ids,
+            next_node_id: v5.next_node_id,
+            vms: v5.vms,
+            dedup: v5.dedup,
+            next_vm_number: v5.next_vm_number,
+            meta: v5.meta,
+            access: v5.access,
+            audit_log: v5.audit_log,
+            next_audit_seq: v5.next_audit_seq,
+            tokens: v5.tokens,
+            vm_history: v5.vm_history,
+            network: NetworkState::default(),
+            user_data: BTreeMap::new(),
         }
     }
 }
@@ -145,6 +199,8 @@ impl From<ClusterStateV4> for ClusterState {
             next_audit_seq: v4.next_audit_seq,
             tokens: v4.tokens,
             vm_history: VmHistory::default(),
+            network: NetworkState::default(),
+            user_data: BTreeMap::new(),
         }
     }
 }
@@ -199,6 +255,8 @@ impl From<ClusterStateV3> for ClusterState {
             next_audit_seq: v3.next_access_seq,
             tokens: BTreeMap::new(),
             vm_history: VmHistory::default(),
+            network: NetworkState::default(),
+            user_data: BTreeMap::new(),
         }
     }
 }
@@ -234,6 +292,8 @@ impl Default for ClusterState {
             next_audit_seq: 1,
             tokens: BTreeMap::new(),
             vm_history: VmHistory::default(),
+            network: NetworkState::default(),
+            user_data: BTreeMap::new(),
             index: VmIndex::default(),
         }
     }
@@ -291,7 +351,10 @@ impl ClusterState {
                 Some(vm) => Response::Vm(Box::new(vm)),
                 None => Response::Rejected(Rejection::UnknownVm { vm_id }),
             },
-            Command::CreateVm { spec, .. } => self.create_vm(*spec),
+            Command::CreateVm { spec, .. } => self.create_vm(*spec, String::new()),
+            Command::CreateVmWithData {
+                spec, user_data, ..
+            } => self.create_vm(*spec, user_data),
             Command::SetVmDesired { vm_id, desired, .. } => self.set_vm_desired(vm_id, desired),
             Command::ReportVm { report, .. } => self.report_vm(report),
             Command::MigrateVm { vm_id, target, .. } => self.migrate_vm(vm_id, target),
@@ -321,6 +384,7 @@ impl ClusterState {
                 at_unix_ms,
                 ..
             } => self.record_membership(change, by, at_unix_ms),
+            Command::SetNetworkPool { pool, .. } => self.set_network_pool(pool),
         }
     }
 }

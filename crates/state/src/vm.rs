@@ -177,6 +177,8 @@ impl ClusterState {
     ) -> Option<VmRecord> {
         let mut vm = self.vms.remove(vm_id)?;
         self.index.remove(&vm);
+        self.network.release(vm_id);
+        self.user_data.remove(vm_id);
         last(&mut vm);
         self.vm_history.record(&vm, true);
         Some(vm)
@@ -254,7 +256,7 @@ impl ClusterState {
         }
     }
 
-    pub(crate) fn create_vm(&mut self, spec: VmSpec) -> Response {
+    pub(crate) fn create_vm(&mut self, spec: VmSpec, user_data: String) -> Response {
         if let Some(existing) = self.vm_named(&spec.name) {
             return Response::Rejected(Rejection::NameTaken {
                 existing: existing.clone(),
@@ -266,6 +268,7 @@ impl ClusterState {
             Err(why) => return Response::Rejected(why),
         };
         // Skip ids taken by records written with `PutVm`.
+        let first_number = self.next_vm_number;
         let id = loop {
             let n = self.next_vm_number;
             let Some(next) = n.checked_add(1) else {
@@ -277,6 +280,11 @@ impl ClusterState {
                 break id;
             }
         };
+        // A refused create changes nothing, the id counter included.
+        if let Err(why) = self.network.lease_to(&id) {
+            self.next_vm_number = first_number;
+            return Response::Rejected(why);
+        }
         let vm = VmRecord {
             id: id.clone(),
             spec,
@@ -286,6 +294,9 @@ impl ClusterState {
             generation: 1,
             ..VmRecord::default()
         };
+        if !user_data.is_empty() {
+            self.user_data.insert(id.clone(), user_data);
+        }
         self.insert_vm(vm.clone());
         Response::Vm(Box::new(vm))
     }
@@ -460,5 +471,10 @@ impl ClusterState {
     /// One VM record.
     pub fn vm(&self, id: &str) -> Option<&VmRecord> {
         self.vms.get(id)
+    }
+
+    /// The operator user data of VM `id` (empty when it has none).
+    pub fn user_data(&self, id: &str) -> &str {
+        self.user_data.get(id).map_or("", String::as_str)
     }
 }

@@ -39,12 +39,15 @@ const MAGIC: &[u8; 8] = b"TERNSNAP";
 /// membership changes), and the state gained the join tokens.
 /// Version 5: the state gained the history of VM changes and the current
 /// revision (`tern_state::events`).
-pub const SNAPSHOT_FORMAT_VERSION: u32 = 5;
+/// Version 6: the state gained the guest network's pool and leases
+/// (`tern_state::network`) and the VMs' user data.
+pub const SNAPSHOT_FORMAT_VERSION: u32 = 6;
 /// The oldest format still read: version 2's state is version 3's without
 /// its trailing access fields ([`tern_state::state::ClusterStateV2`]),
 /// version 3's has the access log in its own layout and no tokens
 /// ([`tern_state::state::ClusterStateV3`]), version 4's has no history of
-/// VM changes ([`tern_state::state::ClusterStateV4`]); so a node upgraded
+/// VM changes ([`tern_state::state::ClusterStateV4`]), version 5's no guest
+/// network ([`tern_state::state::ClusterStateV5`]); so a node upgraded
 /// in place keeps its data. A state of an older format gets an empty
 /// history, whole after the snapshot's last index.
 pub const OLDEST_READABLE_FORMAT: u32 = 2;
@@ -485,6 +488,12 @@ pub(crate) fn read_snapshot(
         postcard::from_io::<ClusterState, _>((reader, &mut scratch))
             .map_err(|e| corrupt(path, format!("state: {e}")))?
             .0
+    } else if version == 5 {
+        let (old, _) =
+            postcard::from_io::<tern_state::state::ClusterStateV5, _>((reader, &mut scratch))
+                .map_err(|e| corrupt(path, format!("state (format {version}): {e}")))?;
+        tracing::info!(path = %path.display(), version, "read a snapshot of an older format; it has no guest network pool until one is set");
+        ClusterState::from(old)
     } else if version == 4 {
         let (old, _) =
             postcard::from_io::<tern_state::state::ClusterStateV4, _>((reader, &mut scratch))
@@ -517,13 +526,54 @@ mod format_tests {
     use super::*;
     use tern_state::Command;
 
-    /// The body of a format 5 file of a state whose only command was
-    /// applied at index 1 and changed no VM, without the trailing history
-    /// (no events, whole after 0, revision 1: one byte each in postcard).
-    fn without_history(bytes: &[u8]) -> &[u8] {
+    /// The body of a format 6 file of a state with no pool set and no
+    /// user data, without the trailing network and user data (no pool, no
+    /// leases, cursor 0, no user data: one byte each in postcard): the
+    /// body format 5 wrote.
+    fn without_network(bytes: &[u8]) -> &[u8] {
         let body = &bytes[..bytes.len() - TRAILER_LEN as usize];
+        assert_eq!(&body[body.len() - 4..], &[0, 0, 0, 0], "no network");
+        &body[..body.len() - 4]
+    }
+
+    /// The body of a format 6 file of a state whose only command was
+    /// applied at index 1 and changed no VM, without the trailing network
+    /// and history (no events, whole after 0, revision 1: one byte each in
+    /// postcard).
+    fn without_history(bytes: &[u8]) -> &[u8] {
+        let body = without_network(bytes);
         assert_eq!(&body[body.len() - 3..], &[0, 0, 1], "an empty history");
         &body[..body.len() - 3]
+    }
+
+    /// A snapshot written by format 5 (no guest network) opens with its
+    /// state, history included, intact and no pool: as a log of that
+    /// version applies.
+    #[test]
+    fn a_format_5_snapshot_is_read_without_a_pool() {
+        let dir = tempfile::tempdir().unwrap();
+        let snaps = SnapshotDir::open(dir.path()).unwrap();
+        let mut state = ClusterState::default();
+        state.apply_at(
+            1,
+            Command::PutMeta {
+                request_id: "r1".into(),
+                key: "zone".into(),
+                value: "d".into(),
+            },
+        );
+        let file = snaps
+            .write_current(&SnapshotMeta::default(), &state)
+            .unwrap();
+        let bytes = std::fs::read(file.path()).unwrap();
+        let old = rewrite_as(without_network(&bytes), 5);
+        let path = file.path().to_owned();
+        drop(file);
+        std::fs::write(&path, &old).unwrap();
+        let file = snaps.open_current().unwrap().unwrap();
+        let (_, read) = read_snapshot(&file, Verify::Checksum).unwrap();
+        assert_eq!(read, state, "the state comes back whole");
+        assert!(read.network().pool().is_none());
     }
 
     fn rewrite_as(body: &[u8], version: u32) -> Vec<u8> {
@@ -574,11 +624,12 @@ mod format_tests {
     proptest::proptest! {
         #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
 
-        /// Whatever VM changes a state went through, its format 5 snapshot
-        /// brings back the same state, history and revision included.
+        /// Whatever VM changes a state went through, its format 6 snapshot
+        /// brings back the same state, history, revision and leases
+        /// included.
         #[test]
         fn a_state_with_history_round_trips_through_a_snapshot(
-            ops in proptest::collection::vec((0u8..4, 0u8..6, 0usize..300), 0..80)
+            ops in proptest::collection::vec((0u8..5, 0u8..6, 0usize..300), 0..80)
         ) {
             let dir = tempfile::tempdir().unwrap();
             let snaps = SnapshotDir::open(dir.path()).unwrap();
@@ -599,6 +650,11 @@ mod format_tests {
                         }),
                     },
                     2 => Command::DeleteVm { request_id: format!("d{index}"), vm_id },
+                    // Setting the pool leases the VMs there at that point.
+                    3 => Command::SetNetworkPool {
+                        request_id: format!("n{index}"),
+                        pool: "10.7.0.0/24".parse().unwrap(),
+                    },
                     _ => Command::PutMeta {
                         request_id: format!("m{index}"),
                         key: "k".into(),
@@ -618,7 +674,7 @@ mod format_tests {
         #[test]
         fn arbitrary_state_bytes_never_panic(
             tail in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512),
-            version in 2u32..=5,
+            version in 2u32..=6,
         ) {
             let dir = tempfile::tempdir().unwrap();
             let snaps = SnapshotDir::open(dir.path()).unwrap();

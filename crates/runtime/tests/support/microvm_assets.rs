@@ -11,9 +11,13 @@
 //! 3. `apt-cache depends linux-image-cloud-amd64` to find the versioned
 //!    kernel package, `apt-get download` of it into the cache dir and
 //!    `dpkg-deb -x` to extract (never install) its `/boot/vmlinuz-*`,
-//!    together with the `evdev` and ACPI `button` modules;
+//!    together with the `evdev` and ACPI `button` modules and virtio-net
+//!    over MMIO with its dependencies ([`GUEST_MODULES`]);
 //! 4. an initramfs (a `newc` cpio archive written here, no `cpio` tool)
 //!    holding the static busybox, those modules and an `/init` that prints
+//!    its identity from the kernel command line ([`IDENTITY_MARKER`]),
+//!    configures its address and pings its gateway when given one
+//!    ([`GATEWAY_MARKER`]), prints
 //!    [`BOOT_MARKER`] on the serial console, then waits, and powers off
 //!    (printing [`POWER_OFF_MARKER`]) when the ACPI power button is
 //!    pressed.
@@ -204,10 +208,35 @@ fn ensure_kernel(cache_dir: &Path, updated: &mut bool) -> Result<PathBuf, String
     Ok(kernel)
 }
 
-/// Kernel modules the guest loads so that QMP `system_powerdown` reaches
-/// it: the ACPI power button driver and the event device it reports
-/// through (both modules in Debian's cloud kernel, without dependencies).
-pub(crate) const GUEST_MODULES: [&str; 2] = ["evdev.ko", "button.ko"];
+/// Kernel modules the guest loads, in load order: the ACPI power button
+/// driver and the event device it reports through (so that QMP
+/// `system_powerdown` reaches it), then virtio over MMIO and virtio-net
+/// with its dependencies (the guest's network card; all modules in
+/// Debian's cloud kernel).
+pub(crate) const GUEST_MODULES: [&str; 8] = [
+    "evdev.ko",
+    "button.ko",
+    "virtio_ring.ko",
+    "virtio.ko",
+    "virtio_mmio.ko",
+    "failover.ko",
+    "net_failover.ko",
+    "virtio_net.ko",
+];
+
+/// What the guest prints with its identity, read from `tern.*` kernel
+/// parameters: `TERN-GUEST id=… name=… address=…`.
+pub(crate) const IDENTITY_MARKER: &str = "TERN-GUEST id=";
+
+/// What the guest prints before its decoded user data
+/// (`tern.user_data`), when it has some.
+pub(crate) const USER_DATA_MARKER: &str = "TERN-GUEST-USER-DATA";
+
+/// What the guest prints once it has pinged its gateway.
+pub(crate) const GATEWAY_MARKER: &str = "TERN-GUEST-GATEWAY-REACHED";
+
+/// What the guest prints when its gateway never answered.
+pub(crate) const NO_GATEWAY_MARKER: &str = "TERN-GUEST-GATEWAY-UNREACHABLE";
 
 /// Finds a file named `name` anywhere under `dir`.
 fn find_file(dir: &Path, name: &str) -> Option<PathBuf> {
@@ -225,8 +254,10 @@ fn find_file(dir: &Path, name: &str) -> Option<PathBuf> {
 }
 
 /// The guest's `/init`: mount `/proc`, `/sys` and `/dev`, load the power
-/// button driver and power off when it is pressed, print the marker, then
-/// wait (the test stops the VM from outside).
+/// button driver and power off when it is pressed, load the network
+/// driver; print its identity from the `tern.*` kernel parameters and,
+/// given an address, configure `eth0` with it and ping the gateway; print
+/// the marker, then wait (the test stops the VM from outside).
 fn init_script() -> String {
     format!(
         r#"#!/bin/busybox sh
@@ -234,8 +265,30 @@ bb=/bin/busybox
 $bb mount -t proc proc /proc
 $bb mount -t sysfs sys /sys
 $bb mount -t devtmpfs dev /dev
-$bb insmod /lib/modules/evdev.ko
-$bb insmod /lib/modules/button.ko
+for m in {modules}; do $bb insmod /lib/modules/$m 2>/dev/null; done
+for p in $($bb cat /proc/cmdline); do
+  case "$p" in
+    tern.id=*) t_id=${{p#*=}} ;;
+    tern.name=*) t_name=${{p#*=}} ;;
+    tern.address=*) t_address=${{p#*=}} ;;
+    tern.gateway=*) t_gateway=${{p#*=}} ;;
+    tern.user_data=*) t_user_data=${{p#*=}} ;;
+  esac
+done
+$bb echo "{IDENTITY_MARKER}${{t_id:-none}} name=${{t_name:-none}} address=${{t_address:-none}}"
+if [ -n "$t_user_data" ]; then
+  $bb echo "{USER_DATA_MARKER} $($bb echo "$t_user_data" | $bb base64 -d)"
+fi
+if [ -n "$t_address" ]; then
+  $bb ip link set lo up
+  $bb ip link set eth0 up
+  $bb ip addr add "$t_address" dev eth0
+  ok=
+  for i in 1 2 3 4 5 6 7 8 9 10; do
+    if $bb ping -c 1 -W 3 "$t_gateway" >/dev/null 2>&1; then ok=1; break; fi
+  done
+  if [ -n "$ok" ]; then $bb echo "{GATEWAY_MARKER} $t_gateway"; else $bb echo "{NO_GATEWAY_MARKER} $t_gateway"; $bb ip addr; fi
+fi
 for d in /sys/class/input/event*; do
   if $bb grep -q "Power Button" $d/device/name 2>/dev/null; then ev=${{d##*/}}; fi
 done
@@ -245,7 +298,8 @@ if [ -n "$ev" ]; then
 fi
 $bb echo "{BOOT_MARKER} uptime=$($bb cut -d' ' -f1 /proc/uptime)"
 while :; do $bb sleep 3600; done
-"#
+"#,
+        modules = GUEST_MODULES.join(" ")
     )
 }
 
