@@ -161,7 +161,11 @@ async fn wait_vm_device(ns: &Netns, vm_id: &str, present: bool) -> anyhow::Resul
         if Instant::now() > deadline {
             anyhow::bail!(
                 "{vm_id}'s device {} within {DEVICE_BOUND:?}",
-                if present { "did not appear" } else { "was not removed" }
+                if present {
+                    "did not appear"
+                } else {
+                    "was not removed"
+                }
             );
         }
         tokio::time::sleep(cluster::POLL).await;
@@ -397,8 +401,10 @@ async fn finish(
     }
     let leader_changes = cluster::sum_all(during, names::RAFT_LEADER_CHANGES, &[]);
     ctx.report.figure("client calls", records.len());
-    ctx.report
-        .figure("client latency", cluster::latencies(&records, |_| true).summary());
+    ctx.report.figure(
+        "client latency",
+        cluster::latencies(&records, |_| true).summary(),
+    );
     ctx.report.figure(
         "transport calls during the churn, by transport",
         cluster::by_label(during, names::CALLS, "transport"),
