@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use serde_json::Value;
-use tern_node::config::{Config, Listen};
+use tern_node::config::{Config, Listen, NetworkSection};
 use tern_node::node::NodeFile;
 use tern_testkit::{TernProcess, config};
 use tern_transport_dual::{RaftTransport, TransportConfig};
@@ -66,6 +66,10 @@ pub struct ClusterSpec {
     /// one (QUIC connection migration); iroh then advertises the
     /// interface addresses it finds.
     pub iroh_any: bool,
+    /// The `[network]` section every node starts with (VM networking;
+    /// off by default). A node runs inside its own namespace, so with no
+    /// `host_netns` its VM bridge and devices live there.
+    pub network: NetworkSection,
 }
 
 impl ClusterSpec {
@@ -76,6 +80,7 @@ impl ClusterSpec {
             transport: transport.clone(),
             subnet: Cidr::new(std::net::Ipv4Addr::new(10, 77, 0, 0), 24),
             iroh_any: false,
+            network: NetworkSection::default(),
         }
     }
 }
@@ -233,6 +238,7 @@ impl Cluster {
             if cluster.spec.iroh_any {
                 listen_any(&mut c);
             }
+            c.network = cluster.spec.network.clone();
             config::write(&slot.config, &c)?;
             cluster.start_node(i).await?;
             progress(format!(

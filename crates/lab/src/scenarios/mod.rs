@@ -31,6 +31,7 @@ pub mod nat;
 pub mod partition;
 pub mod rollout;
 pub mod smoke;
+pub mod tap_churn;
 pub mod udp_blocked;
 
 /// What the operator asked for.
@@ -125,6 +126,12 @@ pub const ALL: &[Scenario] = &[
         udp_blocked,
         true,
         "UDP dropped between dual-mode nodes: zero failed calls, fallbacks counted, iroh resumes"
+    ),
+    scenario!(
+        "tap-churn",
+        tap_churn,
+        true,
+        "VMs created/deleted and TAP/veth devices churned on every node under iroh traffic: zero failed calls, no leader change, every iroh endpoint keeps serving"
     ),
     scenario!(
         "loss",
