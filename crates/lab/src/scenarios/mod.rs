@@ -130,7 +130,7 @@ pub const ALL: &[Scenario] = &[
     scenario!(
         "tap-churn",
         tap_churn,
-        // Not in CI's short set yet: it fails in about half the runs on a
+        // Not in CI's short set yet: it failed 1 of 3 quick runs and the full run on a
         // real iroh bug (a rebind after a device change fails with
         // EADDRINUSE and the endpoint sends nothing again; see
         // docs/operations.md "Known issue"). Tern does not yet detect and
