@@ -71,6 +71,44 @@ struct PeerState {
     breaker: Breaker,
     adaptive: Adaptive,
     last_raft_call: Option<Instant>,
+    /// The last path check of iroh to this peer, shared by the calls
+    /// waiting on it.
+    path: PathCheck,
+}
+
+/// What the router knows of one peer's iroh path from its path checks:
+/// calls waiting on the same peer share one check instead of each pinging.
+#[derive(Debug, Default)]
+struct PathCheck {
+    /// When a check last found the path alive.
+    alive_at: Option<Instant>,
+    /// When a check last found it dead, and what the ping said.
+    dead: Option<(Instant, TransportError)>,
+    /// A check is in flight.
+    checking: bool,
+}
+
+/// What a waiting call does in one round of its path watch.
+enum Round {
+    /// The path answered recently, or another call is checking it.
+    Wait,
+    /// It failed a check recently: give up on iroh.
+    Dead(TransportError),
+    /// Check it now (this call holds `checking`).
+    Check,
+}
+
+/// Clears `checking` when the call that checks is done or dropped.
+struct Checking<'a> {
+    router: &'a DualRouter,
+    peer: &'a PeerAddr,
+}
+
+impl Drop for Checking<'_> {
+    fn drop(&mut self) {
+        self.router
+            .with_peer(self.peer, |p| p.path.checking = false);
+    }
 }
 
 struct Inner {
@@ -189,6 +227,7 @@ impl DualRouter {
                 breaker: Breaker::default(),
                 adaptive: Adaptive::default(),
                 last_raft_call: None,
+                path: PathCheck::default(),
             });
             if state.addr != *peer {
                 state.addr = peer.clone();
@@ -474,7 +513,8 @@ impl DualRouter {
     /// back to gRPC at once instead of waiting out the whole iroh budget.
     /// Only used for idempotent methods, which are safe to send again. A
     /// ping that answers leaves the attempt running: the handler is slow,
-    /// not the path.
+    /// not the path. Calls waiting on the same peer share one check (see
+    /// [`PathCheck`]): one pings, the others use its verdict.
     async fn watched<T>(
         &self,
         peer: &PeerAddr,
@@ -487,15 +527,28 @@ impl DualRouter {
         let watch = async {
             loop {
                 tokio::time::sleep(PATH_CHECK_AFTER).await;
-                match iroh.ping(peer, PATH_CHECK_TIMEOUT).await {
+                match self.path_round(peer) {
+                    Round::Wait => continue,
+                    Round::Dead(e) => break e,
+                    Round::Check => {}
+                }
+                let _checking = Checking { router: self, peer };
+                let result = iroh.ping(peer, PATH_CHECK_TIMEOUT).await;
+                let at = crate::now();
+                match result {
                     Err(CallError::Transport(e)) => {
                         metrics::counter!(names::ROUTER_PATH_CHECKS, "outcome" => "dead")
                             .increment(1);
+                        self.with_peer(peer, |p| p.path.dead = Some((at, e.clone())));
                         break e;
                     }
                     Ok(_) | Err(CallError::Application(_)) => {
                         metrics::counter!(names::ROUTER_PATH_CHECKS, "outcome" => "alive")
                             .increment(1);
+                        self.with_peer(peer, |p| {
+                            p.path.alive_at = Some(at);
+                            p.path.dead = None;
+                        });
                     }
                 }
             }
@@ -523,6 +576,26 @@ impl DualRouter {
                 .into())
             }
         }
+    }
+
+    /// One round of a waiting call's path watch: a verdict younger than
+    /// [`PATH_CHECK_AFTER`] is reused, a check in flight is waited for,
+    /// otherwise this call checks.
+    fn path_round(&self, peer: &PeerAddr) -> Round {
+        let now = crate::now();
+        let recent = |at: Instant| now.saturating_duration_since(at) < PATH_CHECK_AFTER;
+        self.with_peer(peer, |p| {
+            if let Some((at, e)) = &p.path.dead
+                && recent(*at)
+            {
+                return Round::Dead(e.clone());
+            }
+            if p.path.alive_at.is_some_and(recent) || p.path.checking {
+                return Round::Wait;
+            }
+            p.path.checking = true;
+            Round::Check
+        })
     }
 
     async fn attempt(
@@ -710,6 +783,7 @@ mod tests {
         kind: TransportKind,
         script: Mutex<VecDeque<Scripted>>,
         calls: AtomicU64,
+        pings: AtomicU64,
         delay: Duration,
         ping: Duration,
     }
@@ -720,6 +794,7 @@ mod tests {
                 kind,
                 script: Mutex::new(VecDeque::new()),
                 calls: AtomicU64::new(0),
+                pings: AtomicU64::new(0),
                 delay: Duration::ZERO,
                 ping: Duration::from_millis(1),
             })
@@ -729,6 +804,7 @@ mod tests {
                 kind,
                 script: Mutex::new(VecDeque::new()),
                 calls: AtomicU64::new(0),
+                pings: AtomicU64::new(0),
                 delay,
                 ping,
             })
@@ -762,6 +838,7 @@ mod tests {
             _peer: &'a PeerAddr,
             timeout: Duration,
         ) -> BoxFuture<'a, Result<Duration, CallError>> {
+            self.pings.fetch_add(1, Ordering::SeqCst);
             Box::pin(async move {
                 if self.ping > timeout {
                     tokio::time::sleep(timeout).await;
@@ -1063,6 +1140,55 @@ mod tests {
         // The breaker is open: the next call does not try iroh.
         assert_eq!(r.call(&p, long(methods::VM_STOP)).await.unwrap(), "grpc");
         assert_eq!(i.calls(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn calls_waiting_on_one_peer_share_its_path_checks() {
+        // 200 calls wait 5 s each on a live path (a slow commit): the path
+        // is pinged about once per check interval, not once per call.
+        let g = Fake::new(TransportKind::Grpc);
+        let i = Fake::with(
+            TransportKind::Iroh,
+            Duration::from_secs(5),
+            Duration::from_millis(1),
+        );
+        let r = DualRouter::new(Some(g.clone()), Some(i.clone()), dual(&[ServiceId::Vm]));
+        let p = peer(true, true);
+        let mut calls = tokio::task::JoinSet::new();
+        for _ in 0..200 {
+            let (r, p) = (r.clone(), p.clone());
+            let call =
+                Call::new(methods::VM_STOP, Bytes::new()).with_timeout(Duration::from_secs(60));
+            calls.spawn(async move { r.call(&p, call).await });
+        }
+        while let Some(answer) = calls.join_next().await {
+            assert_eq!(answer.unwrap().unwrap(), "iroh");
+        }
+        let pings = i.pings.load(Ordering::SeqCst);
+        assert!(
+            (1..=12).contains(&pings),
+            "{pings} pings for 200 calls over 5 s"
+        );
+        // And when the path is dead, the calls waiting on it all learn it
+        // from one failed check.
+        let dead = Fake::with(
+            TransportKind::Iroh,
+            Duration::from_secs(3600),
+            Duration::from_secs(3600),
+        );
+        let r = DualRouter::new(Some(g.clone()), Some(dead.clone()), dual(&[ServiceId::Vm]));
+        let mut calls = tokio::task::JoinSet::new();
+        for _ in 0..50 {
+            let (r, p) = (r.clone(), p.clone());
+            let call =
+                Call::new(methods::VM_STOP, Bytes::new()).with_timeout(Duration::from_secs(60));
+            calls.spawn(async move { r.call(&p, call).await });
+        }
+        while let Some(answer) = calls.join_next().await {
+            assert_eq!(answer.unwrap().unwrap(), "grpc");
+        }
+        let pings = dead.pings.load(Ordering::SeqCst);
+        assert!((1..=3).contains(&pings), "{pings} pings for 50 calls");
     }
 
     #[tokio::test(start_paused = true)]
