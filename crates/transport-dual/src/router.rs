@@ -1142,6 +1142,22 @@ mod tests {
         assert_eq!(i.calls(), 1);
     }
 
+    /// `n` `Vm/Stop` calls to `p` at once (60 s each), their answers.
+    async fn concurrent_stops(
+        r: &DualRouter,
+        p: &PeerAddr,
+        n: usize,
+    ) -> Vec<Result<Bytes, CallError>> {
+        let mut calls = tokio::task::JoinSet::new();
+        for _ in 0..n {
+            let (r, p) = (r.clone(), p.clone());
+            let call =
+                Call::new(methods::VM_STOP, Bytes::new()).with_timeout(Duration::from_secs(60));
+            calls.spawn(async move { r.call(&p, call).await });
+        }
+        calls.join_all().await
+    }
+
     #[tokio::test(start_paused = true)]
     async fn calls_waiting_on_one_peer_share_its_path_checks() {
         // 200 calls wait 5 s each on a live path (a slow commit): the path
@@ -1154,15 +1170,8 @@ mod tests {
         );
         let r = DualRouter::new(Some(g.clone()), Some(i.clone()), dual(&[ServiceId::Vm]));
         let p = peer(true, true);
-        let mut calls = tokio::task::JoinSet::new();
-        for _ in 0..200 {
-            let (r, p) = (r.clone(), p.clone());
-            let call =
-                Call::new(methods::VM_STOP, Bytes::new()).with_timeout(Duration::from_secs(60));
-            calls.spawn(async move { r.call(&p, call).await });
-        }
-        while let Some(answer) = calls.join_next().await {
-            assert_eq!(answer.unwrap().unwrap(), "iroh");
+        for answer in concurrent_stops(&r, &p, 200).await {
+            assert_eq!(answer.unwrap(), "iroh");
         }
         let pings = i.pings.load(Ordering::SeqCst);
         assert!(
@@ -1177,15 +1186,8 @@ mod tests {
             Duration::from_secs(3600),
         );
         let r = DualRouter::new(Some(g.clone()), Some(dead.clone()), dual(&[ServiceId::Vm]));
-        let mut calls = tokio::task::JoinSet::new();
-        for _ in 0..50 {
-            let (r, p) = (r.clone(), p.clone());
-            let call =
-                Call::new(methods::VM_STOP, Bytes::new()).with_timeout(Duration::from_secs(60));
-            calls.spawn(async move { r.call(&p, call).await });
-        }
-        while let Some(answer) = calls.join_next().await {
-            assert_eq!(answer.unwrap().unwrap(), "grpc");
+        for answer in concurrent_stops(&r, &p, 50).await {
+            assert_eq!(answer.unwrap(), "grpc");
         }
         let pings = dead.pings.load(Ordering::SeqCst);
         assert!((1..=3).contains(&pings), "{pings} pings for 50 calls");
