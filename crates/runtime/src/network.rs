@@ -336,24 +336,7 @@ impl NodeNetwork {
             None => self.host_ip(),
         };
         full.extend(args.iter().map(|a| (*a).to_owned()));
-        let command = format!("ip {}", full.join(" "));
-        let out = tokio::process::Command::new("ip")
-            .args(&full)
-            .kill_on_drop(true)
-            .output()
-            .await
-            .map_err(|e| NetError::Command {
-                command: command.clone(),
-                stderr: e.to_string(),
-            })?;
-        if out.status.success() {
-            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-        } else {
-            Err(NetError::Command {
-                command,
-                stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
-            })
-        }
+        run_ip(&full).await
     }
 
     /// Every link in the host namespace, by name.
@@ -591,29 +574,36 @@ impl NodeNetwork {
 
     /// `ip` without `-n` (for `ip netns`, which names namespaces itself).
     async fn ip_global(&self, args: &[&str]) -> Result<String, NetError> {
-        let command = format!("ip {}", args.join(" "));
-        let out = tokio::process::Command::new("ip")
-            .args(args)
-            .kill_on_drop(true)
-            .output()
-            .await
-            .map_err(|e| NetError::Command {
-                command: command.clone(),
-                stderr: e.to_string(),
-            })?;
-        if out.status.success() {
-            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-        } else {
-            Err(NetError::Command {
-                command,
-                stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
-            })
-        }
+        run_ip(args).await
     }
 }
 
 fn or_unknown(kind: &str) -> &str {
     if kind.is_empty() { "plain" } else { kind }
+}
+
+/// Runs `ip ARGS`; its stdout, or its stderr in a [`NetError::Command`]
+/// naming the command line.
+async fn run_ip<S: AsRef<std::ffi::OsStr> + AsRef<str>>(args: &[S]) -> Result<String, NetError> {
+    let shown: Vec<&str> = args.iter().map(|a| AsRef::<str>::as_ref(a)).collect();
+    let command = format!("ip {}", shown.join(" "));
+    let out = tokio::process::Command::new("ip")
+        .args(args.iter().map(|a| AsRef::<std::ffi::OsStr>::as_ref(a)))
+        .kill_on_drop(true)
+        .output()
+        .await
+        .map_err(|e| NetError::Command {
+            command: command.clone(),
+            stderr: e.to_string(),
+        })?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(NetError::Command {
+            command,
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        })
+    }
 }
 
 #[cfg(test)]
