@@ -9,6 +9,11 @@
 //! Criterion reports elements/s, one element per committed write. Each
 //! writer updates its own VM record, so the state stays small and the
 //! figures measure replication and flushes, not a growing state machine.
+//!
+//! Writes go through the product's write path ([`client_write`]: limits,
+//! the wait for a lapsed lease). On a loaded machine leadership may still
+//! move mid-run; a writer then follows the new leader, as a client does,
+//! and the time it took counts in the figure.
 
 #![allow(missing_docs)] // reason: criterion macros
 #![allow(clippy::unwrap_used)] // reason: bench setup; a failure aborts the bench
@@ -20,8 +25,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use openraft::async_runtime::WatchReceiver;
 use support::{Cluster, Grpc, Iroh, TransportFactory, put_vm_in_slot};
-use tern_cluster::RaftOptions;
+use tern_cluster::{RaftOptions, WriteError, client_write};
+use tern_raft_net::RaftInstance;
+use tern_state::Command;
+
+/// How long one write may take, leader changes included, before the
+/// bench gives up.
+const WRITE_DEADLINE: Duration = Duration::from_secs(30);
 
 /// Unique VM ids across all benches of the run.
 static NEXT: AtomicU64 = AtomicU64::new(0);
@@ -43,16 +55,21 @@ fn bench_transport<F: TransportFactory>(c: &mut Criterion, factory: F) {
             b.iter_custom(|iters| {
                 rt.block_on(async {
                     let leader = cluster.leader().await;
-                    let raft = cluster.nodes[leader].raft().raft().clone();
+                    let rafts: Vec<RaftInstance> = cluster
+                        .nodes
+                        .iter()
+                        .map(|n| n.raft().raft().clone())
+                        .collect();
                     let start = Instant::now();
                     let mut tasks = Vec::new();
                     for w in 0..writers {
                         let n = iters / writers + u64::from(w < iters % writers);
-                        let raft = raft.clone();
+                        let rafts = rafts.clone();
                         tasks.push(tokio::spawn(async move {
+                            let mut at = leader;
                             for _ in 0..n {
                                 let i = NEXT.fetch_add(1, Ordering::Relaxed);
-                                raft.client_write(put_vm_in_slot(i, w)).await.unwrap();
+                                at = write(&rafts, at, put_vm_in_slot(i, w)).await;
                             }
                         }));
                     }
@@ -67,6 +84,33 @@ fn bench_transport<F: TransportFactory>(c: &mut Criterion, factory: F) {
     group.finish();
     let mut cluster = cluster;
     rt.block_on(cluster.stop_all());
+}
+
+/// Writes `command` through node `at`, following the leader if it moved;
+/// returns where it was written. Panics after [`WRITE_DEADLINE`].
+async fn write(rafts: &[RaftInstance], mut at: usize, command: Command) -> usize {
+    let deadline = Instant::now() + WRITE_DEADLINE;
+    loop {
+        let error = match client_write(&rafts[at], command.clone()).await {
+            Ok(_) => return at,
+            Err(e) => e,
+        };
+        assert!(
+            Instant::now() < deadline,
+            "a write failed for {WRITE_DEADLINE:?}: {error}"
+        );
+        if let WriteError::Limit(e) = error {
+            panic!("the bench's write is over a limit: {e}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let leader = rafts[at].metrics().borrow_watched().current_leader;
+        if let Some(i) = rafts
+            .iter()
+            .position(|r| Some(r.metrics().borrow_watched().id) == leader)
+        {
+            at = i;
+        }
+    }
 }
 
 fn benches(c: &mut Criterion) {

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use crate::node::{RaftNode, WriteError};
 use openraft::ServerState;
 use openraft::async_runtime::WatchReceiver;
-use openraft::errors::{ClientWriteError, Fatal, RaftError};
+use openraft::errors::{ClientWriteError, Fatal, ForwardReason, RaftError};
 use tern_protocol::catalog::methods;
 use tern_protocol::forward::{Leader, forward_to_leader};
 use tern_protocol::{BoxFuture, Code, RpcClient};
@@ -141,7 +141,7 @@ impl Consensus for RaftConsensus {
                 Err(WriteError::Limit(e)) => Err(ConsensusError::TooLarge(e)),
                 Err(WriteError::Raft(RaftError::APIError(ClientWriteError::ForwardToLeader(
                     f,
-                )))) => {
+                )))) if f.reason != ForwardReason::LeaseExpired => {
                     let (Some(id), Some(member)) = (f.leader_id, &f.leader_node) else {
                         return Err(ConsensusError::NotLeader {
                             leader: f.leader_id,
@@ -153,8 +153,10 @@ impl Consensus for RaftConsensus {
                     };
                     self.forward(&leader, &command_copy).await
                 }
-                Err(e) => Err(ConsensusError::Unavailable {
-                    reason: e.to_string(),
+                // Raft stopped, or the leader's lease stayed lapsed: said
+                // as the Propose handler says it.
+                Err(WriteError::Raft(e)) => Err(ConsensusError::Unavailable {
+                    reason: tern_raft_net::write::write_error(e).message,
                 }),
             }
         })

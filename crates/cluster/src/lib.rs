@@ -40,7 +40,7 @@ pub use consensus::RaftConsensus;
 pub use membership::JoinToken;
 pub use meta::{MetaError, MetaPut, MetaRead, meta_get, meta_put};
 pub use node::{
-    FIRST_NODE_ID, JoinAnswer, RaftNode, RaftNodeError, RaftOptions, WriteError, limit_status,
-    propose, read_node_id, request_join, request_leave, write_node_id,
+    FIRST_NODE_ID, JoinAnswer, RaftNode, RaftNodeError, RaftOptions, WriteError, client_write,
+    limit_status, propose, read_node_id, request_join, request_leave, write_node_id,
 };
 pub use service::RaftServices;

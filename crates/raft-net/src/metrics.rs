@@ -42,6 +42,9 @@ pub fn heartbeat(transport: TransportKind, peer: u64, rtt: Duration) {
 pub enum ProposalFailure {
     /// This node is not (or no longer) the leader.
     NotLeader,
+    /// This node leads but its quorum lease stayed lapsed for two lease
+    /// periods (no majority acknowledged it): a slow or cut-off majority.
+    LeaseExpired,
     /// Raft refused it (a membership change in progress, and the like).
     RaftApi,
     /// Raft stopped (a fatal storage or internal error, or shutdown).
@@ -50,8 +53,9 @@ pub enum ProposalFailure {
 
 impl ProposalFailure {
     /// Every reason, to register the counter at zero.
-    pub const ALL: [ProposalFailure; 3] = [
+    pub const ALL: [ProposalFailure; 4] = [
         ProposalFailure::NotLeader,
+        ProposalFailure::LeaseExpired,
         ProposalFailure::RaftApi,
         ProposalFailure::Stopped,
     ];
@@ -60,6 +64,7 @@ impl ProposalFailure {
     pub fn as_str(self) -> &'static str {
         match self {
             ProposalFailure::NotLeader => "not_leader",
+            ProposalFailure::LeaseExpired => "lease_expired",
             ProposalFailure::RaftApi => "raft_api",
             ProposalFailure::Stopped => "stopped",
         }

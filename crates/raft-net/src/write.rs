@@ -2,9 +2,11 @@
 //! on a caller's behalf is checked against the write limits before it is
 //! proposed, and a refusal maps to one status wherever it happens.
 
+use std::time::{Duration, Instant};
+
 use openraft::ServerState;
 use openraft::async_runtime::WatchReceiver;
-use openraft::errors::{ClientWriteError, RaftError};
+use openraft::errors::{ClientWriteError, ForwardReason, RaftError};
 use openraft::raft::ClientWriteResponse;
 use tern_protocol::{Code, Status};
 use tern_state::Command;
@@ -47,31 +49,69 @@ pub fn limit_status(e: &LimitError) -> Status {
     }
 }
 
+/// First pause before a write refused for a lapsed lease is retried; it
+/// doubles up to [`LEASE_RETRY_PAUSE_MAX`].
+pub const LEASE_RETRY_PAUSE: Duration = Duration::from_millis(5);
+/// Longest pause between retries of a write refused for a lapsed lease.
+pub const LEASE_RETRY_PAUSE_MAX: Duration = Duration::from_millis(50);
+
 /// The write entry point: checks `command` against the write limits
 /// ([`check_command`]), then proposes it. Every write made on a caller's
 /// behalf (Propose here; MetaPut, access changes and the node's own writes
 /// in `tern-cluster`) goes through it.
+///
+/// A leader whose quorum lease has lapsed (no majority acknowledged
+/// anything it sent within the lease, openraft's `election_timeout_max`:
+/// a follower busy flushing a large batch, a loaded machine) refuses the
+/// write before appending it (`ForwardReason::LeaseExpired`). That is
+/// the leader catching its breath, not a leader change: the next
+/// acknowledgement renews the lease. So such a write is retried here, with
+/// short pauses, for up to two lease periods; only then is it refused
+/// (counted as `lease_expired`), and as every refusal before proposing it
+/// was not written and may be retried.
 pub async fn client_write(
     raft: &RaftInstance,
     command: Command,
 ) -> Result<ClientWriteResponse<TypeConfig>, WriteError> {
     check_command(&command)?;
-    // A follower's write is refused with `ForwardToLeader` before it is
-    // proposed (and then forwarded): not a failed proposal. A leader's is.
-    let leading = raft.metrics().borrow_watched().state == ServerState::Leader;
-    let proposed = std::time::Instant::now();
-    match raft.client_write(command).await {
-        Ok(written) => {
-            crate::metrics::proposal_committed(proposed.elapsed());
-            Ok(written)
-        }
-        Err(e) => {
-            if let Some(reason) = proposal_failure(&e, leading) {
-                crate::metrics::proposal_failed(reason);
+    let lease = Duration::from_millis(raft.config().election_timeout_max);
+    let give_up = Instant::now() + lease * 2;
+    let mut pause = LEASE_RETRY_PAUSE;
+    loop {
+        // A follower's write is refused with `ForwardToLeader` before it is
+        // proposed (and then forwarded): not a failed proposal. A leader's is.
+        let leading = raft.metrics().borrow_watched().state == ServerState::Leader;
+        let proposed = Instant::now();
+        match raft.client_write(command.clone()).await {
+            Ok(written) => {
+                crate::metrics::proposal_committed(proposed.elapsed());
+                return Ok(written);
             }
-            Err(WriteError::Raft(e))
+            Err(e) if lease_lapsed(&e) && Instant::now() + pause < give_up => {
+                tracing::debug!(
+                    pause_ms = pause.as_millis(),
+                    "the leader's quorum lease has lapsed; retrying the write"
+                );
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(LEASE_RETRY_PAUSE_MAX);
+            }
+            Err(e) => {
+                if let Some(reason) = proposal_failure(&e, leading) {
+                    crate::metrics::proposal_failed(reason);
+                }
+                return Err(WriteError::Raft(e));
+            }
         }
     }
+}
+
+/// Whether `e` is a leader refusing a write because its lease lapsed.
+fn lease_lapsed(e: &RaftError<TypeConfig, ClientWriteError<TypeConfig>>) -> bool {
+    matches!(
+        e,
+        RaftError::APIError(ClientWriteError::ForwardToLeader(f))
+            if f.reason == ForwardReason::LeaseExpired
+    )
 }
 
 /// The `reason` label a failed proposal is counted under, if it was a
@@ -83,6 +123,7 @@ fn proposal_failure(
 ) -> Option<crate::metrics::ProposalFailure> {
     use crate::metrics::ProposalFailure;
     match e {
+        e if lease_lapsed(e) => Some(ProposalFailure::LeaseExpired),
         RaftError::APIError(ClientWriteError::ForwardToLeader(_)) => {
             leading.then_some(ProposalFailure::NotLeader)
         }
@@ -92,12 +133,19 @@ fn proposal_failure(
 }
 
 /// The status a failed Raft write is answered with: `FailedPrecondition`
-/// naming the leader on a follower, `Unavailable` when Raft stopped.
+/// naming the leader on a follower, `Unavailable` when Raft stopped or
+/// the leader's lease stayed lapsed.
 pub fn write_error(e: RaftError<TypeConfig, ClientWriteError<TypeConfig>>) -> Status {
     match e {
         // Said as every follower says it (`forward::not_leader`); with no
         // leader known it stays `FailedPrecondition`: the write was refused
         // here, not lost.
+        // A leader no majority has acknowledged for two lease periods.
+        e if lease_lapsed(&e) => Status::new(
+            Code::Unavailable,
+            "this node leads but no majority of the cluster has acknowledged it recently \
+             (slow or unreachable followers); the write was not made, retry shortly",
+        ),
         RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => match f.leader_id {
             Some(_) => tern_protocol::forward::not_leader(f.leader_id, ""),
             None => Status::new(
@@ -131,6 +179,21 @@ mod tests {
             proposal_failure(&forward(), true),
             Some(ProposalFailure::NotLeader)
         );
+        // A leader whose lease lapsed: its own failure reason, and a
+        // refusal the caller may retry.
+        let mut lapsed = ForwardToLeader::empty();
+        lapsed.reason = ForwardReason::LeaseExpired;
+        let lapsed = RaftError::<TypeConfig, ClientWriteError<TypeConfig>>::APIError(
+            ClientWriteError::ForwardToLeader(lapsed),
+        );
+        assert!(lease_lapsed(&lapsed));
+        assert!(!lease_lapsed(&forward()));
+        assert_eq!(
+            proposal_failure(&lapsed, true),
+            Some(ProposalFailure::LeaseExpired)
+        );
+        assert_eq!(write_error(lapsed).code, Code::Unavailable);
+        assert_eq!(write_error(forward()).code, Code::FailedPrecondition);
         let stopped = RaftError::<TypeConfig, ClientWriteError<TypeConfig>>::Fatal(Fatal::Stopped);
         assert_eq!(
             proposal_failure(&stopped, false),
