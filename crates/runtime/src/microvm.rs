@@ -4,11 +4,13 @@
 //! Per VM, the state directory holds `qmp.sock` (the QMP server QEMU
 //! listens on), `serial.log` (the guest's serial console, `ttyS0`,
 //! appended across restarts), `qemu.log` (QEMU's own stdout and stderr),
-//! the pidfile, the spec and the network attachment. A VM started with an
+//! the pidfile, the spec, the network attachment and the config drive
+//! (`config-drive.tar`, rewritten at each start). A VM started with an
 //! attachment (and a runtime with a [`NodeNetwork`]) gets a virtio-net
 //! device on its own TAP device on the node's bridge, with its MAC;
 //! otherwise the guest has no network (`-nic none`). The guest's identity
-//! and address are on its kernel command line ([`crate::metadata`]).
+//! and address are on its kernel command line and on a read-only config
+//! drive ([`crate::metadata`]).
 //!
 //! # Acceleration
 //!
@@ -517,6 +519,13 @@ impl Workload for MicrovmWorkload {
             let qemu_err = qemu_log.try_clone().map_err(state)?;
             let (nic, attached) = self.nic_args(vm_id, vm_dir).await?;
             let identity = metadata::items(vm_id, &spec.name, attached.as_ref());
+            let drive = vm_dir.join(metadata::CONFIG_DRIVE_FILE_NAME);
+            std::fs::write(&drive, metadata::config_drive(&identity, &spec.user_data)).map_err(
+                |source| RuntimeError::State {
+                    path: drive.clone(),
+                    source,
+                },
+            )?;
 
             let mut command = self.qemu_command();
             command
@@ -555,6 +564,18 @@ impl Workload for MicrovmWorkload {
                     ))
                     .args(["-device", "virtio-blk-device,drive=root"]);
             }
+            // The config drive, last, found by its serial.
+            command
+                .arg("-drive")
+                .arg(format!(
+                    "id=config,file={},format=raw,if=none,readonly=on",
+                    qemu_opt_escape(&drive)
+                ))
+                .arg("-device")
+                .arg(format!(
+                    "virtio-blk-device,drive=config,serial={}",
+                    metadata::CONFIG_DRIVE_SERIAL
+                ));
             command
                 .arg("-append")
                 .arg(format!(

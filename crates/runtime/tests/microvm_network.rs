@@ -2,7 +2,8 @@
 //! virtio-net device on a TAP on the node's bridge, the bridge in a network
 //! namespace the test makes. The guest (the busybox initramfs of
 //! `support/microvm_assets.rs`) prints its id, name, address and user
-//! data read from its kernel command line, configures `eth0` and pings its gateway (the
+//! data read from its kernel command line, and again read from its config
+//! drive, configures `eth0` and pings its gateway (the
 //! bridge); the host side pings the guest back. Removing the VM removes
 //! its TAP.
 //!
@@ -17,7 +18,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use support::microvm_assets::{
-    self, GATEWAY_MARKER, IDENTITY_MARKER, NO_GATEWAY_MARKER, USER_DATA_MARKER,
+    self, CONFIG_DRIVE_MARKER, GATEWAY_MARKER, IDENTITY_MARKER, NO_GATEWAY_MARKER, USER_DATA_MARKER,
 };
 use tern_runtime::network::{Attachment, NetworkConfig, NodeNetwork};
 use tern_runtime::pidfile::KillOnDrop;
@@ -143,6 +144,14 @@ async fn a_guest_learns_its_address_and_pings_its_gateway() {
     assert!(
         text.contains(&format!(
             "{USER_DATA_MARKER} greeting=hello from the operator"
+        )),
+        "serial log:\n{text}"
+    );
+    // The same, read from the config drive.
+    assert!(
+        text.contains(&format!(
+            "{CONFIG_DRIVE_MARKER} name=netguest address=10.213.6.2/29 \
+             user_data=greeting=hello from the operator"
         )),
         "serial log:\n{text}"
     );

@@ -12,10 +12,11 @@
 //!    kernel package, `apt-get download` of it into the cache dir and
 //!    `dpkg-deb -x` to extract (never install) its `/boot/vmlinuz-*`,
 //!    together with the `evdev` and ACPI `button` modules and virtio-net
-//!    over MMIO with its dependencies ([`GUEST_MODULES`]);
+//!    over MMIO with its dependencies and virtio-blk ([`GUEST_MODULES`]);
 //! 4. an initramfs (a `newc` cpio archive written here, no `cpio` tool)
 //!    holding the static busybox, those modules and an `/init` that prints
-//!    its identity from the kernel command line ([`IDENTITY_MARKER`]),
+//!    its identity from the kernel command line ([`IDENTITY_MARKER`]) and
+//!    from its config drive ([`CONFIG_DRIVE_MARKER`]),
 //!    configures its address and pings its gateway when given one
 //!    ([`GATEWAY_MARKER`]), prints
 //!    [`BOOT_MARKER`] on the serial console, then waits, and powers off
@@ -211,9 +212,9 @@ fn ensure_kernel(cache_dir: &Path, updated: &mut bool) -> Result<PathBuf, String
 /// Kernel modules the guest loads, in load order: the ACPI power button
 /// driver and the event device it reports through (so that QMP
 /// `system_powerdown` reaches it), then virtio over MMIO and virtio-net
-/// with its dependencies (the guest's network card; all modules in
-/// Debian's cloud kernel).
-pub(crate) const GUEST_MODULES: [&str; 8] = [
+/// with its dependencies (the guest's network card), and virtio-blk (the
+/// config drive); all modules in Debian's cloud kernel.
+pub(crate) const GUEST_MODULES: [&str; 9] = [
     "evdev.ko",
     "button.ko",
     "virtio_ring.ko",
@@ -222,6 +223,7 @@ pub(crate) const GUEST_MODULES: [&str; 8] = [
     "failover.ko",
     "net_failover.ko",
     "virtio_net.ko",
+    "virtio_blk.ko",
 ];
 
 /// What the guest prints with its identity, read from `tern.*` kernel
@@ -231,6 +233,10 @@ pub(crate) const IDENTITY_MARKER: &str = "TERN-GUEST id=";
 /// What the guest prints before its decoded user data
 /// (`tern.user_data`), when it has some.
 pub(crate) const USER_DATA_MARKER: &str = "TERN-GUEST-USER-DATA";
+
+/// What the guest prints with what it read from its config drive:
+/// `TERN-GUEST-CONFIG-DRIVE name=… address=… user_data=…`.
+pub(crate) const CONFIG_DRIVE_MARKER: &str = "TERN-GUEST-CONFIG-DRIVE";
 
 /// What the guest prints once it has pinged its gateway.
 pub(crate) const GATEWAY_MARKER: &str = "TERN-GUEST-GATEWAY-REACHED";
@@ -255,7 +261,8 @@ fn find_file(dir: &Path, name: &str) -> Option<PathBuf> {
 
 /// The guest's `/init`: mount `/proc`, `/sys` and `/dev`, load the power
 /// button driver and power off when it is pressed, load the network
-/// driver; print its identity from the `tern.*` kernel parameters and,
+/// driver; print its identity from the `tern.*` kernel parameters and
+/// what its config drive holds ([`CONFIG_DRIVE_MARKER`]) and,
 /// given an address, configure `eth0` with it and ping the gateway; print
 /// the marker, then wait (the test stops the VM from outside).
 fn init_script() -> String {
@@ -276,6 +283,18 @@ for p in $($bb cat /proc/cmdline); do
   esac
 done
 $bb echo "{IDENTITY_MARKER}${{t_id:-none}} name=${{t_name:-none}} address=${{t_address:-none}}"
+for b in /sys/block/vd*; do
+  if [ "$($bb cat $b/serial 2>/dev/null)" = "{serial}" ]; then drive=/dev/${{b##*/}}; fi
+done
+if [ -n "$drive" ]; then
+  $bb mkdir -p /run/tern
+  $bb tar -x -f "$drive" -C /run/tern
+  d_name=$($bb sed -n 's/^name=//p' /run/tern/{meta})
+  d_address=$($bb sed -n 's/^address=//p' /run/tern/{meta})
+  $bb echo "{CONFIG_DRIVE_MARKER} name=${{d_name:-none}} address=${{d_address:-none}} user_data=$($bb cat /run/tern/{user})"
+else
+  $bb echo "{CONFIG_DRIVE_MARKER} missing"
+fi
 if [ -n "$t_user_data" ]; then
   $bb echo "{USER_DATA_MARKER} $($bb echo "$t_user_data" | $bb base64 -d)"
 fi
@@ -299,7 +318,10 @@ fi
 $bb echo "{BOOT_MARKER} uptime=$($bb cut -d' ' -f1 /proc/uptime)"
 while :; do $bb sleep 3600; done
 "#,
-        modules = GUEST_MODULES.join(" ")
+        modules = GUEST_MODULES.join(" "),
+        serial = tern_runtime::metadata::CONFIG_DRIVE_SERIAL,
+        meta = tern_runtime::metadata::CONFIG_DRIVE_METADATA,
+        user = tern_runtime::metadata::CONFIG_DRIVE_USER_DATA,
     )
 }
 
