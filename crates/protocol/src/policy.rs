@@ -40,6 +40,14 @@ pub enum Mode {
 }
 
 impl Mode {
+    /// Every mode.
+    pub const ALL: [Mode; 3] = [Mode::Grpc, Mode::Iroh, Mode::Dual];
+
+    /// The mode with this name.
+    pub fn from_name(name: &str) -> Option<Mode> {
+        Mode::ALL.into_iter().find(|m| m.as_str() == name)
+    }
+
     /// The name used in configuration.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -64,6 +72,18 @@ pub enum RaftTransport {
 }
 
 impl RaftTransport {
+    /// Every choice.
+    pub const ALL: [RaftTransport; 3] = [
+        RaftTransport::Grpc,
+        RaftTransport::Iroh,
+        RaftTransport::Adaptive,
+    ];
+
+    /// The choice with this name.
+    pub fn from_name(name: &str) -> Option<RaftTransport> {
+        RaftTransport::ALL.into_iter().find(|m| m.as_str() == name)
+    }
+
     /// The name used in configuration.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -114,6 +134,53 @@ impl Default for MigrationConfig {
             fallback_to_grpc: true,
         }
     }
+}
+
+impl TransportConfig {
+    /// The section as `tern.v1.TransportPolicy` (what Status and
+    /// `Cluster/TransportSet` carry).
+    pub fn to_pb(&self) -> crate::pb::TransportPolicy {
+        crate::pb::TransportPolicy {
+            mode: self.mode.as_str().to_owned(),
+            prefer_iroh: self.migration.prefer_iroh.clone(),
+            raft_transport: self.migration.raft_transport.as_str().to_owned(),
+            fallback_to_grpc: self.migration.fallback_to_grpc,
+        }
+    }
+
+    /// Reads a `tern.v1.TransportPolicy` from the network: an unknown
+    /// mode or Raft transport is an error naming the key. The names are
+    /// only read here; [`Policy::from_config`] validates the rest.
+    pub fn from_pb(p: &crate::pb::TransportPolicy) -> Result<TransportConfig, PolicyError> {
+        let mode = Mode::from_name(&p.mode).ok_or_else(|| PolicyError {
+            key: "transport.mode".into(),
+            reason: format!("{:?} is not a mode; use \"grpc\", \"iroh\" or \"dual\"", cut(&p.mode)),
+        })?;
+        let raft_transport = RaftTransport::from_name(&p.raft_transport).ok_or_else(|| PolicyError {
+            key: "transport.migration.raft_transport".into(),
+            reason: format!(
+                "{:?} is not a Raft transport; use \"grpc\", \"iroh\" or \"adaptive\"",
+                cut(&p.raft_transport)
+            ),
+        })?;
+        Ok(TransportConfig {
+            mode,
+            migration: MigrationConfig {
+                prefer_iroh: p.prefer_iroh.clone(),
+                raft_transport,
+                fallback_to_grpc: p.fallback_to_grpc,
+            },
+        })
+    }
+}
+
+/// At most 64 bytes of `text`, for error messages about network input.
+fn cut(text: &str) -> &str {
+    let mut end = text.len().min(64);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
 }
 
 /// A configuration value the router cannot run, with the key that holds it.
@@ -286,6 +353,41 @@ impl Policy {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    proptest::proptest! {
+        /// A policy decoded from arbitrary bytes (as `Cluster/TransportSet`
+        /// receives it) is read and validated without panicking, and what
+        /// validates writes back to the same message.
+        #[test]
+        fn arbitrary_policy_messages_never_panic(
+            bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..256),
+        ) {
+            use prost::Message;
+            if let Ok(p) = crate::pb::TransportPolicy::decode(bytes.as_slice())
+                && let Ok(c) = TransportConfig::from_pb(&p)
+                && Policy::from_config(&c).is_ok()
+            {
+                proptest::prop_assert_eq!(c.to_pb(), p);
+            }
+        }
+    }
+
+    #[test]
+    fn unknown_names_from_the_network_are_refused_by_key() {
+        let mut p = TransportConfig::default().to_pb();
+        p.mode = "quic".into();
+        assert_eq!(TransportConfig::from_pb(&p).unwrap_err().key, "transport.mode");
+        let mut p = TransportConfig::default().to_pb();
+        p.raft_transport = "tcp".into();
+        assert_eq!(
+            TransportConfig::from_pb(&p).unwrap_err().key,
+            "transport.migration.raft_transport"
+        );
+        assert_eq!(
+            TransportConfig::from_pb(&TransportConfig::default().to_pb()).unwrap(),
+            TransportConfig::default()
+        );
+    }
 
     fn parse(text: &str) -> Result<Policy, String> {
         #[derive(Deserialize)]
