@@ -134,7 +134,7 @@ pub fn read(path: &Path) -> anyhow::Result<Config> {
 /// applies it on SIGHUP).
 pub fn set_transport(path: &Path, transport: &TransportConfig) -> anyhow::Result<()> {
     let mut config = read(path)?;
-    config.transport = transport.clone();
+    config.transport = Some(transport.clone());
     write(path, &config)
 }
 
