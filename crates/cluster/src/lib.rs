@@ -44,9 +44,9 @@ pub use admission::Admission;
 pub use consensus::RaftConsensus;
 pub use membership::JoinToken;
 pub use meta::{MetaError, MetaPut, MetaRead, meta_get, meta_put};
-pub use policy::{policies_response, transport_set};
 pub use node::{
     FIRST_NODE_ID, JoinAnswer, RaftNode, RaftNodeError, RaftOptions, WriteError, limit_status,
     propose, read_node_id, request_join, request_leave, write_node_id,
 };
+pub use policy::{policies_response, transport_set};
 pub use service::RaftServices;

@@ -22,10 +22,10 @@ use prost::Message;
 use tern_protocol::catalog::methods;
 use tern_protocol::policy::TransportConfig;
 use tern_protocol::{Call, CallError, PeerAddr, RequestContext, RpcClient, Status, pb};
+use tern_raft_net::Attached;
 use tern_state::{
     ClusterState, Command, MAX_REQUEST_ID_LEN, PolicyTarget, Response, Selector, check_policy,
 };
-use tern_raft_net::Attached;
 
 use crate::meta::WRITE_TIMEOUT;
 use crate::node::WriteError;
@@ -84,7 +84,6 @@ pub fn parse_request(
     Ok((target, policy))
 }
 
-
 /// Serves `Cluster/TransportSet`.
 pub(crate) async fn serve_set(
     node: &Attached,
@@ -100,37 +99,37 @@ pub(crate) async fn serve_set(
         policy,
     };
     tracing::info!(%command, caller = %ctx.peer.short(), "transport policy change");
-    let written =
-        match tokio::time::timeout(WRITE_TIMEOUT, crate::node::client_write(&node.raft, command))
-            .await
-        {
-            Err(_) => {
-                return Err(Status::unavailable(format!(
-                    "the change was not committed within {WRITE_TIMEOUT:?} (no quorum?); \
+    let written = match tokio::time::timeout(
+        WRITE_TIMEOUT,
+        crate::node::client_write(&node.raft, command),
+    )
+    .await
+    {
+        Err(_) => {
+            return Err(Status::unavailable(format!(
+                "the change was not committed within {WRITE_TIMEOUT:?} (no quorum?); \
                      retry with the same request id"
-                )));
-            }
-            Ok(Ok(written)) => written,
-            Ok(Err(WriteError::Limit(e))) => return Err(crate::node::limit_status(&e)),
-            Ok(Err(WriteError::Raft(RaftError::APIError(ClientWriteError::ForwardToLeader(
-                f,
-            ))))) => {
-                let forward = pb::TransportSetRequest {
-                    forwarded: true,
-                    ..req.clone()
-                };
-                return crate::meta::forward_register_call(
-                    node,
-                    ctx,
-                    &f,
-                    methods::CLUSTER_TRANSPORT_SET,
-                    forward.encode_to_vec().into(),
-                    req.forwarded,
-                )
-                .await;
-            }
-            Ok(Err(WriteError::Raft(e))) => return Err(tern_raft_net::write::write_error(e)),
-        };
+            )));
+        }
+        Ok(Ok(written)) => written,
+        Ok(Err(WriteError::Limit(e))) => return Err(crate::node::limit_status(&e)),
+        Ok(Err(WriteError::Raft(RaftError::APIError(ClientWriteError::ForwardToLeader(f))))) => {
+            let forward = pb::TransportSetRequest {
+                forwarded: true,
+                ..req.clone()
+            };
+            return crate::meta::forward_register_call(
+                node,
+                ctx,
+                &f,
+                methods::CLUSTER_TRANSPORT_SET,
+                forward.encode_to_vec().into(),
+                req.forwarded,
+            )
+            .await;
+        }
+        Ok(Err(WriteError::Raft(e))) => return Err(tern_raft_net::write::write_error(e)),
+    };
     match written.data {
         Response::Done => {
             let nodes = node
@@ -173,8 +172,8 @@ pub async fn transport_set(
         policy: policy.map(TransportConfig::to_pb),
         forwarded: false,
     };
-    let call = Call::new(methods::CLUSTER_TRANSPORT_SET, req.encode_to_vec().into())
-        .with_timeout(timeout);
+    let call =
+        Call::new(methods::CLUSTER_TRANSPORT_SET, req.encode_to_vec().into()).with_timeout(timeout);
     let bytes = client.call(addr, call).await?;
     pb::TransportPoliciesResponse::decode(bytes).map_err(|e| {
         CallError::Application(Status::internal(format!(
@@ -214,7 +213,10 @@ mod tests {
             Some(TransportConfig::default().to_pb()),
         ))
         .unwrap();
-        assert_eq!(ok.0, PolicyTarget::Group(Selector::parse("zone=a").unwrap()));
+        assert_eq!(
+            ok.0,
+            PolicyTarget::Group(Selector::parse("zone=a").unwrap())
+        );
     }
 
     proptest::proptest! {

@@ -1016,7 +1016,10 @@ mod tests {
         assert!(text.contains("metrics = \"off\""), "{text}");
         assert!(!text.contains("relay_url"), "None is left out: {text}");
         assert_eq!(back.config.node.labels, c.node.labels);
-        assert!(back.pin().is_some(), "a [transport] section pins the policy");
+        assert!(
+            back.pin().is_some(),
+            "a [transport] section pins the policy"
+        );
         c.transport = None;
         let back = Config::parse(&c.to_toml().unwrap()).unwrap();
         assert!(back.pin().is_none(), "no [transport] section, no pin");

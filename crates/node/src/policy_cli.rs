@@ -40,7 +40,9 @@ pub fn target(
     }
     if let Some(id) = node_id {
         if id == 0 {
-            return Err(CliError::Argument("--node-id 0: 0 is never a node id".into()));
+            return Err(CliError::Argument(
+                "--node-id 0: 0 is never a node id".into(),
+            ));
         }
         return Ok(Some(PolicyTarget::Node(id)));
     }
@@ -123,7 +125,9 @@ pub async fn set_remote(
         ),
         None => out!("desired policy of {target} cleared"),
     }
-    out!("(a node whose config file has a [transport] section keeps its file's policy; `tern status` shows what each node runs)\n");
+    out!(
+        "(a node whose config file has a [transport] section keeps its file's policy; `tern status` shows what each node runs)\n"
+    );
     let rows: Vec<Vec<String>> = resp
         .nodes
         .iter()
@@ -131,9 +135,7 @@ pub async fn set_remote(
             vec![
                 n.node_id.to_string(),
                 labels_text(n),
-                n.policy
-                    .as_ref()
-                    .map_or_else(|| "-".into(), policy_line),
+                n.policy.as_ref().map_or_else(|| "-".into(), policy_line),
                 n.source.clone(),
             ]
         })
@@ -202,7 +204,13 @@ pub async fn print_policies(conn: &Conn, status: &pb::NodeStatus) {
     }
     out!("");
     print_table(
-        &["node", "labels", "policy in force", "source", "desired (source)"],
+        &[
+            "node",
+            "labels",
+            "policy in force",
+            "source",
+            "desired (source)",
+        ],
         &rows,
     );
 }
@@ -214,7 +222,10 @@ mod tests {
     #[test]
     fn one_target_at_most_and_each_checked() {
         assert!(matches!(target(None, None, false), Ok(None)));
-        assert!(matches!(target(Some(2), None, false), Ok(Some(PolicyTarget::Node(2)))));
+        assert!(matches!(
+            target(Some(2), None, false),
+            Ok(Some(PolicyTarget::Node(2)))
+        ));
         assert!(target(Some(2), None, true).is_err());
         assert!(target(Some(0), None, false).is_err());
         let e = target(None, Some("zone"), false).unwrap_err().to_string();
@@ -226,6 +237,9 @@ mod tests {
         };
         let e = policy_of(&edit).unwrap_err().to_string();
         assert!(e.contains("transport.migration.prefer_iroh[0]"), "{e}");
-        assert!(policy_of(&PolicyEdit::default()).is_err(), "--mode is required");
+        assert!(
+            policy_of(&PolicyEdit::default()).is_err(),
+            "--mode is required"
+        );
     }
 }

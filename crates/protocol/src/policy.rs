@@ -20,8 +20,8 @@
 use std::collections::BTreeSet;
 use std::fmt;
 
-use serde::{Deserialize, Serialize};
 use crate::{ServiceId, TransportKind};
+use serde::{Deserialize, Serialize};
 
 /// The word in `prefer_iroh` that means every service but Raft.
 pub const ALL_EXCEPT_RAFT: &str = "all_except_raft";
@@ -154,15 +154,19 @@ impl TransportConfig {
     pub fn from_pb(p: &crate::pb::TransportPolicy) -> Result<TransportConfig, PolicyError> {
         let mode = Mode::from_name(&p.mode).ok_or_else(|| PolicyError {
             key: "transport.mode".into(),
-            reason: format!("{:?} is not a mode; use \"grpc\", \"iroh\" or \"dual\"", cut(&p.mode)),
-        })?;
-        let raft_transport = RaftTransport::from_name(&p.raft_transport).ok_or_else(|| PolicyError {
-            key: "transport.migration.raft_transport".into(),
             reason: format!(
-                "{:?} is not a Raft transport; use \"grpc\", \"iroh\" or \"adaptive\"",
-                cut(&p.raft_transport)
+                "{:?} is not a mode; use \"grpc\", \"iroh\" or \"dual\"",
+                cut(&p.mode)
             ),
         })?;
+        let raft_transport =
+            RaftTransport::from_name(&p.raft_transport).ok_or_else(|| PolicyError {
+                key: "transport.migration.raft_transport".into(),
+                reason: format!(
+                    "{:?} is not a Raft transport; use \"grpc\", \"iroh\" or \"adaptive\"",
+                    cut(&p.raft_transport)
+                ),
+            })?;
         Ok(TransportConfig {
             mode,
             migration: MigrationConfig {
@@ -376,7 +380,10 @@ mod tests {
     fn unknown_names_from_the_network_are_refused_by_key() {
         let mut p = TransportConfig::default().to_pb();
         p.mode = "quic".into();
-        assert_eq!(TransportConfig::from_pb(&p).unwrap_err().key, "transport.mode");
+        assert_eq!(
+            TransportConfig::from_pb(&p).unwrap_err().key,
+            "transport.mode"
+        );
         let mut p = TransportConfig::default().to_pb();
         p.raft_transport = "tcp".into();
         assert_eq!(

@@ -47,7 +47,10 @@ pub trait PolicySink: Send + Sync + 'static {
 
 /// The policy a node runs and its source: the pin, else the desired
 /// policy, else the default.
-pub fn decide(pin: Option<&Policy>, desired: Option<(&Policy, &PolicySource)>) -> (Policy, PolicySource) {
+pub fn decide(
+    pin: Option<&Policy>,
+    desired: Option<(&Policy, &PolicySource)>,
+) -> (Policy, PolicySource) {
     match (pin, desired) {
         (Some(p), _) => (p.clone(), PolicySource::File),
         (None, Some((p, source))) => (p.clone(), source.clone()),
@@ -83,7 +86,11 @@ impl PolicyControl {
     /// Control of node `node_id`'s policy; `pin` is its file's
     /// `[transport]` when the file has one. The sink already runs the
     /// start policy (the pin, or the default).
-    pub fn new(node_id: NodeId, sink: Arc<dyn PolicySink>, pin: Option<Policy>) -> Arc<PolicyControl> {
+    pub fn new(
+        node_id: NodeId,
+        sink: Arc<dyn PolicySink>,
+        pin: Option<Policy>,
+    ) -> Arc<PolicyControl> {
         let source = if pin.is_some() {
             PolicySource::File
         } else {
@@ -261,7 +268,11 @@ pub async fn announce_labels(
         };
         match consensus.write(command).await {
             Ok(Response::Done) => {
-                tracing::info!(node = node_id, labels = labels.len(), "node labels recorded");
+                tracing::info!(
+                    node = node_id,
+                    labels = labels.len(),
+                    "node labels recorded"
+                );
                 return;
             }
             Ok(Response::Rejected(why)) => {
@@ -269,7 +280,9 @@ pub async fn announce_labels(
                 return;
             }
             Ok(_) => return,
-            Err(e) => tracing::debug!(node = node_id, error = %e, "recording node labels; retrying"),
+            Err(e) => {
+                tracing::debug!(node = node_id, error = %e, "recording node labels; retrying")
+            }
         }
         tokio::select! {
             _ = &mut stop => return,
@@ -301,7 +314,10 @@ mod tests {
             (grpc.clone(), PolicySource::File)
         );
         assert_eq!(decide(None, Some((&iroh, &group))), (iroh, group));
-        assert_eq!(decide(None, None), (Policy::default(), PolicySource::Default));
+        assert_eq!(
+            decide(None, None),
+            (Policy::default(), PolicySource::Default)
+        );
         assert_eq!(PolicySource::Default.to_string(), "default");
         assert_eq!(
             PolicySource::Group(Selector::parse("zone=a").unwrap()).to_string(),

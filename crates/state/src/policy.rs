@@ -491,10 +491,7 @@ mod tests {
 
     #[test]
     fn selectors_and_labels_are_checked() {
-        assert_eq!(
-            Selector::parse("zone=a").unwrap().to_string(),
-            "zone=a"
-        );
+        assert_eq!(Selector::parse("zone=a").unwrap().to_string(), "zone=a");
         assert!(matches!(
             Selector::parse("zone"),
             Err(LabelError::NotASelector { .. })

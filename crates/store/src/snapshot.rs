@@ -541,7 +541,11 @@ mod format_tests {
     /// 6 wrote.
     fn without_policies(bytes: &[u8]) -> &[u8] {
         let body = &bytes[..bytes.len() - TRAILER_LEN as usize];
-        assert_eq!(&body[body.len() - 4..], &[0, 0, 0, 0], "no labels or policies");
+        assert_eq!(
+            &body[body.len() - 4..],
+            &[0, 0, 0, 0],
+            "no labels or policies"
+        );
         &body[..body.len() - 4]
     }
 
