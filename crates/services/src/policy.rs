@@ -295,7 +295,93 @@ pub async fn announce_labels(
 mod tests {
     use super::*;
     use tern_protocol::policy::Mode;
-    use tern_state::Selector;
+    use tern_state::{Capacity, Member, PolicyTarget, Selector};
+
+    /// A router stand-in: holds the policy applied to it.
+    struct Held {
+        policy: Mutex<Policy>,
+        iroh: bool,
+    }
+
+    impl PolicySink for Held {
+        fn current(&self) -> Policy {
+            self.policy.lock().unwrap().clone()
+        }
+        fn apply(&self, policy: Policy) {
+            *self.policy.lock().unwrap() = policy;
+        }
+        fn serves_iroh(&self) -> bool {
+            self.iroh
+        }
+    }
+
+    fn state_with_all(m: Mode) -> ClusterState {
+        let mut s = ClusterState::default();
+        let member = Member::new(
+            tern_protocol::PeerAddr::new(tern_protocol::PeerId::from_bytes([1; 32])),
+            Capacity::default(),
+        );
+        s.apply_membership([(&1u64, &member)]);
+        s.apply(Command::SetTransportPolicy {
+            request_id: format!("all-{}", m.as_str()),
+            target: PolicyTarget::All,
+            policy: Some(TransportConfig {
+                mode: m,
+                ..TransportConfig::default()
+            }),
+        });
+        s
+    }
+
+    #[test]
+    fn the_control_follows_the_state_unless_pinned_and_refuses_what_cannot_run() {
+        let sink = Arc::new(Held {
+            policy: Mutex::new(Policy::default()),
+            iroh: true,
+        });
+        let control = PolicyControl::new(1, sink.clone(), None);
+        assert_eq!(control.source(), PolicySource::Default);
+        control.refresh(&state_with_all(Mode::Dual));
+        assert_eq!(
+            (sink.current().mode, control.source()),
+            (Mode::Dual, PolicySource::All)
+        );
+        // The file pin wins over the state, and unpinning goes back to it.
+        control.set_pin(Some(mode(Mode::Grpc))).unwrap();
+        assert_eq!(
+            (sink.current().mode, control.source()),
+            (Mode::Grpc, PolicySource::File)
+        );
+        control.refresh(&state_with_all(Mode::Iroh));
+        assert_eq!(
+            (sink.current().mode, control.source()),
+            (Mode::Grpc, PolicySource::File)
+        );
+        control.set_pin(None).unwrap();
+        assert_eq!(
+            (sink.current().mode, control.source()),
+            (Mode::Iroh, PolicySource::All)
+        );
+        control.refresh(&ClusterState::default());
+        assert_eq!(
+            (sink.current().mode, control.source()),
+            (Mode::Grpc, PolicySource::Default)
+        );
+
+        // A node without iroh keeps its policy when asked to use iroh.
+        let sink = Arc::new(Held {
+            policy: Mutex::new(Policy::default()),
+            iroh: false,
+        });
+        let control = PolicyControl::new(1, sink.clone(), None);
+        control.refresh(&state_with_all(Mode::Iroh));
+        assert_eq!(
+            (sink.current().mode, control.source()),
+            (Mode::Grpc, PolicySource::Default)
+        );
+        assert!(control.set_pin(Some(mode(Mode::Iroh))).is_err());
+        assert_eq!(control.source(), PolicySource::Default);
+    }
 
     fn mode(m: Mode) -> Policy {
         Policy {
