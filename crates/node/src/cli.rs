@@ -879,6 +879,7 @@ pub async fn transport_show(conn: &Conn, out: Out) -> Result<(), CliError> {
     if out.json {
         out!("{}", policy_json(&p));
     } else {
+        out!("# in force from: {}", s.policy_source);
         out!("[transport]");
         out!("mode = {:?}", p.mode);
         out!("[transport.migration]");
