@@ -1,6 +1,7 @@
 //! A Tern node's Raft, composed: openraft started over the sled store and
 //! `tern-raft-net`'s network, the `Cluster` service (join, leave, members,
-//! the metadata register, the access table), and the services' view of it
+//! the metadata register, the access table, the desired transport
+//! policies), and the services' view of it
 //! ([`RaftConsensus`]).
 //!
 //! `tern-raft-net` is openraft's network adapter and nothing else; this
@@ -23,6 +24,9 @@
 //!   `max_voters`, the largest declared capacity).
 //! - [`access`]: the access table's Cluster calls (grant, revoke, list
 //!   with the audit log), served by the leader.
+//! - [`policy`]: `Cluster/TransportSet`, the desired transport policy of a
+//!   node, a group or all (operator), forwarded to the leader like a
+//!   metadata put, and its typed client call ([`transport_set`]).
 //! - [`consensus`]: [`RaftConsensus`], the services' `Consensus` trait
 //!   over a running [`RaftNode`] (writes forwarded to the leader, the
 //!   applied state, the Raft status watch).
@@ -33,6 +37,7 @@ pub mod consensus;
 pub mod membership;
 pub mod meta;
 pub mod node;
+pub mod policy;
 pub mod service;
 
 pub use admission::Admission;
@@ -43,4 +48,5 @@ pub use node::{
     FIRST_NODE_ID, JoinAnswer, RaftNode, RaftNodeError, RaftOptions, WriteError, client_write,
     limit_status, propose, read_node_id, request_join, request_leave, write_node_id,
 };
+pub use policy::{policies_response, transport_set};
 pub use service::RaftServices;

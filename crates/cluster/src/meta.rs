@@ -340,7 +340,7 @@ pub(crate) async fn serve_get(
 /// Passes a register call this node cannot serve to the leader, once
 /// (through [`tern_protocol::forward::forward_to_leader`]); a call that
 /// arrived forwarded is answered [`not_leader`] instead.
-async fn forward_register_call(
+pub(crate) async fn forward_register_call(
     node: &Attached,
     ctx: &RequestContext,
     f: &ForwardToLeader<TypeConfig>,

@@ -1,5 +1,5 @@
 //! The `Cluster` service (join, leave, members, the metadata register,
-//! the access table) and [`RaftServices`], the node's two Raft-side
+//! the access table, the desired transport policies) and [`RaftServices`], the node's two Raft-side
 //! services (this one and `tern-raft-net`'s `Raft` service) registered and
 //! attached together.
 
@@ -148,7 +148,7 @@ static ROUTES: LazyLock<Routes<Route>> = LazyLock::new(|| {
 });
 
 fn routes() -> Result<Routes<Route>, RouteError> {
-    use crate::{access, admission, membership, meta};
+    use crate::{access, admission, membership, meta, policy};
     Routes::<Route>::new(ServiceId::Cluster)
         .unary(methods::CLUSTER_JOIN, |shared, node, ctx, payload| {
             Box::pin(join(shared, node, ctx, payload))
@@ -186,6 +186,9 @@ fn routes() -> Result<Routes<Route>, RouteError> {
         })?
         .unary(methods::CLUSTER_PROMOTE, |_, node, ctx, payload| {
             Box::pin(membership::promote(node, ctx, payload))
+        })?
+        .unary(methods::CLUSTER_TRANSPORT_SET, |_, node, ctx, payload| {
+            Box::pin(policy::serve_set(node, ctx, payload))
         })
 }
 

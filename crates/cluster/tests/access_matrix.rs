@@ -58,6 +58,8 @@ fn allowed(method: &Method) -> &'static [Who] {
         | "cluster/accesslist" => READERS,
         "vm/create" | "vm/start" | "vm/stop" | "vm/delete" | "vm/migrate" => &[Operator, Admin],
         "cluster/metaput" => &[Operator, Admin, Member],
+        // Desired transport policies: operators; members forward them.
+        "cluster/transportset" => &[Operator, Admin, Member],
         "cluster/accessgrant" | "cluster/accessrevoke" => &[Admin],
         // Tokens and promotion: admins only (a member never mints tokens).
         "cluster/tokencreate" | "cluster/tokenrevoke" | "cluster/tokenlist" | "cluster/promote" => {

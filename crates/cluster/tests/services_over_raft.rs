@@ -58,6 +58,7 @@ async fn services_over_real_raft(kind: Kind) {
             mode: "grpc".into(),
             ..Default::default()
         },
+        policy_source: "file".into(),
         transports: vec![],
         version: "test".into(),
         started: Instant::now(),

@@ -109,7 +109,7 @@ pub fn node_config(
     };
     let mut c = config::node(data_dir, config::listen_on(listen, ports), JOIN_TOKEN);
     c.access.admins = crate::keys::admin_ids();
-    c.transport = transport.clone();
+    c.transport = Some(transport.clone());
     if let Some(seed) = seed {
         config::join(&mut c, seed);
     }
@@ -589,7 +589,7 @@ mod tests {
         assert!(text.contains("grpc = \"10.77.0.12:7400\""), "{text}");
         let checked = Config::parse(&text).unwrap();
         assert_eq!(checked.seeds[0].1.grpc, seed.grpc);
-        assert_eq!(checked.config.transport, t);
+        assert_eq!(checked.config.transport, Some(t));
         assert_eq!(checked.admins.len(), crate::keys::CLIENT_KEYS);
         listen_any(&mut c);
         let text = c.to_toml().unwrap();

@@ -3,11 +3,13 @@
 //! humans, or JSON with `--json`. Connection and identity: see
 //! [`crate::client`].
 //!
-//! `tern transport set` has no RPC to call (the catalogue has no admin
-//! service): it rewrites the `[transport]` section of the node's config
-//! file, checks the whole file, and sends the node SIGHUP, which applies
-//! the new policy atomically; it then reads the policy back through
-//! Status. Editing the file by hand and sending SIGHUP does the same.
+//! `tern transport set --config FILE` (no target) is the local emergency
+//! override: it rewrites the `[transport]` section of the node's config
+//! file (which pins the node's policy), checks the whole file, and sends
+//! the node SIGHUP, which applies the new policy atomically; it then reads
+//! the policy back through Status. Editing the file by hand and sending
+//! SIGHUP does the same. With a target (`--node-id`, `--group`, `--all`)
+//! it sets the cluster's desired policy instead ([`crate::policy_cli`]).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -123,13 +125,15 @@ pub fn status_json(s: &pb::NodeStatus) -> Value {
         "applied_index": s.applied_index,
         "commit_index": s.commit_index,
         "policy": s.policy.as_ref().map(policy_json),
+        "policy_source": s.policy_source,
+        "desired": s.desired.iter().map(crate::policy_cli::node_policy_json).collect::<Vec<_>>(),
         "version": s.version,
         "uptime_ms": s.uptime_ms,
         "members": s.members.iter().map(member_json).collect::<Vec<_>>(),
     })
 }
 
-fn print_table(header: &[&str], rows: &[Vec<String>]) {
+pub(crate) fn print_table(header: &[&str], rows: &[Vec<String>]) {
     let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
     for r in rows {
         for (i, c) in r.iter().enumerate() {
@@ -225,13 +229,14 @@ pub async fn status(conn: &Conn, out: Out) -> Result<(), CliError> {
         }
     );
     if let Some(p) = &s.policy {
-        out!("policy     {}", policy_line(p));
+        out!("policy     {} (from {})", policy_line(p), s.policy_source);
     }
     out!("version    {} (up {} s)\n", s.version, s.uptime_ms / 1000);
     print_table(
         &["node", "id", "role", "grpc", "iroh", "declared capacity"],
         &members_rows(&s.members, s.leader_id),
     );
+    crate::policy_cli::print_policies(conn, &s).await;
     Ok(())
 }
 
@@ -874,6 +879,7 @@ pub async fn transport_show(conn: &Conn, out: Out) -> Result<(), CliError> {
     if out.json {
         out!("{}", policy_json(&p));
     } else {
+        out!("# in force from: {}", s.policy_source);
         out!("[transport]");
         out!("mode = {:?}", p.mode);
         out!("[transport.migration]");

@@ -40,8 +40,13 @@
 //! max_devices = 1024                   # VM network devices on this node, at most
 //! host_netns = "lab0"                  # optional: keep the bridge in this namespace
 //!
-//! [transport]                          # the migration policy, see transport-dual
-//! mode = "grpc"
+//! [node]
+//! labels = { zone = "a", rack = "r1" } # recorded in the cluster state; groups
+//!                                      # (`--group zone=a`) select by them
+//!
+//! [transport]                          # present: pins this node's policy (the
+//! mode = "grpc"                        # emergency override, no quorum needed);
+//!                                      # absent: the cluster's desired policy
 //!
 //! [limits]                             # optional; each key overrides one default
 //! connections = 4096                   # gRPC: inbound connections in all
@@ -635,9 +640,14 @@ pub struct Config {
     /// `[vm]`.
     #[serde(default)]
     pub vm: VmConfig,
-    /// `[transport]`.
+    /// `[transport]`: present, it pins the node's policy (the emergency
+    /// override, see `tern_services::policy`); absent, the node runs the
+    /// cluster's desired policy for it, or the default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transport: Option<TransportConfig>,
+    /// `[node]`.
     #[serde(default)]
-    pub transport: TransportConfig,
+    pub node: NodeSection,
     /// `[limits]`.
     #[serde(default)]
     pub limits: LimitsConfig,
@@ -662,11 +672,31 @@ impl Default for Config {
             cluster: ClusterConfig::default(),
             capacity: CapacityConfig::default(),
             vm: VmConfig::default(),
-            transport: TransportConfig::default(),
+            transport: None,
+            node: NodeSection::default(),
             limits: LimitsConfig::default(),
             access: AccessConfig::default(),
             network: NetworkSection::default(),
         }
+    }
+}
+
+/// `[node]`: facts about this node the cluster records.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeSection {
+    /// Labels (`{ zone = "a", rack = "r1" }`): at most
+    /// [`tern_state::MAX_LABELS`], keys and values 1 to
+    /// [`tern_state::MAX_LABEL_LEN`] bytes of `a-z A-Z 0-9 . _ -`.
+    /// Recorded in the cluster state when the node starts; groups of
+    /// nodes (`tern transport set --group zone=a`) select by them.
+    #[serde(default, skip_serializing_if = "tern_state::Labels::is_empty")]
+    pub labels: tern_state::Labels,
+}
+
+impl NodeSection {
+    fn check(&self) -> Result<(), ConfigError> {
+        tern_state::check_labels(&self.labels).map_err(|e| err("node.labels", e.to_string()))
     }
 }
 
@@ -710,12 +740,20 @@ fn err(key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
 pub struct Checked {
     /// The file as written.
     pub config: Config,
-    /// The validated transport policy.
+    /// The validated transport policy of the file's `[transport]`, or the
+    /// default when it has none.
     pub policy: Policy,
     /// The join seeds, parsed.
     pub seeds: Vec<(PeerId, SeedConfig)>,
     /// `access.admins`, parsed.
     pub admins: Vec<PeerId>,
+}
+
+impl Checked {
+    /// The policy the file pins: its `[transport]`, when it has one.
+    pub fn pin(&self) -> Option<Policy> {
+        self.config.transport.as_ref().map(|_| self.policy.clone())
+    }
 }
 
 impl Config {
@@ -753,7 +791,9 @@ impl Config {
 
     /// Checks values that the file's syntax cannot.
     pub fn check(self) -> Result<Checked, ConfigError> {
-        let policy = Policy::from_config(&self.transport).map_err(|e| err(e.key, e.reason))?;
+        let policy = Policy::from_config(&self.transport.clone().unwrap_or_default())
+            .map_err(|e| err(e.key, e.reason))?;
+        self.node.check()?;
         if self.listen.grpc == Listen::Off && self.listen.iroh == Listen::Off {
             return Err(err(
                 "listen",
@@ -959,10 +999,13 @@ mod tests {
         c.vm.runtime = RuntimeChoice::Process;
         c.limits.connections = Some(64);
         c.access.admins.push(id.clone());
-        c.transport = toml::from_str(
-            "mode = \"dual\"\n[migration]\nprefer_iroh = [\"health\"]\nraft_transport = \"adaptive\"\n",
-        )
-        .unwrap();
+        c.transport = Some(
+            toml::from_str(
+                "mode = \"dual\"\n[migration]\nprefer_iroh = [\"health\"]\nraft_transport = \"adaptive\"\n",
+            )
+            .unwrap(),
+        );
+        c.node.labels = [("zone".to_owned(), "a".to_owned())].into();
         let text = c.to_toml().unwrap();
         let back = Config::parse(&text).unwrap();
         assert_eq!(back.config.to_toml().unwrap(), text, "{text}");
@@ -972,6 +1015,24 @@ mod tests {
         assert_eq!(back.config.limits, c.limits);
         assert!(text.contains("metrics = \"off\""), "{text}");
         assert!(!text.contains("relay_url"), "None is left out: {text}");
+        assert_eq!(back.config.node.labels, c.node.labels);
+        assert!(
+            back.pin().is_some(),
+            "a [transport] section pins the policy"
+        );
+        c.transport = None;
+        let back = Config::parse(&c.to_toml().unwrap()).unwrap();
+        assert!(back.pin().is_none(), "no [transport] section, no pin");
+    }
+
+    #[test]
+    fn labels_are_checked_by_name() {
+        let e = error_of("[node]\nlabels = { zone = \"a b\" }\n");
+        assert!(e.starts_with("node.labels") && e.contains("a b"), "{e}");
+        let e = error_of("[node]\nlabels = { \"\" = \"a\" }\n");
+        assert!(e.starts_with("node.labels"), "{e}");
+        let ok = Config::parse("[node]\nlabels = { zone = \"a\", rack = \"r-1\" }\n").unwrap();
+        assert_eq!(ok.config.node.labels.len(), 2);
     }
 
     fn error_of(text: &str) -> String {

@@ -194,14 +194,14 @@ fn node_config(data_dir: &Path, join: Option<&NodeFile>) -> Config {
             vcpus: 4,
             memory_mib: 4096,
         },
-        transport: TransportConfig {
+        transport: Some(TransportConfig {
             mode: Mode::Dual,
             migration: MigrationConfig {
                 prefer_iroh: vec!["all_except_raft".into()],
                 raft_transport: RaftTransport::Adaptive,
                 fallback_to_grpc: true,
             },
-        },
+        }),
         ..Config::default()
     };
     // The demo runs its workloads as host processes (as `nobody` when root).

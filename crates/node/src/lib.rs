@@ -13,6 +13,9 @@
 //!   reloads the transport policy) and logging.
 //! - [`client`]: how the CLI reaches a node (address, transport, identity).
 //! - [`cli`]: the commands that talk to a node, as tables or JSON.
+//! - [`policy_cli`]: `tern transport set|clear --node-id|--group|--all`,
+//!   the cluster's desired policies, and the per-node policy table of
+//!   `tern status`.
 //! - [`watch`]: `tern vm watch`, the resumable stream of VM changes,
 //!   which moves to another node when its node goes away.
 //! - [`error`]: [`error::CliError`], why a CLI command failed, by kind
@@ -26,5 +29,6 @@ pub mod config;
 pub mod demo;
 pub mod error;
 pub mod node;
+pub mod policy_cli;
 pub mod run;
 pub mod watch;

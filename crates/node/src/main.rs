@@ -22,6 +22,7 @@ use prost::Message;
 use tern_node::cli::{self, Out, PolicyEdit, VmCmd};
 use tern_node::client::{Conn, Target};
 use tern_node::error::CliError;
+use tern_node::policy_cli;
 use tern_protocol::catalog::methods;
 use tern_protocol::frame::{self, Decoded, Header, Limits};
 use tern_protocol::{FrameKind, Priority, pb};
@@ -322,9 +323,15 @@ enum KeyCommand {
 enum TransportCommand {
     /// The policy in force on the node.
     Show,
-    /// Change the policy: rewrites `[transport]` in the node's config file
-    /// (--config), checks it, and sends the node SIGHUP.
+    /// Change a policy. With --node-id, --group or --all: the cluster's
+    /// desired policy for that node, group or every node (operator role,
+    /// from any machine; --mode is required). Without: rewrites
+    /// `[transport]` in the node's config file (--config), checks it, and
+    /// sends the node SIGHUP: the emergency override, which pins the
+    /// node's policy and needs no quorum.
     Set {
+        #[command(flatten)]
+        target: PolicyTargetArgs,
         /// "grpc" | "iroh" | "dual".
         #[arg(long)]
         mode: Option<String>,
@@ -339,6 +346,27 @@ enum TransportCommand {
         #[arg(long)]
         fallback_to_grpc: Option<bool>,
     },
+    /// Clear the cluster's desired policy of a node, a group or all
+    /// (operator role); the nodes fall back to the next one that applies
+    /// (node > group > all > the default).
+    Clear {
+        #[command(flatten)]
+        target: PolicyTargetArgs,
+    },
+}
+
+/// Whose desired policy `tern transport set|clear` changes.
+#[derive(Args, Clone, Debug)]
+struct PolicyTargetArgs {
+    /// One node, by node id (`--node` names the node to talk to).
+    #[arg(long)]
+    node_id: Option<u64>,
+    /// The nodes labelled KEY=VALUE (`[node] labels` in their config).
+    #[arg(long)]
+    group: Option<String>,
+    /// Every node.
+    #[arg(long)]
+    all: bool,
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, CliError> {
@@ -538,32 +566,58 @@ fn main() -> ExitCode {
                 let r = match command {
                     TransportCommand::Show => cli::transport_show(&conn, out).await,
                     TransportCommand::Set {
+                        target,
                         mode,
                         prefer_iroh,
                         raft,
                         fallback_to_grpc,
-                    } => match &config {
-                        None => Err(CliError::Argument("`tern transport set` edits the node's config file and sends it SIGHUP: give --config FILE (the file the node runs with)".into())),
-                        Some(path) => {
-                            let edit = PolicyEdit {
-                                mode,
-                                prefer_iroh: prefer_iroh.map(|p| {
-                                    p.split(',')
-                                        .map(str::trim)
-                                        .filter(|s| !s.is_empty())
-                                        .map(str::to_owned)
-                                        .collect()
-                                }),
-                                raft_transport: raft,
-                                fallback_to_grpc,
-                            };
-                            cli::transport_set(&conn, path, &edit, out).await
+                    } => {
+                        let edit = PolicyEdit {
+                            mode,
+                            prefer_iroh: prefer_iroh.map(|p| {
+                                p.split(',')
+                                    .map(str::trim)
+                                    .filter(|s| !s.is_empty())
+                                    .map(str::to_owned)
+                                    .collect()
+                            }),
+                            raft_transport: raft,
+                            fallback_to_grpc,
+                        };
+                        transport_set(&conn, config.as_deref(), &target, &edit, out).await
+                    }
+                    TransportCommand::Clear { target } => {
+                        match policy_cli::target(target.node_id, target.group.as_deref(), target.all) {
+                            Ok(Some(t)) => policy_cli::set_remote(&conn, &t, None, out).await,
+                            Ok(None) => Err(CliError::Argument("`tern transport clear` needs --node-id ID, --group KEY=VALUE or --all (to unpin a node's file, remove its [transport] section and send SIGHUP)".into())),
+                            Err(e) => Err(e),
                         }
-                    },
+                    }
                 };
                 (conn, r)
             })
         }
+    }
+}
+
+/// `tern transport set`: the cluster's desired policy with a target, the
+/// node's own file (and SIGHUP) without one.
+async fn transport_set(
+    conn: &Conn,
+    config: Option<&std::path::Path>,
+    target: &PolicyTargetArgs,
+    edit: &PolicyEdit,
+    out: cli::Out,
+) -> Result<(), CliError> {
+    match policy_cli::target(target.node_id, target.group.as_deref(), target.all)? {
+        Some(t) => {
+            let policy = policy_cli::policy_of(edit)?;
+            policy_cli::set_remote(conn, &t, Some(&policy), out).await
+        }
+        None => match config {
+            None => Err(CliError::Argument("`tern transport set` needs --node-id ID, --group KEY=VALUE or --all to set the cluster's desired policy, or --config FILE to edit (and pin) a node's own file".into())),
+            Some(path) => cli::transport_set(conn, path, edit, out).await,
+        },
     }
 }
 

@@ -18,7 +18,10 @@
 //! 6. starts the reconciler with the configured runtime, and copies the
 //!    Health service's reports into the gRPC transport's
 //!    `grpc.health.v1`;
-//! 7. writes [`NODE_INFO_FILE`] in the data directory, so that the CLI
+//! 7. follows the cluster's desired transport policy for this node
+//!    unless its file pins `[transport]` (`tern_services::policy`), and
+//!    records its `[node] labels` in the cluster state when they differ;
+//! 8. writes [`NODE_INFO_FILE`] in the data directory, so that the CLI
 //!    and the demo find the node's addresses from its data directory.
 //!
 //! [`Node::shutdown`] hands Raft leadership over (a leader), stops the
@@ -46,10 +49,11 @@ use tern_services::access::AccessGate;
 use tern_services::health::HealthService;
 use tern_services::monitoring::Monitoring;
 use tern_services::node_info::NodeInfo;
+use tern_services::policy::{PolicyControl, PolicySink, announce_labels};
 use tern_services::reconciler::{Reconciler, ReconcilerConfig};
 use tern_services::status::StatusService;
 use tern_services::vm::VmService;
-use tern_state::{Capacity, Command, Member};
+use tern_state::{Capacity, Command, Member, PolicySource};
 use tern_transport_dual::{DualRouter, Policy};
 use tern_transport_grpc::{GrpcTransport, ServerConfig};
 use tern_transport_iroh::{IrohConfig, IrohTransport, load_or_create_secret_key};
@@ -212,7 +216,28 @@ impl Handler for Late {
 struct Facts {
     address: PeerAddr,
     router: DualRouter,
+    control: Arc<PolicyControl>,
     started: Instant,
+}
+
+/// The router as the place a policy is applied.
+struct RouterSink {
+    router: DualRouter,
+    serves_iroh: bool,
+}
+
+impl PolicySink for RouterSink {
+    fn current(&self) -> Policy {
+        (*self.router.policy()).clone()
+    }
+
+    fn apply(&self, policy: Policy) {
+        self.router.set_policy(policy);
+    }
+
+    fn serves_iroh(&self) -> bool {
+        self.serves_iroh
+    }
 }
 
 impl NodeInfo for Facts {
@@ -222,6 +247,10 @@ impl NodeInfo for Facts {
 
     fn policy(&self) -> pb::TransportPolicy {
         policy_to_pb(&self.router.policy())
+    }
+
+    fn policy_source(&self) -> String {
+        self.control.source().to_string()
     }
 
     fn transports(&self) -> Vec<pb::TransportHealth> {
@@ -269,6 +298,7 @@ pub struct Node {
     address: PeerAddr,
     metrics_addr: Option<SocketAddr>,
     router: DualRouter,
+    control: Arc<PolicyControl>,
     raft: Arc<RaftNode>,
     consensus: Arc<RaftConsensus>,
     grpc: Option<GrpcTransport>,
@@ -405,6 +435,7 @@ impl Node {
     /// Starts a node as the module docs describe.
     pub async fn start(checked: Checked) -> Result<Node, StartError> {
         let started = Instant::now();
+        let pin = checked.pin();
         let Checked {
             config,
             policy,
@@ -590,9 +621,34 @@ impl Node {
         let consensus_dyn: Arc<dyn tern_services::consensus::Consensus> = consensus.clone();
         gate.attach(consensus_dyn.clone());
 
+        let control = PolicyControl::new(
+            raft.id(),
+            Arc::new(RouterSink {
+                router: router.clone(),
+                serves_iroh: iroh.is_some(),
+            }),
+            pin,
+        );
+        tasks.push(tokio::spawn(
+            control
+                .clone()
+                .run(consensus_dyn.clone(), stopped(stop_rx.clone())),
+        ));
+        tasks.push(tokio::spawn(announce_labels(
+            consensus_dyn.clone(),
+            raft.id(),
+            config.node.labels.clone(),
+            format!(
+                "labels-{}-{:016x}",
+                raft.id(),
+                u64::from_le_bytes(crate::client::random_bytes::<8>())
+            ),
+            stopped(stop_rx.clone()),
+        )));
         let facts: Arc<dyn NodeInfo> = Arc::new(Facts {
             address: address.clone(),
             router: router.clone(),
+            control: control.clone(),
             started,
         });
         let network = node_network(&config.network)?;
@@ -672,6 +728,7 @@ impl Node {
             address,
             metrics_addr,
             router,
+            control,
             raft,
             consensus,
             grpc,
@@ -714,16 +771,18 @@ impl Node {
         self.raft.failure().await
     }
 
-    /// Replaces the transport policy atomically, logging old and new.
-    pub fn set_policy(&self, policy: Policy) {
-        let old = self.router.policy();
-        if *old == policy {
-            tracing::info!(policy = ?policy.to_config(), "transport policy unchanged");
-            return;
-        }
-        let new = policy.to_config();
-        self.router.set_policy(policy);
-        tracing::info!(old = ?old.to_config(), new = ?new, "transport policy applied");
+    /// Sets or removes the file's pin of the transport policy (what a
+    /// SIGHUP read) and applies what follows: the pin, else the cluster's
+    /// desired policy for this node, else the default. Needs no quorum.
+    /// `Err` (nothing changes) when the policy uses iroh and the node
+    /// serves none.
+    pub fn set_pin(&self, pin: Option<Policy>) -> Result<(), String> {
+        self.control.set_pin(pin)
+    }
+
+    /// Where the transport policy in force comes from.
+    pub fn policy_source(&self) -> PolicySource {
+        self.control.source()
     }
 
     /// Graceful shutdown within `deadline`: a leader hands leadership over

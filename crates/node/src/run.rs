@@ -7,8 +7,11 @@
 //!   stops as on SIGTERM, and `tern run` exits non-zero
 //!   ([`StartError::RaftFailed`]). Health reports it not live meanwhile.
 //! - **SIGHUP:** re-read the config file and apply its `[transport]`
-//!   section atomically ([`Node::set_policy`]), logging the old and new
-//!   policy. A file that does not check is logged with the key at fault
+//!   section atomically ([`Node::set_pin`]), logging the old and new
+//!   policy. A `[transport]` section pins the policy (the emergency
+//!   override; no quorum needed); a file without one unpins it, and the
+//!   node runs the cluster's desired policy for it again (or the
+//!   default). A file that does not check is logged with the key at fault
 //!   and the old policy stays. Other sections need a restart; a change to
 //!   them is logged and ignored.
 
@@ -39,7 +42,8 @@ pub fn load(config: Option<&Path>) -> Result<Checked, ConfigError> {
     }
 }
 
-/// Re-reads `path` and applies its `[transport]` section to `node`.
+/// Re-reads `path` and applies its `[transport]` section to `node` (its
+/// presence pins the policy, its absence unpins it).
 /// Returns the file as applied, or `None` when it was refused (logged
 /// with the key; the old policy stays).
 pub fn reload(node: &Node, path: &Path, running: &Checked) -> Option<Checked> {
@@ -56,14 +60,19 @@ pub fn reload(node: &Node, path: &Path, running: &Checked) -> Option<Checked> {
                     "config reload: only [transport] is applied on SIGHUP; restart the node for changes to data_dir, [listen] or [cluster]"
                 );
             }
-            if new.policy.uses_iroh() && node.address().iroh.is_none() {
+            if let Err(why) = node.set_pin(new.pin()) {
                 tracing::error!(
                     key = "transport.mode",
-                    "config reload refused: the new policy sends traffic over iroh but this node does not serve iroh (listen.iroh was off at start); the old policy stays"
+                    why,
+                    "config reload refused (listen.iroh was off at start); the old policy stays"
                 );
                 return None;
             }
-            node.set_policy(new.policy.clone());
+            tracing::info!(
+                pinned = new.pin().is_some(),
+                source = %node.policy_source(),
+                "config reload applied"
+            );
             Some(new)
         }
         Err(e) => {

@@ -207,7 +207,7 @@ const JOIN_TOKEN: &str = "test-token";
 /// runtime, running `transport`.
 fn loopback(transport: TransportConfig) -> Config {
     let mut c = config::node(Path::new("unset"), config::loopback(), JOIN_TOKEN);
-    c.transport = transport;
+    c.transport = Some(transport);
     c
 }
 
@@ -1240,4 +1240,244 @@ fn vm_watch_resumes_on_another_node_after_its_node_is_killed() {
     for id in &ids {
         let _ = cli(&["vm", "delete", id, "--data-dir", &d1]);
     }
+}
+
+/// A node on loopback that records `labels`; `pin` is its file's
+/// `[transport]` (`None`: it follows the cluster's desired policy).
+fn labelled(labels: &[(&str, &str)], pin: Option<TransportConfig>) -> Config {
+    let mut c = config::node(Path::new("unset"), config::loopback(), JOIN_TOKEN);
+    c.transport = pin;
+    c.node.labels = labels
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
+    c
+}
+
+/// The policy mode and source node `dir` reports through Status.
+fn policy_of(dir: &Path) -> (String, String) {
+    let d = dir.display().to_string();
+    let s = cli_json(&["status", "--data-dir", &d]);
+    (
+        s["policy"]["mode"].as_str().unwrap_or_default().to_owned(),
+        s["policy_source"].as_str().unwrap_or_default().to_owned(),
+    )
+}
+
+/// Waits until node `dir` runs `mode` from `source`.
+fn runs(dir: &Path, mode: &str, source: &str) {
+    converge(
+        &format!("{} to run {mode} from {source}", dir.display()),
+        || {
+            let (m, s) = policy_of(dir);
+            (m == mode && s == source).then_some(())
+        },
+    );
+}
+
+/// Sample `name{labels}` on the node whose metrics are at `file`.
+fn metric(file: &Value, name: &str, labels: &[(&str, &str)]) -> f64 {
+    let addr: std::net::SocketAddr = file["metrics"].as_str().unwrap().parse().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let text = rt.block_on(tern_process_kit::scrape(addr)).unwrap();
+    tern_process_kit::Metrics::parse(&text).sum(name, labels)
+}
+
+/// Expects `tern ARGS` to fail with stderr naming `what`.
+fn fails_naming(args: &[&str], what: &str) {
+    let out = cli(args);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "`tern {}` succeeded", args.join(" "));
+    assert!(stderr.contains(what), "`tern {}`: {stderr}", args.join(" "));
+}
+
+/// Issue 19 part 1 with real `tern` processes: an operator sets the
+/// desired policy of all nodes, a labelled group and one node from
+/// another node's CLI (the follower forwards to the leader); the routers,
+/// Status and /metrics show it with its source; a viewer is refused
+/// naming the role; bad targets and policies are refused by name; a node
+/// whose file pins `[transport]` keeps its file's policy; a restarted node
+/// runs the replicated desired policy again; and with the two other nodes
+/// stopped (no quorum) a file pin plus SIGHUP to `mode = "grpc"` wins.
+#[test]
+fn the_desired_policy_is_set_remotely_and_the_file_pin_always_wins() {
+    let base = tempfile::tempdir().unwrap();
+    let (mut nodes, files) = three_nodes(
+        base.path(),
+        [
+            labelled(&[("zone", "a")], None),
+            labelled(&[("zone", "a"), ("rack", "r2")], None),
+            labelled(&[("zone", "b")], Some(config::grpc())),
+        ],
+    );
+    let dirs: Vec<String> = nodes.iter().map(|n| n.dir.display().to_string()).collect();
+    let ids: Vec<String> = dirs
+        .iter()
+        .map(|d| cli_json(&["status", "--data-dir", d])["node_id"].to_string())
+        .collect();
+    converge("every node's labels in the state", || {
+        let s = cli_json(&["status", "--data-dir", &dirs[0]]);
+        let labelled = s["desired"]
+            .as_array()?
+            .iter()
+            .filter(|d| d["labels"]["zone"].is_string())
+            .count();
+        (labelled == 3).then_some(())
+    });
+    for n in &nodes {
+        let source = if n.config == nodes[2].config {
+            "file"
+        } else {
+            "default"
+        };
+        runs(&n.dir, "grpc", source);
+    }
+    let op = operator_key(base.path(), &dirs[0]);
+    let viewer = base.path().join("viewer.key");
+    let out = cli(&["key", "new", "--out", viewer.to_str().unwrap()]);
+    let viewer_id = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    cli_json(&[
+        "access",
+        "grant",
+        &viewer_id,
+        "viewer",
+        "--data-dir",
+        &dirs[0],
+    ]);
+    let viewer = viewer.display().to_string();
+
+    // A viewer is refused, naming the role it lacks.
+    refused(
+        &[
+            "transport",
+            "set",
+            "--all",
+            "--mode",
+            "dual",
+            "--key",
+            &viewer,
+            "--data-dir",
+            &dirs[1],
+        ],
+        "operator role",
+    );
+    // Bad targets and policies are refused by name.
+    let set = |extra: &[&str]| {
+        let mut args = vec!["transport", "set", "--key", &op, "--data-dir", &dirs[1]];
+        args.extend_from_slice(extra);
+        args.into_iter().map(str::to_owned).collect::<Vec<_>>()
+    };
+    let check = |extra: &[&str], what: &str| {
+        let args = set(extra);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        fails_naming(&args, what);
+    };
+    check(
+        &["--node-id", "99", "--mode", "iroh"],
+        "node 99 is not a member",
+    );
+    check(
+        &["--group", "zone=nowhere", "--mode", "iroh"],
+        "selects no node",
+    );
+    check(&["--group", "zone", "--mode", "iroh"], "--group");
+    check(&["--all", "--mode", "quic"], "--mode");
+    check(
+        &["--all", "--mode", "dual", "--prefer-iroh", "helth"],
+        "transport.migration.prefer_iroh[0]",
+    );
+
+    // All, then a group, then one node: node > group > all; the pinned
+    // node keeps its file.
+    let run = |extra: &[&str]| {
+        let args = set(extra);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        cli_json(&args)
+    };
+    let answer = run(&["--all", "--mode", "dual", "--prefer-iroh", "health,status"]);
+    assert_eq!(answer["nodes"].as_array().unwrap().len(), 3, "{answer}");
+    runs(&nodes[0].dir, "dual", "all");
+    runs(&nodes[1].dir, "dual", "all");
+    runs(&nodes[2].dir, "grpc", "file");
+    run(&["--group", "zone=a", "--mode", "iroh"]);
+    runs(&nodes[0].dir, "iroh", "group zone=a");
+    runs(&nodes[1].dir, "iroh", "group zone=a");
+    run(&["--node-id", &ids[1], "--mode", "grpc"]);
+    runs(&nodes[1].dir, "grpc", "node");
+    runs(&nodes[0].dir, "iroh", "group zone=a");
+    runs(&nodes[2].dir, "grpc", "file");
+    // The routers run it: n1's calls go over iroh; its metrics say why.
+    assert_eq!(
+        metric(
+            &files[0],
+            tern_protocol::metric_names::TRANSPORT_POLICY_SOURCE,
+            &[("source", "group")]
+        ),
+        1.0
+    );
+    assert!(
+        metric(
+            &files[0],
+            tern_protocol::metric_names::TRANSPORT_POLICY_CHANGES,
+            &[("source", "group")]
+        ) >= 1.0
+    );
+    assert_eq!(
+        metric(
+            &files[2],
+            tern_protocol::metric_names::TRANSPORT_POLICY_SOURCE,
+            &[("source", "file")]
+        ),
+        1.0
+    );
+    converge("n1 calling over iroh", || {
+        (iroh_client_calls(&files[0]) > 0.0).then_some(())
+    });
+    // Status, for people: each node's policy in force and its source.
+    let out = cli(&["status", "--data-dir", &dirs[0]]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    for expected in [
+        "group zone=a",
+        "file",
+        "node",
+        "POLICY IN FORCE",
+        "rack=r2,zone=a",
+    ] {
+        assert!(
+            text.contains(expected),
+            "`tern status` lacks {expected:?}:\n{text}"
+        );
+    }
+    assert!(!text.contains("Some("), "no debug formatting:\n{text}");
+    // Clearing the node's policy falls back to its group.
+    let mut args = vec!["transport", "clear", "--node-id", ids[1].as_str()];
+    args.extend_from_slice(&["--key", &op, "--data-dir", &dirs[0]]);
+    cli_json(&args);
+    runs(&nodes[1].dir, "iroh", "group zone=a");
+
+    // A restart keeps the desired policy (replicated, durable).
+    let status = nodes[0].stop();
+    assert!(status.success(), "{}", nodes[0].log());
+    let config = config::read(&nodes[0].config).unwrap();
+    let mut n1 = NodeProc::start(base.path(), "n1", config, None);
+    n1.wait_up();
+    nodes[0] = n1;
+    runs(&nodes[0].dir, "iroh", "group zone=a");
+
+    // No quorum: n1 and n3 stop; n2 still follows its group (iroh). Its
+    // file pin to grpc plus SIGHUP wins at once.
+    for i in [0, 2] {
+        let status = nodes[i].stop();
+        assert!(status.success(), "{}", nodes[i].log());
+    }
+    runs(&nodes[1].dir, "iroh", "group zone=a");
+    config::set_transport(&nodes[1].config, &config::grpc()).unwrap();
+    nodes[1].signal(rustix::process::Signal::HUP);
+    runs(&nodes[1].dir, "grpc", "file");
+    let status = nodes[1].stop();
+    assert!(status.success(), "{}", nodes[1].log());
 }

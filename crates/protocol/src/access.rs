@@ -172,6 +172,8 @@ pub fn rule(method: &Method) -> Option<Rule> {
         (ServiceId::Cluster, "Members") => Rule::AnyKey,
         (ServiceId::Cluster, "Leave") => Rule::RoleOrMember(Admin),
         (ServiceId::Cluster, "MetaPut") => Rule::RoleOrMember(Operator),
+        // Members forward it to the leader, with their own key.
+        (ServiceId::Cluster, "TransportSet") => Rule::RoleOrMember(Operator),
         (ServiceId::Cluster, "MetaGet") => Rule::RoleOrMember(Viewer),
         (ServiceId::Cluster, "AccessGrant" | "AccessRevoke") => Rule::Role(Admin),
         (ServiceId::Cluster, "TokenCreate" | "TokenRevoke" | "TokenList" | "Promote") => {
@@ -231,6 +233,20 @@ mod tests {
         let vote = rule(methods::RAFT_VOTE).expect("rule");
         assert_eq!(vote.check(viewer), Err(Denial::MembersOnly));
         assert_eq!(vote.check(member), Ok(()));
+        let set = rule(methods::CLUSTER_TRANSPORT_SET).expect("rule");
+        assert_eq!(set.check(viewer), Err(Denial::NeedsRole));
+        assert_eq!(
+            set.needs(),
+            "the operator role (or cluster membership)",
+            "a refused viewer is told which role it needs"
+        );
+        assert_eq!(
+            set.check(Grants {
+                role: Some(Role::Operator),
+                member: false
+            }),
+            Ok(())
+        );
         assert_eq!(
             rule(methods::HEALTH_CHECK).expect("rule").check(none),
             Ok(())

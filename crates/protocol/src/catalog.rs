@@ -231,7 +231,7 @@ use ServiceId::{Cluster, Health, Monitoring, Raft, Status, Vm};
 /// Raft's design (a repeated vote or append is answered from the log); a
 /// join by the same endpoint id returns the existing membership; a leave of
 /// a node already gone is a no-op; a metadata put carries a request id the
-/// state deduplicates.
+/// state deduplicates, and so does a transport policy set.
 pub const METHODS: &[Method] = &[
     m(Health, 1, "Check", true, Normal),
     m(Status, 1, "Get", true, Normal),
@@ -259,6 +259,7 @@ pub const METHODS: &[Method] = &[
     m(Cluster, 10, "TokenRevoke", true, Normal),
     m(Cluster, 11, "TokenList", true, Normal),
     m(Cluster, 12, "Promote", true, Normal),
+    m(Cluster, 13, "TransportSet", true, Normal),
 ];
 
 /// Every streaming method of every service.
@@ -340,6 +341,8 @@ pub mod methods {
     pub const CLUSTER_TOKEN_LIST: &Method = &METHODS[24];
     /// `Cluster/Promote`.
     pub const CLUSTER_PROMOTE: &Method = &METHODS[25];
+    /// `Cluster/TransportSet`.
+    pub const CLUSTER_TRANSPORT_SET: &Method = &METHODS[26];
     /// `Raft/AppendStream` (bidirectional stream).
     pub const RAFT_APPEND_STREAM: &Method = &STREAM_METHODS[0];
     /// `Vm/Watch` (server stream).
@@ -418,6 +421,7 @@ mod tests {
         assert_eq!(methods::CLUSTER_TOKEN_REVOKE.name, "TokenRevoke");
         assert_eq!(methods::CLUSTER_TOKEN_LIST.name, "TokenList");
         assert_eq!(methods::CLUSTER_PROMOTE.name, "Promote");
+        assert_eq!(methods::CLUSTER_TRANSPORT_SET.name, "TransportSet");
         assert_eq!(methods::RAFT_APPEND_STREAM.name, "AppendStream");
         assert_eq!(methods::VM_WATCH.name, "Watch");
         assert_eq!(

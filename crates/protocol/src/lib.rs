@@ -24,6 +24,8 @@
 //!   ([`forward::forward_to_leader`], one timeout), over any `RpcClient`.
 //! - [`stream`]: streaming calls: what a caller opens and gets, the stream
 //!   limits both transports apply, and the per-stream frame rules.
+//! - [`policy`]: the transport policy (`[transport]` as written, its one
+//!   validation with errors naming the key, the validated `Policy`).
 //! - [`metric_names`]: the name, kind and help of every exported metric,
 //!   shared so both transports report under the same names.
 //! - [`status`]: application status codes carried in error frames and gRPC
@@ -37,6 +39,7 @@ pub mod forward;
 pub mod frame;
 pub mod metric_names;
 pub mod peer;
+pub mod policy;
 pub mod routes;
 pub mod rpc;
 pub mod status;

@@ -110,6 +110,15 @@ metrics! {
     /// Policy changes.
     ROUTER_POLICY_CHANGES = "tern_router_policy_changes_total", Counter,
         "Transport policy changes applied on this node.";
+    /// Changes of the policy in force or its source, by the new source.
+    TRANSPORT_POLICY_CHANGES = "tern_transport_policy_changes_total", Counter,
+        "Changes of the transport policy in force or of where it comes from, by the new source (file, node, group, all, default).";
+    /// 1 for the source of the policy in force, 0 for the others.
+    TRANSPORT_POLICY_SOURCE = "tern_transport_policy_source", Gauge,
+        "1 for where the transport policy in force comes from (file, node, group, all, default), 0 for the others.";
+    /// Desired policies this node could not run.
+    TRANSPORT_POLICY_REFUSED = "tern_transport_policy_refused_total", Counter,
+        "Desired transport policies from the cluster this node refused (it cannot run them, e.g. iroh without listen.iroh).";
     /// Elections started.
     RAFT_ELECTIONS = "tern_raft_elections_total", Counter,
         "Raft elections this node started or took part in as candidate.";

@@ -473,6 +473,17 @@ pub enum ProposeRefused {
         /// The caller's node id(s).
         caller: String,
     },
+    /// A label change names another node.
+    #[error(
+        "set-node-labels names node {node}, but the caller is node {caller}: \
+         a node records only its own labels"
+    )]
+    NotTheLabelledNode {
+        /// The node the change names.
+        node: NodeId,
+        /// The caller's node id(s).
+        caller: String,
+    },
 }
 
 /// The name of a command, for refusals and logs.
@@ -493,6 +504,8 @@ pub fn command_name(command: &Command) -> &'static str {
         Command::RecordMembership { .. } => "record-membership",
         Command::SetNetworkPool { .. } => "set-network-pool",
         Command::CreateVmWithData { .. } => "create-vm-with-data",
+        Command::SetNodeLabels { .. } => "set-node-labels",
+        Command::SetTransportPolicy { .. } => "set-transport-policy",
     }
 }
 
@@ -502,6 +515,8 @@ pub fn command_name(command: &Command) -> &'static str {
 /// - [`Command::ReportVm`] naming the caller itself as the reporter (its
 ///   reconciler's observation of a VM placed on it; the state refuses a
 ///   report from a node the VM is not placed on);
+/// - [`Command::SetNodeLabels`] naming the caller itself (a node records
+///   its own labels);
 /// - [`Command::CreateVm`] (and [`Command::CreateVmWithData`]),
 ///   [`Command::SetVmDesired`] and
 ///   [`Command::MigrateVm`]: an operator's VM call that reached a
@@ -513,7 +528,8 @@ pub fn command_name(command: &Command) -> &'static str {
 /// token and the caller), [`Command::PutMeta`] (it has `Cluster/MetaPut`),
 /// the admission commands (tokens, admissions and membership records: the
 /// leader's alone), [`Command::SetNetworkPool`] (the leader proposes its
-/// configured pool itself), and the raw record writes [`Command::PutVm`] and
+/// configured pool itself), [`Command::SetTransportPolicy`] (it has
+/// `Cluster/TransportSet`, where the operator role is checked), and the raw record writes [`Command::PutVm`] and
 /// [`Command::DeleteVm`]
 /// (tools and tests on the leader only). The match names every command,
 /// so a new one is refused here until someone decides otherwise.
@@ -526,6 +542,17 @@ pub fn check_proposal(command: &Command, caller: &BTreeSet<NodeId>) -> Result<()
                 let ids: Vec<String> = caller.iter().map(ToString::to_string).collect();
                 Err(ProposeRefused::NotTheReporter {
                     reporter: report.node_id,
+                    caller: ids.join(" or "),
+                })
+            }
+        }
+        Command::SetNodeLabels { node_id, .. } => {
+            if caller.contains(node_id) {
+                Ok(())
+            } else {
+                let ids: Vec<String> = caller.iter().map(ToString::to_string).collect();
+                Err(ProposeRefused::NotTheLabelledNode {
+                    node: *node_id,
                     caller: ids.join(" or "),
                 })
             }
@@ -543,7 +570,8 @@ pub fn check_proposal(command: &Command, caller: &BTreeSet<NodeId>) -> Result<()
         | Command::RevokeJoinToken { .. }
         | Command::AdmitNode { .. }
         | Command::RecordMembership { .. }
-        | Command::SetNetworkPool { .. } => Err(ProposeRefused::NotAllowed {
+        | Command::SetNetworkPool { .. }
+        | Command::SetTransportPolicy { .. } => Err(ProposeRefused::NotAllowed {
             command: command_name(command),
         }),
     }
@@ -884,5 +912,29 @@ mod tests {
             user_data: "x".into(),
         };
         assert_eq!(check_proposal(&with_data, &me), Ok(()));
+        // A node records its own labels only; policies go through
+        // Cluster/TransportSet, where the operator role is checked.
+        let labels = |node_id| Command::SetNodeLabels {
+            request_id: "l".into(),
+            node_id,
+            labels: [("zone".to_owned(), "a".to_owned())].into(),
+        };
+        let mine = *me.iter().next().unwrap();
+        assert_eq!(check_proposal(&labels(mine), &me), Ok(()));
+        assert!(matches!(
+            check_proposal(&labels(mine + 100), &me),
+            Err(ProposeRefused::NotTheLabelledNode { .. })
+        ));
+        let policy = Command::SetTransportPolicy {
+            request_id: "t".into(),
+            target: tern_state::PolicyTarget::All,
+            policy: None,
+        };
+        assert_eq!(
+            check_proposal(&policy, &me),
+            Err(ProposeRefused::NotAllowed {
+                command: "set-transport-policy"
+            })
+        );
     }
 }

@@ -16,6 +16,9 @@
 //!   that no service names openraft.
 //! - [`node_info`]: [`node_info::NodeInfo`], the node's addresses, transport
 //!   policy, transport health, version and start time.
+//! - [`policy`]: which transport policy the node runs (its file's pin,
+//!   else the cluster's desired policy, else the default), following the
+//!   applied state; and the node's labels recorded in the state.
 //! - [`health`]: the Health service (liveness, readiness, transports) and
 //!   the reports the node copies into `grpc.health.v1`.
 //! - [`status`]: the Status service.
@@ -45,6 +48,7 @@ pub mod consensus;
 pub mod health;
 pub mod monitoring;
 pub mod node_info;
+pub mod policy;
 pub mod reconciler;
 pub mod status;
 pub mod vm;

@@ -18,6 +18,10 @@ pub trait NodeInfo: Send + Sync + 'static {
     /// The transport policy in force now.
     fn policy(&self) -> pb::TransportPolicy;
 
+    /// Where the policy in force comes from: `file`, `node`, `group
+    /// KEY=VALUE`, `all` or `default` (`tern_state::PolicySource`).
+    fn policy_source(&self) -> String;
+
     /// The health of each transport the node serves (one entry per
     /// transport), as the node sees it.
     fn transports(&self) -> Vec<pb::TransportHealth>;
@@ -37,6 +41,8 @@ pub struct StaticNodeInfo {
     pub address: pb::PeerAddress,
     /// See [`NodeInfo::policy`].
     pub policy: pb::TransportPolicy,
+    /// See [`NodeInfo::policy_source`].
+    pub policy_source: String,
     /// See [`NodeInfo::transports`].
     pub transports: Vec<pb::TransportHealth>,
     /// See [`NodeInfo::version`].
@@ -52,6 +58,10 @@ impl NodeInfo for StaticNodeInfo {
 
     fn policy(&self) -> pb::TransportPolicy {
         self.policy.clone()
+    }
+
+    fn policy_source(&self) -> String {
+        self.policy_source.clone()
     }
 
     fn transports(&self) -> Vec<pb::TransportHealth> {

@@ -1,7 +1,9 @@
 //! Status: who this node is, what it knows of the cluster (Raft role,
 //! term, leader, membership with voter flags and capacities, commit and
-//! applied index) and the transport policy in force, with its version and
-//! uptime. Served as `Status/Get`.
+//! applied index) and the transport policy in force with where it comes
+//! from (the node's file, or the cluster's desired policy for it), every
+//! member's desired policy and labels, its version and uptime. Served as
+//! `Status/Get`.
 
 use std::sync::{Arc, LazyLock};
 use std::time::Instant;
@@ -12,7 +14,7 @@ use tern_protocol::catalog::{Method, methods};
 use tern_protocol::{
     BoxFuture, Handler, RequestContext, RouteError, Routes, ServiceId, Status, pb,
 };
-use tern_state::Member;
+use tern_state::{ClusterState, Member, PolicySource};
 
 use crate::consensus::{Consensus, RaftRole};
 use crate::node_info::NodeInfo;
@@ -49,6 +51,15 @@ impl StatusService {
             policy: Some(self.node.policy()),
             version: self.node.version(),
             uptime_ms: u64::try_from(uptime.as_millis()).unwrap_or(u64::MAX),
+            policy_source: self.node.policy_source(),
+            desired: {
+                let mut desired = Vec::new();
+                // A state that cannot be read (Raft stopped) shows none.
+                let _ = self
+                    .consensus
+                    .read(&mut |state| desired = desired_policies(state));
+                desired
+            },
         }
     }
 
@@ -66,6 +77,31 @@ fn role(role: RaftRole) -> pb::RaftRole {
         RaftRole::Learner => pb::RaftRole::Learner,
         RaftRole::Shutdown => pb::RaftRole::Shutdown,
     }
+}
+
+/// Every member's desired transport policy (node > group > all), its
+/// source and the member's labels, from the replicated state.
+pub fn desired_policies(state: &ClusterState) -> Vec<pb::NodePolicy> {
+    state
+        .members()
+        .keys()
+        .map(|id| {
+            let (policy, source) = match state.desired_policy(*id) {
+                Some((p, source)) => (Some(p.to_pb()), source),
+                None => (None, PolicySource::Default),
+            };
+            pb::NodePolicy {
+                node_id: *id,
+                policy,
+                source: source.to_string(),
+                labels: state
+                    .node_labels()
+                    .get(id)
+                    .map(|l| l.clone().into_iter().collect())
+                    .unwrap_or_default(),
+            }
+        })
+        .collect()
 }
 
 /// A member as `tern.v1.Member`.

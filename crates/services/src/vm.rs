@@ -428,7 +428,10 @@ pub fn rejection_status(why: &Rejection) -> Status {
         | Rejection::InvalidMetaKey { .. }
         | Rejection::MetaValueTooLarge { .. }
         | Rejection::InvalidToken { .. }
-        | Rejection::InvalidPool { .. } => Code::InvalidArgument,
+        | Rejection::InvalidPool { .. }
+        | Rejection::InvalidLabels { .. }
+        | Rejection::InvalidPolicy { .. }
+        | Rejection::EmptyGroup { .. } => Code::InvalidArgument,
         Rejection::NoCapacity { .. }
         | Rejection::NodeFull { .. }
         | Rejection::NodeIdsExhausted
@@ -436,6 +439,7 @@ pub fn rejection_status(why: &Rejection) -> Status {
         | Rejection::MetaFull
         | Rejection::AccessFull
         | Rejection::TokensFull
+        | Rejection::TooManyGroupPolicies
         | Rejection::AddressPoolExhausted { .. } => Code::ResourceExhausted,
         Rejection::NotAdmin { .. }
         | Rejection::TokenExpired { .. }

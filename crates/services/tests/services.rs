@@ -59,6 +59,9 @@ impl NodeInfo for Info {
             fallback_to_grpc: true,
         }
     }
+    fn policy_source(&self) -> String {
+        "file".into()
+    }
     fn transports(&self) -> Vec<pb::TransportHealth> {
         vec![
             pb::TransportHealth {

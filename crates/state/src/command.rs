@@ -184,6 +184,30 @@ pub enum Command {
         /// The pool.
         pool: Ipv4Net,
     },
+    /// Record a node's labels ([`crate::policy`]); an empty set removes
+    /// them. A node proposes its own (`Raft/Propose` admits only the
+    /// caller's own node id) when its config's differ from the state's.
+    SetNodeLabels {
+        /// Deduplication id.
+        request_id: RequestId,
+        /// The node (a member).
+        node_id: NodeId,
+        /// At most [`crate::policy::MAX_LABELS`], checked by
+        /// [`crate::policy::check_labels`].
+        labels: crate::policy::Labels,
+    },
+    /// Set (`Some`) or clear (`None`) the desired transport policy of a
+    /// node, a group or all ([`crate::policy`]). The policy gets the
+    /// config file's validation; a node must be a member, a group must
+    /// select one.
+    SetTransportPolicy {
+        /// Deduplication id.
+        request_id: RequestId,
+        /// Whom it is for.
+        target: crate::policy::PolicyTarget,
+        /// The policy, or `None` to clear.
+        policy: Option<tern_protocol::policy::TransportConfig>,
+    },
 }
 
 impl Command {
@@ -205,6 +229,8 @@ impl Command {
             | Command::AdmitNode { request_id, .. }
             | Command::RecordMembership { request_id, .. }
             | Command::SetNetworkPool { request_id, .. }
+            | Command::SetNodeLabels { request_id, .. }
+            | Command::SetTransportPolicy { request_id, .. }
             | Command::CreateVmWithData { request_id, .. } => Some(request_id),
         }
     }
@@ -306,6 +332,27 @@ impl std::fmt::Display for Command {
             Command::SetNetworkPool { request_id, pool } => {
                 write!(f, "set-network-pool {pool} req={request_id}")
             }
+            Command::SetNodeLabels {
+                request_id,
+                node_id,
+                labels,
+            } => write!(
+                f,
+                "set-node-labels node={node_id} ({} labels) req={request_id}",
+                labels.len()
+            ),
+            Command::SetTransportPolicy {
+                request_id,
+                target,
+                policy,
+            } => match policy {
+                Some(p) => write!(
+                    f,
+                    "set-transport-policy {target} mode={} req={request_id}",
+                    p.mode.as_str()
+                ),
+                None => write!(f, "clear-transport-policy {target} req={request_id}"),
+            },
         }
     }
 }
@@ -544,4 +591,30 @@ pub enum Rejection {
         /// The pool.
         pool: String,
     },
+    /// Labels or a selector that break the label rules.
+    #[error("{why}")]
+    InvalidLabels {
+        /// What is wrong (names the key or value).
+        why: String,
+    },
+    /// A transport policy the config file's validation refuses.
+    #[error("{key}: {reason}")]
+    InvalidPolicy {
+        /// The key at fault, e.g. `transport.mode`.
+        key: String,
+        /// Why.
+        reason: String,
+    },
+    /// A group policy whose selector names no node's labels.
+    #[error("group {selector} selects no node: no member has that label (see tern status)")]
+    EmptyGroup {
+        /// The selector.
+        selector: String,
+    },
+    /// [`crate::policy::MAX_GROUP_POLICIES`] group policies are set.
+    #[error(
+        "{} group policies are set; clear some first",
+        crate::policy::MAX_GROUP_POLICIES
+    )]
+    TooManyGroupPolicies,
 }

@@ -26,6 +26,8 @@
 //!   records of membership changes.
 //! - [`events`]: the bounded history of VM changes with their revisions
 //!   (log indexes), which `Vm/Watch` serves.
+//! - [`policy`]: node labels, group selectors, and the desired transport
+//!   policies per node, group and all, with their precedence.
 //! - [`dedup`]: the table of recent request ids and their answers.
 //! - [`limits`]: the size limits every write is checked against before it
 //!   is proposed ([`limits::check_command`]), as named constants.
@@ -39,6 +41,7 @@ pub mod limits;
 pub mod member;
 pub mod meta;
 pub mod network;
+pub mod policy;
 pub mod state;
 pub mod vm;
 
@@ -53,5 +56,9 @@ pub use meta::{
     MAX_META_KEY_LEN, MAX_META_KEYS, MAX_META_VALUE_LEN, MetaEntry, check_meta, check_meta_key,
 };
 pub use network::{Ipv4Net, Lease, NetworkState};
+pub use policy::{
+    DesiredPolicies, LabelError, Labels, MAX_LABEL_LEN, MAX_LABELS, PolicySource, PolicyTarget,
+    Selector, check_labels, check_policy,
+};
 pub use state::ClusterState;
 pub use vm::{VmRecord, VmReport, VmSpec, VmState};

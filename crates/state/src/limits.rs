@@ -225,6 +225,18 @@ pub fn check_member(member: &Member) -> Result<(), LimitError> {
     Ok(())
 }
 
+fn count(field: &str, len: usize, max: usize) -> Result<(), LimitError> {
+    if len > max {
+        return Err(LimitError::Field {
+            field: field.into(),
+            len,
+            max,
+            unit: "entries",
+        });
+    }
+    Ok(())
+}
+
 /// Checks every field of `command` against its limit, then its encoded
 /// size against [`MAX_REQUEST_BYTES`]. Call it before proposing.
 pub fn check_command(command: &Command) -> Result<(), LimitError> {
@@ -258,6 +270,20 @@ pub fn check_command(command: &Command) -> Result<(), LimitError> {
         Command::PutMeta { key, value, .. } => {
             bytes("key", key, MAX_META_KEY_LEN)?;
             bytes("value", value, MAX_META_VALUE_LEN)?;
+        }
+        // Their contents are checked at apply (a refusal names the field);
+        // here only their counts, so no write is padded past them.
+        Command::SetNodeLabels { labels, .. } => {
+            count("labels", labels.len(), crate::policy::MAX_LABELS)?
+        }
+        Command::SetTransportPolicy { policy, .. } => {
+            if let Some(p) = policy {
+                count(
+                    "policy.prefer_iroh",
+                    p.migration.prefer_iroh.len(),
+                    crate::policy::MAX_PREFER_IROH,
+                )?;
+            }
         }
     }
     let len = encoded_len(command);

@@ -107,6 +107,7 @@ impl ClusterState {
             }
         }
         self.members = members;
+        self.forget_departed();
     }
 
     /// Current members by node id.

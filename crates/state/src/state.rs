@@ -29,6 +29,7 @@ use crate::limits::MAX_REQUEST_ID_LEN;
 use crate::member::{FIRST_NODE_ID, Member, NodeId};
 use crate::meta::MetaEntry;
 use crate::network::NetworkState;
+use crate::policy::{DesiredPolicies, Labels};
 use crate::vm::{VmIndex, VmRecord};
 
 /// The replicated cluster state.
@@ -70,6 +71,10 @@ pub struct ClusterState {
     /// Operator user data of the VMs that have some, by VM id (snapshot
     /// format 6 on).
     pub(crate) user_data: BTreeMap<String, String>,
+    /// Each member's labels (snapshot format 7 on).
+    pub(crate) node_labels: BTreeMap<NodeId, Labels>,
+    /// The desired transport policies (snapshot format 7 on).
+    pub(crate) policies: DesiredPolicies,
     /// Indexes over `vms` (names, reserved capacity), derived from them:
     /// not serialized, rebuilt on decoding.
     #[serde(skip)]
@@ -95,6 +100,8 @@ struct StoredState {
     vm_history: VmHistory,
     network: NetworkState,
     user_data: BTreeMap<String, String>,
+    node_labels: BTreeMap<NodeId, Labels>,
+    policies: DesiredPolicies,
 }
 
 impl From<StoredState> for ClusterState {
@@ -115,7 +122,55 @@ impl From<StoredState> for ClusterState {
             vm_history: s.vm_history,
             network: s.network.reindexed(),
             user_data: s.user_data,
+            node_labels: s.node_labels,
+            policies: s.policies,
         }
+    }
+}
+
+/// The cluster state as snapshot format 6 wrote it, before node labels and
+/// desired transport policies: the same fields in the same order, without
+/// the last two. Read so that a node upgraded in place keeps its state; it
+/// has no labels (each node records its own when it next starts) and no
+/// desired policy (every node runs its file or the default, as before).
+#[derive(Debug, Deserialize)]
+pub struct ClusterStateV6 {
+    members: BTreeMap<NodeId, Member>,
+    node_ids: BTreeMap<PeerId, NodeId>,
+    next_node_id: NodeId,
+    vms: BTreeMap<String, VmRecord>,
+    dedup: DedupTable,
+    next_vm_number: u64,
+    meta: BTreeMap<String, MetaEntry>,
+    access: BTreeMap<PeerId, BTreeSet<Role>>,
+    audit_log: VecDeque<AuditEvent>,
+    next_audit_seq: u64,
+    tokens: BTreeMap<String, JoinTokenRecord>,
+    vm_history: VmHistory,
+    network: NetworkState,
+    user_data: BTreeMap<String, String>,
+}
+
+impl From<ClusterStateV6> for ClusterState {
+    fn from(v6: ClusterStateV6) -> ClusterState {
+        ClusterState::from(StoredState {
+            members: v6.members,
+            node_ids: v6.node_ids,
+            next_node_id: v6.next_node_id,
+            vms: v6.vms,
+            dedup: v6.dedup,
+            next_vm_number: v6.next_vm_number,
+            meta: v6.meta,
+            access: v6.access,
+            audit_log: v6.audit_log,
+            next_audit_seq: v6.next_audit_seq,
+            tokens: v6.tokens,
+            vm_history: v6.vm_history,
+            network: v6.network,
+            user_data: v6.user_data,
+            node_labels: BTreeMap::new(),
+            policies: DesiredPolicies::default(),
+        })
     }
 }
 
@@ -158,6 +213,8 @@ impl From<ClusterStateV5> for ClusterState {
             vm_history: v5.vm_history,
             network: NetworkState::default(),
             user_data: BTreeMap::new(),
+            node_labels: BTreeMap::new(),
+            policies: DesiredPolicies::default(),
         }
     }
 }
@@ -201,6 +258,8 @@ impl From<ClusterStateV4> for ClusterState {
             vm_history: VmHistory::default(),
             network: NetworkState::default(),
             user_data: BTreeMap::new(),
+            node_labels: BTreeMap::new(),
+            policies: DesiredPolicies::default(),
         }
     }
 }
@@ -257,6 +316,8 @@ impl From<ClusterStateV3> for ClusterState {
             vm_history: VmHistory::default(),
             network: NetworkState::default(),
             user_data: BTreeMap::new(),
+            node_labels: BTreeMap::new(),
+            policies: DesiredPolicies::default(),
         }
     }
 }
@@ -294,6 +355,8 @@ impl Default for ClusterState {
             vm_history: VmHistory::default(),
             network: NetworkState::default(),
             user_data: BTreeMap::new(),
+            node_labels: BTreeMap::new(),
+            policies: DesiredPolicies::default(),
             index: VmIndex::default(),
         }
     }
@@ -385,6 +448,12 @@ impl ClusterState {
                 ..
             } => self.record_membership(change, by, at_unix_ms),
             Command::SetNetworkPool { pool, .. } => self.set_network_pool(pool),
+            Command::SetNodeLabels {
+                node_id, labels, ..
+            } => self.set_node_labels(node_id, labels),
+            Command::SetTransportPolicy { target, policy, .. } => {
+                self.set_transport_policy(target, policy)
+            }
         }
     }
 }

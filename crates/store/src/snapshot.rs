@@ -41,13 +41,16 @@ const MAGIC: &[u8; 8] = b"TERNSNAP";
 /// revision (`tern_state::events`).
 /// Version 6: the state gained the guest network's pool and leases
 /// (`tern_state::network`) and the VMs' user data.
-pub const SNAPSHOT_FORMAT_VERSION: u32 = 6;
+/// Version 7: the state gained node labels and the desired transport
+/// policies (`tern_state::policy`).
+pub const SNAPSHOT_FORMAT_VERSION: u32 = 7;
 /// The oldest format still read: version 2's state is version 3's without
 /// its trailing access fields ([`tern_state::state::ClusterStateV2`]),
 /// version 3's has the access log in its own layout and no tokens
 /// ([`tern_state::state::ClusterStateV3`]), version 4's has no history of
 /// VM changes ([`tern_state::state::ClusterStateV4`]), version 5's no guest
-/// network ([`tern_state::state::ClusterStateV5`]); so a node upgraded
+/// network ([`tern_state::state::ClusterStateV5`]), version 6's no labels
+/// and desired policies ([`tern_state::state::ClusterStateV6`]); so a node upgraded
 /// in place keeps its data. A state of an older format gets an empty
 /// history, whole after the snapshot's last index.
 pub const OLDEST_READABLE_FORMAT: u32 = 2;
@@ -488,6 +491,12 @@ pub(crate) fn read_snapshot(
         postcard::from_io::<ClusterState, _>((reader, &mut scratch))
             .map_err(|e| corrupt(path, format!("state: {e}")))?
             .0
+    } else if version == 6 {
+        let (old, _) =
+            postcard::from_io::<tern_state::state::ClusterStateV6, _>((reader, &mut scratch))
+                .map_err(|e| corrupt(path, format!("state (format {version}): {e}")))?;
+        tracing::info!(path = %path.display(), version, "read a snapshot of an older format; it has no node labels or desired transport policies until they are set");
+        ClusterState::from(old)
     } else if version == 5 {
         let (old, _) =
             postcard::from_io::<tern_state::state::ClusterStateV5, _>((reader, &mut scratch))
@@ -526,12 +535,26 @@ mod format_tests {
     use super::*;
     use tern_state::Command;
 
-    /// The body of a format 6 file of a state with no pool set and no
-    /// user data, without the trailing network and user data (no pool, no
-    /// leases, cursor 0, no user data: one byte each in postcard): the
-    /// body format 5 wrote.
-    fn without_network(bytes: &[u8]) -> &[u8] {
+    /// The body of a format 7 file of a state with no labels and no
+    /// desired policy, without them (no labels; no node, no group
+    /// policies, none for all: one byte each in postcard): the body format
+    /// 6 wrote.
+    fn without_policies(bytes: &[u8]) -> &[u8] {
         let body = &bytes[..bytes.len() - TRAILER_LEN as usize];
+        assert_eq!(
+            &body[body.len() - 4..],
+            &[0, 0, 0, 0],
+            "no labels or policies"
+        );
+        &body[..body.len() - 4]
+    }
+
+    /// The body of a format 7 file of a state with no pool set, no user
+    /// data, no labels and no policies, without the trailing network and
+    /// user data as well (no pool, no leases, cursor 0, no user data: one
+    /// byte each in postcard): the body format 5 wrote.
+    fn without_network(bytes: &[u8]) -> &[u8] {
+        let body = without_policies(bytes);
         assert_eq!(&body[body.len() - 4..], &[0, 0, 0, 0], "no network");
         &body[..body.len() - 4]
     }
@@ -574,6 +597,36 @@ mod format_tests {
         let (_, read) = read_snapshot(&file, Verify::Checksum).unwrap();
         assert_eq!(read, state, "the state comes back whole");
         assert!(read.network().pool().is_none());
+    }
+
+    /// A snapshot written by format 6 (no labels, no desired policies)
+    /// opens with its state intact and none of either.
+    #[test]
+    fn a_format_6_snapshot_is_read_without_labels_or_policies() {
+        let dir = tempfile::tempdir().unwrap();
+        let snaps = SnapshotDir::open(dir.path()).unwrap();
+        let mut state = ClusterState::default();
+        state.apply_at(
+            1,
+            Command::PutMeta {
+                request_id: "r1".into(),
+                key: "zone".into(),
+                value: "e".into(),
+            },
+        );
+        let file = snaps
+            .write_current(&SnapshotMeta::default(), &state)
+            .unwrap();
+        let bytes = std::fs::read(file.path()).unwrap();
+        let old = rewrite_as(without_policies(&bytes), 6);
+        let path = file.path().to_owned();
+        drop(file);
+        std::fs::write(&path, &old).unwrap();
+        let file = snaps.open_current().unwrap().unwrap();
+        let (_, read) = read_snapshot(&file, Verify::Checksum).unwrap();
+        assert_eq!(read, state, "the state comes back whole");
+        assert!(read.node_labels().is_empty());
+        assert_eq!(read.desired_policy(1), None);
     }
 
     fn rewrite_as(body: &[u8], version: u32) -> Vec<u8> {
@@ -624,16 +677,23 @@ mod format_tests {
     proptest::proptest! {
         #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
 
-        /// Whatever VM changes a state went through, its format 6 snapshot
-        /// brings back the same state, history, revision and leases
-        /// included.
+        /// Whatever VM, label and policy changes a state went through, its
+        /// format 7 snapshot brings back the same state, history,
+        /// revision, leases, labels and desired policies included.
         #[test]
         fn a_state_with_history_round_trips_through_a_snapshot(
-            ops in proptest::collection::vec((0u8..5, 0u8..6, 0usize..300), 0..80)
+            ops in proptest::collection::vec((0u8..8, 0u8..6, 0usize..300), 0..80)
         ) {
             let dir = tempfile::tempdir().unwrap();
             let snaps = SnapshotDir::open(dir.path()).unwrap();
             let mut state = ClusterState::default();
+            let members: Vec<(u64, tern_state::Member)> = (1u8..=3)
+                .map(|i| (u64::from(i), tern_state::Member::new(
+                    tern_protocol::PeerAddr::new(tern_protocol::PeerId::from_bytes([i; 32])),
+                    tern_state::Capacity::default(),
+                )))
+                .collect();
+            state.apply_membership(members.iter().map(|(id, m)| (id, m)));
             for (i, (op, n, pad)) in ops.into_iter().enumerate() {
                 let index = i as u64 + 1;
                 let vm_id = format!("vm-{n}");
@@ -655,6 +715,25 @@ mod format_tests {
                         request_id: format!("n{index}"),
                         pool: "10.7.0.0/24".parse().unwrap(),
                     },
+                    5 => Command::SetNodeLabels {
+                        request_id: format!("l{index}"),
+                        node_id: u64::from(n % 4),
+                        labels: [("zone".to_owned(), format!("z{}", pad % 3))].into(),
+                    },
+                    6 | 7 => Command::SetTransportPolicy {
+                        request_id: format!("t{index}"),
+                        target: match n % 3 {
+                            0 => tern_state::PolicyTarget::Node(u64::from(n)),
+                            1 => tern_state::PolicyTarget::Group(
+                                tern_state::Selector::parse(&format!("zone=z{}", pad % 3)).unwrap(),
+                            ),
+                            _ => tern_state::PolicyTarget::All,
+                        },
+                        policy: (op == 6).then(|| tern_protocol::policy::TransportConfig {
+                            mode: tern_protocol::policy::Mode::Dual,
+                            ..Default::default()
+                        }),
+                    },
                     _ => Command::PutMeta {
                         request_id: format!("m{index}"),
                         key: "k".into(),
@@ -674,7 +753,7 @@ mod format_tests {
         #[test]
         fn arbitrary_state_bytes_never_panic(
             tail in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512),
-            version in 2u32..=6,
+            version in 2u32..=7,
         ) {
             let dir = tempfile::tempdir().unwrap();
             let snaps = SnapshotDir::open(dir.path()).unwrap();

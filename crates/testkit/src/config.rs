@@ -134,7 +134,7 @@ pub fn read(path: &Path) -> anyhow::Result<Config> {
 /// applies it on SIGHUP).
 pub fn set_transport(path: &Path, transport: &TransportConfig) -> anyhow::Result<()> {
     let mut config = read(path)?;
-    config.transport = transport.clone();
+    config.transport = Some(transport.clone());
     write(path, &config)
 }
 
@@ -163,7 +163,7 @@ mod tests {
         );
         join(&mut c, &seed);
         c.access.admins = crate::keys::admin_ids();
-        c.transport = dual(&["all_except_raft"], RaftTransport::Iroh);
+        c.transport = Some(dual(&["all_except_raft"], RaftTransport::Iroh));
         let text = c.to_toml().unwrap();
         let checked = Config::parse(&text).unwrap();
         assert_eq!(
@@ -182,11 +182,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("n1.toml");
         let mut c = node(&dir.path().join("n1"), loopback(), "token");
-        c.transport = grpc();
+        c.transport = Some(grpc());
         write(&path, &c).unwrap();
         set_transport(&path, &iroh()).unwrap();
         let back = Config::load(&path).unwrap();
-        assert_eq!(back.config.transport.mode, Mode::Iroh);
+        assert_eq!(back.config.transport.map(|t| t.mode), Some(Mode::Iroh));
         assert_eq!(back.config.cluster.join_token.as_deref(), Some("token"));
         assert_eq!(back.config.listen.grpc, c.listen.grpc);
     }

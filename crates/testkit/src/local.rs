@@ -126,7 +126,7 @@ fn node_config(
     };
     let mut c = config::node(dir, config::listen_on(ip, ports), JOIN_TOKEN);
     c.access.admins = crate::keys::admin_ids();
-    c.transport = transport.clone();
+    c.transport = Some(transport.clone());
     if let Some(seed) = seed {
         config::join(&mut c, seed);
     }

@@ -326,7 +326,7 @@ fn node_config(
     c.iroh.relay_url = Some(relay.url.clone());
     c.iroh.relay_ca_cert = Some(relay.ca_file.clone());
     c.access.admins = crate::keys::admin_ids();
-    c.transport = config::iroh();
+    c.transport = Some(config::iroh());
     if let Some((id, addr)) = seed {
         c.cluster.join = vec![SeedConfig {
             id: id.to_owned(),
