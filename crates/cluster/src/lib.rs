@@ -23,11 +23,15 @@
 //!   `max_voters`, the largest declared capacity).
 //! - [`access`]: the access table's Cluster calls (grant, revoke, list
 //!   with the audit log), served by the leader.
+//! - [`address`]: [`address::keep_recorded`], which keeps this node's
+//!   addresses in the membership true while they change (asks the leader,
+//!   rate-limited, retried, newest first).
 //! - [`consensus`]: [`RaftConsensus`], the services' `Consensus` trait
 //!   over a running [`RaftNode`] (writes forwarded to the leader, the
 //!   applied state, the Raft status watch).
 
 pub mod access;
+pub mod address;
 pub mod admission;
 pub mod consensus;
 pub mod membership;

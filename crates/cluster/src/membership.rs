@@ -325,7 +325,17 @@ pub(crate) async fn join(
             Some(ChangeMembers::AddNodes(BTreeMap::from([(id, record)])))
         }
         Some(existing) if *existing != record => {
-            tracing::info!(node = id, "updating a member's address and capacity");
+            if !crate::address::same_addresses(&existing.addr, &record.addr) {
+                tracing::info!(
+                    node = id,
+                    old = %crate::address::describe(&existing.addr),
+                    new = %crate::address::describe(&record.addr),
+                    "recording a member's new addresses (asked by the member itself)"
+                );
+                count_address_update();
+            } else {
+                tracing::info!(node = id, "updating a member's capacity");
+            }
             Some(ChangeMembers::SetNodes(BTreeMap::from([(id, record)])))
         }
         Some(_) => None,
@@ -377,6 +387,46 @@ pub(crate) async fn join(
     }
     .encode_to_vec()
     .into())
+}
+
+/// Counts an address update the leader records.
+fn count_address_update() {
+    ::metrics::counter!(tern_protocol::metric_names::MEMBERSHIP_ADDRESS_UPDATES).increment(1);
+}
+
+/// The leader records its own new addresses (see [`crate::address`]):
+/// its member record with `me`'s addresses, capacity unchanged.
+pub(crate) async fn record_own_address(node: &Arc<Attached>, me: &Member) -> Result<(), Status> {
+    ensure_leader(node)?;
+    let stored = node
+        .raft
+        .metrics()
+        .borrow_watched()
+        .membership_config
+        .clone();
+    let Some(existing) = stored.membership().get_node(&node.id) else {
+        return Err(failed_precondition("this node is not in the membership"));
+    };
+    if crate::address::same_addresses(&existing.addr, &me.addr) {
+        return Ok(());
+    }
+    let record = Member::new(me.addr.clone(), existing.capacity);
+    tern_state::limits::check_member(&record)
+        .map_err(|e| Status::invalid_argument(format!("own address: {e}")))?;
+    tracing::info!(
+        node = node.id,
+        old = %crate::address::describe(&existing.addr),
+        new = %crate::address::describe(&record.addr),
+        "recording the leader's own new addresses"
+    );
+    change_membership(
+        &node.raft,
+        ChangeMembers::SetNodes(BTreeMap::from([(node.id, record)])),
+        true,
+    )
+    .await?;
+    count_address_update();
+    Ok(())
 }
 
 /// Promotes learner `id` (added by the membership at `since`) to voter
