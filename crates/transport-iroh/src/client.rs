@@ -65,6 +65,7 @@ use tracing::debug;
 use crate::backoff;
 use crate::config::TransportLimits;
 use crate::metrics::{self, Outcome, Side};
+use crate::path_select::{LIVENESS_TICK, Liveness};
 use crate::transport::{Tracker, TrackerGuard};
 use crate::wire::{
     self, CLOSE_SHUTTING_DOWN, ReadFrameError, STREAM_CANCELLED, STREAM_DEADLINE_EXCEEDED,
@@ -98,6 +99,9 @@ pub struct IrohClient {
     default_relay: Option<RelayUrl>,
     /// The endpoint's address lookup, fed with every address a call names.
     lookup: MemoryLookup,
+    /// When the paths of the connections this client dialled last heard
+    /// from their peer (read by the endpoint's path selector).
+    liveness: Arc<Liveness>,
 }
 
 /// What the client keeps per peer.
@@ -256,10 +260,12 @@ impl IrohClient {
         limits: TransportLimits,
         default_relay: Option<RelayUrl>,
         lookup: MemoryLookup,
+        liveness: Arc<Liveness>,
     ) -> Self {
         IrohClient {
             default_relay,
             lookup,
+            liveness,
             endpoint: RwLock::new(Some(endpoint)),
             frame_limits,
             limits,
@@ -491,8 +497,9 @@ impl IrohClient {
         let closed = conn.weak_handle().closed();
         let events = conn.path_events();
         let peer = addr.id.short();
+        let sampler = sample_liveness(conn.weak_handle(), self.liveness.clone());
         tokio::spawn(async move {
-            tokio::join!(closed, settle_path(relayed, peer, events));
+            tokio::join!(closed, settle_path(relayed, peer, events), sampler);
             metrics::connection_closed();
         });
         debug!(peer = %addr.id.short(), elapsed = ?started.elapsed(), relayed, "connected");
@@ -774,6 +781,30 @@ fn check_acceptance(
 /// "relayed". Hole punching on iroh takes a few round trips; 10 s covers
 /// slow paths while still reporting an outcome for long-lived connections.
 pub const NAT_SETTLE_TIME: Duration = Duration::from_secs(10);
+
+/// Samples `conn`'s IP paths into `liveness` every [`LIVENESS_TICK`] until
+/// it closes, then forgets them (see [`crate::path_select`]).
+async fn sample_liveness(conn: iroh::endpoint::WeakConnectionHandle, liveness: Arc<Liveness>) {
+    let mut seen: Vec<std::net::SocketAddr> = Vec::new();
+    loop {
+        let Some(c) = conn.upgrade() else { break };
+        if c.close_reason().is_some() {
+            break;
+        }
+        let now = tokio::time::Instant::now().into_std();
+        for path in c.paths().iter() {
+            if let iroh::TransportAddr::Ip(remote) = path.remote_addr() {
+                liveness.observe(*remote, path.stats().udp_rx.datagrams, now);
+                if !seen.contains(remote) {
+                    seen.push(*remote);
+                }
+            }
+        }
+        drop(c);
+        tokio::time::sleep(LIVENESS_TICK).await;
+    }
+    liveness.forget(&seen);
+}
 
 /// Records the path a new connection settles on: direct at once, direct
 /// once a direct path is selected within [`NAT_SETTLE_TIME`], relayed

@@ -15,23 +15,24 @@
 //! opened and closed again at once, every hole-punch round (5 s apart),
 //! until the connection's idle timeout.
 //!
-//! The rule: iroh asks for a selection on every path event (opened,
-//! abandoned) and new connection. Between two such asks the selector
-//! remembers each path's datagram counters; a path that **sent** in
-//! between and **received nothing** is silent, and is not kept while
-//! another path is not silent. A live path always receives in between:
-//! acknowledgements of its data, answers to keep-alives (every few seconds,
-//! [`crate::config::DEFAULT_KEEP_ALIVE`]). So the first path event after a
-//! move marks the old path, and the next hole-punch round's new path is
-//! selected; the connection, and the calls on it, go on there.
+//! The rule: the client samples the paths of every connection it dialled
+//! ([`LIVENESS_TICK`]) and notes when each last received a datagram
+//! ([`Liveness`]). iroh asks for a selection on every path event (a path
+//! opened or abandoned) and new connection; the path in use is **silent**
+//! if it has heard nothing for [`SILENT_AFTER`], and it is not kept while
+//! another path exists (one iroh has just validated, or a relay path). A
+//! path with calls on it hears acknowledgements all the time. So when the
+//! peer moved and iroh's hole punching opens a path to its new address (the
+//! peer announced it over the connection), that path is selected; the
+//! connection, and the calls on it, go on there.
 //!
-//! Pure apart from the counters it keeps, which are bounded
-//! ([`MAX_TRACKED_PATHS`]); the decision itself is [`choose`], tested with
-//! plain values.
+//! The decision itself is [`choose`], pure and tested with plain values;
+//! the liveness memory is bounded ([`MAX_TRACKED_PATHS`]).
 
 use std::collections::HashMap;
-use std::sync::Mutex;
-use std::time::Duration;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use iroh::endpoint::transports::{FourTuple, PathSelection, PathSelectionContext, PathSelector};
 
@@ -39,8 +40,17 @@ use iroh::endpoint::transports::{FourTuple, PathSelection, PathSelectionContext,
 /// least this much shorter (iroh's own stickiness, so paths do not flap).
 pub const RTT_SWITCHING_MIN: Duration = Duration::from_millis(5);
 
-/// Paths whose counters are remembered, over all peers; beyond it the
-/// memory starts again (every path then counts as new once: never silent).
+/// The path in use is silent when it has heard nothing for this long.
+/// Shorter than the keep-alive ([`crate::config::DEFAULT_KEEP_ALIVE`]),
+/// so an idle live path may count as silent: it is then let go only for
+/// another path, one iroh has just validated, which costs nothing.
+pub const SILENT_AFTER: Duration = Duration::from_secs(2);
+
+/// How often the client samples its connections' paths for [`Liveness`].
+pub const LIVENESS_TICK: Duration = Duration::from_millis(500);
+
+/// Paths whose liveness is remembered, over all peers; beyond it new
+/// paths are not sampled (and so never count as silent).
 pub const MAX_TRACKED_PATHS: usize = 4096;
 
 /// Preference class of a path: lower wins.
@@ -91,11 +101,61 @@ pub fn choose(paths: &[Candidate]) -> Option<usize> {
     }
 }
 
-/// iroh's path selection with silent paths let go (see the module docs).
+/// When each path of the connections this node dialled last heard from
+/// its peer: sampled by the client ([`crate::client`]) every
+/// [`LIVENESS_TICK`], read by [`LivePathSelector`]. Keyed by the path's
+/// remote address; entries leave with their connection.
 #[derive(Debug, Default)]
+pub struct Liveness {
+    paths: Mutex<HashMap<SocketAddr, (u64, Instant)>>,
+}
+
+impl Liveness {
+    /// Records that the path to `remote` has received `rx` datagrams so
+    /// far, seen at `now`.
+    pub fn observe(&self, remote: SocketAddr, rx: u64, now: Instant) {
+        let mut paths = match self.paths.lock() {
+            Ok(p) => p,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if paths.len() >= MAX_TRACKED_PATHS && !paths.contains_key(&remote) {
+            return;
+        }
+        let entry = paths.entry(remote).or_insert((rx, now));
+        if entry.0 != rx {
+            *entry = (rx, now);
+        }
+    }
+
+    /// Forgets the paths to `remotes` (their connection closed).
+    pub fn forget(&self, remotes: &[SocketAddr]) {
+        if let Ok(mut paths) = self.paths.lock() {
+            for r in remotes {
+                paths.remove(r);
+            }
+        }
+    }
+
+    /// How long the path to `remote` has heard nothing, if it is sampled.
+    pub fn silent_for(&self, remote: &SocketAddr, now: Instant) -> Option<Duration> {
+        let paths = self.paths.lock().ok()?;
+        paths
+            .get(remote)
+            .map(|(_, at)| now.saturating_duration_since(*at))
+    }
+}
+
+/// iroh's path selection with silent paths let go (see the module docs).
+#[derive(Debug)]
 pub struct LivePathSelector {
-    /// Per path: datagrams received and sent at the last selection.
-    counters: Mutex<HashMap<FourTuple, (u64, u64)>>,
+    liveness: Arc<Liveness>,
+}
+
+impl LivePathSelector {
+    /// A selector reading `liveness`.
+    pub fn new(liveness: Arc<Liveness>) -> Self {
+        LivePathSelector { liveness }
+    }
 }
 
 fn tier(path: &FourTuple) -> Tier {
@@ -108,13 +168,7 @@ fn tier(path: &FourTuple) -> Tier {
 
 impl PathSelector for LivePathSelector {
     fn select(&self, ctx: &PathSelectionContext<'_>) -> PathSelection {
-        let mut counters = match self.counters.lock() {
-            Ok(c) => c,
-            Err(poisoned) => poisoned.into_inner(),
-        };
-        if counters.len() > MAX_TRACKED_PATHS {
-            counters.clear();
-        }
+        let now = Instant::now();
         let current = ctx.current().cloned();
         let mut data = Vec::new();
         let mut candidates = Vec::new();
@@ -123,18 +177,25 @@ impl PathSelector for LivePathSelector {
                 continue;
             };
             let path = psd.network_path().clone();
-            let (rx, tx) = (stats.udp_rx.datagrams, stats.udp_tx.datagrams);
-            let silent = counters
-                .insert(path.clone(), (rx, tx))
-                .is_some_and(|(old_rx, old_tx)| tx > old_tx && rx == old_rx);
+            let is_current = current.as_ref() == Some(&path);
+            // Only the current path is let go for silence: another is new
+            // (iroh validated it just now) or about to be closed.
+            let silent = is_current
+                && match &path {
+                    FourTuple::Ip { remote, .. } => self
+                        .liveness
+                        .silent_for(remote, now)
+                        .is_some_and(|d| d >= SILENT_AFTER),
+                    _ => false,
+                };
             if silent {
-                tracing::debug!(%path, "iroh path sent but heard nothing since the last selection; not keeping it");
+                tracing::info!(%path, "the iroh path in use has heard nothing for a while; moving to another");
             }
             candidates.push(Candidate {
                 tier: tier(&path),
                 rtt: stats.rtt,
                 silent,
-                current: current.as_ref() == Some(&path),
+                current: is_current,
             });
             data.push(psd);
         }
@@ -178,12 +239,40 @@ mod tests {
 
     #[test]
     fn ip_beats_relay_and_everything_silent_keeps_the_best() {
-        let paths = [c(Tier::Relay, 1, false, true), c(Tier::Ip, 30, false, false)];
+        let paths = [
+            c(Tier::Relay, 1, false, true),
+            c(Tier::Ip, 30, false, false),
+        ];
         assert_eq!(choose(&paths), Some(1));
         let paths = [c(Tier::Ip, 2, true, true), c(Tier::Ip, 1, true, false)];
         assert_eq!(choose(&paths), Some(0));
         assert_eq!(choose(&[]), None);
         let paths = [c(Tier::Ip, 2, false, false)];
         assert_eq!(choose(&paths), Some(0));
+    }
+}
+
+#[cfg(test)]
+mod liveness_tests {
+    use super::*;
+
+    #[test]
+    fn liveness_notes_when_a_path_last_heard() {
+        let l = Liveness::default();
+        let a: SocketAddr = "10.0.0.1:7401".parse().unwrap();
+        let t0 = Instant::now();
+        l.observe(a, 5, t0);
+        l.observe(a, 5, t0 + Duration::from_secs(1));
+        assert_eq!(
+            l.silent_for(&a, t0 + Duration::from_secs(3)),
+            Some(Duration::from_secs(3))
+        );
+        l.observe(a, 6, t0 + Duration::from_secs(3));
+        assert_eq!(
+            l.silent_for(&a, t0 + Duration::from_secs(3)),
+            Some(Duration::ZERO)
+        );
+        l.forget(&[a]);
+        assert_eq!(l.silent_for(&a, t0), None);
     }
 }

@@ -162,6 +162,7 @@ impl IrohTransport {
             .keep_alive_interval(limits.keep_alive)
             .build();
         let lookup = MemoryLookup::with_provenance("tern-membership");
+        let liveness = Arc::new(crate::path_select::Liveness::default());
         let mut builder = Endpoint::builder(presets::Minimal)
             .secret_key(SecretKey::from_bytes(&config.secret_key))
             .alpns(vec![ALPN.to_vec()])
@@ -172,6 +173,9 @@ impl IrohTransport {
             // Only what callers name: the addresses in the membership.
             .address_lookup(lookup.clone())
             .portmapper_config(PortmapperConfig::Disabled)
+            .path_selector(Arc::new(crate::path_select::LivePathSelector::new(
+                liveness.clone(),
+            )))
             .clear_ip_transports()
             .bind_addr(config.bind_addr)
             .map_err(|e| BindError::Bind {
@@ -212,6 +216,7 @@ impl IrohTransport {
             config.limits.clone(),
             relay,
             lookup,
+            liveness,
         ));
         info!(id = %endpoint.id().fmt_short(), %local_addr, "iroh transport bound");
         Ok(IrohTransport {
