@@ -35,6 +35,13 @@ pub const ADDRESS_UPDATE_MIN_INTERVAL: Duration = Duration::from_secs(1);
 /// Longest wait between attempts after failures (doubling from
 /// [`ADDRESS_UPDATE_MIN_INTERVAL`]).
 pub const ADDRESS_UPDATE_BACKOFF_MAX: Duration = Duration::from_secs(10);
+/// The leader records a member's new addresses at most once per this
+/// gap: half the interval an honest node keeps between its requests
+/// ([`ADDRESS_UPDATE_MIN_INTERVAL`]), so only a member that flaps its
+/// addresses faster (each change is a membership change through Raft) is
+/// refused, with `ResourceExhausted`, and retries later.
+pub const MIN_RECORDED_GAP: Duration = Duration::from_millis(500);
+
 /// How often the loop looks again when nothing wakes it (no leader known,
 /// membership not yet showing this node): a safety net, not the trigger.
 pub const ADDRESS_RECHECK: Duration = Duration::from_secs(5);

@@ -326,6 +326,7 @@ pub(crate) async fn join(
         }
         Some(existing) if *existing != record => {
             if !crate::address::same_addresses(&existing.addr, &record.addr) {
+                check_address_gap(shared, id)?;
                 tracing::info!(
                     node = id,
                     old = %crate::address::describe(&existing.addr),
@@ -387,6 +388,33 @@ pub(crate) async fn join(
     }
     .encode_to_vec()
     .into())
+}
+
+/// Refuses a member's address update that comes sooner than
+/// [`crate::address::MIN_RECORDED_GAP`] after its last one; notes this
+/// one otherwise.
+fn check_address_gap(shared: &ClusterShared, id: NodeId) -> Result<(), Status> {
+    let now = tokio::time::Instant::now();
+    let gap = crate::address::MIN_RECORDED_GAP;
+    let mut last = lock(&shared.address_updates);
+    // Bounded by the members that moved within the last gap.
+    last.retain(|_, at| now.duration_since(*at) < gap);
+    if last.contains_key(&id) {
+        tracing::warn!(
+            node = id,
+            "refused an address update: the member changed its addresses less than {} ms ago",
+            gap.as_millis()
+        );
+        return Err(Status::new(
+            Code::ResourceExhausted,
+            format!(
+                "node {id} changed its addresses less than {} ms ago; try again later",
+                gap.as_millis()
+            ),
+        ));
+    }
+    last.insert(id, now);
+    Ok(())
 }
 
 /// Counts an address update the leader records.
@@ -705,6 +733,21 @@ pub(crate) async fn promote(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_member_that_flaps_its_addresses_is_refused_until_the_gap_passed() {
+        let services = crate::RaftServices::new(JoinToken::new("t"));
+        let shared = services.shared();
+        check_address_gap(shared, 3).unwrap();
+        let refused = check_address_gap(shared, 3).unwrap_err();
+        assert_eq!(refused.code, Code::ResourceExhausted);
+        assert!(refused.message.contains("node 3"), "{}", refused.message);
+        // Another member is not held back by it.
+        check_address_gap(shared, 4).unwrap();
+        tokio::time::advance(crate::address::MIN_RECORDED_GAP).await;
+        check_address_gap(shared, 3).unwrap();
+        assert_eq!(lock(&shared.address_updates).len(), 1);
+    }
 
     #[test]
     fn join_tokens_compare_whole_values() {
