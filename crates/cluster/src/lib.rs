@@ -27,11 +27,15 @@
 //! - [`policy`]: `Cluster/TransportSet`, the desired transport policy of a
 //!   node, a group or all (operator), forwarded to the leader like a
 //!   metadata put, and its typed client call ([`transport_set`]).
+//! - [`address`]: [`address::keep_recorded`], which keeps this node's
+//!   addresses in the membership true while they change (asks the leader,
+//!   rate-limited, retried, newest first).
 //! - [`consensus`]: [`RaftConsensus`], the services' `Consensus` trait
 //!   over a running [`RaftNode`] (writes forwarded to the leader, the
 //!   applied state, the Raft status watch).
 
 pub mod access;
+pub mod address;
 pub mod admission;
 pub mod consensus;
 pub mod membership;

@@ -325,7 +325,18 @@ pub(crate) async fn join(
             Some(ChangeMembers::AddNodes(BTreeMap::from([(id, record)])))
         }
         Some(existing) if *existing != record => {
-            tracing::info!(node = id, "updating a member's address and capacity");
+            if !crate::address::same_addresses(&existing.addr, &record.addr) {
+                check_address_gap(shared, id)?;
+                tracing::info!(
+                    node = id,
+                    old = %crate::address::describe(&existing.addr),
+                    new = %crate::address::describe(&record.addr),
+                    "recording a member's new addresses (asked by the member itself)"
+                );
+                count_address_update();
+            } else {
+                tracing::info!(node = id, "updating a member's capacity");
+            }
             Some(ChangeMembers::SetNodes(BTreeMap::from([(id, record)])))
         }
         Some(_) => None,
@@ -377,6 +388,73 @@ pub(crate) async fn join(
     }
     .encode_to_vec()
     .into())
+}
+
+/// Refuses a member's address update that comes sooner than
+/// [`crate::address::MIN_RECORDED_GAP`] after its last one; notes this
+/// one otherwise.
+fn check_address_gap(shared: &ClusterShared, id: NodeId) -> Result<(), Status> {
+    let now = tokio::time::Instant::now();
+    let gap = crate::address::MIN_RECORDED_GAP;
+    let mut last = lock(&shared.address_updates);
+    // Bounded by the members that moved within the last gap.
+    last.retain(|_, at| now.duration_since(*at) < gap);
+    if last.contains_key(&id) {
+        tracing::warn!(
+            node = id,
+            "refused an address update: the member changed its addresses less than {} ms ago",
+            gap.as_millis()
+        );
+        return Err(Status::new(
+            Code::ResourceExhausted,
+            format!(
+                "node {id} changed its addresses less than {} ms ago; try again later",
+                gap.as_millis()
+            ),
+        ));
+    }
+    last.insert(id, now);
+    Ok(())
+}
+
+/// Counts an address update the leader records.
+fn count_address_update() {
+    ::metrics::counter!(tern_protocol::metric_names::MEMBERSHIP_ADDRESS_UPDATES).increment(1);
+}
+
+/// The leader records its own new addresses (see [`crate::address`]):
+/// its member record with `me`'s addresses, capacity unchanged.
+pub(crate) async fn record_own_address(node: &Arc<Attached>, me: &Member) -> Result<(), Status> {
+    ensure_leader(node)?;
+    let stored = node
+        .raft
+        .metrics()
+        .borrow_watched()
+        .membership_config
+        .clone();
+    let Some(existing) = stored.membership().get_node(&node.id) else {
+        return Err(failed_precondition("this node is not in the membership"));
+    };
+    if crate::address::same_addresses(&existing.addr, &me.addr) {
+        return Ok(());
+    }
+    let record = Member::new(me.addr.clone(), existing.capacity);
+    tern_state::limits::check_member(&record)
+        .map_err(|e| Status::invalid_argument(format!("own address: {e}")))?;
+    tracing::info!(
+        node = node.id,
+        old = %crate::address::describe(&existing.addr),
+        new = %crate::address::describe(&record.addr),
+        "recording the leader's own new addresses"
+    );
+    change_membership(
+        &node.raft,
+        ChangeMembers::SetNodes(BTreeMap::from([(node.id, record)])),
+        true,
+    )
+    .await?;
+    count_address_update();
+    Ok(())
 }
 
 /// Promotes learner `id` (added by the membership at `since`) to voter
@@ -655,6 +733,21 @@ pub(crate) async fn promote(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_member_that_flaps_its_addresses_is_refused_until_the_gap_passed() {
+        let services = crate::RaftServices::new(JoinToken::new("t"));
+        let shared = services.shared();
+        check_address_gap(shared, 3).unwrap();
+        let refused = check_address_gap(shared, 3).unwrap_err();
+        assert_eq!(refused.code, Code::ResourceExhausted);
+        assert!(refused.message.contains("node 3"), "{}", refused.message);
+        // Another member is not held back by it.
+        check_address_gap(shared, 4).unwrap();
+        tokio::time::advance(crate::address::MIN_RECORDED_GAP).await;
+        check_address_gap(shared, 3).unwrap();
+        assert_eq!(lock(&shared.address_updates).len(), 1);
+    }
 
     #[test]
     fn join_tokens_compare_whole_values() {

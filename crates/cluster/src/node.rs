@@ -28,7 +28,8 @@ use std::time::Duration;
 use openraft::async_runtime::WatchReceiver;
 use openraft::errors::Fatal;
 use openraft::raft::ClientWriteResponse;
-use openraft::storage::RaftLogStorage;
+use openraft::storage::{RaftLogReader, RaftLogStorage};
+use openraft::vote::RaftLeaderId;
 use openraft::{Config, ServerState, SnapshotPolicy};
 use prost::Message;
 use tern_protocol::catalog::methods;
@@ -452,10 +453,20 @@ impl RaftNode {
         let network = NetworkFactory::new(client.clone(), id)
             .with_pipelined_replication(options.pipelined_replication);
         let book = network.address_book();
+        let mut log = log;
+        // An election this node won before a restart is not counted again.
+        let stored_vote_term = log
+            .get_log_reader()
+            .await
+            .read_vote()
+            .await
+            .map_err(|e| RaftNodeError::Raft(format!("reading the stored vote: {e}")))?
+            .filter(|v| *v.leader_id().node_id() == id)
+            .map(|v| v.leader_id().term());
         let raft = RaftInstance::new(id, config, network, log, sm.clone())
             .await
             .map_err(|e| RaftNodeError::Raft(e.to_string()))?;
-        tern_raft_net::metrics::spawn_watcher(&raft);
+        tern_raft_net::metrics::spawn_watcher(&raft, stored_vote_term);
         spawn_address_book_updater(&raft, book);
         let attached = Arc::new(Attached {
             raft,
@@ -470,6 +481,21 @@ impl RaftNode {
             services: services.clone(),
             client,
         })
+    }
+
+    /// Keeps this node's addresses in the membership equal to `me` while
+    /// they change ([`crate::address::keep_recorded`]); the task ends when
+    /// Raft stops.
+    pub fn keep_address_recorded(
+        &self,
+        me: tokio::sync::watch::Receiver<Member>,
+        token: String,
+    ) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(crate::address::keep_recorded(
+            self.attached.clone(),
+            me,
+            token,
+        ))
     }
 
     /// Joins the cluster through `seed` with `token` as `me`: obtains a

@@ -28,6 +28,9 @@ pub(crate) struct ClusterShared {
     pub(crate) admission: Admission,
     pub(crate) failed_joins: FailedJoins,
     pub(crate) promoting: Mutex<BTreeSet<NodeId>>,
+    /// When the leader last recorded each member's new addresses (see
+    /// [`crate::address::MIN_RECORDED_GAP`]).
+    pub(crate) address_updates: Mutex<std::collections::BTreeMap<NodeId, tokio::time::Instant>>,
 }
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -54,6 +57,12 @@ impl std::fmt::Debug for RaftServices {
 }
 
 impl RaftServices {
+    /// The state the Cluster handler shares (for this crate's tests).
+    #[cfg(test)]
+    pub(crate) fn shared(&self) -> &ClusterShared {
+        &self.shared
+    }
+
     /// Services that accept joins with the cluster's join tokens and, if
     /// given, the static `join_token`; with the default [`Admission`]
     /// otherwise.
@@ -72,6 +81,7 @@ impl RaftServices {
                 admission,
                 failed_joins: FailedJoins::default(),
                 promoting: Mutex::new(BTreeSet::new()),
+                address_updates: Mutex::new(std::collections::BTreeMap::new()),
             }),
         }
     }

@@ -287,7 +287,10 @@ impl Cluster {
         let tern = self.tern.clone();
         let slot = self.node_mut(i)?;
         let mut cmd = TernProcess::command(&tern, &slot.config);
-        cmd.env("RUST_LOG", "info");
+        // `TERN_LAB_NODE_LOG` overrides the nodes' filter (e.g.
+        // `info,iroh=debug` to see iroh's path discovery).
+        let filter = std::env::var("TERN_LAB_NODE_LOG").unwrap_or_else(|_| "info".to_owned());
+        cmd.env("RUST_LOG", filter);
         let proc = slot
             .proc
             .insert(lab.spawn_tern(&slot.ns, cmd, &slot.dir, &slot.log)?);

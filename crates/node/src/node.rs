@@ -683,15 +683,36 @@ impl Node {
             }));
         }
 
-        if existing.is_some() {
-            tasks.push(tokio::spawn(announce_address(
-                consensus_dyn.clone(),
-                client.clone(),
-                me.clone(),
-                config.cluster.join_token.clone().unwrap_or_default(),
-                stopped(stop_rx.clone()),
-            )));
+        // This node's addresses as they change (iroh follows the
+        // interfaces; the gRPC URL is the configured one), kept true in the
+        // membership: after a restart with other ports, and while running
+        // when an interface's address changes.
+        let (me_tx, me_rx) = watch::channel(me.clone());
+        if let Some(t) = &iroh {
+            let mut seen = t.watch_peer_addr();
+            let me = me.clone();
+            tasks.push(tokio::spawn(async move {
+                loop {
+                    let mut now = me.clone();
+                    now.addr.iroh = seen.borrow_and_update().iroh.clone();
+                    me_tx.send_if_modified(|old| {
+                        let changed = *old != now;
+                        *old = now;
+                        changed
+                    });
+                    tokio::select! {
+                        r = seen.changed() => if r.is_err() { return },
+                        () = me_tx.closed() => return,
+                    }
+                }
+            }));
         }
+        tasks.push(
+            raft.keep_address_recorded(
+                me_rx,
+                config.cluster.join_token.clone().unwrap_or_default(),
+            ),
+        );
 
         let reconciler = Reconciler::new(
             raft.id(),
@@ -832,75 +853,6 @@ impl Node {
             t.abort();
         }
         tracing::info!(elapsed = ?start.elapsed(), "node stopped");
-    }
-}
-
-/// Attempts a restarted member makes to get its new addresses recorded.
-pub const ANNOUNCE_ATTEMPTS: u32 = 10;
-
-/// A restarted member whose addresses changed (other ports) asks the
-/// leader to record its new ones: a Join by a member needs no token and
-/// replaces its record, so that the others reach it again. Nothing to do
-/// when the record already matches.
-async fn announce_address(
-    consensus: Arc<dyn tern_services::consensus::Consensus>,
-    client: Arc<dyn RpcClient>,
-    me: Member,
-    token: String,
-    stop: impl std::future::Future<Output = ()>,
-) {
-    let work = async {
-        let mut status = consensus.status();
-        let mut backoff = JOIN_BACKOFF_MIN;
-        for attempt in 1..=ANNOUNCE_ATTEMPTS {
-            let known = tokio::time::timeout(
-                SELF_ELECTION_WAIT,
-                status.wait_for(|s| s.leader_id.is_some()),
-            )
-            .await
-            .is_ok_and(|r| r.is_ok());
-            let snapshot = status.borrow().clone();
-            if !known {
-                tracing::warn!(
-                    attempt,
-                    "no leader known yet; cannot check this node's recorded address"
-                );
-                continue;
-            }
-            let mine = snapshot
-                .members
-                .iter()
-                .find(|m| m.node_id == snapshot.node_id)
-                .map(|m| m.member.addr.clone());
-            if mine.as_ref() == Some(&me.addr) {
-                return;
-            }
-            let leader = snapshot
-                .leader_id
-                .and_then(|l| snapshot.members.iter().find(|m| m.node_id == l))
-                .map(|m| m.member.addr.clone());
-            let Some(leader) = leader else {
-                tokio::time::sleep(backoff).await;
-                continue;
-            };
-            tracing::info!(
-                attempt,
-                "this node's addresses changed; asking the leader to record the new ones"
-            );
-            match tern_cluster::request_join(client.as_ref(), &leader, &token, &me).await {
-                Ok(_) => {
-                    tracing::info!("new addresses recorded");
-                    return;
-                }
-                Err(e) => tracing::warn!(attempt, error = %e, "recording the new addresses failed"),
-            }
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(JOIN_BACKOFF_MAX);
-        }
-    };
-    tokio::select! {
-        _ = work => {}
-        _ = stop => {}
     }
 }
 

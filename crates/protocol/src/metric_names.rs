@@ -122,6 +122,9 @@ metrics! {
     /// Elections started.
     RAFT_ELECTIONS = "tern_raft_elections_total", Counter,
         "Raft elections this node started or took part in as candidate.";
+    /// Member address updates the leader recorded.
+    MEMBERSHIP_ADDRESS_UPDATES = "tern_membership_address_updates_total", Counter,
+        "Members' address changes this node recorded in the membership as leader (asked by the member itself, or its own).";
     /// Leader changes.
     RAFT_LEADER_CHANGES = "tern_raft_leader_changes_total", Counter,
         "Times this node saw the Raft leader change.";

@@ -15,11 +15,26 @@
 //!   leader is known, elections started, leader changes, and on the leader
 //!   each follower's lag (label `peer`, the node id). The task ends when
 //!   Raft stops.
+//!
+//! # Counting elections
+//!
+//! openraft's metrics arrive on a watch channel, which keeps only the
+//! latest value: a Candidate state that lasts one vote round trip (a
+//! pre-vote already found a quorum) is usually never seen, so counting
+//! entries into `Candidate` misses most elections. An election leaves a
+//! trace that lasts, though: the node's persisted vote names itself at a
+//! new term, and it stays so while the node is Candidate and, if it won,
+//! Leader. [`ElectionCounter`] counts each term in which the node is seen
+//! voting for itself as Candidate or Leader, once. A restarted node starts
+//! counting after the vote it stored before ([`spawn_watcher`]'s
+//! `stored_vote_term`): openraft restores a leader that restarts as leader
+//! of the same term, which is not a new election.
 
 use std::time::Duration;
 
 use openraft::ServerState;
 use openraft::async_runtime::WatchReceiver;
+use openraft::vote::RaftLeaderId;
 use tern_protocol::TransportKind;
 use tern_protocol::metric_names as names;
 use tokio::task::JoinHandle;
@@ -81,16 +96,49 @@ pub fn proposal_failed(reason: ProposalFailure) {
     ::metrics::counter!(names::RAFT_PROPOSALS_FAILED, "reason" => reason.as_str()).increment(1);
 }
 
+/// Counts the elections this node started, from what its metrics show
+/// (see the module docs): pure, so it is tested without a cluster.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ElectionCounter {
+    /// The last term counted.
+    counted: Option<u64>,
+}
+
+impl ElectionCounter {
+    /// A counter for a node whose stored vote (read before Raft started)
+    /// named itself at `stored_vote_term`, if it did: that term's election
+    /// happened before this process and is not counted again.
+    pub fn after(stored_vote_term: Option<u64>) -> ElectionCounter {
+        ElectionCounter {
+            counted: stored_vote_term,
+        }
+    }
+
+    /// Observes one metrics value: this node's id, its vote (term and the
+    /// node voted for) and its server state. True when it shows an
+    /// election not counted before.
+    pub fn observe(&mut self, me: u64, vote_term: u64, voted_for: u64, state: ServerState) -> bool {
+        let campaigning = matches!(state, ServerState::Candidate | ServerState::Leader);
+        if !campaigning || voted_for != me || self.counted.is_some_and(|t| t >= vote_term) {
+            return false;
+        }
+        self.counted = Some(vote_term);
+        true
+    }
+}
+
 /// Follows `raft`'s metrics until it stops, updating the gauges and
-/// counting elections and leader changes.
-pub fn spawn_watcher(raft: &RaftInstance) -> JoinHandle<()> {
+/// counting elections and leader changes. `stored_vote_term` is the term
+/// of the vote the store held for this node itself when Raft started (see
+/// [`ElectionCounter::after`]).
+pub fn spawn_watcher(raft: &RaftInstance, stored_vote_term: Option<u64>) -> JoinHandle<()> {
     let mut rx = raft.metrics();
     for reason in ProposalFailure::ALL {
         ::metrics::counter!(names::RAFT_PROPOSALS_FAILED, "reason" => reason.as_str()).increment(0);
     }
     tokio::spawn(async move {
         let mut last_leader = None;
-        let mut last_state = ServerState::Learner;
+        let mut elections = ElectionCounter::after(stored_vote_term);
         loop {
             {
                 let m = rx.borrow_watched();
@@ -104,7 +152,9 @@ pub fn spawn_watcher(raft: &RaftInstance) -> JoinHandle<()> {
                 } else {
                     0.0
                 });
-                if m.state == ServerState::Candidate && last_state != ServerState::Candidate {
+                let vote = m.vote.leader_id();
+                if elections.observe(m.id, vote.term(), *vote.node_id(), m.state) {
+                    tracing::info!(term = vote.term(), "this node started an election");
                     ::metrics::counter!(names::RAFT_ELECTIONS).increment(1);
                 }
                 if m.current_leader != last_leader {
@@ -113,7 +163,6 @@ pub fn spawn_watcher(raft: &RaftInstance) -> JoinHandle<()> {
                     }
                     last_leader = m.current_leader;
                 }
-                last_state = m.state;
                 if let (Some(replication), Some(last)) = (&m.replication, m.last_log_index) {
                     for (peer, matched) in replication {
                         let lag = last.saturating_sub(matched.as_ref().map_or(0, |l| l.index));
@@ -127,4 +176,36 @@ pub fn spawn_watcher(raft: &RaftInstance) -> JoinHandle<()> {
             }
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_election_is_counted_once_per_term_whatever_the_watch_shows() {
+        let mut c = ElectionCounter::default();
+        // Initialised as the first node: a vote for itself at term 0, not
+        // yet leader.
+        assert!(!c.observe(1, 0, 1, ServerState::Follower));
+        // The Candidate state was coalesced away: first seen as Leader.
+        assert!(c.observe(1, 1, 1, ServerState::Leader));
+        assert!(!c.observe(1, 1, 1, ServerState::Leader));
+        // Deposed, then a vote for another node: nothing.
+        assert!(!c.observe(1, 2, 2, ServerState::Follower));
+        // Its own campaign at term 3, lost and retried at term 4.
+        assert!(c.observe(1, 3, 1, ServerState::Candidate));
+        assert!(!c.observe(1, 3, 1, ServerState::Candidate));
+        assert!(c.observe(1, 4, 1, ServerState::Candidate));
+        assert!(!c.observe(1, 4, 1, ServerState::Leader));
+    }
+
+    #[test]
+    fn a_vote_for_itself_from_before_a_restart_is_not_an_election() {
+        let mut c = ElectionCounter::after(Some(7));
+        assert!(!c.observe(2, 7, 2, ServerState::Learner));
+        // openraft restores a restarted leader at its old term.
+        assert!(!c.observe(2, 7, 2, ServerState::Leader));
+        assert!(c.observe(2, 8, 2, ServerState::Candidate));
+    }
 }

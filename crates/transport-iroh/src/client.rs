@@ -13,6 +13,16 @@
 //!   when the address names none); concurrent first calls
 //!   wait for that one dial. A connection found closed is dropped and the
 //!   next call dials again.
+//! - **Addresses move.** A pooled connection remembers the direct
+//!   addresses it was dialled with. A call naming other addresses for the
+//!   peer (the membership recorded the peer's new ones after it moved)
+//!   dials again at once, without waiting out a backoff, and the new
+//!   connection replaces the old in the pool; calls already on the old one
+//!   finish there. QUIC migrates only the dialling side, so a connection
+//!   this node dialled to a peer that moved is dead however long it is
+//!   kept. Every address a call names is also given to the endpoint's
+//!   address lookup (`MemoryLookup`), so that iroh's own path discovery on
+//!   live connections uses the newest too.
 //! - **Backoff.** After a failed dial the next one waits
 //!   [`crate::backoff::delay`] (exponential, jittered, capped); callers wait
 //!   within their own deadline.
@@ -35,6 +45,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use iroh::address_lookup::memory::MemoryLookup;
 use iroh::endpoint::{
     ConnectError, ConnectWithOptsError, ConnectingError, Connection, ConnectionError, ReadError,
     RecvStream, SendStream, VarInt, WriteError,
@@ -54,6 +65,7 @@ use tracing::debug;
 use crate::backoff;
 use crate::config::TransportLimits;
 use crate::metrics::{self, Outcome, Side};
+use crate::path_select::{LIVENESS_TICK, Liveness};
 use crate::transport::{Tracker, TrackerGuard};
 use crate::wire::{
     self, CLOSE_SHUTTING_DOWN, ReadFrameError, STREAM_CANCELLED, STREAM_DEADLINE_EXCEEDED,
@@ -85,6 +97,11 @@ pub struct IrohClient {
     /// relay (a join seed, a CLI target): a peer behind NAT with no
     /// reachable direct address is still found there.
     default_relay: Option<RelayUrl>,
+    /// The endpoint's address lookup, fed with every address a call names.
+    lookup: MemoryLookup,
+    /// When the paths of the connections this client dialled last heard
+    /// from their peer (read by the endpoint's path selector).
+    liveness: Arc<Liveness>,
 }
 
 /// What the client keeps per peer.
@@ -116,12 +133,31 @@ struct Pooled {
     /// The connection, read by every call without waiting (the fast path);
     /// written only under `slot`.
     current: Mutex<Option<Connection>>,
+    /// The direct addresses `current` was dialled with, sorted: a call
+    /// naming others takes the slow path, which dials them.
+    dialled: Mutex<Vec<std::net::SocketAddr>>,
     /// Serialises dials: concurrent first calls wait for one dial.
     slot: tokio::sync::Mutex<Slot>,
 }
 
+/// The direct addresses `addr` names, sorted and deduplicated (the form
+/// pooled connections remember).
+fn direct_addrs(addr: &PeerAddr) -> Vec<std::net::SocketAddr> {
+    let mut direct = addr
+        .iroh
+        .as_ref()
+        .map(|i| i.direct.clone())
+        .unwrap_or_default();
+    direct.sort_unstable();
+    direct.dedup();
+    direct
+}
+
 impl Pooled {
-    fn open_connection(&self) -> Option<Connection> {
+    fn open_connection(&self, direct: &[std::net::SocketAddr]) -> Option<Connection> {
+        if self.dialled.lock().ok()?.as_slice() != direct {
+            return None;
+        }
         let current = self.current.lock().ok()?;
         current
             .as_ref()
@@ -129,9 +165,12 @@ impl Pooled {
             .cloned()
     }
 
-    fn set_current(&self, conn: Option<Connection>) {
+    fn set_current(&self, conn: Option<Connection>, dialled: &[std::net::SocketAddr]) {
         if let Ok(mut current) = self.current.lock() {
             *current = conn;
+        }
+        if let Ok(mut d) = self.dialled.lock() {
+            dialled.clone_into(&mut d);
         }
     }
 }
@@ -140,6 +179,8 @@ impl Pooled {
 #[derive(Debug, Default)]
 struct Slot {
     conn: Option<Connection>,
+    /// The direct addresses `conn` was dialled with, sorted.
+    dialled: Vec<std::net::SocketAddr>,
     /// Consecutive failed dials.
     failures: u32,
     /// No dial before this instant (backoff).
@@ -218,9 +259,13 @@ impl IrohClient {
         frame_limits: Limits,
         limits: TransportLimits,
         default_relay: Option<RelayUrl>,
+        lookup: MemoryLookup,
+        liveness: Arc<Liveness>,
     ) -> Self {
         IrohClient {
             default_relay,
+            lookup,
+            liveness,
             endpoint: RwLock::new(Some(endpoint)),
             frame_limits,
             limits,
@@ -229,6 +274,17 @@ impl IrohClient {
             calls: Arc::new(Tracker::default()),
             next_request_id: AtomicU64::new(1),
         }
+    }
+
+    /// The direct addresses the pooled connection to `peer` (the shared
+    /// one, which control, replication and normal calls use) was dialled
+    /// with, sorted; `None` if there is none. For diagnostics and tests:
+    /// which addresses this node reaches a peer at.
+    pub fn dialled(&self, peer: &PeerId) -> Option<Vec<std::net::SocketAddr>> {
+        let peer = self.peers.lock().ok()?.get(peer).cloned()?;
+        let pooled = &peer.pools[SHARED_POOL];
+        pooled.current.lock().ok()?.as_ref()?;
+        pooled.dialled.lock().ok().map(|d| d.clone())
     }
 
     /// New calls fail with `LocalShutdown` from now on.
@@ -313,17 +369,32 @@ impl IrohClient {
         peer: &Pooled,
         addr: &PeerAddr,
     ) -> Result<Connection, TransportError> {
-        if let Some(conn) = peer.open_connection() {
+        let direct = direct_addrs(addr);
+        if let Some(conn) = peer.open_connection(&direct) {
             return Ok(conn);
         }
         let mut slot = peer.slot.lock().await;
+        let moved = slot.conn.is_some() && slot.dialled != direct;
+        if moved {
+            tracing::info!(
+                peer = %addr.id.short(),
+                old = %crate::transport::addr_list(&slot.dialled),
+                new = %crate::transport::addr_list(&direct),
+                "the peer's addresses changed; dialling the new ones"
+            );
+            // Calls on the old connection finish there; new ones wait for
+            // the dial below.
+            slot.conn = None;
+            slot.retry_at = None;
+            peer.set_current(None, &direct);
+        }
         if let Some(conn) = &slot.conn {
             match conn.close_reason() {
                 None => return Ok(conn.clone()),
                 Some(reason) => {
                     debug!(peer = %addr.id.short(), "pooled connection is closed ({reason}); re-dialling");
                     slot.conn = None;
-                    peer.set_current(None);
+                    peer.set_current(None, &direct);
                 }
             }
         }
@@ -342,7 +413,8 @@ impl IrohClient {
                 slot.retry_at = None;
                 slot.had_connection = true;
                 slot.conn = Some(conn.clone());
-                peer.set_current(Some(conn.clone()));
+                slot.dialled.clone_from(&direct);
+                peer.set_current(Some(conn.clone()), &direct);
                 Ok(conn)
             }
             Err(e) => {
@@ -384,6 +456,9 @@ impl IrohClient {
         for direct in &iroh_addr.direct {
             target = target.with_ip_addr(*direct);
         }
+        // iroh's own path discovery (on this and any live connection to
+        // the peer) learns the addresses the caller named.
+        self.lookup.set_endpoint_info(target.clone());
         let relay = match &iroh_addr.relay_url {
             Some(url) => Some(url.parse::<RelayUrl>().map_err(|e| {
                 error(
@@ -422,8 +497,9 @@ impl IrohClient {
         let closed = conn.weak_handle().closed();
         let events = conn.path_events();
         let peer = addr.id.short();
+        let sampler = sample_liveness(conn.weak_handle(), self.liveness.clone());
         tokio::spawn(async move {
-            tokio::join!(closed, settle_path(relayed, peer, events));
+            tokio::join!(closed, settle_path(relayed, peer, events), sampler);
             metrics::connection_closed();
         });
         debug!(peer = %addr.id.short(), elapsed = ?started.elapsed(), relayed, "connected");
@@ -705,6 +781,30 @@ fn check_acceptance(
 /// "relayed". Hole punching on iroh takes a few round trips; 10 s covers
 /// slow paths while still reporting an outcome for long-lived connections.
 pub const NAT_SETTLE_TIME: Duration = Duration::from_secs(10);
+
+/// Samples `conn`'s IP paths into `liveness` every [`LIVENESS_TICK`] until
+/// it closes, then forgets them (see [`crate::path_select`]).
+async fn sample_liveness(conn: iroh::endpoint::WeakConnectionHandle, liveness: Arc<Liveness>) {
+    let mut seen: Vec<std::net::SocketAddr> = Vec::new();
+    loop {
+        let Some(c) = conn.upgrade() else { break };
+        if c.close_reason().is_some() {
+            break;
+        }
+        let now = tokio::time::Instant::now().into_std();
+        for path in c.paths().iter() {
+            if let iroh::TransportAddr::Ip(remote) = path.remote_addr() {
+                liveness.observe(*remote, path.stats().udp_rx.datagrams, now);
+                if !seen.contains(remote) {
+                    seen.push(*remote);
+                }
+            }
+        }
+        drop(c);
+        tokio::time::sleep(LIVENESS_TICK).await;
+    }
+    liveness.forget(&seen);
+}
 
 /// Records the path a new connection settles on: direct at once, direct
 /// once a direct path is selected within [`NAT_SETTLE_TIME`], relayed

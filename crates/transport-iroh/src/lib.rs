@@ -24,6 +24,9 @@
 //! - [`stream`]: streaming calls: one QUIC stream per call, the frames of
 //!   [`tern_protocol::stream`] on it, checked by its rules, flow control as
 //!   back-pressure, idle bounds and cancellation by drop.
+//! - [`path_select`]: [`path_select::LivePathSelector`], iroh's path
+//!   selection with silent paths let go, so a connection this node dialled
+//!   follows a peer whose address changed.
 //! - [`backoff`]: the re-dial schedule, pure (time and randomness passed in).
 //! - [`wire`]: reading and writing frames on QUIC streams, stream and
 //!   connection error codes.
@@ -59,6 +62,7 @@ pub mod backoff;
 pub mod client;
 pub mod config;
 pub mod metrics;
+pub mod path_select;
 pub mod server;
 pub mod stream;
 pub mod transport;

@@ -13,12 +13,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use iroh::address_lookup::memory::MemoryLookup;
 use iroh::endpoint::{IdleTimeout, PortmapperConfig, QuicTransportConfig, VarInt, presets};
 use iroh::protocol::Router;
-use iroh::{Endpoint, RelayMode, RelayUrl, SecretKey};
+use iroh::{Endpoint, RelayMode, RelayUrl, SecretKey, Watcher};
 use tern_protocol::peer::IrohAddr;
 use tern_protocol::{Handler, PeerAddr, PeerId};
 use tokio::sync::Notify;
+use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::ALPN;
@@ -43,6 +45,35 @@ pub enum BindError {
         /// Why it failed.
         detail: String,
     },
+}
+
+/// `direct` as people read it: `10.0.0.1:7401, 10.0.0.2:7401`.
+pub(crate) fn addr_list(direct: &[SocketAddr]) -> String {
+    let list: Vec<String> = direct.iter().map(ToString::to_string).collect();
+    list.join(", ")
+}
+
+/// This node's address from the endpoint's view of itself: `local` when
+/// bound to a specific address, else the addresses iroh found on the
+/// interfaces, sorted.
+fn own_addr(
+    id: PeerId,
+    local: SocketAddr,
+    seen: &iroh::EndpointAddr,
+    relay_url: Option<String>,
+) -> PeerAddr {
+    let mut direct: Vec<SocketAddr> = if local.ip().is_unspecified() {
+        seen.ip_addrs().copied().collect()
+    } else {
+        vec![local]
+    };
+    direct.sort_unstable();
+    direct.dedup();
+    PeerAddr {
+        id,
+        iroh: Some(IrohAddr { direct, relay_url }),
+        grpc: None,
+    }
 }
 
 /// Counts calls in flight so shutdown can wait for them.
@@ -102,6 +133,8 @@ pub struct IrohTransport {
     client: Arc<IrohClient>,
     local_addr: SocketAddr,
     relay_url: Option<String>,
+    /// The tasks of [`Self::watch_peer_addr`], stopped at shutdown.
+    watchers: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
 impl IrohTransport {
@@ -128,6 +161,8 @@ impl IrohTransport {
             .receive_window(VarInt::from_u32(limits.connection_window))
             .keep_alive_interval(limits.keep_alive)
             .build();
+        let lookup = MemoryLookup::with_provenance("tern-membership");
+        let liveness = Arc::new(crate::path_select::Liveness::default());
         let mut builder = Endpoint::builder(presets::Minimal)
             .secret_key(SecretKey::from_bytes(&config.secret_key))
             .alpns(vec![ALPN.to_vec()])
@@ -135,7 +170,12 @@ impl IrohTransport {
             // Offline by default, whatever features other crates enable on
             // iroh: no DNS/pkarr lookup, no UPnP/PCP/NAT-PMP probing.
             .clear_address_lookup()
+            // Only what callers name: the addresses in the membership.
+            .address_lookup(lookup.clone())
             .portmapper_config(PortmapperConfig::Disabled)
+            .path_selector(Arc::new(crate::path_select::LivePathSelector::new(
+                liveness.clone(),
+            )))
             .clear_ip_transports()
             .bind_addr(config.bind_addr)
             .map_err(|e| BindError::Bind {
@@ -175,6 +215,8 @@ impl IrohTransport {
             config.frame_limits,
             config.limits.clone(),
             relay,
+            lookup,
+            liveness,
         ));
         info!(id = %endpoint.id().fmt_short(), %local_addr, "iroh transport bound");
         Ok(IrohTransport {
@@ -184,6 +226,7 @@ impl IrohTransport {
             client,
             local_addr,
             relay_url: config.relay_url,
+            watchers: std::sync::Mutex::new(Vec::new()),
         })
     }
 
@@ -199,21 +242,53 @@ impl IrohTransport {
 
     /// How other nodes reach this one over iroh: its id, its direct
     /// addresses (the bound address, or the interfaces' addresses when
-    /// bound to an unspecified one) and its relay, if configured.
+    /// bound to an unspecified one, sorted) and its relay, if configured.
     pub fn peer_addr(&self) -> PeerAddr {
-        let direct = if self.local_addr.ip().is_unspecified() {
-            self.endpoint.addr().ip_addrs().copied().collect()
-        } else {
-            vec![self.local_addr]
-        };
-        PeerAddr {
-            id: self.id(),
-            iroh: Some(IrohAddr {
-                direct,
-                relay_url: self.relay_url.clone(),
-            }),
-            grpc: None,
+        own_addr(
+            self.id(),
+            self.local_addr,
+            &self.endpoint.addr(),
+            self.relay_url.clone(),
+        )
+    }
+
+    /// [`Self::peer_addr`] as it changes: iroh follows the host's
+    /// interfaces (its network monitor), and a node bound to an
+    /// unspecified address advertises what it finds there, so the value
+    /// changes when an address is added or deleted. The task that follows
+    /// the endpoint ends when the endpoint closes or every receiver is
+    /// dropped.
+    pub fn watch_peer_addr(&self) -> watch::Receiver<PeerAddr> {
+        let (tx, rx) = watch::channel(self.peer_addr());
+        let mut addrs = self.endpoint.watch_addr();
+        let (id, local, relay) = (self.id(), self.local_addr, self.relay_url.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                let now = own_addr(id, local, &addrs.get(), relay.clone());
+                tx.send_if_modified(|old| {
+                    if *old == now {
+                        return false;
+                    }
+                    let direct = |a: &PeerAddr| {
+                        a.iroh
+                            .as_ref()
+                            .map(|i| addr_list(&i.direct))
+                            .unwrap_or_default()
+                    };
+                    info!(old = %direct(old), new = %direct(&now), "this node's iroh addresses changed");
+                    *old = now;
+                    true
+                });
+                tokio::select! {
+                    changed = addrs.updated() => if changed.is_err() { return },
+                    _ = tx.closed() => return,
+                }
+            }
+        });
+        if let Ok(mut w) = self.watchers.lock() {
+            w.push(task);
         }
+        rx
     }
 
     /// The client that calls other nodes as this node.
@@ -230,6 +305,11 @@ impl IrohTransport {
     /// ways) finish within `drain`, close connections with the shutdown
     /// code, stop the router and close the endpoint.
     pub async fn shutdown(self, drain: Duration) {
+        if let Ok(mut w) = self.watchers.lock() {
+            for task in w.drain(..) {
+                task.abort();
+            }
+        }
         self.client.begin_shutdown();
         self.server.begin_drain();
         let idle = async {

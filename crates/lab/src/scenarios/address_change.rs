@@ -10,16 +10,20 @@
 //!   calls it over iroh (status, health, a VM read, and a VM write it
 //!   forwards to the leader over iroh) and over gRPC, and calls the other
 //!   two nodes over gRPC. For connections the moved node *accepted*, QUIC
-//!   has no server migration; what iroh makes of it (its path discovery)
-//!   is measured and checked. Then what Tern does about gRPC, which cannot
+//!   has no server migration. What Tern does: the moved node sees its new
+//!   address (iroh follows the interfaces) and announces it over each
+//!   connection, the dialler's hole punching opens a path there, and the
+//!   dialler's path selector moves to it once the old path has gone
+//!   silent (`tern_transport_iroh::path_select`): the client's calls go
+//!   on. The moved node also asks the leader to record its new addresses
+//!   (`tern_cluster::address`), and its peers dial them anew, so Raft
+//!   catches up (the applied-index lag is reported). Checked: no iroh call
+//!   to the moved node fails. Then what Tern does about gRPC, which cannot
 //!   follow: the moved node's gRPC listener is bound to the deleted
 //!   address and peers dial the URL in the cluster membership. Tern's
-//!   answer is a restart with the new address in the config: a member
-//!   whose addresses changed asks the leader to record the new ones
-//!   (Cluster/Join under its own identity) and peers look a member's
-//!   address up in the latest membership per call. The scenario restarts
-//!   the node and checks that the membership names the new address and
-//!   gRPC reaches it there.
+//!   answer is a restart with the new address in the config; the
+//!   scenario restarts the node and checks that the membership names the
+//!   new address and gRPC reaches it there.
 //!
 //! Set-up: 3 nodes in dual mode, `prefer_iroh = ["all_except_raft"]`,
 //! Raft over iroh, fallback on. Every node binds iroh to `0.0.0.0` (a

@@ -148,8 +148,8 @@ pub const ALL: &[Scenario] = &[
     scenario!(
         "address-change",
         address_change,
-        false,
-        "a node's IP address changes while connected: iroh calls go on (QUIC migration), the gap; gRPC needs a restart"
+        true,
+        "a client's and a node's IP address change while connected: iroh calls go on both ways (migration; a moved node is recorded anew and its peers follow it); gRPC needs a restart"
     ),
 ];
 
