@@ -19,6 +19,33 @@
 //!   file, never a panic.
 //!
 //! [`open`] opens both halves in a node's data directory.
+//!
+//! # Is sled fast enough for the Raft log? (measured, not yet decided)
+//!
+//! The Raft issue lets the log move to a store built for it if sled cannot
+//! reach etcd's figures. Measured on the project machine (2 cores, load 6
+//! to 8 from concurrent builds, so absolute rates are low; release build),
+//! `perf record -F 2000` on the three `tern` processes of `tern-bench
+//! cluster --quick` during its 1-writer gRPC run (about 450 commits/s):
+//!
+//! | thread | share of the cluster's CPU |
+//! | --- | --- |
+//! | tokio workers (transport, openraft, services) | 50 % |
+//! | sled's I/O pool, 7 threads (`sled-io-N`) | 34 % |
+//! | the group commit (`tern-log-sync`: sled flush + `fdatasync`) | 10 % |
+//!
+//! About 2.7 ms of CPU per commit over three nodes, a third of it in
+//! sled's I/O pool: every flush seals an I/O buffer and hands its write to
+//! sled's thread pool, whose queue wakes **every** idle thread
+//! (`Condvar::notify_all` in sled 0.34's `threadpool.rs`, seven kept
+//! waiting); six go back to sleep. Their samples are wake-ups and timed
+//! waits (`read_tsc`, futexes), not disk work. The disk itself is fast
+//! here (4 KiB `pwrite` + `fdatasync`: p50 0.2 ms). On two cores that CPU
+//! is a large part of what Tern's commit rates lose to etcd (1.5 to 2
+//! times ahead in `cargo xtask bench`). A log file of our own
+//! (append-only segments, checksummed records, one `fdatasync` per group
+//! commit, no thread pool) would remove that third; that is the next step
+//! for the etcd goal.
 
 pub mod error;
 pub mod log_store;
