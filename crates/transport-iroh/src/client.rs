@@ -56,8 +56,9 @@ use crate::config::TransportLimits;
 use crate::metrics::{self, Outcome, Side};
 use crate::transport::{Tracker, TrackerGuard};
 use crate::wire::{
-    self, CLOSE_SHUTTING_DOWN, ReadFrameError, STREAM_CANCELLED, STREAM_DEADLINE_EXCEEDED,
-    STREAM_IDLE, STREAM_MALFORMED, STREAM_SHUTTING_DOWN, STREAM_TOO_LARGE,
+    self, CLOSE_ENDPOINT_REBUILT, CLOSE_SHUTTING_DOWN, ReadFrameError, STREAM_CANCELLED,
+    STREAM_DEADLINE_EXCEEDED, STREAM_IDLE, STREAM_MALFORMED, STREAM_SHUTTING_DOWN,
+    STREAM_TOO_LARGE,
 };
 
 /// Size of a ping's payload: the request id, echoed by the pong.
@@ -85,6 +86,10 @@ pub struct IrohClient {
     /// relay (a join seed, a CLI target): a peer behind NAT with no
     /// reachable direct address is still found there.
     default_relay: Option<RelayUrl>,
+    /// Woken when a dial fails or a call times out: the endpoint's
+    /// supervisor probes the endpoint at once instead of at its next tick
+    /// (see [`crate::supervisor`]). A hint, never a verdict.
+    suspect: Arc<tokio::sync::Notify>,
 }
 
 /// What the client keeps per peer.
@@ -228,6 +233,49 @@ impl IrohClient {
             closed: Arc::new(AtomicBool::new(false)),
             calls: Arc::new(Tracker::default()),
             next_request_id: AtomicU64::new(1),
+            suspect: Arc::new(tokio::sync::Notify::new()),
+        }
+    }
+
+    /// The hint the client gives when a dial fails or a call times out.
+    pub(crate) fn suspect(&self) -> Arc<tokio::sync::Notify> {
+        self.suspect.clone()
+    }
+
+    /// Moves the client to a rebuilt endpoint: every pooled connection
+    /// (they lived on the old endpoint) is closed, so calls on them fail at
+    /// once instead of waiting for their deadline, and the dial backoff is
+    /// forgotten, so the next call dials on `endpoint` straight away.
+    /// Lanes and their waiting calls are kept.
+    pub(crate) fn replace_endpoint(&self, endpoint: Endpoint) {
+        if let Ok(mut current) = self.endpoint.write()
+            && current.is_some()
+        {
+            *current = Some(endpoint);
+        }
+        self.drop_connections();
+    }
+
+    /// Closes every pooled connection (code [`CLOSE_ENDPOINT_REBUILT`]) and
+    /// resets each pool's dial history; the peers stay known.
+    pub(crate) fn drop_connections(&self) {
+        let peers: Vec<Arc<Peer>> = match self.peers.lock() {
+            Ok(map) => map.values().cloned().collect(),
+            Err(poisoned) => poisoned.into_inner().values().cloned().collect(),
+        };
+        for peer in peers {
+            for pooled in &peer.pools {
+                if let Some(conn) = pooled.current.lock().ok().and_then(|mut c| c.take()) {
+                    conn.close(CLOSE_ENDPOINT_REBUILT, b"endpoint rebuilt");
+                }
+                if let Ok(mut slot) = pooled.slot.try_lock() {
+                    if let Some(conn) = slot.conn.take() {
+                        conn.close(CLOSE_ENDPOINT_REBUILT, b"endpoint rebuilt");
+                    }
+                    slot.failures = 0;
+                    slot.retry_at = None;
+                }
+            }
         }
     }
 
@@ -347,6 +395,7 @@ impl IrohClient {
             }
             Err(e) => {
                 metrics::connect_failed();
+                self.suspect.notify_one();
                 slot.failures = slot.failures.saturating_add(1);
                 let delay = backoff::delay(slot.failures, rand::random::<f64>());
                 slot.retry_at = Some(tokio::time::Instant::now() + delay);
@@ -765,7 +814,10 @@ impl RpcClient for IrohClient {
             metrics::in_flight(Side::Client, 1.0);
             let result = tokio::time::timeout(timeout, self.call_inner(peer, call, &sent))
                 .await
-                .unwrap_or_else(|_| Err(timed_out(timeout, &sent)));
+                .unwrap_or_else(|_| {
+                    self.suspect.notify_one();
+                    Err(timed_out(timeout, &sent))
+                });
             metrics::in_flight(Side::Client, -1.0);
             let outcome = match &result {
                 Ok(_) => Outcome::Ok,

@@ -15,6 +15,12 @@
 //!   persistent identity helper [`load_or_create_secret_key`].
 //! - [`transport`]: [`IrohTransport`], which binds the endpoint, serves a
 //!   [`Handler`](tern_protocol::Handler) and owns graceful shutdown.
+//! - [`supervisor`]: the supervised endpoint: why iroh's endpoint can die
+//!   on a network change (a rebind that hits `EADDRINUSE`), how Tern finds
+//!   out (a liveness probe, the endpoint closing) and the rebuild with the
+//!   same key and port; [`EndpointHealth`].
+//! - [`probe`]: the liveness probe, a QUIC version negotiation round trip
+//!   to the endpoint's own socket; its packet and answer decoder, pure.
 //! - [`server`]: the [`ProtocolHandler`](iroh::protocol::ProtocolHandler)
 //!   for [`ALPN`]: per-stream dispatch, limits, malformed input, draining.
 //! - [`client`]: [`IrohClient`], the [`RpcClient`](tern_protocol::RpcClient)
@@ -59,13 +65,16 @@ pub mod backoff;
 pub mod client;
 pub mod config;
 pub mod metrics;
+pub mod probe;
 pub mod server;
 pub mod stream;
+pub mod supervisor;
 pub mod transport;
 pub mod wire;
 
 pub use client::IrohClient;
 pub use config::{IrohConfig, LimitsError, TransportLimits, load_or_create_secret_key};
+pub use supervisor::EndpointHealth;
 pub use transport::{BindError, IrohTransport};
 
 /// The one ALPN of the Tern RPC protocol over iroh. The trailing number is

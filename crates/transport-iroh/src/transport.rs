@@ -1,7 +1,10 @@
 //! [`IrohTransport`]: one iroh endpoint per node, serving a handler and
-//! owning the client, and their graceful shutdown.
+//! owning the client, and their graceful shutdown. The endpoint is
+//! supervised: [`crate::supervisor`] probes it and rebuilds it (same key,
+//! same port) when it dies; the client and the server follow the
+//! replacement, so users of this type never see the swap.
 //!
-//! Shutdown, in order: the client refuses new calls (`LocalShutdown`) and
+//! Shutdown, in order: the supervisor stops, the client refuses new calls (`LocalShutdown`) and
 //! the server resets new streams with "shutting down" (callers learn their
 //! request did not run); calls in flight both ways get until the drain
 //! deadline; then every connection is closed with the application close
@@ -18,13 +21,15 @@ use iroh::protocol::Router;
 use iroh::{Endpoint, RelayMode, RelayUrl, SecretKey};
 use tern_protocol::peer::IrohAddr;
 use tern_protocol::{Handler, PeerAddr, PeerId};
-use tokio::sync::Notify;
+use tokio::sync::{Notify, watch};
 use tracing::{info, warn};
 
 use crate::ALPN;
 use crate::client::IrohClient;
 use crate::config::IrohConfig;
 use crate::server::{RpcProtocol, ServerState};
+use crate::supervisor::{self, EndpointHealth, Live, Supervised};
+use crate::wire::CLOSE_SHUTTING_DOWN;
 
 /// Why a transport could not start.
 #[derive(Debug, thiserror::Error)]
@@ -93,106 +98,149 @@ impl Tracker {
 }
 
 /// A node's iroh transport: its endpoint, the server for [`ALPN`] and the
-/// client that calls other nodes.
+/// client that calls other nodes, with the supervisor that rebuilds the
+/// endpoint when it dies ([`crate::supervisor`]).
 #[derive(Debug)]
 pub struct IrohTransport {
-    endpoint: Endpoint,
-    router: Router,
-    server: Arc<ServerState>,
-    client: Arc<IrohClient>,
+    shared: Arc<Supervised>,
+    stop: watch::Sender<bool>,
+    supervisor: SupervisorTask,
+    id: PeerId,
     local_addr: SocketAddr,
     relay_url: Option<String>,
 }
 
+/// The supervisor task; aborted if the transport is dropped without
+/// [`IrohTransport::shutdown`].
+#[derive(Debug)]
+struct SupervisorTask(Option<tokio::task::JoinHandle<()>>);
+
+impl Drop for SupervisorTask {
+    fn drop(&mut self) {
+        if let Some(task) = self.0.take() {
+            task.abort();
+        }
+    }
+}
+
+/// Binds an endpoint with `config` (the endpoint alone: nothing served).
+///
+/// The endpoint is offline-first: no relay unless `config.relay_url`
+/// names one, no address lookup (DNS, pkarr) and no port mapping.
+pub(crate) async fn bind_endpoint(config: &IrohConfig) -> Result<Endpoint, BindError> {
+    let limits = &config.limits;
+    let idle = IdleTimeout::try_from(limits.idle_timeout)
+        .map_err(|e| BindError::Config(format!("idle_timeout: {e}")))?;
+    let quic = QuicTransportConfig::builder()
+        .max_concurrent_bidi_streams(VarInt::from_u32(limits.max_concurrent_streams))
+        // The protocol uses no unidirectional streams.
+        .max_concurrent_uni_streams(VarInt::from_u32(0))
+        .max_idle_timeout(Some(idle))
+        // The stream contract's windows: a stalled reader holds at most
+        // a stream window per stream and a connection window in all.
+        .stream_receive_window(VarInt::from_u32(limits.stream_window))
+        .receive_window(VarInt::from_u32(limits.connection_window))
+        .keep_alive_interval(limits.keep_alive)
+        .build();
+    let mut builder = Endpoint::builder(presets::Minimal)
+        .secret_key(SecretKey::from_bytes(&config.secret_key))
+        .alpns(vec![ALPN.to_vec()])
+        .transport_config(quic)
+        // Offline by default, whatever features other crates enable on
+        // iroh: no DNS/pkarr lookup, no UPnP/PCP/NAT-PMP probing.
+        .clear_address_lookup()
+        .portmapper_config(PortmapperConfig::Disabled)
+        .clear_ip_transports()
+        .bind_addr(config.bind_addr)
+        .map_err(|e| BindError::Bind {
+            addr: config.bind_addr,
+            detail: e.to_string(),
+        })?;
+    builder = match relay_url(config)? {
+        None => builder.relay_mode(RelayMode::Disabled),
+        Some(url) => builder.relay_mode(RelayMode::Custom(url.into())),
+    };
+    if let Some(der) = &config.relay_ca_der {
+        let cert = iroh::tls::CaTlsConfig::custom_roots([der.clone().into()]);
+        builder = builder.ca_tls_config(cert);
+    }
+    builder.bind().await.map_err(|e| BindError::Bind {
+        addr: config.bind_addr,
+        detail: e.to_string(),
+    })
+}
+
+/// The relay `config` names, parsed.
+fn relay_url(config: &IrohConfig) -> Result<Option<RelayUrl>, BindError> {
+    match &config.relay_url {
+        None => Ok(None),
+        Some(url) => url
+            .parse()
+            .map(Some)
+            .map_err(|e| BindError::Config(format!("relay_url {url:?}: {e}"))),
+    }
+}
+
+/// Serves `server` on `endpoint` under [`ALPN`].
+pub(crate) fn serve(endpoint: Endpoint, server: Arc<ServerState>) -> Router {
+    Router::builder(endpoint)
+        .accept(ALPN, RpcProtocol::new(server))
+        .spawn()
+}
+
 impl IrohTransport {
-    /// Binds an endpoint with `config` and serves `handler` on it.
+    /// Binds an endpoint with `config`, serves `handler` on it and starts
+    /// its supervisor.
     ///
     /// The endpoint is offline-first: no relay unless `config.relay_url`
     /// names one, no address lookup (DNS, pkarr) and no port mapping.
     pub async fn bind(
-        config: IrohConfig,
+        mut config: IrohConfig,
         handler: Arc<dyn Handler>,
     ) -> Result<IrohTransport, BindError> {
         config.limits.validate()?;
-        let limits = &config.limits;
-        let idle = IdleTimeout::try_from(limits.idle_timeout)
-            .map_err(|e| BindError::Config(format!("idle_timeout: {e}")))?;
-        let quic = QuicTransportConfig::builder()
-            .max_concurrent_bidi_streams(VarInt::from_u32(limits.max_concurrent_streams))
-            // The protocol uses no unidirectional streams.
-            .max_concurrent_uni_streams(VarInt::from_u32(0))
-            .max_idle_timeout(Some(idle))
-            // The stream contract's windows: a stalled reader holds at most
-            // a stream window per stream and a connection window in all.
-            .stream_receive_window(VarInt::from_u32(limits.stream_window))
-            .receive_window(VarInt::from_u32(limits.connection_window))
-            .keep_alive_interval(limits.keep_alive)
-            .build();
-        let mut builder = Endpoint::builder(presets::Minimal)
-            .secret_key(SecretKey::from_bytes(&config.secret_key))
-            .alpns(vec![ALPN.to_vec()])
-            .transport_config(quic)
-            // Offline by default, whatever features other crates enable on
-            // iroh: no DNS/pkarr lookup, no UPnP/PCP/NAT-PMP probing.
-            .clear_address_lookup()
-            .portmapper_config(PortmapperConfig::Disabled)
-            .clear_ip_transports()
-            .bind_addr(config.bind_addr)
-            .map_err(|e| BindError::Bind {
-                addr: config.bind_addr,
-                detail: e.to_string(),
-            })?;
-        let relay: Option<RelayUrl> = match &config.relay_url {
-            None => None,
-            Some(url) => Some(
-                url.parse()
-                    .map_err(|e| BindError::Config(format!("relay_url {url:?}: {e}")))?,
-            ),
-        };
-        builder = match &relay {
-            None => builder.relay_mode(RelayMode::Disabled),
-            Some(url) => builder.relay_mode(RelayMode::Custom(url.clone().into())),
-        };
-        if let Some(der) = &config.relay_ca_der {
-            let cert = iroh::tls::CaTlsConfig::custom_roots([der.clone().into()]);
-            builder = builder.ca_tls_config(cert);
-        }
-        let endpoint = builder.bind().await.map_err(|e| BindError::Bind {
-            addr: config.bind_addr,
-            detail: e.to_string(),
-        })?;
+        let relay = relay_url(&config)?;
+        let endpoint = bind_endpoint(&config).await?;
         let local_addr = endpoint
             .bound_sockets()
             .into_iter()
             .next()
             .unwrap_or(config.bind_addr);
+        // A replacement endpoint binds where this one did, also when the
+        // configuration asked for any port.
+        config.bind_addr = local_addr;
         let server = ServerState::new(handler, config.frame_limits, config.limits.clone());
-        let router = Router::builder(endpoint.clone())
-            .accept(ALPN, RpcProtocol::new(server.clone()))
-            .spawn();
+        let router = serve(endpoint.clone(), server.clone());
         let client = Arc::new(IrohClient::new(
             endpoint.clone(),
             config.frame_limits,
             config.limits.clone(),
             relay,
         ));
+        let id = PeerId::from_bytes(*endpoint.id().as_bytes());
         info!(id = %endpoint.id().fmt_short(), %local_addr, "iroh transport bound");
+        let relay_url = config.relay_url.clone();
+        let live = Live { endpoint, router };
+        let shared = Arc::new(Supervised::new(config, server, client, live));
+        let (stop, stopped) = watch::channel(false);
+        let task = tokio::spawn(supervisor::supervise(shared.clone(), stopped));
         Ok(IrohTransport {
-            endpoint,
-            router,
-            server,
-            client,
+            shared,
+            stop,
+            supervisor: SupervisorTask(Some(task)),
+            id,
             local_addr,
-            relay_url: config.relay_url,
+            relay_url,
         })
     }
 
     /// This node's identity.
     pub fn id(&self) -> PeerId {
-        PeerId::from_bytes(*self.endpoint.id().as_bytes())
+        self.id
     }
 
-    /// The socket address the endpoint is bound to.
+    /// The socket address the endpoint is bound to (a rebuilt endpoint
+    /// binds the same one).
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
     }
@@ -202,7 +250,7 @@ impl IrohTransport {
     /// bound to an unspecified one) and its relay, if configured.
     pub fn peer_addr(&self) -> PeerAddr {
         let direct = if self.local_addr.ip().is_unspecified() {
-            self.endpoint.addr().ip_addrs().copied().collect()
+            self.endpoint().addr().ip_addrs().copied().collect()
         } else {
             vec![self.local_addr]
         };
@@ -218,35 +266,52 @@ impl IrohTransport {
 
     /// The client that calls other nodes as this node.
     pub fn client(&self) -> Arc<IrohClient> {
-        self.client.clone()
+        self.shared.client().clone()
     }
 
-    /// The iroh endpoint (for metrics and diagnostics).
-    pub fn endpoint(&self) -> &Endpoint {
-        &self.endpoint
+    /// The iroh endpoint in service now (for metrics and diagnostics); a
+    /// rebuild replaces it.
+    pub fn endpoint(&self) -> Endpoint {
+        self.shared.live().endpoint
     }
 
-    /// Graceful shutdown: stop taking calls, let calls in flight (both
-    /// ways) finish within `drain`, close connections with the shutdown
-    /// code, stop the router and close the endpoint.
-    pub async fn shutdown(self, drain: Duration) {
-        self.client.begin_shutdown();
-        self.server.begin_drain();
+    /// What the supervisor knows about the endpoint: whether it answers
+    /// its liveness probe, and how often it was rebuilt.
+    pub fn health(&self) -> EndpointHealth {
+        self.shared.health()
+    }
+
+    /// Graceful shutdown: stop the supervisor, stop taking calls, let
+    /// calls in flight (both ways) finish within `drain`, close
+    /// connections with the shutdown code, stop the router and close the
+    /// endpoint.
+    pub async fn shutdown(mut self, drain: Duration) {
+        let _ = self.stop.send(true);
+        if let Some(task) = self.supervisor.0.take()
+            && let Err(e) = task.await
+        {
+            warn!("iroh endpoint supervisor ended abnormally: {e}");
+        }
+        let client = self.shared.client().clone();
+        let server = self.shared.server().clone();
+        client.begin_shutdown();
+        server.begin_drain();
         let idle = async {
-            tokio::join!(self.client.wait_idle(), self.server.calls.wait_idle());
+            tokio::join!(client.wait_idle(), server.calls.wait_idle());
         };
         if tokio::time::timeout(drain, idle).await.is_err() {
             warn!(
-                server_calls = self.server.calls.count(),
+                server_calls = server.calls.count(),
                 "drain deadline passed with calls still in flight; closing anyway"
             );
         }
-        self.client.close_connections();
-        self.server.close_connections();
-        if let Err(e) = self.router.shutdown().await {
+        client.close_connections();
+        server.close_connections(CLOSE_SHUTTING_DOWN, b"peer shutting down");
+        let live = self.shared.live();
+        if let Err(e) = live.router.shutdown().await {
             warn!("router shutdown: {e}");
         }
-        self.endpoint.close().await;
-        info!(id = %self.endpoint.id().fmt_short(), "iroh transport stopped");
+        live.endpoint.close().await;
+        info!(id = %live.endpoint.id().fmt_short(), "iroh transport stopped");
     }
 }
