@@ -26,6 +26,18 @@
 //!   written is `NotDelivered`; after, `MayHaveBeenDelivered`, unless the
 //!   peer proved otherwise (a stream reset with "shutting down", "malformed"
 //!   or "too large" means the request did not run).
+//! - **One retry for idempotent calls.** An idempotent method's call whose
+//!   connection is lost before the answer (`ConnectionLost`: the peer's
+//!   endpoint died and was rebuilt, see [`crate::supervisor`], or a path
+//!   went away) is sent once more on a newly dialled connection, within
+//!   the same deadline. Nothing else is retried here: a mutation that may
+//!   have run is the caller's (the dual router's) to decide.
+//! - **Silent connections.** A ping that goes unanswered within its
+//!   timeout closes the pooled connection it rode on (code
+//!   [`CLOSE_PATH_SILENT`]), so the next call dials again instead of
+//!   waiting for the QUIC idle timeout on a peer whose endpoint was
+//!   rebuilt; the dual router's path check pings exactly when a call is
+//!   slow.
 //! - **Cancellation.** Dropping a call resets its stream and stops reading
 //!   it; the server drops the service's work.
 
@@ -56,9 +68,9 @@ use crate::config::TransportLimits;
 use crate::metrics::{self, Outcome, Side};
 use crate::transport::{Tracker, TrackerGuard};
 use crate::wire::{
-    self, CLOSE_ENDPOINT_REBUILT, CLOSE_SHUTTING_DOWN, ReadFrameError, STREAM_CANCELLED,
-    STREAM_DEADLINE_EXCEEDED, STREAM_IDLE, STREAM_MALFORMED, STREAM_SHUTTING_DOWN,
-    STREAM_TOO_LARGE,
+    self, CLOSE_ENDPOINT_REBUILT, CLOSE_PATH_SILENT, CLOSE_SHUTTING_DOWN, ReadFrameError,
+    STREAM_CANCELLED, STREAM_DEADLINE_EXCEEDED, STREAM_IDLE, STREAM_MALFORMED,
+    STREAM_SHUTTING_DOWN, STREAM_TOO_LARGE,
 };
 
 /// Size of a ping's payload: the request id, echoed by the pong.
@@ -132,6 +144,18 @@ impl Pooled {
             .as_ref()
             .filter(|conn| conn.close_reason().is_none())
             .cloned()
+    }
+
+    /// Closes `conn` if it is still this pool's connection: a ping on it
+    /// went unanswered, so the next call dials again (a peer whose
+    /// endpoint was rebuilt answers a new dial at once, while the old
+    /// connection would stay silent until the QUIC idle timeout).
+    fn forget_silent(&self, conn: &Connection, peer: &PeerId) {
+        let current = self.open_connection();
+        if current.is_some_and(|c| c.stable_id() == conn.stable_id()) {
+            debug!(peer = %peer.short(), "a ping on the pooled connection went unanswered; closing it so the next call dials again");
+            conn.close(CLOSE_PATH_SILENT, b"ping unanswered");
+        }
     }
 
     fn set_current(&self, conn: Option<Connection>) {
@@ -314,6 +338,28 @@ impl IrohClient {
         }
     }
 
+    /// A dial error; an endpoint closed while this node is not shutting
+    /// down is one the supervisor is replacing: `Unreachable`, not
+    /// `LocalShutdown`, so callers (the dual router) treat it as a path
+    /// failure that passes.
+    fn map_dial_error(&self, e: ConnectError) -> TransportError {
+        let closed_endpoint = matches!(
+            &e,
+            ConnectError::Connect {
+                source: ConnectWithOptsError::EndpointClosed { .. },
+                ..
+            }
+        );
+        if closed_endpoint && !self.closed.load(Ordering::SeqCst) {
+            return error(
+                TransportErrorKind::Unreachable,
+                Delivery::NotDelivered,
+                "this node's iroh endpoint died and is being rebuilt; try again in a moment",
+            );
+        }
+        map_connect_error(e)
+    }
+
     fn local_shutdown() -> TransportError {
         error(
             TransportErrorKind::LocalShutdown,
@@ -450,7 +496,7 @@ impl IrohClient {
         let conn = endpoint
             .connect(target, crate::ALPN)
             .await
-            .map_err(map_connect_error)?;
+            .map_err(|e| self.map_dial_error(e))?;
         if conn.remote_id() != key {
             // iroh's TLS already ties the connection to the key we dialled;
             // this check keeps the contract explicit.
@@ -536,6 +582,26 @@ impl IrohClient {
             ));
         }
         Ok(answer)
+    }
+
+    /// [`Self::call_inner`], sent once more on a new connection when the
+    /// method is idempotent and its connection was lost.
+    async fn call_retrying(
+        &self,
+        addr: &PeerAddr,
+        call: Call,
+        sent: &AtomicBool,
+    ) -> Result<Bytes, CallError> {
+        if !call.method.idempotent {
+            return self.call_inner(addr, call, sent).await;
+        }
+        match self.call_inner(addr, call.clone(), sent).await {
+            Err(CallError::Transport(e)) if e.kind == TransportErrorKind::ConnectionLost => {
+                debug!(peer = %addr.id.short(), "connection lost under an idempotent call; sending it again on a new connection: {e}");
+                self.call_inner(addr, call, sent).await
+            }
+            other => other,
+        }
     }
 
     async fn call_inner(
@@ -812,7 +878,7 @@ impl RpcClient for IrohClient {
             let started = Instant::now();
             let sent = AtomicBool::new(false);
             metrics::in_flight(Side::Client, 1.0);
-            let result = tokio::time::timeout(timeout, self.call_inner(peer, call, &sent))
+            let result = tokio::time::timeout(timeout, self.call_retrying(peer, call, &sent))
                 .await
                 .unwrap_or_else(|_| {
                     self.suspect.notify_one();
@@ -840,9 +906,17 @@ impl RpcClient for IrohClient {
         Box::pin(async move {
             let _guard = self.enter()?;
             let sent = AtomicBool::new(false);
+            // The connection the ping rides on, if one is open already.
+            let pooled = self.peer(peer.id)?;
+            let before = pooled.pools[SHARED_POOL].open_connection();
             tokio::time::timeout(timeout, self.ping_inner(peer, &sent))
                 .await
-                .unwrap_or_else(|_| Err(timed_out(timeout, &sent)))
+                .unwrap_or_else(|_| {
+                    if let Some(conn) = before {
+                        pooled.pools[SHARED_POOL].forget_silent(&conn, &peer.id);
+                    }
+                    Err(timed_out(timeout, &sent))
+                })
         })
     }
 

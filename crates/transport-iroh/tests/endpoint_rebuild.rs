@@ -206,10 +206,17 @@ async fn scenario(ns: &Namespace) -> anyhow::Result<()> {
         Some(a_addr.port()),
         "the new endpoint is bound to the same port"
     );
-    // Both ways over iroh: a dials b from its new endpoint; b's connection
-    // to the old one is replaced by a new dial to the same id and port.
+    // b still holds its connection to a's dead endpoint. One idempotent
+    // call with room in its deadline: it waits out that connection (the
+    // QUIC idle timeout) and is sent again on a new one, so it succeeds
+    // without the caller retrying.
+    let status = Call::new(methods::STATUS_GET, Bytes::new()).with_timeout(WAIT);
+    b.client()
+        .call(&a.peer_addr(), status)
+        .await
+        .context("b's first call to the rebuilt endpoint")?;
+    // And a dials b from its new endpoint.
     call_until_through(a.client().as_ref(), &b.peer_addr()).await?;
-    call_until_through(b.client().as_ref(), &a.peer_addr()).await?;
     assert_eq!(a.health().rebuilds, 1, "exactly one rebuild");
 
     b.shutdown(DRAIN).await;
