@@ -59,7 +59,10 @@
 //!   silently is noticed by the QUIC idle timeout
 //!   ([`config::DEFAULT_IDLE_TIMEOUT`], with keep-alives at a third of it);
 //!   until then calls on it end at their own deadline, as
-//!   `TimedOut`/`MayHaveBeenDelivered`.
+//!   `TimedOut`/`MayHaveBeenDelivered`. The one exception is a ping a
+//!   caller sends (the dual router's path check on a slow call): if it goes
+//!   unanswered, the connection it rode on is closed so the next call
+//!   dials again (see [`client`]).
 
 pub mod backoff;
 pub mod client;
