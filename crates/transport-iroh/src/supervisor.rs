@@ -67,7 +67,7 @@
 //! [`OLD_ENDPOINT_CLOSE_BOUND`]), binds a new endpoint with the same
 //! secret key on the same address and port, retrying with a doubling
 //! backoff from [`REBIND_BACKOFF_START`] to [`REBIND_BACKOFF_MAX`] while
-//! the port is still held, serves the same [`ServerState`] on it and hands
+//! the port is still held, serves the same server state (its calls, limits and handler) on it and hands
 //! it to the client. Peers see the same node id at the same address: they
 //! dial it again when their own connection to the old endpoint times out
 //! (the QUIC idle timeout, [`crate::config::DEFAULT_IDLE_TIMEOUT`]) or
