@@ -70,8 +70,10 @@
 //! the port is still held, serves the same server state (its calls, limits and handler) on it and hands
 //! it to the client. Peers see the same node id at the same address: they
 //! dial it again when their own connection to the old endpoint times out
-//! (the QUIC idle timeout, [`crate::config::DEFAULT_IDLE_TIMEOUT`]) or
-//! when this node calls them first. Each rebuild is counted in
+//! (the QUIC idle timeout, [`crate::config::DEFAULT_IDLE_TIMEOUT`]), or
+//! sooner when a ping of theirs on it goes unanswered (the dual router's
+//! path check; see [`crate::client`]); an idempotent call caught on it is
+//! sent again on the new connection. Each rebuild is counted in
 //! `tern_iroh_endpoint_rebuilds_total{reason}`;
 //! `tern_iroh_endpoint_healthy` is 0 from the first missed probe until
 //! the endpoint answers again.
