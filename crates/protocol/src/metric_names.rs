@@ -98,6 +98,16 @@ metrics! {
     /// `dead`).
     ROUTER_PATH_CHECKS = "tern_router_path_checks_total", Counter,
         "Pings the dual router sent on the iroh path of a call that was slow to answer, by outcome; a dead path sends the call over gRPC at once.";
+    /// iroh endpoint rebuilds; labels `reason` (`probe`: it stopped
+    /// answering its own liveness probe; `closed`: it closed by itself).
+    IROH_ENDPOINT_REBUILDS = "tern_iroh_endpoint_rebuilds_total", Counter,
+        "Times the iroh endpoint was found dead and rebuilt with the same key and port, by reason (probe: stopped answering its liveness probe; closed: closed by itself).";
+    /// 1 while the iroh endpoint answers its liveness probe.
+    IROH_ENDPOINT_HEALTHY = "tern_iroh_endpoint_healthy", Gauge,
+        "1 while the iroh endpoint answers its own liveness probe, 0 from the first unanswered probe until it answers again (rebuilt or recovered).";
+    /// Unanswered liveness probes of the iroh endpoint.
+    IROH_ENDPOINT_PROBE_FAILURES = "tern_iroh_endpoint_probe_failures_total", Counter,
+        "Liveness probes of the iroh endpoint that got no answer in time; several in a row rebuild the endpoint.";
     /// Reroutes for capability; labels `service`, `reason`.
     ROUTER_REROUTES = "tern_router_reroutes_total", Counter,
         "Calls sent over the non-preferred transport because the peer or this node lacks the preferred one.";

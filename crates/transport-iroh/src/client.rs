@@ -36,6 +36,18 @@
 //!   written is `NotDelivered`; after, `MayHaveBeenDelivered`, unless the
 //!   peer proved otherwise (a stream reset with "shutting down", "malformed"
 //!   or "too large" means the request did not run).
+//! - **One retry for idempotent calls.** An idempotent method's call whose
+//!   connection is lost before the answer (`ConnectionLost`: the peer's
+//!   endpoint died and was rebuilt, see [`crate::supervisor`], or a path
+//!   went away) is sent once more on a newly dialled connection, within
+//!   the same deadline. Nothing else is retried here: a mutation that may
+//!   have run is the caller's (the dual router's) to decide.
+//! - **Silent connections.** A ping that goes unanswered within its
+//!   timeout closes the pooled connection it rode on (code
+//!   [`CLOSE_PATH_SILENT`]), so the next call dials again instead of
+//!   waiting for the QUIC idle timeout on a peer whose endpoint was
+//!   rebuilt; the dual router's path check pings exactly when a call is
+//!   slow.
 //! - **Cancellation.** Dropping a call resets its stream and stops reading
 //!   it; the server drops the service's work.
 
@@ -68,8 +80,9 @@ use crate::metrics::{self, Outcome, Side};
 use crate::path_select::{LIVENESS_TICK, Liveness};
 use crate::transport::{Tracker, TrackerGuard};
 use crate::wire::{
-    self, CLOSE_SHUTTING_DOWN, ReadFrameError, STREAM_CANCELLED, STREAM_DEADLINE_EXCEEDED,
-    STREAM_IDLE, STREAM_MALFORMED, STREAM_SHUTTING_DOWN, STREAM_TOO_LARGE,
+    self, CLOSE_ENDPOINT_REBUILT, CLOSE_PATH_SILENT, CLOSE_SHUTTING_DOWN, ReadFrameError,
+    STREAM_CANCELLED, STREAM_DEADLINE_EXCEEDED, STREAM_IDLE, STREAM_MALFORMED,
+    STREAM_SHUTTING_DOWN, STREAM_TOO_LARGE,
 };
 
 /// Size of a ping's payload: the request id, echoed by the pong.
@@ -102,6 +115,10 @@ pub struct IrohClient {
     /// When the paths of the connections this client dialled last heard
     /// from their peer (read by the endpoint's path selector).
     liveness: Arc<Liveness>,
+    /// Woken when a dial fails or a call times out: the endpoint's
+    /// supervisor probes the endpoint at once instead of at its next tick
+    /// (see [`crate::supervisor`]). A hint, never a verdict.
+    suspect: Arc<tokio::sync::Notify>,
 }
 
 /// What the client keeps per peer.
@@ -163,6 +180,28 @@ impl Pooled {
             .as_ref()
             .filter(|conn| conn.close_reason().is_none())
             .cloned()
+    }
+
+    /// The pooled connection, if open, whatever addresses it was dialled
+    /// with.
+    fn current_connection(&self) -> Option<Connection> {
+        let current = self.current.lock().ok()?;
+        current
+            .as_ref()
+            .filter(|conn| conn.close_reason().is_none())
+            .cloned()
+    }
+
+    /// Closes `conn` if it is still this pool's connection: a ping on it
+    /// went unanswered, so the next call dials again (a peer whose
+    /// endpoint was rebuilt answers a new dial at once, while the old
+    /// connection would stay silent until the QUIC idle timeout).
+    fn forget_silent(&self, conn: &Connection, peer: &PeerId) {
+        let current = self.current_connection();
+        if current.is_some_and(|c| c.stable_id() == conn.stable_id()) {
+            debug!(peer = %peer.short(), "a ping on the pooled connection went unanswered; closing it so the next call dials again");
+            conn.close(CLOSE_PATH_SILENT, b"ping unanswered");
+        }
     }
 
     fn set_current(&self, conn: Option<Connection>, dialled: &[std::net::SocketAddr]) {
@@ -273,6 +312,60 @@ impl IrohClient {
             closed: Arc::new(AtomicBool::new(false)),
             calls: Arc::new(Tracker::default()),
             next_request_id: AtomicU64::new(1),
+            suspect: Arc::new(tokio::sync::Notify::new()),
+        }
+    }
+
+    /// The hint the client gives when a dial fails or a call times out.
+    /// The address lookup this client feeds (a rebuilt endpoint gets it).
+    pub(crate) fn lookup(&self) -> &MemoryLookup {
+        &self.lookup
+    }
+
+    /// The path liveness this client samples (a rebuilt endpoint's path
+    /// selector reads it).
+    pub(crate) fn liveness(&self) -> &Arc<Liveness> {
+        &self.liveness
+    }
+
+    pub(crate) fn suspect(&self) -> Arc<tokio::sync::Notify> {
+        self.suspect.clone()
+    }
+
+    /// Moves the client to a rebuilt endpoint: every pooled connection
+    /// (they lived on the old endpoint) is closed, so calls on them fail at
+    /// once instead of waiting for their deadline, and the dial backoff is
+    /// forgotten, so the next call dials on `endpoint` straight away.
+    /// Lanes and their waiting calls are kept.
+    pub(crate) fn replace_endpoint(&self, endpoint: Endpoint) {
+        if let Ok(mut current) = self.endpoint.write()
+            && current.is_some()
+        {
+            *current = Some(endpoint);
+        }
+        self.drop_connections();
+    }
+
+    /// Closes every pooled connection (code [`CLOSE_ENDPOINT_REBUILT`]) and
+    /// resets each pool's dial history; the peers stay known.
+    pub(crate) fn drop_connections(&self) {
+        let peers: Vec<Arc<Peer>> = match self.peers.lock() {
+            Ok(map) => map.values().cloned().collect(),
+            Err(poisoned) => poisoned.into_inner().values().cloned().collect(),
+        };
+        for peer in peers {
+            for pooled in &peer.pools {
+                if let Some(conn) = pooled.current.lock().ok().and_then(|mut c| c.take()) {
+                    conn.close(CLOSE_ENDPOINT_REBUILT, b"endpoint rebuilt");
+                }
+                if let Ok(mut slot) = pooled.slot.try_lock() {
+                    if let Some(conn) = slot.conn.take() {
+                        conn.close(CLOSE_ENDPOINT_REBUILT, b"endpoint rebuilt");
+                    }
+                    slot.failures = 0;
+                    slot.retry_at = None;
+                }
+            }
         }
     }
 
@@ -320,6 +413,28 @@ impl IrohClient {
         if let Ok(mut endpoint) = self.endpoint.write() {
             *endpoint = None;
         }
+    }
+
+    /// A dial error; an endpoint closed while this node is not shutting
+    /// down is one the supervisor is replacing: `Unreachable`, not
+    /// `LocalShutdown`, so callers (the dual router) treat it as a path
+    /// failure that passes.
+    fn map_dial_error(&self, e: ConnectError) -> TransportError {
+        let closed_endpoint = matches!(
+            &e,
+            ConnectError::Connect {
+                source: ConnectWithOptsError::EndpointClosed { .. },
+                ..
+            }
+        );
+        if closed_endpoint && !self.closed.load(Ordering::SeqCst) {
+            return error(
+                TransportErrorKind::Unreachable,
+                Delivery::NotDelivered,
+                "this node's iroh endpoint died and is being rebuilt; try again in a moment",
+            );
+        }
+        map_connect_error(e)
     }
 
     fn local_shutdown() -> TransportError {
@@ -419,6 +534,7 @@ impl IrohClient {
             }
             Err(e) => {
                 metrics::connect_failed();
+                self.suspect.notify_one();
                 slot.failures = slot.failures.saturating_add(1);
                 let delay = backoff::delay(slot.failures, rand::random::<f64>());
                 slot.retry_at = Some(tokio::time::Instant::now() + delay);
@@ -476,7 +592,7 @@ impl IrohClient {
         let conn = endpoint
             .connect(target, crate::ALPN)
             .await
-            .map_err(map_connect_error)?;
+            .map_err(|e| self.map_dial_error(e))?;
         if conn.remote_id() != key {
             // iroh's TLS already ties the connection to the key we dialled;
             // this check keeps the contract explicit.
@@ -563,6 +679,26 @@ impl IrohClient {
             ));
         }
         Ok(answer)
+    }
+
+    /// [`Self::call_inner`], sent once more on a new connection when the
+    /// method is idempotent and its connection was lost.
+    async fn call_retrying(
+        &self,
+        addr: &PeerAddr,
+        call: Call,
+        sent: &AtomicBool,
+    ) -> Result<Bytes, CallError> {
+        if !call.method.idempotent {
+            return self.call_inner(addr, call, sent).await;
+        }
+        match self.call_inner(addr, call.clone(), sent).await {
+            Err(CallError::Transport(e)) if e.kind == TransportErrorKind::ConnectionLost => {
+                debug!(peer = %addr.id.short(), "connection lost under an idempotent call; sending it again on a new connection: {e}");
+                self.call_inner(addr, call, sent).await
+            }
+            other => other,
+        }
     }
 
     async fn call_inner(
@@ -863,9 +999,12 @@ impl RpcClient for IrohClient {
             let started = Instant::now();
             let sent = AtomicBool::new(false);
             metrics::in_flight(Side::Client, 1.0);
-            let result = tokio::time::timeout(timeout, self.call_inner(peer, call, &sent))
+            let result = tokio::time::timeout(timeout, self.call_retrying(peer, call, &sent))
                 .await
-                .unwrap_or_else(|_| Err(timed_out(timeout, &sent)));
+                .unwrap_or_else(|_| {
+                    self.suspect.notify_one();
+                    Err(timed_out(timeout, &sent))
+                });
             metrics::in_flight(Side::Client, -1.0);
             let outcome = match &result {
                 Ok(_) => Outcome::Ok,
@@ -888,9 +1027,17 @@ impl RpcClient for IrohClient {
         Box::pin(async move {
             let _guard = self.enter()?;
             let sent = AtomicBool::new(false);
+            // The connection the ping rides on, if one is open already.
+            let pooled = self.peer(peer.id)?;
+            let before = pooled.pools[SHARED_POOL].current_connection();
             tokio::time::timeout(timeout, self.ping_inner(peer, &sent))
                 .await
-                .unwrap_or_else(|_| Err(timed_out(timeout, &sent)))
+                .unwrap_or_else(|_| {
+                    if let Some(conn) = before {
+                        pooled.pools[SHARED_POOL].forget_silent(&conn, &peer.id);
+                    }
+                    Err(timed_out(timeout, &sent))
+                })
         })
     }
 

@@ -15,6 +15,12 @@
 //!   persistent identity helper [`load_or_create_secret_key`].
 //! - [`transport`]: [`IrohTransport`], which binds the endpoint, serves a
 //!   [`Handler`](tern_protocol::Handler) and owns graceful shutdown.
+//! - [`supervisor`]: the supervised endpoint: why iroh's endpoint can die
+//!   on a network change (a rebind that hits `EADDRINUSE`), how Tern finds
+//!   out (a liveness probe, the endpoint closing) and the rebuild with the
+//!   same key and port; [`EndpointHealth`].
+//! - [`probe`]: the liveness probe, a QUIC version negotiation round trip
+//!   to the endpoint's own socket; its packet and answer decoder, pure.
 //! - [`server`]: the [`ProtocolHandler`](iroh::protocol::ProtocolHandler)
 //!   for [`ALPN`]: per-stream dispatch, limits, malformed input, draining.
 //! - [`client`]: [`IrohClient`], the [`RpcClient`](tern_protocol::RpcClient)
@@ -56,20 +62,26 @@
 //!   silently is noticed by the QUIC idle timeout
 //!   ([`config::DEFAULT_IDLE_TIMEOUT`], with keep-alives at a third of it);
 //!   until then calls on it end at their own deadline, as
-//!   `TimedOut`/`MayHaveBeenDelivered`.
+//!   `TimedOut`/`MayHaveBeenDelivered`. The one exception is a ping a
+//!   caller sends (the dual router's path check on a slow call): if it goes
+//!   unanswered, the connection it rode on is closed so the next call
+//!   dials again (see [`client`]).
 
 pub mod backoff;
 pub mod client;
 pub mod config;
 pub mod metrics;
 pub mod path_select;
+pub mod probe;
 pub mod server;
 pub mod stream;
+pub mod supervisor;
 pub mod transport;
 pub mod wire;
 
 pub use client::IrohClient;
 pub use config::{IrohConfig, LimitsError, TransportLimits, load_or_create_secret_key};
+pub use supervisor::EndpointHealth;
 pub use transport::{BindError, IrohTransport};
 
 /// The one ALPN of the Tern RPC protocol over iroh. The trailing number is

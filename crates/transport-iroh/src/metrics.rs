@@ -17,7 +17,11 @@
 //! - frames and payload bytes sent and received;
 //! - calls waiting for a lane slot (`lane` label) and calls in flight;
 //! - streams opened (by outcome of the opening) and streams open now; a
-//!   stream's messages count as frames.
+//!   stream's messages count as frames;
+//! - the endpoint's health (see [`crate::supervisor`]): whether it answers
+//!   its liveness probe, unanswered probes, and rebuilds by reason. These
+//!   carry no `transport` label (they are iroh's alone) and exist at 0
+//!   from the bind on, so alerts on them have a series to read.
 //!
 //! Nothing is recorded unless the node installs a recorder.
 
@@ -138,4 +142,48 @@ impl Drop for OpenStream {
         metrics::gauge!(names::STREAMS_ACTIVE, "transport" => TRANSPORT, "side" => self.0.as_str())
             .decrement(1.0);
     }
+}
+
+/// Why the endpoint was rebuilt (the `reason` label of
+/// [`names::IROH_ENDPOINT_REBUILDS`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RebuildReason {
+    /// It stopped answering its own liveness probe.
+    Probe,
+    /// It closed by itself (not by this node's shutdown).
+    Closed,
+}
+
+impl RebuildReason {
+    /// Every reason, for registering the series at 0.
+    pub const ALL: [RebuildReason; 2] = [RebuildReason::Probe, RebuildReason::Closed];
+
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RebuildReason::Probe => "probe",
+            RebuildReason::Closed => "closed",
+        }
+    }
+}
+
+/// Registers the endpoint-health series (at 0 rebuilds, healthy).
+pub(crate) fn endpoint_bound() {
+    for reason in RebuildReason::ALL {
+        counter!(names::IROH_ENDPOINT_REBUILDS, "reason" => reason.as_str()).increment(0);
+    }
+    counter!(names::IROH_ENDPOINT_PROBE_FAILURES).increment(0);
+    gauge!(names::IROH_ENDPOINT_HEALTHY).set(1.0);
+}
+
+pub(crate) fn endpoint_healthy(healthy: bool) {
+    gauge!(names::IROH_ENDPOINT_HEALTHY).set(if healthy { 1.0 } else { 0.0 });
+}
+
+pub(crate) fn probe_failed() {
+    counter!(names::IROH_ENDPOINT_PROBE_FAILURES).increment(1);
+}
+
+pub(crate) fn endpoint_rebuilt(reason: RebuildReason) {
+    counter!(names::IROH_ENDPOINT_REBUILDS, "reason" => reason.as_str()).increment(1);
 }

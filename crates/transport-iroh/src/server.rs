@@ -99,14 +99,19 @@ impl ServerState {
         self.draining.store(true, Ordering::SeqCst);
     }
 
-    /// Closes every served connection with [`CLOSE_SHUTTING_DOWN`].
-    pub(crate) fn close_connections(&self) {
+    /// Whether the node is shutting down ([`Self::begin_drain`]).
+    pub(crate) fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
+    }
+
+    /// Closes every served connection with `code`.
+    pub(crate) fn close_connections(&self, code: VarInt, reason: &[u8]) {
         let connections: Vec<Connection> = match self.connections.lock() {
             Ok(mut map) => map.drain().map(|(_, c)| c).collect(),
             Err(poisoned) => poisoned.into_inner().drain().map(|(_, c)| c).collect(),
         };
         for conn in connections {
-            conn.close(CLOSE_SHUTTING_DOWN, b"peer shutting down");
+            conn.close(code, reason);
         }
     }
 
@@ -165,9 +170,15 @@ impl ProtocolHandler for RpcProtocol {
     async fn shutdown(&self) {
         // The transport drained before shutting the router down; whatever
         // is still open is closed with the shutdown code, so callers see
-        // "peer shutting down" rather than a bare close.
-        self.state.begin_drain();
-        self.state.close_connections();
+        // "peer shutting down" rather than a bare close. A router also
+        // shuts down when its endpoint died by itself; then the node is
+        // not shutting down, the server keeps serving the endpoint that
+        // replaces it (see crate::supervisor), and the dead endpoint's
+        // connections are closed by the rebuild.
+        if self.state.is_draining() {
+            self.state
+                .close_connections(CLOSE_SHUTTING_DOWN, b"peer shutting down");
+        }
     }
 }
 

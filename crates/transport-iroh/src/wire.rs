@@ -43,6 +43,13 @@ pub const STREAM_IDLE: VarInt = VarInt::from_u32(6);
 pub const CLOSE_SHUTTING_DOWN: VarInt = VarInt::from_u32(1);
 /// Connection close code: the server has too many connections.
 pub const CLOSE_TOO_MANY_CONNECTIONS: VarInt = VarInt::from_u32(2);
+/// Connection close code: this node rebuilt its endpoint (its socket had
+/// died, see [`crate::supervisor`]); the connection belonged to the old
+/// one. Mostly local: the old endpoint could no longer send it.
+pub const CLOSE_ENDPOINT_REBUILT: VarInt = VarInt::from_u32(3);
+/// Connection close code: a ping on the connection went unanswered, so the
+/// caller dropped it to dial again (see [`crate::client`]).
+pub const CLOSE_PATH_SILENT: VarInt = VarInt::from_u32(4);
 
 /// Largest chunk asked of the QUIC stack per read. Chunks are handed over
 /// without copying when a payload arrives in one; 1 MiB bounds the copy

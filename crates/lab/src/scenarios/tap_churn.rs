@@ -20,7 +20,10 @@
 //! bridge and to lose it again, and (b) a device churner adds a TAP and a
 //! veth pair in the node's namespace, sets them up and deletes them, every
 //! 200-300 ms. Every [`SAMPLE`] the lab scrapes every node and records its
-//! iroh calls (server and client side) in that interval.
+//! iroh calls (server and client side) in that interval. The report also
+//! says what iroh did and what Tern had to do: the endpoint rebuilds per
+//! node and by reason, and the unanswered liveness probes (see
+//! `tern_transport_iroh::supervisor`).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -416,6 +419,27 @@ async fn finish(
     ctx.report.figure(
         "fallbacks during the churn, by reason",
         cluster::by_label(during, names::ROUTER_FALLBACKS, "reason"),
+    );
+    // What iroh did and what Tern had to do about it.
+    let per_node = |name: &str| -> String {
+        during
+            .iter()
+            .enumerate()
+            .map(|(i, m)| format!("n{} {}", i + 1, m.sum(name, &[])))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    ctx.report.figure(
+        "iroh endpoint rebuilds during the churn, by node",
+        per_node(names::IROH_ENDPOINT_REBUILDS),
+    );
+    ctx.report.figure(
+        "iroh endpoint rebuilds during the churn, by reason",
+        cluster::by_label(during, names::IROH_ENDPOINT_REBUILDS, "reason"),
+    );
+    ctx.report.figure(
+        "unanswered iroh liveness probes during the churn, by node",
+        per_node(names::IROH_ENDPOINT_PROBE_FAILURES),
     );
     ctx.report.check(
         "no leader change during the churn",
