@@ -27,6 +27,10 @@
 //! - [`policy`]: `Cluster/TransportSet`, the desired transport policy of a
 //!   node, a group or all (operator), forwarded to the leader like a
 //!   metadata put, and its typed client call ([`transport_set`]).
+//! - [`rollout`]: `Cluster/Rollout` (operator: start a plan, pause,
+//!   resume, advance, abort, roll every node back; forwarded to the leader)
+//!   and `Cluster/RolloutGet` (viewer), their typed client calls
+//!   ([`rollout_change`], [`rollout_get`]) and the plan's protobuf form.
 //! - [`consensus`]: [`RaftConsensus`], the services' `Consensus` trait
 //!   over a running [`RaftNode`] (writes forwarded to the leader, the
 //!   applied state, the Raft status watch).
@@ -38,6 +42,7 @@ pub mod membership;
 pub mod meta;
 pub mod node;
 pub mod policy;
+pub mod rollout;
 pub mod service;
 
 pub use admission::Admission;
@@ -49,4 +54,5 @@ pub use node::{
     limit_status, propose, read_node_id, request_join, request_leave, write_node_id,
 };
 pub use policy::{policies_response, transport_set};
+pub use rollout::{rollout_change, rollout_get};
 pub use service::RaftServices;
