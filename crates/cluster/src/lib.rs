@@ -27,10 +27,13 @@
 //! - [`policy`]: `Cluster/TransportSet`, the desired transport policy of a
 //!   node, a group or all (operator), forwarded to the leader like a
 //!   metadata put, and its typed client call ([`transport_set`]).
-//! - [`rollout`]: `Cluster/Rollout` (operator: start a plan, pause,
+//! - [`rollout`]: the rollout's calls, `Cluster/Rollout` (operator: start a plan, pause,
 //!   resume, advance, abort, roll every node back; forwarded to the leader)
 //!   and `Cluster/RolloutGet` (viewer), their typed client calls
 //!   ([`rollout_change`], [`rollout_get`]) and the plan's protobuf form.
+//! - [`rollout_driver`]: the leader's rollout driver: measures the stage
+//!   in force on the covered nodes (`Monitoring/Metrics`), waits the soak,
+//!   and proposes advance, hold or roll back from the gates.
 //! - [`consensus`]: [`RaftConsensus`], the services' `Consensus` trait
 //!   over a running [`RaftNode`] (writes forwarded to the leader, the
 //!   applied state, the Raft status watch).
@@ -43,6 +46,7 @@ pub mod meta;
 pub mod node;
 pub mod policy;
 pub mod rollout;
+pub mod rollout_driver;
 pub mod service;
 
 pub use admission::Admission;

@@ -83,9 +83,7 @@ pub fn plan_from_pb(p: &pb::RolloutPlan) -> Result<Plan, String> {
         };
         let policy = match &s.policy {
             None => return Err(format!("stage {i}: policy: missing")),
-            Some(p) => {
-                TransportConfig::from_pb(p).map_err(|e| format!("stage {i}: policy.{e}"))?
-            }
+            Some(p) => TransportConfig::from_pb(p).map_err(|e| format!("stage {i}: policy.{e}"))?,
         };
         stages.push(Stage {
             name: s.name.clone(),
@@ -119,7 +117,10 @@ pub fn rollout_response(state: &ClusterState, node_id: u64) -> pb::RolloutRespon
         status: r.status.as_str().to_owned(),
         stage: r.stage.map(|s| s as u64),
         last_good: r.last_good.map(|s| s as u64),
-        covered: r.covered().map(|c| c.iter().copied().collect()).unwrap_or_default(),
+        covered: r
+            .covered()
+            .map(|c| c.iter().copied().collect())
+            .unwrap_or_default(),
         stage_started_unix_ms: r.stage_started_unix_ms,
         seq: r.seq,
         history: r
@@ -300,7 +301,8 @@ pub async fn rollout_change(
         plan: plan.map(plan_to_pb),
         forwarded: false,
     };
-    let call = Call::new(methods::CLUSTER_ROLLOUT, req.encode_to_vec().into()).with_timeout(timeout);
+    let call =
+        Call::new(methods::CLUSTER_ROLLOUT, req.encode_to_vec().into()).with_timeout(timeout);
     decode(client.call(addr, call).await?)
 }
 
@@ -366,7 +368,10 @@ mod tests {
         assert!(msg(req("start", None)).contains("field `plan`"));
         assert!(msg(req("pause", Some(plan_to_pb(&plan())))).contains("only a start"));
         assert!(msg(req("explode", None)).contains("field `action`"));
-        assert_eq!(parse_request(&req("abort", None)).unwrap(), RolloutOp::Abort);
+        assert_eq!(
+            parse_request(&req("abort", None)).unwrap(),
+            RolloutOp::Abort
+        );
         assert!(matches!(
             parse_request(&req("start", Some(plan_to_pb(&plan())))).unwrap(),
             RolloutOp::Start { .. }

@@ -174,7 +174,10 @@ fn print_status(r: &pb::RolloutResponse, out: Out) {
         return;
     };
     out!("plan {}: {}", plan.name, r.status);
-    match r.stage.and_then(|s| plan.stages.get(s as usize).map(|st| (s, st))) {
+    match r
+        .stage
+        .and_then(|s| plan.stages.get(s as usize).map(|st| (s, st)))
+    {
         Some((s, st)) => out!(
             "stage {s} of {} in force since {}: {} (soak {} s)",
             plan.stages.len(),
@@ -202,7 +205,11 @@ fn print_status(r: &pb::RolloutResponse, out: Out) {
         .enumerate()
         .map(|(i, s)| {
             vec![
-                if Some(i as u64) == r.stage { "->".into() } else { String::new() },
+                if Some(i as u64) == r.stage {
+                    "->".into()
+                } else {
+                    String::new()
+                },
                 i.to_string(),
                 s.name.clone(),
                 if s.percent > 0 {
@@ -251,11 +258,17 @@ mod tests {
         let e = parse_plan("name = \"x\"\n[[stage]]\nname = \"a\"\nsoak_secs = 1\n[stage.policy]\nmode = \"dual\"\n", "p.toml")
             .unwrap_err()
             .to_string();
-        assert_eq!(e, "p.toml: stage 0: percent: give exactly one of percent and nodes");
+        assert_eq!(
+            e,
+            "p.toml: stage 0: percent: give exactly one of percent and nodes"
+        );
         let e = parse_plan("name = \"x\"\nstages = 3\n", "p.toml")
             .unwrap_err()
             .to_string();
-        assert!(e.starts_with("p.toml: not a rollout plan: unknown field `stages`"), "{e}");
+        assert!(
+            e.starts_with("p.toml: not a rollout plan: unknown field `stages`"),
+            "{e}"
+        );
         let e = parse_plan(
             "name = \"x\"\n[[stage]]\nname = \"a\"\npercent = 5\nsoak_secs = 1\n[stage.policy]\nmode = \"fast\"\n",
             "p.toml",

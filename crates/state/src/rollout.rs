@@ -13,8 +13,9 @@
 //! # The rollout layer
 //!
 //! The nodes a rollout covers run the policy of its stage in force through
-//! a layer of their own in the desired-policy precedence, **node > rollout
-//! > group > all** ([`ClusterState::desired_policy`]). The layer is
+//! a layer of their own in the desired-policy precedence,
+//! **node > rollout > group > all** ([`ClusterState::desired_policy`]).
+//! The layer is
 //! separate rather than written into the node-level policies so that:
 //! a rollback is clearing the layer (nothing has to be remembered and
 //! restored, and a node returns to exactly the policy the operator had set
@@ -231,7 +232,9 @@ impl Plan {
                         return Err(plan_error(
                             at,
                             "percent",
-                            format!("{p} is below the stage before's {last_percent}: stages only grow"),
+                            format!(
+                                "{p} is below the stage before's {last_percent}: stages only grow"
+                            ),
                         ));
                     }
                     last_percent = p;
@@ -255,11 +258,7 @@ impl Plan {
                 ));
             }
             if let Err(e) = check_policy(&s.policy) {
-                return Err(plan_error(
-                    at,
-                    &format!("policy.{}", e.key),
-                    e.reason,
-                ));
+                return Err(plan_error(at, &format!("policy.{}", e.key), e.reason));
             }
         }
         Ok(())
@@ -765,11 +764,15 @@ impl ClusterState {
                 ))
             })
         };
-        if status.is_over() {
+        // Rolling every node back works whenever a stage is in force (after
+        // done or abort too); everything else needs a rollout not over.
+        let layer = r.stage.is_some();
+        if status.is_over() && !(op == RolloutOp::RollbackAll && layer) {
             return refuse(format!("the rollout is {status}; start a new one"));
         }
         match op {
-            RolloutOp::Start { .. } => unreachable!("handled above"),
+            // Handled before the status check; kept total for the compiler.
+            RolloutOp::Start { plan } => self.start_rollout(plan, &last, at),
             RolloutOp::Pause | RolloutOp::Resume => self.pause_resume(op, at),
             RolloutOp::Advance {
                 expected_seq,
@@ -846,9 +849,7 @@ impl ClusterState {
 
     fn start_rollout(&mut self, plan: Plan, last: &BTreeSet<NodeId>, at: u64) -> Response {
         if let Err(e) = plan.check() {
-            return Response::Rejected(Rejection::InvalidPlan {
-                why: e.to_string(),
-            });
+            return Response::Rejected(Rejection::InvalidPlan { why: e.to_string() });
         }
         if let Some(r) = &self.rollout
             && !r.status.is_over()
@@ -1052,7 +1053,10 @@ mod tests {
         let two = pick(&members, &s.node_labels, &BTreeSet::new(), &[1].into(), 2);
         assert_eq!(two, [2, 3].into(), "one per zone, leader 1 skipped");
         let all = pick(&members, &s.node_labels, &two, &[1].into(), 8);
-        assert_eq!(all, members, "the leader is picked when nothing else is left");
+        assert_eq!(
+            all, members,
+            "the leader is picked when nothing else is left"
+        );
         let four = pick(&members, &s.node_labels, &two, &BTreeSet::new(), 4);
         assert!(four.is_superset(&two));
         assert_eq!(four.len(), 4);
@@ -1062,9 +1066,15 @@ mod tests {
     fn stages_advance_roll_back_to_the_last_good_one_and_rollback_all_clears() {
         let mut s = state(4);
         s.policies.all = Some(policy(Mode::Grpc));
-        assert_eq!(op(&mut s, RolloutOp::Start { plan: plan() }, vec![1], 10), Response::Done);
+        assert_eq!(
+            op(&mut s, RolloutOp::Start { plan: plan() }, vec![1], 10),
+            Response::Done
+        );
         let r = s.rollout().unwrap();
-        assert_eq!((r.stage, r.status, r.seq), (Some(0), RolloutStatus::Running, 1));
+        assert_eq!(
+            (r.stage, r.status, r.seq),
+            (Some(0), RolloutStatus::Running, 1)
+        );
         assert_eq!(r.covered().unwrap().len(), 1);
         assert!(!r.covered().unwrap().contains(&1), "not the leader first");
         let canary = *r.covered().unwrap().first().unwrap();
@@ -1083,7 +1093,10 @@ mod tests {
         };
         assert_eq!(op(&mut s, adv(1), vec![], 20), Response::Done);
         // The same decision again (a retry by a new leader) is refused.
-        assert!(matches!(op(&mut s, adv(1), vec![], 21), Response::Rejected(_)));
+        assert!(matches!(
+            op(&mut s, adv(1), vec![], 21),
+            Response::Rejected(_)
+        ));
         let r = s.rollout().unwrap();
         assert_eq!((r.stage, r.last_good), (Some(1), Some(0)));
         assert_eq!(r.covered().unwrap().len(), 2);
@@ -1103,13 +1116,30 @@ mod tests {
         assert_eq!((r.stage, r.status), (Some(0), RolloutStatus::RolledBack));
         let d = r.history.back().unwrap();
         assert_eq!(d.kind, DecisionKind::RollBack);
-        assert!(d.reason.contains("error rate failed: iroh 50 of 100"), "{}", d.reason);
+        assert!(
+            d.reason.contains("error rate failed: iroh 50 of 100"),
+            "{}",
+            d.reason
+        );
         // Over: nothing but a new start.
-        assert!(matches!(op(&mut s, RolloutOp::Pause, vec![], 31), Response::Rejected(_)));
-        assert_eq!(op(&mut s, RolloutOp::Start { plan: plan() }, vec![], 40), Response::Done);
-        assert_eq!(op(&mut s, RolloutOp::RollbackAll, vec![], 41), Response::Done);
+        assert!(matches!(
+            op(&mut s, RolloutOp::Pause, vec![], 31),
+            Response::Rejected(_)
+        ));
+        assert_eq!(
+            op(&mut s, RolloutOp::Start { plan: plan() }, vec![], 40),
+            Response::Done
+        );
+        assert_eq!(
+            op(&mut s, RolloutOp::RollbackAll, vec![], 41),
+            Response::Done
+        );
         for id in 1..=4 {
-            assert_eq!(s.desired_policy(id).unwrap().0.mode, Mode::Grpc, "node {id}");
+            assert_eq!(
+                s.desired_policy(id).unwrap().0.mode,
+                Mode::Grpc,
+                "node {id}"
+            );
             assert_eq!(s.rollout_policy(id), None);
         }
     }
@@ -1140,6 +1170,17 @@ mod tests {
         let r = s.rollout().unwrap();
         assert_eq!((r.status, r.stage), (RolloutStatus::Done, Some(2)));
         assert_eq!(s.desired_policy(2).unwrap().0.mode, Mode::Iroh);
+        // Done, the last stage stays in force until every node is rolled
+        // back; then there is nothing left to roll back.
+        assert_eq!(
+            op(&mut s, RolloutOp::RollbackAll, vec![], 8),
+            Response::Done
+        );
+        assert_eq!(s.rollout_policy(2), None);
+        assert!(matches!(
+            op(&mut s, RolloutOp::RollbackAll, vec![], 9),
+            Response::Rejected(_)
+        ));
         // Abort at stage 0 with nothing good: no stage in force.
         let mut s = state(3);
         op(&mut s, RolloutOp::Start { plan: plan() }, vec![], 1);
