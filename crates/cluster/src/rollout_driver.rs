@@ -258,6 +258,14 @@ async fn tick(raft: &RaftNode, client: &dyn RpcClient, window: Option<Window>) -
     if !v.soaked || w.started.elapsed() < v.soak.min(MAX_WINDOW_WAIT) {
         return Some(w);
     }
+    judge(raft, client, &v, &w).await;
+    // Whatever happened, the next window starts afresh.
+    None
+}
+
+/// Ends window `w`: scrapes the covered nodes again, evaluates the gates
+/// and proposes what they say.
+async fn judge(raft: &RaftNode, client: &dyn RpcClient, v: &View, w: &Window) {
     let after = scrape_all(client, &v.covered).await;
     let ids: Vec<NodeId> = v.covered.iter().map(|(id, _)| *id).collect();
     let f = figures(&ids, &w.before, &after);
@@ -311,8 +319,6 @@ async fn tick(raft: &RaftNode, client: &dyn RpcClient, window: Option<Window>) -
             )
         }
     }
-    // Whatever happened, the next window starts afresh.
-    None
 }
 
 #[cfg(test)]

@@ -370,28 +370,19 @@ fn ppm(errors: u64, calls: u64) -> u64 {
     }
 }
 
-/// Judges a stage's figures by the gates. Pure: the same figures give the
-/// same verdict on every node, and the checks are recorded with the
-/// decision.
-pub fn evaluate(gates: &Gates, f: &GateFigures) -> (Verdict, Vec<GateCheck>) {
-    let mut checks = Vec::new();
-    let mut check = |gate: &str, ok: bool, detail: String| {
-        checks.push(GateCheck {
-            gate: gate.to_owned(),
-            ok,
-            detail,
-        })
-    };
+/// The error-rate and P99 checks: iroh against gRPC on the same nodes in
+/// the same window, once each carried `min_calls`.
+fn rate_checks(gates: &Gates, f: &GateFigures) -> Vec<GateCheck> {
     let measured = f.grpc_calls >= gates.min_calls && f.iroh_calls >= gates.min_calls;
     let (g, i) = (
         ppm(f.grpc_errors, f.grpc_calls),
         ppm(f.iroh_errors, f.iroh_calls),
     );
     let slack = u64::from(gates.error_rate_slack_ppm);
-    check(
-        "error rate",
-        !measured || i <= g.saturating_add(slack),
-        if measured {
+    let error_rate = GateCheck {
+        gate: "error rate".to_owned(),
+        ok: !measured || i <= g.saturating_add(slack),
+        detail: if measured {
             format!(
                 "iroh {} of {} calls ({i} ppm) vs grpc {} of {} ({g} ppm), allowed +{slack} ppm",
                 f.iroh_errors, f.iroh_calls, f.grpc_errors, f.grpc_calls
@@ -402,16 +393,35 @@ pub fn evaluate(gates: &Gates, f: &GateFigures) -> (Verdict, Vec<GateCheck>) {
                 f.grpc_calls, f.iroh_calls, gates.min_calls
             )
         },
-    );
+    };
     let allowance = u128::from(gates.p99_allowance_pct);
-    match (measured, f.grpc_p99_us, f.iroh_p99_us) {
-        (true, Some(b), Some(s)) => check(
-            "p99",
+    let (ok, detail) = match (measured, f.grpc_p99_us, f.iroh_p99_us) {
+        (true, Some(b), Some(s)) => (
             u128::from(s) * 100 <= u128::from(b) * (100 + allowance),
             format!("iroh {s} us vs grpc {b} us, allowed +{allowance}%"),
         ),
-        _ => check("p99", true, "not measured".to_owned()),
-    }
+        _ => (true, "not measured".to_owned()),
+    };
+    let p99 = GateCheck {
+        gate: "p99".to_owned(),
+        ok,
+        detail,
+    };
+    vec![error_rate, p99]
+}
+
+/// Judges a stage's figures by the gates. Pure: the same figures give the
+/// same verdict on every node, and the checks are recorded with the
+/// decision.
+pub fn evaluate(gates: &Gates, f: &GateFigures) -> (Verdict, Vec<GateCheck>) {
+    let mut checks = rate_checks(gates, f);
+    let mut check = |gate: &str, ok: bool, detail: String| {
+        checks.push(GateCheck {
+            gate: gate.to_owned(),
+            ok,
+            detail,
+        })
+    };
     match f.paths {
         Some((direct, total)) if total > 0 => check(
             "direct paths",
@@ -601,6 +611,18 @@ pub enum RolloutOp {
 }
 
 impl RolloutOp {
+    /// The decision number a driver's decision was taken on (`None`: an
+    /// operator's change).
+    pub fn expected_seq(&self) -> Option<u64> {
+        match self {
+            RolloutOp::Advance { expected_seq, .. } => *expected_seq,
+            RolloutOp::Hold { expected_seq, .. } | RolloutOp::RollBack { expected_seq, .. } => {
+                Some(*expected_seq)
+            }
+            _ => None,
+        }
+    }
+
     /// Its name in logs: `start`, `pause`, ...
     pub fn name(&self) -> &'static str {
         match self {
@@ -757,73 +779,36 @@ impl ClusterState {
             return refuse("no rollout has been started");
         };
         let (status, seq) = (r.status, r.seq);
-        let stale = |expected: u64| {
-            (expected != seq).then(|| {
-                refuse(format!(
-                    "decided on a stale view: expected decision {expected}, the rollout is at {seq}"
-                ))
-            })
-        };
         // Rolling every node back works whenever a stage is in force (after
         // done or abort too); everything else needs a rollout not over.
-        let layer = r.stage.is_some();
-        if status.is_over() && !(op == RolloutOp::RollbackAll && layer) {
+        if status.is_over() && !(op == RolloutOp::RollbackAll && r.stage.is_some()) {
             return refuse(format!("the rollout is {status}; start a new one"));
+        }
+        // The driver's decisions: taken on the view they name, never while
+        // paused.
+        if let Some(expected) = op.expected_seq() {
+            if expected != seq {
+                return refuse(format!(
+                    "decided on a stale view: expected decision {expected}, the rollout is at {seq}"
+                ));
+            }
+            if status == RolloutStatus::Paused {
+                return refuse("the rollout is paused");
+            }
         }
         match op {
             // Handled before the status check; kept total for the compiler.
             RolloutOp::Start { plan } => self.start_rollout(plan, &last, at),
             RolloutOp::Pause | RolloutOp::Resume => self.pause_resume(op, at),
             RolloutOp::Advance {
-                expected_seq,
-                checks,
-                figures,
-            } => {
-                if let Some(r) = expected_seq.and_then(stale) {
-                    return r;
-                }
-                if expected_seq.is_some() && status == RolloutStatus::Paused {
-                    return refuse("the rollout is paused");
-                }
-                self.advance(&last, at, checks, figures)
-            }
+                checks, figures, ..
+            } => self.advance(&last, at, checks, figures),
             RolloutOp::Hold {
-                expected_seq,
-                checks,
-                figures,
-            } => {
-                if let Some(r) = stale(expected_seq) {
-                    return r;
-                }
-                if status == RolloutStatus::Paused {
-                    return refuse("the rollout is paused");
-                }
-                self.set_status(RolloutStatus::Holding);
-                let reason = checks
-                    .iter()
-                    .filter(|c| !c.ok)
-                    .map(|c| format!("{}: {}", c.gate, c.detail))
-                    .collect::<Vec<_>>()
-                    .join("; ");
-                self.record(at, DecisionKind::Hold, reason, checks, Some(figures))
-            }
+                checks, figures, ..
+            } => self.judged(at, DecisionKind::Hold, checks, figures),
             RolloutOp::RollBack {
-                expected_seq,
-                checks,
-                figures,
-            } => {
-                if let Some(r) = stale(expected_seq) {
-                    return r;
-                }
-                let reason = checks
-                    .iter()
-                    .filter(|c| !c.ok)
-                    .map(|c| format!("{} failed: {}", c.gate, c.detail))
-                    .collect::<Vec<_>>()
-                    .join("; ");
-                self.go_back(at, RolloutStatus::RolledBack, false);
-                self.record(at, DecisionKind::RollBack, reason, checks, Some(figures))
-            }
+                checks, figures, ..
+            } => self.judged(at, DecisionKind::RollBack, checks, figures),
             RolloutOp::Abort => {
                 self.go_back(at, RolloutStatus::Aborted, false);
                 self.record(at, DecisionKind::Abort, "operator".into(), vec![], None)
@@ -839,6 +824,34 @@ impl ClusterState {
                 )
             }
         }
+    }
+
+    /// Records the driver's hold or roll back, the failed checks as the
+    /// reason.
+    fn judged(
+        &mut self,
+        at: u64,
+        kind: DecisionKind,
+        checks: Vec<GateCheck>,
+        figures: GateFigures,
+    ) -> Response {
+        let failed = if kind == DecisionKind::RollBack {
+            " failed"
+        } else {
+            ""
+        };
+        let reason = checks
+            .iter()
+            .filter(|c| !c.ok)
+            .map(|c| format!("{}{failed}: {}", c.gate, c.detail))
+            .collect::<Vec<_>>()
+            .join("; ");
+        if kind == DecisionKind::RollBack {
+            self.go_back(at, RolloutStatus::RolledBack, false);
+        } else {
+            self.set_status(RolloutStatus::Holding);
+        }
+        self.record(at, kind, reason, checks, Some(figures))
     }
 
     fn set_status(&mut self, status: RolloutStatus) {
