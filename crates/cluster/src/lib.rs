@@ -30,6 +30,13 @@
 //! - [`address`]: [`address::keep_recorded`], which keeps this node's
 //!   addresses in the membership true while they change (asks the leader,
 //!   rate-limited, retried, newest first).
+//! - [`rollout`]: the rollout's calls, `Cluster/Rollout` (operator: start a plan, pause,
+//!   resume, advance, abort, roll every node back; forwarded to the leader)
+//!   and `Cluster/RolloutGet` (viewer), their typed client calls
+//!   ([`rollout_change`], [`rollout_get`]) and the plan's protobuf form.
+//! - [`rollout_driver`]: the leader's rollout driver: measures the stage
+//!   in force on the covered nodes (`Monitoring/Metrics`), waits the soak,
+//!   and proposes advance, hold or roll back from the gates.
 //! - [`consensus`]: [`RaftConsensus`], the services' `Consensus` trait
 //!   over a running [`RaftNode`] (writes forwarded to the leader, the
 //!   applied state, the Raft status watch).
@@ -42,6 +49,8 @@ pub mod membership;
 pub mod meta;
 pub mod node;
 pub mod policy;
+pub mod rollout;
+pub mod rollout_driver;
 pub mod service;
 
 pub use admission::Admission;
@@ -53,4 +62,5 @@ pub use node::{
     limit_status, propose, read_node_id, request_join, request_leave, write_node_id,
 };
 pub use policy::{policies_response, transport_set};
+pub use rollout::{rollout_change, rollout_get};
 pub use service::RaftServices;

@@ -1,5 +1,5 @@
 //! The `Cluster` service (join, leave, members, the metadata register,
-//! the access table, the desired transport policies) and [`RaftServices`], the node's two Raft-side
+//! the access table, the desired transport policies, the rollout) and [`RaftServices`], the node's two Raft-side
 //! services (this one and `tern-raft-net`'s `Raft` service) registered and
 //! attached together.
 
@@ -158,7 +158,7 @@ static ROUTES: LazyLock<Routes<Route>> = LazyLock::new(|| {
 });
 
 fn routes() -> Result<Routes<Route>, RouteError> {
-    use crate::{access, admission, membership, meta, policy};
+    use crate::{access, admission, membership, meta, policy, rollout};
     Routes::<Route>::new(ServiceId::Cluster)
         .unary(methods::CLUSTER_JOIN, |shared, node, ctx, payload| {
             Box::pin(join(shared, node, ctx, payload))
@@ -199,6 +199,12 @@ fn routes() -> Result<Routes<Route>, RouteError> {
         })?
         .unary(methods::CLUSTER_TRANSPORT_SET, |_, node, ctx, payload| {
             Box::pin(policy::serve_set(node, ctx, payload))
+        })?
+        .unary(methods::CLUSTER_ROLLOUT, |_, node, ctx, payload| {
+            Box::pin(rollout::serve_change(node, ctx, payload))
+        })?
+        .unary(methods::CLUSTER_ROLLOUT_GET, |_, node, _, _| {
+            Box::pin(std::future::ready(rollout::serve_get(node)))
         })
 }
 

@@ -55,11 +55,13 @@ fn allowed(method: &Method) -> &'static [Who] {
     match method.label().as_str() {
         "health/check" => &EVERYONE,
         "status/get" | "vm/list" | "vm/get" | "monitoring/metrics" | "cluster/metaget"
-        | "cluster/accesslist" => READERS,
+        | "cluster/accesslist" | "cluster/rolloutget" => READERS,
         "vm/create" | "vm/start" | "vm/stop" | "vm/delete" | "vm/migrate" => &[Operator, Admin],
         "cluster/metaput" => &[Operator, Admin, Member],
         // Desired transport policies: operators; members forward them.
         "cluster/transportset" => &[Operator, Admin, Member],
+        // Rollout changes: operators; members forward them.
+        "cluster/rollout" => &[Operator, Admin, Member],
         "cluster/accessgrant" | "cluster/accessrevoke" => &[Admin],
         // Tokens and promotion: admins only (a member never mints tokens).
         "cluster/tokencreate" | "cluster/tokenrevoke" | "cluster/tokenlist" | "cluster/promote" => {

@@ -16,6 +16,8 @@
 //! - [`policy_cli`]: `tern transport set|clear --node-id|--group|--all`,
 //!   the cluster's desired policies, and the per-node policy table of
 //!   `tern status`.
+//! - [`rollout_cli`]: `tern rollout start|status|history|pause|resume|
+//!   advance|abort|rollback --all`, and the plan file's parsing.
 //! - [`watch`]: `tern vm watch`, the resumable stream of VM changes,
 //!   which moves to another node when its node goes away.
 //! - [`error`]: [`error::CliError`], why a CLI command failed, by kind
@@ -30,5 +32,6 @@ pub mod demo;
 pub mod error;
 pub mod node;
 pub mod policy_cli;
+pub mod rollout_cli;
 pub mod run;
 pub mod watch;

@@ -116,6 +116,14 @@ enum Command {
         #[command(flatten)]
         connect: Connect,
     },
+    /// The transport rollout: a replicated plan of stages the leader
+    /// walks, judged by gates, with pause, abort and rollback.
+    Rollout {
+        #[command(subcommand)]
+        command: RolloutCommand,
+        #[command(flatten)]
+        connect: Connect,
+    },
     /// Who may do what: the cluster's access table.
     Access {
         #[command(subcommand)]
@@ -355,6 +363,34 @@ enum TransportCommand {
     },
 }
 
+#[derive(Subcommand)]
+enum RolloutCommand {
+    /// Start a plan (PLAN.toml; the operators' plan ships as
+    /// deploy/rollout/default.toml). Operator role.
+    Start {
+        /// The plan file.
+        plan: PathBuf,
+    },
+    /// The rollout: status, stage in force, covered nodes, last decision.
+    Status,
+    /// Every decision with the gate figures behind it.
+    History,
+    /// Stop the clock: nothing advances or rolls back by itself.
+    Pause,
+    /// Restart the clock (the stage's soak starts again).
+    Resume,
+    /// Move to the next stage now (the operator's judgement).
+    Advance,
+    /// Stop at the last good stage (its nodes keep its policy).
+    Abort,
+    /// Every node back to its pre-rollout policy.
+    Rollback {
+        /// Required: the rollback covers every node.
+        #[arg(long)]
+        all: bool,
+    },
+}
+
 /// Whose desired policy `tern transport set|clear` changes.
 #[derive(Args, Clone, Debug)]
 struct PolicyTargetArgs {
@@ -534,6 +570,7 @@ fn main() -> ExitCode {
             };
             (conn, r)
         }),
+        Command::Rollout { command, connect } => rollout_cmd(&connect, command),
         Command::Access { command, connect } => client_cmd(&connect, |conn, out| async move {
             let r = match command {
                 AccessCommand::Grant { id, role } => {
@@ -598,6 +635,41 @@ fn main() -> ExitCode {
             })
         }
     }
+}
+
+/// `tern rollout ...`.
+fn rollout_cmd(connect: &Connect, command: RolloutCommand) -> ExitCode {
+    use tern_node::rollout_cli;
+    // The plan is read and checked before any connection is made.
+    let plan = match &command {
+        RolloutCommand::Start { plan } => match rollout_cli::load_plan(plan) {
+            Ok(p) => Some(p),
+            Err(e) => return fail_cli(&e),
+        },
+        RolloutCommand::Rollback { all: false } => {
+            return fail_cli(&CliError::Argument(
+                "`tern rollout rollback` needs --all: it returns every node to its pre-rollout policy (to go back to the last good stage, use `tern rollout abort`)".into(),
+            ));
+        }
+        _ => None,
+    };
+    client_cmd(connect, |conn, out| async move {
+        let r = match command {
+            RolloutCommand::Start { .. } => {
+                rollout_cli::change(&conn, "start", plan.as_ref(), out).await
+            }
+            RolloutCommand::Status => rollout_cli::status(&conn, out).await,
+            RolloutCommand::History => rollout_cli::history(&conn, out).await,
+            RolloutCommand::Pause => rollout_cli::change(&conn, "pause", None, out).await,
+            RolloutCommand::Resume => rollout_cli::change(&conn, "resume", None, out).await,
+            RolloutCommand::Advance => rollout_cli::change(&conn, "advance", None, out).await,
+            RolloutCommand::Abort => rollout_cli::change(&conn, "abort", None, out).await,
+            RolloutCommand::Rollback { .. } => {
+                rollout_cli::change(&conn, "rollback-all", None, out).await
+            }
+        };
+        (conn, r)
+    })
 }
 
 /// `tern transport set`: the cluster's desired policy with a target, the

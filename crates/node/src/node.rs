@@ -634,6 +634,12 @@ impl Node {
                 .clone()
                 .run(consensus_dyn.clone(), stopped(stop_rx.clone())),
         ));
+        // The rollout's driver acts only while this node leads.
+        tasks.push(tokio::spawn(tern_cluster::rollout_driver::drive(
+            raft.clone(),
+            client.clone(),
+            stopped(stop_rx.clone()),
+        )));
         tasks.push(tokio::spawn(announce_labels(
             consensus_dyn.clone(),
             raft.id(),

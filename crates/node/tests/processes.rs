@@ -1481,3 +1481,467 @@ fn the_desired_policy_is_set_remotely_and_the_file_pin_always_wins() {
     let status = nodes[1].stop();
     assert!(status.success(), "{}", nodes[1].log());
 }
+
+/// The default plan with every soak cut to `soak_secs`, written under
+/// `base`; answers its path. `tolerant` raises the fallback and
+/// leader-change bounds: on this shared 2-core machine a Raft heartbeat
+/// over iroh that misses its deadline falls back to gRPC now and then,
+/// and the default bound (0) rolls the stage back, as it should in a
+/// fleet; the driver test is about the walk, not about that noise.
+fn compressed_plan(base: &Path, soak_secs: u64, tolerant: bool) -> String {
+    let default = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/rollout/default.toml");
+    let text = std::fs::read_to_string(default).unwrap();
+    let mut text = text.replace("soak_secs = 86400", &format!("soak_secs = {soak_secs}"));
+    if tolerant {
+        text = text
+            .replace("max_fallbacks = 0", "max_fallbacks = 1000000")
+            .replace("max_leader_changes = 1", "max_leader_changes = 100");
+    }
+    let path = base.join("plan.toml");
+    std::fs::write(&path, text).unwrap();
+    path.display().to_string()
+}
+
+/// The nodes the rollout's stage in force covers, by node id.
+fn covered(status: &Value) -> Vec<u64> {
+    status["covered"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap())
+        .collect()
+}
+
+/// Issue 19 part 2, the operator's path, with real `tern` processes: a
+/// viewer reads the rollout but cannot start one; a bad plan file is
+/// refused naming the stage and key; the default plan starts on a canary
+/// that is not the leader, and advancing widens it across zones, each
+/// covered node running the stage's policy from the rollout layer; a
+/// pause refuses nothing an operator asks but is recorded; abort goes back
+/// to the last good stage; a second start on an unfinished rollout is
+/// refused; rollback --all returns every node to its pre-rollout policy
+/// (an operator's `all` policy here); the history records every decision.
+#[test]
+fn an_operator_walks_aborts_and_rolls_back_a_rollout() {
+    let base = tempfile::tempdir().unwrap();
+    let (mut nodes, _files) = three_nodes(
+        base.path(),
+        [
+            labelled(&[("zone", "a")], None),
+            labelled(&[("zone", "a")], None),
+            labelled(&[("zone", "b")], None),
+        ],
+    );
+    let dirs: Vec<String> = nodes.iter().map(|n| n.dir.display().to_string()).collect();
+    let ids: Vec<u64> = dirs
+        .iter()
+        .map(|d| {
+            cli_json(&["status", "--data-dir", d])["node_id"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    converge("every node's labels in the state", || {
+        let s = cli_json(&["status", "--data-dir", &dirs[0]]);
+        let labelled = s["desired"]
+            .as_array()?
+            .iter()
+            .filter(|d| d["labels"]["zone"].is_string())
+            .count();
+        (labelled == 3).then_some(())
+    });
+    let op = operator_key(base.path(), &dirs[0]);
+    let viewer = base.path().join("viewer.key");
+    let out = cli(&["key", "new", "--out", viewer.to_str().unwrap()]);
+    let viewer_id = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    cli_json(&[
+        "access",
+        "grant",
+        &viewer_id,
+        "viewer",
+        "--data-dir",
+        &dirs[0],
+    ]);
+    let viewer = viewer.display().to_string();
+    let plan = compressed_plan(base.path(), 3600, false);
+
+    // The operator's `all` policy is what every node returns to.
+    cli_json(&[
+        "transport",
+        "set",
+        "--all",
+        "--mode",
+        "grpc",
+        "--key",
+        &op,
+        "--data-dir",
+        &dirs[0],
+    ]);
+    for n in &nodes {
+        runs(&n.dir, "grpc", "all");
+    }
+    // Nothing started yet; a viewer may look, not start.
+    let s = cli_json(&[
+        "rollout",
+        "status",
+        "--key",
+        &viewer,
+        "--data-dir",
+        &dirs[1],
+    ]);
+    assert_eq!(s["present"], false, "{s}");
+    refused(
+        &[
+            "rollout",
+            "start",
+            &plan,
+            "--key",
+            &viewer,
+            "--data-dir",
+            &dirs[1],
+        ],
+        "operator role",
+    );
+    // A bad plan is refused before any call, naming the stage and key.
+    let bad = base.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        std::fs::read_to_string(&plan)
+            .unwrap()
+            .replacen("percent = 25", "percent = 2", 1),
+    )
+    .unwrap();
+    fails_naming(
+        &[
+            "rollout",
+            "start",
+            bad.to_str().unwrap(),
+            "--key",
+            &op,
+            "--data-dir",
+            &dirs[1],
+        ],
+        "stage 1: percent: 2 is below",
+    );
+    fails_naming(
+        &["rollout", "rollback", "--key", &op, "--data-dir", &dirs[1]],
+        "--all",
+    );
+
+    // Start from a follower's CLI: one canary, not the leader.
+    let leader = cli_json(&["status", "--data-dir", &dirs[0]])["leader_id"]
+        .as_u64()
+        .unwrap();
+    let s = cli_json(&[
+        "rollout",
+        "start",
+        &plan,
+        "--key",
+        &op,
+        "--data-dir",
+        &dirs[1],
+    ]);
+    assert_eq!(
+        (s["status"].as_str(), s["stage"].as_u64()),
+        (Some("running"), Some(0)),
+        "{s}"
+    );
+    let canaries = covered(&s);
+    assert_eq!(canaries.len(), 1, "{s}");
+    assert_ne!(
+        canaries[0], leader,
+        "the leader is not the first canary: {s}"
+    );
+    let dir_of = |id: u64| &nodes[ids.iter().position(|i| *i == id).unwrap()].dir;
+    runs(dir_of(canaries[0]), "dual", "rollout stage 0");
+    for id in ids.iter().filter(|i| !canaries.contains(i)) {
+        runs(dir_of(*id), "grpc", "all");
+    }
+    // A second start is refused while it runs.
+    fails_naming(
+        &[
+            "rollout",
+            "start",
+            &plan,
+            "--key",
+            &op,
+            "--data-dir",
+            &dirs[0],
+        ],
+        "abort it or roll it back first",
+    );
+    // Pause and resume are recorded; advance (5% -> 25%: still one node of
+    // three), then 50%: two nodes, one per zone.
+    for action in ["pause", "resume", "advance", "advance"] {
+        cli_json(&["rollout", action, "--key", &op, "--data-dir", &dirs[2]]);
+    }
+    let s = cli_json(&[
+        "rollout",
+        "status",
+        "--key",
+        &viewer,
+        "--data-dir",
+        &dirs[0],
+    ]);
+    assert_eq!(
+        (s["stage"].as_u64(), s["last_good"].as_u64()),
+        (Some(2), Some(1)),
+        "{s}"
+    );
+    let two = covered(&s);
+    assert_eq!(two.len(), 2, "{s}");
+    assert!(two.contains(&canaries[0]), "stages only grow: {s}");
+    let zones: std::collections::BTreeSet<&str> = two
+        .iter()
+        .map(|id| if *id == ids[2] { "b" } else { "a" })
+        .collect();
+    assert_eq!(zones.len(), 2, "spread across zones: {s}");
+    for id in &two {
+        runs(dir_of(*id), "dual", "rollout stage 2");
+    }
+    // Abort: back to the last good stage (1), whose one node keeps its
+    // policy; the other goes back to the operator's `all`.
+    let s = cli_json(&["rollout", "abort", "--key", &op, "--data-dir", &dirs[0]]);
+    assert_eq!(
+        (s["status"].as_str(), s["stage"].as_u64()),
+        (Some("aborted"), Some(1)),
+        "{s}"
+    );
+    runs(dir_of(canaries[0]), "dual", "rollout stage 1");
+    for id in two.iter().filter(|i| **i != canaries[0]) {
+        runs(dir_of(*id), "grpc", "all");
+    }
+    fails_naming(
+        &["rollout", "advance", "--key", &op, "--data-dir", &dirs[0]],
+        "the rollout is aborted",
+    );
+    // A new rollout to 100% iroh, then rollback --all: every node back to
+    // its pre-rollout policy.
+    cli_json(&[
+        "rollout",
+        "start",
+        &plan,
+        "--key",
+        &op,
+        "--data-dir",
+        &dirs[0],
+    ]);
+    for _ in 0..3 {
+        cli_json(&["rollout", "advance", "--key", &op, "--data-dir", &dirs[0]]);
+    }
+    for n in &nodes {
+        runs(&n.dir, "iroh", "rollout stage 3");
+    }
+    let s = cli_json(&[
+        "rollout",
+        "rollback",
+        "--all",
+        "--key",
+        &op,
+        "--data-dir",
+        &dirs[1],
+    ]);
+    assert_eq!(s["status"], "rolled back", "{s}");
+    assert!(s["stage"].is_null(), "{s}");
+    for n in &nodes {
+        runs(&n.dir, "grpc", "all");
+    }
+    // The history, for people and as JSON.
+    let h = cli_json(&[
+        "rollout",
+        "history",
+        "--key",
+        &viewer,
+        "--data-dir",
+        &dirs[2],
+    ]);
+    let kinds: Vec<&str> = h["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["decision"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        kinds,
+        ["start", "advance", "advance", "advance", "rollback all"],
+        "the history is the last rollout's: {h}"
+    );
+    let out = cli(&[
+        "rollout",
+        "history",
+        "--key",
+        &viewer,
+        "--data-dir",
+        &dirs[2],
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("rollback all - operator"), "{text}");
+    assert!(!text.contains("Some("), "no debug formatting:\n{text}");
+    let out = cli(&["rollout", "status", "--data-dir", &dirs[2]]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("plan default: rolled back"), "{text}");
+    assert!(text.contains("100% iroh"), "{text}");
+    for n in &mut nodes {
+        let status = n.stop();
+        assert!(status.success(), "{}", n.log());
+    }
+}
+
+/// Polls the rollout (through `dir`'s node) until `check` holds, bounded
+/// by `bound`; answers the last status.
+fn rollout_until(dir: &str, what: &str, bound: Duration, check: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + bound;
+    loop {
+        let out = cli(&["rollout", "--json", "status", "--data-dir", dir]);
+        if out.status.success()
+            && let Ok(s) = serde_json::from_slice::<Value>(&out.stdout)
+            && check(&s)
+        {
+            return s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {bound:?} waiting for the rollout to {what}: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// The decisions of the rollout, as `tern rollout history --json` gives them.
+fn decisions(dir: &str) -> Vec<Value> {
+    cli_json(&["rollout", "history", "--data-dir", dir])["history"]
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+/// Issue 19 part 2, the leader's driver, with real `tern` processes and
+/// soaks of seconds: the default plan advances by itself to done, each
+/// advance recorded with the gates' checks, every node ending on iroh
+/// from the rollout layer; then a second rollout whose canary is stopped
+/// holds (its figures are missing: a partial view never advances) and
+/// says so, advances once the canary is back, and when the leader is
+/// stopped mid-rollout the new leader resumes from the replicated state
+/// and finishes it.
+#[test]
+fn the_leader_drives_the_rollout_holds_on_a_missing_node_and_resumes_after_failover() {
+    let base = tempfile::tempdir().unwrap();
+    let (mut nodes, _files) = three_nodes(
+        base.path(),
+        [
+            labelled(&[("zone", "a")], None),
+            labelled(&[("zone", "a")], None),
+            labelled(&[("zone", "b")], None),
+        ],
+    );
+    let dirs: Vec<String> = nodes.iter().map(|n| n.dir.display().to_string()).collect();
+    let ids: Vec<u64> = dirs
+        .iter()
+        .map(|d| {
+            cli_json(&["status", "--data-dir", d])["node_id"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    let index_of = |id: u64| ids.iter().position(|i| *i == id).unwrap();
+    let plan = compressed_plan(base.path(), 2, true);
+    // Every stage: a start and a window of at least its 2 s soak; bounded
+    // generously for a loaded machine.
+    let walk = Duration::from_secs(240);
+
+    cli_json(&["rollout", "start", &plan, "--data-dir", &dirs[0]]);
+    rollout_until(&dirs[1], "finish", walk, |s| s["status"] == "done");
+    for n in &nodes {
+        runs(&n.dir, "iroh", "rollout stage 3");
+    }
+    let h = decisions(&dirs[2]);
+    let kinds: Vec<&str> = h.iter().map(|d| d["decision"].as_str().unwrap()).collect();
+    assert_eq!(
+        kinds,
+        ["start", "advance", "advance", "advance", "advance"],
+        "{h:?}"
+    );
+    for d in &h[1..] {
+        assert!(
+            d["reason"].as_str().unwrap().starts_with("gates passed"),
+            "{d}"
+        );
+        let gates: Vec<&str> = d["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["gate"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            gates,
+            [
+                "error rate",
+                "p99",
+                "direct paths",
+                "fallbacks",
+                "leader changes"
+            ],
+            "{d}"
+        );
+    }
+    let out = cli(&["rollout", "history", "--data-dir", &dirs[0]]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("(at most 1000000)"), "{text}");
+    assert!(!text.contains("Some("), "no debug formatting:\n{text}");
+    cli_json(&["rollout", "rollback", "--all", "--data-dir", &dirs[0]]);
+    for n in &nodes {
+        runs(&n.dir, "grpc", "default");
+    }
+
+    // A second rollout; its canary stops: the stage holds, naming it.
+    let s = cli_json(&["rollout", "start", &plan, "--data-dir", &dirs[0]]);
+    let canary = covered(&s)[0];
+    let c = index_of(canary);
+    let status = nodes[c].stop();
+    assert!(status.success(), "{}", nodes[c].log());
+    let missing = format!("missing from node {canary}");
+    rollout_until(&dirs[(c + 1) % 3], "hold", walk, |s| {
+        s["status"] == "holding"
+    });
+    let held = decisions(&dirs[(c + 1) % 3]);
+    let hold = held.iter().find(|d| d["decision"] == "hold").unwrap();
+    assert!(
+        hold["reason"].as_str().unwrap().contains(&missing),
+        "{hold}"
+    );
+    assert_eq!(hold["stage"], 0, "a partial view never advances: {held:?}");
+    let config = config::read(&nodes[c].config).unwrap();
+    let mut back = NodeProc::start(base.path(), &format!("n{}", c + 1), config, None);
+    back.wait_up();
+    nodes[c] = back;
+    rollout_until(&dirs[0], "advance past stage 0", walk, |s| {
+        s["stage"].as_u64().is_some_and(|st| st >= 1)
+    });
+
+    // The leader stops mid-rollout; the new leader resumes and advances.
+    let leader = cli_json(&["status", "--data-dir", &dirs[c]])["leader_id"]
+        .as_u64()
+        .unwrap();
+    let l = index_of(leader);
+    let stage_then = cli_json(&["rollout", "status", "--data-dir", &dirs[c]])["stage"]
+        .as_u64()
+        .unwrap();
+    let status = nodes[l].stop();
+    assert!(status.success(), "{}", nodes[l].log());
+    let other = (0..3).find(|i| *i != l).unwrap();
+    rollout_until(&dirs[other], "advance under the new leader", walk, |s| {
+        s["stage"].as_u64().is_some_and(|st| st > stage_then)
+    });
+    let config = config::read(&nodes[l].config).unwrap();
+    let mut back = NodeProc::start(base.path(), &format!("n{}", l + 1), config, None);
+    back.wait_up();
+    nodes[l] = back;
+    rollout_until(&dirs[other], "finish after the failover", walk, |s| {
+        s["status"] == "done"
+    });
+    for n in &mut nodes {
+        let status = n.stop();
+        assert!(status.success(), "{}", n.log());
+    }
+}

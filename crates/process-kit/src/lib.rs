@@ -10,8 +10,9 @@
 //! # Why a normal crate, apart from `tern-testkit`
 //!
 //! `tern demo` is product code in `tern-node`, and it starts `tern`
-//! processes too. This crate therefore depends on nothing of ours (no
-//! `tern-node`, no transport), so `tern-node` can depend on it without a
+//! processes too. This crate therefore depends on nothing of ours but
+//! `tern-protocol` (for the exposition parser; no `tern-node`, no
+//! transport), so `tern-node` can depend on it without a
 //! cycle and without compiling `tern-node` twice. What does need the node
 //! (configs written from its typed `Config`, the recording client, the
 //! loopback cluster) lives in the dev/test-only `tern-testkit`, which
@@ -23,9 +24,10 @@
 //!   command the caller prepared (so the lab can wrap it in
 //!   `ip netns exec`), waited for until it wrote its `node.json`, its log,
 //!   signals, a bounded graceful stop, and SIGKILL on drop.
-//! - [`exposition`]: the one Prometheus text-format parser ([`Metrics`]:
-//!   sums by labels, histogram buckets and quantiles, differences between
-//!   two scrapes) and a bounded `/metrics` scrape.
+//! - [`exposition`]: a bounded `/metrics` scrape, and the one Prometheus
+//!   text-format parser ([`Metrics`]: sums by labels, histogram buckets
+//!   and quantiles, differences between two scrapes), re-exported from
+//!   `tern_protocol::exposition`, where the rollout's gates use it.
 
 pub mod exposition;
 pub mod process;

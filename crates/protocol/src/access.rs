@@ -173,7 +173,8 @@ pub fn rule(method: &Method) -> Option<Rule> {
         (ServiceId::Cluster, "Leave") => Rule::RoleOrMember(Admin),
         (ServiceId::Cluster, "MetaPut") => Rule::RoleOrMember(Operator),
         // Members forward it to the leader, with their own key.
-        (ServiceId::Cluster, "TransportSet") => Rule::RoleOrMember(Operator),
+        (ServiceId::Cluster, "TransportSet" | "Rollout") => Rule::RoleOrMember(Operator),
+        (ServiceId::Cluster, "RolloutGet") => Rule::RoleOrMember(Viewer),
         (ServiceId::Cluster, "MetaGet") => Rule::RoleOrMember(Viewer),
         (ServiceId::Cluster, "AccessGrant" | "AccessRevoke") => Rule::Role(Admin),
         (ServiceId::Cluster, "TokenCreate" | "TokenRevoke" | "TokenList" | "Promote") => {
@@ -235,6 +236,10 @@ mod tests {
         assert_eq!(vote.check(member), Ok(()));
         let set = rule(methods::CLUSTER_TRANSPORT_SET).expect("rule");
         assert_eq!(set.check(viewer), Err(Denial::NeedsRole));
+        let rollout = rule(methods::CLUSTER_ROLLOUT).expect("rule");
+        assert_eq!(rollout.check(viewer), Err(Denial::NeedsRole));
+        let rollout_get = rule(methods::CLUSTER_ROLLOUT_GET).expect("rule");
+        assert_eq!(rollout_get.check(viewer), Ok(()));
         assert_eq!(
             set.needs(),
             "the operator role (or cluster membership)",

@@ -231,7 +231,8 @@ use ServiceId::{Cluster, Health, Monitoring, Raft, Status, Vm};
 /// Raft's design (a repeated vote or append is answered from the log); a
 /// join by the same endpoint id returns the existing membership; a leave of
 /// a node already gone is a no-op; a metadata put carries a request id the
-/// state deduplicates, and so does a transport policy set.
+/// state deduplicates, and so do a transport policy set and a rollout
+/// change.
 pub const METHODS: &[Method] = &[
     m(Health, 1, "Check", true, Normal),
     m(Status, 1, "Get", true, Normal),
@@ -260,6 +261,8 @@ pub const METHODS: &[Method] = &[
     m(Cluster, 11, "TokenList", true, Normal),
     m(Cluster, 12, "Promote", true, Normal),
     m(Cluster, 13, "TransportSet", true, Normal),
+    m(Cluster, 14, "Rollout", true, Normal),
+    m(Cluster, 15, "RolloutGet", true, Normal),
 ];
 
 /// Every streaming method of every service.
@@ -343,6 +346,10 @@ pub mod methods {
     pub const CLUSTER_PROMOTE: &Method = &METHODS[25];
     /// `Cluster/TransportSet`.
     pub const CLUSTER_TRANSPORT_SET: &Method = &METHODS[26];
+    /// `Cluster/Rollout`.
+    pub const CLUSTER_ROLLOUT: &Method = &METHODS[27];
+    /// `Cluster/RolloutGet`.
+    pub const CLUSTER_ROLLOUT_GET: &Method = &METHODS[28];
     /// `Raft/AppendStream` (bidirectional stream).
     pub const RAFT_APPEND_STREAM: &Method = &STREAM_METHODS[0];
     /// `Vm/Watch` (server stream).
@@ -422,6 +429,8 @@ mod tests {
         assert_eq!(methods::CLUSTER_TOKEN_LIST.name, "TokenList");
         assert_eq!(methods::CLUSTER_PROMOTE.name, "Promote");
         assert_eq!(methods::CLUSTER_TRANSPORT_SET.name, "TransportSet");
+        assert_eq!(methods::CLUSTER_ROLLOUT.name, "Rollout");
+        assert_eq!(methods::CLUSTER_ROLLOUT_GET.name, "RolloutGet");
         assert_eq!(methods::RAFT_APPEND_STREAM.name, "AppendStream");
         assert_eq!(methods::VM_WATCH.name, "Watch");
         assert_eq!(

@@ -26,6 +26,9 @@
 //!   limits both transports apply, and the per-stream frame rules.
 //! - [`policy`]: the transport policy (`[transport]` as written, its one
 //!   validation with errors naming the key, the validated `Policy`).
+//! - [`exposition`]: the Prometheus text exposition parsed ([`exposition::Metrics`]:
+//!   sums by label subsets, histogram quantiles, differences between
+//!   scrapes), for the rollout's gates and every harness.
 //! - [`metric_names`]: the name, kind and help of every exported metric,
 //!   shared so both transports report under the same names.
 //! - [`status`]: application status codes carried in error frames and gRPC
@@ -35,6 +38,7 @@
 
 pub mod access;
 pub mod catalog;
+pub mod exposition;
 pub mod forward;
 pub mod frame;
 pub mod metric_names;

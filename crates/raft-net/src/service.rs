@@ -506,6 +506,7 @@ pub fn command_name(command: &Command) -> &'static str {
         Command::CreateVmWithData { .. } => "create-vm-with-data",
         Command::SetNodeLabels { .. } => "set-node-labels",
         Command::SetTransportPolicy { .. } => "set-transport-policy",
+        Command::Rollout { .. } => "rollout",
     }
 }
 
@@ -529,7 +530,9 @@ pub fn command_name(command: &Command) -> &'static str {
 /// the admission commands (tokens, admissions and membership records: the
 /// leader's alone), [`Command::SetNetworkPool`] (the leader proposes its
 /// configured pool itself), [`Command::SetTransportPolicy`] (it has
-/// `Cluster/TransportSet`, where the operator role is checked), and the raw record writes [`Command::PutVm`] and
+/// `Cluster/TransportSet`, where the operator role is checked),
+/// [`Command::Rollout`] (it has `Cluster/Rollout`, operator role; the
+/// driver runs on the leader), and the raw record writes [`Command::PutVm`] and
 /// [`Command::DeleteVm`]
 /// (tools and tests on the leader only). The match names every command,
 /// so a new one is refused here until someone decides otherwise.
@@ -571,7 +574,8 @@ pub fn check_proposal(command: &Command, caller: &BTreeSet<NodeId>) -> Result<()
         | Command::AdmitNode { .. }
         | Command::RecordMembership { .. }
         | Command::SetNetworkPool { .. }
-        | Command::SetTransportPolicy { .. } => Err(ProposeRefused::NotAllowed {
+        | Command::SetTransportPolicy { .. }
+        | Command::Rollout { .. } => Err(ProposeRefused::NotAllowed {
             command: command_name(command),
         }),
     }

@@ -18,8 +18,9 @@ pub trait NodeInfo: Send + Sync + 'static {
     /// The transport policy in force now.
     fn policy(&self) -> pb::TransportPolicy;
 
-    /// Where the policy in force comes from: `file`, `node`, `group
-    /// KEY=VALUE`, `all` or `default` (`tern_state::PolicySource`).
+    /// Where the policy in force comes from: `file`, `node`, `rollout
+    /// stage N`, `group KEY=VALUE`, `all` or `default`
+    /// (`tern_state::PolicySource`).
     fn policy_source(&self) -> String;
 
     /// The health of each transport the node serves (one entry per

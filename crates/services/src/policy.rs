@@ -80,7 +80,7 @@ impl std::fmt::Debug for PolicyControl {
     }
 }
 
-const SOURCES: [&str; 5] = ["file", "node", "group", "all", "default"];
+const SOURCES: [&str; 6] = ["file", "node", "rollout", "group", "all", "default"];
 
 impl PolicyControl {
     /// Control of node `node_id`'s policy; `pin` is its file's

@@ -431,7 +431,8 @@ pub fn rejection_status(why: &Rejection) -> Status {
         | Rejection::InvalidPool { .. }
         | Rejection::InvalidLabels { .. }
         | Rejection::InvalidPolicy { .. }
-        | Rejection::EmptyGroup { .. } => Code::InvalidArgument,
+        | Rejection::EmptyGroup { .. }
+        | Rejection::InvalidPlan { .. } => Code::InvalidArgument,
         Rejection::NoCapacity { .. }
         | Rejection::NodeFull { .. }
         | Rejection::NodeIdsExhausted
@@ -448,7 +449,8 @@ pub fn rejection_status(why: &Rejection) -> Status {
         | Rejection::LastAdmin { .. }
         | Rejection::MigrationInProgress { .. }
         | Rejection::AlreadyOnNode { .. }
-        | Rejection::PoolInUse { .. } => Code::FailedPrecondition,
+        | Rejection::PoolInUse { .. }
+        | Rejection::Rollout { .. } => Code::FailedPrecondition,
         Rejection::InvalidDesiredState { .. }
         | Rejection::NotPlacedHere { .. }
         | Rejection::InvalidReport { .. } => Code::Internal,

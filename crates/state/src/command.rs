@@ -208,6 +208,21 @@ pub enum Command {
         /// The policy, or `None` to clear.
         policy: Option<tern_protocol::policy::TransportConfig>,
     },
+    /// Change the transport rollout ([`crate::rollout`]): start a plan,
+    /// pause, resume, advance, hold, roll back, abort, or roll every node
+    /// back. The driver's decisions carry the decision number they
+    /// expect, so a stale one is refused.
+    Rollout {
+        /// Deduplication id.
+        request_id: RequestId,
+        /// The change.
+        op: crate::rollout::RolloutOp,
+        /// Nodes to pick as canaries after every other (the leader, nodes
+        /// the proposer finds unhealthy), for a start or an advance.
+        last: Vec<NodeId>,
+        /// When, by the proposer's clock (soaks count from it).
+        at_unix_ms: u64,
+    },
 }
 
 impl Command {
@@ -231,6 +246,7 @@ impl Command {
             | Command::SetNetworkPool { request_id, .. }
             | Command::SetNodeLabels { request_id, .. }
             | Command::SetTransportPolicy { request_id, .. }
+            | Command::Rollout { request_id, .. }
             | Command::CreateVmWithData { request_id, .. } => Some(request_id),
         }
     }
@@ -353,6 +369,9 @@ impl std::fmt::Display for Command {
                 ),
                 None => write!(f, "clear-transport-policy {target} req={request_id}"),
             },
+            Command::Rollout { request_id, op, .. } => {
+                write!(f, "rollout {} req={request_id}", op.name())
+            }
         }
     }
 }
@@ -617,4 +636,16 @@ pub enum Rejection {
         crate::policy::MAX_GROUP_POLICIES
     )]
     TooManyGroupPolicies,
+    /// A rollout plan that is not valid (the stage and key named).
+    #[error("invalid rollout plan: {why}")]
+    InvalidPlan {
+        /// Why, naming the stage index and key.
+        why: String,
+    },
+    /// A rollout change refused in the rollout's present state.
+    #[error("rollout: {why}")]
+    Rollout {
+        /// Why.
+        why: String,
+    },
 }

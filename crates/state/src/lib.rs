@@ -28,6 +28,9 @@
 //!   (log indexes), which `Vm/Watch` serves.
 //! - [`policy`]: node labels, group selectors, and the desired transport
 //!   policies per node, group and all, with their precedence.
+//! - [`rollout`]: the transport rollout: its plan and gates, the stage in
+//!   force and the nodes it covers (a policy layer between node and
+//!   group), the pure gate evaluation, and the history of decisions.
 //! - [`dedup`]: the table of recent request ids and their answers.
 //! - [`limits`]: the size limits every write is checked against before it
 //!   is proposed ([`limits::check_command`]), as named constants.
@@ -42,6 +45,7 @@ pub mod member;
 pub mod meta;
 pub mod network;
 pub mod policy;
+pub mod rollout;
 pub mod state;
 pub mod vm;
 
@@ -59,6 +63,10 @@ pub use network::{Ipv4Net, Lease, NetworkState};
 pub use policy::{
     DesiredPolicies, LabelError, Labels, MAX_LABEL_LEN, MAX_LABELS, PolicySource, PolicyTarget,
     Selector, check_labels, check_policy,
+};
+pub use rollout::{
+    Decision, DecisionKind, GateCheck, GateFigures, Gates, Plan, PlanError, Rollout, RolloutOp,
+    RolloutStatus, Stage, Verdict,
 };
 pub use state::ClusterState;
 pub use vm::{VmRecord, VmReport, VmSpec, VmState};

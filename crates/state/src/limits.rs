@@ -285,6 +285,21 @@ pub fn check_command(command: &Command) -> Result<(), LimitError> {
                 )?;
             }
         }
+        Command::Rollout { op, last, .. } => {
+            count("last", last.len(), crate::rollout::MAX_STAGE_NODES)?;
+            use crate::rollout::RolloutOp;
+            match op {
+                RolloutOp::Start { plan } => {
+                    count("plan.stage", plan.stages.len(), crate::rollout::MAX_STAGES)?
+                }
+                RolloutOp::Advance { checks, .. }
+                | RolloutOp::Hold { checks, .. }
+                | RolloutOp::RollBack { checks, .. } => {
+                    count("checks", checks.len(), crate::rollout::MAX_CHECKS)?
+                }
+                _ => {}
+            }
+        }
     }
     let len = encoded_len(command);
     if len > MAX_REQUEST_BYTES {

@@ -190,6 +190,9 @@ pub enum PolicySource {
     File,
     /// The desired policy set for this node.
     Node,
+    /// The stage in force of the transport rollout ([`crate::rollout`]),
+    /// by its index.
+    Rollout(usize),
     /// The desired policy of a group that selects the node.
     Group(Selector),
     /// The cluster-wide desired policy.
@@ -204,6 +207,7 @@ impl PolicySource {
         match self {
             PolicySource::File => "file",
             PolicySource::Node => "node",
+            PolicySource::Rollout(_) => "rollout",
             PolicySource::Group(_) => "group",
             PolicySource::All => "all",
             PolicySource::Default => "default",
@@ -216,6 +220,7 @@ impl fmt::Display for PolicySource {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             PolicySource::Group(s) => write!(f, "group {s}"),
+            PolicySource::Rollout(i) => write!(f, "rollout stage {i}"),
             other => f.write_str(other.kind()),
         }
     }
@@ -258,11 +263,14 @@ impl ClusterState {
         &self.policies
     }
 
-    /// The desired policy of `node` and where it comes from (node > group
-    /// > all), or `None` when nothing applies to it.
+    /// The desired policy of `node` and where it comes from (node >
+    /// rollout > group > all), or `None` when nothing applies to it.
     pub fn desired_policy(&self, node: NodeId) -> Option<(&TransportConfig, PolicySource)> {
         if let Some(p) = self.policies.nodes.get(&node) {
             return Some((p, PolicySource::Node));
+        }
+        if let Some((p, stage)) = self.rollout_policy(node) {
+            return Some((p, PolicySource::Rollout(stage)));
         }
         if let Some(labels) = self.node_labels.get(&node)
             && let Some((s, p)) = self.policies.groups.iter().find(|(s, _)| s.selects(labels))

@@ -30,6 +30,7 @@ use crate::member::{FIRST_NODE_ID, Member, NodeId};
 use crate::meta::MetaEntry;
 use crate::network::NetworkState;
 use crate::policy::{DesiredPolicies, Labels};
+use crate::rollout::Rollout;
 use crate::vm::{VmIndex, VmRecord};
 
 /// The replicated cluster state.
@@ -75,6 +76,8 @@ pub struct ClusterState {
     pub(crate) node_labels: BTreeMap<NodeId, Labels>,
     /// The desired transport policies (snapshot format 7 on).
     pub(crate) policies: DesiredPolicies,
+    /// The transport rollout, the last one started (snapshot format 8 on).
+    pub(crate) rollout: Option<Rollout>,
     /// Indexes over `vms` (names, reserved capacity), derived from them:
     /// not serialized, rebuilt on decoding.
     #[serde(skip)]
@@ -102,6 +105,7 @@ struct StoredState {
     user_data: BTreeMap<String, String>,
     node_labels: BTreeMap<NodeId, Labels>,
     policies: DesiredPolicies,
+    rollout: Option<Rollout>,
 }
 
 impl From<StoredState> for ClusterState {
@@ -124,7 +128,55 @@ impl From<StoredState> for ClusterState {
             user_data: s.user_data,
             node_labels: s.node_labels,
             policies: s.policies,
+            rollout: s.rollout,
         }
+    }
+}
+
+/// The cluster state as snapshot format 7 wrote it, before the rollout:
+/// the same fields in the same order, without the last one. Read so that
+/// a node upgraded in place keeps its state; it has no rollout.
+#[derive(Debug, Deserialize)]
+pub struct ClusterStateV7 {
+    members: BTreeMap<NodeId, Member>,
+    node_ids: BTreeMap<PeerId, NodeId>,
+    next_node_id: NodeId,
+    vms: BTreeMap<String, VmRecord>,
+    dedup: DedupTable,
+    next_vm_number: u64,
+    meta: BTreeMap<String, MetaEntry>,
+    access: BTreeMap<PeerId, BTreeSet<Role>>,
+    audit_log: VecDeque<AuditEvent>,
+    next_audit_seq: u64,
+    tokens: BTreeMap<String, JoinTokenRecord>,
+    vm_history: VmHistory,
+    network: NetworkState,
+    user_data: BTreeMap<String, String>,
+    node_labels: BTreeMap<NodeId, Labels>,
+    policies: DesiredPolicies,
+}
+
+impl From<ClusterStateV7> for ClusterState {
+    fn from(v7: ClusterStateV7) -> ClusterState {
+        ClusterState::from(StoredState {
+            members: v7.members,
+            node_ids: v7.node_ids,
+            next_node_id: v7.next_node_id,
+            vms: v7.vms,
+            dedup: v7.dedup,
+            next_vm_number: v7.next_vm_number,
+            meta: v7.meta,
+            access: v7.access,
+            audit_log: v7.audit_log,
+            next_audit_seq: v7.next_audit_seq,
+            tokens: v7.tokens,
+            vm_history: v7.vm_history,
+            network: v7.network,
+            user_data: v7.user_data,
+            node_labels: v7.node_labels,
+            policies: v7.policies,
+            rollout: None,
+        })
     }
 }
 
@@ -170,6 +222,7 @@ impl From<ClusterStateV6> for ClusterState {
             user_data: v6.user_data,
             node_labels: BTreeMap::new(),
             policies: DesiredPolicies::default(),
+            rollout: None,
         })
     }
 }
@@ -215,6 +268,7 @@ impl From<ClusterStateV5> for ClusterState {
             user_data: BTreeMap::new(),
             node_labels: BTreeMap::new(),
             policies: DesiredPolicies::default(),
+            rollout: None,
         }
     }
 }
@@ -260,6 +314,7 @@ impl From<ClusterStateV4> for ClusterState {
             user_data: BTreeMap::new(),
             node_labels: BTreeMap::new(),
             policies: DesiredPolicies::default(),
+            rollout: None,
         }
     }
 }
@@ -318,6 +373,7 @@ impl From<ClusterStateV3> for ClusterState {
             user_data: BTreeMap::new(),
             node_labels: BTreeMap::new(),
             policies: DesiredPolicies::default(),
+            rollout: None,
         }
     }
 }
@@ -357,6 +413,7 @@ impl Default for ClusterState {
             user_data: BTreeMap::new(),
             node_labels: BTreeMap::new(),
             policies: DesiredPolicies::default(),
+            rollout: None,
             index: VmIndex::default(),
         }
     }
@@ -454,6 +511,12 @@ impl ClusterState {
             Command::SetTransportPolicy { target, policy, .. } => {
                 self.set_transport_policy(target, policy)
             }
+            Command::Rollout {
+                op,
+                last,
+                at_unix_ms,
+                ..
+            } => self.apply_rollout(op, last, at_unix_ms),
         }
     }
 }

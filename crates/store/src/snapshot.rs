@@ -43,14 +43,17 @@ const MAGIC: &[u8; 8] = b"TERNSNAP";
 /// (`tern_state::network`) and the VMs' user data.
 /// Version 7: the state gained node labels and the desired transport
 /// policies (`tern_state::policy`).
-pub const SNAPSHOT_FORMAT_VERSION: u32 = 7;
+/// Version 8: the state gained the transport rollout
+/// (`tern_state::rollout`).
+pub const SNAPSHOT_FORMAT_VERSION: u32 = 8;
 /// The oldest format still read: version 2's state is version 3's without
 /// its trailing access fields ([`tern_state::state::ClusterStateV2`]),
 /// version 3's has the access log in its own layout and no tokens
 /// ([`tern_state::state::ClusterStateV3`]), version 4's has no history of
 /// VM changes ([`tern_state::state::ClusterStateV4`]), version 5's no guest
 /// network ([`tern_state::state::ClusterStateV5`]), version 6's no labels
-/// and desired policies ([`tern_state::state::ClusterStateV6`]); so a node upgraded
+/// and desired policies ([`tern_state::state::ClusterStateV6`]), version
+/// 7's no rollout ([`tern_state::state::ClusterStateV7`]); so a node upgraded
 /// in place keeps its data. A state of an older format gets an empty
 /// history, whole after the snapshot's last index.
 pub const OLDEST_READABLE_FORMAT: u32 = 2;
@@ -491,6 +494,12 @@ pub(crate) fn read_snapshot(
         postcard::from_io::<ClusterState, _>((reader, &mut scratch))
             .map_err(|e| corrupt(path, format!("state: {e}")))?
             .0
+    } else if version == 7 {
+        let (old, _) =
+            postcard::from_io::<tern_state::state::ClusterStateV7, _>((reader, &mut scratch))
+                .map_err(|e| corrupt(path, format!("state (format {version}): {e}")))?;
+        tracing::info!(path = %path.display(), version, "read a snapshot of an older format; it has no rollout until one is started");
+        ClusterState::from(old)
     } else if version == 6 {
         let (old, _) =
             postcard::from_io::<tern_state::state::ClusterStateV6, _>((reader, &mut scratch))
@@ -535,12 +544,20 @@ mod format_tests {
     use super::*;
     use tern_state::Command;
 
-    /// The body of a format 7 file of a state with no labels and no
-    /// desired policy, without them (no labels; no node, no group
+    /// The body of a format 8 file of a state with no rollout, without it
+    /// (`None`: one byte in postcard): the body format 7 wrote.
+    fn without_rollout(bytes: &[u8]) -> &[u8] {
+        let body = &bytes[..bytes.len() - TRAILER_LEN as usize];
+        assert_eq!(&body[body.len() - 1..], &[0], "no rollout");
+        &body[..body.len() - 1]
+    }
+
+    /// The body of a format 8 file of a state with no rollout, no labels
+    /// and no desired policy, without them (no labels; no node, no group
     /// policies, none for all: one byte each in postcard): the body format
     /// 6 wrote.
     fn without_policies(bytes: &[u8]) -> &[u8] {
-        let body = &bytes[..bytes.len() - TRAILER_LEN as usize];
+        let body = without_rollout(bytes);
         assert_eq!(
             &body[body.len() - 4..],
             &[0, 0, 0, 0],
@@ -549,7 +566,7 @@ mod format_tests {
         &body[..body.len() - 4]
     }
 
-    /// The body of a format 7 file of a state with no pool set, no user
+    /// The body of a format 8 file of a state with no pool set, no user
     /// data, no labels and no policies, without the trailing network and
     /// user data as well (no pool, no leases, cursor 0, no user data: one
     /// byte each in postcard): the body format 5 wrote.
@@ -597,6 +614,36 @@ mod format_tests {
         let (_, read) = read_snapshot(&file, Verify::Checksum).unwrap();
         assert_eq!(read, state, "the state comes back whole");
         assert!(read.network().pool().is_none());
+    }
+
+    /// A snapshot written by format 7 (no rollout) opens with its state,
+    /// labels and desired policies intact and no rollout.
+    #[test]
+    fn a_format_7_snapshot_is_read_without_a_rollout() {
+        let dir = tempfile::tempdir().unwrap();
+        let snaps = SnapshotDir::open(dir.path()).unwrap();
+        let mut state = ClusterState::default();
+        state.apply_at(
+            1,
+            Command::SetTransportPolicy {
+                request_id: "r1".into(),
+                target: tern_state::PolicyTarget::All,
+                policy: Some(tern_protocol::policy::TransportConfig::default()),
+            },
+        );
+        let file = snaps
+            .write_current(&SnapshotMeta::default(), &state)
+            .unwrap();
+        let bytes = std::fs::read(file.path()).unwrap();
+        let old = rewrite_as(without_rollout(&bytes), 7);
+        let path = file.path().to_owned();
+        drop(file);
+        std::fs::write(&path, &old).unwrap();
+        let file = snaps.open_current().unwrap().unwrap();
+        let (_, read) = read_snapshot(&file, Verify::Checksum).unwrap();
+        assert_eq!(read, state, "the state comes back whole");
+        assert!(read.desired_policies().all.is_some());
+        assert!(read.rollout().is_none());
     }
 
     /// A snapshot written by format 6 (no labels, no desired policies)
@@ -678,8 +725,9 @@ mod format_tests {
         #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
 
         /// Whatever VM, label and policy changes a state went through, its
-        /// format 7 snapshot brings back the same state, history,
-        /// revision, leases, labels and desired policies included.
+        /// format 8 snapshot brings back the same state, history,
+        /// revision, leases, labels, desired policies and rollout
+        /// included.
         #[test]
         fn a_state_with_history_round_trips_through_a_snapshot(
             ops in proptest::collection::vec((0u8..8, 0u8..6, 0usize..300), 0..80)
@@ -734,6 +782,32 @@ mod format_tests {
                             ..Default::default()
                         }),
                     },
+                    4 => Command::Rollout {
+                        request_id: format!("o{index}"),
+                        op: match n % 3 {
+                            0 => tern_state::RolloutOp::Start {
+                                plan: tern_state::Plan {
+                                    name: "p".into(),
+                                    gates: tern_state::Gates::default(),
+                                    stages: vec![tern_state::Stage {
+                                        name: "s".into(),
+                                        percent: Some(50),
+                                        nodes: vec![],
+                                        soak_secs: pad as u64,
+                                        policy: tern_protocol::policy::TransportConfig::default(),
+                                    }; 2],
+                                },
+                            },
+                            1 => tern_state::RolloutOp::Advance {
+                                expected_seq: None,
+                                checks: vec![],
+                                figures: Some(tern_state::GateFigures::default()),
+                            },
+                            _ => tern_state::RolloutOp::Abort,
+                        },
+                        last: vec![1],
+                        at_unix_ms: index * 1000,
+                    },
                     _ => Command::PutMeta {
                         request_id: format!("m{index}"),
                         key: "k".into(),
@@ -753,7 +827,7 @@ mod format_tests {
         #[test]
         fn arbitrary_state_bytes_never_panic(
             tail in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512),
-            version in 2u32..=7,
+            version in 2u32..=8,
         ) {
             let dir = tempfile::tempdir().unwrap();
             let snaps = SnapshotDir::open(dir.path()).unwrap();

@@ -1,0 +1,366 @@
+//! The rollout's driver: a task on every node that acts only while the
+//! node leads. It reads the rollout from the applied state, measures the
+//! stage in force on the nodes it covers, and once the stage has soaked
+//! proposes what the gates say: advance, hold, or roll back.
+//!
+//! # The window
+//!
+//! When the driver first sees a stage (its decision number) as leader it
+//! scrapes every covered node's `Monitoring/Metrics` (the window's start).
+//! Once the stage's soak is over (counted from the replicated
+//! `stage_started_unix_ms`, so a new leader does not restart it) and the
+//! window has lasted at least `min(soak, MAX_WINDOW_WAIT)`, it scrapes
+//! again and judges the difference ([`figures`], then
+//! [`tern_state::rollout::evaluate`]). A node that does not answer either
+//! scrape, or whose counters went back (it restarted), is missing: the
+//! verdict is at best a hold, never an advance, and a hold starts a fresh
+//! window. A leader that loses its quorum cannot commit any decision, so a
+//! partition never advances a stage.
+//!
+//! # Idempotent decisions
+//!
+//! Every proposal carries the decision number the driver judged
+//! (`expected_seq`); the state refuses it if another decision came first
+//! (an operator's pause, a previous leader's decision committed late). A
+//! new leader starts with no window and measures afresh: nothing is lost
+//! but the time of one window.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use openraft::async_runtime::WatchReceiver;
+use prost::Message;
+use tern_protocol::catalog::methods;
+use tern_protocol::exposition::{Metrics, quantile_of};
+use tern_protocol::metric_names as names;
+use tern_protocol::{Call, PeerAddr, RpcClient, pb};
+use tern_state::rollout::{GateFigures, RolloutOp, Verdict, evaluate};
+use tern_state::{Command, NodeId, Response, RolloutStatus};
+
+use crate::node::RaftNode;
+use crate::rollout::now_unix_ms;
+
+/// How often the driver looks at the rollout.
+pub const TICK: Duration = Duration::from_secs(1);
+
+/// The longest a window must last before a stage whose soak is over is
+/// judged (a shorter soak is the window's length).
+pub const MAX_WINDOW_WAIT: Duration = Duration::from_secs(60);
+
+/// How long one `Monitoring/Metrics` call may take.
+pub const SCRAPE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long a decision may take to commit.
+const DECIDE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The figures of a window, from each covered node's scrape at its start
+/// (`before`) and end (`after`): counters' increases summed over the nodes
+/// (leader changes: the most any one node saw), P99 of the calls served
+/// by transport from the summed bucket increases. A node absent from
+/// either, or whose call counter went back, is listed as missing.
+pub fn figures(
+    covered: &[NodeId],
+    before: &BTreeMap<NodeId, Metrics>,
+    after: &BTreeMap<NodeId, Metrics>,
+) -> GateFigures {
+    let mut f = GateFigures::default();
+    let mut grpc: Vec<(f64, f64)> = Vec::new();
+    let mut iroh: Vec<(f64, f64)> = Vec::new();
+    let mut direct = 0.0;
+    let mut paths = 0.0;
+    let server = names::Side::Server.as_str();
+    let err = names::Outcome::TransportError.as_str();
+    for id in covered {
+        let (Some(b), Some(a)) = (before.get(id), after.get(id)) else {
+            f.missing.push(*id);
+            continue;
+        };
+        if a.sum(names::CALLS, &[]) < b.sum(names::CALLS, &[]) {
+            f.missing.push(*id);
+            continue;
+        }
+        let d = a.since(b);
+        let n = |name: &str, labels: &[(&str, &str)]| d.sum(name, labels).max(0.0) as u64;
+        f.grpc_calls += n(names::CALLS, &[("transport", "grpc")]);
+        f.grpc_errors += n(names::CALLS, &[("transport", "grpc"), ("outcome", err)]);
+        f.iroh_calls += n(names::CALLS, &[("transport", "iroh")]);
+        f.iroh_errors += n(names::CALLS, &[("transport", "iroh"), ("outcome", err)]);
+        f.fallbacks += n(names::ROUTER_FALLBACKS, &[]);
+        f.leader_changes = f.leader_changes.max(n(names::RAFT_LEADER_CHANGES, &[]));
+        add(
+            &mut grpc,
+            &d.buckets(
+                names::CALL_SECONDS,
+                &[("side", server), ("transport", "grpc")],
+            ),
+        );
+        add(
+            &mut iroh,
+            &d.buckets(
+                names::CALL_SECONDS,
+                &[("side", server), ("transport", "iroh")],
+            ),
+        );
+        direct += d
+            .sum(names::CONNECTION_PATHS, &[("path", "direct")])
+            .max(0.0);
+        paths += d.sum(names::CONNECTION_PATHS, &[]).max(0.0);
+    }
+    let us = |s: f64| (s * 1e6).round() as u64;
+    f.grpc_p99_us = quantile_of(&grpc, 0.99).map(us);
+    f.iroh_p99_us = quantile_of(&iroh, 0.99).map(us);
+    // Only a node with a relay configured can settle on a relayed path;
+    // with none relayed in the window the gate has nothing to judge.
+    if paths > direct {
+        f.paths = Some((direct as u64, paths as u64));
+    }
+    f
+}
+
+/// Adds cumulative buckets `more` into `total`, bound by bound (as the
+/// lab's criteria do).
+fn add(total: &mut Vec<(f64, f64)>, more: &[(f64, f64)]) {
+    for &(le, n) in more {
+        match total.iter_mut().find(|(x, _)| *x == le) {
+            Some((_, m)) => *m += n.max(0.0),
+            None => total.push((le, n.max(0.0))),
+        }
+    }
+    total.sort_by(|x, y| x.0.total_cmp(&y.0));
+}
+
+/// One scrape of `addr`'s metrics through `Monitoring/Metrics`.
+async fn scrape(client: &dyn RpcClient, addr: &PeerAddr) -> Option<Metrics> {
+    let call = Call::new(
+        methods::MONITORING_METRICS,
+        pb::MetricsRequest {}.encode_to_vec().into(),
+    )
+    .with_timeout(SCRAPE_TIMEOUT);
+    // Bounded here too: a call to a node that went away must not hold the
+    // driver (and with it every decision) beyond the timeout.
+    let bytes = tokio::time::timeout(SCRAPE_TIMEOUT, client.call(addr, call))
+        .await
+        .ok()?
+        .ok()?;
+    let resp = pb::MetricsResponse::decode(bytes).ok()?;
+    Some(Metrics::parse(&resp.prometheus_text))
+}
+
+async fn scrape_all(
+    client: &dyn RpcClient,
+    nodes: &[(NodeId, PeerAddr)],
+) -> BTreeMap<NodeId, Metrics> {
+    let mut out = BTreeMap::new();
+    for (id, addr) in nodes {
+        match scrape(client, addr).await {
+            Some(m) => {
+                out.insert(*id, m);
+            }
+            None => tracing::warn!(node = id, "rollout: no metrics from a covered node"),
+        }
+    }
+    out
+}
+
+/// A window the driver is measuring.
+struct Window {
+    /// The decision number of the stage it measures.
+    seq: u64,
+    /// When it began.
+    started: Instant,
+    /// Each covered node's scrape at its start.
+    before: BTreeMap<NodeId, Metrics>,
+}
+
+/// What the driver needs of the rollout at one tick.
+struct View {
+    seq: u64,
+    stage_started_unix_ms: u64,
+    status: RolloutStatus,
+    soaked: bool,
+    soak: Duration,
+    gates: tern_state::Gates,
+    covered: Vec<(NodeId, PeerAddr)>,
+}
+
+fn view(raft: &RaftNode) -> Option<View> {
+    let now = now_unix_ms();
+    raft.state()
+        .read(|s| {
+            let r = s.rollout()?;
+            let stage = r.stage?;
+            let covered = r
+                .covered()?
+                .iter()
+                .filter_map(|id| Some((*id, s.members().get(id)?.addr.clone())))
+                .collect();
+            Some(View {
+                seq: r.seq,
+                stage_started_unix_ms: r.stage_started_unix_ms,
+                status: r.status,
+                soaked: r.soaked(now),
+                soak: Duration::from_secs(r.plan.stages[stage].soak_secs),
+                gates: r.plan.gates.clone(),
+                covered,
+            })
+        })
+        .ok()
+        .flatten()
+}
+
+fn is_leader(raft: &RaftNode) -> bool {
+    raft.raft().metrics().borrow_watched().current_leader == Some(raft.id())
+}
+
+/// Runs the driver until `stop` resolves.
+pub async fn drive(
+    raft: Arc<RaftNode>,
+    client: Arc<dyn RpcClient>,
+    stop: impl Future<Output = ()>,
+) {
+    tokio::pin!(stop);
+    let mut window: Option<Window> = None;
+    loop {
+        tokio::select! {
+            _ = &mut stop => return,
+            _ = tokio::time::sleep(TICK) => {}
+        }
+        window = tick(&raft, client.as_ref(), window).await;
+    }
+}
+
+/// One look at the rollout; answers the window to keep measuring.
+async fn tick(raft: &RaftNode, client: &dyn RpcClient, window: Option<Window>) -> Option<Window> {
+    if !is_leader(raft) {
+        return None;
+    }
+    let v = view(raft)?;
+    if !matches!(v.status, RolloutStatus::Running | RolloutStatus::Holding) {
+        return None;
+    }
+    let w = match window {
+        Some(w) if w.seq == v.seq => w,
+        _ => {
+            tracing::info!(
+                seq = v.seq,
+                nodes = v.covered.len(),
+                "rollout: measuring the stage in force"
+            );
+            return Some(Window {
+                seq: v.seq,
+                started: Instant::now(),
+                before: scrape_all(client, &v.covered).await,
+            });
+        }
+    };
+    if !v.soaked || w.started.elapsed() < v.soak.min(MAX_WINDOW_WAIT) {
+        return Some(w);
+    }
+    judge(raft, client, &v, &w).await;
+    // Whatever happened, the next window starts afresh.
+    None
+}
+
+/// Ends window `w`: scrapes the covered nodes again, evaluates the gates
+/// and proposes what they say.
+async fn judge(raft: &RaftNode, client: &dyn RpcClient, v: &View, w: &Window) {
+    let after = scrape_all(client, &v.covered).await;
+    let ids: Vec<NodeId> = v.covered.iter().map(|(id, _)| *id).collect();
+    let f = figures(&ids, &w.before, &after);
+    let (verdict, checks) = evaluate(&v.gates, &f);
+    let op = match verdict {
+        Verdict::Pass => RolloutOp::Advance {
+            expected_seq: Some(v.seq),
+            checks,
+            figures: Some(f),
+        },
+        Verdict::Hold => RolloutOp::Hold {
+            expected_seq: v.seq,
+            checks,
+            figures: f,
+        },
+        Verdict::Fail => RolloutOp::RollBack {
+            expected_seq: v.seq,
+            checks,
+            figures: f,
+        },
+    };
+    let name = op.name();
+    let command = Command::Rollout {
+        // Unique across rollouts too (decision numbers restart with each):
+        // a request id seen before is answered from the dedup table, not
+        // applied.
+        request_id: format!(
+            "rollout-{}-{}-{}-{name}",
+            raft.id(),
+            v.stage_started_unix_ms,
+            v.seq
+        ),
+        op,
+        last: vec![raft.id()],
+        at_unix_ms: now_unix_ms(),
+    };
+    match tokio::time::timeout(DECIDE_TIMEOUT, raft.client_write(command)).await {
+        Ok(Ok(w)) => match w.data {
+            Response::Rejected(why) => {
+                tracing::info!(decision = name, reason = %why, "rollout: decision refused");
+            }
+            _ => tracing::info!(decision = name, seq = v.seq, "rollout: decided"),
+        },
+        Ok(Err(e)) => {
+            tracing::warn!(decision = name, error = %e, "rollout: decision not committed")
+        }
+        Err(_) => {
+            tracing::warn!(
+                decision = name,
+                "rollout: decision not committed within {DECIDE_TIMEOUT:?}"
+            )
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scrape_text(grpc: u64, iroh: u64, iroh_errors: u64, fallbacks: u64, leader: u64) -> Metrics {
+        Metrics::parse(&format!(
+            "tern_transport_calls_total{{transport=\"grpc\",side=\"server\",outcome=\"ok\"}} {grpc}\n\
+             tern_transport_calls_total{{transport=\"iroh\",side=\"server\",outcome=\"ok\"}} {iroh}\n\
+             tern_transport_calls_total{{transport=\"iroh\",side=\"server\",outcome=\"transport_error\"}} {iroh_errors}\n\
+             tern_router_fallbacks_total{{service=\"vm\",method=\"Stop\",reason=\"transport_error\"}} {fallbacks}\n\
+             tern_raft_leader_changes_total {leader}\n\
+             tern_transport_call_seconds_bucket{{transport=\"grpc\",side=\"server\",le=\"0.001\"}} {grpc}\n\
+             tern_transport_call_seconds_bucket{{transport=\"grpc\",side=\"server\",le=\"+Inf\"}} {grpc}\n\
+             tern_transport_call_seconds_bucket{{transport=\"iroh\",side=\"server\",le=\"0.01\"}} {iroh}\n\
+             tern_transport_call_seconds_bucket{{transport=\"iroh\",side=\"server\",le=\"+Inf\"}} {iroh}\n"
+        ))
+    }
+
+    #[test]
+    fn a_window_is_summed_over_the_covered_nodes_and_a_missing_node_is_named() {
+        let before: BTreeMap<NodeId, Metrics> = [
+            (1, scrape_text(10, 10, 0, 0, 1)),
+            (2, scrape_text(0, 0, 0, 0, 1)),
+        ]
+        .into();
+        let after: BTreeMap<NodeId, Metrics> = [
+            (1, scrape_text(210, 110, 5, 1, 2)),
+            (2, scrape_text(100, 100, 0, 0, 1)),
+        ]
+        .into();
+        let f = figures(&[1, 2, 3], &before, &after);
+        assert_eq!((f.grpc_calls, f.iroh_calls, f.iroh_errors), (300, 205, 5));
+        assert_eq!((f.fallbacks, f.leader_changes), (1, 1));
+        assert_eq!(f.missing, [3]);
+        // histogram_quantile: linear within the first bucket (0 to 1 ms).
+        assert_eq!(f.grpc_p99_us, Some(990));
+        assert!(f.iroh_p99_us.unwrap() > 1000 && f.iroh_p99_us.unwrap() <= 10_000);
+        assert_eq!(f.paths, None);
+        // A node whose counters went back restarted: missing.
+        let restarted: BTreeMap<NodeId, Metrics> = [(1, scrape_text(1, 1, 0, 0, 0))].into();
+        assert_eq!(figures(&[1], &before, &restarted).missing, [1]);
+    }
+}
