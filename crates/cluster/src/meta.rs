@@ -212,46 +212,29 @@ pub(crate) async fn serve_put(
         value: req.value.clone(),
     };
     tracing::debug!(%command, caller = %ctx.peer.short(), "metadata put");
-    let written = match tokio::time::timeout(
-        WRITE_TIMEOUT,
-        crate::node::client_write(&node.raft, command),
-    )
-    .await
-    {
-        Err(_) => {
-            return Err(Status::unavailable(format!(
-                "the put was not committed within {WRITE_TIMEOUT:?} (no quorum?); \
-                 retry with the same request id"
-            )));
+    let forwarded = || {
+        pb::MetaPutRequest {
+            forwarded: true,
+            ..req.clone()
         }
-        Ok(Ok(written)) => written,
-        Ok(Err(WriteError::Limit(e))) => return Err(crate::node::limit_status(&e)),
-        Ok(Err(WriteError::Raft(RaftError::APIError(ClientWriteError::ForwardToLeader(f))))) => {
-            let forward = pb::MetaPutRequest {
-                forwarded: true,
-                ..req
-            };
-            let bytes = forward_register_call(
-                node,
-                ctx,
-                &f,
-                methods::CLUSTER_META_PUT,
-                forward.encode_to_vec().into(),
-                req.forwarded,
-            )
-            .await?;
-            return Ok(bytes);
-        }
-        Ok(Err(WriteError::Raft(RaftError::APIError(e)))) => {
-            return Err(Status::unavailable(e.to_string()));
-        }
-        Ok(Err(WriteError::Raft(RaftError::Fatal(e)))) => {
-            return Err(Status::unavailable(format!(
-                "Raft stopped on this node: {e}"
-            )));
-        }
+        .encode_to_vec()
+        .into()
     };
-    match written.data {
+    let written = match write_at_leader(
+        node,
+        ctx,
+        command,
+        "put",
+        methods::CLUSTER_META_PUT,
+        forwarded,
+        req.forwarded,
+    )
+    .await?
+    {
+        LeaderWrite::Written(data) => data,
+        LeaderWrite::Forwarded(answer) => return Ok(answer),
+    };
+    match written {
         Response::MetaWritten { index } => Ok(pb::MetaPutResponse {
             index,
             leader_id: node.id,
@@ -335,6 +318,50 @@ pub(crate) async fn serve_get(
         },
     };
     Ok(resp.encode_to_vec().into())
+}
+
+/// What a Cluster write served by the leader came to.
+pub(crate) enum LeaderWrite {
+    /// Committed and applied on this node (the leader): the state's answer.
+    Written(Response),
+    /// This node does not lead: the leader's answer to the forwarded call,
+    /// passed back as is.
+    Forwarded(Bytes),
+}
+
+/// The one write path of the Cluster calls only the leader serves
+/// (`MetaPut`, `TransportSet`, `Rollout`): proposes `command` within
+/// [`WRITE_TIMEOUT`]; on a follower, forwards the call once
+/// ([`forward_register_call`], `forwarded` building its payload marked
+/// forwarded); `what` names the write in the timeout's message.
+pub(crate) async fn write_at_leader(
+    node: &Attached,
+    ctx: &RequestContext,
+    command: Command,
+    what: &str,
+    method: &'static tern_protocol::Method,
+    forwarded: impl FnOnce() -> Bytes,
+    already_forwarded: bool,
+) -> Result<LeaderWrite, Status> {
+    match tokio::time::timeout(
+        WRITE_TIMEOUT,
+        crate::node::client_write(&node.raft, command),
+    )
+    .await
+    {
+        Err(_) => Err(Status::unavailable(format!(
+            "the {what} was not committed within {WRITE_TIMEOUT:?} (no quorum?); \
+             retry with the same request id"
+        ))),
+        Ok(Ok(written)) => Ok(LeaderWrite::Written(written.data)),
+        Ok(Err(WriteError::Limit(e))) => Err(crate::node::limit_status(&e)),
+        Ok(Err(WriteError::Raft(RaftError::APIError(ClientWriteError::ForwardToLeader(f))))) => {
+            forward_register_call(node, ctx, &f, method, forwarded(), already_forwarded)
+                .await
+                .map(LeaderWrite::Forwarded)
+        }
+        Ok(Err(WriteError::Raft(e))) => Err(tern_raft_net::write::write_error(e)),
+    }
 }
 
 /// Passes a register call this node cannot serve to the leader, once

@@ -17,7 +17,6 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use openraft::errors::{ClientWriteError, RaftError};
 use prost::Message;
 use tern_protocol::catalog::methods;
 use tern_protocol::policy::TransportConfig;
@@ -27,8 +26,7 @@ use tern_state::{
     ClusterState, Command, MAX_REQUEST_ID_LEN, PolicyTarget, Response, Selector, check_policy,
 };
 
-use crate::meta::WRITE_TIMEOUT;
-use crate::node::WriteError;
+use crate::meta::LeaderWrite;
 
 /// Every member's desired policy, labels and the policy's source, as the
 /// protobuf answer (what Status shows as `desired`, too).
@@ -99,38 +97,29 @@ pub(crate) async fn serve_set(
         policy,
     };
     tracing::info!(%command, caller = %ctx.peer.short(), "transport policy change");
-    let written = match tokio::time::timeout(
-        WRITE_TIMEOUT,
-        crate::node::client_write(&node.raft, command),
-    )
-    .await
-    {
-        Err(_) => {
-            return Err(Status::unavailable(format!(
-                "the change was not committed within {WRITE_TIMEOUT:?} (no quorum?); \
-                     retry with the same request id"
-            )));
+    let forwarded = || {
+        pb::TransportSetRequest {
+            forwarded: true,
+            ..req.clone()
         }
-        Ok(Ok(written)) => written,
-        Ok(Err(WriteError::Limit(e))) => return Err(crate::node::limit_status(&e)),
-        Ok(Err(WriteError::Raft(RaftError::APIError(ClientWriteError::ForwardToLeader(f))))) => {
-            let forward = pb::TransportSetRequest {
-                forwarded: true,
-                ..req.clone()
-            };
-            return crate::meta::forward_register_call(
-                node,
-                ctx,
-                &f,
-                methods::CLUSTER_TRANSPORT_SET,
-                forward.encode_to_vec().into(),
-                req.forwarded,
-            )
-            .await;
-        }
-        Ok(Err(WriteError::Raft(e))) => return Err(tern_raft_net::write::write_error(e)),
+        .encode_to_vec()
+        .into()
     };
-    match written.data {
+    let written = match crate::meta::write_at_leader(
+        node,
+        ctx,
+        command,
+        "change",
+        methods::CLUSTER_TRANSPORT_SET,
+        forwarded,
+        req.forwarded,
+    )
+    .await?
+    {
+        LeaderWrite::Written(data) => data,
+        LeaderWrite::Forwarded(answer) => return Ok(answer),
+    };
+    match written {
         Response::Done => {
             let nodes = node
                 .sm

@@ -15,7 +15,6 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use openraft::errors::{ClientWriteError, RaftError};
 use prost::Message;
 use tern_protocol::catalog::methods;
 use tern_protocol::policy::TransportConfig;
@@ -24,8 +23,7 @@ use tern_raft_net::Attached;
 use tern_state::rollout::RolloutOp;
 use tern_state::{ClusterState, Command, Gates, MAX_REQUEST_ID_LEN, Plan, Response, Stage};
 
-use crate::meta::WRITE_TIMEOUT;
-use crate::node::WriteError;
+use crate::meta::LeaderWrite;
 
 /// A plan as its protobuf form.
 pub fn plan_to_pb(plan: &Plan) -> pb::RolloutPlan {
@@ -227,38 +225,29 @@ pub(crate) async fn serve_change(
         at_unix_ms: now_unix_ms(),
     };
     tracing::info!(%command, caller = %ctx.peer.short(), "rollout change");
-    let written = match tokio::time::timeout(
-        WRITE_TIMEOUT,
-        crate::node::client_write(&node.raft, command),
-    )
-    .await
-    {
-        Err(_) => {
-            return Err(Status::unavailable(format!(
-                "the change was not committed within {WRITE_TIMEOUT:?} (no quorum?); \
-                 retry with the same request id"
-            )));
+    let forwarded = || {
+        pb::RolloutRequest {
+            forwarded: true,
+            ..req.clone()
         }
-        Ok(Ok(written)) => written,
-        Ok(Err(WriteError::Limit(e))) => return Err(crate::node::limit_status(&e)),
-        Ok(Err(WriteError::Raft(RaftError::APIError(ClientWriteError::ForwardToLeader(f))))) => {
-            let forward = pb::RolloutRequest {
-                forwarded: true,
-                ..req.clone()
-            };
-            return crate::meta::forward_register_call(
-                node,
-                ctx,
-                &f,
-                methods::CLUSTER_ROLLOUT,
-                forward.encode_to_vec().into(),
-                req.forwarded,
-            )
-            .await;
-        }
-        Ok(Err(WriteError::Raft(e))) => return Err(tern_raft_net::write::write_error(e)),
+        .encode_to_vec()
+        .into()
     };
-    match written.data {
+    let written = match crate::meta::write_at_leader(
+        node,
+        ctx,
+        command,
+        "change",
+        methods::CLUSTER_ROLLOUT,
+        forwarded,
+        req.forwarded,
+    )
+    .await?
+    {
+        LeaderWrite::Written(data) => data,
+        LeaderWrite::Forwarded(answer) => return Ok(answer),
+    };
+    match written {
         Response::Done => serve_get(node),
         Response::Rejected(why) => Err(tern_services::vm::rejection_status(&why)),
         other => Err(Status::internal(format!(
