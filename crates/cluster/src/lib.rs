@@ -61,6 +61,6 @@ pub use node::{
     FIRST_NODE_ID, JoinAnswer, RaftNode, RaftNodeError, RaftOptions, WriteError, client_write,
     limit_status, propose, read_node_id, request_join, request_leave, write_node_id,
 };
-pub use policy::{policies_response, transport_set};
+pub use policy::{policies_response, transport_set, transport_set_request};
 pub use rollout::{rollout_change, rollout_get};
 pub use service::RaftServices;

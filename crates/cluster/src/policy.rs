@@ -139,6 +139,26 @@ pub(crate) async fn serve_set(
     }
 }
 
+/// The `Cluster/TransportSet` request setting (`policy` given) or clearing
+/// the desired policy of `target`, as a client sends it.
+pub fn transport_set_request(
+    request_id: &str,
+    target: &PolicyTarget,
+    policy: Option<&TransportConfig>,
+) -> pb::TransportSetRequest {
+    use pb::transport_set_request::Target;
+    pb::TransportSetRequest {
+        request_id: request_id.to_owned(),
+        target: Some(match target {
+            PolicyTarget::Node(id) => Target::NodeId(*id),
+            PolicyTarget::Group(s) => Target::Group(s.to_string()),
+            PolicyTarget::All => Target::All(true),
+        }),
+        policy: policy.map(TransportConfig::to_pb),
+        forwarded: false,
+    }
+}
+
 /// Sets (`policy` given) or clears the desired policy of `target` through
 /// the node at `addr` (any member; a follower forwards to the leader).
 /// `request_id` makes retries safe. Answers every member's desired policy.
@@ -150,17 +170,7 @@ pub async fn transport_set(
     policy: Option<&TransportConfig>,
     timeout: Duration,
 ) -> Result<pb::TransportPoliciesResponse, CallError> {
-    use pb::transport_set_request::Target;
-    let req = pb::TransportSetRequest {
-        request_id: request_id.to_owned(),
-        target: Some(match target {
-            PolicyTarget::Node(id) => Target::NodeId(*id),
-            PolicyTarget::Group(s) => Target::Group(s.to_string()),
-            PolicyTarget::All => Target::All(true),
-        }),
-        policy: policy.map(TransportConfig::to_pb),
-        forwarded: false,
-    };
+    let req = transport_set_request(request_id, target, policy);
     let call =
         Call::new(methods::CLUSTER_TRANSPORT_SET, req.encode_to_vec().into()).with_timeout(timeout);
     let bytes = client.call(addr, call).await?;

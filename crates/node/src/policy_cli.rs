@@ -95,17 +95,7 @@ pub async fn set_remote(
     policy: Option<&TransportConfig>,
     out: Out,
 ) -> Result<(), CliError> {
-    use pb::transport_set_request::Target;
-    let req = pb::TransportSetRequest {
-        request_id: request_id(),
-        target: Some(match target {
-            PolicyTarget::Node(id) => Target::NodeId(*id),
-            PolicyTarget::Group(s) => Target::Group(s.to_string()),
-            PolicyTarget::All => Target::All(true),
-        }),
-        policy: policy.map(TransportConfig::to_pb),
-        forwarded: false,
-    };
+    let req = tern_cluster::transport_set_request(&request_id(), target, policy);
     let resp: pb::TransportPoliciesResponse =
         conn.call(methods::CLUSTER_TRANSPORT_SET, &req).await?;
     if out.json {
