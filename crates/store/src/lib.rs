@@ -49,6 +49,7 @@
 
 pub mod error;
 pub mod log_store;
+pub mod segments;
 pub mod snapshot;
 pub mod state_machine;
 mod syncer;
