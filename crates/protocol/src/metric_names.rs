@@ -178,9 +178,10 @@ metrics! {
     /// Raft stopped). Writes refused by a size limit are not proposals.
     RAFT_PROPOSALS_FAILED = "tern_raft_proposals_failed_total", Counter,
         "Writes proposed to Raft that were not committed, by reason.";
-    /// Log syncs (sled flush plus `fdatasync`), one per group commit.
+    /// Log syncs (`fdatasync` of the segment files written), one per group
+    /// commit.
     STORE_SYNC_SECONDS = "tern_store_sync_seconds", Histogram,
-        "Time of one Raft log sync (sled flush and fdatasync), which every acknowledged write waits for.";
+        "Time of one Raft log sync (fdatasync of the log files written), which every acknowledged write waits for.";
     /// Calls refused by the access table; labels `service`, `method`,
     /// `reason` (`unknown_key`, `needs_role`, `members_only`, `no_rule`).
     ACCESS_DENIED = "tern_access_denied_total", Counter,
