@@ -231,12 +231,33 @@ fn acknowledgements_follow_their_sync() {
     let segment_dir = segment_dir.to_str().expect("utf-8 path");
     let trace = std::fs::read_to_string(&trace_file).expect("trace");
     let events = events(&trace, segment_dir, meta_file);
+    let acks_seen = check_acks(&events);
+    let syncs_of = |file: File| {
+        events
+            .iter()
+            .filter(|e| **e == Event::DataSync(file))
+            .count()
+    };
+    let expected_acks = usize::try_from(APPENDS).expect("small") + 3;
+    assert_eq!(acks_seen, expected_acks, "every ack is in the trace");
+    for file in [File::Segment, File::Meta] {
+        assert!(
+            events.contains(&Event::DataWrite(file)),
+            "the trace shows writes of {file:?}"
+        );
+        assert!(syncs_of(file) > 0, "the trace shows syncs of {file:?}");
+    }
+}
+
+/// Checks that every ack in `events` follows a sync of its file after its
+/// submission; returns how many acks there were.
+fn check_acks(events: &[Event]) -> usize {
     // For each write: the number of syncs of its file seen when it was
     // submitted (after its `pwrite`, so a later sync covers it).
     let mut at_submit = std::collections::HashMap::new();
     let mut acks_seen = 0;
     let mut syncs = std::collections::HashMap::from([(File::Segment, 0), (File::Meta, 0)]);
-    for e in &events {
+    for e in events {
         match e {
             Event::DataWrite(_) => {}
             Event::DataSync(file) => *syncs.entry(*file).or_default() += 1,
@@ -257,15 +278,7 @@ fn acknowledgements_follow_their_sync() {
             }
         }
     }
-    let expected_acks = usize::try_from(APPENDS).expect("small") + 3;
-    assert_eq!(acks_seen, expected_acks, "every ack is in the trace");
-    for file in [File::Segment, File::Meta] {
-        assert!(
-            events.contains(&Event::DataWrite(file)),
-            "the trace shows writes of {file:?}"
-        );
-        assert!(syncs[&file] > 0, "the trace shows syncs of {file:?}");
-    }
+    acks_seen
 }
 
 /// The file that makes `what` durable: the vote and the purge point live in
