@@ -54,31 +54,44 @@ pub async fn change(
     plan: Option<&Plan>,
     out: Out,
 ) -> Result<(), CliError> {
+    let resp = request(conn, action, plan).await?;
+    print_status(&resp, out);
+    Ok(())
+}
+
+/// The `Cluster/Rollout` call behind `tern rollout start|pause|...`
+/// (`action` is one of [`tern_cluster::rollout::ACTIONS`]): answers the
+/// rollout after the change. `tern demo` drives its rollout with it too.
+pub async fn request(
+    conn: &Conn,
+    action: &str,
+    plan: Option<&Plan>,
+) -> Result<pb::RolloutResponse, CliError> {
     let req = pb::RolloutRequest {
         request_id: request_id(),
         action: action.to_owned(),
         plan: plan.map(tern_cluster::rollout::plan_to_pb),
         forwarded: false,
     };
-    let resp: pb::RolloutResponse = conn.call(methods::CLUSTER_ROLLOUT, &req).await?;
-    print_status(&resp, out);
-    Ok(())
+    conn.call(methods::CLUSTER_ROLLOUT, &req).await
+}
+
+/// The `Cluster/RolloutGet` call behind `tern rollout status|history`.
+pub async fn get(conn: &Conn) -> Result<pb::RolloutResponse, CliError> {
+    conn.call(methods::CLUSTER_ROLLOUT_GET, &pb::RolloutGetRequest {})
+        .await
 }
 
 /// `tern rollout status`.
 pub async fn status(conn: &Conn, out: Out) -> Result<(), CliError> {
-    let resp: pb::RolloutResponse = conn
-        .call(methods::CLUSTER_ROLLOUT_GET, &pb::RolloutGetRequest {})
-        .await?;
+    let resp = get(conn).await?;
     print_status(&resp, out);
     Ok(())
 }
 
 /// `tern rollout history`.
 pub async fn history(conn: &Conn, out: Out) -> Result<(), CliError> {
-    let resp: pb::RolloutResponse = conn
-        .call(methods::CLUSTER_ROLLOUT_GET, &pb::RolloutGetRequest {})
-        .await?;
+    let resp = get(conn).await?;
     if out.json {
         let h: Vec<Value> = resp.history.iter().map(decision_json).collect();
         out!("{}", json!({ "present": resp.present, "history": h }));
