@@ -473,6 +473,44 @@ fn the_demo_walks_the_plan_rolls_back_and_fails_no_call() {
     assert_eq!(after.matches("mode=grpc").count(), 3, "{after}");
 }
 
+/// A bad `--soak` or `--plan` is refused before any node starts, naming
+/// what was wrong.
+#[test]
+fn the_demo_refuses_a_bad_soak_or_plan_before_starting() {
+    let base = tempfile::tempdir().unwrap();
+    let bad = base.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        "name = \"x\"\n[[stage]]\nname = \"a\"\npercent = 50\nsoak_secs = 1\n[stage.policy]\nmode = \"dual\"\n\
+         [[stage]]\nname = \"b\"\npercent = 5\nsoak_secs = 1\n[stage.policy]\nmode = \"iroh\"\n",
+    )
+    .unwrap();
+    let bad = bad.display().to_string();
+    for (args, says) in [
+        (
+            vec!["demo", "--soak", "0"],
+            "--soak 0: 1 to 600 seconds".to_owned(),
+        ),
+        (
+            vec!["demo", "--soak", "601"],
+            "--soak 601: 1 to 600 seconds".to_owned(),
+        ),
+        (
+            vec!["demo", "--plan", &bad],
+            format!("{bad}: stage 1: percent: 5 is below the stage before's 50"),
+        ),
+    ] {
+        let out = cli(&args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} succeeded");
+        assert!(stderr.contains(&says), "{args:?}: {stderr}");
+        assert!(
+            !String::from_utf8_lossy(&out.stdout).contains("node 1 up"),
+            "{args:?} started nodes"
+        );
+    }
+}
+
 /// How long the demo test's `tern demo` may take: node starts, four
 /// stages, the rollback and the shutdown, on a loaded machine.
 const DEMO_BOUND: Duration = Duration::from_secs(420);

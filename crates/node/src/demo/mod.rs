@@ -84,7 +84,7 @@ pub const OPERATOR_KEY: &str = "operator.key";
 const DEMO_TOKEN: &str = "tern-demo-token";
 
 /// What `tern demo` was asked for.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct DemoOptions {
     /// Keep the live view this long after the rollback, then stop
     /// (`None`: until Ctrl-C or SIGTERM).
@@ -93,6 +93,17 @@ pub struct DemoOptions {
     pub soak_secs: u64,
     /// The plan to run instead of the shipped default.
     pub plan: Option<PathBuf>,
+}
+
+impl Default for DemoOptions {
+    /// Until Ctrl-C, [`rollout::DEFAULT_SOAK_SECS`], the shipped plan.
+    fn default() -> DemoOptions {
+        DemoOptions {
+            duration: None,
+            soak_secs: rollout::DEFAULT_SOAK_SECS,
+            plan: None,
+        }
+    }
 }
 
 /// Why the demo failed; each message says what to do next.
@@ -359,14 +370,7 @@ impl Live {
 
 /// Runs the demo.
 pub async fn demo(opts: DemoOptions) -> Result<(), DemoError> {
-    let plan = rollout::demo_plan(
-        opts.plan.as_deref(),
-        if opts.soak_secs == 0 {
-            rollout::DEFAULT_SOAK_SECS
-        } else {
-            opts.soak_secs
-        },
-    )?;
+    let plan = rollout::demo_plan(opts.plan.as_deref(), opts.soak_secs)?;
     let exe = std::env::current_exe().map_err(DemoError::Binary)?;
     let base = std::env::temp_dir().join(format!(
         "tern-demo-{}-{}",
