@@ -177,6 +177,12 @@ pub fn status_json(r: &pb::RolloutResponse) -> Value {
     })
 }
 
+/// A stage's named nodes, as `nodes 2, 5`.
+fn nodes_text(nodes: &[u64]) -> String {
+    let ids: Vec<String> = nodes.iter().map(ToString::to_string).collect();
+    format!("nodes {}", ids.join(", "))
+}
+
 fn print_status(r: &pb::RolloutResponse, out: Out) {
     if out.json {
         out!("{}", status_json(r));
@@ -228,7 +234,7 @@ fn print_status(r: &pb::RolloutResponse, out: Out) {
                 if s.percent > 0 {
                     format!("{}%", s.percent)
                 } else {
-                    format!("nodes {:?}", s.nodes).replace(['[', ']'], "")
+                    nodes_text(&s.nodes)
                 },
                 format!("{} s", s.soak_secs),
                 s.policy.as_ref().map_or_else(|| "-".into(), policy_line),
@@ -289,6 +295,11 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.starts_with("p.toml: not a rollout plan:"), "{e}");
+    }
+
+    #[test]
+    fn named_nodes_are_listed_without_debug_formatting() {
+        assert_eq!(nodes_text(&[2, 5]), "nodes 2, 5");
     }
 
     #[test]

@@ -234,13 +234,17 @@ impl View {
         };
         let soaked_ms = now_unix_ms().saturating_sub(r.stage_started_unix_ms);
         let covered: Vec<String> = r.covered.iter().map(ToString::to_string).collect();
+        let share = if st.percent > 0 {
+            format!("share {}%", st.percent)
+        } else {
+            "named nodes".to_owned()
+        };
         out.push_str(&format!(
-            "  stage {s} ({} of {}): {}\n  policy {}, share {}% = node {}; soaked {} of {} s\n",
+            "  stage {s} ({} of {}): {}\n  policy {}, {share} = node {}; soaked {} of {} s\n",
             s + 1,
             plan.stages.len(),
             st.name,
             st.policy.as_ref().map_or_else(|| "-".into(), short_policy),
-            st.percent,
             covered.join(", "),
             (soaked_ms / 1000).min(st.soak_secs),
             st.soak_secs
