@@ -20,8 +20,13 @@
 //! calls (`cluster leave`) need. Keep the data directory readable only by
 //! the node's operator. Without one, the CLI uses a fresh key for the
 //! call: an unknown key, which reaches health (and members, which joiners
-//! need) and nothing else. iroh cannot dial its own key, so a call over iroh to the very
-//! node whose key the CLI holds is made with a fresh key instead.
+//! need) and nothing else. Over iroh the CLI never presents a node's own
+//! key: iroh cannot dial its own key, and a call to *another* node with it
+//! would open a connection that node takes for the key's node (a node may
+//! answer a peer over the connection that peer opened, so its Raft traffic
+//! to that node would land in the CLI). A call over iroh with a data
+//! directory and no `--key` is made with a fresh key instead; use `--key`
+//! for what needs a role.
 //!
 //! `--key FILE` calls with that secret key instead (an operator's key,
 //! written by `tern key new --out FILE` and granted a role by an admin);
@@ -294,8 +299,9 @@ impl Conn {
                     )));
                 }
                 peer.grpc = None;
-                if public_id(&key) == peer.id {
-                    // iroh cannot dial its own key (see the module docs).
+                if target.key.is_none() || public_id(&key) == peer.id {
+                    // Never a node's own key over iroh, nor the peer's own
+                    // (see the module docs).
                     key = random_bytes::<32>();
                 }
                 let t = IrohTransport::bind(IrohConfig::new(key), Arc::new(Dispatcher::new()))

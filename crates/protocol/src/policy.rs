@@ -227,8 +227,10 @@ impl IrohServices {
     }
 }
 
-/// The validated policy the router runs.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+/// The validated policy the router runs. Its default is the default
+/// `[transport]` section's (gRPC, falling back allowed): a node on the
+/// default runs exactly that before and after a rollout.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Policy {
     /// `transport.mode`.
     pub mode: Mode,
@@ -247,6 +249,17 @@ pub enum Preference {
     Fixed(TransportKind),
     /// Whichever the adaptive chooser picks for the peer.
     Adaptive,
+}
+
+impl Default for Policy {
+    fn default() -> Policy {
+        Policy {
+            mode: Mode::default(),
+            prefer_iroh: IrohServices::None,
+            raft_transport: RaftTransport::default(),
+            fallback_to_grpc: MigrationConfig::default().fallback_to_grpc,
+        }
+    }
 }
 
 impl Policy {
@@ -357,6 +370,13 @@ impl Policy {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_default_policy_is_the_default_section() {
+        let from_section = Policy::from_config(&TransportConfig::default()).unwrap();
+        assert_eq!(Policy::default(), from_section);
+        assert!(Policy::default().fallback_to_grpc);
+    }
 
     proptest::proptest! {
         /// A policy decoded from arbitrary bytes (as `Cluster/TransportSet`
