@@ -87,7 +87,7 @@ pub fn figures(
         f.grpc_errors += n(names::CALLS, &[("transport", "grpc"), ("outcome", err)]);
         f.iroh_calls += n(names::CALLS, &[("transport", "iroh")]);
         f.iroh_errors += n(names::CALLS, &[("transport", "iroh"), ("outcome", err)]);
-        f.fallbacks += n(names::ROUTER_FALLBACKS, &[]);
+        f.fallbacks += unplanned_fallbacks(&d).values().sum::<u64>();
         f.leader_changes = f.leader_changes.max(n(names::RAFT_LEADER_CHANGES, &[]));
         add(
             &mut grpc,
@@ -117,6 +117,69 @@ pub fn figures(
         f.paths = Some((direct as u64, paths as u64));
     }
     f
+}
+
+/// A window's router fallbacks by `reason` (increase of
+/// `tern_router_fallbacks_total`), of the unplanned reasons only
+/// ([`names::fallback_is_unplanned`]: the iroh path failed, not a missed
+/// deadline on a loaded machine nor a breaker cooling down).
+pub fn unplanned_fallbacks(delta: &Metrics) -> BTreeMap<String, u64> {
+    fallbacks_where(delta, true)
+}
+
+fn fallbacks_where(delta: &Metrics, unplanned: bool) -> BTreeMap<String, u64> {
+    let mut by = BTreeMap::new();
+    for s in delta
+        .samples
+        .iter()
+        .filter(|s| s.name == names::ROUTER_FALLBACKS && s.value > 0.0)
+    {
+        let reason = s.label("reason").unwrap_or("unknown");
+        if names::fallback_is_unplanned(reason) == unplanned {
+            *by.entry(reason.to_owned()).or_insert(0) += s.value.round() as u64;
+        }
+    }
+    by
+}
+
+/// The words of the `fallbacks` gate: which covered node saw how many
+/// unplanned fallbacks and why, and the planned ones that were not
+/// counted, so the history names the node and the cause of a roll back.
+pub fn fallbacks_detail(
+    covered: &[NodeId],
+    before: &BTreeMap<NodeId, Metrics>,
+    after: &BTreeMap<NodeId, Metrics>,
+    max: u64,
+) -> String {
+    let mut unplanned = Vec::new();
+    let mut total = 0;
+    let mut planned: BTreeMap<String, u64> = BTreeMap::new();
+    for id in covered {
+        let (Some(b), Some(a)) = (before.get(id), after.get(id)) else {
+            continue;
+        };
+        let d = a.since(b);
+        let mine = unplanned_fallbacks(&d);
+        let n: u64 = mine.values().sum();
+        if n > 0 {
+            total += n;
+            let why: Vec<String> = mine.iter().map(|(r, k)| format!("{r} {k}")).collect();
+            unplanned.push(format!("node {id} {n} ({})", why.join(", ")));
+        }
+        for (r, k) in fallbacks_where(&d, false) {
+            *planned.entry(r).or_insert(0) += k;
+        }
+    }
+    let mut out = format!("{total} unplanned (at most {max})");
+    if !unplanned.is_empty() {
+        out.push_str(": ");
+        out.push_str(&unplanned.join("; "));
+    }
+    if !planned.is_empty() {
+        let list: Vec<String> = planned.iter().map(|(r, k)| format!("{r} {k}")).collect();
+        out.push_str(&format!("; planned, not counted: {}", list.join(", ")));
+    }
+    out
 }
 
 /// Adds cumulative buckets `more` into `total`, bound by bound (as the
@@ -269,7 +332,10 @@ async fn judge(raft: &RaftNode, client: &dyn RpcClient, v: &View, w: &Window) {
     let after = scrape_all(client, &v.covered).await;
     let ids: Vec<NodeId> = v.covered.iter().map(|(id, _)| *id).collect();
     let f = figures(&ids, &w.before, &after);
-    let (verdict, checks) = evaluate(&v.gates, &f);
+    let (verdict, mut checks) = evaluate(&v.gates, &f);
+    if let Some(c) = checks.iter_mut().find(|c| c.gate == "fallbacks") {
+        c.detail = fallbacks_detail(&ids, &w.before, &after, v.gates.max_fallbacks);
+    }
     let op = match verdict {
         Verdict::Pass => RolloutOp::Advance {
             expected_seq: Some(v.seq),
@@ -326,11 +392,27 @@ mod tests {
     use super::*;
 
     fn scrape_text(grpc: u64, iroh: u64, iroh_errors: u64, fallbacks: u64, leader: u64) -> Metrics {
+        with_missed(grpc, iroh, iroh_errors, fallbacks, leader, 0)
+    }
+
+    /// `missed`: Raft calls that missed their iroh deadline on a loaded
+    /// machine and went over gRPC, and as many sent while the breaker
+    /// cooled down (planned fallbacks).
+    fn with_missed(
+        grpc: u64,
+        iroh: u64,
+        iroh_errors: u64,
+        fallbacks: u64,
+        leader: u64,
+        missed: u64,
+    ) -> Metrics {
         Metrics::parse(&format!(
             "tern_transport_calls_total{{transport=\"grpc\",side=\"server\",outcome=\"ok\"}} {grpc}\n\
              tern_transport_calls_total{{transport=\"iroh\",side=\"server\",outcome=\"ok\"}} {iroh}\n\
              tern_transport_calls_total{{transport=\"iroh\",side=\"server\",outcome=\"transport_error\"}} {iroh_errors}\n\
-             tern_router_fallbacks_total{{service=\"vm\",method=\"Stop\",reason=\"transport_error\"}} {fallbacks}\n\
+             tern_router_fallbacks_total{{service=\"vm\",method=\"Stop\",reason=\"connection_lost\"}} {fallbacks}\n\
+             tern_router_fallbacks_total{{service=\"raft\",method=\"Append\",reason=\"timed_out\"}} {missed}\n\
+             tern_router_fallbacks_total{{service=\"raft\",method=\"Append\",reason=\"breaker_open\"}} {missed}\n\
              tern_raft_leader_changes_total {leader}\n\
              tern_transport_call_seconds_bucket{{transport=\"grpc\",side=\"server\",le=\"0.001\"}} {grpc}\n\
              tern_transport_call_seconds_bucket{{transport=\"grpc\",side=\"server\",le=\"+Inf\"}} {grpc}\n\
@@ -362,5 +444,50 @@ mod tests {
         // A node whose counters went back restarted: missing.
         let restarted: BTreeMap<NodeId, Metrics> = [(1, scrape_text(1, 1, 0, 0, 0))].into();
         assert_eq!(figures(&[1], &before, &restarted).missing, [1]);
+    }
+
+    #[test]
+    fn missed_deadlines_are_not_unplanned_fallbacks_and_the_gate_still_passes() {
+        let before: BTreeMap<NodeId, Metrics> = [
+            (1, with_missed(0, 0, 0, 0, 1, 0)),
+            (2, with_missed(0, 0, 0, 0, 1, 0)),
+        ]
+        .into();
+        // A loaded machine: 40 Raft calls missed their iroh deadline and
+        // 40 more went over gRPC while the breaker cooled down; no iroh
+        // path failed.
+        let after: BTreeMap<NodeId, Metrics> = [
+            (1, with_missed(1000, 1000, 0, 0, 1, 40)),
+            (2, with_missed(1000, 1000, 0, 0, 1, 0)),
+        ]
+        .into();
+        let f = figures(&[1, 2], &before, &after);
+        assert_eq!(f.fallbacks, 0);
+        // (This fixture's iroh calls sit in a slower bucket than gRPC's;
+        // the latency gate is not what is judged here.)
+        let gates = tern_state::Gates {
+            p99_allowance_pct: 1000,
+            ..tern_state::Gates::default()
+        };
+        let (verdict, checks) = evaluate(&gates, &f);
+        assert_eq!(verdict, Verdict::Pass, "{checks:?}");
+        assert_eq!(
+            fallbacks_detail(&[1, 2], &before, &after, 0),
+            "0 unplanned (at most 0); planned, not counted: breaker_open 40, timed_out 40"
+        );
+        // The same window with one broken iroh connection on node 2 fails
+        // the gate, and the words name the node and the reason.
+        let broken: BTreeMap<NodeId, Metrics> = [
+            (1, with_missed(1000, 1000, 0, 0, 1, 40)),
+            (2, with_missed(1000, 1000, 0, 3, 1, 0)),
+        ]
+        .into();
+        let f = figures(&[1, 2], &before, &broken);
+        assert_eq!(f.fallbacks, 3);
+        assert_eq!(evaluate(&gates, &f).0, Verdict::Fail);
+        assert_eq!(
+            fallbacks_detail(&[1, 2], &before, &broken, 0),
+            "3 unplanned (at most 0): node 2 3 (connection_lost 3); planned, not counted: breaker_open 40, timed_out 40"
+        );
     }
 }
