@@ -70,6 +70,12 @@ pub struct ClusterSpec {
     /// off by default). A node runs inside its own namespace, so with no
     /// `host_netns` its VM bridge and devices live there.
     pub network: NetworkSection,
+    /// Write `transport` into every node's file (`[transport]`, the
+    /// emergency pin: the cluster's policies are then ignored). Off, the
+    /// nodes run the cluster's policy for them (the default, `grpc`,
+    /// until an operator or the rollout sets one): the rollout needs it
+    /// off.
+    pub pin_transport: bool,
 }
 
 impl ClusterSpec {
@@ -81,6 +87,7 @@ impl ClusterSpec {
             subnet: Cidr::new(std::net::Ipv4Addr::new(10, 77, 0, 0), 24),
             iroh_any: false,
             network: NetworkSection::default(),
+            pin_transport: true,
         }
     }
 }
@@ -237,6 +244,9 @@ impl Cluster {
             );
             if cluster.spec.iroh_any {
                 listen_any(&mut c);
+            }
+            if !cluster.spec.pin_transport {
+                c.transport = None;
             }
             c.network = cluster.spec.network.clone();
             config::write(&slot.config, &c)?;

@@ -11,7 +11,11 @@
 //! - **P99 latency** within 10 % of the gRPC baseline, from the
 //!   `tern_transport_call_seconds` buckets with Prometheus'
 //!   `histogram_quantile` interpolation;
-//! - **zero unplanned rollbacks**: no router fallback to gRPC, and exactly
+//! - **zero unplanned rollbacks**: no unplanned router fallback to gRPC
+//!   ([`names::fallback_is_unplanned`]: the iroh path failed — connect,
+//!   handshake, a broken connection, a dead path as when UDP is blocked;
+//!   a call that missed its deadline on a loaded machine and was sent
+//!   again over gRPC is planned, counted apart and reported), and exactly
 //!   the policy changes the stage made.
 //!
 //! Everything here is pure text-in, figures-out, so it is unit-tested
@@ -38,8 +42,10 @@ pub struct Figures {
     pub p99_grpc: Option<f64>,
     /// P99 of calls served over iroh.
     pub p99_iroh: Option<f64>,
-    /// Router fallbacks to gRPC.
+    /// Unplanned router fallbacks to gRPC (the iroh path failed).
     pub fallbacks: f64,
+    /// Planned ones (a missed deadline, a breaker cooling down, ...).
+    pub planned_fallbacks: f64,
     /// Router reroutes (peer lacks the preferred transport).
     pub reroutes: f64,
     /// Transport policy changes applied.
@@ -90,7 +96,18 @@ pub fn window(deltas: &[Metrics]) -> Figures {
             names::CALLS,
             &[("outcome", names::Outcome::AppError.as_str())],
         );
-        f.fallbacks += s(names::ROUTER_FALLBACKS, &[]);
+        for sample in d
+            .samples
+            .iter()
+            .filter(|x| x.name == names::ROUTER_FALLBACKS)
+        {
+            let n = sample.value.max(0.0);
+            if names::fallback_is_unplanned(sample.label("reason").unwrap_or("")) {
+                f.fallbacks += n;
+            } else {
+                f.planned_fallbacks += n;
+            }
+        }
         f.reroutes += s(names::ROUTER_REROUTES, &[]);
         f.policy_changes += s(names::ROUTER_POLICY_CHANGES, &[]);
         f.leader_changes += s(names::RAFT_LEADER_CHANGES, &[]);
@@ -124,13 +141,26 @@ pub fn window(deltas: &[Metrics]) -> Figures {
 /// over the nodes, largest first (`breaker_open`: sent over gRPC while the
 /// breaker cooled down after iroh failures to that peer).
 pub fn fallback_reasons(deltas: &[Metrics]) -> Vec<(String, f64)> {
+    fallback_reasons_where(deltas, |_| true)
+}
+
+/// [`fallback_reasons`] split into the unplanned ones and the planned
+/// ones ([`names::fallback_is_unplanned`]).
+pub fn fallback_split(deltas: &[Metrics]) -> (Vec<(String, f64)>, Vec<(String, f64)>) {
+    (
+        fallback_reasons_where(deltas, names::fallback_is_unplanned),
+        fallback_reasons_where(deltas, |r| !names::fallback_is_unplanned(r)),
+    )
+}
+
+fn fallback_reasons_where(deltas: &[Metrics], keep: impl Fn(&str) -> bool) -> Vec<(String, f64)> {
     let mut by: Vec<(String, f64)> = Vec::new();
     for d in deltas {
-        for s in d
-            .samples
-            .iter()
-            .filter(|s| s.name == names::ROUTER_FALLBACKS && s.value > 0.0)
-        {
+        for s in d.samples.iter().filter(|s| {
+            s.name == names::ROUTER_FALLBACKS
+                && s.value > 0.0
+                && keep(s.label("reason").unwrap_or(""))
+        }) {
             let what = format!(
                 "{}/{} ({})",
                 s.label("service").unwrap_or("?"),
@@ -241,8 +271,8 @@ pub fn judge(
         ok: stage.fallbacks == 0.0 && stage.policy_changes == planned_changes as f64,
         binding: true,
         detail: format!(
-            "{} fallbacks; {} policy changes, {} planned",
-            stage.fallbacks, stage.policy_changes, planned_changes
+            "{} unplanned fallbacks ({} planned, not counted); {} policy changes, {} planned",
+            stage.fallbacks, stage.planned_fallbacks, stage.policy_changes, planned_changes
         ),
     });
     checks
@@ -257,6 +287,7 @@ mod tests {
 tern_transport_calls_total{transport="grpc",service="status",method="Get",side="server",outcome="ok"} 90
 tern_transport_calls_total{transport="iroh",service="status",method="Get",side="server",outcome="transport_error"} 10
 tern_router_fallbacks_total{service="status",method="Get",reason="a \"quoted\" reason"} 2
+tern_router_fallbacks_total{service="raft",method="Append",reason="timed_out"} 5
 tern_router_policy_changes_total 1
 tern_transport_call_seconds_bucket{transport="grpc",side="server",le="0.001"} 50
 tern_transport_call_seconds_bucket{transport="grpc",side="server",le="0.01"} 90
@@ -289,14 +320,26 @@ tern_transport_call_seconds_count{transport="grpc",side="server"} 100
         assert_eq!(f.error_rate(), 0.1);
         assert_eq!(f.iroh_share(), 0.1);
         assert_eq!(f.fallbacks, 4.0);
+        assert_eq!(f.planned_fallbacks, 10.0);
         assert_eq!(f.policy_changes, 2.0);
         assert_eq!(f.p99, Some(0.01));
         assert_eq!(f.p99_grpc, Some(0.01));
-        let reasons = fallback_reasons(&[Metrics::parse(TEXT), Metrics::parse(TEXT)]);
+        let two = [Metrics::parse(TEXT), Metrics::parse(TEXT)];
         assert_eq!(
-            reasons,
+            fallback_reasons(&two),
+            vec![
+                ("raft/Append (timed_out)".to_owned(), 10.0),
+                ("status/Get (a \"quoted\" reason)".to_owned(), 4.0)
+            ]
+        );
+        // A reason nobody classed counts as unplanned; a missed deadline
+        // is planned.
+        let (unplanned, planned) = fallback_split(&two);
+        assert_eq!(
+            unplanned,
             vec![("status/Get (a \"quoted\" reason)".to_owned(), 4.0)]
         );
+        assert_eq!(planned, vec![("raft/Append (timed_out)".to_owned(), 10.0)]);
     }
 
     #[test]
