@@ -339,7 +339,10 @@ impl fmt::Display for RolloutStatus {
 /// nodes it covers. Integers: latencies in microseconds.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GateFigures {
-    /// Calls over gRPC (made and served).
+    /// Calls over gRPC (made and served), Raft's apart: a Raft call that
+    /// missed its deadline on a loaded machine is sent again by Raft, not
+    /// an error of the stage (the leader-change and fallback gates judge
+    /// Raft). So are the other three call and error counts.
     pub grpc_calls: u64,
     /// Of them, transport errors.
     pub grpc_errors: u64,

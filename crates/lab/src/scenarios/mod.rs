@@ -113,7 +113,7 @@ pub const ALL: &[Scenario] = &[
         "rollout",
         rollout,
         false,
-        "8 nodes walk the rollout plan (5% dual, 25%, 50% adaptive, 100% iroh) under load, judged from /metrics at each stage, then the emergency rollback to gRPC"
+        "8 nodes run `tern rollout` (the default plan, soaks compressed) under load, the leader's gates and the lab's criteria at each stage, rollback --all; then UDP blocked on a canary of stage 2: the cluster rolls the stage back by itself, naming the gate and the node"
     ),
     scenario!(
         "smoke",
