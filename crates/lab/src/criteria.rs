@@ -157,9 +157,12 @@ pub fn fallback_reasons(deltas: &[Metrics]) -> Vec<(String, f64)> {
     fallback_reasons_where(deltas, |_| true)
 }
 
+/// Counts by what was counted, largest first.
+pub type Counts = Vec<(String, f64)>;
+
 /// [`fallback_reasons`] split into the unplanned ones and the planned
 /// ones ([`names::fallback_is_unplanned`]).
-pub fn fallback_split(deltas: &[Metrics]) -> (Vec<(String, f64)>, Vec<(String, f64)>) {
+pub fn fallback_split(deltas: &[Metrics]) -> (Counts, Counts) {
     (
         fallback_reasons_where(deltas, names::fallback_is_unplanned),
         fallback_reasons_where(deltas, |r| !names::fallback_is_unplanned(r)),
@@ -353,7 +356,7 @@ tern_transport_call_seconds_count{transport="grpc",side="server"} 100
         let f = window(&[after.since(&before)]);
         assert!(transport_errors(&[after.since(&before)]).is_empty());
         assert_eq!(
-            transport_errors(&[before.clone()]),
+            transport_errors(std::slice::from_ref(&before)),
             vec![("iroh status/Get server".to_owned(), 10.0)]
         );
         assert_eq!(f.calls, 100.0);
