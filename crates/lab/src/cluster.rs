@@ -246,9 +246,7 @@ impl Cluster {
             if cluster.spec.iroh_any {
                 listen_any(&mut c);
             }
-            if !cluster.spec.pin_transport {
-                c.transport = None;
-            }
+            c.transport = c.transport.filter(|_| cluster.spec.pin_transport);
             c.network = cluster.spec.network.clone();
             config::write(&slot.config, &c)?;
             cluster.start_node(i).await?;

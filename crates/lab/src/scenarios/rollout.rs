@@ -614,6 +614,38 @@ async fn follow(
     }
 }
 
+/// Reports a window's transport errors and fallbacks at the nodes and
+/// the load's view.
+fn report_window(report: &mut Report, label: &str, m: &Measured) {
+    if !m.errors.is_empty() {
+        report.figure(
+            format!("{label}: transport errors at the nodes"),
+            list(&m.errors),
+        );
+    }
+    report.figure(
+        format!("{label}: fallbacks at the nodes"),
+        format!(
+            "unplanned {}; planned {}",
+            list(&m.unplanned),
+            list(&m.planned)
+        ),
+    );
+    report.figure(
+        format!("{label}: load (client side)"),
+        format!(
+            "{} calls, {} fell back to gRPC; gRPC {}; iroh {}",
+            m.calls,
+            m.load_fallbacks,
+            m.latency_grpc.summary(),
+            m.latency_iroh.summary()
+        ),
+    );
+    if let Some(first) = m.failures.first() {
+        report.info(format!("first failed load call: {first}"));
+    }
+}
+
 /// Judges one stage's window with the lab's criteria; answers the verdict
 /// for the table.
 fn judge_stage(
@@ -655,33 +687,7 @@ fn judge_stage(
             ));
         }
     }
-    if !m.errors.is_empty() {
-        report.figure(
-            format!("{label}: transport errors at the nodes"),
-            list(&m.errors),
-        );
-    }
-    report.figure(
-        format!("{label}: fallbacks at the nodes"),
-        format!(
-            "unplanned {}; planned {}",
-            list(&m.unplanned),
-            list(&m.planned)
-        ),
-    );
-    report.figure(
-        format!("{label}: load (client side)"),
-        format!(
-            "{} calls, {} fell back to gRPC; gRPC {}; iroh {}",
-            m.calls,
-            m.load_fallbacks,
-            m.latency_grpc.summary(),
-            m.latency_iroh.summary()
-        ),
-    );
-    if let Some(first) = m.failures.first() {
-        report.info(format!("first failed load call: {first}"));
-    }
+    report_window(report, label, m);
     if verdict.is_empty() {
         "ok".to_owned()
     } else {
@@ -807,16 +813,7 @@ async fn walk_fault(w: &Walk<'_>, report: &mut Report, table: &mut String) -> an
         anyhow::bail!("the rollout stopped before stage {FAULT_STAGE}: {s}");
     }
     let leader = w.c.status(1).await?["leader_id"].as_u64();
-    let covered: Vec<u64> = s["covered"]
-        .as_array()
-        .map(|a| a.iter().filter_map(Value::as_u64).collect())
-        .unwrap_or_default();
-    let ids = raft_ids(w.c);
-    let (canary, index) = covered
-        .iter()
-        .filter(|id| Some(**id) != leader)
-        .find_map(|id| Some((*id, ids.iter().position(|x| *x == Some(*id))? + 1)))
-        .context("no covered node that is not the leader")?;
+    let (canary, index) = pick_canary(&s, leader, &raft_ids(w.c))?;
     let slot = w.c.node(index)?;
     let (input, output) = slot.iface.udp_block_rules();
     slot.ns.set_rules(&input, &output)?;
@@ -862,6 +859,24 @@ async fn walk_fault(w: &Walk<'_>, report: &mut Report, table: &mut String) -> an
         failed.len()
     );
     Ok(())
+}
+
+/// A node the stage in force covers (`status`) that is not the leader:
+/// its node id and index (1-based; `raft_ids[k]` is node `k + 1`'s id).
+fn pick_canary(
+    status: &Value,
+    leader: Option<u64>,
+    raft_ids: &[Option<u64>],
+) -> anyhow::Result<(u64, usize)> {
+    let covered: Vec<u64> = status["covered"]
+        .as_array()
+        .map(|a| a.iter().filter_map(Value::as_u64).collect())
+        .unwrap_or_default();
+    covered
+        .iter()
+        .filter(|id| Some(**id) != leader)
+        .find_map(|id| Some((*id, raft_ids.iter().position(|x| *x == Some(*id))? + 1)))
+        .context("no covered node that is not the leader")
 }
 
 /// Checks the fault run's history: the last decision is the roll back,
@@ -1078,6 +1093,9 @@ mod tests {
         );
         let none = serde_json::json!({"stage": null, "covered": []});
         assert_eq!(policies_from_status(&none, &ids), [Policy::Grpc; 4]);
+        // The fault's canary: covered, not the leader.
+        assert_eq!(pick_canary(&s, Some(12), &ids).unwrap(), (14, 4));
+        assert!(pick_canary(&none, Some(12), &ids).is_err());
     }
 
     #[test]
