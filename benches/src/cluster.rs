@@ -160,6 +160,8 @@ struct ModeResult {
     /// Elections while idle, then at full load ([`BenchOpts::steady`]
     /// each).
     elections: Option<(f64, f64)>,
+    /// Commit latency around snapshot builds in the loaded window.
+    snapshots: Option<SnapshotSplit>,
     /// Why something is missing.
     notes: Vec<String>,
 }
@@ -189,14 +191,28 @@ pub fn distribution(sorted: &[f64]) -> Vec<[f64; 2]> {
     .collect()
 }
 
+/// What a throughput run measured.
+struct Run {
+    /// Commits per second.
+    rate: f64,
+    /// Every acknowledged put's latency.
+    lat: Vec<Duration>,
+    /// When each of those puts was sent (Unix time, seconds), in the same
+    /// order.
+    sent: Vec<f64>,
+}
+
+fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs_f64()
+}
+
 /// Runs `writers` concurrent writers for `run`, each calling
 /// `put(writer, i)` for its `i`th put; returns commits/s and every put's
-/// latency. The same loop drives Tern and etcd.
-async fn throughput<F, Fut>(
-    put: F,
-    writers: usize,
-    run: Duration,
-) -> anyhow::Result<(f64, Vec<Duration>)>
+/// latency and send time. The same loop drives Tern and etcd.
+async fn throughput<F, Fut>(put: F, writers: usize, run: Duration) -> anyhow::Result<Run>
 where
     F: Fn(usize, u64) -> Fut + Clone + Send + 'static,
     Fut: std::future::Future<Output = Result<(), String>> + Send,
@@ -205,6 +221,7 @@ where
     let stop = Arc::new(AtomicBool::new(false));
     let last_error = Arc::new(std::sync::Mutex::new(String::new()));
     let start = Instant::now();
+    let start_unix = unix_now();
     let mut tasks = tokio::task::JoinSet::new();
     for w in 0..writers {
         let (put, failed, stop, last_error) = (
@@ -215,12 +232,16 @@ where
         );
         tasks.spawn(async move {
             let mut lat = Vec::new();
+            let mut sent = Vec::new();
             let mut i = 0u64;
             while start.elapsed() < run && !stop.load(Ordering::Relaxed) {
                 i += 1;
                 let t = Instant::now();
                 match put(w, i).await {
-                    Ok(()) => lat.push(t.elapsed()),
+                    Ok(()) => {
+                        lat.push(t.elapsed());
+                        sent.push(start_unix + (t - start).as_secs_f64());
+                    }
                     Err(e) => {
                         if let Ok(mut l) = last_error.lock() {
                             *l = e;
@@ -231,12 +252,14 @@ where
                     }
                 }
             }
-            lat
+            (lat, sent)
         });
     }
-    let mut all = Vec::new();
+    let (mut all, mut all_sent) = (Vec::new(), Vec::new());
     while let Some(r) = tasks.join_next().await {
-        all.extend(r.context("a writer task panicked")?);
+        let (lat, sent) = r.context("a writer task panicked")?;
+        all.extend(lat);
+        all_sent.extend(sent);
     }
     let elapsed = start.elapsed().as_secs_f64();
     let failed = failed.load(Ordering::Relaxed);
@@ -244,7 +267,11 @@ where
         let last = last_error.lock().map(|l| l.clone()).unwrap_or_default();
         bail!("{failed} puts failed with {writers} writers (last: {last})");
     }
-    Ok((all.len() as f64 / elapsed, all))
+    Ok(Run {
+        rate: all.len() as f64 / elapsed,
+        lat: all,
+        sent: all_sent,
+    })
 }
 
 /// [`throughput`] of register puts to a Tern leader.
@@ -254,7 +281,7 @@ async fn tern_throughput(
     tag: &str,
     writers: usize,
     run: Duration,
-) -> anyhow::Result<(f64, Vec<Duration>)> {
+) -> anyhow::Result<Run> {
     let value = Arc::new("v".repeat(VALUE_LEN));
     let tag = Arc::new(tag.to_owned());
     let put = move |w: usize, i: u64| {
@@ -282,7 +309,7 @@ async fn etcd_throughput(
     channel: tonic::transport::Channel,
     writers: usize,
     run: Duration,
-) -> anyhow::Result<(f64, Vec<Duration>)> {
+) -> anyhow::Result<Run> {
     let value = Arc::new("v".repeat(VALUE_LEN));
     let put = move |w: usize, _i: u64| {
         let (channel, value) = (channel.clone(), value.clone());
@@ -314,14 +341,87 @@ async fn highest_term(c: &LocalCluster) -> anyhow::Result<f64> {
     highest.context("no node serves /metrics")
 }
 
+/// How often the snapshot watcher scrapes every node.
+pub const SNAPSHOT_POLL: Duration = Duration::from_millis(100);
+
+/// Snapshot builds seen on the nodes at `addrs` until `stop`, each as
+/// (start, end) in Unix seconds: the end from
+/// `tern_store_snapshot_last_built_timestamp_seconds`, the length from the
+/// growth of `tern_store_snapshot_build_seconds` (its mean when one poll
+/// sees several builds of a node).
+async fn watch_snapshots(
+    addrs: Vec<std::net::SocketAddr>,
+    stop: Arc<AtomicBool>,
+) -> Vec<(f64, f64)> {
+    let count = format!("{}_count", names::STORE_SNAPSHOT_BUILD_SECONDS);
+    let sum = format!("{}_sum", names::STORE_SNAPSHOT_BUILD_SECONDS);
+    let mut seen: Vec<Option<(f64, f64)>> = vec![None; addrs.len()];
+    let mut builds = Vec::new();
+    while !stop.load(Ordering::Relaxed) {
+        for (i, addr) in addrs.iter().enumerate() {
+            let Ok(text) = tern_testkit::scrape(*addr).await else {
+                continue;
+            };
+            let m = tern_testkit::Metrics::parse(&text);
+            let (n, total) = (m.sum(&count, &[]), m.sum(&sum, &[]));
+            if let Some((n0, total0)) = seen[i]
+                && n > n0
+            {
+                let end = m.sum(names::STORE_SNAPSHOT_LAST_BUILT, &[]);
+                let each = (total - total0) / (n - n0);
+                builds.push((end - each * (n - n0), end));
+            }
+            seen[i] = Some((n, total));
+        }
+        tokio::time::sleep(SNAPSHOT_POLL).await;
+    }
+    builds
+}
+
+/// Commit latency p99 of the puts that overlapped a snapshot build and of
+/// the others, from one run: (p99 during, p99 outside, puts during, builds).
+fn split_by_snapshots(run: &Run, builds: &[(f64, f64)]) -> SnapshotSplit {
+    let (mut during, mut outside) = (Vec::new(), Vec::new());
+    for (lat, sent) in run.lat.iter().zip(&run.sent) {
+        let done = sent + lat.as_secs_f64();
+        if builds.iter().any(|(a, b)| *sent <= *b && done >= *a) {
+            during.push(lat.as_secs_f64());
+        } else {
+            outside.push(lat.as_secs_f64());
+        }
+    }
+    during.sort_by(f64::total_cmp);
+    outside.sort_by(f64::total_cmp);
+    SnapshotSplit {
+        during_p99: percentile(&during, 99.0),
+        outside_p99: percentile(&outside, 99.0),
+        during_puts: during.len(),
+        builds: builds.len(),
+    }
+}
+
+/// Commit latency around snapshot builds, at full load.
+#[derive(Debug, Clone, Copy, Default)]
+struct SnapshotSplit {
+    /// p99 of the puts that overlapped a build (seconds).
+    during_p99: Option<f64>,
+    /// p99 of the others.
+    outside_p99: Option<f64>,
+    /// Puts that overlapped a build.
+    during_puts: usize,
+    /// Builds seen on any node.
+    builds: usize,
+}
+
 /// Counts elections (term increases) during `window` without client
-/// writes, then during `window` of [`STEADY_WRITERS`] writers.
+/// writes, then during `window` of [`STEADY_WRITERS`] writers, and splits
+/// that loaded window's commit latency by snapshot builds.
 async fn steadiness(
     c: &LocalCluster,
     mode: &str,
     window: Duration,
     p: &mut Progress,
-) -> anyhow::Result<(f64, f64)> {
+) -> anyhow::Result<((f64, f64), SnapshotSplit)> {
     c.wait_formed().await?;
     let start = highest_term(c).await?;
     tokio::time::sleep(window).await;
@@ -332,21 +432,41 @@ async fn steadiness(
         idle_end - start
     ));
     let (leader, _) = c.wait_formed().await?;
-    let (rate, _) = tern_throughput(
+    let addrs = c
+        .nodes
+        .iter()
+        .filter_map(|n| n.file.as_ref().and_then(|f| f.metrics))
+        .collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    let watcher = tokio::spawn(watch_snapshots(addrs, stop.clone()));
+    let loaded = tern_throughput(
         c.client.clone(),
         c.nodes[leader].addr()?,
         &format!("{mode}-steady"),
         STEADY_WRITERS,
         window,
     )
-    .await?;
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    let builds = watcher.await.context("the snapshot watcher panicked")?;
+    let loaded = loaded?;
+    let rate = loaded.rate;
+    let split = split_by_snapshots(&loaded, &builds);
+    let ms = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{:.1} ms", v * 1e3));
+    p.info(&format!(
+        "commit p99 during {} snapshot build(s) ({} puts): {}; outside: {}",
+        split.builds,
+        split.during_puts,
+        ms(split.during_p99),
+        ms(split.outside_p99)
+    ));
     let loaded_end = highest_term(c).await?;
     p.info(&format!(
         "{STEADY_WRITERS} writers {}s ({rate:.0} commits/s): {} election(s)",
         window.as_secs(),
         loaded_end - idle_end
     ));
-    Ok((idle_end - start, loaded_end - idle_end))
+    Ok(((idle_end - start, loaded_end - idle_end), split))
 }
 
 /// Launches `probe(n)` every [`PROBE_EVERY`] after `killed_at` (each on
@@ -468,7 +588,7 @@ async fn measure_etcd(opts: &BenchOpts, p: &mut Progress) -> anyhow::Result<Mode
         let leader = c.wait_leader().await?;
         p.line(&format!("etcd: {writers} writer(s) for {}s", run.as_secs()));
         match etcd_throughput(c.channel(leader), writers, run).await {
-            Ok((rate, lat)) => {
+            Ok(Run { rate, lat, .. }) => {
                 p.info(&format!("{rate:.0} commits/s ({} puts)", lat.len()));
                 if writers == 1 {
                     result.latency_1w = lat;
@@ -530,7 +650,7 @@ async fn measure_mode(
         )
         .await
         {
-            Ok((rate, lat)) => {
+            Ok(Run { rate, lat, .. }) => {
                 p.info(&format!("{rate:.0} commits/s ({} puts)", lat.len()));
                 if writers == 1 {
                     result.latency_1w = lat;
@@ -552,7 +672,10 @@ async fn measure_mode(
         window.as_secs()
     ));
     match steadiness(&c, mode, window, p).await {
-        Ok(e) => result.elections = Some(e),
+        Ok((e, split)) => {
+            result.elections = Some(e);
+            result.snapshots = Some(split);
+        }
         Err(e) => {
             p.info(&format!("FAILED: {e:#}"));
             result.notes.push(format!("{mode} steadiness: {e:#}"));
@@ -779,6 +902,11 @@ fn part(opts: &BenchOpts, results: &[(&str, ModeResult)]) -> Part {
         ),
     ]);
     let window = opts.steady().as_secs();
+    let builds = results
+        .iter()
+        .filter_map(|(mode, r)| r.snapshots.map(|s| format!("{mode} {}", s.builds)))
+        .collect::<Vec<_>>()
+        .join(", ");
     let tern_only = |f: &dyn Fn(&ModeResult) -> Option<f64>| -> Values {
         Values::from_columns(
             results
@@ -808,6 +936,28 @@ fn part(opts: &BenchOpts, results: &[(&str, ModeResult)]) -> Part {
             None,
             format!(
                 "increase of the highest tern_raft_term over {window} s of {STEADY_WRITERS} writers putting as fast as they can, on the same cluster right after the idle window; goal 0; not measured for etcd{missing}"
+            ),
+        ),
+        row(
+            "raft_commit_p99_during_snapshot_3proc",
+            "Raft commit latency p99 during a snapshot build, 64 writers",
+            "ns",
+            Better::Lower,
+            tern_only(&|r| r.snapshots.and_then(|s| s.during_p99).map(|v| v * 1e9)),
+            Some(99.0),
+            format!(
+                "puts of the {window} s loaded window that overlapped a snapshot build on any node (a node snapshots every 10,000 entries; builds seen: {builds}); goal at most 2x the p99 outside one; null when no build fell in the window; not measured for etcd{missing}"
+            ),
+        ),
+        row(
+            "raft_commit_p99_outside_snapshot_3proc",
+            "Raft commit latency p99 outside snapshot builds, 64 writers",
+            "ns",
+            Better::Lower,
+            tern_only(&|r| r.snapshots.and_then(|s| s.outside_p99).map(|v| v * 1e9)),
+            Some(99.0),
+            format!(
+                "the other puts of the same window; not measured for etcd{missing}"
             ),
         ),
     ]);
@@ -865,6 +1015,29 @@ mod tests {
         let d = distribution(&v);
         assert_eq!(d.len(), 11);
         assert_eq!(d.last(), Some(&[100.0, 100.0]));
+    }
+
+    #[test]
+    fn puts_overlapping_a_snapshot_build_are_counted_apart() {
+        let ms = Duration::from_millis;
+        // Puts sent at 0, 1, ..., 9 s, each taking 10 ms but the one at
+        // 5 s (100 ms), which overlaps the build from 5.05 to 5.2 s; the
+        // one at 4 s ends before it starts.
+        let run = Run {
+            rate: 1.0,
+            lat: (0..10)
+                .map(|i| if i == 5 { ms(100) } else { ms(10) })
+                .collect(),
+            sent: (0..10).map(f64::from).collect(),
+        };
+        let split = split_by_snapshots(&run, &[(5.05, 5.2)]);
+        assert_eq!(split.during_puts, 1);
+        assert_eq!(split.builds, 1);
+        assert_eq!(split.during_p99, Some(0.1));
+        assert_eq!(split.outside_p99, Some(0.01));
+        let none = split_by_snapshots(&run, &[]);
+        assert_eq!(none.during_p99, None);
+        assert_eq!(none.during_puts, 0);
     }
 
     #[test]

@@ -1,5 +1,5 @@
 //! Committed writes per second on a 3-node cluster in one process, over
-//! real iroh and gRPC transports on loopback, with real sled flushes on
+//! real iroh and gRPC transports on loopback, with real synced log writes on
 //! every node: `raft/commit_1_writer/{iroh,grpc}` (one writer waiting for
 //! each commit) and `raft/commit_64_writers/{iroh,grpc}` (64 concurrent
 //! writers, so openraft batches).

@@ -355,6 +355,11 @@ pub(crate) async fn write_at_leader(
         ))),
         Ok(Ok(written)) => Ok(LeaderWrite::Written(written.data)),
         Ok(Err(WriteError::Limit(e))) => Err(crate::node::limit_status(&e)),
+        // A leader whose lease lapsed leads: its refusal is said as such
+        // (Unavailable, retry shortly), not forwarded to nobody.
+        Ok(Err(WriteError::Raft(e))) if tern_raft_net::write::lease_lapsed(&e) => {
+            Err(tern_raft_net::write::write_error(e))
+        }
         Ok(Err(WriteError::Raft(RaftError::APIError(ClientWriteError::ForwardToLeader(f))))) => {
             forward_register_call(node, ctx, &f, method, forwarded(), already_forwarded)
                 .await

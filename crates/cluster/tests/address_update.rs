@@ -120,7 +120,6 @@ async fn a_member_that_moves_is_recorded_and_dialled_at_its_new_address() {
     // was dialled at the new address.
     let resp = nodes[leader]
         .raft()
-        .raft()
         .client_write(support::put_vm(1))
         .await
         .unwrap();
@@ -241,7 +240,6 @@ async fn a_leader_records_its_own_new_address() {
     wait_recorded(&nodes, id, &moved).await;
     // The cluster still commits, and every node applies.
     let resp = nodes[0]
-        .raft()
         .raft()
         .client_write(support::put_vm(1))
         .await

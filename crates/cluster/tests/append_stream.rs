@@ -262,7 +262,7 @@ async fn write_concurrently<F: TransportFactory>(
                 if i >= to {
                     return;
                 }
-                raft.client_write(put_vm(i))
+                tern_cluster::client_write(&raft, put_vm(i))
                     .await
                     .unwrap_or_else(|e| panic!("write {i} failed: {e}"));
             }
@@ -568,7 +568,7 @@ async fn a_broken_stream_loses_nothing<F: TransportFactory>(factory: F) {
                 tasks.push(tokio::spawn(async move {
                     for k in 0..50u64 {
                         let i = w * 1000 + k;
-                        raft.client_write(put_vm(i))
+                        tern_cluster::client_write(&raft, put_vm(i))
                             .await
                             .unwrap_or_else(|e| panic!("write {i} failed: {e}"));
                         acknowledged.lock().unwrap().push(i);

@@ -22,8 +22,11 @@
 //!   which moves to another node when its node goes away.
 //! - [`error`]: [`error::CliError`], why a CLI command failed, by kind
 //!   (which decides the exit code).
-//! - [`demo`]: `tern demo`, a local 3-node cluster of child processes with
-//!   a live view.
+//! - [`demo`]: `tern demo`, a local 3-node cluster of child processes
+//!   running the default rollout plan live (compressed soaks) under
+//!   steady calls, then rolled back; its steady calls ([`demo::load`]),
+//!   the plan and rollback ([`demo::rollout`]) and the frames
+//!   ([`demo::view`]).
 
 pub mod cli;
 pub mod client;

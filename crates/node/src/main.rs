@@ -3,7 +3,8 @@
 //! work) and `tern wire`, which shows the wire protocol frame by frame.
 //!
 //! - `tern run [--config FILE]`: run a node (see `tern_node::run`).
-//! - `tern demo [--duration SECS]`: a local 3-node cluster (see
+//! - `tern demo [--duration SECS] [--soak SECS] [--plan PLAN.toml]`: a
+//!   local 3-node cluster running the rollout live (see
 //!   `tern_node::demo`).
 //! - `tern status`, `tern vm ...`, `tern cluster ...`, `tern transport ...`:
 //!   talk to a running node over gRPC or iroh (see `tern_node::client`).
@@ -86,9 +87,18 @@ enum Command {
     },
     /// Start a local 3-node cluster, run a VM and show live status until Ctrl-C.
     Demo {
-        /// Stop after this many seconds (for scripts and CI).
+        /// After the rollout and its rollback, keep showing the cluster
+        /// this many seconds, then stop (for scripts and CI; without it,
+        /// until Ctrl-C).
         #[arg(long)]
         duration: Option<u64>,
+        /// Each stage's soak in seconds (the shipped plan soaks a day).
+        #[arg(long, default_value_t = tern_node::demo::rollout::DEFAULT_SOAK_SECS)]
+        soak: u64,
+        /// Run this plan file instead of the shipped default (its soaks
+        /// are set to --soak too).
+        #[arg(long, value_name = "PLAN.toml")]
+        plan: Option<std::path::PathBuf>,
     },
     /// A node's status: role, term, leader, members, transport policy.
     Status {
@@ -463,7 +473,11 @@ fn main() -> ExitCode {
                 Err(e) => fail(e.to_string()),
             }
         }
-        Command::Demo { duration } => {
+        Command::Demo {
+            duration,
+            soak,
+            plan,
+        } => {
             if std::env::var_os("RUST_LOG").is_some() {
                 tern_node::run::init_logs();
             }
@@ -471,7 +485,12 @@ fn main() -> ExitCode {
                 Ok(rt) => rt,
                 Err(e) => return fail_cli(&e),
             };
-            match rt.block_on(tern_node::demo::demo(duration.map(Duration::from_secs))) {
+            let opts = tern_node::demo::DemoOptions {
+                duration: duration.map(Duration::from_secs),
+                soak_secs: soak,
+                plan,
+            };
+            match rt.block_on(tern_node::demo::demo(opts)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => fail(e),
             }

@@ -54,31 +54,44 @@ pub async fn change(
     plan: Option<&Plan>,
     out: Out,
 ) -> Result<(), CliError> {
+    let resp = request(conn, action, plan).await?;
+    print_status(&resp, out);
+    Ok(())
+}
+
+/// The `Cluster/Rollout` call behind `tern rollout start|pause|...`
+/// (`action` is one of [`tern_cluster::rollout::ACTIONS`]): answers the
+/// rollout after the change. `tern demo` drives its rollout with it too.
+pub async fn request(
+    conn: &Conn,
+    action: &str,
+    plan: Option<&Plan>,
+) -> Result<pb::RolloutResponse, CliError> {
     let req = pb::RolloutRequest {
         request_id: request_id(),
         action: action.to_owned(),
         plan: plan.map(tern_cluster::rollout::plan_to_pb),
         forwarded: false,
     };
-    let resp: pb::RolloutResponse = conn.call(methods::CLUSTER_ROLLOUT, &req).await?;
-    print_status(&resp, out);
-    Ok(())
+    conn.call(methods::CLUSTER_ROLLOUT, &req).await
+}
+
+/// The `Cluster/RolloutGet` call behind `tern rollout status|history`.
+pub async fn get(conn: &Conn) -> Result<pb::RolloutResponse, CliError> {
+    conn.call(methods::CLUSTER_ROLLOUT_GET, &pb::RolloutGetRequest {})
+        .await
 }
 
 /// `tern rollout status`.
 pub async fn status(conn: &Conn, out: Out) -> Result<(), CliError> {
-    let resp: pb::RolloutResponse = conn
-        .call(methods::CLUSTER_ROLLOUT_GET, &pb::RolloutGetRequest {})
-        .await?;
+    let resp = get(conn).await?;
     print_status(&resp, out);
     Ok(())
 }
 
 /// `tern rollout history`.
 pub async fn history(conn: &Conn, out: Out) -> Result<(), CliError> {
-    let resp: pb::RolloutResponse = conn
-        .call(methods::CLUSTER_ROLLOUT_GET, &pb::RolloutGetRequest {})
-        .await?;
+    let resp = get(conn).await?;
     if out.json {
         let h: Vec<Value> = resp.history.iter().map(decision_json).collect();
         out!("{}", json!({ "present": resp.present, "history": h }));
@@ -164,6 +177,12 @@ pub fn status_json(r: &pb::RolloutResponse) -> Value {
     })
 }
 
+/// A stage's named nodes, as `nodes 2, 5`.
+fn nodes_text(nodes: &[u64]) -> String {
+    let ids: Vec<String> = nodes.iter().map(ToString::to_string).collect();
+    format!("nodes {}", ids.join(", "))
+}
+
 fn print_status(r: &pb::RolloutResponse, out: Out) {
     if out.json {
         out!("{}", status_json(r));
@@ -215,7 +234,7 @@ fn print_status(r: &pb::RolloutResponse, out: Out) {
                 if s.percent > 0 {
                     format!("{}%", s.percent)
                 } else {
-                    format!("nodes {:?}", s.nodes).replace(['[', ']'], "")
+                    nodes_text(&s.nodes)
                 },
                 format!("{} s", s.soak_secs),
                 s.policy.as_ref().map_or_else(|| "-".into(), policy_line),
@@ -276,6 +295,11 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.starts_with("p.toml: not a rollout plan:"), "{e}");
+    }
+
+    #[test]
+    fn named_nodes_are_listed_without_debug_formatting() {
+        assert_eq!(nodes_text(&[2, 5]), "nodes 2, 5");
     }
 
     #[test]

@@ -5,7 +5,7 @@
 //! `tern transport set`, the rollout walk to iroh and back under client
 //! traffic with no failed call, a mixed cluster (one dual node, two
 //! gRPC-only) that replicates and lets a member leave, and
-//! `tern demo --duration`.
+//! `tern demo` walking the plan and rolling back.
 //!
 //! Every wait is bounded; every child is killed by a guard if a test
 //! fails (and so is every workload left in its data directories).
@@ -417,17 +417,161 @@ fn config_errors_exit_non_zero_naming_the_key() {
     assert!(e.contains("vm.image_dirs[0]"), "{e}");
 }
 
+/// Issue 19 part 4: `tern demo` runs the shipped plan live (soaks cut to
+/// 3 s) under its own steady calls over both transports, every stage
+/// advancing to the end, then rolls every node back, and counts no
+/// failed call. The plan file is the shipped one with its gates widened
+/// ([`demo_plan`]): on this shared 2-core machine the figures behind
+/// them (latency, a fallback, an error) are load, and figures are never
+/// timed assertions in tests; the demo's default run uses the shipped
+/// gates unchanged.
 #[test]
-fn the_demo_runs_and_exits_cleanly() {
-    let out = cli(&["demo", "--duration", "10"]);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "demo failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
+fn the_demo_walks_the_plan_rolls_back_and_fails_no_call() {
+    let base = tempfile::tempdir().unwrap();
+    let plan = demo_plan(base.path());
+    let (status, stdout, stderr) = run_demo(
+        base.path(),
+        &["--soak", "3", "--duration", "4", "--plan", &plan],
     );
-    assert!(stdout.contains("cluster formed: 3 members"), "{stdout}");
-    assert!(stdout.contains("all nodes stopped cleanly"), "{stdout}");
+    assert!(status.success(), "demo failed:\n{stdout}\n{stderr}");
+    for line in [
+        "cluster formed: 3 members",
+        " status --data-dir ",
+        " vm create hello --runtime process --memory-mib 64 --data-dir ",
+        " rollout status --data-dir ",
+        "started rollout \"default\": 4 stages, each soaked 3 s",
+        "stage 3 (4 of 4): 100% iroh",
+        "rollout: done: every stage passed its gates",
+        "rollback --all: every node is back on its pre-rollout policy:",
+        ", failed calls: 0\n",
+        "all nodes stopped cleanly",
+    ] {
+        assert!(stdout.contains(line), "no {line:?} in:\n{stdout}");
+    }
+    // The poke commands are printed once, and nothing is debug-formatted.
+    assert_eq!(stdout.matches(" rollout status --data-dir ").count(), 1);
+    for debug in ["Some(", "None", "{ ", "\"grpc\"", "[\""] {
+        assert!(!stdout.contains(debug), "{debug:?} in:\n{stdout}");
+    }
+    // The stages advanced in order, each judged by the gates.
+    for stage in 1..=3 {
+        assert!(
+            stdout.contains(&format!("stage {stage}: advance - gates passed")),
+            "stage {stage} not advanced by the gates:\n{stdout}"
+        );
+    }
+    let tables = stdout.matches("(rollout stage 3)").count();
+    assert!(
+        tables > 0,
+        "no node shown running stage 3's policy:\n{stdout}"
+    );
+    // After the rollback every node runs gRPC from the default again.
+    let after = stdout
+        .split("rollback --all: every node is back")
+        .nth(1)
+        .unwrap();
+    assert_eq!(after.matches("mode=grpc").count(), 3, "{after}");
+}
+
+/// A bad `--soak` or `--plan` is refused before any node starts, naming
+/// what was wrong.
+#[test]
+fn the_demo_refuses_a_bad_soak_or_plan_before_starting() {
+    let base = tempfile::tempdir().unwrap();
+    let bad = base.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        "name = \"x\"\n[[stage]]\nname = \"a\"\npercent = 50\nsoak_secs = 1\n[stage.policy]\nmode = \"dual\"\n\
+         [[stage]]\nname = \"b\"\npercent = 5\nsoak_secs = 1\n[stage.policy]\nmode = \"iroh\"\n",
+    )
+    .unwrap();
+    let bad = bad.display().to_string();
+    for (args, says) in [
+        (
+            vec!["demo", "--soak", "0"],
+            "--soak 0: 1 to 600 seconds".to_owned(),
+        ),
+        (
+            vec!["demo", "--soak", "601"],
+            "--soak 601: 1 to 600 seconds".to_owned(),
+        ),
+        (
+            vec!["demo", "--plan", &bad],
+            format!("{bad}: stage 1: percent: 5 is below the stage before's 50"),
+        ),
+    ] {
+        let out = cli(&args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} succeeded");
+        assert!(stderr.contains(&says), "{args:?}: {stderr}");
+        assert!(
+            !String::from_utf8_lossy(&out.stdout).contains("node 1 up"),
+            "{args:?} started nodes"
+        );
+    }
+}
+
+/// How long the demo test's `tern demo` may take: node starts, four
+/// stages, the rollback and the shutdown, on a loaded machine.
+const DEMO_BOUND: Duration = Duration::from_secs(420);
+
+/// Runs `tern demo ARGS` with its output in files under `base` (a frame
+/// every 2 s would fill a pipe nobody reads); past [`DEMO_BOUND`] it gets
+/// SIGTERM (it then stops its nodes) and, 30 s later, SIGKILL.
+fn run_demo(base: &Path, args: &[&str]) -> (std::process::ExitStatus, String, String) {
+    let (out, err) = (base.join("demo.out"), base.join("demo.err"));
+    let mut child = tern()
+        .arg("demo")
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&out).unwrap())
+        .stderr(std::fs::File::create(&err).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + DEMO_BOUND;
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let pid = rustix::process::Pid::from_raw(child.id() as i32).unwrap();
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+            std::thread::sleep(Duration::from_secs(30));
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "`tern demo` did not finish within {DEMO_BOUND:?}:\n{}",
+                std::fs::read_to_string(&out).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let read = |p: &Path| std::fs::read_to_string(p).unwrap();
+    (status, read(&out), read(&err))
+}
+
+/// The shipped default plan with its gates widened, for
+/// [`the_demo_walks_the_plan_rolls_back_and_fails_no_call`]; answers its
+/// path.
+fn demo_plan(base: &Path) -> String {
+    let default = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/rollout/default.toml");
+    let text = std::fs::read_to_string(default)
+        .unwrap()
+        .replace(
+            "error_rate_slack_ppm = 1000\n",
+            "error_rate_slack_ppm = 1000000\n",
+        )
+        .replace("p99_allowance_pct = 10\n", "p99_allowance_pct = 1000\n")
+        .replace("max_fallbacks = 0\n", "max_fallbacks = 1000000\n")
+        .replace("max_leader_changes = 1\n", "max_leader_changes = 100\n");
+    assert_eq!(
+        text.matches("1000000\n").count(),
+        2,
+        "the gates moved: {text}"
+    );
+    let path = base.join("demo-plan.toml");
+    std::fs::write(&path, text).unwrap();
+    path.display().to_string()
 }
 
 /// Continuous client traffic from the test process (the kit's recorder):

@@ -180,9 +180,18 @@ metrics! {
     /// Raft stopped). Writes refused by a size limit are not proposals.
     RAFT_PROPOSALS_FAILED = "tern_raft_proposals_failed_total", Counter,
         "Writes proposed to Raft that were not committed, by reason.";
-    /// Log syncs (sled flush plus `fdatasync`), one per group commit.
+    /// Log syncs (`fdatasync` of the segment files written), one per group
+    /// commit.
     STORE_SYNC_SECONDS = "tern_store_sync_seconds", Histogram,
-        "Time of one Raft log sync (sled flush and fdatasync), which every acknowledged write waits for.";
+        "Time of one Raft log sync (fdatasync of the log files written), which every acknowledged write waits for.";
+    /// Snapshot builds of the state that wrote a new snapshot file: the
+    /// copy under the apply lock, the encoding and the sync.
+    STORE_SNAPSHOT_BUILD_SECONDS = "tern_store_snapshot_build_seconds", Histogram,
+        "Time to build one snapshot of the state (copy, encode, write and sync the file), off the apply path.";
+    /// When the last snapshot build finished, so a client's latencies can
+    /// be set beside it.
+    STORE_SNAPSHOT_LAST_BUILT = "tern_store_snapshot_last_built_timestamp_seconds", Gauge,
+        "Unix time at which this node last finished building a snapshot (0 before the first).";
     /// Calls refused by the access table; labels `service`, `method`,
     /// `reason` (`unknown_key`, `needs_role`, `members_only`, `no_rule`).
     ACCESS_DENIED = "tern_access_denied_total", Counter,

@@ -105,8 +105,9 @@ pub async fn client_write(
     }
 }
 
-/// Whether `e` is a leader refusing a write because its lease lapsed.
-fn lease_lapsed(e: &RaftError<TypeConfig, ClientWriteError<TypeConfig>>) -> bool {
+/// Whether `e` is a leader's refusal for a lapsed quorum lease (this node
+/// leads; forwarding the write elsewhere would be wrong).
+pub fn lease_lapsed(e: &RaftError<TypeConfig, ClientWriteError<TypeConfig>>) -> bool {
     matches!(
         e,
         RaftError::APIError(ClientWriteError::ForwardToLeader(f))

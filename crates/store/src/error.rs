@@ -44,6 +44,20 @@ pub enum StoreError {
         /// What is wrong.
         reason: String,
     },
+    /// A Raft log segment holds something that does not read back.
+    #[error(
+        "corrupt Raft log segment {path:?} at byte {offset}: {reason}; this node's log \
+         cannot be trusted: move its data directory aside and join the node to the \
+         cluster again (operations.md, Membership) so it is sent a snapshot"
+    )]
+    CorruptLog {
+        /// The segment file.
+        path: PathBuf,
+        /// Where the record that does not read starts.
+        offset: u64,
+        /// What is wrong.
+        reason: String,
+    },
     /// A snapshot file is malformed or fails its checksum.
     #[error("corrupt snapshot {path:?}: {reason}")]
     CorruptSnapshot {
@@ -127,9 +141,9 @@ impl StoreError {
 impl From<StoreError> for io::Error {
     fn from(e: StoreError) -> io::Error {
         let kind = match &e {
-            StoreError::Corrupt { .. } | StoreError::CorruptSnapshot { .. } => {
-                io::ErrorKind::InvalidData
-            }
+            StoreError::Corrupt { .. }
+            | StoreError::CorruptLog { .. }
+            | StoreError::CorruptSnapshot { .. } => io::ErrorKind::InvalidData,
             StoreError::Io { source, .. } => source.kind(),
             StoreError::SnapshotTooLarge { .. } => io::ErrorKind::FileTooLarge,
             _ => io::ErrorKind::Other,

@@ -1,4 +1,5 @@
-//! openraft log storage and state machine on sled, and the Raft type
+//! openraft log storage (segment files, with sled for the vote) and state
+//! machine, and the Raft type
 //! configuration of the whole project. The state it stores is
 //! `tern-state`'s [`ClusterState`](tern_state::ClusterState).
 //!
@@ -7,10 +8,14 @@
 //! - [`types`]: [`TypeConfig`] (declared once for every crate that speaks
 //!   Raft, over the replicated model of `tern-state`) and aliases for
 //!   openraft's generic types.
-//! - [`log_store`]: [`LogStore`], openraft's `RaftLogStorage` on sled;
+//! - [`log_store`]: [`LogStore`], openraft's `RaftLogStorage`: entries in
+//!   segment files, the vote and log pointers in a small sled database;
 //!   every write is synced to stable storage before it is acknowledged.
-//! - `syncer` (private): the group commit, one thread that runs sled's
-//!   flush and `fdatasync` for every write queued since the last one.
+//! - [`segments`]: the append-only segment files holding the entries
+//!   (checksummed records, torn-tail repair, truncation, purge).
+//! - `syncer` (private): the group commit, one thread that `fdatasync`s
+//!   every file written since its last sync, for every write queued
+//!   meanwhile.
 //! - [`state_machine`]: [`StateMachineStore`], openraft's
 //!   `RaftStateMachine`: the state in memory, snapshots on disk.
 //! - [`snapshot`]: the snapshot file format and [`SnapshotFile`], the
@@ -20,7 +25,7 @@
 //!
 //! [`open`] opens both halves in a node's data directory.
 //!
-//! # Is sled fast enough for the Raft log? (measured, not yet decided)
+//! # Why the log's entries left sled (measured)
 //!
 //! The Raft issue lets the log move to a store built for it if sled cannot
 //! reach etcd's figures. Measured on the project machine (2 cores, load 6
@@ -44,11 +49,14 @@
 //! is a large part of what Tern's commit rates lose to etcd (1.5 to 2
 //! times ahead in `cargo xtask bench`). A log file of our own
 //! (append-only segments, checksummed records, one `fdatasync` per group
-//! commit, no thread pool) would remove that third; that is the next step
-//! for the etcd goal.
+//! commit, no thread pool) removes that third: that is [`segments`], and
+//! sled keeps only the vote and the log pointers, written at elections
+//! and purges. The figures after the change are in `cargo xtask bench`'s
+//! cluster section.
 
 pub mod error;
 pub mod log_store;
+pub mod segments;
 pub mod snapshot;
 pub mod state_machine;
 mod syncer;
@@ -63,7 +71,8 @@ pub use state_machine::{StateMachineStore, StoreSnapshot};
 pub use syncer::MAX_PENDING_SYNCS;
 pub use types::{Entry, LogId, Membership, SnapshotMeta, StoredMembership, TypeConfig, Vote};
 
-/// Subdirectory of the data directory holding the sled log database.
+/// Subdirectory of the data directory holding the Raft log (its segment
+/// files and the sled database of the vote).
 pub const LOG_DIR: &str = "raft-log";
 /// Subdirectory of the data directory holding snapshot files.
 pub const SNAPSHOT_DIR: &str = "raft-snapshots";

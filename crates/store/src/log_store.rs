@@ -1,24 +1,34 @@
-//! The Raft log and vote on sled.
+//! The Raft log and vote: entries in segment files, the rest in sled.
 //!
-//! One sled database holds two trees: `log` maps a log index (8 bytes,
-//! big-endian, so sled's order is log order) to a postcard-encoded entry,
-//! and `meta` holds the vote, the committed log id, the last purged log id
-//! and the on-disk format version.
+//! Entries live in append-only segment files (`segments/` in the log
+//! directory; format, torn-tail repair and truncation in
+//! [`crate::segments`]). A small sled database beside them holds the
+//! `meta` tree: the vote, the committed log id, the last purged log id and
+//! the on-disk format version. Entries moved out of sled in format 2: sled's
+//! flush hands every write to a pool of seven I/O threads it wakes all at
+//! once, a third of the cluster's CPU per commit (crate docs); a segment
+//! append is one `pwrite`.
 //!
 //! Durability: nothing is acknowledged before it is on stable storage.
-//! Every append, vote save, truncation and purge is put into sled and then
-//! handed to the group commit (`syncer`): sled's flush followed by
-//! `fdatasync` of sled's data file, one sync for every write queued since
-//! the last. An append returns at once and its openraft callback fires
-//! after the sync that covers it, so openraft's core loop never waits for
-//! the disk; a vote, truncation or purge returns after its sync. sled's own
-//! periodic flush is off (it would be a second, uncoordinated writer).
-//! Appends, truncations and purges each go in one atomic sled batch, so a
-//! crash never leaves a hole in the log; a purge records its new purge
-//! point before removing the entries, so a crash between the two leaves
-//! only unread entries behind. The committed log id is saved without a
+//! An append writes its entries into the active segment and hands its
+//! openraft callback to the group commit (`syncer`), which `fdatasync`s
+//! every segment file written since its last sync (and, when the meta tree
+//! changed, runs sled's flush and `fdatasync`s sled's data file) once for
+//! every write queued meanwhile. An append returns at once and its callback
+//! fires after the sync that covers it, so openraft's core loop never waits
+//! for the disk; a vote, truncation or purge returns after its sync. sled's
+//! own periodic flush is off (it would be a second, uncoordinated writer).
+//! A purge makes its new purge point durable before it removes segment
+//! files, so a crash between the two leaves only entries that are skipped
+//! when the log is read back. The committed log id is saved without a
 //! sync: it is a hint that openraft recomputes from the cluster if the
-//! last value is lost (it is made durable by the next sync anyway).
+//! last value is lost (it is made durable by the next vote or purge).
+//!
+//! A log directory of format 1 (entries in sled's `log` tree) is moved to
+//! segments when it is opened: every entry is written into a new segment
+//! and synced, then the tree is emptied and the format set to 2 in one
+//! synced sled flush. A crash midway leaves format 1, and the move starts
+//! over (removing the partial segments first).
 //!
 //! Failure is loud: a failed write or sync of an append, vote, truncation
 //! or purge is a [`StoreError::LogWrite`] naming the directory and what to
@@ -31,6 +41,8 @@ use std::fmt::Debug;
 use std::io;
 use std::ops::{Bound, RangeBounds};
 use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use openraft::OptionalSend;
@@ -40,10 +52,12 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::error::StoreError;
+use crate::segments::Segments;
 use crate::syncer::{Completion, Syncer};
 use crate::types::{Entry, LogId, TypeConfig, Vote};
 
-/// Name of the tree holding log entries.
+/// Name of the sled tree that held log entries in format 1; emptied by
+/// the move to segments.
 const LOG_TREE: &str = "log";
 /// Name of the tree holding the vote and log pointers.
 const META_TREE: &str = "meta";
@@ -52,22 +66,24 @@ const KEY_COMMITTED: &str = "committed";
 const KEY_PURGED: &str = "last_purged";
 const KEY_FORMAT: &str = "format";
 
-/// On-disk format version of the log database. Bumped by any change to
-/// keys or encodings; a database of another version is refused at open
-/// rather than misread.
-pub const LOG_FORMAT_VERSION: u32 = 1;
+/// Subdirectory of the log directory holding the segment files.
+pub const SEGMENT_DIR: &str = "segments";
 
-/// sled's page cache size. The log is read mostly near its tail (followers
-/// catching up), so a small cache suffices; sled's default of 1 GiB would
-/// be most of a small node's memory.
-pub const SLED_CACHE_BYTES: u64 = 64 * 1024 * 1024;
+/// On-disk format version of the log directory. Bumped by any change to
+/// keys or encodings; a directory of a later version is refused at open
+/// rather than misread. Version 1 (entries in sled) is moved to segments.
+pub const LOG_FORMAT_VERSION: u32 = 2;
 
-/// sled's segment size: 8 MiB rather than sled's 512 KiB. sled writes a
-/// page larger than a quarter segment as a separate blob file, and sled
-/// 0.34.7 never deletes those blob files after their keys are removed
-/// (measured: 2,000 appended-then-purged 160 KiB entries left 1.2 GB of
-/// blobs for 2.6 MB of live data). With 8 MiB segments pages up to 2 MiB
-/// stay in the segment log, whose space sled does reclaim.
+/// The format that kept entries in sled's `log` tree.
+const FORMAT_SLED_ENTRIES: u32 = 1;
+
+/// sled's page cache size: sled holds only a handful of meta keys now.
+pub const SLED_CACHE_BYTES: u64 = 8 * 1024 * 1024;
+
+/// sled's segment size. 8 MiB rather than sled's 512 KiB, kept from format
+/// 1 (whose large entries sled would otherwise write as never-reclaimed
+/// blobs) so that a format-1 directory opens with the settings it was
+/// written with.
 pub const SLED_SEGMENT_BYTES: usize = 8 * 1024 * 1024;
 
 /// Bytes a log entry adds to its command: the log id (term, node id and
@@ -75,15 +91,14 @@ pub const SLED_SEGMENT_BYTES: usize = 8 * 1024 * 1024;
 /// room to spare.
 pub const ENTRY_OVERHEAD: usize = 64;
 
-/// Largest encoded log entry this store is sized for: a command of the
-/// write path's limit ([`tern_state::limits::MAX_REQUEST_BYTES`], checked before
-/// anything is proposed) plus the entry's own fields. A bigger entry may
-/// be written by sled as a blob that is never reclaimed (see
-/// [`SLED_SEGMENT_BYTES`]). Appends log a warning past it rather than
-/// failing, since refusing a replicated entry would stop the node.
+/// Largest encoded log entry expected: a command of the write path's limit
+/// ([`tern_state::limits::MAX_REQUEST_BYTES`], checked before anything is
+/// proposed) plus the entry's own fields. Appends log a warning past it
+/// rather than failing, since refusing a replicated entry would stop the
+/// node; the segments' hard bound is [`crate::segments::MAX_RECORD_BYTES`].
 pub const MAX_ENTRY_BYTES: usize = tern_state::limits::MAX_REQUEST_BYTES + ENTRY_OVERHEAD;
 
-const _: () = assert!(MAX_ENTRY_BYTES < SLED_SEGMENT_BYTES / 4);
+const _: () = assert!(MAX_ENTRY_BYTES < crate::segments::MAX_RECORD_BYTES);
 
 /// How long [`LogStore::open`] waits for sled's file lock. Dropping a
 /// store does not release the lock at once: sled's thread pool may still
@@ -95,37 +110,40 @@ pub const OPEN_LOCK_WAIT: Duration = Duration::from_secs(5);
 /// Interval between attempts to take sled's file lock.
 const OPEN_LOCK_POLL: Duration = Duration::from_millis(10);
 
-/// Most log keys one purge batch removes: a few milliseconds of work, so
-/// a purge of a whole snapshot interval is cut into steps.
-pub const MAX_PURGE_BATCH: usize = 1024;
+/// Entries moved per step when a format-1 directory is moved to segments.
+const MIGRATE_BATCH: usize = 1024;
 
 /// Most entries one replication read returns
 /// (`RaftLogReader::limited_get_log_entries`), so that a follower far
 /// behind is sent the log in bounded batches rather than all at once.
 pub const MAX_ENTRIES_PER_READ: usize = 4096;
 
-/// The Raft log and vote, on sled. Cheap to clone: clones share the
-/// database.
+/// The file sled keeps its data in, inside its directory.
+const SLED_DATA_FILE: &str = "db";
+
+/// The Raft log and vote. Cheap to clone: clones share the files.
 #[derive(Clone)]
 pub struct LogStore {
     db: sled::Db,
     syncer: Syncer,
     reader: LogReader,
-    /// The database directory, named by every write failure.
-    dir: std::sync::Arc<Path>,
+    /// Set when the meta tree changed and the next sync must flush sled.
+    meta_dirty: Arc<AtomicBool>,
+    /// The log directory, named by every write failure.
+    dir: Arc<Path>,
 }
 
 /// Reads log entries and the vote; handed to openraft's replication tasks.
 #[derive(Clone)]
 pub struct LogReader {
-    log: sled::Tree,
+    segments: Arc<Segments>,
     meta: sled::Tree,
 }
 
 impl std::fmt::Debug for LogStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("LogStore")
-            .field("entries", &self.reader.log.len())
+            .field("entries", &self.reader.segments.len())
             .finish()
     }
 }
@@ -153,6 +171,21 @@ fn encode<T: Serialize>(what: &'static str, value: &T) -> Result<Vec<u8>, StoreE
     postcard::to_stdvec(value).map_err(StoreError::encode(what))
 }
 
+/// `range` as a half-open `start..end` of log indexes.
+fn bounds<RB: RangeBounds<u64>>(range: &RB) -> (u64, u64) {
+    let start = match range.start_bound() {
+        Bound::Included(i) => *i,
+        Bound::Excluded(i) => i.saturating_add(1),
+        Bound::Unbounded => 0,
+    };
+    let end = match range.end_bound() {
+        Bound::Included(i) => i.saturating_add(1),
+        Bound::Excluded(i) => *i,
+        Bound::Unbounded => u64::MAX,
+    };
+    (start, end)
+}
+
 impl LogReader {
     fn meta_get<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, StoreError> {
         let Some(bytes) = self.meta.get(key).map_err(StoreError::sled("read meta"))? else {
@@ -163,70 +196,14 @@ impl LogReader {
             .map_err(|e| corrupt(META_TREE, key.as_bytes(), e))
     }
 
-    /// Decodes one log record, checking it against its key.
-    fn decode_entry(key: &[u8], value: &[u8]) -> Result<Entry, StoreError> {
-        let entry: Entry = postcard::from_bytes(value).map_err(|e| corrupt(LOG_TREE, key, e))?;
-        if key != index_key(entry.index()) {
-            return Err(corrupt(
-                LOG_TREE,
-                key,
-                format!("holds the entry for index {}", entry.index()),
-            ));
-        }
-        Ok(entry)
-    }
-
-    /// The log id of the last entry present, without decoding its payload:
-    /// an entry's encoding starts with its log id.
-    fn last_log_id(&self) -> Result<Option<LogId>, StoreError> {
-        let Some((key, value)) = self.log.last().map_err(StoreError::sled("read log"))? else {
-            return Ok(None);
-        };
-        let (log_id, _): (LogId, _) =
-            postcard::take_from_bytes(&value).map_err(|e| corrupt(LOG_TREE, &key, e))?;
-        if key.as_ref() != index_key(log_id.index) {
-            return Err(corrupt(
-                LOG_TREE,
-                &key,
-                format!("holds the entry for index {}", log_id.index),
-            ));
-        }
-        Ok(Some(log_id))
-    }
-
-    /// Entries in `range`, at most `limit` of them, checked to be
-    /// consecutive: a gap inside the log is corruption.
+    /// Entries in `range`, at most `limit` of them.
     fn entries<RB: RangeBounds<u64>>(
         &self,
         range: RB,
         limit: usize,
     ) -> Result<Vec<Entry>, StoreError> {
-        let start = match range.start_bound() {
-            Bound::Included(i) => Bound::Included(index_key(*i)),
-            Bound::Excluded(i) => Bound::Excluded(index_key(*i)),
-            Bound::Unbounded => Bound::Unbounded,
-        };
-        let end = match range.end_bound() {
-            Bound::Included(i) => Bound::Included(index_key(*i)),
-            Bound::Excluded(i) => Bound::Excluded(index_key(*i)),
-            Bound::Unbounded => Bound::Unbounded,
-        };
-        let mut out: Vec<Entry> = Vec::new();
-        for item in self.log.range((start, end)).take(limit) {
-            let (key, value) = item.map_err(StoreError::sled("read log"))?;
-            let entry = Self::decode_entry(&key, &value)?;
-            if let Some(prev) = out.last()
-                && prev.index().checked_add(1) != Some(entry.index())
-            {
-                return Err(corrupt(
-                    LOG_TREE,
-                    &key,
-                    format!("gap in the log after index {}", prev.index()),
-                ));
-            }
-            out.push(entry);
-        }
-        Ok(out)
+        let (start, end) = bounds(&range);
+        self.segments.read(start, end, limit)
     }
 }
 
@@ -251,100 +228,182 @@ impl RaftLogReader<TypeConfig> for LogReader {
     }
 }
 
+/// Opens sled in `dir`, waiting a moment for a lock a dropped store in
+/// this process may still hold.
+fn open_sled(dir: &Path) -> Result<sled::Db, StoreError> {
+    let config = sled::Config::new()
+        .path(dir)
+        .cache_capacity(SLED_CACHE_BYTES)
+        .segment_size(SLED_SEGMENT_BYTES)
+        .flush_every_ms(None);
+    let started = Instant::now();
+    loop {
+        match config.open() {
+            Ok(db) => return Ok(db),
+            // sled reports a held lock as an `Io` error of kind `Other`
+            // whose text is the only distinguishing mark.
+            Err(sled::Error::Io(e))
+                if e.to_string().contains("could not acquire lock")
+                    && started.elapsed() < OPEN_LOCK_WAIT =>
+            {
+                std::thread::sleep(OPEN_LOCK_POLL);
+            }
+            Err(e) => return Err(StoreError::sled("open")(e)),
+        }
+    }
+}
+
+/// Runs sled's flush and `fdatasync`s its data file.
+fn sync_sled(db: &sled::Db, data_file: &Path) -> Result<(), StoreError> {
+    db.flush().map_err(StoreError::sled("flush"))?;
+    std::fs::File::open(data_file)
+        .and_then(|f| f.sync_data())
+        .map_err(StoreError::io("fdatasync", data_file))
+}
+
 impl LogStore {
-    /// Opens (creating if absent) the log database in `dir`.
+    /// Opens (creating if absent) the log directory `dir`, moving a
+    /// format-1 directory's entries to segments.
     pub fn open(dir: &Path) -> Result<LogStore, StoreError> {
         std::fs::create_dir_all(dir).map_err(StoreError::io("create directory", dir))?;
-        let config = sled::Config::new()
-            .path(dir)
-            .cache_capacity(SLED_CACHE_BYTES)
-            .segment_size(SLED_SEGMENT_BYTES)
-            .flush_every_ms(None);
-        let started = Instant::now();
-        let db = loop {
-            match config.open() {
-                Ok(db) => break db,
-                // sled reports a held lock as an `Io` error of kind `Other`
-                // whose text is the only distinguishing mark.
-                Err(sled::Error::Io(e))
-                    if e.to_string().contains("could not acquire lock")
-                        && started.elapsed() < OPEN_LOCK_WAIT =>
-                {
-                    std::thread::sleep(OPEN_LOCK_POLL);
-                }
-                Err(e) => return Err(StoreError::sled("open")(e)),
-            }
-        };
-        let log = db
-            .open_tree(LOG_TREE)
-            .map_err(StoreError::sled("open tree"))?;
+        let db = open_sled(dir)?;
         let meta = db
             .open_tree(META_TREE)
             .map_err(StoreError::sled("open tree"))?;
-        let syncer = Syncer::start(db.clone(), dir)?;
-        let store = LogStore {
-            db,
-            syncer,
-            reader: LogReader { log, meta },
-            dir: dir.into(),
+        let probe = |key: &str| -> Result<Option<Vec<u8>>, StoreError> {
+            Ok(meta
+                .get(key)
+                .map_err(StoreError::sled("read meta"))?
+                .map(|v| v.to_vec()))
         };
-        match store.reader.meta_get::<u32>(KEY_FORMAT)? {
-            Some(LOG_FORMAT_VERSION) => {}
+        let format = probe(KEY_FORMAT)?
+            .map(|b| postcard::from_bytes::<u32>(&b))
+            .transpose()
+            .map_err(|e| corrupt(META_TREE, KEY_FORMAT.as_bytes(), e))?;
+        let purged = probe(KEY_PURGED)?
+            .map(|b| postcard::from_bytes::<LogId>(&b))
+            .transpose()
+            .map_err(|e| corrupt(META_TREE, KEY_PURGED.as_bytes(), e))?;
+        let seg_dir = dir.join(SEGMENT_DIR);
+        match format {
+            None | Some(LOG_FORMAT_VERSION) => {}
+            Some(FORMAT_SLED_ENTRIES) => crate::segments::remove_all(&seg_dir)?,
             Some(found) => {
                 return Err(StoreError::Format {
                     found,
                     expected: LOG_FORMAT_VERSION,
                 });
             }
+        }
+        let segments = Arc::new(Segments::open(&seg_dir, purged.map(|p| p.index))?);
+        let data_file = dir.join(SLED_DATA_FILE);
+        let meta_dirty = Arc::new(AtomicBool::new(false));
+        let syncer = {
+            let (segments, db, meta_dirty) = (segments.clone(), db.clone(), meta_dirty.clone());
+            let data_file = data_file.clone();
+            Syncer::start(dir, move || {
+                for file in segments.take_dirty() {
+                    file.sync_data()
+                        .map_err(|e| format!("fdatasync of a log segment: {e}"))?;
+                }
+                if meta_dirty.swap(false, Ordering::AcqRel) {
+                    sync_sled(&db, &data_file).map_err(|e| e.to_string())?;
+                }
+                Ok(())
+            })?
+        };
+        let store = LogStore {
+            db,
+            syncer,
+            reader: LogReader { segments, meta },
+            meta_dirty,
+            dir: dir.into(),
+        };
+        match format {
+            Some(LOG_FORMAT_VERSION) => {}
+            Some(_) => store.move_entries_out_of_sled(purged)?,
             None => {
                 store.meta_put(KEY_FORMAT, &LOG_FORMAT_VERSION)?;
                 store.sync_now()?;
             }
         }
-        store.finish_interrupted_purge()?;
-        tracing::debug!(dir = %dir.display(), entries = store.reader.log.len(), "log store opened");
+        tracing::debug!(dir = %dir.display(), entries = store.reader.segments.len(), "log store opened");
         Ok(store)
     }
 
-    /// Removes entries at or below the purge point, left behind by a crash
-    /// between a purge's two writes.
-    fn finish_interrupted_purge(&self) -> Result<(), StoreError> {
-        let Some(purged) = self.reader.meta_get::<LogId>(KEY_PURGED)? else {
-            return Ok(());
-        };
-        let mut batch = sled::Batch::default();
-        let mut lingering = 0usize;
-        for key in self.reader.log.range(..=index_key(purged.index)).keys() {
-            batch.remove(key.map_err(StoreError::sled("read log"))?);
-            lingering += 1;
+    /// Moves a format-1 directory's entries from sled's `log` tree to
+    /// segments (see the module docs), before Raft runs.
+    fn move_entries_out_of_sled(&self, purged: Option<LogId>) -> Result<(), StoreError> {
+        let tree = self
+            .db
+            .open_tree(LOG_TREE)
+            .map_err(StoreError::sled("open tree"))?;
+        let from = purged.map_or(0, |p| p.index.saturating_add(1));
+        let mut batch = Vec::with_capacity(MIGRATE_BATCH);
+        let mut moved = 0usize;
+        for item in tree.range(index_key(from)..) {
+            let (key, value) = item.map_err(StoreError::sled("read log"))?;
+            let entry: Entry =
+                postcard::from_bytes(&value).map_err(|e| corrupt(LOG_TREE, &key, e))?;
+            if key.as_ref() != index_key(entry.index()) {
+                return Err(corrupt(
+                    LOG_TREE,
+                    &key,
+                    format!("holds the entry for index {}", entry.index()),
+                ));
+            }
+            if let Some(last) = batch.last().map(|e: &Entry| e.index()).or(self
+                .reader
+                .segments
+                .last_log_id()
+                .map(|l| l.index))
+                && last.checked_add(1) != Some(entry.index())
+            {
+                return Err(corrupt(
+                    LOG_TREE,
+                    &key,
+                    format!("gap in the log after index {last}"),
+                ));
+            }
+            batch.push(entry);
+            if batch.len() == MIGRATE_BATCH {
+                moved += batch.len();
+                self.reader.segments.append(&std::mem::take(&mut batch))?;
+            }
         }
-        if lingering > 0 {
-            tracing::info!(lingering, %purged, "finishing a purge interrupted by a crash");
-            self.reader
-                .log
-                .apply_batch(batch)
-                .map_err(StoreError::sled("purge"))?;
-            self.sync_now()?;
+        moved += batch.len();
+        self.reader.segments.append(&batch)?;
+        for file in self.reader.segments.take_dirty() {
+            file.sync_data()
+                .map_err(StoreError::io("fdatasync", &*self.dir))?;
         }
+        tree.clear()
+            .map_err(StoreError::sled("clear the old log"))?;
+        self.meta_put(KEY_FORMAT, &LOG_FORMAT_VERSION)?;
+        self.sync_now()?;
+        tracing::info!(moved, dir = %self.dir.display(), "Raft log moved from sled to segment files (format 2)");
         Ok(())
     }
 
     /// Makes everything written so far durable, blocking the calling
     /// thread (only at open, before Raft runs).
     fn sync_now(&self) -> Result<(), StoreError> {
-        self.db.flush().map_err(StoreError::sled("flush"))?;
-        let path = self.dir.join("db");
-        std::fs::File::open(&path)
-            .and_then(|f| f.sync_data())
-            .map_err(StoreError::io("fdatasync", &path))
+        for file in self.reader.segments.take_dirty() {
+            file.sync_data()
+                .map_err(StoreError::io("fdatasync", &*self.dir))?;
+        }
+        self.meta_dirty.store(false, Ordering::Release);
+        sync_sled(&self.db, &self.dir.join(SLED_DATA_FILE))
     }
 
+    /// Puts `value` under `key` in the meta tree; durable at the next sync.
     fn meta_put<T: Serialize>(&self, key: &'static str, value: &T) -> Result<(), StoreError> {
         let bytes = encode(key, value)?;
         self.reader
             .meta
             .insert(key, bytes)
             .map_err(StoreError::sled("write meta"))?;
+        self.meta_dirty.store(true, Ordering::Release);
         Ok(())
     }
 
@@ -366,7 +425,7 @@ impl LogStore {
         e.into()
     }
 
-    /// A reader sharing this store's database.
+    /// A reader sharing this store's files.
     pub fn reader(&self) -> LogReader {
         self.reader.clone()
     }
@@ -376,7 +435,7 @@ impl LogStore {
     pub fn log_state(&self) -> Result<LogState<TypeConfig>, StoreError> {
         let last_purged_log_id: Option<LogId> = self.reader.meta_get(KEY_PURGED)?;
         // The later of the two: the log may be empty past the purge point.
-        let last_log_id = self.reader.last_log_id()?.max(last_purged_log_id);
+        let last_log_id = self.reader.segments.last_log_id().max(last_purged_log_id);
         Ok(LogState {
             last_purged_log_id,
             last_log_id,
@@ -388,81 +447,30 @@ impl LogStore {
         self.reader.entries(range, usize::MAX)
     }
 
-    /// Puts `entries` into sled (not yet durable: see [`Syncer`]).
+    /// Writes `entries` to the active segment (not yet durable: see
+    /// [`Syncer`]).
     fn put_entries<I>(&self, entries: I) -> Result<(), StoreError>
     where
         I: IntoIterator<Item = Entry>,
     {
-        let mut batch = sled::Batch::default();
-        let mut count = 0usize;
-        for entry in entries {
-            let bytes = encode("log entry", &entry)?;
-            if bytes.len() > MAX_ENTRY_BYTES {
-                tracing::warn!(
-                    index = entry.index(),
-                    len = bytes.len(),
-                    max = MAX_ENTRY_BYTES,
-                    "log entry larger than the store is sized for; sled may leak its space"
-                );
-            }
-            batch.insert(&index_key(entry.index()), bytes);
-            count += 1;
-        }
-        self.reader
-            .log
-            .apply_batch(batch)
-            .map_err(StoreError::sled("append"))?;
-        tracing::trace!(count, "log entries appended; sync queued");
+        let entries: Vec<Entry> = entries.into_iter().collect();
+        self.reader.segments.append(&entries)?;
+        tracing::trace!(count = entries.len(), "log entries appended; sync queued");
         Ok(())
     }
 
     async fn truncate(&self, after: Option<LogId>) -> Result<(), StoreError> {
         let from = after.map_or(0, |id| id.index.saturating_add(1));
-        let mut batch = sled::Batch::default();
-        for key in self.reader.log.range(index_key(from)..).keys() {
-            batch.remove(key.map_err(StoreError::sled("read log"))?);
-        }
-        self.reader
-            .log
-            .apply_batch(batch)
-            .map_err(StoreError::sled("truncate"))?;
-        self.flush().await
+        // Synced by the segments themselves (the cut and the directory).
+        self.reader.segments.truncate_from(from)
     }
 
     async fn purge_upto(&self, upto: LogId) -> Result<(), StoreError> {
-        // The pointer first: after a crash between the two writes, entries
-        // at or below it may linger but are never read (openraft reads
-        // above the purged id only).
+        // The pointer first, durably: after a crash before the segment
+        // files go, entries at or below it are skipped when read back.
         self.meta_put(KEY_PURGED, &upto)?;
-        // In bounded batches, yielding between them, so a purge of a whole
-        // snapshot interval (thousands of keys) never holds the thread for
-        // long; one sync at the end covers them all.
-        loop {
-            let mut batch = sled::Batch::default();
-            let mut n = 0usize;
-            for key in self
-                .reader
-                .log
-                .range(..=index_key(upto.index))
-                .keys()
-                .take(MAX_PURGE_BATCH)
-            {
-                batch.remove(key.map_err(StoreError::sled("read log"))?);
-                n += 1;
-            }
-            if n == 0 {
-                break;
-            }
-            self.reader
-                .log
-                .apply_batch(batch)
-                .map_err(StoreError::sled("purge"))?;
-            if n < MAX_PURGE_BATCH {
-                break;
-            }
-            tokio::task::yield_now().await;
-        }
-        self.flush().await
+        self.flush().await?;
+        self.reader.segments.purge_upto(upto.index)
     }
 }
 
@@ -489,7 +497,16 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         // Not flushed (openraft may lose it: the committed index is
         // re-learnt from the leader), but a failure is as loud as any other
         // log write.
-        self.meta_put(KEY_COMMITTED, &committed)
+        // Nor does it make the next sync flush sled: that would put sled's
+        // flush back on every commit's path.
+        encode(KEY_COMMITTED, &committed)
+            .and_then(|bytes| {
+                self.reader
+                    .meta
+                    .insert(KEY_COMMITTED, bytes)
+                    .map(drop)
+                    .map_err(StoreError::sled("write meta"))
+            })
             .map_err(|e| self.write_failed("save committed", e))
     }
 
@@ -586,8 +603,18 @@ mod tests {
         );
     }
 
+    /// The one segment file of a fresh store in `dir`.
+    fn segment_file(dir: &Path) -> std::path::PathBuf {
+        let mut files: Vec<_> = std::fs::read_dir(dir.join(SEGMENT_DIR))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        files.sort();
+        files.pop().unwrap()
+    }
+
     #[test]
-    fn a_corrupt_entry_is_an_error_naming_its_key() {
+    fn a_corrupt_entry_is_an_error_naming_its_file_and_offset() {
         let dir = tempfile::tempdir().unwrap();
         runtime().block_on(async {
             let mut store = LogStore::open(dir.path()).unwrap();
@@ -595,38 +622,58 @@ mod tests {
                 .blocking_append((1..=5).map(|i| blank_ent::<TypeConfig>(1, 1, i)))
                 .await
                 .unwrap();
-            // Garbage at index 3, and index 4 holding index 2's entry.
-            store.reader.log.insert(index_key(3), &[0xff; 3]).unwrap();
-            let two = encode("test", &blank_ent::<TypeConfig>(1, 1, 2)).unwrap();
-            store.reader.log.insert(index_key(4), two).unwrap();
+            // Damage the payload of the third record in place.
+            let path = segment_file(dir.path());
+            let data = std::fs::read(&path).unwrap();
+            let mut offset = crate::segments::SEGMENT_MAGIC.len();
+            for _ in 0..2 {
+                offset += crate::segments::decode_record(&data[offset..]).unwrap().1;
+            }
+            let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+            std::os::unix::fs::FileExt::write_all_at(
+                &file,
+                &[0xff],
+                (offset + crate::segments::RECORD_HEADER + 2) as u64,
+            )
+            .unwrap();
 
             let mut reader = store.get_log_reader().await;
             let err = reader.try_get_log_entries(1..=5).await.unwrap_err();
             assert_eq!(err.kind(), io::ErrorKind::InvalidData);
-            assert!(err.to_string().contains("index 3"), "{err}");
-            let err = reader.try_get_log_entries(4..5).await.unwrap_err();
-            assert!(err.to_string().contains("index 4"), "{err}");
-            assert!(err.to_string().contains("index 2"), "{err}");
-            // The entries around them still read.
+            assert!(
+                err.to_string().contains(&path.display().to_string()),
+                "{err}"
+            );
+            assert!(err.to_string().contains(&format!("byte {offset}")), "{err}");
+            assert!(err.to_string().contains("checksum mismatch"), "{err}");
+            // The entries around it still read.
             assert_eq!(reader.try_get_log_entries(1..3).await.unwrap().len(), 2);
+            assert_eq!(reader.try_get_log_entries(4..=5).await.unwrap().len(), 2);
+            // Reopening refuses the log: the damage is not at its end.
+            drop((reader, store));
+            let err = LogStore::open(dir.path()).unwrap_err();
+            assert!(matches!(err, StoreError::CorruptLog { .. }), "{err}");
+        });
+    }
 
-            // A corrupt tail is an error from the log state, not a panic.
-            store.reader.log.insert(index_key(6), &[1u8][..]).unwrap();
-            let err = store.get_log_state().await.unwrap_err();
-            assert!(err.to_string().contains("index 6"), "{err}");
-
+    #[test]
+    fn a_corrupt_vote_is_an_error_naming_its_key() {
+        let dir = tempfile::tempdir().unwrap();
+        runtime().block_on(async {
+            let mut store = LogStore::open(dir.path()).unwrap();
             store
                 .reader
                 .meta
                 .insert(KEY_VOTE, &[0xff, 0xff][..])
                 .unwrap();
-            let err = reader.read_vote().await.unwrap_err();
+            let err = store.get_log_reader().await.read_vote().await.unwrap_err();
+            assert_eq!(err.kind(), io::ErrorKind::InvalidData);
             assert!(err.to_string().contains("\"vote\""), "{err}");
         });
     }
 
     #[test]
-    fn a_gap_is_corruption_and_replication_reads_are_bounded() {
+    fn replication_reads_are_bounded() {
         let dir = tempfile::tempdir().unwrap();
         runtime().block_on(async {
             let mut store = LogStore::open(dir.path()).unwrap();
@@ -640,14 +687,63 @@ mod tests {
             assert_eq!(limited.len(), MAX_ENTRIES_PER_READ);
             let all = reader.try_get_log_entries(1..=n).await.unwrap();
             assert_eq!(all.len() as u64, n);
+            let some = reader.try_get_log_entries(3..7).await.unwrap();
+            let indexes: Vec<u64> = some.iter().map(|e| e.index()).collect();
+            assert_eq!(indexes, vec![3, 4, 5, 6]);
+        });
+    }
 
-            store.reader.log.remove(index_key(3)).unwrap();
-            let err = reader.try_get_log_entries(1..=5).await.unwrap_err();
-            assert_eq!(err.kind(), io::ErrorKind::InvalidData);
-            assert!(
-                err.to_string().contains("gap in the log after index 2"),
-                "{err}"
+    /// A log directory written by format 1 (entries in sled's `log` tree)
+    /// is moved to segments at open, losing nothing; a move interrupted
+    /// after writing segments starts over.
+    #[test]
+    fn a_format_1_log_is_moved_to_segments() {
+        let dir = tempfile::tempdir().unwrap();
+        let vote = Vote::new_committed(4, 2);
+        {
+            let db = open_sled(dir.path()).unwrap();
+            let log = db.open_tree(LOG_TREE).unwrap();
+            let meta = db.open_tree(META_TREE).unwrap();
+            for i in 1..=3000u64 {
+                let entry = blank_ent::<TypeConfig>(4, 2, i);
+                log.insert(index_key(i), encode("test", &entry).unwrap())
+                    .unwrap();
+            }
+            meta.insert(KEY_FORMAT, encode("test", &1u32).unwrap())
+                .unwrap();
+            meta.insert(KEY_VOTE, encode("test", &vote).unwrap())
+                .unwrap();
+            let purged = log_id::<TypeConfig>(4, 2, 10);
+            meta.insert(KEY_PURGED, encode("test", &purged).unwrap())
+                .unwrap();
+            db.flush().unwrap();
+        }
+        // Leftovers of an interrupted move: removed, not read.
+        let stale = dir.path().join(SEGMENT_DIR);
+        std::fs::create_dir_all(&stale).unwrap();
+        std::fs::write(stale.join(format!("{:020}.seg", 11)), b"TERNLOG1junk").unwrap();
+
+        runtime().block_on(async {
+            let mut store = LogStore::open(dir.path()).unwrap();
+            let state = store.get_log_state().await.unwrap();
+            assert_eq!(
+                state.last_purged_log_id,
+                Some(log_id::<TypeConfig>(4, 2, 10))
             );
+            assert_eq!(state.last_log_id, Some(log_id::<TypeConfig>(4, 2, 3000)));
+            let entries = store.entries(..).unwrap();
+            assert_eq!(entries.len(), 2990);
+            assert_eq!(entries[0].index(), 11);
+            assert_eq!(
+                store.get_log_reader().await.read_vote().await.unwrap(),
+                Some(vote)
+            );
+            assert_eq!(store.reader.meta_get::<u32>(KEY_FORMAT).unwrap(), Some(2));
+            assert!(store.db.open_tree(LOG_TREE).unwrap().is_empty());
+            drop(store);
+            // And it stays moved.
+            let store = LogStore::open(dir.path()).unwrap();
+            assert_eq!(store.entries(..).unwrap().len(), 2990);
         });
     }
 
@@ -737,7 +833,7 @@ mod tests {
     }
 
     #[test]
-    fn an_interrupted_purge_is_finished_at_open() {
+    fn entries_below_a_purge_point_left_by_a_crash_are_not_read() {
         let dir = tempfile::tempdir().unwrap();
         runtime().block_on(async {
             let mut store = LogStore::open(dir.path()).unwrap();
@@ -756,6 +852,20 @@ mod tests {
             let state = store.get_log_state().await.unwrap();
             assert_eq!(state.last_log_id, Some(log_id::<TypeConfig>(1, 1, 6)));
             assert_eq!(state.last_purged_log_id, state.last_log_id);
+            // The log goes on after the purge point.
+            store
+                .blocking_append((7..=8).map(|i| blank_ent::<TypeConfig>(1, 1, i)))
+                .await
+                .unwrap();
+            drop(store);
+            let store = LogStore::open(dir.path()).unwrap();
+            let indexes: Vec<u64> = store
+                .entries(..)
+                .unwrap()
+                .iter()
+                .map(|e| e.index())
+                .collect();
+            assert_eq!(indexes, vec![7, 8]);
         });
     }
 

@@ -155,6 +155,7 @@ impl StateMachineStore {
     pub async fn build_snapshot(&self) -> Result<StoreSnapshot, StoreError> {
         let sm = self.clone();
         blocking(move || {
+            let started = std::time::Instant::now();
             // A consistent view: the state and how far it has applied,
             // copied together, then the apply lock is free again.
             let (meta, state) = {
@@ -177,7 +178,14 @@ impl StateMachineStore {
                 }
             }
             let file = sm.snapshots.write_current(&meta, &state)?;
-            tracing::info!(last_log_id = ?meta.last_log_id, "snapshot built");
+            metrics::histogram!(tern_protocol::metric_names::STORE_SNAPSHOT_BUILD_SECONDS)
+                .record(started.elapsed().as_secs_f64());
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default();
+            metrics::gauge!(tern_protocol::metric_names::STORE_SNAPSHOT_LAST_BUILT)
+                .set(now.as_secs_f64());
+            tracing::info!(last_log_id = ?meta.last_log_id, millis = started.elapsed().as_millis(), "snapshot built");
             Ok(Snapshot {
                 meta,
                 snapshot: file,

@@ -1,31 +1,27 @@
-//! Group commit for the Raft log: one thread that makes sled's writes
+//! Group commit for the Raft log: one thread that makes the log's writes
 //! durable, many writes per sync.
 //!
-//! sled 0.34's own flush writes its buffers with `pwrite` and
-//! `sync_file_range`, which starts and waits for the write-out of those
-//! pages but flushes neither the drive's cache nor the file's metadata; its
-//! only real `fsync` is a background flush every 500 ms. So a write sled
-//! calls flushed survives a process crash but not a power cut. Here a sync
-//! is sled's flush **followed by `fdatasync` of sled's data file** (the
-//! file's size included), and nothing is acknowledged before both return.
+//! Writers put their changes into the log's files (segment `pwrite`s, or
+//! sled's in-memory meta tree) and then [`Syncer::submit`] a completion:
+//! an openraft `IOFlushed` callback (appends, which openraft lets finish
+//! later) or a channel a caller awaits (votes, purges). The thread takes
+//! every completion queued, runs one sync for all of them (the log store's
+//! sync: `fdatasync` of every segment file written since the last sync,
+//! and sled's flush plus `fdatasync` of its data file when the meta tree
+//! changed), and completes them in the order they were submitted; writes
+//! submitted while a sync runs share the next one. A completion is
+//! submitted after its write, and the sync collects the files to sync
+//! after it has taken the completions, so every completion's write is
+//! covered by the sync that completes it. So openraft's core loop never
+//! waits for the disk, and under load one sync covers many appends.
 //!
-//! Writers put their changes into sled (in memory) and then [`Syncer::
-//! submit`] a completion: an openraft `IOFlushed` callback (appends, which
-//! openraft lets finish later) or a channel a caller awaits (votes,
-//! truncations, purges). The thread takes every completion queued, runs
-//! one sync for all of them, and completes them in the order they were
-//! submitted; writes submitted while a sync runs share the next one. So
-//! openraft's core loop never waits for the disk, and under load one sync
-//! covers many appends.
-//!
-//! Each sync's time (the flush and the `fdatasync` together) is recorded
-//! in `tern_store_sync_seconds`: a slow disk shows there first.
+//! Each sync's time is recorded in `tern_store_sync_seconds`: a slow disk
+//! shows there first.
 //!
 //! A failed sync fails every completion of its group and every later one:
 //! after a failed `fsync` the kernel may have dropped the pages it could
 //! not write, so retrying would report success for lost data.
 
-use std::fs::File;
 use std::path::Path;
 use std::sync::mpsc;
 use std::time::Instant;
@@ -40,9 +36,6 @@ use crate::types::TypeConfig;
 /// tuning knob: openraft keeps its own bound on writes in flight, far
 /// below this; a full queue makes writers wait rather than grow memory.
 pub const MAX_PENDING_SYNCS: usize = 65_536;
-
-/// The file sled keeps its log segments in, inside its directory.
-const SLED_DATA_FILE: &str = "db";
 
 /// What to do once a write is durable.
 pub(crate) enum Completion {
@@ -75,19 +68,17 @@ pub(crate) struct Syncer {
 }
 
 impl Syncer {
-    /// Starts the sync thread for the sled database `db` in `dir`.
-    pub(crate) fn start(db: sled::Db, dir: &Path) -> Result<Syncer, StoreError> {
-        let path = dir.join(SLED_DATA_FILE);
-        let file = File::open(&path).map_err(StoreError::io("open for sync", &path))?;
-        // The directory entry of the data file, created by sled, must be
-        // durable too; once is enough (sled never renames it).
-        File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(StoreError::io("sync directory", dir))?;
+    /// Starts the sync thread for the log in `dir`; `sync` makes
+    /// everything written so far durable, or says what failed.
+    pub(crate) fn start<F>(dir: &Path, sync: F) -> Result<Syncer, StoreError>
+    where
+        F: FnMut() -> Result<(), String> + Send + 'static,
+    {
         let (tx, rx) = mpsc::sync_channel(MAX_PENDING_SYNCS);
+        let path = dir.to_owned();
         std::thread::Builder::new()
             .name("tern-log-sync".into())
-            .spawn(move || run(&db, &file, &path, &rx))
+            .spawn(move || run(sync, &path, &rx))
             .map_err(StoreError::io("start the sync thread", dir))?;
         Ok(Syncer { tx })
     }
@@ -113,20 +104,17 @@ impl Syncer {
 }
 
 /// The sync thread: one sync per group of queued completions, in order.
-fn run(db: &sled::Db, file: &File, path: &Path, rx: &mpsc::Receiver<Completion>) {
+fn run<F>(mut sync: F, dir: &Path, rx: &mpsc::Receiver<Completion>)
+where
+    F: FnMut() -> Result<(), String>,
+{
     let mut failed: Option<String> = None;
     while let Ok(first) = rx.recv() {
         let mut group = vec![first];
         group.extend(rx.try_iter());
         if failed.is_none() {
             let started = Instant::now();
-            let result = db
-                .flush()
-                .map_err(|e| format!("sled flush: {e}"))
-                .and_then(|_| {
-                    file.sync_data()
-                        .map_err(|e| format!("fdatasync {}: {e}", path.display()))
-                });
+            let result = sync();
             metrics::histogram!(tern_protocol::metric_names::STORE_SYNC_SECONDS)
                 .record(started.elapsed().as_secs_f64());
             match result {
@@ -140,7 +128,7 @@ fn run(db: &sled::Db, file: &File, path: &Path, rx: &mpsc::Receiver<Completion>)
                     // and what to check.
                     let e = StoreError::LogWrite {
                         op: "sync",
-                        dir: path.parent().unwrap_or(path).to_owned(),
+                        dir: dir.to_owned(),
                         source: Box::new(StoreError::Sync(e)),
                     }
                     .to_string();

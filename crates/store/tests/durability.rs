@@ -1,14 +1,15 @@
 //! Acknowledged means on stable storage, proven from the system calls: a
 //! child process appends log entries through the real [`LogStore`] under
 //! `strace`, printing `sub N` to stdout when an append has been submitted
-//! (the entry is in sled, not yet durable) and `ack N` when its openraft
-//! callback fired. In the trace, between `sub N` and `ack N` there must be
-//! a successful `fdatasync` (or `fsync`) of sled's data file: sled writes
-//! only when the store flushes (its periodic flush is off), and the store
-//! flushes right before it syncs, so that sync covers entry N. Appends are
-//! submitted in bursts, so one sync may cover several (how many depends on
-//! timing, so it is not asserted). A vote and a purge are checked the same
-//! way.
+//! (the entry is written into a segment file, not yet durable) and `ack N`
+//! when its openraft callback fired. In the trace, between `sub N` and
+//! `ack N` there must be a successful `fdatasync` (or `fsync`) of a segment
+//! file, after the entry's write to it. Appends are submitted in bursts,
+//! so one sync may cover several (how many depends on timing, so it is not
+//! asserted). A vote and a purge are checked the same way against sled's
+//! data file, which holds them (sled writes only when the store flushes:
+//! its periodic flush is off, and the store flushes right before it
+//! syncs).
 //!
 //! The child is this test binary re-executed with [`CHILD_ENV`] naming the
 //! data directory; it runs only the ignored `sync_child` test. The test
@@ -108,13 +109,22 @@ fn sync_child() {
     });
 }
 
+/// Which file a traced write or sync was of.
+#[derive(Debug, PartialEq, Eq, Hash, Clone, Copy)]
+enum File {
+    /// A log segment: entries.
+    Segment,
+    /// sled's data file: the vote and the purge point.
+    Meta,
+}
+
 /// One traced system call.
 #[derive(Debug, PartialEq)]
 enum Event {
-    /// A write to sled's data file.
-    DataWrite,
-    /// `fdatasync`/`fsync` of sled's data file, returned successfully.
-    DataSync,
+    /// A successful write to a data file.
+    DataWrite(File),
+    /// `fdatasync`/`fsync` of a data file, returned successfully.
+    DataSync(File),
     /// A submission line on stdout.
     Sub(String),
     /// An acknowledgement line on stdout.
@@ -126,7 +136,7 @@ enum Event {
 /// ...>`, later `<... NAME resumed> ...`): a stdout line counts when its
 /// write starts (the earliest moment anyone could see it), a sync when it
 /// returns.
-fn events(trace: &str, data_file: &str) -> Vec<Event> {
+fn events(trace: &str, segment_dir: &str, meta_file: &str) -> Vec<Event> {
     let mut out = Vec::new();
     let mut pending: std::collections::HashMap<&str, String> = std::collections::HashMap::new();
     for line in trace.lines() {
@@ -148,12 +158,20 @@ fn events(trace: &str, data_file: &str) -> Vec<Event> {
         } else {
             (call.to_owned(), false)
         };
-        let on_data = whole.contains(&format!("{data_file}>"));
+        let on = if whole.contains(&format!("<{segment_dir}/")) {
+            Some(File::Segment)
+        } else if whole.contains(&format!("<{meta_file}>")) {
+            Some(File::Meta)
+        } else {
+            None
+        };
         let ok = !whole.contains("= -1");
-        if (whole.starts_with("pwrite") || whole.starts_with("write(")) && on_data && ok {
-            out.push(Event::DataWrite);
-        } else if (whole.starts_with("fdatasync") || whole.starts_with("fsync")) && on_data && ok {
-            out.push(Event::DataSync);
+        let is_write = whole.starts_with("pwrite") || whole.starts_with("write(");
+        let is_sync = whole.starts_with("fdatasync") || whole.starts_with("fsync");
+        if let (Some(file), true, true) = (on, is_write, ok) {
+            out.push(Event::DataWrite(file));
+        } else if let (Some(file), true, true) = (on, is_sync, ok) {
+            out.push(Event::DataSync(file));
         } else if !resumed {
             stdout_event(&whole, &mut out);
         }
@@ -207,38 +225,67 @@ fn acknowledgements_follow_their_sync() {
     let acks = String::from_utf8_lossy(&status.stdout);
     assert!(acks.contains("ack last"), "the child finished: {acks}");
 
-    let data_file = data.join("db");
-    let data_file = data_file.to_str().expect("utf-8 path");
+    let meta_file = data.join("db");
+    let meta_file = meta_file.to_str().expect("utf-8 path");
+    let segment_dir = data.join("segments");
+    let segment_dir = segment_dir.to_str().expect("utf-8 path");
     let trace = std::fs::read_to_string(&trace_file).expect("trace");
-    let events = events(&trace, data_file);
-    // For each write: the number of syncs seen when it was submitted.
-    let mut syncs_at_submit = std::collections::HashMap::new();
+    let events = events(&trace, segment_dir, meta_file);
+    let acks_seen = check_acks(&events);
+    let syncs_of = |file: File| {
+        events
+            .iter()
+            .filter(|e| **e == Event::DataSync(file))
+            .count()
+    };
+    let expected_acks = usize::try_from(APPENDS).expect("small") + 3;
+    assert_eq!(acks_seen, expected_acks, "every ack is in the trace");
+    for file in [File::Segment, File::Meta] {
+        assert!(
+            events.contains(&Event::DataWrite(file)),
+            "the trace shows writes of {file:?}"
+        );
+        assert!(syncs_of(file) > 0, "the trace shows syncs of {file:?}");
+    }
+}
+
+/// Checks that every ack in `events` follows a sync of its file after its
+/// submission; returns how many acks there were.
+fn check_acks(events: &[Event]) -> usize {
+    // For each write: the number of syncs of its file seen when it was
+    // submitted (after its `pwrite`, so a later sync covers it).
+    let mut at_submit = std::collections::HashMap::new();
     let mut acks_seen = 0;
-    let mut syncs = 0;
-    for e in &events {
+    let mut syncs = std::collections::HashMap::from([(File::Segment, 0), (File::Meta, 0)]);
+    for e in events {
         match e {
-            Event::DataWrite => {}
-            Event::DataSync => syncs += 1,
+            Event::DataWrite(_) => {}
+            Event::DataSync(file) => *syncs.entry(*file).or_default() += 1,
             Event::Sub(what) => {
-                syncs_at_submit.insert(what.clone(), syncs);
+                let file = file_of(what);
+                at_submit.insert(what.clone(), syncs[&file]);
             }
             Event::Ack(what) => {
-                let submitted = syncs_at_submit
+                let file = file_of(what);
+                let submitted = at_submit
                     .get(what)
                     .unwrap_or_else(|| panic!("ack {what} before its submission"));
                 assert!(
-                    syncs > *submitted,
-                    "ack {what} was written with no fdatasync of {data_file} since it was submitted"
+                    syncs[&file] > *submitted,
+                    "ack {what} was written with no fdatasync of its file ({file:?}) since it was submitted"
                 );
                 acks_seen += 1;
             }
         }
     }
-    let expected_acks = usize::try_from(APPENDS).expect("small") + 3;
-    assert_eq!(acks_seen, expected_acks, "every ack is in the trace");
-    assert!(
-        events.iter().filter(|e| **e == Event::DataWrite).count() > 0,
-        "the trace shows the data file's writes"
-    );
-    assert!(syncs > 0, "the trace shows the data file's syncs");
+    acks_seen
+}
+
+/// The file that makes `what` durable: the vote and the purge point live in
+/// sled's meta tree, entries in segments.
+fn file_of(what: &str) -> File {
+    match what {
+        "vote" | "purge" => File::Meta,
+        _ => File::Segment,
+    }
 }

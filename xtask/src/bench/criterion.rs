@@ -163,7 +163,7 @@ const SPECS: &[Spec] = &[
         iroh: Some("raft/commit_1_writer/iroh"),
         grpc: Some("raft/commit_1_writer/grpc"),
         seed: Some(33e3),
-        note: "real transports on loopback and sled flushes; seed: openraft's bench, no network, no disk",
+        note: "real transports on loopback and synced log writes; seed: openraft's bench, no network, no disk",
         ..NONE
     },
     Spec {
@@ -175,7 +175,7 @@ const SPECS: &[Spec] = &[
         iroh: Some("raft/commit_64_writers/iroh"),
         grpc: Some("raft/commit_64_writers/grpc"),
         seed: Some(912e3),
-        note: "real transports on loopback and sled flushes; seed: openraft's bench, no network, no disk",
+        note: "real transports on loopback and synced log writes; seed: openraft's bench, no network, no disk",
         ..NONE
     },
     Spec {
