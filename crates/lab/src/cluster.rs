@@ -4,7 +4,8 @@
 //! [`Cluster::start`] writes each node's config (listen addresses on the
 //! node's own address, the `[transport]` section the scenario asks for,
 //! `[cluster] join` pointing at node 1), starts node 1, then the others
-//! one by one, and waits until every node is a voter and a leader is
+//! one by one, and waits until every node is a member (up to five
+//! voters, the rest learners: `[cluster] max_voters`) and a leader is
 //! known. Then a scenario can find the leader, SIGKILL and restart a node,
 //! reload a node's `[transport]` by SIGHUP, scrape `/metrics`
 //! ([`Metrics`]), run the CLI against a node ([`Cluster::cli`]) and drive
@@ -70,6 +71,12 @@ pub struct ClusterSpec {
     /// off by default). A node runs inside its own namespace, so with no
     /// `host_netns` its VM bridge and devices live there.
     pub network: NetworkSection,
+    /// Write `transport` into every node's file (`[transport]`, the
+    /// emergency pin: the cluster's policies are then ignored). Off, the
+    /// nodes run the cluster's policy for them (the default, `grpc`,
+    /// until an operator or the rollout sets one): the rollout needs it
+    /// off.
+    pub pin_transport: bool,
 }
 
 impl ClusterSpec {
@@ -81,6 +88,7 @@ impl ClusterSpec {
             subnet: Cidr::new(std::net::Ipv4Addr::new(10, 77, 0, 0), 24),
             iroh_any: false,
             network: NetworkSection::default(),
+            pin_transport: true,
         }
     }
 }
@@ -238,6 +246,7 @@ impl Cluster {
             if cluster.spec.iroh_any {
                 listen_any(&mut c);
             }
+            c.transport = c.transport.filter(|_| cluster.spec.pin_transport);
             c.network = cluster.spec.network.clone();
             config::write(&slot.config, &c)?;
             cluster.start_node(i).await?;
@@ -391,22 +400,30 @@ impl Cluster {
         self.cli(i, &["status"]).await
     }
 
-    /// Waits until every node is a voter and a leader is known; records
-    /// every node's Raft id.
+    /// Waits until every node is a member, the first
+    /// `DEFAULT_MAX_VOTERS` (5) of them voters (later joiners stay
+    /// learners) and a leader is known; records every node's Raft id.
     pub async fn wait_formed(&mut self) -> anyhow::Result<()> {
-        let want = self.nodes.len();
+        let members = self.nodes.len();
+        // Joiners beyond `[cluster] max_voters` (the default) stay learners.
+        let want = members.min(tern_cluster::admission::DEFAULT_MAX_VOTERS);
         let deadline = Instant::now() + CONVERGE_BOUND;
         loop {
             let last = match self.status(1).await {
                 Ok(s) => {
+                    let all = s["members"].as_array().map_or(0, Vec::len);
                     let voters = s["members"]
                         .as_array()
                         .map(|m| m.iter().filter(|m| m["voter"] == Value::Bool(true)).count())
                         .unwrap_or(0);
-                    if voters == want && s["leader_id"].as_u64().unwrap_or(0) != 0 {
+                    if voters == want && all == members && s["leader_id"].as_u64().unwrap_or(0) != 0
+                    {
                         break;
                     }
-                    format!("{voters} of {want} voters, leader {}", s["leader_id"])
+                    format!(
+                        "{all} of {members} members, {voters} of {want} voters, leader {}",
+                        s["leader_id"]
+                    )
                 }
                 Err(e) => e.to_string(),
             };

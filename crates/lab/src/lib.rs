@@ -33,7 +33,8 @@
 //! - [`history`]: a client history of register puts and gets and its
 //!   checks (linearizability per key, lost acknowledged writes);
 //!   [`workload`]: the recording register clients; [`criteria`]: the
-//!   rollout's criteria from two scrapes of every node.
+//!   rollout's criteria from two scrapes of every node (unplanned
+//!   fallbacks only, Raft's deadline misses apart).
 //! - [`relay`]: the lab's private iroh relay.
 //! - [`report`]: a progress line per step, figures, guarantee checks, the
 //!   summary table and the verdict (the exit code).

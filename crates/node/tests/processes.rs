@@ -1627,19 +1627,17 @@ fn the_desired_policy_is_set_remotely_and_the_file_pin_always_wins() {
 }
 
 /// The default plan with every soak cut to `soak_secs`, written under
-/// `base`; answers its path. `tolerant` raises the fallback and
-/// leader-change bounds: on this shared 2-core machine a Raft heartbeat
-/// over iroh that misses its deadline falls back to gRPC now and then,
-/// and the default bound (0) rolls the stage back, as it should in a
-/// fleet; the driver test is about the walk, not about that noise.
+/// `base`; answers its path. `tolerant` raises the leader-change bound:
+/// the driver test is about the walk, not about elections on this shared
+/// 2-core machine. The fallback bound stays the default (0 unplanned): a
+/// Raft heartbeat over iroh that misses its deadline here and falls back
+/// to gRPC is a planned fallback and no longer rolls the stage back.
 fn compressed_plan(base: &Path, soak_secs: u64, tolerant: bool) -> String {
     let default = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/rollout/default.toml");
     let text = std::fs::read_to_string(default).unwrap();
     let mut text = text.replace("soak_secs = 86400", &format!("soak_secs = {soak_secs}"));
     if tolerant {
-        text = text
-            .replace("max_fallbacks = 0", "max_fallbacks = 1000000")
-            .replace("max_leader_changes = 1", "max_leader_changes = 100");
+        text = text.replace("max_leader_changes = 1", "max_leader_changes = 100");
     }
     let path = base.join("plan.toml");
     std::fs::write(&path, text).unwrap();
@@ -2031,7 +2029,7 @@ fn the_leader_drives_the_rollout_holds_on_a_missing_node_and_resumes_after_failo
     }
     let out = cli(&["rollout", "history", "--data-dir", &dirs[0]]);
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("(at most 1000000)"), "{text}");
+    assert!(text.contains("unplanned (at most 0)"), "{text}");
     assert!(!text.contains("Some("), "no debug formatting:\n{text}");
     cli_json(&["rollout", "rollback", "--all", "--data-dir", &dirs[0]]);
     for n in &nodes {

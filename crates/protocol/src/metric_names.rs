@@ -91,9 +91,11 @@ metrics! {
     /// Calls sent by the router; labels `service`, `transport`.
     ROUTER_CALLS = "tern_router_calls_total", Counter,
         "Call attempts the dual router made, by service and transport.";
-    /// Fallbacks to gRPC; labels `service`, `method`, `reason`.
+    /// Fallbacks to gRPC; labels `service`, `method`, `reason` (a
+    /// transport error kind, `breaker_open` or `path_dead`; which are
+    /// unplanned: [`fallback_is_unplanned`]).
     ROUTER_FALLBACKS = "tern_router_fallbacks_total", Counter,
-        "Calls the dual router sent over gRPC after iroh failed or was cooling down.";
+        "Calls the dual router sent over gRPC after iroh failed or was cooling down, by reason (unplanned: unreachable, connection_lost, wrong_peer, protocol, path_dead; planned: timed_out, breaker_open, overloaded, peer_shutting_down, local_shutdown, not_served).";
     /// Checks of a slow iroh call's path; labels `outcome` (`alive`,
     /// `dead`).
     ROUTER_PATH_CHECKS = "tern_router_path_checks_total", Counter,
@@ -267,9 +269,76 @@ label_values! {
     }
 }
 
+/// The `reason` of a [`ROUTER_FALLBACKS`] sample when a slow iroh call
+/// was abandoned because its path did not answer a ping (or a short call
+/// timed out on a path the last such ping found dead): the path is broken,
+/// not the peer slow.
+pub const FALLBACK_PATH_DEAD: &str = "path_dead";
+
+/// The `reason` of a [`ROUTER_FALLBACKS`] sample for a call sent straight
+/// to gRPC while the peer's iroh breaker was open.
+pub const FALLBACK_BREAKER_OPEN: &str = "breaker_open";
+
+/// Fallback reasons that are planned or benign: the iroh path itself did
+/// not fail.
+///
+/// - `timed_out`: the call's iroh budget passed with no answer and no ping
+///   found the path dead — a missed deadline, as a Raft heartbeat on a
+///   loaded machine misses it, then sent again over gRPC;
+/// - `breaker_open`: sent over gRPC while the breaker cooled down; the
+///   failures that opened it were counted (and classed) when they happened;
+/// - `overloaded`: a local limit (calls in flight, queue) refused it;
+/// - `peer_shutting_down`, `local_shutdown`: a node stopping or restarting
+///   (an upgrade, an operator's restart);
+/// - `not_served`: a node without iroh (a policy or capability matter).
+pub const PLANNED_FALLBACK_REASONS: &[&str] = &[
+    "timed_out",
+    FALLBACK_BREAKER_OPEN,
+    "overloaded",
+    "peer_shutting_down",
+    "local_shutdown",
+    "not_served",
+];
+
+/// Whether a fallback with this `reason` is **unplanned**: the iroh path
+/// failed (`unreachable`: no connection or handshake; `connection_lost`:
+/// the connection or stream broke; `wrong_peer`: the peer's identity did
+/// not match; `protocol`: broken frames; [`FALLBACK_PATH_DEAD`]: the path
+/// stopped answering pings, as when UDP is blocked). Any reason not in
+/// [`PLANNED_FALLBACK_REASONS`] counts as unplanned, so a reason added
+/// later is judged strictly until it is classed. The rollout's
+/// `fallbacks` gate and the lab's criteria count only these.
+pub fn fallback_is_unplanned(reason: &str) -> bool {
+    !PLANNED_FALLBACK_REASONS.contains(&reason)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fallbacks_are_unplanned_only_when_the_iroh_path_failed() {
+        for planned in [
+            "timed_out",
+            "breaker_open",
+            "overloaded",
+            "peer_shutting_down",
+            "local_shutdown",
+            "not_served",
+        ] {
+            assert!(!fallback_is_unplanned(planned), "{planned}");
+        }
+        for unplanned in [
+            "unreachable",
+            "connection_lost",
+            "wrong_peer",
+            "protocol",
+            FALLBACK_PATH_DEAD,
+            "a_reason_added_later",
+        ] {
+            assert!(fallback_is_unplanned(unplanned), "{unplanned}");
+        }
+    }
 
     #[test]
     fn names_are_unique_and_conventional() {

@@ -135,7 +135,16 @@ pub struct Gates {
     /// The least share of direct (not relayed) iroh paths, percent, where
     /// relays are configured.
     pub direct_min_pct: u32,
-    /// Most router fallbacks to gRPC in a stage's window.
+    /// Most **unplanned** router fallbacks to gRPC in a stage's window:
+    /// those where the iroh path failed (connect, handshake, a broken
+    /// connection or stream, a path that stopped answering pings as when
+    /// UDP is blocked). A call that missed its deadline on a loaded machine
+    /// and was sent again over gRPC, one sent while the breaker cooled
+    /// down, a local limit, a node shutting down or without iroh are
+    /// planned and not counted (`tern_protocol::metric_names::
+    /// fallback_is_unplanned` classes the `reason` label; see
+    /// docs/operations.md, "What counts as an unplanned rollback or
+    /// fallback").
     pub max_fallbacks: u64,
     /// Most Raft leader changes in a stage's window (summed over the
     /// covered nodes; a spike fails the stage).
@@ -191,6 +200,21 @@ fn check_name(stage: Option<usize>, name: &str) -> Result<(), PlanError> {
 }
 
 impl Plan {
+    /// The plan with every stage's soak set to `soak`, whole seconds
+    /// (rounded down, at most [`MAX_SOAK_SECS`]; at least one second).
+    ///
+    /// For rehearsals: the demo and the lab run the operators' default
+    /// plan (`deploy/rollout/default.toml`, a day per stage) with soaks of
+    /// seconds. Everything else (stages, policies, gates) is kept, and the
+    /// result is still to be [`Plan::check`]ed like any plan.
+    pub fn with_soak(mut self, soak: std::time::Duration) -> Plan {
+        let secs = soak.as_secs().clamp(1, MAX_SOAK_SECS);
+        for s in &mut self.stages {
+            s.soak_secs = secs;
+        }
+        self
+    }
+
     /// Checks the plan: 1 to [`MAX_STAGES`] stages, each with a name,
     /// exactly one of `percent` (1 to 100, not below the stage before) and
     /// `nodes` (1 to [`MAX_STAGE_NODES`], no repeats), a soak of at most
@@ -315,7 +339,10 @@ impl fmt::Display for RolloutStatus {
 /// nodes it covers. Integers: latencies in microseconds.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GateFigures {
-    /// Calls over gRPC (made and served).
+    /// Calls over gRPC (made and served), Raft's apart: a Raft call that
+    /// missed its deadline on a loaded machine is sent again by Raft, not
+    /// an error of the stage (the leader-change and fallback gates judge
+    /// Raft). So are the other three call and error counts.
     pub grpc_calls: u64,
     /// Of them, transport errors.
     pub grpc_errors: u64,
@@ -330,7 +357,7 @@ pub struct GateFigures {
     /// Direct and total iroh paths, where relays are configured (`None`:
     /// no relay configured, the gate does not apply).
     pub paths: Option<(u64, u64)>,
-    /// Router fallbacks to gRPC.
+    /// Unplanned router fallbacks to gRPC (see [`Gates::max_fallbacks`]).
     pub fallbacks: u64,
     /// Raft leader changes.
     pub leader_changes: u64,
@@ -1007,6 +1034,21 @@ mod tests {
                 },
             ],
         }
+    }
+
+    #[test]
+    fn a_soak_override_compresses_every_stage_and_keeps_the_rest() {
+        let p = plan().with_soak(std::time::Duration::from_millis(2500));
+        assert!(p.stages.iter().all(|s| s.soak_secs == 2));
+        assert_eq!(p.stages.len(), 3);
+        assert_eq!(p.stages[2].policy, policy(Mode::Iroh));
+        assert_eq!(p.check(), Ok(()));
+        // Never zero, never beyond what a plan may ask for.
+        let p = plan().with_soak(std::time::Duration::ZERO);
+        assert!(p.stages.iter().all(|s| s.soak_secs == 1));
+        let p = plan().with_soak(std::time::Duration::from_secs(u64::MAX));
+        assert!(p.stages.iter().all(|s| s.soak_secs == MAX_SOAK_SECS));
+        assert_eq!(p.check(), Ok(()));
     }
 
     fn state(n: u64) -> ClusterState {

@@ -64,6 +64,11 @@ pub const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 /// A peer with no Raft call for this long is no longer probed.
 pub const PROBE_FORGET: Duration = Duration::from_secs(60);
 
+/// How long a path check's "dead" verdict classes a timed-out iroh call to
+/// that peer as [`names::FALLBACK_PATH_DEAD`] rather than a missed
+/// deadline (a check that finds the path alive clears it sooner).
+pub const PATH_DEAD_MEMORY: Duration = Duration::from_secs(10);
+
 /// What the router keeps per peer.
 #[derive(Debug)]
 struct PeerState {
@@ -314,7 +319,7 @@ impl DualRouter {
         if can_fall_back
             && let Admit::Open { .. } = self.with_peer(peer, |p| p.breaker.admit(started))
         {
-            metrics::counter!(names::ROUTER_FALLBACKS, "service" => service.name(), "method" => method.name, "reason" => "breaker_open")
+            metrics::counter!(names::ROUTER_FALLBACKS, "service" => service.name(), "method" => method.name, "reason" => names::FALLBACK_BREAKER_OPEN)
                 .increment(1);
             let result = self.attempt_stream(TransportKind::Grpc, peer, call).await;
             return (result, route(TransportKind::Grpc, true));
@@ -352,7 +357,8 @@ impl DualRouter {
         if remaining < MIN_FALLBACK_TIME {
             return (result, route(first, false));
         }
-        metrics::counter!(names::ROUTER_FALLBACKS, "service" => service.name(), "method" => method.name, "reason" => err.kind.as_str())
+        let reason = self.fallback_reason(peer, &err);
+        metrics::counter!(names::ROUTER_FALLBACKS, "service" => service.name(), "method" => method.name, "reason" => reason)
             .increment(1);
         tracing::warn!(
             peer = %peer.id.short(),
@@ -413,7 +419,7 @@ impl DualRouter {
         if can_fall_back
             && let Admit::Open { .. } = self.with_peer(peer, |p| p.breaker.admit(started))
         {
-            metrics::counter!(names::ROUTER_FALLBACKS, "service" => service.name(), "method" => method.name, "reason" => "breaker_open")
+            metrics::counter!(names::ROUTER_FALLBACKS, "service" => service.name(), "method" => method.name, "reason" => names::FALLBACK_BREAKER_OPEN)
                 .increment(1);
             let result = self.attempt(TransportKind::Grpc, peer, call).await;
             return (
@@ -483,7 +489,8 @@ impl DualRouter {
                 }),
             );
         }
-        metrics::counter!(names::ROUTER_FALLBACKS, "service" => service.name(), "method" => method.name, "reason" => transport_err.kind.as_str())
+        let reason = self.fallback_reason(peer, transport_err);
+        metrics::counter!(names::ROUTER_FALLBACKS, "service" => service.name(), "method" => method.name, "reason" => reason)
             .increment(1);
         tracing::warn!(
             peer = %peer.id.short(),
@@ -501,6 +508,30 @@ impl DualRouter {
                 fell_back: true,
             }),
         )
+    }
+
+    /// The `reason` label of a fallback after `err` on iroh: the error's
+    /// kind, except that a `TimedOut` on a path a ping found dead within
+    /// [`PATH_DEAD_MEMORY`] (and none found alive since) is
+    /// [`names::FALLBACK_PATH_DEAD`] — the path failed, the call did not
+    /// merely miss its deadline. The split decides what counts as an
+    /// unplanned fallback ([`names::fallback_is_unplanned`]).
+    fn fallback_reason(&self, peer: &PeerAddr, err: &TransportError) -> &'static str {
+        if err.kind != TransportErrorKind::TimedOut {
+            return err.kind.as_str();
+        }
+        let now = crate::now();
+        let dead = self.with_peer(peer, |p| {
+            p.path
+                .dead
+                .as_ref()
+                .is_some_and(|(at, _)| now.saturating_duration_since(*at) < PATH_DEAD_MEMORY)
+        });
+        if dead {
+            names::FALLBACK_PATH_DEAD
+        } else {
+            err.kind.as_str()
+        }
     }
 
     /// Runs `attempt` (a call or a stream opening on iroh that may fall
@@ -1140,6 +1171,58 @@ mod tests {
         // The breaker is open: the next call does not try iroh.
         assert_eq!(r.call(&p, long(methods::VM_STOP)).await.unwrap(), "grpc");
         assert_eq!(i.calls(), 1);
+        // A timeout on this path is its death, an unplanned fallback.
+        let timed_out = TransportError::new(
+            TransportKind::Iroh,
+            TransportErrorKind::TimedOut,
+            Delivery::MayHaveBeenDelivered,
+            "budget",
+        );
+        assert_eq!(r.fallback_reason(&p, &timed_out), names::FALLBACK_PATH_DEAD);
+        assert!(names::fallback_is_unplanned(
+            r.fallback_reason(&p, &timed_out)
+        ));
+        // Once the verdict is old, a timeout is a missed deadline again.
+        tokio::time::advance(PATH_DEAD_MEMORY).await;
+        assert_eq!(r.fallback_reason(&p, &timed_out), "timed_out");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_missed_deadline_on_a_live_path_is_a_planned_fallback() {
+        // A loaded machine: iroh answers pings but not this call within
+        // its budget (shorter than the first path check, as a Raft
+        // heartbeat's): the call is sent again over gRPC and its fallback
+        // is classed `timed_out`, not unplanned.
+        let g = Fake::new(TransportKind::Grpc);
+        let i = Fake::with(
+            TransportKind::Iroh,
+            Duration::from_millis(200),
+            Duration::from_millis(1),
+        );
+        let timed_out = TransportError::new(
+            TransportKind::Iroh,
+            TransportErrorKind::TimedOut,
+            Delivery::MayHaveBeenDelivered,
+            "budget",
+        );
+        i.push(Err(timed_out.clone().into()));
+        let r = DualRouter::new(Some(g.clone()), Some(i.clone()), dual(&[ServiceId::Vm]));
+        let p = peer(true, true);
+        let short =
+            Call::new(methods::VM_LIST, Bytes::new()).with_timeout(Duration::from_millis(400));
+        let (result, route) = r.call_routed(&p, short).await;
+        assert_eq!(result.unwrap(), "grpc");
+        assert_eq!(route.map(|r| r.fell_back), Some(true));
+        let reason = r.fallback_reason(&p, &timed_out);
+        assert_eq!(reason, "timed_out");
+        assert!(!names::fallback_is_unplanned(reason));
+        let lost = TransportError::new(
+            TransportKind::Iroh,
+            TransportErrorKind::ConnectionLost,
+            Delivery::MayHaveBeenDelivered,
+            "reset",
+        );
+        assert!(names::fallback_is_unplanned(r.fallback_reason(&p, &lost)));
     }
 
     /// `n` `Vm/Stop` calls to `p` at once (60 s each), their answers.
