@@ -1054,6 +1054,12 @@ mod tests {
             latency_1w: vec![Duration::from_millis(2); 10],
             failovers: vec![Duration::from_millis(700); 5],
             elections: Some((0.0, 1.0)),
+            snapshots: Some(SnapshotSplit {
+                during_p99: Some(0.02),
+                outside_p99: Some(0.01),
+                during_puts: 40,
+                builds: 2,
+            }),
             notes: vec![],
         };
         let failed = ModeResult {
@@ -1076,9 +1082,15 @@ mod tests {
         assert_eq!(loaded.values.iroh, None);
         assert_eq!(row("raft_elections_idle_3proc").values.grpc, Some(0.0));
         assert!(loaded.name.ends_with("5 s"), "{}", loaded.name);
+        let during = row("raft_commit_p99_during_snapshot_3proc");
+        assert_eq!(during.values.grpc, Some(0.02 * 1e9));
+        assert_eq!(during.values.iroh, None);
+        assert!(during.note.contains("builds seen: grpc 2"), "{}", during.note);
+        let outside = row("raft_commit_p99_outside_snapshot_3proc");
+        assert_eq!(outside.values.grpc, Some(0.01 * 1e9));
         // What xtask reads back is what was written.
         let text = serde_json::to_string(&part).unwrap();
-        assert_eq!(Part::parse(&text).unwrap().rows.len(), 8);
+        assert_eq!(Part::parse(&text).unwrap().rows.len(), 10);
         assert_eq!(
             part.curves[0].series["grpc"],
             vec![(1.0, 100.0), (64.0, 900.0)]
