@@ -112,20 +112,26 @@ pub fn figures(
         f.iroh_errors += not_raft("iroh", Some(err));
         f.fallbacks += unplanned_fallbacks(&d).values().sum::<u64>();
         f.leader_changes = f.leader_changes.max(n(names::RAFT_LEADER_CHANGES, &[]));
-        add(
-            &mut grpc,
-            &d.buckets(
-                names::CALL_SECONDS,
-                &[("side", server), ("transport", "grpc")],
-            ),
-        );
-        add(
-            &mut iroh,
-            &d.buckets(
-                names::CALL_SECONDS,
-                &[("side", server), ("transport", "iroh")],
-            ),
-        );
+        // Like with like: only the methods both transports served here,
+        // Raft's apart (as for the error rate). At 100% iroh, iroh serves
+        // Raft's appends while gRPC serves only light reads; comparing all
+        // calls would judge the mix, not the transport.
+        for (service, method) in methods_served_by_both(&d, server) {
+            for (t, into) in [("grpc", &mut grpc), ("iroh", &mut iroh)] {
+                add(
+                    into,
+                    &d.buckets(
+                        names::CALL_SECONDS,
+                        &[
+                            ("side", server),
+                            ("transport", t),
+                            ("service", &service),
+                            ("method", &method),
+                        ],
+                    ),
+                );
+            }
+        }
         direct += d
             .sum(names::CONNECTION_PATHS, &[("path", "direct")])
             .max(0.0);
@@ -140,6 +146,26 @@ pub fn figures(
         f.paths = Some((direct as u64, paths as u64));
     }
     f
+}
+
+/// The (service, method) pairs both transports served in the window
+/// `d`, Raft's apart: the P99 gate compares iroh and gRPC on these only.
+pub fn methods_served_by_both(d: &Metrics, server: &str) -> Vec<(String, String)> {
+    let count = format!("{}_count", names::CALL_SECONDS);
+    let served = |t: &str| -> std::collections::BTreeSet<(String, String)> {
+        d.samples
+            .iter()
+            .filter(|s| {
+                s.name == count
+                    && s.value > 0.0
+                    && s.label("side") == Some(server)
+                    && s.label("transport") == Some(t)
+                    && s.label("service") != Some("raft")
+            })
+            .filter_map(|s| Some((s.label("service")?.to_owned(), s.label("method")?.to_owned())))
+            .collect()
+    };
+    served("grpc").intersection(&served("iroh")).cloned().collect()
 }
 
 /// A window's router fallbacks by `reason` (increase of
@@ -453,10 +479,18 @@ mod tests {
              tern_transport_calls_total{{transport=\"iroh\",service=\"raft\",side=\"client\",outcome=\"transport_error\"}} {missed}\n\
              tern_router_fallbacks_total{{service=\"raft\",method=\"Append\",reason=\"breaker_open\"}} {missed}\n\
              tern_raft_leader_changes_total {leader}\n\
-             tern_transport_call_seconds_bucket{{transport=\"grpc\",side=\"server\",le=\"0.001\"}} {grpc}\n\
-             tern_transport_call_seconds_bucket{{transport=\"grpc\",side=\"server\",le=\"+Inf\"}} {grpc}\n\
-             tern_transport_call_seconds_bucket{{transport=\"iroh\",side=\"server\",le=\"0.01\"}} {iroh}\n\
-             tern_transport_call_seconds_bucket{{transport=\"iroh\",side=\"server\",le=\"+Inf\"}} {iroh}\n"
+             tern_transport_call_seconds_bucket{{transport=\"grpc\",side=\"server\",service=\"status\",method=\"Get\",le=\"0.001\"}} {grpc}\n\
+             tern_transport_call_seconds_bucket{{transport=\"grpc\",side=\"server\",service=\"status\",method=\"Get\",le=\"+Inf\"}} {grpc}\n\
+             tern_transport_call_seconds_count{{transport=\"grpc\",side=\"server\",service=\"status\",method=\"Get\"}} {grpc}\n\
+             tern_transport_call_seconds_bucket{{transport=\"iroh\",side=\"server\",service=\"status\",method=\"Get\",le=\"0.01\"}} {iroh}\n\
+             tern_transport_call_seconds_bucket{{transport=\"iroh\",side=\"server\",service=\"status\",method=\"Get\",le=\"+Inf\"}} {iroh}\n\
+             tern_transport_call_seconds_count{{transport=\"iroh\",side=\"server\",service=\"status\",method=\"Get\"}} {iroh}\n\
+             tern_transport_call_seconds_bucket{{transport=\"iroh\",side=\"server\",service=\"raft\",method=\"Append\",le=\"10\"}} {iroh}\n\
+             tern_transport_call_seconds_bucket{{transport=\"iroh\",side=\"server\",service=\"raft\",method=\"Append\",le=\"+Inf\"}} {iroh}\n\
+             tern_transport_call_seconds_count{{transport=\"iroh\",side=\"server\",service=\"raft\",method=\"Append\"}} {iroh}\n\
+             tern_transport_call_seconds_bucket{{transport=\"iroh\",side=\"server\",service=\"vm\",method=\"Create\",le=\"5\"}} {iroh}\n\
+             tern_transport_call_seconds_bucket{{transport=\"iroh\",side=\"server\",service=\"vm\",method=\"Create\",le=\"+Inf\"}} {iroh}\n\
+             tern_transport_call_seconds_count{{transport=\"iroh\",side=\"server\",service=\"vm\",method=\"Create\"}} {iroh}\n"
         ))
     }
 
@@ -480,6 +514,13 @@ mod tests {
         assert_eq!(f.grpc_p99_us, Some(990));
         assert!(f.iroh_p99_us.unwrap() > 1000 && f.iroh_p99_us.unwrap() <= 10_000);
         assert_eq!(f.paths, None);
+        // Like with like: Raft's appends and a method only iroh served
+        // (both slow here) are left out of the P99s.
+        let d = after[&1].since(&before[&1]);
+        assert_eq!(
+            methods_served_by_both(&d, "server"),
+            [("status".to_owned(), "Get".to_owned())]
+        );
         // A node whose counters went back restarted: missing.
         let restarted: BTreeMap<NodeId, Metrics> = [(1, scrape_text(1, 1, 0, 0, 0))].into();
         assert_eq!(figures(&[1], &before, &restarted).missing, [1]);
