@@ -1085,7 +1085,11 @@ mod tests {
         let during = row("raft_commit_p99_during_snapshot_3proc");
         assert_eq!(during.values.grpc, Some(0.02 * 1e9));
         assert_eq!(during.values.iroh, None);
-        assert!(during.note.contains("builds seen: grpc 2"), "{}", during.note);
+        assert!(
+            during.note.contains("builds seen: grpc 2"),
+            "{}",
+            during.note
+        );
         let outside = row("raft_commit_p99_outside_snapshot_3proc");
         assert_eq!(outside.values.grpc, Some(0.01 * 1e9));
         // What xtask reads back is what was written.

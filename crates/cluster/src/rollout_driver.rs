@@ -162,10 +162,18 @@ pub fn methods_served_by_both(d: &Metrics, server: &str) -> Vec<(String, String)
                     && s.label("transport") == Some(t)
                     && s.label("service") != Some("raft")
             })
-            .filter_map(|s| Some((s.label("service")?.to_owned(), s.label("method")?.to_owned())))
+            .filter_map(|s| {
+                Some((
+                    s.label("service")?.to_owned(),
+                    s.label("method")?.to_owned(),
+                ))
+            })
             .collect()
     };
-    served("grpc").intersection(&served("iroh")).cloned().collect()
+    served("grpc")
+        .intersection(&served("iroh"))
+        .cloned()
+        .collect()
 }
 
 /// A window's router fallbacks by `reason` (increase of

@@ -47,7 +47,8 @@ pub struct Out {
     pub json: bool,
 }
 
-fn role_name(role: i32) -> &'static str {
+/// A Raft role as `tern status` and the demo print it.
+pub(crate) fn role_name(role: i32) -> &'static str {
     match pb::RaftRole::try_from(role) {
         Ok(pb::RaftRole::Leader) => "leader",
         Ok(pb::RaftRole::Follower) => "follower",

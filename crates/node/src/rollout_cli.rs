@@ -102,14 +102,7 @@ pub async fn history(conn: &Conn, out: Out) -> Result<(), CliError> {
         return Ok(());
     }
     for d in &resp.history {
-        out!(
-            "#{} {} stage {}: {} - {}",
-            d.seq,
-            time_text(d.at_unix_ms),
-            d.stage.map_or_else(|| "none".into(), |s| s.to_string()),
-            d.kind,
-            d.reason
-        );
+        out!("{}", decision_line(d));
         for c in &d.checks {
             out!(
                 "    {} {}: {}",
@@ -251,6 +244,18 @@ fn print_status(r: &pb::RolloutResponse, out: Out) {
             d.reason
         );
     }
+}
+
+/// One decision on a line, as `tern rollout history` prints it.
+pub(crate) fn decision_line(d: &pb::RolloutDecision) -> String {
+    format!(
+        "#{} {} stage {}: {} - {}",
+        d.seq,
+        time_text(d.at_unix_ms),
+        d.stage.map_or_else(|| "none".into(), |s| s.to_string()),
+        d.kind,
+        d.reason
+    )
 }
 
 #[cfg(test)]

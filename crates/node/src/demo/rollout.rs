@@ -181,7 +181,7 @@ fn summary(ended: &Ended) {
             let why = r
                 .history
                 .last()
-                .map_or_else(String::new, super::view::decision_line);
+                .map_or_else(String::new, crate::rollout_cli::decision_line);
             println!("\nrollout: {}: {why}", r.status);
         }
         Ended::TimedOut(why) => println!("\nrollout: stopped waiting: {why}"),

@@ -21,7 +21,6 @@ use super::load::{Counts, TRANSPORTS};
 use crate::cli::state_name;
 use crate::client::Conn;
 use crate::node::NodeFile;
-use crate::rollout_cli::time_text;
 
 /// How many decisions of the history a frame shows.
 pub const DECISIONS_SHOWN: usize = 4;
@@ -187,7 +186,7 @@ impl View {
             };
             let (role, term, applied) = match &n.status {
                 Some(s) => (
-                    role_name(s.role).to_owned(),
+                    crate::cli::role_name(s.role).to_owned(),
                     s.term.to_string(),
                     s.applied_index.to_string(),
                 ),
@@ -290,16 +289,6 @@ impl View {
     }
 }
 
-fn role_name(role: i32) -> &'static str {
-    match pb::RaftRole::try_from(role) {
-        Ok(pb::RaftRole::Leader) => "leader",
-        Ok(pb::RaftRole::Follower) => "follower",
-        Ok(pb::RaftRole::Candidate) => "candidate",
-        Ok(pb::RaftRole::Learner) => "learner",
-        _ => "-",
-    }
-}
-
 async fn read_node(conn: &Conn, file: &NodeFile) -> NodeView {
     let status = conn
         .call::<_, pb::NodeStatus>(methods::STATUS_GET, &pb::StatusRequest {})
@@ -370,7 +359,7 @@ pub fn decision_lines(r: &pb::RolloutResponse) -> String {
     let mut out = String::from("\ndecisions (newest last):\n");
     let skip = r.history.len().saturating_sub(DECISIONS_SHOWN);
     for d in &r.history[skip..] {
-        out.push_str(&format!("  {}\n", decision_line(d)));
+        out.push_str(&format!("  {}\n", crate::rollout_cli::decision_line(d)));
     }
     if let Some(d) = r.history.last() {
         for c in &d.checks {
@@ -383,16 +372,4 @@ pub fn decision_lines(r: &pb::RolloutResponse) -> String {
         }
     }
     out
-}
-
-/// One decision on a line, as `tern rollout history` prints it.
-pub fn decision_line(d: &pb::RolloutDecision) -> String {
-    format!(
-        "#{} {} stage {}: {} - {}",
-        d.seq,
-        time_text(d.at_unix_ms),
-        d.stage.map_or_else(|| "none".into(), |s| s.to_string()),
-        d.kind,
-        d.reason
-    )
 }
