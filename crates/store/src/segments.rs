@@ -19,7 +19,7 @@
 //! Where the filesystem refuses the preallocation (too little space for a
 //! whole segment, or no `fallocate`), the segment grows as it is written. Nothing here
 //! syncs on the write path: the group commit (`syncer`) takes the files
-//! written since its last sync ([`Segments::take_dirty`]) and
+//! written since its last sync (`Segments::take_dirty`) and
 //! `fdatasync`s them before any write they hold is acknowledged. That is
 //! the whole point of this file: one `pwrite` and one `fdatasync` per
 //! group commit, with no thread pool between them (sled's flush, which

@@ -10,7 +10,7 @@
 //! the default (`grpc`) until the rollout covers it.
 //!
 //! **The plan** is the operators' default, `deploy/rollout/default.toml`,
-//! with every soak compressed by [`tern_state::Plan::with_soak`] (quick:
+//! with every soak compressed by `tern_state::rollout::Plan::with_soak` (quick:
 //! [`QUICK_SOAK`], full: [`FULL_SOAK`]), started with `tern rollout start`
 //! on a node. The leader picks the canaries, applies each stage, waits the
 //! soak, scrapes the covered nodes and advances, holds or rolls back by
@@ -92,7 +92,7 @@ pub const QUICK_SOAK: Duration = Duration::from_secs(12);
 /// Every stage's soak in a full run.
 pub const FULL_SOAK: Duration = Duration::from_secs(40);
 /// The plan's P99 allowance in the lab, percent (the default is 10; see
-/// [`write_plan`]).
+/// `write_plan`).
 pub const P99_ALLOWANCE_PCT: u32 = 1000;
 /// The stage whose canary loses UDP in the fault run (2: 50 %, all but
 /// Raft over iroh, so a covered follower forwards writes over iroh).
