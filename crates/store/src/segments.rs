@@ -264,9 +264,9 @@ impl Inner {
         &self.segs[self.segs.len() - 1]
     }
 
-    fn file_of(&self, seg: u64) -> Option<(&Arc<File>, &Path)> {
+    fn file_of(&self, seg: u64) -> Option<&Arc<File>> {
         let i = self.segs.binary_search_by_key(&seg, |s| s.first).ok()?;
-        Some((&self.segs[i].file, &self.segs[i].path))
+        Some(&self.segs[i].file)
     }
 
     fn mark_dirty(&mut self) {
@@ -645,7 +645,9 @@ impl Segments {
         end: u64,
         limit: usize,
     ) -> Result<Vec<Entry>, StoreError> {
-        let wanted: Vec<(Loc, Arc<File>, PathBuf)> = {
+        // Only the files are taken under the lock; a segment's path is
+        // rebuilt from its name when an error needs it.
+        let wanted: Vec<(Loc, Arc<File>)> = {
             let inner = self.lock();
             let Some(first) = inner.first_index() else {
                 return Ok(Vec::new());
@@ -657,27 +659,29 @@ impl Segments {
                 .iter()
                 .skip(from)
                 .take(n.min(limit))
-                .map(|loc| {
-                    let (file, path) = inner
-                        .file_of(loc.seg)
-                        .map(|(f, p)| (Arc::clone(f), p.to_owned()))
-                        .unwrap_or_else(|| (Arc::clone(&inner.active().file), PathBuf::new()));
-                    (*loc, file, path)
+                .map(|loc| match inner.file_of(loc.seg) {
+                    Some(file) => Ok((*loc, Arc::clone(file))),
+                    None => Err(corrupt(
+                        &segment_path(&self.dir, loc.seg),
+                        loc.offset,
+                        "the segment holding this entry is gone",
+                    )),
                 })
-                .collect()
+                .collect::<Result<_, _>>()?
         };
         let mut out = Vec::with_capacity(wanted.len());
         let mut buf = Vec::new();
-        for (loc, file, path) in wanted {
+        for (loc, file) in wanted {
+            let path = || segment_path(&self.dir, loc.seg);
             buf.resize(loc.len as usize, 0);
             file.read_exact_at(&mut buf, loc.offset)
-                .map_err(StoreError::io("read segment", &path))?;
-            let (payload, _) = decode_record(&buf).map_err(|e| corrupt(&path, loc.offset, e))?;
+                .map_err(|e| StoreError::io("read segment", path())(e))?;
+            let (payload, _) = decode_record(&buf).map_err(|e| corrupt(&path(), loc.offset, e))?;
             let entry: Entry =
-                postcard::from_bytes(payload).map_err(|e| corrupt(&path, loc.offset, e))?;
+                postcard::from_bytes(payload).map_err(|e| corrupt(&path(), loc.offset, e))?;
             if entry.log_id != loc.log_id {
                 return Err(corrupt(
-                    &path,
+                    &path(),
                     loc.offset,
                     format!(
                         "holds entry {} where entry {} was written",

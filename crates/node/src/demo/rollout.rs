@@ -36,13 +36,11 @@ pub fn demo_plan(path: Option<&Path>, soak_secs: u64) -> Result<Plan, DemoError>
     if !(1..=MAX_DEMO_SOAK_SECS).contains(&soak_secs) {
         return Err(DemoError::Soak(soak_secs));
     }
-    let mut plan = match path {
+    let plan = match path {
         Some(p) => crate::rollout_cli::load_plan(p)?,
         None => parse_plan(DEFAULT_PLAN, "deploy/rollout/default.toml")?,
-    };
-    for s in &mut plan.stages {
-        s.soak_secs = soak_secs;
     }
+    .with_soak(Duration::from_secs(soak_secs));
     plan.check()
         .map_err(|e| DemoError::Plan(format!("with --soak {soak_secs}: {e}")))?;
     Ok(plan)
