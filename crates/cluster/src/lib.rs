@@ -37,6 +37,10 @@
 //! - [`rollout_driver`]: the leader's rollout driver: measures the stage
 //!   in force on the covered nodes (`Monitoring/Metrics`), waits the soak,
 //!   and proposes advance, hold or roll back from the gates.
+//! - [`agents`]: agents as the servers serve them (`Cluster/AgentRegister`,
+//!   `AgentHeartbeat`, `AgentReport`, the `AgentSync` stream of an agent's
+//!   assignment) and [`agents::watch_agents`], the leader's judgement of
+//!   which agents are down.
 //! - [`consensus`]: [`RaftConsensus`], the services' `Consensus` trait
 //!   over a running [`RaftNode`] (writes forwarded to the leader, the
 //!   applied state, the Raft status watch).
@@ -44,6 +48,7 @@
 pub mod access;
 pub mod address;
 pub mod admission;
+pub mod agents;
 pub mod consensus;
 pub mod membership;
 pub mod meta;
@@ -54,6 +59,7 @@ pub mod rollout_driver;
 pub mod service;
 
 pub use admission::Admission;
+pub use agents::AgentSettings;
 pub use consensus::RaftConsensus;
 pub use membership::JoinToken;
 pub use meta::{MetaError, MetaPut, MetaRead, meta_get, meta_put};

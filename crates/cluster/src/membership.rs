@@ -573,6 +573,9 @@ pub(crate) async fn leave(
         ));
     }
     if membership.get_node(&id).is_none() {
+        // An agent is removed from the state (its VMs move); anything
+        // else is gone already.
+        crate::agents::remove(node, id).await?;
         return Ok(members_reply(&membership));
     }
     let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
@@ -642,7 +645,7 @@ enum Admitted {
 
 /// Refuses a join for a bad token: counted, remembered against the caller
 /// for the failed-join bound, logged.
-fn refuse(
+pub(crate) fn refuse(
     shared: &ClusterShared,
     ctx: &RequestContext,
     method: &Method,

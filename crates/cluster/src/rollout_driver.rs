@@ -329,7 +329,13 @@ fn view(raft: &RaftNode) -> Option<View> {
             let covered = r
                 .covered()?
                 .iter()
-                .filter_map(|id| Some((*id, s.members().get(id)?.addr.clone())))
+                .filter_map(|id| {
+                    let addr = match s.members().get(id) {
+                        Some(m) => m.addr.clone(),
+                        None => s.agent(*id)?.addr.clone(),
+                    };
+                    Some((*id, addr))
+                })
                 .collect();
             Some(View {
                 seq: r.seq,

@@ -11,13 +11,14 @@ use prost::Message;
 use tern_protocol::catalog::methods;
 use tern_protocol::{
     BoxFuture, Dispatcher, Handler, Method, PeerId, RequestContext, RouteError, Routes, ServiceId,
-    Status,
+    Status, StreamReceiver, StreamSender,
 };
 use tern_raft_net::service::within_deadline;
 use tern_raft_net::{Attached, RaftService};
 use tern_state::NodeId;
 
 use crate::admission::{Admission, FailedJoins};
+use crate::agents::{AgentSettings, AgentTracker};
 use crate::membership::{JoinToken, join, leave, members_response};
 
 /// What the Cluster handlers share: the Raft service (for the attached
@@ -31,6 +32,10 @@ pub(crate) struct ClusterShared {
     /// When the leader last recorded each member's new addresses (see
     /// [`crate::address::MIN_RECORDED_GAP`]).
     pub(crate) address_updates: Mutex<std::collections::BTreeMap<NodeId, tokio::time::Instant>>,
+    /// The agents' heartbeat settings.
+    pub(crate) agent_settings: AgentSettings,
+    /// When the leader last heard each agent.
+    pub(crate) agents: AgentTracker,
 }
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -57,8 +62,7 @@ impl std::fmt::Debug for RaftServices {
 }
 
 impl RaftServices {
-    /// The state the Cluster handler shares (for this crate's tests).
-    #[cfg(test)]
+    /// The state the Cluster handler shares.
     pub(crate) fn shared(&self) -> &ClusterShared {
         &self.shared
     }
@@ -75,6 +79,12 @@ impl RaftServices {
 
     /// Services that admit joiners as `admission` says.
     pub fn with_admission(admission: Admission) -> RaftServices {
+        RaftServices::with_settings(admission, AgentSettings::default())
+    }
+
+    /// Services that admit joiners as `admission` says and judge agents
+    /// by `agents`.
+    pub fn with_settings(admission: Admission, agents: AgentSettings) -> RaftServices {
         RaftServices {
             shared: Arc::new(ClusterShared {
                 raft: RaftService::new(),
@@ -82,8 +92,16 @@ impl RaftServices {
                 failed_joins: FailedJoins::default(),
                 promoting: Mutex::new(BTreeSet::new()),
                 address_updates: Mutex::new(std::collections::BTreeMap::new()),
+                agent_settings: agents,
+                agents: AgentTracker::default(),
             }),
         }
+    }
+
+    /// On the leader: how long ago it last heard each agent it has heard
+    /// since it took over (empty on a server that does not lead).
+    pub fn agent_heartbeat_ages(&self) -> std::collections::BTreeMap<NodeId, std::time::Duration> {
+        self.shared.agents.ages(tokio::time::Instant::now())
     }
 
     /// The handler of [`ServiceId::Raft`].
@@ -142,6 +160,24 @@ impl Handler for ClusterHandler {
             within_deadline(&ctx, route(&shared, &node, &ctx, payload)).await
         })
     }
+
+    /// `Cluster/AgentSync`; no other Cluster method is a stream.
+    fn handle_stream(
+        &self,
+        ctx: RequestContext,
+        method: &'static Method,
+        request: Bytes,
+        inbound: StreamReceiver,
+        outbound: StreamSender,
+    ) -> BoxFuture<'static, Result<(), Status>> {
+        drop(inbound);
+        let shared = self.shared.clone();
+        Box::pin(async move {
+            let node = shared.raft.node()?;
+            let route = ROUTES.stream_route(method)?;
+            route(node, ctx, request, outbound).await
+        })
+    }
 }
 
 /// A Cluster method.
@@ -152,14 +188,22 @@ type Route = for<'a> fn(
     Bytes,
 ) -> BoxFuture<'a, Result<Bytes, Status>>;
 
-static ROUTES: LazyLock<Routes<Route>> = LazyLock::new(|| {
+/// A streaming Cluster method.
+type StreamRoute = fn(
+    Arc<Attached>,
+    RequestContext,
+    Bytes,
+    StreamSender,
+) -> BoxFuture<'static, Result<(), Status>>;
+
+static ROUTES: LazyLock<Routes<Route, StreamRoute>> = LazyLock::new(|| {
     routes()
         .expect("the Cluster routes are valid (the `routes_cover_the_catalogue` test builds them)")
 });
 
-fn routes() -> Result<Routes<Route>, RouteError> {
+fn routes() -> Result<Routes<Route, StreamRoute>, RouteError> {
     use crate::{access, admission, membership, meta, policy, rollout};
-    Routes::<Route>::new(ServiceId::Cluster)
+    Routes::<Route, StreamRoute>::new(ServiceId::Cluster)
         .unary(methods::CLUSTER_JOIN, |shared, node, ctx, payload| {
             Box::pin(join(shared, node, ctx, payload))
         })?
@@ -206,6 +250,36 @@ fn routes() -> Result<Routes<Route>, RouteError> {
         .unary(methods::CLUSTER_ROLLOUT_GET, |_, node, _, _| {
             Box::pin(std::future::ready(rollout::serve_get(node)))
         })
+        .and_then(agent_routes)
+}
+
+/// The agents' calls (see [`crate::agents`]).
+fn agent_routes(
+    routes: Routes<Route, StreamRoute>,
+) -> Result<Routes<Route, StreamRoute>, RouteError> {
+    use crate::agents;
+    routes
+        .unary(
+            methods::CLUSTER_AGENT_REGISTER,
+            |shared, node, ctx, payload| {
+                Box::pin(agents::serve_register(shared, node, ctx, payload))
+            },
+        )?
+        .unary(
+            methods::CLUSTER_AGENT_HEARTBEAT,
+            |shared, node, ctx, payload| {
+                Box::pin(agents::serve_heartbeat(shared, node, ctx, payload))
+            },
+        )?
+        .unary(methods::CLUSTER_AGENT_REPORT, |_, node, ctx, payload| {
+            Box::pin(agents::serve_report(node, ctx, payload))
+        })?
+        .stream(
+            methods::CLUSTER_AGENT_SYNC,
+            |node, ctx, request, outbound| {
+                Box::pin(agents::serve_sync(node, ctx, request, outbound))
+            },
+        )
 }
 
 #[cfg(test)]

@@ -38,19 +38,22 @@ enum Who {
     Operator,
     Admin,
     Member,
+    /// A registered agent's key: no role, not a member.
+    Agent,
 }
 
-const EVERYONE: [Who; 5] = [
+const EVERYONE: [Who; 6] = [
     Who::Unknown,
     Who::Viewer,
     Who::Operator,
     Who::Admin,
     Who::Member,
+    Who::Agent,
 ];
 
 /// Who may call each method, written out independently of the table.
 fn allowed(method: &Method) -> &'static [Who] {
-    use Who::{Admin, Member, Operator, Viewer};
+    use Who::{Admin, Agent, Member, Operator, Viewer};
     const READERS: &[Who] = &[Viewer, Operator, Admin, Member];
     match method.label().as_str() {
         "health/check" => &EVERYONE,
@@ -80,6 +83,12 @@ fn allowed(method: &Method) -> &'static [Who] {
         // Streams, checked once before they open.
         "vm/watch" => READERS,
         "raft/appendstream" => &[Member],
+        // Any key reaches registration; the Cluster service wants a token
+        // or an existing registration (here: an empty request, refused as
+        // malformed, not denied).
+        "cluster/agentregister" => &EVERYONE,
+        // An agent's own calls: registered agents only.
+        "cluster/agentheartbeat" | "cluster/agentreport" | "cluster/agentsync" => &[Agent],
         other => panic!("no expectation for {other}: add one here and a rule to access::rule"),
     }
 }
@@ -102,7 +111,26 @@ impl Handler for Probe {
 /// names a node that does not exist, and Join, the caller's own address
 /// with a wrong token (the member's join is answered with the existing
 /// membership).
-fn payload(method: &Method, caller: &PeerAddr) -> Bytes {
+fn payload(method: &Method, caller: &PeerAddr, agent_id: u64) -> Bytes {
+    if method == methods::CLUSTER_AGENT_HEARTBEAT {
+        return pb::AgentHeartbeatRequest {
+            node_id: agent_id,
+            ..pb::AgentHeartbeatRequest::default()
+        }
+        .encode_to_vec()
+        .into();
+    }
+    if method == methods::CLUSTER_AGENT_REPORT {
+        // Names the agent itself and no state: refused as malformed by
+        // the service once the gate let it through.
+        return pb::AgentReportRequest {
+            node_id: agent_id,
+            request_id: "r".into(),
+            ..pb::AgentReportRequest::default()
+        }
+        .encode_to_vec()
+        .into();
+    }
     if method == methods::CLUSTER_LEAVE {
         return pb::LeaveRequest { node_id: 999 }.encode_to_vec().into();
     }
@@ -186,6 +214,35 @@ async fn matrix(kind: Kind) {
     grant(c.as_ref(), admin, Role::Admin, admin, 0).await;
     grant(c.as_ref(), id_of(Who::Operator), Role::Operator, admin, 1).await;
     grant(c.as_ref(), id_of(Who::Viewer), Role::Viewer, admin, 2).await;
+    let agent_addr = callers
+        .iter()
+        .find(|(w, _)| *w == Who::Agent)
+        .and_then(|(_, n)| n.as_ref().map(Node::addr))
+        .unwrap();
+    let Response::NodeId(agent_id) = c
+        .write(Command::AllocateNodeId {
+            request_id: "agent-id".into(),
+            peer: agent_addr.id,
+        })
+        .await
+        .unwrap()
+    else {
+        panic!("an id for the agent")
+    };
+    let registered = c
+        .write(Command::RegisterAgent {
+            request_id: "agent-register".into(),
+            node_id: agent_id,
+            addr: agent_addr,
+            capacity: Capacity {
+                vcpus: 1,
+                memory_mib: 64,
+            },
+            at_unix_ms: 1,
+        })
+        .await
+        .unwrap();
+    assert_eq!(registered, Response::NodeId(agent_id));
 
     let target = server.addr();
     let mut wrong = Vec::new();
@@ -197,7 +254,8 @@ async fn matrix(kind: Kind) {
                 Some(n) => (n.client(), n.addr()),
                 None => (member.client(), member.addr()),
             };
-            let call = Call::new(method, payload(method, &addr)).with_timeout(CALL_TIMEOUT);
+            let call =
+                Call::new(method, payload(method, &addr, agent_id)).with_timeout(CALL_TIMEOUT);
             let result = client.call(&target, call).await;
             let denied = match &result {
                 Err(CallError::Application(s)) => {

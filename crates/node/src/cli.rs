@@ -55,6 +55,7 @@ pub(crate) fn role_name(role: i32) -> &'static str {
         Ok(pb::RaftRole::Candidate) => "candidate",
         Ok(pb::RaftRole::Learner) => "learner",
         Ok(pb::RaftRole::Shutdown) => "shutdown",
+        Ok(pb::RaftRole::Agent) => "agent",
         _ => "unknown",
     }
 }
@@ -131,7 +132,49 @@ pub fn status_json(s: &pb::NodeStatus) -> Value {
         "version": s.version,
         "uptime_ms": s.uptime_ms,
         "members": s.members.iter().map(member_json).collect::<Vec<_>>(),
+        "agents": s.agents.iter().map(agent_json).collect::<Vec<_>>(),
+        "heartbeat_age_ms": s.heartbeat_age_ms,
     })
+}
+
+fn agent_json(a: &pb::AgentInfo) -> Value {
+    let addr = a.address.clone().unwrap_or_default();
+    json!({
+        "node_id": a.node_id,
+        "id": hex(&addr.endpoint_id),
+        "status": a.status,
+        "since_unix_ms": a.since_unix_ms,
+        "heartbeat_age_ms": a.heartbeat_age_ms,
+        "vms": a.vms,
+        "capacity": a.capacity.map(|c| json!({"vcpus": c.vcpus, "memory_mib": c.memory_mib})),
+    })
+}
+
+fn agents_rows(agents: &[pb::AgentInfo]) -> Vec<Vec<String>> {
+    agents
+        .iter()
+        .map(|a| {
+            let addr = a.address.clone().unwrap_or_default();
+            let id = hex(&addr.endpoint_id);
+            vec![
+                a.node_id.to_string(),
+                id.get(..10).unwrap_or(&id).to_owned(),
+                a.status.clone(),
+                if a.heartbeat_age_ms == 0 {
+                    "-".into()
+                } else {
+                    format!(
+                        "{:.1} s",
+                        Duration::from_millis(a.heartbeat_age_ms).as_secs_f64()
+                    )
+                },
+                a.vms.to_string(),
+                a.capacity
+                    .map(|c| format!("{} vcpu / {} MiB", c.vcpus, c.memory_mib))
+                    .unwrap_or_default(),
+            ]
+        })
+        .collect()
 }
 
 pub(crate) fn print_table(header: &[&str], rows: &[Vec<String>]) {
@@ -232,11 +275,32 @@ pub async fn status(conn: &Conn, out: Out) -> Result<(), CliError> {
     if let Some(p) = &s.policy {
         out!("policy     {} (from {})", policy_line(p), s.policy_source);
     }
+    if s.role == pb::RaftRole::Agent as i32 {
+        out!(
+            "heartbeat  acknowledged {:.1} s ago by the leader",
+            Duration::from_millis(s.heartbeat_age_ms).as_secs_f64()
+        );
+    }
     out!("version    {} (up {} s)\n", s.version, s.uptime_ms / 1000);
     print_table(
         &["node", "id", "role", "grpc", "iroh", "declared capacity"],
         &members_rows(&s.members, s.leader_id),
     );
+    if !s.agents.is_empty() {
+        let ready = s.agents.iter().filter(|a| a.status == "ready").count();
+        out!("\nagents     {} ({ready} ready)", s.agents.len());
+        print_table(
+            &[
+                "node",
+                "id",
+                "status",
+                "heartbeat",
+                "vms",
+                "declared capacity",
+            ],
+            &agents_rows(&s.agents),
+        );
+    }
     crate::policy_cli::print_policies(conn, &s).await;
     Ok(())
 }

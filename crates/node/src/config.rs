@@ -220,6 +220,24 @@ pub struct ClusterConfig {
     /// this.
     #[serde(default = "default_max_node_memory_mib")]
     pub max_node_memory_mib: u64,
+    /// How often agents heartbeat to the leader, in milliseconds (read by
+    /// servers, which tell agents).
+    #[serde(default = "default_agent_heartbeat_interval_ms")]
+    pub agent_heartbeat_interval_ms: u64,
+    /// After how many milliseconds without a heartbeat the leader marks an
+    /// agent down and moves its VMs (read by servers). An agent fences
+    /// itself (stops its VMs) after a third of it.
+    #[serde(default = "default_agent_down_after_ms")]
+    pub agent_down_after_ms: u64,
+}
+
+fn default_agent_heartbeat_interval_ms() -> u64 {
+    u64::try_from(tern_cluster::agents::DEFAULT_AGENT_HEARTBEAT_INTERVAL.as_millis())
+        .unwrap_or(u64::MAX)
+}
+
+fn default_agent_down_after_ms() -> u64 {
+    u64::try_from(tern_cluster::agents::DEFAULT_AGENT_DOWN_AFTER.as_millis()).unwrap_or(u64::MAX)
 }
 
 impl Default for ClusterConfig {
@@ -230,6 +248,8 @@ impl Default for ClusterConfig {
             max_voters: default_max_voters(),
             max_node_vcpus: default_max_node_vcpus(),
             max_node_memory_mib: default_max_node_memory_mib(),
+            agent_heartbeat_interval_ms: default_agent_heartbeat_interval_ms(),
+            agent_down_after_ms: default_agent_down_after_ms(),
         }
     }
 }
@@ -685,6 +705,11 @@ impl Default for Config {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NodeSection {
+    /// `"server"` (the default: a Raft member holding the cluster state)
+    /// or `"agent"` (runs VMs, holds no state, follows the servers it
+    /// registers with through `[cluster] join` and `join_token`).
+    #[serde(default, skip_serializing_if = "Role::is_server")]
+    pub role: Role,
     /// Labels (`{ zone = "a", rack = "r1" }`): at most
     /// [`tern_state::MAX_LABELS`], keys and values 1 to
     /// [`tern_state::MAX_LABEL_LEN`] bytes of `a-z A-Z 0-9 . _ -`.
@@ -692,6 +717,24 @@ pub struct NodeSection {
     /// nodes (`tern transport set --group zone=a`) select by them.
     #[serde(default, skip_serializing_if = "tern_state::Labels::is_empty")]
     pub labels: tern_state::Labels,
+}
+
+/// A node's role, `[node] role`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// A Raft member: holds and replicates the cluster state.
+    #[default]
+    Server,
+    /// Runs VMs; registers with the servers and follows them.
+    Agent,
+}
+
+impl Role {
+    /// Whether this is the server role (the default, left out of files).
+    pub fn is_server(&self) -> bool {
+        *self == Role::Server
+    }
 }
 
 impl NodeSection {
@@ -824,6 +867,27 @@ impl Config {
             return Err(err(
                 "cluster.join_token",
                 format!("must be 1 to {MAX_JOIN_TOKEN} characters"),
+            ));
+        }
+        let min_down = tern_cluster::agents::MIN_AGENT_DOWN_AFTER;
+        if self.cluster.agent_heartbeat_interval_ms == 0
+            || self.cluster.agent_down_after_ms < 3 * self.cluster.agent_heartbeat_interval_ms
+            || u128::from(self.cluster.agent_down_after_ms) < min_down.as_millis()
+        {
+            return Err(err(
+                "cluster.agent_down_after_ms",
+                format!(
+                    "{} ms with heartbeats every {} ms: must be at least {} ms and three heartbeat intervals (an agent fences itself after a third of it)",
+                    self.cluster.agent_down_after_ms,
+                    self.cluster.agent_heartbeat_interval_ms,
+                    min_down.as_millis()
+                ),
+            ));
+        }
+        if self.node.role == Role::Agent && self.cluster.join.is_empty() {
+            return Err(err(
+                "cluster.join",
+                "an agent ([node] role = \"agent\") registers with servers: name at least one in [[cluster.join]]",
             ));
         }
         if !(1..=MAX_MAX_VOTERS).contains(&self.cluster.max_voters) {

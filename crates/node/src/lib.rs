@@ -9,6 +9,9 @@
 //! - [`node`]: [`node::Node`], every crate composed into a running node
 //!   (transports, router, Raft, services, reconciler, `/metrics`), and its
 //!   graceful shutdown.
+//! - [`agent`]: the agent role: [`agent::AgentLink`], an agent's
+//!   registration, heartbeats, fence and assignment stream, and the
+//!   services' `Consensus` over what it follows.
 //! - [`run`]: `tern run`: signals (SIGTERM/Ctrl-C shut down, SIGHUP
 //!   reloads the transport policy) and logging.
 //! - [`client`]: how the CLI reaches a node (address, transport, identity).
@@ -28,6 +31,7 @@
 //!   the plan and rollback ([`demo::rollout`]) and the frames
 //!   ([`demo::view`]).
 
+pub mod agent;
 pub mod cli;
 pub mod client;
 pub mod config;

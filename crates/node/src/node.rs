@@ -64,6 +64,10 @@ use crate::config::{
     VmConfig, prepare_data_dir,
 };
 use tern_cluster::RaftConsensus;
+use tern_protocol::metric_names::NODE_ROLE;
+
+use crate::agent::AgentLink;
+use crate::config::Role as NodeRole;
 
 /// The file in the data directory where a running node writes its
 /// identity and addresses ([`NodeFile`], JSON).
@@ -218,6 +222,14 @@ struct Facts {
     router: DualRouter,
     control: Arc<PolicyControl>,
     started: Instant,
+    role: RoleFacts,
+}
+
+/// What only one role knows: a server's heartbeat ages of agents (when
+/// it leads), an agent's own heartbeat age.
+enum RoleFacts {
+    Server(RaftServices),
+    Agent(Arc<AgentLink>),
 }
 
 /// The router as the place a policy is applied.
@@ -279,6 +291,20 @@ impl NodeInfo for Facts {
     fn started(&self) -> Instant {
         self.started
     }
+
+    fn agent_heartbeat_ages(&self) -> std::collections::BTreeMap<u64, Duration> {
+        match &self.role {
+            RoleFacts::Server(services) => services.agent_heartbeat_ages(),
+            RoleFacts::Agent(_) => std::collections::BTreeMap::new(),
+        }
+    }
+
+    fn heartbeat_age(&self) -> Option<Duration> {
+        match &self.role {
+            RoleFacts::Server(_) => None,
+            RoleFacts::Agent(link) => link.heartbeat_age(),
+        }
+    }
 }
 
 /// A policy as `tern.v1.TransportPolicy`.
@@ -299,8 +325,7 @@ pub struct Node {
     metrics_addr: Option<SocketAddr>,
     router: DualRouter,
     control: Arc<PolicyControl>,
-    raft: Arc<RaftNode>,
-    consensus: Arc<RaftConsensus>,
+    core: Core,
     grpc: Option<GrpcTransport>,
     iroh: Option<IrohTransport>,
     stop: watch::Sender<bool>,
@@ -311,9 +336,21 @@ impl std::fmt::Debug for Node {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Node")
             .field("id", &self.address.id.short())
-            .field("raft", &self.raft.id())
+            .field("node", &self.raft_id())
             .finish_non_exhaustive()
     }
+}
+
+/// What runs the node's share of the cluster: Raft (a server) or the
+/// link to the servers (an agent).
+enum Core {
+    Server {
+        raft: Arc<RaftNode>,
+        consensus: Arc<RaftConsensus>,
+    },
+    Agent {
+        link: Arc<AgentLink>,
+    },
 }
 
 /// Resolves when `stop` turns true (or its sender is gone).
@@ -471,17 +508,24 @@ impl Node {
             ));
         }
 
-        let raft_services = RaftServices::with_admission(admission(&config.cluster));
+        let agent = config.node.role == NodeRole::Agent;
+        let raft_services = RaftServices::with_settings(
+            admission(&config.cluster),
+            agent_settings(&config.cluster),
+        );
         let health = Arc::new(Late::default());
         let status = Arc::new(Late::default());
         let vm = Arc::new(Late::default());
-        let dispatcher = raft_services.register(
-            Dispatcher::new()
-                .register(ServiceId::Health, health.clone())
-                .register(ServiceId::Status, status.clone())
-                .register(ServiceId::Vm, vm.clone())
-                .register(ServiceId::Monitoring, monitoring.handler()),
-        );
+        let services = Dispatcher::new()
+            .register(ServiceId::Health, health.clone())
+            .register(ServiceId::Status, status.clone())
+            .register(ServiceId::Monitoring, monitoring.handler());
+        // An agent serves no Raft, Cluster or VM calls: the servers do.
+        let dispatcher = if agent {
+            services
+        } else {
+            raft_services.register(services.register(ServiceId::Vm, vm.clone()))
+        };
         // One access check in front of every service, for both transports.
         let gate = Arc::new(AccessGate::new(Arc::new(dispatcher)));
         let handler: Arc<dyn Handler> = gate.clone();
@@ -538,6 +582,28 @@ impl Node {
         );
         tasks.push(router.start_probing());
         let client: Arc<dyn RpcClient> = Arc::new(router.clone());
+        metrics::gauge!(NODE_ROLE, "role" => if agent { "agent" } else { "server" }).set(1.0);
+        if agent {
+            return start_agent(AgentStart {
+                config,
+                seeds,
+                pin,
+                started,
+                address,
+                metrics_addr,
+                router,
+                client,
+                grpc,
+                iroh,
+                gate,
+                health,
+                status,
+                stop,
+                stop_rx,
+                tasks,
+            })
+            .await;
+        }
 
         let capacity = Capacity {
             vcpus: config.capacity.vcpus,
@@ -634,6 +700,11 @@ impl Node {
                 .clone()
                 .run(consensus_dyn.clone(), stopped(stop_rx.clone())),
         ));
+        // The leader's judgement of agents (marks silent ones down).
+        tasks.push(tokio::spawn(tern_cluster::agents::watch_agents(
+            raft.clone(),
+            stopped(stop_rx.clone()),
+        )));
         // The rollout's driver acts only while this node leads.
         tasks.push(tokio::spawn(tern_cluster::rollout_driver::drive(
             raft.clone(),
@@ -656,6 +727,7 @@ impl Node {
             router: router.clone(),
             control: control.clone(),
             started,
+            role: RoleFacts::Server(raft_services.clone()),
         });
         let network = node_network(&config.network)?;
         let (default_kind, runtimes) = runtimes(
@@ -740,15 +812,7 @@ impl Node {
             bootstrap_network(&raft, &config.network).await;
         }
 
-        let file = NodeFile {
-            id: address.id.to_string(),
-            grpc: address.grpc.clone(),
-            iroh: address.iroh.as_ref().map(|i| i.direct.clone()),
-            metrics: metrics_addr,
-            pid: std::process::id(),
-        };
-        file.write(&data_dir)
-            .map_err(|e| failed("writing the node file", e))?;
+        write_node_file(&data_dir, &address, metrics_addr)?;
         tracing::info!(node = raft.id(), id = %address.id, metrics = ?metrics_addr, "node running");
         Ok(Node {
             data_dir,
@@ -756,8 +820,7 @@ impl Node {
             metrics_addr,
             router,
             control,
-            raft,
-            consensus,
+            core: Core::Server { raft, consensus },
             grpc,
             iroh,
             stop,
@@ -780,9 +843,12 @@ impl Node {
         &self.router
     }
 
-    /// The node's Raft id.
+    /// The node's id (its Raft id on a server, its agent id on an agent).
     pub fn raft_id(&self) -> u64 {
-        self.raft.id()
+        match &self.core {
+            Core::Server { raft, .. } => raft.id(),
+            Core::Agent { link } => link.node_id(),
+        }
     }
 
     /// The node's data directory.
@@ -795,7 +861,11 @@ impl Node {
     /// the node not live from then on; `tern run` stops the node and exits
     /// non-zero. Never resolves while Raft runs or after a clean shutdown.
     pub async fn raft_failure(&self) -> String {
-        self.raft.failure().await
+        match &self.core {
+            Core::Server { raft, .. } => raft.failure().await,
+            // An agent has no Raft to fail.
+            Core::Agent { .. } => std::future::pending().await,
+        }
     }
 
     /// Sets or removes the file's pin of the transport policy (what a
@@ -817,29 +887,39 @@ impl Node {
     /// transports drain their calls in flight and close.
     pub async fn shutdown(self, deadline: Duration) {
         let start = Instant::now();
-        tracing::info!(node = self.raft.id(), "shutting down");
+        tracing::info!(node = self.raft_id(), "shutting down");
         let Node {
-            raft,
-            consensus,
+            core,
             grpc,
             iroh,
             stop,
             tasks,
             ..
         } = self;
-        // Raft first, while the transports still carry the handoff.
-        if let Err(e) = raft.hand_over_leadership().await {
-            tracing::warn!(error = %e, "leadership handoff did not finish; stopping anyway");
-        }
-        // The reconciler, health publisher and /metrics stop; workloads
-        // keep running and are adopted when the node starts again.
-        let _ = stop.send(true);
-        drop(consensus);
-        let raft_left = deadline.saturating_sub(start.elapsed()) / 2;
-        match tokio::time::timeout(raft_left, raft.raft().shutdown()).await {
-            Ok(Ok(())) => tracing::info!(node = raft.id(), "raft stopped"),
-            Ok(Err(e)) => tracing::warn!(error = %e, "Raft shutdown"),
-            Err(_) => tracing::warn!("Raft shutdown passed its deadline"),
+        match core {
+            Core::Server { raft, consensus } => {
+                // Raft first, while the transports still carry the handoff.
+                if let Err(e) = raft.hand_over_leadership().await {
+                    tracing::warn!(error = %e, "leadership handoff did not finish; stopping anyway");
+                }
+                // The reconciler, health publisher and /metrics stop;
+                // workloads keep running and are adopted when the node
+                // starts again.
+                let _ = stop.send(true);
+                drop(consensus);
+                let raft_left = deadline.saturating_sub(start.elapsed()) / 2;
+                match tokio::time::timeout(raft_left, raft.raft().shutdown()).await {
+                    Ok(Ok(())) => tracing::info!(node = raft.id(), "raft stopped"),
+                    Ok(Err(e)) => tracing::warn!(error = %e, "Raft shutdown"),
+                    Err(_) => tracing::warn!("Raft shutdown passed its deadline"),
+                }
+            }
+            Core::Agent { link } => {
+                // The link, reconciler and /metrics stop; workloads keep
+                // running and are adopted when the agent starts again.
+                let _ = stop.send(true);
+                drop(link);
+            }
         }
         let drain = deadline
             .saturating_sub(start.elapsed())
@@ -859,6 +939,164 @@ impl Node {
             t.abort();
         }
         tracing::info!(elapsed = ?start.elapsed(), "node stopped");
+    }
+}
+
+/// What [`Node::start`] hands over to [`start_agent`] once the transports
+/// and the router are up.
+struct AgentStart {
+    config: crate::config::Config,
+    seeds: Vec<(PeerId, crate::config::SeedConfig)>,
+    pin: Option<Policy>,
+    started: Instant,
+    address: PeerAddr,
+    metrics_addr: Option<SocketAddr>,
+    router: DualRouter,
+    client: Arc<dyn RpcClient>,
+    grpc: Option<GrpcTransport>,
+    iroh: Option<IrohTransport>,
+    gate: Arc<AccessGate>,
+    health: Arc<Late>,
+    status: Arc<Late>,
+    stop: watch::Sender<bool>,
+    stop_rx: watch::Receiver<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+/// Starts an agent (`[node] role = "agent"`): registers with the servers,
+/// then runs the link, the policy control and the reconciler over the
+/// link's mirror (see [`crate::agent`]).
+async fn start_agent(p: AgentStart) -> Result<Node, StartError> {
+    let AgentStart {
+        config,
+        seeds,
+        pin,
+        started,
+        address,
+        metrics_addr,
+        router,
+        client,
+        grpc,
+        iroh,
+        gate,
+        health,
+        status,
+        stop,
+        stop_rx,
+        mut tasks,
+    } = p;
+    let data_dir = config.data_dir.clone();
+    let capacity = Capacity {
+        vcpus: config.capacity.vcpus,
+        memory_mib: config.capacity.memory_mib,
+    };
+    let link = AgentLink::new(
+        client.clone(),
+        address.clone(),
+        capacity,
+        config.cluster.join_token.clone().unwrap_or_default(),
+        seeds
+            .iter()
+            .map(|(id, seed)| seed_addr(*id, seed))
+            .collect(),
+    );
+    let id = link.register().await.map_err(register_error)?;
+    let consensus: Arc<dyn tern_services::consensus::Consensus> = link.clone();
+    gate.attach(consensus.clone());
+    tasks.push(tokio::spawn(link.clone().run(stopped(stop_rx.clone()))));
+    let sink = Arc::new(RouterSink {
+        router: router.clone(),
+        serves_iroh: iroh.is_some(),
+    });
+    let control = PolicyControl::new(id, sink, pin);
+    let policy_task = control
+        .clone()
+        .run(consensus.clone(), stopped(stop_rx.clone()));
+    tasks.push(tokio::spawn(policy_task));
+    let facts: Arc<dyn NodeInfo> = Arc::new(Facts {
+        address: address.clone(),
+        router: router.clone(),
+        control: control.clone(),
+        started,
+        role: RoleFacts::Agent(link.clone()),
+    });
+    let network = node_network(&config.network)?;
+    let (_, runtimes) = runtimes(
+        &config.vm,
+        &data_dir.join(VMS_DIR),
+        &data_dir,
+        network.clone(),
+    )?;
+    let _ = health
+        .inner
+        .set(HealthService::new(consensus.clone(), facts.clone()).handler());
+    let _ = status
+        .inner
+        .set(StatusService::new(consensus.clone(), facts.clone()).handler());
+    let reconciler = Reconciler::new(id, consensus.clone(), runtimes, ReconcilerConfig::default());
+    tasks.push(tokio::spawn(reconciler.run(stopped(stop_rx.clone()))));
+    write_node_file(&data_dir, &address, metrics_addr)?;
+    tracing::info!(node = id, id = %address.id, metrics = ?metrics_addr, "agent running");
+    Ok(Node {
+        data_dir,
+        address,
+        metrics_addr,
+        router,
+        control,
+        core: Core::Agent { link },
+        grpc,
+        iroh,
+        stop,
+        tasks,
+    })
+}
+
+/// Why an agent could not start, from why its registration failed.
+fn register_error(e: crate::agent::RegisterError) -> StartError {
+    match e {
+        crate::agent::RegisterError::Refused(why) => StartError::Config(ConfigError {
+            file: None,
+            key: "cluster.join_token".into(),
+            reason: format!("the cluster refused the agent: {why}"),
+        }),
+        e @ crate::agent::RegisterError::GaveUp { .. } => StartError::Failed(e.to_string()),
+    }
+}
+
+/// Writes `DATA_DIR/node.json`: the node's identity, addresses and pid.
+fn write_node_file(
+    data_dir: &Path,
+    address: &PeerAddr,
+    metrics: Option<SocketAddr>,
+) -> Result<(), StartError> {
+    let file = NodeFile {
+        id: address.id.to_string(),
+        grpc: address.grpc.clone(),
+        iroh: address.iroh.as_ref().map(|i| i.direct.clone()),
+        metrics,
+        pid: std::process::id(),
+    };
+    file.write(data_dir)
+        .map_err(|e| failed("writing the node file", e))
+}
+
+/// A seed of `[cluster] join` as an address.
+fn seed_addr(id: PeerId, seed: &crate::config::SeedConfig) -> PeerAddr {
+    PeerAddr {
+        id,
+        grpc: seed.grpc.clone(),
+        iroh: (!seed.iroh.is_empty()).then(|| IrohAddr {
+            direct: seed.iroh.clone(),
+            relay_url: None,
+        }),
+    }
+}
+
+/// The servers' agent settings from `[cluster]` (checked by the config).
+fn agent_settings(cluster: &crate::config::ClusterConfig) -> tern_cluster::AgentSettings {
+    tern_cluster::AgentSettings {
+        heartbeat_interval: Duration::from_millis(cluster.agent_heartbeat_interval_ms),
+        down_after: Duration::from_millis(cluster.agent_down_after_ms),
     }
 }
 
@@ -982,14 +1220,7 @@ async fn join_with_retries(
     loop {
         for (id, seed) in seeds {
             attempt += 1;
-            let addr = PeerAddr {
-                id: *id,
-                grpc: seed.grpc.clone(),
-                iroh: (!seed.iroh.is_empty()).then(|| IrohAddr {
-                    direct: seed.iroh.clone(),
-                    relay_url: None,
-                }),
-            };
+            let addr = seed_addr(*id, seed);
             tracing::info!(attempt, seed = %id.short(), "asking to join the cluster");
             match tern_cluster::request_join(client, &addr, token, me).await {
                 Ok(answer) => return Ok(answer),

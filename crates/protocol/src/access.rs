@@ -65,6 +65,9 @@ pub struct Grants {
     /// The caller's key is a member of the Raft membership (voter or
     /// learner) this node has applied.
     pub member: bool,
+    /// The caller's key is a registered agent's (a node that runs VMs
+    /// without being a Raft member) in the state this node has applied.
+    pub agent: bool,
 }
 
 /// Who may call a method.
@@ -82,6 +85,10 @@ pub enum Rule {
     /// membership (which, for a joining node, trusts the members its join
     /// answer named) and binds the caller to its own node id.
     Members,
+    /// Registered agents only (their own heartbeats, reports and
+    /// assignments); the Cluster service binds the caller to its own
+    /// node id.
+    Agents,
     /// Keys holding this role or a stronger one.
     Role(Role),
     /// Keys holding this role or a stronger one, and members. Reads
@@ -102,6 +109,8 @@ pub enum Denial {
     NeedsRole,
     /// The method is for members only.
     MembersOnly,
+    /// The method is for registered agents only.
+    AgentsOnly,
     /// The method has no rule (deny by default).
     NoRule,
 }
@@ -113,6 +122,7 @@ impl Denial {
             Denial::UnknownKey => "unknown_key",
             Denial::NeedsRole => "needs_role",
             Denial::MembersOnly => "members_only",
+            Denial::AgentsOnly => "agents_only",
             Denial::NoRule => "no_rule",
         }
     }
@@ -132,6 +142,8 @@ impl Rule {
             Rule::Anyone | Rule::AnyKey => Ok(()),
             Rule::Members if grants.member => Ok(()),
             Rule::Members => Err(Denial::MembersOnly),
+            Rule::Agents if grants.agent => Ok(()),
+            Rule::Agents => Err(Denial::AgentsOnly),
             Rule::Role(needed) => match grants.role {
                 Some(r) if r.covers(needed) => Ok(()),
                 _ => Err(refused()),
@@ -151,6 +163,7 @@ impl Rule {
             Rule::Anyone => "nothing".into(),
             Rule::AnyKey => "an authenticated key".into(),
             Rule::Members => "cluster membership (a node key)".into(),
+            Rule::Agents => "a registered agent's key".into(),
             Rule::Role(r) => format!("the {r} role"),
             Rule::RoleOrMember(r) => format!("the {r} role (or cluster membership)"),
         }
@@ -181,6 +194,10 @@ pub fn rule(method: &Method) -> Option<Rule> {
             Rule::Role(Admin)
         }
         (ServiceId::Cluster, "AccessList") => Rule::RoleOrMember(Viewer),
+        // The token (or an existing registration) is checked by the
+        // Cluster service, as for Join.
+        (ServiceId::Cluster, "AgentRegister") => Rule::AnyKey,
+        (ServiceId::Cluster, "AgentHeartbeat" | "AgentReport" | "AgentSync") => Rule::Agents,
         (ServiceId::Raft, "Vote" | "AppendEntries" | "AppendStream" | "Snapshot" | "Propose") => {
             Rule::Members
         }
@@ -221,11 +238,15 @@ mod tests {
         let none = Grants::default();
         let viewer = Grants {
             role: Some(Role::Viewer),
-            member: false,
+            ..Grants::default()
         };
         let member = Grants {
-            role: None,
             member: true,
+            ..Grants::default()
+        };
+        let agent = Grants {
+            agent: true,
+            ..Grants::default()
         };
         let create = rule(methods::VM_CREATE).expect("rule");
         assert_eq!(create.check(none), Err(Denial::UnknownKey));
@@ -234,6 +255,22 @@ mod tests {
         let vote = rule(methods::RAFT_VOTE).expect("rule");
         assert_eq!(vote.check(viewer), Err(Denial::MembersOnly));
         assert_eq!(vote.check(member), Ok(()));
+        assert_eq!(
+            vote.check(agent),
+            Err(Denial::MembersOnly),
+            "an agent is no member"
+        );
+        let heartbeat = rule(methods::CLUSTER_AGENT_HEARTBEAT).expect("rule");
+        assert_eq!(heartbeat.check(agent), Ok(()));
+        assert_eq!(heartbeat.check(member), Err(Denial::AgentsOnly));
+        assert_eq!(heartbeat.check(viewer), Err(Denial::AgentsOnly));
+        let sync = rule(methods::CLUSTER_AGENT_SYNC).expect("rule");
+        assert_eq!(sync.check(none), Err(Denial::AgentsOnly));
+        assert_eq!(
+            create.check(agent),
+            Err(Denial::UnknownKey),
+            "an agent holds no role"
+        );
         let set = rule(methods::CLUSTER_TRANSPORT_SET).expect("rule");
         assert_eq!(set.check(viewer), Err(Denial::NeedsRole));
         let rollout = rule(methods::CLUSTER_ROLLOUT).expect("rule");
@@ -248,7 +285,7 @@ mod tests {
         assert_eq!(
             set.check(Grants {
                 role: Some(Role::Operator),
-                member: false
+                ..Grants::default()
             }),
             Ok(())
         );

@@ -263,6 +263,9 @@ pub const METHODS: &[Method] = &[
     m(Cluster, 13, "TransportSet", true, Normal),
     m(Cluster, 14, "Rollout", true, Normal),
     m(Cluster, 15, "RolloutGet", true, Normal),
+    m(Cluster, 16, "AgentRegister", true, Normal),
+    m(Cluster, 17, "AgentHeartbeat", true, Normal),
+    m(Cluster, 18, "AgentReport", true, Normal),
 ];
 
 /// Every streaming method of every service.
@@ -272,6 +275,9 @@ pub const METHODS: &[Method] = &[
 ///   request at the same position of the stream.
 /// - `Vm/Watch` (server streaming): every change of the VMs from a
 ///   revision on, resumable by revision.
+/// - `Cluster/AgentSync` (server streaming): the desired state of the VMs
+///   placed on the calling agent, whole, on every change, resumable by
+///   revision.
 pub const STREAM_METHODS: &[Method] = &[
     stream(
         Raft,
@@ -281,6 +287,13 @@ pub const STREAM_METHODS: &[Method] = &[
         MethodKind::Bidirectional,
     ),
     stream(Vm, 8, "Watch", Normal, MethodKind::ServerStreaming),
+    stream(
+        Cluster,
+        19,
+        "AgentSync",
+        Normal,
+        MethodKind::ServerStreaming,
+    ),
 ];
 
 /// Every method, unary then streaming.
@@ -350,6 +363,14 @@ pub mod methods {
     pub const CLUSTER_ROLLOUT: &Method = &METHODS[27];
     /// `Cluster/RolloutGet`.
     pub const CLUSTER_ROLLOUT_GET: &Method = &METHODS[28];
+    /// `Cluster/AgentRegister`.
+    pub const CLUSTER_AGENT_REGISTER: &Method = &METHODS[29];
+    /// `Cluster/AgentHeartbeat`.
+    pub const CLUSTER_AGENT_HEARTBEAT: &Method = &METHODS[30];
+    /// `Cluster/AgentReport`.
+    pub const CLUSTER_AGENT_REPORT: &Method = &METHODS[31];
+    /// `Cluster/AgentSync` (server stream).
+    pub const CLUSTER_AGENT_SYNC: &Method = &STREAM_METHODS[2];
     /// `Raft/AppendStream` (bidirectional stream).
     pub const RAFT_APPEND_STREAM: &Method = &STREAM_METHODS[0];
     /// `Vm/Watch` (server stream).

@@ -159,6 +159,29 @@ metrics! {
     /// (`client`: sent by a leader, `server`: served by a follower).
     RAFT_APPEND_STREAM_BATCHES = "tern_raft_append_stream_batches_total", Counter,
         "Append-entries batches carried on replication streams, sent (client) or served (server).";
+    /// This node's role; labels `role` (`server`: a Raft member, `agent`:
+    /// runs VMs, follows the servers).
+    NODE_ROLE = "tern_node_role", Gauge,
+        "1 for this node's role (server or agent).";
+    /// Agents in this server's applied state; labels `status`
+    /// (`ready`|`down`).
+    AGENTS = "tern_agents", Gauge,
+        "Agents registered with the cluster, by status, as this server's applied state has them.";
+    /// The longest time since an agent's last heartbeat (the leader only,
+    /// over ready agents).
+    AGENT_HEARTBEAT_AGE_MAX = "tern_agent_heartbeat_age_max_seconds", Gauge,
+        "On the leader: the longest time since a ready agent's last heartbeat.";
+    /// Agents the leader marked down or ready again; labels `status`.
+    AGENT_STATUS_CHANGES = "tern_agent_status_changes_total", Counter,
+        "Agents the leader marked down (heartbeats stopped) or ready again, by new status.";
+    /// On an agent: the time since the leader last acknowledged its
+    /// heartbeat.
+    AGENT_HEARTBEAT_AGE = "tern_agent_heartbeat_age_seconds", Gauge,
+        "On an agent: time since the leader last acknowledged a heartbeat.";
+    /// On an agent: 1 while it is fenced (no acknowledged heartbeat for
+    /// its fence bound: it stops its VMs and starts none).
+    AGENT_FENCED = "tern_agent_fenced", Gauge,
+        "On an agent: 1 while fenced (its heartbeats go unacknowledged; its VMs are stopped).";
     /// Current term.
     RAFT_TERM = "tern_raft_term", Gauge,
         "Current Raft term.";

@@ -507,6 +507,9 @@ pub fn command_name(command: &Command) -> &'static str {
         Command::SetNodeLabels { .. } => "set-node-labels",
         Command::SetTransportPolicy { .. } => "set-transport-policy",
         Command::Rollout { .. } => "rollout",
+        Command::RegisterAgent { .. } => "register-agent",
+        Command::SetAgentStatus { .. } => "set-agent-status",
+        Command::RemoveAgent { .. } => "remove-agent",
     }
 }
 
@@ -575,6 +578,9 @@ pub fn check_proposal(command: &Command, caller: &BTreeSet<NodeId>) -> Result<()
         | Command::RecordMembership { .. }
         | Command::SetNetworkPool { .. }
         | Command::SetTransportPolicy { .. }
+        | Command::RegisterAgent { .. }
+        | Command::SetAgentStatus { .. }
+        | Command::RemoveAgent { .. }
         | Command::Rollout { .. } => Err(ProposeRefused::NotAllowed {
             command: command_name(command),
         }),

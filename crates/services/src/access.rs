@@ -78,6 +78,7 @@ impl AccessGate {
             .query(|state| Grants {
                 role: state.role_of(peer),
                 member: state.is_member_key(peer),
+                agent: state.agent_of(peer).is_some(),
             })
             .ok()
     }
@@ -93,7 +94,7 @@ impl AccessGate {
             // state, and for a joiner trusts the members its join answer
             // named), and binds the caller to its own node id.
             Rule::Anyone | Rule::AnyKey | Rule::Members => return Ok(()),
-            Rule::Role(_) | Rule::RoleOrMember(_) => match self.grants(&ctx.peer) {
+            Rule::Role(_) | Rule::RoleOrMember(_) | Rule::Agents => match self.grants(&ctx.peer) {
                 Some(g) => g,
                 None => {
                     return Err(Status::unavailable(
@@ -137,6 +138,7 @@ impl AccessGate {
                 Denial::UnknownKey => "no role (unknown key)",
                 Denial::NeedsRole => "a weaker role",
                 Denial::MembersOnly => "a role but is not a member",
+                Denial::AgentsOnly => "no agent registration",
                 Denial::NoRule => "no rule to match (deny by default)",
             }
         ))

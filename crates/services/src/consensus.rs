@@ -35,6 +35,10 @@ pub enum RaftRole {
     Learner,
     /// Raft has stopped on this node.
     Shutdown,
+    /// Not a Raft member: an agent, which runs the VMs placed on it and
+    /// follows the servers. Its "leader" is the servers' leader as its
+    /// last acknowledged heartbeat named it.
+    Agent,
 }
 
 /// One member of the current membership.

@@ -29,6 +29,8 @@
 //! - [`reconciler`]: each node's loop that makes its runtimes match the
 //!   desired state of the VMs placed on it and reports what it observes
 //!   (the runtimes themselves are `tern-runtime`'s).
+//! - [`agent`]: an agent's assignment (the VMs placed on it) on the wire,
+//!   both ways, decoded strictly.
 //!
 //! # Wiring (what the node does)
 //!
@@ -44,6 +46,7 @@
 //!    transport's `grpc.health.v1` service.
 
 pub mod access;
+pub mod agent;
 pub mod consensus;
 pub mod health;
 pub mod monitoring;

@@ -32,6 +32,18 @@ pub trait NodeInfo: Send + Sync + 'static {
 
     /// When the node process started, for uptime.
     fn started(&self) -> Instant;
+
+    /// On the leader: how long ago it last heard each agent it has heard
+    /// since it took over (a server that does not lead: none).
+    fn agent_heartbeat_ages(&self) -> std::collections::BTreeMap<u64, std::time::Duration> {
+        std::collections::BTreeMap::new()
+    }
+
+    /// On an agent: how long ago the leader last acknowledged its
+    /// heartbeat (`None` on a server, or before the first).
+    fn heartbeat_age(&self) -> Option<std::time::Duration> {
+        None
+    }
 }
 
 /// A [`NodeInfo`] holding fixed values: for a node whose addresses and

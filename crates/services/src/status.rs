@@ -60,6 +60,18 @@ impl StatusService {
                     .read(&mut |state| desired = desired_policies(state));
                 desired
             },
+            agents: {
+                let ages = self.node.agent_heartbeat_ages();
+                let mut agents = Vec::new();
+                let _ = self
+                    .consensus
+                    .read(&mut |state| agents = agent_infos(state, &ages));
+                agents
+            },
+            heartbeat_age_ms: self
+                .node
+                .heartbeat_age()
+                .map_or(0, |age| u64::try_from(age.as_millis()).unwrap_or(u64::MAX)),
         }
     }
 
@@ -76,15 +88,43 @@ fn role(role: RaftRole) -> pb::RaftRole {
         RaftRole::Candidate => pb::RaftRole::Candidate,
         RaftRole::Learner => pb::RaftRole::Learner,
         RaftRole::Shutdown => pb::RaftRole::Shutdown,
+        RaftRole::Agent => pb::RaftRole::Agent,
     }
 }
 
-/// Every member's desired transport policy (node > group > all), its
-/// source and the member's labels, from the replicated state.
+/// The agents of the state as `tern.v1.AgentInfo`, with the leader's
+/// heartbeat ages where it has them.
+pub fn agent_infos(
+    state: &ClusterState,
+    ages: &std::collections::BTreeMap<u64, std::time::Duration>,
+) -> Vec<pb::AgentInfo> {
+    state
+        .agents()
+        .iter()
+        .map(|(id, a)| pb::AgentInfo {
+            node_id: *id,
+            address: Some(pb::PeerAddress::from(&a.addr)),
+            capacity: Some(pb::Capacity {
+                vcpus: a.capacity.vcpus,
+                memory_mib: a.capacity.memory_mib,
+            }),
+            status: a.status.name().into(),
+            since_unix_ms: a.since_unix_ms,
+            heartbeat_age_ms: ages
+                .get(id)
+                .map_or(0, |age| u64::try_from(age.as_millis()).unwrap_or(u64::MAX)),
+            vms: u32::try_from(state.assignment(*id).len()).unwrap_or(u32::MAX),
+        })
+        .collect()
+}
+
+/// Every node's desired transport policy (node > group > all), its
+/// source and the node's labels, from the replicated state: servers and
+/// agents.
 pub fn desired_policies(state: &ClusterState) -> Vec<pb::NodePolicy> {
     state
-        .members()
-        .keys()
+        .node_ids_all()
+        .iter()
         .map(|id| {
             let (policy, source) = match state.desired_policy(*id) {
                 Some((p, source)) => (Some(p.to_pb()), source),

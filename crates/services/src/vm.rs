@@ -450,7 +450,10 @@ pub fn rejection_status(why: &Rejection) -> Status {
         | Rejection::MigrationInProgress { .. }
         | Rejection::AlreadyOnNode { .. }
         | Rejection::PoolInUse { .. }
+        | Rejection::NodeDown { .. }
+        | Rejection::AgentIsServer { .. }
         | Rejection::Rollout { .. } => Code::FailedPrecondition,
+        Rejection::AgentIdMismatch { .. } => Code::PermissionDenied,
         Rejection::InvalidDesiredState { .. }
         | Rejection::NotPlacedHere { .. }
         | Rejection::InvalidReport { .. } => Code::Internal,

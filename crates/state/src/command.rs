@@ -223,6 +223,44 @@ pub enum Command {
         /// When, by the proposer's clock (soaks count from it).
         at_unix_ms: u64,
     },
+    /// Record an agent ([`crate::agent`]): a node that runs VMs without
+    /// being a Raft member. `node_id` must be the id allocated to
+    /// `addr.id` (by [`Command::AdmitNode`] or
+    /// [`Command::AllocateNodeId`]); a known agent's addresses and
+    /// capacity are updated. Answers [`Response::NodeId`].
+    RegisterAgent {
+        /// Deduplication id.
+        request_id: RequestId,
+        /// The agent's node id.
+        node_id: NodeId,
+        /// Its identity (the caller's authenticated key) and addresses.
+        addr: tern_protocol::PeerAddr,
+        /// What it offers to VMs (cut to the servers' maximum before it
+        /// is proposed).
+        capacity: crate::member::Capacity,
+        /// When, by the proposer's clock.
+        at_unix_ms: u64,
+    },
+    /// The leader's judgement of an agent: ready (heartbeating) or down
+    /// (not heard within its bound). Down moves the agent's VMs.
+    SetAgentStatus {
+        /// Deduplication id.
+        request_id: RequestId,
+        /// The agent.
+        node_id: NodeId,
+        /// Its new status.
+        status: crate::agent::AgentStatus,
+        /// When, by the proposer's clock.
+        at_unix_ms: u64,
+    },
+    /// Remove an agent (an admin's `Cluster/Leave` of it): its VMs move as
+    /// for a down agent and its node id is retired.
+    RemoveAgent {
+        /// Deduplication id.
+        request_id: RequestId,
+        /// The agent.
+        node_id: NodeId,
+    },
 }
 
 impl Command {
@@ -247,6 +285,9 @@ impl Command {
             | Command::SetNodeLabels { request_id, .. }
             | Command::SetTransportPolicy { request_id, .. }
             | Command::Rollout { request_id, .. }
+            | Command::RegisterAgent { request_id, .. }
+            | Command::SetAgentStatus { request_id, .. }
+            | Command::RemoveAgent { request_id, .. }
             | Command::CreateVmWithData { request_id, .. } => Some(request_id),
         }
     }
@@ -372,6 +413,26 @@ impl std::fmt::Display for Command {
             Command::Rollout { request_id, op, .. } => {
                 write!(f, "rollout {} req={request_id}", op.name())
             }
+            Command::RegisterAgent {
+                request_id,
+                node_id,
+                addr,
+                ..
+            } => write!(
+                f,
+                "register-agent node={node_id} key={} req={request_id}",
+                addr.id.short()
+            ),
+            Command::SetAgentStatus {
+                request_id,
+                node_id,
+                status,
+                ..
+            } => write!(f, "agent-status node={node_id} {status} req={request_id}"),
+            Command::RemoveAgent {
+                request_id,
+                node_id,
+            } => write!(f, "remove-agent node={node_id} req={request_id}"),
         }
     }
 }
@@ -449,7 +510,7 @@ pub enum Rejection {
     /// No member has room for the VM.
     #[error(
         "no node has {vcpus} free vCPUs and {memory_mib} MiB free memory \
-         ({members} members; capacity is what each node declares when it joins)"
+         ({members} nodes, servers and agents; capacity is what each node declares when it joins)"
     )]
     NoCapacity {
         /// vCPUs asked for.
@@ -478,6 +539,28 @@ pub enum Rejection {
     #[error("node {node_id} is not a member of the cluster")]
     UnknownNode {
         /// The node asked for.
+        node_id: NodeId,
+    },
+    /// The node named (a pin or a migration target) is an agent the
+    /// leader has marked down.
+    #[error(
+        "node {node_id} is an agent that is down (its heartbeats stopped); choose another node"
+    )]
+    NodeDown {
+        /// The node asked for.
+        node_id: NodeId,
+    },
+    /// An agent registration whose node id is not the one allocated to
+    /// its key.
+    #[error("node id {node_id} is not the id allocated to this agent's key")]
+    AgentIdMismatch {
+        /// The id given.
+        node_id: NodeId,
+    },
+    /// A Raft member (a server) cannot register as an agent.
+    #[error("node {node_id} is a server (a Raft member); it cannot register as an agent")]
+    AgentIsServer {
+        /// The node.
         node_id: NodeId,
     },
     /// The node named (a pin or a migration target) lacks room for the VM.

@@ -15,6 +15,9 @@
 //!   [`Response`]s they return and the [`Rejection`]s that refuse them.
 //! - [`vm`]: VM specs and records, reconcilers' reports, placement on the
 //!   members' capacity, and the VM lifecycle commands.
+//! - [`agent`]: agents, the nodes that run VMs without being Raft
+//!   members: their records, ready or down, and moving the VMs of one
+//!   that went down.
 //! - [`member`]: [`NodeId`] allocation, the [`Member`] record a membership
 //!   holds, [`Capacity`], and applying a new membership.
 //! - [`meta`]: the metadata register.
@@ -37,6 +40,7 @@
 
 pub mod access;
 pub mod admission;
+pub mod agent;
 pub mod command;
 pub mod dedup;
 pub mod events;
@@ -51,6 +55,7 @@ pub mod vm;
 
 pub use access::{AuditAction, AuditEvent, MAX_ACCESS_KEYS, MAX_AUDIT_LOG};
 pub use admission::{JoinTokenRecord, MembershipChange};
+pub use agent::{AgentRecord, AgentStatus, AgentView, AssignedVm};
 pub use command::{Command, Rejection, RequestId, Response};
 pub use dedup::MAX_DEDUP_ENTRIES;
 pub use events::{EventBatch, HistoryGap, MAX_VM_EVENT_BYTES, MAX_VM_EVENTS, VmEvent, VmHistory};

@@ -247,7 +247,12 @@ pub fn check_command(command: &Command) -> Result<(), LimitError> {
         Command::AllocateNodeId { .. }
         | Command::ChangeAccess { .. }
         | Command::RecordMembership { .. }
+        | Command::SetAgentStatus { .. }
+        | Command::RemoveAgent { .. }
         | Command::SetNetworkPool { .. } => {}
+        Command::RegisterAgent { addr, capacity, .. } => {
+            check_member(&Member::new(addr.clone(), *capacity))?
+        }
         Command::CreateJoinToken { token, .. } => {
             bytes("token.id", &token.id, crate::admission::TOKEN_ID_LEN)?
         }

@@ -279,6 +279,17 @@ impl NetworkState {
     }
 
     /// Rebuilds the derived index after decoding.
+    /// Sets the pool of a mirror (an agent's partial copy of the state,
+    /// see `ClusterState::agent_mirror`), never of the replicated state.
+    pub(crate) fn mirror_pool(&mut self, pool: Option<Ipv4Net>) {
+        self.pool = pool;
+    }
+
+    /// Records a lease in a mirror, as the replicated state holds it.
+    pub(crate) fn mirror_lease(&mut self, vm_id: String, lease: Lease) {
+        self.leases.insert(vm_id, lease);
+    }
+
     pub(crate) fn reindexed(mut self) -> NetworkState {
         self.by_address = self
             .leases

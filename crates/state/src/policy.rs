@@ -284,7 +284,7 @@ impl ClusterState {
         if let Err(e) = check_labels(&labels) {
             return Response::Rejected(Rejection::InvalidLabels { why: e.to_string() });
         }
-        if !self.members.contains_key(&node) {
+        if !self.is_node(node) {
             return Response::Rejected(Rejection::UnknownNode { node_id: node });
         }
         if labels.is_empty() {
@@ -310,7 +310,7 @@ impl ClusterState {
         }
         match (target, policy) {
             (PolicyTarget::Node(id), Some(p)) => {
-                if !self.members.contains_key(&id) {
+                if !self.is_node(id) {
                     return Response::Rejected(Rejection::UnknownNode { node_id: id });
                 }
                 self.policies.nodes.insert(id, p);
@@ -344,9 +344,10 @@ impl ClusterState {
 
     /// Drops the labels and the node policy of nodes no longer members.
     pub(crate) fn forget_departed(&mut self) {
-        let members = &self.members;
-        self.node_labels.retain(|id, _| members.contains_key(id));
-        self.policies.nodes.retain(|id, _| members.contains_key(id));
+        let (members, agents) = (&self.members, &self.agents);
+        let is_node = |id: &NodeId| members.contains_key(id) || agents.contains_key(id);
+        self.node_labels.retain(|id, _| is_node(id));
+        self.policies.nodes.retain(|id, _| is_node(id));
     }
 }
 

@@ -753,14 +753,15 @@ impl ClusterState {
         last: &BTreeSet<NodeId>,
     ) -> Result<BTreeSet<NodeId>, Response> {
         let stage = &plan.stages[index];
-        let members: BTreeSet<NodeId> = self.members.keys().copied().collect();
+        // Servers and agents alike: agents are most of the fleet.
+        let members: BTreeSet<NodeId> = self.node_ids_all();
         if let Some(p) = stage.percent {
             let count = (members.len() * usize::from(p)).div_ceil(100).max(1);
             return Ok(pick(&members, &self.node_labels, keep, last, count));
         }
         if let Some(id) = stage.nodes.iter().find(|id| !members.contains(id)) {
             return Err(refuse(format!(
-                "stage {index}: nodes: node {id} is not a member"
+                "stage {index}: nodes: node {id} is neither a server nor an agent"
             )));
         }
         Ok(keep

@@ -22,6 +22,7 @@ use tern_protocol::access::Role;
 
 use crate::access::{AccessEvent, AuditEvent};
 use crate::admission::JoinTokenRecord;
+use crate::agent::AgentRecord;
 use crate::command::{Command, Rejection, Response};
 use crate::dedup::DedupTable;
 use crate::events::VmHistory;
@@ -78,6 +79,9 @@ pub struct ClusterState {
     pub(crate) policies: DesiredPolicies,
     /// The transport rollout, the last one started (snapshot format 8 on).
     pub(crate) rollout: Option<Rollout>,
+    /// The agents: nodes that run VMs without being Raft members
+    /// (snapshot format 9 on).
+    pub(crate) agents: BTreeMap<NodeId, AgentRecord>,
     /// Indexes over `vms` (names, reserved capacity), derived from them:
     /// not serialized, rebuilt on decoding.
     #[serde(skip)]
@@ -106,6 +110,7 @@ struct StoredState {
     node_labels: BTreeMap<NodeId, Labels>,
     policies: DesiredPolicies,
     rollout: Option<Rollout>,
+    agents: BTreeMap<NodeId, AgentRecord>,
 }
 
 impl From<StoredState> for ClusterState {
@@ -129,7 +134,57 @@ impl From<StoredState> for ClusterState {
             node_labels: s.node_labels,
             policies: s.policies,
             rollout: s.rollout,
+            agents: s.agents,
         }
+    }
+}
+
+/// The cluster state as snapshot format 8 wrote it, before agents: the
+/// same fields in the same order, without the last one. Read so that a
+/// node upgraded in place keeps its state; it has no agents.
+#[derive(Debug, Deserialize)]
+pub struct ClusterStateV8 {
+    members: BTreeMap<NodeId, Member>,
+    node_ids: BTreeMap<PeerId, NodeId>,
+    next_node_id: NodeId,
+    vms: BTreeMap<String, VmRecord>,
+    dedup: DedupTable,
+    next_vm_number: u64,
+    meta: BTreeMap<String, MetaEntry>,
+    access: BTreeMap<PeerId, BTreeSet<Role>>,
+    audit_log: VecDeque<AuditEvent>,
+    next_audit_seq: u64,
+    tokens: BTreeMap<String, JoinTokenRecord>,
+    vm_history: VmHistory,
+    network: NetworkState,
+    user_data: BTreeMap<String, String>,
+    node_labels: BTreeMap<NodeId, Labels>,
+    policies: DesiredPolicies,
+    rollout: Option<Rollout>,
+}
+
+impl From<ClusterStateV8> for ClusterState {
+    fn from(v8: ClusterStateV8) -> ClusterState {
+        ClusterState::from(StoredState {
+            members: v8.members,
+            node_ids: v8.node_ids,
+            next_node_id: v8.next_node_id,
+            vms: v8.vms,
+            dedup: v8.dedup,
+            next_vm_number: v8.next_vm_number,
+            meta: v8.meta,
+            access: v8.access,
+            audit_log: v8.audit_log,
+            next_audit_seq: v8.next_audit_seq,
+            tokens: v8.tokens,
+            vm_history: v8.vm_history,
+            network: v8.network,
+            user_data: v8.user_data,
+            node_labels: v8.node_labels,
+            policies: v8.policies,
+            rollout: v8.rollout,
+            agents: BTreeMap::new(),
+        })
     }
 }
 
@@ -176,6 +231,7 @@ impl From<ClusterStateV7> for ClusterState {
             node_labels: v7.node_labels,
             policies: v7.policies,
             rollout: None,
+            agents: BTreeMap::new(),
         })
     }
 }
@@ -223,6 +279,7 @@ impl From<ClusterStateV6> for ClusterState {
             node_labels: BTreeMap::new(),
             policies: DesiredPolicies::default(),
             rollout: None,
+            agents: BTreeMap::new(),
         })
     }
 }
@@ -269,6 +326,7 @@ impl From<ClusterStateV5> for ClusterState {
             node_labels: BTreeMap::new(),
             policies: DesiredPolicies::default(),
             rollout: None,
+            agents: BTreeMap::new(),
         }
     }
 }
@@ -315,6 +373,7 @@ impl From<ClusterStateV4> for ClusterState {
             node_labels: BTreeMap::new(),
             policies: DesiredPolicies::default(),
             rollout: None,
+            agents: BTreeMap::new(),
         }
     }
 }
@@ -374,6 +433,7 @@ impl From<ClusterStateV3> for ClusterState {
             node_labels: BTreeMap::new(),
             policies: DesiredPolicies::default(),
             rollout: None,
+            agents: BTreeMap::new(),
         }
     }
 }
@@ -414,6 +474,7 @@ impl Default for ClusterState {
             node_labels: BTreeMap::new(),
             policies: DesiredPolicies::default(),
             rollout: None,
+            agents: BTreeMap::new(),
             index: VmIndex::default(),
         }
     }
@@ -517,6 +578,20 @@ impl ClusterState {
                 at_unix_ms,
                 ..
             } => self.apply_rollout(op, last, at_unix_ms),
+            Command::RegisterAgent {
+                node_id,
+                addr,
+                capacity,
+                at_unix_ms,
+                ..
+            } => self.register_agent(node_id, addr, capacity, at_unix_ms),
+            Command::SetAgentStatus {
+                node_id,
+                status,
+                at_unix_ms,
+                ..
+            } => self.set_agent_status(node_id, status, at_unix_ms),
+            Command::RemoveAgent { node_id, .. } => self.remove_agent(node_id),
         }
     }
 }

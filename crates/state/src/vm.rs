@@ -111,6 +111,8 @@ pub(crate) struct VmIndex {
     by_name: BTreeMap<String, String>,
     /// vCPUs and MiB reserved per node (u64 sums: no saturation to undo).
     reserved: BTreeMap<NodeId, (u64, u64)>,
+    /// The VMs placed on, or migrating to, each node.
+    placed: BTreeMap<NodeId, std::collections::BTreeSet<String>>,
 }
 
 impl VmIndex {
@@ -136,7 +138,13 @@ impl VmIndex {
             let r = self.reserved.entry(node).or_default();
             r.0 += u64::from(vm.spec.vcpus);
             r.1 += vm.spec.memory_mib;
+            self.placed.entry(node).or_default().insert(vm.id.clone());
         }
+    }
+
+    /// The VMs placed on, or migrating to, `node`.
+    pub(crate) fn on_node(&self, node: NodeId) -> impl Iterator<Item = &String> {
+        self.placed.get(&node).into_iter().flatten()
     }
 
     fn remove(&mut self, vm: &VmRecord) {
@@ -149,6 +157,12 @@ impl VmIndex {
                 r.1 = r.1.saturating_sub(vm.spec.memory_mib);
                 if *r == (0, 0) {
                     self.reserved.remove(&node);
+                }
+            }
+            if let Some(ids) = self.placed.get_mut(&node) {
+                ids.remove(&vm.id);
+                if ids.is_empty() {
+                    self.placed.remove(&node);
                 }
             }
         }
@@ -205,10 +219,12 @@ impl ClusterState {
     /// VMs placed on it, or migrating to it, reserve. Every VM reserves its
     /// vCPUs and memory whatever its state (a stopped VM can be started
     /// again without a new placement), until its record is removed. `None`
-    /// if `node` is not a member.
+    /// if `node` is neither a member nor an agent.
     pub fn free_capacity(&self, node: NodeId) -> Option<Capacity> {
-        let member = self.members.get(&node)?;
-        let mut free = member.capacity;
+        let mut free = match self.members.get(&node) {
+            Some(member) => member.capacity,
+            None => self.agents.get(&node)?.capacity,
+        };
         if let Some((vcpus, memory_mib)) = self.index.reserved.get(&node) {
             free.vcpus = u32::try_from(u64::from(free.vcpus).saturating_sub(*vcpus)).unwrap_or(0);
             free.memory_mib = free.memory_mib.saturating_sub(*memory_mib);
@@ -217,16 +233,22 @@ impl ClusterState {
     }
 
     /// Where a VM with `spec` goes: its pinned node if it has room, else
-    /// the member with the most free memory after placement, then the most
-    /// free vCPUs, then the lowest id. Deterministic: it reads only the
-    /// replicated state.
+    /// the node (a member, or an agent that is ready) with the most free
+    /// memory after placement, then the most free vCPUs, then the lowest
+    /// id. Deterministic: it reads only the replicated state.
     pub fn place(&self, spec: &VmSpec) -> Result<NodeId, Rejection> {
         let fits = |free: Capacity| free.vcpus >= spec.vcpus && free.memory_mib >= spec.memory_mib;
         if spec.pin_node != 0 {
             return self.check_room(spec.pin_node, spec).map(|()| spec.pin_node);
         }
+        let ready_agents = self
+            .agents
+            .iter()
+            .filter(|(_, a)| a.status == crate::agent::AgentStatus::Ready)
+            .map(|(id, _)| id);
         self.members
             .keys()
+            .chain(ready_agents)
             .filter_map(|id| self.free_capacity(*id).map(|free| (*id, free)))
             .filter(|(_, free)| fits(*free))
             .max_by_key(|(id, free)| (free.memory_mib, free.vcpus, std::cmp::Reverse(*id)))
@@ -234,12 +256,20 @@ impl ClusterState {
             .ok_or(Rejection::NoCapacity {
                 vcpus: spec.vcpus,
                 memory_mib: spec.memory_mib,
-                members: self.members.len(),
+                members: self.members.len() + self.agents.len(),
             })
     }
 
-    /// Whether `node` is a member with room for `spec`.
+    /// Whether `node` is a member, or an agent that is ready, with room for
+    /// `spec`.
     pub(crate) fn check_room(&self, node: NodeId, spec: &VmSpec) -> Result<(), Rejection> {
+        if self
+            .agents
+            .get(&node)
+            .is_some_and(|a| a.status == crate::agent::AgentStatus::Down)
+        {
+            return Err(Rejection::NodeDown { node_id: node });
+        }
         let free = self
             .free_capacity(node)
             .ok_or(Rejection::UnknownNode { node_id: node })?;
@@ -334,7 +364,7 @@ impl ClusterState {
             }
             // A VM on a node that left the cluster has no reconciler to
             // remove it: the record goes at once.
-            Some(vm) if desired == VmState::Deleted && !self.members.contains_key(&vm.node_id) => {
+            Some(vm) if desired == VmState::Deleted && !self.is_node(vm.node_id) => {
                 let removed = self.remove_vm(&vm_id, |vm| {
                     vm.desired = VmState::Deleted;
                     vm.observed = VmState::Deleted;

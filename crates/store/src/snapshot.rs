@@ -45,7 +45,8 @@ const MAGIC: &[u8; 8] = b"TERNSNAP";
 /// policies (`tern_state::policy`).
 /// Version 8: the state gained the transport rollout
 /// (`tern_state::rollout`).
-pub const SNAPSHOT_FORMAT_VERSION: u32 = 8;
+/// Version 9: the state gained the agents (`tern_state::agent`).
+pub const SNAPSHOT_FORMAT_VERSION: u32 = 9;
 /// The oldest format still read: version 2's state is version 3's without
 /// its trailing access fields ([`tern_state::state::ClusterStateV2`]),
 /// version 3's has the access log in its own layout and no tokens
@@ -53,7 +54,8 @@ pub const SNAPSHOT_FORMAT_VERSION: u32 = 8;
 /// VM changes ([`tern_state::state::ClusterStateV4`]), version 5's no guest
 /// network ([`tern_state::state::ClusterStateV5`]), version 6's no labels
 /// and desired policies ([`tern_state::state::ClusterStateV6`]), version
-/// 7's no rollout ([`tern_state::state::ClusterStateV7`]); so a node upgraded
+/// 7's no rollout ([`tern_state::state::ClusterStateV7`]), version 8's no
+/// agents ([`tern_state::state::ClusterStateV8`]); so a node upgraded
 /// in place keeps its data. A state of an older format gets an empty
 /// history, whole after the snapshot's last index.
 pub const OLDEST_READABLE_FORMAT: u32 = 2;
@@ -494,6 +496,12 @@ pub(crate) fn read_snapshot(
         postcard::from_io::<ClusterState, _>((reader, &mut scratch))
             .map_err(|e| corrupt(path, format!("state: {e}")))?
             .0
+    } else if version == 8 {
+        let (old, _) =
+            postcard::from_io::<tern_state::state::ClusterStateV8, _>((reader, &mut scratch))
+                .map_err(|e| corrupt(path, format!("state (format {version}): {e}")))?;
+        tracing::info!(path = %path.display(), version, "read a snapshot of an older format; it has no agents until they register");
+        ClusterState::from(old)
     } else if version == 7 {
         let (old, _) =
             postcard::from_io::<tern_state::state::ClusterStateV7, _>((reader, &mut scratch))
@@ -544,15 +552,24 @@ mod format_tests {
     use super::*;
     use tern_state::Command;
 
-    /// The body of a format 8 file of a state with no rollout, without it
-    /// (`None`: one byte in postcard): the body format 7 wrote.
-    fn without_rollout(bytes: &[u8]) -> &[u8] {
+    /// The body of a format 9 file of a state with no agents, without
+    /// them (an empty map: one byte in postcard): the body format 8 wrote.
+    fn without_agents(bytes: &[u8]) -> &[u8] {
         let body = &bytes[..bytes.len() - TRAILER_LEN as usize];
+        assert_eq!(&body[body.len() - 1..], &[0], "no agents");
+        &body[..body.len() - 1]
+    }
+
+    /// The body of a format 9 file of a state with no agents and no
+    /// rollout, without them (`None`: one byte in postcard): the body
+    /// format 7 wrote.
+    fn without_rollout(bytes: &[u8]) -> &[u8] {
+        let body = without_agents(bytes);
         assert_eq!(&body[body.len() - 1..], &[0], "no rollout");
         &body[..body.len() - 1]
     }
 
-    /// The body of a format 8 file of a state with no rollout, no labels
+    /// The body of a format 9 file of a state with no rollout, no labels
     /// and no desired policy, without them (no labels; no node, no group
     /// policies, none for all: one byte each in postcard): the body format
     /// 6 wrote.
@@ -566,7 +583,7 @@ mod format_tests {
         &body[..body.len() - 4]
     }
 
-    /// The body of a format 8 file of a state with no pool set, no user
+    /// The body of a format 9 file of a state with no pool set, no user
     /// data, no labels and no policies, without the trailing network and
     /// user data as well (no pool, no leases, cursor 0, no user data: one
     /// byte each in postcard): the body format 5 wrote.
@@ -614,6 +631,35 @@ mod format_tests {
         let (_, read) = read_snapshot(&file, Verify::Checksum).unwrap();
         assert_eq!(read, state, "the state comes back whole");
         assert!(read.network().pool().is_none());
+    }
+
+    /// A snapshot written by format 8 (no agents) opens with its state,
+    /// rollout included, intact and no agents.
+    #[test]
+    fn a_format_8_snapshot_is_read_without_agents() {
+        let dir = tempfile::tempdir().unwrap();
+        let snaps = SnapshotDir::open(dir.path()).unwrap();
+        let mut state = ClusterState::default();
+        state.apply_at(
+            1,
+            Command::SetTransportPolicy {
+                request_id: "r1".into(),
+                target: tern_state::PolicyTarget::All,
+                policy: Some(tern_protocol::policy::TransportConfig::default()),
+            },
+        );
+        let file = snaps
+            .write_current(&SnapshotMeta::default(), &state)
+            .unwrap();
+        let bytes = std::fs::read(file.path()).unwrap();
+        let old = rewrite_as(without_agents(&bytes), 8);
+        let path = file.path().to_owned();
+        drop(file);
+        std::fs::write(&path, &old).unwrap();
+        let file = snaps.open_current().unwrap().unwrap();
+        let (_, read) = read_snapshot(&file, Verify::Checksum).unwrap();
+        assert_eq!(read, state, "the state comes back whole");
+        assert!(read.agents().is_empty());
     }
 
     /// A snapshot written by format 7 (no rollout) opens with its state,

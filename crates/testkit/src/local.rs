@@ -87,6 +87,8 @@ pub struct LocalCluster {
     pub client: Arc<dyn RpcClient>,
     tern: PathBuf,
     transport: TransportConfig,
+    /// Indexes of the agents among `nodes`.
+    agents: Vec<usize>,
 }
 
 impl std::fmt::Debug for LocalCluster {
@@ -143,6 +145,18 @@ impl LocalCluster {
         size: usize,
         transport: &TransportConfig,
     ) -> anyhow::Result<LocalCluster> {
+        LocalCluster::start_tuned(tern, dir, size, transport, |_| {}).await
+    }
+
+    /// [`LocalCluster::start`] with every server's config passed through
+    /// `tune` before it is written (shorter agent bounds, less capacity).
+    pub async fn start_tuned(
+        tern: &Path,
+        dir: &Path,
+        size: usize,
+        transport: &TransportConfig,
+        tune: impl Fn(&mut Config),
+    ) -> anyhow::Result<LocalCluster> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let client: Arc<dyn RpcClient> = Arc::new(tern_transport_grpc::GrpcClient::new(
             tern_transport_grpc::ClientConfig::new(fresh_key()),
@@ -153,6 +167,7 @@ impl LocalCluster {
             client,
             tern: tern.to_owned(),
             transport: transport.clone(),
+            agents: Vec::new(),
         };
         for i in 0..size {
             let ip = Ipv4Addr::new(127, x, y, u8::try_from(i + 1).unwrap_or(u8::MAX));
@@ -165,10 +180,9 @@ impl LocalCluster {
                 .first()
                 .and_then(|n: &LocalNode| n.file.clone());
             let config = dir.join(format!("{name}.toml"));
-            config::write(
-                &config,
-                &node_config(&node_dir, ip, seed.as_ref(), &cluster.transport),
-            )?;
+            let mut c = node_config(&node_dir, ip, seed.as_ref(), &cluster.transport);
+            tune(&mut c);
+            config::write(&config, &c)?;
             cluster.nodes.push(LocalNode {
                 index: i,
                 ip,
@@ -202,6 +216,40 @@ impl LocalCluster {
             .with_context(|| format!("node {}", i + 1))?;
         node.file = Some(file);
         Ok(())
+    }
+
+    /// Starts an agent (`[node] role = "agent"`) registering through the
+    /// first node, on the next loopback address; answers its index. It is
+    /// not counted by [`LocalCluster::wait_formed`], which looks at
+    /// servers only.
+    pub async fn add_agent(&mut self, dir: &Path) -> anyhow::Result<usize> {
+        let seed = self
+            .nodes
+            .first()
+            .and_then(|n| n.file.clone())
+            .context("the first server has not started")?;
+        let i = self.nodes.len();
+        let (x, y) = loopback_base();
+        let ip = Ipv4Addr::new(127, x, y, u8::try_from(i + 1).unwrap_or(u8::MAX));
+        let name = format!("a{}", i + 1);
+        let node_dir = dir.join(&name);
+        let _ = std::fs::remove_dir_all(&node_dir);
+        let mut c = node_config(&node_dir, ip, Some(&seed), &self.transport);
+        c.node.role = tern_node::config::Role::Agent;
+        let config = dir.join(format!("{name}.toml"));
+        config::write(&config, &c)?;
+        self.nodes.push(LocalNode {
+            index: i,
+            ip,
+            dir: node_dir,
+            config,
+            log: dir.join(format!("{name}.log")),
+            child: None,
+            file: None,
+        });
+        self.agents.push(i);
+        self.start_node(i).await?;
+        Ok(i)
     }
 
     /// SIGKILLs node `i` (no handover, no flush beyond what Raft already
@@ -262,10 +310,15 @@ impl LocalCluster {
 
     async fn formed(&self) -> anyhow::Result<Option<(usize, u64)>> {
         let mut view: Option<pb::MembersResponse> = None;
-        for node in self.nodes.iter().filter(|n| n.child.is_some()) {
+        let servers = self.nodes.len() - self.agents.len();
+        for node in self
+            .nodes
+            .iter()
+            .filter(|n| n.child.is_some() && !self.agents.contains(&n.index))
+        {
             let m = self.members(node.index).await?;
             let voters = m.members.iter().filter(|m| m.voter).count();
-            if voters != self.nodes.len() || m.leader_id == 0 {
+            if voters != servers || m.leader_id == 0 {
                 return Ok(None);
             }
             if view.as_ref().is_some_and(|v| v.leader_id != m.leader_id) {
