@@ -571,6 +571,20 @@ mod tests {
     }
 
     #[test]
+    fn an_agent_that_joins_as_a_server_keeps_its_id_and_its_vms() {
+        let mut s = cluster(&[cap(4, 4096)]);
+        let a = create(&mut s, "a", 0);
+        assert_eq!(a.node_id, 2);
+        let server = Member::new(PeerAddr::new(peer(1)), Capacity::default());
+        let promoted = Member::new(PeerAddr::new(peer(2)), cap(4, 4096));
+        s.apply_membership([(&1, &server), (&2, &promoted)]);
+        assert!(s.agent(2).is_none(), "a member, no longer an agent");
+        assert_eq!(s.node_id_of(&peer(2)), Some(2));
+        assert_eq!(s.vms()[&a.id].node_id, 2, "its VM stays with it");
+        assert_eq!(s.free_capacity(2), Some(cap(3, 4096 - 256)));
+    }
+
+    #[test]
     fn a_removed_agent_leaves_with_its_id_retired_and_its_vms_moved() {
         let mut s = cluster(&[cap(4, 4096), cap(4, 4096)]);
         let a = create(&mut s, "a", 2);

@@ -105,6 +105,9 @@ impl ClusterState {
             if *id >= self.next_node_id {
                 self.next_node_id = id.saturating_add(1);
             }
+            // An agent that joined as a server (its role changed in its
+            // config) keeps its id and its VMs; it is no agent any more.
+            self.agents.remove(id);
         }
         self.members = members;
         self.forget_departed();
