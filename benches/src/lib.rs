@@ -25,6 +25,10 @@
 //! - [`cluster`]: `tern-bench cluster`, Raft on 3-node clusters of real
 //!   `tern` processes on loopback (`tern_testkit::local`), per transport
 //!   mode: commits/s, commit latency, leader failover, beside etcd.
+//! - [`fleet`]: `tern-bench fleet`, servers and agents at fleet scale:
+//!   N simulated agents (each its own key and connection, the real agent
+//!   protocol) against 3 real server processes: server CPU and memory per
+//!   agent, commit latency, desired state to agent, leader change.
 //! - [`etcd`]: the etcd baseline of `cluster`: 3 members of Debian's
 //!   etcd 3.4 on loopback and the two calls of its v3 API the bench needs.
 //! - [`twoproc`]: the measurements (`tern-bench transport`) and the child
@@ -42,6 +46,7 @@
 pub mod client;
 pub mod cluster;
 pub mod etcd;
+pub mod fleet;
 pub mod kind;
 pub mod procfs;
 pub mod raw;

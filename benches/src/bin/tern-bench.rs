@@ -61,6 +61,23 @@ enum Cmd {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Servers and agents at fleet scale: N simulated agents (each its
+    /// own key and gRPC connection, the real agent protocol) against 3
+    /// real `tern` servers on loopback.
+    Fleet {
+        /// The `tern` binary the servers run.
+        #[arg(long)]
+        tern: PathBuf,
+        /// Agent counts, measured in ascending order on one cluster.
+        #[arg(long, value_delimiter = ',', default_value = "0,100,1000")]
+        agents: Vec<usize>,
+        /// Length of each count's steady window, in seconds.
+        #[arg(long, default_value_t = 20)]
+        steady_secs: u64,
+        /// Also write the rows as JSON here.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Measure Raft on 3-node clusters of real `tern` processes on
     /// loopback, once per transport mode, and write the part file.
     Cluster {
@@ -83,6 +100,44 @@ enum Cmd {
         #[arg(long)]
         out: PathBuf,
     },
+}
+
+fn fleet_main(
+    tern: PathBuf,
+    agents: Vec<usize>,
+    steady_secs: u64,
+    out: Option<PathBuf>,
+) -> anyhow::Result<()> {
+    anyhow::ensure!(tern.is_file(), "--tern {}: no such file", tern.display());
+    let mut counts = agents;
+    counts.sort_unstable();
+    counts.dedup();
+    let dir = std::env::temp_dir().join(format!("tern-bench-fleet-{}", std::process::id()));
+    let opts = tern_benches::fleet::FleetOpts {
+        tern: std::fs::canonicalize(&tern).unwrap_or(tern),
+        counts,
+        steady: std::time::Duration::from_secs(steady_secs),
+        dir: dir.clone(),
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let result = rt.block_on(async {
+        tokio::select! {
+            r = tern_benches::fleet::run(&opts) => r,
+            _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted by Ctrl-C")),
+        }
+    });
+    rt.shutdown_timeout(std::time::Duration::from_secs(2));
+    let _ = std::fs::remove_dir_all(&dir);
+    let rows = result?;
+    println!("{}", tern_benches::fleet::table(&rows));
+    if let Some(out) = out {
+        let json = serde_json::to_string_pretty(&rows).context("encoding the rows")?;
+        std::fs::write(&out, json).with_context(|| format!("writing {}", out.display()))?;
+    }
+    Ok(())
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -120,6 +175,12 @@ fn main() -> ExitCode {
             keep_logs,
             out,
         } => cluster_main(tern, quick, steady_secs, keep_logs, out),
+        Cmd::Fleet {
+            tern,
+            agents,
+            steady_secs,
+            out,
+        } => fleet_main(tern, agents, steady_secs, out),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

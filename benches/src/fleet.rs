@@ -1,0 +1,426 @@
+//! `tern-bench fleet`: servers and agents at fleet scale.
+//!
+//! Three real `tern` server processes on loopback (`tern_testkit::local`,
+//! default agent settings: heartbeats every 2 s) and N simulated agents in
+//! this process, each with its own key, its own gRPC connection and the
+//! real agent protocol (`tern_node::agent::AgentLink`: register,
+//! heartbeat, assignment stream). The agents run no workloads. For each N
+//! (ascending, agents added to the same cluster) it measures:
+//!
+//! - **server cost**: CPU seconds of the three servers over a steady
+//!   window, per agent and second, and their resident memory, per agent
+//!   over the N = 0 baseline;
+//! - **commit latency**: sequential metadata puts at the leader during the
+//!   window (p50, p99), the figure that must not grow with N;
+//! - **desired state to agent**: a VM created pinned to a random agent,
+//!   from the create's answer until that agent's mirror holds it (p50,
+//!   p99);
+//! - **leader change**: the leader is killed (SIGKILL); the time until
+//!   every agent's status names the new leader (its heartbeats found it),
+//!   then the killed server is restarted.
+//!
+//! Results are printed as a table and written as JSON (`--out`). Nothing
+//! asserts on a figure.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use serde::Serialize;
+use tern_node::agent::AgentLink;
+use tern_protocol::catalog::methods;
+use tern_protocol::{PeerAddr, RpcClient, pb};
+use tern_services::consensus::Consensus;
+use tern_state::Capacity;
+use tern_testkit::local::{JOIN_TOKEN, LocalCluster};
+
+use crate::procfs;
+
+/// How many agents register at once.
+const REGISTER_CONCURRENCY: usize = 32;
+/// Puts per commit-latency sample.
+const PUTS: usize = 200;
+/// VMs created per desired-state sample.
+const CHANGES: usize = 40;
+/// Bound on one wait (an agent seeing a change, all agents registered).
+const WAIT_BOUND: Duration = Duration::from_secs(120);
+/// The address simulated agents register (nothing listens there).
+const SIMULATED_URL: &str = "https://127.0.0.1:9";
+/// Per-call timeout of the bench's own calls.
+const CALL: Duration = Duration::from_secs(10);
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct FleetOpts {
+    /// The `tern` binary the servers run.
+    pub tern: PathBuf,
+    /// Agent counts, ascending.
+    pub counts: Vec<usize>,
+    /// Length of the steady window per count.
+    pub steady: Duration,
+    /// Working directory (configs, data, logs).
+    pub dir: PathBuf,
+}
+
+/// The figures of one agent count.
+#[derive(Debug, Clone, Serialize)]
+pub struct FleetRow {
+    /// Agents registered.
+    pub agents: usize,
+    /// Seconds to register the agents added for this count.
+    pub register_secs: f64,
+    /// Servers' CPU (all three) over the N = 0 baseline, per agent, in
+    /// milliseconds of CPU per second.
+    pub cpu_ms_per_agent_s: Option<f64>,
+    /// Servers' CPU (all three), in percent of one core.
+    pub cpu_percent: f64,
+    /// Servers' resident memory (all three), MiB.
+    pub rss_mib: f64,
+    /// Resident memory over the N = 0 baseline, per agent, KiB.
+    pub rss_kib_per_agent: Option<f64>,
+    /// Commit latency at the leader, ms.
+    pub commit_p50_ms: f64,
+    /// Commit latency at the leader, ms.
+    pub commit_p99_ms: f64,
+    /// Desired-state change to the agent's mirror, ms.
+    pub change_p50_ms: Option<f64>,
+    /// Desired-state change to the agent's mirror, ms.
+    pub change_p99_ms: Option<f64>,
+    /// Kill of the leader until every agent names the new one, s.
+    pub leader_change_all_secs: Option<f64>,
+    /// The load average when the window ended.
+    pub load: String,
+}
+
+struct SimAgent {
+    link: Arc<AgentLink>,
+    stop: tokio::sync::watch::Sender<bool>,
+}
+
+fn percentile(sorted: &[f64], q: f64) -> f64 {
+    crate::cluster::percentile(sorted, q).unwrap_or(f64::NAN)
+}
+
+fn servers(cluster: &LocalCluster) -> Vec<u32> {
+    cluster
+        .nodes
+        .iter()
+        .filter_map(|n| n.child.as_ref().map(tern_testkit::TernProcess::pid))
+        .collect()
+}
+
+fn rss_mib(pids: &[u32]) -> f64 {
+    let kib: u64 = pids
+        .iter()
+        .filter_map(|p| std::fs::read_to_string(format!("/proc/{p}/status")).ok())
+        .filter_map(|s| procfs::parse_status_kib(&s, "VmRSS:"))
+        .sum();
+    #[allow(clippy::cast_precision_loss)] // reason: memory in KiB, far below 2^52.
+    let mib = kib as f64 / 1024.0;
+    mib
+}
+
+fn cpu(pids: &[u32]) -> f64 {
+    pids.iter()
+        .filter_map(|p| procfs::cpu_seconds(*p).ok())
+        .sum()
+}
+
+fn load() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+async fn commit_latencies(
+    client: &dyn RpcClient,
+    leader: &PeerAddr,
+    tag: &str,
+) -> anyhow::Result<Vec<f64>> {
+    let mut ms = Vec::with_capacity(PUTS);
+    for i in 0..PUTS {
+        let t = Instant::now();
+        tern_cluster::meta_put(
+            client,
+            leader,
+            &format!("fleet-put-{tag}-{i}"),
+            "fleet/probe",
+            "v",
+            CALL,
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!("a probe put failed: {e}"))?;
+        ms.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    ms.sort_by(f64::total_cmp);
+    Ok(ms)
+}
+
+async fn add_agents(
+    agents: &mut Vec<SimAgent>,
+    to: usize,
+    seeds: &[PeerAddr],
+) -> anyhow::Result<()> {
+    while agents.len() < to {
+        let batch = (to - agents.len()).min(REGISTER_CONCURRENCY);
+        let mut joins = Vec::new();
+        for _ in 0..batch {
+            let key: [u8; 32] = rand::random();
+            let client =
+                tern_transport_grpc::GrpcClient::new(tern_transport_grpc::ClientConfig::new(key));
+            // A simulated agent serves nothing; its recorded address is
+            // never dialled by this bench (no rollout runs).
+            let mut me = PeerAddr::new(client.id());
+            me.grpc = Some(SIMULATED_URL.to_owned());
+            let link = AgentLink::new(
+                Arc::new(client),
+                me,
+                Capacity {
+                    vcpus: 64,
+                    memory_mib: 65_536,
+                },
+                JOIN_TOKEN.to_owned(),
+                seeds.to_vec(),
+            );
+            joins.push(tokio::spawn(
+                async move { link.register().await.map(|_| link) },
+            ));
+        }
+        for j in joins {
+            let link = j.await.context("a registration task")??;
+            let (stop, rx) = tokio::sync::watch::channel(false);
+            let run = link.clone().run(async move {
+                let mut rx = rx;
+                let _ = rx.wait_for(|s| *s).await;
+            });
+            tokio::spawn(run);
+            agents.push(SimAgent { link, stop });
+        }
+    }
+    Ok(())
+}
+
+async fn leader_of(cluster: &LocalCluster) -> anyhow::Result<(usize, PeerAddr)> {
+    let (i, _) = cluster.leader().await?;
+    Ok((i, cluster.nodes[i].addr()?))
+}
+
+/// Waits until the leader's state lists `n` ready agents.
+async fn all_ready(cluster: &LocalCluster, n: usize) -> anyhow::Result<()> {
+    let deadline = Instant::now() + WAIT_BOUND;
+    loop {
+        let (_, leader) = leader_of(cluster).await?;
+        let s: Result<pb::NodeStatus, _> = tern_protocol::rpc::call_typed(
+            cluster.client.as_ref(),
+            &leader,
+            methods::STATUS_GET,
+            &pb::StatusRequest {},
+            CALL,
+        )
+        .await;
+        if let Ok(s) = s
+            && s.agents.iter().filter(|a| a.status == "ready").count() >= n
+        {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "{n} agents not all ready within {WAIT_BOUND:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// Creates VMs pinned to random agents; the time until each is in its
+/// agent's mirror.
+async fn change_latencies(
+    cluster: &LocalCluster,
+    agents: &[SimAgent],
+    tag: &str,
+) -> anyhow::Result<Vec<f64>> {
+    let (_, leader) = leader_of(cluster).await?;
+    let mut ms = Vec::new();
+    for i in 0..CHANGES {
+        let pick = usize::try_from(rand::random::<u64>()).unwrap_or(0);
+        let agent = &agents[pick % agents.len()];
+        let mut changes = agent.link.changes();
+        let created: pb::VmRecord = tern_protocol::rpc::call_typed(
+            cluster.client.as_ref(),
+            &leader,
+            methods::VM_CREATE,
+            &pb::CreateVmRequest {
+                request_id: format!("fleet-vm-{tag}-{i}"),
+                spec: Some(pb::VmSpec {
+                    name: format!("f{tag}-{i}"),
+                    vcpus: 1,
+                    memory_mib: 16,
+                    runtime: "process".into(),
+                    command: vec!["/bin/true".into()],
+                    pin_node: agent.link.node_id(),
+                    ..pb::VmSpec::default()
+                }),
+            },
+            CALL,
+        )
+        .await
+        .context("creating a probe VM")?;
+        let t = Instant::now();
+        let holds = |link: &AgentLink| {
+            let mut found = false;
+            let _ = link.read(&mut |s| found = s.vms().contains_key(&created.id));
+            found
+        };
+        while !holds(&agent.link) {
+            tokio::time::timeout(WAIT_BOUND, changes.changed())
+                .await
+                .context("an agent never saw its VM")?
+                .context("the agent stopped")?;
+        }
+        ms.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    ms.sort_by(f64::total_cmp);
+    Ok(ms)
+}
+
+/// Kills the leader; the time until every agent names another leader.
+async fn leader_change(cluster: &mut LocalCluster, agents: &[SimAgent]) -> anyhow::Result<f64> {
+    let (old, _) = cluster.leader().await?;
+    let old_id = cluster.members(old).await?.leader_id;
+    let t = Instant::now();
+    cluster.kill(old).await?;
+    loop {
+        let behind = agents
+            .iter()
+            .filter(|a| {
+                let s = a.link.status().borrow().clone();
+                s.leader_id.is_none_or(|l| l == old_id || l == 0)
+            })
+            .count();
+        if behind == 0 {
+            break;
+        }
+        anyhow::ensure!(
+            t.elapsed() < WAIT_BOUND,
+            "{behind} agents still name the old leader after {WAIT_BOUND:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let secs = t.elapsed().as_secs_f64();
+    cluster.start_node(old).await?;
+    cluster.wait_formed().await?;
+    Ok(secs)
+}
+
+/// Desired state to agent (p50, p99) and the leader change, with agents.
+async fn agent_figures(
+    cluster: &mut LocalCluster,
+    agents: &[SimAgent],
+    round: usize,
+) -> anyhow::Result<(Option<f64>, Option<f64>, Option<f64>)> {
+    if agents.is_empty() {
+        return Ok((None, None, None));
+    }
+    let c = change_latencies(cluster, agents, &format!("{round}")).await?;
+    let lc = leader_change(cluster, agents).await?;
+    Ok((
+        Some(percentile(&c, 50.0)),
+        Some(percentile(&c, 99.0)),
+        Some(lc),
+    ))
+}
+
+/// Runs the fleet bench; see the module docs.
+pub async fn run(opts: &FleetOpts) -> anyhow::Result<Vec<FleetRow>> {
+    let mut cluster = LocalCluster::start_tuned(
+        &opts.tern,
+        &opts.dir,
+        3,
+        &tern_testkit::config::grpc(),
+        |c| {
+            // Servers host no VMs: every VM goes to an agent.
+            c.capacity.vcpus = 1;
+            c.capacity.memory_mib = 16;
+        },
+    )
+    .await?;
+    cluster.wait_formed().await?;
+    let seeds: Vec<PeerAddr> = cluster.nodes.iter().filter_map(|n| n.addr().ok()).collect();
+    let mut agents: Vec<SimAgent> = Vec::new();
+    let mut rows = Vec::new();
+    let mut base_rss = None;
+    let mut base_cpu = None;
+    for (round, &n) in opts.counts.iter().enumerate() {
+        let t = Instant::now();
+        add_agents(&mut agents, n, &seeds).await?;
+        if n > 0 {
+            all_ready(&cluster, n).await?;
+        }
+        let register_secs = t.elapsed().as_secs_f64();
+        eprintln!("fleet: {n} agents registered in {register_secs:.1} s; measuring");
+        let pids = servers(&cluster);
+        let cpu0 = cpu(&pids);
+        let w0 = Instant::now();
+        let (_, leader) = leader_of(&cluster).await?;
+        let commits =
+            commit_latencies(cluster.client.as_ref(), &leader, &format!("{round}")).await?;
+        let left = opts.steady.saturating_sub(w0.elapsed());
+        tokio::time::sleep(left).await;
+        let secs = w0.elapsed().as_secs_f64();
+        let cpu_s = cpu(&pids) - cpu0;
+        let rss = rss_mib(&pids);
+        let base = *base_rss.get_or_insert(rss);
+        let cpu_ms_s = cpu_s * 1000.0 / secs;
+        let cpu_base = *base_cpu.get_or_insert(cpu_ms_s);
+        #[allow(clippy::cast_precision_loss)] // reason: agent counts, far below 2^52.
+        let per = |x: f64| (n > 0).then(|| x / n as f64);
+        let (change_p50_ms, change_p99_ms, leader_change_all_secs) =
+            agent_figures(&mut cluster, &agents, round).await?;
+        let row = FleetRow {
+            agents: n,
+            register_secs,
+            cpu_ms_per_agent_s: per((cpu_ms_s - cpu_base).max(0.0)),
+            cpu_percent: cpu_s * 100.0 / secs,
+            rss_mib: rss,
+            rss_kib_per_agent: per((rss - base) * 1024.0),
+            commit_p50_ms: percentile(&commits, 50.0),
+            commit_p99_ms: percentile(&commits, 99.0),
+            change_p50_ms,
+            change_p99_ms,
+            leader_change_all_secs,
+            load: load(),
+        };
+        eprintln!("fleet: {}", serde_json::to_string(&row).unwrap_or_default());
+        rows.push(row);
+    }
+    for a in &agents {
+        let _ = a.stop.send(true);
+    }
+    cluster.shutdown().await;
+    Ok(rows)
+}
+
+/// The rows as a Markdown table.
+pub fn table(rows: &[FleetRow]) -> String {
+    let f = |v: Option<f64>, d: usize| v.map_or_else(|| "-".to_owned(), |v| format!("{v:.d$}"));
+    let mut out = String::from(
+        "| agents | servers' CPU (% of a core) | CPU per agent (ms/s) | servers' RSS (MiB) | RSS per agent (KiB) | commit p50 / p99 (ms) | change to agent p50 / p99 (ms) | all agents follow a new leader (s) | load |\n|---|---|---|---|---|---|---|---|---|\n",
+    );
+    for r in rows {
+        out.push_str(&format!(
+            "| {} | {:.1} | {} | {:.0} | {} | {:.2} / {:.2} | {} / {} | {} | {} |\n",
+            r.agents,
+            r.cpu_percent,
+            f(r.cpu_ms_per_agent_s, 3),
+            r.rss_mib,
+            f(r.rss_kib_per_agent, 1),
+            r.commit_p50_ms,
+            r.commit_p99_ms,
+            f(r.change_p50_ms, 1),
+            f(r.change_p99_ms, 1),
+            f(r.leader_change_all_secs, 2),
+            r.load
+        ));
+    }
+    out
+}
