@@ -114,7 +114,23 @@ struct Tracker {
     last_look: Option<Instant>,
     /// The last heartbeat of each agent this leader heard.
     seen: HashMap<NodeId, Instant>,
+    /// When each key last had the leader write a registration or a
+    /// capacity change for it (see [`MIN_AGENT_WRITE_GAP`]); bounded by
+    /// [`MAX_TRACKED_WRITERS`].
+    writes: HashMap<PeerId, Instant>,
+    /// Open assignment streams per agent, on this server.
+    streams: HashMap<NodeId, usize>,
 }
+
+/// The least time between two Raft writes the leader makes for one
+/// agent's key (a registration with new addresses or capacity, a capacity
+/// change in a heartbeat): an agent calling in a loop, or flapping, costs
+/// the log at most one entry a second.
+pub const MIN_AGENT_WRITE_GAP: Duration = Duration::from_secs(1);
+
+/// Most keys whose last write time the leader keeps; older entries are
+/// dropped first (they are past the gap anyway).
+const MAX_TRACKED_WRITERS: usize = 65_536;
 
 impl AgentTracker {
     fn heard(&self, agent: NodeId, now: Instant) {
@@ -145,6 +161,29 @@ impl AgentTracker {
             t.leading_since = Some(now);
         }
         Some(*t.leading_since.get_or_insert(now))
+    }
+
+    /// Admits one Raft write on behalf of `key`, at most one per
+    /// [`MIN_AGENT_WRITE_GAP`]; `ResourceExhausted` otherwise.
+    fn allow_write(&self, key: &PeerId, now: Instant) -> Result<(), Status> {
+        let mut t = lock(&self.inner);
+        if let Some(last) = t.writes.get(key)
+            && now.saturating_duration_since(*last) < MIN_AGENT_WRITE_GAP
+        {
+            return Err(Status::new(
+                Code::ResourceExhausted,
+                format!(
+                    "{} changed its registration less than {MIN_AGENT_WRITE_GAP:?} ago; retry later",
+                    key.short()
+                ),
+            ));
+        }
+        if t.writes.len() >= MAX_TRACKED_WRITERS {
+            t.writes
+                .retain(|_, at| now.saturating_duration_since(*at) < MIN_AGENT_WRITE_GAP);
+        }
+        t.writes.insert(*key, now);
+        Ok(())
     }
 
     /// How long ago each agent was last heard, while this node leads
@@ -251,10 +290,21 @@ pub(crate) async fn serve_register(
     let record = tern_state::Member::new(addr.clone(), capacity);
     tern_state::limits::check_member(&record)
         .map_err(|e| Status::invalid_argument(format!("cluster/agentregister: {e}")))?;
-    let (known, revision) = node
+    let (known, same, revision) = node
         .sm
-        .read(|s| (s.node_id_of(&ctx.peer), s.vm_history().revision()))
+        .read(|s| {
+            let same = s
+                .agent_of(&ctx.peer)
+                .is_some_and(|(_, a)| a.addr == addr && a.capacity == capacity);
+            (s.node_id_of(&ctx.peer), same, s.vm_history().revision())
+        })
         .map_err(|e| Status::unavailable(format!("cannot read the cluster state: {e}")))?;
+    if let (Some(id), true) = (known, same) {
+        // Registered with these very addresses and capacity: nothing to
+        // write (an agent restarting, or one calling in a loop).
+        return Ok(register_answer(shared, node, id));
+    }
+    shared.agents.allow_write(&ctx.peer, Instant::now())?;
     let node_id = match known {
         // Registered before, or admitted and not yet recorded.
         Some(id) => id,
@@ -433,6 +483,7 @@ pub(crate) async fn serve_heartbeat(
     if req.capacity.is_some() {
         let capacity = capped(req.capacity, shared.admission.max_capacity);
         if capacity != record.capacity {
+            shared.agents.allow_write(&ctx.peer, Instant::now())?;
             let revision = node.sm.read(|s| s.vm_history().revision()).unwrap_or(0);
             let changed = write(
                 node,
@@ -524,6 +575,49 @@ pub(crate) async fn serve_report(
 /// heartbeat or two behind catches up well within it.
 pub const MIN_REVISION_WAIT: Duration = Duration::from_secs(5);
 
+/// Most assignment streams one agent may hold open on one server: its
+/// own, and a second while a reconnect overlaps the old one's end. More
+/// is an agent (or a stolen key) spending a server's work on copies.
+pub const MAX_SYNC_STREAMS_PER_AGENT: usize = 2;
+
+/// One open assignment stream, counted against its agent while it lives.
+struct SyncStream {
+    shared: Arc<ClusterShared>,
+    agent: NodeId,
+}
+
+impl SyncStream {
+    fn open(shared: &Arc<ClusterShared>, agent: NodeId) -> Result<SyncStream, Status> {
+        let mut t = lock(&shared.agents.inner);
+        let open = t.streams.entry(agent).or_insert(0);
+        if *open >= MAX_SYNC_STREAMS_PER_AGENT {
+            return Err(Status::new(
+                Code::ResourceExhausted,
+                format!(
+                    "agent {agent} already holds {MAX_SYNC_STREAMS_PER_AGENT} assignment streams on this server; close one first"
+                ),
+            ));
+        }
+        *open += 1;
+        Ok(SyncStream {
+            shared: shared.clone(),
+            agent,
+        })
+    }
+}
+
+impl Drop for SyncStream {
+    fn drop(&mut self) {
+        let mut t = lock(&self.shared.agents.inner);
+        if let Some(open) = t.streams.get_mut(&self.agent) {
+            *open = open.saturating_sub(1);
+            if *open == 0 {
+                t.streams.remove(&self.agent);
+            }
+        }
+    }
+}
+
 /// What one assignment message says, compared to decide whether to send.
 #[derive(PartialEq)]
 struct Said {
@@ -572,6 +666,7 @@ fn applied(node: &Attached) -> u64 {
 /// opens and whenever it changes, until the caller goes or this server
 /// stops.
 pub(crate) async fn serve_sync(
+    shared: Arc<ClusterShared>,
     node: Arc<Attached>,
     ctx: RequestContext,
     request: Bytes,
@@ -580,6 +675,7 @@ pub(crate) async fn serve_sync(
     let req = pb::AgentSyncRequest::decode(request)
         .map_err(|e| Status::invalid_argument(format!("cluster/agentsync: {e}")))?;
     let (id, _) = caller_agent(&node, &ctx.peer)?;
+    let _stream = SyncStream::open(&shared, id)?;
     let mut changes = node.sm.changes();
     if applied(&node) < req.min_revision {
         let caught_up = tokio::time::timeout(MIN_REVISION_WAIT, async {
@@ -780,6 +876,37 @@ mod tests {
         let since = t.leading(true, resumed, pause).expect("leads");
         assert_eq!(since, resumed);
         assert_eq!(t.last_heard(7, since), resumed);
+    }
+
+    #[test]
+    fn writes_for_one_agent_are_spaced() {
+        let t = AgentTracker::default();
+        let key = PeerId::from_bytes([3; 32]);
+        let t0 = Instant::now();
+        assert!(t.allow_write(&key, t0).is_ok());
+        let refused = t
+            .allow_write(&key, t0 + Duration::from_millis(10))
+            .expect_err("too soon");
+        assert_eq!(refused.code, Code::ResourceExhausted);
+        assert!(
+            t.allow_write(&PeerId::from_bytes([4; 32]), t0).is_ok(),
+            "per key"
+        );
+        assert!(t.allow_write(&key, t0 + MIN_AGENT_WRITE_GAP).is_ok());
+    }
+
+    #[test]
+    fn an_agent_holds_at_most_two_assignment_streams_per_server() {
+        let shared = crate::RaftServices::new(None).shared_arc();
+        let one = SyncStream::open(&shared, 5).expect("first");
+        let two = SyncStream::open(&shared, 5).expect("a reconnect overlapping the first");
+        let refused = SyncStream::open(&shared, 5).err().expect("a third");
+        assert_eq!(refused.code, Code::ResourceExhausted);
+        assert!(SyncStream::open(&shared, 6).is_ok(), "per agent");
+        drop(one);
+        let three = SyncStream::open(&shared, 5).expect("a closed stream frees its place");
+        drop((two, three));
+        assert!(!lock(&shared.agents.inner).streams.contains_key(&5));
     }
 
     #[test]

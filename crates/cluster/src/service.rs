@@ -62,6 +62,13 @@ impl std::fmt::Debug for RaftServices {
 }
 
 impl RaftServices {
+    /// The state the Cluster handler shares, owned (for this crate's
+    /// tests).
+    #[cfg(test)]
+    pub(crate) fn shared_arc(&self) -> Arc<ClusterShared> {
+        self.shared.clone()
+    }
+
     /// The state the Cluster handler shares.
     pub(crate) fn shared(&self) -> &ClusterShared {
         &self.shared
@@ -175,7 +182,7 @@ impl Handler for ClusterHandler {
         Box::pin(async move {
             let node = shared.raft.node()?;
             let route = ROUTES.stream_route(method)?;
-            route(node, ctx, request, outbound).await
+            route(shared.clone(), node, ctx, request, outbound).await
         })
     }
 }
@@ -190,6 +197,7 @@ type Route = for<'a> fn(
 
 /// A streaming Cluster method.
 type StreamRoute = fn(
+    Arc<ClusterShared>,
     Arc<Attached>,
     RequestContext,
     Bytes,
@@ -276,8 +284,8 @@ fn agent_routes(
         })?
         .stream(
             methods::CLUSTER_AGENT_SYNC,
-            |node, ctx, request, outbound| {
-                Box::pin(agents::serve_sync(node, ctx, request, outbound))
+            |shared, node, ctx, request, outbound| {
+                Box::pin(agents::serve_sync(shared, node, ctx, request, outbound))
             },
         )
 }
