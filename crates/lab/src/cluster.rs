@@ -77,6 +77,9 @@ pub struct ClusterSpec {
     /// until an operator or the rollout sets one): the rollout needs it
     /// off.
     pub pin_transport: bool,
+    /// Applied to every server's config before it is written (agent
+    /// settings, a capacity that keeps VMs on agents).
+    pub tune: Option<fn(&mut Config)>,
 }
 
 impl ClusterSpec {
@@ -89,7 +92,24 @@ impl ClusterSpec {
             iroh_any: false,
             network: NetworkSection::default(),
             pin_transport: true,
+            tune: None,
         }
+    }
+}
+
+impl ClusterSpec {
+    /// A server's config in `slot`, joining through `seed`.
+    fn server_config(&self, slot: &NodeSlot, seed: Option<&NodeFile>) -> Config {
+        let mut c = node_config(&slot.dir, slot.iface.addr.addr, seed, &self.transport);
+        if self.iroh_any {
+            listen_any(&mut c);
+        }
+        c.transport = c.transport.filter(|_| self.pin_transport);
+        c.network = self.network.clone();
+        if let Some(tune) = self.tune {
+            tune(&mut c);
+        }
+        c
     }
 }
 
@@ -182,8 +202,11 @@ pub struct Cluster {
     pub client: Netns,
     /// The client's interface.
     pub client_iface: Iface,
-    /// The nodes, index 0 = node 1.
+    /// The nodes (servers), index 0 = node 1.
     pub nodes: Vec<NodeSlot>,
+    /// The agents ([`Cluster::add_agent`]), index 0 = agent 1, each in
+    /// its own namespace on the switch (`a1`, `a2`, ...).
+    pub agents: Vec<NodeSlot>,
     spec: ClusterSpec,
 }
 
@@ -228,6 +251,7 @@ impl Cluster {
             client,
             client_iface,
             nodes,
+            agents: Vec::new(),
             spec,
         };
         for i in 1..=cluster.nodes.len() {
@@ -237,17 +261,7 @@ impl Cluster {
                 Some(cluster.node(1)?.node_file()?.clone())
             };
             let slot = cluster.node(i)?;
-            let mut c = node_config(
-                &slot.dir,
-                slot.iface.addr.addr,
-                seed.as_ref(),
-                &cluster.spec.transport,
-            );
-            if cluster.spec.iroh_any {
-                listen_any(&mut c);
-            }
-            c.transport = c.transport.filter(|_| cluster.spec.pin_transport);
-            c.network = cluster.spec.network.clone();
+            let c = cluster.spec.server_config(slot, seed.as_ref());
             config::write(&slot.config, &c)?;
             cluster.start_node(i).await?;
             progress(format!(
@@ -289,13 +303,87 @@ impl Cluster {
         (1..=self.nodes.len()).collect()
     }
 
+    /// Adds an agent (`[node] role = "agent"`) in a namespace of its own
+    /// on the switch, registering through node 1 with the lab's token;
+    /// starts it and answers its 1-based index.
+    pub async fn add_agent(&mut self) -> anyhow::Result<usize> {
+        let k = self.agents.len() + 1;
+        let ns = self.lab.namespace(&format!("a{k}"))?;
+        let addr = self
+            .spec
+            .subnet
+            .host(100 + u32::try_from(k).unwrap_or(u32::MAX - 100));
+        let iface = self.lab.plug(&ns, &self.switch, &format!("a{k}"), addr)?;
+        let slot = NodeSlot {
+            index: k,
+            ns,
+            iface,
+            dir: self.lab.dir().join(format!("a{k}")),
+            config: self.lab.dir().join(format!("a{k}.toml")),
+            log: self.lab.dir().join(format!("a{k}.log")),
+            proc: None,
+            file: None,
+            raft_id: None,
+        };
+        let seed = self.node(1)?.node_file()?.clone();
+        let mut c = node_config(
+            &slot.dir,
+            slot.iface.addr.addr,
+            Some(&seed),
+            &self.spec.transport,
+        );
+        c.transport = c.transport.filter(|_| self.spec.pin_transport);
+        c.node.role = tern_node::config::Role::Agent;
+        config::write(&slot.config, &c)?;
+        self.agents.push(slot);
+        self.start_agent(k).await?;
+        Ok(k)
+    }
+
+    /// Agent `k` (1-based).
+    pub fn agent(&self, k: usize) -> anyhow::Result<&NodeSlot> {
+        k.checked_sub(1)
+            .and_then(|i| self.agents.get(i))
+            .with_context(|| format!("there is no agent a{k}"))
+    }
+
+    /// Starts (or restarts) agent `k` and waits for its node file.
+    pub async fn start_agent(&mut self, k: usize) -> anyhow::Result<()> {
+        let lab = self.lab.clone();
+        let tern = self.tern.clone();
+        let slot = k
+            .checked_sub(1)
+            .and_then(|i| self.agents.get_mut(i))
+            .with_context(|| format!("there is no agent a{k}"))?;
+        spawn_slot(&lab, &tern, slot, &format!("agent a{k}")).await
+    }
+
+    /// SIGKILLs agent `k` (its workloads outlive it, as workloads do).
+    pub fn kill_agent(&mut self, k: usize) -> anyhow::Result<()> {
+        let slot = k
+            .checked_sub(1)
+            .and_then(|i| self.agents.get_mut(i))
+            .with_context(|| format!("there is no agent a{k}"))?;
+        if let Some(mut p) = slot.proc.take() {
+            p.kill();
+        }
+        Ok(())
+    }
+
     /// Starts (or restarts) node `i` with its config and waits until it has
     /// written its node file.
     pub async fn start_node(&mut self, i: usize) -> anyhow::Result<()> {
         let lab = self.lab.clone();
         let tern = self.tern.clone();
         let slot = self.node_mut(i)?;
-        let mut cmd = TernProcess::command(&tern, &slot.config);
+        spawn_slot(&lab, &tern, slot, &format!("node n{i}")).await
+    }
+}
+
+/// Starts `slot`'s `tern` in its namespace and waits for its node file.
+async fn spawn_slot(lab: &Lab, tern: &Path, slot: &mut NodeSlot, what: &str) -> anyhow::Result<()> {
+    {
+        let mut cmd = TernProcess::command(tern, &slot.config);
         // `TERN_LAB_NODE_LOG` overrides the nodes' filter (e.g.
         // `info,iroh=debug` to see iroh's path discovery).
         let filter = std::env::var("TERN_LAB_NODE_LOG").unwrap_or_else(|_| "info".to_owned());
@@ -306,11 +394,13 @@ impl Cluster {
         let file = proc
             .wait_node_file::<NodeFile>(START_BOUND)
             .await
-            .with_context(|| format!("node n{i}"))?;
+            .with_context(|| what.to_owned())?;
         slot.file = Some(file);
         Ok(())
     }
+}
 
+impl Cluster {
     /// SIGKILLs node `i`.
     pub fn kill(&mut self, i: usize) -> anyhow::Result<()> {
         let slot = self.node_mut(i)?;

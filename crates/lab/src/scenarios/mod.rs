@@ -25,6 +25,7 @@ use crate::netns::Lab;
 use crate::report::Report;
 
 pub mod address_change;
+pub mod agents;
 pub mod crash;
 pub mod loss;
 pub mod nat;
@@ -91,6 +92,13 @@ macro_rules! scenario {
 
 /// Every scenario, in the order `tern-lab list` shows them.
 pub const ALL: &[Scenario] = &[
+    scenario!(
+        "agents",
+        agents,
+        // About 25 s (8 agents) on the shared 2-core machine.
+        true,
+        "3 servers and 20 agents (8 with --quick) run process VMs: agents SIGKILLed and restarted, the leader SIGKILLed, agents cut off from the servers by nftables; every VM runs exactly once after each"
+    ),
     scenario!(
         "crash",
         crash,
