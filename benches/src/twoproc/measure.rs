@@ -223,7 +223,7 @@ async fn bulk_phase(
         let chunk = Bytes::from(vec![0x42u8; chunk_len]);
         let started = Instant::now();
         for _ in 0..settings.bulk_rounds {
-            bulk_transfer(&driver, &chunk, settings.bulk_total, settings.bulk_parallel).await?;
+            bulk_transfer(driver, &chunk, settings.bulk_total, settings.bulk_parallel).await?;
         }
         let bytes =
             (settings.bulk_total.div_ceil(chunk_len) * chunk_len * settings.bulk_rounds) as f64;
@@ -385,7 +385,12 @@ async fn measure(
 /// Runs `what` alone against a `kind` server child started from `exe`
 /// for about `duration`, for a profiler or a quick before/after; returns
 /// a line saying what was measured.
-pub async fn load(exe: &Path, kind: Kind, what: Load, duration: Duration) -> anyhow::Result<String> {
+pub async fn load(
+    exe: &Path,
+    kind: Kind,
+    what: Load,
+    duration: Duration,
+) -> anyhow::Result<String> {
     let mut server = ServerChild::spawn(exe, kind).await?;
     let result = bounded("the load", load_on(&server, what, duration)).await;
     match result {

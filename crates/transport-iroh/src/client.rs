@@ -176,7 +176,11 @@ fn direct_addrs(addr: &PeerAddr) -> Vec<std::net::SocketAddr> {
 /// `addr` names, without allocating when `addr` lists them sorted and
 /// deduplicated already (the membership's form; this runs on every call).
 fn same_addrs(dialled: &[std::net::SocketAddr], addr: &PeerAddr) -> bool {
-    let named = addr.iroh.as_ref().map(|i| i.direct.as_slice()).unwrap_or_default();
+    let named = addr
+        .iroh
+        .as_ref()
+        .map(|i| i.direct.as_slice())
+        .unwrap_or_default();
     if named.windows(2).all(|w| w[0] < w[1]) {
         return dialled == named;
     }

@@ -97,7 +97,8 @@ pub(crate) fn call_failure(kind: TransportErrorKind) {
 }
 
 /// Where the statically keyed series say they come from.
-static METADATA: Metadata<'static> = Metadata::new(module_path!(), Level::INFO, Some(module_path!()));
+static METADATA: Metadata<'static> =
+    Metadata::new(module_path!(), Level::INFO, Some(module_path!()));
 
 /// A static label set of `transport` and one more label.
 macro_rules! labels {

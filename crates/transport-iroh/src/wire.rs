@@ -189,10 +189,13 @@ pub fn consume_end(recv: &mut RecvStream) -> bool {
 /// fit.
 const INLINE_PAYLOAD: usize = 1000;
 
-const _: () = assert!(HEADER_LEN + INLINE_PAYLOAD <= 1452, "an inline frame fits in one packet");
+const _: () = assert!(
+    HEADER_LEN + INLINE_PAYLOAD <= 1452,
+    "an inline frame fits in one packet"
+);
 
 /// Writes one frame: a small one in one contiguous write (see
-/// [`INLINE_PAYLOAD`]), a larger one as its header followed by the
+/// `INLINE_PAYLOAD`), a larger one as its header followed by the
 /// payload, which is handed over without copying.
 pub async fn write_frame(send: &mut SendStream, frame: &Frame) -> Result<(), WriteError> {
     let header = frame.header.encode();
