@@ -65,12 +65,47 @@ pub fn load_key(key_file: Option<&Path>) -> anyhow::Result<[u8; 32]> {
     }
 }
 
-/// Serves `kind` with identity `key` until told to stop (see the module
-/// docs). The ready line goes to stdout, logs to stderr.
-pub async fn serve(kind: Kind, key: [u8; 32]) -> anyhow::Result<()> {
+/// A server started by [`start`]: what it announced, and how to stop it.
+#[derive(Debug)]
+pub struct Running {
+    /// What a client needs to reach it.
+    pub ready: Ready,
+    server: Served,
+}
+
+/// The server behind a [`Running`].
+#[derive(Debug)]
+enum Served {
+    Iroh(IrohTransport),
+    Grpc(GrpcTransport),
+    RawIroh(iroh::protocol::Router),
+    /// The raw gRPC server runs until the runtime stops.
+    RawGrpc,
+}
+
+impl Running {
+    /// Stops the server, letting calls in flight finish (bounded).
+    pub async fn stop(self) {
+        match self.server {
+            Served::Iroh(t) => t.shutdown(DRAIN).await,
+            Served::Grpc(t) => t.shutdown(DRAIN).await,
+            Served::RawIroh(router) => {
+                if let Err(e) = router.shutdown().await {
+                    tracing::warn!("raw iroh router shutdown: {e}");
+                }
+            }
+            Served::RawGrpc => {}
+        }
+    }
+}
+
+/// Starts serving `kind` with identity `key` on 127.0.0.1 (a free port) in
+/// this process: the server child's work, and the allocation bench's
+/// (`benches/allocs.rs`), which runs both ends in one process.
+pub async fn start(kind: Kind, key: [u8; 32]) -> anyhow::Result<Running> {
     let pid = std::process::id();
     let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
-    match kind {
+    let (ready, server) = match kind {
         Kind::Iroh => {
             let t = IrohTransport::bind(
                 IrohConfig::new(key).with_bind_addr(loopback),
@@ -78,15 +113,14 @@ pub async fn serve(kind: Kind, key: [u8; 32]) -> anyhow::Result<()> {
             )
             .await
             .context("binding the iroh transport")?;
-            announce(&Ready {
+            let ready = Ready {
                 transport: kind,
                 pid,
                 id: t.id().to_string(),
                 iroh_addrs: vec![t.local_addr()],
                 grpc_url: None,
-            })?;
-            wait_for_stop().await;
-            t.shutdown(DRAIN).await;
+            };
+            (ready, Served::Iroh(t))
         }
         Kind::Grpc => {
             let t = GrpcTransport::bind(
@@ -95,42 +129,48 @@ pub async fn serve(kind: Kind, key: [u8; 32]) -> anyhow::Result<()> {
             )
             .await
             .context("binding the gRPC transport")?;
-            announce(&Ready {
+            let ready = Ready {
                 transport: kind,
                 pid,
                 id: t.id().to_string(),
                 iroh_addrs: Vec::new(),
                 grpc_url: Some(t.server().url()),
-            })?;
-            wait_for_stop().await;
-            t.shutdown(DRAIN).await;
+            };
+            (ready, Served::Grpc(t))
         }
         Kind::RawIroh => {
             let (router, id, socket) = raw::raw_iroh_server(key).await?;
-            announce(&Ready {
+            let ready = Ready {
                 transport: kind,
                 pid,
                 id: hex::encode(id),
                 iroh_addrs: vec![socket],
                 grpc_url: None,
-            })?;
-            wait_for_stop().await;
-            if let Err(e) = router.shutdown().await {
-                tracing::warn!("raw iroh router shutdown: {e}");
-            }
+            };
+            (ready, Served::RawIroh(router))
         }
         Kind::RawGrpc => {
-            let (url, id) = raw::raw_grpc_server(rand::random()).await?;
-            announce(&Ready {
+            let (url, id) = raw::raw_grpc_server(key).await?;
+            let ready = Ready {
                 transport: kind,
                 pid,
                 id: hex::encode(id.as_bytes()),
                 iroh_addrs: Vec::new(),
                 grpc_url: Some(url),
-            })?;
-            wait_for_stop().await;
+            };
+            (ready, Served::RawGrpc)
         }
-    }
+    };
+    Ok(Running { ready, server })
+}
+
+/// Serves `kind` with identity `key` until told to stop (see the module
+/// docs). The ready line goes to stdout, logs to stderr.
+pub async fn serve(kind: Kind, key: [u8; 32]) -> anyhow::Result<()> {
+    let running = start(kind, key).await?;
+    announce(&running.ready)?;
+    wait_for_stop().await;
+    running.stop().await;
     Ok(())
 }
 

@@ -3,6 +3,7 @@
 //! ```text
 //! tern-bench transport [--quick] --out target/bench-report/parts/transport-2proc.json
 //! tern-bench serve --transport iroh|grpc|raw-iroh|raw-grpc [--key-file F]
+//! tern-bench load --transport KIND --what unary|bulk|control-under-bulk [--secs N]
 //! tern-bench cluster --tern PATH [--quick] [--steady-secs N] [--keep-logs DIR] --out target/bench-report/parts/cluster.json
 //! ```
 //!
@@ -77,6 +78,21 @@ enum Cmd {
         /// Also write the rows as JSON here.
         #[arg(long)]
         out: Option<PathBuf>,
+    },
+    /// One load alone against a server child, for a profiler (`perf
+    /// record -g -- tern-bench load ...` sees both processes) or a quick
+    /// before/after of one figure; prints what it measured.
+    #[command(hide = true)]
+    Load {
+        /// Which transport to serve and call.
+        #[arg(long)]
+        transport: Kind,
+        /// What to run.
+        #[arg(long, value_enum)]
+        what: twoproc::Load,
+        /// How long, in seconds.
+        #[arg(long, default_value_t = 5)]
+        secs: u64,
     },
     /// Measure Raft on 3-node clusters of real `tern` processes on
     /// loopback, once per transport mode, and write the part file.
@@ -168,6 +184,11 @@ fn main() -> ExitCode {
             only,
             out,
         } => transport_main(quick, smoke, only, out),
+        Cmd::Load {
+            transport,
+            what,
+            secs,
+        } => load_main(transport, what, secs),
         Cmd::Cluster {
             tern,
             quick,
@@ -236,6 +257,20 @@ fn transport_main(quick: bool, smoke: bool, only: Vec<Kind>, out: PathBuf) -> an
     rt.shutdown_timeout(std::time::Duration::from_secs(5));
     part.write(&out)?;
     eprintln!("tern-bench transport: wrote {}", out.display());
+    Ok(())
+}
+
+fn load_main(kind: Kind, what: twoproc::Load, secs: u64) -> anyhow::Result<()> {
+    let exe = std::env::current_exe().context("finding this program to start its server")?;
+    let rt = runtime()?;
+    let line = rt.block_on(twoproc::load(
+        &exe,
+        kind,
+        what,
+        std::time::Duration::from_secs(secs),
+    ))?;
+    rt.shutdown_timeout(std::time::Duration::from_secs(5));
+    println!("{line}");
     Ok(())
 }
 

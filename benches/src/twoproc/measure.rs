@@ -382,6 +382,84 @@ async fn measure(
     })
 }
 
+/// Runs `what` alone against a `kind` server child started from `exe`
+/// for about `duration`, for a profiler or a quick before/after; returns
+/// a line saying what was measured.
+pub async fn load(
+    exe: &Path,
+    kind: Kind,
+    what: Load,
+    duration: Duration,
+) -> anyhow::Result<String> {
+    let mut server = ServerChild::spawn(exe, kind).await?;
+    let result = bounded("the load", load_on(&server, what, duration)).await;
+    match result {
+        Ok(line) => {
+            server.stop().await?;
+            Ok(format!("{kind} {line}"))
+        }
+        Err(e) => Err(server.explain(e).await),
+    }
+}
+
+/// `N calls, p50 X µs, p99 Y µs`.
+fn summary(lat: &Latencies) -> String {
+    let us = |p: f64| lat.percentile(p).unwrap_or(f64::NAN) / 1e3;
+    format!(
+        "{} calls, p50 {:.0} µs, p99 {:.0} µs",
+        lat.count(),
+        us(50.0),
+        us(99.0)
+    )
+}
+
+async fn load_on(server: &ServerChild, what: Load, duration: Duration) -> anyhow::Result<String> {
+    let driver = Arc::new(Driver::connect(&server.ready).await?);
+    let settings = Settings::full();
+    let started = Instant::now();
+    let line = match what {
+        Load::Unary => {
+            let mut lat = Latencies::new();
+            let data = payload();
+            while started.elapsed() < duration {
+                let t = Instant::now();
+                driver.unary(data.clone()).await?;
+                lat.record(t.elapsed());
+            }
+            format!("unary: {}", summary(&lat))
+        }
+        Load::Bulk => {
+            let chunk = Bytes::from(vec![0x42u8; BULK_CHUNKS[0]]);
+            let mut bytes = 0usize;
+            while started.elapsed() < duration {
+                bulk_transfer(&driver, &chunk, settings.bulk_total, settings.bulk_parallel).await?;
+                bytes += settings.bulk_total;
+            }
+            let rate = bytes as f64 / started.elapsed().as_secs_f64();
+            format!("bulk 1 MiB chunks: {:.0} MB/s", rate / 1e6)
+        }
+        Load::ControlUnderBulk => {
+            let idle = control_samples(&driver, 2_000).await?;
+            let samples = Settings {
+                control_samples: (duration.as_millis() as usize).max(100) * 2,
+                ..settings
+            };
+            let (lat, rate) = control_under_bulk(&driver, &samples).await?;
+            format!(
+                "control idle: {}; during bulk: {}; bulk meanwhile {:.0} MB/s",
+                summary(&idle),
+                summary(&lat),
+                rate / 1e6
+            )
+        }
+    };
+    match Arc::try_unwrap(driver) {
+        Ok(mut d) => d.close().await,
+        Err(_) => tracing::warn!("client tasks still hold the driver; dropping it"),
+    }
+    Ok(line)
+}
+
 /// Runs every measurement for every transport in `kinds`, starting
 /// servers from `exe`, and returns the part.
 pub async fn run(

@@ -53,7 +53,7 @@ mod measure;
 mod part;
 mod server;
 
-pub use measure::{Measured, run};
+pub use measure::{Measured, load, run};
 pub use part::ROW_IDS;
 pub use server::ServerChild;
 
@@ -135,6 +135,17 @@ impl Settings {
             control_samples: 20,
         }
     }
+}
+
+/// What `tern-bench load` runs alone (see [`load`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Load {
+    /// Unary calls of [`UNARY_PAYLOAD`] bytes, one caller, back to back.
+    Unary,
+    /// 1 MiB bulk chunks, [`Settings::full`]'s number in flight.
+    Bulk,
+    /// Control calls one after another while 1 MiB bulk chunks stream.
+    ControlUnderBulk,
 }
 
 /// Progress lines on stderr: `[transport 3/28] grpc unary 64 B: ...`.

@@ -255,8 +255,9 @@ macro_rules! label_values {
             }
 
             impl $name {
-                /// The label value.
-                pub fn as_str(self) -> &'static str {
+                /// The label value (`const`, so a transport can build its
+                /// label sets in statics and record without allocating).
+                pub const fn as_str(self) -> &'static str {
                     match self {
                         $( $name::$variant => $value, )*
                     }

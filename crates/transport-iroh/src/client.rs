@@ -148,8 +148,10 @@ fn pool_of(priority: Priority) -> usize {
 #[derive(Debug, Default)]
 struct Pooled {
     /// The connection, read by every call without waiting (the fast path);
-    /// written only under `slot`.
-    current: Mutex<Option<Connection>>,
+    /// written only under `slot`. Behind an `Arc`: cloning iroh's
+    /// `Connection` copies its ALPN into a new `Vec`, an allocation per
+    /// call.
+    current: Mutex<Option<Arc<Connection>>>,
     /// The direct addresses `current` was dialled with, sorted: a call
     /// naming others takes the slow path, which dials them.
     dialled: Mutex<Vec<std::net::SocketAddr>>,
@@ -170,9 +172,24 @@ fn direct_addrs(addr: &PeerAddr) -> Vec<std::net::SocketAddr> {
     direct
 }
 
+/// Whether `dialled` (sorted, deduplicated) are the direct addresses
+/// `addr` names, without allocating when `addr` lists them sorted and
+/// deduplicated already (the membership's form; this runs on every call).
+fn same_addrs(dialled: &[std::net::SocketAddr], addr: &PeerAddr) -> bool {
+    let named = addr
+        .iroh
+        .as_ref()
+        .map(|i| i.direct.as_slice())
+        .unwrap_or_default();
+    if named.windows(2).all(|w| w[0] < w[1]) {
+        return dialled == named;
+    }
+    dialled == direct_addrs(addr).as_slice()
+}
+
 impl Pooled {
-    fn open_connection(&self, direct: &[std::net::SocketAddr]) -> Option<Connection> {
-        if self.dialled.lock().ok()?.as_slice() != direct {
+    fn open_connection(&self, addr: &PeerAddr) -> Option<Arc<Connection>> {
+        if !same_addrs(&self.dialled.lock().ok()?, addr) {
             return None;
         }
         let current = self.current.lock().ok()?;
@@ -184,7 +201,7 @@ impl Pooled {
 
     /// The pooled connection, if open, whatever addresses it was dialled
     /// with.
-    fn current_connection(&self) -> Option<Connection> {
+    fn current_connection(&self) -> Option<Arc<Connection>> {
         let current = self.current.lock().ok()?;
         current
             .as_ref()
@@ -204,7 +221,7 @@ impl Pooled {
         }
     }
 
-    fn set_current(&self, conn: Option<Connection>, dialled: &[std::net::SocketAddr]) {
+    fn set_current(&self, conn: Option<Arc<Connection>>, dialled: &[std::net::SocketAddr]) {
         if let Ok(mut current) = self.current.lock() {
             *current = conn;
         }
@@ -217,7 +234,7 @@ impl Pooled {
 /// The pooled connection to a peer and its dial history.
 #[derive(Debug, Default)]
 struct Slot {
-    conn: Option<Connection>,
+    conn: Option<Arc<Connection>>,
     /// The direct addresses `conn` was dialled with, sorted.
     dialled: Vec<std::net::SocketAddr>,
     /// Consecutive failed dials.
@@ -483,11 +500,11 @@ impl IrohClient {
         &self,
         peer: &Pooled,
         addr: &PeerAddr,
-    ) -> Result<Connection, TransportError> {
-        let direct = direct_addrs(addr);
-        if let Some(conn) = peer.open_connection(&direct) {
+    ) -> Result<Arc<Connection>, TransportError> {
+        if let Some(conn) = peer.open_connection(addr) {
             return Ok(conn);
         }
+        let direct = direct_addrs(addr);
         let mut slot = peer.slot.lock().await;
         let moved = slot.conn.is_some() && slot.dialled != direct;
         if moved {
@@ -524,6 +541,7 @@ impl IrohClient {
         }
         match self.dial(addr).await {
             Ok(conn) => {
+                let conn = Arc::new(conn);
                 slot.failures = 0;
                 slot.retry_at = None;
                 slot.had_connection = true;

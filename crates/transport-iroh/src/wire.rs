@@ -178,12 +178,38 @@ pub fn consume_end(recv: &mut RecvStream) -> bool {
     )
 }
 
-/// Writes one frame without copying its payload.
+/// Payloads up to this size are written together with their header in
+/// one contiguous write. The QUIC stack copies writes of up to a packet
+/// (`noq`'s `MAX_COMBINE`, 1452 bytes) into its send buffer anyway, so
+/// handing it the header and a small payload as two `Bytes` cost an
+/// allocation for the header and a reallocation of the send buffer for
+/// the payload; one write of both costs neither (measured by
+/// `benches/allocs.rs`). 1000 bytes keeps the frame under a packet and
+/// the stack buffer small; Raft heartbeats, votes and most service calls
+/// fit.
+const INLINE_PAYLOAD: usize = 1000;
+
+const _: () = assert!(
+    HEADER_LEN + INLINE_PAYLOAD <= 1452,
+    "an inline frame fits in one packet"
+);
+
+/// Writes one frame: a small one in one contiguous write (see
+/// `INLINE_PAYLOAD`), a larger one as its header followed by the
+/// payload, which is handed over without copying.
 pub async fn write_frame(send: &mut SendStream, frame: &Frame) -> Result<(), WriteError> {
-    let header = Bytes::copy_from_slice(&frame.header.encode());
-    let mut chunks = [header, frame.payload.clone()];
-    send.write_all_chunks(&mut chunks).await?;
-    metrics::frame_sent(frame.payload.len());
+    let header = frame.header.encode();
+    let len = frame.payload.len();
+    if len <= INLINE_PAYLOAD {
+        let mut buf = [0u8; HEADER_LEN + INLINE_PAYLOAD];
+        buf[..HEADER_LEN].copy_from_slice(&header);
+        buf[HEADER_LEN..HEADER_LEN + len].copy_from_slice(&frame.payload);
+        send.write_all(&buf[..HEADER_LEN + len]).await?;
+    } else {
+        send.write_all(&header).await?;
+        send.write_chunk(frame.payload.clone()).await?;
+    }
+    metrics::frame_sent(len);
     Ok(())
 }
 
