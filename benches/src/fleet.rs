@@ -45,6 +45,9 @@ const PUTS: usize = 200;
 const CHANGES: usize = 40;
 /// Bound on one wait (an agent seeing a change, all agents registered).
 const WAIT_BOUND: Duration = Duration::from_secs(120);
+/// Inbound gRPC connections the bench's servers accept, in all and from
+/// one address (all simulated agents share 127.0.0.1).
+const MAX_BENCH_CONNECTIONS: usize = 16_384;
 /// The address simulated agents register (nothing listens there).
 const SIMULATED_URL: &str = "https://127.0.0.1:9";
 /// Per-call timeout of the bench's own calls.
@@ -341,6 +344,14 @@ pub async fn run(opts: &FleetOpts) -> anyhow::Result<Vec<FleetRow>> {
             // Servers host no VMs: every VM goes to an agent.
             c.capacity.vcpus = 1;
             c.capacity.memory_mib = 16;
+            // Every simulated agent dials from 127.0.0.1, and each holds
+            // a connection to the leader and one to its assignment's
+            // server: the per-address bound (256, against one host's
+            // abuse) and the total (4,096) are raised here; a real fleet
+            // has one address per agent, but the total is a real bound
+            // (see the projection in docs/ARCHITECTURE.md).
+            c.limits.connections = Some(MAX_BENCH_CONNECTIONS);
+            c.limits.connections_per_ip = Some(MAX_BENCH_CONNECTIONS);
         },
     )
     .await?;

@@ -23,17 +23,23 @@ use tern_state::{ClusterState, Command, Rejection, Response};
 use crate::node::WriteError;
 use tern_raft_net::Attached;
 
+/// The roles granted, by key, as `tern.v1.AccessGrant`s (without the
+/// audit log: what an agent's assignment carries).
+pub fn grants_pb(state: &ClusterState) -> Vec<pb::AccessGrant> {
+    state
+        .access()
+        .iter()
+        .map(|(key, roles)| pb::AccessGrant {
+            key: Bytes::copy_from_slice(key.as_bytes()),
+            roles: roles.iter().map(|r| r.name().to_owned()).collect(),
+        })
+        .collect()
+}
+
 /// The table and the log as the protobuf answer.
 pub fn list_response(state: &ClusterState) -> pb::AccessListResponse {
     pb::AccessListResponse {
-        grants: state
-            .access()
-            .iter()
-            .map(|(key, roles)| pb::AccessGrant {
-                key: Bytes::copy_from_slice(key.as_bytes()),
-                roles: roles.iter().map(|r| r.name().to_owned()).collect(),
-            })
-            .collect(),
+        grants: grants_pb(state),
         log: state
             .audit_log()
             .map(|e| pb::AccessEvent {

@@ -618,6 +618,13 @@ impl Drop for SyncStream {
     }
 }
 
+/// How long an assignment stream waits after a change before it looks:
+/// every open stream (one per agent) wakes on every applied write, so a
+/// burst of writes costs each stream one look, not one per write. Small
+/// next to a heartbeat interval; it bounds how much later than the commit
+/// an agent can learn of a change.
+pub const SYNC_COALESCE: Duration = Duration::from_millis(20);
+
 /// What one assignment message says, compared to decide whether to send.
 #[derive(PartialEq)]
 struct Said {
@@ -650,7 +657,7 @@ fn said(node: &Attached, id: NodeId) -> Result<(Said, u64), Status> {
                     policy,
                     policy_source,
                     servers,
-                    grants: crate::access::list_response(s).grants,
+                    grants: crate::access::grants_pb(s),
                 },
                 s.vm_history().revision(),
             )
@@ -715,10 +722,15 @@ pub(crate) async fn serve_sync(
             sent = Some(now);
         }
         tokio::select! {
-            r = changes.changed() => if r.is_err() {
-                return Err(Status::unavailable(format!(
-                    "the server is shutting down; resume on another server from revision {last}"
-                )));
+            r = changes.changed() => {
+                if r.is_err() {
+                    return Err(Status::unavailable(format!(
+                        "the server is shutting down; resume on another server from revision {last}"
+                    )));
+                }
+                // Writes come in bursts: one look after a short pause
+                // covers them all, instead of one per write per agent.
+                tokio::time::sleep(SYNC_COALESCE).await;
             },
             () = tokio::time::sleep(ASSIGNMENT_PROGRESS_INTERVAL) => {
                 let msg = pb::AgentAssignment {
