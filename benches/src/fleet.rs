@@ -333,6 +333,22 @@ async fn agent_figures(
     ))
 }
 
+/// The servers' config in the bench: no VMs on servers, and connection
+/// bounds raised (see the comment inside).
+fn server_tune(c: &mut tern_node::config::Config) {
+    // Servers host no VMs: every VM goes to an agent.
+    c.capacity.vcpus = 1;
+    c.capacity.memory_mib = 16;
+    // Every simulated agent dials from 127.0.0.1, and each holds
+    // a connection to the leader and one to its assignment's
+    // server: the per-address bound (256, against one host's
+    // abuse) and the total (4,096) are raised here; a real fleet
+    // has one address per agent, but the total is a real bound
+    // (see the projection in docs/ARCHITECTURE.md).
+    c.limits.connections = Some(MAX_BENCH_CONNECTIONS);
+    c.limits.connections_per_ip = Some(MAX_BENCH_CONNECTIONS);
+}
+
 /// Runs the fleet bench; see the module docs.
 pub async fn run(opts: &FleetOpts) -> anyhow::Result<Vec<FleetRow>> {
     let mut cluster = LocalCluster::start_tuned(
@@ -340,19 +356,7 @@ pub async fn run(opts: &FleetOpts) -> anyhow::Result<Vec<FleetRow>> {
         &opts.dir,
         3,
         &tern_testkit::config::grpc(),
-        |c| {
-            // Servers host no VMs: every VM goes to an agent.
-            c.capacity.vcpus = 1;
-            c.capacity.memory_mib = 16;
-            // Every simulated agent dials from 127.0.0.1, and each holds
-            // a connection to the leader and one to its assignment's
-            // server: the per-address bound (256, against one host's
-            // abuse) and the total (4,096) are raised here; a real fleet
-            // has one address per agent, but the total is a real bound
-            // (see the projection in docs/ARCHITECTURE.md).
-            c.limits.connections = Some(MAX_BENCH_CONNECTIONS);
-            c.limits.connections_per_ip = Some(MAX_BENCH_CONNECTIONS);
-        },
+        server_tune,
     )
     .await?;
     cluster.wait_formed().await?;

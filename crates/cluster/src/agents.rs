@@ -669,6 +669,33 @@ fn applied(node: &Attached) -> u64 {
     node.sm.read(|s| s.vm_history().revision()).unwrap_or(0)
 }
 
+/// Waits (at most [`MIN_REVISION_WAIT`]) until this server has applied
+/// `min_revision`; `Unavailable` (try another server) if it does not.
+async fn wait_for_revision(
+    node: &Attached,
+    changes: &mut tokio::sync::watch::Receiver<u64>,
+    min_revision: u64,
+) -> Result<(), Status> {
+    if applied(node) >= min_revision {
+        return Ok(());
+    }
+    let caught_up = tokio::time::timeout(MIN_REVISION_WAIT, async {
+        while applied(node) < min_revision {
+            if changes.changed().await.is_err() {
+                break;
+            }
+        }
+    })
+    .await;
+    if caught_up.is_err() || applied(node) < min_revision {
+        return Err(Status::unavailable(format!(
+            "this server has applied revision {}, behind the requested min_revision {min_revision} after {MIN_REVISION_WAIT:?}; try another server",
+            applied(node),
+        )));
+    }
+    Ok(())
+}
+
 /// Serves `Cluster/AgentSync`: the caller's assignment when the stream
 /// opens and whenever it changes, until the caller goes or this server
 /// stops.
@@ -684,23 +711,7 @@ pub(crate) async fn serve_sync(
     let (id, _) = caller_agent(&node, &ctx.peer)?;
     let _stream = SyncStream::open(&shared, id)?;
     let mut changes = node.sm.changes();
-    if applied(&node) < req.min_revision {
-        let caught_up = tokio::time::timeout(MIN_REVISION_WAIT, async {
-            while applied(&node) < req.min_revision {
-                if changes.changed().await.is_err() {
-                    break;
-                }
-            }
-        })
-        .await;
-        if caught_up.is_err() || applied(&node) < req.min_revision {
-            return Err(Status::unavailable(format!(
-                "this server has applied revision {}, behind the requested min_revision {} after {MIN_REVISION_WAIT:?}; try another server",
-                applied(&node),
-                req.min_revision
-            )));
-        }
-    }
+    wait_for_revision(&node, &mut changes, req.min_revision).await?;
     let mut sent: Option<Said> = None;
     let mut last = req.from_revision;
     tracing::debug!(agent = id, from = last, "assignment stream opened");
