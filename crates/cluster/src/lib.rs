@@ -37,6 +37,9 @@
 //! - [`rollout_driver`]: the leader's rollout driver: measures the stage
 //!   in force on the covered nodes (`Monitoring/Metrics`), waits the soak,
 //!   and proposes advance, hold or roll back from the gates.
+//! - [`snapshot_schedule`]: when this node builds a snapshot (every
+//!   `RaftOptions::snapshot_logs_since_last` entries, at an offset of its
+//!   own so that the members do not build together).
 //! - [`consensus`]: [`RaftConsensus`], the services' `Consensus` trait
 //!   over a running [`RaftNode`] (writes forwarded to the leader, the
 //!   applied state, the Raft status watch).
@@ -52,6 +55,7 @@ pub mod policy;
 pub mod rollout;
 pub mod rollout_driver;
 pub mod service;
+pub mod snapshot_schedule;
 
 pub use admission::Admission;
 pub use consensus::RaftConsensus;
