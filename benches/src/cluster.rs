@@ -90,18 +90,31 @@ pub struct BenchOpts {
     /// Length of each steadiness window (idle, then full load); `None`:
     /// 5 s quick, 60 s otherwise.
     pub steady_secs: Option<u64>,
+    /// A partial run for profiling and for comparing a change: only these
+    /// columns (`grpc`, `iroh`, `dual`, `etcd`); empty: all of them.
+    pub only_modes: Vec<String>,
+    /// Writer counts instead of the default ones; empty: the default.
+    pub writers: Vec<usize>,
+    /// Length of each throughput run instead of the default.
+    pub run_secs: Option<u64>,
+    /// Only the throughput runs: no steadiness window, no failovers.
+    pub throughput_only: bool,
 }
 
 impl BenchOpts {
     fn secs_per_run(&self) -> Duration {
-        if self.quick {
+        if let Some(secs) = self.run_secs {
+            Duration::from_secs(secs)
+        } else if self.quick {
             Duration::from_secs(4)
         } else {
             Duration::from_secs(15)
         }
     }
     fn writer_counts(&self) -> Vec<usize> {
-        if self.quick {
+        if !self.writers.is_empty() {
+            self.writers.clone()
+        } else if self.quick {
             vec![1, 64]
         } else {
             vec![1, 16, 64, 256]
@@ -112,7 +125,17 @@ impl BenchOpts {
         Duration::from_secs(self.steady_secs.unwrap_or(if self.quick { 5 } else { 60 }))
     }
     fn failover_repeats(&self) -> usize {
-        if self.quick { 5 } else { 20 }
+        if self.throughput_only {
+            0
+        } else if self.quick {
+            5
+        } else {
+            20
+        }
+    }
+    /// Whether the column `mode` is measured.
+    fn measures(&self, mode: &str) -> bool {
+        self.only_modes.is_empty() || self.only_modes.iter().any(|m| m == mode)
     }
 }
 
@@ -602,7 +625,9 @@ async fn measure_etcd(opts: &BenchOpts, p: &mut Progress) -> anyhow::Result<Mode
         }
     }
     let repeats = opts.failover_repeats();
-    p.line(&format!("etcd: leader failover x{repeats}"));
+    if repeats > 0 {
+        p.line(&format!("etcd: leader failover x{repeats}"));
+    }
     for r in 0..repeats {
         match etcd_failover(&mut c).await {
             Ok(took) => {
@@ -666,23 +691,27 @@ async fn measure_mode(
         }
     }
     let window = opts.steady();
-    p.line(&format!(
-        "{mode}: steadiness, {}s idle then {}s with {STEADY_WRITERS} writers",
-        window.as_secs(),
-        window.as_secs()
-    ));
-    match steadiness(&c, mode, window, p).await {
-        Ok((e, split)) => {
-            result.elections = Some(e);
-            result.snapshots = Some(split);
-        }
-        Err(e) => {
-            p.info(&format!("FAILED: {e:#}"));
-            result.notes.push(format!("{mode} steadiness: {e:#}"));
+    if !opts.throughput_only {
+        p.line(&format!(
+            "{mode}: steadiness, {}s idle then {}s with {STEADY_WRITERS} writers",
+            window.as_secs(),
+            window.as_secs()
+        ));
+        match steadiness(&c, mode, window, p).await {
+            Ok((e, split)) => {
+                result.elections = Some(e);
+                result.snapshots = Some(split);
+            }
+            Err(e) => {
+                p.info(&format!("FAILED: {e:#}"));
+                result.notes.push(format!("{mode} steadiness: {e:#}"));
+            }
         }
     }
     let repeats = opts.failover_repeats();
-    p.line(&format!("{mode}: leader failover x{repeats}"));
+    if repeats > 0 {
+        p.line(&format!("{mode}: leader failover x{repeats}"));
+    }
     for r in 0..repeats {
         match failover(&mut c, &format!("{mode}-fo{r}")).await {
             Ok(took) => {
@@ -710,13 +739,23 @@ async fn measure_mode(
 /// figure could not be measured (after writing what was).
 pub async fn run(opts: &BenchOpts) -> anyhow::Result<()> {
     let modes = modes();
-    let steps_per_mode = 1 + opts.writer_counts().len() + 2;
+    let extra = if opts.throughput_only { 0 } else { 2 };
+    let steps_per_mode = 1 + opts.writer_counts().len() + extra;
+    let columns = modes
+        .iter()
+        .map(|(mode, _)| *mode)
+        .chain(["etcd"])
+        .filter(|mode| opts.measures(mode))
+        .count();
     let mut p = Progress {
         step: 0,
-        total: (modes.len() + 1) * steps_per_mode + 1,
+        total: columns * steps_per_mode + 1,
     };
     let mut results = Vec::new();
     for (mode, section) in &modes {
+        if !opts.measures(mode) {
+            continue;
+        }
         let r = match measure_mode(opts, mode, section, &mut p).await {
             Ok(r) => r,
             Err(e) => {
@@ -729,7 +768,9 @@ pub async fn run(opts: &BenchOpts) -> anyhow::Result<()> {
         };
         results.push((*mode, r));
     }
-    let etcd = if EtcdCluster::available() {
+    let etcd = if !opts.measures("etcd") {
+        ModeResult::default()
+    } else if EtcdCluster::available() {
         match measure_etcd(opts, &mut p).await {
             Ok(r) => r,
             Err(e) => {
@@ -1048,6 +1089,10 @@ mod tests {
             out: "x.json".into(),
             dir: "/tmp".into(),
             steady_secs: None,
+            only_modes: vec![],
+            writers: vec![],
+            run_secs: None,
+            throughput_only: false,
         };
         let ok = ModeResult {
             throughput: vec![(1, 100.0), (64, 900.0)],

@@ -4,7 +4,10 @@
 //! tern-bench transport [--quick] --out target/bench-report/parts/transport-2proc.json
 //! tern-bench serve --transport iroh|grpc|raw-iroh|raw-grpc [--key-file F]
 //! tern-bench load --transport KIND --what unary|bulk|control-under-bulk [--secs N]
-//! tern-bench cluster --tern PATH [--quick] [--steady-secs N] [--keep-logs DIR] --out target/bench-report/parts/cluster.json
+//! tern-bench fleet --tern PATH [--agents 0,100,1000] [--steady-secs N] [--out FILE]
+//! tern-bench cluster --tern PATH [--quick] [--steady-secs N] [--keep-logs DIR]
+//!     [--only grpc,iroh,dual,etcd] [--writers 1,16] [--run-secs N] [--throughput-only]
+//!     --out target/bench-report/parts/cluster.json
 //! ```
 //!
 //! `transport` is the client: it starts `serve` as a child process once per
@@ -112,6 +115,22 @@ enum Cmd {
         /// (default: a temporary directory, removed at the end).
         #[arg(long)]
         keep_logs: Option<PathBuf>,
+        /// A partial run (profiling, before/after a change): only these
+        /// columns, of grpc, iroh, dual and etcd. The part file then has
+        /// the other columns null.
+        #[arg(long, value_delimiter = ',')]
+        only: Vec<String>,
+        /// Writer counts instead of the default (1,64 with --quick, else
+        /// 1,16,64,256).
+        #[arg(long, value_delimiter = ',')]
+        writers: Vec<usize>,
+        /// Seconds of each throughput run instead of the default (4 with
+        /// --quick, else 15).
+        #[arg(long)]
+        run_secs: Option<u64>,
+        /// Only the throughput runs: no steadiness window, no failovers.
+        #[arg(long)]
+        throughput_only: bool,
         /// Where to write the JSON part file.
         #[arg(long)]
         out: PathBuf,
@@ -194,8 +213,25 @@ fn main() -> ExitCode {
             quick,
             steady_secs,
             keep_logs,
+            only,
+            writers,
+            run_secs,
+            throughput_only,
             out,
-        } => cluster_main(tern, quick, steady_secs, keep_logs, out),
+        } => {
+            let opts = tern_benches::cluster::BenchOpts {
+                tern,
+                quick,
+                out,
+                dir: PathBuf::new(),
+                steady_secs,
+                only_modes: only,
+                writers,
+                run_secs,
+                throughput_only,
+            };
+            cluster_main(opts, keep_logs)
+        }
         Cmd::Fleet {
             tern,
             agents,
@@ -275,16 +311,21 @@ fn load_main(kind: Kind, what: twoproc::Load, secs: u64) -> anyhow::Result<()> {
 }
 
 fn cluster_main(
-    tern: PathBuf,
-    quick: bool,
-    steady_secs: Option<u64>,
+    mut opts: tern_benches::cluster::BenchOpts,
     keep_logs: Option<PathBuf>,
-    out: PathBuf,
 ) -> anyhow::Result<()> {
-    if !tern.is_file() {
-        anyhow::bail!("--tern {}: no such file", tern.display());
+    if !opts.tern.is_file() {
+        anyhow::bail!("--tern {}: no such file", opts.tern.display());
     }
-    let tern = std::fs::canonicalize(&tern).unwrap_or(tern);
+    for mode in &opts.only_modes {
+        if !["grpc", "iroh", "dual", "etcd"].contains(&mode.as_str()) {
+            anyhow::bail!("--only {mode}: expected grpc, iroh, dual or etcd");
+        }
+    }
+    if opts.writers.contains(&0) || opts.run_secs == Some(0) {
+        anyhow::bail!("--writers and --run-secs must be at least 1");
+    }
+    opts.tern = std::fs::canonicalize(&opts.tern).unwrap_or(opts.tern);
     let (dir, keep) = match &keep_logs {
         Some(d) => (d.join("bench-cluster"), true),
         None => (
@@ -292,13 +333,7 @@ fn cluster_main(
             false,
         ),
     };
-    let opts = tern_benches::cluster::BenchOpts {
-        tern,
-        quick,
-        out,
-        dir: dir.clone(),
-        steady_secs,
-    };
+    opts.dir = dir.clone();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -119,7 +119,9 @@ pub fn next_step(
 /// join token the node was configured with (a member needs none; kept for
 /// a leader that does not list it yet).
 pub async fn keep_recorded(node: Arc<Attached>, mut me: watch::Receiver<Member>, token: String) {
-    let mut metrics = node.raft.metrics();
+    // The membership and the leader: openraft's server metrics, which do
+    // not change with every entry (as `metrics()` does).
+    let mut metrics = node.raft.server_metrics();
     let mut backoff = ADDRESS_UPDATE_MIN_INTERVAL;
     let mut last_sent: Option<tokio::time::Instant> = None;
     let mut me_open = true;

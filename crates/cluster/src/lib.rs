@@ -41,6 +41,9 @@
 //!   `AgentHeartbeat`, `AgentReport`, the `AgentSync` stream of an agent's
 //!   assignment) and [`agents::watch_agents`], the leader's judgement of
 //!   which agents are down.
+//! - [`snapshot_schedule`]: when this node builds a snapshot (every
+//!   `RaftOptions::snapshot_logs_since_last` entries, at an offset of its
+//!   own so that the members do not build together).
 //! - [`consensus`]: [`RaftConsensus`], the services' `Consensus` trait
 //!   over a running [`RaftNode`] (writes forwarded to the leader, the
 //!   applied state, the Raft status watch).
@@ -57,6 +60,7 @@ pub mod policy;
 pub mod rollout;
 pub mod rollout_driver;
 pub mod service;
+pub mod snapshot_schedule;
 
 pub use admission::Admission;
 pub use agents::AgentSettings;

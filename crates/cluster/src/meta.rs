@@ -212,6 +212,7 @@ pub(crate) async fn serve_put(
         value: req.value.clone(),
     };
     tracing::debug!(%command, caller = %ctx.peer.short(), "metadata put");
+    tracing::trace!(target: "tern_commit_path", request_id = %req.request_id, "put received");
     let forwarded = || {
         pb::MetaPutRequest {
             forwarded: true,
@@ -235,12 +236,15 @@ pub(crate) async fn serve_put(
         LeaderWrite::Forwarded(answer) => return Ok(answer),
     };
     match written {
-        Response::MetaWritten { index } => Ok(pb::MetaPutResponse {
-            index,
-            leader_id: node.id,
+        Response::MetaWritten { index } => {
+            tracing::trace!(target: "tern_commit_path", index, "put answered");
+            Ok(pb::MetaPutResponse {
+                index,
+                leader_id: node.id,
+            }
+            .encode_to_vec()
+            .into())
         }
-        .encode_to_vec()
-        .into()),
         Response::Rejected(why) => Err(invalid(why)),
         other => Err(Status::internal(format!(
             "the state answered a metadata put with {other:?}"

@@ -75,8 +75,10 @@ pub const SNAPSHOT_CHUNK_TIMEOUT: Duration = Duration::from_secs(10);
 /// Entries per append-entries call: bounds a call's size and duration
 /// (the network cuts a batch further if it exceeds the frame limit).
 pub const MAX_PAYLOAD_ENTRIES: u64 = 512;
-/// A snapshot is built after this many entries since the last one: the
-/// cluster state is small, so snapshots are cheap, and the log stays short.
+/// A snapshot is built every this many entries: the cluster state is
+/// small, so snapshots are cheap, and the log stays short. Each node builds
+/// at its own offset within the interval, so that the members do not
+/// build together (`crate::snapshot_schedule`).
 pub const SNAPSHOT_LOGS_SINCE_LAST: u64 = 10_000;
 /// Entries kept in the log behind a snapshot, so that a follower a little
 /// behind catches up from the log rather than by snapshot.
@@ -139,7 +141,9 @@ impl RaftOptions {
             election_timeout_max: ms(self.election_timeout_max),
             install_snapshot_timeout: ms(SNAPSHOT_CHUNK_TIMEOUT),
             max_payload_entries: MAX_PAYLOAD_ENTRIES,
-            snapshot_policy: SnapshotPolicy::LogsSinceLast(self.snapshot_logs_since_last),
+            // Snapshots are asked for by `crate::snapshot_schedule`, at
+            // every `snapshot_logs_since_last` entries offset per node.
+            snapshot_policy: SnapshotPolicy::Never,
             max_in_snapshot_log_to_keep: self.logs_to_keep_after_snapshot,
             // A follower further behind than this gets a snapshot; it must
             // exceed the snapshot interval or a snapshot cannot close the
@@ -402,9 +406,11 @@ async fn find_leader(client: &dyn RpcClient, peer: &PeerAddr) -> Result<PeerAddr
     )))
 }
 
-/// Keeps `book` equal to the latest membership until Raft stops.
+/// Keeps `book` equal to the latest membership until Raft stops. It
+/// follows openraft's server metrics, which change with the role, leader,
+/// vote or membership only (`metrics()` changes with every entry).
 fn spawn_address_book_updater(raft: &RaftInstance, book: Arc<AddressBook>) {
-    let mut rx = raft.metrics();
+    let mut rx = raft.server_metrics();
     tokio::spawn(async move {
         let mut seen = None;
         loop {
@@ -468,6 +474,10 @@ impl RaftNode {
             .map_err(|e| RaftNodeError::Raft(e.to_string()))?;
         tern_raft_net::metrics::spawn_watcher(&raft, stored_vote_term);
         spawn_address_book_updater(&raft, book);
+        crate::snapshot_schedule::spawn(
+            raft.clone(),
+            crate::snapshot_schedule::Schedule::for_node(id, options.snapshot_logs_since_last),
+        );
         let attached = Arc::new(Attached {
             raft,
             sm,

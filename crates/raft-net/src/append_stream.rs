@@ -415,6 +415,12 @@ impl Feeder {
             }
             self.gauge.increment(1.0);
             batch_sent();
+            tracing::trace!(
+                target: "tern_commit_path",
+                to = self.target,
+                last = req.entries.get(sent.wrapping_sub(1)).map_or(0, |e| e.log_id.index),
+                "batch sent"
+            );
             let batch = InFlight {
                 range: Range::of(&req, sent),
                 cut,
@@ -585,6 +591,12 @@ impl Reader {
             Err(e) => return Some(Err(garbled(e.to_string()))),
         };
         let result = read_answer(answer, &batch.range);
+        tracing::trace!(
+            target: "tern_commit_path",
+            from = self.target,
+            last = batch.range.last.map_or(0, |l| l.index),
+            "answer received"
+        );
         if batch.cut {
             // openraft sends the rest from the new position, on a new stream.
             self.done = true;
@@ -707,6 +719,11 @@ impl Inbound {
             return self.fail(AppendStreamError::Refused { position, status });
         }
         ::metrics::counter!(names::RAFT_APPEND_STREAM_BATCHES, "side" => "server").increment(1);
+        tracing::trace!(
+            target: "tern_commit_path",
+            last = req.entries.last().map_or(0, |e| e.log_id.index),
+            "batch received"
+        );
         Some(req)
     }
 
@@ -741,12 +758,17 @@ pub(crate) async fn serve(
     let mut answers = std::pin::pin!(raft.stream_append(input));
     while let Some(answer) = answers.next().await {
         let result = answer.map_err(|fatal| AppendStreamError::Stopped(fatal.to_string()))?;
+        let last = match &result {
+            Ok(Some(l)) => l.index,
+            _ => 0,
+        };
         let bytes = wire::wrap(&AppendEntriesResponse::from(result))
             .map_err(|e| AppendStreamError::Encode(e.to_string()))?;
         outbound
             .send(bytes)
             .await
             .map_err(AppendStreamError::AnswerLost)?;
+        tracing::trace!(target: "tern_commit_path", last, "answer sent");
     }
     match error.lock().unwrap_or_else(|p| p.into_inner()).take() {
         Some(e) => Err(e),

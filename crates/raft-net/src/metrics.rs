@@ -10,11 +10,12 @@
 //!   counter exists at zero for every reason from the start
 //!   ([`spawn_watcher`]), so that a rule over it has a series to read on
 //!   a healthy node.
-//! - Everything else is read from openraft's metrics watch by one task per
-//!   node ([`spawn_watcher`]): term, applied index, leadership, whether a
-//!   leader is known, elections started, leader changes, and on the leader
-//!   each follower's lag (label `peer`, the node id). The task ends when
-//!   Raft stops.
+//! - Everything else is read from openraft's metrics by one task per
+//!   node ([`spawn_watcher`]): term, leadership, whether a leader is
+//!   known, elections started and leader changes as they change (the
+//!   server metrics), the applied index and, on the leader, each
+//!   follower's lag (label `peer`, the node id) every
+//!   [`PROGRESS_GAUGES_EVERY`]. The task ends when Raft stops.
 //!
 //! # Counting elections
 //!
@@ -96,6 +97,13 @@ pub fn proposal_failed(reason: ProposalFailure) {
     ::metrics::counter!(names::RAFT_PROPOSALS_FAILED, "reason" => reason.as_str()).increment(1);
 }
 
+/// How often the applied index and the replication lag gauges are
+/// updated. openraft's full metrics change with every entry; following
+/// them woke this task (and formatted a label per peer) for every entry,
+/// on every node. Role, term, leader and elections follow openraft's
+/// server metrics, which change only with them, at once.
+pub const PROGRESS_GAUGES_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
+
 /// Counts the elections this node started, from what its metrics show
 /// (see the module docs): pure, so it is tested without a cluster.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -132,19 +140,21 @@ impl ElectionCounter {
 /// of the vote the store held for this node itself when Raft started (see
 /// [`ElectionCounter::after`]).
 pub fn spawn_watcher(raft: &RaftInstance, stored_vote_term: Option<u64>) -> JoinHandle<()> {
-    let mut rx = raft.metrics();
+    let mut server = raft.server_metrics();
+    let data = raft.data_metrics();
     for reason in ProposalFailure::ALL {
         ::metrics::counter!(names::RAFT_PROPOSALS_FAILED, "reason" => reason.as_str()).increment(0);
     }
     tokio::spawn(async move {
         let mut last_leader = None;
         let mut elections = ElectionCounter::after(stored_vote_term);
+        let mut tick = tokio::time::interval(PROGRESS_GAUGES_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             {
-                let m = rx.borrow_watched();
-                ::metrics::gauge!(names::RAFT_TERM).set(m.current_term as f64);
-                ::metrics::gauge!(names::RAFT_APPLIED_INDEX)
-                    .set(m.last_applied.as_ref().map_or(0, |l| l.index) as f64);
+                let m = server.borrow_watched();
+                let vote = m.vote.leader_id();
+                ::metrics::gauge!(names::RAFT_TERM).set(vote.term() as f64);
                 let leading = m.state == ServerState::Leader;
                 ::metrics::gauge!(names::RAFT_IS_LEADER).set(if leading { 1.0 } else { 0.0 });
                 ::metrics::gauge!(names::RAFT_HAS_LEADER).set(if m.current_leader.is_some() {
@@ -152,7 +162,6 @@ pub fn spawn_watcher(raft: &RaftInstance, stored_vote_term: Option<u64>) -> Join
                 } else {
                     0.0
                 });
-                let vote = m.vote.leader_id();
                 if elections.observe(m.id, vote.term(), *vote.node_id(), m.state) {
                     tracing::info!(term = vote.term(), "this node started an election");
                     ::metrics::counter!(names::RAFT_ELECTIONS).increment(1);
@@ -163,16 +172,25 @@ pub fn spawn_watcher(raft: &RaftInstance, stored_vote_term: Option<u64>) -> Join
                     }
                     last_leader = m.current_leader;
                 }
-                if let (Some(replication), Some(last)) = (&m.replication, m.last_log_index) {
-                    for (peer, matched) in replication {
-                        let lag = last.saturating_sub(matched.as_ref().map_or(0, |l| l.index));
-                        ::metrics::gauge!(names::RAFT_REPLICATION_LAG, "peer" => peer.to_string())
-                            .set(lag as f64);
+            }
+            tokio::select! {
+                changed = server.changed() => if changed.is_err() {
+                    return;
+                },
+                _ = tick.tick() => {
+                    let m = data.borrow_watched();
+                    ::metrics::gauge!(names::RAFT_APPLIED_INDEX)
+                        .set(m.last_applied.as_ref().map_or(0, |l| l.index) as f64);
+                    if let (Some(replication), Some(last)) = (&m.replication, &m.last_log) {
+                        for (peer, matched) in replication {
+                            let lag = last
+                                .index
+                                .saturating_sub(matched.as_ref().map_or(0, |l| l.index));
+                            ::metrics::gauge!(names::RAFT_REPLICATION_LAG, "peer" => peer.to_string())
+                                .set(lag as f64);
+                        }
                     }
                 }
-            }
-            if rx.changed().await.is_err() {
-                return;
             }
         }
     })

@@ -85,6 +85,7 @@ pub async fn client_write(
         match raft.client_write(command.clone()).await {
             Ok(written) => {
                 crate::metrics::proposal_committed(proposed.elapsed());
+                tracing::trace!(target: "tern_commit_path", index = written.log_id.index, "write committed");
                 return Ok(written);
             }
             Err(e) if lease_lapsed(&e) && Instant::now() + pause < give_up => {

@@ -455,7 +455,12 @@ impl LogStore {
     {
         let entries: Vec<Entry> = entries.into_iter().collect();
         self.reader.segments.append(&entries)?;
-        tracing::trace!(count = entries.len(), "log entries appended; sync queued");
+        tracing::trace!(
+            target: "tern_commit_path",
+            first = entries.first().map_or(0, |e| e.log_id.index),
+            last = entries.last().map_or(0, |e| e.log_id.index),
+            "appended"
+        );
         Ok(())
     }
 

@@ -306,6 +306,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             }
         }
         if last.is_some() {
+            tracing::trace!(target: "tern_commit_path", last = last.map_or(0, |l| l.index), "applied");
             self.announce(last);
         }
         Ok(())

@@ -114,11 +114,13 @@ where
         group.extend(rx.try_iter());
         if failed.is_none() {
             let started = Instant::now();
+            tracing::trace!(target: "tern_commit_path", writes = group.len(), "sync started");
             let result = sync();
             metrics::histogram!(tern_protocol::metric_names::STORE_SYNC_SECONDS)
                 .record(started.elapsed().as_secs_f64());
             match result {
                 Ok(()) => tracing::trace!(
+                    target: "tern_commit_path",
                     writes = group.len(),
                     micros = started.elapsed().as_micros(),
                     "log synced"

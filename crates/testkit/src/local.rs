@@ -31,6 +31,10 @@ pub const IROH_PORT: u16 = 7501;
 pub const METRICS_PORT: u16 = 9500;
 /// Join token of the cluster.
 pub const JOIN_TOKEN: &str = "tern-lab-local";
+/// Environment variable whose value, when set, is the nodes' `RUST_LOG`
+/// (otherwise `warn`): `warn,tern_commit_path=trace` logs each step of
+/// every commit, for the commit-path profile in `tern-store`'s docs.
+pub const NODE_LOG_ENV: &str = "TERN_NODE_RUST_LOG";
 /// Bound on a node's start (debug builds on a busy machine are slow).
 pub const START_BOUND: Duration = Duration::from_secs(120);
 /// Bound on the cluster forming or settling after a restart.
@@ -206,7 +210,13 @@ impl LocalCluster {
             .get_mut(i)
             .with_context(|| format!("no node {}", i + 1))?;
         let mut cmd = TernProcess::command(&self.tern, &node.config);
-        cmd.env("RUST_LOG", "warn");
+        // Quiet unless asked: `TERN_NODE_RUST_LOG` is the nodes' filter when
+        // set (a profile of the commit path sets
+        // `warn,tern_commit_path=trace`).
+        cmd.env(
+            "RUST_LOG",
+            std::env::var(NODE_LOG_ENV).unwrap_or_else(|_| "warn".to_owned()),
+        );
         let child = node
             .child
             .insert(TernProcess::spawn(cmd, &node.dir, &node.log)?);
