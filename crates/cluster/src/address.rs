@@ -114,6 +114,12 @@ pub fn next_step(
     }
 }
 
+/// Asked and answered: the membership will show `current` once this node
+/// has the entry; until then, or a recheck, do not ask again.
+fn answered(asked: Option<&(PeerAddr, tokio::time::Instant)>, current: &PeerAddr) -> bool {
+    asked.is_some_and(|(addr, at)| same_addresses(addr, current) && at.elapsed() < ADDRESS_RECHECK)
+}
+
 /// Keeps node `node`'s recorded addresses equal to `me` (see the module
 /// docs) until Raft stops (a dropped sender leaves `me` fixed). `token` is the
 /// join token the node was configured with (a member needs none; kept for
@@ -138,15 +144,9 @@ pub async fn keep_recorded(node: Arc<Attached>, mut me: watch::Receiver<Member>,
                 recorded,
             )
         };
-        // Asked and answered: the membership will show it once this node
-        // has the entry; until then, or a recheck, do not ask again.
-        let answered =
-            recorded_ask
-                .as_ref()
-                .is_some_and(|(addr, at): &(PeerAddr, tokio::time::Instant)| {
-                    same_addresses(addr, &current.addr) && at.elapsed() < ADDRESS_RECHECK
-                });
-        if answered || matches!(step, Next::Wait | Next::NoLeader) {
+        if answered(recorded_ask.as_ref(), &current.addr)
+            || matches!(step, Next::Wait | Next::NoLeader)
+        {
             backoff = ADDRESS_UPDATE_MIN_INTERVAL;
             tokio::select! {
                 // A sender gone means the addresses no longer change.
