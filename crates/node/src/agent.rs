@@ -41,6 +41,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use prost::Message;
+use tern_cluster::agents::MIN_AGENT_DOWN_AFTER;
 use tern_protocol::catalog::methods;
 use tern_protocol::metric_names::{AGENT_FENCED, AGENT_HEARTBEAT_AGE};
 use tern_protocol::stream::StreamCall;
@@ -57,6 +58,10 @@ pub const REGISTER_GIVE_UP: Duration = Duration::from_secs(120);
 
 /// Pause before trying the next server after a failed call or stream.
 const RETRY_PAUSE: Duration = Duration::from_millis(300);
+
+/// The shortest heartbeat interval an agent follows, whatever a server
+/// answers: ten a second is already far more than any bound needs.
+pub const MIN_HEARTBEAT_INTERVAL: Duration = Duration::from_millis(100);
 
 /// How often the fence is checked: well inside the shortest fence
 /// (a third of `MIN_AGENT_DOWN_AFTER`, 1 s).
@@ -94,6 +99,16 @@ impl Servers {
         self.list
             .get(turn % self.list.len())
             .map(|(_, m)| m.addr.clone())
+    }
+
+    /// Takes the servers' settings from an answer (network input): an
+    /// interval below [`MIN_HEARTBEAT_INTERVAL`] or a bound below the
+    /// servers' own minimum is raised to it, so a bad answer can neither
+    /// make the agent spin nor fence at once.
+    fn set_timing(&mut self, heartbeat_interval_ms: u64, down_after_ms: u64) {
+        self.heartbeat_interval =
+            Duration::from_millis(heartbeat_interval_ms).max(MIN_HEARTBEAT_INTERVAL);
+        self.down_after = Duration::from_millis(down_after_ms).max(MIN_AGENT_DOWN_AFTER);
     }
 
     fn fence_after(&self) -> Duration {
@@ -288,9 +303,7 @@ impl AgentLink {
                     let mut s = lock_write(&self.servers);
                     s.list = servers_of(&answer.servers);
                     s.leader = (answer.leader_id != 0).then_some(answer.leader_id);
-                    s.heartbeat_interval =
-                        Duration::from_millis(answer.heartbeat_interval_ms.max(100));
-                    s.down_after = Duration::from_millis(answer.down_after_ms.max(300));
+                    s.set_timing(answer.heartbeat_interval_ms, answer.down_after_ms);
                     tracing::info!(
                         node = answer.node_id,
                         servers = s.list.len(),
@@ -408,8 +421,7 @@ impl AgentLink {
                 s.list = list;
             }
             s.leader = (answer.leader_id != 0).then_some(answer.leader_id);
-            s.heartbeat_interval = Duration::from_millis(answer.heartbeat_interval_ms.max(100));
-            s.down_after = Duration::from_millis(answer.down_after_ms.max(300));
+            s.set_timing(answer.heartbeat_interval_ms, answer.down_after_ms);
         }
         *lock(&self.last_ack) = Some(Instant::now());
         metrics::gauge!(AGENT_HEARTBEAT_AGE).set(0.0);
@@ -749,6 +761,17 @@ mod tests {
             Some(PeerId::from_bytes([9; 32])),
             "seeds before any server is known"
         );
+    }
+
+    #[test]
+    fn a_servers_timing_below_the_minimums_is_raised() {
+        let mut s = Servers::default();
+        s.set_timing(0, 0);
+        assert_eq!(s.heartbeat_interval, MIN_HEARTBEAT_INTERVAL);
+        assert_eq!(s.down_after, MIN_AGENT_DOWN_AFTER);
+        s.set_timing(2_000, 30_000);
+        assert_eq!(s.heartbeat_interval, Duration::from_secs(2));
+        assert_eq!(s.down_after, Duration::from_secs(30));
     }
 
     #[test]

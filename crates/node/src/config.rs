@@ -1137,6 +1137,21 @@ mod tests {
     }
 
     #[test]
+    fn agent_keys_are_refused_by_name() {
+        let e = error_of("[cluster]\nagent_down_after_ms = 1000\n");
+        assert!(e.contains("cluster.agent_down_after_ms"), "{e}");
+        let e = error_of("[cluster]\nagent_heartbeat_interval_ms = 0\n");
+        assert!(e.contains("cluster.agent_down_after_ms"), "{e}");
+        let e =
+            error_of("[cluster]\nagent_heartbeat_interval_ms = 2000\nagent_down_after_ms = 5000\n");
+        assert!(e.contains("three heartbeat intervals"), "{e}");
+        let e = error_of("[node]\nrole = \"agent\"\n");
+        assert!(e.contains("cluster.join"), "an agent without servers: {e}");
+        let e = error_of("[node]\nrole = \"worker\"\n");
+        assert!(e.contains("role") && e.contains("worker"), "{e}");
+    }
+
+    #[test]
     fn admission_keys_out_of_range_are_refused_by_name() {
         let e = error_of("[cluster]\nmax_voters = 0\n");
         assert!(e.contains("cluster.max_voters"), "{e}");
