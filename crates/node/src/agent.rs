@@ -375,7 +375,6 @@ impl AgentLink {
                     vcpus: self.capacity.vcpus,
                     memory_mib: self.capacity.memory_mib,
                 }),
-                running_vms: 0,
             };
             match self
                 .call::<_, pb::AgentHeartbeatResponse>(
