@@ -41,6 +41,9 @@
 //!   `AgentHeartbeat`, `AgentReport`, the `AgentSync` stream of an agent's
 //!   assignment) and [`agents::watch_agents`], the leader's judgement of
 //!   which agents are down.
+//! - [`assignments`]: the hub that wakes an agent's assignment stream only
+//!   when its assignment may have changed (one look per burst of writes,
+//!   not one per stream and write).
 //! - [`snapshot_schedule`]: when this node builds a snapshot (every
 //!   `RaftOptions::snapshot_logs_since_last` entries, at an offset of its
 //!   own so that the members do not build together).
@@ -52,6 +55,7 @@ pub mod access;
 pub mod address;
 pub mod admission;
 pub mod agents;
+pub mod assignments;
 pub mod consensus;
 pub mod membership;
 pub mod meta;
