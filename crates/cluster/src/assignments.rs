@@ -119,11 +119,7 @@ impl Drop for Subscription {
 }
 
 /// The hub: see the module docs.
-async fn run(
-    shared: Arc<ClusterShared>,
-    node: Weak<Attached>,
-    mut changes: watch::Receiver<u64>,
-) {
+async fn run(shared: Arc<ClusterShared>, node: Weak<Attached>, mut changes: watch::Receiver<u64>) {
     loop {
         let open = changes.changed().await.is_ok();
         if open {

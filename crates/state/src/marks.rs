@@ -80,7 +80,9 @@ impl AssignmentMarks {
     }
 
     fn of(&self, node: NodeId) -> u64 {
-        self.nodes.get(&node).map_or(self.all, |n| (*n).max(self.all))
+        self.nodes
+            .get(&node)
+            .map_or(self.all, |n| (*n).max(self.all))
     }
 }
 

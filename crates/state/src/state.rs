@@ -27,12 +27,12 @@ use crate::command::{Command, Rejection, Response};
 use crate::dedup::DedupTable;
 use crate::events::VmHistory;
 use crate::limits::MAX_REQUEST_ID_LEN;
+use crate::marks::AssignmentMarks;
 use crate::member::{FIRST_NODE_ID, Member, NodeId};
 use crate::meta::MetaEntry;
 use crate::network::NetworkState;
 use crate::policy::{DesiredPolicies, Labels};
 use crate::rollout::Rollout;
-use crate::marks::AssignmentMarks;
 use crate::vm::{VmIndex, VmRecord};
 
 /// The replicated cluster state.
@@ -1068,7 +1068,8 @@ mod tests {
             "{:?} {:?} {:?} {:?} {:?}",
             s.assignment(node),
             s.agent(node).map(|a| a.status),
-            s.desired_policy(node).map(|(p, source)| (p.clone(), source.to_string())),
+            s.desired_policy(node)
+                .map(|(p, source)| (p.clone(), source.to_string())),
             s.access,
             s.members,
         )
