@@ -21,8 +21,10 @@
 //!   every agent's status names the new leader (its heartbeats found it),
 //!   then the killed server is restarted.
 //!
-//! Results are printed as a table and written as JSON (`--out`). Nothing
-//! asserts on a figure.
+//! Results are printed as a table per transport and written as the
+//! `fleet` part of `cargo xtask bench`'s report ([`part`], `--out`): a
+//! row per figure and agent count, a column per transport. Nothing asserts
+//! on a figure.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -38,6 +40,13 @@ use tern_state::Capacity;
 use tern_testkit::local::{JOIN_TOKEN, LocalCluster};
 
 use crate::procfs;
+use tern_bench_part::{Better, Part, Row, Values, build_profile};
+
+/// The part file's source name.
+pub const SOURCE: &str = "fleet";
+
+/// The report section of every row.
+const SECTION: &str = "Servers and agents (fleet)";
 
 /// How many agents register at once.
 const REGISTER_CONCURRENCY: usize = 32;
@@ -473,6 +482,13 @@ pub async fn run(opts: &FleetOpts) -> anyhow::Result<Vec<FleetRow>> {
         eprintln!("fleet: {}", serde_json::to_string(&row).unwrap_or_default());
         rows.push(row);
     }
+    stop_agents(agents).await;
+    cluster.shutdown().await;
+    Ok(rows)
+}
+
+/// Stops the simulated agents and closes their endpoints.
+async fn stop_agents(agents: Vec<SimAgent>) {
     let mut closing = Vec::new();
     for a in agents {
         let _ = a.stop.send(true);
@@ -483,8 +499,6 @@ pub async fn run(opts: &FleetOpts) -> anyhow::Result<Vec<FleetRow>> {
     for c in closing {
         let _ = c.await;
     }
-    cluster.shutdown().await;
-    Ok(rows)
 }
 
 /// The rows as a Markdown table.
@@ -511,4 +525,192 @@ pub fn table(rows: &[FleetRow]) -> String {
         ));
     }
     out
+}
+
+/// One figure of a row, in the part's unit, or `None`.
+type Figure = fn(&FleetRow) -> Option<f64>;
+
+/// One figure the part reports per agent count: id, name, unit, which
+/// way is better, its percentile, and its value.
+type FigureSpec = (
+    &'static str,
+    &'static str,
+    &'static str,
+    Better,
+    Option<f64>,
+    Figure,
+);
+
+/// The figures the part reports per agent count.
+const FIGURES: &[FigureSpec] = &[
+    (
+        "commit_p50",
+        "Commit latency p50",
+        "ns",
+        Better::Lower,
+        Some(50.0),
+        |r| Some(r.commit_p50_ms * 1e6),
+    ),
+    (
+        "commit_p99",
+        "Commit latency p99",
+        "ns",
+        Better::Lower,
+        Some(99.0),
+        |r| Some(r.commit_p99_ms * 1e6),
+    ),
+    (
+        "change_p50",
+        "Desired state to agent p50",
+        "ns",
+        Better::Lower,
+        Some(50.0),
+        |r| r.change_p50_ms.map(|v| v * 1e6),
+    ),
+    (
+        "change_p99",
+        "Desired state to agent p99",
+        "ns",
+        Better::Lower,
+        Some(99.0),
+        |r| r.change_p99_ms.map(|v| v * 1e6),
+    ),
+    (
+        "leader_change",
+        "All agents follow a new leader",
+        "s",
+        Better::Lower,
+        None,
+        |r| r.leader_change_all_secs,
+    ),
+    (
+        "servers_cpu",
+        "Servers' CPU, % of one core",
+        "%",
+        Better::Lower,
+        None,
+        |r| Some(r.cpu_percent),
+    ),
+    (
+        "servers_rss",
+        "Servers' resident memory",
+        "bytes",
+        Better::Lower,
+        None,
+        |r| Some(r.rss_mib * 1024.0 * 1024.0),
+    ),
+];
+
+/// The `fleet` part: for every agent count measured and every figure, a
+/// row with a column per transport (`grpc`, `iroh`).
+pub fn part(quick: bool, steady: Duration, runs: &[(String, Vec<FleetRow>)]) -> Part {
+    let mut counts: Vec<usize> = runs
+        .iter()
+        .flat_map(|(_, rows)| rows.iter().map(|r| r.agents))
+        .collect();
+    counts.sort_unstable();
+    counts.dedup();
+    let mut rows = Vec::new();
+    for n in counts {
+        let loads: Vec<String> = runs
+            .iter()
+            .filter_map(|(t, rows)| {
+                let r = rows.iter().find(|r| r.agents == n)?;
+                Some(format!("{t} load {}", r.load))
+            })
+            .collect();
+        for (id, name, unit, better, percentile, value) in FIGURES {
+            let values = Values::from_columns(runs.iter().map(|(t, rows)| {
+                (
+                    t.as_str(),
+                    rows.iter().find(|r| r.agents == n).and_then(value),
+                )
+            }));
+            rows.push(Row {
+                id: format!("fleet_{id}_{n}_agents"),
+                section: SECTION.to_owned(),
+                name: format!("{name}, {n} agents"),
+                unit: (*unit).to_owned(),
+                better: *better,
+                values,
+                percentile: *percentile,
+                note: format!(
+                    "3 tern servers on loopback, {n} simulated agents in one process (real agent protocol, heartbeats every 2 s), {PUTS} sequential puts at the leader per commit sample, {}s steady window; {}",
+                    steady.as_secs(),
+                    loads.join(", ")
+                ),
+                source: String::new(),
+            });
+        }
+    }
+    Part {
+        source: SOURCE.to_owned(),
+        profile: build_profile().to_owned(),
+        quick,
+        rows,
+        distributions: Vec::new(),
+        curves: Vec::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(transport: &str, agents: usize, commit_p99_ms: f64) -> FleetRow {
+        FleetRow {
+            transport: transport.to_owned(),
+            agents,
+            register_secs: 0.0,
+            cpu_ms_per_agent_s: None,
+            cpu_percent: 10.0,
+            rss_mib: 200.0,
+            rss_kib_per_agent: None,
+            commit_p50_ms: 1.0,
+            commit_p99_ms,
+            change_p50_ms: None,
+            change_p99_ms: Some(22.0),
+            leader_change_all_secs: Some(2.5),
+            load: "1.00 1.00 1.00".to_owned(),
+        }
+    }
+
+    #[test]
+    fn the_part_has_a_row_per_figure_and_count_with_a_column_per_transport() {
+        let runs = vec![
+            (
+                "grpc".to_owned(),
+                vec![row("grpc", 10, 2.0), row("grpc", 1000, 3.0)],
+            ),
+            ("iroh".to_owned(), vec![row("iroh", 10, 4.0)]),
+        ];
+        let part = part(true, Duration::from_secs(3), &runs);
+        assert_eq!(part.source, SOURCE);
+        assert_eq!(part.rows.len(), 2 * FIGURES.len());
+        let p99 = |id: &str| {
+            part.rows
+                .iter()
+                .find(|r| r.id == id)
+                .map(|r| (r.values.grpc, r.values.iroh))
+        };
+        assert_eq!(
+            p99("fleet_commit_p99_10_agents"),
+            Some((Some(2.0e6), Some(4.0e6)))
+        );
+        assert_eq!(
+            p99("fleet_commit_p99_1000_agents"),
+            Some((Some(3.0e6), None)),
+            "a count one transport did not measure is absent, not invented"
+        );
+        // Not measured stays absent.
+        let change = part
+            .rows
+            .iter()
+            .find(|r| r.id == "fleet_change_p50_10_agents")
+            .map(|r| r.values.grpc);
+        assert_eq!(change, Some(None));
+        // The part survives its own format.
+        let text = serde_json::to_string(&part).unwrap();
+        assert_eq!(Part::parse(&text).unwrap().rows.len(), part.rows.len());
+    }
 }

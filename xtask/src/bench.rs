@@ -72,17 +72,26 @@ enum Source {
     Transport,
     /// `tern-bench cluster`: Raft on 3 real `tern` processes, failover.
     Cluster,
+    /// `tern-bench fleet`: 3 real servers and simulated agents, per
+    /// transport.
+    Fleet,
     /// Every criterion bench of the workspace.
     Criterion,
 }
 
 impl Source {
-    const ALL: [Source; 3] = [Source::Transport, Source::Cluster, Source::Criterion];
+    const ALL: [Source; 4] = [
+        Source::Transport,
+        Source::Cluster,
+        Source::Fleet,
+        Source::Criterion,
+    ];
 
     fn name(self) -> &'static str {
         match self {
             Source::Transport => "transport",
             Source::Cluster => "cluster",
+            Source::Fleet => "fleet",
             Source::Criterion => "criterion",
         }
     }
@@ -92,6 +101,7 @@ impl Source {
         match self {
             Source::Transport => "transport-2proc",
             Source::Cluster => "cluster",
+            Source::Fleet => "fleet",
             Source::Criterion => "criterion",
         }
     }
@@ -100,7 +110,7 @@ impl Source {
     fn producer(self) -> Option<(&'static str, &'static str)> {
         match self {
             Source::Transport => Some(("tern-bench", "tern-benches")),
-            Source::Cluster => Some(("tern-bench", "tern-benches")),
+            Source::Cluster | Source::Fleet => Some(("tern-bench", "tern-benches")),
             Source::Criterion => None,
         }
     }
@@ -110,7 +120,7 @@ impl Source {
             .into_iter()
             .find(|s| s.name() == name)
             .with_context(|| {
-                format!("unknown source {name:?} for --only (expected criterion, transport or cluster, comma-separated)")
+                format!("unknown source {name:?} for --only (expected criterion, transport, cluster or fleet, comma-separated)")
             })
     }
 }

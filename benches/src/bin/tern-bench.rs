@@ -4,7 +4,7 @@
 //! tern-bench transport [--quick] --out target/bench-report/parts/transport-2proc.json
 //! tern-bench serve --transport iroh|grpc|raw-iroh|raw-grpc [--key-file F]
 //! tern-bench load --transport KIND --what unary|bulk|control-under-bulk [--secs N]
-//! tern-bench fleet --tern PATH [--agents 0,100,1000] [--steady-secs N] [--out FILE] [--transport grpc|iroh]
+//! tern-bench fleet --tern PATH [--quick] [--agents 10,100,1000] [--steady-secs N] [--transport grpc,iroh] [--out FILE]
 //! tern-bench cluster --tern PATH [--quick] [--steady-secs N] [--keep-logs DIR]
 //!     [--only grpc,iroh,dual,etcd] [--writers 1,16] [--run-secs N] [--throughput-only]
 //!     --out target/bench-report/parts/cluster.json
@@ -66,25 +66,9 @@ enum Cmd {
         out: PathBuf,
     },
     /// Servers and agents at fleet scale: N simulated agents (each its
-    /// own key and gRPC connection, the real agent protocol) against 3
-    /// real `tern` servers on loopback.
-    Fleet {
-        /// The `tern` binary the servers run.
-        #[arg(long)]
-        tern: PathBuf,
-        /// Agent counts, measured in ascending order on one cluster.
-        #[arg(long, value_delimiter = ',', default_value = "0,100,1000")]
-        agents: Vec<usize>,
-        /// Length of each count's steady window, in seconds.
-        #[arg(long, default_value_t = 20)]
-        steady_secs: u64,
-        /// Also write the rows as JSON here.
-        #[arg(long)]
-        out: Option<PathBuf>,
-        /// What the simulated agents speak: grpc or iroh.
-        #[arg(long, default_value = "grpc")]
-        transport: String,
-    },
+    /// own key and connections, the real agent protocol) against 3 real
+    /// `tern` servers on loopback, per transport.
+    Fleet(FleetArgs),
     /// One load alone against a server child, for a profiler (`perf
     /// record -g -- tern-bench load ...` sees both processes) or a quick
     /// before/after of one figure; prints what it measured.
@@ -140,42 +124,88 @@ enum Cmd {
     },
 }
 
-fn fleet_main(
+/// What `tern-bench fleet` was asked for.
+#[derive(Debug, clap::Args)]
+struct FleetArgs {
+    /// The `tern` binary the servers run.
+    #[arg(long)]
     tern: PathBuf,
+    /// Agent counts, measured in ascending order on one cluster
+    /// (default 10,100 with --quick, else 10,100,1000).
+    #[arg(long, value_delimiter = ',')]
     agents: Vec<usize>,
-    steady_secs: u64,
+    /// Length of each count's steady window, in seconds (default 3
+    /// with --quick, else 20).
+    #[arg(long)]
+    steady_secs: Option<u64>,
+    /// What the simulated agents speak, each on a cluster of its own.
+    #[arg(long, value_delimiter = ',', default_value = "grpc,iroh")]
+    transport: Vec<String>,
+    /// Fewer agents and a shorter window (what CI runs).
+    #[arg(long)]
+    quick: bool,
+    /// Also write the `fleet` part file (`cargo xtask bench`'s format).
+    #[arg(long)]
     out: Option<PathBuf>,
-    transport: String,
-) -> anyhow::Result<()> {
+}
+
+fn fleet_main(args: FleetArgs) -> anyhow::Result<()> {
+    let FleetArgs {
+        tern,
+        agents,
+        steady_secs,
+        transport: transports,
+        quick,
+        out,
+    } = args;
     anyhow::ensure!(tern.is_file(), "--tern {}: no such file", tern.display());
-    let mut counts = agents;
+    let mut counts = if agents.is_empty() {
+        if quick {
+            vec![10, 100]
+        } else {
+            vec![10, 100, 1000]
+        }
+    } else {
+        agents
+    };
     counts.sort_unstable();
     counts.dedup();
-    let dir = std::env::temp_dir().join(format!("tern-bench-fleet-{}", std::process::id()));
-    let opts = tern_benches::fleet::FleetOpts {
-        tern: std::fs::canonicalize(&tern).unwrap_or(tern),
-        counts,
-        steady: std::time::Duration::from_secs(steady_secs),
-        dir: dir.clone(),
-        transport,
-    };
+    let steady = std::time::Duration::from_secs(steady_secs.unwrap_or(if quick { 3 } else { 20 }));
+    let tern = std::fs::canonicalize(&tern).unwrap_or(tern);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    let result = rt.block_on(async {
-        tokio::select! {
-            r = tern_benches::fleet::run(&opts) => r,
-            _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted by Ctrl-C")),
-        }
-    });
+    let mut runs = Vec::new();
+    for transport in transports {
+        let dir = std::env::temp_dir().join(format!(
+            "tern-bench-fleet-{}-{transport}",
+            std::process::id()
+        ));
+        let opts = tern_benches::fleet::FleetOpts {
+            tern: tern.clone(),
+            counts: counts.clone(),
+            steady,
+            dir: dir.clone(),
+            transport: transport.clone(),
+        };
+        eprintln!("fleet: {transport}: agents {counts:?}");
+        let result = rt.block_on(async {
+            tokio::select! {
+                r = tern_benches::fleet::run(&opts) => r,
+                _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted by Ctrl-C")),
+            }
+        });
+        let _ = std::fs::remove_dir_all(&dir);
+        let rows = result.with_context(|| format!("the {transport} fleet"))?;
+        println!("{}", tern_benches::fleet::table(&rows));
+        runs.push((transport, rows));
+    }
     rt.shutdown_timeout(std::time::Duration::from_secs(2));
-    let _ = std::fs::remove_dir_all(&dir);
-    let rows = result?;
-    println!("{}", tern_benches::fleet::table(&rows));
     if let Some(out) = out {
-        let json = serde_json::to_string_pretty(&rows).context("encoding the rows")?;
-        std::fs::write(&out, json).with_context(|| format!("writing {}", out.display()))?;
+        tern_benches::fleet::part(quick, steady, &runs)
+            .write(&out)
+            .with_context(|| format!("writing {}", out.display()))?;
     }
     Ok(())
 }
@@ -237,13 +267,7 @@ fn main() -> ExitCode {
             };
             cluster_main(opts, keep_logs)
         }
-        Cmd::Fleet {
-            tern,
-            agents,
-            steady_secs,
-            out,
-            transport,
-        } => fleet_main(tern, agents, steady_secs, out, transport),
+        Cmd::Fleet(args) => fleet_main(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

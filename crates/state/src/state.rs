@@ -503,6 +503,9 @@ impl ClusterState {
     /// still the same on every node.
     pub fn apply_at(&mut self, index: u64, cmd: Command) -> Response {
         self.vm_history.advance(index);
+        // A retry answered from the table is marked too: marks may say
+        // "changed" when nothing did, never the reverse.
+        self.mark_for(&cmd);
         let Some(request_id) = cmd.request_id() else {
             return self.apply_new(index, cmd);
         };
@@ -535,7 +538,6 @@ impl ClusterState {
 
     /// Applies a command not seen before. One arm per command.
     fn apply_new(&mut self, index: u64, cmd: Command) -> Response {
-        self.mark_for(&cmd);
         match cmd {
             Command::AllocateNodeId { peer, .. } => self.allocate_node_id(peer),
             Command::PutVm { vm, .. } => self.put_vm(vm),

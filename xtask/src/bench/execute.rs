@@ -149,7 +149,9 @@ impl Run {
                 {
                     packages.push(package);
                 }
-                if *source == Source::Cluster {
+                if matches!(source, Source::Cluster | Source::Fleet)
+                    && !packages.contains(&"tern-node")
+                {
                     packages.push("tern-node");
                 }
             }
@@ -261,6 +263,10 @@ impl Run {
             Source::Cluster => {
                 let tern = find("tern")?;
                 cmd.arg("cluster").arg("--tern").arg(&tern.executable);
+            }
+            Source::Fleet => {
+                let tern = find("tern")?;
+                cmd.arg("fleet").arg("--tern").arg(&tern.executable);
             }
             Source::Criterion => {}
         }
