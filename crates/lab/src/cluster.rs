@@ -605,7 +605,7 @@ impl Cluster {
         pred: impl Fn(&Value) -> bool,
     ) -> anyhow::Result<Value> {
         let deadline = Instant::now() + CONVERGE_BOUND;
-        let mut last = String::new();
+        let mut last;
         loop {
             match self.cli_of(who, &["transport", "show"]).await {
                 Ok(p) if pred(&p) => return Ok(p),

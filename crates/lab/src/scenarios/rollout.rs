@@ -821,49 +821,12 @@ async fn walk_fault(w: &Walk<'_>, report: &mut Report, table: &mut String) -> an
         "fault run: the plan again; UDP blocked on a canary of stage {FAULT_STAGE}"
     ));
     let from = Instant::now();
-    w.c.cli(1, &["rollout", "start", w.plan]).await?;
     let bound = walk_bound(w.soak);
-    let s = follow(
-        w.c,
-        in_step(w.c, w.load),
-        1,
-        bound,
-        "reach the fault stage",
-        |s| s["stage"].as_u64() == Some(FAULT_STAGE) || s["status"] != "running",
-    )
-    .await?;
-    if s["stage"].as_u64() != Some(FAULT_STAGE) {
-        anyhow::bail!("the rollout stopped before stage {FAULT_STAGE}: {s}");
-    }
+    let seen = in_step(w.c, w.load);
+    let s = to_fault_stage(w.c, w.plan, &seen, bound).await?;
     let leader = w.c.status(1).await?["leader_id"].as_u64();
     let (canary, index) = pick_canary(&s, leader, &raft_ids(w.c))?;
-    let slot = w.c.node(index)?;
-    let (input, output) = slot.iface.udp_block_rules();
-    slot.ns.set_rules(&input, &output)?;
-    report.info(format!("UDP dropped on n{index} (node id {canary})"));
-    let blocked = Instant::now();
-    let result = follow(
-        w.c,
-        in_step(w.c, w.load),
-        1,
-        bound,
-        "roll the stage back",
-        |s| s["status"] != "running" && s["status"] != "holding",
-    )
-    .await;
-    let dropped = slot.ns.nft_dropped();
-    slot.ns.clear_rules()?;
-    let s = result?;
-    report.figure(
-        "fault: time from the block to the roll back",
-        crate::report::ms(blocked.elapsed()),
-    );
-    report.figure("fault: UDP packets dropped at the canary", dropped);
-    report.check(
-        "fault: the cluster rolled the stage back by itself",
-        s["status"] == "rolled back" && s["stage"].as_u64() == Some(FAULT_STAGE - 1),
-        format!("status {}, stage {}", s["status"], s["stage"]),
-    );
+    let s = block_udp_until_rolled_back(w.c, Who::Node(index), &seen, bound, report).await?;
     fault_history(w.c, report, canary).await?;
     let calls = w.load.between(from, Instant::now());
     let failed: Vec<&String> = calls.iter().filter_map(|c| c.error.as_ref()).collect();
@@ -887,6 +850,61 @@ async fn walk_fault(w: &Walk<'_>, report: &mut Report, table: &mut String) -> an
         failed.len()
     );
     Ok(())
+}
+
+/// Starts `plan` and follows it until [`FAULT_STAGE`] is in force;
+/// answers that status. `seen` as in [`follow`].
+pub(crate) async fn to_fault_stage(
+    c: &Cluster,
+    plan: &str,
+    seen: impl Fn(&Value),
+    bound: Duration,
+) -> anyhow::Result<Value> {
+    c.cli(1, &["rollout", "start", plan]).await?;
+    let s = follow(c, seen, 1, bound, "reach the fault stage", |s| {
+        s["stage"].as_u64() == Some(FAULT_STAGE) || s["status"] != "running"
+    })
+    .await?;
+    if s["stage"].as_u64() != Some(FAULT_STAGE) {
+        anyhow::bail!("the rollout stopped before stage {FAULT_STAGE}: {s}");
+    }
+    Ok(s)
+}
+
+/// Drops UDP at `who` (nftables in its namespace) until the rollout
+/// leaves running and holding, then lifts the block; reports the time it
+/// took and the packets dropped, checks the stage was rolled back to the
+/// one before [`FAULT_STAGE`]; answers the status.
+pub(crate) async fn block_udp_until_rolled_back(
+    c: &Cluster,
+    who: Who,
+    seen: impl Fn(&Value),
+    bound: Duration,
+    report: &mut Report,
+) -> anyhow::Result<Value> {
+    let slot = c.slot(who)?;
+    let (input, output) = slot.iface.udp_block_rules();
+    slot.ns.set_rules(&input, &output)?;
+    report.info(format!("UDP dropped on {who}"));
+    let blocked = Instant::now();
+    let result = follow(c, seen, 1, bound, "roll the stage back", |s| {
+        s["status"] != "running" && s["status"] != "holding"
+    })
+    .await;
+    let dropped = slot.ns.nft_dropped();
+    slot.ns.clear_rules()?;
+    let s = result?;
+    report.figure(
+        "fault: time from the block to the roll back",
+        crate::report::ms(blocked.elapsed()),
+    );
+    report.figure(format!("fault: UDP packets dropped at {who}"), dropped);
+    report.check(
+        "fault: the cluster rolled the stage back by itself",
+        s["status"] == "rolled back" && s["stage"].as_u64() == Some(FAULT_STAGE - 1),
+        format!("status {}, stage {}", s["status"], s["stage"]),
+    );
+    Ok(s)
 }
 
 /// A node the stage in force covers (`status`) that is not the leader:

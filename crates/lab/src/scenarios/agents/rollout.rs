@@ -33,8 +33,8 @@ use crate::cluster::{Cluster, Who};
 use crate::report::Report;
 use crate::scenarios::Ctx;
 use crate::scenarios::rollout::{
-    FAULT_STAGE, Policy, fault_history, follow, history, pick_canary, roll_all_back, walk_bound,
-    write_plan,
+    FAULT_STAGE, Policy, block_udp_until_rolled_back, fault_history, follow, history, pick_canary,
+    roll_all_back, to_fault_stage, walk_bound, write_plan,
 };
 
 /// Every stage's soak in a quick run (CI).
@@ -220,45 +220,13 @@ async fn fault(d: &Drill<'_>, report: &mut Report) -> anyhow::Result<()> {
     report.step(format!(
         "fault run: the plan again; UDP blocked on an agent covered by stage {FAULT_STAGE}"
     ));
-    d.c.cli(1, &["rollout", "start", &d.plan]).await?;
-    let s = follow(
-        d.c,
-        |_| {},
-        1,
-        d.bound,
-        "reach the fault stage",
-        |s| s["stage"].as_u64() == Some(FAULT_STAGE) || s["status"] != "running",
-    )
-    .await?;
-    if s["stage"].as_u64() != Some(FAULT_STAGE) {
-        bail!("the rollout stopped before stage {FAULT_STAGE}: {s}");
-    }
+    let s = to_fault_stage(d.c, &d.plan, |_| {}, d.bound).await?;
     let (canary, k) =
         pick_canary(&s, None, &d.id_list()).context("no agent covered by the fault stage")?;
     // Blocked once it runs the stage's policy, so its calls use iroh.
     agent_on(d.c, k, FAULT_STAGE).await?;
-    let slot = d.c.agent(k)?;
-    let (input, output) = slot.iface.udp_block_rules();
-    slot.ns.set_rules(&input, &output)?;
-    report.info(format!("UDP dropped on agent a{k} (node id {canary})"));
-    let result = follow(
-        d.c,
-        |_| {},
-        1,
-        d.bound,
-        "roll the stage back",
-        |s| s["status"] != "running" && s["status"] != "holding",
-    )
-    .await;
-    let dropped = slot.ns.nft_dropped();
-    slot.ns.clear_rules()?;
-    let s = result?;
-    report.figure("fault: UDP packets dropped at the agent", dropped);
-    report.check(
-        "fault: the cluster rolled the stage back by itself",
-        s["status"] == "rolled back" && s["stage"].as_u64() == Some(FAULT_STAGE - 1),
-        format!("status {}, stage {}", s["status"], s["stage"]),
-    );
+    report.info(format!("agent a{k} is node id {canary}"));
+    block_udp_until_rolled_back(d.c, Who::Agent(k), |_| {}, d.bound, report).await?;
     fault_history(d.c, report, canary).await?;
     let left =
         d.c.wait_policy_of(Who::Agent(k), |p| !runs_stage(p, FAULT_STAGE))
