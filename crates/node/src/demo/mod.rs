@@ -898,7 +898,10 @@ tern_router_fallbacks_total{service="vm",method="Get",reason="timed_out"} 1
             .unwrap();
         let checked = Config::parse(&text).unwrap();
         assert_eq!(checked.seeds.len(), 1);
-        assert_eq!(checked.config.cluster.join[0].iroh, seed.iroh.clone().unwrap());
+        assert_eq!(
+            checked.config.cluster.join[0].iroh,
+            seed.iroh.clone().unwrap()
+        );
         assert_eq!(checked.config.vm.runtimes, Some(vec![RuntimeName::Process]));
         // No pin: the node follows the cluster's desired policy (the
         // rollout's), and listens on iroh so a stage can use it.
