@@ -191,6 +191,24 @@ impl NodeSlot {
     }
 }
 
+/// A server (`n1`, 1-based) or an agent (`a1`) of a [`Cluster`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Who {
+    /// Server `i`.
+    Node(usize),
+    /// Agent `k`.
+    Agent(usize),
+}
+
+impl std::fmt::Display for Who {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Who::Node(i) => write!(f, "node n{i}"),
+            Who::Agent(k) => write!(f, "agent a{k}"),
+        }
+    }
+}
+
 /// A running cluster.
 #[derive(Debug)]
 pub struct Cluster {
@@ -439,11 +457,24 @@ impl Cluster {
         Ok(())
     }
 
+    /// A server or an agent.
+    pub fn slot(&self, who: Who) -> anyhow::Result<&NodeSlot> {
+        match who {
+            Who::Node(i) => self.node(i),
+            Who::Agent(k) => self.agent(k),
+        }
+    }
+
     /// Runs `tern ARGS... --json --data-dir DIR --key LAB_KEY` in node
     /// `i`'s namespace (with a key of the lab's pool, an admin) and parses
     /// its JSON output.
     pub async fn cli(&self, i: usize, args: &[&str]) -> anyhow::Result<Value> {
-        let slot = self.node(i)?;
+        self.cli_of(Who::Node(i), args).await
+    }
+
+    /// [`Cluster::cli`] on a server or an agent.
+    pub async fn cli_of(&self, who: Who, args: &[&str]) -> anyhow::Result<Value> {
+        let slot = self.slot(who)?;
         let dir = slot.dir.display().to_string();
         let tern = self.tern.display().to_string();
         // The global flags go after the subcommand and before any `--`
@@ -478,7 +509,7 @@ impl Cluster {
         .await??;
         serde_json::from_slice(&out.stdout).with_context(|| {
             format!(
-                "`tern {}` on n{i} printed no JSON: {}",
+                "`tern {}` on {who} printed no JSON: {}",
                 args.join(" "),
                 String::from_utf8_lossy(&out.stdout)
             )
@@ -564,15 +595,25 @@ impl Cluster {
         i: usize,
         pred: impl Fn(&Value) -> bool,
     ) -> anyhow::Result<Value> {
+        self.wait_policy_of(Who::Node(i), pred).await
+    }
+
+    /// [`Cluster::wait_policy`] on a server or an agent.
+    pub async fn wait_policy_of(
+        &self,
+        who: Who,
+        pred: impl Fn(&Value) -> bool,
+    ) -> anyhow::Result<Value> {
         let deadline = Instant::now() + CONVERGE_BOUND;
+        let mut last;
         loop {
-            if let Ok(p) = self.cli(i, &["transport", "show"]).await
-                && pred(&p)
-            {
-                return Ok(p);
+            match self.cli_of(who, &["transport", "show"]).await {
+                Ok(p) if pred(&p) => return Ok(p),
+                Ok(p) => last = format!("last shown: {p}"),
+                Err(e) => last = format!("last error: {e:#}"),
             }
             if Instant::now() > deadline {
-                bail!("node n{i} did not apply the new policy within {CONVERGE_BOUND:?}");
+                bail!("{who} did not apply the new policy within {CONVERGE_BOUND:?}; {last}");
             }
             tokio::time::sleep(POLL).await;
         }

@@ -3,9 +3,9 @@
 //! work) and `tern wire`, which shows the wire protocol frame by frame.
 //!
 //! - `tern run [--config FILE]`: run a node (see `tern_node::run`).
-//! - `tern demo [--duration SECS] [--soak SECS] [--plan PLAN.toml]`: a
-//!   local 3-node cluster running the rollout live (see
-//!   `tern_node::demo`).
+//! - `tern demo [--duration SECS] [--soak SECS] [--plan PLAN.toml]
+//!   [--agents N]`: a local cluster of 3 servers and N agents running the
+//!   rollout live (see `tern_node::demo`).
 //! - `tern status`, `tern vm ...`, `tern cluster ...`, `tern transport ...`:
 //!   talk to a running node over gRPC or iroh (see `tern_node::client`).
 //! - `tern access grant|revoke|list|log`: the access table; `tern key new
@@ -85,7 +85,7 @@ enum Command {
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
-    /// Start a local 3-node cluster, run a VM and show live status until Ctrl-C.
+    /// Start a local cluster (3 servers, agents), run a VM, walk the rollout live until Ctrl-C.
     Demo {
         /// After the rollout and its rollback, keep showing the cluster
         /// this many seconds, then stop (for scripts and CI; without it,
@@ -99,6 +99,10 @@ enum Command {
         /// are set to --soak too).
         #[arg(long, value_name = "PLAN.toml")]
         plan: Option<std::path::PathBuf>,
+        /// Agents to start besides the 3 servers (0 to 16); with agents,
+        /// the VM runs on one.
+        #[arg(long, default_value_t = tern_node::demo::DEFAULT_AGENTS)]
+        agents: usize,
     },
     /// A node's status: role, term, leader, members, transport policy.
     Status {
@@ -477,6 +481,7 @@ fn main() -> ExitCode {
             duration,
             soak,
             plan,
+            agents,
         } => {
             if std::env::var_os("RUST_LOG").is_some() {
                 tern_node::run::init_logs();
@@ -489,6 +494,7 @@ fn main() -> ExitCode {
                 duration: duration.map(Duration::from_secs),
                 soak_secs: soak,
                 plan,
+                agents,
             };
             match rt.block_on(tern_node::demo::demo(opts)) {
                 Ok(()) => ExitCode::SUCCESS,

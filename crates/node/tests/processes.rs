@@ -420,7 +420,9 @@ fn config_errors_exit_non_zero_naming_the_key() {
 /// Issue 19 part 4: `tern demo` runs the shipped plan live (soaks cut to
 /// 3 s) under its own steady calls over both transports, every stage
 /// advancing to the end, then rolls every node back, and counts no
-/// failed call. The plan file is the shipped one with its gates widened
+/// failed call. Issue 21 part 5: it starts 3 servers and (by default) 3
+/// agents, the VM runs on an agent, and the rollout moves the agents too:
+/// a frame shows every agent on the last stage's policy. The plan file is the shipped one with its gates widened
 /// ([`demo_plan`]): on this shared 2-core machine the figures behind
 /// them (latency, a fallback, an error) are load, and figures are never
 /// timed assertions in tests; the demo's default run uses the shipped
@@ -435,7 +437,10 @@ fn the_demo_walks_the_plan_rolls_back_and_fails_no_call() {
     );
     assert!(status.success(), "demo failed:\n{stdout}\n{stderr}");
     for line in [
+        "tern demo: 3 servers and 3 agents in ",
+        "  agent 3 up: pid ",
         "cluster formed: 3 members",
+        "agents: 3 registered, all ready",
         " status --data-dir ",
         " vm create hello --runtime process --memory-mib 64 --data-dir ",
         " rollout status --data-dir ",
@@ -465,12 +470,35 @@ fn the_demo_walks_the_plan_rolls_back_and_fails_no_call() {
         tables > 0,
         "no node shown running stage 3's policy:\n{stdout}"
     );
+    // Some frame shows all six nodes, the three agents among them, on
+    // stage 3's policy, `iroh` (an agent names its source `node`: the
+    // servers resolve its policy and it holds it as its own).
+    let all_moved = stdout.split("\n----\n").any(|frame| {
+        let on_iroh = |l: &&str| l.contains(" iroh (");
+        let rows: Vec<&str> = frame.lines().filter(on_iroh).collect();
+        rows.len() == 6 && rows.iter().filter(|l| l.contains(" agent ")).count() == 3
+    });
+    assert!(
+        all_moved,
+        "no frame shows the 3 servers and 3 agents on stage 3:\n{stdout}"
+    );
+    // The VM runs on an agent: the servers have no room for it.
+    let vm_node = stdout
+        .split("created VM ")
+        .nth(1)
+        .and_then(|s| s.split(" on node ").nth(1))
+        .and_then(|s| s.split(':').next())
+        .unwrap();
+    let agent_row = stdout
+        .lines()
+        .any(|l| l.starts_with(&format!("{vm_node} ")) && l.contains(" agent "));
+    assert!(agent_row, "the VM's node {vm_node} is no agent:\n{stdout}");
     // After the rollback every node runs gRPC from the default again.
     let after = stdout
         .split("rollback --all: every node is back")
         .nth(1)
         .unwrap();
-    assert_eq!(after.matches("mode=grpc").count(), 3, "{after}");
+    assert_eq!(after.matches("mode=grpc").count(), 6, "{after}");
 }
 
 /// A bad `--soak` or `--plan` is refused before any node starts, naming
@@ -494,6 +522,10 @@ fn the_demo_refuses_a_bad_soak_or_plan_before_starting() {
         (
             vec!["demo", "--soak", "601"],
             "--soak 601: 1 to 600 seconds".to_owned(),
+        ),
+        (
+            vec!["demo", "--agents", "17"],
+            "--agents 17: 0 to 16".to_owned(),
         ),
         (
             vec!["demo", "--plan", &bad],

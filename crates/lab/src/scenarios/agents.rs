@@ -17,6 +17,11 @@
 //!    (stop their VMs), the leader marks them down and their VMs start
 //!    elsewhere; the cut is healed and the agents come back ready without
 //!    starting a moved VM.
+//! 4. **The rollout drill across agents** (`agents/rollout.rs`): `tern rollout`
+//!    walks the default plan (soaks compressed) over servers and agents,
+//!    the leader's gates reading the agents' metrics, until every agent
+//!    runs iroh; `rollback --all`; then UDP dropped on an agent covered by
+//!    stage 2 makes the cluster roll the stage back by itself.
 //!
 //! After every step each VM must be observed running with **exactly one
 //! live workload** across all agents (read from the workloads' pidfiles),
@@ -32,6 +37,8 @@ use tern_runtime::pidfile::{self, ProcessIdentity};
 use crate::cluster::{Cluster, ClusterSpec};
 use crate::netns::{Dir, peer_block_rule};
 use crate::scenarios::Ctx;
+
+mod rollout;
 
 /// Heartbeat interval the servers give agents in the lab.
 pub const HEARTBEAT_MS: u64 = 300;
@@ -206,6 +213,9 @@ pub async fn run(ctx: &mut Ctx) -> anyhow::Result<()> {
     ));
     let mut spec = ClusterSpec::new(3, &tern_testkit::config::grpc());
     spec.tune = Some(tune);
+    // No `[transport]` pin: every node runs the cluster's policy for it,
+    // gRPC by default, the rollout's while a stage covers it.
+    spec.pin_transport = false;
     let mut c = Cluster::start(&ctx.lab, &ctx.opts.tern, spec, &mut |line| {
         eprintln!("  {line}");
     })
@@ -261,7 +271,8 @@ async fn steps(
         .check("every VM runs once on an agent", true, placed.len());
     let after = agents_killed(ctx, c, ids, ids_of, n_agents, &placed).await?;
     let still = server_killed(ctx, c, ids, n_agents, &after).await?;
-    agents_cut_off(ctx, c, ids, ids_of, n_agents, &still).await
+    let healed = agents_cut_off(ctx, c, ids, ids_of, n_agents, &still).await?;
+    rollout::across_agents(ctx, c, ids, ids_of, &healed).await
 }
 
 /// Step 1: agents hosting VMs are killed and restarted.
@@ -355,7 +366,7 @@ async fn agents_cut_off(
     ids_of: &BTreeMap<usize, u64>,
     n_agents: usize,
     still: &BTreeMap<String, u64>,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<BTreeMap<String, u64>> {
     let cut = hosts(still, ids_of, 3);
     ctx.report.step(format!(
         "cut agents {cut:?} off from every server (nftables)"
@@ -398,5 +409,5 @@ async fn agents_cut_off(
         healed == moved,
         format!("{} VMs", healed.len()),
     );
-    Ok(())
+    Ok(healed)
 }

@@ -95,9 +95,10 @@ pub const ALL: &[Scenario] = &[
     scenario!(
         "agents",
         agents,
-        // About 25 s (8 agents) on the shared 2-core machine.
+        // About 66 s (8 agents) on the shared 2-core machine, 43 s of
+        // them the rollout drill.
         true,
-        "3 servers and 20 agents (8 with --quick) run process VMs: agents SIGKILLed and restarted, the leader SIGKILLed, agents cut off from the servers by nftables; every VM runs exactly once after each"
+        "3 servers and 20 agents (8 with --quick) run process VMs: agents SIGKILLed and restarted, the leader SIGKILLed, agents cut off from the servers by nftables, then tern rollout across servers and agents to iroh and back, and UDP blocked on an agent rolls a stage back; every VM runs exactly once after each"
     ),
     scenario!(
         "crash",

@@ -78,7 +78,7 @@ use tern_transport_iroh::{IrohConfig, IrohTransport};
 use tern_testkit::config;
 use tern_transport_dual::RaftTransport;
 
-use crate::cluster::{self, Cluster, ClusterSpec, Metrics};
+use crate::cluster::{self, Cluster, ClusterSpec, Metrics, Who};
 use crate::criteria::{self, Figures};
 use crate::report::{Latencies, Report};
 use crate::scenarios::Ctx;
@@ -570,12 +570,12 @@ async fn baseline(
 }
 
 /// The rollout's status from node `i` (`tern rollout status --json`).
-async fn status(c: &Cluster, i: usize) -> anyhow::Result<Value> {
+pub(crate) async fn status(c: &Cluster, i: usize) -> anyhow::Result<Value> {
     c.cli(i, &["rollout", "status"]).await
 }
 
 /// The rollout's history (`tern rollout history --json`).
-async fn history(c: &Cluster, i: usize) -> anyhow::Result<Vec<Value>> {
+pub(crate) async fn history(c: &Cluster, i: usize) -> anyhow::Result<Vec<Value>> {
     let h = c.cli(i, &["rollout", "history"]).await?;
     Ok(h["history"].as_array().cloned().unwrap_or_default())
 }
@@ -584,11 +584,17 @@ fn raft_ids(c: &Cluster) -> Vec<Option<u64>> {
     c.nodes.iter().map(|n| n.raft_id).collect()
 }
 
-/// Polls the rollout (from node `at`) once a second, keeping the load's
-/// policies in step, until `until` holds for its status; bounded.
-async fn follow(
+/// Keeps the load's policies in step with each status [`follow`] reads.
+fn in_step<'a>(c: &'a Cluster, load: &'a Load) -> impl Fn(&Value) + 'a {
+    move |s| load.set_policies(policies_from_status(s, &raft_ids(c)))
+}
+
+/// Polls the rollout (from node `at`) once a second, handing each status
+/// read to `seen` (the rollout scenario keeps its load's policies in step
+/// with [`in_step`]), until `until` holds for it; bounded.
+pub(crate) async fn follow(
     c: &Cluster,
-    load: &Load,
+    seen: impl Fn(&Value),
     at: usize,
     bound: Duration,
     what: &str,
@@ -598,7 +604,7 @@ async fn follow(
     let mut last = Value::Null;
     loop {
         if let Ok(s) = status(c, at).await {
-            load.set_policies(policies_from_status(&s, &raft_ids(c)));
+            seen(&s);
             if until(&s) {
                 return Ok(s);
             }
@@ -707,7 +713,7 @@ struct Walk<'a> {
 
 /// The bound on a whole walk of the plan (4 stages of a soak, a window
 /// and the scrapes each, on a loaded machine).
-fn walk_bound(soak: Duration) -> Duration {
+pub(crate) fn walk_bound(soak: Duration) -> Duration {
     soak * 4 + Duration::from_secs(240)
 }
 
@@ -726,9 +732,14 @@ async fn walk_clean(w: &Walk<'_>, report: &mut Report, table: &mut String) -> an
         .max(Duration::from_secs(4));
     let bound = walk_bound(w.soak);
     for stage in 0..4u64 {
-        let s = follow(w.c, w.load, 1, bound, "reach the next stage", |s| {
-            s["stage"].as_u64() == Some(stage) || s["status"] != "running"
-        })
+        let s = follow(
+            w.c,
+            in_step(w.c, w.load),
+            1,
+            bound,
+            "reach the next stage",
+            |s| s["stage"].as_u64() == Some(stage) || s["status"] != "running",
+        )
         .await?;
         if s["status"] != "running" {
             anyhow::bail!("the rollout left running at stage {stage}: {s}");
@@ -751,7 +762,7 @@ async fn walk_clean(w: &Walk<'_>, report: &mut Report, table: &mut String) -> an
             );
         }
     }
-    let s = follow(w.c, w.load, 2, bound, "finish", |s| {
+    let s = follow(w.c, in_step(w.c, w.load), 2, bound, "finish", |s| {
         s["status"] != "running"
     })
     .await?;
@@ -775,21 +786,28 @@ async fn walk_clean(w: &Walk<'_>, report: &mut Report, table: &mut String) -> an
     Ok(())
 }
 
-/// `tern rollout rollback --all` and wait until no stage is in force.
-async fn roll_all_back(c: &Cluster, load: &Load, report: &mut Report) -> anyhow::Result<()> {
+/// `tern rollout rollback --all` and wait until no stage is in force
+/// and every server and agent runs gRPC again; `seen` as in [`follow`].
+pub(crate) async fn roll_all_back(
+    c: &Cluster,
+    seen: impl Fn(&Value),
+    report: &mut Report,
+) -> anyhow::Result<()> {
     report.step("tern rollout rollback --all");
     c.cli(1, &["rollout", "rollback", "--all"]).await?;
     follow(
         c,
-        load,
+        seen,
         1,
         cluster::CONVERGE_BOUND,
         "return every node",
         |s| s["stage"].is_null(),
     )
     .await?;
-    for i in c.indices() {
-        c.wait_policy(i, |v: &Value| v["mode"] == "grpc").await?;
+    let agents = (1..=c.agents.len()).map(Who::Agent);
+    for who in c.indices().into_iter().map(Who::Node).chain(agents) {
+        c.wait_policy_of(who, |v: &Value| v["mode"] == "grpc")
+            .await?;
     }
     report.info("every node runs gRPC again");
     Ok(())
@@ -803,40 +821,13 @@ async fn walk_fault(w: &Walk<'_>, report: &mut Report, table: &mut String) -> an
         "fault run: the plan again; UDP blocked on a canary of stage {FAULT_STAGE}"
     ));
     let from = Instant::now();
-    w.c.cli(1, &["rollout", "start", w.plan]).await?;
     let bound = walk_bound(w.soak);
-    let s = follow(w.c, w.load, 1, bound, "reach the fault stage", |s| {
-        s["stage"].as_u64() == Some(FAULT_STAGE) || s["status"] != "running"
-    })
-    .await?;
-    if s["stage"].as_u64() != Some(FAULT_STAGE) {
-        anyhow::bail!("the rollout stopped before stage {FAULT_STAGE}: {s}");
-    }
+    let seen = in_step(w.c, w.load);
+    let s = to_fault_stage(w.c, w.plan, &seen, bound).await?;
     let leader = w.c.status(1).await?["leader_id"].as_u64();
     let (canary, index) = pick_canary(&s, leader, &raft_ids(w.c))?;
-    let slot = w.c.node(index)?;
-    let (input, output) = slot.iface.udp_block_rules();
-    slot.ns.set_rules(&input, &output)?;
-    report.info(format!("UDP dropped on n{index} (node id {canary})"));
-    let blocked = Instant::now();
-    let result = follow(w.c, w.load, 1, bound, "roll the stage back", |s| {
-        s["status"] != "running" && s["status"] != "holding"
-    })
-    .await;
-    let dropped = slot.ns.nft_dropped();
-    slot.ns.clear_rules()?;
-    let s = result?;
-    report.figure(
-        "fault: time from the block to the roll back",
-        crate::report::ms(blocked.elapsed()),
-    );
-    report.figure("fault: UDP packets dropped at the canary", dropped);
-    report.check(
-        "fault: the cluster rolled the stage back by itself",
-        s["status"] == "rolled back" && s["stage"].as_u64() == Some(FAULT_STAGE - 1),
-        format!("status {}, stage {}", s["status"], s["stage"]),
-    );
-    fault_history(w, report, canary).await?;
+    let s = block_udp_until_rolled_back(w.c, Who::Node(index), &seen, bound, report).await?;
+    fault_history(w.c, report, canary).await?;
     let calls = w.load.between(from, Instant::now());
     let failed: Vec<&String> = calls.iter().filter_map(|c| c.error.as_ref()).collect();
     let fell_back = calls.iter().filter(|c| c.fell_back).count();
@@ -861,9 +852,64 @@ async fn walk_fault(w: &Walk<'_>, report: &mut Report, table: &mut String) -> an
     Ok(())
 }
 
+/// Starts `plan` and follows it until [`FAULT_STAGE`] is in force;
+/// answers that status. `seen` as in [`follow`].
+pub(crate) async fn to_fault_stage(
+    c: &Cluster,
+    plan: &str,
+    seen: impl Fn(&Value),
+    bound: Duration,
+) -> anyhow::Result<Value> {
+    c.cli(1, &["rollout", "start", plan]).await?;
+    let s = follow(c, seen, 1, bound, "reach the fault stage", |s| {
+        s["stage"].as_u64() == Some(FAULT_STAGE) || s["status"] != "running"
+    })
+    .await?;
+    if s["stage"].as_u64() != Some(FAULT_STAGE) {
+        anyhow::bail!("the rollout stopped before stage {FAULT_STAGE}: {s}");
+    }
+    Ok(s)
+}
+
+/// Drops UDP at `who` (nftables in its namespace) until the rollout
+/// leaves running and holding, then lifts the block; reports the time it
+/// took and the packets dropped, checks the stage was rolled back to the
+/// one before [`FAULT_STAGE`]; answers the status.
+pub(crate) async fn block_udp_until_rolled_back(
+    c: &Cluster,
+    who: Who,
+    seen: impl Fn(&Value),
+    bound: Duration,
+    report: &mut Report,
+) -> anyhow::Result<Value> {
+    let slot = c.slot(who)?;
+    let (input, output) = slot.iface.udp_block_rules();
+    slot.ns.set_rules(&input, &output)?;
+    report.info(format!("UDP dropped on {who}"));
+    let blocked = Instant::now();
+    let result = follow(c, seen, 1, bound, "roll the stage back", |s| {
+        s["status"] != "running" && s["status"] != "holding"
+    })
+    .await;
+    let dropped = slot.ns.nft_dropped();
+    slot.ns.clear_rules()?;
+    let s = result?;
+    report.figure(
+        "fault: time from the block to the roll back",
+        crate::report::ms(blocked.elapsed()),
+    );
+    report.figure(format!("fault: UDP packets dropped at {who}"), dropped);
+    report.check(
+        "fault: the cluster rolled the stage back by itself",
+        s["status"] == "rolled back" && s["stage"].as_u64() == Some(FAULT_STAGE - 1),
+        format!("status {}, stage {}", s["status"], s["stage"]),
+    );
+    Ok(s)
+}
+
 /// A node the stage in force covers (`status`) that is not the leader:
 /// its node id and index (1-based; `raft_ids[k]` is node `k + 1`'s id).
-fn pick_canary(
+pub(crate) fn pick_canary(
     status: &Value,
     leader: Option<u64>,
     raft_ids: &[Option<u64>],
@@ -881,8 +927,12 @@ fn pick_canary(
 
 /// Checks the fault run's history: the last decision is the roll back,
 /// naming the `fallbacks` gate and the canary.
-async fn fault_history(w: &Walk<'_>, report: &mut Report, canary: u64) -> anyhow::Result<()> {
-    let h = history(w.c, 2).await?;
+pub(crate) async fn fault_history(
+    c: &Cluster,
+    report: &mut Report,
+    canary: u64,
+) -> anyhow::Result<()> {
+    let h = history(c, 2).await?;
     let back = h
         .iter()
         .rev()
@@ -942,7 +992,7 @@ async fn check_writes(c: &mut Cluster, load: &Load, report: &mut Report) -> anyh
 
 /// The default plan with every soak set to `soak`, written as TOML in the
 /// lab's directory; answers its path.
-fn write_plan(dir: &std::path::Path, soak: Duration) -> anyhow::Result<PathBuf> {
+pub(crate) fn write_plan(dir: &std::path::Path, soak: Duration) -> anyhow::Result<PathBuf> {
     let default =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/rollout/default.toml");
     let mut plan = tern_node::rollout_cli::load_plan(&default)
@@ -1037,9 +1087,9 @@ pub async fn run(ctx: &mut Ctx) -> anyhow::Result<()> {
             noise,
         };
         walk_clean(&w, &mut ctx.report, &mut table).await?;
-        roll_all_back(&c, &load, &mut ctx.report).await?;
+        roll_all_back(&c, in_step(&c, &load), &mut ctx.report).await?;
         walk_fault(&w, &mut ctx.report, &mut table).await?;
-        roll_all_back(&c, &load, &mut ctx.report).await
+        roll_all_back(&c, in_step(&c, &load), &mut ctx.report).await
     }
     .await;
     ctx.report

@@ -25,6 +25,7 @@
 //! node and by reason, and the unanswered liveness probes (see
 //! `tern_transport_iroh::supervisor`).
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -70,6 +71,24 @@ impl Drop for VmNamespaces {
         for n in list_namespaces().unwrap_or_default() {
             if n.starts_with(&want) {
                 destroy_namespace(&n);
+            }
+        }
+    }
+}
+
+/// Kills, when dropped, every workload the nodes' runtimes left in their
+/// data directories: workloads outlive their nodes by design, so the
+/// traffic VM (`ttc-traffic`, `sleep 3600`) and any churned VM a failed
+/// round left would run on after the scenario.
+struct Workloads(Vec<PathBuf>);
+
+impl Drop for Workloads {
+    fn drop(&mut self) {
+        for dir in &self.0 {
+            for rt in tern_node::node::runtime_dirs(dir) {
+                for (_, w) in tern_runtime::pidfile::live_workloads(&rt) {
+                    let _ = w.signal_group(rustix::process::Signal::KILL);
+                }
             }
         }
     }
@@ -356,6 +375,7 @@ pub async fn run(ctx: &mut Ctx) -> anyhow::Result<()> {
     let prefix = device_prefix(ctx.lab.prefix());
     let _sweep = VmNamespaces(prefix.clone());
     let mut c = start(ctx, &prefix).await?;
+    let _workloads = Workloads(c.nodes.iter().map(|n| n.dir.clone()).collect());
     let leader = c.leader().await?;
     ctx.report.info(format!("leader n{leader}"));
     ctx.report

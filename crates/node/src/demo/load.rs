@@ -1,6 +1,6 @@
-//! The demo's steady calls: `Status/Get` and `Vm/Get` to every node over
-//! both transports, one round after another, each call counted as ok or
-//! failed per transport.
+//! The demo's steady calls: `Status/Get` to every node and `Vm/Get` to
+//! every server (agents serve no VM calls) over both transports, one
+//! round after another, each call counted as ok or failed per transport.
 //!
 //! The calls use the demo's operator key (see `load_conns` in the demo's
 //! module for why not a node's). Both transports thus carry calls whatever
@@ -82,14 +82,15 @@ pub struct Load {
 
 impl Load {
     /// Starts the calls: `conns[t][i]` reaches node `i + 1` over
-    /// transport `t`; `vm_id` is read with `Vm/Get`.
-    pub fn start(conns: [Vec<Conn>; 2], vm_id: String) -> Load {
+    /// transport `t`, the first `servers` of them servers; `vm_id` is read
+    /// with `Vm/Get` from the servers.
+    pub fn start(conns: [Vec<Conn>; 2], servers: usize, vm_id: String) -> Load {
         let counts = Arc::new(Counts::default());
         let (stop, mut stopped) = watch::channel(false);
         let c = counts.clone();
         let task = tokio::spawn(async move {
             while !*stopped.borrow() {
-                round(&conns, &vm_id, &c).await;
+                round(&conns, servers, &vm_id, &c).await;
                 tokio::select! {
                     _ = stopped.changed() => {}
                     _ = tokio::time::sleep(ROUND_PAUSE) => {}
@@ -112,8 +113,9 @@ impl Load {
     }
 }
 
-/// One call of each kind to every node over both transports.
-async fn round(conns: &[Vec<Conn>; 2], vm_id: &str, counts: &Counts) {
+/// One call of each kind to every node (`Vm/Get` to the first
+/// `servers`) over both transports.
+async fn round(conns: &[Vec<Conn>; 2], servers: usize, vm_id: &str, counts: &Counts) {
     for (t, per_node) in conns.iter().enumerate() {
         for (i, conn) in per_node.iter().enumerate() {
             let status = conn
@@ -121,6 +123,9 @@ async fn round(conns: &[Vec<Conn>; 2], vm_id: &str, counts: &Counts) {
                 .await
                 .map(drop);
             counts.record(t, i + 1, "Status/Get", status);
+            if i >= servers {
+                continue;
+            }
             let vm = conn
                 .call::<_, pb::VmRecord>(
                     methods::VM_GET,

@@ -1,18 +1,23 @@
-//! `tern demo`: a local 3-node cluster as separate `tern run` processes on
-//! loopback, a VM on the process runtime, and the migration from gRPC to
-//! iroh run live by the cluster (`tern rollout`), then rolled back.
+//! `tern demo`: a local cluster of 3 servers and `--agents` agents (3 by
+//! default) as separate `tern run` processes on loopback, a VM on the
+//! process runtime, and the migration from gRPC to iroh run live by the
+//! cluster (`tern rollout`) across servers and agents, then rolled back.
 //!
-//! 1. Writes three config files in a fresh temporary directory (each node
-//!    its own data dir; every port 0, so the kernel picks free ones; no
-//!    `[transport]` pin, so each node runs the cluster's desired policy
-//!    for it: gRPC by default, then the rollout's).
+//! 1. Writes a config file per node in a fresh temporary directory (each
+//!    node its own data dir; every port 0, so the kernel picks free ones;
+//!    no `[transport]` pin, so each node runs the cluster's desired policy
+//!    for it: gRPC by default, then the rollout's). Agents have `[node]
+//!    role = "agent"`; with agents, the servers have too little capacity
+//!    for a VM, so VMs run on agents.
 //! 2. Starts node 1 (a new cluster), reads the addresses it wrote to its
-//!    `node.json`, then starts nodes 2 and 3 joining through it. Each child
-//!    runs in its own process group, so Ctrl-C reaches the demo alone and
-//!    the demo shuts the children down in order.
-//! 3. Creates a VM running `sleep` on the process runtime, prints once the
-//!    commands to poke this cluster from another terminal, and starts
-//!    steady calls to every node over both transports ([`load`]).
+//!    `node.json`, then starts servers 2 and 3 joining through it and the
+//!    agents registering through it. Each child runs in its own process
+//!    group, so Ctrl-C reaches the demo alone and the demo shuts the
+//!    children down in order.
+//! 3. Waits until the leader lists every agent ready, creates a VM running
+//!    `sleep` on the process runtime, prints once the commands to poke
+//!    this cluster from another terminal, and starts steady calls to every
+//!    node over both transports ([`load`]).
 //! 4. Starts the shipped default plan (`deploy/rollout/default.toml`, or
 //!    `--plan FILE`) with each stage's soak set to `--soak` seconds
 //!    ([`rollout::demo_plan`]: parsed, soaks replaced, checked again)
@@ -60,13 +65,17 @@ use self::load::{Counts, Load};
 use self::view::View;
 use crate::client::{Conn, Target, request_id};
 use crate::config::{
-    CapacityConfig, Config, Listen, ListenConfig, RuntimeChoice, RuntimeName, SeedConfig,
+    CapacityConfig, Config, Listen, ListenConfig, Role, RuntimeChoice, RuntimeName, SeedConfig,
 };
 use crate::error::CliError;
 use crate::node::{NodeFile, runtime_dirs};
 
-/// Nodes the demo starts.
+/// Servers (Raft members) the demo starts.
 pub const NODES: usize = 3;
+/// Agents the demo starts unless `--agents` says otherwise.
+pub const DEFAULT_AGENTS: usize = 3;
+/// The most agents `--agents` takes (each is a process on this machine).
+pub const MAX_AGENTS: usize = 16;
 /// How often the live view refreshes.
 pub const REFRESH: Duration = Duration::from_secs(2);
 /// How long a node gets to start (and, for a joiner, to be promoted).
@@ -93,15 +102,19 @@ pub struct DemoOptions {
     pub soak_secs: u64,
     /// The plan to run instead of the shipped default.
     pub plan: Option<PathBuf>,
+    /// Agents to start besides the servers (0 to [`MAX_AGENTS`]).
+    pub agents: usize,
 }
 
 impl Default for DemoOptions {
-    /// Until Ctrl-C, [`rollout::DEFAULT_SOAK_SECS`], the shipped plan.
+    /// Until Ctrl-C, [`rollout::DEFAULT_SOAK_SECS`], the shipped plan,
+    /// [`DEFAULT_AGENTS`].
     fn default() -> DemoOptions {
         DemoOptions {
             duration: None,
             soak_secs: rollout::DEFAULT_SOAK_SECS,
             plan: None,
+            agents: DEFAULT_AGENTS,
         }
     }
 }
@@ -158,6 +171,21 @@ pub enum DemoError {
     /// `--soak` out of range.
     #[error("--soak {0}: 1 to {max} seconds", max = rollout::MAX_DEMO_SOAK_SECS)]
     Soak(u64),
+    /// `--agents` out of range.
+    #[error("--agents {0}: 0 to {MAX_AGENTS}")]
+    Agents(usize),
+    /// Not every agent was ready in time.
+    #[error(
+        "{ready} of {want} agents ready after {} s; see the agents' logs (agent*.log) \
+         in the demo directory",
+        NODE_START_WAIT.as_secs()
+    )]
+    AgentsNotReady {
+        /// Agents started.
+        want: usize,
+        /// Of them, ready.
+        ready: usize,
+    },
     /// The plan with compressed soaks is not valid.
     #[error("the demo's plan: {0}")]
     Plan(String),
@@ -263,11 +291,22 @@ impl Drop for Children {
     }
 }
 
+/// What a node of the demo is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// A server, hosting VMs as well (a demo without agents).
+    Server,
+    /// A server too small for any VM (the agents host them).
+    ServerOnly,
+    /// An agent.
+    Agent,
+}
+
 /// One node's configuration: every port 0 on loopback, the process
 /// runtime, no `[transport]` pin (the node runs the cluster's desired
 /// policy for it, the rollout's while one covers it); `join` is the node
-/// to join through.
-fn node_config(data_dir: &Path, join: Option<&NodeFile>) -> Config {
+/// to join (or, for an agent, register) through.
+fn node_config(data_dir: &Path, join: Option<&NodeFile>, kind: Kind) -> Config {
     let loopback = Listen::On(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)));
     let mut c = Config {
         data_dir: data_dir.to_owned(),
@@ -288,6 +327,16 @@ fn node_config(data_dir: &Path, join: Option<&NodeFile>) -> Config {
     c.vm.runtime = RuntimeChoice::Process;
     c.cluster.join_token = Some(DEMO_TOKEN.into());
     c.cluster.join.extend(join.map(SeedConfig::from_node_file));
+    match kind {
+        Kind::Server => {}
+        Kind::ServerOnly => {
+            c.capacity = CapacityConfig {
+                vcpus: 1,
+                memory_mib: 16,
+            };
+        }
+        Kind::Agent => c.node.role = Role::Agent,
+    }
     c
 }
 
@@ -371,6 +420,9 @@ impl Live {
 /// Runs the demo.
 pub async fn demo(opts: DemoOptions) -> Result<(), DemoError> {
     let plan = rollout::demo_plan(opts.plan.as_deref(), opts.soak_secs)?;
+    if opts.agents > MAX_AGENTS {
+        return Err(DemoError::Agents(opts.agents));
+    }
     let exe = std::env::current_exe().map_err(DemoError::Binary)?;
     let base = std::env::temp_dir().join(format!(
         "tern-demo-{}-{}",
@@ -386,8 +438,12 @@ pub async fn demo(opts: DemoOptions) -> Result<(), DemoError> {
         dirs: Vec::new(),
         base: base.clone(),
     };
-    println!("tern demo: {NODES} nodes in {}", base.display());
-    let started = start_nodes(&exe, &base, &mut children).await;
+    println!(
+        "tern demo: {NODES} servers and {} agents in {}",
+        opts.agents,
+        base.display()
+    );
+    let started = start_nodes(&exe, &base, opts.agents, &mut children).await;
     let result = match started {
         Ok(files) => live(&exe, &children.dirs, files, &plan, opts.duration).await,
         Err(e) => Err(e),
@@ -405,18 +461,29 @@ pub async fn demo(opts: DemoOptions) -> Result<(), DemoError> {
     }
 }
 
-/// Starts the nodes one after another (each joiner through node 1).
+/// Starts the servers, then the agents, one after another (each joiner
+/// through node 1); nodes `1..=NODES` are the servers, the rest agents.
 async fn start_nodes(
     exe: &Path,
     base: &Path,
+    agents: usize,
     children: &mut Children,
 ) -> Result<Vec<NodeFile>, DemoError> {
     let mut files: Vec<NodeFile> = Vec::new();
-    for i in 1..=NODES {
-        let dir = base.join(format!("node{i}"));
-        let config = base.join(format!("node{i}.toml"));
-        let log = base.join(format!("node{i}.log"));
-        let text = node_config(&dir, files.first())
+    for i in 1..=NODES + agents {
+        let (name, label, kind) = match i {
+            i if i > NODES => (
+                format!("agent{}", i - NODES),
+                format!("agent {}", i - NODES),
+                Kind::Agent,
+            ),
+            _ if agents > 0 => (format!("node{i}"), format!("node {i}"), Kind::ServerOnly),
+            _ => (format!("node{i}"), format!("node {i}"), Kind::Server),
+        };
+        let dir = base.join(&name);
+        let config = base.join(format!("{name}.toml"));
+        let log = base.join(format!("{name}.log"));
+        let text = node_config(&dir, files.first(), kind)
             .to_toml()
             .map_err(|source| DemoError::Config { node: i, source })?;
         std::fs::write(&config, text).map_err(|source| DemoError::File {
@@ -433,7 +500,7 @@ async fn start_nodes(
         let file = child.wait_node_file::<NodeFile>(NODE_START_WAIT).await;
         children.procs.push(child);
         let file = file.map_err(not_started)?;
-        println!("  node {i} up: {}", node_line(&file));
+        println!("  {label} up: {}", node_line(&file));
         files.push(file);
     }
     Ok(files)
@@ -491,8 +558,9 @@ async fn live(
     plan: &tern_state::Plan,
     duration: Option<Duration>,
 ) -> Result<(), DemoError> {
+    let servers = &dirs[..NODES.min(dirs.len())];
     let mut conns = Vec::new();
-    for d in dirs {
+    for d in servers {
         conns.push(conn_to(d, "grpc", None).await?);
     }
     let status: pb::NodeStatus = conns[0]
@@ -503,6 +571,7 @@ async fn live(
         status.members.len(),
         status.leader_id
     );
+    agents_ready(&conns[0], dirs.len() - servers.len()).await?;
     let vm_id = create_vm(&conns[0]).await?;
     let base = dirs
         .first()
@@ -510,8 +579,16 @@ async fn live(
         .unwrap_or(Path::new("."));
     let op_key = base.join(OPERATOR_KEY);
     operator(&conns[0], &op_key).await?;
+    // Agents are read with the operator's key, a grant every agent mirrors.
+    for d in &dirs[servers.len()..] {
+        conns.push(conn_to(d, "grpc", Some(op_key.clone())).await?);
+    }
     print!("{}", poke_lines(exe, dirs, &op_key));
-    let load = Load::start(load_conns(dirs, &op_key).await?, vm_id.clone());
+    let load = Load::start(
+        load_conns(dirs, &op_key).await?,
+        servers.len(),
+        vm_id.clone(),
+    );
     let mut live = Live {
         conns,
         files,
@@ -535,6 +612,31 @@ async fn live(
     }
     shown?;
     report(&counts)
+}
+
+/// Waits until the leader (through `conn`) lists `want` agents, all
+/// ready.
+async fn agents_ready(conn: &Conn, want: usize) -> Result<(), DemoError> {
+    if want == 0 {
+        return Ok(());
+    }
+    let deadline = Instant::now() + NODE_START_WAIT;
+    loop {
+        let ready = conn
+            .call::<_, pb::NodeStatus>(methods::STATUS_GET, &pb::StatusRequest {})
+            .await
+            .map_or(0, |s| {
+                s.agents.iter().filter(|a| a.status == "ready").count()
+            });
+        if ready >= want {
+            println!("agents: {want} registered, all ready");
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(DemoError::AgentsNotReady { want, ready });
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
 }
 
 /// The rollout, its rollback, then frames for `duration` (or until a
@@ -791,17 +893,35 @@ tern_router_fallbacks_total{service="vm",method="Get",reason="timed_out"} 1
             metrics: None,
             pid: 1,
         };
-        let text = node_config(Path::new("/tmp/d/node2"), Some(&seed))
+        let text = node_config(Path::new("/tmp/d/node2"), Some(&seed), Kind::Server)
             .to_toml()
             .unwrap();
         let checked = Config::parse(&text).unwrap();
         assert_eq!(checked.seeds.len(), 1);
-        assert_eq!(checked.config.cluster.join[0].iroh, seed.iroh.unwrap());
+        assert_eq!(
+            checked.config.cluster.join[0].iroh,
+            seed.iroh.clone().unwrap()
+        );
         assert_eq!(checked.config.vm.runtimes, Some(vec![RuntimeName::Process]));
         // No pin: the node follows the cluster's desired policy (the
         // rollout's), and listens on iroh so a stage can use it.
         assert!(checked.config.transport.is_none(), "{text}");
         assert_eq!(checked.config.listen.iroh.addr().unwrap().port(), 0);
         assert_eq!(checked.config.listen.grpc.addr().unwrap().port(), 0);
+        assert_eq!(checked.config.node.role, Role::Server);
+        // An agent registers through the seed; a server beside agents
+        // has no room for a VM (64 MiB), so VMs go to the agents.
+        for (kind, role, memory) in [
+            (Kind::Agent, Role::Agent, 4096),
+            (Kind::ServerOnly, Role::Server, 16),
+        ] {
+            let text = node_config(Path::new("/tmp/d/agent1"), Some(&seed), kind)
+                .to_toml()
+                .unwrap();
+            let checked = Config::parse(&text).unwrap();
+            assert_eq!(checked.config.node.role, role, "{text}");
+            assert_eq!(checked.config.capacity.memory_mib, memory, "{text}");
+            assert_eq!(checked.seeds.len(), 1);
+        }
     }
 }
