@@ -592,6 +592,11 @@ impl ClusterState {
                 ..
             } => self.set_agent_status(node_id, status, at_unix_ms),
             Command::RemoveAgent { node_id, .. } => self.remove_agent(node_id),
+            Command::DemoteServer {
+                node_id,
+                at_unix_ms,
+                ..
+            } => self.demote_server(node_id, at_unix_ms),
         }
     }
 }
