@@ -133,7 +133,7 @@ pub const MIN_AGENT_WRITE_GAP: Duration = Duration::from_secs(1);
 const MAX_TRACKED_WRITERS: usize = 65_536;
 
 impl AgentTracker {
-    fn heard(&self, agent: NodeId, now: Instant) {
+    pub(crate) fn heard(&self, agent: NodeId, now: Instant) {
         lock(&self.inner).seen.insert(agent, now);
     }
 
@@ -243,7 +243,7 @@ fn capped(declared: Option<pb::Capacity>, max: Capacity) -> Capacity {
     }
 }
 
-async fn write(node: &Attached, command: Command) -> Result<Response, Status> {
+pub(crate) async fn write(node: &Attached, command: Command) -> Result<Response, Status> {
     match tokio::time::timeout(
         crate::meta::WRITE_TIMEOUT,
         crate::node::client_write(&node.raft, command),
@@ -790,11 +790,14 @@ async fn look(raft: &RaftNode) {
     let shared = raft.services().shared();
     let now = Instant::now();
     let leads = raft.raft().metrics().borrow_watched().current_leader == Some(raft.id());
+    // A server being demoted (still a member) is no agent to judge yet:
+    // it runs its VMs as a server until it leaves the membership.
     let agents: Vec<(NodeId, AgentStatus, u64)> = raft
         .state()
         .read(|s| {
             s.agents()
                 .iter()
+                .filter(|(id, _)| !s.is_demoting(**id))
                 .map(|(id, a)| (*id, a.status, a.since_unix_ms))
                 .collect()
         })

@@ -41,6 +41,8 @@
 //!   `AgentHeartbeat`, `AgentReport`, the `AgentSync` stream of an agent's
 //!   assignment) and [`agents::watch_agents`], the leader's judgement of
 //!   which agents are down.
+//! - [`demotion`]: `Cluster/Demote`, an admin's demotion of a server to
+//!   an agent that keeps its node id and its VMs.
 //! - [`snapshot_schedule`]: when this node builds a snapshot (every
 //!   `RaftOptions::snapshot_logs_since_last` entries, at an offset of its
 //!   own so that the members do not build together).
@@ -53,6 +55,7 @@ pub mod address;
 pub mod admission;
 pub mod agents;
 pub mod consensus;
+pub mod demotion;
 pub mod membership;
 pub mod meta;
 pub mod node;

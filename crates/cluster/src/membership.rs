@@ -169,7 +169,7 @@ async fn membership_settled(raft: &RaftInstance) -> Result<(), Status> {
 
 /// Applies `changes` once the previous change has settled, retrying when
 /// another change slipped in first.
-async fn change_membership(
+pub(crate) async fn change_membership(
     raft: &RaftInstance,
     changes: ChangeMembers<NodeId, Member>,
     retain: bool,
@@ -368,7 +368,9 @@ pub(crate) async fn join(
     }
     let voters = membership.voter_ids().count();
     let is_voter = membership.voter_ids().any(|v| v == id);
-    let voter_pending = is_voter || voters < shared.admission.max_voters;
+    // A server being demoted that restarted as a server stays a learner.
+    let demoting = node.sm.read(|s| s.is_demoting(id)).unwrap_or(false);
+    let voter_pending = is_voter || (voters < shared.admission.max_voters && !demoting);
     if !is_voter {
         if voter_pending {
             spawn_promotion(shared.clone(), node.clone(), id, since);
@@ -719,6 +721,15 @@ pub(crate) async fn promote(
             Code::NotFound,
             format!("node {id} is not a member (tern cluster members lists them)"),
         ));
+    }
+    let demoting = node
+        .sm
+        .read(|s| s.is_demoting(id))
+        .map_err(|e| Status::unavailable(format!("cannot read the cluster state: {e}")))?;
+    if demoting {
+        return Err(failed_precondition(format!(
+            "node {id} is being demoted to an agent; finish with tern cluster demote {id}"
+        )));
     }
     if !membership.voter_ids().any(|v| v == id) {
         tracing::info!(node = id, by = %ctx.peer.short(), "promoting a learner on an admin's request");

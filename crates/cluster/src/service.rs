@@ -210,7 +210,7 @@ static ROUTES: LazyLock<Routes<Route, StreamRoute>> = LazyLock::new(|| {
 });
 
 fn routes() -> Result<Routes<Route, StreamRoute>, RouteError> {
-    use crate::{access, admission, membership, meta, policy, rollout};
+    use crate::{access, admission, demotion, membership, meta, policy, rollout};
     Routes::<Route, StreamRoute>::new(ServiceId::Cluster)
         .unary(methods::CLUSTER_JOIN, |shared, node, ctx, payload| {
             Box::pin(join(shared, node, ctx, payload))
@@ -248,6 +248,9 @@ fn routes() -> Result<Routes<Route, StreamRoute>, RouteError> {
         })?
         .unary(methods::CLUSTER_PROMOTE, |_, node, ctx, payload| {
             Box::pin(membership::promote(node, ctx, payload))
+        })?
+        .unary(methods::CLUSTER_DEMOTE, |shared, node, ctx, payload| {
+            Box::pin(demotion::serve(shared, node, ctx, payload))
         })?
         .unary(methods::CLUSTER_TRANSPORT_SET, |_, node, ctx, payload| {
             Box::pin(policy::serve_set(node, ctx, payload))
