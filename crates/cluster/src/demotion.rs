@@ -166,10 +166,7 @@ fn check_voters(id: NodeId, voters: &BTreeSet<NodeId>) -> Result<(), Status> {
 /// it).
 async fn hand_over(node: &Attached, id: NodeId, voters: &BTreeSet<NodeId>) -> Status {
     let Some(successor) = voters.iter().copied().find(|v| *v != id) else {
-        return Status::new(
-            Code::FailedPrecondition,
-            "the only voter cannot be demoted",
-        );
+        return Status::new(Code::FailedPrecondition, "the only voter cannot be demoted");
     };
     tracing::info!(
         successor,
@@ -248,7 +245,11 @@ mod tests {
         let three: BTreeSet<NodeId> = [1, 2, 3].into();
         let refused = check_voters(3, &three).unwrap_err();
         assert_eq!(refused.code, Code::FailedPrecondition);
-        assert!(refused.message.contains("leave 2 voters"), "{}", refused.message);
+        assert!(
+            refused.message.contains("leave 2 voters"),
+            "{}",
+            refused.message
+        );
         // A learner is no voter: demoting it leaves the voters as they are.
         assert!(check_voters(5, &three).is_ok());
     }

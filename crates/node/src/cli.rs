@@ -915,7 +915,9 @@ pub async fn demote(conn: &Conn, node_id: u64, out: Out) -> Result<(), CliError>
             .call(methods::CLUSTER_DEMOTE, &pb::DemoteRequest { node_id })
             .await
         {
-            Err(e) if attempt < DEMOTE_ATTEMPTS && e.to_string().contains("leadership is moving") => {
+            Err(e)
+                if attempt < DEMOTE_ATTEMPTS && e.to_string().contains("leadership is moving") =>
+            {
                 tokio::time::sleep(DEMOTE_RETRY_PAUSE).await;
             }
             other => break other?,

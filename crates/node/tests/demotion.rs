@@ -222,11 +222,19 @@ async fn a_server_demoted_to_an_agent_keeps_its_id_and_its_vm_running_once() {
     // its workload runs on.
     let after = demote(&cluster, leader, target_id).await.unwrap();
     assert_eq!(after.members.len(), 3, "{:?}", after.members);
-    assert!(after.members.iter().all(|m| m.node_id != target_id && m.voter));
+    assert!(
+        after
+            .members
+            .iter()
+            .all(|m| m.node_id != target_id && m.voter)
+    );
     let exit = cluster.wait_exit(target, BOUND).await.unwrap();
     let log = std::fs::read_to_string(&cluster.nodes[target].log).unwrap();
     assert_eq!(exit.and_then(|s| s.code()), Some(2), "{log}");
-    assert!(log.contains("node.role") && log.contains("demoted"), "{log}");
+    assert!(
+        log.contains("node.role") && log.contains("demoted"),
+        "{log}"
+    );
     assert!(before.is_alive(), "its workload runs on");
 
     // Started again as a server, it refuses to.
@@ -264,7 +272,10 @@ async fn a_server_demoted_to_an_agent_keeps_its_id_and_its_vm_running_once() {
             assert_eq!(workload(&n.dir, &vm_id), None, "no copy on node {}", i + 1);
         }
     }
-    assert!(!target_dir.join("raft").exists(), "the Raft store moved aside");
+    assert!(
+        !target_dir.join("raft").exists(),
+        "the Raft store moved aside"
+    );
     assert!(
         std::fs::read_dir(&target_dir)
             .unwrap()

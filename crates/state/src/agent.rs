@@ -233,15 +233,12 @@ impl ClusterState {
                 Rejection::NotAServer { node_id }
             });
         };
-        if !self.agents.contains_key(&node_id) {
-            let record = AgentRecord {
-                addr: member.addr.clone(),
-                capacity: member.capacity,
-                status: AgentStatus::Ready,
-                since_unix_ms: at_unix_ms,
-            };
-            self.agents.insert(node_id, record);
-        }
+        self.agents.entry(node_id).or_insert_with(|| AgentRecord {
+            addr: member.addr.clone(),
+            capacity: member.capacity,
+            status: AgentStatus::Ready,
+            since_unix_ms: at_unix_ms,
+        });
         Response::NodeId(node_id)
     }
 
