@@ -68,11 +68,9 @@ pub(crate) async fn serve(
     ctx: &RequestContext,
     payload: Bytes,
 ) -> Result<Bytes, Status> {
-    let req = pb::DemoteRequest::decode(payload)
-        .map_err(|e| Status::invalid_argument(format!("cluster/demote: {e}")))?;
+    let id = decode(payload)?;
     require_admin(node, &ctx.peer, "demoting a server")?;
     ensure_leader(node)?;
-    let id = req.node_id;
     let membership = node
         .raft
         .metrics()
@@ -139,6 +137,14 @@ pub(crate) async fn serve(
         "server demoted to an agent; it keeps its node id and its VMs"
     );
     Ok(members_response(node).encode_to_vec().into())
+}
+
+/// The node id a `Cluster/Demote` request names; `InvalidArgument` for
+/// bytes that are no `DemoteRequest`.
+fn decode(payload: Bytes) -> Result<NodeId, Status> {
+    pb::DemoteRequest::decode(payload)
+        .map(|r| r.node_id)
+        .map_err(|e| Status::invalid_argument(format!("cluster/demote: {e}")))
 }
 
 /// Refuses demoting a voter when fewer than [`MIN_VOTERS_AFTER_DEMOTION`]
@@ -252,5 +258,22 @@ mod tests {
         );
         // A learner is no voter: demoting it leaves the voters as they are.
         assert!(check_voters(5, &three).is_ok());
+    }
+
+    proptest::proptest! {
+        /// Whatever bytes arrive, the request decodes to the id it names
+        /// or is refused as an invalid argument; never a panic.
+        #[test]
+        fn any_payload_decodes_or_is_refused_as_invalid(
+            bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..64),
+            id in proptest::prelude::any::<u64>(),
+        ) {
+            match decode(Bytes::from(bytes)) {
+                Ok(_) => {}
+                Err(e) => proptest::prop_assert_eq!(e.code, Code::InvalidArgument),
+            }
+            let named = pb::DemoteRequest { node_id: id }.encode_to_vec();
+            proptest::prop_assert_eq!(decode(Bytes::from(named)).ok(), Some(id));
+        }
     }
 }
