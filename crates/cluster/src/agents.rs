@@ -25,7 +25,10 @@
 //! agent not heard for [`AgentSettings::down_after`] is marked down
 //! (`SetAgentStatus`), which moves its VMs. A new leader hears nobody yet,
 //! so it counts every agent as heard when it took over: an agent is never
-//! marked down for a leader change, only for its own silence.
+//! marked down for a leader change, only for its own silence. A server
+//! being demoted (a member with an agent record, see [`crate::demotion`])
+//! is not judged until it has left the membership; from then it counts as
+//! heard at that moment.
 //!
 //! **Never twice.** An agent stops its VMs by itself once its heartbeats
 //! have gone unacknowledged for a third of `down_after` (its fence, in
