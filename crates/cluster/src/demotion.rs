@@ -71,31 +71,7 @@ pub(crate) async fn serve(
     let id = decode(payload)?;
     require_admin(node, &ctx.peer, "demoting a server")?;
     ensure_leader(node)?;
-    let membership = node
-        .raft
-        .metrics()
-        .borrow_watched()
-        .membership_config
-        .membership()
-        .clone();
-    let is_agent = node
-        .sm
-        .read(|s| s.agent(id).is_some())
-        .map_err(|e| Status::unavailable(format!("cannot read the cluster state: {e}")))?;
-    if membership.get_node(&id).is_none() {
-        return Err(if is_agent {
-            Status::new(
-                Code::FailedPrecondition,
-                format!("node {id} is an agent already; only a server can be demoted"),
-            )
-        } else {
-            Status::new(
-                Code::NotFound,
-                format!("node {id} is not a server (tern cluster members lists them)"),
-            )
-        });
-    }
-    let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+    let voters = check_server(node, id)?;
     check_voters(id, &voters)?;
     if id == node.id {
         return Err(hand_over(node, id, &voters).await);
@@ -145,6 +121,36 @@ fn decode(payload: Bytes) -> Result<NodeId, Status> {
     pb::DemoteRequest::decode(payload)
         .map(|r| r.node_id)
         .map_err(|e| Status::invalid_argument(format!("cluster/demote: {e}")))
+}
+
+/// `id` must be a member (a server): `NotFound` for an unknown id,
+/// `FailedPrecondition` for an agent. Answers the voters.
+fn check_server(node: &Attached, id: NodeId) -> Result<BTreeSet<NodeId>, Status> {
+    let membership = node
+        .raft
+        .metrics()
+        .borrow_watched()
+        .membership_config
+        .membership()
+        .clone();
+    if membership.get_node(&id).is_some() {
+        return Ok(membership.voter_ids().collect());
+    }
+    let is_agent = node
+        .sm
+        .read(|s| s.agent(id).is_some())
+        .map_err(|e| Status::unavailable(format!("cannot read the cluster state: {e}")))?;
+    Err(if is_agent {
+        Status::new(
+            Code::FailedPrecondition,
+            format!("node {id} is an agent already; only a server can be demoted"),
+        )
+    } else {
+        Status::new(
+            Code::NotFound,
+            format!("node {id} is not a server (tern cluster members lists them)"),
+        )
+    })
 }
 
 /// Refuses demoting a voter when fewer than [`MIN_VOTERS_AFTER_DEMOTION`]

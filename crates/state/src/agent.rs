@@ -140,6 +140,34 @@ impl ClusterState {
             .collect()
     }
 
+    /// Applies a command about agents (registration, status, removal,
+    /// demotion of a server); any other command changes nothing.
+    pub(crate) fn apply_agent(&mut self, cmd: crate::Command) -> Response {
+        use crate::Command;
+        match cmd {
+            Command::RegisterAgent {
+                node_id,
+                addr,
+                capacity,
+                at_unix_ms,
+                ..
+            } => self.register_agent(node_id, addr, capacity, at_unix_ms),
+            Command::SetAgentStatus {
+                node_id,
+                status,
+                at_unix_ms,
+                ..
+            } => self.set_agent_status(node_id, status, at_unix_ms),
+            Command::RemoveAgent { node_id, .. } => self.remove_agent(node_id),
+            Command::DemoteServer {
+                node_id,
+                at_unix_ms,
+                ..
+            } => self.demote_server(node_id, at_unix_ms),
+            _ => Response::Done,
+        }
+    }
+
     /// Records an agent: its id must be the one allocated to its key, and
     /// it must not be a Raft member (a server does not register as an
     /// agent). A known agent's addresses and capacity are updated; its
