@@ -101,6 +101,9 @@ pub(crate) async fn serve(
     let notice = audit(node, id, ctx).await?;
     wait_notified(node, id, notice).await?;
     tracing::info!(node = id, "demotion: removing it from the membership");
+    // Heard as of now: the agent's bound counts from its demotion (noted
+    // before the entry applies, so the monitor never sees it unheard).
+    shared.agents.heard(id, Instant::now());
     change_membership(
         &node.raft,
         ChangeMembers::RemoveNodes(BTreeSet::from([id])),

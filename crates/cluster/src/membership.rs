@@ -534,6 +534,7 @@ fn spawn_promotion(
 }
 
 pub(crate) async fn leave(
+    shared: &Arc<ClusterShared>,
     node: &Arc<Attached>,
     ctx: &RequestContext,
     payload: Bytes,
@@ -608,6 +609,15 @@ pub(crate) async fn leave(
             true,
         )
         .await?;
+    }
+    // A server being demoted leaves as the agent it was becoming
+    // (`apply_membership`); it is heard as of now, like a demotion's end.
+    if node.sm.read(|s| s.is_demoting(id)).unwrap_or(false) {
+        tracing::info!(
+            node = id,
+            "the node was being demoted: it leaves as an agent"
+        );
+        shared.agents.heard(id, tokio::time::Instant::now());
     }
     tracing::info!(node = id, "removing node from the cluster");
     let written = change_membership(

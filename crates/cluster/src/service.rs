@@ -215,8 +215,8 @@ fn routes() -> Result<Routes<Route, StreamRoute>, RouteError> {
         .unary(methods::CLUSTER_JOIN, |shared, node, ctx, payload| {
             Box::pin(join(shared, node, ctx, payload))
         })?
-        .unary(methods::CLUSTER_LEAVE, |_, node, ctx, payload| {
-            Box::pin(leave(node, ctx, payload))
+        .unary(methods::CLUSTER_LEAVE, |shared, node, ctx, payload| {
+            Box::pin(leave(shared, node, ctx, payload))
         })?
         .unary(methods::CLUSTER_MEMBERS, |_, node, _, _| {
             let answer = members_response(node).encode_to_vec().into();
