@@ -14,6 +14,7 @@
 //!   it and runs, the very workload that ran before (never stopped), and
 //!   no other node holds a copy. The Raft store of its server days is
 //!   moved aside.
+//! - **Audit:** the access log records the demotion (`demote`, its id).
 //! - **Refusals:** demoting it again (an agent already), an unknown id,
 //!   and a server when only the minimum of voters is left.
 //!
@@ -26,8 +27,10 @@ mod support;
 
 use std::path::Path;
 
-use support::{BOUND, back_as_agent, demote, ids, pinned_vm, refusal, until};
-use tern_protocol::Code;
+use support::{BOUND, CALL, back_as_agent, demote, ids, pinned_vm, refusal, until};
+use tern_protocol::catalog::methods;
+use tern_protocol::rpc::call_typed;
+use tern_protocol::{Code, pb};
 use tern_testkit::config;
 use tern_testkit::local::LocalCluster;
 
@@ -92,6 +95,25 @@ async fn a_server_demoted_to_an_agent_keeps_its_id_and_its_vm_running_once() {
 
     // Back as an agent, with no join token: the same id, the same VM.
     back_as_agent(&mut cluster, leader, target, target_id, &vm_id, before).await;
+
+    // The audit log names the demotion.
+    let audit: pb::AccessListResponse = call_typed(
+        cluster.client.as_ref(),
+        &cluster.nodes[leader].addr().unwrap(),
+        methods::CLUSTER_ACCESS_LIST,
+        &pb::AccessListRequest {},
+        CALL,
+    )
+    .await
+    .unwrap();
+    assert!(
+        audit
+            .log
+            .iter()
+            .any(|e| e.action == "demote" && e.node_id == target_id),
+        "{:?}",
+        audit.log
+    );
 
     // Refusals.
     let (code, message) = refusal(demote(&cluster, leader, target_id).await);
