@@ -2,12 +2,16 @@
 //! four servers, a VM pinned to the one to be demoted (a process
 //! workload).
 //!
-//! - **The leader** asked to demote itself hands leadership over and
-//!   answers `Unavailable` saying to call again; it stays a server.
-//! - **Demotion:** the answer lists three servers; the demoted server's
-//!   `tern run` stops by itself (exit code 2 naming `node.role`) while its
-//!   workload runs on. Started again still as a server, it refuses to
-//!   start (exit code 2): it never acts as a member again.
+//! - **The leader** asked to demote itself (`Cluster/Demote`) hands
+//!   leadership over and answers `Unavailable` saying to call again; it
+//!   stays a server.
+//! - **Demotion of the (new) leader with the CLI**, `tern cluster demote`
+//!   with the first node's key (an admin): the CLI follows leadership to
+//!   the next leader by itself; the answer lists three servers. The
+//!   demoted server's `tern run` stops by itself (exit code 2 naming
+//!   `node.role`) while its workload runs on. Started again still as a
+//!   server, it refuses to start (exit code 2): it never acts as a member
+//!   again.
 //! - **Back as an agent** (`role = "agent"`, no join token, the same data
 //!   directory): it registers with its node id, the leader's `Status/Get`
 //!   lists it as a ready agent, its own says agent, the VM stays placed on
@@ -60,25 +64,44 @@ async fn a_server_demoted_to_an_agent_keeps_its_id_and_its_vm_running_once() {
         4,
         "the old leader is still a voter"
     );
+    assert!(
+        members.members.iter().any(|m| m.node_id == leader_id),
+        "and a member"
+    );
 
-    // A VM pinned to the server to be demoted (neither leader) runs there.
-    let target = (0..4)
-        .rev()
-        .find(|i| *i != leader && ids[*i] != leader_id)
-        .unwrap();
+    // The new leader is demoted with the CLI (the first node's key, an
+    // admin): it moves leadership on and calls the next leader by itself.
+    // A VM pinned to it runs there.
+    let target = leader;
     let target_id = ids[target];
     let (vm_id, before) = pinned_vm(&cluster, leader, target, target_id).await;
+    let tern_bin = tern.to_owned();
+    let args = vec![
+        "cluster".to_owned(),
+        "--json".to_owned(),
+        "demote".to_owned(),
+        target_id.to_string(),
+        "--data-dir".to_owned(),
+        cluster.nodes[0].dir.display().to_string(),
+    ];
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(tern_bin)
+            .args(&args)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "tern cluster demote: {stderr}");
+    let after: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(after["demoted"], target_id, "{after}");
+    let servers = after["members"].as_array().unwrap();
+    assert_eq!(servers.len(), 3, "{after}");
+    assert!(servers.iter().all(|m| m["node_id"] != target_id), "{after}");
 
-    // Demotion: three servers are left; the demoted one stops by itself,
-    // its workload runs on.
-    let after = demote(&cluster, leader, target_id).await.unwrap();
-    assert_eq!(after.members.len(), 3, "{:?}", after.members);
-    assert!(
-        after
-            .members
-            .iter()
-            .all(|m| m.node_id != target_id && m.voter)
-    );
+    // The demoted server stops by itself; its workload runs on.
     let exit = cluster.wait_exit(target, BOUND).await.unwrap();
     let log = std::fs::read_to_string(&cluster.nodes[target].log).unwrap();
     assert_eq!(exit.and_then(|s| s.code()), Some(2), "{log}");
@@ -87,6 +110,11 @@ async fn a_server_demoted_to_an_agent_keeps_its_id_and_its_vm_running_once() {
         "{log}"
     );
     assert!(before.is_alive(), "its workload runs on");
+
+    let (leader, _) = until(&cluster, "a leader among the servers left", || async {
+        cluster.leader().await.ok().filter(|(i, _)| *i != target)
+    })
+    .await;
 
     // Started again as a server, it refuses to.
     assert!(cluster.start_node(target).await.is_err());
