@@ -27,6 +27,9 @@
 //!    every server. The leader counts the agent as heard at that moment,
 //!    so it has the usual `agent_down_after_ms` to come back.
 //!
+//! One demotion runs at a time on a leader (a second waits), so two cannot
+//! both pass the check of the voters left.
+//!
 //! Refused, with the reason: a caller without the admin role; an id that
 //! is no member (`NotFound`) or an agent already (`FailedPrecondition`);
 //! a voter whose removal would leave fewer than [`MIN_VOTERS_AFTER_DEMOTION`]
@@ -71,6 +74,8 @@ pub(crate) async fn serve(
     let id = decode(payload)?;
     require_admin(node, &ctx.peer, "demoting a server")?;
     ensure_leader(node)?;
+    // One demotion at a time: the voters are checked and changed under it.
+    let _one = shared.demoting.lock().await;
     let voters = check_server(node, id)?;
     check_voters(id, &voters)?;
     if id == node.id {

@@ -29,6 +29,9 @@ pub(crate) struct ClusterShared {
     pub(crate) admission: Admission,
     pub(crate) failed_joins: FailedJoins,
     pub(crate) promoting: Mutex<BTreeSet<NodeId>>,
+    /// Held through one demotion on this leader, so that two demotions
+    /// at once cannot both pass the check of the voters left.
+    pub(crate) demoting: tokio::sync::Mutex<()>,
     /// When the leader last recorded each member's new addresses (see
     /// [`crate::address::MIN_RECORDED_GAP`]).
     pub(crate) address_updates: Mutex<std::collections::BTreeMap<NodeId, tokio::time::Instant>>,
@@ -98,6 +101,7 @@ impl RaftServices {
                 admission,
                 failed_joins: FailedJoins::default(),
                 promoting: Mutex::new(BTreeSet::new()),
+                demoting: tokio::sync::Mutex::new(()),
                 address_updates: Mutex::new(std::collections::BTreeMap::new()),
                 agent_settings: agents,
                 agents: AgentTracker::default(),
