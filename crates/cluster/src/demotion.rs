@@ -181,11 +181,25 @@ fn check_voters(id: NodeId, voters: &BTreeSet<NodeId>) -> Result<(), Status> {
     ))
 }
 
-/// The leader asked to demote itself: leadership moves to another voter
-/// first, and the caller is asked to call again (the new leader serves
+/// The leader asked to demote itself: leadership moves to the most
+/// caught-up other voter first, and the caller is asked to call again (the new leader serves
 /// it).
 async fn hand_over(node: &Attached, id: NodeId, voters: &BTreeSet<NodeId>) -> Status {
-    let Some(successor) = voters.iter().copied().find(|v| *v != id) else {
+    // The most caught-up other voter (by what it has acknowledged).
+    let replication = node.raft.metrics().borrow_watched().replication.clone();
+    let matched = |v: &NodeId| {
+        replication
+            .as_ref()
+            .and_then(|r| r.get(v))
+            .and_then(|l| l.as_ref())
+            .map_or(0, |l| l.index)
+    };
+    let successor = voters
+        .iter()
+        .copied()
+        .filter(|v| *v != id)
+        .max_by_key(|v| (matched(v), std::cmp::Reverse(*v)));
+    let Some(successor) = successor else {
         return Status::new(Code::FailedPrecondition, "the only voter cannot be demoted");
     };
     tracing::info!(
