@@ -2,9 +2,11 @@
 //!
 //! Three real `tern` server processes on loopback (`tern_testkit::local`,
 //! default agent settings: heartbeats every 2 s) and N simulated agents in
-//! this process, each with its own key, its own gRPC connection and the
-//! real agent protocol (`tern_node::agent::AgentLink`: register,
-//! heartbeat, assignment stream). The agents run no workloads. For each N
+//! this process, each with its own key, its own connections and the real
+//! agent protocol (`tern_node::agent::AgentLink`: register, heartbeat,
+//! assignment stream). `--transport grpc` (servers in gRPC mode, each
+//! agent a gRPC client) or `iroh` (servers in dual mode with Raft over
+//! iroh, each agent its own iroh endpoint on loopback). The agents run no workloads. For each N
 //! (ascending, agents added to the same cluster) it measures:
 //!
 //! - **server cost**: CPU seconds of the three servers over a steady
@@ -39,8 +41,9 @@ use crate::procfs;
 
 /// How many agents register at once.
 const REGISTER_CONCURRENCY: usize = 32;
-/// Puts per commit-latency sample.
-const PUTS: usize = 200;
+/// Puts per commit-latency sample: enough that the p99 is not one
+/// outlier.
+const PUTS: usize = 1_000;
 /// VMs created per desired-state sample.
 const CHANGES: usize = 40;
 /// Bound on one wait (an agent seeing a change, all agents registered).
@@ -64,11 +67,15 @@ pub struct FleetOpts {
     pub steady: Duration,
     /// Working directory (configs, data, logs).
     pub dir: PathBuf,
+    /// What the agents speak: `"grpc"` or `"iroh"`.
+    pub transport: String,
 }
 
 /// The figures of one agent count.
 #[derive(Debug, Clone, Serialize)]
 pub struct FleetRow {
+    /// What the agents spoke.
+    pub transport: String,
     /// Agents registered.
     pub agents: usize,
     /// Seconds to register the agents added for this count.
@@ -99,6 +106,37 @@ pub struct FleetRow {
 struct SimAgent {
     link: Arc<AgentLink>,
     stop: tokio::sync::watch::Sender<bool>,
+    /// The agent's own endpoint, when it speaks iroh.
+    iroh: Option<tern_transport_iroh::IrohTransport>,
+}
+
+/// A simulated agent's client and the address it registers.
+async fn agent_client(
+    transport: &str,
+) -> anyhow::Result<(
+    Arc<dyn RpcClient>,
+    PeerAddr,
+    Option<tern_transport_iroh::IrohTransport>,
+)> {
+    let key: [u8; 32] = rand::random();
+    if transport == "iroh" {
+        let config = tern_transport_iroh::IrohConfig::new(key)
+            .with_bind_addr(std::net::SocketAddr::from(([127, 0, 0, 1], 0)));
+        let t = tern_transport_iroh::IrohTransport::bind(
+            config,
+            Arc::new(tern_protocol::rpc::Dispatcher::new()),
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!("an agent's iroh endpoint: {e}"))?;
+        let me = t.peer_addr();
+        return Ok((t.client() as Arc<dyn RpcClient>, me, Some(t)));
+    }
+    let client = tern_transport_grpc::GrpcClient::new(tern_transport_grpc::ClientConfig::new(key));
+    // A simulated agent serves nothing; its recorded address is never
+    // dialled by this bench (no rollout runs).
+    let mut me = PeerAddr::new(client.id());
+    me.grpc = Some(SIMULATED_URL.to_owned());
+    Ok((Arc::new(client), me, None))
 }
 
 fn percentile(sorted: &[f64], q: f64) -> f64 {
@@ -164,20 +202,15 @@ async fn add_agents(
     agents: &mut Vec<SimAgent>,
     to: usize,
     seeds: &[PeerAddr],
+    transport: &str,
 ) -> anyhow::Result<()> {
     while agents.len() < to {
         let batch = (to - agents.len()).min(REGISTER_CONCURRENCY);
         let mut joins = Vec::new();
         for _ in 0..batch {
-            let key: [u8; 32] = rand::random();
-            let client =
-                tern_transport_grpc::GrpcClient::new(tern_transport_grpc::ClientConfig::new(key));
-            // A simulated agent serves nothing; its recorded address is
-            // never dialled by this bench (no rollout runs).
-            let mut me = PeerAddr::new(client.id());
-            me.grpc = Some(SIMULATED_URL.to_owned());
+            let (client, me, iroh) = agent_client(transport).await?;
             let link = AgentLink::new(
-                Arc::new(client),
+                client,
                 me,
                 Capacity {
                     vcpus: 64,
@@ -186,19 +219,19 @@ async fn add_agents(
                 JOIN_TOKEN.to_owned(),
                 seeds.to_vec(),
             );
-            joins.push(tokio::spawn(
-                async move { link.register().await.map(|_| link) },
-            ));
+            joins.push(tokio::spawn(async move {
+                link.register().await.map(|_| (link, iroh))
+            }));
         }
         for j in joins {
-            let link = j.await.context("a registration task")??;
+            let (link, iroh) = j.await.context("a registration task")??;
             let (stop, rx) = tokio::sync::watch::channel(false);
             let run = link.clone().run(async move {
                 let mut rx = rx;
                 let _ = rx.wait_for(|s| *s).await;
             });
             tokio::spawn(run);
-            agents.push(SimAgent { link, stop });
+            agents.push(SimAgent { link, stop, iroh });
         }
     }
     Ok(())
@@ -349,25 +382,56 @@ fn server_tune(c: &mut tern_node::config::Config) {
     c.limits.connections_per_ip = Some(MAX_BENCH_CONNECTIONS);
 }
 
+/// The servers' transport for agents speaking `transport`.
+fn servers_transport(transport: &str) -> anyhow::Result<tern_transport_dual::TransportConfig> {
+    match transport {
+        "grpc" => Ok(tern_testkit::config::grpc()),
+        // Dual: the bench's own calls stay on gRPC; agents and Raft speak
+        // iroh.
+        "iroh" => Ok(tern_testkit::config::dual(
+            &["all_except_raft"],
+            tern_protocol::policy::RaftTransport::Iroh,
+        )),
+        other => anyhow::bail!("--transport {other:?}: expected grpc or iroh"),
+    }
+}
+
+/// The servers as the agents reach them.
+fn seeds(cluster: &LocalCluster, transport: &str) -> Vec<PeerAddr> {
+    cluster
+        .nodes
+        .iter()
+        .filter_map(|n| {
+            let mut a = n.file.as_ref()?.peer_addr().ok()?;
+            if transport == "iroh" {
+                a.grpc = None;
+            } else {
+                a.iroh = None;
+            }
+            Some(a)
+        })
+        .collect()
+}
+
 /// Runs the fleet bench; see the module docs.
 pub async fn run(opts: &FleetOpts) -> anyhow::Result<Vec<FleetRow>> {
     let mut cluster = LocalCluster::start_tuned(
         &opts.tern,
         &opts.dir,
         3,
-        &tern_testkit::config::grpc(),
+        &servers_transport(&opts.transport)?,
         server_tune,
     )
     .await?;
     cluster.wait_formed().await?;
-    let seeds: Vec<PeerAddr> = cluster.nodes.iter().filter_map(|n| n.addr().ok()).collect();
+    let seeds = seeds(&cluster, &opts.transport);
     let mut agents: Vec<SimAgent> = Vec::new();
     let mut rows = Vec::new();
     let mut base_rss = None;
     let mut base_cpu = None;
     for (round, &n) in opts.counts.iter().enumerate() {
         let t = Instant::now();
-        add_agents(&mut agents, n, &seeds).await?;
+        add_agents(&mut agents, n, &seeds, &opts.transport).await?;
         if n > 0 {
             all_ready(&cluster, n).await?;
         }
@@ -392,6 +456,7 @@ pub async fn run(opts: &FleetOpts) -> anyhow::Result<Vec<FleetRow>> {
         let (change_p50_ms, change_p99_ms, leader_change_all_secs) =
             agent_figures(&mut cluster, &agents, round).await?;
         let row = FleetRow {
+            transport: opts.transport.clone(),
             agents: n,
             register_secs,
             cpu_ms_per_agent_s: per((cpu_ms_s - cpu_base).max(0.0)),
@@ -408,8 +473,15 @@ pub async fn run(opts: &FleetOpts) -> anyhow::Result<Vec<FleetRow>> {
         eprintln!("fleet: {}", serde_json::to_string(&row).unwrap_or_default());
         rows.push(row);
     }
-    for a in &agents {
+    let mut closing = Vec::new();
+    for a in agents {
         let _ = a.stop.send(true);
+        if let Some(t) = a.iroh {
+            closing.push(tokio::spawn(t.shutdown(Duration::ZERO)));
+        }
+    }
+    for c in closing {
+        let _ = c.await;
     }
     cluster.shutdown().await;
     Ok(rows)
@@ -419,11 +491,12 @@ pub async fn run(opts: &FleetOpts) -> anyhow::Result<Vec<FleetRow>> {
 pub fn table(rows: &[FleetRow]) -> String {
     let f = |v: Option<f64>, d: usize| v.map_or_else(|| "-".to_owned(), |v| format!("{v:.d$}"));
     let mut out = String::from(
-        "| agents | servers' CPU (% of a core) | CPU per agent (ms/s) | servers' RSS (MiB) | RSS per agent (KiB) | commit p50 / p99 (ms) | change to agent p50 / p99 (ms) | all agents follow a new leader (s) | load |\n|---|---|---|---|---|---|---|---|---|\n",
+        "| transport | agents | servers' CPU (% of a core) | CPU per agent (ms/s) | servers' RSS (MiB) | RSS per agent (KiB) | commit p50 / p99 (ms) | change to agent p50 / p99 (ms) | all agents follow a new leader (s) | load |\n|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for r in rows {
         out.push_str(&format!(
-            "| {} | {:.1} | {} | {:.0} | {} | {:.2} / {:.2} | {} / {} | {} | {} |\n",
+            "| {} | {} | {:.1} | {} | {:.0} | {} | {:.2} / {:.2} | {} / {} | {} | {} |\n",
+            r.transport,
             r.agents,
             r.cpu_percent,
             f(r.cpu_ms_per_agent_s, 3),

@@ -4,7 +4,7 @@
 //! tern-bench transport [--quick] --out target/bench-report/parts/transport-2proc.json
 //! tern-bench serve --transport iroh|grpc|raw-iroh|raw-grpc [--key-file F]
 //! tern-bench load --transport KIND --what unary|bulk|control-under-bulk [--secs N]
-//! tern-bench fleet --tern PATH [--agents 0,100,1000] [--steady-secs N] [--out FILE]
+//! tern-bench fleet --tern PATH [--agents 0,100,1000] [--steady-secs N] [--out FILE] [--transport grpc|iroh]
 //! tern-bench cluster --tern PATH [--quick] [--steady-secs N] [--keep-logs DIR]
 //!     [--only grpc,iroh,dual,etcd] [--writers 1,16] [--run-secs N] [--throughput-only]
 //!     --out target/bench-report/parts/cluster.json
@@ -81,6 +81,9 @@ enum Cmd {
         /// Also write the rows as JSON here.
         #[arg(long)]
         out: Option<PathBuf>,
+        /// What the simulated agents speak: grpc or iroh.
+        #[arg(long, default_value = "grpc")]
+        transport: String,
     },
     /// One load alone against a server child, for a profiler (`perf
     /// record -g -- tern-bench load ...` sees both processes) or a quick
@@ -142,6 +145,7 @@ fn fleet_main(
     agents: Vec<usize>,
     steady_secs: u64,
     out: Option<PathBuf>,
+    transport: String,
 ) -> anyhow::Result<()> {
     anyhow::ensure!(tern.is_file(), "--tern {}: no such file", tern.display());
     let mut counts = agents;
@@ -153,6 +157,7 @@ fn fleet_main(
         counts,
         steady: std::time::Duration::from_secs(steady_secs),
         dir: dir.clone(),
+        transport,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -237,7 +242,8 @@ fn main() -> ExitCode {
             agents,
             steady_secs,
             out,
-        } => fleet_main(tern, agents, steady_secs, out),
+            transport,
+        } => fleet_main(tern, agents, steady_secs, out, transport),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -50,6 +50,7 @@ use tern_state::{AgentStatus, Capacity, Command, NodeId, Response, VmReport};
 use tokio::time::Instant;
 
 use crate::admission::{check_token, unix_ms};
+use crate::assignments::Subscription;
 use crate::membership::{ensure_leader, members_pb};
 use crate::node::RaftNode;
 use crate::service::{ClusterShared, lock};
@@ -621,13 +622,6 @@ impl Drop for SyncStream {
     }
 }
 
-/// How long an assignment stream waits after a change before it looks:
-/// every open stream (one per agent) wakes on every applied write, so a
-/// burst of writes costs each stream one look, not one per write. Small
-/// next to a heartbeat interval; it bounds how much later than the commit
-/// an agent can learn of a change.
-pub const SYNC_COALESCE: Duration = Duration::from_millis(20);
-
 /// What one assignment message says, compared to decide whether to send.
 #[derive(PartialEq)]
 struct Said {
@@ -639,7 +633,9 @@ struct Said {
     grants: Vec<pb::AccessGrant>,
 }
 
-fn said(node: &Attached, id: NodeId) -> Result<(Said, u64), Status> {
+/// The caller's assignment, the revision it was read at, and its mark
+/// (see [`crate::assignments`]).
+fn said(node: &Attached, id: NodeId) -> Result<(Said, u64, u64), Status> {
     let servers = members_pb(
         node.raft
             .metrics()
@@ -663,6 +659,7 @@ fn said(node: &Attached, id: NodeId) -> Result<(Said, u64), Status> {
                     grants: crate::access::grants_pb(s),
                 },
                 s.vm_history().revision(),
+                s.assignment_mark(id),
             )
         })
         .map_err(|e| Status::unavailable(format!("cannot read the cluster state: {e}")))
@@ -701,7 +698,9 @@ async fn wait_for_revision(
 
 /// Serves `Cluster/AgentSync`: the caller's assignment when the stream
 /// opens and whenever it changes, until the caller goes or this server
-/// stops.
+/// stops. The stream reads the assignment when the hub
+/// ([`crate::assignments`]) wakes it, and again at every progress
+/// interval, so a change is sent within that interval whatever happens.
 pub(crate) async fn serve_sync(
     shared: Arc<ClusterShared>,
     node: Arc<Attached>,
@@ -713,49 +712,55 @@ pub(crate) async fn serve_sync(
         .map_err(|e| Status::invalid_argument(format!("cluster/agentsync: {e}")))?;
     let (id, _) = caller_agent(&node, &ctx.peer)?;
     let _stream = SyncStream::open(&shared, id)?;
-    let mut changes = node.sm.changes();
-    wait_for_revision(&node, &mut changes, req.min_revision).await?;
+    {
+        let mut changes = node.sm.changes();
+        wait_for_revision(&node, &mut changes, req.min_revision).await?;
+    }
+    let mut sub = Subscription::open(&shared, &node, id);
     let mut sent: Option<Said> = None;
     let mut last = req.from_revision;
     tracing::debug!(agent = id, from = last, "assignment stream opened");
+    let mut progress = false;
     loop {
-        let (now, revision) = said(&node, id)?;
+        let (now, revision, mark) = said(&node, id)?;
+        sub.read_at(mark);
         if sent.as_ref() != Some(&now) {
             last = revision;
+            send(&mut outbound, &assignment(&now, revision), last).await?;
+            sent = Some(now);
+        } else if progress {
             let msg = pb::AgentAssignment {
-                revision,
-                vms: tern_services::agent::to_pb_vms(&now.vms),
-                progress: false,
+                revision: last,
+                progress: true,
                 status: now.status.name().into(),
-                policy: now.policy.clone(),
-                policy_source: now.policy_source.clone(),
-                servers: now.servers.clone(),
-                grants: now.grants.clone(),
+                ..pb::AgentAssignment::default()
             };
             send(&mut outbound, &msg, last).await?;
-            sent = Some(now);
         }
         tokio::select! {
-            r = changes.changed() => {
+            r = sub.woken.changed() => {
                 if r.is_err() {
                     return Err(Status::unavailable(format!(
                         "the server is shutting down; resume on another server from revision {last}"
                     )));
                 }
-                // Writes come in bursts: one look after a short pause
-                // covers them all, instead of one per write per agent.
-                tokio::time::sleep(SYNC_COALESCE).await;
+                progress = false;
             },
-            () = tokio::time::sleep(ASSIGNMENT_PROGRESS_INTERVAL) => {
-                let msg = pb::AgentAssignment {
-                    revision: last,
-                    progress: true,
-                    status: sent.as_ref().map_or(AgentStatus::Down, |s| s.status).name().into(),
-                    ..pb::AgentAssignment::default()
-                };
-                send(&mut outbound, &msg, last).await?;
-            }
+            () = tokio::time::sleep(ASSIGNMENT_PROGRESS_INTERVAL) => progress = true,
         }
+    }
+}
+
+fn assignment(now: &Said, revision: u64) -> pb::AgentAssignment {
+    pb::AgentAssignment {
+        revision,
+        vms: tern_services::agent::to_pb_vms(&now.vms),
+        progress: false,
+        status: now.status.name().into(),
+        policy: now.policy.clone(),
+        policy_source: now.policy_source.clone(),
+        servers: now.servers.clone(),
+        grants: now.grants.clone(),
     }
 }
 

@@ -41,6 +41,9 @@
 //!   `AgentHeartbeat`, `AgentReport`, the `AgentSync` stream of an agent's
 //!   assignment) and [`agents::watch_agents`], the leader's judgement of
 //!   which agents are down.
+//! - [`assignments`]: the hub that wakes an agent's assignment stream only
+//!   when its assignment may have changed (one look per burst of writes,
+//!   not one per stream and write).
 //! - [`demotion`]: `Cluster/Demote`, an admin's demotion of a server to
 //!   an agent that keeps its node id and its VMs.
 //! - [`snapshot_schedule`]: when this node builds a snapshot (every
@@ -54,6 +57,7 @@ pub mod access;
 pub mod address;
 pub mod admission;
 pub mod agents;
+pub mod assignments;
 pub mod consensus;
 pub mod demotion;
 pub mod membership;

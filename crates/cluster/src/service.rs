@@ -39,6 +39,8 @@ pub(crate) struct ClusterShared {
     pub(crate) agent_settings: AgentSettings,
     /// When the leader last heard each agent.
     pub(crate) agents: AgentTracker,
+    /// The assignment streams this server wakes.
+    pub(crate) assignments: crate::assignments::AssignmentHub,
 }
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -105,6 +107,7 @@ impl RaftServices {
                 address_updates: Mutex::new(std::collections::BTreeMap::new()),
                 agent_settings: agents,
                 agents: AgentTracker::default(),
+                assignments: crate::assignments::AssignmentHub::default(),
             }),
         }
     }

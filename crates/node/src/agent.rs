@@ -45,7 +45,7 @@ use tern_cluster::agents::MIN_AGENT_DOWN_AFTER;
 use tern_protocol::catalog::methods;
 use tern_protocol::metric_names::{AGENT_FENCED, AGENT_HEARTBEAT_AGE};
 use tern_protocol::stream::StreamCall;
-use tern_protocol::{BoxFuture, Call, CallError, Code, PeerAddr, RpcClient, pb};
+use tern_protocol::{BoxFuture, Call, CallError, Code, PeerAddr, PeerId, RpcClient, pb};
 use tern_services::consensus::{Consensus, ConsensusError, RaftRole, RaftStatus};
 use tern_state::{AssignedVm, Capacity, ClusterState, Command, Member, NodeId, Response, VmState};
 use tokio::sync::watch;
@@ -67,6 +67,16 @@ pub const MIN_HEARTBEAT_INTERVAL: Duration = Duration::from_millis(100);
 /// (a third of `MIN_AGENT_DOWN_AFTER`, 1 s).
 const FENCE_TICK: Duration = Duration::from_millis(100);
 
+/// How long a server that failed to answer at all (a timeout, a refused
+/// or broken connection) is passed over: neither taken as the leader when
+/// another server names it, nor asked in turn. A killed leader is named by
+/// the followers until they elect another; without this an agent went back
+/// to it and waited out a call timeout again (over iroh a dead peer is
+/// found only by the timeout), and a leader change cost it two or three
+/// timeouts, close to its fence. Long enough to cover an election; a
+/// server that answers is trusted again at once.
+pub const SUSPECT_FOR: Duration = Duration::from_secs(5);
+
 /// What the agent learned of the servers.
 #[derive(Debug, Clone, Default)]
 struct Servers {
@@ -74,6 +84,9 @@ struct Servers {
     leader: Option<NodeId>,
     heartbeat_interval: Duration,
     down_after: Duration,
+    /// Servers that failed to answer at all, and when (see
+    /// [`SUSPECT_FOR`]).
+    suspects: Vec<(PeerId, Instant)>,
 }
 
 impl Servers {
@@ -84,7 +97,8 @@ impl Servers {
             .map(|(_, m)| m.addr.clone())
     }
 
-    /// The leader if known, else the `turn`th server.
+    /// The leader if known, else the `turn`th server not suspected
+    /// (any, when all are).
     fn target(&self, turn: usize, seeds: &[PeerAddr]) -> Option<PeerAddr> {
         if let Some(addr) = self.leader.and_then(|l| self.addr_of(l)) {
             return Some(addr);
@@ -93,12 +107,51 @@ impl Servers {
     }
 
     fn nth(&self, turn: usize, seeds: &[PeerAddr]) -> Option<PeerAddr> {
+        let now = Instant::now();
+        let pick = |all: Vec<&PeerAddr>| -> Option<PeerAddr> {
+            let trusted: Vec<&PeerAddr> = all
+                .iter()
+                .copied()
+                .filter(|a| !self.suspected(&a.id, now))
+                .collect();
+            let from = if trusted.is_empty() { all } else { trusted };
+            from.get(turn % from.len().max(1)).map(|a| (*a).clone())
+        };
         if self.list.is_empty() {
-            return seeds.get(turn % seeds.len().max(1)).cloned();
+            return pick(seeds.iter().collect());
         }
-        self.list
-            .get(turn % self.list.len())
-            .map(|(_, m)| m.addr.clone())
+        pick(self.list.iter().map(|(_, m)| &m.addr).collect())
+    }
+
+    fn suspected(&self, key: &PeerId, now: Instant) -> bool {
+        self.suspects
+            .iter()
+            .any(|(k, at)| k == key && now.saturating_duration_since(*at) < SUSPECT_FOR)
+    }
+
+    /// `server` failed to answer at all: not the leader, and passed over
+    /// for [`SUSPECT_FOR`].
+    fn failed(&mut self, server: &PeerId) {
+        let now = Instant::now();
+        self.suspects
+            .retain(|(k, at)| k != server && now.saturating_duration_since(*at) < SUSPECT_FOR);
+        self.suspects.push((*server, now));
+        self.leader = None;
+    }
+
+    /// `server` answered: trusted again.
+    fn answered(&mut self, server: &PeerId) {
+        self.suspects.retain(|(k, _)| k != server);
+    }
+
+    /// Takes `leader`, named by a server, unless it is suspected: a
+    /// follower names a dead leader until it has elected another.
+    fn named_leader(&mut self, leader: NodeId) {
+        let now = Instant::now();
+        let suspected = self
+            .addr_of(leader)
+            .is_some_and(|a| self.suspected(&a.id, now));
+        self.leader = (leader != 0 && !suspected).then_some(leader);
     }
 
     /// Takes the servers' settings from an answer (network input): an
@@ -321,7 +374,7 @@ impl AgentLink {
                 }
                 Err(e) => {
                     last = e.to_string();
-                    lock_write(&self.servers).leader = None;
+                    lock_write(&self.servers).failed(&target.id);
                 }
             }
             if Instant::now() > give_up {
@@ -338,7 +391,8 @@ impl AgentLink {
         {
             let mut s = lock_write(&self.servers);
             s.list = servers_of(&m.members);
-            s.leader = (m.leader_id != 0).then_some(m.leader_id);
+            s.answered(&via.id);
+            s.named_leader(m.leader_id);
         }
     }
 
@@ -385,6 +439,7 @@ impl AgentLink {
                 .await
             {
                 Ok(answer) => {
+                    lock_write(&self.servers).answered(&target.id);
                     self.acknowledged(&answer);
                     tokio::time::sleep(interval).await;
                 }
@@ -402,7 +457,7 @@ impl AgentLink {
                         }
                         _ => {
                             tracing::debug!(error = %e, server = %target.id.short(), "heartbeat failed; trying another server");
-                            lock_write(&self.servers).leader = None;
+                            lock_write(&self.servers).failed(&target.id);
                         }
                     }
                     tokio::time::sleep(RETRY_PAUSE).await;
@@ -683,7 +738,7 @@ impl AgentLink {
                 reason: s.to_string(),
             }),
             Err(e) => {
-                lock_write(&self.servers).leader = None;
+                lock_write(&self.servers).failed(&target.id);
                 Err(ConsensusError::Unavailable {
                     reason: e.to_string(),
                 })
@@ -760,6 +815,41 @@ mod tests {
             Some(PeerId::from_bytes([9; 32])),
             "seeds before any server is known"
         );
+    }
+
+    #[test]
+    fn a_server_that_did_not_answer_is_passed_over_until_it_does() {
+        let mut s = Servers {
+            list: vec![member(1), member(2), member(3)],
+            leader: Some(1),
+            ..Servers::default()
+        };
+        let seeds = [PeerAddr::new(PeerId::from_bytes([9; 32]))];
+        let key = |n: u8| PeerId::from_bytes([n; 32]);
+        // The leader (node 1) is killed: its call fails.
+        s.failed(&key(1));
+        assert_eq!(s.leader, None);
+        // A follower still names it before the election: not taken.
+        s.named_leader(1);
+        assert_eq!(s.leader, None, "a suspected server is not taken as leader");
+        // Servers in turn skip it.
+        for turn in 0..6 {
+            assert_ne!(s.target(turn, &seeds).map(|a| a.id), Some(key(1)));
+        }
+        // The new leader is named and taken.
+        s.named_leader(2);
+        assert_eq!(s.target(0, &seeds).map(|a| a.id), Some(key(2)));
+        // Every server suspected: any is asked rather than none.
+        s.failed(&key(2));
+        s.failed(&key(3));
+        assert!(s.target(0, &seeds).is_some());
+        // One that answers is trusted again at once.
+        s.answered(&key(1));
+        s.named_leader(1);
+        assert_eq!(s.leader, Some(1));
+        // No leader named (0): none taken.
+        s.named_leader(0);
+        assert_eq!(s.leader, None);
     }
 
     #[test]

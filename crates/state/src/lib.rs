@@ -34,6 +34,8 @@
 //! - [`rollout`]: the transport rollout: its plan and gates, the stage in
 //!   force and the nodes it covers (a policy layer between node and
 //!   group), the pure gate evaluation, and the history of decisions.
+//! - [`marks`]: which nodes' assignments an apply may have changed, so a
+//!   server wakes only the assignment streams of the agents concerned.
 //! - [`dedup`]: the table of recent request ids and their answers.
 //! - [`limits`]: the size limits every write is checked against before it
 //!   is proposed ([`limits::check_command`]), as named constants.
@@ -45,6 +47,7 @@ pub mod command;
 pub mod dedup;
 pub mod events;
 pub mod limits;
+pub mod marks;
 pub mod member;
 pub mod meta;
 pub mod network;

@@ -122,6 +122,7 @@ impl ClusterState {
         }
         self.members = members;
         self.forget_departed();
+        self.marks.everyone();
     }
 
     /// Current members by node id.

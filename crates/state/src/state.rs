@@ -27,6 +27,7 @@ use crate::command::{Command, Rejection, Response};
 use crate::dedup::DedupTable;
 use crate::events::VmHistory;
 use crate::limits::MAX_REQUEST_ID_LEN;
+use crate::marks::AssignmentMarks;
 use crate::member::{FIRST_NODE_ID, Member, NodeId};
 use crate::meta::MetaEntry;
 use crate::network::NetworkState;
@@ -86,6 +87,10 @@ pub struct ClusterState {
     /// not serialized, rebuilt on decoding.
     #[serde(skip)]
     pub(crate) index: VmIndex,
+    /// Which nodes' assignments applies may have changed (see
+    /// [`crate::marks`]): not serialized, everything marked on decoding.
+    #[serde(skip)]
+    pub(crate) marks: AssignmentMarks,
 }
 
 /// The fields of [`ClusterState`] as they are serialized (all but the
@@ -117,6 +122,7 @@ impl From<StoredState> for ClusterState {
     fn from(s: StoredState) -> ClusterState {
         ClusterState {
             index: VmIndex::of(s.vms.values()),
+            marks: AssignmentMarks::default(),
             members: s.members,
             node_ids: s.node_ids,
             next_node_id: s.next_node_id,
@@ -309,6 +315,7 @@ impl From<ClusterStateV5> for ClusterState {
     fn from(v5: ClusterStateV5) -> ClusterState {
         ClusterState {
             index: VmIndex::of(v5.vms.values()),
+            marks: AssignmentMarks::default(),
             members: v5.members,
             node_ids: v5.node_ids,
             next_node_id: v5.next_node_id,
@@ -356,6 +363,7 @@ impl From<ClusterStateV4> for ClusterState {
     fn from(v4: ClusterStateV4) -> ClusterState {
         ClusterState {
             index: VmIndex::of(v4.vms.values()),
+            marks: AssignmentMarks::default(),
             members: v4.members,
             node_ids: v4.node_ids,
             next_node_id: v4.next_node_id,
@@ -416,6 +424,7 @@ impl From<ClusterStateV3> for ClusterState {
     fn from(v3: ClusterStateV3) -> ClusterState {
         ClusterState {
             index: VmIndex::of(v3.vms.values()),
+            marks: AssignmentMarks::default(),
             members: v3.members,
             node_ids: v3.node_ids,
             next_node_id: v3.next_node_id,
@@ -476,6 +485,7 @@ impl Default for ClusterState {
             rollout: None,
             agents: BTreeMap::new(),
             index: VmIndex::default(),
+            marks: AssignmentMarks::default(),
         }
     }
 }
@@ -525,6 +535,7 @@ impl ClusterState {
 
     /// Applies a command not seen before. One arm per command.
     fn apply_new(&mut self, index: u64, cmd: Command) -> Response {
+        self.mark_for(&cmd);
         match cmd {
             Command::AllocateNodeId { peer, .. } => self.allocate_node_id(peer),
             Command::PutVm { vm, .. } => self.put_vm(vm),
@@ -1003,6 +1014,57 @@ mod tests {
         ]
     }
 
+    /// Agent commands for the marks' property: registrations of peers
+    /// that may or may not hold the id, status changes, removals.
+    fn arb_agent_command() -> impl proptest::strategy::Strategy<Value = Command> {
+        use proptest::prelude::*;
+        let req = "[e-h]{1,2}";
+        prop_oneof![
+            (req, 0u8..4, 3u64..7, 1u32..4).prop_map(|(r, p, node_id, vcpus)| {
+                Command::RegisterAgent {
+                    request_id: r,
+                    node_id,
+                    addr: PeerAddr::new(peer(p)),
+                    capacity: Capacity {
+                        vcpus,
+                        memory_mib: 4096,
+                    },
+                    at_unix_ms: 1,
+                }
+            }),
+            (req, 3u64..7, any::<bool>()).prop_map(|(r, node_id, down)| {
+                Command::SetAgentStatus {
+                    request_id: r,
+                    node_id,
+                    status: if down {
+                        crate::AgentStatus::Down
+                    } else {
+                        crate::AgentStatus::Ready
+                    },
+                    at_unix_ms: 2,
+                }
+            }),
+            (req, 3u64..7).prop_map(|(r, node_id)| Command::RemoveAgent {
+                request_id: r,
+                node_id,
+            }),
+        ]
+    }
+
+    /// What an agent's assignment stream sends for `node`, as the state
+    /// holds it (the servers' list is the members).
+    fn assignment_of(s: &ClusterState, node: NodeId) -> String {
+        format!(
+            "{:?} {:?} {:?} {:?} {:?}",
+            s.assignment(node),
+            s.agent(node).map(|a| a.status),
+            s.desired_policy(node)
+                .map(|(p, source)| (p.clone(), source.to_string())),
+            s.access,
+            s.members,
+        )
+    }
+
     #[test]
     fn the_metadata_register_keeps_the_index_and_refuses_out_of_bounds() {
         let mut state = ClusterState::default();
@@ -1083,6 +1145,36 @@ mod tests {
             let bytes = postcard::to_stdvec(&a).unwrap();
             let back: ClusterState = postcard::from_bytes(&bytes).unwrap();
             proptest::prop_assert_eq!(back, a);
+        }
+
+        /// Whatever is applied, a node whose assignment changed has a new
+        /// mark: a server that compares marks never misses a change it
+        /// must stream (marks may change when nothing did, never the
+        /// reverse).
+        #[test]
+        fn a_changed_assignment_always_has_a_new_mark(
+            cmds in proptest::collection::vec(
+                proptest::prop_oneof![arb_command(), arb_agent_command()],
+                0..60,
+            )
+        ) {
+            let mut s = ClusterState::default();
+            s.apply_membership(&membership(&[(1, 1), (2, 2)]));
+            for (index, cmd) in (1u64..).zip(cmds) {
+                let before: Vec<(String, u64)> = (1..7)
+                    .map(|n| (assignment_of(&s, n), s.assignment_mark(n)))
+                    .collect();
+                let what = cmd.to_string();
+                s.apply_at(index, cmd);
+                for (n, (was, mark)) in (1..7).zip(before) {
+                    if assignment_of(&s, n) != was {
+                        proptest::prop_assert_ne!(
+                            s.assignment_mark(n), mark,
+                            "{} changed node {}'s assignment without a new mark", what, n
+                        );
+                    }
+                }
+            }
         }
 
         /// Whatever VM commands arrive, in any order, no node is promised

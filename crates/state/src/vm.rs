@@ -127,7 +127,7 @@ impl VmIndex {
 
     /// The nodes `vm` reserves capacity on: where it is placed and, while
     /// it migrates, its target.
-    fn nodes(vm: &VmRecord) -> impl Iterator<Item = NodeId> {
+    pub(crate) fn nodes(vm: &VmRecord) -> impl Iterator<Item = NodeId> {
         let target = (vm.migrate_to != 0 && vm.migrate_to != vm.node_id).then_some(vm.migrate_to);
         std::iter::once(vm.node_id).chain(target)
     }
@@ -175,8 +175,14 @@ impl ClusterState {
     fn insert_vm(&mut self, vm: VmRecord) {
         if let Some(old) = self.vms.get(&vm.id) {
             self.index.remove(old);
+            for node in VmIndex::nodes(old) {
+                self.marks.node(node);
+            }
         }
         self.index.add(&vm);
+        for node in VmIndex::nodes(&vm) {
+            self.marks.node(node);
+        }
         self.vm_history.record(&vm, false);
         self.vms.insert(vm.id.clone(), vm);
     }
@@ -191,6 +197,9 @@ impl ClusterState {
     ) -> Option<VmRecord> {
         let mut vm = self.vms.remove(vm_id)?;
         self.index.remove(&vm);
+        for node in VmIndex::nodes(&vm) {
+            self.marks.node(node);
+        }
         self.network.release(vm_id);
         self.user_data.remove(vm_id);
         last(&mut vm);
