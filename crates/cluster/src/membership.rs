@@ -459,6 +459,36 @@ pub(crate) async fn record_own_address(node: &Arc<Attached>, me: &Member) -> Res
     Ok(())
 }
 
+/// Whether the wait before promoting learner `id` (added by the
+/// membership at `since`) is over: it caught up, or there is nothing left
+/// to do (this node no longer leads, or the learner was removed; the
+/// caller checks which).
+fn promotion_settled(
+    m: &openraft::RaftMetrics<TypeConfig>,
+    id: NodeId,
+    since: Option<tern_store::LogId>,
+) -> bool {
+    if m.state != ServerState::Leader {
+        return true;
+    }
+    if *m.membership_config.log_id() < since {
+        return false; // metrics do not show the learner yet
+    }
+    if m.membership_config.membership().get_node(&id).is_none() {
+        return true;
+    }
+    let matched = m
+        .replication
+        .as_ref()
+        .and_then(|r| r.get(&id))
+        .and_then(|l| l.as_ref())
+        .map(|l| l.index);
+    match (matched, m.last_log_index) {
+        (Some(matched), Some(last)) => last.saturating_sub(matched) <= PROMOTION_MAX_LAG,
+        _ => false,
+    }
+}
+
 /// Promotes learner `id` (added by the membership at `since`) to voter
 /// once it has caught up, unless a promotion of it is already under way.
 fn spawn_promotion(
@@ -474,32 +504,7 @@ fn spawn_promotion(
         let waited = node
             .raft
             .wait(Some(PROMOTION_TIMEOUT))
-            .metrics(
-                |m| {
-                    if m.state != ServerState::Leader {
-                        return true; // nothing left to do; checked below
-                    }
-                    if *m.membership_config.log_id() < since {
-                        return false; // metrics do not show the learner yet
-                    }
-                    if m.membership_config.membership().get_node(&id).is_none() {
-                        return true; // removed meanwhile
-                    }
-                    let matched = m
-                        .replication
-                        .as_ref()
-                        .and_then(|r| r.get(&id))
-                        .and_then(|l| l.as_ref())
-                        .map(|l| l.index);
-                    match (matched, m.last_log_index) {
-                        (Some(matched), Some(last)) => {
-                            last.saturating_sub(matched) <= PROMOTION_MAX_LAG
-                        }
-                        _ => false,
-                    }
-                },
-                "learner caught up",
-            )
+            .metrics(|m| promotion_settled(m, id, since), "learner caught up")
             .await;
         match waited {
             Err(e) => {
