@@ -25,7 +25,10 @@
 //! agent not heard for [`AgentSettings::down_after`] is marked down
 //! (`SetAgentStatus`), which moves its VMs. A new leader hears nobody yet,
 //! so it counts every agent as heard when it took over: an agent is never
-//! marked down for a leader change, only for its own silence.
+//! marked down for a leader change, only for its own silence. A server
+//! being demoted (a member with an agent record, see [`crate::demotion`])
+//! is not judged until it has left the membership; from then it counts as
+//! heard at that moment.
 //!
 //! **Never twice.** An agent stops its VMs by itself once its heartbeats
 //! have gone unacknowledged for a third of `down_after` (its fence, in
@@ -134,7 +137,7 @@ pub const MIN_AGENT_WRITE_GAP: Duration = Duration::from_secs(1);
 const MAX_TRACKED_WRITERS: usize = 65_536;
 
 impl AgentTracker {
-    fn heard(&self, agent: NodeId, now: Instant) {
+    pub(crate) fn heard(&self, agent: NodeId, now: Instant) {
         lock(&self.inner).seen.insert(agent, now);
     }
 
@@ -244,7 +247,7 @@ fn capped(declared: Option<pb::Capacity>, max: Capacity) -> Capacity {
     }
 }
 
-async fn write(node: &Attached, command: Command) -> Result<Response, Status> {
+pub(crate) async fn write(node: &Attached, command: Command) -> Result<Response, Status> {
     match tokio::time::timeout(
         crate::meta::WRITE_TIMEOUT,
         crate::node::client_write(&node.raft, command),
@@ -795,11 +798,14 @@ async fn look(raft: &RaftNode) {
     let shared = raft.services().shared();
     let now = Instant::now();
     let leads = raft.raft().metrics().borrow_watched().current_leader == Some(raft.id());
+    // A server being demoted (still a member) is no agent to judge yet:
+    // it runs its VMs as a server until it leaves the membership.
     let agents: Vec<(NodeId, AgentStatus, u64)> = raft
         .state()
         .read(|s| {
             s.agents()
                 .iter()
+                .filter(|(id, _)| !s.is_demoting(**id))
                 .map(|(id, a)| (*id, a.status, a.since_unix_ms))
                 .collect()
         })

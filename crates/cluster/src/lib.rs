@@ -44,6 +44,8 @@
 //! - [`assignments`]: the hub that wakes an agent's assignment stream only
 //!   when its assignment may have changed (one look per burst of writes,
 //!   not one per stream and write).
+//! - [`demotion`]: `Cluster/Demote`, an admin's demotion of a server to
+//!   an agent that keeps its node id and its VMs.
 //! - [`snapshot_schedule`]: when this node builds a snapshot (every
 //!   `RaftOptions::snapshot_logs_since_last` entries, at an offset of its
 //!   own so that the members do not build together).
@@ -57,6 +59,7 @@ pub mod admission;
 pub mod agents;
 pub mod assignments;
 pub mod consensus;
+pub mod demotion;
 pub mod membership;
 pub mod meta;
 pub mod node;

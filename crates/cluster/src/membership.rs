@@ -169,7 +169,7 @@ async fn membership_settled(raft: &RaftInstance) -> Result<(), Status> {
 
 /// Applies `changes` once the previous change has settled, retrying when
 /// another change slipped in first.
-async fn change_membership(
+pub(crate) async fn change_membership(
     raft: &RaftInstance,
     changes: ChangeMembers<NodeId, Member>,
     retain: bool,
@@ -368,7 +368,9 @@ pub(crate) async fn join(
     }
     let voters = membership.voter_ids().count();
     let is_voter = membership.voter_ids().any(|v| v == id);
-    let voter_pending = is_voter || voters < shared.admission.max_voters;
+    // A server being demoted that restarted as a server stays a learner.
+    let demoting = node.sm.read(|s| s.is_demoting(id)).unwrap_or(false);
+    let voter_pending = is_voter || (voters < shared.admission.max_voters && !demoting);
     if !is_voter {
         if voter_pending {
             spawn_promotion(shared.clone(), node.clone(), id, since);
@@ -457,6 +459,36 @@ pub(crate) async fn record_own_address(node: &Arc<Attached>, me: &Member) -> Res
     Ok(())
 }
 
+/// Whether the wait before promoting learner `id` (added by the
+/// membership at `since`) is over: it caught up, or there is nothing left
+/// to do (this node no longer leads, or the learner was removed; the
+/// caller checks which).
+fn promotion_settled(
+    m: &openraft::RaftMetrics<TypeConfig>,
+    id: NodeId,
+    since: Option<tern_store::LogId>,
+) -> bool {
+    if m.state != ServerState::Leader {
+        return true;
+    }
+    if *m.membership_config.log_id() < since {
+        return false; // metrics do not show the learner yet
+    }
+    if m.membership_config.membership().get_node(&id).is_none() {
+        return true;
+    }
+    let matched = m
+        .replication
+        .as_ref()
+        .and_then(|r| r.get(&id))
+        .and_then(|l| l.as_ref())
+        .map(|l| l.index);
+    match (matched, m.last_log_index) {
+        (Some(matched), Some(last)) => last.saturating_sub(matched) <= PROMOTION_MAX_LAG,
+        _ => false,
+    }
+}
+
 /// Promotes learner `id` (added by the membership at `since`) to voter
 /// once it has caught up, unless a promotion of it is already under way.
 fn spawn_promotion(
@@ -472,32 +504,7 @@ fn spawn_promotion(
         let waited = node
             .raft
             .wait(Some(PROMOTION_TIMEOUT))
-            .metrics(
-                |m| {
-                    if m.state != ServerState::Leader {
-                        return true; // nothing left to do; checked below
-                    }
-                    if *m.membership_config.log_id() < since {
-                        return false; // metrics do not show the learner yet
-                    }
-                    if m.membership_config.membership().get_node(&id).is_none() {
-                        return true; // removed meanwhile
-                    }
-                    let matched = m
-                        .replication
-                        .as_ref()
-                        .and_then(|r| r.get(&id))
-                        .and_then(|l| l.as_ref())
-                        .map(|l| l.index);
-                    match (matched, m.last_log_index) {
-                        (Some(matched), Some(last)) => {
-                            last.saturating_sub(matched) <= PROMOTION_MAX_LAG
-                        }
-                        _ => false,
-                    }
-                },
-                "learner caught up",
-            )
+            .metrics(|m| promotion_settled(m, id, since), "learner caught up")
             .await;
         match waited {
             Err(e) => {
@@ -532,6 +539,7 @@ fn spawn_promotion(
 }
 
 pub(crate) async fn leave(
+    shared: &Arc<ClusterShared>,
     node: &Arc<Attached>,
     ctx: &RequestContext,
     payload: Bytes,
@@ -606,6 +614,15 @@ pub(crate) async fn leave(
             true,
         )
         .await?;
+    }
+    // A server being demoted leaves as the agent it was becoming
+    // (`apply_membership`); it is heard as of now, like a demotion's end.
+    if node.sm.read(|s| s.is_demoting(id)).unwrap_or(false) {
+        tracing::info!(
+            node = id,
+            "the node was being demoted: it leaves as an agent"
+        );
+        shared.agents.heard(id, tokio::time::Instant::now());
     }
     tracing::info!(node = id, "removing node from the cluster");
     let written = change_membership(
@@ -719,6 +736,15 @@ pub(crate) async fn promote(
             Code::NotFound,
             format!("node {id} is not a member (tern cluster members lists them)"),
         ));
+    }
+    let demoting = node
+        .sm
+        .read(|s| s.is_demoting(id))
+        .map_err(|e| Status::unavailable(format!("cannot read the cluster state: {e}")))?;
+    if demoting {
+        return Err(failed_precondition(format!(
+            "node {id} is being demoted to an agent; finish with tern cluster demote {id}"
+        )));
     }
     if !membership.voter_ids().any(|v| v == id) {
         tracing::info!(node = id, by = %ctx.peer.short(), "promoting a learner on an admin's request");

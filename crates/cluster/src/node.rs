@@ -628,6 +628,46 @@ impl RaftNode {
         }
     }
 
+    /// Whether this server has been demoted to an agent
+    /// (`tern cluster demote`, see [`crate::demotion`]): its applied state
+    /// holds an agent record for its own id and it votes no more. Such a
+    /// node must stop acting as a server: it is restarted with
+    /// `role = "agent"`.
+    pub fn is_demoted(&self) -> bool {
+        let id = self.attached.id;
+        let voter = self
+            .attached
+            .raft
+            .metrics()
+            .borrow_watched()
+            .membership_config
+            .membership()
+            .voter_ids()
+            .any(|v| v == id);
+        !voter
+            && self
+                .attached
+                .sm
+                .read(|s| s.agent(id).is_some())
+                .unwrap_or(false)
+    }
+
+    /// Resolves once this server has been demoted
+    /// ([`RaftNode::is_demoted`]), checked on every change of Raft's
+    /// metrics (each applied entry changes them). Never resolves while it
+    /// is not, or once Raft has stopped.
+    pub async fn demoted(&self) {
+        let mut rx = self.attached.raft.metrics();
+        loop {
+            if self.is_demoted() {
+                return;
+            }
+            if rx.changed().await.is_err() {
+                return std::future::pending().await;
+            }
+        }
+    }
+
     /// The state machine, to read the cluster state.
     pub fn state(&self) -> &StateMachineStore {
         &self.attached.sm

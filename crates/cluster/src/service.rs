@@ -29,6 +29,9 @@ pub(crate) struct ClusterShared {
     pub(crate) admission: Admission,
     pub(crate) failed_joins: FailedJoins,
     pub(crate) promoting: Mutex<BTreeSet<NodeId>>,
+    /// Held through one demotion on this leader, so that two demotions
+    /// at once cannot both pass the check of the voters left.
+    pub(crate) demoting: tokio::sync::Mutex<()>,
     /// When the leader last recorded each member's new addresses (see
     /// [`crate::address::MIN_RECORDED_GAP`]).
     pub(crate) address_updates: Mutex<std::collections::BTreeMap<NodeId, tokio::time::Instant>>,
@@ -100,6 +103,7 @@ impl RaftServices {
                 admission,
                 failed_joins: FailedJoins::default(),
                 promoting: Mutex::new(BTreeSet::new()),
+                demoting: tokio::sync::Mutex::new(()),
                 address_updates: Mutex::new(std::collections::BTreeMap::new()),
                 agent_settings: agents,
                 agents: AgentTracker::default(),
@@ -213,13 +217,13 @@ static ROUTES: LazyLock<Routes<Route, StreamRoute>> = LazyLock::new(|| {
 });
 
 fn routes() -> Result<Routes<Route, StreamRoute>, RouteError> {
-    use crate::{access, admission, membership, meta, policy, rollout};
+    use crate::{access, admission, demotion, membership, meta, policy, rollout};
     Routes::<Route, StreamRoute>::new(ServiceId::Cluster)
         .unary(methods::CLUSTER_JOIN, |shared, node, ctx, payload| {
             Box::pin(join(shared, node, ctx, payload))
         })?
-        .unary(methods::CLUSTER_LEAVE, |_, node, ctx, payload| {
-            Box::pin(leave(node, ctx, payload))
+        .unary(methods::CLUSTER_LEAVE, |shared, node, ctx, payload| {
+            Box::pin(leave(shared, node, ctx, payload))
         })?
         .unary(methods::CLUSTER_MEMBERS, |_, node, _, _| {
             let answer = members_response(node).encode_to_vec().into();
@@ -251,6 +255,9 @@ fn routes() -> Result<Routes<Route, StreamRoute>, RouteError> {
         })?
         .unary(methods::CLUSTER_PROMOTE, |_, node, ctx, payload| {
             Box::pin(membership::promote(node, ctx, payload))
+        })?
+        .unary(methods::CLUSTER_DEMOTE, |shared, node, ctx, payload| {
+            Box::pin(demotion::serve(shared, node, ctx, payload))
         })?
         .unary(methods::CLUSTER_TRANSPORT_SET, |_, node, ctx, payload| {
             Box::pin(policy::serve_set(node, ctx, payload))

@@ -66,10 +66,13 @@ fn allowed(method: &Method) -> &'static [Who] {
         // Rollout changes: operators; members forward them.
         "cluster/rollout" => &[Operator, Admin, Member],
         "cluster/accessgrant" | "cluster/accessrevoke" => &[Admin],
-        // Tokens and promotion: admins only (a member never mints tokens).
-        "cluster/tokencreate" | "cluster/tokenrevoke" | "cluster/tokenlist" | "cluster/promote" => {
-            &[Admin]
-        }
+        // Tokens, promotion and demotion: admins only (a member never
+        // mints tokens nor changes another's role).
+        "cluster/tokencreate"
+        | "cluster/tokenrevoke"
+        | "cluster/tokenlist"
+        | "cluster/promote"
+        | "cluster/demote" => &[Admin],
         // Anyone reaches the Cluster service; it wants the join token
         // (none sent here) or membership.
         "cluster/join" => &[Member],
@@ -107,8 +110,8 @@ impl Handler for Probe {
     }
 }
 
-/// A payload that harms nothing when allowed: empty, except Leave, which
-/// names a node that does not exist, and Join, the caller's own address
+/// A payload that harms nothing when allowed: empty, except Leave and
+/// Demote, which name a node that does not exist, and Join, the caller's own address
 /// with a wrong token (the member's join is answered with the existing
 /// membership).
 fn payload(method: &Method, caller: &PeerAddr, agent_id: u64) -> Bytes {
@@ -133,6 +136,9 @@ fn payload(method: &Method, caller: &PeerAddr, agent_id: u64) -> Bytes {
     }
     if method == methods::CLUSTER_LEAVE {
         return pb::LeaveRequest { node_id: 999 }.encode_to_vec().into();
+    }
+    if method == methods::CLUSTER_DEMOTE {
+        return pb::DemoteRequest { node_id: 999 }.encode_to_vec().into();
     }
     if method == methods::CLUSTER_JOIN {
         return pb::JoinRequest {

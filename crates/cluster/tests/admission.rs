@@ -8,6 +8,8 @@
 //! - joiners become voters only while the cluster has fewer than
 //!   `max_voters`; later ones stay learners until an admin promotes them;
 //! - a declared capacity above the cap is cut to it;
+//! - a demotion of an unknown id, of the only voter, or by a non-admin is
+//!   refused with the reason;
 //! - every token and membership change is in the audit log.
 //!
 //! Every wait is bounded ([`support::WAIT`]); nothing asserts on speed.
@@ -185,6 +187,24 @@ async fn tokens_and_learners<F: TransportFactory>(factory: F) {
     refused(tr, revoke("0badcafe"), Code::NotFound, "0badcafe").await;
     let promote = pb::PromoteRequest { node_id: 999 }.encode_to_vec();
     refused(methods::CLUSTER_PROMOTE, promote, Code::NotFound, "999").await;
+    // Demotion: an unknown id; the only voter (fewer than three left).
+    let demote = |node_id| pb::DemoteRequest { node_id }.encode_to_vec();
+    let cd = methods::CLUSTER_DEMOTE;
+    refused(cd, demote(999), Code::NotFound, "999").await;
+    let only = first.raft().id();
+    refused(
+        cd,
+        demote(only),
+        Code::FailedPrecondition,
+        "would leave 0 voters",
+    )
+    .await;
+    // Only an admin demotes (the handler checks, behind the access gate).
+    let err = call(second.client().as_ref(), &leader, cd, demote(only).into())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(Code::PermissionDenied), "{err}");
+    assert!(err.to_string().contains("admin"), "{err}");
 
     // A token for one node: the first join works, a reuse is refused.
     let token = create_token(admin.client().as_ref(), &leader, 600, 1)

@@ -897,6 +897,55 @@ pub async fn promote(conn: &Conn, node_id: u64, out: Out) -> Result<(), CliError
     Ok(())
 }
 
+/// Attempts of `tern cluster demote` while leadership moves away from the
+/// node being demoted.
+const DEMOTE_ATTEMPTS: usize = 5;
+
+/// Pause between those attempts: an election's worth.
+const DEMOTE_RETRY_PAUSE: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// `tern cluster demote NODE_ID`: a server becomes an agent, keeping its
+/// node id and its VMs. Demoting the leader moves leadership first; the
+/// call is then repeated at the new leader.
+pub async fn demote(conn: &Conn, node_id: u64, out: Out) -> Result<(), CliError> {
+    let mut attempt = 0;
+    let m: pb::MembersResponse = loop {
+        attempt += 1;
+        match conn
+            .call(methods::CLUSTER_DEMOTE, &pb::DemoteRequest { node_id })
+            .await
+        {
+            Err(e)
+                if attempt < DEMOTE_ATTEMPTS && e.to_string().contains("leadership is moving") =>
+            {
+                tokio::time::sleep(DEMOTE_RETRY_PAUSE).await;
+            }
+            other => break other?,
+        }
+    };
+    if out.json {
+        out!(
+            "{}",
+            json!({
+                "demoted": node_id,
+                "leader_id": m.leader_id,
+                "members": m.members.iter().map(member_json).collect::<Vec<_>>(),
+            })
+        );
+    } else {
+        out!("node {node_id} is an agent now; servers:");
+        print_table(
+            &["node", "id", "role", "grpc", "iroh", "declared capacity"],
+            &members_rows(&m.members, m.leader_id),
+        );
+        out!(
+            "\nits `tern run` stops by itself; set role = \"agent\" under [node] in its config and \
+             start it again (same data directory, no join token): it keeps its node id and its VMs."
+        );
+    }
+    Ok(())
+}
+
 /// `tern cluster join`: a node joins by configuration, at start. This
 /// prints the `[cluster]` lines that make a new node join through the
 /// node the CLI talks to.

@@ -911,7 +911,13 @@ impl Config {
                 "must be above 0 (the most memory a joining node may declare)",
             ));
         }
-        if !self.cluster.join.is_empty() && self.cluster.join_token.is_none() {
+        // An agent's key may be registered already (a restart, a demoted
+        // server): the servers refuse an unknown one without a token, and
+        // the agent stops naming this key.
+        if !self.cluster.join.is_empty()
+            && self.cluster.join_token.is_none()
+            && self.node.role != Role::Agent
+        {
             return Err(err(
                 "cluster.join_token",
                 "joining through cluster.join needs the cluster's join token",

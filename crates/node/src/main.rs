@@ -258,6 +258,12 @@ enum ClusterCommand {
         /// The learner's node id (tern cluster members).
         node_id: u64,
     },
+    /// Make a server an agent (admin): it leaves the Raft membership and
+    /// keeps its node id and its VMs; restart it with `role = "agent"`.
+    Demote {
+        /// The server's node id (tern cluster members).
+        node_id: u64,
+    },
     /// The metadata register: a small replicated key-value map (labels,
     /// operator metadata), written through Raft and read linearizably.
     Meta {
@@ -572,6 +578,7 @@ fn main() -> ExitCode {
                 ClusterCommand::Leave { node_id } => cli::leave(&conn, node_id, out).await,
                 ClusterCommand::Members => cli::members(&conn, out).await,
                 ClusterCommand::Promote { node_id } => cli::promote(&conn, node_id, out).await,
+                ClusterCommand::Demote { node_id } => cli::demote(&conn, node_id, out).await,
                 ClusterCommand::Token {
                     command: TokenCommand::Create { ttl, uses },
                 } => cli::token_create(&conn, &ttl, uses, out).await,

@@ -618,9 +618,14 @@ impl Node {
         let raft = match existing {
             Some(id) => {
                 tracing::info!(node = id, "resuming Raft from the data directory");
-                RaftNode::start(&raft_services, id, log, sm, client.clone(), &options)
+                let node = RaftNode::start(&raft_services, id, log, sm, client.clone(), &options)
                     .await
-                    .map_err(|e| failed("starting Raft", e))?
+                    .map_err(|e| failed("starting Raft", e))?;
+                if node.is_demoted() {
+                    let _ = node.shutdown().await;
+                    return Err(demoted_error(id));
+                }
+                node
             }
             None if seeds.is_empty() => {
                 tern_cluster::write_node_id(&data_dir, FIRST_NODE_ID)
@@ -868,6 +873,17 @@ impl Node {
         }
     }
 
+    /// Resolves once this server has been demoted to an agent (`tern
+    /// cluster demote`): it no longer votes and the cluster records it as
+    /// an agent. `tern run` then stops it (see [`demoted_error`]). Never
+    /// resolves on an agent.
+    pub async fn demoted(&self) {
+        match &self.core {
+            Core::Server { raft, .. } => raft.demoted().await,
+            Core::Agent { .. } => std::future::pending().await,
+        }
+    }
+
     /// Sets or removes the file's pin of the transport policy (what a
     /// SIGHUP read) and applies what follows: the pin, else the cluster's
     /// desired policy for this node, else the default. Needs no quorum.
@@ -1001,6 +1017,7 @@ async fn start_agent(p: AgentStart) -> Result<Node, StartError> {
             .collect(),
     );
     let id = link.register().await.map_err(register_error)?;
+    retire_server_store(&data_dir)?;
     let consensus: Arc<dyn tern_services::consensus::Consensus> = link.clone();
     gate.attach(consensus.clone());
     tasks.push(tokio::spawn(link.clone().run(stopped(stop_rx.clone()))));
@@ -1049,6 +1066,53 @@ async fn start_agent(p: AgentStart) -> Result<Node, StartError> {
         stop,
         tasks,
     })
+}
+
+/// Why a demoted server stops (at start, or once it learns of its
+/// demotion while running): its config still says `role = "server"`.
+pub fn demoted_error(id: u64) -> StartError {
+    StartError::Config(ConfigError {
+        file: None,
+        key: "node.role".into(),
+        reason: format!(
+            "this node (node {id}) was demoted to an agent (tern cluster demote): set \
+             role = \"agent\" under [node] and start it again; it keeps its node id and its VMs \
+             and needs no join token"
+        ),
+    })
+}
+
+/// An agent whose data directory holds a Raft store and node id file from
+/// its days as a server (it was demoted) moves both aside, into
+/// `raft.server-UNIX_MS/`, with a log line: an agent never reads them, and
+/// a later promotion back to server must join afresh rather than resume
+/// from a log the cluster has moved past.
+fn retire_server_store(data_dir: &Path) -> Result<(), StartError> {
+    let raft = data_dir.join(RAFT_DIR);
+    let id_file = data_dir.join(tern_cluster::node::NODE_ID_FILE);
+    if !raft.exists() && !id_file.exists() {
+        return Ok(());
+    }
+    let at = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis());
+    let aside = data_dir.join(format!("{RAFT_DIR}.server-{at}"));
+    let moved = std::fs::create_dir_all(&aside)
+        .and_then(|()| match raft.exists() {
+            true => std::fs::rename(&raft, aside.join(RAFT_DIR)),
+            false => Ok(()),
+        })
+        .and_then(|()| match id_file.exists() {
+            true => std::fs::rename(&id_file, aside.join(tern_cluster::node::NODE_ID_FILE)),
+            false => Ok(()),
+        });
+    moved.map_err(|e| failed("moving the Raft store of this node's server days aside", e))?;
+    tracing::warn!(
+        moved_to = %aside.display(),
+        "this agent's data directory held a Raft store from its days as a server (it was \
+         demoted); moved aside, never read again: remove it once the agent runs well"
+    );
+    Ok(())
 }
 
 /// Why an agent could not start, from why its registration failed.

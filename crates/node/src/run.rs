@@ -6,6 +6,12 @@
 //!   storage error): logged with what failed and what to check, the node
 //!   stops as on SIGTERM, and `tern run` exits non-zero
 //!   ([`StartError::RaftFailed`]). Health reports it not live meanwhile.
+//! - **Demoted** (`tern cluster demote` of this server): logged with what
+//!   to do, the node stops after [`DEMOTED_EXIT_GRACE`] as on SIGTERM (its
+//!   VMs run on, as over any restart), and `tern run` exits with code 2
+//!   naming `node.role`: it must be started again with `role = "agent"`.
+//!   A server whose data directory says it was demoted refuses to start
+//!   the same way.
 //! - **SIGHUP:** re-read the config file and apply its `[transport]`
 //!   section atomically ([`Node::set_pin`]), logging the old and new
 //!   policy. A `[transport]` section pins the policy (the emergency
@@ -21,6 +27,12 @@ use tokio::signal::unix::{SignalKind, signal};
 
 use crate::config::{Checked, Config, ConfigError};
 use crate::node::{Node, SHUTDOWN_DEADLINE, StartError};
+
+/// How long a server that learned of its demotion keeps running before it
+/// stops: its acknowledgement of the entries that told it reaches the
+/// leader, which waits for it before it takes the node out of the
+/// membership.
+pub const DEMOTED_EXIT_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Installs the log subscriber: `RUST_LOG` filter, `info` by default, to
 /// stderr.
@@ -99,8 +111,23 @@ pub async fn run(config_path: Option<PathBuf>) -> Result<(), StartError> {
         _ = int.recv() => return Err(StartError::Failed("stopped by Ctrl-C while starting".into())),
     };
     let mut failure = None;
+    let mut demoted = None;
     loop {
         tokio::select! {
+            () = node.demoted() => {
+                let id = node.raft_id();
+                tracing::error!(
+                    node = id,
+                    "this server was demoted to an agent (tern cluster demote): it stops now; set \
+                     role = \"agent\" under [node] and start it again (no join token needed); its \
+                     VMs run on meanwhile"
+                );
+                // Let the acknowledgement of the entries that told it
+                // reach the leader before the transports close.
+                tokio::time::sleep(DEMOTED_EXIT_GRACE).await;
+                demoted = Some(id);
+                break;
+            }
             why = node.raft_failure() => {
                 tracing::error!(
                     failure = %why,
@@ -127,6 +154,9 @@ pub async fn run(config_path: Option<PathBuf>) -> Result<(), StartError> {
         }
     }
     node.shutdown(SHUTDOWN_DEADLINE).await;
+    if let Some(id) = demoted {
+        return Err(crate::node::demoted_error(id));
+    }
     match failure {
         Some(why) => Err(StartError::RaftFailed(why)),
         None => Ok(()),

@@ -190,9 +190,10 @@ pub fn rule(method: &Method) -> Option<Rule> {
         (ServiceId::Cluster, "RolloutGet") => Rule::RoleOrMember(Viewer),
         (ServiceId::Cluster, "MetaGet") => Rule::RoleOrMember(Viewer),
         (ServiceId::Cluster, "AccessGrant" | "AccessRevoke") => Rule::Role(Admin),
-        (ServiceId::Cluster, "TokenCreate" | "TokenRevoke" | "TokenList" | "Promote") => {
-            Rule::Role(Admin)
-        }
+        (
+            ServiceId::Cluster,
+            "TokenCreate" | "TokenRevoke" | "TokenList" | "Promote" | "Demote",
+        ) => Rule::Role(Admin),
         (ServiceId::Cluster, "AccessList") => Rule::RoleOrMember(Viewer),
         // The token (or an existing registration) is checked by the
         // Cluster service, as for Join.

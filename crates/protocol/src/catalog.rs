@@ -266,6 +266,7 @@ pub const METHODS: &[Method] = &[
     m(Cluster, 16, "AgentRegister", true, Normal),
     m(Cluster, 17, "AgentHeartbeat", true, Normal),
     m(Cluster, 18, "AgentReport", true, Normal),
+    m(Cluster, 20, "Demote", true, Normal),
 ];
 
 /// Every streaming method of every service.
@@ -369,6 +370,8 @@ pub mod methods {
     pub const CLUSTER_AGENT_HEARTBEAT: &Method = &METHODS[30];
     /// `Cluster/AgentReport`.
     pub const CLUSTER_AGENT_REPORT: &Method = &METHODS[31];
+    /// `Cluster/Demote`.
+    pub const CLUSTER_DEMOTE: &Method = &METHODS[32];
     /// `Cluster/AgentSync` (server stream).
     pub const CLUSTER_AGENT_SYNC: &Method = &STREAM_METHODS[2];
     /// `Raft/AppendStream` (bidirectional stream).

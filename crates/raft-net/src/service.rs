@@ -510,6 +510,7 @@ pub fn command_name(command: &Command) -> &'static str {
         Command::RegisterAgent { .. } => "register-agent",
         Command::SetAgentStatus { .. } => "set-agent-status",
         Command::RemoveAgent { .. } => "remove-agent",
+        Command::DemoteServer { .. } => "demote-server",
     }
 }
 
@@ -581,6 +582,7 @@ pub fn check_proposal(command: &Command, caller: &BTreeSet<NodeId>) -> Result<()
         | Command::RegisterAgent { .. }
         | Command::SetAgentStatus { .. }
         | Command::RemoveAgent { .. }
+        | Command::DemoteServer { .. }
         | Command::Rollout { .. } => Err(ProposeRefused::NotAllowed {
             command: command_name(command),
         }),

@@ -421,7 +421,9 @@ pub fn network_of(state: &ClusterState, vm_id: &str) -> Option<(Lease, Ipv4Net)>
 /// The status a refusal by the state is answered with.
 pub fn rejection_status(why: &Rejection) -> Status {
     let code = match why {
-        Rejection::UnknownVm { .. } | Rejection::UnknownToken { .. } => Code::NotFound,
+        Rejection::UnknownVm { .. }
+        | Rejection::UnknownToken { .. }
+        | Rejection::NotAServer { .. } => Code::NotFound,
         Rejection::NameTaken { .. } => Code::AlreadyExists,
         Rejection::InvalidRequestId { .. }
         | Rejection::UnknownNode { .. }
@@ -452,6 +454,7 @@ pub fn rejection_status(why: &Rejection) -> Status {
         | Rejection::PoolInUse { .. }
         | Rejection::NodeDown { .. }
         | Rejection::AgentIsServer { .. }
+        | Rejection::AlreadyAgent { .. }
         | Rejection::Rollout { .. } => Code::FailedPrecondition,
         Rejection::AgentIdMismatch { .. } => Code::PermissionDenied,
         Rejection::InvalidDesiredState { .. }

@@ -118,7 +118,8 @@ pub enum AuditAction {
 
 impl AuditAction {
     /// A short name for tables and JSON: `grant`, `revoke`, `token-create`,
-    /// `token-revoke`, `admit`, `add-learner`, `promote`, `remove`.
+    /// `token-revoke`, `admit`, `add-learner`, `promote`, `remove`,
+    /// `demote`.
     pub fn name(&self) -> &'static str {
         match self {
             AuditAction::Grant { .. } => "grant",
@@ -129,6 +130,7 @@ impl AuditAction {
             AuditAction::Membership(MembershipChange::AddedLearner { .. }) => "add-learner",
             AuditAction::Membership(MembershipChange::Promoted { .. }) => "promote",
             AuditAction::Membership(MembershipChange::Removed { .. }) => "remove",
+            AuditAction::Membership(MembershipChange::Demoted { .. }) => "demote",
         }
     }
 
@@ -156,7 +158,8 @@ impl AuditAction {
             | AuditAction::Membership(
                 MembershipChange::AddedLearner { node_id, .. }
                 | MembershipChange::Promoted { node_id }
-                | MembershipChange::Removed { node_id },
+                | MembershipChange::Removed { node_id }
+                | MembershipChange::Demoted { node_id },
             ) => Some(*node_id),
             _ => None,
         }

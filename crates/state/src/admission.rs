@@ -238,6 +238,12 @@ pub enum MembershipChange {
         /// Its node id.
         node_id: NodeId,
     },
+    /// A server was demoted to an agent: it left the membership keeping
+    /// its node id and its VMs.
+    Demoted {
+        /// Its node id.
+        node_id: NodeId,
+    },
 }
 
 impl std::fmt::Display for MembershipChange {
@@ -248,6 +254,9 @@ impl std::fmt::Display for MembershipChange {
             }
             MembershipChange::Promoted { node_id } => write!(f, "node {node_id} promoted to voter"),
             MembershipChange::Removed { node_id } => write!(f, "node {node_id} removed"),
+            MembershipChange::Demoted { node_id } => {
+                write!(f, "node {node_id} demoted from server to agent")
+            }
         }
     }
 }

@@ -140,6 +140,34 @@ impl ClusterState {
             .collect()
     }
 
+    /// Applies a command about agents (registration, status, removal,
+    /// demotion of a server); any other command changes nothing.
+    pub(crate) fn apply_agent(&mut self, cmd: crate::Command) -> Response {
+        use crate::Command;
+        match cmd {
+            Command::RegisterAgent {
+                node_id,
+                addr,
+                capacity,
+                at_unix_ms,
+                ..
+            } => self.register_agent(node_id, addr, capacity, at_unix_ms),
+            Command::SetAgentStatus {
+                node_id,
+                status,
+                at_unix_ms,
+                ..
+            } => self.set_agent_status(node_id, status, at_unix_ms),
+            Command::RemoveAgent { node_id, .. } => self.remove_agent(node_id),
+            Command::DemoteServer {
+                node_id,
+                at_unix_ms,
+                ..
+            } => self.demote_server(node_id, at_unix_ms),
+            _ => Response::Done,
+        }
+    }
+
     /// Records an agent: its id must be the one allocated to its key, and
     /// it must not be a Raft member (a server does not register as an
     /// agent). A known agent's addresses and capacity are updated; its
@@ -216,6 +244,37 @@ impl ClusterState {
             self.forget_departed();
         }
         Response::Done
+    }
+
+    /// Starts demoting the member `node_id` to an agent: it gets an agent
+    /// record with its member record's addresses and capacity, ready as of
+    /// `at_unix_ms`, so that the membership entry that removes it leaves
+    /// it a node with its id and its VMs ([`ClusterState::apply_membership`]).
+    /// Until then it is both a member and an agent: a demotion under way.
+    /// The same demotion again changes nothing; an agent, or an id that is
+    /// no member, is refused.
+    pub(crate) fn demote_server(&mut self, node_id: NodeId, at_unix_ms: u64) -> Response {
+        let Some(member) = self.members.get(&node_id) else {
+            return Response::Rejected(if self.agents.contains_key(&node_id) {
+                Rejection::AlreadyAgent { node_id }
+            } else {
+                Rejection::NotAServer { node_id }
+            });
+        };
+        self.agents.entry(node_id).or_insert_with(|| AgentRecord {
+            addr: member.addr.clone(),
+            capacity: member.capacity,
+            status: AgentStatus::Ready,
+            since_unix_ms: at_unix_ms,
+        });
+        Response::NodeId(node_id)
+    }
+
+    /// Whether `node` is a member being demoted to an agent: it has an
+    /// agent record and is still a member (the membership entry that
+    /// removes it has not applied yet).
+    pub fn is_demoting(&self, node: NodeId) -> bool {
+        self.members.contains_key(&node) && self.agents.contains_key(&node)
     }
 
     /// What the agent `node` must run: every VM placed on it (not those
@@ -598,5 +657,89 @@ mod tests {
         assert_eq!(s.node_id_of(&peer(2)), None, "its id is retired");
         assert_eq!(s.vms()[&a.id].node_id, 2, "pinned: stays, with the reason");
         assert_ne!(s.vms()[&b.id].node_id, 2);
+    }
+    #[test]
+    fn a_demoted_server_keeps_its_id_labels_and_vms() {
+        let mut s = cluster(&[]);
+        let one = Member::new(PeerAddr::new(peer(1)), Capacity::default());
+        let two = Member::new(PeerAddr::new(peer(2)), cap(4, 4096));
+        s.apply_membership([(&1, &one), (&2, &two)]);
+        let a = create(&mut s, "a", 0);
+        assert_eq!(a.node_id, 2);
+        s.apply(Command::SetNodeLabels {
+            request_id: "labels".into(),
+            node_id: 2,
+            labels: [("zone".to_owned(), "b".to_owned())].into(),
+        });
+        let demote = |s: &mut ClusterState, req: &str| {
+            s.apply(Command::DemoteServer {
+                request_id: req.into(),
+                node_id: 2,
+                at_unix_ms: 5,
+            })
+        };
+        assert_eq!(demote(&mut s, "d1"), Response::NodeId(2));
+        assert!(s.is_demoting(2));
+        // The same demotion again (a retry at a new leader) is no change.
+        assert_eq!(demote(&mut s, "d2"), Response::NodeId(2));
+        // Membership entries that still hold it (voter to learner) keep
+        // the record: this is no agent joining as a server.
+        s.apply_membership([(&1, &one), (&2, &two)]);
+        assert!(s.is_demoting(2));
+        s.apply_membership([(&1, &one)]);
+        assert!(!s.is_demoting(2));
+        let agent = s.agent(2).expect("an agent now");
+        assert_eq!((agent.status, agent.since_unix_ms), (AgentStatus::Ready, 5));
+        assert_eq!(agent.addr, two.addr);
+        assert_eq!(agent.capacity, two.capacity);
+        assert_eq!(s.node_id_of(&peer(2)), Some(2), "its id is kept");
+        assert_eq!(s.vms()[&a.id].node_id, 2, "its VM stays with it");
+        assert_eq!(s.free_capacity(2), Some(cap(3, 4096 - 256)));
+        assert!(s.node_labels().contains_key(&2), "its labels stay");
+        // Its key registers as the agent it is, without a token.
+        let r = s.apply(Command::RegisterAgent {
+            request_id: "back".into(),
+            node_id: 2,
+            addr: two.addr.clone(),
+            capacity: two.capacity,
+            at_unix_ms: 6,
+        });
+        assert_eq!(r, Response::NodeId(2));
+        // And back: it joins as a server again with the same id.
+        s.apply_membership([(&1, &one), (&2, &two)]);
+        assert!(s.agent(2).is_none() && !s.is_demoting(2));
+        assert_eq!(s.vms()[&a.id].node_id, 2);
+    }
+
+    #[test]
+    fn only_a_member_can_be_demoted() {
+        let mut s = cluster(&[cap(1, 1)]);
+        let demote = |s: &mut ClusterState, node_id: NodeId| {
+            s.apply(Command::DemoteServer {
+                request_id: format!("d{node_id}"),
+                node_id,
+                at_unix_ms: 1,
+            })
+        };
+        assert_eq!(
+            demote(&mut s, 2),
+            Response::Rejected(Rejection::AlreadyAgent { node_id: 2 })
+        );
+        assert_eq!(
+            demote(&mut s, 9),
+            Response::Rejected(Rejection::NotAServer { node_id: 9 })
+        );
+        assert!(s.agent(9).is_none());
+    }
+
+    #[test]
+    fn a_server_that_leaves_without_a_demotion_gives_up_its_id() {
+        let mut s = cluster(&[]);
+        let one = Member::new(PeerAddr::new(peer(1)), Capacity::default());
+        let two = Member::new(PeerAddr::new(peer(2)), cap(4, 4096));
+        s.apply_membership([(&1, &one), (&2, &two)]);
+        s.apply_membership([(&1, &one)]);
+        assert_eq!(s.node_id_of(&peer(2)), None);
+        assert!(s.agent(2).is_none());
     }
 }

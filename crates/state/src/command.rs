@@ -261,6 +261,20 @@ pub enum Command {
         /// The agent.
         node_id: NodeId,
     },
+    /// Start demoting a server to an agent (an admin's `Cluster/Demote`):
+    /// the member `node_id` gets an agent record with its own addresses
+    /// and capacity, so that when the membership entry that removes it
+    /// applies, it stays a node of the cluster with its id and its VMs
+    /// (`ClusterState::apply_membership`). Answers [`Response::NodeId`];
+    /// the same demotion again (still a member) changes nothing.
+    DemoteServer {
+        /// Deduplication id.
+        request_id: RequestId,
+        /// The server (a Raft member, voter or learner).
+        node_id: NodeId,
+        /// When, by the proposer's clock.
+        at_unix_ms: u64,
+    },
 }
 
 impl Command {
@@ -288,6 +302,7 @@ impl Command {
             | Command::RegisterAgent { request_id, .. }
             | Command::SetAgentStatus { request_id, .. }
             | Command::RemoveAgent { request_id, .. }
+            | Command::DemoteServer { request_id, .. }
             | Command::CreateVmWithData { request_id, .. } => Some(request_id),
         }
     }
@@ -433,6 +448,11 @@ impl std::fmt::Display for Command {
                 request_id,
                 node_id,
             } => write!(f, "remove-agent node={node_id} req={request_id}"),
+            Command::DemoteServer {
+                request_id,
+                node_id,
+                ..
+            } => write!(f, "demote-server node={node_id} req={request_id}"),
         }
     }
 }
@@ -730,5 +750,17 @@ pub enum Rejection {
     Rollout {
         /// Why.
         why: String,
+    },
+    /// A demotion of a node that is an agent already.
+    #[error("node {node_id} is an agent already; only a server (a Raft member) can be demoted")]
+    AlreadyAgent {
+        /// The node.
+        node_id: NodeId,
+    },
+    /// A demotion of an id that is no node of the cluster.
+    #[error("node {node_id} is not a server of the cluster (tern cluster members lists them)")]
+    NotAServer {
+        /// The id given.
+        node_id: NodeId,
     },
 }

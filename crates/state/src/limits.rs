@@ -249,6 +249,7 @@ pub fn check_command(command: &Command) -> Result<(), LimitError> {
         | Command::RecordMembership { .. }
         | Command::SetAgentStatus { .. }
         | Command::RemoveAgent { .. }
+        | Command::DemoteServer { .. }
         | Command::SetNetworkPool { .. } => {}
         Command::RegisterAgent { addr, capacity, .. } => {
             check_member(&Member::new(addr.clone(), *capacity))?

@@ -84,9 +84,14 @@ impl ClusterState {
 
     /// Records a newly applied membership: its nodes become the members.
     /// Nodes that were members and are no longer give up their node id for
-    /// good; ids seen in a membership are never handed out again.
-    /// `nodes` are the membership's nodes, voters and learners (openraft's
-    /// `Membership::nodes()`).
+    /// good, unless they are being demoted (they have an agent record,
+    /// [`crate::Command::DemoteServer`]): those stay nodes of the cluster
+    /// as agents, with their id, labels and VMs. Ids seen in a membership
+    /// are never handed out again. A node that enters the membership
+    /// holding an agent record (an agent that joined as a server) is no
+    /// agent any more; one that was a member already keeps its record (a
+    /// demotion under way). `nodes` are the membership's nodes, voters
+    /// and learners (openraft's `Membership::nodes()`).
     pub fn apply_membership<'a>(
         &mut self,
         nodes: impl IntoIterator<Item = (&'a NodeId, &'a Member)>,
@@ -96,7 +101,11 @@ impl ClusterState {
             .map(|(id, member)| (*id, member.clone()))
             .collect();
         for (id, old) in &self.members {
-            if !members.contains_key(id) && self.node_ids.get(&old.peer_id()) == Some(id) {
+            let demoted = self.agents.contains_key(id);
+            if !members.contains_key(id)
+                && !demoted
+                && self.node_ids.get(&old.peer_id()) == Some(id)
+            {
                 self.node_ids.remove(&old.peer_id());
             }
         }
@@ -107,7 +116,9 @@ impl ClusterState {
             }
             // An agent that joined as a server (its role changed in its
             // config) keeps its id and its VMs; it is no agent any more.
-            self.agents.remove(id);
+            if !self.members.contains_key(id) {
+                self.agents.remove(id);
+            }
         }
         self.members = members;
         self.forget_departed();

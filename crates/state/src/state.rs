@@ -591,20 +591,10 @@ impl ClusterState {
                 at_unix_ms,
                 ..
             } => self.apply_rollout(op, last, at_unix_ms),
-            Command::RegisterAgent {
-                node_id,
-                addr,
-                capacity,
-                at_unix_ms,
-                ..
-            } => self.register_agent(node_id, addr, capacity, at_unix_ms),
-            Command::SetAgentStatus {
-                node_id,
-                status,
-                at_unix_ms,
-                ..
-            } => self.set_agent_status(node_id, status, at_unix_ms),
-            Command::RemoveAgent { node_id, .. } => self.remove_agent(node_id),
+            cmd @ (Command::RegisterAgent { .. }
+            | Command::SetAgentStatus { .. }
+            | Command::RemoveAgent { .. }
+            | Command::DemoteServer { .. }) => self.apply_agent(cmd),
         }
     }
 }

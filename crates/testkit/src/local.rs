@@ -262,6 +262,52 @@ impl LocalCluster {
         Ok(i)
     }
 
+    /// Rewrites server `i`'s config as an agent's (`[node] role =
+    /// "agent"`, no join token: a demoted server's key is registered
+    /// already) and counts it among the agents from now on; start it with
+    /// [`LocalCluster::start_node`].
+    pub fn make_agent(&mut self, i: usize) -> anyhow::Result<()> {
+        let node = self
+            .nodes
+            .get(i)
+            .with_context(|| format!("no node {}", i + 1))?;
+        let mut c = config::read(&node.config)?;
+        c.node.role = tern_node::config::Role::Agent;
+        c.cluster.join_token = None;
+        config::write(&node.config, &c)?;
+        if !self.agents.contains(&i) {
+            self.agents.push(i);
+        }
+        Ok(())
+    }
+
+    /// Waits (at most `bound`) until node `i`'s process exits by itself;
+    /// its exit status, `None` if it still runs (or never ran).
+    pub async fn wait_exit(
+        &mut self,
+        i: usize,
+        bound: Duration,
+    ) -> anyhow::Result<Option<std::process::ExitStatus>> {
+        let deadline = Instant::now() + bound;
+        let node = self
+            .nodes
+            .get_mut(i)
+            .with_context(|| format!("no node {}", i + 1))?;
+        loop {
+            let Some(child) = node.child.as_mut() else {
+                return Ok(None);
+            };
+            if let Some(status) = child.try_wait() {
+                node.child = None;
+                return Ok(Some(status));
+            }
+            if Instant::now() > deadline {
+                return Ok(None);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// SIGKILLs node `i` (no handover, no flush beyond what Raft already
     /// made durable) and reaps it.
     pub async fn kill(&mut self, i: usize) -> anyhow::Result<()> {

@@ -1,0 +1,227 @@
+//! What the demotion tests share: calls to the cluster's nodes, the
+//! live workload of a VM under a node's data directory, bounded waits.
+#![allow(dead_code)] // reason: each test binary uses its own subset.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use tern_protocol::catalog::methods;
+use tern_protocol::rpc::call_typed;
+use tern_protocol::{CallError, Code, pb};
+use tern_runtime::pidfile::{self, ProcessIdentity};
+use tern_testkit::local::LocalCluster;
+
+/// Bound on each awaited state (debug builds on a loaded 2-core machine).
+pub(crate) const BOUND: Duration = Duration::from_secs(90);
+pub(crate) const CALL: Duration = Duration::from_secs(30);
+
+pub(crate) async fn status(cluster: &LocalCluster, i: usize) -> Option<pb::NodeStatus> {
+    let addr = cluster.nodes[i].addr().ok()?;
+    call_typed(
+        cluster.client.as_ref(),
+        &addr,
+        methods::STATUS_GET,
+        &pb::StatusRequest {},
+        Duration::from_secs(5),
+    )
+    .await
+    .ok()
+}
+
+pub(crate) async fn vm(cluster: &LocalCluster, i: usize, id: &str) -> Option<pb::VmRecord> {
+    let addr = cluster.nodes[i].addr().ok()?;
+    call_typed(
+        cluster.client.as_ref(),
+        &addr,
+        methods::VM_GET,
+        &pb::GetVmRequest { vm_id: id.into() },
+        Duration::from_secs(5),
+    )
+    .await
+    .ok()
+}
+
+pub(crate) async fn demote(
+    cluster: &LocalCluster,
+    at: usize,
+    node_id: u64,
+) -> Result<pb::MembersResponse, CallError> {
+    call_typed(
+        cluster.client.as_ref(),
+        &cluster.nodes[at].addr().unwrap(),
+        methods::CLUSTER_DEMOTE,
+        &pb::DemoteRequest { node_id },
+        CALL,
+    )
+    .await
+}
+
+pub(crate) fn refusal<T: std::fmt::Debug>(r: Result<T, CallError>) -> (Code, String) {
+    match r {
+        Err(CallError::Application(s)) => (s.code, s.message),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+/// The live workload of `vm_id` under a node's data directory, if any.
+pub(crate) fn workload(dir: &Path, vm_id: &str) -> Option<ProcessIdentity> {
+    fn find(dir: &Path, vm_id: &str, depth: usize) -> Option<PathBuf> {
+        if dir.file_name().is_some_and(|n| n == vm_id) && pidfile::pidfile_path(dir).exists() {
+            return Some(dir.to_owned());
+        }
+        if depth == 0 {
+            return None;
+        }
+        std::fs::read_dir(dir)
+            .ok()?
+            .flatten()
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+            .find_map(|e| find(&e.path(), vm_id, depth - 1))
+    }
+    let vm_dir = find(dir, vm_id, 4)?;
+    pidfile::read(&vm_dir)
+        .ok()
+        .flatten()
+        .filter(ProcessIdentity::is_alive)
+}
+
+/// Waits until `check` answers `Some`, failing with `what` and the logs.
+pub(crate) async fn until<T, F, Fut>(cluster: &LocalCluster, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + BOUND;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        if Instant::now() > deadline {
+            let logs: Vec<String> = cluster
+                .nodes
+                .iter()
+                .map(|n| format!("--- {}:\n{}", n.log.display(), n.log_tail(25)))
+                .collect();
+            panic!("{what} within {BOUND:?}; logs:\n{}", logs.join("\n"));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The Raft id of every node by index, from `members` (keys matched to
+/// the nodes' files).
+pub(crate) fn ids(cluster: &LocalCluster, members: &pb::MembersResponse) -> Vec<u64> {
+    cluster
+        .nodes
+        .iter()
+        .map(|n| {
+            let key = &n.file.as_ref().unwrap().id;
+            members
+                .members
+                .iter()
+                .find(|m| {
+                    let id: String = m
+                        .address
+                        .as_ref()
+                        .unwrap()
+                        .endpoint_id
+                        .iter()
+                        .map(|b| format!("{b:02x}"))
+                        .collect();
+                    id == *key
+                })
+                .map(|m| m.node_id)
+                .unwrap()
+        })
+        .collect()
+}
+
+/// Creates a VM pinned to node `target` (Raft id `target_id`) through
+/// node `at`, and waits until it runs there; its id and live workload.
+pub(crate) async fn pinned_vm(
+    cluster: &LocalCluster,
+    at: usize,
+    target: usize,
+    target_id: u64,
+) -> (String, ProcessIdentity) {
+    let created: pb::VmRecord = call_typed(
+        cluster.client.as_ref(),
+        &cluster.nodes[at].addr().unwrap(),
+        methods::VM_CREATE,
+        &pb::CreateVmRequest {
+            request_id: format!("demote-web-{target_id}"),
+            spec: Some(pb::VmSpec {
+                name: format!("web-{target_id}"),
+                vcpus: 1,
+                memory_mib: 64,
+                runtime: "process".into(),
+                command: vec!["/bin/sleep".into(), "600".into()],
+                pin_node: target_id,
+                ..pb::VmSpec::default()
+            }),
+        },
+        CALL,
+    )
+    .await
+    .unwrap();
+    let vm_id = created.id.clone();
+    let dir = cluster.nodes[target].dir.clone();
+    let running = until(cluster, "the VM running on the server", || async {
+        let v = vm(cluster, at, &vm_id).await?;
+        let running = v.observed == pb::VmState::Running as i32;
+        running.then(|| workload(&dir, &vm_id)).flatten()
+    })
+    .await;
+    (vm_id, running)
+}
+
+/// Restarts node `target` as an agent (no join token) and checks it comes
+/// back with its id and the VM `vm_id` still placed on it, running as the
+/// very workload `before`, with no copy on any other node.
+pub(crate) async fn back_as_agent(
+    cluster: &mut LocalCluster,
+    leader: usize,
+    target: usize,
+    target_id: u64,
+    vm_id: &str,
+    before: ProcessIdentity,
+) {
+    cluster.make_agent(target).unwrap();
+    cluster.start_node(target).await.unwrap();
+    until(cluster, "the leader hearing the agent", || async {
+        let s = status(cluster, leader).await?;
+        s.agents
+            .iter()
+            .any(|a| a.node_id == target_id && a.status == "ready" && a.heartbeat_age_ms > 0)
+            .then_some(())
+    })
+    .await;
+    let own = status(cluster, target).await.unwrap();
+    assert_eq!(own.role, pb::RaftRole::Agent as i32);
+    assert_eq!(own.node_id, target_id);
+    let v = until(cluster, "the VM running on the agent", || async {
+        let v = vm(cluster, leader, vm_id).await?;
+        (v.observed == pb::VmState::Running as i32).then_some(v)
+    })
+    .await;
+    assert_eq!(v.node_id, target_id, "the VM stays on the same node id");
+    let dir = &cluster.nodes[target].dir;
+    assert_eq!(
+        workload(dir, vm_id),
+        Some(before),
+        "the same workload, never stopped"
+    );
+    for (i, n) in cluster.nodes.iter().enumerate() {
+        if i != target {
+            assert_eq!(workload(&n.dir, vm_id), None, "no copy on node {}", i + 1);
+        }
+    }
+    assert!(!dir.join("raft").exists(), "the Raft store moved aside");
+    assert!(
+        std::fs::read_dir(dir)
+            .unwrap()
+            .flatten()
+            .any(|e| e.file_name().to_string_lossy().starts_with("raft.server-")),
+        "kept under raft.server-*"
+    );
+}
