@@ -196,7 +196,7 @@ async fn commit_latencies(leader: &PeerAddr, tag: &str) -> anyhow::Result<Vec<f6
             .context("the commit probe's runtime")?;
         rt.block_on(async {
             let client = tern_transport_grpc::GrpcClient::new(
-                tern_transport_grpc::ClientConfig::new(rand::random()),
+                tern_transport_grpc::ClientConfig::new(tern_testkit::keys::client_key()),
             );
             let mut ms = Vec::with_capacity(PUTS);
             for i in 0..PUTS {
