@@ -20,19 +20,20 @@
 //! guards if the test fails.
 #![allow(clippy::unwrap_used)] // reason: tests; a failure should fail the test loudly.
 
-use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::time::Duration;
 
 use tern_protocol::catalog::methods;
 use tern_protocol::metric_names::AGENTS;
 use tern_protocol::pb;
 use tern_protocol::rpc::call_typed;
-use tern_runtime::pidfile::{self, ProcessIdentity};
 use tern_testkit::local::LocalCluster;
+
+#[path = "demotion_support/mod.rs"]
+mod support;
+use support::{until, workload};
 use tern_testkit::{Metrics, config, scrape};
 
-/// Bound on each awaited state (debug builds on a loaded 2-core machine).
-const BOUND: Duration = Duration::from_secs(90);
 /// Servers' agent settings for the test: heartbeats every 200 ms, down
 /// after 3 s, so the agents fence after 1 s.
 const HEARTBEAT_MS: u64 = 200;
@@ -63,51 +64,6 @@ async fn vm(cluster: &LocalCluster, id: &str) -> Option<pb::VmRecord> {
     )
     .await
     .ok()
-}
-
-/// The live workload of `vm_id` under an agent's data directory, if any.
-fn workload(dir: &Path, vm_id: &str) -> Option<ProcessIdentity> {
-    fn find(dir: &Path, vm_id: &str, depth: usize) -> Option<PathBuf> {
-        if dir.file_name().is_some_and(|n| n == vm_id) && pidfile::pidfile_path(dir).exists() {
-            return Some(dir.to_owned());
-        }
-        if depth == 0 {
-            return None;
-        }
-        std::fs::read_dir(dir)
-            .ok()?
-            .flatten()
-            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-            .find_map(|e| find(&e.path(), vm_id, depth - 1))
-    }
-    let vm_dir = find(dir, vm_id, 4)?;
-    pidfile::read(&vm_dir)
-        .ok()
-        .flatten()
-        .filter(ProcessIdentity::is_alive)
-}
-
-/// Waits until `check` answers `Some`, failing with `what` and the logs.
-async fn until<T, F, Fut>(cluster: &LocalCluster, what: &str, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + BOUND;
-    loop {
-        if let Some(v) = check().await {
-            return v;
-        }
-        if Instant::now() > deadline {
-            let logs: Vec<String> = cluster
-                .nodes
-                .iter()
-                .map(|n| format!("--- {}:\n{}", n.log.display(), n.log_tail(25)))
-                .collect();
-            panic!("{what} within {BOUND:?}; logs:\n{}", logs.join("\n"));
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 fn signal(cluster: &LocalCluster, i: usize, sig: rustix::process::Signal) {
