@@ -362,7 +362,7 @@ impl AgentLink {
                 let s = lock_read(&self.servers);
                 (
                     s.target(turn, &self.seeds),
-                    s.heartbeat_interval.max(Duration::from_millis(100)),
+                    s.heartbeat_interval.max(MIN_HEARTBEAT_INTERVAL),
                 )
             };
             let Some(target) = target else {
