@@ -31,7 +31,7 @@ use tern_testkit::local::LocalCluster;
 
 #[path = "demotion_support/mod.rs"]
 mod support;
-use support::{until, workload};
+use support::{key_hex, status, until, workload};
 use tern_testkit::{Metrics, config, scrape};
 
 /// Servers' agent settings for the test: heartbeats every 200 ms, down
@@ -39,19 +39,6 @@ use tern_testkit::{Metrics, config, scrape};
 const HEARTBEAT_MS: u64 = 200;
 const DOWN_AFTER_MS: u64 = 3_000;
 const CALL: Duration = Duration::from_secs(5);
-
-async fn status(cluster: &LocalCluster, i: usize) -> Option<pb::NodeStatus> {
-    let addr = cluster.nodes[i].addr().ok()?;
-    call_typed(
-        cluster.client.as_ref(),
-        &addr,
-        methods::STATUS_GET,
-        &pb::StatusRequest {},
-        CALL,
-    )
-    .await
-    .ok()
-}
 
 async fn vm(cluster: &LocalCluster, id: &str) -> Option<pb::VmRecord> {
     let addr = cluster.nodes[0].addr().ok()?;
@@ -110,17 +97,7 @@ async fn agents_run_vms_fence_themselves_and_never_run_one_twice() {
         let key = cluster.nodes[i].file.as_ref().unwrap().id.clone();
         agents
             .iter()
-            .find(|ag| {
-                let id: String = ag
-                    .address
-                    .as_ref()
-                    .unwrap()
-                    .endpoint_id
-                    .iter()
-                    .map(|b| format!("{b:02x}"))
-                    .collect();
-                id == key
-            })
+            .find(|ag| key_hex(ag.address.as_ref()) == key)
             .map(|ag| ag.node_id)
             .unwrap()
     };

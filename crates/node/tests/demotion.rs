@@ -31,23 +31,17 @@ mod support;
 
 use std::path::Path;
 
-use support::{BOUND, CALL, back_as_agent, demote, ids, pinned_vm, refusal, until};
+use support::{BOUND, CALL, back_as_agent, demote, four_servers, pinned_vm, refusal, until};
 use tern_protocol::catalog::methods;
 use tern_protocol::rpc::call_typed;
 use tern_protocol::{Code, pb};
-use tern_testkit::config;
-use tern_testkit::local::LocalCluster;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_demoted_to_an_agent_keeps_its_id_and_its_vm_running_once() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("c");
     let tern = Path::new(env!("CARGO_BIN_EXE_tern"));
-    let mut cluster = LocalCluster::start(tern, &root, 4, &config::grpc())
-        .await
-        .unwrap();
-    let (leader, leader_id) = cluster.wait_formed().await.unwrap();
-    let ids = ids(&cluster, &cluster.members(leader).await.unwrap());
+    let (mut cluster, leader, leader_id, ids) = four_servers(tern, &root).await;
 
     // The leader asked to demote itself hands leadership over first.
     let (code, message) = refusal(demote(&cluster, leader, leader_id).await);

@@ -20,11 +20,10 @@ mod support;
 
 use std::path::Path;
 
-use support::{BOUND, CALL, back_as_agent, demote, ids, pinned_vm, refusal};
+use support::{BOUND, CALL, back_as_agent, demote, four_servers, pinned_vm, refusal};
 use tern_protocol::catalog::methods;
 use tern_protocol::rpc::call_typed;
 use tern_protocol::{Code, pb};
-use tern_testkit::config;
 use tern_testkit::local::LocalCluster;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -32,11 +31,7 @@ async fn a_demotion_the_node_missed_is_finished_by_leave_once_it_stopped() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("c");
     let tern = Path::new(env!("CARGO_BIN_EXE_tern"));
-    let mut cluster = LocalCluster::start(tern, &root, 4, &config::grpc())
-        .await
-        .unwrap();
-    let (leader, leader_id) = cluster.wait_formed().await.unwrap();
-    let ids = ids(&cluster, &cluster.members(leader).await.unwrap());
+    let (mut cluster, leader, leader_id, ids) = four_servers(tern, &root).await;
     let target = (0..4).rev().find(|i| ids[*i] != leader_id).unwrap();
     let target_id = ids[target];
     let (vm_id, before) = pinned_vm(&cluster, leader, target, target_id).await;

@@ -108,6 +108,16 @@ where
     }
 }
 
+/// The hex key an address names (as a node's `node.json` writes it).
+pub(crate) fn key_hex(address: Option<&pb::PeerAddress>) -> String {
+    address
+        .unwrap()
+        .endpoint_id
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
 /// The Raft id of every node by index, from `members` (keys matched to
 /// the nodes' files).
 pub(crate) fn ids(cluster: &LocalCluster, members: &pb::MembersResponse) -> Vec<u64> {
@@ -119,21 +129,22 @@ pub(crate) fn ids(cluster: &LocalCluster, members: &pb::MembersResponse) -> Vec<
             members
                 .members
                 .iter()
-                .find(|m| {
-                    let id: String = m
-                        .address
-                        .as_ref()
-                        .unwrap()
-                        .endpoint_id
-                        .iter()
-                        .map(|b| format!("{b:02x}"))
-                        .collect();
-                    id == *key
-                })
+                .find(|m| key_hex(m.address.as_ref()) == *key)
                 .map(|m| m.node_id)
                 .unwrap()
         })
         .collect()
+}
+
+/// Four servers started from `tern` under `root` and formed: the cluster,
+/// the leader's index and id, and every node's id by index.
+pub(crate) async fn four_servers(tern: &Path, root: &Path) -> (LocalCluster, usize, u64, Vec<u64>) {
+    let cluster = LocalCluster::start(tern, root, 4, &tern_testkit::config::grpc())
+        .await
+        .unwrap();
+    let (leader, leader_id) = cluster.wait_formed().await.unwrap();
+    let ids = ids(&cluster, &cluster.members(leader).await.unwrap());
+    (cluster, leader, leader_id, ids)
 }
 
 /// Creates a VM pinned to node `target` (Raft id `target_id`) through
