@@ -122,8 +122,6 @@ struct Tracker {
     /// capacity change for it (see [`MIN_AGENT_WRITE_GAP`]); bounded by
     /// [`MAX_TRACKED_WRITERS`].
     writes: HashMap<PeerId, Instant>,
-    /// Open assignment streams per agent, on this server.
-    streams: HashMap<NodeId, usize>,
 }
 
 /// The least time between two Raft writes the leader makes for one
@@ -584,44 +582,6 @@ pub const MIN_REVISION_WAIT: Duration = Duration::from_secs(5);
 /// is an agent (or a stolen key) spending a server's work on copies.
 pub const MAX_SYNC_STREAMS_PER_AGENT: usize = 2;
 
-/// One open assignment stream, counted against its agent while it lives.
-struct SyncStream {
-    shared: Arc<ClusterShared>,
-    agent: NodeId,
-}
-
-impl SyncStream {
-    fn open(shared: &Arc<ClusterShared>, agent: NodeId) -> Result<SyncStream, Status> {
-        let mut t = lock(&shared.agents.inner);
-        let open = t.streams.entry(agent).or_insert(0);
-        if *open >= MAX_SYNC_STREAMS_PER_AGENT {
-            return Err(Status::new(
-                Code::ResourceExhausted,
-                format!(
-                    "agent {agent} already holds {MAX_SYNC_STREAMS_PER_AGENT} assignment streams on this server; close one first"
-                ),
-            ));
-        }
-        *open += 1;
-        Ok(SyncStream {
-            shared: shared.clone(),
-            agent,
-        })
-    }
-}
-
-impl Drop for SyncStream {
-    fn drop(&mut self) {
-        let mut t = lock(&self.shared.agents.inner);
-        if let Some(open) = t.streams.get_mut(&self.agent) {
-            *open = open.saturating_sub(1);
-            if *open == 0 {
-                t.streams.remove(&self.agent);
-            }
-        }
-    }
-}
-
 /// What one assignment message says, compared to decide whether to send.
 #[derive(PartialEq)]
 struct Said {
@@ -711,12 +671,12 @@ pub(crate) async fn serve_sync(
     let req = pb::AgentSyncRequest::decode(request)
         .map_err(|e| Status::invalid_argument(format!("cluster/agentsync: {e}")))?;
     let (id, _) = caller_agent(&node, &ctx.peer)?;
-    let _stream = SyncStream::open(&shared, id)?;
+    let mut sub = Subscription::open(&shared, id)?;
+    sub.follow(&node);
     {
         let mut changes = node.sm.changes();
         wait_for_revision(&node, &mut changes, req.min_revision).await?;
     }
-    let mut sub = Subscription::open(&shared, &node, id);
     let mut sent: Option<Said> = None;
     let mut last = req.from_revision;
     tracing::debug!(agent = id, from = last, "assignment stream opened");
@@ -927,20 +887,6 @@ mod tests {
             "per key"
         );
         assert!(t.allow_write(&key, t0 + MIN_AGENT_WRITE_GAP).is_ok());
-    }
-
-    #[test]
-    fn an_agent_holds_at_most_two_assignment_streams_per_server() {
-        let shared = crate::RaftServices::new(None).shared_arc();
-        let one = SyncStream::open(&shared, 5).expect("first");
-        let two = SyncStream::open(&shared, 5).expect("a reconnect overlapping the first");
-        let refused = SyncStream::open(&shared, 5).err().expect("a third");
-        assert_eq!(refused.code, Code::ResourceExhausted);
-        assert!(SyncStream::open(&shared, 6).is_ok(), "per agent");
-        drop(one);
-        let three = SyncStream::open(&shared, 5).expect("a closed stream frees its place");
-        drop((two, three));
-        assert!(!lock(&shared.agents.inner).streams.contains_key(&5));
     }
 
     #[test]

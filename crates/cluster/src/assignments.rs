@@ -15,6 +15,9 @@
 //! only the streams whose mark moved. A write that concerns one agent
 //! wakes one stream; a metadata put wakes none.
 //!
+//! A subscription also counts the agent's streams on this server (at most
+//! [`MAX_SYNC_STREAMS_PER_AGENT`]).
+//!
 //! The hub runs while streams are open: the first subscription starts it,
 //! and it ends when it finds none left, or when the node's state machine
 //! goes (then every subscription's wake-up channel closes, and the
@@ -24,10 +27,12 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
+use tern_protocol::{Code, Status};
 use tern_raft_net::Attached;
 use tern_state::NodeId;
 use tokio::sync::watch;
 
+use crate::agents::MAX_SYNC_STREAMS_PER_AGENT;
 use crate::service::{ClusterShared, lock};
 
 /// How long the hub waits after a change before it looks: a burst of
@@ -68,15 +73,20 @@ pub(crate) struct Subscription {
 }
 
 impl Subscription {
-    /// Subscribes `agent`'s stream on this server, starting the hub if it
-    /// is not running.
-    pub(crate) fn open(
-        shared: &Arc<ClusterShared>,
-        node: &Arc<Attached>,
-        agent: NodeId,
-    ) -> Subscription {
+    /// Subscribes `agent`'s stream on this server; `ResourceExhausted`
+    /// when it already holds [`MAX_SYNC_STREAMS_PER_AGENT`] here.
+    pub(crate) fn open(shared: &Arc<ClusterShared>, agent: NodeId) -> Result<Subscription, Status> {
         let (wake, woken) = watch::channel(());
         let mut hub = lock(&shared.assignments.inner);
+        let open = hub.streams.values().filter(|s| s.agent == agent).count();
+        if open >= MAX_SYNC_STREAMS_PER_AGENT {
+            return Err(Status::new(
+                Code::ResourceExhausted,
+                format!(
+                    "agent {agent} already holds {MAX_SYNC_STREAMS_PER_AGENT} assignment streams on this server; close one first"
+                ),
+            ));
+        }
         let id = hub.next_id;
         hub.next_id += 1;
         hub.streams.insert(
@@ -87,15 +97,20 @@ impl Subscription {
                 wake,
             },
         );
-        if !hub.running {
-            hub.running = true;
-            let changes = node.sm.changes();
-            tokio::spawn(run(shared.clone(), Arc::downgrade(node), changes));
-        }
-        Subscription {
+        Ok(Subscription {
             shared: shared.clone(),
             id,
             woken,
+        })
+    }
+
+    /// Starts the hub over `node`'s state if it is not running.
+    pub(crate) fn follow(&self, node: &Arc<Attached>) {
+        let mut hub = lock(&self.shared.assignments.inner);
+        if !hub.running {
+            hub.running = true;
+            let changes = node.sm.changes();
+            tokio::spawn(run(self.shared.clone(), Arc::downgrade(node), changes));
         }
     }
 
@@ -158,5 +173,29 @@ async fn run(shared: Arc<ClusterShared>, node: Weak<Attached>, mut changes: watc
                 s.wake.send_replace(());
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_agent_holds_at_most_two_assignment_streams_per_server() {
+        let shared = crate::RaftServices::new(None).shared_arc();
+        let one = Subscription::open(&shared, 5).expect("first");
+        let two = Subscription::open(&shared, 5).expect("a reconnect overlapping the first");
+        let refused = Subscription::open(&shared, 5).err().expect("a third");
+        assert_eq!(refused.code, Code::ResourceExhausted);
+        assert!(Subscription::open(&shared, 6).is_ok(), "per agent");
+        drop(one);
+        let three = Subscription::open(&shared, 5).expect("a closed stream frees its place");
+        drop((two, three));
+        assert!(
+            lock(&shared.assignments.inner)
+                .streams
+                .values()
+                .all(|s| s.agent != 5)
+        );
     }
 }
