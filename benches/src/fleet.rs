@@ -689,6 +689,16 @@ mod tests {
     }
 
     #[test]
+    fn a_transport_other_than_grpc_or_iroh_is_refused_by_name() {
+        assert!(servers_transport("grpc").is_ok());
+        assert!(servers_transport("iroh").is_ok());
+        let Err(refused) = servers_transport("quic") else {
+            panic!("an unknown transport was taken");
+        };
+        assert!(refused.to_string().contains("\"quic\""), "{refused}");
+    }
+
+    #[test]
     fn the_part_has_a_row_per_figure_and_count_with_a_column_per_transport() {
         let runs = vec![
             (
