@@ -17,7 +17,9 @@
 //!    iroh; if the ping fails too, the path is dead (UDP blocked, say) and
 //!    an idempotent call goes to gRPC at once rather than after its whole
 //!    iroh budget (seconds for a forwarded write). A slow handler on a live
-//!    path keeps its call.
+//!    path keeps its call. The ping runs on a task of its own, so a call
+//!    whose iroh budget ends first still has its fallback counted by the
+//!    ping's verdict (`path_dead`, unplanned, rather than `timed_out`).
 //! 5. After an iroh failure the peer's [`Breaker`] sends calls straight to
 //!    gRPC for a cool-down, so a blocked path costs one timeout (or one
 //!    failed path check), not one per call.
@@ -83,14 +85,30 @@ struct PeerState {
 
 /// What the router knows of one peer's iroh path from its path checks:
 /// calls waiting on the same peer share one check instead of each pinging.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct PathCheck {
-    /// When a check last found the path alive.
+    /// When a check last found the path alive, or an iroh call that had
+    /// waited for a check was answered.
     alive_at: Option<Instant>,
     /// When a check last found it dead, and what the ping said.
     dead: Option<(Instant, TransportError)>,
     /// A check is in flight.
     checking: bool,
+    /// Bumped each time a check ends, whatever its verdict: a fallback
+    /// waiting to be classified ([`DualRouter::settled_reason`]) waits on
+    /// it.
+    settled: tokio::sync::watch::Sender<u64>,
+}
+
+impl Default for PathCheck {
+    fn default() -> PathCheck {
+        PathCheck {
+            alive_at: None,
+            dead: None,
+            checking: false,
+            settled: tokio::sync::watch::Sender::new(0),
+        }
+    }
 }
 
 /// What a waiting call does in one round of its path watch.
@@ -103,16 +121,19 @@ enum Round {
     Check,
 }
 
-/// Clears `checking` when the call that checks is done or dropped.
-struct Checking<'a> {
-    router: &'a DualRouter,
-    peer: &'a PeerAddr,
+/// Clears `checking` and tells the waiters when the check is done (or its
+/// task is dropped).
+struct Checking {
+    router: DualRouter,
+    peer: PeerAddr,
 }
 
-impl Drop for Checking<'_> {
+impl Drop for Checking {
     fn drop(&mut self) {
-        self.router
-            .with_peer(self.peer, |p| p.path.checking = false);
+        self.router.with_peer(&self.peer, |p| {
+            p.path.checking = false;
+            p.path.settled.send_modify(|n| *n = n.wrapping_add(1));
+        });
     }
 }
 
@@ -357,9 +378,7 @@ impl DualRouter {
         if remaining < MIN_FALLBACK_TIME {
             return (result, route(first, false));
         }
-        let reason = self.fallback_reason(peer, &err);
-        metrics::counter!(names::ROUTER_FALLBACKS, "service" => service.name(), "method" => method.name, "reason" => reason)
-            .increment(1);
+        self.count_fallback(peer, &err, method);
         tracing::warn!(
             peer = %peer.id.short(),
             method = %method.label(),
@@ -489,9 +508,7 @@ impl DualRouter {
                 }),
             );
         }
-        let reason = self.fallback_reason(peer, transport_err);
-        metrics::counter!(names::ROUTER_FALLBACKS, "service" => service.name(), "method" => method.name, "reason" => reason)
-            .increment(1);
+        self.count_fallback(peer, transport_err, method);
         tracing::warn!(
             peer = %peer.id.short(),
             method = %method.label(),
@@ -534,6 +551,49 @@ impl DualRouter {
         }
     }
 
+    /// Counts a fallback after `err` on iroh under its reason
+    /// ([`DualRouter::fallback_reason`]). A `TimedOut` while a check of the
+    /// peer's path is in flight is counted once the check's verdict is in
+    /// (at most [`PATH_CHECK_TIMEOUT`] later, on a task of its own): the
+    /// call's iroh budget and the check can end together (a 3 s call gives
+    /// iroh 1.5 s; a check pings after 0.5 s and waits 1 s), and which of
+    /// the two came first must not decide whether a dead path counts as
+    /// unplanned. The retry over gRPC does not wait for the verdict.
+    fn count_fallback(
+        &self,
+        peer: &PeerAddr,
+        err: &TransportError,
+        method: &'static tern_protocol::Method,
+    ) {
+        let count = move |reason: &'static str| {
+            metrics::counter!(names::ROUTER_FALLBACKS, "service" => method.service.name(), "method" => method.name, "reason" => reason)
+                .increment(1);
+        };
+        let pending =
+            err.kind == TransportErrorKind::TimedOut && self.with_peer(peer, |p| p.path.checking);
+        if !pending {
+            count(self.fallback_reason(peer, err));
+            return;
+        }
+        let (router, peer, err) = (self.clone(), peer.clone(), err.clone());
+        tokio::spawn(async move { count(router.settled_reason(&peer, &err).await) });
+    }
+
+    /// [`DualRouter::fallback_reason`] once no check of `peer`'s path is in
+    /// flight (waiting at most [`PATH_CHECK_TIMEOUT`] for the one that is).
+    async fn settled_reason(&self, peer: &PeerAddr, err: &TransportError) -> &'static str {
+        if err.kind == TransportErrorKind::TimedOut {
+            let pending = self.with_peer(peer, |p| {
+                p.path.checking.then(|| p.path.settled.subscribe())
+            });
+            if let Some(mut settled) = pending {
+                // An error means the peer's state was dropped: classify now.
+                let _ = tokio::time::timeout(PATH_CHECK_TIMEOUT, settled.changed()).await;
+            }
+        }
+        self.fallback_reason(peer, err)
+    }
+
     /// Runs `attempt` (a call or a stream opening on iroh that may fall
     /// back) while watching its path: once it has gone [`PATH_CHECK_AFTER`]
     /// without an answer, and every [`PATH_CHECK_AFTER`] after that, the
@@ -563,30 +623,23 @@ impl DualRouter {
                     Round::Dead(e) => break e,
                     Round::Check => {}
                 }
-                let _checking = Checking { router: self, peer };
-                let result = iroh.ping(peer, PATH_CHECK_TIMEOUT).await;
-                let at = crate::now();
-                match result {
-                    Err(CallError::Transport(e)) => {
-                        metrics::counter!(names::ROUTER_PATH_CHECKS, "outcome" => "dead")
-                            .increment(1);
-                        self.with_peer(peer, |p| p.path.dead = Some((at, e.clone())));
-                        break e;
-                    }
-                    Ok(_) | Err(CallError::Application(_)) => {
-                        metrics::counter!(names::ROUTER_PATH_CHECKS, "outcome" => "alive")
-                            .increment(1);
-                        self.with_peer(peer, |p| {
-                            p.path.alive_at = Some(at);
-                            p.path.dead = None;
-                        });
-                    }
+                if let Some(dead) = self.check_path(peer, iroh.clone()).await {
+                    break dead;
                 }
             }
         };
         tokio::select! {
             biased;
-            result = attempt => result,
+            result = attempt => {
+                if !matches!(result, Err(CallError::Transport(_)))
+                    && crate::now().saturating_duration_since(started) >= PATH_CHECK_AFTER
+                {
+                    // iroh answered: a check still in flight must not
+                    // call the path dead.
+                    self.with_peer(peer, |p| p.path.alive_at = Some(crate::now()));
+                }
+                result
+            }
             dead = watch => {
                 let waited = crate::now().saturating_duration_since(started);
                 tracing::warn!(
@@ -607,6 +660,47 @@ impl DualRouter {
                 .into())
             }
         }
+    }
+
+    /// Pings `peer` over iroh on a task of its own (this call holds
+    /// `checking`, see [`DualRouter::path_round`]) and records the verdict;
+    /// answers the ping's error when the path is dead. The task outlives a
+    /// call that stops waiting (its attempt ended first), so the verdict is
+    /// still recorded for the calls and fallbacks waiting on it.
+    fn check_path(
+        &self,
+        peer: &PeerAddr,
+        iroh: Arc<dyn RpcClient>,
+    ) -> impl std::future::Future<Output = Option<TransportError>> + use<> {
+        let checking = Checking {
+            router: self.clone(),
+            peer: peer.clone(),
+        };
+        let task = tokio::spawn(async move {
+            let Checking { router, peer } = &checking;
+            let sent = crate::now();
+            let result = iroh.ping(peer, PATH_CHECK_TIMEOUT).await;
+            let at = crate::now();
+            router.with_peer(peer, |p| {
+                let answered = p.path.alive_at.is_some_and(|a| a >= sent);
+                match result {
+                    Err(CallError::Transport(e)) if !answered => {
+                        metrics::counter!(names::ROUTER_PATH_CHECKS, "outcome" => "dead")
+                            .increment(1);
+                        p.path.dead = Some((at, e.clone()));
+                        Some(e)
+                    }
+                    _ => {
+                        metrics::counter!(names::ROUTER_PATH_CHECKS, "outcome" => "alive")
+                            .increment(1);
+                        p.path.alive_at = Some(at);
+                        p.path.dead = None;
+                        None
+                    }
+                }
+            })
+        });
+        async move { task.await.ok().flatten() }
     }
 
     /// One round of a waiting call's path watch: a verdict younger than
@@ -887,6 +981,40 @@ mod tests {
         }
     }
 
+    /// A fake whose calls end with `TimedOut` at their budget, as the real
+    /// transports' do.
+    struct Budgeted(Arc<Fake>);
+    impl RpcClient for Budgeted {
+        fn transport(&self) -> TransportKind {
+            TransportKind::Iroh
+        }
+        fn call<'a>(
+            &'a self,
+            peer: &'a PeerAddr,
+            call: Call,
+        ) -> BoxFuture<'a, Result<Bytes, CallError>> {
+            Box::pin(async move {
+                let timeout = call.timeout;
+                match tokio::time::timeout(timeout, self.0.call(peer, call)).await {
+                    Ok(r) => r,
+                    Err(_) => Err(TransportError::new(
+                        TransportKind::Iroh,
+                        TransportErrorKind::TimedOut,
+                        Delivery::MayHaveBeenDelivered,
+                        "budget",
+                    )
+                    .into()),
+                }
+            })
+        }
+        fn ping<'a>(
+            &'a self,
+            peer: &'a PeerAddr,
+            timeout: Duration,
+        ) -> BoxFuture<'a, Result<Duration, CallError>> {
+            self.0.ping(peer, timeout)
+        }
+    }
     fn peer(iroh: bool, grpc: bool) -> PeerAddr {
         PeerAddr {
             id: PeerId::from_bytes([9; 32]),
@@ -1088,38 +1216,6 @@ mod tests {
             Duration::from_secs(3600),
             Duration::from_millis(1),
         );
-        struct Budgeted(Arc<Fake>);
-        impl RpcClient for Budgeted {
-            fn transport(&self) -> TransportKind {
-                TransportKind::Iroh
-            }
-            fn call<'a>(
-                &'a self,
-                peer: &'a PeerAddr,
-                call: Call,
-            ) -> BoxFuture<'a, Result<Bytes, CallError>> {
-                Box::pin(async move {
-                    let timeout = call.timeout;
-                    match tokio::time::timeout(timeout, self.0.call(peer, call)).await {
-                        Ok(r) => r,
-                        Err(_) => Err(TransportError::new(
-                            TransportKind::Iroh,
-                            TransportErrorKind::TimedOut,
-                            Delivery::MayHaveBeenDelivered,
-                            "budget",
-                        )
-                        .into()),
-                    }
-                })
-            }
-            fn ping<'a>(
-                &'a self,
-                peer: &'a PeerAddr,
-                timeout: Duration,
-            ) -> BoxFuture<'a, Result<Duration, CallError>> {
-                self.0.ping(peer, timeout)
-            }
-        }
         let r = DualRouter::new(
             Some(g.clone()),
             Some(Arc::new(Budgeted(i))),
@@ -1185,6 +1281,82 @@ mod tests {
         // Once the verdict is old, a timeout is a missed deadline again.
         tokio::time::advance(PATH_DEAD_MEMORY).await;
         assert_eq!(r.fallback_reason(&p, &timed_out), "timed_out");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_budget_ending_while_the_path_is_checked_counts_the_check_verdict() {
+        // UDP blocked: iroh never answers, nor do its pings. A 2.8 s call
+        // gives iroh 1.4 s; the path check pings at 0.5 s and its verdict
+        // comes at 1.5 s, after the attempt timed out. The call falls back
+        // at once, and its fallback is still counted as the dead path it
+        // was, not as a missed deadline.
+        let g = Fake::new(TransportKind::Grpc);
+        let i = Fake::with(
+            TransportKind::Iroh,
+            Duration::from_secs(3600),
+            Duration::from_secs(3600),
+        );
+        let r = DualRouter::new(
+            Some(g.clone()),
+            Some(Arc::new(Budgeted(i.clone()))),
+            dual(&[ServiceId::Vm]),
+        );
+        let p = peer(true, true);
+        let started = tokio::time::Instant::now();
+        let timeout = Duration::from_millis(2800);
+        let (result, route) = r
+            .call_routed(
+                &p,
+                Call::new(methods::VM_LIST, Bytes::new()).with_timeout(timeout),
+            )
+            .await;
+        assert_eq!(result.unwrap(), "grpc");
+        assert_eq!(route.map(|r| r.fell_back), Some(true));
+        assert_eq!(
+            started.elapsed(),
+            timeout / 2,
+            "the fallback does not wait for the verdict"
+        );
+        let timed_out = TransportError::new(
+            TransportKind::Iroh,
+            TransportErrorKind::TimedOut,
+            Delivery::MayHaveBeenDelivered,
+            "budget",
+        );
+        // The check outlived the call that started it.
+        assert_eq!(r.fallback_reason(&p, &timed_out), "timed_out");
+        assert_eq!(
+            r.settled_reason(&p, &timed_out).await,
+            names::FALLBACK_PATH_DEAD
+        );
+        assert_eq!(started.elapsed(), PATH_CHECK_AFTER + PATH_CHECK_TIMEOUT);
+        assert_eq!(i.pings.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_answer_during_a_check_keeps_the_path_alive() {
+        // A slow handler on a live path whose ping is slower still: the
+        // call is answered at 1.2 s, the ping fails at 1.5 s. The answer
+        // wins: the path is not taken for dead.
+        let g = Fake::new(TransportKind::Grpc);
+        let i = Fake::with(
+            TransportKind::Iroh,
+            Duration::from_millis(1200),
+            Duration::from_secs(3600),
+        );
+        let r = DualRouter::new(Some(g.clone()), Some(i.clone()), dual(&[ServiceId::Vm]));
+        let p = peer(true, true);
+        let call = Call::new(methods::VM_LIST, Bytes::new()).with_timeout(Duration::from_secs(10));
+        assert_eq!(r.call(&p, call).await.unwrap(), "iroh");
+        let timed_out = TransportError::new(
+            TransportKind::Iroh,
+            TransportErrorKind::TimedOut,
+            Delivery::MayHaveBeenDelivered,
+            "budget",
+        );
+        assert_eq!(r.settled_reason(&p, &timed_out).await, "timed_out");
+        assert!(r.with_peer(&p, |p| p.path.dead.is_none()));
+        assert_eq!(i.pings.load(Ordering::SeqCst), 1);
     }
 
     #[tokio::test(start_paused = true)]
