@@ -9,7 +9,8 @@
 //!   the leader admits the key as `AdmitNode` does for a joining server,
 //!   then records the agent (`RegisterAgent`), its capacity cut to the
 //!   configured maximum. A key that is a Raft member is refused.
-//! - `AgentHeartbeat` (agents only, served by the leader): the leader
+//! - `AgentHeartbeat` (agents only, served by the leader while a majority
+//!   of the servers acknowledges it, [`LEADER_QUORUM_FRESH`]): the leader
 //!   notes when it last heard each agent (`AgentTracker`, memory only: a
 //!   heartbeat is no Raft write), marks a down agent ready again, and
 //!   records a changed capacity.
@@ -75,6 +76,23 @@ pub const MIN_AGENT_DOWN_AFTER: Duration = Duration::from_secs(3);
 const _: () = assert!(
     DEFAULT_AGENT_DOWN_AFTER.as_millis() >= 10 * DEFAULT_AGENT_HEARTBEAT_INTERVAL.as_millis()
 );
+
+/// A leader acknowledges an agent's heartbeat only while a majority of
+/// the servers acknowledged it (its Raft heartbeats, every 100 ms) within
+/// this bound.
+///
+/// openraft's leader keeps its role until it hears a higher term, so a
+/// leader cut off from the other servers goes on leading in its own eyes.
+/// If it went on acknowledging heartbeats, an agent that reaches only it
+/// would never fence, while the majority's new leader marks the agent
+/// down after `down_after` and starts its VMs elsewhere: twice. With this
+/// bound such an agent's fence starts at most 2 s after the old leader
+/// lost its majority; the new leader was elected no sooner than that
+/// majority stopped hearing it and counts the agent as heard when it took
+/// over, so the fence (a third of `down_after`) and the stop grace still
+/// end before the VMs move. 2 s is twenty Raft heartbeats: a loaded
+/// leader is not refused for one slow round.
+pub const LEADER_QUORUM_FRESH: Duration = Duration::from_secs(2);
 
 /// How often the leader looks for silent agents.
 const MONITOR_TICK: Duration = Duration::from_millis(500);
@@ -462,6 +480,7 @@ pub(crate) async fn serve_heartbeat(
     let (id, record) = caller_agent(node, &ctx.peer)?;
     check_own("cluster/agentheartbeat", req.node_id, id)?;
     ensure_leader(node)?;
+    ensure_majority(node)?;
     shared.agents.heard(id, Instant::now());
     let mut status = record.status;
     if status == AgentStatus::Down {
@@ -516,6 +535,36 @@ pub(crate) async fn serve_heartbeat(
     }
     .encode_to_vec()
     .into())
+}
+
+/// Refuses (`Unavailable`) unless this leader is the only voter or a
+/// majority acknowledged it within [`LEADER_QUORUM_FRESH`]; the agent
+/// then turns to another server, which names the leader the majority
+/// follows.
+fn ensure_majority(node: &Attached) -> Result<(), Status> {
+    let metrics = node.raft.metrics().borrow_watched().clone();
+    let age = metrics
+        .last_quorum_acked
+        .map(|at| openraft::Instant::elapsed(&at.into_inner()));
+    let alone = metrics.membership_config.membership().voter_ids().count() <= 1;
+    majority_verdict(alone, age)
+}
+
+/// [`ensure_majority`]'s rule: `age` is the time since a majority last
+/// acknowledged this leader (none yet: `None`).
+fn majority_verdict(alone: bool, age: Option<Duration>) -> Result<(), Status> {
+    match age {
+        _ if alone => Ok(()),
+        Some(age) if age <= LEADER_QUORUM_FRESH => Ok(()),
+        Some(age) => Err(Status::unavailable(format!(
+            "cluster/agentheartbeat: this leader has not been acknowledged by a majority of the servers for {} ms (bound {} ms): it may have been replaced; heartbeat to another server",
+            age.as_millis(),
+            LEADER_QUORUM_FRESH.as_millis()
+        ))),
+        None => Err(Status::unavailable(
+            "cluster/agentheartbeat: this leader has not yet been acknowledged by a majority of the servers; heartbeat to another server or retry shortly",
+        )),
+    }
 }
 
 /// Serves `Cluster/AgentReport`.
@@ -827,6 +876,26 @@ async fn look(raft: &RaftNode) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_leader_acknowledges_heartbeats_only_with_a_fresh_majority() {
+        let fresh = LEADER_QUORUM_FRESH;
+        assert!(majority_verdict(false, Some(Duration::ZERO)).is_ok());
+        assert!(majority_verdict(false, Some(fresh)).is_ok());
+        let stale = majority_verdict(false, Some(fresh + Duration::from_millis(1))).unwrap_err();
+        assert_eq!(stale.code, Code::Unavailable);
+        assert!(stale.message.contains("2001 ms"), "{}", stale.message);
+        let never = majority_verdict(false, None).unwrap_err();
+        assert_eq!(never.code, Code::Unavailable);
+        // A single server is its own majority.
+        assert!(majority_verdict(true, None).is_ok());
+        assert!(majority_verdict(true, Some(fresh * 10)).is_ok());
+        // The fence and a stop grace fit between the old leader's last
+        // acknowledgement and the new leader's verdict (the module's
+        // "Never twice").
+        let fence = DEFAULT_AGENT_DOWN_AFTER / 3;
+        assert!(fresh + fence + Duration::from_secs(10) < DEFAULT_AGENT_DOWN_AFTER);
+    }
 
     #[test]
     fn a_new_leader_counts_every_agent_as_heard_when_it_took_over() {

@@ -31,7 +31,7 @@ use tern_testkit::local::LocalCluster;
 
 #[path = "demotion_support/mod.rs"]
 mod support;
-use support::{key_hex, status, until, workload};
+use support::{key_hex, signal, status, until, workload};
 use tern_testkit::{Metrics, config, scrape};
 
 /// Servers' agent settings for the test: heartbeats every 200 ms, down
@@ -51,14 +51,6 @@ async fn vm(cluster: &LocalCluster, id: &str) -> Option<pb::VmRecord> {
     )
     .await
     .ok()
-}
-
-fn signal(cluster: &LocalCluster, i: usize, sig: rustix::process::Signal) {
-    cluster.nodes[i]
-        .child
-        .as_ref()
-        .expect("the node runs")
-        .signal(sig);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

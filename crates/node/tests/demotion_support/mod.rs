@@ -85,6 +85,15 @@ pub(crate) fn workload(dir: &Path, vm_id: &str) -> Option<ProcessIdentity> {
         .filter(ProcessIdentity::is_alive)
 }
 
+/// Sends `sig` to node `i` (which must run).
+pub(crate) fn signal(cluster: &LocalCluster, i: usize, sig: rustix::process::Signal) {
+    cluster.nodes[i]
+        .child
+        .as_ref()
+        .expect("the node runs")
+        .signal(sig);
+}
+
 /// Waits until `check` answers `Some`, failing with `what` and the logs.
 pub(crate) async fn until<T, F, Fut>(cluster: &LocalCluster, what: &str, mut check: F) -> T
 where
