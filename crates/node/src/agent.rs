@@ -24,6 +24,10 @@
 //!   VMs after all of it), the agent fences itself: its mirror wants every
 //!   VM stopped, so the reconciler stops them, and no report is sent (a
 //!   "stopped" report would keep the VM stopped once the agent is back).
+//!   The silence is counted from when the last acknowledged heartbeat was
+//!   *sent* (the leader heard it no earlier), and an acknowledgement that
+//!   took longer than the fence bound to come back does not count, so a
+//!   slow answer never puts the agent's count behind the leader's.
 //! - **Resume.** After a start or a fence, the agent acts on nothing
 //!   until it holds an assignment at least as new as the revision the
 //!   leader's acknowledging heartbeat named (`min_revision` on a new sync
@@ -116,6 +120,12 @@ impl Servers {
     }
 }
 
+/// Whether an acknowledgement that came `answered_after` its heartbeat
+/// was sent counts: not once that exceeds the fence bound.
+fn ack_in_time(answered_after: Duration, fence_after: Duration) -> bool {
+    answered_after <= fence_after
+}
+
 fn servers_of(members: &[pb::Member]) -> Vec<(NodeId, Member)> {
     members
         .iter()
@@ -159,7 +169,9 @@ pub struct AgentLink {
     servers: RwLock<Servers>,
     assignment: RwLock<Assignment>,
     mirror: RwLock<ClusterState>,
-    /// When the leader last acknowledged a heartbeat.
+    /// When the last heartbeat the leader acknowledged was sent: the
+    /// leader heard it no earlier, so the fence, counted from here, never
+    /// starts later than the leader's count of the agent's silence.
     last_ack: Mutex<Option<Instant>>,
     /// The revision the current assignment must reach before the agent
     /// acts (set from the acknowledging heartbeat after a start or fence).
@@ -369,6 +381,7 @@ impl AgentLink {
                 tokio::time::sleep(RETRY_PAUSE).await;
                 continue;
             };
+            let sent = Instant::now();
             let req = pb::AgentHeartbeatRequest {
                 node_id: self.node_id(),
                 capacity: Some(pb::Capacity {
@@ -385,7 +398,7 @@ impl AgentLink {
                 .await
             {
                 Ok(answer) => {
-                    self.acknowledged(&answer);
+                    self.acknowledged(&answer, sent);
                     tokio::time::sleep(interval).await;
                 }
                 Err(e) => {
@@ -411,9 +424,9 @@ impl AgentLink {
         }
     }
 
-    /// A heartbeat was acknowledged by the leader.
-    fn acknowledged(&self, answer: &pb::AgentHeartbeatResponse) {
-        {
+    /// A heartbeat sent at `sent` was acknowledged by the leader.
+    fn acknowledged(&self, answer: &pb::AgentHeartbeatResponse, sent: Instant) {
+        let fence_after = {
             let mut s = lock_write(&self.servers);
             let list = servers_of(&answer.servers);
             if !list.is_empty() {
@@ -421,9 +434,25 @@ impl AgentLink {
             }
             s.leader = (answer.leader_id != 0).then_some(answer.leader_id);
             s.set_timing(answer.heartbeat_interval_ms, answer.down_after_ms);
+            s.fence_after()
+        };
+        if !ack_in_time(sent.elapsed(), fence_after) {
+            // The answer took longer than the fence: the leader may have
+            // heard this agent as long ago as it was sent, so it proves
+            // nothing the fence does not already count. The next, faster
+            // heartbeat ends a fence.
+            tracing::warn!(
+                answered_after_ms = sent.elapsed().as_millis(),
+                fence_ms = fence_after.as_millis(),
+                "a heartbeat was acknowledged after the fence bound; not counted"
+            );
+            return;
         }
-        *lock(&self.last_ack) = Some(Instant::now());
-        metrics::gauge!(AGENT_HEARTBEAT_AGE).set(0.0);
+        {
+            let mut last = lock(&self.last_ack);
+            *last = Some(last.map_or(sent, |l| l.max(sent)));
+        }
+        metrics::gauge!(AGENT_HEARTBEAT_AGE).set(sent.elapsed().as_secs_f64());
         let was_fenced = self.fenced.swap(false, Ordering::AcqRel);
         if was_fenced || self.floor.load(Ordering::Acquire) == u64::MAX {
             // After a start or a fence: act only on an assignment at
@@ -771,6 +800,14 @@ mod tests {
         s.set_timing(2_000, 30_000);
         assert_eq!(s.heartbeat_interval, Duration::from_secs(2));
         assert_eq!(s.down_after, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn an_acknowledgement_slower_than_the_fence_does_not_count() {
+        let fence = Duration::from_secs(10);
+        assert!(ack_in_time(Duration::from_millis(3), fence));
+        assert!(ack_in_time(fence, fence));
+        assert!(!ack_in_time(fence + Duration::from_millis(1), fence));
     }
 
     #[test]

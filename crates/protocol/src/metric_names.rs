@@ -174,10 +174,10 @@ metrics! {
     /// Agents the leader marked down or ready again; labels `status`.
     AGENT_STATUS_CHANGES = "tern_agent_status_changes_total", Counter,
         "Agents the leader marked down (heartbeats stopped) or ready again, by new status.";
-    /// On an agent: the time since the leader last acknowledged its
-    /// heartbeat.
+    /// On an agent: the time since the last heartbeat the leader
+    /// acknowledged was sent (what the agent's fence counts).
     AGENT_HEARTBEAT_AGE = "tern_agent_heartbeat_age_seconds", Gauge,
-        "On an agent: time since the leader last acknowledged a heartbeat.";
+        "On an agent: time since the last heartbeat the leader acknowledged was sent (what the fence counts).";
     /// On an agent: 1 while it is fenced (no acknowledged heartbeat for
     /// its fence bound: it stops its VMs and starts none).
     AGENT_FENCED = "tern_agent_fenced", Gauge,
