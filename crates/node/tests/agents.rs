@@ -31,13 +31,9 @@ use tern_testkit::local::LocalCluster;
 
 #[path = "demotion_support/mod.rs"]
 mod support;
-use support::{key_hex, signal, status, until, workload};
-use tern_testkit::{Metrics, config, scrape};
+use support::{agent_servers, key_hex, signal, status, until, workload};
+use tern_testkit::{Metrics, scrape};
 
-/// Servers' agent settings for the test: heartbeats every 200 ms, down
-/// after 3 s, so the agents fence after 1 s.
-const HEARTBEAT_MS: u64 = 200;
-const DOWN_AFTER_MS: u64 = 3_000;
 const CALL: Duration = Duration::from_secs(5);
 
 async fn vm(cluster: &LocalCluster, id: &str) -> Option<pb::VmRecord> {
@@ -58,15 +54,8 @@ async fn agents_run_vms_fence_themselves_and_never_run_one_twice() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("c");
     let tern = Path::new(env!("CARGO_BIN_EXE_tern"));
-    let mut cluster = LocalCluster::start_tuned(tern, &root, 1, &config::grpc(), |c| {
-        c.cluster.agent_heartbeat_interval_ms = HEARTBEAT_MS;
-        c.cluster.agent_down_after_ms = DOWN_AFTER_MS;
-        // Too small for the VM: it must go to an agent.
-        c.capacity.vcpus = 1;
-        c.capacity.memory_mib = 16;
-    })
-    .await
-    .unwrap();
+    // The server is too small for the VM: it must go to an agent.
+    let mut cluster = agent_servers(tern, &root, 1).await;
     let a = cluster.add_agent(&root).await.unwrap();
     let b = cluster.add_agent(&root).await.unwrap();
 

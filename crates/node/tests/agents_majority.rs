@@ -12,17 +12,10 @@ use std::path::Path;
 use tern_protocol::catalog::methods;
 use tern_protocol::pb;
 use tern_protocol::rpc::call_typed;
-use tern_testkit::config;
-use tern_testkit::local::LocalCluster;
 
 #[path = "demotion_support/mod.rs"]
 mod support;
-use support::{CALL, signal, status, until, workload};
-
-/// Servers' agent settings: heartbeats every 200 ms, down after 3 s, so
-/// the agent fences after 1 s.
-const HEARTBEAT_MS: u64 = 200;
-const DOWN_AFTER_MS: u64 = 3_000;
+use support::{CALL, agent_servers, signal, status, until, workload};
 
 /// A leader cut off from the other servers keeps its role (openraft
 /// steps down only on a higher term) but stops acknowledging heartbeats
@@ -35,14 +28,7 @@ async fn a_leader_without_a_majority_does_not_keep_an_agent_unfenced() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("c");
     let tern = Path::new(env!("CARGO_BIN_EXE_tern"));
-    let mut cluster = LocalCluster::start_tuned(tern, &root, 3, &config::grpc(), |c| {
-        c.cluster.agent_heartbeat_interval_ms = HEARTBEAT_MS;
-        c.cluster.agent_down_after_ms = DOWN_AFTER_MS;
-        c.capacity.vcpus = 1;
-        c.capacity.memory_mib = 16;
-    })
-    .await
-    .unwrap();
+    let mut cluster = agent_servers(tern, &root, 3).await;
     let agent = cluster.add_agent(&root).await.unwrap();
     let (leader, _) = cluster.leader().await.unwrap();
     until(

@@ -85,6 +85,25 @@ pub(crate) fn workload(dir: &Path, vm_id: &str) -> Option<ProcessIdentity> {
         .filter(ProcessIdentity::is_alive)
 }
 
+/// Agent settings of the agents' process tests: heartbeats every 200 ms,
+/// down after 3 s, so the agents fence after 1 s.
+pub(crate) const AGENT_HEARTBEAT_MS: u64 = 200;
+pub(crate) const AGENT_DOWN_AFTER_MS: u64 = 3_000;
+
+/// `servers` servers of `tern` under `root` (gRPC), with the agents'
+/// settings above and too little capacity for a VM, so that VMs go to
+/// agents.
+pub(crate) async fn agent_servers(tern: &Path, root: &Path, servers: usize) -> LocalCluster {
+    LocalCluster::start_tuned(tern, root, servers, &tern_testkit::config::grpc(), |c| {
+        c.cluster.agent_heartbeat_interval_ms = AGENT_HEARTBEAT_MS;
+        c.cluster.agent_down_after_ms = AGENT_DOWN_AFTER_MS;
+        c.capacity.vcpus = 1;
+        c.capacity.memory_mib = 16;
+    })
+    .await
+    .unwrap()
+}
+
 /// Sends `sig` to node `i` (which must run).
 pub(crate) fn signal(cluster: &LocalCluster, i: usize, sig: rustix::process::Signal) {
     cluster.nodes[i]
