@@ -22,7 +22,11 @@
 //!    ping's verdict (`path_dead`, unplanned, rather than `timed_out`).
 //! 5. After an iroh failure the peer's [`Breaker`] sends calls straight to
 //!    gRPC for a cool-down, so a blocked path costs one timeout (or one
-//!    failed path check), not one per call.
+//!    failed path check), not one per call. An iroh call that timed out,
+//!    however short, has its path checked in the background: a peer whose
+//!    endpoint was rebuilt leaves a silent pooled connection, which the
+//!    check's unanswered ping closes, so the breaker's next trial dials
+//!    afresh instead of timing out until the QUIC idle timeout.
 //!
 //! Streams ([`DualRouter::open_stream_routed`]) are routed the same way;
 //! only their opening may fall back (before the stream is handed to the
@@ -366,6 +370,11 @@ impl DualRouter {
                 }
             }
         }
+        if first == TransportKind::Iroh
+            && let Err(CallError::Transport(e)) = &result
+        {
+            self.check_after_timeout(peer, e);
+        }
         let err = match &result {
             Err(CallError::Transport(e))
                 if can_fall_back && result_is_retryable(&result, method) =>
@@ -470,6 +479,11 @@ impl DualRouter {
                     self.with_peer(peer, |p| p.breaker.on_failure(crate::now()))
                 }
             }
+        }
+        if first == TransportKind::Iroh
+            && let Err(CallError::Transport(e)) = &result
+        {
+            self.check_after_timeout(peer, e);
         }
         let Err(err) = &result else {
             return (
@@ -580,15 +594,20 @@ impl DualRouter {
     }
 
     /// [`DualRouter::fallback_reason`] once no check of `peer`'s path is in
-    /// flight (waiting at most [`PATH_CHECK_TIMEOUT`] for the one that is).
+    /// flight (waiting a little over [`PATH_CHECK_TIMEOUT`] at most for the
+    /// one that is).
     async fn settled_reason(&self, peer: &PeerAddr, err: &TransportError) -> &'static str {
         if err.kind == TransportErrorKind::TimedOut {
             let pending = self.with_peer(peer, |p| {
                 p.path.checking.then(|| p.path.settled.subscribe())
             });
             if let Some(mut settled) = pending {
-                // An error means the peer's state was dropped: classify now.
-                let _ = tokio::time::timeout(PATH_CHECK_TIMEOUT, settled.changed()).await;
+                // The check ends within its ping's timeout; the margin
+                // keeps a check that started with this wait from losing a
+                // tie with it. An error means the peer's state was
+                // dropped: classify now.
+                let bound = PATH_CHECK_TIMEOUT + PATH_CHECK_TIMEOUT / 10;
+                let _ = tokio::time::timeout(bound, settled.changed()).await;
             }
         }
         self.fallback_reason(peer, err)
@@ -659,6 +678,29 @@ impl DualRouter {
                 )
                 .into())
             }
+        }
+    }
+
+    /// After an iroh attempt to `peer` timed out (`err`), checks the path
+    /// in the background unless a check is in flight or a verdict is
+    /// fresh. A call too short to be watched (a Raft append's budget is
+    /// tens of milliseconds) never pings; yet a peer whose endpoint died
+    /// and was rebuilt leaves the pooled connection to it silent until the
+    /// QUIC idle timeout, and every call and breaker trial on it times out
+    /// meanwhile. The check's unanswered ping closes that connection (see
+    /// `tern_transport_iroh`'s "Silent connections"), so the next call
+    /// dials the rebuilt endpoint; its verdict also classes the fallback
+    /// ([`DualRouter::count_fallback`]).
+    fn check_after_timeout(&self, peer: &PeerAddr, err: &TransportError) {
+        if err.kind != TransportErrorKind::TimedOut {
+            return;
+        }
+        let Some(iroh) = self.client(TransportKind::Iroh).cloned() else {
+            return;
+        };
+        if let Round::Check = self.path_round(peer) {
+            // The check runs on its own task; its verdict is recorded.
+            drop(self.check_path(peer, iroh));
         }
     }
 
@@ -1331,6 +1373,63 @@ mod tests {
         );
         assert_eq!(started.elapsed(), PATH_CHECK_AFTER + PATH_CHECK_TIMEOUT);
         assert_eq!(i.pings.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_short_call_that_times_out_has_its_path_checked() {
+        // A peer whose endpoint was rebuilt: the pooled connection is
+        // silent, calls and pings go unanswered. A Raft-like call (200 ms,
+        // too short to be watched) times out and falls back at once; a
+        // check follows in the background, whose failed ping closes the
+        // silent connection and classes the fallback as the dead path.
+        let g = Fake::new(TransportKind::Grpc);
+        let i = Fake::with(
+            TransportKind::Iroh,
+            Duration::from_secs(3600),
+            Duration::from_secs(3600),
+        );
+        let r = DualRouter::new(
+            Some(g.clone()),
+            Some(Arc::new(Budgeted(i.clone()))),
+            dual(&[ServiceId::Vm]),
+        );
+        let p = peer(true, true);
+        let started = tokio::time::Instant::now();
+        let short =
+            Call::new(methods::VM_LIST, Bytes::new()).with_timeout(Duration::from_millis(200));
+        let (result, route) = r.call_routed(&p, short).await;
+        assert_eq!(result.unwrap(), "grpc");
+        assert_eq!(route.map(|r| r.fell_back), Some(true));
+        assert_eq!(started.elapsed(), Duration::from_millis(100));
+        tokio::task::yield_now().await;
+        assert_eq!(i.pings.load(Ordering::SeqCst), 1, "a check started");
+        let timed_out = TransportError::new(
+            TransportKind::Iroh,
+            TransportErrorKind::TimedOut,
+            Delivery::MayHaveBeenDelivered,
+            "budget",
+        );
+        assert_eq!(
+            r.settled_reason(&p, &timed_out).await,
+            names::FALLBACK_PATH_DEAD
+        );
+        // Once the verdict is old and the breaker's cool-down over, the
+        // trial's timeout checks the path again.
+        let short =
+            Call::new(methods::VM_LIST, Bytes::new()).with_timeout(Duration::from_millis(200));
+        tokio::time::advance(crate::breaker::BASE_COOLDOWN * 64).await;
+        let (_, route) = r.call_routed(&p, short).await;
+        assert_eq!(
+            route.map(|r| r.first),
+            Some(TransportKind::Iroh),
+            "the breaker's trial"
+        );
+        tokio::task::yield_now().await;
+        assert_eq!(
+            i.pings.load(Ordering::SeqCst),
+            2,
+            "an old verdict is checked again"
+        );
     }
 
     #[tokio::test(start_paused = true)]
