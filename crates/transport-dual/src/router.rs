@@ -63,6 +63,12 @@ pub const PATH_CHECK_AFTER: Duration = Duration::from_millis(500);
 /// A path whose ping fails within this long is taken for dead and the call
 /// goes to gRPC.
 pub const PATH_CHECK_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long a fallback waiting to be classified waits for the path check
+/// in flight: the check ends within its ping's [`PATH_CHECK_TIMEOUT`];
+/// the tenth more keeps a check that started with the wait from losing a
+/// tie with it.
+pub const PATH_CHECK_SETTLE: Duration =
+    PATH_CHECK_TIMEOUT.saturating_add(Duration::from_millis(100));
 /// How often idle adaptive paths are pinged.
 pub const PROBE_INTERVAL: Duration = Duration::from_millis(500);
 /// Timeout of one probe ping.
@@ -568,7 +574,7 @@ impl DualRouter {
     /// Counts a fallback after `err` on iroh under its reason
     /// ([`DualRouter::fallback_reason`]). A `TimedOut` while a check of the
     /// peer's path is in flight is counted once the check's verdict is in
-    /// (at most [`PATH_CHECK_TIMEOUT`] later, on a task of its own): the
+    /// (at most [`PATH_CHECK_SETTLE`] later, on a task of its own): the
     /// call's iroh budget and the check can end together (a 3 s call gives
     /// iroh 1.5 s; a check pings after 0.5 s and waits 1 s), and which of
     /// the two came first must not decide whether a dead path counts as
@@ -594,20 +600,16 @@ impl DualRouter {
     }
 
     /// [`DualRouter::fallback_reason`] once no check of `peer`'s path is in
-    /// flight (waiting a little over [`PATH_CHECK_TIMEOUT`] at most for the
-    /// one that is).
+    /// flight (waiting [`PATH_CHECK_SETTLE`] at most for the one that is).
     async fn settled_reason(&self, peer: &PeerAddr, err: &TransportError) -> &'static str {
         if err.kind == TransportErrorKind::TimedOut {
             let pending = self.with_peer(peer, |p| {
                 p.path.checking.then(|| p.path.settled.subscribe())
             });
             if let Some(mut settled) = pending {
-                // The check ends within its ping's timeout; the margin
-                // keeps a check that started with this wait from losing a
-                // tie with it. An error means the peer's state was
-                // dropped: classify now.
-                let bound = PATH_CHECK_TIMEOUT + PATH_CHECK_TIMEOUT / 10;
-                let _ = tokio::time::timeout(bound, settled.changed()).await;
+                // An error means the peer's state was dropped: classify
+                // now.
+                let _ = tokio::time::timeout(PATH_CHECK_SETTLE, settled.changed()).await;
             }
         }
         self.fallback_reason(peer, err)
@@ -1023,6 +1025,33 @@ mod tests {
         }
     }
 
+    /// The `TimedOut` an iroh attempt ends with when its budget runs out.
+    fn budget_timeout() -> TransportError {
+        TransportError::new(
+            TransportKind::Iroh,
+            TransportErrorKind::TimedOut,
+            Delivery::MayHaveBeenDelivered,
+            "budget",
+        )
+    }
+
+    /// UDP blocked on an open connection: a router whose iroh calls time
+    /// out at their budget and whose pings go unanswered (Vm over iroh);
+    /// its iroh fake.
+    fn blocked() -> (DualRouter, Arc<Fake>) {
+        let i = Fake::with(
+            TransportKind::Iroh,
+            Duration::from_secs(3600),
+            Duration::from_secs(3600),
+        );
+        let r = DualRouter::new(
+            Some(Fake::new(TransportKind::Grpc)),
+            Some(Arc::new(Budgeted(i.clone()))),
+            dual(&[ServiceId::Vm]),
+        );
+        (r, i)
+    }
+
     /// A fake whose calls end with `TimedOut` at their budget, as the real
     /// transports' do.
     struct Budgeted(Arc<Fake>);
@@ -1039,13 +1068,7 @@ mod tests {
                 let timeout = call.timeout;
                 match tokio::time::timeout(timeout, self.0.call(peer, call)).await {
                     Ok(r) => r,
-                    Err(_) => Err(TransportError::new(
-                        TransportKind::Iroh,
-                        TransportErrorKind::TimedOut,
-                        Delivery::MayHaveBeenDelivered,
-                        "budget",
-                    )
-                    .into()),
+                    Err(_) => Err(budget_timeout().into()),
                 }
             })
         }
@@ -1310,12 +1333,7 @@ mod tests {
         assert_eq!(r.call(&p, long(methods::VM_STOP)).await.unwrap(), "grpc");
         assert_eq!(i.calls(), 1);
         // A timeout on this path is its death, an unplanned fallback.
-        let timed_out = TransportError::new(
-            TransportKind::Iroh,
-            TransportErrorKind::TimedOut,
-            Delivery::MayHaveBeenDelivered,
-            "budget",
-        );
+        let timed_out = budget_timeout();
         assert_eq!(r.fallback_reason(&p, &timed_out), names::FALLBACK_PATH_DEAD);
         assert!(names::fallback_is_unplanned(
             r.fallback_reason(&p, &timed_out)
@@ -1332,17 +1350,7 @@ mod tests {
         // comes at 1.5 s, after the attempt timed out. The call falls back
         // at once, and its fallback is still counted as the dead path it
         // was, not as a missed deadline.
-        let g = Fake::new(TransportKind::Grpc);
-        let i = Fake::with(
-            TransportKind::Iroh,
-            Duration::from_secs(3600),
-            Duration::from_secs(3600),
-        );
-        let r = DualRouter::new(
-            Some(g.clone()),
-            Some(Arc::new(Budgeted(i.clone()))),
-            dual(&[ServiceId::Vm]),
-        );
+        let (r, i) = blocked();
         let p = peer(true, true);
         let started = tokio::time::Instant::now();
         let timeout = Duration::from_millis(2800);
@@ -1359,12 +1367,7 @@ mod tests {
             timeout / 2,
             "the fallback does not wait for the verdict"
         );
-        let timed_out = TransportError::new(
-            TransportKind::Iroh,
-            TransportErrorKind::TimedOut,
-            Delivery::MayHaveBeenDelivered,
-            "budget",
-        );
+        let timed_out = budget_timeout();
         // The check outlived the call that started it.
         assert_eq!(r.fallback_reason(&p, &timed_out), "timed_out");
         assert_eq!(
@@ -1382,17 +1385,7 @@ mod tests {
         // too short to be watched) times out and falls back at once; a
         // check follows in the background, whose failed ping closes the
         // silent connection and classes the fallback as the dead path.
-        let g = Fake::new(TransportKind::Grpc);
-        let i = Fake::with(
-            TransportKind::Iroh,
-            Duration::from_secs(3600),
-            Duration::from_secs(3600),
-        );
-        let r = DualRouter::new(
-            Some(g.clone()),
-            Some(Arc::new(Budgeted(i.clone()))),
-            dual(&[ServiceId::Vm]),
-        );
+        let (r, i) = blocked();
         let p = peer(true, true);
         let started = tokio::time::Instant::now();
         let short =
@@ -1403,12 +1396,7 @@ mod tests {
         assert_eq!(started.elapsed(), Duration::from_millis(100));
         tokio::task::yield_now().await;
         assert_eq!(i.pings.load(Ordering::SeqCst), 1, "a check started");
-        let timed_out = TransportError::new(
-            TransportKind::Iroh,
-            TransportErrorKind::TimedOut,
-            Delivery::MayHaveBeenDelivered,
-            "budget",
-        );
+        let timed_out = budget_timeout();
         assert_eq!(
             r.settled_reason(&p, &timed_out).await,
             names::FALLBACK_PATH_DEAD
@@ -1447,12 +1435,7 @@ mod tests {
         let p = peer(true, true);
         let call = Call::new(methods::VM_LIST, Bytes::new()).with_timeout(Duration::from_secs(10));
         assert_eq!(r.call(&p, call).await.unwrap(), "iroh");
-        let timed_out = TransportError::new(
-            TransportKind::Iroh,
-            TransportErrorKind::TimedOut,
-            Delivery::MayHaveBeenDelivered,
-            "budget",
-        );
+        let timed_out = budget_timeout();
         assert_eq!(r.settled_reason(&p, &timed_out).await, "timed_out");
         assert!(r.with_peer(&p, |p| p.path.dead.is_none()));
         assert_eq!(i.pings.load(Ordering::SeqCst), 1);
@@ -1470,12 +1453,7 @@ mod tests {
             Duration::from_millis(200),
             Duration::from_millis(1),
         );
-        let timed_out = TransportError::new(
-            TransportKind::Iroh,
-            TransportErrorKind::TimedOut,
-            Delivery::MayHaveBeenDelivered,
-            "budget",
-        );
+        let timed_out = budget_timeout();
         i.push(Err(timed_out.clone().into()));
         let r = DualRouter::new(Some(g.clone()), Some(i.clone()), dual(&[ServiceId::Vm]));
         let p = peer(true, true);
