@@ -542,11 +542,17 @@ pub(crate) async fn serve_heartbeat(
 /// then turns to another server, which names the leader the majority
 /// follows.
 fn ensure_majority(node: &Attached) -> Result<(), Status> {
-    let metrics = node.raft.metrics().borrow_watched().clone();
-    let age = metrics
-        .last_quorum_acked
-        .map(|at| openraft::Instant::elapsed(&at.into_inner()));
-    let alone = metrics.membership_config.membership().voter_ids().count() <= 1;
+    // Read in place: this runs on every heartbeat the leader takes, and
+    // the metrics (replication progress, membership) are not small.
+    let watched = node.raft.metrics();
+    let (alone, age) = {
+        let m = watched.borrow_watched();
+        (
+            m.membership_config.membership().voter_ids().count() <= 1,
+            m.last_quorum_acked
+                .map(|at| openraft::Instant::elapsed(&at.into_inner())),
+        )
+    };
     majority_verdict(alone, age)
 }
 
