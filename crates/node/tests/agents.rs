@@ -31,7 +31,7 @@ use tern_testkit::local::LocalCluster;
 
 #[path = "demotion_support/mod.rs"]
 mod support;
-use support::{agent_servers, key_hex, signal, status, until, workload};
+use support::{agent_servers, key_hex, signal, sleeper_vm, status, until, workload};
 use tern_testkit::{Metrics, scrape};
 
 const CALL: Duration = Duration::from_secs(5);
@@ -99,25 +99,7 @@ async fn agents_run_vms_fence_themselves_and_never_run_one_twice() {
     .await;
 
     // A VM goes to an agent and runs there.
-    let created: pb::VmRecord = call_typed(
-        cluster.client.as_ref(),
-        &cluster.nodes[0].addr().unwrap(),
-        methods::VM_CREATE,
-        &pb::CreateVmRequest {
-            request_id: "agents-web".into(),
-            spec: Some(pb::VmSpec {
-                name: "web".into(),
-                vcpus: 1,
-                memory_mib: 64,
-                runtime: "process".into(),
-                command: vec!["/bin/sleep".into(), "600".into()],
-                ..pb::VmSpec::default()
-            }),
-        },
-        CALL,
-    )
-    .await
-    .unwrap();
+    let created = sleeper_vm(&cluster, 0, "agents-web", "web", 0).await;
     let vm_id = created.id.clone();
     let (host, other) = if created.node_id == id_a {
         (a, b)

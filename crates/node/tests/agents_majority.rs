@@ -9,13 +9,9 @@
 
 use std::path::Path;
 
-use tern_protocol::catalog::methods;
-use tern_protocol::pb;
-use tern_protocol::rpc::call_typed;
-
 #[path = "demotion_support/mod.rs"]
 mod support;
-use support::{CALL, agent_servers, signal, status, until, workload};
+use support::{agent_servers, signal, sleeper_vm, status, until, workload};
 
 /// A leader cut off from the other servers keeps its role (openraft
 /// steps down only on a higher term) but stops acknowledging heartbeats
@@ -44,25 +40,7 @@ async fn a_leader_without_a_majority_does_not_keep_an_agent_unfenced() {
         },
     )
     .await;
-    let created: pb::VmRecord = call_typed(
-        cluster.client.as_ref(),
-        &cluster.nodes[leader].addr().unwrap(),
-        methods::VM_CREATE,
-        &pb::CreateVmRequest {
-            request_id: "majority-web".into(),
-            spec: Some(pb::VmSpec {
-                name: "web".into(),
-                vcpus: 1,
-                memory_mib: 64,
-                runtime: "process".into(),
-                command: vec!["/bin/sleep".into(), "600".into()],
-                ..pb::VmSpec::default()
-            }),
-        },
-        CALL,
-    )
-    .await
-    .unwrap();
+    let created = sleeper_vm(&cluster, leader, "majority-web", "web", 0).await;
     let vm_id = created.id.clone();
     let agent_dir = cluster.nodes[agent].dir.clone();
     let first = until(&cluster, "the VM running on the agent", || async {

@@ -175,6 +175,38 @@ pub(crate) async fn four_servers(tern: &Path, root: &Path) -> (LocalCluster, usi
     (cluster, leader, leader_id, ids)
 }
 
+/// Creates `name`, a process VM (1 vCPU, 64 MiB, `sleep 600`), through
+/// node `at` with `request_id`, pinned to `pin_node` (0: placed by the
+/// cluster); its record as created.
+pub(crate) async fn sleeper_vm(
+    cluster: &LocalCluster,
+    at: usize,
+    request_id: &str,
+    name: &str,
+    pin_node: u64,
+) -> pb::VmRecord {
+    call_typed(
+        cluster.client.as_ref(),
+        &cluster.nodes[at].addr().unwrap(),
+        methods::VM_CREATE,
+        &pb::CreateVmRequest {
+            request_id: request_id.into(),
+            spec: Some(pb::VmSpec {
+                name: name.into(),
+                vcpus: 1,
+                memory_mib: 64,
+                runtime: "process".into(),
+                command: vec!["/bin/sleep".into(), "600".into()],
+                pin_node,
+                ..pb::VmSpec::default()
+            }),
+        },
+        CALL,
+    )
+    .await
+    .unwrap()
+}
+
 /// Creates a VM pinned to node `target` (Raft id `target_id`) through
 /// node `at`, and waits until it runs there; its id and live workload.
 pub(crate) async fn pinned_vm(
@@ -183,26 +215,14 @@ pub(crate) async fn pinned_vm(
     target: usize,
     target_id: u64,
 ) -> (String, ProcessIdentity) {
-    let created: pb::VmRecord = call_typed(
-        cluster.client.as_ref(),
-        &cluster.nodes[at].addr().unwrap(),
-        methods::VM_CREATE,
-        &pb::CreateVmRequest {
-            request_id: format!("demote-web-{target_id}"),
-            spec: Some(pb::VmSpec {
-                name: format!("web-{target_id}"),
-                vcpus: 1,
-                memory_mib: 64,
-                runtime: "process".into(),
-                command: vec!["/bin/sleep".into(), "600".into()],
-                pin_node: target_id,
-                ..pb::VmSpec::default()
-            }),
-        },
-        CALL,
+    let created = sleeper_vm(
+        cluster,
+        at,
+        &format!("demote-web-{target_id}"),
+        &format!("web-{target_id}"),
+        target_id,
     )
-    .await
-    .unwrap();
+    .await;
     let vm_id = created.id.clone();
     let dir = cluster.nodes[target].dir.clone();
     let running = until(cluster, "the VM running on the server", || async {
