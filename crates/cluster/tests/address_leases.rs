@@ -45,15 +45,27 @@ async fn wait_leases<F: TransportFactory>(
     node: &TestNode<F>,
     want: usize,
 ) -> BTreeMap<String, Lease> {
+    wait_for(node, &format!("{want} leases"), |held| held.len() == want).await
+}
+
+/// Waits until `node`'s leases satisfy `done` (`what` names it in the
+/// failure); returns them. A follower applies the leader's entries a
+/// little later, so a check of a later state must wait for that state,
+/// not for a count an earlier state also has.
+async fn wait_for<F: TransportFactory>(
+    node: &TestNode<F>,
+    what: &str,
+    done: impl Fn(&BTreeMap<String, Lease>) -> bool,
+) -> BTreeMap<String, Lease> {
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
         let held = leases(node);
-        if held.len() == want {
+        if done(&held) {
             return held;
         }
         assert!(
             tokio::time::Instant::now() < deadline,
-            "node {} holds {} leases, waiting for {want}",
+            "node {} holds {} leases ({held:?}), waiting for {what}",
             node.raft().id(),
             held.len()
         );
@@ -123,8 +135,12 @@ async fn leases_are_unique_and_the_same_on_every_node_across_failover_and_restar
     .await;
     let next = created(c.write(create("g")).await);
     for node in c.nodes.iter() {
-        let held = wait_leases(node, 5).await;
-        assert!(!held.contains_key(&gone));
+        let held = wait_for(node, "the delete and the next create", |held| {
+            held.contains_key(&next)
+        })
+        .await;
+        assert_eq!(held.len(), 5, "{held:?}");
+        assert!(!held.contains_key(&gone), "{held:?}");
         assert_eq!(held.get(&next), Some(&freed), "node {}", node.raft().id());
     }
     c.stop_all().await;
