@@ -45,7 +45,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use openraft::async_runtime::WatchReceiver;
 use prost::Message;
-use tern_protocol::metric_names::{AGENT_HEARTBEAT_AGE_MAX, AGENT_STATUS_CHANGES, AGENTS};
+use tern_protocol::metric_names::{
+    AGENT_HEARTBEAT_AGE_MAX, AGENT_HEARTBEATS, AGENT_STATUS_CHANGES, AGENTS,
+};
 use tern_protocol::{Code, PeerAddr, PeerId, RequestContext, Status, StreamSender, pb};
 use tern_state::{AgentStatus, Capacity, Command, NodeId, Response, VmReport};
 use tokio::time::Instant;
@@ -155,6 +157,14 @@ const MAX_TRACKED_WRITERS: usize = 65_536;
 impl AgentTracker {
     pub(crate) fn heard(&self, agent: NodeId, now: Instant) {
         lock(&self.inner).seen.insert(agent, now);
+    }
+
+    /// Notes every agent of a follower's relay as heard `now`.
+    pub(crate) fn heard_all(&self, agents: &[NodeId], now: Instant) {
+        let mut t = lock(&self.inner);
+        for agent in agents {
+            t.seen.insert(*agent, now);
+        }
     }
 
     /// Notes whether this node leads; answers when it took over. A look
@@ -479,9 +489,18 @@ pub(crate) async fn serve_heartbeat(
         .map_err(|e| Status::invalid_argument(format!("cluster/agentheartbeat: {e}")))?;
     let (id, record) = caller_agent(node, &ctx.peer)?;
     check_own("cluster/agentheartbeat", req.node_id, id)?;
-    ensure_leader(node)?;
+    if !leads(node) {
+        // A follower takes plain heartbeats and relays them (`relay`).
+        let capacity = capped(req.capacity, shared.admission.max_capacity);
+        if let Some(why) = crate::relay::leader_only(&req, &record, capacity) {
+            return Err(crate::relay::to_leader(node, why));
+        }
+        let revision = crate::relay::relay(shared, node, id).await?;
+        return Ok(heartbeat_answer(shared, node, AgentStatus::Ready, revision));
+    }
     ensure_majority(node)?;
     shared.agents.heard(id, Instant::now());
+    metrics::counter!(AGENT_HEARTBEATS, "via" => "direct").increment(1);
     let mut status = record.status;
     if status == AgentStatus::Down {
         let back = write(
@@ -522,26 +541,48 @@ pub(crate) async fn serve_heartbeat(
             }
         }
     }
-    let metrics = node.raft.metrics().borrow_watched().clone();
-    let settings = shared.agent_settings;
     let revision = node.sm.read(|s| s.vm_history().revision()).unwrap_or(0);
-    Ok(pb::AgentHeartbeatResponse {
+    Ok(heartbeat_answer(shared, node, status, revision))
+}
+
+/// Whether this node leads now.
+fn leads(node: &Attached) -> bool {
+    node.raft.metrics().borrow_watched().state == openraft::ServerState::Leader
+}
+
+/// A heartbeat's acknowledgement: the servers as this node knows them.
+fn heartbeat_answer(
+    shared: &ClusterShared,
+    node: &Attached,
+    status: AgentStatus,
+    revision: u64,
+) -> Bytes {
+    let settings = shared.agent_settings;
+    let (leader_id, servers) = {
+        let m = node.raft.metrics();
+        let m = m.borrow_watched();
+        (
+            m.current_leader.unwrap_or(0),
+            members_pb(m.membership_config.membership()),
+        )
+    };
+    pb::AgentHeartbeatResponse {
         status: status.name().into(),
-        leader_id: metrics.current_leader.unwrap_or(0),
-        servers: members_pb(metrics.membership_config.membership()),
+        leader_id,
+        servers,
         heartbeat_interval_ms: settings_ms(settings.heartbeat_interval),
         down_after_ms: settings_ms(settings.down_after),
         revision,
     }
     .encode_to_vec()
-    .into())
+    .into()
 }
 
 /// Refuses (`Unavailable`) unless this leader is the only voter or a
 /// majority acknowledged it within [`LEADER_QUORUM_FRESH`]; the agent
 /// then turns to another server, which names the leader the majority
 /// follows.
-fn ensure_majority(node: &Attached) -> Result<(), Status> {
+pub(crate) fn ensure_majority(node: &Attached) -> Result<(), Status> {
     // Read in place: this runs on every heartbeat the leader takes, and
     // the metrics (replication progress, membership) are not small.
     let watched = node.raft.metrics();

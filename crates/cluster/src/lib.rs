@@ -41,6 +41,9 @@
 //!   `AgentHeartbeat`, `AgentReport`, the `AgentSync` stream of an agent's
 //!   assignment) and [`agents::watch_agents`], the leader's judgement of
 //!   which agents are down.
+//! - [`relay`]: a follower takes agents' plain heartbeats and relays
+//!   them to the leader in batches (`Cluster/AgentsHeard`), answering each
+//!   only once the leader took it.
 //! - [`assignments`]: the hub that wakes an agent's assignment stream only
 //!   when its assignment may have changed (one look per burst of writes,
 //!   not one per stream and write).
@@ -64,6 +67,7 @@ pub mod membership;
 pub mod meta;
 pub mod node;
 pub mod policy;
+pub mod relay;
 pub mod rollout;
 pub mod rollout_driver;
 pub mod service;

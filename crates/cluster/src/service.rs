@@ -41,6 +41,8 @@ pub(crate) struct ClusterShared {
     pub(crate) agents: AgentTracker,
     /// The assignment streams this server wakes.
     pub(crate) assignments: crate::assignments::AssignmentHub,
+    /// The agents' heartbeats this server takes as a follower.
+    pub(crate) relay: crate::relay::HeartbeatRelay,
 }
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -108,6 +110,7 @@ impl RaftServices {
                 agent_settings: agents,
                 agents: AgentTracker::default(),
                 assignments: crate::assignments::AssignmentHub::default(),
+                relay: crate::relay::HeartbeatRelay::default(),
             }),
         }
     }
@@ -287,6 +290,12 @@ fn agent_routes(
             methods::CLUSTER_AGENT_HEARTBEAT,
             |shared, node, ctx, payload| {
                 Box::pin(agents::serve_heartbeat(shared, node, ctx, payload))
+            },
+        )?
+        .unary(
+            methods::CLUSTER_AGENTS_HEARD,
+            |shared, node, ctx, payload| {
+                Box::pin(crate::relay::serve_heard(shared, node, ctx, payload))
             },
         )?
         .unary(methods::CLUSTER_AGENT_REPORT, |_, node, ctx, payload| {

@@ -83,6 +83,9 @@ fn allowed(method: &Method) -> &'static [Who] {
         // Cluster service.
         "cluster/leave" => &[Admin],
         "raft/vote" | "raft/appendentries" | "raft/snapshot" | "raft/propose" => &[Member],
+        // A follower relaying agents' heartbeats: servers only (an agent
+        // cannot vouch for others, nor an admin for anyone).
+        "cluster/agentsheard" => &[Member],
         // Streams, checked once before they open.
         "vm/watch" => READERS,
         "raft/appendstream" => &[Member],

@@ -199,6 +199,8 @@ pub fn rule(method: &Method) -> Option<Rule> {
         // Cluster service, as for Join.
         (ServiceId::Cluster, "AgentRegister") => Rule::AnyKey,
         (ServiceId::Cluster, "AgentHeartbeat" | "AgentReport" | "AgentSync") => Rule::Agents,
+        // A follower relaying the heartbeats it took to the leader.
+        (ServiceId::Cluster, "AgentsHeard") => Rule::Members,
         (ServiceId::Raft, "Vote" | "AppendEntries" | "AppendStream" | "Snapshot" | "Propose") => {
             Rule::Members
         }

@@ -267,6 +267,9 @@ pub const METHODS: &[Method] = &[
     m(Cluster, 17, "AgentHeartbeat", true, Normal),
     m(Cluster, 18, "AgentReport", true, Normal),
     m(Cluster, 20, "Demote", true, Normal),
+    // Not retried on a new connection: a relay that arrives late would
+    // count heartbeats as heard later than they were.
+    m(Cluster, 21, "AgentsHeard", false, Normal),
 ];
 
 /// Every streaming method of every service.
@@ -372,6 +375,8 @@ pub mod methods {
     pub const CLUSTER_AGENT_REPORT: &Method = &METHODS[31];
     /// `Cluster/Demote`.
     pub const CLUSTER_DEMOTE: &Method = &METHODS[32];
+    /// `Cluster/AgentsHeard`.
+    pub const CLUSTER_AGENTS_HEARD: &Method = &METHODS[33];
     /// `Cluster/AgentSync` (server stream).
     pub const CLUSTER_AGENT_SYNC: &Method = &STREAM_METHODS[2];
     /// `Raft/AppendStream` (bidirectional stream).
@@ -455,6 +460,7 @@ mod tests {
         assert_eq!(methods::CLUSTER_TRANSPORT_SET.name, "TransportSet");
         assert_eq!(methods::CLUSTER_ROLLOUT.name, "Rollout");
         assert_eq!(methods::CLUSTER_ROLLOUT_GET.name, "RolloutGet");
+        assert_eq!(methods::CLUSTER_AGENTS_HEARD.name, "AgentsHeard");
         assert_eq!(methods::RAFT_APPEND_STREAM.name, "AppendStream");
         assert_eq!(methods::VM_WATCH.name, "Watch");
         assert_eq!(

@@ -174,6 +174,15 @@ metrics! {
     /// Agents the leader marked down or ready again; labels `status`.
     AGENT_STATUS_CHANGES = "tern_agent_status_changes_total", Counter,
         "Agents the leader marked down (heartbeats stopped) or ready again, by new status.";
+    /// Agents' heartbeats a server acknowledged; labels `via` (`direct`:
+    /// the leader took it, `relay`: a follower took it and the leader took
+    /// the follower's relay).
+    AGENT_HEARTBEATS = "tern_agent_heartbeats_total", Counter,
+        "Agents' heartbeats this server acknowledged, by path (direct to the leader, or relayed by a follower).";
+    /// On a follower: relays of agents' heartbeats the leader did not
+    /// take (the agents are told to heartbeat to the leader directly).
+    AGENT_RELAY_FAILURES = "tern_agent_relay_failures_total", Counter,
+        "On a follower: relays of agents' heartbeats the leader did not take (those agents turn to the leader).";
     /// On an agent: the time since the last heartbeat the leader
     /// acknowledged was sent (what the agent's fence counts).
     AGENT_HEARTBEAT_AGE = "tern_agent_heartbeat_age_seconds", Gauge,
