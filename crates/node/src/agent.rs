@@ -67,6 +67,12 @@ const RETRY_PAUSE: Duration = Duration::from_millis(300);
 /// answers: ten a second is already far more than any bound needs.
 pub const MIN_HEARTBEAT_INTERVAL: Duration = Duration::from_millis(100);
 
+/// Heartbeats sent straight to the leader after the home server refused
+/// or failed one, before the agent tries its home again (30 s at the
+/// default interval): a home that is down costs one failed call per this
+/// many heartbeats, not one each.
+const DIRECT_AFTER_REFUSAL: u32 = 15;
+
 /// How often the fence is checked: well inside the shortest fence
 /// (a third of `MIN_AGENT_DOWN_AFTER`, 1 s).
 const FENCE_TICK: Duration = Duration::from_millis(100);
@@ -94,6 +100,23 @@ impl Servers {
             return Some(addr);
         }
         self.nth(turn, seeds)
+    }
+
+    /// The follower that takes this agent's plain heartbeats and relays
+    /// them to the leader (`tern_cluster::relay`): one of the servers
+    /// other than the leader, chosen by the agent's node id so that the
+    /// fleet spreads evenly. `None` while the leader is unknown or leads
+    /// alone.
+    fn home(&self, me: NodeId) -> Option<PeerAddr> {
+        let leader = self.leader?;
+        let mut followers: Vec<&(NodeId, Member)> =
+            self.list.iter().filter(|(id, _)| *id != leader).collect();
+        if followers.is_empty() {
+            return None;
+        }
+        followers.sort_unstable_by_key(|(id, _)| *id);
+        let at = usize::try_from(me % followers.len() as u64).unwrap_or(0);
+        followers.get(at).map(|(_, m)| m.addr.clone())
     }
 
     fn nth(&self, turn: usize, seeds: &[PeerAddr]) -> Option<PeerAddr> {
@@ -272,8 +295,18 @@ impl AgentLink {
         method: &'static tern_protocol::Method,
         req: &Req,
     ) -> Result<Resp, CallError> {
-        let call =
-            Call::new(method, Bytes::from(req.encode_to_vec())).with_timeout(AGENT_CALL_TIMEOUT);
+        self.call_within(peer, method, req, AGENT_CALL_TIMEOUT)
+            .await
+    }
+
+    async fn call_within<Req: Message, Resp: Message + Default>(
+        &self,
+        peer: &PeerAddr,
+        method: &'static tern_protocol::Method,
+        req: &Req,
+        timeout: Duration,
+    ) -> Result<Resp, CallError> {
+        let call = Call::new(method, Bytes::from(req.encode_to_vec())).with_timeout(timeout);
         let bytes = self.client.call(peer, call).await?;
         Resp::decode(bytes).map_err(|e| {
             CallError::Application(tern_protocol::Status::internal(format!(
@@ -367,14 +400,36 @@ impl AgentLink {
         self.status.send_modify(|s| s.role = RaftRole::Shutdown);
     }
 
+    /// Sends the heartbeats: plain ones to the agent's home follower,
+    /// which relays them; to the leader itself while resuming (after the
+    /// start or a fence: the leader's answer sets the resume point), while
+    /// there is no home, and for [`DIRECT_AFTER_REFUSAL`] heartbeats after
+    /// the home refused or failed one.
     async fn heartbeats(self: Arc<Self>) {
         let mut turn = 0usize;
+        let mut direct_left = 0u32;
         loop {
-            let (target, interval) = {
+            let resuming = self.is_fenced() || self.floor.load(Ordering::Acquire) == u64::MAX;
+            let (home, target, interval, timeout) = {
                 let s = lock_read(&self.servers);
+                let home = if resuming || direct_left > 0 {
+                    None
+                } else {
+                    s.home(self.node_id())
+                };
+                // A home that does not answer must leave time to reach
+                // the leader before the fence: half the fence at most.
+                let timeout = if home.is_some() {
+                    (s.fence_after() / 2).min(AGENT_CALL_TIMEOUT)
+                } else {
+                    AGENT_CALL_TIMEOUT
+                };
+                let target = home.clone().or_else(|| s.target(turn, &self.seeds));
                 (
-                    s.target(turn, &self.seeds),
+                    home.is_some(),
+                    target,
                     s.heartbeat_interval.max(MIN_HEARTBEAT_INTERVAL),
+                    timeout,
                 )
             };
             let Some(target) = target else {
@@ -388,18 +443,26 @@ impl AgentLink {
                     vcpus: self.capacity.vcpus,
                     memory_mib: self.capacity.memory_mib,
                 }),
+                resuming,
             };
             match self
-                .call::<_, pb::AgentHeartbeatResponse>(
+                .call_within::<_, pb::AgentHeartbeatResponse>(
                     &target,
                     methods::CLUSTER_AGENT_HEARTBEAT,
                     &req,
+                    timeout,
                 )
                 .await
             {
                 Ok(answer) => {
                     self.acknowledged(&answer, sent);
+                    direct_left = direct_left.saturating_sub(1);
                     tokio::time::sleep(interval).await;
+                }
+                Err(e) if home => {
+                    // The leader at once: the fence is counting.
+                    tracing::debug!(error = %e, server = %target.id.short(), "the home server did not take the heartbeat; heartbeating to the leader for a while");
+                    direct_left = DIRECT_AFTER_REFUSAL;
                 }
                 Err(e) => {
                     turn = turn.wrapping_add(1);
@@ -789,6 +852,29 @@ mod tests {
             Some(PeerId::from_bytes([9; 32])),
             "seeds before any server is known"
         );
+    }
+
+    #[test]
+    fn agents_spread_their_heartbeats_over_the_followers() {
+        let mut s = Servers {
+            list: vec![member(3), member(1), member(2)],
+            leader: None,
+            ..Servers::default()
+        };
+        assert_eq!(s.home(10), None, "no home while the leader is unknown");
+        s.leader = Some(2);
+        let homes: Vec<PeerId> = (0..4).filter_map(|me| s.home(me)).map(|a| a.id).collect();
+        assert_eq!(
+            homes,
+            [1u8, 3, 1, 3].map(|n| PeerId::from_bytes([n; 32])),
+            "the followers by node id in turn, never the leader"
+        );
+        let alone = Servers {
+            list: vec![member(1)],
+            leader: Some(1),
+            ..Servers::default()
+        };
+        assert_eq!(alone.home(7), None, "a leader alone takes them all");
     }
 
     #[test]
