@@ -109,9 +109,18 @@ impl ProtocolHandler for RawStreamEcho {
 }
 
 /// A bare iroh endpoint on 127.0.0.1 (free port), no relay, with `key` as
-/// identity (a random one when `None`).
+/// identity (a random one when `None`). Its QUIC settings (windows,
+/// streams, idle timeout) are exactly our transport's
+/// ([`tern_transport_iroh::transport::quic_config`] of the default
+/// limits), so the baseline differs from ours only by what our layer
+/// adds, not by the QUIC library's default windows.
 pub async fn raw_endpoint(key: Option<[u8; 32]>) -> anyhow::Result<Endpoint> {
+    let quic = tern_transport_iroh::transport::quic_config(
+        &tern_transport_iroh::TransportLimits::default(),
+    )
+    .context("the raw iroh endpoint's QUIC settings")?;
     let mut builder = Endpoint::builder(presets::Minimal)
+        .transport_config(quic)
         .relay_mode(RelayMode::Disabled)
         .clear_ip_transports()
         .bind_addr("127.0.0.1:0")

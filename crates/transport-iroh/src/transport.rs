@@ -27,7 +27,7 @@ use tracing::{info, warn};
 
 use crate::ALPN;
 use crate::client::IrohClient;
-use crate::config::IrohConfig;
+use crate::config::{IrohConfig, TransportLimits};
 use crate::server::{RpcProtocol, ServerState};
 use crate::supervisor::{self, EndpointHealth, Live, Supervised};
 use crate::wire::CLOSE_SHUTTING_DOWN;
@@ -167,15 +167,14 @@ impl Drop for SupervisorTask {
 /// The endpoint is offline-first: no relay unless `config.relay_url`
 /// names one, no address lookup (DNS, pkarr) beyond `lookup` and no port
 /// mapping.
-pub(crate) async fn bind_endpoint(
-    config: &IrohConfig,
-    lookup: &MemoryLookup,
-    liveness: &Arc<crate::path_select::Liveness>,
-) -> Result<Endpoint, BindError> {
-    let limits = &config.limits;
+/// The QUIC settings of an endpoint with `limits`: streams, idle
+/// timeout, keep-alive and receive windows. Public so that the benches'
+/// raw iroh baseline runs with exactly these, not the QUIC library's
+/// defaults.
+pub fn quic_config(limits: &TransportLimits) -> Result<QuicTransportConfig, BindError> {
     let idle = IdleTimeout::try_from(limits.idle_timeout)
         .map_err(|e| BindError::Config(format!("idle_timeout: {e}")))?;
-    let quic = QuicTransportConfig::builder()
+    Ok(QuicTransportConfig::builder()
         .max_concurrent_bidi_streams(VarInt::from_u32(limits.max_concurrent_streams))
         // The protocol uses no unidirectional streams.
         .max_concurrent_uni_streams(VarInt::from_u32(0))
@@ -185,7 +184,15 @@ pub(crate) async fn bind_endpoint(
         .stream_receive_window(VarInt::from_u32(limits.stream_window))
         .receive_window(VarInt::from_u32(limits.connection_window))
         .keep_alive_interval(limits.keep_alive)
-        .build();
+        .build())
+}
+
+pub(crate) async fn bind_endpoint(
+    config: &IrohConfig,
+    lookup: &MemoryLookup,
+    liveness: &Arc<crate::path_select::Liveness>,
+) -> Result<Endpoint, BindError> {
+    let quic = quic_config(&config.limits)?;
     let mut builder = Endpoint::builder(presets::Minimal)
         .secret_key(SecretKey::from_bytes(&config.secret_key))
         .alpns(vec![ALPN.to_vec()])
