@@ -51,6 +51,7 @@
 //! [limits]                             # optional; each key overrides one default
 //! connections = 4096                   # gRPC: inbound connections in all
 //! connections_per_ip = 256             # gRPC: per remote IP address
+//! iroh_connections = 1024              # iroh: inbound connections in all
 //! connections_per_peer = 32            # per proven node id (gRPC 32, iroh 16 by default)
 //! streams_per_connection = 1024        # gRPC: concurrent calls per connection
 //! in_flight_bytes_per_peer = 67108864  # request bytes one peer may have in flight (both)
@@ -549,6 +550,9 @@ pub struct LimitsConfig {
     pub connections: Option<usize>,
     /// gRPC: inbound connections per remote IP.
     pub connections_per_ip: Option<usize>,
+    /// iroh: inbound connections in all (a server of a large fleet holds
+    /// one or two per agent).
+    pub iroh_connections: Option<usize>,
     /// Both transports: inbound connections per proven node id.
     pub connections_per_peer: Option<usize>,
     /// gRPC: concurrent streams per connection.
@@ -564,6 +568,7 @@ impl LimitsConfig {
         let positive = [
             ("limits.connections", self.connections),
             ("limits.connections_per_ip", self.connections_per_ip),
+            ("limits.iroh_connections", self.iroh_connections),
             ("limits.connections_per_peer", self.connections_per_peer),
             (
                 "limits.streams_per_connection",
@@ -629,6 +634,9 @@ impl LimitsConfig {
 
     /// Applies these overrides to the iroh transport's limits.
     pub fn apply_iroh(&self, l: &mut tern_transport_iroh::TransportLimits) {
+        if let Some(n) = self.iroh_connections {
+            l.max_connections = n;
+        }
         if let Some(n) = self.connections_per_peer {
             l.max_connections_per_peer = n;
         }
@@ -1068,6 +1076,7 @@ mod tests {
         c.vm.runtimes = Some(vec![RuntimeName::Process]);
         c.vm.runtime = RuntimeChoice::Process;
         c.limits.connections = Some(64);
+        c.limits.iroh_connections = Some(8192);
         c.access.admins.push(id.clone());
         c.transport = Some(
             toml::from_str(
@@ -1093,6 +1102,21 @@ mod tests {
         c.transport = None;
         let back = Config::parse(&c.to_toml().unwrap()).unwrap();
         assert!(back.pin().is_none(), "no [transport] section, no pin");
+    }
+
+    #[test]
+    fn limits_reach_the_transport_they_name() {
+        let c = Config::parse(
+            "[limits]\niroh_connections = 8192\nconnections = 100\nconnections_per_peer = 4\n",
+        )
+        .unwrap();
+        let mut iroh = tern_transport_iroh::TransportLimits::default();
+        c.config.limits.apply_iroh(&mut iroh);
+        assert_eq!(iroh.max_connections, 8192);
+        assert_eq!(iroh.max_connections_per_peer, 4);
+        let grpc = c.config.limits.grpc();
+        assert_eq!(grpc.max_connections, 100, "gRPC's own key, not iroh's");
+        assert_eq!(grpc.max_connections_per_peer, 4);
     }
 
     #[test]
@@ -1238,6 +1262,8 @@ mod tests {
             let e = error_of(text);
             assert!(e.starts_with("limits."), "{text}: {e}");
         }
+        let e = error_of("[limits]\niroh_connections = 0\n");
+        assert!(e.starts_with("limits.iroh_connections"), "{e}");
         let e = error_of("[limits]\nconnections_per_ip = 0\n");
         assert!(e.starts_with("limits.connections_per_ip"), "{e}");
         let e = error_of("[limits]\nin_flight_bytes_per_peer = 1000\n");
