@@ -94,6 +94,9 @@ pub struct FleetRow {
     pub cpu_ms_per_agent_s: Option<f64>,
     /// Servers' CPU (all three), in percent of one core.
     pub cpu_percent: f64,
+    /// The leader's CPU alone, in percent of one core: what a fleet must
+    /// not grow (followers take the agents' heartbeats and streams).
+    pub leader_cpu_percent: f64,
     /// Servers' resident memory (all three), MiB.
     pub rss_mib: f64,
     /// Resident memory over the N = 0 baseline, per agent, KiB.
@@ -231,7 +234,7 @@ async fn add_agents(
         let batch = (to - agents.len()).min(REGISTER_CONCURRENCY);
         let mut joins = Vec::new();
         for _ in 0..batch {
-            let (client, me, iroh) = agent_client(transport).await?;
+            let (client, me, iroh) = agent_client(base_transport(transport)).await?;
             let link = AgentLink::new(
                 client,
                 me,
@@ -242,6 +245,9 @@ async fn add_agents(
                 JOIN_TOKEN.to_owned(),
                 seeds.to_vec(),
             );
+            if transport.ends_with(DIRECT) {
+                link.heartbeat_to_the_leader_only();
+            }
             joins.push(tokio::spawn(async move {
                 link.register().await.map(|_| (link, iroh))
             }));
@@ -403,11 +409,24 @@ fn server_tune(c: &mut tern_node::config::Config) {
     // (see the projection in docs/ARCHITECTURE.md).
     c.limits.connections = Some(MAX_BENCH_CONNECTIONS);
     c.limits.connections_per_ip = Some(MAX_BENCH_CONNECTIONS);
+    // Over iroh each simulated agent is its own endpoint: the iroh
+    // server's total (1,024 by default) is raised alike.
+    c.limits.iroh_connections = Some(MAX_BENCH_CONNECTIONS);
+}
+
+/// The suffix of a transport whose agents send every heartbeat to the
+/// leader (`grpc-direct`, `iroh-direct`): the protocol before followers
+/// relayed them, measured beside it in the same run.
+const DIRECT: &str = "-direct";
+
+/// `grpc` of `grpc-direct`.
+fn base_transport(transport: &str) -> &str {
+    transport.strip_suffix(DIRECT).unwrap_or(transport)
 }
 
 /// The servers' transport for agents speaking `transport`.
 fn servers_transport(transport: &str) -> anyhow::Result<tern_transport_dual::TransportConfig> {
-    match transport {
+    match base_transport(transport) {
         "grpc" => Ok(tern_testkit::config::grpc()),
         // Dual: the bench's own calls stay on gRPC; agents and Raft speak
         // iroh.
@@ -415,12 +434,15 @@ fn servers_transport(transport: &str) -> anyhow::Result<tern_transport_dual::Tra
             &["all_except_raft"],
             tern_protocol::policy::RaftTransport::Iroh,
         )),
-        other => anyhow::bail!("--transport {other:?}: expected grpc or iroh"),
+        other => anyhow::bail!(
+            "--transport {other:?}: expected grpc or iroh (or grpc-direct, iroh-direct: heartbeats to the leader only)"
+        ),
     }
 }
 
 /// The servers as the agents reach them.
 fn seeds(cluster: &LocalCluster, transport: &str) -> Vec<PeerAddr> {
+    let transport = base_transport(transport);
     cluster
         .nodes
         .iter()
@@ -463,12 +485,20 @@ pub async fn run(opts: &FleetOpts) -> anyhow::Result<Vec<FleetRow>> {
         let pids = servers(&cluster);
         let cpu0 = cpu(&pids);
         let w0 = Instant::now();
-        let (_, leader) = leader_of(&cluster).await?;
+        let (leader_index, leader) = leader_of(&cluster).await?;
+        let leader_pid: Vec<u32> = cluster.nodes[leader_index]
+            .child
+            .as_ref()
+            .map(tern_testkit::TernProcess::pid)
+            .into_iter()
+            .collect();
+        let leader_cpu0 = cpu(&leader_pid);
         let commits = commit_latencies(&leader, &format!("{round}")).await?;
         let left = opts.steady.saturating_sub(w0.elapsed());
         tokio::time::sleep(left).await;
         let secs = w0.elapsed().as_secs_f64();
         let cpu_s = cpu(&pids) - cpu0;
+        let leader_cpu_s = cpu(&leader_pid) - leader_cpu0;
         let rss = rss_mib(&pids);
         let base = *base_rss.get_or_insert(rss);
         let cpu_ms_s = cpu_s * 1000.0 / secs;
@@ -483,6 +513,7 @@ pub async fn run(opts: &FleetOpts) -> anyhow::Result<Vec<FleetRow>> {
             register_secs,
             cpu_ms_per_agent_s: per((cpu_ms_s - cpu_base).max(0.0)),
             cpu_percent: cpu_s * 100.0 / secs,
+            leader_cpu_percent: leader_cpu_s * 100.0 / secs,
             rss_mib: rss,
             rss_kib_per_agent: per((rss - base) * 1024.0),
             commit_p50_ms: percentile(&commits, 50.0),
@@ -518,14 +549,15 @@ async fn stop_agents(agents: Vec<SimAgent>) {
 pub fn table(rows: &[FleetRow]) -> String {
     let f = |v: Option<f64>, d: usize| v.map_or_else(|| "-".to_owned(), |v| format!("{v:.d$}"));
     let mut out = String::from(
-        "| transport | agents | servers' CPU (% of a core) | CPU per agent (ms/s) | servers' RSS (MiB) | RSS per agent (KiB) | commit p50 / p99 (ms) | change to agent p50 / p99 (ms) | all agents follow a new leader (s) | load |\n|---|---|---|---|---|---|---|---|---|---|\n",
+        "| transport | agents | servers' CPU (% of a core) | leader's CPU (%) | CPU per agent (ms/s) | servers' RSS (MiB) | RSS per agent (KiB) | commit p50 / p99 (ms) | change to agent p50 / p99 (ms) | all agents follow a new leader (s) | load |\n|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for r in rows {
         out.push_str(&format!(
-            "| {} | {} | {:.1} | {} | {:.0} | {} | {:.2} / {:.2} | {} / {} | {} | {} |\n",
+            "| {} | {} | {:.1} | {:.1} | {} | {:.0} | {} | {:.2} / {:.2} | {} / {} | {} | {} |\n",
             r.transport,
             r.agents,
             r.cpu_percent,
+            r.leader_cpu_percent,
             f(r.cpu_ms_per_agent_s, 3),
             r.rss_mib,
             f(r.rss_kib_per_agent, 1),
@@ -605,6 +637,14 @@ const FIGURES: &[FigureSpec] = &[
         |r| Some(r.cpu_percent),
     ),
     (
+        "leader_cpu",
+        "The leader's CPU, % of one core",
+        "%",
+        Better::Lower,
+        None,
+        |r| Some(r.leader_cpu_percent),
+    ),
+    (
         "servers_rss",
         "Servers' resident memory",
         "bytes",
@@ -677,6 +717,7 @@ mod tests {
             register_secs: 0.0,
             cpu_ms_per_agent_s: None,
             cpu_percent: 10.0,
+            leader_cpu_percent: 4.0,
             rss_mib: 200.0,
             rss_kib_per_agent: None,
             commit_p50_ms: 1.0,
@@ -692,6 +733,8 @@ mod tests {
     fn a_transport_other_than_grpc_or_iroh_is_refused_by_name() {
         assert!(servers_transport("grpc").is_ok());
         assert!(servers_transport("iroh").is_ok());
+        assert!(servers_transport("grpc-direct").is_ok());
+        assert_eq!(base_transport("iroh-direct"), "iroh");
         let Err(refused) = servers_transport("quic") else {
             panic!("an unknown transport was taken");
         };

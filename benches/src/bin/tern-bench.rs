@@ -138,7 +138,9 @@ struct FleetArgs {
     /// with --quick, else 20).
     #[arg(long)]
     steady_secs: Option<u64>,
-    /// What the simulated agents speak, each on a cluster of its own.
+    /// What the simulated agents speak, each on a cluster of its own
+    /// (`grpc-direct`, `iroh-direct`: every heartbeat to the leader, none
+    /// relayed by a follower, for a side-by-side run).
     #[arg(long, value_delimiter = ',', default_value = "grpc,iroh")]
     transport: Vec<String>,
     /// Fewer agents and a shorter window (what CI runs).

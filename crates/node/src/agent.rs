@@ -2,7 +2,8 @@
 //!
 //! [`AgentLink`] is an agent's whole view of the cluster. It registers
 //! with the servers named in `[cluster] join` (with the join token the
-//! first time; its key is known afterwards), heartbeats to the leader,
+//! first time; its key is known afterwards), heartbeats through its home
+//! follower (`tern_cluster::relay`; to the leader itself while resuming),
 //! follows its assignment on one server's `Cluster/AgentSync` stream, and
 //! implements the services' `Consensus` over what it follows, so that the
 //! reconciler, Health, Status, the access check and the policy control
@@ -207,6 +208,10 @@ pub struct AgentLink {
     /// them running again. Without it the reconciler would take the stop
     /// for the VM ending on its own, and leave it stopped.
     fence_stopped: Mutex<std::collections::BTreeSet<String>>,
+    /// Whether plain heartbeats go through a home follower (the default);
+    /// off, every heartbeat goes to the leader (see
+    /// [`AgentLink::heartbeat_to_the_leader_only`]).
+    via_followers: AtomicBool,
     /// Bumped when the sync stream must be opened again (a new floor).
     resync: watch::Sender<u64>,
     status: watch::Sender<RaftStatus>,
@@ -268,10 +273,19 @@ impl AgentLink {
             floor: AtomicU64::new(u64::MAX),
             fenced: AtomicBool::new(false),
             fence_stopped: Mutex::new(std::collections::BTreeSet::new()),
+            via_followers: AtomicBool::new(true),
             resync: watch::channel(0).0,
             status,
             changes: watch::channel(0).0,
         })
+    }
+
+    /// Sends every heartbeat to the leader, none through a follower: the
+    /// protocol before the relay, kept for the fleet bench's side-by-side
+    /// comparison (`tern-bench fleet --transport grpc-direct`). Safe
+    /// either way; the leader then takes one call per agent and interval.
+    pub fn heartbeat_to_the_leader_only(&self) {
+        self.via_followers.store(false, Ordering::Release);
     }
 
     /// The agent's node id (0 before it registered).
@@ -412,11 +426,12 @@ impl AgentLink {
             let resuming = self.is_fenced() || self.floor.load(Ordering::Acquire) == u64::MAX;
             let (home, target, interval, timeout) = {
                 let s = lock_read(&self.servers);
-                let home = if resuming || direct_left > 0 {
-                    None
-                } else {
-                    s.home(self.node_id())
-                };
+                let home =
+                    if resuming || direct_left > 0 || !self.via_followers.load(Ordering::Acquire) {
+                        None
+                    } else {
+                        s.home(self.node_id())
+                    };
                 // A home that does not answer must leave time to reach
                 // the leader before the fence: half the fence at most.
                 let timeout = if home.is_some() {
