@@ -10,7 +10,8 @@
 //!   then records the agent (`RegisterAgent`), its capacity cut to the
 //!   configured maximum. A key that is a Raft member is refused.
 //! - `AgentHeartbeat` (agents only, served by the leader while a majority
-//!   of the servers acknowledges it, [`LEADER_QUORUM_FRESH`]): the leader
+//!   of the servers acknowledges it, [`LEADER_QUORUM_FRESH`], or taken by
+//!   a follower and relayed, see [`crate::relay`]): the leader
 //!   notes when it last heard each agent (`AgentTracker`, memory only: a
 //!   heartbeat is no Raft write), marks a down agent ready again, and
 //!   records a changed capacity.
