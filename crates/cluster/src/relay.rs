@@ -56,8 +56,10 @@ pub const RELAY_INTERVAL: Duration = Duration::from_millis(250);
 /// been taken by then is answered `Unavailable`.
 pub const RELAY_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// Most agents in one relay (a follower with more waiting relays the
-/// rest in the next one): 800 KiB of ids at most, one `AgentsHeard`.
+/// Most agents in one relay: 800 KiB of ids at most, one `AgentsHeard`.
+/// A follower that took more in one interval sends the rest to the
+/// leader (refused as the leader's refusals are), never acknowledging a
+/// heartbeat it did not relay.
 pub const MAX_RELAYED: usize = 100_000;
 
 /// What became of one batch.
@@ -222,6 +224,16 @@ async fn run(shared: Weak<ClusterShared>) {
     }
 }
 
+/// The agents of one relay, in order, and those beyond
+/// [`MAX_RELAYED`]: not relayed, so never acknowledged here (they are sent
+/// to the leader, as the leader's refusals are).
+fn split_relay(ids: HashSet<NodeId>) -> (Vec<NodeId>, Vec<NodeId>) {
+    let mut node_ids: Vec<NodeId> = ids.into_iter().collect();
+    node_ids.sort_unstable();
+    let over = node_ids.split_off(node_ids.len().min(MAX_RELAYED));
+    (node_ids, over)
+}
+
 /// Sends one batch to the leader.
 async fn send(node: &Attached, ids: HashSet<NodeId>) -> Outcome {
     let leader = {
@@ -240,9 +252,7 @@ async fn send(node: &Attached, ids: HashSet<NodeId>) -> Outcome {
     let Some(leader) = leader else {
         return Outcome::Failed("no leader known".into());
     };
-    let mut node_ids: Vec<NodeId> = ids.into_iter().collect();
-    node_ids.sort_unstable();
-    node_ids.truncate(MAX_RELAYED);
+    let (node_ids, over) = split_relay(ids);
     let req = pb::AgentsHeardRequest { node_ids };
     let call = Call::new(
         tern_protocol::catalog::methods::CLUSTER_AGENTS_HEARD,
@@ -253,7 +263,7 @@ async fn send(node: &Attached, ids: HashSet<NodeId>) -> Outcome {
         Ok(bytes) => match pb::AgentsHeardResponse::decode(bytes) {
             Ok(answer) => Outcome::Taken {
                 revision: answer.revision,
-                refused: Arc::new(answer.refused.into_iter().collect()),
+                refused: Arc::new(answer.refused.into_iter().chain(over).collect()),
             },
             Err(e) => Outcome::Failed(format!("the leader's answer is undecodable: {e}")),
         },
@@ -363,6 +373,16 @@ mod tests {
             changed.is_some_and(|w| w.contains("capacity")),
             "{changed:?}"
         );
+    }
+
+    #[test]
+    fn agents_beyond_one_relay_are_not_relayed_and_not_lost() {
+        let ids: HashSet<NodeId> = (1..=MAX_RELAYED as u64 + 3).collect();
+        let (sent, over) = split_relay(ids);
+        assert_eq!(sent.len(), MAX_RELAYED);
+        assert_eq!(over, [1, 2, 3].map(|k| MAX_RELAYED as u64 + k));
+        let (sent, over) = split_relay([5, 2].into_iter().collect());
+        assert_eq!((sent, over), (vec![2, 5], vec![]));
     }
 
     #[test]
