@@ -11,7 +11,7 @@ use std::path::Path;
 
 #[path = "demotion_support/mod.rs"]
 mod support;
-use support::{agent_servers, signal, sleeper_vm, status, until, workload};
+use support::{OneAgent, one_agent_running_a_vm, signal, until, workload};
 
 /// A leader cut off from the other servers keeps its role (openraft
 /// steps down only on a higher term) but stops acknowledging heartbeats
@@ -22,31 +22,15 @@ use support::{agent_servers, signal, sleeper_vm, status, until, workload};
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_leader_without_a_majority_does_not_keep_an_agent_unfenced() {
     let dir = tempfile::tempdir().unwrap();
-    let root = dir.path().join("c");
     let tern = Path::new(env!("CARGO_BIN_EXE_tern"));
-    let mut cluster = agent_servers(tern, &root, 3).await;
-    let agent = cluster.add_agent(&root).await.unwrap();
-    let (leader, _) = cluster.leader().await.unwrap();
-    until(
-        &cluster,
-        "the agent ready and heard by the leader",
-        || async {
-            let s = status(&cluster, leader).await?;
-            let heard = s
-                .agents
-                .iter()
-                .any(|a| a.status == "ready" && a.heartbeat_age_ms > 0);
-            heard.then_some(())
-        },
-    )
-    .await;
-    let created = sleeper_vm(&cluster, leader, "majority-web", "web", 0).await;
+    let OneAgent {
+        mut cluster,
+        leader,
+        agent_dir,
+        vm: created,
+        workload: first,
+    } = one_agent_running_a_vm(tern, &dir.path().join("c"), "web").await;
     let vm_id = created.id.clone();
-    let agent_dir = cluster.nodes[agent].dir.clone();
-    let first = until(&cluster, "the VM running on the agent", || async {
-        workload(&agent_dir, &vm_id)
-    })
-    .await;
 
     // The followers stop: the leader is alone, still the leader in its
     // own eyes, and the agent can reach nobody else.

@@ -23,7 +23,7 @@ use tern_testkit::{Metrics, scrape};
 
 #[path = "demotion_support/mod.rs"]
 mod support;
-use support::{AGENT_DOWN_AFTER_MS, agent_servers, sleeper_vm, status, until, workload};
+use support::{AGENT_DOWN_AFTER_MS, OneAgent, one_agent_running_a_vm, status, until, workload};
 
 /// Heartbeats node `i` acknowledged by `via` (`direct` or `relay`), from
 /// its `/metrics`; `None` when it does not answer.
@@ -36,31 +36,15 @@ async fn heartbeats(cluster: &LocalCluster, i: usize, via: &str) -> Option<f64> 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn followers_relay_heartbeats_and_an_agent_outlives_its_home() {
     let dir = tempfile::tempdir().unwrap();
-    let root = dir.path().join("c");
     let tern = Path::new(env!("CARGO_BIN_EXE_tern"));
-    let mut cluster = agent_servers(tern, &root, 3).await;
-    let agent = cluster.add_agent(&root).await.unwrap();
-    let (leader, _) = cluster.leader().await.unwrap();
-    until(
-        &cluster,
-        "the agent ready and heard by the leader",
-        || async {
-            let s = status(&cluster, leader).await?;
-            let heard = s
-                .agents
-                .iter()
-                .any(|a| a.status == "ready" && a.heartbeat_age_ms > 0);
-            heard.then_some(())
-        },
-    )
-    .await;
-    let created = sleeper_vm(&cluster, leader, "relay-web", "web", 0).await;
-    let vm_id = created.id.clone();
-    let agent_dir = cluster.nodes[agent].dir.clone();
-    let running = until(&cluster, "the VM running on the agent", || async {
-        workload(&agent_dir, &vm_id)
-    })
-    .await;
+    let OneAgent {
+        mut cluster,
+        leader,
+        agent_dir,
+        vm,
+        workload: running,
+    } = one_agent_running_a_vm(tern, &dir.path().join("c"), "web").await;
+    let vm_id = vm.id.clone();
 
     // The home: the follower whose relayed count grows.
     let followers: Vec<usize> = (0..3).filter(|i| *i != leader).collect();

@@ -207,6 +207,48 @@ pub(crate) async fn sleeper_vm(
     .unwrap()
 }
 
+/// Three agent servers ([`agent_servers`]) under `root` and one agent
+/// running a sleeper VM named `name`, once the leader heard the agent.
+pub(crate) struct OneAgent {
+    pub(crate) cluster: LocalCluster,
+    pub(crate) leader: usize,
+    pub(crate) agent_dir: PathBuf,
+    pub(crate) vm: pb::VmRecord,
+    pub(crate) workload: ProcessIdentity,
+}
+
+pub(crate) async fn one_agent_running_a_vm(tern: &Path, root: &Path, name: &str) -> OneAgent {
+    let mut cluster = agent_servers(tern, root, 3).await;
+    let agent = cluster.add_agent(root).await.unwrap();
+    let (leader, _) = cluster.leader().await.unwrap();
+    until(
+        &cluster,
+        "the agent ready and heard by the leader",
+        || async {
+            let s = status(&cluster, leader).await?;
+            let heard = s
+                .agents
+                .iter()
+                .any(|a| a.status == "ready" && a.heartbeat_age_ms > 0);
+            heard.then_some(())
+        },
+    )
+    .await;
+    let vm = sleeper_vm(&cluster, leader, &format!("{name}-create"), name, 0).await;
+    let agent_dir = cluster.nodes[agent].dir.clone();
+    let workload = until(&cluster, "the VM running on the agent", || async {
+        workload(&agent_dir, &vm.id)
+    })
+    .await;
+    OneAgent {
+        cluster,
+        leader,
+        agent_dir,
+        vm,
+        workload,
+    }
+}
+
 /// Creates a VM pinned to node `target` (Raft id `target_id`) through
 /// node `at`, and waits until it runs there; its id and live workload.
 pub(crate) async fn pinned_vm(
