@@ -78,6 +78,10 @@ pub struct FleetOpts {
     pub dir: PathBuf,
     /// What the agents speak: `"grpc"` or `"iroh"`.
     pub transport: String,
+    /// Niceness of the simulated agents' threads (0: as the servers).
+    /// They stand for other machines; on one machine a positive value
+    /// keeps them from taking the servers' and the commit probe's CPU.
+    pub agents_nice: i32,
 }
 
 /// The figures of one agent count.
@@ -113,6 +117,8 @@ pub struct FleetRow {
     pub leader_change_all_secs: Option<f64>,
     /// The load average when the window ended.
     pub load: String,
+    /// Niceness the simulated agents ran at.
+    pub agents_nice: i32,
 }
 
 struct SimAgent {
@@ -192,64 +198,77 @@ fn load() -> String {
 /// would grow with N for the bench's sake, not the servers'.
 async fn commit_latencies(leader: &PeerAddr, tag: &str) -> anyhow::Result<Vec<f64>> {
     let (leader, tag) = (leader.clone(), tag.to_owned());
-    tokio::task::spawn_blocking(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .context("the commit probe's runtime")?;
-        rt.block_on(async {
-            let client = tern_transport_grpc::GrpcClient::new(
-                tern_transport_grpc::ClientConfig::new(tern_testkit::keys::client_key()),
-            );
-            let mut ms = Vec::with_capacity(PUTS);
-            for i in 0..PUTS {
-                let t = Instant::now();
-                tern_cluster::meta_put(
-                    &client,
-                    &leader,
-                    &format!("fleet-put-{tag}-{i}"),
-                    "fleet/probe",
-                    "v",
-                    CALL,
-                )
-                .await
-                .map_err(|e| anyhow::anyhow!("a probe put failed: {e}"))?;
-                ms.push(t.elapsed().as_secs_f64() * 1000.0);
-            }
-            ms.sort_by(f64::total_cmp);
-            Ok(ms)
-        })
-    })
-    .await
-    .context("the commit probe's thread")?
+    // A thread of its own, not the runtime's blocking pool: it keeps the
+    // default niceness whatever the agents run at.
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(probe(&leader, &tag));
+    });
+    rx.await.context("the commit probe's thread")?
 }
 
+/// The commit probe's puts, on the calling thread; sorted latencies, ms.
+fn probe(leader: &PeerAddr, tag: &str) -> anyhow::Result<Vec<f64>> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("the commit probe's runtime")?;
+    rt.block_on(async {
+        let client = tern_transport_grpc::GrpcClient::new(tern_transport_grpc::ClientConfig::new(
+            tern_testkit::keys::client_key(),
+        ));
+        let mut ms = Vec::with_capacity(PUTS);
+        for i in 0..PUTS {
+            let t = Instant::now();
+            tern_cluster::meta_put(
+                &client,
+                leader,
+                &format!("fleet-put-{tag}-{i}"),
+                "fleet/probe",
+                "v",
+                CALL,
+            )
+            .await
+            .map_err(|e| anyhow::anyhow!("a probe put failed: {e}"))?;
+            ms.push(t.elapsed().as_secs_f64() * 1000.0);
+        }
+        ms.sort_by(f64::total_cmp);
+        Ok(ms)
+    })
+}
+
+/// Adds simulated agents until there are `to`, each created, registered
+/// and run on `on` (the agents' runtime: their connections and timers
+/// live there).
 async fn add_agents(
     agents: &mut Vec<SimAgent>,
     to: usize,
     seeds: &[PeerAddr],
     transport: &str,
+    on: &tokio::runtime::Handle,
 ) -> anyhow::Result<()> {
     while agents.len() < to {
         let batch = (to - agents.len()).min(REGISTER_CONCURRENCY);
         let mut joins = Vec::new();
         for _ in 0..batch {
-            let (client, me, iroh) = agent_client(base_transport(transport)).await?;
-            let link = AgentLink::new(
-                client,
-                me,
-                Capacity {
-                    vcpus: 64,
-                    memory_mib: 65_536,
-                },
-                JOIN_TOKEN.to_owned(),
-                seeds.to_vec(),
-            );
-            if transport.ends_with(DIRECT) {
-                link.heartbeat_to_the_leader_only();
-            }
-            joins.push(tokio::spawn(async move {
-                link.register().await.map(|_| (link, iroh))
+            let (seeds, transport) = (seeds.to_vec(), transport.to_owned());
+            joins.push(on.spawn(async move {
+                let (client, me, iroh) = agent_client(base_transport(&transport)).await?;
+                let link = AgentLink::new(
+                    client,
+                    me,
+                    Capacity {
+                        vcpus: 64,
+                        memory_mib: 65_536,
+                    },
+                    JOIN_TOKEN.to_owned(),
+                    seeds,
+                );
+                if transport.ends_with(DIRECT) {
+                    link.heartbeat_to_the_leader_only();
+                }
+                link.register().await?;
+                anyhow::Ok((link, iroh))
             }));
         }
         for j in joins {
@@ -259,11 +278,50 @@ async fn add_agents(
                 let mut rx = rx;
                 let _ = rx.wait_for(|s| *s).await;
             });
-            tokio::spawn(run);
+            on.spawn(run);
             agents.push(SimAgent { link, stop, iroh });
         }
     }
     Ok(())
+}
+
+/// The simulated agents' own runtime, its threads at `nice`; shut down
+/// in the background when dropped (also on an error path inside the
+/// bench's runtime, where a blocking shutdown would panic).
+struct AgentsRuntime(Option<tokio::runtime::Runtime>);
+
+impl AgentsRuntime {
+    fn new(nice: i32) -> anyhow::Result<AgentsRuntime> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("sim-agent")
+            .enable_all()
+            .on_thread_start(move || {
+                if nice != 0 {
+                    // Linux: the calling thread's own niceness. Children
+                    // are never started from these threads.
+                    let _ = rustix::process::setpriority_process(None, nice);
+                }
+            })
+            .build()
+            .context("the simulated agents' runtime")?;
+        Ok(AgentsRuntime(Some(rt)))
+    }
+
+    fn handle(&self) -> anyhow::Result<tokio::runtime::Handle> {
+        self.0
+            .as_ref()
+            .map(|rt| rt.handle().clone())
+            .context("the simulated agents' runtime is gone")
+    }
+}
+
+impl Drop for AgentsRuntime {
+    fn drop(&mut self) {
+        if let Some(rt) = self.0.take() {
+            rt.shutdown_background();
+        }
+    }
 }
 
 async fn leader_of(cluster: &LocalCluster) -> anyhow::Result<(usize, PeerAddr)> {
@@ -470,13 +528,15 @@ pub async fn run(opts: &FleetOpts) -> anyhow::Result<Vec<FleetRow>> {
     .await?;
     cluster.wait_formed().await?;
     let seeds = seeds(&cluster, &opts.transport);
+    let agents_rt = AgentsRuntime::new(opts.agents_nice)?;
+    let on = agents_rt.handle()?;
     let mut agents: Vec<SimAgent> = Vec::new();
     let mut rows = Vec::new();
     let mut base_rss = None;
     let mut base_cpu = None;
     for (round, &n) in opts.counts.iter().enumerate() {
         let t = Instant::now();
-        add_agents(&mut agents, n, &seeds, &opts.transport).await?;
+        add_agents(&mut agents, n, &seeds, &opts.transport, &on).await?;
         if n > 0 {
             all_ready(&cluster, n).await?;
         }
@@ -522,22 +582,25 @@ pub async fn run(opts: &FleetOpts) -> anyhow::Result<Vec<FleetRow>> {
             change_p99_ms,
             leader_change_all_secs,
             load: load(),
+            agents_nice: opts.agents_nice,
         };
         eprintln!("fleet: {}", serde_json::to_string(&row).unwrap_or_default());
         rows.push(row);
     }
-    stop_agents(agents).await;
+    stop_agents(agents, &on).await;
     cluster.shutdown().await;
+    drop(agents_rt);
     Ok(rows)
 }
 
-/// Stops the simulated agents and closes their endpoints.
-async fn stop_agents(agents: Vec<SimAgent>) {
+/// Stops the simulated agents and closes their endpoints (on their own
+/// runtime).
+async fn stop_agents(agents: Vec<SimAgent>, on: &tokio::runtime::Handle) {
     let mut closing = Vec::new();
     for a in agents {
         let _ = a.stop.send(true);
         if let Some(t) = a.iroh {
-            closing.push(tokio::spawn(t.shutdown(Duration::ZERO)));
+            closing.push(on.spawn(t.shutdown(Duration::ZERO)));
         }
     }
     for c in closing {
@@ -669,7 +732,14 @@ pub fn part(quick: bool, steady: Duration, runs: &[(String, Vec<FleetRow>)]) -> 
             .iter()
             .filter_map(|(t, rows)| {
                 let r = rows.iter().find(|r| r.agents == n)?;
-                Some(format!("{t} load {}", r.load))
+                Some(if r.agents_nice == 0 {
+                    format!("{t} load {}", r.load)
+                } else {
+                    format!(
+                        "{t} load {}, simulated agents at nice {}",
+                        r.load, r.agents_nice
+                    )
+                })
             })
             .collect();
         for (id, name, unit, better, percentile, value) in FIGURES {
@@ -726,6 +796,7 @@ mod tests {
             change_p99_ms: Some(22.0),
             leader_change_all_secs: Some(2.5),
             load: "1.00 1.00 1.00".to_owned(),
+            agents_nice: 0,
         }
     }
 

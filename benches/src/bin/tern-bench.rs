@@ -143,6 +143,11 @@ struct FleetArgs {
     /// relayed by a follower, for a side-by-side run).
     #[arg(long, value_delimiter = ',', default_value = "grpc,iroh")]
     transport: Vec<String>,
+    /// Niceness of the simulated agents' threads (0 to 19): they stand
+    /// for other machines, and on one machine a positive value keeps them
+    /// from taking the servers' and the commit probe's CPU.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(i32).range(0..=19))]
+    agents_nice: i32,
     /// Fewer agents and a shorter window (what CI runs).
     #[arg(long)]
     quick: bool,
@@ -157,6 +162,7 @@ fn fleet_main(args: FleetArgs) -> anyhow::Result<()> {
         agents,
         steady_secs,
         transport: transports,
+        agents_nice,
         quick,
         out,
     } = args;
@@ -190,8 +196,9 @@ fn fleet_main(args: FleetArgs) -> anyhow::Result<()> {
             steady,
             dir: dir.clone(),
             transport: transport.clone(),
+            agents_nice,
         };
-        eprintln!("fleet: {transport}: agents {counts:?}");
+        eprintln!("fleet: {transport}: agents {counts:?} (simulated agents at nice {agents_nice})");
         let result = rt.block_on(async {
             tokio::select! {
                 r = tern_benches::fleet::run(&opts) => r,
