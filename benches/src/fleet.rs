@@ -161,6 +161,16 @@ fn percentile(sorted: &[f64], q: f64) -> f64 {
     crate::cluster::percentile(sorted, q).unwrap_or(f64::NAN)
 }
 
+/// Node `i`'s process id, if it runs (a one-element list for [`cpu`]).
+fn pid_of(cluster: &LocalCluster, i: usize) -> Vec<u32> {
+    cluster.nodes[i]
+        .child
+        .as_ref()
+        .map(tern_testkit::TernProcess::pid)
+        .into_iter()
+        .collect()
+}
+
 fn servers(cluster: &LocalCluster) -> Vec<u32> {
     cluster
         .nodes
@@ -546,12 +556,7 @@ pub async fn run(opts: &FleetOpts) -> anyhow::Result<Vec<FleetRow>> {
         let cpu0 = cpu(&pids);
         let w0 = Instant::now();
         let (leader_index, leader) = leader_of(&cluster).await?;
-        let leader_pid: Vec<u32> = cluster.nodes[leader_index]
-            .child
-            .as_ref()
-            .map(tern_testkit::TernProcess::pid)
-            .into_iter()
-            .collect();
+        let leader_pid = pid_of(&cluster, leader_index);
         let leader_cpu0 = cpu(&leader_pid);
         let commits = commit_latencies(&leader, &format!("{round}")).await?;
         let left = opts.steady.saturating_sub(w0.elapsed());

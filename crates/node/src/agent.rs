@@ -419,34 +419,44 @@ impl AgentLink {
     /// start or a fence: the leader's answer sets the resume point), while
     /// there is no home, and for [`DIRECT_AFTER_REFUSAL`] heartbeats after
     /// the home refused or failed one.
+    /// Where the next heartbeat goes: whether it is the home, the
+    /// target, the interval after an acknowledgement, and the call's
+    /// timeout.
+    fn heartbeat_target(
+        &self,
+        resuming: bool,
+        direct_left: u32,
+        turn: usize,
+    ) -> (bool, Option<PeerAddr>, Duration, Duration) {
+        let s = lock_read(&self.servers);
+        let home = if resuming || direct_left > 0 || !self.via_followers.load(Ordering::Acquire) {
+            None
+        } else {
+            s.home(self.node_id())
+        };
+        // A home that does not answer must leave time to reach the leader
+        // before the fence: half the fence at most.
+        let timeout = if home.is_some() {
+            (s.fence_after() / 2).min(AGENT_CALL_TIMEOUT)
+        } else {
+            AGENT_CALL_TIMEOUT
+        };
+        let target = home.clone().or_else(|| s.target(turn, &self.seeds));
+        (
+            home.is_some(),
+            target,
+            s.heartbeat_interval.max(MIN_HEARTBEAT_INTERVAL),
+            timeout,
+        )
+    }
+
     async fn heartbeats(self: Arc<Self>) {
         let mut turn = 0usize;
         let mut direct_left = 0u32;
         loop {
             let resuming = self.is_fenced() || self.floor.load(Ordering::Acquire) == u64::MAX;
-            let (home, target, interval, timeout) = {
-                let s = lock_read(&self.servers);
-                let home =
-                    if resuming || direct_left > 0 || !self.via_followers.load(Ordering::Acquire) {
-                        None
-                    } else {
-                        s.home(self.node_id())
-                    };
-                // A home that does not answer must leave time to reach
-                // the leader before the fence: half the fence at most.
-                let timeout = if home.is_some() {
-                    (s.fence_after() / 2).min(AGENT_CALL_TIMEOUT)
-                } else {
-                    AGENT_CALL_TIMEOUT
-                };
-                let target = home.clone().or_else(|| s.target(turn, &self.seeds));
-                (
-                    home.is_some(),
-                    target,
-                    s.heartbeat_interval.max(MIN_HEARTBEAT_INTERVAL),
-                    timeout,
-                )
-            };
+            let (home, target, interval, timeout) =
+                self.heartbeat_target(resuming, direct_left, turn);
             let Some(target) = target else {
                 tokio::time::sleep(RETRY_PAUSE).await;
                 continue;
