@@ -414,11 +414,6 @@ impl AgentLink {
         self.status.send_modify(|s| s.role = RaftRole::Shutdown);
     }
 
-    /// Sends the heartbeats: plain ones to the agent's home follower,
-    /// which relays them; to the leader itself while resuming (after the
-    /// start or a fence: the leader's answer sets the resume point), while
-    /// there is no home, and for [`DIRECT_AFTER_REFUSAL`] heartbeats after
-    /// the home refused or failed one.
     /// Where the next heartbeat goes: whether it is the home, the
     /// target, the interval after an acknowledgement, and the call's
     /// timeout.
@@ -450,6 +445,11 @@ impl AgentLink {
         )
     }
 
+    /// Sends the heartbeats: plain ones to the agent's home follower,
+    /// which relays them; to the leader itself while resuming (after the
+    /// start or a fence: the leader's answer sets the resume point), while
+    /// there is no home, and for [`DIRECT_AFTER_REFUSAL`] heartbeats after
+    /// the home refused or failed one.
     async fn heartbeats(self: Arc<Self>) {
         let mut turn = 0usize;
         let mut direct_left = 0u32;
