@@ -56,6 +56,12 @@ pub const RELAY_INTERVAL: Duration = Duration::from_millis(250);
 /// been taken by then is answered `Unavailable`.
 pub const RELAY_TIMEOUT: Duration = Duration::from_secs(1);
 
+/// Longest a follower holds a heartbeat for its relay: the batch may wait
+/// one interval to go, its call [`RELAY_TIMEOUT`], and one more interval
+/// for a tick delayed by a busy runtime. Then `Unavailable`.
+pub const RELAY_WAIT: Duration =
+    Duration::from_millis(2 * RELAY_INTERVAL.as_millis() as u64 + RELAY_TIMEOUT.as_millis() as u64);
+
 /// Most agents in one relay: 800 KiB of ids at most, one `AgentsHeard`.
 /// A follower that took more in one interval sends the rest to the
 /// leader (refused as the leader's refusals are), never acknowledging a
@@ -146,11 +152,7 @@ pub(crate) async fn relay(
     if !relay.running.swap(true, Ordering::AcqRel) {
         tokio::spawn(run(Arc::downgrade(shared)));
     }
-    let waited = tokio::time::timeout(
-        RELAY_INTERVAL + RELAY_TIMEOUT + RELAY_INTERVAL,
-        done.wait_for(Option::is_some),
-    )
-    .await;
+    let waited = tokio::time::timeout(RELAY_WAIT, done.wait_for(Option::is_some)).await;
     let outcome = match waited {
         Ok(Ok(o)) => o.clone(),
         Ok(Err(_)) | Err(_) => None,
@@ -271,6 +273,20 @@ async fn send(node: &Attached, ids: HashSet<NodeId>) -> Outcome {
     }
 }
 
+/// An `AgentsHeard` request from the network: well formed and within
+/// [`MAX_RELAYED`] agents, or `InvalidArgument` saying which.
+fn decode_heard(payload: Bytes) -> Result<pb::AgentsHeardRequest, Status> {
+    let req = pb::AgentsHeardRequest::decode(payload)
+        .map_err(|e| Status::invalid_argument(format!("cluster/agentsheard: {e}")))?;
+    if req.node_ids.len() > MAX_RELAYED {
+        return Err(Status::invalid_argument(format!(
+            "cluster/agentsheard: {} agents in one relay; at most {MAX_RELAYED}",
+            req.node_ids.len()
+        )));
+    }
+    Ok(req)
+}
+
 /// Serves `Cluster/AgentsHeard` on the leader: the relaying server must be
 /// a member; this node must lead with a fresh majority. Every known,
 /// ready agent of the relay is heard now; the others are refused.
@@ -280,20 +296,13 @@ pub(crate) async fn serve_heard(
     ctx: &RequestContext,
     payload: Bytes,
 ) -> Result<Bytes, Status> {
-    let req = pb::AgentsHeardRequest::decode(payload)
-        .map_err(|e| Status::invalid_argument(format!("cluster/agentsheard: {e}")))?;
     if !node.is_member(&ctx.peer) {
         return Err(Status::permission_denied(format!(
             "cluster/agentsheard: {} is not a server of this cluster; only servers relay heartbeats",
             ctx.peer.short()
         )));
     }
-    if req.node_ids.len() > MAX_RELAYED {
-        return Err(Status::invalid_argument(format!(
-            "cluster/agentsheard: {} agents in one relay; at most {MAX_RELAYED}",
-            req.node_ids.len()
-        )));
-    }
+    let req = decode_heard(payload)?;
     crate::membership::ensure_leader(node)?;
     crate::agents::ensure_majority(node)?;
     let now = Instant::now();
@@ -386,11 +395,44 @@ mod tests {
     }
 
     #[test]
+    fn a_malformed_or_oversized_relay_is_refused_by_name() {
+        let ok = pb::AgentsHeardRequest {
+            node_ids: vec![3, 4],
+        };
+        assert_eq!(decode_heard(ok.encode_to_vec().into()).unwrap(), ok);
+        let garbled = decode_heard(Bytes::from_static(&[0x0a, 0xff, 0xff, 0xff])).unwrap_err();
+        assert_eq!(garbled.code, Code::InvalidArgument);
+        assert!(
+            garbled.message.starts_with("cluster/agentsheard"),
+            "{garbled:?}"
+        );
+        let over = pb::AgentsHeardRequest {
+            node_ids: vec![1; MAX_RELAYED + 1],
+        };
+        let refused = decode_heard(over.encode_to_vec().into()).unwrap_err();
+        assert_eq!(refused.code, Code::InvalidArgument);
+        assert!(refused.message.contains("at most 100000"), "{refused:?}");
+        // Whatever the bytes, an answer, never a panic.
+        let mut seed = 0x9e37_79b9_u32;
+        for len in 0..512 {
+            let bytes: Vec<u8> = (0..len)
+                .map(|_| {
+                    seed ^= seed << 13;
+                    seed ^= seed >> 17;
+                    seed ^= seed << 5;
+                    seed.to_le_bytes()[0]
+                })
+                .collect();
+            let _ = decode_heard(bytes.into());
+        }
+    }
+
+    #[test]
     fn a_relayed_heartbeat_waits_no_longer_than_the_agents_call() {
         // The agent gives a heartbeat AGENT_CALL_TIMEOUT (3 s, in
         // tern-node); the follower's wait must end well inside it so the
         // agent hears "go to the leader" in time to try it.
-        assert!(RELAY_INTERVAL + RELAY_TIMEOUT + RELAY_INTERVAL <= Duration::from_millis(1_500));
+        assert!(RELAY_WAIT <= Duration::from_millis(1_500));
         // A full relay fits a message well under the frame limit.
         let full = pb::AgentsHeardRequest {
             node_ids: vec![u64::MAX; MAX_RELAYED],
