@@ -92,6 +92,20 @@ fn a_server_that_cannot_start_is_named_with_its_stderr() {
 }
 
 #[test]
+fn a_fleet_niceness_out_of_range_is_refused_by_name() {
+    for nice in ["20", "-1", "x"] {
+        let run = Command::new(env!("CARGO_BIN_EXE_tern-bench"))
+            .args(["fleet", "--tern", "/bin/true"])
+            .arg(format!("--agents-nice={nice}"))
+            .output()
+            .unwrap();
+        assert!(!run.status.success(), "--agents-nice {nice} was taken");
+        let stderr = String::from_utf8_lossy(&run.stderr);
+        assert!(stderr.contains("--agents-nice"), "{nice}: {stderr}");
+    }
+}
+
+#[test]
 fn a_child_that_dies_before_ready_is_reported_with_its_stderr() {
     // `sh serve --transport grpc` tries to run a script named `serve`,
     // complains on stderr and exits: a server that dies before it is ready.
