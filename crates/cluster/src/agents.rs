@@ -157,7 +157,7 @@ const MAX_TRACKED_WRITERS: usize = 65_536;
 
 impl AgentTracker {
     pub(crate) fn heard(&self, agent: NodeId, now: Instant) {
-        lock(&self.inner).seen.insert(agent, now);
+        self.heard_all(&[agent], now);
     }
 
     /// Notes every agent of a follower's relay as heard `now`.
