@@ -178,6 +178,8 @@ struct ModeResult {
     throughput: Vec<(usize, f64)>,
     /// Put latencies with one writer.
     latency_1w: Vec<Duration>,
+    /// (writers, commit latency p99 in seconds) of every throughput run.
+    p99: Vec<(usize, f64)>,
     /// Failover times.
     failovers: Vec<Duration>,
     /// Elections while idle, then at full load ([`BenchOpts::steady`]
@@ -600,6 +602,25 @@ async fn etcd_failover(c: &mut EtcdCluster) -> anyhow::Result<Duration> {
     Ok(took)
 }
 
+/// Prints one throughput run's figures and keeps them in `result`.
+fn note_run(result: &mut ModeResult, p: &Progress, writers: usize, rate: f64, lat: Vec<Duration>) {
+    let sorted = sorted_secs(&lat);
+    let (p50, p99) = (percentile(&sorted, 50.0), percentile(&sorted, 99.0));
+    p.info(&format!(
+        "{rate:.0} commits/s ({} puts), latency p50 {:.2} ms, p99 {:.2} ms",
+        lat.len(),
+        p50.unwrap_or(0.0) * 1e3,
+        p99.unwrap_or(0.0) * 1e3
+    ));
+    if let Some(p99) = p99 {
+        result.p99.push((writers, p99));
+    }
+    if writers == 1 {
+        result.latency_1w = lat;
+    }
+    result.throughput.push((writers, rate));
+}
+
 /// The etcd column: the same writers, run length and failovers as
 /// [`measure_mode`], on 3 etcd members.
 async fn measure_etcd(opts: &BenchOpts, p: &mut Progress) -> anyhow::Result<ModeResult> {
@@ -612,11 +633,7 @@ async fn measure_etcd(opts: &BenchOpts, p: &mut Progress) -> anyhow::Result<Mode
         p.line(&format!("etcd: {writers} writer(s) for {}s", run.as_secs()));
         match etcd_throughput(c.channel(leader), writers, run).await {
             Ok(Run { rate, lat, .. }) => {
-                p.info(&format!("{rate:.0} commits/s ({} puts)", lat.len()));
-                if writers == 1 {
-                    result.latency_1w = lat;
-                }
-                result.throughput.push((writers, rate));
+                note_run(&mut result, p, writers, rate, lat);
             }
             Err(e) => {
                 p.info(&format!("FAILED: {e:#}"));
@@ -676,11 +693,7 @@ async fn measure_mode(
         .await
         {
             Ok(Run { rate, lat, .. }) => {
-                p.info(&format!("{rate:.0} commits/s ({} puts)", lat.len()));
-                if writers == 1 {
-                    result.latency_1w = lat;
-                }
-                result.throughput.push((writers, rate));
+                note_run(&mut result, p, writers, rate, lat);
             }
             Err(e) => {
                 p.info(&format!("FAILED: {e:#}"));
@@ -942,6 +955,29 @@ fn part(opts: &BenchOpts, results: &[(&str, ModeResult)]) -> Part {
             ),
         ),
     ]);
+    rows.extend(
+        opts.writer_counts()
+            .into_iter()
+            .filter(|w| *w > 1)
+            .map(|writers| {
+                row(
+                    &format!("raft_commit_latency_p99_{writers}_writers_3proc"),
+                    &format!("Raft commit latency, {writers} writers, p99"),
+                    "ns",
+                    Better::Lower,
+                    per_mode(&|r: &ModeResult| {
+                        r.p99
+                            .iter()
+                            .find(|(w, _)| *w == writers)
+                            .map(|(_, v)| v * 1e9)
+                    }),
+                    Some(99.0),
+                    format!(
+                        "every put of the {writers}-writer throughput run, sent to the leader until acknowledged{missing}"
+                    ),
+                )
+            }),
+    );
     let window = opts.steady().as_secs();
     let builds = results
         .iter()
@@ -1097,6 +1133,7 @@ mod tests {
         let ok = ModeResult {
             throughput: vec![(1, 100.0), (64, 900.0)],
             latency_1w: vec![Duration::from_millis(2); 10],
+            p99: vec![(1, 0.002), (64, 0.004)],
             failovers: vec![Duration::from_millis(700); 5],
             elections: Some((0.0, 1.0)),
             snapshots: Some(SnapshotSplit {
@@ -1119,6 +1156,9 @@ mod tests {
         assert_eq!(commits.values.iroh, None);
         assert_eq!(commits.values.seed, Some(SEED_COMMITS_64_WRITERS));
         assert!(commits.note.contains("did not start"));
+        let p99_64 = row("raft_commit_latency_p99_64_writers_3proc");
+        assert_eq!(p99_64.values.grpc, Some(0.004 * 1e9));
+        assert_eq!(p99_64.values.iroh, None);
         let fo = row("raft_failover_p99_3proc");
         assert_eq!(fo.values.grpc, Some(0.7));
         assert_eq!(fo.percentile, Some(99.0));
