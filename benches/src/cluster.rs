@@ -1177,9 +1177,11 @@ mod tests {
         );
         let outside = row("raft_commit_p99_outside_snapshot_3proc");
         assert_eq!(outside.values.grpc, Some(0.01 * 1e9));
-        // What xtask reads back is what was written.
+        // What xtask reads back is what was written: 2 commit rates, 1
+        // p99 beyond one writer (64), 4 latency and failover rows, 4
+        // steadiness rows.
         let text = serde_json::to_string(&part).unwrap();
-        assert_eq!(Part::parse(&text).unwrap().rows.len(), 10);
+        assert_eq!(Part::parse(&text).unwrap().rows.len(), 11);
         assert_eq!(
             part.curves[0].series["grpc"],
             vec![(1.0, 100.0), (64.0, 900.0)]
