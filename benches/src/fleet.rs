@@ -171,11 +171,10 @@ fn pid_of(cluster: &LocalCluster, i: usize) -> Vec<u32> {
         .collect()
 }
 
+/// Every running server's process id.
 fn servers(cluster: &LocalCluster) -> Vec<u32> {
-    cluster
-        .nodes
-        .iter()
-        .filter_map(|n| n.child.as_ref().map(tern_testkit::TernProcess::pid))
+    (0..cluster.nodes.len())
+        .flat_map(|i| pid_of(cluster, i))
         .collect()
 }
 

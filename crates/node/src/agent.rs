@@ -245,6 +245,20 @@ pub enum RegisterError {
     },
 }
 
+/// Where one heartbeat goes and how long it may take.
+struct HeartbeatTarget {
+    /// The target is the agent's home follower (a failure sends the next
+    /// heartbeats to the leader).
+    home: bool,
+    /// The server to call; none while no server is known.
+    target: Option<PeerAddr>,
+    /// The pause after an acknowledged heartbeat.
+    interval: Duration,
+    /// The call's timeout: at most half the fence bound for a home, so a
+    /// home that does not answer leaves time to reach the leader.
+    timeout: Duration,
+}
+
 impl AgentLink {
     /// A link for the agent `me` (its key and addresses) offering
     /// `capacity`, registering through `seeds` with `token`.
@@ -414,15 +428,8 @@ impl AgentLink {
         self.status.send_modify(|s| s.role = RaftRole::Shutdown);
     }
 
-    /// Where the next heartbeat goes: whether it is the home, the
-    /// target, the interval after an acknowledgement, and the call's
-    /// timeout.
-    fn heartbeat_target(
-        &self,
-        resuming: bool,
-        direct_left: u32,
-        turn: usize,
-    ) -> (bool, Option<PeerAddr>, Duration, Duration) {
+    /// Where the next heartbeat goes (see [`HeartbeatTarget`]).
+    fn heartbeat_target(&self, resuming: bool, direct_left: u32, turn: usize) -> HeartbeatTarget {
         let s = lock_read(&self.servers);
         let home = if resuming || direct_left > 0 || !self.via_followers.load(Ordering::Acquire) {
             None
@@ -436,13 +443,12 @@ impl AgentLink {
         } else {
             AGENT_CALL_TIMEOUT
         };
-        let target = home.clone().or_else(|| s.target(turn, &self.seeds));
-        (
-            home.is_some(),
-            target,
-            s.heartbeat_interval.max(MIN_HEARTBEAT_INTERVAL),
+        HeartbeatTarget {
+            home: home.is_some(),
+            target: home.or_else(|| s.target(turn, &self.seeds)),
+            interval: s.heartbeat_interval.max(MIN_HEARTBEAT_INTERVAL),
             timeout,
-        )
+        }
     }
 
     /// Sends the heartbeats: plain ones to the agent's home follower,
@@ -455,8 +461,12 @@ impl AgentLink {
         let mut direct_left = 0u32;
         loop {
             let resuming = self.is_fenced() || self.floor.load(Ordering::Acquire) == u64::MAX;
-            let (home, target, interval, timeout) =
-                self.heartbeat_target(resuming, direct_left, turn);
+            let HeartbeatTarget {
+                home,
+                target,
+                interval,
+                timeout,
+            } = self.heartbeat_target(resuming, direct_left, turn);
             let Some(target) = target else {
                 tokio::time::sleep(RETRY_PAUSE).await;
                 continue;
