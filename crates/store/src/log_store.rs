@@ -368,11 +368,11 @@ impl LogStore {
             batch.push(entry);
             if batch.len() == MIGRATE_BATCH {
                 moved += batch.len();
-                self.reader.segments.append(&std::mem::take(&mut batch))?;
+                self.reader.segments.append(std::mem::take(&mut batch))?;
             }
         }
         moved += batch.len();
-        self.reader.segments.append(&batch)?;
+        self.reader.segments.append(batch)?;
         for file in self.reader.segments.take_dirty() {
             file.sync_data()
                 .map_err(StoreError::io("fdatasync", &*self.dir))?;
@@ -454,13 +454,10 @@ impl LogStore {
         I: IntoIterator<Item = Entry>,
     {
         let entries: Vec<Entry> = entries.into_iter().collect();
-        self.reader.segments.append(&entries)?;
-        tracing::trace!(
-            target: "tern_commit_path",
-            first = entries.first().map_or(0, |e| e.log_id.index),
-            last = entries.last().map_or(0, |e| e.log_id.index),
-            "appended"
-        );
+        let first = entries.first().map_or(0, |e| e.log_id.index);
+        let last = entries.last().map_or(0, |e| e.log_id.index);
+        self.reader.segments.append(entries)?;
+        tracing::trace!(target: "tern_commit_path", first, last, "appended");
         Ok(())
     }
 
@@ -642,6 +639,8 @@ mod tests {
             )
             .unwrap();
 
+            // Reads of entries no longer kept in memory go to the file.
+            store.reader.segments.limit_tail(0);
             let mut reader = store.get_log_reader().await;
             let err = reader.try_get_log_entries(1..=5).await.unwrap_err();
             assert_eq!(err.kind(), io::ErrorKind::InvalidData);

@@ -46,6 +46,15 @@
 //! hole in it. (A crash that persisted a later page of a write but not an
 //! earlier one leaves zeros followed by data; that too is refused rather
 //! than guessed at, though nothing acknowledged is in it.)
+//!
+//! The newest entries are also kept in memory, as written (at most
+//! [`TAIL_ENTRIES`] entries and [`TAIL_BYTES`] bytes of records): right
+//! after an append, openraft reads them back once per follower to
+//! replicate them and once more to apply them, and a read the tail holds
+//! is a copy under the lock instead of a `pread`, a checksum and a
+//! decode each. Truncations and purges drop the same entries from the
+//! tail as from the files; older entries (a follower catching up) are
+//! read from the files as before.
 
 use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
@@ -70,6 +79,13 @@ pub const RECORD_HEADER: usize = 8;
 /// Largest payload a record may declare. A length above it is corruption
 /// (or a torn tail), never a reason to allocate.
 pub const MAX_RECORD_BYTES: usize = 64 * 1024 * 1024;
+
+/// Entries kept in memory at most (the newest ones), so that reading
+/// back what was just appended does not go to the files.
+pub const TAIL_ENTRIES: usize = 4096;
+
+/// Bytes of records (headers and payloads) kept in memory at most.
+pub const TAIL_BYTES: usize = 8 * 1024 * 1024;
 
 /// The extension of segment files.
 const SEGMENT_EXT: &str = "seg";
@@ -100,6 +116,15 @@ struct Inner {
     locs: VecDeque<Loc>,
     /// Files written since the group commit last took them.
     dirty: Vec<Arc<File>>,
+    /// The newest entries of the log with their record's size:
+    /// consecutive, and the last is the log's last (empty when nothing
+    /// was appended since open, or the last append was too big to keep).
+    tail: VecDeque<(Entry, usize)>,
+    /// The sum of the sizes in `tail`.
+    tail_bytes: usize,
+    /// At most this many entries in `tail` ([`TAIL_ENTRIES`]; tests
+    /// lower it).
+    tail_max: usize,
 }
 
 /// The log's entries on disk and where each one is.
@@ -269,6 +294,58 @@ impl Inner {
         Some(&self.segs[i].file)
     }
 
+    /// Keeps `entries` (just appended, in order) as the newest of the
+    /// tail, then drops the oldest beyond the bounds.
+    fn keep_in_tail(&mut self, entries: Vec<Entry>, sizes: &[usize]) {
+        for (entry, size) in entries.into_iter().zip(sizes.iter().copied()) {
+            self.tail.push_back((entry, size));
+            self.tail_bytes += size;
+        }
+        while self.tail.len() > self.tail_max || self.tail_bytes > TAIL_BYTES {
+            let Some((_, size)) = self.tail.pop_front() else {
+                break;
+            };
+            self.tail_bytes -= size;
+        }
+    }
+
+    /// Drops the tail's entries from `index` on.
+    fn cut_tail_from(&mut self, index: u64) {
+        while self.tail.back().is_some_and(|(e, _)| e.index() >= index) {
+            if let Some((_, size)) = self.tail.pop_back() {
+                self.tail_bytes -= size;
+            }
+        }
+    }
+
+    /// Drops the tail's entries up to and including `index`.
+    fn purge_tail_upto(&mut self, index: u64) {
+        while self.tail.front().is_some_and(|(e, _)| e.index() <= index) {
+            if let Some((_, size)) = self.tail.pop_front() {
+                self.tail_bytes -= size;
+            }
+        }
+    }
+
+    /// Copies of the entries `from..to` if the tail holds all of them.
+    fn tail_copy(&self, from: u64, to: u64) -> Option<Vec<Entry>> {
+        let first = self.tail.front()?.0.index();
+        if from < first {
+            return None;
+        }
+        let skip = usize::try_from(from - first).ok()?;
+        let take = usize::try_from(to.saturating_sub(from)).ok()?;
+        if skip + take > self.tail.len() {
+            return None;
+        }
+        Some(
+            self.tail
+                .range(skip..skip + take)
+                .map(|(e, _)| e.clone())
+                .collect(),
+        )
+    }
+
     fn mark_dirty(&mut self) {
         let file = &self.active().file;
         if !self.dirty.iter().any(|f| Arc::ptr_eq(f, file)) {
@@ -434,6 +511,9 @@ impl Segments {
             active_len: 0,
             locs: VecDeque::new(),
             dirty: Vec::new(),
+            tail: VecDeque::new(),
+            tail_bytes: 0,
+            tail_max: TAIL_ENTRIES,
         };
         let found = list(dir)?;
         let count = found.len();
@@ -525,13 +605,13 @@ impl Segments {
     /// Writes `entries` (in log order, following the log) at the end of
     /// the log. Not durable until the group commit syncs the files
     /// [`Segments::take_dirty`] returns.
-    pub(crate) fn append(&self, entries: &[Entry]) -> Result<(), StoreError> {
-        let Some(first) = entries.first() else {
+    pub(crate) fn append(&self, entries: Vec<Entry>) -> Result<(), StoreError> {
+        let Some(first) = entries.first().map(|e| e.index()) else {
             return Ok(());
         };
         let mut buf = Vec::new();
         let mut spans = Vec::with_capacity(entries.len());
-        for entry in entries {
+        for entry in &entries {
             let payload = postcard::to_stdvec(entry).map_err(StoreError::encode("log entry"))?;
             let start = buf.len();
             encode_record(&payload, &mut buf);
@@ -541,7 +621,7 @@ impl Segments {
         if inner.active_len > SEGMENT_MAGIC.len() as u64
             && inner.active_len + buf.len() as u64 > SEGMENT_BYTES
         {
-            self.start_segment(&mut inner, first.index())?;
+            self.start_segment(&mut inner, first)?;
         }
         let base = inner.active_len;
         let (seg, path) = {
@@ -554,7 +634,7 @@ impl Segments {
             .write_all_at(&buf, base)
             .map_err(StoreError::io("write segment", &path))?;
         inner.active_len += buf.len() as u64;
-        for (log_id, start, len) in spans {
+        for &(log_id, start, len) in &spans {
             inner.locs.push_back(Loc {
                 log_id,
                 seg,
@@ -562,11 +642,33 @@ impl Segments {
                 len: len as u32,
             });
         }
+        // The tail stays consecutive: an append that does not follow it
+        // (the first after open or after a too-big one) starts it afresh.
+        if inner
+            .tail
+            .back()
+            .is_some_and(|(e, _)| e.index() + 1 != first)
+        {
+            inner.tail.clear();
+            inner.tail_bytes = 0;
+        }
+        let sizes: Vec<usize> = spans.iter().map(|&(_, _, len)| len).collect();
+        inner.keep_in_tail(entries, &sizes);
         let last = inner.last_index();
         let n = inner.segs.len();
         inner.segs[n - 1].last = last;
         inner.mark_dirty();
         Ok(())
+    }
+
+    /// Forgets the entries kept in memory and keeps at most `max` from
+    /// now on: reads then go to the files, as after an open.
+    #[cfg(test)]
+    pub(crate) fn limit_tail(&self, max: usize) {
+        let mut inner = self.lock();
+        inner.tail.clear();
+        inner.tail_bytes = 0;
+        inner.tail_max = max;
     }
 
     /// The files written since the last call: the group commit syncs them.
@@ -606,6 +708,7 @@ impl Segments {
             .map_err(StoreError::io("truncate segment", &active.path))?;
         inner.active_len = loc.offset;
         inner.locs.truncate(at);
+        inner.cut_tail_from(loc.log_id.index);
         let last = inner.last_index().filter(|l| *l >= loc.seg);
         let n = inner.segs.len();
         inner.segs[n - 1].last = last;
@@ -620,6 +723,7 @@ impl Segments {
         while inner.first_index().is_some_and(|f| f <= index) {
             inner.locs.pop_front();
         }
+        inner.purge_tail_upto(index);
         while inner.segs.len() > 1 && inner.segs[0].last.is_none_or(|l| l <= index) {
             let seg = inner.segs.remove(0);
             std::fs::remove_file(&seg.path).map_err(StoreError::io("remove segment", &seg.path))?;
@@ -645,7 +749,8 @@ impl Segments {
         end: u64,
         limit: usize,
     ) -> Result<Vec<Entry>, StoreError> {
-        // Only the files are taken under the lock; a segment's path is
+        // Only the files are taken under the lock (or the entries
+        // themselves, when the tail holds them all); a segment's path is
         // rebuilt from its name when an error needs it.
         let wanted: Vec<(Loc, Arc<File>)> = {
             let inner = self.lock();
@@ -654,6 +759,15 @@ impl Segments {
             };
             let from = start.saturating_sub(first) as usize;
             let n = end.saturating_sub(start.max(first)) as usize;
+            let read_from = start.max(first);
+            let read_to = inner
+                .last_index()
+                .map_or(read_from, |last| last.saturating_add(1))
+                .min(end)
+                .min(read_from.saturating_add(limit as u64));
+            if let Some(entries) = inner.tail_copy(read_from, read_to.max(read_from)) {
+                return Ok(entries);
+            }
             inner
                 .locs
                 .iter()
@@ -744,16 +858,87 @@ mod tests {
         }
     }
 
+    /// What a test does to the log.
+    #[derive(Debug, Clone)]
+    enum Op {
+        Append(u64),
+        TruncateFrom(u64),
+        PurgeUpto(u64),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            3 => (1u64..6).prop_map(Op::Append),
+            1 => (0u64..40).prop_map(Op::TruncateFrom),
+            1 => (0u64..40).prop_map(Op::PurgeUpto),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        /// Reads served by the in-memory tail are exactly what the files
+        /// give, after any mix of appends (each with a new term, so a
+        /// stale entry would show), truncations and purges, and with a
+        /// tail short enough to be outgrown.
+        #[test]
+        fn the_tail_reads_as_the_files_do(ops in proptest::collection::vec(op(), 1..30), tail_max in 1usize..8, start in 0u64..40, len in 0u64..12, limit in 1usize..10) {
+            let dir = tempfile::tempdir().unwrap();
+            let s = Segments::open(dir.path(), None).unwrap();
+            s.limit_tail(tail_max);
+            // The log's log ids, as the test expects them.
+            let mut model: Vec<LogId> = Vec::new();
+            let mut purged = 0u64;
+            for (term, op) in ops.into_iter().enumerate() {
+                let term = term as u64 + 1;
+                match op {
+                    Op::Append(n) => {
+                        let next = model.last().map_or(purged + 1, |l| l.index + 1);
+                        let batch: Vec<Entry> =
+                            (next..next + n).map(|i| blank_ent::<TypeConfig>(term, 1, i)).collect();
+                        model.extend(batch.iter().map(|e| e.log_id));
+                        s.append(batch).unwrap();
+                    }
+                    Op::TruncateFrom(i) => {
+                        s.truncate_from(i).unwrap();
+                        model.retain(|l| l.index < i);
+                    }
+                    Op::PurgeUpto(i) => {
+                        // openraft purges only what the log holds.
+                        if model.last().is_some_and(|l| l.index >= i) && i > purged {
+                            s.purge_upto(i).unwrap();
+                            model.retain(|l| l.index > i);
+                            purged = i;
+                        }
+                    }
+                }
+                let ids = |v: Vec<Entry>| v.iter().map(|e| e.log_id).collect::<Vec<_>>();
+                prop_assert_eq!(ids(s.read(0, u64::MAX, usize::MAX).unwrap()), model.clone());
+                let want: Vec<LogId> = model
+                    .iter()
+                    .filter(|l| l.index >= start && l.index < start + len)
+                    .take(limit)
+                    .copied()
+                    .collect();
+                prop_assert_eq!(ids(s.read(start, start + len, limit).unwrap()), want);
+            }
+            // The same from the files alone.
+            let from_tail = s.read(0, u64::MAX, usize::MAX).unwrap();
+            s.limit_tail(0);
+            prop_assert_eq!(s.read(0, u64::MAX, usize::MAX).unwrap(), from_tail);
+        }
+    }
+
     #[test]
     fn entries_survive_reopening_across_segments_truncation_and_purge() {
         let dir = tempfile::tempdir().unwrap();
         let s = Segments::open(dir.path(), None).unwrap();
-        s.append(&entries(1..=10)).unwrap();
+        s.append(entries(1..=10)).unwrap();
         // Force a second segment.
         s.start_segment(&mut s.lock(), 11).unwrap();
-        s.append(&entries(11..=20)).unwrap();
+        s.append(entries(11..=20)).unwrap();
         s.truncate_from(15).unwrap();
-        s.append(&entries(15..=16)).unwrap();
+        s.append(entries(15..=16)).unwrap();
         assert_eq!(indexes(&s), (1..=16).collect::<Vec<_>>());
         s.purge_upto(12).unwrap();
         // The first segment held only entries at or below 12: removed.
@@ -771,7 +956,7 @@ mod tests {
     fn a_torn_tail_is_cut_and_damage_elsewhere_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let s = Segments::open(dir.path(), None).unwrap();
-        s.append(&entries(1..=3)).unwrap();
+        s.append(entries(1..=3)).unwrap();
         drop(s);
         let (_, path) = list(dir.path()).unwrap().remove(0);
         let whole = std::fs::read(&path).unwrap();
@@ -852,8 +1037,8 @@ mod tests {
     fn a_gap_between_entries_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let s = Segments::open(dir.path(), None).unwrap();
-        s.append(&entries(1..=2)).unwrap();
-        s.append(&entries(4..=4)).unwrap();
+        s.append(entries(1..=2)).unwrap();
+        s.append(entries(4..=4)).unwrap();
         drop(s);
         let err = Segments::open(dir.path(), None).err().unwrap();
         assert!(
