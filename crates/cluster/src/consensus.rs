@@ -11,9 +11,9 @@
 //! `tern_raft_net::check_proposal`); a command carries a request id, so a
 //! retried forward is applied once. With no leader known, or when the leader changed mid-way, the
 //! write answers [`ConsensusError::NotLeader`]. The status watch is fed
-//! from openraft's metrics watch by a task that ends when Raft stops: a
-//! change of role, term, leader, membership or running state at once, the
-//! commit and applied indexes alone at most every [`STATUS_PROGRESS_EVERY`].
+//! from openraft's metrics by a task that ends when Raft stops: a change
+//! of role, term, leader or membership at once, the commit and applied
+//! indexes and the running state every [`STATUS_PROGRESS_EVERY`].
 
 use std::sync::Arc;
 
@@ -45,35 +45,15 @@ impl std::fmt::Debug for RaftConsensus {
 
 type Metrics = openraft::RaftMetrics<tern_store::TypeConfig>;
 
-/// How often the status watch follows the commit and applied indexes
-/// alone. openraft's metrics change with every entry (several times per
-/// entry on the leader), and every status update wakes the health
-/// publisher and the reconciler (a pass over this node's VMs): following
-/// the indexes at once put that on every commit of every node. A change of
-/// role, term, leader, membership or running state is passed on at once.
+/// How often the status watch follows the commit and applied indexes and
+/// the running state. openraft's metrics change with every entry (several
+/// times per entry on the leader), and every status update wakes the
+/// health publisher and the reconciler (a pass over this node's VMs):
+/// following the indexes at once put that on every commit of every node,
+/// and following the metrics at all woke this task as often. It follows
+/// openraft's server metrics instead (role, term, leader, membership),
+/// passed on at once, and looks at the rest on this tick.
 pub const STATUS_PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_millis(50);
-
-/// What of the status is passed on at once (everything but the indexes).
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Shape {
-    state: ServerState,
-    term: u64,
-    leader: Option<u64>,
-    membership: Option<tern_store::LogId>,
-    running: Result<(), String>,
-}
-
-impl Shape {
-    fn of(m: &Metrics) -> Shape {
-        Shape {
-            state: m.state,
-            term: m.current_term,
-            leader: m.current_leader,
-            membership: *m.membership_config.log_id(),
-            running: m.running_state.clone().map_err(|e| e.to_string()),
-        }
-    }
-}
 
 /// Raft's metrics as the services' [`RaftStatus`].
 pub fn to_status(m: &Metrics) -> RaftStatus {
@@ -112,39 +92,32 @@ impl RaftConsensus {
     /// `client` (the node's router, calling as the node); spawns the task
     /// that mirrors Raft's metrics into the status watch.
     pub fn new(node: Arc<RaftNode>, client: Arc<dyn RpcClient>) -> Arc<RaftConsensus> {
-        let mut metrics = node.raft().metrics();
+        let metrics = node.raft().metrics();
+        let mut server = node.raft().server_metrics();
         let (tx, status) = watch::channel(to_status(&metrics.borrow_watched()));
         tokio::spawn(async move {
-            let mut shown = Shape::of(&metrics.borrow_watched());
-            let mut sent_at = tokio::time::Instant::now();
-            while metrics.changed().await.is_ok() {
-                let shape = Shape::of(&metrics.borrow_watched());
-                if shape == shown {
-                    // Only the indexes moved: one update per interval,
-                    // with the newest ones, unless something else changes
-                    // meanwhile.
-                    let due = tokio::time::sleep_until(sent_at + STATUS_PROGRESS_EVERY);
-                    tokio::pin!(due);
-                    loop {
-                        tokio::select! {
-                            () = &mut due => break,
-                            changed = metrics.changed() => {
-                                if changed.is_err() {
-                                    return;
-                                }
-                                if Shape::of(&metrics.borrow_watched()) != shown {
-                                    break;
-                                }
-                            }
-                        }
-                    }
+            let mut shown = to_status(&metrics.borrow_watched());
+            let mut tick = tokio::time::interval(STATUS_PROGRESS_EVERY);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                // The server metrics change with the role, term, leader
+                // and membership only: those are passed on at once; the
+                // indexes and the running state on the next tick.
+                tokio::select! {
+                    changed = server.changed() => if changed.is_err() {
+                        // Raft has stopped: its last state, then the end.
+                        let _ = tx.send(to_status(&metrics.borrow_watched()));
+                        return;
+                    },
+                    _ = tick.tick() => {}
                 }
                 let s = to_status(&metrics.borrow_watched());
-                shown = Shape::of(&metrics.borrow_watched());
-                if tx.send(s).is_err() {
-                    return;
+                if s != shown {
+                    if tx.send(s.clone()).is_err() {
+                        return;
+                    }
+                    shown = s;
                 }
-                sent_at = tokio::time::Instant::now();
             }
         });
         Arc::new(RaftConsensus {

@@ -46,6 +46,14 @@ use crate::service::RaftServices;
 pub use tern_raft_net::write::{WriteError, client_write, limit_status};
 pub use tern_state::FIRST_NODE_ID;
 
+/// How often at most [`RaftNode::failure`] looks at Raft's running state
+/// again after it changed. openraft republishes its metrics several
+/// times per log entry; the node's main task waits on `failure` and
+/// woke for each of them (about seven wake-ups per commit on the leader,
+/// counted with `strace -f`). A storage failure is seen this much later
+/// at most, well inside a restart's cost.
+pub const FAILURE_CHECK_EVERY: Duration = Duration::from_millis(50);
+
 /// Interval of the leader's heartbeats: 100 ms. A heartbeat is an empty
 /// append on the control lane (never queued behind replication) that no
 /// follower syncs, so it is cheap; replication appends have their own
@@ -625,6 +633,8 @@ impl RaftNode {
             if rx.changed().await.is_err() {
                 return std::future::pending().await;
             }
+            // Changes meanwhile are seen at once after the pause.
+            tokio::time::sleep(FAILURE_CHECK_EVERY).await;
         }
     }
 
@@ -653,16 +663,35 @@ impl RaftNode {
     }
 
     /// Resolves once this server has been demoted
-    /// ([`RaftNode::is_demoted`]), checked on every change of Raft's
-    /// metrics (each applied entry changes them). Never resolves while it
-    /// is not, or once Raft has stopped.
+    /// ([`RaftNode::is_demoted`]). A demotion takes the vote away first
+    /// and applies the agent record after, so this follows the server
+    /// metrics (membership changes) while the node votes, and the applied
+    /// state as well only once it does not: a voter is not woken by every
+    /// entry. Never resolves while it is not, or once Raft has stopped.
     pub async fn demoted(&self) {
-        let mut rx = self.attached.raft.metrics();
+        let mut server = self.attached.raft.server_metrics();
+        let mut applied = self.attached.sm.changes();
         loop {
+            applied.borrow_and_update();
             if self.is_demoted() {
                 return;
             }
-            if rx.changed().await.is_err() {
+            let id = self.attached.id;
+            let voter = server
+                .borrow_watched()
+                .membership_config
+                .membership()
+                .voter_ids()
+                .any(|v| v == id);
+            let changed = if voter {
+                server.changed().await.is_ok()
+            } else {
+                tokio::select! {
+                    c = server.changed() => c.is_ok(),
+                    c = applied.changed() => c.is_ok(),
+                }
+            };
+            if !changed {
                 return std::future::pending().await;
             }
         }

@@ -80,6 +80,14 @@ impl std::fmt::Debug for PolicyControl {
     }
 }
 
+/// How often at most [`PolicyControl::run`] reads the applied state for
+/// a new desired policy. The state changes with every applied batch of
+/// entries, on every node; reading it (under the state machine's lock)
+/// each time put a task wake-up and a lock on every commit, for a policy
+/// that changes a few times a rollout. A new policy takes effect this much
+/// later at most.
+pub const POLICY_CHECK_EVERY: Duration = Duration::from_millis(50);
+
 const SOURCES: [&str; 6] = ["file", "node", "rollout", "group", "all", "default"];
 
 impl PolicyControl {
@@ -213,8 +221,9 @@ impl PolicyControl {
         inner.source = source;
     }
 
-    /// Follows the applied state until `stop`: every applied change is
-    /// checked for a new desired policy.
+    /// Follows the applied state until `stop`: the state is checked for
+    /// a new desired policy after it changes, at most every
+    /// [`POLICY_CHECK_EVERY`].
     pub async fn run(
         self: Arc<Self>,
         consensus: Arc<dyn Consensus>,
@@ -227,6 +236,11 @@ impl PolicyControl {
             tokio::select! {
                 _ = &mut stop => return,
                 changed = changes.changed() => if changed.is_err() { return },
+            }
+            // Changes meanwhile are seen at once after the pause.
+            tokio::select! {
+                _ = &mut stop => return,
+                () = tokio::time::sleep(POLICY_CHECK_EVERY) => {}
             }
         }
     }
