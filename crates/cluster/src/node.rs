@@ -644,22 +644,25 @@ impl RaftNode {
     /// node must stop acting as a server: it is restarted with
     /// `role = "agent"`.
     pub fn is_demoted(&self) -> bool {
+        !self.votes()
+            && self
+                .attached
+                .sm
+                .read(|s| s.agent(self.attached.id).is_some())
+                .unwrap_or(false)
+    }
+
+    /// Whether this node is a voter in the membership Raft has now.
+    fn votes(&self) -> bool {
         let id = self.attached.id;
-        let voter = self
-            .attached
+        self.attached
             .raft
-            .metrics()
+            .server_metrics()
             .borrow_watched()
             .membership_config
             .membership()
             .voter_ids()
-            .any(|v| v == id);
-        !voter
-            && self
-                .attached
-                .sm
-                .read(|s| s.agent(id).is_some())
-                .unwrap_or(false)
+            .any(|v| v == id)
     }
 
     /// Resolves once this server has been demoted
@@ -676,14 +679,7 @@ impl RaftNode {
             if self.is_demoted() {
                 return;
             }
-            let id = self.attached.id;
-            let voter = server
-                .borrow_watched()
-                .membership_config
-                .membership()
-                .voter_ids()
-                .any(|v| v == id);
-            let changed = if voter {
+            let changed = if self.votes() {
                 server.changed().await.is_ok()
             } else {
                 tokio::select! {

@@ -12,7 +12,8 @@
 //!   segment files, the vote and log pointers in a small sled database;
 //!   every write is synced to stable storage before it is acknowledged.
 //! - [`segments`]: the append-only segment files holding the entries
-//!   (checksummed records, torn-tail repair, truncation, purge).
+//!   (checksummed records, torn-tail repair, truncation, purge), and the
+//!   newest entries kept in memory for reading back.
 //! - `syncer` (private): the group commit, one thread that `fdatasync`s
 //!   every file written since its last sync, for every write queued
 //!   meanwhile.

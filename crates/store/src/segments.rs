@@ -754,25 +754,23 @@ impl Segments {
         // rebuilt from its name when an error needs it.
         let wanted: Vec<(Loc, Arc<File>)> = {
             let inner = self.lock();
-            let Some(first) = inner.first_index() else {
+            let (Some(first), Some(last)) = (inner.first_index(), inner.last_index()) else {
                 return Ok(Vec::new());
             };
-            let from = start.saturating_sub(first) as usize;
-            let n = end.saturating_sub(start.max(first)) as usize;
-            let read_from = start.max(first);
-            let read_to = inner
-                .last_index()
-                .map_or(read_from, |last| last.saturating_add(1))
-                .min(end)
-                .min(read_from.saturating_add(limit as u64));
-            if let Some(entries) = inner.tail_copy(read_from, read_to.max(read_from)) {
+            // The indexes read: `from..to`, within the log and `limit`.
+            let from = start.max(first);
+            let to = end
+                .min(last.saturating_add(1))
+                .min(from.saturating_add(limit as u64))
+                .max(from);
+            if let Some(entries) = inner.tail_copy(from, to) {
                 return Ok(entries);
             }
             inner
                 .locs
                 .iter()
-                .skip(from)
-                .take(n.min(limit))
+                .skip((from - first) as usize)
+                .take((to - from) as usize)
                 .map(|loc| match inner.file_of(loc.seg) {
                     Some(file) => Ok((*loc, Arc::clone(file))),
                     None => Err(corrupt(
