@@ -5,8 +5,14 @@
 //! priority class, and whether it is *idempotent*: whether delivering the
 //! same request twice has the same effect as delivering it once. The dual
 //! router falls back from iroh to gRPC after a transport error only when the
-//! request provably did not arrive or the method is idempotent; 0-RTT data,
-//! which an attacker can replay, is used only for idempotent methods.
+//! request provably did not arrive or the method is idempotent.
+//!
+//! A stricter mark is *read-only*: the method changes no state at all. Only
+//! read-only methods are sent and served in 0-RTT early data on iroh
+//! (`tern-transport-iroh`), which an attacker who captured it can replay,
+//! at any time later. Idempotent is not enough for that: a replayed
+//! `Vm/Create` whose request id the state has long forgotten would create
+//! the VM again.
 //!
 //! A test checks this table against the compiled schemas, so a method added
 //! to a `.proto` file without an entry here fails the build's tests.
@@ -151,6 +157,11 @@ pub struct Method {
     pub name: &'static str,
     /// Delivering the request twice has the effect of delivering it once.
     pub idempotent: bool,
+    /// The method changes no state (so it is idempotent too): serving it
+    /// any number of times, at any time, for a caller that may not be
+    /// present, changes nothing. Only such methods ride in 0-RTT early
+    /// data (see the module docs).
+    pub read_only: bool,
     /// The priority class callers use unless they choose another.
     pub priority: Priority,
     /// Unary, or which kind of stream.
@@ -195,6 +206,21 @@ const fn m(
         id,
         name,
         idempotent,
+        read_only: false,
+        priority,
+        kind: MethodKind::Unary,
+    }
+}
+
+/// A read-only unary method: it changes no state, so it is idempotent and
+/// may be served from 0-RTT early data.
+const fn read(service: ServiceId, id: u16, name: &'static str, priority: Priority) -> Method {
+    Method {
+        service,
+        id,
+        name,
+        idempotent: true,
+        read_only: true,
         priority,
         kind: MethodKind::Unary,
     }
@@ -215,6 +241,9 @@ const fn stream(
         // `RpcClient::open_stream`); both streaming methods resume from a
         // position the caller names, so opening twice applies nothing twice.
         idempotent: true,
+        // Never opened in early data: a stream lives long past the
+        // handshake, so 0-RTT would save nothing worth the argument.
+        read_only: false,
         priority,
         kind,
     }
@@ -226,7 +255,8 @@ use ServiceId::{Cluster, Health, Monitoring, Raft, Status, Vm};
 /// Every unary method of every service (the streaming ones are
 /// [`STREAM_METHODS`]; [`all_methods`] walks both).
 ///
-/// Idempotency notes: reads are idempotent; VM writes carry a client request
+/// Idempotency notes: reads (`read`) change nothing, so they are
+/// idempotent and read-only; VM writes carry a client request
 /// id that the state machine deduplicates; Raft RPCs are idempotent by
 /// Raft's design (a repeated vote or append is answered from the log); a
 /// join by the same endpoint id returns the existing membership; a leave of
@@ -234,35 +264,35 @@ use ServiceId::{Cluster, Health, Monitoring, Raft, Status, Vm};
 /// state deduplicates, and so do a transport policy set and a rollout
 /// change.
 pub const METHODS: &[Method] = &[
-    m(Health, 1, "Check", true, Normal),
-    m(Status, 1, "Get", true, Normal),
+    read(Health, 1, "Check", Normal),
+    read(Status, 1, "Get", Normal),
     m(Vm, 1, "Create", true, Normal),
     m(Vm, 2, "Start", true, Normal),
     m(Vm, 3, "Stop", true, Normal),
     m(Vm, 4, "Delete", true, Normal),
-    m(Vm, 5, "List", true, Normal),
-    m(Vm, 6, "Get", true, Normal),
+    read(Vm, 5, "List", Normal),
+    read(Vm, 6, "Get", Normal),
     m(Vm, 7, "Migrate", true, Normal),
-    m(Monitoring, 1, "Metrics", true, Normal),
+    read(Monitoring, 1, "Metrics", Normal),
     m(Cluster, 1, "Join", true, Normal),
     m(Cluster, 2, "Leave", true, Normal),
-    m(Cluster, 3, "Members", true, Normal),
+    read(Cluster, 3, "Members", Normal),
     m(Raft, 1, "Vote", true, Control),
     m(Raft, 2, "AppendEntries", true, Replication),
     m(Raft, 3, "Snapshot", true, Bulk),
     m(Raft, 4, "Propose", true, Normal),
     m(Cluster, 4, "MetaPut", true, Normal),
-    m(Cluster, 5, "MetaGet", true, Normal),
+    read(Cluster, 5, "MetaGet", Normal),
     m(Cluster, 6, "AccessGrant", true, Normal),
     m(Cluster, 7, "AccessRevoke", true, Normal),
-    m(Cluster, 8, "AccessList", true, Normal),
+    read(Cluster, 8, "AccessList", Normal),
     m(Cluster, 9, "TokenCreate", false, Normal),
     m(Cluster, 10, "TokenRevoke", true, Normal),
-    m(Cluster, 11, "TokenList", true, Normal),
+    read(Cluster, 11, "TokenList", Normal),
     m(Cluster, 12, "Promote", true, Normal),
     m(Cluster, 13, "TransportSet", true, Normal),
     m(Cluster, 14, "Rollout", true, Normal),
-    m(Cluster, 15, "RolloutGet", true, Normal),
+    read(Cluster, 15, "RolloutGet", Normal),
     m(Cluster, 16, "AgentRegister", true, Normal),
     m(Cluster, 17, "AgentHeartbeat", true, Normal),
     m(Cluster, 18, "AgentReport", true, Normal),
@@ -421,6 +451,38 @@ mod tests {
         assert_eq!(from_schema, from_catalogue);
         assert!(METHODS.iter().all(|m| m.kind == MethodKind::Unary));
         assert!(STREAM_METHODS.iter().all(|m| m.kind.is_stream()));
+    }
+
+    /// The read-only set is what 0-RTT early data may carry, which an
+    /// attacker can replay: a method joins it only by a reviewed change of
+    /// this list, and nothing that writes, proposes or streams is in it.
+    #[test]
+    fn only_reads_are_read_only() {
+        let read_only: BTreeSet<String> = all_methods()
+            .filter(|m| m.read_only)
+            .map(Method::label)
+            .collect();
+        let expected: BTreeSet<String> = [
+            "health/check",
+            "status/get",
+            "vm/list",
+            "vm/get",
+            "monitoring/metrics",
+            "cluster/members",
+            "cluster/metaget",
+            "cluster/accesslist",
+            "cluster/tokenlist",
+            "cluster/rolloutget",
+        ]
+        .into_iter()
+        .map(String::from)
+        .collect();
+        assert_eq!(read_only, expected);
+        for m in all_methods().filter(|m| m.read_only) {
+            assert!(m.idempotent, "{} is read-only, so idempotent", m.label());
+            assert_eq!(m.kind, MethodKind::Unary, "{} streams", m.label());
+            assert_ne!(m.service, ServiceId::Raft, "{} is Raft's", m.label());
+        }
     }
 
     #[test]

@@ -282,8 +282,9 @@ pub struct Header {
     pub kind: FrameKind,
     /// Scheduling class.
     pub priority: Priority,
-    /// The request may be applied twice without harm (0-RTT and fallback
-    /// may replay it).
+    /// The request may be applied twice without harm (a fallback or a
+    /// retry on a new connection may send it again). 0-RTT early data asks
+    /// more: a read-only method, by the receiver's own catalogue.
     pub idempotent: bool,
     /// Target service; [`ServiceId::Connection`] for ping and pong.
     pub service: ServiceId,

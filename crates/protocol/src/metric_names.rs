@@ -110,6 +110,16 @@ metrics! {
     /// Unanswered liveness probes of the iroh endpoint.
     IROH_ENDPOINT_PROBE_FAILURES = "tern_iroh_endpoint_probe_failures_total", Counter,
         "Liveness probes of the iroh endpoint that got no answer in time; several in a row rebuild the endpoint.";
+    /// Calls that met 0-RTT early data on iroh; label `outcome`: on the
+    /// server `served_early` (a read-only call answered before the
+    /// handshake finished), `held` (any other call that arrived in early
+    /// data, run only once the handshake proved the caller), `dropped` (a
+    /// held call whose handshake never finished, e.g. a replay: never
+    /// run); on the client `sent_early` (a read-only call sent in early
+    /// data) and `rejected` (the peer refused the early data; the call was
+    /// sent again after the handshake).
+    IROH_EARLY_DATA_CALLS = "tern_iroh_early_data_calls_total", Counter,
+        "iroh calls that met 0-RTT early data, by outcome (server: served_early, held, dropped; client: sent_early, rejected). dropped counts calls in early data whose handshake never finished, such as replays: never run.";
     /// Reroutes for capability; labels `service`, `reason`.
     ROUTER_REROUTES = "tern_router_reroutes_total", Counter,
         "Calls sent over the non-preferred transport because the peer or this node lacks the preferred one.";

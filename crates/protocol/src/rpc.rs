@@ -629,6 +629,7 @@ mod tests {
             id: 100,
             name: "Imaginary",
             idempotent: false,
+            read_only: false,
             priority: Priority::Normal,
             kind: crate::catalog::MethodKind::Unary,
         };

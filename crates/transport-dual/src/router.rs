@@ -1205,6 +1205,7 @@ mod tests {
         id: 99,
         name: "Imaginary",
         idempotent: false,
+        read_only: false,
         priority: Priority::Normal,
         kind: tern_protocol::MethodKind::Unary,
     };

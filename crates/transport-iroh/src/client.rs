@@ -23,6 +23,12 @@
 //!   kept. Every address a call names is also given to the endpoint's
 //!   address lookup (`MemoryLookup`), so that iroh's own path discovery on
 //!   live connections uses the newest too.
+//! - **0-RTT.** A read-only unary call that finds no pooled connection
+//!   and dials one to a peer this endpoint holds a session ticket for is
+//!   sent in the handshake's first flight (0-RTT early data) and answered
+//!   within one round trip; if the peer refuses the early data, it is sent
+//!   again on the finished connection. Other calls that arrive meanwhile
+//!   wait for the handshake, as for any dial. See the crate docs.
 //! - **Backoff.** After a failed dial the next one waits
 //!   [`crate::backoff::delay`] (exponential, jittered, capped); callers wait
 //!   within their own deadline.
@@ -59,8 +65,9 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use iroh::address_lookup::memory::MemoryLookup;
 use iroh::endpoint::{
-    ConnectError, ConnectWithOptsError, ConnectingError, Connection, ConnectionError, ReadError,
-    RecvStream, SendStream, VarInt, WriteError,
+    ConnectError, ConnectWithOptsError, ConnectingError, Connection, ConnectionError,
+    OutgoingZeroRttConnection, ReadError, RecvStream, SendStream, VarInt, WriteError,
+    ZeroRttStatus,
 };
 use iroh::{Endpoint, EndpointAddr, PublicKey, RelayUrl};
 use tern_protocol::catalog::ServiceId;
@@ -76,7 +83,7 @@ use tracing::debug;
 
 use crate::backoff;
 use crate::config::TransportLimits;
-use crate::metrics::{self, Outcome, Side};
+use crate::metrics::{self, EarlyData, Outcome, Side};
 use crate::path_select::{LIVENESS_TICK, Liveness};
 use crate::transport::{Tracker, TrackerGuard};
 use crate::wire::{
@@ -309,6 +316,21 @@ impl Drop for CallStreams {
     }
 }
 
+/// A read-only call sent in 0-RTT early data by the dial that made its
+/// connection; its answer is still to be read.
+struct EarlyCall {
+    streams: CallStreams,
+    written: Result<(), WriteError>,
+}
+
+/// A read-only call that may go in early data: its request frame (with
+/// its request id) and the flag recording that it may have left.
+#[derive(Clone, Copy)]
+struct EarlyRequest<'a> {
+    frame: &'a Frame,
+    sent: &'a AtomicBool,
+}
+
 impl IrohClient {
     pub(crate) fn new(
         endpoint: Endpoint,
@@ -363,9 +385,22 @@ impl IrohClient {
         self.drop_connections();
     }
 
+    /// Closes every pooled connection and forgets the dial backoff; the
+    /// peers (and the session tickets the endpoint holds for them) stay
+    /// known, so the next call to each peer dials again and resumes its
+    /// TLS session, a read-only first call in 0-RTT early data. For
+    /// measuring connection set-up, and for tests.
+    pub fn close_pooled_connections(&self) {
+        self.close_pooled(VarInt::from_u32(0), b"closed by the caller");
+    }
+
     /// Closes every pooled connection (code [`CLOSE_ENDPOINT_REBUILT`]) and
     /// resets each pool's dial history; the peers stay known.
     pub(crate) fn drop_connections(&self) {
+        self.close_pooled(CLOSE_ENDPOINT_REBUILT, b"endpoint rebuilt");
+    }
+
+    fn close_pooled(&self, code: VarInt, reason: &[u8]) {
         let peers: Vec<Arc<Peer>> = match self.peers.lock() {
             Ok(map) => map.values().cloned().collect(),
             Err(poisoned) => poisoned.into_inner().values().cloned().collect(),
@@ -373,11 +408,11 @@ impl IrohClient {
         for peer in peers {
             for pooled in &peer.pools {
                 if let Some(conn) = pooled.current.lock().ok().and_then(|mut c| c.take()) {
-                    conn.close(CLOSE_ENDPOINT_REBUILT, b"endpoint rebuilt");
+                    conn.close(code, reason);
                 }
                 if let Ok(mut slot) = pooled.slot.try_lock() {
                     if let Some(conn) = slot.conn.take() {
-                        conn.close(CLOSE_ENDPOINT_REBUILT, b"endpoint rebuilt");
+                        conn.close(code, reason);
                     }
                     slot.failures = 0;
                     slot.retry_at = None;
@@ -501,8 +536,23 @@ impl IrohClient {
         peer: &Pooled,
         addr: &PeerAddr,
     ) -> Result<Arc<Connection>, TransportError> {
+        self.connection_early(peer, addr, None)
+            .await
+            .map(|(conn, _)| conn)
+    }
+
+    /// [`Self::connection`]; if this call dials and holds a session ticket
+    /// for the peer, `early` (a read-only call) is sent in 0-RTT early
+    /// data with the handshake's first flight and comes back as an
+    /// [`EarlyCall`] whose answer is to be read.
+    async fn connection_early(
+        &self,
+        peer: &Pooled,
+        addr: &PeerAddr,
+        early: Option<EarlyRequest<'_>>,
+    ) -> Result<(Arc<Connection>, Option<EarlyCall>), TransportError> {
         if let Some(conn) = peer.open_connection(addr) {
-            return Ok(conn);
+            return Ok((conn, None));
         }
         let direct = direct_addrs(addr);
         let mut slot = peer.slot.lock().await;
@@ -522,7 +572,7 @@ impl IrohClient {
         }
         if let Some(conn) = &slot.conn {
             match conn.close_reason() {
-                None => return Ok(conn.clone()),
+                None => return Ok((conn.clone(), None)),
                 Some(reason) => {
                     debug!(peer = %addr.id.short(), "pooled connection is closed ({reason}); re-dialling");
                     slot.conn = None;
@@ -539,8 +589,8 @@ impl IrohClient {
         if slot.failures > 0 || slot.had_connection {
             metrics::connect_retried();
         }
-        match self.dial(addr).await {
-            Ok(conn) => {
+        match self.dial(addr, early).await {
+            Ok((conn, early)) => {
                 let conn = Arc::new(conn);
                 slot.failures = 0;
                 slot.retry_at = None;
@@ -548,7 +598,7 @@ impl IrohClient {
                 slot.conn = Some(conn.clone());
                 slot.dialled.clone_from(&direct);
                 peer.set_current(Some(conn.clone()), &direct);
-                Ok(conn)
+                Ok((conn, early))
             }
             Err(e) => {
                 metrics::connect_failed();
@@ -562,7 +612,11 @@ impl IrohClient {
         }
     }
 
-    async fn dial(&self, addr: &PeerAddr) -> Result<Connection, TransportError> {
+    async fn dial(
+        &self,
+        addr: &PeerAddr,
+        early: Option<EarlyRequest<'_>>,
+    ) -> Result<(Connection, Option<EarlyCall>), TransportError> {
         let endpoint = self
             .endpoint
             .read()
@@ -607,10 +661,26 @@ impl IrohClient {
             target = target.with_relay_url(url);
         }
         let started = Instant::now();
-        let conn = endpoint
-            .connect(target, crate::ALPN)
+        let connecting = endpoint
+            .connect_with_opts(target, crate::ALPN, Default::default())
             .await
-            .map_err(|e| self.map_dial_error(e))?;
+            .map_err(|e| self.map_dial_error(e.into()))?;
+        // 0-RTT is possible only with a session ticket from an earlier
+        // connection to this peer (`into_0rtt` gives the attempt back
+        // without one), and used only for a read-only call.
+        let attempt = match early {
+            Some(request) => connecting.into_0rtt().map(|z| (z, request)),
+            None => Err(connecting),
+        };
+        let (conn, early) = match attempt {
+            Ok((zero_rtt, request)) => self.send_early(zero_rtt, request).await?,
+            Err(connecting) => (
+                connecting
+                    .await
+                    .map_err(|e| self.map_dial_error(e.into()))?,
+                None,
+            ),
+        };
         if conn.remote_id() != key {
             // iroh's TLS already ties the connection to the key we dialled;
             // this check keeps the contract explicit.
@@ -636,45 +706,118 @@ impl IrohClient {
             tokio::join!(closed, settle_path(relayed, peer, events), sampler);
             metrics::connection_closed();
         });
-        debug!(peer = %addr.id.short(), elapsed = ?started.elapsed(), relayed, "connected");
-        Ok(conn)
+        debug!(peer = %addr.id.short(), elapsed = ?started.elapsed(), relayed, early = early.is_some(), "connected");
+        Ok((conn, early))
+    }
+
+    /// Sends `request` in 0-RTT early data on `zero_rtt`, then waits for
+    /// the handshake. If the peer refused the early data (it lost or never
+    /// issued the ticket, or it restarted), nothing of it was served: the
+    /// caller sends the call again on the finished connection.
+    async fn send_early(
+        &self,
+        zero_rtt: OutgoingZeroRttConnection,
+        request: EarlyRequest<'_>,
+    ) -> Result<(Connection, Option<EarlyCall>), TransportError> {
+        let early = match zero_rtt.open_bi().await {
+            Ok((send, recv)) => {
+                let mut streams = CallStreams {
+                    send,
+                    recv,
+                    done: false,
+                };
+                let priority = wire::quic_priority(request.frame.header.priority);
+                let _ = streams.send.set_priority(priority);
+                let written = wire::write_frame(&mut streams.send, request.frame)
+                    .await
+                    .map(|()| {
+                        let _ = streams.send.finish();
+                    });
+                metrics::early_data(EarlyData::SentEarly);
+                Some(EarlyCall { streams, written })
+            }
+            Err(e) => {
+                debug!("no stream in early data ({e}); the call waits for the handshake");
+                None
+            }
+        };
+        let status = zero_rtt
+            .handshake_completed()
+            .await
+            .map_err(|e| self.map_dial_error(e.into()))?;
+        match status {
+            ZeroRttStatus::Accepted(conn) => {
+                // Counted as sent only now: until the handshake finished,
+                // the peer's answer is all that could show it got the
+                // call, and a read-only call that ran without an answer
+                // changed nothing, so "not delivered" is true in effect.
+                if early.is_some() {
+                    request.sent.store(true, Ordering::SeqCst);
+                }
+                Ok((conn, early))
+            }
+            ZeroRttStatus::Rejected(conn) => {
+                if let Some(mut call) = early {
+                    metrics::early_data(EarlyData::Rejected);
+                    debug!("the peer refused the early data; sending the call again");
+                    // Its streams are dead with the early data; nothing to
+                    // reset.
+                    call.streams.done = true;
+                }
+                Ok((conn, None))
+            }
+        }
     }
 
     /// Sends one frame on a new stream in `priority`'s lane and reads the
     /// answer. `sent` becomes true once any byte of the request may have
     /// left, which decides delivery if the caller's deadline cuts the call.
+    ///
+    /// A `read_only` call that finds no connection to the peer rides in
+    /// the new connection's 0-RTT early data when it can.
     async fn round_trip(
         &self,
         addr: &PeerAddr,
         mut frame: Frame,
         sent: &AtomicBool,
+        read_only: bool,
     ) -> Result<Frame, TransportError> {
         let priority = frame.header.priority;
         let peer = self.peer(addr.id)?;
         let _permit = peer.lanes[priority as usize]
             .acquire(self.limits.lane_queue)
             .await?;
-        let conn = self
-            .connection(&peer.pools[pool_of(priority)], addr)
-            .await?;
-        let (send, recv) = conn
-            .open_bi()
-            .await
-            .map_err(|e| map_connection_error(&e, Delivery::NotDelivered, &self.closed))?;
-        let mut streams = CallStreams {
-            send,
-            recv,
-            done: false,
-        };
-        let _ = streams.send.set_priority(wire::quic_priority(priority));
         frame.header.request_id = self.next_request_id.fetch_add(1, Ordering::Relaxed);
-        sent.store(true, Ordering::SeqCst);
-        let written = match wire::write_frame(&mut streams.send, &frame).await {
-            Ok(()) => {
-                let _ = streams.send.finish();
-                Ok(())
+        let early = read_only.then_some(EarlyRequest {
+            frame: &frame,
+            sent,
+        });
+        let (conn, early) = self
+            .connection_early(&peer.pools[pool_of(priority)], addr, early)
+            .await?;
+        let (mut streams, written) = match early {
+            Some(EarlyCall { streams, written }) => (streams, written),
+            None => {
+                let (send, recv) = conn
+                    .open_bi()
+                    .await
+                    .map_err(|e| map_connection_error(&e, Delivery::NotDelivered, &self.closed))?;
+                let mut streams = CallStreams {
+                    send,
+                    recv,
+                    done: false,
+                };
+                let _ = streams.send.set_priority(wire::quic_priority(priority));
+                sent.store(true, Ordering::SeqCst);
+                let written = match wire::write_frame(&mut streams.send, &frame).await {
+                    Ok(()) => {
+                        let _ = streams.send.finish();
+                        Ok(())
+                    }
+                    Err(e) => Err(e),
+                };
+                (streams, written)
             }
-            Err(e) => Err(e),
         };
         let answer = wire::read_frame(&mut streams.recv, self.frame_limits).await;
         let answer = match (written, answer) {
@@ -742,7 +885,9 @@ impl IrohClient {
                 format!("request refused before sending: {e}"),
             )
         })?;
-        let answer = self.round_trip(addr, frame, sent).await?;
+        let answer = self
+            .round_trip(addr, frame, sent, call.method.read_only)
+            .await?;
         match answer.header.kind {
             FrameKind::Response => Ok(answer.payload),
             FrameKind::Error => Err(CallError::Application(Status::decode(&answer.payload))),
@@ -883,7 +1028,7 @@ impl IrohClient {
         self.connection(&peer.pools[pool_of(header.priority)], addr)
             .await?;
         let started = Instant::now();
-        let answer = self.round_trip(addr, frame, sent).await?;
+        let answer = self.round_trip(addr, frame, sent, false).await?;
         let rtt = started.elapsed();
         if answer.header.kind != FrameKind::Pong || answer.payload != payload {
             return Err(error(

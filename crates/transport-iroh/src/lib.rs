@@ -22,7 +22,8 @@
 //! - [`probe`]: the liveness probe, a QUIC version negotiation round trip
 //!   to the endpoint's own socket; its packet and answer decoder, pure.
 //! - [`server`]: the [`ProtocolHandler`](iroh::protocol::ProtocolHandler)
-//!   for [`ALPN`]: per-stream dispatch, limits, malformed input, draining.
+//!   for [`ALPN`]: per-stream dispatch, limits, malformed input, draining,
+//!   early data (below).
 //! - [`client`]: [`IrohClient`], the [`RpcClient`](tern_protocol::RpcClient)
 //!   with two pooled connections per peer (bulk apart from the rest), re-dial
 //!   with backoff, priority
@@ -130,17 +131,70 @@
 //! (the unchanged p50 says so too); the goal of a p99 within 1.1x of idle
 //! can only be judged on an idle machine.
 //!
+//! # 0-RTT early data
+//!
+//! After every handshake the server's TLS stack gives the caller session
+//! tickets (rustls keeps the server's half in memory: 256 sessions, each
+//! ticket good once; iroh's endpoint keeps up to 8 per peer, 256 in all).
+//! A caller that dials a peer it has reached before resumes the session,
+//! and a **read-only** unary call that finds no pooled connection rides in
+//! the first flight as 0-RTT early data; the server answers it at once
+//! (0.5-RTT). Connection and call then cost one round trip and no
+//! certificate signatures. Everything else waits for the handshake, as
+//! before. A ticket lives as long as both endpoints: a restart on either
+//! side (or an endpoint rebuild, see [`supervisor`]) loses it, and the
+//! first call after that is a full handshake. So early data helps a
+//! re-dial to a peer that is still running: after a path failure, a
+//! partition, an idle close, or a connection the server refused at its
+//! cap. Pooled connections themselves never close for idleness (a
+//! keep-alive every [`config::DEFAULT_KEEP_ALIVE`]), so a member's
+//! connection stays warm for as long as both ends run.
+//!
+//! **Why a replayed early-data call can never change state.** Early data
+//! is not protected against replay: anyone on the path can record a first
+//! flight and send it again, to this node, as often and as late as they
+//! like. rustls's single-use tickets stop a replay to the same process
+//! while its ticket is remembered (`tests/early_data.rs` sees that), but
+//! nothing here depends on it. The rule is the server's:
+//!
+//! 1. A stream taken while the handshake still runs came in early data
+//!    (iroh marks it, `RecvStream::is_0rtt`). Its method is looked up in
+//!    this node's own catalogue from the frame's service and method ids;
+//!    the caller's idea of the method counts for nothing.
+//! 2. It runs at once only if the catalogue marks the method
+//!    [`read_only`](tern_protocol::Method::read_only): `Health/Check`,
+//!    `Status/Get`, `Vm/List`, `Vm/Get`, `Monitoring/Metrics`,
+//!    `Cluster/Members`, `Cluster/MetaGet`, `Cluster/AccessList`,
+//!    `Cluster/TokenList`, `Cluster/RolloutGet`. They change no state, so
+//!    serving one once or a thousand times is the same; their answers are
+//!    sealed with keys from the resumption secret, which a replayer does
+//!    not hold, so it learns nothing either. Idempotent is not enough: a
+//!    replayed `Vm/Create`, days later, would create the VM again.
+//! 3. Every other call (writes, Raft, streams) waits until the handshake
+//!    has finished **and** the connection is still open. Finishing needs
+//!    the caller's `Finished` message, keyed by the resumption secret and
+//!    the server's fresh key share: only the real caller, present now,
+//!    can send it. A replayed first flight never finishes; its held calls
+//!    are dropped unrun when the connection times out.
+//! 4. The caller a service sees on an early call is the identity the
+//!    session ticket carries: the key the caller proved in the full
+//!    handshake the ticket came from (the ticket is sealed by this
+//!    server). Roles are checked against it as for any call.
+//!
+//! The client keeps the same line: only a read-only unary call is sent
+//! early; pings, streams and every other method wait for the handshake.
+//! If the peer refuses the early data (it lost the ticket), nothing of it
+//! was served, and the call is sent again on the finished connection.
+//! Counted in `tern_iroh_early_data_calls_total{outcome}` (see
+//! [`metrics`]). `tests/early_data.rs` attacks it: a caller that sends a
+//! write in early data and never finishes its handshake (a relay passes
+//! only its first flight) gets its read answered and its write dropped
+//! unrun; recorded datagrams of a caller that wrote in early data,
+//! replayed from another address while its connection is open and after,
+//! run nothing again.
+//!
 //! # Deliberately absent
 //!
-//! - **0-RTT.** Connections are pooled, so a handshake is paid once per
-//!   peer and (re)connection, not per call. And 0-RTT data arrives before
-//!   the caller's key is proven (the client's TLS Finished comes one round
-//!   trip later): serving it early would break the invariant above, and
-//!   waiting for the proof gives the answer no sooner than a 1-RTT
-//!   handshake does. So every call waits for the full handshake. Measured
-//!   (`iroh/handshake` bench, loopback): a fresh connection adds ~1.2 ms to
-//!   its first call, almost all of it handshake CPU that 0-RTT would not
-//!   save; the round trip it could save is tens of microseconds there.
 //! - **Dead-connection probing.** A pooled connection whose peer vanished
 //!   silently is noticed by the QUIC idle timeout
 //!   ([`config::DEFAULT_IDLE_TIMEOUT`], with keep-alives at a third of it);

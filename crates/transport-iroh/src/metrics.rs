@@ -21,7 +21,9 @@
 //! - the endpoint's health (see [`crate::supervisor`]): whether it answers
 //!   its liveness probe, unanswered probes, and rebuilds by reason. These
 //!   carry no `transport` label (they are iroh's alone) and exist at 0
-//!   from the bind on, so alerts on them have a series to read.
+//!   from the bind on, so alerts on them have a series to read;
+//! - calls that met 0-RTT early data, by what became of them (see
+//!   [`crate::server`] and [`crate::client`]).
 //!
 //! Nothing is recorded unless the node installs a recorder.
 //!
@@ -225,6 +227,33 @@ pub(crate) fn probe_failed() {
 
 pub(crate) fn endpoint_rebuilt(reason: RebuildReason) {
     counter!(names::IROH_ENDPOINT_REBUILDS, "reason" => reason.as_str()).increment(1);
+}
+
+/// What became of a call that met 0-RTT early data (see
+/// [`names::IROH_EARLY_DATA_CALLS`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum EarlyData {
+    /// Server: a read-only call answered before the handshake finished.
+    ServedEarly,
+    /// Server: another call in early data, run once the handshake finished.
+    Held,
+    /// Server: a held call whose handshake never finished; never run.
+    Dropped,
+    /// Client: a read-only call sent in early data.
+    SentEarly,
+    /// Client: the peer refused the early data; the call went again.
+    Rejected,
+}
+
+pub(crate) fn early_data(outcome: EarlyData) {
+    let outcome = match outcome {
+        EarlyData::ServedEarly => "served_early",
+        EarlyData::Held => "held",
+        EarlyData::Dropped => "dropped",
+        EarlyData::SentEarly => "sent_early",
+        EarlyData::Rejected => "rejected",
+    };
+    counter!(names::IROH_EARLY_DATA_CALLS, "outcome" => outcome).increment(1);
 }
 
 #[cfg(test)]

@@ -15,6 +15,13 @@
 //! A request for a streaming method is served by `crate::stream::serve`
 //! on the same stream, under the same places and budgets.
 //!
+//! The connection is served from its first packet (`on_accepting` turns
+//! it into a 0-RTT connection): a stream that arrives in 0-RTT early data
+//! runs at once only for a read-only method; any other waits until the
+//! handshake has proven the caller, and is dropped unrun if it never does
+//! (see the crate docs, "0-RTT early data", for why that makes replays
+//! harmless).
+//!
 //! Oversize frames get a `ResourceExhausted` error frame and the request
 //! side is stopped; malformed frames reset the stream. Neither touches the
 //! connection. A caller that stops reading (it dropped the call) or a
@@ -29,7 +36,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use bytes::Bytes;
-use iroh::endpoint::{Connection, RecvStream, SendStream, VarInt};
+use iroh::endpoint::{
+    Accepting, Connection, IncomingZeroRttConnection, RecvStream, SendStream, VarInt,
+};
 use iroh::protocol::{AcceptError, ProtocolHandler};
 use tern_protocol::catalog::ServiceId;
 use tern_protocol::frame::{HEADER_LEN, Limits};
@@ -41,7 +50,7 @@ use tokio::sync::Semaphore;
 use tracing::{Instrument, debug, warn};
 
 use crate::config::TransportLimits;
-use crate::metrics::{self, Outcome, Side};
+use crate::metrics::{self, EarlyData, Outcome, Side};
 use crate::transport::Tracker;
 use crate::wire::{
     self, CLOSE_SHUTTING_DOWN, CLOSE_TOO_MANY_CONNECTIONS, ReadFrameError,
@@ -56,7 +65,7 @@ pub(crate) struct ServerState {
     limits: TransportLimits,
     draining: AtomicBool,
     pub(crate) calls: Arc<Tracker>,
-    connections: Mutex<HashMap<usize, Connection>>,
+    connections: Mutex<HashMap<usize, IncomingZeroRttConnection>>,
     /// Per peer id: its open connections and its request-byte budget.
     peers: Mutex<HashMap<PeerId, PeerShare>>,
 }
@@ -106,7 +115,7 @@ impl ServerState {
 
     /// Closes every served connection with `code`.
     pub(crate) fn close_connections(&self, code: VarInt, reason: &[u8]) {
-        let connections: Vec<Connection> = match self.connections.lock() {
+        let connections: Vec<IncomingZeroRttConnection> = match self.connections.lock() {
             Ok(mut map) => map.drain().map(|(_, c)| c).collect(),
             Err(poisoned) => poisoned.into_inner().drain().map(|(_, c)| c).collect(),
         };
@@ -115,7 +124,11 @@ impl ServerState {
         }
     }
 
-    fn register(&self, conn: &Connection, peer: PeerId) -> Result<Arc<Semaphore>, Refusal> {
+    fn register(
+        &self,
+        conn: &IncomingZeroRttConnection,
+        peer: PeerId,
+    ) -> Result<Arc<Semaphore>, Refusal> {
         let (Ok(mut map), Ok(mut peers)) = (self.connections.lock(), self.peers.lock()) else {
             return Err(Refusal::TooMany);
         };
@@ -162,8 +175,23 @@ impl RpcProtocol {
 }
 
 impl ProtocolHandler for RpcProtocol {
-    async fn accept(&self, conn: Connection) -> Result<(), AcceptError> {
-        serve_connection(self.state.clone(), conn).await;
+    /// Serves the connection from its first packet: a resumed caller's
+    /// read-only calls in 0-RTT early data are answered at once (0.5-RTT);
+    /// everything else waits for the handshake (see the module docs).
+    async fn on_accepting(&self, accepting: Accepting) -> Result<Connection, AcceptError> {
+        let conn = accepting.into_0rtt();
+        serve_connection(self.state.clone(), &conn).await;
+        // The router hands the finished connection to `accept` (which has
+        // nothing left to do); a handshake that never finished (a replay,
+        // a caller that went away) ends here as an error it logs.
+        match proven(&conn).await {
+            Ok(done) => Ok(done),
+            Err(Unproven::Handshake(e)) => Err(e.into()),
+            Err(Unproven::Closed(e)) => Err(e.into()),
+        }
+    }
+
+    async fn accept(&self, _conn: Connection) -> Result<(), AcceptError> {
         Ok(())
     }
 
@@ -203,9 +231,66 @@ impl Drop for Registered {
     }
 }
 
-async fn serve_connection(state: Arc<ServerState>, conn: Connection) {
-    let peer = PeerId::from_bytes(*conn.remote_id().as_bytes());
-    let peer_bytes = match state.register(&conn, peer) {
+/// Why a connection's caller was never proven.
+enum Unproven {
+    /// The handshake failed.
+    Handshake(iroh::endpoint::ConnectingError),
+    /// The connection ended before the handshake was known to finish.
+    Closed(iroh::endpoint::ConnectionError),
+}
+
+impl std::fmt::Display for Unproven {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Unproven::Handshake(e) => write!(f, "the handshake failed: {e}"),
+            Unproven::Closed(e) => write!(f, "the connection ended first: {e}"),
+        }
+    }
+}
+
+/// Waits until the handshake has proven the caller: it finished, and the
+/// connection is still open. A connection that ends first (a replayed
+/// first flight never finishes its handshake; it ends at the idle
+/// timeout) is never taken for proven, whatever iroh's handshake future
+/// later says about it.
+async fn proven(conn: &IncomingZeroRttConnection) -> Result<Connection, Unproven> {
+    tokio::select! {
+        biased;
+        reason = conn.closed() => Err(Unproven::Closed(reason)),
+        done = conn.handshake_completed() => match done {
+            Err(e) => Err(Unproven::Handshake(e)),
+            Ok(done) => match done.close_reason() {
+                None => Ok(done),
+                Some(reason) => Err(Unproven::Closed(reason)),
+            },
+        },
+    }
+}
+
+/// Who is calling, before the handshake ends if it can be known: a caller
+/// resuming a session is named by the session ticket this server issued
+/// to it after a full handshake (so authenticated then); any other caller
+/// is known only once its handshake finishes.
+async fn caller(conn: &IncomingZeroRttConnection) -> Option<PeerId> {
+    let key = if conn.peer_identity().is_some() {
+        conn.remote_id().ok()?
+    } else {
+        match proven(conn).await {
+            Ok(done) => done.remote_id(),
+            Err(e) => {
+                debug!("a connection without a caller: {e}");
+                return None;
+            }
+        }
+    };
+    Some(PeerId::from_bytes(*key.as_bytes()))
+}
+
+async fn serve_connection(state: Arc<ServerState>, conn: &IncomingZeroRttConnection) {
+    let Some(peer) = caller(conn).await else {
+        return;
+    };
+    let peer_bytes = match state.register(conn, peer) {
         Ok(bytes) => bytes,
         Err(Refusal::TooMany) => {
             warn!(peer = %peer.short(), limit = state.limits.max_connections, "refusing a connection: too many connections");
@@ -233,6 +318,9 @@ async fn serve_connection(state: Arc<ServerState>, conn: Connection) {
         match conn.accept_bi().await {
             Ok((send, recv)) => {
                 let guard = state.calls.enter();
+                // A stream taken while the handshake is still running came
+                // in 0-RTT early data, which may be a replay.
+                let early = recv.is_0rtt().then(|| conn.clone());
                 let span = tracing::debug_span!("stream", peer = %peer.short(), id = %send.id());
                 tokio::spawn(
                     serve_stream(
@@ -245,6 +333,7 @@ async fn serve_connection(state: Arc<ServerState>, conn: Connection) {
                             peer_bytes: peer_bytes.clone(),
                         },
                         guard,
+                        early,
                     )
                     .instrument(span),
                 );
@@ -278,6 +367,7 @@ async fn serve_stream(
     mut recv: RecvStream,
     budgets: Budgets,
     _call: crate::transport::TrackerGuard,
+    early: Option<IncomingZeroRttConnection>,
 ) {
     if state.draining.load(Ordering::SeqCst) {
         reset(&mut send, &mut recv, STREAM_SHUTTING_DOWN);
@@ -410,6 +500,23 @@ async fn serve_stream(
             return;
         }
     };
+    if let Some(conn) = early {
+        // Early data can be replayed by anyone who captured it, to this
+        // node, at any time: only a read-only call runs on it. Anything
+        // else runs once the handshake proves the caller is here, on this
+        // connection; a replayed handshake never finishes.
+        if method.read_only {
+            metrics::early_data(EarlyData::ServedEarly);
+        } else {
+            metrics::early_data(EarlyData::Held);
+            if let Err(e) = proven(&conn).await {
+                metrics::early_data(EarlyData::Dropped);
+                debug!(method = %method.label(), "a call in early data whose handshake never finished; dropped unrun: {e}");
+                reset(&mut send, &mut recv, STREAM_SHUTTING_DOWN);
+                return;
+            }
+        }
+    }
     if method.kind.is_stream() {
         // The stream keeps its place on the connection and its first
         // message's bytes until it ends; its later messages are read only
