@@ -15,8 +15,9 @@
 //!   `iroh/bulk/64mib_preencoded` sends the same chunks encoded once
 //!   before the measurement, separating transport cost from protobuf cost.
 //! - `iroh/handshake/raw_connect_and_call` vs `.../raw_warm_call`: what a
-//!   handshake adds to the first call of a connection, the most 0-RTT
-//!   could save (see the crate docs on why calls do not use 0-RTT).
+//!   full handshake adds to the first call of a connection (a resumed one,
+//!   with its first read-only call in 0-RTT early data, is measured
+//!   between processes by `tern-bench load`).
 //! - `iroh/control_during_bulk/vote`: a control-lane call while bulk chunks
 //!   stream on the same connection (the latency the lanes protect).
 //!
@@ -470,10 +471,9 @@ fn control_during_bulk(c: &mut Criterion) {
     s.rt.block_on(background).unwrap();
 }
 
-/// What a connection's handshake costs: a fresh raw connection and one
-/// echo, beside a call on a warm connection. The difference bounds what
-/// 0-RTT could save, once per (re)connection (calls reuse the pooled
-/// connection).
+/// What a connection's full handshake costs: a fresh raw connection and
+/// one echo, beside a call on a warm connection (calls reuse the pooled
+/// connection, so this is paid once per connection).
 fn handshake(c: &mut Criterion) {
     let s = Setup::new();
     let data = Bytes::from_static(b"0123456789abcdef");

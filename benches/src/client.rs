@@ -1,12 +1,13 @@
 //! How the client process calls each transport: one [`Driver`] per
-//! transport, with the same four operations for all of them.
+//! transport, with the same operations for all of them.
 //!
 //! | operation          | ours (iroh, gRPC)                          | raw iroh            | raw gRPC               |
 //! |--------------------|--------------------------------------------|---------------------|------------------------|
 //! | [`Driver::unary`]  | `Raft/AppendEntries` echo, normal lane     | echo on a bi-stream | `AppendEntries` echo   |
 //! | [`Driver::control`]| `Raft/Vote`, control lane                  | echo on a bi-stream | `Vote`                 |
 //! | [`Driver::bulk`]   | `Raft/Snapshot` chunk, bulk lane           | chunk on a bi-stream| `Snapshot` chunk       |
-//! | [`Driver::fresh_connection`] | a new client identity and connection, first unary call | new connection + echo | new channel + echo |
+//! | [`Driver::fresh_connection`] | a new client identity and connection, first unary call | new endpoint, connection + echo | new channel + echo |
+//! | [`Driver::resumed_connection`] | pooled connections closed, read-only `Status/Get` (iroh: 0-RTT) | new connection, echo in 0-RTT | new channel + echo |
 //!
 //! The raw baselines have no lanes: their control probe shares the one
 //! connection with the bulk transfer, which is what the lanes improve on.
@@ -121,6 +122,26 @@ fn snapshot_chunk(index: usize, data: Bytes) -> pb::SnapshotChunk {
         data,
         ..Default::default()
     }
+}
+
+/// A `Status/Get`: the read-only call a resumed connection sends early.
+fn status_call() -> Call {
+    Call::new(
+        methods::STATUS_GET,
+        pb::StatusRequest {}.encode_to_vec().into(),
+    )
+    .with_timeout(CALL_TIMEOUT)
+}
+
+/// Checks that a `Status/Get` answer is the bench server's status.
+fn check_status(answer: &[u8]) -> anyhow::Result<()> {
+    let status = pb::NodeStatus::decode(answer).context("decoding the status answer")?;
+    ensure!(
+        status.node_id == tern_transport_conformance::service::STATUS_NODE_ID,
+        "the status names node {}, not the bench server",
+        status.node_id
+    );
+    Ok(())
 }
 
 /// Checks that an echo answer (a `RaftPayload`) carries `len` bytes.
@@ -323,11 +344,12 @@ impl Driver {
     /// Times a fresh connection and its first unary call of `data`: what a
     /// client pays to reach a peer it has no connection to.
     ///
-    /// For ours, a new client identity each time (a new iroh endpoint
-    /// bound, or a new gRPC client, outside the timing), so nothing is
-    /// pooled or cached; the timing covers dial, handshake (and for gRPC
-    /// the caller proof's key agreement) and the call. For the raw
-    /// baselines, a new connection from the same endpoint / a new channel.
+    /// A new client identity each time (a new iroh endpoint bound, or a
+    /// new gRPC client, outside the timing), so nothing is pooled or
+    /// cached and no TLS session is resumed; the timing covers dial, full
+    /// handshake (and for gRPC the caller proof's key agreement) and the
+    /// call. The raw iroh baseline binds a new endpoint the same way; raw
+    /// gRPC opens a new channel (no session cache across channels).
     pub async fn fresh_connection(&self, data: Bytes) -> anyhow::Result<Duration> {
         let len = data.len();
         match self {
@@ -355,7 +377,11 @@ impl Driver {
                 check_echo(&answer?, len)?;
                 Ok(elapsed)
             }
-            Driver::RawIroh { endpoint, addr, .. } => {
+            Driver::RawIroh { addr, .. } => {
+                // A new endpoint, as ours: one that connected before would
+                // resume its TLS session (no signatures), which is the
+                // resumed row's measurement, not this one's.
+                let endpoint = raw::raw_endpoint(None).await?;
                 let started = Instant::now();
                 let conn = endpoint
                     .connect(addr.clone(), raw::RAW_ALPN)
@@ -364,6 +390,12 @@ impl Driver {
                 let answer = raw::raw_iroh_call(&conn, data).await;
                 let elapsed = started.elapsed();
                 conn.close(0u32.into(), b"done");
+                let closed = tokio::time::timeout(SETUP_TIMEOUT, endpoint.close());
+                if closed.await.is_err() {
+                    tracing::warn!(
+                        "a fresh raw iroh endpoint did not close within {SETUP_TIMEOUT:?}"
+                    );
+                }
                 ensure!(
                     answer?.len() == len,
                     "the raw echo answered the wrong length"
@@ -381,6 +413,76 @@ impl Driver {
                 );
                 Ok(elapsed)
             }
+        }
+    }
+
+    /// Times a new connection from a client that has reached the server
+    /// before, and its first call: the best each transport does when it
+    /// must connect again to a peer it knows.
+    ///
+    /// - Ours, iroh: the pooled connections are closed and a read-only
+    ///   `Status/Get` is called: the endpoint resumes its TLS session and
+    ///   sends the call in 0-RTT early data.
+    /// - Ours, gRPC: the pooled channels are dropped and the same call is
+    ///   made on a new TLS connection.
+    /// - Raw iroh: a new connection from the same endpoint, the echo sent
+    ///   in early data (the raw server answers early data at once).
+    /// - Raw gRPC: a new channel (tonic keeps no TLS session across
+    ///   channels here), as for a fresh connection.
+    pub async fn resumed_connection(&self, data: Bytes) -> anyhow::Result<Duration> {
+        match self {
+            Driver::Iroh { local, peer } => {
+                let client = iroh_client(local)?;
+                client.close_pooled_connections();
+                let started = Instant::now();
+                let answer = client.call(peer, status_call()).await;
+                let elapsed = started.elapsed();
+                check_status(&answer?)?;
+                Ok(elapsed)
+            }
+            Driver::Grpc { client, peer } => {
+                client.close_pooled_connections();
+                let started = Instant::now();
+                let answer = client.call(peer, status_call()).await;
+                let elapsed = started.elapsed();
+                check_status(&answer?)?;
+                Ok(elapsed)
+            }
+            Driver::RawIroh { endpoint, addr, .. } => {
+                let len = data.len();
+                let started = Instant::now();
+                let connecting = endpoint
+                    .connect_with_opts(addr.clone(), raw::RAW_ALPN, Default::default())
+                    .await
+                    .context("a resumed raw iroh connection")?;
+                let (answer, conn) = match connecting.into_0rtt() {
+                    Ok(early) => {
+                        let answer = raw::raw_iroh_call(&early, data.clone()).await;
+                        let status = early
+                            .handshake_completed()
+                            .await
+                            .context("the resumed raw handshake")?;
+                        match status {
+                            iroh::endpoint::ZeroRttStatus::Accepted(conn) => (answer, conn),
+                            iroh::endpoint::ZeroRttStatus::Rejected(conn) => {
+                                (raw::raw_iroh_call(&conn, data).await, conn)
+                            }
+                        }
+                    }
+                    Err(connecting) => {
+                        let conn = connecting.await.context("a raw iroh connection")?;
+                        (raw::raw_iroh_call(&conn, data).await, conn)
+                    }
+                };
+                let elapsed = started.elapsed();
+                conn.close(0u32.into(), b"done");
+                ensure!(
+                    answer?.len() == len,
+                    "the raw echo answered the wrong length"
+                );
+                Ok(elapsed)
+            }
+            Driver::RawGrpc { .. } => self.fresh_connection(data).await,
         }
     }
 

@@ -21,7 +21,7 @@ use std::net::SocketAddr;
 
 use anyhow::Context;
 use bytes::Bytes;
-use iroh::endpoint::{Connection, RecvStream, SendStream, presets};
+use iroh::endpoint::{Accepting, Connection, ConnectionState, RecvStream, SendStream, presets};
 use iroh::protocol::{AcceptError, ProtocolHandler, Router};
 use iroh::{Endpoint, RelayMode, SecretKey};
 use tern_protocol::{PeerId, pb};
@@ -40,11 +40,30 @@ pub const RAW_STREAM_ALPN: &[u8] = b"tern/bench-raw-stream/0";
 pub const RAW_ECHO_MAX: usize = 4096;
 
 /// The raw iroh baseline: read the stream to its end, answer, finish.
+/// Served from the first packet, early data included (a baseline has no
+/// state to protect, so it answers every stream at once: what iroh can
+/// do at best).
 #[derive(Debug, Clone)]
 pub struct RawEcho;
 
 impl ProtocolHandler for RawEcho {
-    async fn accept(&self, conn: Connection) -> Result<(), AcceptError> {
+    async fn on_accepting(&self, accepting: Accepting) -> Result<Connection, AcceptError> {
+        let conn = accepting.into_0rtt();
+        echo_streams(&conn).await;
+        tokio::select! {
+            biased;
+            reason = conn.closed() => Err(reason.into()),
+            done = conn.handshake_completed() => Ok(done?),
+        }
+    }
+
+    async fn accept(&self, _conn: Connection) -> Result<(), AcceptError> {
+        Ok(())
+    }
+}
+
+async fn echo_streams<S: ConnectionState>(conn: &iroh::endpoint::Connection<S>) {
+    {
         while let Ok((mut send, mut recv)) = conn.accept_bi().await {
             tokio::spawn(async move {
                 let Ok(data) = recv.read_to_end(RAW_MAX).await else {
@@ -60,7 +79,6 @@ impl ProtocolHandler for RawEcho {
                 let _ = send.stopped().await;
             });
         }
-        Ok(())
     }
 }
 
@@ -145,7 +163,10 @@ pub async fn raw_iroh_server(key: [u8; 32]) -> anyhow::Result<(Router, [u8; 32],
 }
 
 /// One raw iroh call: `data` on a fresh bi-stream of `conn`, the answer.
-pub async fn raw_iroh_call(conn: &Connection, data: Bytes) -> anyhow::Result<Vec<u8>> {
+pub async fn raw_iroh_call<S: ConnectionState>(
+    conn: &iroh::endpoint::Connection<S>,
+    data: Bytes,
+) -> anyhow::Result<Vec<u8>> {
     let (mut send, mut recv) = conn.open_bi().await.context("opening a stream")?;
     send.write_chunk(data)
         .await

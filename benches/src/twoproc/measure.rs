@@ -12,6 +12,9 @@ pub(super) type Maybe<T> = Result<T, String>;
 pub struct Measured {
     /// Fresh connection + first call.
     pub conn: Latencies,
+    /// New connection of a client that connected before + first call
+    /// (iroh: 0-RTT).
+    pub conn_resumed: Latencies,
     /// Unary calls, one caller.
     pub unary: Latencies,
     /// `(callers, calls/s)`.
@@ -112,6 +115,14 @@ async fn conn_phase(driver: &Driver, settings: &Settings) -> anyhow::Result<Late
     let mut lat = Latencies::new();
     for _ in 0..settings.conn_samples {
         lat.record(driver.fresh_connection(payload()).await?);
+    }
+    Ok(lat)
+}
+
+async fn resumed_phase(driver: &Driver, settings: &Settings) -> anyhow::Result<Latencies> {
+    let mut lat = Latencies::new();
+    for _ in 0..settings.conn_samples {
+        lat.record(driver.resumed_connection(payload()).await?);
     }
     Ok(lat)
 }
@@ -313,6 +324,14 @@ async fn measure(
         ),
     );
     let conn = bounded("fresh connections", conn_phase(&driver, settings)).await?;
+    progress.step(
+        kind,
+        &format!(
+            "connection establishment, resumed: {} new connections",
+            settings.conn_samples
+        ),
+    );
+    let conn_resumed = bounded("resumed connections", resumed_phase(&driver, settings)).await?;
 
     progress.step(
         kind,
@@ -366,6 +385,7 @@ async fn measure(
     }
     Ok(Measured {
         conn,
+        conn_resumed,
         unary,
         curve,
         curve_failures,

@@ -99,9 +99,9 @@ pub(super) fn build_part(results: &[(Kind, Measured)], s: &Settings, quick: bool
     };
 
     let conn_note = format!(
-        "{} fresh connections; ours: a new client identity each (iroh: endpoint bound outside \
-         the timing), timed from dial to the first 64 B call's answer; raw: new connection or \
-         channel from the same process",
+        "{} fresh connections, each from a new client identity (iroh, ours and raw: a new \
+         endpoint bound outside the timing, so no TLS session to resume; gRPC: a new client, \
+         raw gRPC a new channel), timed from dial to the first 64 B call's answer",
         s.conn_samples
     );
     for p in [50, 99] {
@@ -115,25 +115,26 @@ pub(super) fn build_part(results: &[(Kind, Measured)], s: &Settings, quick: bool
             &|m| &m.conn,
         );
     }
-    for p in [50u8, 99] {
-        rows.push(row(
-            RowSpec {
-                id: &format!("conn_0rtt_p{p}_2proc"),
-                section: SECTION_CONN,
-                name: format!("connection establishment + first call, with 0-RTT, p{p}"),
-                unit: "ns",
-                better: Better::Lower,
-                percentile: Some(p),
-                note: "not applicable: our iroh transport deliberately does not use 0-RTT (early \
-                       data would reach a service before the caller's key is proven; see the \
-                       tern-transport-iroh crate docs), and gRPC over TCP+HTTP/2 has none"
-                    .to_owned(),
-            },
-            results
-                .iter()
-                .map(|(k, _)| (k.value_key().to_owned(), None))
-                .collect(),
-        ));
+    let resumed_note = format!(
+        "{} new connections from the client that made the other calls (it reached the server \
+         before), timed from dial to the first call's answer. Ours: the pooled connections are \
+         closed, then a read-only Status/Get; over iroh the endpoint resumes its TLS session and \
+         sends the call as 0-RTT early data (only read-only calls go early; see the \
+         tern-transport-iroh crate docs), over gRPC a new TLS connection carries it. Raw iroh: \
+         the 64 B echo as early data, answered at once by a server with no state to protect. \
+         Raw gRPC: a new channel",
+        s.conn_samples
+    );
+    for p in [50, 99] {
+        lat_row(
+            &mut rows,
+            &format!("conn_0rtt_p{p}_2proc"),
+            SECTION_CONN,
+            "connection establishment + first call, with 0-RTT",
+            p,
+            resumed_note.clone(),
+            &|m| &m.conn_resumed,
+        );
     }
 
     let unary_note = format!(

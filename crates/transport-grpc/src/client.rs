@@ -201,6 +201,14 @@ impl GrpcClient {
         }
     }
 
+    /// Drops the pooled connections and keeps serving calls: the next call
+    /// to each peer connects again. For measuring connection set-up.
+    pub fn close_pooled_connections(&self) {
+        if let Ok(mut pool) = self.pool.lock() {
+            pool.clear();
+        }
+    }
+
     /// Connections pooled now (one per peer and lane).
     pub fn pooled_channels(&self) -> usize {
         self.pool

@@ -108,7 +108,7 @@ const SPECS: &[Spec] = &[
         section: ONE_PROCESS,
         name: "connection establishment + first call (raw iroh, no 0-RTT)",
         raw_iroh: Some("iroh/handshake/raw_connect_and_call"),
-        note: "0-RTT is off by design (see transport-iroh docs)",
+        note: "a full handshake (no session to resume); resumed connections with 0-RTT are the two-process rows",
         ..NONE
     },
     Spec {
