@@ -180,14 +180,25 @@ impl ProtocolHandler for RpcProtocol {
     /// everything else waits for the handshake (see the module docs).
     async fn on_accepting(&self, accepting: Accepting) -> Result<Connection, AcceptError> {
         let conn = accepting.into_0rtt();
-        serve_connection(self.state.clone(), &conn).await;
+        // iroh's handshake future runs only while polled, and after the
+        // connection closed it fails even for a handshake that finished:
+        // it is followed while the connection is served.
+        let handshake = async {
+            tokio::select! {
+                biased;
+                done = conn.handshake_completed() => Some(done),
+                _ = conn.closed() => None,
+            }
+        };
+        let (handshake, ()) = tokio::join!(handshake, serve_connection(self.state.clone(), &conn));
         // The router hands the finished connection to `accept` (which has
-        // nothing left to do); a handshake that never finished (a replay,
-        // a caller that went away) ends here as an error it logs.
-        match proven(&conn).await {
-            Ok(done) => Ok(done),
-            Err(Unproven::Handshake(e)) => Err(e.into()),
-            Err(Unproven::Closed(e)) => Err(e.into()),
+        // nothing left to do): a connection whose handshake finished ends
+        // quietly however it closed later; one whose handshake never
+        // finished (a replay, a caller that went away) ends here as an
+        // error the router logs.
+        match handshake {
+            Some(done) => Ok(done?),
+            None => Err(conn.closed().await.into()),
         }
     }
 
