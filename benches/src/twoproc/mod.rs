@@ -167,4 +167,4 @@ impl Progress {
 }
 
 /// Steps [`Progress`] counts per transport.
-const STEPS_PER_TRANSPORT: usize = 7;
+const STEPS_PER_TRANSPORT: usize = 8;
