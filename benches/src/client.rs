@@ -133,6 +133,15 @@ fn status_call() -> Call {
     .with_timeout(CALL_TIMEOUT)
 }
 
+/// Times one `Status/Get` on `client`, checking its answer.
+async fn timed_status(client: &dyn RpcClient, peer: &PeerAddr) -> anyhow::Result<Duration> {
+    let started = Instant::now();
+    let answer = client.call(peer, status_call()).await;
+    let elapsed = started.elapsed();
+    check_status(&answer?)?;
+    Ok(elapsed)
+}
+
 /// Checks that a `Status/Get` answer is the bench server's status.
 fn check_status(answer: &[u8]) -> anyhow::Result<()> {
     let status = pb::NodeStatus::decode(answer).context("decoding the status answer")?;
@@ -434,19 +443,11 @@ impl Driver {
             Driver::Iroh { local, peer } => {
                 let client = iroh_client(local)?;
                 client.close_pooled_connections();
-                let started = Instant::now();
-                let answer = client.call(peer, status_call()).await;
-                let elapsed = started.elapsed();
-                check_status(&answer?)?;
-                Ok(elapsed)
+                timed_status(&*client, peer).await
             }
             Driver::Grpc { client, peer } => {
                 client.close_pooled_connections();
-                let started = Instant::now();
-                let answer = client.call(peer, status_call()).await;
-                let elapsed = started.elapsed();
-                check_status(&answer?)?;
-                Ok(elapsed)
+                timed_status(&**client, peer).await
             }
             Driver::RawIroh { endpoint, addr, .. } => {
                 let len = data.len();

@@ -77,14 +77,27 @@ pub fn random_key() -> [u8; 32] {
     rand::random()
 }
 
-/// Runs one check on a fresh multi-threaded runtime, bounded by
-/// [`TEST_TIMEOUT`]. Used by [`conformance_tests!`].
-pub fn run_check<H, F, Fut>(harness: H, check: F)
-where
-    H: Harness,
-    F: FnOnce(Arc<H>) -> Fut,
-    Fut: Future<Output = anyhow::Result<()>>,
-{
+/// Polls `cond` every 10 ms until it holds, or fails after `limit`.
+pub async fn wait_until(
+    what: &str,
+    limit: Duration,
+    mut cond: impl FnMut() -> bool,
+) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + limit;
+    while !cond() {
+        if tokio::time::Instant::now() > deadline {
+            anyhow::bail!("timed out after {limit:?} waiting until {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Ok(())
+}
+
+/// Runs `test` on a fresh multi-threaded runtime (two workers, the
+/// machine's cores), with tracing to the test's output as `RUST_LOG`
+/// says; `None` if it did not finish within `timeout`. The runtime is
+/// given 5 s to shut down. For transport tests outside the suite too.
+pub fn run_bounded<T>(timeout: Duration, test: impl Future<Output = T>) -> Option<T> {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_test_writer()
@@ -94,14 +107,24 @@ where
         .enable_all()
         .build()
         .expect("test runtime starts");
-    let name = harness.name();
-    let outcome = runtime
-        .block_on(async { tokio::time::timeout(TEST_TIMEOUT, check(Arc::new(harness))).await });
+    let outcome = runtime.block_on(async { tokio::time::timeout(timeout, test).await });
     runtime.shutdown_timeout(Duration::from_secs(5));
-    match outcome {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => panic!("{name}: {e:#}"),
-        Err(_) => panic!("{name}: check did not finish within {TEST_TIMEOUT:?}"),
+    outcome.ok()
+}
+
+/// Runs one check on a fresh multi-threaded runtime, bounded by
+/// [`TEST_TIMEOUT`]. Used by [`conformance_tests!`].
+pub fn run_check<H, F, Fut>(harness: H, check: F)
+where
+    H: Harness,
+    F: FnOnce(Arc<H>) -> Fut,
+    Fut: Future<Output = anyhow::Result<()>>,
+{
+    let name = harness.name();
+    match run_bounded(TEST_TIMEOUT, check(Arc::new(harness))) {
+        Some(Ok(())) => {}
+        Some(Err(e)) => panic!("{name}: {e:#}"),
+        None => panic!("{name}: check did not finish within {TEST_TIMEOUT:?}"),
     }
 }
 

@@ -6,6 +6,7 @@
 //! checks count bytes, and the waits that decide "the sender is blocked"
 //! only make a check pass sooner, never fail it.
 
+use crate::wait_until;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -117,22 +118,6 @@ fn revision_of(message: Bytes) -> anyhow::Result<u64> {
     Ok(pb::VmEvent::decode(message)
         .context("an undecodable event")?
         .revision)
-}
-
-/// Polls `cond` every 10 ms until it holds, or fails after `limit`.
-async fn wait_until(
-    what: &str,
-    limit: Duration,
-    mut cond: impl FnMut() -> bool,
-) -> anyhow::Result<()> {
-    let deadline = tokio::time::Instant::now() + limit;
-    while !cond() {
-        if tokio::time::Instant::now() > deadline {
-            bail!("timed out after {limit:?} waiting until {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    Ok(())
 }
 
 /// Messages arrive in the order they were sent, each once, in both

@@ -3,6 +3,7 @@
 //! A check returns an error (with context) rather than panicking, so the
 //! failure message names the transport and what was expected.
 
+use crate::wait_until;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -71,22 +72,6 @@ fn vm_get(vm_id: &str, timeout: Duration) -> Call {
     .encode_to_vec()
     .into();
     Call::new(methods::VM_GET, payload).with_timeout(timeout)
-}
-
-/// Polls `cond` every 10 ms until it holds, or fails after `limit`.
-async fn wait_until(
-    what: &str,
-    limit: Duration,
-    mut cond: impl FnMut() -> bool,
-) -> anyhow::Result<()> {
-    let deadline = tokio::time::Instant::now() + limit;
-    while !cond() {
-        if tokio::time::Instant::now() > deadline {
-            bail!("timed out after {limit:?} waiting until {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    Ok(())
 }
 
 /// A call reaches the peer and its answer comes back intact, both as raw

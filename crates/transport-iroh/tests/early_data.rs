@@ -94,21 +94,7 @@ impl Recorder for CountingRecorder {
 fn run(test: impl std::future::Future<Output = ()>) {
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let _ = metrics::set_global_recorder(CountingRecorder);
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_test_writer()
-        .try_init();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
-    runtime.block_on(async {
-        tokio::time::timeout(TEST_TIMEOUT, test)
-            .await
-            .expect("test finished in time")
-    });
-    runtime.shutdown_timeout(Duration::from_secs(5));
+    tern_transport_conformance::run_bounded(TEST_TIMEOUT, test).expect("test finished in time");
 }
 
 /// A server on IPv6 loopback, whose QUIC idle timeout is short, so a
@@ -356,6 +342,84 @@ async fn relay(server: SocketAddr) -> Relay {
     }
 }
 
+/// A server, a relay in front of it, and a bare caller that holds session
+/// tickets for it, taken through the relay.
+struct Scene {
+    service: TestService,
+    server: IrohTransport,
+    to: PeerAddr,
+    relay: Relay,
+    caller: Endpoint,
+}
+
+async fn scene() -> Scene {
+    let service = TestService::default();
+    let server = server(&service).await;
+    let to = server.peer_addr();
+    let relay = relay(server.local_addr()).await;
+    let caller = raw_endpoint().await;
+    take_tickets(&caller, &to, relay.addr).await;
+    Scene {
+        service,
+        server,
+        to,
+        relay,
+        caller,
+    }
+}
+
+impl Scene {
+    async fn close(self) {
+        drop(self.relay);
+        self.caller.close().await;
+        self.server.shutdown(DRAIN).await;
+    }
+
+    /// A new connection through the relay, in 0-RTT.
+    async fn connect_early(&self) -> iroh::endpoint::OutgoingZeroRttConnection {
+        self.caller
+            .connect_with_opts(
+                endpoint_addr(&self.to, self.relay.addr),
+                ALPN,
+                Default::default(),
+            )
+            .await
+            .expect("connect")
+            .into_0rtt()
+            .unwrap_or_else(|_| panic!("the caller holds a ticket, so 0-RTT is possible"))
+    }
+}
+
+/// `request` on a new stream of `conn`, finished; the stream's halves.
+async fn send_early(
+    conn: &iroh::endpoint::OutgoingZeroRttConnection,
+    request: &[u8],
+) -> (iroh::endpoint::SendStream, iroh::endpoint::RecvStream) {
+    let (mut send, recv) = conn.open_bi().await.expect("early stream");
+    send.write_all(request).await.expect("early write");
+    send.finish().expect("finish");
+    (send, recv)
+}
+
+/// Waits, bounded by [`CALL_TIMEOUT`], until `cond` holds.
+async fn wait_for(what: &str, cond: impl FnMut() -> bool) {
+    tern_transport_conformance::wait_until(what, CALL_TIMEOUT, cond)
+        .await
+        .expect("the condition came in time");
+}
+
+/// A `Raft/AppendEntries` request (a call that changes state) of `data`.
+fn append_request(request_id: u64, data: &'static [u8]) -> Vec<u8> {
+    request_bytes(
+        methods::RAFT_APPEND_ENTRIES,
+        request_id,
+        pb::RaftPayload {
+            data: Bytes::from_static(data),
+        }
+        .encode_to_vec(),
+    )
+}
+
 /// A caller that resumes its session sends a read-only first call in
 /// early data and gets it answered; a call that changes state is never
 /// sent early, and still works.
@@ -419,80 +483,50 @@ fn a_resumed_read_only_call_rides_in_early_data() {
 #[test]
 fn a_mutation_in_early_data_waits_for_a_handshake_that_never_comes() {
     run(async {
-        let service = TestService::default();
-        let server = server(&service).await;
-        let to = server.peer_addr();
-        let relay = relay(server.local_addr()).await;
-        let caller = raw_endpoint().await;
-        take_tickets(&caller, &to, relay.addr).await;
-        let started = Counters::get(&service.counters.started);
+        let scene = scene().await;
+        let counters = &scene.service.counters;
+        let started = Counters::get(&counters.started);
         let (held, dropped) = (COUNTS.get("held"), COUNTS.get("dropped"));
         let served = COUNTS.get("served_early");
-        relay.pass.store(PASS_FIRST_FLIGHT, Ordering::SeqCst);
-        relay.deaf.store(true, Ordering::SeqCst);
-        let connecting = caller
-            .connect_with_opts(endpoint_addr(&to, relay.addr), ALPN, Default::default())
-            .await
-            .expect("connect");
-        let early = connecting
-            .into_0rtt()
-            .unwrap_or_else(|_| panic!("the caller holds a ticket, so 0-RTT is possible"));
-        let mutation = request_bytes(
-            methods::RAFT_APPEND_ENTRIES,
-            2,
-            pb::RaftPayload {
-                data: Bytes::from_static(b"early write"),
-            }
-            .encode_to_vec(),
-        );
-        let (mut write_send, _write_recv) = early.open_bi().await.expect("early stream");
-        write_send.write_all(&mutation).await.expect("early write");
-        write_send.finish().expect("finish");
+        scene.relay.pass.store(PASS_FIRST_FLIGHT, Ordering::SeqCst);
+        scene.relay.deaf.store(true, Ordering::SeqCst);
+        let early = scene.connect_early().await;
+        let (_write, _write_answer) = send_early(&early, &append_request(2, b"early write")).await;
         let read = request_bytes(methods::STATUS_GET, 3, pb::StatusRequest {}.encode_to_vec());
-        let (mut read_send, mut read_recv) = early.open_bi().await.expect("early stream");
-        read_send.write_all(&read).await.expect("early read");
-        read_send.finish().expect("finish");
+        let (_read, mut read_answer) = send_early(&early, &read).await;
 
         // Both calls reach the server in early data: the read is served at
         // once, the mutation is held.
-        let deadline = tokio::time::Instant::now() + CALL_TIMEOUT;
-        while COUNTS.get("held") == held || COUNTS.get("served_early") == served {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "the early calls never reached the server"
-            );
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        wait_for("the early calls to reach the server", || {
+            COUNTS.get("held") > held && COUNTS.get("served_early") > served
+        })
+        .await;
         // The caller hears the server again and reads the answer; its
         // handshake's end still never passes the relay.
-        relay.deaf.store(false, Ordering::SeqCst);
-        let answer =
-            tokio::time::timeout(CALL_TIMEOUT, read_frame(&mut read_recv, Limits::default()))
-                .await
-                .expect("the read is answered in time")
-                .expect("an answer to the read");
+        scene.relay.deaf.store(false, Ordering::SeqCst);
+        let answer = tokio::time::timeout(
+            CALL_TIMEOUT,
+            read_frame(&mut read_answer, Limits::default()),
+        )
+        .await
+        .expect("the read is answered in time")
+        .expect("an answer to the read");
         assert_eq!(answer.header.kind, FrameKind::Response);
         assert_eq!(answer.header.request_id, 3);
         // The caller goes silent, as a replay would: the server gives up
         // on the handshake (its idle timeout, 2 s here) and drops the
         // held mutation, never run.
-        relay.pass.store(PASS_NONE, Ordering::SeqCst);
-        while COUNTS.get("dropped") == dropped {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "the held call was never dropped (calls started: {} of {started} before)",
-                Counters::get(&service.counters.started)
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        scene.relay.pass.store(PASS_NONE, Ordering::SeqCst);
+        wait_for("the held call to be dropped", || {
+            COUNTS.get("dropped") > dropped
+        })
+        .await;
         assert_eq!(
-            Counters::get(&service.counters.started),
+            Counters::get(&counters.started),
             started + 1,
             "only the read ran"
         );
-        drop(relay);
-        caller.close().await;
-        server.shutdown(DRAIN).await;
+        scene.close().await;
     });
 }
 
@@ -503,54 +537,31 @@ fn a_mutation_in_early_data_waits_for_a_handshake_that_never_comes() {
 #[test]
 fn replayed_early_data_never_runs_a_mutation_again() {
     run(async {
-        let service = TestService::default();
-        let server = server(&service).await;
-        let to = server.peer_addr();
-        let relay = relay(server.local_addr()).await;
-        let caller = raw_endpoint().await;
-        take_tickets(&caller, &to, relay.addr).await;
-        relay.recorded.lock().expect("log lock").clear();
-        let (served_before, held) = (COUNTS.get("served_early"), COUNTS.get("held"));
+        let scene = scene().await;
+        let counters = &scene.service.counters;
+        scene.relay.recorded.lock().expect("log lock").clear();
+        let (served, held) = (COUNTS.get("served_early"), COUNTS.get("held"));
         // The caller hears nothing until the server has its early data,
         // so the call is sure to go in 0-RTT packets.
-        relay.deaf.store(true, Ordering::SeqCst);
-        let conn = caller
-            .connect_with_opts(endpoint_addr(&to, relay.addr), ALPN, Default::default())
-            .await
-            .expect("connect")
-            .into_0rtt()
-            .unwrap_or_else(|_| panic!("the caller holds a ticket, so 0-RTT is possible"));
-        let mutation = request_bytes(
-            methods::RAFT_APPEND_ENTRIES,
-            2,
-            pb::RaftPayload {
-                data: Bytes::from_static(b"pay once"),
-            }
-            .encode_to_vec(),
-        );
-        let (mut send, mut recv) = conn.open_bi().await.expect("early stream");
-        send.write_all(&mutation).await.expect("early write");
-        send.finish().expect("finish");
-        let deadline = tokio::time::Instant::now() + CALL_TIMEOUT;
-        while COUNTS.get("held") == held {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "the early call never reached the server"
-            );
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        relay.deaf.store(false, Ordering::SeqCst);
+        scene.relay.deaf.store(true, Ordering::SeqCst);
+        let conn = scene.connect_early().await;
+        let (_send, mut answer) = send_early(&conn, &append_request(2, b"pay once")).await;
+        wait_for("the early call to reach the server", || {
+            COUNTS.get("held") > held
+        })
+        .await;
+        scene.relay.deaf.store(false, Ordering::SeqCst);
         let accepted = matches!(
             conn.handshake_completed().await.expect("handshake"),
             iroh::endpoint::ZeroRttStatus::Accepted(_)
         );
         assert!(accepted, "the server took the early data");
-        let answer = read_frame(&mut recv, Limits::default())
+        let answer = read_frame(&mut answer, Limits::default())
             .await
             .expect("answer");
         assert_eq!(answer.header.kind, FrameKind::Response);
-        let after_genuine = Counters::get(&service.counters.started);
-        let datagrams = relay.recorded.lock().expect("log lock").clone();
+        let after_genuine = Counters::get(&counters.started);
+        let datagrams = scene.relay.recorded.lock().expect("log lock").clone();
         assert!(
             datagrams
                 .iter()
@@ -561,30 +572,25 @@ fn replayed_early_data_never_runs_a_mutation_again() {
         // Replayed from another address while the real connection is open,
         // then again after it closed, three times each.
         let attacker = UdpSocket::bind("[::1]:0").await.expect("attacker binds");
+        let target = scene.server.local_addr();
         let replay = || async {
             for _ in 0..3 {
                 for d in &datagrams {
-                    let _ = attacker.send_to(d, server.local_addr()).await;
+                    let _ = attacker.send_to(d, target).await;
                 }
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         };
         replay().await;
         conn.close(0u32.into(), b"done");
-        drop(relay);
         replay().await;
         tokio::time::sleep(REPLAY_GRACE).await;
         assert_eq!(
-            Counters::get(&service.counters.started),
+            Counters::get(&counters.started),
             after_genuine,
             "a replay ran a call"
         );
-        assert_eq!(
-            COUNTS.get("served_early"),
-            served_before,
-            "nothing served early"
-        );
-        caller.close().await;
-        server.shutdown(DRAIN).await;
+        assert_eq!(COUNTS.get("served_early"), served, "nothing served early");
+        scene.close().await;
     });
 }

@@ -51,15 +51,10 @@ fn vm_get(vm_id: &str, timeout: Duration) -> Call {
     Call::new(methods::VM_GET, payload).with_timeout(timeout)
 }
 
-async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + CALL_TIMEOUT;
-    while !cond() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting until {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+async fn wait_until(what: &str, cond: impl FnMut() -> bool) {
+    tern_transport_conformance::wait_until(what, CALL_TIMEOUT, cond)
+        .await
+        .expect("the condition came in time");
 }
 
 /// A bare iroh endpoint (no Tern layer) connected to `to` with our ALPN.
@@ -122,21 +117,7 @@ async fn raw_status_get_works(conn: &Connection, request_id: u64) {
 }
 
 fn run(test: impl std::future::Future<Output = ()>) {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_test_writer()
-        .try_init();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
-    runtime.block_on(async {
-        tokio::time::timeout(TEST_TIMEOUT, test)
-            .await
-            .expect("test finished in time")
-    });
-    runtime.shutdown_timeout(Duration::from_secs(5));
+    tern_transport_conformance::run_bounded(TEST_TIMEOUT, test).expect("test finished in time");
 }
 
 #[test]

@@ -109,21 +109,7 @@ fn status_get(timeout: Duration) -> Call {
 }
 
 fn run(test: impl std::future::Future<Output = ()>) {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_test_writer()
-        .try_init();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    runtime.block_on(async {
-        tokio::time::timeout(TEST_TIMEOUT, test)
-            .await
-            .expect("test finished in time")
-    });
-    runtime.shutdown_timeout(Duration::from_secs(5));
+    tern_transport_conformance::run_bounded(TEST_TIMEOUT, test).expect("test finished in time");
 }
 
 #[test]
