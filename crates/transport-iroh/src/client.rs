@@ -66,8 +66,8 @@ use bytes::Bytes;
 use iroh::address_lookup::memory::MemoryLookup;
 use iroh::endpoint::{
     ConnectError, ConnectWithOptsError, ConnectingError, Connection, ConnectionError,
-    OutgoingZeroRttConnection, ReadError, RecvStream, SendStream, VarInt, WriteError,
-    ZeroRttStatus,
+    ConnectionState, OutgoingZeroRttConnection, ReadError, RecvStream, SendStream, VarInt,
+    WriteError, ZeroRttStatus,
 };
 use iroh::{Endpoint, EndpointAddr, PublicKey, RelayUrl};
 use tern_protocol::catalog::ServiceId;
@@ -316,11 +316,38 @@ impl Drop for CallStreams {
     }
 }
 
-/// A read-only call sent in 0-RTT early data by the dial that made its
-/// connection; its answer is still to be read.
-struct EarlyCall {
+/// A request written on its own stream (finished if the write went
+/// through); its answer is still to be read. A read-only call sent in
+/// 0-RTT early data comes back from the dial as one.
+struct Written {
     streams: CallStreams,
     written: Result<(), WriteError>,
+}
+
+/// Opens a stream on `conn` with the frame's lane priority and writes
+/// `frame` on it. `sent`, if given, is set just before the first byte may
+/// leave (it decides delivery if the caller's deadline cuts the call).
+async fn write_request<S: ConnectionState>(
+    conn: &iroh::endpoint::Connection<S>,
+    frame: &Frame,
+    sent: Option<&AtomicBool>,
+) -> Result<Written, ConnectionError> {
+    let (send, recv) = conn.open_bi().await?;
+    let mut streams = CallStreams {
+        send,
+        recv,
+        done: false,
+    };
+    let _ = streams
+        .send
+        .set_priority(wire::quic_priority(frame.header.priority));
+    if let Some(sent) = sent {
+        sent.store(true, Ordering::SeqCst);
+    }
+    let written = wire::write_frame(&mut streams.send, frame).await.map(|()| {
+        let _ = streams.send.finish();
+    });
+    Ok(Written { streams, written })
 }
 
 /// A read-only call that may go in early data: its request frame (with
@@ -544,13 +571,13 @@ impl IrohClient {
     /// [`Self::connection`]; if this call dials and holds a session ticket
     /// for the peer, `early` (a read-only call) is sent in 0-RTT early
     /// data with the handshake's first flight and comes back as an
-    /// [`EarlyCall`] whose answer is to be read.
+    /// [`Written`] whose answer is to be read.
     async fn connection_early(
         &self,
         peer: &Pooled,
         addr: &PeerAddr,
         early: Option<EarlyRequest<'_>>,
-    ) -> Result<(Arc<Connection>, Option<EarlyCall>), TransportError> {
+    ) -> Result<(Arc<Connection>, Option<Written>), TransportError> {
         if let Some(conn) = peer.open_connection(addr) {
             return Ok((conn, None));
         }
@@ -616,7 +643,7 @@ impl IrohClient {
         &self,
         addr: &PeerAddr,
         early: Option<EarlyRequest<'_>>,
-    ) -> Result<(Connection, Option<EarlyCall>), TransportError> {
+    ) -> Result<(Connection, Option<Written>), TransportError> {
         let endpoint = self
             .endpoint
             .read()
@@ -718,23 +745,11 @@ impl IrohClient {
         &self,
         zero_rtt: OutgoingZeroRttConnection,
         request: EarlyRequest<'_>,
-    ) -> Result<(Connection, Option<EarlyCall>), TransportError> {
-        let early = match zero_rtt.open_bi().await {
-            Ok((send, recv)) => {
-                let mut streams = CallStreams {
-                    send,
-                    recv,
-                    done: false,
-                };
-                let priority = wire::quic_priority(request.frame.header.priority);
-                let _ = streams.send.set_priority(priority);
-                let written = wire::write_frame(&mut streams.send, request.frame)
-                    .await
-                    .map(|()| {
-                        let _ = streams.send.finish();
-                    });
+    ) -> Result<(Connection, Option<Written>), TransportError> {
+        let early = match write_request(&zero_rtt, request.frame, None).await {
+            Ok(written) => {
                 metrics::early_data(EarlyData::SentEarly);
-                Some(EarlyCall { streams, written })
+                Some(written)
             }
             Err(e) => {
                 debug!("no stream in early data ({e}); the call waits for the handshake");
@@ -795,29 +810,14 @@ impl IrohClient {
         let (conn, early) = self
             .connection_early(&peer.pools[pool_of(priority)], addr, early)
             .await?;
-        let (mut streams, written) = match early {
-            Some(EarlyCall { streams, written }) => (streams, written),
-            None => {
-                let (send, recv) = conn
-                    .open_bi()
-                    .await
-                    .map_err(|e| map_connection_error(&e, Delivery::NotDelivered, &self.closed))?;
-                let mut streams = CallStreams {
-                    send,
-                    recv,
-                    done: false,
-                };
-                let _ = streams.send.set_priority(wire::quic_priority(priority));
-                sent.store(true, Ordering::SeqCst);
-                let written = match wire::write_frame(&mut streams.send, &frame).await {
-                    Ok(()) => {
-                        let _ = streams.send.finish();
-                        Ok(())
-                    }
-                    Err(e) => Err(e),
-                };
-                (streams, written)
-            }
+        let Written {
+            mut streams,
+            written,
+        } = match early {
+            Some(early) => early,
+            None => write_request(&*conn, &frame, Some(sent))
+                .await
+                .map_err(|e| map_connection_error(&e, Delivery::NotDelivered, &self.closed))?,
         };
         let answer = wire::read_frame(&mut streams.recv, self.frame_limits).await;
         let answer = match (written, answer) {

@@ -182,23 +182,16 @@ impl ProtocolHandler for RpcProtocol {
         let conn = accepting.into_0rtt();
         // iroh's handshake future runs only while polled, and after the
         // connection closed it fails even for a handshake that finished:
-        // it is followed while the connection is served.
-        let handshake = async {
-            tokio::select! {
-                biased;
-                done = conn.handshake_completed() => Some(done),
-                _ = conn.closed() => None,
-            }
-        };
-        let (handshake, ()) = tokio::join!(handshake, serve_connection(self.state.clone(), &conn));
-        // The router hands the finished connection to `accept` (which has
-        // nothing left to do): a connection whose handshake finished ends
-        // quietly however it closed later; one whose handshake never
-        // finished (a replay, a caller that went away) ends here as an
-        // error the router logs.
-        match handshake {
-            Some(done) => Ok(done?),
-            None => Err(conn.closed().await.into()),
+        // the proof is followed while the connection is served. The router
+        // hands the proven connection to `accept` (which has nothing left
+        // to do), so a connection that closes after its handshake ends
+        // quietly; one whose handshake never finished (a replay, a caller
+        // that went away) ends here as an error the router logs.
+        let (proof, ()) = tokio::join!(proven(&conn), serve_connection(self.state.clone(), &conn));
+        match proof {
+            Ok(done) => Ok(done),
+            Err(Unproven::Handshake(e)) => Err(e.into()),
+            Err(Unproven::Closed(e)) => Err(e.into()),
         }
     }
 
